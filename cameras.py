@@ -1,0 +1,273 @@
+"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, pose metrics.
+
+Conventions (stated once here; every other module follows them):
+- Poses are OpenCV camera-to-world matrices c2w (...,4,4): camera x right, y down, z forward.
+  w2c = c2w^-1. RealEstate10K (raw .txt files and the pixelSplat .torch chunks) stores w2c, so
+  loaders invert with w2c_to_c2w. nerfstudio / Blender / OpenGL c2w (x right, y up, z backward) become
+  OpenCV by flipping the camera's y and z axes (opengl_to_opencv).
+- Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the
+  principal point is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
+- Pixel (u, v) covers [u, u+1) x [v, v+1) in pixel units; its centre is (u + 0.5, v + 0.5).
+- Shape legend: B batch, V views, H W image, N points, n trajectory length.
+
+References: RealEstate10K (google.github.io/realestate10k); PRoPE: Li et al. 2025, "Cameras as Relative
+Positional Encoding"; Umeyama 1991, "Least-squares estimation of transformation parameters between two
+point patterns"; evo (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release
+(cvlab-kaist/Geometric-Latent-Diffusion) for the official quirks flagged below.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# basic conversions
+
+def make_pose(R, t):
+    """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
+    T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
+    T[..., :3, :3] = R
+    T[..., :3, 3] = t
+    T[..., 3, 3] = 1
+    return T
+
+
+def rigid_inverse(T):
+    """Inverse of rigid transforms (...,4,4): [R t; 0 1]^-1 = [R^T  -R^T t; 0 1]."""
+    Rt = T[..., :3, :3].transpose(-1, -2)
+    return make_pose(Rt, -(Rt @ T[..., :3, 3:])[..., 0])
+
+
+c2w_to_w2c = rigid_inverse
+w2c_to_c2w = rigid_inverse
+
+
+def _pixel_scale(K, H, W):
+    return K.new_tensor([[W], [H], [1.0]])  # (3,1): scales row 0 by W, row 1 by H
+
+
+def K_to_pixels(K, H, W):
+    """Normalised intrinsics (...,3,3) -> pixel intrinsics for an H x W image."""
+    return K * _pixel_scale(K, H, W)
+
+
+def K_to_normalized(Kpix, H, W):
+    """Pixel intrinsics (...,3,3) of an H x W image -> normalised intrinsics."""
+    return Kpix / _pixel_scale(Kpix, H, W)
+
+
+def opengl_to_opencv(c2w):
+    """OpenGL/nerfstudio c2w (y up, z back) <-> OpenCV c2w (y down, z forward): negate camera y, z axes."""
+    return c2w * c2w.new_tensor([1.0, -1.0, -1.0, 1.0])  # scales columns 0..3
+
+
+def normalize_poses(c2w, ref=-1, by='norm'):
+    """Express c2w (...,V,4,4) relative to view `ref` and rescale translations to unit extent.
+
+    Returns (c2w_rel (...,V,4,4), scale (...,)) with c2w_rel[..., ref] = I and the translations
+    multiplied by `scale`. by='norm': the largest camera distance ||t|| becomes 1 (ours);
+    by='max_abs': the largest |t| component becomes 1 (the official GLD code, which also uses ref=-1,
+    the last view). If all cameras coincide the extent is 0 and scale is 1.
+    """
+    rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
+    t = rel[..., :3, 3]  # (...,V,3)
+    if by == 'norm':
+        extent = t.norm(dim=-1).amax(-1)
+    elif by == 'max_abs':
+        extent = t.abs().amax((-1, -2))
+    else:
+        raise ValueError(f"by must be 'norm' or 'max_abs', got {by!r}")
+    scale = torch.where(extent > 1e-8, 1 / extent.clamp_min(1e-8), torch.ones_like(extent))  # (...,)
+    rel[..., :3, 3] = t * scale[..., None, None]
+    return rel, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# rays and PRoPE
+
+def world_rays(c2w, K, xy):
+    """Rays through normalised image points. c2w (...,4,4), K (...,3,3) normalised, xy (...,N,2) in
+    [0,1] image units (pixel coordinate / size) -> origins (...,1,3) (camera centres) and unit
+    world directions d (...,N,3)."""
+    pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
+    d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
+    d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
+    return c2w[..., None, :3, 3], d
+
+
+def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
+    """Plücker ray map (...,6,H,W) with channels [d, o x d]: d the unit world direction through each
+    pixel, o the camera centre. c2w (...,4,4) OpenCV, K (...,3,3) normalised. Pixel (u, v) is sampled at
+    (u + pixel_offset[0], v + pixel_offset[1]) pixels; the default is the pixel centre. The official GLD
+    grid is (x - 0.5, y + 0.5): pass pixel_offset=(-0.5, 0.5) to reproduce it."""
+    u = (torch.arange(W, dtype=K.dtype, device=K.device) + pixel_offset[0]) / W
+    v = (torch.arange(H, dtype=K.dtype, device=K.device) + pixel_offset[1]) / H
+    xy = torch.stack(torch.meshgrid(v, u, indexing='ij')[::-1], -1).reshape(H * W, 2)  # (HW,2), y outer
+    o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
+    m = torch.linalg.cross(o.expand_as(d), d, dim=-1)  # moment o x d
+    rays = torch.cat([d, m], -1)  # (...,HW,6)
+    return rays.transpose(-1, -2).unflatten(-1, (H, W))  # (...,6,H,W)
+
+
+def prope_matrices(c2w, K, official=False):
+    """PRoPE projection matrices (P, P_inv), each (...,4,4), from c2w (...,4,4) and normalised K.
+
+    K' is K with the principal point shifted by -0.5 (image centre at 0); lift(K') puts K' in the top-left
+    of a 4x4 identity. P = lift(K') @ w2c and P_inv = P^-1 = c2w @ lift(K'^-1) (textbook PRoPE). The
+    attention logit between views a and b then depends on the cameras only through P_a P_b^-1, which
+    is invariant to any change of world frame. official=True reproduces the GLD release, which uses
+    P_inv = c2w @ lift(K') (K', not K'^-1), so there P_inv @ P != I.
+    """
+    Kc = K.clone()
+    Kc[..., :2, 2] -= 0.5
+    lift = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
+    lift_inv = lift.clone()
+    lift[..., :3, :3] = Kc
+    lift_inv[..., :3, :3] = Kc if official else torch.linalg.inv(Kc)
+    return lift @ rigid_inverse(c2w), c2w @ lift_inv
+
+
+# ----------------------------------------------------------------------------------------------
+# quaternions (w, x, y, z)
+
+def rotmat_to_quat(R):
+    """Rotation matrices (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand`
+    is 4 q_i q for one pivot i; dividing the row of the largest |q_i| by 4|q_i| is stable everywhere."""
+    m = R
+    tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    q2 = torch.stack([1 + tr, 1 + 2 * m[..., 0, 0] - tr, 1 + 2 * m[..., 1, 1] - tr,
+                      1 + 2 * m[..., 2, 2] - tr], -1)  # (...,4) = 4 q_i^2
+    wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
+    xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
+    cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1),
+                        torch.stack([wx, q2[..., 1], xy, xz], -1),
+                        torch.stack([wy, xy, q2[..., 2], yz], -1),
+                        torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)  # (...,4,4)
+    i = q2.argmax(-1, keepdim=True)  # (...,1)
+    row = cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :]  # (...,4)
+    q = F.normalize(row, dim=-1)
+    return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
+
+
+def quat_to_rotmat(q):
+    """Quaternions (...,4) (w, x, y, z), any norm -> rotation matrices (...,3,3)."""
+    w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
+
+
+def slerp(q0, q1, t):
+    """Spherical interpolation along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)."""
+    dot = (q0 * q1).sum()
+    q1, dot = (-q1, -dot) if dot < 0 else (q1, dot)
+    theta = torch.arccos(dot.clamp(max=1.0))
+    if theta < 1e-6:  # (nearly) the same rotation: linear interpolation is exact enough
+        return F.normalize(torch.lerp(q0, q1, t[:, None]), dim=-1)
+    w0, w1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+    return w0[:, None] * q0 + w1[:, None] * q1
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectories for sampling (each returns c2w (n,4,4))
+
+def interpolate_cameras(c2w_a, c2w_b, n):
+    """n cameras from c2w_a to c2w_b (both included): slerp of rotations, lerp of centres."""
+    t = torch.linspace(0, 1, n, dtype=c2w_a.dtype, device=c2w_a.device)
+    q = slerp(rotmat_to_quat(c2w_a[:3, :3]), rotmat_to_quat(c2w_b[:3, :3]), t)  # (n,4)
+    centres = torch.lerp(c2w_a[:3, 3], c2w_b[:3, 3], t[:, None])  # (n,3)
+    return make_pose(quat_to_rotmat(q), centres)
+
+
+def interpolate_K(K_a, K_b, n):
+    """n intrinsics (n,3,3) linearly from K_a to K_b (both included)."""
+    t = torch.linspace(0, 1, n, dtype=K_a.dtype, device=K_a.device)
+    return torch.lerp(K_a, K_b, t[:, None, None])
+
+
+def look_at(eye, target, up):
+    """OpenCV c2w (...,4,4) at eye (...,3) with z towards target (...,3) and y (down) opposite `up`."""
+    z = F.normalize(target - eye, dim=-1)
+    x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
+    y = torch.linalg.cross(z, x, dim=-1)
+    return make_pose(torch.stack([x, y, z], -1), eye)
+
+
+def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
+    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation
+    towards `up`, all looking at the centre. With the default up (OpenCV worlds are y-down) the first
+    camera sits at center - radius * z and looks along +z, like the reference after normalize_poses."""
+    up = F.normalize(center.new_tensor(up), dim=0)
+    axis = torch.eye(3, dtype=up.dtype, device=up.device)[up.abs().argmin()]  # a direction far from up
+    e1 = F.normalize(torch.linalg.cross(axis, up, dim=0), dim=0)
+    e2 = torch.linalg.cross(up, e1, dim=0)
+    phi = torch.linspace(0, 2 * math.pi, n + 1, dtype=up.dtype)[:-1, None]  # (n,1)
+    el = math.radians(elevation_deg)
+    eye = center + radius * (math.cos(el) * (phi.cos() * e1 + phi.sin() * e2) + math.sin(el) * up)
+    return look_at(eye, center.expand_as(eye), up)
+
+
+def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
+    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) with
+    `radius`, `turns` times, all looking at the point `depth` in front of the reference camera."""
+    R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
+    theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
+    eye = c + radius * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
+    focus = (c + depth * R[:, 2]).expand_as(eye)
+    return look_at(eye, focus, -R[:, 1])
+
+
+def forward_dolly(c2w_ref, n, distance):
+    """n cameras moving from the reference along its viewing axis by `distance` (both ends included)."""
+    s = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)[:, None]  # (n,1)
+    return make_pose(c2w_ref[:3, :3].expand(n, 3, 3), c2w_ref[:3, 3] + s * c2w_ref[:3, 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# alignment and pose metrics
+
+def umeyama(src, dst, with_scale=True):
+    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3)
+    (Umeyama 1991). R is a proper rotation (det +1) even when the best orthogonal fit is a reflection.
+    with_scale=False fixes s = 1 (rigid alignment)."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    xs, xd = src - mu_s, dst - mu_d  # (N,3)
+    U, D, Vh = torch.linalg.svd(xd.T @ xs / len(src))  # cross-covariance (3,3)
+    S = torch.ones(3, dtype=src.dtype, device=src.device)
+    if torch.det(U) * torch.det(Vh) < 0:
+        S[2] = -1  # reflection fix
+    R = U @ torch.diag(S) @ Vh
+    s = (D * S).sum() / xs.pow(2).sum(-1).mean() if with_scale else src.new_tensor(1.0)
+    return s, R, mu_d - s * R @ mu_s
+
+
+def rotation_angle(R):
+    """Rotation angle in radians of (...,3,3) rotations, via atan2 (accurate near 0 and pi)."""
+    skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0],
+                        R[..., 1, 0] - R[..., 0, 1]], -1)  # (...,3) = 2 sin(angle) axis
+    cos = (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2
+    return torch.atan2(skew.norm(dim=-1) / 2, cos)
+
+
+def pose_metrics(est_c2w, gt_c2w, with_scale=True):
+    """Trajectory errors of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres), as in evo.
+
+    Alignment (evo --align --correct_scale): (s, R, t) = umeyama(est centres, gt centres); the aligned
+    estimate P_i has rotation R @ R_est_i and centre s R c_est_i + t (with_scale=False: rigid, SE3).
+    ATE   = RMSE_i ||c(P_i) - c(Q_i)||, Q the ground truth (evo APE, translation part).
+    RPE (delta = 1 frame): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), i = 0..V-2.
+    rpe_t = RMSE_i ||trans(E_i)|| (evo RPE, translation part), in gt units.
+    rpe_r = RMSE_i angle(rot(E_i)) in degrees (evo RPE, angle_deg).
+    Every metric is the RMSE, evo's headline statistic. Returns floats.
+    """
+    s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
+    est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
+    ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
+    rel_est = rigid_inverse(est[:-1]) @ est[1:]  # (V-1,4,4)
+    rel_gt = rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]
+    E = rigid_inverse(rel_gt) @ rel_est
+    rpe_t = E[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt()
+    rpe_r = torch.rad2deg(rotation_angle(E[:, :3, :3])).pow(2).mean().sqrt()
+    return {'ate': ate.item(), 'rpe_r': rpe_r.item(), 'rpe_t': rpe_t.item()}
