@@ -1,0 +1,778 @@
+"""Frozen Depth Anything 3 (DA3) encoder: GLD's latent space, its geometry head and its statistics.
+
+GLD (arXiv 2603.22275) runs diffusion in the multi-level feature space of a frozen DA3 backbone.
+This module rebuilds DA3 exactly as the PyPI package depth_anything_3==0.1.1 does (same state-dict
+keys, outputs equal to float tolerance) and adds what GLD needs on top.
+
+Notable features
+- DINOv2 ViT/14 backbone with DA3's changes: from `alt_start` odd blocks attend across all views
+  (global), the others per view (local); 2D RoPE (base 100) and QK LayerNorm from `rope_start` /
+  `qknorm_start`; a camera token overwrites token 0 at `alt_start` (one for the reference view, one
+  for the rest); LayerScale; SwiGLU FFN for the giant model.
+- Levels: the 4 out layers give `cat(local_x, x_L)` (2C channels). `encode` returns them RAW (no final
+  LayerNorm; GLD's diffusion space), `normalize_levels` gives DA3's exported form (what heads read).
+- `propagate`: resume the frozen blocks from a (generated) level k to get levels k+1..3 (GLD sec. 4.3).
+- DualDPT geometry head (depth, ray maps, confidences) and the camera decoder (pose from token 0).
+- `pose_from_rays`: deterministic weighted DLT + IRLS fit of A = R K^-1 to the ray map, then a QR
+  split; exact for off-centre principal points (DA3's RANSAC version is random and biased there).
+- Weight loading from local files (DA3 hub layout, plain state dicts, GLD's split release), with a
+  readable strict key check; `LatentStats` for GLD's per-channel latent normalisation.
+- `geometry_loss`: DA3-style confidence-weighted depth + ray losses, to train the tiny preset.
+
+Reference view: DA3 moves the chosen reference view to position 0 before `alt_start`. Blocks before it
+are per-view and global attention is permutation-equivariant over views, so here the reference view
+simply receives camera_token[0] in place; no reordering is needed and the view order never changes.
+
+References: Depth Anything 3 (arXiv 2511.10647, github.com/ByteDance-Seed/Depth-Anything-3);
+DINOv2 (arXiv 2304.07193); DPT (arXiv 2103.13413); GLD (arXiv 2603.22275).
+Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
+"""
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PATCH = 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORED_PREFIXES = ('cam_enc.', 'gs_head.', 'gs_adapter.')  # official parts this module does not build
+
+
+@dataclass
+class EncoderConfig:
+    name: str = 'custom'
+    embed_dim: int = 768                    # C (a level has 2C channels)
+    depth: int = 12
+    heads: int = 12                         # head dim = C / heads (64 for every official size)
+    swiglu: bool = False                    # giant: SwiGLU FFN instead of the GELU MLP
+    out_layers: tuple = (5, 7, 9, 11)       # blocks whose outputs are the 4 levels
+    alt_start: int = 4                      # camera token + local/global alternation from here
+    qknorm_start: int = 4
+    rope_start: int = 4
+    features: int = 128                     # DualDPT fusion width
+    out_channels: tuple = (96, 192, 384, 768)
+    pos_grid: int = 37                      # pos_embed grid (518 / 14)
+    hub_repo: str = ''
+
+
+PRESETS = {
+    'da3-tiny': EncoderConfig('da3-tiny', 96, 10, 3, False, (3, 5, 7, 9), 2, 2, 2, 32, (16, 32, 64, 96)),
+    'da3-small': EncoderConfig('da3-small', 384, 12, 6, False, (5, 7, 9, 11), 4, 4, 4, 64,
+                               (48, 96, 192, 384), hub_repo='depth-anything/DA3-SMALL'),
+    'da3-base': EncoderConfig('da3-base', 768, 12, 12, False, (5, 7, 9, 11), 4, 4, 4, 128,
+                              (96, 192, 384, 768), hub_repo='depth-anything/DA3-BASE'),
+    'da3-large': EncoderConfig('da3-large', 1024, 24, 16, False, (11, 15, 19, 23), 8, 8, 8, 256,
+                               (256, 512, 1024, 1024), hub_repo='depth-anything/DA3-LARGE'),
+    'da3-giant': EncoderConfig('da3-giant', 1536, 40, 24, True, (19, 27, 33, 39), 13, 13, 13, 256,
+                               (256, 512, 1024, 1024), hub_repo='depth-anything/DA3-GIANT'),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone: DINOv2 ViT/14 with DA3's alternating attention
+
+def rope_tables(pos, head_dim, base=100.0):
+    """2D RoPE tables for integer positions pos (N,2)=(y,x) -> cos, sin (N, head_dim).
+    The first half of a head is rotated by y, the second by x, each in rotate-half layout."""
+    d = head_dim // 2
+    inv_freq = base ** -(torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
+    ang = pos.float()[..., None] * inv_freq                                    # (N,2,d/2)
+    ang = torch.cat([ang, ang], -1).flatten(-2)                                # (N, head_dim)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (..., N, head_dim) laid out [y1, y2, x1, x2] -> x*cos + [-y2, y1, -x2, x1]*sin."""
+    a, b = x.unflatten(-1, (2, 2, -1)).unbind(-2)
+    return x * cos + torch.stack([-b, a], -2).flatten(-3) * sin
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8  # 4096 for the giant model
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qk_norm):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        norm = (lambda: nn.LayerNorm(dim // heads, eps=1e-5)) if qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+
+    def forward(self, x, rope=None):                                    # x (B', N, C)
+        Bp, N, C = x.shape
+        q, k, v = self.qkv(x).view(Bp, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B',heads,N,hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(Bp, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, qk_norm, swiglu):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qk_norm)
+        self.mlp = (SwiGLU if swiglu else Mlp)(dim, 4 * dim)
+        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+
+    def forward(self, x, rope=None):
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def select_reference_view(tok0):
+    """DA3's 'saddle_balanced' choice from the token-0 (cls) outputs tok0 (B,V,C) -> index (B,):
+    the view whose similarity-to-others, norm and variance are each closest to the middle of the range."""
+    unit = F.normalize(tok0, dim=-1, eps=0.0)
+    V = tok0.shape[1]
+    sim = ((unit @ unit.transpose(1, 2)).sum(-1) - 1) / (V - 1)          # (B,V) mean cos to the others
+    scores = 0
+    for m in (sim, tok0.norm(dim=-1), unit.var(-1)):
+        lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
+        scores = scores + ((m - lo) / (hi - lo + 1e-8) - 0.5).abs()
+    return scores.argmin(1)
+
+
+class ViT(nn.Module):
+    """The DA3 backbone (state-dict prefix backbone.pretrained.)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, C = cfg, cfg.embed_dim
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, C, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
+        self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu)
+                                    for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(C, eps=1e-5)
+
+    def is_global(self, i):
+        return i >= self.cfg.alt_start and i % 2 == 1
+
+    def pos_embed_for(self, h, w):
+        """pos_embed (1,1+T,C) for an h x w grid: DINOv2's bicubic resize with the +0.1 offset."""
+        G = self.cfg.pos_grid
+        if h == w == G:
+            return self.pos_embed
+        pe = self.pos_embed.float()
+        grid = pe[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / G, (w + 0.1) / G), mode='bicubic')
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([pe[:, :1], grid], 1).to(self.pos_embed.dtype)
+
+    def tokens(self, x):                                                  # x (B,V,3,H,W) normalised
+        B, V, _, H, W = x.shape
+        x = self.patch_embed.proj(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # (BV,T,C)
+        x = torch.cat([self.cls_token.expand(B * V, 1, -1), x], 1)
+        x = x + self.pos_embed_for(H // PATCH, W // PATCH)
+        return x.unflatten(0, (B, V))                                     # (B,V,1+T,C)
+
+    def rope(self, hw, V, device):
+        """(local, global) tables: local patches at (y+1,x+1), global all at (1,1), token 0 at (0,0)."""
+        h, w = hw
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing='ij')
+        zero = torch.zeros(1, 2, dtype=torch.long, device=device)
+        local = torch.cat([zero, torch.stack([ys, xs], -1).reshape(-1, 2) + 1])   # (1+T,2)
+        glob = torch.cat([zero, torch.ones_like(local[1:])]).repeat(V, 1)        # (V(1+T),2)
+        hd = self.cfg.embed_dim // self.cfg.heads
+        return rope_tables(local, hd), rope_tables(glob, hd)
+
+    def camera_tokens(self, B, V, ref):                                   # ref (B,) -> (B,V,C)
+        tok = self.camera_token[0, 1].expand(B, V, -1).clone()
+        tok[torch.arange(B, device=ref.device), ref] = self.camera_token[0, 0]
+        return tok
+
+    def run(self, x, start, hw, local_x=None, ref_view='first'):
+        """Blocks start.. on the raw state x (B,V,1+T,C) -> raw levels (B,V,1+T,2C) at out layers >= start."""
+        if ref_view not in ('first', 'saddle_balanced'):
+            raise ValueError(f"ref_view must be 'first' or 'saddle_balanced', got {ref_view!r}")
+        cfg, (B, V, N, C) = self.cfg, x.shape
+        local_rope, global_rope = self.rope(hw, V, x.device)
+        ref = torch.zeros(B, dtype=torch.long, device=x.device)
+        levels = []
+        for i in range(start, cfg.depth):
+            if i == cfg.alt_start - 1 and V >= 3 and ref_view == 'saddle_balanced':
+                ref = select_reference_view(x[:, :, 0])
+            if i == cfg.alt_start:
+                x = torch.cat([self.camera_tokens(B, V, ref)[:, :, None], x[:, :, 1:]], 2)
+            if self.is_global(i):   # one sequence of V(1+T) tokens per scene
+                rope = global_rope if i >= cfg.rope_start else None
+                x = self.blocks[i](x.reshape(B, V * N, C), rope).view(B, V, N, C)
+            else:                   # every view on its own
+                rope = local_rope if i >= cfg.rope_start else None
+                x = local_x = self.blocks[i](x.reshape(B * V, N, C), rope).view(B, V, N, C)
+            if i in cfg.out_layers:
+                levels.append(torch.cat([local_x, x], -1))
+        return levels
+
+
+# ----------------------------------------------------------------------------------------------
+# DualDPT geometry head and camera decoder
+
+def uv_embed(c, h, w, aspect, like):
+    """DA3's UV embedding (c,h,w): sin/cos (base 100) of centred, diagonal-normalised u and v."""
+    sx, sy = aspect / math.hypot(aspect, 1), 1 / math.hypot(aspect, 1)
+    u = torch.linspace(-sx * (w - 1) / w, sx * (w - 1) / w, w, device=like.device)
+    v = torch.linspace(-sy * (h - 1) / h, sy * (h - 1) / h, h, device=like.device)
+    om = 100.0 ** -(torch.arange(c // 4, device=like.device).float() / (c // 4))
+    uu, vv = (u[None, :, None] * om).expand(h, w, -1), (v[:, None, None] * om).expand(h, w, -1)
+    return torch.cat([uu.sin(), uu.cos(), vv.sin(), vv.cos()], -1).permute(2, 0, 1).to(like.dtype)
+
+
+def add_uv(x, aspect):                                                    # x (B',c,h,w)
+    return x + 0.1 * uv_embed(x.shape[1], x.shape[2], x.shape[3], aspect, x)
+
+
+def conv3(cin, cout, bias=True):
+    return nn.Conv2d(cin, cout, 3, 1, 1, bias=bias)
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.conv1, self.conv2 = conv3(f, f), conv3(f, f)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+
+
+class FusionBlock(nn.Module):
+    """DPT fusion: (+ RCU(lateral)) -> RCU -> bilinear upsample (align_corners) -> 1x1 conv."""
+
+    def __init__(self, f, lateral=True):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(f) if lateral else None
+        self.resConfUnit2 = ResidualConvUnit(f)
+        self.out_conv = nn.Conv2d(f, f, 1)
+
+    def forward(self, x, lateral=None, size=None):
+        if lateral is not None:
+            x = x + self.resConfUnit1(lateral)
+        x = self.resConfUnit2(x)
+        size = size or (2 * x.shape[2], 2 * x.shape[3])
+        return self.out_conv(F.interpolate(x, size=size, mode='bilinear', align_corners=True))
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    def forward(self, x):                                                 # x (B',c,h,w)
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class DualDPT(nn.Module):
+    """DA3's head: 4 levels -> depth + depth_conf (H x W) and ray + ray_conf (8h x 8w).
+    Only the finest aux level is used; output_conv{1,2}_aux.{0,1,2} exist for state-dict parity."""
+
+    def __init__(self, dim_in, f, out_channels):
+        super().__init__()
+        c = out_channels
+        self.norm = nn.LayerNorm(dim_in, eps=1e-5)
+        self.projects = nn.ModuleList(nn.Conv2d(dim_in, ci, 1) for ci in c)
+        self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(c[0], c[0], 4, 4), nn.ConvTranspose2d(c[1], c[1], 2, 2),
+                                            nn.Identity(), nn.Conv2d(c[3], c[3], 3, 2, 1)])
+        sc = self.scratch = nn.Module()
+        for s in range(4):
+            setattr(sc, f'layer{s + 1}_rn', conv3(c[s], f, bias=False))
+            for suffix in ('', '_aux'):
+                setattr(sc, f'refinenet{s + 1}{suffix}', FusionBlock(f, lateral=s < 3))
+        sc.output_conv1 = conv3(f, f // 2)
+        sc.output_conv2 = nn.Sequential(conv3(f // 2, 32), nn.ReLU(), nn.Conv2d(32, 2, 1))
+        sc.output_conv1_aux = nn.ModuleList(nn.Sequential(conv3(f, f // 2), conv3(f // 2, f), conv3(f, f // 2),
+                                                          conv3(f // 2, f), conv3(f, f // 2)) for _ in range(4))
+        ln = ChannelLayerNorm(32, eps=1e-5)   # one LN shared by the 4 aux outputs, as in DA3
+        # indices 1 and 3 are DA3's permutes (no weights): the keys stay output_conv2_aux.i.{0,2,5}
+        sc.output_conv2_aux = nn.ModuleList(nn.Sequential(conv3(f // 2, 32), nn.Identity(), ln, nn.Identity(),
+                                                          nn.ReLU(), nn.Conv2d(32, 7, 1)) for _ in range(4))
+
+    def fuse(self, rn, suffix):
+        sc = self.scratch
+        x = getattr(sc, 'refinenet4' + suffix)(rn[3], size=rn[2].shape[2:])
+        for s in (2, 1):
+            x = getattr(sc, f'refinenet{s + 1}{suffix}')(x, rn[s], size=rn[s - 1].shape[2:])
+        return getattr(sc, 'refinenet1' + suffix)(x, rn[0])                # (B',f,8h,8w)
+
+    def forward(self, levels, H, W):
+        """levels: 4 x (B,V,T,2C) normalised form -> dict depth, depth_conf (B,V,H,W),
+        ray (B,V,8h,8w,6), ray_conf (B,V,8h,8w). Runs in fp32 with autocast off, as DA3 does."""
+        with torch.autocast(levels[0].device.type, enabled=False):
+            return self.predict([lv.float() for lv in levels], H, W)
+
+    def predict(self, levels, H, W):
+        (B, V, T, D), h, w, aspect, sc = levels[0].shape, H // PATCH, W // PATCH, W / H, self.scratch
+        rn = []
+        for s, x in enumerate(levels):
+            x = self.norm(x.reshape(B * V, T, D)).transpose(1, 2).reshape(B * V, D, h, w)
+            x = self.resize_layers[s](add_uv(self.projects[s](x), aspect))
+            rn.append(getattr(sc, f'layer{s + 1}_rn')(x))
+        main = sc.output_conv1(self.fuse(rn, ''))
+        main = F.interpolate(main, size=(h * PATCH, w * PATCH), mode='bilinear', align_corners=True)
+        main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))   # (B,V,2,H,W)
+        aux = add_uv(sc.output_conv1_aux[3](self.fuse(rn, '_aux')), aspect)
+        aux = sc.output_conv2_aux[3](aux).permute(0, 2, 3, 1).unflatten(0, (B, V))  # (B,V,8h,8w,7)
+        return {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1,
+                'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
+
+
+def quat_to_mat(q):
+    """Quaternion (...,4) xyzw, any norm -> rotation (...,3,3)."""
+    i, j, k, r = q.unbind(-1)
+    s = 2.0 / (q * q).sum(-1)
+    return torch.stack([1 - s * (j * j + k * k), s * (i * j - k * r), s * (i * k + j * r),
+                        s * (i * j + k * r), 1 - s * (i * i + k * k), s * (j * k - i * r),
+                        s * (i * k - j * r), s * (j * k + i * r), 1 - s * (i * i + j * j)], -1).unflatten(-1, (3, 3))
+
+
+def rigid_inverse(m):
+    """[R|t] (...,3,4) or (...,4,4) -> [R^T | -R^T t] (...,3,4)."""
+    Rt = m[..., :3, :3].transpose(-1, -2)
+    return torch.cat([Rt, -Rt @ m[..., :3, 3:]], -1)
+
+
+class CameraDec(nn.Module):
+    """DA3's camera decoder: last-level token 0 (B,V,2C) -> pose encoding [t, quat xyzw, fov_h, fov_w]."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.fc_t, self.fc_qvec = nn.Linear(dim, 3), nn.Linear(dim, 4)
+        self.fc_fov = nn.Sequential(nn.Linear(dim, 2), nn.ReLU())
+
+    def forward(self, tok):                                                # -> (B,V,9)
+        f = self.backbone(tok).float()
+        return torch.cat([self.fc_t(f), self.fc_qvec(f), self.fc_fov(f)], -1)
+
+    def cameras(self, tok, H, W):
+        """-> w2c extrinsics (B,V,3,4), pixel intrinsics (B,V,3,3) with the principal point at the centre."""
+        pose = self(tok)
+        c2w = torch.cat([quat_to_mat(pose[..., 3:7]), pose[..., :3, None]], -1)
+        K = torch.zeros(*pose.shape[:-1], 3, 3, device=pose.device)
+        K[..., 0, 0] = (W / 2) / torch.tan(pose[..., 8] / 2).clamp_min(1e-6)
+        K[..., 1, 1] = (H / 2) / torch.tan(pose[..., 7] / 2).clamp_min(1e-6)
+        K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2, H / 2, 1.0
+        return rigid_inverse(c2w), K
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder
+
+class DA3(nn.Module):
+    """DA3 (backbone + DualDPT head + camera decoder) with GLD's encode / propagate interface."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.dim, self.patch = cfg, 2 * cfg.embed_dim, PATCH
+        self.backbone = nn.Module()
+        self.backbone.pretrained = ViT(cfg)
+        self.head = DualDPT(self.dim, cfg.features, cfg.out_channels)
+        self.cam_dec = CameraDec(self.dim)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Linear/conv: torch defaults; LayerNorm 1/0 and LayerScale 1 (DA3's init_values=1.0);
+        cls, camera and position tokens N(0, 0.02) (pretrained checkpoints overwrite all of it)."""
+        vit = self.backbone.pretrained
+        for p in (vit.cls_token, vit.camera_token, vit.pos_embed):
+            nn.init.normal_(p, std=0.02)
+
+    def freeze(self):
+        self.eval().requires_grad_(False)
+        return self
+
+    def encode(self, images, ref_view='first', return_cls=False):
+        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their token 0 (B,V,2C)].
+        A level is cat(output of the last local block, output of its global block), no final norm.
+        ref_view: 'first' (GLD) or 'saddle_balanced' (DA3's automatic choice, used when V >= 3)."""
+        B, V, _, H, W = images.shape
+        check_size(H, W)
+        vit = self.backbone.pretrained
+        mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+        x = vit.tokens(((images - mean) / std).to(vit.pos_embed.dtype))
+        levels = vit.run(x, 0, (H // PATCH, W // PATCH), ref_view=ref_view)
+        feats = [lv[:, :, 1:] for lv in levels]
+        return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
+
+    def first_view_cls(self, images, k):
+        """GLD's propagation token: raw token 0 of level k of view 0 encoded alone. images (B,V,3,H,W) -> (B,2C)."""
+        return self.encode(images[:, :1], return_cls=True)[1][k][:, 0]
+
+    def propagate(self, level_k, k, cls, hw, return_cls=False):
+        """Raw level k (B,V,T,2C) -> raw levels k+1..3 (list of (B,V,T,2C)) through the frozen blocks
+        after out layer k, all views jointly (global blocks attend across all V views).
+
+        The hidden state is the global half of level k with token 0 prepended. cls is a raw level-k
+        token 0 (2C; its global half is the hidden token 0, its local half completes local_x):
+        (B,2C) is broadcast to all views, which is what GLD does with the token of the FIRST SOURCE
+        VIEW encoded alone (`first_view_cls`); (B,V,2C) gives each view its own token, and with the
+        tokens of `encode` this reproduces the encoded deeper levels exactly."""
+        if not 0 <= k < 3:
+            raise ValueError(f'propagate needs a level k in 0..2, got {k}')
+        (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
+        if T != hw[0] * hw[1]:
+            raise ValueError(f'level has {T} tokens but hw={tuple(hw)} gives {hw[0] * hw[1]}')
+        cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
+        x = torch.cat([cls[..., C:], level_k[..., C:]], 2)
+        local_x = torch.cat([cls[..., :C], level_k[..., :C]], 2)
+        levels = self.backbone.pretrained.run(x, self.cfg.out_layers[k] + 1, hw, local_x)
+        feats = [lv[:, :, 1:] for lv in levels]
+        return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
+
+    def normalize_levels(self, levels):
+        """Raw levels (...,2C) -> DA3's exported form cat(local, final_norm(global)) (what heads read)."""
+        C = self.cfg.embed_dim
+        return [torch.cat([lv[..., :C], self.backbone.pretrained.norm(lv[..., C:])], -1) for lv in levels]
+
+    def geometry(self, norm_levels, H, W, cls_last=None):
+        """Normalised levels -> depth, depth_conf (B,V,H,W), ray (B,V,8h,8w,6), ray_conf, and c2w
+        (B,V,4,4) + normalised K (B,V,3,3) fitted to the rays; with cls_last (raw last-level token 0,
+        (B,V,2C)) also cam_dec's 'extrinsics' (w2c (B,V,3,4)) and pixel 'intrinsics' (B,V,3,3)."""
+        out = self.head(norm_levels, H, W)
+        out['c2w'], out['K'] = pose_from_rays(out['ray'], out['ray_conf'])
+        if cls_last is not None:
+            out['extrinsics'], out['intrinsics'] = self.cam_dec.cameras(cls_last, H, W)
+        return out
+
+    def forward(self, images, ref_view='first'):
+        """Full differentiable pass for training: images (B,V,3,H,W) -> depth/ray dict of the head."""
+        H, W = images.shape[-2:]
+        return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
+
+
+def check_size(H, W):
+    if H % PATCH or W % PATCH:
+        raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {PATCH}; resize or '
+                         f'crop to e.g. {H // PATCH * PATCH}x{W // PATCH * PATCH} or '
+                         f'{round(H / PATCH) * PATCH}x{round(W / PATCH) * PATCH}')
+
+
+def build_encoder(preset='da3-base', weights=None):
+    """preset name or EncoderConfig -> DA3; weights: None (random), 'hub', a file or a list of files."""
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    enc = DA3(cfg)
+    if weights is not None:
+        load_weights(enc, weights)
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry from the head's outputs
+
+def pixel_grid(h, w, device, dtype=torch.float64):
+    """Normalised pixel centres [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
+    ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=dtype) + 0.5) / h,
+                            (torch.arange(w, device=device, dtype=dtype) + 0.5) / w, indexing='ij')
+    return torch.stack([xs, ys, torch.ones_like(xs)], -1)
+
+
+def pose_from_rays(ray, conf, iters=8):
+    """Camera from a ray map: ray (...,h,w,6) [world direction, origin], conf (...,h,w) ->
+    c2w (...,4,4), normalised K (...,3,3).
+
+    Directions satisfy d ~ A p with A = R K^-1 and p = [u,v,1] the normalised pixel centres. A (up to
+    scale) is the weighted DLT solution of d x (A p) = 0 (p conditioned to 3 (u - 0.5), 3 (v - 0.5), 1),
+    refined by IRLS: weights conf / (1 + (e/s)^2)^2 (Geman-McClure) on the chordal error e between d and
+    A p, s = median e (deterministic, no RANSAC). A's sign makes A p point along d; QR gives A = R U with
+    R a rotation and U upper triangular with a positive diagonal, so K = U^-1 / (U^-1)[2,2] for any
+    principal point. Camera centre = conf-weighted mean of the origins."""
+    *lead, h, w, _ = ray.shape
+    d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
+    conf = conf.double().flatten(-2)                                            # (...,P)
+    cond = torch.diag(torch.tensor([3.0, 3.0, 1.0], dtype=d.dtype, device=d.device))
+    cond[:2, 2] = -1.5
+    p = pixel_grid(h, w, d.device).reshape(-1, 3) @ cond.T                      # (P,3) conditioned
+    pp = (p[:, :, None] * p[:, None, :]).flatten(1)                             # (P,9)
+    dd = (d[..., :, None] * d[..., None, :]).flatten(-2)                        # (...,P,9)
+    eye = torch.eye(3, dtype=d.dtype, device=d.device)
+    wgt = conf
+    for _ in range(iters):
+        # sum_i w_i |d_i x A p_i|^2 = vec(A)^T N vec(A), N[(r,c),(s,e)] = sum_i w_i (I - d d^T)_rs (p p^T)_ce
+        wn = wgt / wgt.sum(-1, keepdim=True)
+        N = (eye[:, :, None, None] * (wn @ pp).unflatten(-1, (3, 3))[..., None, None, :, :]
+             - ((dd * wn[..., None]).transpose(-1, -2) @ pp).unflatten(-1, (3, 3)).unflatten(-3, (3, 3)))
+        A = torch.linalg.eigh(N.transpose(-3, -2).reshape(*lead, 9, 9))[1][..., 0].unflatten(-1, (3, 3))
+        Ap = torch.einsum('...ij,pj->...pi', A, p)
+        A, Ap = (t * (wgt * (d * Ap).sum(-1)).sum(-1).sign()[..., None, None] for t in (A, Ap))
+        err = (d - F.normalize(Ap, dim=-1)).norm(dim=-1)                         # (...,P)
+        wgt = conf / (1 + (err / err.median(-1, keepdim=True).values.clamp_min(1e-12)) ** 2) ** 2
+    R, U = torch.linalg.qr(A @ cond)                                            # A for unconditioned p
+    s = torch.diagonal(U, dim1=-2, dim2=-1).sign()
+    R, K = R * s[..., None, :], torch.linalg.inv(s[..., :, None] * U)
+    K = K / K[..., 2:, 2:]
+    centre = (conf[..., None] * ray[..., 3:].double().flatten(-3, -2)).sum(-2) / conf.sum(-1)[..., None]
+    c2w = torch.eye(4, dtype=d.dtype, device=d.device).repeat(*lead, 1, 1)
+    c2w[..., :3, :3], c2w[..., :3, 3] = R, centre
+    return c2w.to(ray.dtype), K.to(ray.dtype)
+
+
+def rays_from_cameras(c2w, K, h, w):
+    """c2w (...,3|4,4), normalised K (...,3,3) -> DA3-style ray map (...,h,w,6): [R K^-1 [u,v,1], centre]."""
+    pix = pixel_grid(h, w, K.device, K.dtype)
+    dirs = torch.einsum('...ij,hwj->...hwi', c2w[..., :3, :3] @ torch.linalg.inv(K), pix)
+    return torch.cat([dirs, c2w[..., None, None, :3, 3].expand_as(dirs)], -1)
+
+
+def depth_to_points(depth, c2w, K):
+    """depth (...,H,W), c2w (...,4,4), normalised K (...,3,3) -> world points (...,H,W,3)."""
+    H, W = depth.shape[-2:]
+    pix = pixel_grid(H, W, depth.device, depth.dtype)
+    cam = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix) * depth[..., None]
+    return torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam) + c2w[..., None, None, :3, 3]
+
+
+def write_ply(path, xyz, rgb):
+    """Binary little-endian PLY: xyz (N,3) float, rgb (N,3) in [0,1] (float) or 0..255 (uint8)."""
+    xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
+    rgb = torch.as_tensor(rgb).reshape(-1, 3)
+    rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
+    verts = np.empty(len(xyz), dtype=[(c, '<f4') for c in 'xyz'] + [(c, 'u1') for c in ('red', 'green', 'blue')])
+    for i, c in enumerate('xyz'):
+        verts[c] = xyz[:, i]
+    for i, c in enumerate(('red', 'green', 'blue')):
+        verts[c] = rgb[:, i]
+    header = (f'ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\n'
+              + ''.join(f'property float {c}\n' for c in 'xyz')
+              + ''.join(f'property uchar {c}\n' for c in ('red', 'green', 'blue')) + 'end_header\n')
+    with open(path, 'wb') as f:
+        f.write(header.encode('ascii'))
+        f.write(verts.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+def read_state_dict(weights):
+    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*,
+    cam_dec.*). Handles: DA3 hub model.safetensors ('model.' prefix), plain DA3Net state dicts
+    (also wrapped in {'state_dict'|'model': ...} or with 'module.'), and bare sub-module files such as
+    GLD's release (pretrained_models/da3/model.safetensors + dpt_decoder.pt, the head alone)."""
+    sd = {}
+    for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
+        path = str(path)
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            part = load_file(path)
+        else:
+            part = torch.load(path, map_location='cpu', weights_only=True)
+        for key in ('state_dict', 'model'):
+            if isinstance(part.get(key), dict):
+                part = part[key]
+        part = {re.sub(r'^(module\.|model\.)+', '', k): v for k, v in part.items()}
+        if not any(k.startswith(('backbone.', 'head.', 'cam_dec.', 'cam_enc.')) for k in part):
+            prefix = ('head.' if any(k.startswith('scratch.') for k in part) else
+                      'backbone.' if any(k.startswith('pretrained.') for k in part) else 'backbone.pretrained.')
+            part = {prefix + k: v for k, v in part.items()}
+        sd.update(part)
+    return sd
+
+
+def key_diff(expected, sd):
+    """(missing, unexpected, [(key, got, want)]) between a reference state dict and sd."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def describe_key_diff(missing, unexpected, shapes, n=12):
+    """Readable listing of a key_diff (at most n names per group)."""
+    def block(title, items):
+        more = f'\n    ... ({len(items) - n} more)' if len(items) > n else ''
+        return f'\n  {title} ({len(items)}):' + ''.join(f'\n    {i}' for i in items[:n]) + more
+    return (block('missing', missing) + block('unexpected', unexpected)
+            + block('shape mismatches', [f'{k}: checkpoint {a} vs model {b}' for k, a, b in shapes]))
+
+
+def aliases(sd):
+    """Groups of state-dict names that share one tensor (DA3's aux-head LayerNorm)."""
+    groups = {}
+    for k, v in sd.items():
+        groups.setdefault(v.data_ptr(), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def matching_presets(sd):
+    """Names of the presets whose state-dict keys and shapes equal sd's (built on the meta device)."""
+    names = []
+    for name, cfg in PRESETS.items():
+        with torch.device('meta'):
+            ref = DA3(cfg).state_dict()
+        if not any(key_diff(ref, sd)):
+            names.append(name)
+    return names
+
+
+def load_weights(enc, weights, strict=True):
+    """Load official weights into enc. weights: 'hub' (download cfg.hub_repo with huggingface_hub),
+    a file, a list of files or a state dict. cam_enc.* (camera conditioning, not built here),
+    gs_head.* and gs_adapter.* are ignored with a note; a checkpoint without any cam_dec.* (GLD's split
+    release may be one) loads with a note. strict: raise a readable key diff."""
+    if weights == 'hub':
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError as e:
+            raise ImportError("weights='hub' needs huggingface_hub (pip install huggingface_hub); "
+                              'or pass a local model.safetensors') from e
+        weights = hf_hub_download(enc.cfg.hub_repo, 'model.safetensors')
+    sd = dict(weights) if isinstance(weights, dict) else read_state_dict(weights)
+    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES)]
+    if ignored:
+        print(f'encoder: ignoring {len(ignored)} tensors of {sorted({k.split(".")[0] for k in ignored})} '
+              '(camera conditioning / Gaussian heads are not built here)')
+        sd = {k: v for k, v in sd.items() if k not in ignored}
+    own = enc.state_dict()
+    for group in aliases(own):      # safetensors keeps one name of a shared tensor: restore the others
+        for k in group:
+            sd.setdefault(k, next((sd[a] for a in group if a in sd), None))
+    sd = {k: v for k, v in sd.items() if v is not None}
+    missing, unexpected, shapes = key_diff(own, sd)
+    if missing and all(k.startswith('cam_dec.') for k in missing) and not any(k.startswith('cam_dec.') for k in sd):
+        print('encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
+              '(poses from rays in geometry() are unaffected)')
+        missing = []
+    if strict and (missing or unexpected or shapes):
+        msg = f'checkpoint does not fit encoder {enc.cfg.name!r}:' + describe_key_diff(missing, unexpected, shapes)
+        others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
+        if others:
+            msg += f'\n  the checkpoint matches preset {others[0]!r}, not {enc.cfg.name!r}: use build_encoder({others[0]!r})'
+        raise ValueError(msg)
+    enc.load_state_dict(sd, strict=False)
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent statistics (GLD normalises each level per channel)
+
+class LatentStats:
+    """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
+    eps = 1e-5
+
+    def __init__(self, mean, var):                                       # dicts level -> (2C,)
+        self.mean = {int(l): m.float().flatten() for l, m in mean.items()}
+        self.var = {int(l): v.float().flatten() for l, v in var.items()}
+
+    def normalize(self, x, level):                                       # x (...,2C)
+        return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)
+
+    def denormalize(self, z, level):
+        return z * torch.sqrt(self.var[level].to(z) + self.eps) + self.mean[level].to(z)
+
+    def state_dict(self):
+        return {**{f'mean{l}': m for l, m in self.mean.items()}, **{f'var{l}': v for l, v in self.var.items()}}
+
+    def save(self, path):
+        sd = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import save_file
+            save_file(sd, str(path))
+        else:
+            torch.save(sd, path)
+
+    @classmethod
+    def load(cls, path):
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+        levels = [int(k[4:]) for k in sd if k.startswith('mean')]
+        return cls({l: sd[f'mean{l}'] for l in levels}, {l: sd[f'var{l}'] for l in levels})
+
+
+def load_official_stats(path):
+    """GLD's model_stats/da3/normalization_stats_level{l}.pt (dict mean, var, std of shape (1,2C,1,1)):
+    a directory holding them, one file, or a list of files -> LatentStats (level read from the name)."""
+    paths = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+             if os.path.isdir(path) else [path] if isinstance(path, (str, os.PathLike)) else path)
+    mean, var = {}, {}
+    for p in paths:
+        level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
+        sd = torch.load(p, map_location='cpu', weights_only=True)
+        mean[level], var[level] = sd['mean'], sd['var']
+    return LatentStats(mean, var)
+
+
+@torch.no_grad()
+def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
+    """Stream batches (images (B,V,3,H,W) or dicts with 'images') through enc.encode and accumulate
+    per-channel sum and sum of squares in float64 (all-reduced across ranks under torch.distributed)."""
+    device = next(enc.parameters()).device
+    total = None
+    for batch in image_batches:
+        images = batch['images'] if isinstance(batch, dict) else batch
+        feats = enc.encode(images.to(device), ref_view)
+        rows = [feats[l].double().flatten(0, -2) for l in levels]         # each (BVT,2C)
+        part = torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
+        count = torch.tensor(float(rows[0].shape[0]), dtype=torch.float64, device=device)
+        total = (part, count) if total is None else (total[0] + part, total[1] + count)
+    sums, count = total
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(count)
+    mean = sums[:, 0] / count
+    var = (sums[:, 1] / count - mean ** 2).clamp_min(0)
+    return LatentStats({l: mean[i].cpu() for i, l in enumerate(levels)},
+                       {l: var[i].cpu() for i, l in enumerate(levels)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loss for the tiny encoder (DA3-style)
+
+def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
+    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt (B,V,3,3)
+    -> (loss, parts). GT is expressed in the first view's camera frame and divided by the mean valid
+    depth of the first view (the scale DA3 cannot know). Depth: sum c |d - d*| - alpha log c over
+    valid pixels (+ grad_weight x L1 of the finite differences of d - d*). Rays: GT direction
+    R K^-1 [u,v,1] and origin (camera centre) at the ray-map resolution, same confidence form."""
+    valid = depths_gt > 0
+    scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
+             / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)
+    depth = depths_gt / scale
+    rel = torch.linalg.inv(c2w_gt[:, :1]) @ c2w_gt                       # (B,V,4,4) in view 0's frame
+    R, centre = rel[..., :3, :3], rel[..., :3, 3] / scale[..., 0]
+    conf, err = out['depth_conf'], (out['depth'] - depth).abs()
+    n = valid.sum().clamp_min(1)
+    parts = {'depth': ((conf * err - alpha * conf.log()) * valid).sum() / n}
+    if grad_weight:
+        diff = (out['depth'] - depth) * valid
+        gx = (diff[..., :, 1:] - diff[..., :, :-1]).abs() * (valid[..., :, 1:] & valid[..., :, :-1])
+        gy = (diff[..., 1:, :] - diff[..., :-1, :]).abs() * (valid[..., 1:, :] & valid[..., :-1, :])
+        parts['grad'] = grad_weight * (gx.sum() + gy.sum()) / n
+    ray_gt = rays_from_cameras(torch.cat([R, centre[..., None]], -1), K_gt, *out['ray'].shape[-3:-1])
+    rconf = out['ray_conf']
+    parts['ray'] = (rconf * (out['ray'] - ray_gt).abs().sum(-1) - alpha * rconf.log()).mean()
+    return sum(parts.values()), parts
