@@ -1,0 +1,338 @@
+"""Stage 1 of GLD: the RGB decoder D_rgb, a ViT that turns DA3's four frozen feature levels back into images.
+
+What it does
+  The four levels, in the form DA3's heads read them ([local, LayerNorm(global)], (B,V,T,2C) each, see
+  encoder.normalize_levels), are concatenated per token (4 x 2C), projected by one Linear to the decoder width,
+  a trainable CLS token is prepended and a fixed 2-D sin-cos position embedding is added, a stack of pre-LN ViT
+  blocks runs per view, and a final LayerNorm + Linear turns every token into a 14x14x3 patch. The position
+  table lives on a square base grid (36x36 for xl = 504 px; 8x8 for tiny) and is bicubically interpolated
+  (align_corners=False) to the token grid of every call, so any resolution and aspect ratio works.
+
+Features
+  - PRESETS: 'tiny' (CPU-sized, reads da3-tiny's 192-d levels) and 'xl' (what the official code builds:
+    1152 wide, 28 layers, 16 heads, MLP 4096, LN eps 1e-12, exact GELU; 1536-d DA3-Base levels).
+  - Output colour space: by default the decoder predicts [0,1] RGB directly (not clamped, the caller clamps
+    for display). `imagenet_output=True` reproduces the official decoder, whose raw output is
+    ImageNet-normalised and de-normalised as rgb * std + mean; convert_official sets it.
+  - Level-wise dropout (paper Sec. 4.2; the official release reads the option and never applies it):
+    sample_level_keep draws which levels survive and forward(keep=...) replaces the dropped ones by a learned
+    mask token per level. Why a mask token and not zeros: with zeros, every keep pattern shares the embedding
+    bias, while a per-level token gives each pattern its own learned offset, and the decoder can tell
+    "dropped" apart from a feature that happens to be zero. The tokens start at zero, so an untrained (or an
+    official, converted) decoder sees exactly the zero-feeding that single-level evaluation uses elsewhere.
+    Single-level evaluation (reconstruct_per_level, paper Tab. 6) goes through the same keep mechanism.
+  - RAE noise augmentation of the input features: sigma ~ tau * U(0,1) per image, x + sigma * eps, training
+    mode only; off by default (tau = 0, as in all official GLD configs).
+  - Losses: L1 + LPIPS (equal weights). Optional adversarial loss: hinge loss for D, non-saturating loss for G,
+    adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer (clamped at 1e4), times 0.75.
+    The official discriminator is a frozen DINO ViT-S/8 with trainable heads (StyleGAN-T recipe, DiffAugment);
+    its weights cannot be fetched here, so ours is a small spectral-norm PatchGAN trained from scratch, without
+    DiffAugment. The caller decides from which step it is on (train.py --gan).
+  - convert_official: the released mae_decoder.pt (GeneralDecoder_Variable) -> our config and state dict.
+
+References
+  GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6); official code cvlab-kaist/Geometric-Latent-Diffusion
+  (src/stage1/decoders/decoder.py); RAE, arXiv 2510.11690 (decoder, noise augmentation, GAN recipe);
+  MAE, arXiv 2111.06377 (sin-cos position table); pix2pix, arXiv 1611.07004 (PatchGAN);
+  Esser et al. (VQGAN), arXiv 2012.09841 (adaptive GAN weight).
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NUM_LEVELS = 4
+
+
+@dataclass
+class DecoderConfig:
+    feat_dim: int = 192          # channels of one level (2C = local + global); 1536 for DA3-Base
+    width: int = 128             # transformer width D
+    depth: int = 4               # number of ViT blocks
+    heads: int = 4
+    mlp: int = 512               # MLP hidden size
+    patch: int = 14              # pixels per token side (DA3's patch)
+    base_grid: int = 8           # side of the square token grid the position table is defined on
+    ln_eps: float = 1e-6
+    imagenet_output: bool = False  # True: output is ImageNet-normalised and de-normalised (official)
+    noise_tau: float = 0.0       # RAE noise augmentation of the input features (training only)
+
+
+PRESETS = {
+    'tiny': DecoderConfig(),
+    'xl': DecoderConfig(feat_dim=1536, width=1152, depth=28, heads=16, mlp=4096, base_grid=36, ln_eps=1e-12),
+}
+
+
+def sincos_pos_embed(dim, grid):
+    """MAE 2-D sin-cos table (1 + grid*grid, dim): row 0 (CLS) is zeros, then tokens row-major (y outer, x inner).
+    The first dim/2 channels encode the column x, the last dim/2 the row y; each half is [sin, cos] of
+    pos * w_i with w_i = 1 / 10000^(i / (dim/4)), i < dim/4."""
+    assert dim % 4 == 0, 'width must be divisible by 4'
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing='ij')
+
+    def half(pos):  # (grid, grid) -> (grid*grid, dim/2)
+        angle = pos.flatten()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], 1)
+    table = torch.cat([half(x), half(y)], 1)
+    return torch.cat([table.new_zeros(1, dim), table]).float()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused qkv (output channels: q, k, v, each heads x head_dim), SDPA."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (N,T,D) -> (N,T,D)
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N,heads,T,D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp)
+        self.fc2 = nn.Linear(cfg.mlp, cfg.width)
+
+    def forward(self, x):  # (N,T,D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class RGBDecoder(nn.Module):
+    """Four feature levels (B,V,T,F) each -> images (B,V,3,H,W); every view is decoded on its own."""
+
+    def __init__(self, cfg='tiny', feat_dim=None):
+        super().__init__()
+        cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
+        cfg = replace(cfg, feat_dim=feat_dim) if feat_dim is not None else cfg
+        self.cfg = cfg
+        D, F_ = cfg.width, cfg.feat_dim
+        self.embed = nn.Linear(NUM_LEVELS * F_, D)
+        self.mask_tokens = nn.Parameter(torch.zeros(NUM_LEVELS, F_))    # stand-ins for dropped levels
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.head = nn.Linear(D, cfg.patch * cfg.patch * 3)
+        self.register_buffer('rgb_mean', torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer('rgb_std', torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """MAE-style: xavier-uniform Linear weights, zero biases, unit LayerNorms, CLS ~ N(0, 0.02), zero masks."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.zeros_(self.mask_tokens)
+
+    def pos_embed_at(self, h, w):
+        """The base table bicubically resized (align_corners=False) to an h x w token grid: (1,1+h*w,D)."""
+        g, D = self.cfg.base_grid, self.cfg.width
+        grid = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)              # (1,D,g,g)
+        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)      # (1,D,h,w)
+        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+
+    def fuse(self, levels, keep=None):
+        """Concatenate the levels per token, noise them (training, tau > 0), put mask tokens at dropped levels.
+        levels: 4 x (B,V,T,F); keep: (B,4) or (B,V,4) bool or None (all kept) -> (B,V,T,4F)."""
+        x = torch.cat(levels, -1)                                                         # (B,V,T,4F)
+        B, V = x.shape[:2]
+        if self.training and self.cfg.noise_tau > 0:
+            sigma = self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype)
+            x = x + sigma * torch.randn_like(x)
+        if keep is not None:
+            keep = keep.to(x.device).reshape(B, -1, NUM_LEVELS).expand(B, V, NUM_LEVELS)
+            keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]               # (B,V,1,4F)
+            x = torch.where(keep, x, self.mask_tokens.flatten().to(x.dtype))
+        return x
+
+    def forward(self, levels, hw, keep=None):
+        """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,p*h,p*w), p = 14."""
+        h, w = hw
+        B, V, T, _ = levels[0].shape
+        assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
+        x = self.embed(self.fuse(levels, keep).flatten(0, 1))                             # (BV,T,D)
+        x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
+        x = x + self.pos_embed_at(h, w).to(x.dtype)                                      # (BV,1+T,D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.head(self.norm(x)[:, 1:])                                                # (BV,T,p*p*3)
+        images = unpatchify(x, h, w, self.cfg.patch)                                      # (BV,3,H,W)
+        if self.cfg.imagenet_output:
+            images = images * self.rgb_std + self.rgb_mean
+        return images.view(B, V, *images.shape[1:])
+
+
+def unpatchify(x, h, w, p):
+    """(N,T,p*p*3) with channels laid out (py, px, rgb) as the official decoder -> (N,3,h*p,w*p)."""
+    N = x.shape[0]
+    x = x.reshape(N, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)                              # (N,3,h,p,w,p)
+    return x.reshape(N, 3, h * p, w * p)
+
+
+def sample_level_keep(B, p=0.5, generator=None):
+    """Level-wise dropout: (B,4) bool, each level dropped independently with probability p, rows with all four
+    dropped redrawn (rejection), so each level is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
+    assert 0 <= p < 1, 'p must be in [0, 1)'
+    keep = torch.rand(B, NUM_LEVELS, generator=generator) >= p
+    while not keep.any(1).all():
+        empty = ~keep.any(1)
+        keep[empty] = torch.rand(int(empty.sum()), NUM_LEVELS, generator=generator) >= p
+    return keep
+
+
+@torch.no_grad()
+def reconstruct_per_level(decoder, levels, hw):
+    """Paper Tab. 6 in miniature: {'all': images from all levels, l: images from level l alone} for l = 0..3.
+    Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
+    B = levels[0].shape[0]
+    out = {'all': decoder(levels, hw)}
+    for level in range(NUM_LEVELS):
+        keep = torch.zeros(B, NUM_LEVELS, dtype=torch.bool, device=levels[0].device)
+        keep[:, level] = True
+        out[level] = decoder(levels, hw, keep=keep)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses
+
+
+def decoder_loss(pred, gt, lpips=None, w_l1=1.0, w_lpips=1.0):
+    """L1 (+ LPIPS when `lpips` is given: a callable on (N,3,H,W) [0,1] image pairs returning distances).
+    pred, gt: (B,V,3,H,W) -> (loss, {'l1', 'lpips'} detached)."""
+    l1 = (pred - gt).abs().mean()
+    loss, parts = w_l1 * l1, {'l1': l1.detach()}
+    if lpips is not None:
+        perceptual = lpips(pred.flatten(0, -4), gt.flatten(0, -4)).mean()
+        loss, parts['lpips'] = loss + w_lpips * perceptual, perceptual.detach()
+    return loss, parts
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: n_down stride-2 4x4 convs, then two stride-1 4x4 convs to one logit per patch; LeakyReLU 0.2,
+    spectral norm on every conv (no BatchNorm). Images in [0,1], (B,V,3,H,W) or (N,3,H,W) -> (N,1,h',w')."""
+
+    def __init__(self, ch=64, n_down=3):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, c_in = [], 3
+        for i in range(n_down):
+            layers += [sn(nn.Conv2d(c_in, ch * 2 ** i, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c_in = ch * 2 ** i
+        layers += [sn(nn.Conv2d(c_in, c_in, 4, 1, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(c_in, 1, 4, 1, 1))]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.net(images.flatten(0, -4) * 2 - 1)
+
+
+def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
+    """Esser et al.: ||d rec / d W_last|| / ||d gan / d W_last||, clamped to [0, max_weight], no gradient."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.75, max_weight=1e4):
+    """One discriminator update (hinge loss, on detached predictions), then the generator's non-saturating loss
+    through a frozen D, scaled by disc_weight * adaptive weight at the decoder's output Linear.
+    Returns (generator loss to add to rec_loss, parts). pred, gt: (B,V,3,H,W)."""
+    d_loss = F.relu(1 - disc(gt)).mean() + F.relu(1 + disc(pred.detach())).mean()
+    disc_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    disc_opt.step()
+    disc.requires_grad_(False)
+    g_loss = F.softplus(-disc(pred)).mean()
+    disc.requires_grad_(True)
+    last_layer = getattr(decoder, 'module', decoder).head.weight    # unwrap DDP
+    weight = adaptive_weight(rec_loss, g_loss, last_layer, max_weight)
+    parts = {'gan_d': d_loss.detach(), 'gan_g': g_loss.detach(), 'gan_weight': weight}
+    return disc_weight * weight * g_loss, parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the official checkpoint (mae_decoder.pt, GeneralDecoder_Variable)
+
+_OFFICIAL_TOP = {'embed': 'decoder_embed', 'norm': 'decoder_norm', 'head': 'decoder_pred'}
+_OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.dense', 'norm2': 'layernorm_after',
+                   'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
+
+
+def official_names(key):
+    """The official key(s) holding our state-dict entry `key`: three for the fused qkv (query, key, value in
+    that order), none for the mask tokens (the official decoder has no level dropout)."""
+    if key in ('cls_token', 'pos_embed', 'mask_tokens'):
+        return {'cls_token': ['trainable_cls_token'], 'pos_embed': ['decoder_pos_embed'], 'mask_tokens': []}[key]
+    module, param = key.rsplit('.', 1)
+    if module in _OFFICIAL_TOP:
+        return [f'{_OFFICIAL_TOP[module]}.{param}']
+    _, i, sub = module.split('.', 2)                                  # blocks.{i}.{sub}
+    if sub == 'attn.qkv':
+        return [f'decoder_layers.{i}.attention.attention.{n}.{param}' for n in ('query', 'key', 'value')]
+    return [f'decoder_layers.{i}.{_OFFICIAL_BLOCK[sub]}.{param}']
+
+
+def official_config(state_dict, heads=16):
+    """Our DecoderConfig for an official decoder state dict. Head count is not in the shapes: the released
+    ViTXL config uses 16. The official output is ImageNet-normalised, LN eps 1e-12."""
+    for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
+              'decoder_pos_embed'):
+        if k not in state_dict:
+            raise ValueError(f'not an official GLD decoder state dict: no {k!r}')
+    width, in_dim = state_dict['decoder_embed.weight'].shape
+    depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
+    return DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
+                         mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
+                         patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
+                         base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
+                         ln_eps=1e-12, imagenet_output=True)
+
+
+def convert_official(state_dict, heads=16):
+    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key must be
+    used and present, every shape must match. qkv = cat(query, key, value); the frozen decoder_pos_embed is
+    kept as our pos_embed buffer; the mask tokens (absent there) start at zero, i.e. dropped levels are fed
+    as zeros until the decoder is fine-tuned with level dropout."""
+    cfg = official_config(state_dict, heads)
+    with torch.device('meta'):
+        reference = RGBDecoder(cfg).state_dict()
+    names = {k: official_names(k) for k in reference}
+    expected = {n for v in names.values() for n in v}
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise ValueError(f'official decoder state dict does not match {cfg}:\n  missing: {missing}\n'
+                         f'  unexpected: {unexpected}')
+    like = state_dict['decoder_embed.weight']
+    ours, wrong = {}, []
+    for k, ref in reference.items():
+        ours[k] = (torch.cat([state_dict[n] for n in names[k]]) if names[k] else
+                   torch.zeros(ref.shape, dtype=like.dtype, device=like.device))
+        if ours[k].shape != ref.shape:
+            wrong.append(f'{k}: expected {tuple(ref.shape)}, got {tuple(ours[k].shape)} from {names[k]}')
+    if wrong:
+        raise ValueError('official decoder shapes do not match:\n  ' + '\n  '.join(wrong))
+    return cfg, ours
