@@ -1,0 +1,130 @@
+"""diffusion.py: rectified flow for GLD: time shift, training loss, Euler sampler with CFG, EMA.
+
+Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts the velocity
+v = eps - x = dx_t/dt; t = 1 is pure noise, t = 0 is data; sampling integrates from t = 1 down to t = 0.
+Tensors are (B,V,T,C) (B batch, V views, T tokens, C channels); one t per sample, shared by all its views.
+
+Time shift (RAE): t' = a t / (1 + (a - 1) t) with a = sqrt(m / 4096), m = V*h*w*C the dimension of everything
+generated jointly (more dimensions -> more signal survives a given noise level -> spend more time at high t).
+The official GLD code uses two different a for the same model: training derives it from a default latent
+size (768 x 16 x 16 x 8 views, a = 19.6) that is not the DA3 latent, sampling from the real one (1536 x 18 x 18
+x 8, a = 31.2). We compute a once from the SAME m, the size of the latents being modelled, and use it for both:
+training then concentrates on the noise levels the sampler actually visits, and the rule stays what RAE derived.
+The training t is uniform (GLD) or logit-normal (RAE), then shifted.
+
+Features: flow_loss with per-part (source / target views) reporting and no host syncs; a deterministic Euler
+sampler with classifier-free guidance inside a t interval and optional trajectory; EMA of the weights.
+References: Liu et al. "Flow Straight and Fast" / Lipman et al. "Flow Matching" (rectified flow); Esser et al.
+"Scaling Rectified Flow Transformers" (logit-normal t, shift); Zheng et al. (RAE, dimension-dependent shift);
+Ho & Salimans "Classifier-Free Diffusion Guidance"; GLD (arXiv 2603.22275) A.1 for the recipe.
+"""
+import contextlib
+import math
+
+import torch
+
+
+def shift_alpha(m):
+    """Shift for data of m dimensions jointly generated (m = V*h*w*C): sqrt(m / 4096)."""
+    return math.sqrt(m / 4096)
+
+
+def shift_t(t, a):
+    """Map t in [0,1] to a t / (1 + (a - 1) t): a > 1 pushes times toward the noise end (t = 1)."""
+    return a * t / (1 + (a - 1) * t)
+
+
+def randn_like_on(x, generator):
+    """Gaussian noise shaped like x drawn from generator (which may live on the CPU while x is on a GPU)."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def sample_t(B, dist='uniform', a=1.0, generator=None):
+    """B training times (on the generator's device): uniform or logit-normal(0,1), then shifted by a."""
+    dev = generator.device if generator is not None else 'cpu'
+    if dist == 'uniform':
+        u = torch.rand(B, generator=generator, device=dev)
+    elif dist == 'logit_normal':
+        u = torch.sigmoid(torch.randn(B, generator=generator, device=dev))
+    else:
+        raise ValueError(f"dist must be 'uniform' or 'logit_normal', got {dist!r}")
+    return shift_t(u, a)
+
+
+def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uniform'):
+    """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean latents;
+    src_mask (B,V) bool. -> (loss, {'src', 'tgt'}): the same MSE restricted to source / target views (tensors,
+    no host sync; a part with no views reads 0)."""
+    B = x.shape[0]
+    t = (sample_t(B, dist, a, generator) if t is None else t).to(x.device, x.dtype)
+    eps = randn_like_on(x, generator)
+    tb = t[:, None, None, None]
+    x_t = (1 - tb) * x + tb * eps
+    per_view = (velocity_fn(x_t, t).float() - (eps - x).float()).pow(2).mean((2, 3))  # (B,V)
+    m = src_mask.float()
+    parts = {'src': (per_view * m).sum() / m.sum().clamp_min(1),
+             'tgt': (per_view * (1 - m)).sum() / (1 - m).sum().clamp_min(1)}
+    return per_view.mean(), parts
+
+
+def time_grid(steps, a=1.0, t_end=0.0):
+    """steps + 1 shifted times from 1 down to t_end (python floats: the loop needs no device syncs)."""
+    return [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0,
+                 return_traj=False):
+    """Deterministic Euler ODE from noise (t = 1) to t_end. velocity_fn / uncond_fn (x_t, t (B,)) -> v.
+    CFG: v = v_u + cfg (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg = 1 the
+    unconditional branch is skipped). Returns x (and the list of all steps + 1 states if return_traj)."""
+    assert cfg == 1.0 or uncond_fn is not None, 'cfg != 1 needs uncond_fn'
+    ts = time_grid(steps, a, t_end)
+    x, traj = noise, [noise]
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=x.dtype)
+        v = velocity_fn(x, t)
+        if cfg != 1.0 and interval[0] <= t_cur <= interval[1]:
+            v_u = uncond_fn(x, t)
+            v = v_u + cfg * (v - v_u)
+        x = x + (t_next - t_cur) * v
+        if return_traj:
+            traj.append(x)
+    return (x, traj) if return_traj else x
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state: shadow <- decay shadow + (1-decay) weights.
+    state_dict() is a plain model state dict (loadable into the model directly)."""
+
+    def __init__(self, model, decay=0.9995):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model):
+        model.load_state_dict(self.shadow)
+
+    @contextlib.contextmanager
+    def swapped(self, model):
+        """Temporarily run the model with the EMA weights (evaluation), then restore the live ones."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(live)
+
+    def state_dict(self):
+        return self.shadow
+
+    def load_state_dict(self, sd):
+        self.shadow = {k: v.detach().clone().to(self.shadow[k].device) for k, v in sd.items()}

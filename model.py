@@ -1,0 +1,428 @@
+"""model.py: the GLD multi-view diffusion transformer, a DiT with a wide DDT head (DiT^DH).
+
+What: one network M_l predicts the flow velocity v (B,V,T,C) of the level-l DA3 features of all V views of a
+scene at once, from the noisy features x_t, the time t, the source-only condition (clean features at the
+source views, zeros at the targets), the cameras and, for the cascade M1->0, the level-1 features.
+
+Dataflow (paper A.2 and the released DDT.py, see shared/notes/official-gld-model.md section 3):
+    te   = MLP(Gaussian-Fourier(t))                                  time embedding (B,C1)
+    s    = embed_src/tgt([cond | x_t]) + PatchEmbed14(Plücker+mask)   encoder tokens (B,V*T,C1)
+           (cascade: embed([cond | F1]), the level-1 condition enters through the encoder)
+    s    = encoder blocks (adaLN from silu(te), 3D attention)        width C1, depth d1
+    s    = Linear(silu(te + s))                                      per-token condition (B,V*T,C2)
+    x    = embed_src/tgt([cond | x_t])                               head tokens (B,V*T,C2)
+    x    = head blocks (adaLN per token from s)                      width C2, depth d2
+    v    = Linear(adaLN_s(RMSNorm(x)))                               zero-initialised: a fresh model outputs 0
+
+Features: 3D self-attention (all V*h*w tokens of a sample attend to each other, one SDPA call) with PRoPE
+(cameras as relative positional encoding + 2-D RoPE), or 3-D / 2-D RoPE (cfg.pos); a readable reference
+attention with the textbook formula (reference_attention); separate source/target embedders (the paper's four)
+or single ones (the release's cascade); Plücker + source-mask camera map; SwiGLU, RMSNorm, adaLN; activation
+checkpointing; presets with parameter counts; convert_official() for the released checkpoints (key names
+mirror the official ones, so conversion is nearly an identity).
+
+Official quirks (shared/notes/official-gld-model.md): the encoder blocks see silu(silu(te)) (cfg.double_silu);
+PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (cfg.official_cameras, pass it to
+camera_inputs; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
+release also sets K to identity (drop_cameras sets P, P_inv to identity);
+the released cascade (DDT_old.py) normalises K by a square 504 image: the caller's business.
+
+References: Jang et al., "Repurposing Geometric Foundation Models for Multi-view Diffusion" (GLD, arXiv
+2603.22275); Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT, adaLN); Wang et al. "DDT:
+Decoupled Diffusion Transformer" and Zheng et al. "Diffusion Transformers with Representation Autoencoders"
+(RAE, DiT^DH); Li et al., "Cameras as Relative Positional Encoding" (PRoPE); Su et al., "RoFormer" (RoPE);
+Shazeer, "GLU Variants Improve Transformer" (SwiGLU); Zhang & Sennrich (RMSNorm); Sitzmann et al. (Plücker rays).
+Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens (T = h*w, row-major), N = V*T.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import cameras
+
+
+@dataclass
+class GLDConfig:
+    latent_dim: int = 192  # C: channels of one DA3 level (2 x backbone width); da3-tiny -> 192
+    enc_width: int = 128  # C1: condition encoder width
+    enc_depth: int = 4  # d1
+    head_width: int = 224  # C2: the wide DDT head (>= latent_dim, as RAE advises)
+    head_depth: int = 2  # d2
+    heads: int = 4  # attention heads in both parts; head dims must be multiples of 8 for PRoPE
+    pos: str = 'prope'  # 'prope' | 'rope3d' (view, y, x) | 'rope2d' (y, x)
+    rope_base: float = 100.0
+    separate_embedders: bool = True  # four embedders (source/target x encoder/head) as in the paper
+    upper_dim: int = 0  # cascade M1->0: channels of the level-1 condition (0: not a cascade model)
+    cam_patch: int = 14  # Plücker map pixels per token (the DA3 patch)
+    double_silu: bool = True  # encoder adaLN sees silu(silu(te)), as released
+    official_cameras: bool = False  # PRoPE P_inv quirk + Plücker grid offset of the release (camera_inputs)
+    checkpointing: bool = False  # recompute each block in backward
+
+
+# parameter counts from print_presets() (python model.py); latent_dim is the DA3 preset's 2C (train.py overrides it)
+PRESETS = {
+    'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
+    'gld-S': GLDConfig(latent_dim=768, enc_width=384, enc_depth=12, head_width=1024, head_depth=2, heads=8),  # 78.2M
+    'gld-B': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=12, head_width=2048, head_depth=2, heads=16),  # 311.1M
+    'gld-paper': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=6,
+                           heads=16),  # 783.3M = the official M1
+    'gld-paper-cascade': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=2,
+                                   heads=16, upper_dim=1536, separate_embedders=False),  # 472.5M = official M1->0
+}
+
+
+# ----------------------------------------------------------------------------- cameras -> model inputs
+
+def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
+    """Everything the model needs about the cameras, built once per batch. c2w (B,V,4,4) already normalised
+    (cameras.normalize_poses), K (B,V,3,3) normalised, src_mask (B,V) bool, hw = (h, w) token grid.
+    -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv' (B,V,4,4),
+        'src_mask' (B,V), 'hw'}"""
+    h, w = hw
+    rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
+    mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
+    P, P_inv = cameras.prope_matrices(c2w, K, official=official)
+    return {'plucker': torch.cat([mask, rays], 2), 'P': P, 'P_inv': P_inv, 'src_mask': src_mask, 'hw': (h, w)}
+
+
+def drop_cameras(cams, drop):
+    """Camera dropout / the unconditional branch of CFG for samples where drop (B,) is True: Plücker
+    channels 1: zeroed (the source/target mask is kept), P and P_inv identity. (The release also sets K to
+    identity, which after its K normalisation is not an identity P; ours is.)"""
+    keep = (~drop).to(cams['plucker'].dtype)
+    plucker = cams['plucker'].clone()
+    plucker[:, :, 1:] *= keep[:, None, None, None, None]
+    eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
+    sel = drop[:, None, None, None]
+    return {**cams, 'plucker': plucker, 'P': torch.where(sel, eye, cams['P']),
+            'P_inv': torch.where(sel, eye, cams['P_inv'])}
+
+
+# ----------------------------------------------------------------------------- positional encoding of 3D attention
+
+def rope_rotate(u, cos, sin, inverse=False):
+    """1-D RoPE on a block (...,N,2f), split-half convention: a = first f dims, b = last f dims.
+    Forward [cos a + sin b, -sin a + cos b] (rotation by -angle), inverse by +angle. cos, sin (N,f)."""
+    a, b = u.chunk(2, -1)
+    if inverse:
+        return torch.cat([cos * a - sin * b, sin * a + cos * b], -1)
+    return torch.cat([cos * a + sin * b, -sin * a + cos * b], -1)
+
+
+class PositionEncoding:
+    """Relative positions of the V*h*w tokens of a sample for one head dim d, rebuilt each forward.
+
+    'prope': per head, dims [0,d/2) are d/8 four-vectors transformed by the token's camera: q <- P^T q,
+    k <- P_inv k, v <- P_inv v, output <- P out; dims [d/2,3d/4) carry RoPE on the column x, [3d/4,d) on the
+    row y (rotation by -angle on q, k, v, inverse on the output). The logit between token i (view a) and j
+    (view b) is then q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j: relative in cameras and in pixels.
+    'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims are not rotated."""
+
+    def __init__(self, kind, d, cams, V, base=100.0):
+        h, w = cams['hw']
+        n = torch.arange(V * h * w, device=cams['P'].device)
+        x, y, view = n % w, (n // w) % h, n // (h * w)  # (N,) token coordinates, row-major within a view
+        self.kind, self.d, self.V = kind, d, V
+        if kind == 'prope':
+            assert d % 8 == 0, f'PRoPE needs head dims divisible by 8, got {d}'
+            self.mats = {'q': cams['P'].transpose(-1, -2), 'kv': cams['P_inv'], 'out': cams['P']}  # (B,V,4,4)
+            self.start, axes = d // 2, [(d // 4, x), (d // 4, y)]
+        elif kind in ('rope3d', 'rope2d'):
+            self.mats, self.start = None, 0
+            axes = [(2 * (d // 6), view), (2 * (d // 6), y), (2 * (d // 6), x)] if kind == 'rope3d' else \
+                [(d // 2, x), (d // 2, y)]
+        else:
+            raise ValueError(f"pos must be 'prope', 'rope3d' or 'rope2d', got {kind!r}")
+        self.axes = []  # (size, positions (N,), frequencies (size/2,), cos (N,size/2), sin)
+        for size, p in axes:
+            freqs = base ** (-torch.arange(size // 2, device=n.device, dtype=torch.float32) / (size // 2))
+            angle = p[:, None].float() * freqs  # (N, size/2)
+            self.axes.append((size, p, freqs, angle.cos(), angle.sin()))
+
+    def apply(self, u, role):
+        """u (B,nh,N,d); role 'q' | 'kv' | 'out' -> transformed u."""
+        B, nh, N, d = u.shape
+        parts = []
+        if self.mats is not None:  # projective block: the 4-vectors of a token in view v are mapped by M_v
+            blk = u[..., :self.start].reshape(B, nh, self.V, N // self.V, self.start // 4, 4)
+            M = self.mats[role].to(u.dtype)
+            parts.append(torch.einsum('bvij,bhvtnj->bhvtni', M, blk).reshape(B, nh, N, self.start))
+        i = self.start
+        for size, _, _, cos, sin in self.axes:
+            parts.append(rope_rotate(u[..., i:i + size], cos.to(u.dtype), sin.to(u.dtype), inverse=role == 'out'))
+            i += size
+        parts.append(u[..., i:])
+        return torch.cat(parts, -1)
+
+    def attend(self, q, k, v):
+        """Fast path: transform q, k (and v, output for PRoPE) and let SDPA do softmax(q k^T / sqrt(d)) v."""
+        if self.kind != 'prope':
+            return F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), v)
+        y = F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), self.apply(v, 'kv'))
+        return self.apply(y, 'out')
+
+    def relative(self):
+        """Textbook per-pair transform M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b per four-vector (PRoPE only),
+        explicit 2x2 rotations by theta_i - theta_j in the split-half layout, identity for leftover dims)."""
+        N = self.axes[0][1].shape[0]
+        B = self.mats['q'].shape[0] if self.mats is not None else 1
+        M = torch.eye(self.d, dtype=torch.float32, device=self.axes[0][1].device).repeat(B, N, N, 1, 1)
+        if self.mats is not None:
+            view = torch.arange(N, device=M.device) // (N // self.V)
+            P, P_inv = self.mats['out'], self.mats['kv']
+            rel = P[:, view, None] @ P_inv[:, None, view]  # (B,N,N,4,4)
+            for c in range(0, self.start, 4):
+                M[..., c:c + 4, c:c + 4] = rel
+        i = self.start
+        for size, p, freqs, _, _ in self.axes:
+            angle = (p[:, None] - p[None, :]).float()[..., None] * freqs  # (N,N,size/2)
+            for f in range(size // 2):
+                a, b = i + f, i + size // 2 + f
+                c, s = angle[..., f].cos(), angle[..., f].sin()
+                M[..., a, a], M[..., a, b], M[..., b, a], M[..., b, b] = c, -s, s, c
+            i += size
+        return M
+
+
+def reference_attention(q, k, v, pe):
+    """Plain attention with the textbook relative formula: logits_ij = q_i^T M_ij k_j / sqrt(d), explicit softmax,
+    out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
+    M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
+    logits = torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])
+    p = logits.softmax(-1)
+    if pe.kind != 'prope':
+        return p @ v
+    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v)
+
+
+# ----------------------------------------------------------------------------- transformer parts
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # statistics in fp32
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        hidden = int(2 * (4 * dim) / 3)  # 2048 for 768, 5461 for 2048 (as released)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(a) * b)
+
+
+class Attention(nn.Module):
+    """3D self-attention: one sequence of N = V*h*w tokens per sample, fused QKV, positions from pe."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.reference = heads, False  # reference=True: the textbook path (tests)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, pe):  # x (B,N,D)
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
+        y = reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """DiT block with 6 adaLN modulations. c (B,1,D) for the encoder (from time), (B,N,D) per token in the head."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(dim), Attention(dim, heads)
+        self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, pe):  # x (B,N,D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), pe)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TimestepEmbedder(nn.Module):
+    """Gaussian-Fourier features [sin(2 pi t W), cos(2 pi t W)] of 256 fixed random frequencies, then an MLP."""
+
+    def __init__(self, dim, freqs=256):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(freqs), requires_grad=False)  # frozen, but in the state dict as released
+        self.mlp = nn.Sequential(nn.Linear(2 * freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t (B,) in [0,1], 1 = noise
+        f = 2 * math.pi * t[:, None].float() * self.W[None]
+        return self.mlp(torch.cat([f.sin(), f.cos()], -1).to(self.mlp[0].weight.dtype))  # (B,D)
+
+
+class TokenEmbedder(nn.Module):
+    """Patch size 1 on the token grid: a linear map of the channel-concatenated inputs (a 1x1 conv in the release)."""
+
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.proj = nn.Linear(cin, dim)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class CameraEmbedder(nn.Module):
+    """Plücker + mask map (B,V,7,ph,pw) -> per-token (B,V,T,D) via a patch x patch conv, added to encoder tokens."""
+
+    def __init__(self, dim, patch):
+        super().__init__()
+        self.proj = nn.Conv2d(7, dim, patch, patch)
+
+    def forward(self, plucker):
+        B, V = plucker.shape[:2]
+        e = self.proj(plucker.flatten(0, 1).to(self.proj.weight.dtype))  # (B*V,D,h,w)
+        return e.flatten(2).transpose(1, 2).unflatten(0, (B, V))  # (B,V,T,D), row-major
+
+
+class FinalLayer(nn.Module):
+    """Per-token adaLN (shift, scale) from s, RMSNorm, linear to C; zero-initialised."""
+
+    def __init__(self, dim, out):
+        super().__init__()
+        self.norm_final, self.linear = RMSNorm(dim), nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, s):
+        shift, scale = self.adaLN_modulation(s).chunk(2, -1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class GLD(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
+        assert C1 % cfg.heads == 0 and C2 % cfg.heads == 0, 'widths must divide into heads'
+        s_in = C + (cfg.upper_dim or C)  # encoder reads [cond | x_t], the cascade [cond | F1]
+        if cfg.separate_embedders:  # chosen per view by the source mask
+            self.x_embedder_ref, self.x_embedder_tgt = TokenEmbedder(2 * C, C2), TokenEmbedder(2 * C, C2)
+            self.s_embedder_ref, self.s_embedder_tgt = TokenEmbedder(s_in, C1), TokenEmbedder(s_in, C1)
+        else:
+            self.x_embedder, self.s_embedder = TokenEmbedder(2 * C, C2), TokenEmbedder(s_in, C1)
+        self.s_projector = nn.Linear(C1, C2)
+        self.t_embedder = TimestepEmbedder(C1)
+        self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
+        self.blocks = nn.ModuleList([Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] +
+                                    [Block(C2, cfg.heads) for _ in range(cfg.head_depth)])  # encoder, then head
+        self.final_layer = FinalLayer(C2, C)
+        self.init_weights()
+
+    def init_weights(self):
+        """As released: adaLN and the final linear zero (output exactly 0), embedders xavier on the flattened
+        weight with zero bias, time MLP N(0, 0.02); other linears keep PyTorch's default."""
+        for blk in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(blk.adaLN_modulation[1].weight), nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
+        for name, m in self.named_children():
+            if name.startswith(('x_embedder', 's_embedder', 'camera_embedder')):
+                nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1)), nn.init.zeros_(m.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+
+    def embed(self, kind, x, src_mask):
+        """x (B,V,T,Cin) -> (B,V*T,D) with the source or target embedder of each view (or the single one)."""
+        if not self.cfg.separate_embedders:
+            return getattr(self, f'{kind}_embedder')(x).flatten(1, 2)
+        ref, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
+        return torch.where(src_mask[:, :, None, None], ref, tgt).flatten(1, 2)
+
+    def run(self, blk, x, c, pe):
+        if self.cfg.checkpointing and self.training:
+            return checkpoint(blk, x, c, pe, use_reentrant=False)
+        return blk(x, c, pe)
+
+    def forward(self, x_t, t, cond, cams, upper=None):
+        """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
+        cfg = self.cfg
+        B, V, T, C = x_t.shape
+        assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
+        src = cams['src_mask']  # (B,V) bool
+        xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
+        te = self.t_embedder(t)  # (B,C1)
+        # condition encoder: tokens + camera map, adaLN from time
+        s = self.embed('s', torch.cat([cond, upper], -1) if upper is not None else xc, src)  # (B,N,C1)
+        s = s + self.camera_embedder(cams['plucker']).flatten(1, 2)
+        pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
+        c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
+        for blk in self.blocks[:cfg.enc_depth]:
+            s = self.run(blk, s, c, pe_enc)
+        # bridge: per-token condition of the head
+        s = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
+        # velocity head: [cond | x_t] tokens modulated per token by s
+        pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
+        x = self.embed('x', xc, src)  # (B,N,C2)
+        for blk in self.blocks[cfg.enc_depth:]:
+            x = self.run(blk, x, s, pe_head)
+        return self.final_layer(x, s).view(B, V, T, C)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def print_presets():
+    """Parameter counts of every preset, built on the meta device (nothing allocated)."""
+    for name, cfg in PRESETS.items():
+        with torch.device('meta'):
+            n = count_params(GLD(cfg))
+        print(f'{name:18s} {n:>13,d} params  enc {cfg.enc_width}x{cfg.enc_depth}'
+              f'  head {cfg.head_width}x{cfg.head_depth}  heads {cfg.heads}  latent {cfg.latent_dim}  upper {cfg.upper_dim}')
+
+
+# ----------------------------------------------------------------------------- the released checkpoints
+
+def convert_official(state_dict, cascade=False, heads=16):
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict). Keys mirror the release;
+    the 1x1-conv embedders (D,Cin,1,1) become linears (D,Cin); the cascade's aliased {s,x}_embedder_{ref,tgt}
+    copies are dropped when it has single embedders. Strict: every key is used and every shape checked.
+    heads cannot be read from shapes (16 in both releases)."""
+    sd = dict(state_dict)
+    single = 'x_embedder.proj.weight' in sd
+    if single:
+        for k in [k for k in sd if k.startswith(('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.',
+                                                   'x_embedder_tgt.'))]:
+            del sd[k]
+    C2, C1 = sd['s_projector.weight'].shape
+    assert C1 != C2, 'encoder and head blocks are told apart by their width'
+    C = sd['final_layer.linear.weight'].shape[0]
+    s_in = sd['s_embedder.proj.weight' if single else 's_embedder_ref.proj.weight'].shape[1]
+    widths = [sd[f'blocks.{i}.norm1.weight'].shape[0] for i in range(len({k.split('.')[1] for k in sd
+                                                                           if k.startswith('blocks.')}))]
+    cfg = GLDConfig(latent_dim=C, enc_width=C1, enc_depth=widths.count(C1), head_width=C2,
+                    head_depth=len(widths) - widths.count(C1), heads=heads, separate_embedders=not single,
+                    upper_dim=s_in - C if cascade else 0, cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
+                    double_silu=True, official_cameras=True)
+    out = {k: v.flatten(1) if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and
+           not k.startswith('camera') else v for k, v in sd.items()}
+    with torch.device('meta'):
+        ref = GLD(cfg).state_dict()
+    missing, unused = set(ref) - set(out), set(out) - set(ref)
+    assert not missing and not unused, f'convert_official: missing {sorted(missing)[:5]}, unused {sorted(unused)[:5]}'
+    bad = [k for k in ref if ref[k].shape != out[k].shape]
+    assert not bad, f'convert_official: shape mismatch at {bad[:5]}'
+    return cfg, out
+
+
+if __name__ == '__main__':
+    print_presets()
