@@ -709,6 +709,10 @@ class LatentStats:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location='cpu', weights_only=True)
+        return cls.from_state_dict(sd)
+
+    @classmethod
+    def from_state_dict(cls, sd):
         levels = [int(k[4:]) for k in sd if k.startswith('mean')]
         return cls({l: sd[f'mean{l}'] for l in levels}, {l: sd[f'var{l}'] for l in levels})
 

@@ -381,6 +381,20 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def flops_per_token(cfg, N):
+    """Forward FLOPs per token of a sample with N = V*h*w tokens in 3D attention (x3 for a training step).
+    2 FLOPs per multiply-add. Per block of width D, SwiGLU hidden H = int(8D/3):
+        qkv + proj 8 D^2, SwiGLU 6 D H, attention (QK^T and AV over all N tokens) 4 N D,
+        head blocks add their per-token adaLN 12 D^2 (encoder adaLN is per sample: ignored);
+    plus the embedders 2 (2C) (C1 + C2), the Plücker patch embedding 2 (7 14^2) C1, the bridge 2 C1 C2 and the
+    final layer 2 C2 (2 C2 + C). PRoPE/RoPE transforms and norms are O(D) per token and ignored."""
+    def block(D, per_token_adaln):
+        return 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D + (12 * D * D if per_token_adaln else 0)
+    C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
+    return (cfg.enc_depth * block(C1, False) + cfg.head_depth * block(C2, True) + 2 * 2 * C * (C1 + C2)
+            + 2 * 7 * cfg.cam_patch ** 2 * C1 + 2 * C1 * C2 + 2 * C2 * (2 * C2 + C))
+
+
 def print_presets():
     """Parameter counts of every preset, built on the meta device (nothing allocated)."""
     for name, cfg in PRESETS.items():

@@ -1,0 +1,211 @@
+"""bench.py: throughput, MFU, memory and latency of GLD's hot paths, on CPU or GPU.
+
+    python bench.py                                   # gld-tiny on CPU: train step, Euler step, eager vs compile
+    python bench.py --preset gld-paper --views 8 --size 504 --dtype bf16 --compile --device cuda   # the paper's M1
+
+Measures, side by side in one run:
+- a DiT training step (forward, backward, AdamW): samples/s, tokens/s, achieved TFLOP/s and MFU. FLOPs are
+  counted analytically by model.flops_per_token (printed with --formula): 2 FLOPs per multiply-add of every
+  linear layer and of the attention (QK^T and AV over all V*h*w tokens), times 3 for forward + backward;
+- sampling: seconds per Euler step (two forwards with CFG) and per 50-step level;
+- frozen DA3 propagation (level 1 -> 2, 3), RGB decoding and the geometry head;
+- peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's max RSS);
+- on GPU in bf16: which SDPA backend runs, asserted by running the step inside sdpa_kernel(FLASH_ATTENTION)
+  (which raises if flash cannot run) and by the profiler's kernel names.
+Performance claims in the README come from this file: ratios measured in one run, absolute times only from a GPU.
+"""
+import argparse
+import contextlib
+import resource
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+import cameras
+import decoder as decoder_lib
+import diffusion
+import encoder as encoder_lib
+import model as model_lib
+
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description='GLD benchmarks', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--preset', default='gld-tiny', help='DiT preset (model.PRESETS)')
+    p.add_argument('--encoder', default='da3-tiny', help='DA3 preset for propagation and the geometry head')
+    p.add_argument('--decoder', default='tiny', help='RGB decoder preset')
+    p.add_argument('--views', type=int, default=8, help='views V per scene')
+    p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
+    p.add_argument('--batch', type=int, default=2, help='scenes per step')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='autocast dtype (bf16: fp32 master weights)')
+    p.add_argument('--compile', action='store_true', help='also time torch.compile (reports the compile/eager ratio)')
+    p.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    p.add_argument('--iters', type=int, default=5, help='timed iterations')
+    p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
+    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen")
+    p.add_argument('--formula', action='store_true', help='print the FLOP formula')
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def timeit(fn, iters, warmup, device):
+    for _ in range(warmup):
+        fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def peak_tflops(device):
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def fake_batch(cfg, B, V, size, device):
+    """Random latents and real cameras: V views on an arc, the first two sources."""
+    h = w = size // 14
+    T, C = h * w, cfg.latent_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, V, T, C, generator=g)
+    src = (torch.arange(V) < 2)[None].expand(B, V)
+    cond = x * src[:, :, None, None]
+    eye = torch.stack([torch.tensor([0.3 * v, 0.0, 0.1 * v]) for v in range(V)])
+    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0]))
+    K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(V, 3, 3)
+    c2w, K = c2w[None].expand(B, V, 4, 4), K[None].expand(B, V, 3, 3)
+    cams = model_lib.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
+    upper = torch.randn(B, V, T, cfg.upper_dim, generator=g) if cfg.upper_dim else None
+    to = lambda t: t.to(device) if torch.is_tensor(t) else t
+    return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
+
+
+def bench_train(net, batch, a, device, autocast, rows, label):
+    x, cond, cams, upper = batch
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        with autocast:
+            loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'],
+                                          generator=gen)
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+    dt = timeit(step, a.iters, a.warmup, device)
+    B, V, T, _ = x.shape
+    raw = getattr(net, '_orig_mod', net)
+    flops = 3 * model_lib.flops_per_token(raw.cfg, V * T) * B * V * T
+    peak = peak_tflops(device)
+    rows.append({'part': f'train step ({label})', 'ms': dt * 1e3, 'samples/s': B / dt, 'tokens/s': B * V * T / dt,
+                 'TFLOP/s': flops / dt / 1e12, 'MFU': flops / dt / 1e12 / peak if peak else None})
+    return dt
+
+
+def bench_sample(net, batch, a, device, autocast, rows, label):
+    x, cond, cams, upper = batch
+    uncond = model_lib.drop_cameras(cams, torch.ones(x.shape[0], dtype=torch.bool, device=device))
+    t = torch.full((x.shape[0],), 0.5, device=device)
+
+    @torch.no_grad()
+    def euler_step():  # one Euler step with CFG = a conditional and an unconditional forward
+        with autocast:
+            v = net(x, t, cond, cams, upper=upper)
+            v = v + 0.5 * (v - net(x, t, cond, uncond, upper=upper))
+        return x - 0.02 * v
+    dt = timeit(euler_step, a.iters, a.warmup, device)
+    rows.append({'part': f'Euler step, cfg ({label})', 'ms': dt * 1e3})
+    rows.append({'part': f'50-step level ({label})', 'ms': 50 * dt * 1e3})
+    return dt
+
+
+def bench_frozen(a, device, autocast, rows):
+    enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
+    dec = decoder_lib.RGBDecoder(replace(decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim)).to(device).eval()
+    images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
+    hw = (a.size // 14, a.size // 14)
+    with torch.no_grad(), autocast:
+        levels, cls = enc.encode(images, return_cls=True)
+        norm = enc.normalize_levels(levels)
+        rows.append({'part': f'DA3 encode ({a.encoder})', 'ms': 1e3 * timeit(lambda: enc.encode(images), a.iters, a.warmup, device)})
+        rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': 1e3 * timeit(
+            lambda: enc.propagate(levels[1], 1, cls[1][:, 0], hw), a.iters, a.warmup, device)})
+        rows.append({'part': f'RGB decode ({a.decoder})', 'ms': 1e3 * timeit(lambda: dec(norm, hw), a.iters, a.warmup, device)})
+        rows.append({'part': 'geometry head', 'ms': 1e3 * timeit(lambda: enc.geometry(norm, a.size, a.size), a.iters, a.warmup, device)})
+
+
+def sdpa_backend_check(net, batch, device, autocast):
+    """On GPU: the forward must run with only the flash kernel allowed, and the profiler must show it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x, cond, cams, upper = batch
+    t = torch.full((x.shape[0],), 0.5, device=device)
+    with torch.no_grad(), autocast, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        net(x, t, cond, cams, upper=upper)  # raises if flash cannot run these shapes/dtypes
+    with torch.no_grad(), autocast, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        net(x, t, cond, cams, upper=upper)
+    names = {e.key for e in prof.key_averages()}
+    flash = sorted(n for n in names if 'flash' in n.lower())
+    assert flash, f'no flash-attention kernel ran: {sorted(names)[:20]}'
+    return flash[0]
+
+
+def main(argv=None):
+    a = get_args(argv)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    skip = set(a.skip.split(',')) if a.skip else set()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.dtype == 'bf16' else contextlib.nullcontext()
+    cfg = replace(model_lib.PRESETS[a.preset], checkpointing=a.checkpointing)
+    net = model_lib.GLD(cfg).to(device)
+    with torch.no_grad():  # a trained-looking model: the zero-initialised output layers would make attention trivial
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    batch = fake_batch(cfg, a.batch, a.views, a.size, device)
+    V, T = a.views, (a.size // 14) ** 2
+    print(f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
+          f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    if a.formula:
+        print(model_lib.flops_per_token.__doc__)
+    rows = []
+    variants = [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else [])
+    times = {}
+    for label, m in variants:
+        if 'train' not in skip:
+            times[('train', label)] = bench_train(m, batch, a, device, autocast, rows, label)
+        if 'sample' not in skip:
+            times[('sample', label)] = bench_sample(m.eval(), batch, a, device, autocast, rows, label)
+            m.train()
+    if 'frozen' not in skip:
+        bench_frozen(a, device, autocast, rows)
+    if device.type == 'cuda' and a.dtype == 'bf16':
+        rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
+    rows.append({'part': 'peak memory (GB)', 'ms': peak_memory_gb(device)})
+    for r in rows:
+        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
+    for part in ('train', 'sample'):
+        if (part, 'compiled') in times:
+            print(f'{part}: compiled / eager speed-up {times[(part, "eager")] / times[(part, "compiled")]:.2f}x')
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,589 @@
+"""sample.py: the GLD cascade end to end, geometry export and the paper's evaluation protocol.
+
+    python sample.py                                   # bundled tiny models on a synthetic test scene -> out/sample/
+    python sample.py --data re10k:PATH --scene KEY     # a dataset scene
+    python sample.py --images a.png b.png --cameras transforms.json --traj orbit --frames 24
+    python sample.py --eval                            # N=2 -> 6 targets on the test split: tables, JSON, CSV
+    python sample.py --official DIR                    # the released GLD models (see README)
+
+Pipeline (paper Sec. 4, Fig. 2): DA3 encodes the source views alone (leakage-free) -> M1 generates level-1 features
+of all V views (rectified flow, Euler, CFG over cameras) -> M1->0 generates level 0 conditioned on them -> the
+frozen DA3 blocks after level 1 propagate the generated features to levels 2 and 3 (all views jointly) -> the RGB
+decoder turns the four levels into images, and DA3's frozen DualDPT head gives depth, ray maps, cameras and a point
+cloud with no extra training. `--boundary k` with independent models reproduces the boundary ablation.
+
+This file also owns the glue that training reuses (train.py imports it; it never imports train.py): building
+frozen encoders, latent statistics, the conditioning of one batch, checkpoint loading and export.
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cameras
+import data
+import decoder as decoder_lib
+import diffusion
+import encoder as encoder_lib
+import model as model_lib
+
+WEIGHTS = 'weights/tiny'
+COMMANDS = {  # what creates each missing piece
+    'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
+    'level1': 'python train.py --level 1', 'level0': 'python train.py --level 0', 'data': 'python data.py synth',
+}
+
+
+# ----------------------------------------------------------------------------- checkpoints: find, load, export
+
+def find_checkpoint(name, ckpt_dir=None):
+    """runs/<name>/ckpt_*.pt (newest) when ckpt_dir is given, else the bundled weights/tiny/<name>.safetensors."""
+    if ckpt_dir:
+        folder = os.path.join(ckpt_dir, name)
+        ck = sorted(f for f in os.listdir(folder) if f.startswith('ckpt_')) if os.path.isdir(folder) else []
+        if ck:
+            return os.path.join(folder, ck[-1])
+    path = os.path.join(WEIGHTS, name + '.safetensors')
+    if os.path.exists(path):
+        return path
+    raise FileNotFoundError(f'no checkpoint for {name!r} in {ckpt_dir or "-"} nor {path}; create it with: '
+                            f'{COMMANDS.get(name, "python train.py")} (or pass --ckpt-dir)')
+
+
+def load_checkpoint(path, device='cpu'):
+    """-> (meta, state_dict). A training checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar."""
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        meta = json.load(open(path[:-len('.safetensors')] + '.json'))
+        digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+        if meta.get('sha256') and meta['sha256'] != digest:
+            raise ValueError(f'{path}: checksum mismatch (file is {digest[:12]}, {path[:-12]}.json says '
+                             f'{meta["sha256"][:12]}); the file is corrupt or was replaced: restore it with git checkout')
+        sd = {k: v.float() for k, v in load_file(path, device=str(device)).items()}
+        stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
+        meta['stats'] = stats or None
+        return meta, {k: v for k, v in sd.items() if not k.startswith('stats.')}
+    ck = torch.load(path, map_location=device, weights_only=False)
+    return ck, ck['ema']
+
+
+def export_weights(kind, net, config, extra, folder, name):
+    """EMA weights as fp16 safetensors + a JSON sidecar with the config and a SHA-256, as shipped in weights/tiny."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
+    if extra.get('stats'):
+        sd.update({'stats.' + k: v.half() for k, v in extra['stats'].items()})
+    path = os.path.join(folder, name + '.safetensors')
+    save_file(sd, path)
+    meta = {'kind': kind, 'config': config, **{k: v for k, v in extra.items() if k != 'stats'},
+            'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest()}
+    json.dump(meta, open(os.path.join(folder, name + '.json'), 'w'), indent=1)
+    print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
+    return path
+
+
+def load_encoder(preset, weights='auto', device='cpu', ckpt_dir='runs'):
+    """A frozen DA3. weights: 'auto' (runs/encoder, then weights/tiny/encoder, for da3-tiny), 'none', or a file."""
+    if weights == 'auto' and preset == 'da3-tiny':
+        weights = find_checkpoint('encoder', ckpt_dir)
+    if weights in ('auto', 'none', None, ''):
+        if weights == 'auto':
+            print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
+        enc = encoder_lib.build_encoder(preset)
+    elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
+            os.path.exists(weights[:-len('.safetensors')] + '.json'):
+        meta, sd = load_checkpoint(weights)
+        enc = encoder_lib.build_encoder(preset)
+        enc.load_state_dict(sd)
+    else:
+        enc = encoder_lib.build_encoder(preset, weights=weights)
+    return enc.to(device).freeze()
+
+
+def load_model(path, device='cpu'):
+    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
+    meta, sd = load_checkpoint(path, device)
+    net = model_lib.GLD(model_lib.GLDConfig(**meta['config'])).to(device).eval()
+    net.load_state_dict(sd)
+    meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
+    return net, meta
+
+
+def load_decoder(path, device='cpu'):
+    meta, sd = load_checkpoint(path, device)
+    dec = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**meta['config'])).to(device).eval()
+    dec.load_state_dict(sd)
+    return dec
+
+
+# ----------------------------------------------------------------------------- conditioning of one batch
+
+def model_cameras(c2w, K, src_mask, hw, official=False):
+    """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
+    inputs. official=True: the release's conventions (largest |t| component 1, its Plücker grid and PRoPE quirks)."""
+    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
+    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, official=official)
+
+
+def source_condition(enc, images, n_src):
+    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1), zeros at targets.
+    Returns raw levels (B,V,T,2C) and the token 0 of the first source view encoded alone, per level (B,2C),
+    which the official code broadcasts to all views when it propagates generated features."""
+    B, V = images.shape[:2]
+    levels = enc.encode(images[:, :n_src])
+    pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
+    _, cls = enc.encode(images[:, :1], return_cls=True)
+    return [pad(f) for f in levels], [c[:, 0] for c in cls]
+
+
+def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
+    """One training batch of M_level: the target is DA3 over all V views jointly, normalised per channel."""
+    images, src_mask = batch['images'], batch['src_mask']
+    n_src = int(src_mask[0].sum())
+    B, V, _, H, W = images.shape
+    with torch.no_grad():
+        full = enc.encode(images)
+        cond = enc.encode(images[:, :n_src])[level]
+        cond = torch.cat([cond, cond.new_zeros(B, V - n_src, *cond.shape[2:])], 1)  # (B,V,T,C), zeros at targets
+    x = stats.normalize(full[level], level)
+    cond = stats.normalize(cond, level) * src_mask[:, :, None, None]
+    upper = None
+    if upper_level is not None:  # M1->0: ground-truth level 1, optionally noised (sigma ~ |N(0, tau^2)|, variance kept)
+        upper = stats.normalize(full[upper_level], upper_level)
+        if tau > 0:
+            sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
+            eps = torch.randn(upper.shape, generator=generator).to(upper.device)
+            upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
+    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // 14, W // 14))
+    return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
+
+
+def compute_stats(enc, loader, levels, n_batches, device):
+    """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
+    def images():
+        for i, b in enumerate(loader):
+            if i >= n_batches:
+                break
+            yield b['images'].to(device)
+    return encoder_lib.compute_latent_stats(enc, images(), levels)
+
+
+# ----------------------------------------------------------------------------- the cascade
+
+class Pipeline:
+    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
+
+    def __init__(self, enc, dec, models, boundary=1, log=print, official=None):
+        self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
+        self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
+
+    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg, generator):
+        net, meta = self.models[level]
+        stats = meta['stats']
+        cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
+        upper = stats.normalize(upper_raw, meta['upper_level']) if meta.get('upper_level') is not None else None
+        uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+        if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
+            cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
+        B, V, T, C = cond.shape
+        noise = torch.randn(cond.shape, generator=generator).to(cond.device)
+        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=steps,
+                                   a=diffusion.shift_alpha(V * T * C), cfg=cfg,
+                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper))
+        return stats.denormalize(x, level)
+
+    @torch.no_grad()
+    def generate(self, images, c2w, K, n_src, steps=50, cfg=1.5, seed=0, given=None):
+        """images (B,V,3,H,W): only views 0..n_src-1 (the sources) are read. c2w (B,V,4,4), K (B,V,3,3) normalised.
+        given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
+        -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
+        B, V, _, H, W = images.shape
+        hw = (H // 14, W // 14)
+        src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
+        cams = model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
+        cond, cls = source_condition(self.enc, images, n_src)
+        gen = torch.Generator().manual_seed(seed)
+        levels, given = [None] * 4, dict(given or {})
+        for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
+            t0 = time.time()
+            if level in given:
+                levels[level] = given[level]
+            elif level in self.models:
+                up = self.models[level][1].get('upper_level')
+                levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
+                                                  steps, cfg, gen)
+                name = f'M{up}->{level}' if up is not None else f'M{level}'
+                self.log(f'  {name}: {steps} Euler steps, cfg {cfg}: {time.time() - t0:.2f}s')
+        t0 = time.time()
+        if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
+            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls[self.boundary], hw)
+            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..3 through frozen DA3: {time.time() - t0:.2f}s')
+        t0 = time.time()
+        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, 4)
+        filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
+        norm = self.enc.normalize_levels(filled)
+        rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
+        geo = self.enc.geometry(norm, H, W)
+        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s')
+        return {'levels': filled, 'images': rgb, 'geometry': geo}
+
+
+def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
+    """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
+    enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir or 'runs')
+    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device)
+    models = {}
+    for level in range(boundary, -1, -1):
+        name = f'level{level}' + ('_ind' if independent and level == 0 else '')  # M1..M3 are independent by nature
+        try:
+            models[level] = load_model(find_checkpoint(name, ckpt_dir), device)
+        except FileNotFoundError:
+            if level == boundary:
+                raise
+            log(f'note: no {name} model: level {level} is left to the decoder\'s level dropout')
+    return Pipeline(enc, dec, models, boundary, log)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def baselines(images, n_src, c2w):
+    """'nearest source view' (by camera distance) and 'mean colour' (of the sources) for every target."""
+    B, V = images.shape[:2]
+    centres = c2w[..., :3, 3]
+    d = torch.cdist(centres[:, n_src:], centres[:, :n_src])  # (B,M,N)
+    idx = d.argmin(-1)
+    nearest = torch.stack([images[b, idx[b]] for b in range(B)])
+    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(images[:, n_src:])
+    return {'nearest source': nearest, 'mean colour': mean}
+
+
+def image_metrics(pred, gt, lpips=None):
+    out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
+    if lpips is not None:
+        out['lpips'] = lpips(pred.flatten(0, 1) * 2 - 1, gt.flatten(0, 1) * 2 - 1).mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry=False):
+    """One scene of the paper's protocol: sources first; metrics on the targets only."""
+    images, c2w, K = scene['images'], scene['c2w'], scene['K']
+    out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg=cfg, seed=seed)
+    pred, gt = out['images'][:, n_src:], images[:, n_src:]
+    rows = {'gld': image_metrics(pred, gt, lpips)}
+    for name, im in baselines(images, n_src, c2w).items():
+        rows[name] = image_metrics(im, gt, lpips)
+    geo = out['geometry']
+    rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
+    if 'depths' in scene:
+        rows['gld'].update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
+    if gt_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
+        full = pipe.enc.normalize_levels(pipe.enc.encode(images))
+        g = pipe.enc.geometry(full, images.shape[-2], images.shape[-1])
+        rows['da3 on gt images'] = {**cameras.pose_metrics(g['c2w'][0], c2w[0]),
+                                    **(data.depth_metrics(g['depth'][:, n_src:], scene['depths'][:, n_src:], align='median')
+                                       if 'depths' in scene else {})}
+    return rows, out
+
+
+def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=None):
+    os.makedirs(out_dir, exist_ok=True)
+    per_scene, table = [], {}
+    for i in range(min(n_scenes, len(dataset))):
+        scene = collate_one(dataset[i])
+        scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
+                                 generator=torch.Generator().manual_seed(seed + i))
+        rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg, seed + i, lpips, gt_geometry=True)
+        for method, m in rows.items():
+            per_scene.append({'scene': scene['key'][0], 'method': method, **m})
+            for k, v in m.items():
+                table.setdefault(method, {}).setdefault(k, []).append(v)
+    table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
+    cols = sorted({k for m in table.values() for k in m}, key=['psnr', 'ssim', 'lpips', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1'].index)
+    md = [f'| method (N={n_src}, {len(dataset) if n_scenes > len(dataset) else n_scenes} scenes) | ' + ' | '.join(cols) + ' |',
+          '|---' * (len(cols) + 1) + '|']
+    md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
+    open(os.path.join(out_dir, f'eval_n{n_src}.md'), 'w').write('\n'.join(md) + '\n')
+    json.dump(table, open(os.path.join(out_dir, f'eval_n{n_src}.json'), 'w'), indent=1)
+    with open(os.path.join(out_dir, f'eval_n{n_src}_scenes.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['scene', 'method'] + cols)
+        w.writeheader(); w.writerows(per_scene)
+    print('\n'.join(md))
+    return table
+
+
+def collate_one(item):
+    return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
+
+
+def unwrap(net):
+    """The plain module inside DDP and torch.compile wrappers (evaluation must not run DDP's collectives)."""
+    net = getattr(net, '_orig_mod', net)
+    return getattr(net, 'module', net)
+
+
+def evaluate_during_training(stage, val, a, device, n=2):
+    """Periodic evaluation inside train.py, on the first n validation scenes (EMA weights), rank 0 only."""
+    net = unwrap(stage.net)
+    metrics, scenes = {}, [collate_one(val[i]) for i in range(min(n, len(val)))]
+    scenes = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()} for s in scenes]
+    scenes = [data.split_views(s, 2, mode='ends') for s in scenes]
+    if stage.kind == 'encoder':
+        out = [net(s['images']) for s in scenes]
+        m = [data.depth_metrics(o['depth'], s['depths'], align='median') for o, s in zip(out, scenes)]
+        return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+    if stage.kind == 'decoder':
+        ps = []
+        for s in scenes:
+            lv = stage.enc.normalize_levels(stage.enc.encode(s['images']))
+            ps.append(data.psnr(net(lv, (s['images'].shape[-2] // 14, s['images'].shape[-1] // 14)).clamp(0, 1),
+                                s['images']).mean())
+        return {'recon_psnr': float(torch.stack(ps).mean())}
+    try:
+        dec = load_decoder(find_checkpoint('decoder', 'runs'), device) if a.decoder_ckpt == 'auto' else \
+            (load_decoder(a.decoder_ckpt, device) if a.decoder_ckpt != 'none' else None)
+    except FileNotFoundError:
+        dec = None
+    if dec is None:
+        return {}
+    meta = {'stats': stage.stats, 'upper_level': stage.upper_level}
+    pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None)
+    ps, grids = [], []
+    for i, s in enumerate(scenes):
+        given = {}
+        if stage.upper_level is not None or stage.level < pipe.boundary:  # ground-truth deeper levels
+            full = stage.enc.encode(s['images'])
+            given = {l: full[l] for l in range(stage.level + 1, pipe.boundary + 1)}
+        out = pipe.generate(s['images'], s['c2w'], s['K'], 2, steps=10, cfg=1.5, seed=i, given=given)
+        ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
+        grids.append(make_grid(s['images'][0], out['images'][0], 2))
+    save_image(torch.cat(grids, 1), os.path.join(a.out, f'val_{a.step + 1:07d}.png'))
+    return {'psnr': float(torch.stack(ps).mean())}
+
+
+# ----------------------------------------------------------------------------- writing outputs
+
+def save_image(img, path):
+    """img (3,H,W) in [0,1] -> PNG."""
+    from PIL import Image
+    Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def make_grid(gt, pred, n_src):
+    """Rows: sources | generated | ground truth (when known); (V,3,H,W) each -> (3, rows*H, V*W)."""
+    V = gt.shape[0]
+    src = torch.cat([gt[:n_src], torch.ones_like(gt[n_src:])], 0)
+    rows = [src, torch.cat([gt[:n_src], pred[n_src:]], 0), gt]
+    return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+
+
+def colourise_depth(d):
+    """(H,W) depth -> (3,H,W) with a simple perceptual ramp of inverse depth."""
+    inv = 1 / d.clamp_min(1e-6)
+    x = ((inv - inv.min()) / (inv.max() - inv.min() + 1e-9))
+    return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
+
+
+def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None):
+    """Every target image, a grid, a video, depth maps (PNG + .npy), a fused PLY and a nerfstudio transforms.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    pred, geo = res['images'][0], res['geometry']
+    V, _, H, W = pred.shape
+    for v in range(n_src, V):
+        save_image(pred[v], os.path.join(out_dir, f'target_{v - n_src:03d}.png'))
+    save_image(make_grid(frames_gt if frames_gt is not None else torch.cat([images[0, :n_src], pred[n_src:]]), pred, n_src),
+               os.path.join(out_dir, 'grid.png'))
+    write_video([pred[v] for v in range(n_src, V)], os.path.join(out_dir, 'video'))
+    depth = geo['depth'][0]
+    np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
+    for v in range(V):
+        save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
+    pts = encoder_lib.depth_to_points(geo['depth'], geo['c2w'], geo['K'])[0]  # (V,H,W,3) in DA3's world frame
+    conf = geo['depth_conf'][0]
+    keep = conf >= conf.flatten().quantile(0.3)
+    colours = pred.permute(0, 2, 3, 1)
+    encoder_lib.write_ply(os.path.join(out_dir, 'points.ply'), pts[keep], colours[keep])
+    frames = []
+    for v in range(V):
+        gl = cameras.opengl_to_opencv(c2w[0, v])  # the flip is its own inverse
+        Kp = cameras.K_to_pixels(K[0, v], H, W)
+        frames.append({'file_path': f'target_{v - n_src:03d}.png' if v >= n_src else f'source_{v}',
+                       'transform_matrix': gl.tolist(), 'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]),
+                       'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]), 'w': W, 'h': H, 'is_source': v < n_src})
+    json.dump({'camera_model': 'OPENCV', 'frames': frames}, open(os.path.join(out_dir, 'transforms.json'), 'w'), indent=1)
+    if metrics is not None:
+        json.dump(metrics, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
+
+
+def write_video(frames, stem, fps=8):
+    """MP4 when imageio-ffmpeg is installed, else an animated GIF through Pillow."""
+    arr = [(f.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8) for f in frames]
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (only its presence matters)
+        imageio.mimsave(stem + '.mp4', arr, fps=fps)
+        return stem + '.mp4'
+    except ImportError:
+        from PIL import Image
+        ims = [Image.fromarray(a) for a in arr]
+        ims[0].save(stem + '.gif', save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+        return stem + '.gif'
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def user_scene(paths, cams_path, size, enc):
+    """A user's images (+ optional nerfstudio transforms.json); without cameras DA3's head estimates them."""
+    from PIL import Image, UnidentifiedImageError
+    ims = []
+    for p in paths:
+        try:
+            ims.append(torch.from_numpy(np.asarray(Image.open(p).convert('RGB'), dtype=np.float32) / 255).permute(2, 0, 1))
+        except (OSError, UnidentifiedImageError) as e:
+            raise SystemExit(f'{p}: cannot read the image ({e}); pass PNG or JPEG files')
+    H, W = ims[0].shape[-2:]
+    if any(im.shape[-2:] != (H, W) for im in ims):
+        raise SystemExit(f'{paths}: the images differ in size; resize them to one size first')
+    images = torch.stack(ims)[None]  # (1,N,3,H,W)
+    tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
+    if cams_path:
+        scene = data.read_image_folder(cams_path)
+        if len(scene['c2w']) != len(paths):
+            raise SystemExit(f'{cams_path}: {len(scene["c2w"])} cameras for {len(paths)} images; give one camera per image')
+        c2w, K = scene['c2w'][None], scene['K'][None]
+    else:
+        c2w, K = None, None
+    if (H, W) != (tH, tW):
+        print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
+        Kin = K[0] if K is not None else torch.eye(3).expand(len(paths), 3, 3)
+        images, Kin = data.resize_and_crop(images[0], Kin, (tH, tW))
+        images = images[None]
+        K = Kin[None] if K is not None else None
+    if c2w is None:
+        print('no --cameras: estimating source cameras with the frozen DA3 geometry head')
+        g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
+        c2w, K = g['c2w'], g['K']
+    if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
+        raise SystemExit(f'{cams_path}: cameras contain NaN or inf values')
+    return images, c2w, K
+
+
+def target_cameras(c2w_src, K_src, traj, n):
+    """Target cameras from a preset trajectory around/between the sources: (n,4,4) and (n,3,3)."""
+    a, b = c2w_src[0], c2w_src[-1]
+    dist = max(float((a[:3, 3] - b[:3, 3]).norm()), 1e-3) if len(c2w_src) > 1 else 1.0  # the scene's scale
+    if traj == 'interp':
+        c2w = cameras.interpolate_cameras(a, b, n + 2)[1:-1]
+    elif traj == 'orbit':  # around the point one scene unit in front of the first source
+        centre = a[:3, 3] + a[:3, 2] * dist
+        c2w = cameras.orbit(centre, dist, n, up=(-a[:3, 1]).tolist())
+    elif traj == 'spiral':
+        c2w = cameras.spiral(a, n, radius=0.2 * dist, depth=dist)
+    else:
+        c2w = cameras.forward_dolly(a, n, distance=0.5 * dist)
+    return c2w, K_src[:1].expand(n, 3, 3)
+
+
+def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, **kw):
+    """Long trajectories as SEVA does: every chunk holds all sources plus up to `chunk` targets."""
+    N, outs = images_src.shape[1], []
+    for i in range(0, c2w_tgt.shape[0], chunk):
+        ct, kt = c2w_tgt[i:i + chunk], K_tgt[i:i + chunk]
+        imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
+        res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
+        outs.append(res)
+    cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
+    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K')}
+    return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description='GLD sampling and evaluation', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
+    p.add_argument('--official', default='', help='folder with the released GLD files (see README)')
+    p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
+    p.add_argument('--split', default='test', help='dataset split')
+    p.add_argument('--scene', default='0', help='scene key or index in the split')
+    p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
+    p.add_argument('--src', type=int, default=2, help='number of source views N')
+    p.add_argument('--images', nargs='*', default=None, help="a user's source images")
+    p.add_argument('--cameras', default='', help='transforms.json for --images (nerfstudio layout); default: estimated')
+    p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory preset')
+    p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
+    p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
+    p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
+    p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
+    p.add_argument('--steps', type=int, default=50, help='Euler steps')
+    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale over cameras')
+    p.add_argument('--seed', type=int, default=0, help='sampling seed')
+    p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
+    p.add_argument('--eval-scenes', type=int, default=16, help='scenes evaluated')
+    p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
+    p.add_argument('--out', default='out/sample', help='output folder')
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv=None):
+    a = get_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    t_start = time.time()
+    if a.official:
+        pipe = load_official_pipeline(a.official, device)
+    else:
+        pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
+    lpips = data.lpips_fn(device) if a.lpips else None
+    if a.eval:
+        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
+    size = tuple(int(s) for s in a.size.lower().split('x')) if a.size else None
+    if a.images:
+        images, c2w_src, K_src = user_scene(a.images, a.cameras, size, pipe.enc)
+        images, c2w_src, K_src = images.to(device), c2w_src.to(device), K_src.to(device)
+        c2w_t, K_t = target_cameras(c2w_src[0], K_src[0], a.traj or 'interp', a.frames)
+        res = generate_in_chunks(pipe, images, c2w_src, K_src, c2w_t, K_t, a.chunk, steps=a.steps, cfg=a.cfg, seed=a.seed)
+        c2w, K, gt, metrics = torch.cat([c2w_src, c2w_t[None]], 1), torch.cat([K_src, K_t[None]], 1), None, None
+        images = torch.cat([images, res['images'][:, images.shape[1]:]], 1)
+    else:
+        if not os.path.isdir(a.data.split(':')[-1]):
+            raise SystemExit(f'{a.data}: no such dataset folder; create the synthetic set with: {COMMANDS["data"]}')
+        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
+        scene = data.split_views(collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
+        scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
+        images, c2w, K = scene['images'], scene['c2w'], scene['K']
+        print(f'scene {scene["key"][0]}: {a.src} sources -> {images.shape[1] - a.src} targets at {images.shape[-1]}x{images.shape[-2]}')
+        if a.traj:
+            c2w_t, K_t = target_cameras(c2w[0, :a.src], K[0, :a.src], a.traj, a.frames)
+            res = generate_in_chunks(pipe, images[:, :a.src], c2w[:, :a.src], K[:, :a.src], c2w_t, K_t, a.chunk,
+                                     steps=a.steps, cfg=a.cfg, seed=a.seed)
+            c2w, K, gt, metrics = torch.cat([c2w[:, :a.src], c2w_t[None]], 1), torch.cat([K[:, :a.src], K_t[None]], 1), None, None
+        else:
+            rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg, a.seed, lpips)
+            gt, metrics = images[0], rows
+            print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
+    write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics)
+    print(f'wrote {a.out}/ ({len(os.listdir(a.out))} files) in {time.time() - t_start:.1f}s')
+    return res
+
+
+def load_official_pipeline(folder, device):
+    """The released GLD models (hub repo SeonghuJeon/GLD) converted into our modules; see README."""
+    raise SystemExit('--official: not yet wired; see README (issue 10)')
+
+
+if __name__ == '__main__':
+    main()
