@@ -269,6 +269,7 @@ class SceneDataset(torch.utils.data.Dataset):
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
         self.images = images  # DL3DV image folder
+        spec = spec[len('re10k:'):] if spec.startswith('re10k:') else spec
         if spec.startswith('dl3dv:'):
             root = spec[len('dl3dv:'):]
             folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
@@ -338,6 +339,38 @@ class SceneDataset(torch.utils.data.Dataset):
         if isinstance(self.size, tuple):
             item = resize_item(item, self.size)
         return item
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1). An epoch has as many items
+    as all parts together; part i gets a share r_i / sum(r) of them, cycling through its own scenes. Deterministic,
+    so DistributedSampler shuffles it like any dataset."""
+
+    def __init__(self, parts, ratios):
+        self.parts, total = parts, sum(len(p) for p in parts)
+        counts = [max(1, round(total * r / sum(ratios))) for r in ratios]
+        self.offsets = torch.tensor(counts).cumsum(0).tolist()
+        self.buckets = parts[0].buckets
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def set_epoch(self, epoch):
+        for p in self.parts:
+            p.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        part = next(j for j, o in enumerate(self.offsets) if i < o)
+        local = i - (self.offsets[part - 1] if part else 0)
+        return self.parts[part][local % len(self.parts[part])]
+
+
+def make_dataset(spec, **kw):
+    """'PATH' or 're10k:PATH' (chunk layout), 'dl3dv:PATH', or a mixture 'SPEC*4,SPEC*1' (ratios after '*')."""
+    if ',' not in spec and '*' not in spec:
+        return SceneDataset(spec, **kw)
+    parts = [p.rsplit('*', 1) if '*' in p else (p, '1') for p in spec.split(',')]
+    return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], [float(r) for _, r in parts])
 
 
 def resize_item(item, size):
@@ -432,15 +465,16 @@ def ssim(pred, gt, sample_covariance=False):
 
 
 def lpips_fn(device='cpu'):
-    """LPIPS-VGG (pixelSplat's choice) as the lpips package's module: call it on images in [-1,1] (N,3,H,W) ->
-    (N,1,1,1). None (with a notice) when the package or its weights are unavailable."""
+    """LPIPS-VGG (pixelSplat's choice): a callable on images in [0,1] (N,3,H,W) -> (N,) distances.
+    None (with a notice) when the package or its weights are unavailable."""
     try:
         import lpips
         net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval()
     except Exception as e:  # missing package, or no network to fetch the VGG weights
         print(f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it')
         return None
-    return net.requires_grad_(False)
+    net.requires_grad_(False)
+    return lambda pred, gt: net(pred * 2 - 1, gt * 2 - 1).flatten()  # the package expects [-1, 1]
 
 
 def depth_metrics(pred, gt, mask=None, align='median'):

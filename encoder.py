@@ -720,8 +720,11 @@ class LatentStats:
 def load_official_stats(path):
     """GLD's model_stats/da3/normalization_stats_level{l}.pt (dict mean, var, std of shape (1,2C,1,1)):
     a directory holding them, one file, or a list of files -> LatentStats (level read from the name)."""
-    paths = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
-             if os.path.isdir(path) else [path] if isinstance(path, (str, os.PathLike)) else path)
+    if isinstance(path, (str, os.PathLike)):
+        paths = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+                 if os.path.isdir(path) else [path])
+    else:
+        paths = list(path)
     mean, var = {}, {}
     for p in paths:
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))

@@ -198,7 +198,8 @@ class Pipeline:
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
         x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=steps,
                                    a=diffusion.shift_alpha(V * T * C), cfg=cfg,
-                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper))
+                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+                                   t_end=0.001 if self.official is not None else 0.0)  # the release stops at t=0.001
         return stats.denormalize(x, level)
 
     @torch.no_grad()
@@ -269,7 +270,7 @@ def baselines(images, n_src, c2w):
 def image_metrics(pred, gt, lpips=None):
     out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
     if lpips is not None:
-        out['lpips'] = lpips(pred.flatten(0, 1) * 2 - 1, gt.flatten(0, 1) * 2 - 1).mean()
+        out['lpips'] = lpips(pred.flatten(0, 1), gt.flatten(0, 1)).mean()
     return {k: float(v) for k, v in out.items()}
 
 
@@ -294,10 +295,27 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry
     return rows, out
 
 
-def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=None):
+def write_table(table, per_scene, out_dir, name, title):
+    """{method: {metric: [values]}} -> means as a markdown table, JSON and a per-scene CSV in out_dir/name.*"""
+    table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
+    order = ['psnr', 'ssim', 'lpips', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1']
+    cols = sorted({k for m in table.values() for k in m}, key=order.index)
+    md = [f'| {title} | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
+    md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
     os.makedirs(out_dir, exist_ok=True)
-    per_scene, table = [], {}
-    for i in range(min(n_scenes, len(dataset))):
+    open(os.path.join(out_dir, f'{name}.md'), 'w').write('\n'.join(md) + '\n')
+    json.dump(table, open(os.path.join(out_dir, f'{name}.json'), 'w'), indent=1)
+    with open(os.path.join(out_dir, f'{name}_scenes.csv'), 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=['scene', 'method'] + cols)
+        w.writeheader(); w.writerows(per_scene)
+    print('\n'.join(md))
+    return table
+
+
+def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=None):
+    """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
+    per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    for i in range(n):
         scene = collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
@@ -306,18 +324,22 @@ def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=No
             per_scene.append({'scene': scene['key'][0], 'method': method, **m})
             for k, v in m.items():
                 table.setdefault(method, {}).setdefault(k, []).append(v)
-    table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
-    cols = sorted({k for m in table.values() for k in m}, key=['psnr', 'ssim', 'lpips', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1'].index)
-    md = [f'| method (N={n_src}, {len(dataset) if n_scenes > len(dataset) else n_scenes} scenes) | ' + ' | '.join(cols) + ' |',
-          '|---' * (len(cols) + 1) + '|']
-    md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
-    open(os.path.join(out_dir, f'eval_n{n_src}.md'), 'w').write('\n'.join(md) + '\n')
-    json.dump(table, open(os.path.join(out_dir, f'eval_n{n_src}.json'), 'w'), indent=1)
-    with open(os.path.join(out_dir, f'eval_n{n_src}_scenes.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['scene', 'method'] + cols)
-        w.writeheader(); w.writerows(per_scene)
-    print('\n'.join(md))
-    return table
+    return write_table(table, per_scene, out_dir, f'eval_n{n_src}', f'method (N={n_src}, {n} scenes, {steps} steps)')
+
+
+def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
+    """Stage 1 in miniature (paper Table 6): the decoder on DA3 features of all views, all levels and each alone."""
+    per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    for i in range(n):
+        scene = collate_one(dataset[i])
+        images = scene['images']
+        levels = enc.normalize_levels(enc.encode(images))
+        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
+            m = image_metrics(im.clamp(0, 1), images, lpips)
+            per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
+            for k, v in m.items():
+                table.setdefault(f'level {name}' if name != 'all' else 'all levels', {}).setdefault(k, []).append(v)
+    return write_table(table, per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
 
 
 def collate_one(item):
@@ -508,7 +530,7 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
 def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling and evaluation', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
-    p.add_argument('--official', default='', help='folder with the released GLD files (see README)')
+    p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
@@ -527,6 +549,7 @@ def build_parser():
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
     p.add_argument('--eval-scenes', type=int, default=16, help='scenes evaluated')
+    p.add_argument('--recon', action='store_true', help='Stage-1 reconstruction table: all levels and each level alone')
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
     return p
@@ -541,11 +564,16 @@ def main(argv=None):
     a = get_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
+    lpips = data.lpips_fn(device) if a.lpips else None
+    if a.recon:
+        enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir or 'runs')
+        dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device)
+        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
         pipe = load_official_pipeline(a.official, device)
     else:
         pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
-    lpips = data.lpips_fn(device) if a.lpips else None
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
@@ -580,9 +608,186 @@ def main(argv=None):
     return res
 
 
-def load_official_pipeline(folder, device):
-    """The released GLD models (hub repo SeonghuJeon/GLD) converted into our modules; see README."""
-    raise SystemExit('--official: not yet wired; see README (issue 10)')
+# ----------------------------------------------------------------------------- the released models (docs/official.md)
+
+OFFICIAL_HUB = 'SeonghuJeon/GLD'
+OFFICIAL_FILES = {  # role -> path in the release
+    'encoder': 'pretrained_models/da3/model.safetensors',  # DA3-Base (hub layout)
+    'head': 'pretrained_models/da3/dpt_decoder.pt',  # DA3's DualDPT head alone
+    'decoder': 'mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
+    'level1': 'da3_level1.pt',  # M1 (DDT.py)
+    'cascade': 'da3_cascade.pt',  # M1->0 (run through DDT_old.py by the official evaluation)
+    'stats0': 'model_stats/da3/normalization_stats_level0.pt', 'stats1': 'model_stats/da3/normalization_stats_level1.pt'}
+
+
+def lift(K):
+    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity -> (...,4,4)."""
+    L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
+    L[..., :3, :3] = K
+    return L
+
+
+def prope_K(K):
+    """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
+    Kc = K.clone()
+    Kc[..., :2, 2] -= 0.5
+    return Kc
+
+
+def official_prope_K(P, P_inv):
+    """K' (...,3,3) back from the official PRoPE matrices (camera_inputs(official=True)), which hold it twice:
+    P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2). Per axis K' maps x -> f x + c, so K'^2 maps
+    x -> f^2 x + (f + 1) c: f is the square root of its diagonal and c its offset divided by f + 1."""
+    sq = (P @ P_inv)[..., :3, :3]
+    f = sq.diagonal(dim1=-2, dim2=-1)[..., :2].sqrt()  # (...,2): fx', fy'
+    K = torch.zeros_like(sq)
+    K[..., 0, 0], K[..., 1, 1], K[..., 2, 2] = f[..., 0], f[..., 1], 1
+    K[..., :2, 2] = sq[..., :2, 2] / (f + 1)
+    return K
+
+
+class OfficialConventions:
+    """What the released GLD models were trained and evaluated with, where it differs from our clean default.
+    The one list (facts: shared/notes/official-gld-model.md sections 3-8; table: docs/official.md):
+
+    1. Poses relative to the LAST view with translations scaled so the largest |t| COMPONENT is 1 (ours: the
+       largest camera distance is 1): model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').
+    2. The Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5) (ours: the pixel centre (u + 0.5, v + 0.5)):
+       camera_inputs(official=True).
+    3. PRoPE's key/value matrix is c2w lift(K') where PRoPE has c2w lift(K'^-1), so P_inv P != I:
+       camera_inputs(official=True).
+    4. The cascade M1->0 runs through DDT_old.py, which normalises K by a fixed 504 x 504 image whatever the true
+       H x W (ours and M1: by W and H): model_cameras below, for the levels in cascade_levels.
+    5. The unconditional branch of CFG (ours: Plücker channels 1: zeroed, P = P_inv = I). Both release models zero
+       the Plücker channels too, but M1 (DDT.py, cfg_mode new) sets viewmats to I4 AND K to I3 in PIXELS, which
+       normalises to fx' = 1/W, fy' = 1/H, cx' = cy' = -0.5, so P = P_inv = lift(K'(I3)); the cascade (DDT_old.py)
+       sets viewmats to I4 and keeps K: P = P_inv = lift(K'_504): model_cameras below.
+    6. The decoder's output is ImageNet-normalised and de-normalised as rgb * std + mean (ours: [0,1] RGB):
+       DecoderConfig.imagenet_output, set by decoder.convert_official.
+    The same in both modes (stated so that nobody looks for a switch): the double SiLU on the time embedding in
+    the encoder blocks (GLDConfig.double_silu, set by model.convert_official and True in our default too); the
+    decoder's input, [local, LayerNorm(global)] per level (encoder.normalize_levels); the latent normalisation
+    (x - mean) / sqrt(var + 1e-5); the time shift at sampling a = sqrt(V h w C / 4096) (official evaluation:
+    8 views, 18 x 18 tokens, C = 1536 -> a = 31.2; diffusion.shift_alpha); CFG 1.5 on t in [0, 1]; the
+    propagation token (level-1 token 0 of the first source view encoded alone).
+    Not reproduced (docs/official.md): the official time grid ends at t = 0.001 (shifted: 0.03 at a = 31.2),
+    ours at 0; the official decoder runs under bf16 autocast and, on GPUs with xformers, the DiTs' attention in bf16.
+    """
+
+    def __init__(self, cascade_levels=(0,), cascade_image_size=504):
+        self.cascade_levels = set(cascade_levels)  # levels whose model is the released cascade (DDT_old.py)
+        self.cascade_image_size = cascade_image_size  # DDT_old.py's cam_input_size
+
+    def model_cameras(self, level, cams, uncond_cams):
+        """The camera inputs the released model of `level` sees, from ours built with official=True (cams) and
+        drop_cameras (uncond_cams, the unconditional branch of CFG) -> (cams, uncond_cams), items 4 and 5."""
+        H, W = cams['plucker'].shape[-2:]
+        Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
+        if level in self.cascade_levels:
+            S = self.cascade_image_size
+            K = Kc.clone()
+            K[..., :2, 2] += 0.5  # our normalised K
+            K_fixed = prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # (B,V,3,3) K' by S x S
+            Kc_inv = torch.linalg.inv(Kc)
+            cams = {**cams, 'P': lift(K_fixed @ Kc_inv) @ cams['P'],  # lift(K'_S) w2c
+                    'P_inv': cams['P_inv'] @ lift(Kc_inv @ K_fixed)}  # c2w lift(K'_S)
+            P_uncond = lift(K_fixed)  # viewmats I4, K kept
+        else:
+            eye = torch.eye(3, dtype=Kc.dtype, device=Kc.device)
+            P_uncond = lift(prope_K(cameras.K_to_normalized(eye, H, W))).expand_as(cams['P'])  # I4 and I3 in pixels
+        return cams, {**uncond_cams, 'P': P_uncond, 'P_inv': P_uncond}
+
+
+def find_official_files(folder):
+    """Role -> local path of every OFFICIAL_FILES entry, each searched by name anywhere under folder (hidden
+    folders skipped; with several of one name, the one under the release's own path)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'{folder}: no such folder; download the release with: huggingface-cli download '
+                                f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
+    by_name = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        for f in files:
+            by_name.setdefault(f, []).append(os.path.join(root, f))
+    paths = {}
+    for role, rel in OFFICIAL_FILES.items():
+        hits = by_name.get(os.path.basename(rel), [])
+        exact = [h for h in hits if h.replace(os.sep, '/').endswith('/' + rel)]
+        if not hits:
+            raise FileNotFoundError(f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
+                                    f'https://huggingface.co/{OFFICIAL_HUB} or with: huggingface-cli download '
+                                    f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
+        if len(hits) > 1 and len(exact) != 1:
+            raise ValueError(f'{folder}: {len(hits)} files named {os.path.basename(rel)}: {hits}; '
+                             f'keep the one at {rel}')
+        paths[role] = exact[0] if exact else hits[0]
+    return paths
+
+
+def read_official_checkpoint(path, log=print):
+    """An official .pt -> a flat state dict. Unwraps {'ema' | 'model' | 'state_dict' | 'module': ...} (the EMA
+    weights when present, which is what the release evaluates) and strips the 'module.' (DDP) and '_orig_mod.'
+    (torch.compile) prefixes."""
+    import pickle
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
+            f'files from {OFFICIAL_HUB}')
+        obj = torch.load(path, map_location='cpu', weights_only=False)
+    wrappers = ('ema', 'model', 'state_dict', 'module')  # in order of preference
+    while isinstance(obj, dict):
+        key = next((k for k in wrappers if isinstance(obj.get(k), (dict, torch.nn.Module))), None)
+        if key is None:
+            break
+        if key == 'ema':
+            ignored = " (its 'model' weights are ignored)" if 'model' in obj else ''
+            log(f'{os.path.basename(path)}: using its EMA weights{ignored}')
+        obj = obj[key].state_dict() if isinstance(obj[key], torch.nn.Module) else obj[key]
+    prefix = ('module.', '_orig_mod.')
+    sd = {}
+    for k, v in obj.items():
+        while k.startswith(prefix):
+            k = k.split('.', 1)[1]
+        sd[k] = v
+    return sd
+
+
+def load_official_pipeline(folder, device, encoder_preset='da3-base', heads=16, log=print):
+    """The released GLD models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES) converted into our modules and loaded
+    strictly -> Pipeline(DA3, RGB decoder, {1: M1, 0: M1->0}, boundary 1, official=OfficialConventions()).
+    encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
+    files = find_official_files(folder)
+    enc = encoder_lib.build_encoder(encoder_preset, weights=[files['encoder'], files['head']]).to(device).freeze()
+    per_level = [encoder_lib.load_official_stats(files[role]) for role in ('stats0', 'stats1')]
+    stats = encoder_lib.LatentStats({l: s.mean[l] for s in per_level for l in s.mean},
+                                    {l: s.var[l] for s in per_level for l in s.var})
+
+    def convert(role, converter, **kw):
+        """One official checkpoint -> (config, our state dict), any mismatch reported with the file's path."""
+        path = files[role]
+        try:
+            cfg, sd = converter(read_official_checkpoint(path, log), heads=heads, **kw)
+        except (AssertionError, KeyError, ValueError) as e:  # the converters' strict checks
+            raise ValueError(f'{path}: does not convert ({type(e).__name__}: {e})') from e
+        dim = cfg.feat_dim if role == 'decoder' else cfg.latent_dim
+        if dim != enc.dim:
+            raise ValueError(f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
+                             f'pass the matching encoder_preset')
+        return cfg, sd
+
+    cfg, sd = convert('decoder', decoder_lib.convert_official)
+    dec = decoder_lib.RGBDecoder(cfg)
+    dec.load_state_dict(sd, strict=True)
+    models = {}
+    for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
+        cfg, sd = convert(role, model_lib.convert_official, cascade=upper is not None)
+        net = model_lib.GLD(cfg)
+        net.load_state_dict(sd, strict=True)
+        models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})
+        log(f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
+            f'{"" if upper is None else f"{upper}->"}{level}')
+    return Pipeline(enc, dec.to(device).eval(), models, boundary=1, log=log, official=OfficialConventions())
 
 
 if __name__ == '__main__':

@@ -281,3 +281,13 @@ def test_lpips_fn_is_optional():
         warnings.simplefilter('ignore')
         fn = data.lpips_fn('cpu')
     assert fn is None or callable(fn)
+
+
+def test_mixture_dataset_ratios_and_prefixes(tmp_path):
+    data.write_synth(str(tmp_path / 'a'), 2, 1, frames=6, size=28, seed=0)
+    data.write_synth(str(tmp_path / 'b'), 2, 1, frames=6, size=28, seed=1)
+    mix = data.make_dataset(f're10k:{tmp_path / "a"}*3,{tmp_path / "b"}*1', split='train', num_views=2)
+    A = data.make_dataset(str(tmp_path / 'a'), split='train', num_views=2)
+    from_a = [any(torch.equal(mix[i]['images'], A[j]['images']) for j in range(len(A))) for i in range(len(mix))]
+    assert len(mix) == 4 and from_a == [True, True, True, False]  # 3:1 of 4 items, cycling through a's scenes
+    mix.set_epoch(1)

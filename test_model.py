@@ -296,3 +296,16 @@ def test_convert_official_tiny_round_trip(cascade):
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
     with pytest.raises(AssertionError):
         model.convert_official({**official, 'extra.weight': torch.zeros(1)}, cascade=cascade, heads=2)
+
+
+def test_forward_compiles_without_graph_breaks():
+    """The hot path has no host syncs or Python-side data dependence: dynamo traces it as one graph."""
+    import torch._dynamo
+    cfg = replace(SMALL, upper_dim=SMALL.latent_dim)
+    net = model.GLD(cfg)
+    b = make_batch(cfg, upper=True)
+    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(net)(b['x_t'], b['t'], b['cond'], cams, upper=b['upper'])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -148,6 +148,7 @@ SAMPLE_RUNS = [
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--traj', 'spiral', '--frames', '2', '--steps', '2', '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--boundary', '2', '--independent', '--out', 'out/f', '--data', 'DATA'],
+    ['--ckpt-dir', 'runs', '--recon', '--eval-scenes', '1', '--out', 'out/recon', '--data', 'DATA'],
 ]
 BENCH_RUNS = [
     ['--preset', 'gld-tiny', '--encoder', 'da3-tiny', '--decoder', 'tiny', '--views', '2', '--size', '28', '--batch', '1',
@@ -180,6 +181,11 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
     sample.main(argv)
     out = argv[argv.index('--out') + 1]
     files = set(os.listdir(out))
+    if '--recon' in argv:
+        table = json.load(open(os.path.join(out, 'recon.json')))
+        assert set(table) == {'all levels', 'level 0', 'level 1', 'level 2', 'level 3'}
+        assert all(0 < t['psnr'] < 60 for t in table.values())
+        return
     if '--eval' in argv:
         assert {'eval_n2.md', 'eval_n2.json', 'eval_n2_scenes.csv'} <= files
         table = json.load(open(os.path.join(out, 'eval_n2.json')))

@@ -321,7 +321,7 @@ def main(argv=None):
 
     # data: one sample = V views of one scene, temporal order; sources are chosen per batch below
     size = None if not a.size or a.size == 'buckets' else tuple(int(s) for s in a.size.lower().split('x'))
-    dataset = data.SceneDataset(a.data, split='train', num_views=a.views, size=size or ('buckets' if a.size == 'buckets' else None),
+    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size or ('buckets' if a.size == 'buckets' else None),
                                 gap=parse_range(a.gap), seed=a.seed)
     loader = data.make_loader(dataset, a.batch_size, shuffle=True, num_workers=a.workers, distributed=world > 1, seed=a.seed)
     val = data.SceneDataset(a.data, split='test', num_views=a.views, size=size, gap=parse_range(a.gap), seed=a.seed, eval=True)
