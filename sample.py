@@ -35,7 +35,7 @@ import diffusion
 import encoder as encoder_lib
 import model as model_lib
 
-WEIGHTS = 'weights/tiny'
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {  # what creates each missing piece
     'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
     'level1': 'python train.py --level 1', 'level0': 'python train.py --level 0', 'data': 'python data.py synth',
