@@ -476,11 +476,15 @@ def user_scene(paths, cams_path, size, enc):
         raise SystemExit(f'{paths}: the images differ in size; resize them to one size first')
     images = torch.stack(ims)[None]  # (1,N,3,H,W)
     tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
-    if cams_path:
-        scene = data.read_image_folder(cams_path)
-        if len(scene['c2w']) != len(paths):
-            raise SystemExit(f'{cams_path}: {len(scene["c2w"])} cameras for {len(paths)} images; give one camera per image')
-        c2w, K = scene['c2w'][None], scene['K'][None]
+    if cams_path:  # a transforms.json (or its folder); cameras matched to the images by file name
+        path = cams_path if cams_path.endswith('.json') else os.path.join(cams_path, 'transforms.json')
+        t = data.read_transforms(path)
+        names = [os.path.basename(f) for f in t['files']]
+        missing = [p for p in paths if os.path.basename(p) not in names]
+        if missing:
+            raise SystemExit(f'{path}: no camera for {missing} (frames: {names}); give one frame per image, by file name')
+        idx = [names.index(os.path.basename(p)) for p in paths]
+        c2w, K = t['c2w'][idx][None], t['K'][idx][None]
     else:
         c2w, K = None, None
     if (H, W) != (tH, tW):

@@ -1772,7 +1772,7 @@ SAMPLE_RUNS = [
     ['--ckpt-dir', 'runs', '--views', '4', '--src', '2', '--scene', '0', '--seed', '1', '--cfg', '2.0', '--lpips',
      '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
-    ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
+    ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
      '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--traj', 'spiral', '--frames', '2', '--steps', '2', '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
@@ -1806,7 +1806,7 @@ def user_images(world):
 @pytest.mark.parametrize('i', range(len(SAMPLE_RUNS)))
 def test_sample_runs_and_writes_every_output(world, user_images, i):
     argv = [{'DATA': world['data'], 'IM0': str(user_images / 'im0.png'), 'IM1': str(user_images / 'im1.png'),
-             'CAMS': str(user_images)}.get(x, x) for x in SAMPLE_RUNS[i]]
+             'CAMS': str(user_images / 'transforms.json')}.get(x, x) for x in SAMPLE_RUNS[i]]
     sample.main(argv)
     out = argv[argv.index('--out') + 1]
     files = set(os.listdir(out))
@@ -1852,3 +1852,23 @@ def test_ground_truth_latents_decode_like_the_decoder(world):
     own = pipe.enc.propagate(full[1], 1, pipe.enc.encode(images, return_cls=True)[1][1], (4, 4))
     assert torch.allclose(own[0], full[2], atol=1e-4) and torch.allclose(own[1], full[3], atol=1e-4)
     assert data.psnr(out['images'], recon).min() > 30, float(err)
+
+
+def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_path, monkeypatch):
+    run = lambda *args: sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
+    bad = tmp_path / 'bad.png'
+    bad.write_bytes(b'not an image')
+    with pytest.raises(SystemExit, match='bad.png: cannot read the image'):
+        run('--images', str(bad))
+    other = tmp_path / 'other.png'
+    shutil.copy(user_images / 'im0.png', other)
+    with pytest.raises(SystemExit, match=r"no camera for .*other.png"):
+        run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
+    tf = json.load(open(user_images / 'transforms.json'))
+    tf['frames'][0]['transform_matrix'][0][3] = float('nan')
+    json.dump(tf, open(tmp_path / 'nan.json', 'w'))
+    with pytest.raises(SystemExit, match='NaN'):
+        run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
+    monkeypatch.setattr(sample, 'WEIGHTS', str(tmp_path / 'no_weights'))
+    with pytest.raises(FileNotFoundError, match='create it with: python train.py --stage encoder'):
+        sample.load_pipeline(str(tmp_path / 'no_runs'))
