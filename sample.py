@@ -342,6 +342,15 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     return write_table(table, per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
 
 
+def ensure_data(spec):
+    """The default synthetic test scenes are rendered on first use (a few seconds; the same seeds as `data.py synth`)."""
+    if spec == 'data_synth' and not os.path.isdir(os.path.join(spec, 'test')):
+        print('rendering the synthetic test scenes into data_synth/test (first run only)')
+        data.write_synth(spec, 0, 16)
+    elif not os.path.isdir(spec.split(':')[-1]):
+        raise SystemExit(f'{spec}: no such dataset folder; create the synthetic set with: {COMMANDS["data"]}')
+
+
 def collate_one(item):
     return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
 
@@ -569,6 +578,8 @@ def main(argv=None):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
     lpips = data.lpips_fn(device) if a.lpips else None
+    if a.recon or a.eval:
+        ensure_data(a.data)
     if a.recon:
         enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir or 'runs')
         dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device)
@@ -590,8 +601,7 @@ def main(argv=None):
         c2w, K, gt, metrics = torch.cat([c2w_src, c2w_t[None]], 1), torch.cat([K_src, K_t[None]], 1), None, None
         images = torch.cat([images, res['images'][:, images.shape[1]:]], 1)
     else:
-        if not os.path.isdir(a.data.split(':')[-1]):
-            raise SystemExit(f'{a.data}: no such dataset folder; create the synthetic set with: {COMMANDS["data"]}')
+        ensure_data(a.data)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
         scene = data.split_views(collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
