@@ -684,8 +684,9 @@ class OfficialConventions:
     (x - mean) / sqrt(var + 1e-5); the time shift at sampling a = sqrt(V h w C / 4096) (official evaluation:
     8 views, 18 x 18 tokens, C = 1536 -> a = 31.2; diffusion.shift_alpha); CFG 1.5 on t in [0, 1]; the
     propagation token (level-1 token 0 of the first source view encoded alone).
-    Not reproduced (docs/official.md): the official time grid ends at t = 0.001 (shifted: 0.03 at a = 31.2),
-    ours at 0; the official decoder runs under bf16 autocast and, on GPUs with xformers, the DiTs' attention in bf16.
+    7. The Euler grid ends at t = 0.001 (shifted: 0.03 at a = 31.2; ours at 0): Pipeline.sample_level.
+    Not reproduced (docs/official.md): the official decoder runs under bf16 autocast and, on GPUs with xformers,
+    the DiTs' attention in bf16; we run fp32 unless autocast is asked for.
     """
 
     def __init__(self, cascade_levels=(0,), cascade_image_size=504):
