@@ -1310,10 +1310,10 @@ def test_ema():
     w0 = net.weight.detach().clone()
     with torch.no_grad():
         net.weight.add_(2.0)
-    ema.update(net)
-    torch.testing.assert_close(ema.state_dict()['weight'], w0 + 1.0)
+    ema.update(net)  # first update: d = min(0.5, (1 + 0) / (10 + 0)) = 0.1 (warm-up)
+    torch.testing.assert_close(ema.state_dict()['weight'], w0 + 1.8)
     with ema.swapped(net):
-        torch.testing.assert_close(net.weight, w0 + 1.0)
+        torch.testing.assert_close(net.weight, w0 + 1.8)
     torch.testing.assert_close(net.weight, w0 + 2.0)
 
 
@@ -1872,3 +1872,18 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     monkeypatch.setattr(sample, 'WEIGHTS', str(tmp_path / 'no_weights'))
     with pytest.raises(FileNotFoundError, match='create it with: python train.py --stage encoder'):
         sample.load_pipeline(str(tmp_path / 'no_runs'))
+
+
+def test_ema_warmup_follows_the_num_updates_rule():
+    """d_n = min(decay, (1 + n) / (10 + n)): a short run's average leaves the (zero-initialised) start quickly."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.weight.data.zero_()
+    ema, expected = diffusion.EMA(net, decay=0.9995), 0.0
+    net.weight.data.fill_(1.0)
+    for n in range(50):
+        ema.update(net)
+        d = min(0.9995, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * 1.0
+    assert float(ema.state_dict()['weight']) == pytest.approx(expected, abs=1e-6) and expected > 0.99
+    ema.load_state_dict(ema.state_dict(), num_updates=7)
+    assert ema.num_updates == 7

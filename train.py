@@ -336,7 +336,7 @@ def main(argv=None):
     ckpts = list_checkpoints(a.out)
     if a.resume and ckpts:  # exact resume: weights, EMA, optimizer, step, every RNG
         ck = torch.load(ckpts[-1], map_location=device, weights_only=False)
-        net.load_state_dict(ck['model']); ema.load_state_dict(ck['ema']); opt.load_state_dict(ck['optimizer'])
+        net.load_state_dict(ck['model']); ema.load_state_dict(ck['ema'], ck.get('ema_updates', 0)); opt.load_state_dict(ck['optimizer'])
         step, epoch, pos = ck['step'], ck['epoch'], ck['pos']
         rng = ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0]
         set_rng_state(rng); gen.set_state(rng['gen'])
@@ -358,7 +358,8 @@ def main(argv=None):
             dist.all_gather_object(rngs, mine)
         else:
             rngs = [mine]
-        return {'kind': stage.kind, 'model': net.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+        return {'kind': stage.kind, 'model': net.state_dict(), 'ema': ema.state_dict(), 'ema_updates': ema.num_updates,
+                'optimizer': opt.state_dict(),
                 'step': step, 'epoch': epoch, 'pos': pos, 'config': stage.config, 'args': vars(a), 'rng': rngs, **stage.extra_state()}
 
     def batches():  # the order is a function of (seed, epoch) alone, so a resume can skip what was consumed
