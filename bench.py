@@ -198,7 +198,7 @@ def main(argv=None):
         bench_frozen(a, device, autocast, rows)
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
-    rows.append({'part': 'peak memory (GB)', 'ms': peak_memory_gb(device)})
+    rows.append({'part': 'peak memory', 'GB': peak_memory_gb(device)})
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
     for part in ('train', 'sample'):
