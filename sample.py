@@ -92,7 +92,8 @@ def export_weights(kind, net, config, extra, folder, name):
 
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir='runs'):
-    """A frozen DA3. weights: 'auto' (runs/encoder, then weights/tiny/encoder, for da3-tiny), 'none', or a file."""
+    """A frozen DA3. weights: 'auto' (for da3-tiny: <ckpt_dir>/encoder, then weights/tiny/encoder; ckpt_dir None:
+    the bundled one only), 'none', or a file."""
     if weights == 'auto' and preset == 'da3-tiny':
         weights = find_checkpoint('encoder', ckpt_dir)
     if weights in ('auto', 'none', None, ''):
@@ -240,7 +241,7 @@ class Pipeline:
 
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
     """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
-    enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir or 'runs')
+    enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
     dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device)
     models = {}
     for level in range(boundary, -1, -1):
@@ -581,7 +582,7 @@ def main(argv=None):
     if a.recon or a.eval:
         ensure_data(a.data)
     if a.recon:
-        enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir or 'runs')
+        enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
         dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
