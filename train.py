@@ -430,7 +430,8 @@ def main(argv=None):
     if rank == 0 and a.export:
         with ema.swapped(net):
             sample.export_weights(stage.kind, net, stage.config, stage.extra_state(), a.export, name=os.path.basename(a.out))
-    if world > 1:
+    if world > 1:  # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
+        dist.barrier()
         dist.destroy_process_group()
     return a.out
 
