@@ -288,7 +288,8 @@ class SceneDataset(torch.utils.data.Dataset):
             self.items = {k: self.items[k] for k in self.eval_frames}
         self.keys = list(self.items)
         if not self.keys:
-            raise ValueError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json)')
+            raise ValueError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
+                             'for the synthetic set run `python data.py synth`')
         self.buckets = None
         first = self._scene(0)
         H, W = decode_frames(first, [0]).shape[-2:]
@@ -752,6 +753,8 @@ def eval_window(rng, frames, views=8):
 def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
     """Render and write the synthetic set: out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
     for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
+        if n == 0:  # e.g. sample.py renders only the test split
+            continue
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
         index, evals, chunk = {}, {}, []
