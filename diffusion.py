@@ -52,10 +52,14 @@ def sample_t(B, dist='uniform', a=1.0, generator=None):
     return shift_t(u, a)
 
 
+T_BINS = 4  # the training log reports the loss in 4 bins of t
+
+
 def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uniform'):
     """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean latents;
-    src_mask (B,V) bool. -> (loss, {'src', 'tgt'}): the same MSE restricted to source / target views (tensors,
-    no host sync; a part with no views reads 0)."""
+    src_mask (B,V) bool. -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the same MSE restricted to source /
+    target views, and per-sample losses summed and counted in T_BINS bins of t (tensors, no host sync; a part with
+    no views reads 0)."""
     B = x.shape[0]
     t = (sample_t(B, dist, a, generator) if t is None else t).to(x.device, x.dtype)
     eps = randn_like_on(x, generator)
@@ -65,6 +69,10 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
     m = src_mask.float()
     parts = {'src': (per_view * m).sum() / m.sum().clamp_min(1),
              'tgt': (per_view * (1 - m)).sum() / (1 - m).sum().clamp_min(1)}
+    # the loss binned by (shifted) t: per-bin sums and counts, so a logging interval can average them exactly
+    per_sample, bins = per_view.mean(1).detach(), (t.detach() * T_BINS).long().clamp(0, T_BINS - 1)  # (B,), (B,)
+    parts['t_bin_sum'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, per_sample)
+    parts['t_bin_count'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, torch.ones_like(per_sample))
     return per_view.mean(), parts
 
 

@@ -1963,3 +1963,12 @@ def test_exported_point_cloud_reprojects_into_the_ground_truth_views(bundled, tm
         res['geometry']['depth'] = wrong
         sample.write_outputs(str(tmp_path / name), images, res, c2w, K, 2)
         assert cross_view_depth_error(read_ply_points(tmp_path / name / 'points.ply'), c2w[0], K[0], depths[0]) > 0.05, name
+
+
+def test_flow_loss_bins_by_t_add_up_to_the_loss():
+    x, mask = torch.randn(6, 3, 4, 8), torch.tensor([[True, False, False]] * 6)
+    t = torch.tensor([0.05, 0.3, 0.3, 0.6, 0.9, 0.99])
+    loss, parts = diffusion.flow_loss(lambda x_t, t_: torch.zeros_like(x_t), x, mask, t=t,
+                                      generator=torch.Generator().manual_seed(0))
+    assert parts['t_bin_count'].tolist() == [1, 2, 1, 2]
+    torch.testing.assert_close(parts['t_bin_sum'].sum() / 6, loss)

@@ -409,7 +409,11 @@ def main(argv=None):
         if step % a.log_every == 0 or step == a.steps:
             dt = time.time() - t_last; n = a.log_every if step % a.log_every == 0 else step % a.log_every
             B, V = batch['images'].shape[:2]; T = (batch['images'].shape[-2] // 14) * (batch['images'].shape[-1] // 14)
-            row = {'step': step, 'loss': float(sum_loss) / n, **{k: float(v) / n for k, v in parts_sum.items()},
+            bins = {}  # the loss binned by t: bin sums over counts of the whole interval
+            if 't_bin_sum' in parts_sum:
+                total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')
+                bins = {f'loss_t{i}': float(total[i] / count[i]) for i in range(len(total)) if count[i] > 0}
+            row = {'step': step, 'loss': float(sum_loss) / n, **{k: float(v) / n for k, v in parts_sum.items()}, **bins,
                    'grad_norm': float(grad_norm), 'lr': lr, 'samples_s': seen / dt, 'tokens_s': seen * V * T / dt,
                    'eta_min': (a.steps - step) * dt / n / 60}
             if device.type == 'cuda' and stage.kind == 'gld':  # 3x forward FLOPs; H100/H200 dense bf16 peak 989 TFLOP/s
