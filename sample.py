@@ -136,14 +136,11 @@ def model_cameras(c2w, K, src_mask, hw, official=False):
 
 
 def source_condition(enc, images, n_src):
-    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1), zeros at targets.
-    Returns raw levels (B,V,T,2C) and the token 0 of the first source view encoded alone, per level (B,2C),
-    which the official code broadcasts to all views when it propagates generated features."""
+    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1) -> raw levels (B,V,T,2C),
+    zeros at the targets."""
     B, V = images.shape[:2]
-    levels = enc.encode(images[:, :n_src])
     pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
-    _, cls = enc.encode(images[:, :1], return_cls=True)
-    return [pad(f) for f in levels], [c[:, 0] for c in cls]
+    return [pad(f) for f in enc.encode(images[:, :n_src])]
 
 
 def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
@@ -153,8 +150,7 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
     B, V, _, H, W = images.shape
     with torch.no_grad():
         full = enc.encode(images)
-        cond = enc.encode(images[:, :n_src])[level]
-        cond = torch.cat([cond, cond.new_zeros(B, V - n_src, *cond.shape[2:])], 1)  # (B,V,T,C), zeros at targets
+        cond = source_condition(enc, images, n_src)[level]
     x = stats.normalize(full[level], level)
     cond = stats.normalize(cond, level) * src_mask[:, :, None, None]
     upper = None
@@ -212,7 +208,7 @@ class Pipeline:
         hw = (H // 14, W // 14)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
         cams = model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
-        cond, cls = source_condition(self.enc, images, n_src)
+        cond = source_condition(self.enc, images, n_src)
         gen = torch.Generator().manual_seed(seed)
         levels, given = [None] * 4, dict(given or {})
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
@@ -227,7 +223,8 @@ class Pipeline:
                 self.log(f'  {name}: {steps} Euler steps, cfg {cfg}: {time.time() - t0:.2f}s')
         t0 = time.time()
         if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
-            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls[self.boundary], hw)
+            cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls, hw)
             self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..3 through frozen DA3: {time.time() - t0:.2f}s')
         t0 = time.time()
         keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, 4)
