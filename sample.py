@@ -359,8 +359,10 @@ def unwrap(net):
     return getattr(net, 'module', net)
 
 
-def evaluate_during_training(stage, val, a, device, n=2):
-    """Periodic evaluation inside train.py, on the first n validation scenes (EMA weights), rank 0 only."""
+def evaluate_during_training(stage, val, a, device, n=8):
+    """Periodic evaluation inside train.py, on the first n validation scenes (EMA weights), rank 0 only. Diffusion:
+    10 Euler steps, N=2 -> 6; the generated level's MSE on the targets and their PSNR decoded through the rest of
+    the cascade (ground-truth deeper levels, no shallower ones), a cheap predictor of sample quality."""
     net = unwrap(stage.net)
     metrics, scenes = {}, [collate_one(val[i]) for i in range(min(n, len(val)))]
     scenes = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()} for s in scenes]
@@ -385,17 +387,17 @@ def evaluate_during_training(stage, val, a, device, n=2):
         return {}
     meta = {'stats': stage.stats, 'upper_level': stage.upper_level}
     pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None)
-    ps, grids = [], []
+    ps, mse, grids = [], [], []
     for i, s in enumerate(scenes):
-        given = {}
-        if stage.upper_level is not None or stage.level < pipe.boundary:  # ground-truth deeper levels
-            full = stage.enc.encode(s['images'])
-            given = {l: full[l] for l in range(stage.level + 1, pipe.boundary + 1)}
+        full = stage.enc.encode(s['images'])
+        given = {l: full[l] for l in range(stage.level + 1, pipe.boundary + 1)}  # ground-truth deeper levels
         out = pipe.generate(s['images'], s['c2w'], s['K'], 2, steps=10, cfg=1.5, seed=i, given=given)
         ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
+        gen, true = (stage.stats.normalize(f, stage.level)[:, 2:] for f in (out['levels'][stage.level], full[stage.level]))
+        mse.append((gen - true).pow(2).mean())  # the generated targets' level in normalised units (zeros: about 1)
         grids.append(make_grid(s['images'][0], out['images'][0], 2))
-    save_image(torch.cat(grids, 1), os.path.join(a.out, f'val_{a.step + 1:07d}.png'))
-    return {'psnr': float(torch.stack(ps).mean())}
+    save_image(torch.cat(grids[:4], 1), os.path.join(a.out, f'val_{a.step + 1:07d}.png'))
+    return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
 
 # ----------------------------------------------------------------------------- writing outputs

@@ -1697,10 +1697,20 @@ def test_train_writes_checkpoints_logs_and_exports(world):
 
 
 def test_every_train_sample_bench_flag_is_exercised(world):
-    used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level'}
+    used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init'}
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official'}  # --official: test_official.py
     assert options(bench.build_parser()) <= set(sum(BENCH_RUNS, []))
+
+
+def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
+    src = train.list_checkpoints('runs/level1')[-1]
+    ck = torch.load(src, weights_only=False)
+    train.main(['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '1', '--lr', '0',
+                '--warmup', '1', '--eval-every', '0', '--init', src, '--out', str(tmp_path)])
+    new = torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=False)
+    assert all(torch.equal(new['model'][k], ck['ema'][k]) for k in ck['ema'])  # lr 0: still the initial weights
+    assert all(torch.equal(new['stats'][k], ck['stats'][k]) for k in ck['stats'])  # its normalisation, not recomputed
 
 
 def test_resume_continues_exactly(world, tmp_path):

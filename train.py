@@ -86,6 +86,7 @@ def build_parser():
     g.add_argument('--ema', type=float, default=None, help='EMA decay (default: the recipe)')
     g.add_argument('--compile', action='store_true', help='torch.compile the trained model')
     g.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
+    g.add_argument('--init', default='', help='start the trained network (and its EMA) from these weights: an export or a checkpoint')
     g.add_argument('--seed', type=int, default=0, help='base seed (rank r uses seed + r)')
     g.add_argument('--max-bad', type=int, default=5, help='stop after this many consecutive non-finite losses')
     g = p.add_argument_group('output')
@@ -281,7 +282,9 @@ class DiffusionStage:
         # only M1->0 is conditioned on a deeper level (the cascade); M1..M3 and --independent M0 are not
         self.level, self.upper_level = a.level, (1 if a.level == 0 and not a.independent else None)
         levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
+        init_stats = sample.load_checkpoint(a.init)[0].get('stats') if a.init else None  # keep --init's normalisation
         self.stats = (encoder_lib.LatentStats.load(a.stats) if a.stats else
+                      encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
                       sample.compute_stats(self.enc, loader, levels_needed, a.stats_batches, device))
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
                      'checkpointing': a.checkpointing, **({'pos': a.pos} if a.pos else {})}
@@ -329,6 +332,8 @@ def main(argv=None):
     stage = {'encoder': lambda: EncoderStage(a, device), 'decoder': lambda: DecoderStage(a, device),
              'diffusion': lambda: DiffusionStage(a, device, loader)}[a.stage]()
     net = stage.net
+    if a.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
+        net.load_state_dict(sample.load_checkpoint(a.init, device)[1])
     ema = diffusion.EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
     step, bad, epoch, pos = 0, 0, 0, 0  # pos: batches consumed in the current epoch
