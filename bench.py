@@ -16,6 +16,7 @@ Performance claims in the README come from this file: ratios measured in one run
 """
 import argparse
 import contextlib
+import os
 import resource
 import time
 from dataclasses import asdict, replace
@@ -23,9 +24,11 @@ from dataclasses import asdict, replace
 import torch
 
 import cameras
+import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import latents
 import model as model_lib
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16
@@ -45,7 +48,9 @@ def build_parser():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
     p.add_argument('--iters', type=int, default=5, help='timed iterations')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
-    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen")
+    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen,data")
+    p.add_argument('--data', default='data_synth', help='chunk folder for the M1 step fed from the data vs from the '
+                   'latent cache (train.py --cache); skipped when the folder does not exist')
     p.add_argument('--formula', action='store_true', help='print the FLOP formula')
     return p
 
@@ -151,6 +156,35 @@ def bench_frozen(a, device, autocast, rows):
         rows.append({'part': 'geometry head', 'ms': 1e3 * timeit(lambda: enc.geometry(norm, a.size, a.size), a.iters, a.warmup, device)})
 
 
+def bench_data_paths(net, a, device, rows):
+    """The whole M1 step as train.py runs it (2 sources), fed from the data (read and decode the frames, DA3 on all
+    views and on the sources) and from a LatentCache of one draw per scene (index float16 tensors): samples/s of
+    each, measured side by side."""
+    import tempfile
+    enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
+    ds = data.SceneDataset(a.data, 'train', num_views=a.views)
+    stats = encoder_lib.LatentStats({1: torch.zeros(enc.dim)}, {1: torch.ones(enc.dim)})
+    loader = iter(data.make_loader(ds, a.batch))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = latents.LatentCache.build(os.path.join(tmp, 'cache.pt'), enc, ds, [1], 1, 1, src=(2, 2), device=device,
+                                          log=lambda *_: None)
+    order = iter(cache.batches(a.batch, 0))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+
+    def step(batch):
+        lat = latents.training_latents(enc, stats, batch, 1)
+        loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, lat['cond'], lat['cams']), lat['x'], lat['src_mask'], generator=gen)
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+    fly = lambda: step(data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()}, 2))
+    cached = lambda: step(cache.batch(next(order), device))
+    for label, fn in (('from data', fly), ('from latent cache', cached)):
+        dt = timeit(fn, a.iters, a.warmup, device)
+        rows.append({'part': f'M1 step fed {label}', 'ms': dt * 1e3, 'samples/s': a.batch / dt})
+    return rows[-2]['ms'] / rows[-1]['ms']
+
+
 def sdpa_backend_check(net, batch, device, autocast):
     """On GPU: the forward must run with only the flash kernel allowed, and the profiler must show it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -196,11 +230,18 @@ def main(argv=None):
             m.train()
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
+    cache_speedup = None
+    if 'data' not in skip and os.path.isdir(a.data):
+        cache_speedup = bench_data_paths(net, a, device, rows)
+    elif 'data' not in skip:
+        print(f'{a.data}: no such folder, the data-fed step is skipped (python data.py synth makes it)')
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
     rows.append({'part': 'peak memory', 'GB': peak_memory_gb(device)})
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
+    if cache_speedup:
+        print(f'M1 step: latent cache / data-fed speed-up {cache_speedup:.2f}x')
     for part in ('train', 'sample'):
         if (part, 'compiled') in times:
             print(f'{part}: compiled / eager speed-up {times[(part, "eager")] / times[(part, "compiled")]:.2f}x')

@@ -410,6 +410,11 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
                                        drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
+def collate_one(item):
+    """One dataset item -> a batch of one: tensors get a leading batch axis, other values become 1-lists."""
+    return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
+
+
 def split_views(batch, n_src, generator=None, mode='random'):
     """Move n_src source views to the front. batch: dict of (B,V,...) tensors (+ lists). mode 'random': a random
     subset per sample; 'ends': first and last view (n_src > 2: evenly spaced). Sources and targets each keep

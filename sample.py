@@ -13,7 +13,8 @@ decoder turns the four levels into images, and DA3's frozen DualDPT head gives d
 cloud with no extra training. `--boundary k` with independent models reproduces the boundary ablation.
 
 This file also owns the glue that training reuses (train.py imports it; it never imports train.py): building
-frozen encoders, latent statistics, the conditioning of one batch, checkpoint loading and export.
+frozen encoders, checkpoint loading and export. What the diffusion models see of DA3 (cameras, the source
+condition, training latents, the latent cache) is latents.py.
 """
 import argparse
 import contextlib
@@ -33,6 +34,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import latents
 import model as model_lib
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
@@ -126,54 +128,6 @@ def load_decoder(path, device='cpu'):
     return dec
 
 
-# ----------------------------------------------------------------------------- conditioning of one batch
-
-def model_cameras(c2w, K, src_mask, hw, official=False):
-    """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
-    inputs. official=True: the release's conventions (largest |t| component 1, its Plücker grid and PRoPE quirks)."""
-    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
-    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, official=official)
-
-
-def source_condition(enc, images, n_src):
-    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1) -> raw levels (B,V,T,2C),
-    zeros at the targets."""
-    B, V = images.shape[:2]
-    pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
-    return [pad(f) for f in enc.encode(images[:, :n_src])]
-
-
-def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
-    """One training batch of M_level: the target is DA3 over all V views jointly, normalised per channel."""
-    images, src_mask = batch['images'], batch['src_mask']
-    n_src = int(src_mask[0].sum())
-    B, V, _, H, W = images.shape
-    with torch.no_grad():
-        full = enc.encode(images)
-        cond = source_condition(enc, images, n_src)[level]
-    x = stats.normalize(full[level], level)
-    cond = stats.normalize(cond, level) * src_mask[:, :, None, None]
-    upper = None
-    if upper_level is not None:  # M1->0: ground-truth level 1, optionally noised (sigma ~ |N(0, tau^2)|, variance kept)
-        upper = stats.normalize(full[upper_level], upper_level)
-        if tau > 0:
-            sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
-            eps = torch.randn(upper.shape, generator=generator).to(upper.device)
-            upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
-    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // 14, W // 14))
-    return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
-
-
-def compute_stats(enc, loader, levels, n_batches, device):
-    """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
-    def images():
-        for i, b in enumerate(loader):
-            if i >= n_batches:
-                break
-            yield b['images'].to(device)
-    return encoder_lib.compute_latent_stats(enc, images(), levels)
-
-
 # ----------------------------------------------------------------------------- the cascade
 
 class Pipeline:
@@ -207,8 +161,8 @@ class Pipeline:
         B, V, _, H, W = images.shape
         hw = (H // 14, W // 14)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
-        cams = model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
-        cond = source_condition(self.enc, images, n_src)
+        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
+        cond = latents.source_condition(self.enc, images, n_src)
         gen = torch.Generator().manual_seed(seed)
         levels, given = [None] * 4, dict(given or {})
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
@@ -314,7 +268,7 @@ def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=No
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
     for i in range(n):
-        scene = collate_one(dataset[i])
+        scene = data.collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg, seed + i, lpips, gt_geometry=True)
@@ -329,7 +283,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     """Stage 1 in miniature (paper Table 6): the decoder on DA3 features of all views, all levels and each alone."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
     for i in range(n):
-        scene = collate_one(dataset[i])
+        scene = data.collate_one(dataset[i])
         images = scene['images']
         levels = enc.normalize_levels(enc.encode(images))
         for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
@@ -349,10 +303,6 @@ def ensure_data(spec):
         raise SystemExit(f'{spec}: no such dataset folder; create the synthetic set with: {COMMANDS["data"]}')
 
 
-def collate_one(item):
-    return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
-
-
 def unwrap(net):
     """The plain module inside DDP and torch.compile wrappers (evaluation must not run DDP's collectives)."""
     net = getattr(net, '_orig_mod', net)
@@ -364,7 +314,7 @@ def evaluate_during_training(stage, val, a, device, n=8):
     10 Euler steps, N=2 -> 6; the generated level's MSE on the targets and their PSNR decoded through the rest of
     the cascade (ground-truth deeper levels, no shallower ones), a cheap predictor of sample quality."""
     net = unwrap(stage.net)
-    metrics, scenes = {}, [collate_one(val[i]) for i in range(min(n, len(val)))]
+    metrics, scenes = {}, [data.collate_one(val[i]) for i in range(min(n, len(val)))]
     scenes = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()} for s in scenes]
     scenes = [data.split_views(s, 2, mode='ends') for s in scenes]
     if stage.kind == 'encoder':
@@ -604,7 +554,7 @@ def main(argv=None):
         ensure_data(a.data)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
-        scene = data.split_views(collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
+        scene = data.split_views(data.collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
         print(f'scene {scene["key"][0]}: {a.src} sources -> {images.shape[1] - a.src} targets at {images.shape[-1]}x{images.shape[-2]}')

@@ -28,6 +28,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import latents
 import model
 import sample
 import train
@@ -1566,16 +1567,16 @@ def test_official_camera_inputs_differ_where_documented():
     _, _, K = scene(V=3)
     c2w = cameras.make_pose(torch.eye(3).expand(1, 3, 3, 3), torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [2.5, 0, 0]]]))
     src = torch.tensor([[True, False, False]])
-    off = sample.model_cameras(c2w, K, src, (2, 3), official=True)
-    clean = sample.model_cameras(c2w, K, src, (2, 3), official=False)
+    off = latents.model_cameras(c2w, K, src, (2, 3), official=True)
+    clean = latents.model_cameras(c2w, K, src, (2, 3), official=False)
     torch.testing.assert_close(off['P'], clean['P'])
     assert torch.equal(off['plucker'][:, :, :1], clean['plucker'][:, :, :1])  # the source/target mask
     assert not torch.allclose(off['plucker'][:, :, 1:], clean['plucker'][:, :, 1:], atol=1e-3)
     assert not torch.allclose(off['P_inv'], clean['P_inv'], atol=1e-3)
     torch.testing.assert_close(clean['P_inv'] @ clean['P'], torch.eye(4).expand(1, 3, 4, 4), atol=1e-5, rtol=0)
     _, c2w, K = scene(V=3, seed=1)
-    off = sample.model_cameras(c2w, K, src, (2, 3), official=True)
-    assert not torch.allclose(off['P'], sample.model_cameras(c2w, K, src, (2, 3))['P'], atol=1e-3)
+    off = latents.model_cameras(c2w, K, src, (2, 3), official=True)
+    assert not torch.allclose(off['P'], latents.model_cameras(c2w, K, src, (2, 3))['P'], atol=1e-3)
 
 
 def test_official_conventions_match_direct_construction():
@@ -1583,7 +1584,7 @@ def test_official_conventions_match_direct_construction():
     _, c2w, K = scene(B=2, V=3)
     H, W, hw = 28, 42, (2, 3)
     src = torch.tensor([[True, False, False]] * 2)
-    cams = sample.model_cameras(c2w, K, src, hw, official=True)
+    cams = latents.model_cameras(c2w, K, src, hw, official=True)
     uncond = model.drop_cameras(cams, torch.ones(2, dtype=torch.bool))
     rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs')
 
@@ -1661,7 +1662,7 @@ def world(tmp_path_factory):
         'level1': ['--level', '1', '--model', 'gld-tiny', '--src', '1-2', '--cam-drop', '0.5', '--t-dist', 'logit_normal',
                    '--accum', '2', '--checkpointing', '--decoder-ckpt', 'auto'],
         'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3'],
-        'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--compile'],
+        'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--compile', '--cache', '1'],
     }
     for name, argv in runs.items():
         train.main(d + TINY + argv)
@@ -1700,7 +1701,7 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init'}
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official'}  # --official: test_official.py
-    assert options(bench.build_parser()) <= set(sum(BENCH_RUNS, []))
+    assert options(bench.build_parser()) <= set(sum(BENCH_RUNS, [])) | {'--data'}  # --data: test_bench_feeds_...
 
 
 def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
@@ -1711,6 +1712,41 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
     new = torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=False)
     assert all(torch.equal(new['model'][k], ck['ema'][k]) for k in ck['ema'])  # lr 0: still the initial weights
     assert all(torch.equal(new['stats'][k], ck['stats'][k]) for k in ck['stats'])  # its normalisation, not recomputed
+
+
+def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_path, monkeypatch):
+    enc = encoder_lib.build_encoder('da3-tiny').freeze()
+    ds = data.SceneDataset(synth_root, 'train', num_views=4)
+    cache = latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
+    assert len(cache) == 3 * len(ds) and sorted(set(cache.n_src.tolist())) == [1, 2, 3]
+    for k in (0, 5, len(cache) - 1):  # re-encode the draw's frames (sources first) on the fly
+        d = cache.data
+        scene, n = ds._scene(int(d['scene'][k])), int(d['n_src'][k])
+        images = data.decode_frames(scene, d['frames'][k])[None]
+        batch = {'images': images, 'c2w': scene['c2w'][d['frames'][k]][None], 'K': scene['K'][d['frames'][k]][None],
+                 'src_mask': (torch.arange(4) < n)[None]}
+        fly, got = latents.encode_batch(enc, batch, [0, 1], 0), cache.batch([k])
+        for a_, b_ in [(fly['full'][0], got['full'][0]), (fly['full'][1], got['full'][1]), (fly['cond'], got['cond'])]:
+            assert torch.allclose(a_, b_, rtol=1e-3, atol=1e-3 * float(a_.abs().max()))  # float16 storage
+        assert torch.equal(batch['c2w'], got['c2w']) and torch.equal(batch['src_mask'], got['src_mask'])
+        assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
+    # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
+    same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
+    other = latents.LatentCache.path_for('c', encoder_lib.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
+    assert same != other and same == latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
+    monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
+    latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
+
+
+def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
+    cache = latents.LatentCache.__new__(latents.LatentCache)
+    cache.n_src = torch.tensor([1, 2, 3, 4] * 12)
+    full = cache.batches(3, epoch=0)
+    flat = sum(full, [])
+    assert len(flat) == len(set(flat)) == 48 and all(len({int(cache.n_src[i]) for i in b}) == 1 for b in full)
+    assert cache.batches(3, epoch=0) == full and cache.batches(3, epoch=1) != full
+    r0, r1 = cache.batches(3, 0, rank=0, world=2), cache.batches(3, 0, rank=1, world=2)
+    assert sorted(r0 + r1) == sorted(full) and not set(map(tuple, r0)) & set(map(tuple, r1))
 
 
 def test_resume_continues_exactly(world, tmp_path):
@@ -1846,13 +1882,21 @@ def test_bench_runs(i):
     assert train_rows and all(r['tokens/s'] > 0 and r['TFLOP/s'] > 0 for r in train_rows)
 
 
+def test_bench_feeds_the_m1_step_from_data_and_from_the_latent_cache(synth_root):
+    rows = bench.main(['--views', '4', '--size', '28', '--batch', '1', '--iters', '2', '--warmup', '0',
+                       '--skip', 'train,sample,frozen', '--data', synth_root])
+    fed = {r['part']: r for r in rows if r['part'].startswith('M1 step fed')}
+    assert set(fed) == {'M1 step fed from data', 'M1 step fed from latent cache'}
+    assert all(r['samples/s'] > 0 for r in fed.values())
+
+
 def test_ground_truth_latents_decode_like_the_decoder(world):
     """With ground-truth levels 0 and 1 in place of the diffusion models, the pipeline's target views equal the
     decoder's own reconstruction up to propagation with the first source's token 0 (checks cameras, view order,
     propagation and decoding together)."""
     pipe = sample.load_pipeline('runs')
     ds = data.SceneDataset(world['data'], split='test', num_views=4, eval=True)
-    scene = data.split_views(sample.collate_one(ds[0]), 2, mode='ends')
+    scene = data.split_views(data.collate_one(ds[0]), 2, mode='ends')
     images = scene['images']
     full = pipe.enc.encode(images)
     out = pipe.generate(images, scene['c2w'], scene['K'], 2, steps=1, given={0: full[0], 1: full[1]})
@@ -1910,7 +1954,7 @@ def bundled(tmp_path_factory):
     data.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
     pipe = sample.load_pipeline(None)  # weights/tiny, found relative to sample.py
     ds = data.SceneDataset(str(root), split='test', eval=True)
-    scenes = [data.split_views(sample.collate_one(ds[i]), 2, mode='ends') for i in range(2)]
+    scenes = [data.split_views(data.collate_one(ds[i]), 2, mode='ends') for i in range(2)]
     return pipe, scenes
 
 

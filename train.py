@@ -13,8 +13,9 @@ checkpoints with exact resume, NaN/inf skipping, a dense log line, a CSV log and
 evaluation. Recipes (paper Sec. 5.1, A.1, Tab. 11): diffusion AdamW lr 5e-5 constant, betas (0.9, 0.95), wd 0,
 clip 1.0, EMA 0.9995; decoder AdamW 2e-4 cosine to 2e-5 with warmup, EMA 0.9978.
 
-Latents are computed on the fly by the frozen encoder: the target is DA3 over all V views jointly, the condition
-is DA3 over the source views alone ("leakage-free", zero at targets). Per-channel latent statistics are computed
+Latents are computed on the fly by the frozen encoder (latents.py): the target is DA3 over all V views jointly, the
+condition is DA3 over the source views alone ("leakage-free", zero at targets); `--cache N` encodes N fixed view
+draws per scene once instead (latents.LatentCache), which is what makes the tiny default trainable on 2 CPU cores. Per-channel latent statistics are computed
 once per encoder and level (or loaded, e.g. the official normalization_stats_level{0,1}.pt) and saved in every
 checkpoint, so sample.py rebuilds the whole pipeline from the files alone.
 """
@@ -38,6 +39,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import latents
 import model as model_lib
 import sample
 
@@ -62,6 +64,8 @@ def build_parser():
     g.add_argument('--size', default='', help="HxW (multiples of 14), 'buckets' for the paper's mixed sizes; '' = the data's size")
     g.add_argument('--gap', default='1-5', help='frame gap range between consecutive views')
     g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
+    g.add_argument('--cache', type=int, default=0, help='diffusion: encode this many fixed view draws per scene once '
+                   '(runs/cache/, keyed by the encoder hash) and train on them (0 = encode every batch)')
     g = p.add_argument_group('models')
     g.add_argument('--encoder', default='da3-tiny', help='DA3 preset')
     g.add_argument('--encoder-weights', default='auto', help="DA3 weights file; 'auto' = runs/encoder then weights/tiny; 'none' = random")
@@ -285,7 +289,7 @@ class DiffusionStage:
         init_stats = sample.load_checkpoint(a.init)[0].get('stats') if a.init else None  # keep --init's normalisation
         self.stats = (encoder_lib.LatentStats.load(a.stats) if a.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
-                      sample.compute_stats(self.enc, loader, levels_needed, a.stats_batches, device))
+                      latents.compute_stats(self.enc, loader, levels_needed, a.stats_batches, device))
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
                      'checkpointing': a.checkpointing, **({'pos': a.pos} if a.pos else {})}
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[a.model]), **overrides})
@@ -294,7 +298,7 @@ class DiffusionStage:
         self.encoder_ref = {'preset': a.encoder, 'weights': a.encoder_weights}
 
     def loss(self, batch, a, gen):
-        lat = sample.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=a.tau, generator=gen)
+        lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=a.tau, generator=gen)
         drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < a.cam_drop
         cams = model_lib.drop_cameras(lat['cams'], drop)
         B, V, T, C = lat['x'].shape
@@ -336,6 +340,19 @@ def main(argv=None):
         net.load_state_dict(sample.load_checkpoint(a.init, device)[1])
     ema = diffusion.EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
+    cache = None
+    if a.cache and a.stage == 'diffusion':  # DA3 outputs of fixed view draws, encoded once (see latents.LatentCache)
+        if a.size == 'buckets':
+            raise SystemExit('--cache works at one image size: pass --size HxW or drop --cache')
+        levels = [stage.level] + ([stage.upper_level] if stage.upper_level is not None else [])
+        path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, a.data, a.views, a.cache, levels,
+                                            stage.level, parse_range(a.src), a.seed)
+        if rank == 0:
+            cache = latents.LatentCache.build(path, stage.enc, data.SceneDataset(a.data, 'train', a.views, size, parse_range(a.gap), a.seed),
+                                              levels, stage.level, a.cache, parse_range(a.src), a.seed, device)
+        if world > 1:
+            dist.barrier()
+        cache = cache or latents.LatentCache(path)
     step, bad, epoch, pos = 0, 0, 0, 0  # pos: batches consumed in the current epoch
     gen = torch.Generator().manual_seed(a.seed * 1000 + rank)  # per-rank stream of source counts, t, dropout
     ckpts = list_checkpoints(a.out)
@@ -370,8 +387,12 @@ def main(argv=None):
     def batches():  # the order is a function of (seed, epoch) alone, so a resume can skip what was consumed
         nonlocal epoch, pos
         while True:
-            loader.sampler.set_epoch(epoch); dataset.set_epoch(epoch)
-            for i, b in enumerate(loader):
+            if cache:
+                source = (cache.batch(idx, device) for idx in cache.batches(a.batch_size, epoch, a.seed, rank, world))
+            else:
+                loader.sampler.set_epoch(epoch); dataset.set_epoch(epoch)
+                source = loader
+            for i, b in enumerate(source):
                 if i >= pos:
                     pos = i + 1
                     yield b
@@ -387,7 +408,7 @@ def main(argv=None):
             g['lr'] = lr
         for micro in range(a.accum):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
-            if a.stage == 'diffusion':  # 1-4 random sources (one count per batch), moved to the front
+            if a.stage == 'diffusion' and not cache:  # 1-4 random sources (one count per batch), moved to the front
                 n_src = int(torch.randint(src_lo, min(src_hi, a.views - 1) + 1, (1,), generator=gen))
                 batch = data.split_views(batch, n_src, generator=gen)
             if world > 1:  # sync gradients only on the last micro-step
@@ -395,7 +416,7 @@ def main(argv=None):
             with autocast:
                 loss, parts = stage.loss(batch, a, gen)
             (loss / a.accum).backward()
-            seen += batch['images'].shape[0] * world
+            seen += batch['c2w'].shape[0] * world
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), recipe['clip'] or float('inf'))
         if not torch.isfinite(loss) or not torch.isfinite(grad_norm):  # one host sync per step, by design
             opt.zero_grad(set_to_none=True)
@@ -413,7 +434,9 @@ def main(argv=None):
             parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float()
         if step % a.log_every == 0 or step == a.steps:
             dt = time.time() - t_last; n = a.log_every if step % a.log_every == 0 else step % a.log_every
-            B, V = batch['images'].shape[:2]; T = (batch['images'].shape[-2] // 14) * (batch['images'].shape[-1] // 14)
+            B, V = batch['c2w'].shape[:2]
+            H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+            T = (H // data.PATCH) * (W // data.PATCH)
             bins = {}  # the loss binned by t: bin sums over counts of the whole interval
             if 't_bin_sum' in parts_sum:
                 total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')

@@ -1,0 +1,168 @@
+"""latents.py: what the diffusion models see of DA3, for training and sampling alike.
+
+- `model_cameras`: poses relative to the last view, scaled, -> the DiT's camera inputs (Plücker map, PRoPE).
+- `source_condition`: the leakage-free condition, DA3 run on the source views alone (paper Sec. 4.3).
+- `training_latents`: one training batch of M_l (or M1->0): normalised targets over all V views, the source
+  condition, the optionally noised level-1 condition of the cascade (paper Sec. 4.4, tau).
+- `compute_stats`: per-channel latent statistics over training batches.
+- `LatentCache`: the frozen encoder's outputs for fixed view draws of every training scene, computed once and
+  reused every epoch, so a diffusion step on CPU does not re-decode JPEGs and re-run DA3 (`train.py --cache`).
+
+Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C: local and global halves),
+T tokens (h*w).
+"""
+import hashlib
+import os
+import time
+
+import torch
+
+import cameras
+import encoder as encoder_lib
+import data
+import model as model_lib
+from data import PATCH
+
+
+def model_cameras(c2w, K, src_mask, hw, official=False):
+    """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
+    inputs. official=True: the release's conventions (largest |t| component 1, its Plücker grid and PRoPE quirks)."""
+    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
+    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, official=official)
+
+
+def source_condition(enc, images, n_src):
+    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1) -> raw levels (B,V,T,2C),
+    zeros at the targets."""
+    B, V = images.shape[:2]
+    pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
+    return [pad(f) for f in enc.encode(images[:, :n_src])]
+
+
+def encode_batch(enc, batch, levels, cond_level):
+    """Raw DA3 outputs of one batch (sources first, `src_mask` set): {'full': {l: (B,V,T,2C)} over all V views
+    jointly, 'cond': (B,V,T,2C) of cond_level from the sources alone}. A cached batch carries them already."""
+    if 'full' in batch:
+        return batch
+    n_src = int(batch['src_mask'][0].sum())
+    with torch.no_grad():
+        full = enc.encode(batch['images'])
+        return {'full': {l: full[l] for l in levels}, 'cond': source_condition(enc, batch['images'], n_src)[cond_level]}
+
+
+def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
+    """One training batch of M_level: the target is DA3 over all V views jointly, normalised per channel."""
+    src_mask = batch['src_mask']
+    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+    levels = [level] + ([upper_level] if upper_level is not None else [])
+    raw = encode_batch(enc, batch, levels, level)
+    x = stats.normalize(raw['full'][level], level)
+    cond = stats.normalize(raw['cond'], level) * src_mask[:, :, None, None]
+    B = x.shape[0]
+    upper = None
+    if upper_level is not None:  # M1->0: ground-truth level 1, optionally noised (sigma ~ |N(0, tau^2)|, variance kept)
+        upper = stats.normalize(raw['full'][upper_level], upper_level)
+        if tau > 0:
+            sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
+            eps = torch.randn(upper.shape, generator=generator).to(upper.device)
+            upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
+    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // PATCH, W // PATCH))
+    return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
+
+
+def compute_stats(enc, loader, levels, n_batches, device):
+    """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
+    def images():
+        for i, b in enumerate(loader):
+            if i >= n_batches:
+                break
+            yield b['images'].to(device)
+    return encoder_lib.compute_latent_stats(enc, images(), levels)
+
+
+def state_hash(module):
+    """SHA-256 of a module's state dict (names, shapes, bytes): ties a cache to the exact encoder weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode()); h.update(str(tuple(v.shape)).encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """The frozen encoder's raw levels for `draws` fixed view draws of every training scene, computed once.
+
+    DA3's global blocks attend across views and its first view is the reference, so a level depends on the whole
+    view set and its order, not on one frame: the cache therefore stores whole training samples. Draw d of scene i
+    takes the dataset's frames for epoch d, a source count n = lo + d mod (hi - lo + 1) and a random source subset,
+    sources moved to the front (data.split_views); it keeps the levels of all V views encoded jointly and the
+    condition level encoded from the sources alone, as float16. A batch takes draws of one source count (the
+    model's tensors need one), so `batches` groups them; everything else is what the on-the-fly path computes.
+    The file name holds the encoder's state hash, so other weights (or data, views, draws, levels) build anew."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = torch.load(path, weights_only=True)
+        self.n_src = self.data['n_src']
+
+    def __len__(self):
+        return len(self.n_src)
+
+    def batch(self, idx, device='cpu'):
+        """Draws idx (one source count) -> a training batch in the on-the-fly layout plus 'full' and 'cond'."""
+        d, idx = self.data, torch.as_tensor(idx)
+        n = int(self.n_src[idx[0]])
+        V = d['c2w'].shape[1]
+        return {'c2w': d['c2w'][idx].to(device), 'K': d['K'][idx].to(device), 'size': tuple(d['size'].tolist()),
+                'src_mask': (torch.arange(V) < n).expand(len(idx), V).to(device),
+                'full': {int(k[4:]): v[idx].to(device).float() for k, v in d.items() if k.startswith('full')},
+                'cond': d['cond'][idx].to(device).float()}
+
+    def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
+        """The epoch's batches (lists of draw indices of one source count), shuffled from (seed, epoch) alone and
+        dealt to ranks round-robin; incomplete batches are dropped."""
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        out = []
+        for n in self.n_src.unique().tolist():
+            idx = (self.n_src == n).nonzero()[:, 0]
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            out += [idx[i:i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
+        order = torch.randperm(len(out), generator=g).tolist()
+        return [out[i] for i in order][rank::world]
+
+    @staticmethod
+    def path_for(folder, enc, spec, views, draws, levels, cond_level, src, seed):
+        name = (f'{os.path.basename(os.path.normpath(spec.split(":")[-1]))}_{state_hash(enc)[:12]}_v{views}_d{draws}'
+                f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}_seed{seed}.pt')
+        return os.path.join(folder, name)
+
+    @classmethod
+    def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), seed=0, device='cpu', log=print):
+        """Encode every scene's draws once (or load the file when it exists) -> LatentCache."""
+        if os.path.exists(path):
+            log(f'latent cache: {path}')
+            return cls(path)
+        lo, hi = src
+        hi = min(hi, dataset.num_views - 1)
+        rows, t0 = [], time.time()
+        for d in range(draws):
+            dataset.set_epoch(d)
+            for i in range(len(dataset)):
+                item = data.collate_one(dataset[i])
+                n = lo + d % (hi - lo + 1)
+                g = torch.Generator().manual_seed(seed * 1000003 + d * 10007 + i)
+                b = data.split_views(item, n, generator=g)
+                b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                raw = encode_batch(enc, b, levels, cond_level)
+                rows.append({'c2w': b['c2w'][0], 'K': b['K'][0], 'n_src': n, 'scene': i, 'frames': b['frames'][0],
+                             'cond': raw['cond'][0].half().cpu(),
+                             **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels}})
+            log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
+        H, W = item['images'].shape[-2:]
+        out = {k: torch.stack([r[k] for r in rows]).cpu() if torch.is_tensor(rows[0][k]) else torch.tensor([r[k] for r in rows])
+               for k in rows[0]}  # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
+        out['size'] = torch.tensor([H, W])
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        torch.save(out, path + '.tmp')
+        os.replace(path + '.tmp', path)
+        log(f'latent cache: wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)')
+        return cls(path)
