@@ -93,8 +93,8 @@ class LatentCache:
 
     DA3's global blocks attend across views and its first view is the reference, so a level depends on the whole
     view set and its order, not on one frame: the cache therefore stores whole training samples. Draw d of scene i
-    takes the dataset's frames for epoch d, a source count n = lo + d mod (hi - lo + 1) and a random source subset,
-    sources moved to the front (data.split_views); it keeps the levels of all V views encoded jointly and the
+    takes the dataset's frames for epoch d, a source count n = lo + d mod (hi - lo + 1) and its sources (a random
+    subset, or the ends: data.split_views), sources moved to the front; it keeps the levels of all V views encoded jointly and the
     condition level encoded from the sources alone, as float16. A batch takes draws of one source count (the
     model's tensors need one), so `batches` groups them; everything else is what the on-the-fly path computes.
     The file name holds the encoder's state hash, so other weights (or data, views, draws, levels) build anew."""
@@ -130,13 +130,14 @@ class LatentCache:
         return [out[i] for i in order][rank::world]
 
     @staticmethod
-    def path_for(folder, enc, spec, views, draws, levels, cond_level, src, seed):
+    def path_for(folder, enc, spec, views, draws, levels, cond_level, src, src_mode, seed):
         name = (f'{os.path.basename(os.path.normpath(spec.split(":")[-1]))}_{state_hash(enc)[:12]}_v{views}_d{draws}'
-                f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}_seed{seed}.pt')
+                f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}{src_mode}_seed{seed}.pt')
         return os.path.join(folder, name)
 
     @classmethod
-    def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), seed=0, device='cpu', log=print):
+    def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), src_mode='random', seed=0, device='cpu',
+              log=print):
         """Encode every scene's draws once (or load the file when it exists) -> LatentCache."""
         if os.path.exists(path):
             log(f'latent cache: {path}')
@@ -150,7 +151,7 @@ class LatentCache:
                 item = data.collate_one(dataset[i])
                 n = lo + d % (hi - lo + 1)
                 g = torch.Generator().manual_seed(seed * 1000003 + d * 10007 + i)
-                b = data.split_views(item, n, generator=g)
+                b = data.split_views(item, n, generator=g, mode=src_mode)
                 b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
                 raw = encode_batch(enc, b, levels, cond_level)
                 rows.append({'c2w': b['c2w'][0], 'K': b['K'][0], 'n_src': n, 'scene': i, 'frames': b['frames'][0],

@@ -1661,7 +1661,7 @@ def world(tmp_path_factory):
                     '--noise-tau', '0.1', '--lpips', '--gan', '1', '--ema', '0.9', '--keep', '1', '--size', '42x56'],
         'level1': ['--level', '1', '--model', 'gld-tiny', '--src', '1-2', '--cam-drop', '0.5', '--t-dist', 'logit_normal',
                    '--accum', '2', '--checkpointing', '--decoder-ckpt', 'auto'],
-        'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3'],
+        'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3', '--src-mode', 'ends'],
         'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--compile', '--cache', '1'],
     }
     for name, argv in runs.items():
@@ -1731,9 +1731,9 @@ def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_
         assert torch.equal(batch['c2w'], got['c2w']) and torch.equal(batch['src_mask'], got['src_mask'])
         assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
     # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
-    same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
-    other = latents.LatentCache.path_for('c', encoder_lib.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
-    assert same != other and same == latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 0)
+    same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    other = latents.LatentCache.path_for('c', encoder_lib.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    assert same != other and same == latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
     monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
     latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
 

@@ -61,6 +61,8 @@ def build_parser():
     g.add_argument('--data', default='data_synth', help="chunk folder, 're10k:PATH', 'dl3dv:PATH'; mixtures 'A*4,B*1'")
     g.add_argument('--views', type=int, default=8, help='views per sample V')
     g.add_argument('--src', default='1-4', help='number of source views per batch, a range lo-hi (paper: 1-4)')
+    g.add_argument('--src-mode', default='random', choices=['random', 'ends'], help="which views are sources: a random "
+                   "subset (paper) or first and last, evenly spaced for more (the N=2 evaluation's interpolation)")
     g.add_argument('--size', default='', help="HxW (multiples of 14), 'buckets' for the paper's mixed sizes; '' = the data's size")
     g.add_argument('--gap', default='1-5', help='frame gap range between consecutive views')
     g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
@@ -346,10 +348,10 @@ def main(argv=None):
             raise SystemExit('--cache works at one image size: pass --size HxW or drop --cache')
         levels = [stage.level] + ([stage.upper_level] if stage.upper_level is not None else [])
         path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, a.data, a.views, a.cache, levels,
-                                            stage.level, parse_range(a.src), a.seed)
+                                            stage.level, parse_range(a.src), a.src_mode, a.seed)
         if rank == 0:
             cache = latents.LatentCache.build(path, stage.enc, data.SceneDataset(a.data, 'train', a.views, size, parse_range(a.gap), a.seed),
-                                              levels, stage.level, a.cache, parse_range(a.src), a.seed, device)
+                                              levels, stage.level, a.cache, parse_range(a.src), a.src_mode, a.seed, device)
         if world > 1:
             dist.barrier()
         cache = cache or latents.LatentCache(path)
@@ -410,7 +412,7 @@ def main(argv=None):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
             if a.stage == 'diffusion' and not cache:  # 1-4 random sources (one count per batch), moved to the front
                 n_src = int(torch.randint(src_lo, min(src_hi, a.views - 1) + 1, (1,), generator=gen))
-                batch = data.split_views(batch, n_src, generator=gen)
+                batch = data.split_views(batch, n_src, generator=gen, mode=a.src_mode)
             if world > 1:  # sync gradients only on the last micro-step
                 train_net.require_backward_grad_sync = micro == a.accum - 1
             with autocast:
