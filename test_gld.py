@@ -1689,7 +1689,7 @@ def test_train_writes_checkpoints_logs_and_exports(world):
         rows = train.read_csv(f'runs/{name}/log.csv')
         assert [r['step'] for r in rows if 'loss' in r] == [1, 2] and all(r['loss'] > 0 for r in rows if 'loss' in r)
     assert len(train.list_checkpoints('runs/decoder')) == 1  # --keep 1
-    assert os.path.exists('runs/encoder/loss.png')
+    assert os.path.exists('runs/encoder/curves.png')
     meta, sd = sample.load_checkpoint('exported/encoder.safetensors')
     ck = torch.load(train.list_checkpoints('runs/encoder')[-1], weights_only=False)
     assert meta['kind'] == 'encoder' and all(torch.allclose(sd[k], ck['ema'][k].float(), atol=1e-2, rtol=1e-2) for k in sd)

@@ -203,22 +203,28 @@ class Logger:
         if self.wandb:
             self.wandb.log(row, step=row['step'])
 
-    def plot(self, key='loss'):
-        """A loss curve drawn with Pillow (log-scale y), so no plotting library is needed."""
+    def plot(self, keys=('loss', 'val_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')):
+        """Curves drawn with Pillow, so no plotting library is needed: one panel per logged key (the training loss on
+        a log scale, held-out metrics linear) -> curves.png."""
         if self.rank != 0:
             return
         from PIL import Image, ImageDraw
-        pts = [(r['step'], r[key]) for r in self.rows if r.get(key)]
-        pts = [(s, math.log10(v)) for s, v in pts if v > 0]
-        if len(pts) < 2:
+        series = {k: [(r['step'], r[k]) for r in self.rows if r.get(k) is not None] for k in keys}
+        series = {k: p for k, p in series.items() if len(p) >= 2}
+        if not series:
             return
-        W, H, m = 640, 360, 40
-        img = Image.new('RGB', (W, H), 'white'); d = ImageDraw.Draw(img)
-        (s0, s1), (y0, y1) = (pts[0][0], pts[-1][0]), (min(p[1] for p in pts), max(p[1] for p in pts) + 1e-9)
-        xy = [(m + (s - s0) / max(1, s1 - s0) * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m)) for s, v in pts]
-        d.line(xy, fill=(30, 90, 200), width=2); d.rectangle([m, m, W - m, H - m], outline='black')
-        d.text((m, 8), f'{key} (log10) {10 ** y1:.3g} .. {10 ** y0:.3g}, steps {s0}..{s1}', fill='black')
-        img.save(os.path.join(self.out, 'loss.png'))
+        W, H, m = 640, 240, 40
+        img = Image.new('RGB', (W, H * len(series)), 'white'); d = ImageDraw.Draw(img)
+        for n, (key, pts) in enumerate(series.items()):
+            log = key == 'loss'
+            pts = [(s, math.log10(v)) for s, v in pts if v > 0] if log else pts
+            (s0, s1), (y0, y1) = (pts[0][0], pts[-1][0]), (min(p[1] for p in pts), max(p[1] for p in pts) + 1e-9)
+            top = n * H
+            xy = [(m + (s - s0) / max(1, s1 - s0) * (W - 2 * m), top + H - m - (v - y0) / (y1 - y0) * (H - 2 * m)) for s, v in pts]
+            d.line(xy, fill=(30, 90, 200), width=2); d.rectangle([m, top + m, W - m, top + H - m], outline='black')
+            lo, hi = (10 ** y0, 10 ** y1) if log else (y0, y1)
+            d.text((m, top + 8), f'{key}{" (log10)" if log else ""}: {lo:.4g} .. {hi:.4g}, steps {s0}..{s1}, last {pts[-1][1] if not log else 10 ** pts[-1][1]:.4g}', fill='black')
+        img.save(os.path.join(self.out, 'curves.png'))
 
 
 def read_csv(path):
@@ -461,6 +467,7 @@ def main(argv=None):
                 metrics = sample.evaluate_during_training(stage, val, a, device)
                 net.train()
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
+            logger.plot()
     if rank == 0 and a.export:
         with ema.swapped(net):
             sample.export_weights(stage.kind, net, stage.config, stage.extra_state(), a.export, name=os.path.basename(a.out))
