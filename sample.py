@@ -238,8 +238,13 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry
     rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
     if 'depths' in scene:
         rows['gld'].update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
+    raw = pipe.enc.encode(images)
+    k = pipe.boundary
+    if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
+        stats = pipe.models[k][1]['stats']
+        rows['gld']['mse_k'] = float((stats.normalize(out['levels'][k], k) - stats.normalize(raw[k], k))[:, n_src:].pow(2).mean())
     if gt_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
-        full = pipe.enc.normalize_levels(pipe.enc.encode(images))
+        full = pipe.enc.normalize_levels(raw)
         g = pipe.enc.geometry(full, images.shape[-2], images.shape[-1])
         rows['da3 on gt images'] = {**cameras.pose_metrics(g['c2w'][0], c2w[0]),
                                     **(data.depth_metrics(g['depth'][:, n_src:], scene['depths'][:, n_src:], align='median')
@@ -250,7 +255,7 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry
 def write_table(table, per_scene, out_dir, name, title):
     """{method: {metric: [values]}} -> means as a markdown table, JSON and a per-scene CSV in out_dir/name.*"""
     table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
-    order = ['psnr', 'ssim', 'lpips', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1']
+    order = ['psnr', 'ssim', 'lpips', 'mse_k', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1']
     cols = sorted({k for m in table.values() for k in m}, key=order.index)
     md = [f'| {title} | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
     md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
