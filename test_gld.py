@@ -1446,32 +1446,61 @@ def random_state_dict(layout, seed):
             for k, s in layout.items()}
 
 
+def release_decoder(C=C, seed=1):
+    """A small GeneralDecoder_Variable state dict (HF ViTMAE names) for levels of C channels."""
+    return random_state_dict(official_layout(C, 32, 1, 64, 14, 4), seed)
+
+
+def trainer_save(ema, noisy):
+    """A stage-2 checkpoint as train_multiview_da3.py saves it (model.module's and the EMA's bare keys, the
+    optimizer, the schedule and the config beside them)."""
+    return {'model': noisy, 'ema': ema, 'opt': {'state': {}, 'param_groups': []}, 'scheduler': {'last_epoch': 7},
+            'train_steps': 7, 'epoch': 0, 'steps_per_epoch': 10, 'config_path': 'configs/training/DA3_level1.yaml',
+            'training_cfg': {'base_lr': 5e-5}, 'cli_overrides': {'image_size': 504, 'precision': 'bf16'}}
+
+
+def rae_state(dec):
+    """A stage-1 RAE state dict: the decoder under 'decoder.', beside the encoder's entries."""
+    return {**{'decoder.' + k: v for k, v in dec.items()}, 'encoder.blocks.0.weight': torch.zeros(2)}
+
+
 def write_release(root):
-    """A small fake of the hub repo SeonghuJeon/GLD at root; returns M1's EMA state dict (the one to be loaded)."""
-    (root / 'pretrained_models' / 'da3').mkdir(parents=True)
-    (root / 'model_stats' / 'da3').mkdir(parents=True)
+    """A small fake of the release at root, laid out as its README.md says (hub SeonghuJeon/GLD snapshot + the git
+    repository's model_stats/, VGGT files beside the DA3 ones), each file as the release's own code writes it.
+    Returns the state dicts that must be loaded: M1's EMA and the decoder's EMA."""
+    for d in ('pretrained_models/da3', 'pretrained_models/vggt', 'checkpoints', 'model_stats/da3', 'model_stats/vggt'):
+        (root / d).mkdir(parents=True)
     torch.manual_seed(0)
     enc_sd = encoder_lib.build_encoder('da3-tiny').state_dict()
     save_file({'model.' + k: v.clone() for k, v in enc_sd.items() if not k.startswith('head.')},
               root / 'pretrained_models' / 'da3' / 'model.safetensors')  # DA3 hub layout
-    torch.save({k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')},
-               root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt')  # the head alone
-    torch.save(random_state_dict(official_layout(C, 32, 1, 64, 14, 4), 1), root / 'mae_decoder.pt')
+    torch.save({'model': {'decoder.' + k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')}},
+               root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt')  # as RAE_DA3._init_dpt_decoder reads it
+    dec = release_decoder()
+    torch.save({'model': rae_state({k: v + 1 for k, v in dec.items()}), 'ema': rae_state(dec)},  # RAE_DA3 reads 'ema' first
+               root / 'pretrained_models' / 'mae_decoder.pt')
+    torch.save({'ema': {'decoder.' + k: v for k, v in release_decoder(C + 8, 5).items()}},
+               root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')  # another latent's decoder: must not be used
     m1 = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=False), 2)
-    noisy = {k: v + 1 for k, v in m1.items()}
-    torch.save({'model': noisy, 'ema': {'module.' + k: v for k, v in m1.items()}, 'step': 7}, root / 'da3_level1.pt')
+    torch.save(trainer_save(m1, {k: v + 1 for k, v in m1.items()}), root / 'checkpoints' / 'da3_level1.pt')
     cascade = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=True), 3)
     for name in ('s_embedder', 'x_embedder'):  # DDT.py old mode saves the aliases of the single embedders
         for part in ('ref', 'tgt'):
             for p in ('weight', 'bias'):
                 cascade[f'{name}_{part}.proj.{p}'] = cascade[f'{name}.proj.{p}']
-    torch.save({'ema': cascade, 'args': argparse.Namespace(lr=5e-5)}, root / 'da3_cascade.pt')
+    torch.save({**trainer_save(cascade, cascade), 'args': argparse.Namespace(lr=5e-5)},
+               root / 'checkpoints' / 'da3_cascade.pt')
+    for name in ('vggt_level1.pt', 'vggt_cascade.pt'):
+        torch.save({'ema': {'blocks.0.norm1.weight': torch.ones(4)}}, root / 'checkpoints' / name)
     g = torch.Generator().manual_seed(4)
     for level in (0, 1):
         var = torch.rand(1, C, 1, 1, generator=g) + 0.5
         torch.save({'mean': torch.randn(1, C, 1, 1, generator=g), 'var': var, 'std': var.sqrt()},
                    root / 'model_stats' / 'da3' / f'normalization_stats_level{level}.pt')
-    return m1
+        for kind in ('normalization', 'special'):
+            torch.save({'mean': torch.zeros(1, C + 8, 1, 1), 'var': torch.ones(1, C + 8, 1, 1)},
+                       root / 'model_stats' / 'vggt' / f'{kind}_stats_level{level}.pt')
+    return m1, dec
 
 
 @pytest.fixture(scope='module')
@@ -1511,7 +1540,7 @@ def test_layout_writer_matches_release_key_lists(name, cascade, aliases, d2):
 
 
 def test_load_official_pipeline_and_generate(release):
-    root, m1_ema = release
+    root, (m1_ema, dec_ema) = release
     logs = []
     pipe = load(root, logs.append)
     (net1, meta1), (net0, meta0) = pipe.models[1], pipe.models[0]
@@ -1524,7 +1553,10 @@ def test_load_official_pipeline_and_generate(release):
     assert set(meta0['stats'].mean) == {0, 1} and meta0['stats'] is meta1['stats']
     assert torch.equal(meta0['stats'].var[0], stats0['var'].flatten())
     assert torch.equal(net1.blocks[0].attn.qkv.weight, m1_ema['blocks.0.attn.qkv.weight'])  # EMA, not 'model'
-    assert any('EMA' in line for line in logs) and any('loading it fully' in line for line in logs)
+    assert torch.equal(pipe.dec.embed.weight, dec_ema['decoder_embed.weight'])  # DA3's decoder, its EMA
+    assert any("using its 'ema' weights (not ['model'])" in line for line in logs)
+    assert any("skipping the entries of ['encoder']" in line for line in logs)
+    assert any('loading it fully' in line for line in logs)
     images, c2w, K = scene()
     out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg=1.5, seed=0)
     assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
@@ -1548,12 +1580,12 @@ def test_missing_or_wrong_file_errors(release, tmp_path):
     root, _ = release
     broken = tmp_path / 'GLD'
     shutil.copytree(root, broken)
-    os.remove(broken / 'da3_cascade.pt')
+    os.remove(broken / 'checkpoints' / 'da3_cascade.pt')
     with pytest.raises(FileNotFoundError, match=r'no da3_cascade.pt .*SeonghuJeon/GLD'):
         load(broken)
     with pytest.raises(FileNotFoundError, match='no such folder'):
         load(tmp_path / 'nowhere')
-    shutil.copy(root / 'mae_decoder.pt', broken / 'da3_cascade.pt')  # a decoder where the cascade belongs
+    shutil.copy(root / 'pretrained_models' / 'mae_decoder.pt', broken / 'checkpoints' / 'da3_cascade.pt')
     with pytest.raises(ValueError, match=r'da3_cascade.pt: does not convert'):
         load(broken)
 
