@@ -1359,17 +1359,24 @@ def test_convert_official_full_size_keys(name, preset, cascade):
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in ref.items()}
 
 
-@pytest.mark.parametrize('cascade', [False, True])
-def test_convert_official_tiny_round_trip(cascade):
-    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
-    net = randomize(model.GLD(cfg), seed=3)
+def official_form(net, cascade):
+    """Our model's state dict as the release's DiTwDDTHead holds it: 1x1-conv embedders (D,Cin,1,1) and, for the
+    cascade, the aliases of the single embedders that the training code's state dict carries too."""
     official = {k: v.view(*v.shape, 1, 1) if '_embedder' in k and k.endswith('proj.weight') and
                 not k.startswith('camera') else v for k, v in net.state_dict().items()}
-    if cascade:  # the training code's state dict also carries aliases of the single embedders
+    if cascade:
         for kind in 'sx':
             for part in ('ref', 'tgt'):
                 for p in ('weight', 'bias'):
                     official[f'{kind}_embedder_{part}.proj.{p}'] = official[f'{kind}_embedder.proj.{p}']
+    return official
+
+
+@pytest.mark.parametrize('cascade', [False, True])
+def test_convert_official_tiny_round_trip(cascade):
+    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
+    net = randomize(model.GLD(cfg), seed=3)
+    official = official_form(net, cascade)
     cfg2, sd = model.convert_official(official, cascade=cascade, heads=2)
     assert cfg2.official_cameras and cfg2.upper_dim == cfg.upper_dim and cfg2.enc_depth == cfg.enc_depth
     net2 = model.GLD(cfg2)
@@ -1564,7 +1571,7 @@ def test_load_official_pipeline_and_generate(release):
     assert out['geometry']['depth'].shape == (1, 3, 28, 42)
 
 
-def test_cli_official(release, tmp_path, monkeypatch):
+def test_cli_official(release, tmp_path, monkeypatch, capsys):
     """python sample.py --official DIR on a dataset scene, with the small fake (encoder and heads patched in)."""
     root, _ = release
     data.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
@@ -1574,6 +1581,8 @@ def test_cli_official(release, tmp_path, monkeypatch):
     sample.main(['--official', str(root), '--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2',
                  '--out', str(out)])
     assert (out / 'grid.png').exists() and (out / 'metrics.json').exists()
+    printed = capsys.readouterr().out  # --steps 2: the release's 2 time-grid points, one Euler step per model
+    assert 'M1: 1 Euler steps' in printed and 'M1->0: 1 Euler steps' in printed
 
 
 def test_missing_or_wrong_file_errors(release, tmp_path):
@@ -1586,7 +1595,7 @@ def test_missing_or_wrong_file_errors(release, tmp_path):
     with pytest.raises(FileNotFoundError, match='no such folder'):
         load(tmp_path / 'nowhere')
     shutil.copy(root / 'pretrained_models' / 'mae_decoder.pt', broken / 'checkpoints' / 'da3_cascade.pt')
-    with pytest.raises(ValueError, match=r'da3_cascade.pt: does not convert'):
+    with pytest.raises(ValueError, match=r'da3_cascade.pt: does not convert .*layouts known for a model file'):
         load(broken)
 
 
@@ -1666,6 +1675,160 @@ def test_clean_switches_give_the_clean_pipeline(release):
     pipe.dec.cfg = replace(pipe.dec.cfg, imagenet_output=True)  # colour space official, cameras clean
     out = run(pipe)
     assert torch.equal(out['levels'][1], ref['levels'][1]) and not torch.equal(out['images'], ref['images'])
+
+
+# ----------------------------------------------------------------------------- every layout the release writes or reads
+
+def quiet(*_):
+    pass
+
+
+@pytest.mark.parametrize('layout', ['RAE_DA3 ema', 'RAE_DA3 model', 'RAE_DA3 flat', 'stage-1 trainer', 'bare'])
+def test_decoder_file_layouts_load_and_run(layout, tmp_path):
+    """mae_decoder.pt as RAE_DA3.__init__ reads it ({'ema'|'model': {'decoder.*'}} or flat 'decoder.*', beside other
+    modules' entries) and as the stage-1 trainer saves it ({'decoder', 'ema_decoder', ...}): the EMA weights load
+    strictly and decode as the release's decoder does."""
+    ema = random_state_dict(official_layout(8, 32, 2, 64, 4, 4), 6)
+    live = {k: v + 1 for k, v in ema.items()}
+    obj = {'RAE_DA3 ema': {'model': rae_state(live), 'ema': rae_state(ema)}, 'RAE_DA3 model': {'model': rae_state(ema)},
+           'RAE_DA3 flat': rae_state(ema), 'bare': ema,
+           'stage-1 trainer': {'decoder': live, 'ema_decoder': ema, 'optimizer': {'state': {}}, 'step': 3}}[layout]
+    torch.save(obj, tmp_path / 'mae_decoder.pt')
+    cfg, sd = decoder_lib.convert_official(sample.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet),
+                                           heads=4)
+    dec = decoder_lib.RGBDecoder(cfg).eval()
+    dec.load_state_dict(sd, strict=True)
+    levels = random_levels(2, 1, 12, 8)
+    expected = official_forward(ema, torch.cat(levels, -1).flatten(0, 1), 3, 4, 4, 4, 2)
+    torch.testing.assert_close(dec(levels, (3, 4))[:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cascade', [False, True])
+@pytest.mark.parametrize('layout', ['trainer', 'model only', 'flat', 'DDP prefixed'])
+def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
+    """da3_level1.pt / da3_cascade.pt as train_multiview_da3.py saves them ({'model', 'ema', 'opt', ...}) and as
+    eval_gld_metric.py reads them (ema, else model, else flat; 'module.' dropped): the EMA weights run as saved."""
+    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
+    net = randomize(model.GLD(cfg), seed=3)
+    ema = official_form(net, cascade)
+    live = {k: v + 1 for k, v in ema.items()}
+    obj = {'trainer': trainer_save(ema, live), 'model only': {'model': ema}, 'flat': ema,
+           'DDP prefixed': {'ema': {'module.' + k: v for k, v in ema.items()}}}[layout]
+    torch.save(obj, tmp_path / 'm.pt')
+    cfg2, sd = model.convert_official(sample.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade,
+                                      heads=2)
+    net2 = model.GLD(cfg2)
+    net2.load_state_dict(sd, strict=True)
+    b = make_batch(cfg, upper=cascade)
+    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
+
+
+@pytest.mark.parametrize('layout', ['RAE_DA3 decoder', 'RAE_DA3 pred', 'bare'])
+def test_head_file_layouts_load(layout, tmp_path):
+    """dpt_decoder.pt as RAE_DA3._init_dpt_decoder reads it ({'model': {'decoder.*' | 'pred.*'}}) or a bare head:
+    with the hub backbone file it loads strictly into DA3 and those are the head's weights."""
+    torch.manual_seed(5)
+    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    head = {k[5:]: v for k, v in full.items() if k.startswith('head.')}
+    obj = {'RAE_DA3 decoder': {'model': {'decoder.' + k: v for k, v in head.items()}},
+           'RAE_DA3 pred': {'model': {'pred.' + k: v for k, v in head.items()}}, 'bare': head}[layout]
+    torch.save(obj, tmp_path / 'dpt_decoder.pt')
+    save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
+              tmp_path / 'model.safetensors')
+    got = {'head.' + k: v for k, v in sample.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
+    enc = encoder_lib.build_encoder('da3-tiny', {**encoder_lib.read_state_dict(str(tmp_path / 'model.safetensors')),
+                                                 **got})
+    assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
+
+
+def test_unknown_layouts_name_what_was_seen_and_what_is_known(release, tmp_path):
+    root, _ = release
+    with pytest.raises(ValueError, match=r"top-level keys: \['state_dict', 'step'\]; known layouts: \{'ema': state "
+                                         r"dict, \.\.\.\}, \{'model'.*'ema_decoder'.*'decoder.'-prefixed"):
+        sample.official_state_dict({'state_dict': {'a': torch.zeros(1)}, 'step': 1}, 'decoder', 'x.pt')
+    with pytest.raises(ValueError, match=r"top-level keys: list"):
+        sample.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
+    broken = tmp_path / 'GLD'
+    shutil.copytree(root, broken)
+    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
+               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')
+    with pytest.raises(ValueError, match=r"level1.pt: expected mean, var \(and std\) of 192 channels each"):
+        load(broken)
+    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1)},
+               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')  # without std: the release's reader
+    torch.save({'ema': {'decoder.decoder_embed.weight': torch.zeros(3, 4)}}, broken / 'pretrained_models' / 'mae_decoder.pt')
+    with pytest.raises(ValueError, match=r"mae_decoder.pt: does not convert .*layouts known for a decoder file"):
+        load(broken)
+
+
+def test_discovery_follows_the_release_layout(release, tmp_path):
+    """DA3's files are picked beside VGGT's of the same names (README.md layout); VGGT's are found as VGGT's; a flat
+    folder works by name; two DA3 candidates off the release paths are refused."""
+    root, _ = release
+    da3, vggt = sample.find_official_files(str(root), 'da3'), sample.find_official_files(str(root), 'vggt')
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in da3.items()} == sample.OFFICIAL_FILES['da3']
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in vggt.items()} == sample.OFFICIAL_FILES['vggt']
+    flat = tmp_path / 'flat'
+    (flat / 'sub').mkdir(parents=True)
+    for p in da3.values():
+        shutil.copy(p, flat / os.path.basename(p))
+    (flat / 'pretrained_models' / 'vggt').mkdir(parents=True)  # VGGT's decoder still at its release path
+    shutil.copy(vggt['decoder'], flat / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')
+    assert {r: os.path.basename(p) for r, p in sample.find_official_files(str(flat)).items()} == \
+        {r: os.path.basename(p) for r, p in da3.items()}
+    shutil.copy(da3['decoder'], flat / 'sub' / 'mae_decoder.pt')
+    with pytest.raises(ValueError, match=r'2 candidates for da3 decoder'):
+        sample.find_official_files(str(flat))
+
+
+# ----------------------------------------------------------------------------- the release's sampler
+
+def release_sampling(num_steps, V, C, encoder_input_size=252, patch=14):
+    """Restatement of the release's sampling (eval_gld_metric.py main, the transport's ODE on a torchdiffeq grid):
+    -> (a, grid). a = sqrt(C h w V / 4096) with h = w = encoder_input_size // patch from the config; the grid is
+    num_steps points of linspace(1, 0.001), each shifted to a t / (1 + (a - 1) t)."""
+    a = math.sqrt(C * (encoder_input_size // patch) ** 2 * V / 4096)
+    t = torch.linspace(1, 0.001, num_steps, dtype=torch.float64)
+    return a, (a * t / (1 + (a - 1) * t)).tolist()
+
+
+@pytest.mark.parametrize('num_steps', [2, 50])
+def test_official_time_grid_is_the_releases(num_steps):
+    """num_steps grid points = num_steps - 1 Euler steps, evaluated at the release's times and ending at its last."""
+    V, Cl = 8, 32
+    steps, a, t_end = sample.OfficialConventions().time_schedule(num_steps, V, Cl)
+    a_release, grid = release_sampling(num_steps, V, Cl)
+    assert steps == num_steps - 1 and a == pytest.approx(a_release, rel=1e-12)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t[0]))
+        return torch.ones_like(x)
+    x = diffusion.euler_sample(velocity, torch.zeros(1, 1, dtype=torch.float64), steps=steps, a=a, t_end=t_end)
+    assert seen == pytest.approx(grid[:-1], abs=1e-12) and float(x) == pytest.approx(grid[-1] - 1, abs=1e-12)
+    assert sample.OfficialConventions().time_schedule(50, 8, 1536)[1] == pytest.approx(31.18, abs=0.01)
+
+
+def test_official_shift_at_another_size(release, monkeypatch):
+    """At 8 x 8 tokens (112 px) the official mode keeps the release's a (from its configured 18 x 18) and takes
+    steps - 1 Euler steps to t = 0.001; the clean mode derives a from 8 x 8 and takes `steps` steps to 0."""
+    root, _ = release
+    pipe = load(root)
+    calls, real = [], diffusion.euler_sample
+
+    def spy(*args, **kw):
+        calls.append((kw['steps'], kw['a'], kw['t_end']))
+        return real(*args, **kw)
+    monkeypatch.setattr(diffusion, 'euler_sample', spy)
+    images, c2w, K = scene(V=3, H=112, W=112)
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    a_release, _ = release_sampling(3, 3, C)
+    assert calls == [(2, pytest.approx(a_release), 0.001)] * 2
+    calls.clear()
+    pipe.official = None
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    assert calls == [(3, pytest.approx(math.sqrt(3 * 64 * C / 4096)), 0.0)] * 2
 
 
 # ====================================================================================================
