@@ -1405,11 +1405,12 @@ def test_forward_compiles_without_graph_breaks():
 # the released GLD files (sample.py --official)
 # Tests of the released-model path (sample.load_official_pipeline, sample.OfficialConventions) at a small size.
 #
-# A fake release is written with random tensors under exactly the official file names, key names and layouts
-# (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.' prefix,
-# a bare DualDPT head file, dict stats (1,C,1,1), checkpoint wrappers), at widths small enough for a CPU. The
+# A fake release is written with random tensors in the release's folder layout (VGGT files beside DA3's), with its
+# key names (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.'
+# prefix, dict stats (1,C,1,1)) and each file as the release's code saves or reads it (trainer dicts, EMA beside the
+# live weights, 'decoder.' prefixes), at widths small enough for a CPU; every other layout is tested on its own. The
 # layout writers are checked against the full-size key lists in shared/notes. Run:
-#     OMP_NUM_THREADS=1 python -m pytest -q test_official.py
+#     OMP_NUM_THREADS=1 python -m pytest -q test_gld.py -k "official or release or layout or discovery"
 # Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 # ====================================================================================================
 
