@@ -649,6 +649,9 @@ OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; mode
              'special0': 'model_stats/vggt/special_stats_level0.pt',
              'special1': 'model_stats/vggt/special_stats_level1.pt'}}
 OFFICIAL_LAYOUTS = {  # kind of file -> (wrapper keys, preferred first; key prefixes kept and stripped)
+    # model.safetensors: DA3's hub layout ('model.' + DA3Net keys), read by RAE_DA3._init_dpt_decoder through
+    # DepthAnything3.load_state_dict; bare DA3Net keys also load
+    'encoder': ((), ('model.',)),
     # RAE_DA3.__init__ reads mae_decoder.pt as {'ema': ..} or {'model': ..} or flat, keeping the 'decoder.' keys;
     # the stage-1 trainer (train_stage1_mae.py) saves {'decoder', 'ema_decoder', ...} with bare keys
     'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
@@ -699,10 +702,13 @@ def official_state_dict(obj, kind, name='', log=print):
 
 
 def read_official(path, kind, log=print):
-    """torch.load of a released .pt -> official_state_dict. Files that also pickle Python objects (the trainers
-    save their configs beside the weights) are loaded fully, with a note."""
+    """A released .safetensors or .pt -> official_state_dict. .pt files that also pickle Python objects (the
+    trainers save their configs beside the weights) are loaded fully, with a note."""
     import pickle
     try:
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return official_state_dict(load_file(str(path)), kind, path, log)
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
@@ -840,7 +846,7 @@ def load_official_pipeline(folder, device, encoder_preset='da3-base', heads=16, 
     encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
-    enc = encoder_lib.build_encoder(encoder_preset, weights={**encoder_lib.read_state_dict(files['encoder']), **head})
+    enc = encoder_lib.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
     enc = enc.to(device).freeze()
     mean, var = {}, {}
     for level in (0, 1):

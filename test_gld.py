@@ -1738,8 +1738,21 @@ def test_head_file_layouts_load(layout, tmp_path):
     save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
               tmp_path / 'model.safetensors')
     got = {'head.' + k: v for k, v in sample.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
-    enc = encoder_lib.build_encoder('da3-tiny', {**encoder_lib.read_state_dict(str(tmp_path / 'model.safetensors')),
-                                                 **got})
+    enc = encoder_lib.build_encoder('da3-tiny', {**sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
+                                                                        quiet), **got})
+    assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
+
+
+@pytest.mark.parametrize('layout', ['hub', 'bare'])
+def test_encoder_file_layouts_load(layout, tmp_path):
+    """model.safetensors in DA3's hub layout ('model.' prefix, as RAE_DA3 reads it) or with bare DA3Net keys: loads
+    strictly into DA3, every tensor as saved."""
+    torch.manual_seed(6)
+    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    save_file({('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()},
+              tmp_path / 'model.safetensors')
+    sd = sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
+    enc = encoder_lib.build_encoder('da3-tiny', sd)
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
 
