@@ -302,7 +302,8 @@ def official_config(state_dict, heads=16):
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:
-            raise ValueError(f'not an official GLD decoder state dict: no {k!r}')
+            raise ValueError(f'not an official GLD decoder state dict: no {k!r} (a file as released is unwrapped '
+                             f'first: sample.read_official(path, "decoder"))')
     width, in_dim = state_dict['decoder_embed.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
     return DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,

@@ -137,6 +137,14 @@ class Pipeline:
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
         self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
 
+    def time_schedule(self, steps, V, T, C):
+        """-> (Euler steps, shift a, end time) of one level's sampling. Ours: `steps` Euler steps from t = 1 to 0 with
+        a from the latents being generated (V views x T tokens x C channels); the released models: their own rule
+        (OfficialConventions.time_schedule, item 7)."""
+        if self.official is not None:
+            return self.official.time_schedule(steps, V, C)
+        return steps, diffusion.shift_alpha(V * T * C), 0.0
+
     def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg, generator):
         net, meta = self.models[level]
         stats = meta['stats']
@@ -145,12 +153,11 @@ class Pipeline:
         uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
-        B, V, T, C = cond.shape
+        euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
-        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=steps,
-                                   a=diffusion.shift_alpha(V * T * C), cfg=cfg,
-                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
-                                   t_end=0.001 if self.official is not None else 0.0)  # the release stops at t=0.001
+        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=euler_steps,
+                                   a=a, cfg=cfg, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+                                   t_end=t_end)
         return stats.denormalize(x, level)
 
     @torch.no_grad()
@@ -174,7 +181,8 @@ class Pipeline:
                 levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
                                                   steps, cfg, gen)
                 name = f'M{up}->{level}' if up is not None else f'M{level}'
-                self.log(f'  {name}: {steps} Euler steps, cfg {cfg}: {time.time() - t0:.2f}s')
+                n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
+                self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg}: {time.time() - t0:.2f}s')
         t0 = time.time()
         if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
             cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
@@ -512,7 +520,8 @@ def build_parser():
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
-    p.add_argument('--steps', type=int, default=50, help='Euler steps')
+    p.add_argument('--steps', type=int, default=50, help='Euler steps; with --official the release\'s '
+                   'num_steps: time-grid points, one more than its Euler steps (50 -> 49 steps)')
     p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale over cameras')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
@@ -580,13 +589,87 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- the released models (docs/official.md)
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
-OFFICIAL_FILES = {  # role -> path in the release
-    'encoder': 'pretrained_models/da3/model.safetensors',  # DA3-Base (hub layout)
-    'head': 'pretrained_models/da3/dpt_decoder.pt',  # DA3's DualDPT head alone
-    'decoder': 'mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
-    'level1': 'da3_level1.pt',  # M1 (DDT.py)
-    'cascade': 'da3_cascade.pt',  # M1->0 (run through DDT_old.py by the official evaluation)
-    'stats0': 'model_stats/da3/normalization_stats_level0.pt', 'stats1': 'model_stats/da3/normalization_stats_level1.pt'}
+OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
+    'da3': {'encoder': 'pretrained_models/da3/model.safetensors',  # DA3-Base (hub layout)
+            'head': 'pretrained_models/da3/dpt_decoder.pt',  # DA3's DualDPT head
+            'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
+            'level1': 'checkpoints/da3_level1.pt',  # M1 (DDT.py)
+            'cascade': 'checkpoints/da3_cascade.pt',  # M1->0 (run through DDT_old.py by the official evaluation)
+            'stats0': 'model_stats/da3/normalization_stats_level0.pt',
+            'stats1': 'model_stats/da3/normalization_stats_level1.pt'},
+    'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
+             'cascade': 'checkpoints/vggt_cascade.pt',  # no VGGT encoder here yet: found, not loaded
+             'stats0': 'model_stats/vggt/normalization_stats_level0.pt',
+             'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
+             'special0': 'model_stats/vggt/special_stats_level0.pt',
+             'special1': 'model_stats/vggt/special_stats_level1.pt'}}
+OFFICIAL_LAYOUTS = {  # kind of file -> (wrapper keys, preferred first; key prefixes kept and stripped)
+    # model.safetensors: DA3's hub layout ('model.' + DA3Net keys), read by RAE_DA3._init_dpt_decoder through
+    # DepthAnything3.load_state_dict; bare DA3Net keys also load
+    'encoder': ((), ('model.',)),
+    # RAE_DA3.__init__ reads mae_decoder.pt as {'ema': ..} or {'model': ..} or flat, keeping the 'decoder.' keys;
+    # the stage-1 trainer (train_stage1_mae.py) saves {'decoder', 'ema_decoder', ...} with bare keys
+    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
+    # RAE_DA3._init_dpt_decoder reads dpt_decoder.pt as {'model': {'decoder.*' | 'pred.*'}}; a bare head also loads
+    'head': (('model',), ('decoder.', 'pred.')),
+    # train_multiview_da3.py saves {'model', 'ema', 'opt', ...}; eval_gld_metric.py reads ema, else model, else
+    # flat, and drops 'module.'
+    'model': (('ema', 'model'), ()),
+    # normalization_stats_level{l}.pt: a flat {'mean', 'var'(, 'std')}, read by RAE_DA3._init_normalization
+    'stats': ((), ()),
+}
+
+
+def describe_layouts(kind):
+    """The layouts of OFFICIAL_LAYOUTS[kind] in words (error messages, docs/official.md)."""
+    wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
+    out = [f"{{{k!r}: state dict, ...}}" for k in wrappers] + ['a flat state dict']
+    keys = f"; keys bare{''.join(f' or {p!r}-prefixed' for p in prefixes)}, with or without 'module.'"
+    return ', '.join(out) + keys
+
+
+def official_state_dict(obj, kind, name='', log=print):
+    """The one place that unwraps a released file (whatever torch.load gave) -> a flat state dict, in any layout of
+    OFFICIAL_LAYOUTS[kind]: the first wrapper key present holding a dict (EMA first, as the release evaluates),
+    'module.' (DDP) dropped, and where keys carry one of the kind's prefixes, those keys with it stripped (the other
+    entries belong to other modules, e.g. a stage-1 encoder, and are skipped as the release skips them).
+    An unknown layout raises with the top-level keys seen and the layouts known."""
+    wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
+    seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
+    unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
+                         f'known layouts: {describe_layouts(kind)}')
+    if not isinstance(obj, dict):
+        raise unknown
+    key = next((k for k in wrappers if isinstance(obj.get(k), dict)), None)
+    if key is not None:
+        skipped = [k for k in wrappers if k != key and isinstance(obj.get(k), dict)]
+        log(f"{name}: using its {key!r} weights" + (f' (not {skipped})' if skipped else ''))
+        obj = obj[key]
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
+    if any(k.startswith(prefixes) for k in sd):
+        others = sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)})
+        if others:
+            log(f'{name}: skipping the entries of {others}, not part of the {kind}')
+        sd = {k.split('.', 1)[1]: v for k, v in sd.items() if k.startswith(prefixes)}
+    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise unknown
+    return sd
+
+
+def read_official(path, kind, log=print):
+    """A released .safetensors or .pt -> official_state_dict. .pt files that also pickle Python objects (the
+    trainers save their configs beside the weights) are loaded fully, with a note."""
+    import pickle
+    try:
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return official_state_dict(load_file(str(path)), kind, path, log)
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
+            f'files from {OFFICIAL_HUB}')
+        obj = torch.load(path, map_location='cpu', weights_only=False)
+    return official_state_dict(obj, kind, path, log)
 
 
 def lift(K):
@@ -636,17 +719,29 @@ class OfficialConventions:
     The same in both modes (stated so that nobody looks for a switch): the double SiLU on the time embedding in
     the encoder blocks (GLDConfig.double_silu, set by model.convert_official and True in our default too); the
     decoder's input, [local, LayerNorm(global)] per level (encoder.normalize_levels); the latent normalisation
-    (x - mean) / sqrt(var + 1e-5); the time shift at sampling a = sqrt(V h w C / 4096) (official evaluation:
-    8 views, 18 x 18 tokens, C = 1536 -> a = 31.2; diffusion.shift_alpha); CFG 1.5 on t in [0, 1]; the
-    propagation token (level-1 token 0 of the first source view encoded alone).
-    7. The Euler grid ends at t = 0.001 (shifted: 0.03 at a = 31.2; ours at 0): Pipeline.sample_level.
+    (x - mean) / sqrt(var + 1e-5); the time shift's formula a = sqrt(V h w C / 4096) (diffusion.shift_alpha; only
+    h w differ, item 7); CFG 1.5 on t in [0, 1]; the propagation token (level-1 token 0 of the first source view
+    encoded alone).
+    7. The sampler (eval_gld_metric.py main -> the transport's Sampler.sample_ode, torchdiffeq Euler on a fixed
+       grid): num_steps counts time-grid POINTS from t = 1 to t = 0.001, so 50 -> 49 Euler steps stopping at
+       t = 0.001 (ours: `steps` steps to t = 0); and a = sqrt(V h w C / 4096) takes h = w = 252 // 14 = 18 from
+       the configured encoder_input_size (DA3_common_eval.yaml), whatever the real token grid (ours: the real
+       h, w; the same at 252 x 252 images): time_schedule below.
     Not reproduced (docs/official.md): the official decoder runs under bf16 autocast and, on GPUs with xformers,
     the DiTs' attention in bf16; we run fp32 unless autocast is asked for.
     """
 
-    def __init__(self, cascade_levels=(0,), cascade_image_size=504):
+    def __init__(self, cascade_levels=(0,), cascade_image_size=504, shift_image_size=252, patch=14, t_end=0.001):
         self.cascade_levels = set(cascade_levels)  # levels whose model is the released cascade (DDT_old.py)
         self.cascade_image_size = cascade_image_size  # DDT_old.py's cam_input_size
+        self.shift_tokens = (shift_image_size // patch) ** 2  # h w of the release's shift: its configured size
+        self.t_end = t_end  # where the release's time grid stops
+
+    def time_schedule(self, num_steps, V, C):
+        """The release's sampling of V views of C channels -> (Euler steps, shift a, end time), item 7:
+        num_steps grid points = num_steps - 1 Euler steps; a from the configured 18 x 18 tokens, not the real ones."""
+        assert num_steps >= 2, 'the release counts time-grid points: num_steps >= 2 (one Euler step)'
+        return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
 
     def model_cameras(self, level, cams, uncond_cams):
         """The camera inputs the released model of `level` sees, from ours built with official=True (cams) and
@@ -668,9 +763,10 @@ class OfficialConventions:
         return cams, {**uncond_cams, 'P': P_uncond, 'P_inv': P_uncond}
 
 
-def find_official_files(folder):
-    """Role -> local path of every OFFICIAL_FILES entry, each searched by name anywhere under folder (hidden
-    folders skipped; with several of one name, the one under the release's own path)."""
+def find_official_files(folder, latent='da3'):
+    """Role -> local path of every OFFICIAL_FILES[latent] entry, searched by name anywhere under folder (hidden
+    folders skipped). A file at another latent's release path is not a candidate (pretrained_models/vggt/
+    mae_decoder.pt beside DA3's pretrained_models/mae_decoder.pt); of several left, the one at the release path."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: huggingface-cli download '
                                 f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
@@ -679,79 +775,65 @@ def find_official_files(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         for f in files:
             by_name.setdefault(f, []).append(os.path.join(root, f))
+
+    def at(path, rel):  # path lies at the release path rel
+        return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
+    others = [rel for other, roles in OFFICIAL_FILES.items() if other != latent for rel in roles.values()]
     paths = {}
-    for role, rel in OFFICIAL_FILES.items():
-        hits = by_name.get(os.path.basename(rel), [])
-        exact = [h for h in hits if h.replace(os.sep, '/').endswith('/' + rel)]
+    for role, rel in OFFICIAL_FILES[latent].items():
+        hits = [h for h in by_name.get(os.path.basename(rel), []) if not any(at(h, o) for o in others)]
+        exact = [h for h in hits if at(h, rel)]
         if not hits:
             raise FileNotFoundError(f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
                                     f'https://huggingface.co/{OFFICIAL_HUB} or with: huggingface-cli download '
                                     f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
         if len(hits) > 1 and len(exact) != 1:
-            raise ValueError(f'{folder}: {len(hits)} files named {os.path.basename(rel)}: {hits}; '
-                             f'keep the one at {rel}')
+            raise ValueError(f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
+                             f'{hits}; keep the one at {rel}')
         paths[role] = exact[0] if exact else hits[0]
     return paths
 
 
-def read_official_checkpoint(path, log=print):
-    """An official .pt -> a flat state dict. Unwraps {'ema' | 'model' | 'state_dict' | 'module': ...} (the EMA
-    weights when present, which is what the release evaluates) and strips the 'module.' (DDP) and '_orig_mod.'
-    (torch.compile) prefixes."""
-    import pickle
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
-            f'files from {OFFICIAL_HUB}')
-        obj = torch.load(path, map_location='cpu', weights_only=False)
-    wrappers = ('ema', 'model', 'state_dict', 'module')  # in order of preference
-    while isinstance(obj, dict):
-        key = next((k for k in wrappers if isinstance(obj.get(k), (dict, torch.nn.Module))), None)
-        if key is None:
-            break
-        if key == 'ema':
-            ignored = " (its 'model' weights are ignored)" if 'model' in obj else ''
-            log(f'{os.path.basename(path)}: using its EMA weights{ignored}')
-        obj = obj[key].state_dict() if isinstance(obj[key], torch.nn.Module) else obj[key]
-    prefix = ('module.', '_orig_mod.')
-    sd = {}
-    for k, v in obj.items():
-        while k.startswith(prefix):
-            k = k.split('.', 1)[1]
-        sd[k] = v
-    return sd
-
-
 def load_official_pipeline(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES) converted into our modules and loaded
-    strictly -> Pipeline(DA3, RGB decoder, {1: M1, 0: M1->0}, boundary 1, official=OfficialConventions()).
+    """The released GLD (DA3) models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES['da3']) converted into our
+    modules and loaded strictly -> Pipeline(DA3, RGB decoder, {1: M1, 0: M1->0}, boundary 1, OfficialConventions()).
+    Every file is unwrapped by official_state_dict (any layout the release writes or reads, OFFICIAL_LAYOUTS).
     encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
-    files = find_official_files(folder)
-    enc = encoder_lib.build_encoder(encoder_preset, weights=[files['encoder'], files['head']]).to(device).freeze()
-    per_level = [encoder_lib.load_official_stats(files[role]) for role in ('stats0', 'stats1')]
-    stats = encoder_lib.LatentStats({l: s.mean[l] for s in per_level for l in s.mean},
-                                    {l: s.var[l] for s in per_level for l in s.var})
+    files = find_official_files(folder, 'da3')
+    head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
+    enc = encoder_lib.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
+    enc = enc.to(device).freeze()
+    mean, var = {}, {}
+    for level in (0, 1):
+        path = files[f'stats{level}']
+        sd = read_official(path, 'stats', log)
+        if not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'} or any(v.numel() != enc.dim for v in sd.values()):
+            raise ValueError(f'{path}: expected mean, var (and std) of {enc.dim} channels each, got '
+                             f'{ {k: tuple(v.shape) for k, v in sd.items()} }')
+        mean[level], var[level] = sd['mean'], sd['var']  # (1,C,1,1) each
+    stats = encoder_lib.LatentStats(mean, var)
 
-    def convert(role, converter, **kw):
+    def convert(role, kind, converter, **kw):
         """One official checkpoint -> (config, our state dict), any mismatch reported with the file's path."""
         path = files[role]
+        sd = read_official(path, kind, log)
         try:
-            cfg, sd = converter(read_official_checkpoint(path, log), heads=heads, **kw)
+            cfg, sd = converter(sd, heads=heads, **kw)
         except (AssertionError, KeyError, ValueError) as e:  # the converters' strict checks
-            raise ValueError(f'{path}: does not convert ({type(e).__name__}: {e})') from e
+            raise ValueError(f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known for a {kind} '
+                             f'file: {describe_layouts(kind)}') from e
         dim = cfg.feat_dim if role == 'decoder' else cfg.latent_dim
         if dim != enc.dim:
             raise ValueError(f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
                              f'pass the matching encoder_preset')
         return cfg, sd
 
-    cfg, sd = convert('decoder', decoder_lib.convert_official)
+    cfg, sd = convert('decoder', 'decoder', decoder_lib.convert_official)
     dec = decoder_lib.RGBDecoder(cfg)
     dec.load_state_dict(sd, strict=True)
     models = {}
     for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
-        cfg, sd = convert(role, model_lib.convert_official, cascade=upper is not None)
+        cfg, sd = convert(role, 'model', model_lib.convert_official, cascade=upper is not None)
         net = model_lib.GLD(cfg)
         net.load_state_dict(sd, strict=True)
         models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})

@@ -1360,17 +1360,24 @@ def test_convert_official_full_size_keys(name, preset, cascade):
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in ref.items()}
 
 
-@pytest.mark.parametrize('cascade', [False, True])
-def test_convert_official_tiny_round_trip(cascade):
-    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
-    net = randomize(model.GLD(cfg), seed=3)
+def official_form(net, cascade):
+    """Our model's state dict as the release's DiTwDDTHead holds it: 1x1-conv embedders (D,Cin,1,1) and, for the
+    cascade, the aliases of the single embedders that the training code's state dict carries too."""
     official = {k: v.view(*v.shape, 1, 1) if '_embedder' in k and k.endswith('proj.weight') and
                 not k.startswith('camera') else v for k, v in net.state_dict().items()}
-    if cascade:  # the training code's state dict also carries aliases of the single embedders
+    if cascade:
         for kind in 'sx':
             for part in ('ref', 'tgt'):
                 for p in ('weight', 'bias'):
                     official[f'{kind}_embedder_{part}.proj.{p}'] = official[f'{kind}_embedder.proj.{p}']
+    return official
+
+
+@pytest.mark.parametrize('cascade', [False, True])
+def test_convert_official_tiny_round_trip(cascade):
+    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
+    net = randomize(model.GLD(cfg), seed=3)
+    official = official_form(net, cascade)
     cfg2, sd = model.convert_official(official, cascade=cascade, heads=2)
     assert cfg2.official_cameras and cfg2.upper_dim == cfg.upper_dim and cfg2.enc_depth == cfg.enc_depth
     net2 = model.GLD(cfg2)
@@ -1399,11 +1406,12 @@ def test_forward_compiles_without_graph_breaks():
 # the released GLD files (sample.py --official)
 # Tests of the released-model path (sample.load_official_pipeline, sample.OfficialConventions) at a small size.
 #
-# A fake release is written with random tensors under exactly the official file names, key names and layouts
-# (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.' prefix,
-# a bare DualDPT head file, dict stats (1,C,1,1), checkpoint wrappers), at widths small enough for a CPU. The
+# A fake release is written with random tensors in the release's folder layout (VGGT files beside DA3's), with its
+# key names (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.'
+# prefix, dict stats (1,C,1,1)) and each file as the release's code saves or reads it (trainer dicts, EMA beside the
+# live weights, 'decoder.' prefixes), at widths small enough for a CPU; every other layout is tested on its own. The
 # layout writers are checked against the full-size key lists in shared/notes. Run:
-#     OMP_NUM_THREADS=1 python -m pytest -q test_official.py
+#     OMP_NUM_THREADS=1 python -m pytest -q test_gld.py -k "official or release or layout or discovery"
 # Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 # ====================================================================================================
 
@@ -1447,32 +1455,61 @@ def random_state_dict(layout, seed):
             for k, s in layout.items()}
 
 
+def release_decoder(C=C, seed=1):
+    """A small GeneralDecoder_Variable state dict (HF ViTMAE names) for levels of C channels."""
+    return random_state_dict(official_layout(C, 32, 1, 64, 14, 4), seed)
+
+
+def trainer_save(ema, noisy):
+    """A stage-2 checkpoint as train_multiview_da3.py saves it (model.module's and the EMA's bare keys, the
+    optimizer, the schedule and the config beside them)."""
+    return {'model': noisy, 'ema': ema, 'opt': {'state': {}, 'param_groups': []}, 'scheduler': {'last_epoch': 7},
+            'train_steps': 7, 'epoch': 0, 'steps_per_epoch': 10, 'config_path': 'configs/training/DA3_level1.yaml',
+            'training_cfg': {'base_lr': 5e-5}, 'cli_overrides': {'image_size': 504, 'precision': 'bf16'}}
+
+
+def rae_state(dec):
+    """A stage-1 RAE state dict: the decoder under 'decoder.', beside the encoder's entries."""
+    return {**{'decoder.' + k: v for k, v in dec.items()}, 'encoder.blocks.0.weight': torch.zeros(2)}
+
+
 def write_release(root):
-    """A small fake of the hub repo SeonghuJeon/GLD at root; returns M1's EMA state dict (the one to be loaded)."""
-    (root / 'pretrained_models' / 'da3').mkdir(parents=True)
-    (root / 'model_stats' / 'da3').mkdir(parents=True)
+    """A small fake of the release at root, laid out as its README.md says (hub SeonghuJeon/GLD snapshot + the git
+    repository's model_stats/, VGGT files beside the DA3 ones), each file as the release's own code writes it.
+    Returns the state dicts that must be loaded: M1's EMA and the decoder's EMA."""
+    for d in ('pretrained_models/da3', 'pretrained_models/vggt', 'checkpoints', 'model_stats/da3', 'model_stats/vggt'):
+        (root / d).mkdir(parents=True)
     torch.manual_seed(0)
     enc_sd = encoder_lib.build_encoder('da3-tiny').state_dict()
     save_file({'model.' + k: v.clone() for k, v in enc_sd.items() if not k.startswith('head.')},
               root / 'pretrained_models' / 'da3' / 'model.safetensors')  # DA3 hub layout
-    torch.save({k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')},
-               root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt')  # the head alone
-    torch.save(random_state_dict(official_layout(C, 32, 1, 64, 14, 4), 1), root / 'mae_decoder.pt')
+    torch.save({'model': {'decoder.' + k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')}},
+               root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt')  # as RAE_DA3._init_dpt_decoder reads it
+    dec = release_decoder()
+    torch.save({'model': rae_state({k: v + 1 for k, v in dec.items()}), 'ema': rae_state(dec)},  # RAE_DA3 reads 'ema' first
+               root / 'pretrained_models' / 'mae_decoder.pt')
+    torch.save({'ema': {'decoder.' + k: v for k, v in release_decoder(C + 8, 5).items()}},
+               root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')  # another latent's decoder: must not be used
     m1 = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=False), 2)
-    noisy = {k: v + 1 for k, v in m1.items()}
-    torch.save({'model': noisy, 'ema': {'module.' + k: v for k, v in m1.items()}, 'step': 7}, root / 'da3_level1.pt')
+    torch.save(trainer_save(m1, {k: v + 1 for k, v in m1.items()}), root / 'checkpoints' / 'da3_level1.pt')
     cascade = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=True), 3)
     for name in ('s_embedder', 'x_embedder'):  # DDT.py old mode saves the aliases of the single embedders
         for part in ('ref', 'tgt'):
             for p in ('weight', 'bias'):
                 cascade[f'{name}_{part}.proj.{p}'] = cascade[f'{name}.proj.{p}']
-    torch.save({'ema': cascade, 'args': argparse.Namespace(lr=5e-5)}, root / 'da3_cascade.pt')
+    torch.save({**trainer_save(cascade, cascade), 'args': argparse.Namespace(lr=5e-5)},
+               root / 'checkpoints' / 'da3_cascade.pt')
+    for name in ('vggt_level1.pt', 'vggt_cascade.pt'):
+        torch.save({'ema': {'blocks.0.norm1.weight': torch.ones(4)}}, root / 'checkpoints' / name)
     g = torch.Generator().manual_seed(4)
     for level in (0, 1):
         var = torch.rand(1, C, 1, 1, generator=g) + 0.5
         torch.save({'mean': torch.randn(1, C, 1, 1, generator=g), 'var': var, 'std': var.sqrt()},
                    root / 'model_stats' / 'da3' / f'normalization_stats_level{level}.pt')
-    return m1
+        for kind in ('normalization', 'special'):
+            torch.save({'mean': torch.zeros(1, C + 8, 1, 1), 'var': torch.ones(1, C + 8, 1, 1)},
+                       root / 'model_stats' / 'vggt' / f'{kind}_stats_level{level}.pt')
+    return m1, dec
 
 
 @pytest.fixture(scope='module')
@@ -1512,7 +1549,7 @@ def test_layout_writer_matches_release_key_lists(name, cascade, aliases, d2):
 
 
 def test_load_official_pipeline_and_generate(release):
-    root, m1_ema = release
+    root, (m1_ema, dec_ema) = release
     logs = []
     pipe = load(root, logs.append)
     (net1, meta1), (net0, meta0) = pipe.models[1], pipe.models[0]
@@ -1525,7 +1562,10 @@ def test_load_official_pipeline_and_generate(release):
     assert set(meta0['stats'].mean) == {0, 1} and meta0['stats'] is meta1['stats']
     assert torch.equal(meta0['stats'].var[0], stats0['var'].flatten())
     assert torch.equal(net1.blocks[0].attn.qkv.weight, m1_ema['blocks.0.attn.qkv.weight'])  # EMA, not 'model'
-    assert any('EMA' in line for line in logs) and any('loading it fully' in line for line in logs)
+    assert torch.equal(pipe.dec.embed.weight, dec_ema['decoder_embed.weight'])  # DA3's decoder, its EMA
+    assert any("using its 'ema' weights (not ['model'])" in line for line in logs)
+    assert any("skipping the entries of ['encoder']" in line for line in logs)
+    assert any('loading it fully' in line for line in logs)
     images, c2w, K = scene()
     out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg=1.5, seed=0)
     assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
@@ -1533,7 +1573,7 @@ def test_load_official_pipeline_and_generate(release):
     assert out['geometry']['depth'].shape == (1, 3, 28, 42)
 
 
-def test_cli_official(release, tmp_path, monkeypatch):
+def test_cli_official(release, tmp_path, monkeypatch, capsys):
     """python sample.py --official DIR on a dataset scene, with the small fake (encoder and heads patched in)."""
     root, _ = release
     data.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
@@ -1543,19 +1583,21 @@ def test_cli_official(release, tmp_path, monkeypatch):
     sample.main(['--official', str(root), '--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2',
                  '--out', str(out)])
     assert (out / 'grid.png').exists() and (out / 'metrics.json').exists()
+    printed = capsys.readouterr().out  # --steps 2: the release's 2 time-grid points, one Euler step per model
+    assert 'M1: 1 Euler steps' in printed and 'M1->0: 1 Euler steps' in printed
 
 
 def test_missing_or_wrong_file_errors(release, tmp_path):
     root, _ = release
     broken = tmp_path / 'GLD'
     shutil.copytree(root, broken)
-    os.remove(broken / 'da3_cascade.pt')
+    os.remove(broken / 'checkpoints' / 'da3_cascade.pt')
     with pytest.raises(FileNotFoundError, match=r'no da3_cascade.pt .*SeonghuJeon/GLD'):
         load(broken)
     with pytest.raises(FileNotFoundError, match='no such folder'):
         load(tmp_path / 'nowhere')
-    shutil.copy(root / 'mae_decoder.pt', broken / 'da3_cascade.pt')  # a decoder where the cascade belongs
-    with pytest.raises(ValueError, match=r'da3_cascade.pt: does not convert'):
+    shutil.copy(root / 'pretrained_models' / 'mae_decoder.pt', broken / 'checkpoints' / 'da3_cascade.pt')
+    with pytest.raises(ValueError, match=r'da3_cascade.pt: does not convert .*layouts known for a model file'):
         load(broken)
 
 
@@ -1635,6 +1677,173 @@ def test_clean_switches_give_the_clean_pipeline(release):
     pipe.dec.cfg = replace(pipe.dec.cfg, imagenet_output=True)  # colour space official, cameras clean
     out = run(pipe)
     assert torch.equal(out['levels'][1], ref['levels'][1]) and not torch.equal(out['images'], ref['images'])
+
+
+# ----------------------------------------------------------------------------- every layout the release writes or reads
+
+def quiet(*_):
+    pass
+
+
+@pytest.mark.parametrize('layout', ['RAE_DA3 ema', 'RAE_DA3 model', 'RAE_DA3 flat', 'stage-1 trainer', 'bare'])
+def test_decoder_file_layouts_load_and_run(layout, tmp_path):
+    """mae_decoder.pt as RAE_DA3.__init__ reads it ({'ema'|'model': {'decoder.*'}} or flat 'decoder.*', beside other
+    modules' entries) and as the stage-1 trainer saves it ({'decoder', 'ema_decoder', ...}): the EMA weights load
+    strictly and decode as the release's decoder does."""
+    ema = random_state_dict(official_layout(8, 32, 2, 64, 4, 4), 6)
+    live = {k: v + 1 for k, v in ema.items()}
+    obj = {'RAE_DA3 ema': {'model': rae_state(live), 'ema': rae_state(ema)}, 'RAE_DA3 model': {'model': rae_state(ema)},
+           'RAE_DA3 flat': rae_state(ema), 'bare': ema,
+           'stage-1 trainer': {'decoder': live, 'ema_decoder': ema, 'optimizer': {'state': {}}, 'step': 3}}[layout]
+    torch.save(obj, tmp_path / 'mae_decoder.pt')
+    cfg, sd = decoder_lib.convert_official(sample.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet),
+                                           heads=4)
+    dec = decoder_lib.RGBDecoder(cfg).eval()
+    dec.load_state_dict(sd, strict=True)
+    levels = random_levels(2, 1, 12, 8)
+    expected = official_forward(ema, torch.cat(levels, -1).flatten(0, 1), 3, 4, 4, 4, 2)
+    torch.testing.assert_close(dec(levels, (3, 4))[:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cascade', [False, True])
+@pytest.mark.parametrize('layout', ['trainer', 'model only', 'flat', 'DDP prefixed'])
+def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
+    """da3_level1.pt / da3_cascade.pt as train_multiview_da3.py saves them ({'model', 'ema', 'opt', ...}) and as
+    eval_gld_metric.py reads them (ema, else model, else flat; 'module.' dropped): the EMA weights run as saved."""
+    cfg = replace(SMALL, heads=2, upper_dim=SMALL.latent_dim if cascade else 0, separate_embedders=not cascade)
+    net = randomize(model.GLD(cfg), seed=3)
+    ema = official_form(net, cascade)
+    live = {k: v + 1 for k, v in ema.items()}
+    obj = {'trainer': trainer_save(ema, live), 'model only': {'model': ema}, 'flat': ema,
+           'DDP prefixed': {'ema': {'module.' + k: v for k, v in ema.items()}}}[layout]
+    torch.save(obj, tmp_path / 'm.pt')
+    cfg2, sd = model.convert_official(sample.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade,
+                                      heads=2)
+    net2 = model.GLD(cfg2)
+    net2.load_state_dict(sd, strict=True)
+    b = make_batch(cfg, upper=cascade)
+    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
+
+
+@pytest.mark.parametrize('layout', ['RAE_DA3 decoder', 'RAE_DA3 pred', 'bare'])
+def test_head_file_layouts_load(layout, tmp_path):
+    """dpt_decoder.pt as RAE_DA3._init_dpt_decoder reads it ({'model': {'decoder.*' | 'pred.*'}}) or a bare head:
+    with the hub backbone file it loads strictly into DA3 and those are the head's weights."""
+    torch.manual_seed(5)
+    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    head = {k[5:]: v for k, v in full.items() if k.startswith('head.')}
+    obj = {'RAE_DA3 decoder': {'model': {'decoder.' + k: v for k, v in head.items()}},
+           'RAE_DA3 pred': {'model': {'pred.' + k: v for k, v in head.items()}}, 'bare': head}[layout]
+    torch.save(obj, tmp_path / 'dpt_decoder.pt')
+    save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
+              tmp_path / 'model.safetensors')
+    got = {'head.' + k: v for k, v in sample.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
+    enc = encoder_lib.build_encoder('da3-tiny', {**sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
+                                                                        quiet), **got})
+    assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
+
+
+@pytest.mark.parametrize('layout', ['hub', 'bare'])
+def test_encoder_file_layouts_load(layout, tmp_path):
+    """model.safetensors in DA3's hub layout ('model.' prefix, as RAE_DA3 reads it) or with bare DA3Net keys: loads
+    strictly into DA3, every tensor as saved."""
+    torch.manual_seed(6)
+    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    save_file({('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()},
+              tmp_path / 'model.safetensors')
+    sd = sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
+    enc = encoder_lib.build_encoder('da3-tiny', sd)
+    assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
+
+
+def test_unknown_layouts_name_what_was_seen_and_what_is_known(release, tmp_path):
+    root, _ = release
+    with pytest.raises(ValueError, match=r"top-level keys: \['state_dict', 'step'\]; known layouts: \{'ema': state "
+                                         r"dict, \.\.\.\}, \{'model'.*'ema_decoder'.*'decoder.'-prefixed"):
+        sample.official_state_dict({'state_dict': {'a': torch.zeros(1)}, 'step': 1}, 'decoder', 'x.pt')
+    with pytest.raises(ValueError, match=r"top-level keys: list"):
+        sample.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
+    broken = tmp_path / 'GLD'
+    shutil.copytree(root, broken)
+    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
+               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')
+    with pytest.raises(ValueError, match=r"level1.pt: expected mean, var \(and std\) of 192 channels each"):
+        load(broken)
+    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1)},
+               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')  # without std: the release's reader
+    torch.save({'ema': {'decoder.decoder_embed.weight': torch.zeros(3, 4)}}, broken / 'pretrained_models' / 'mae_decoder.pt')
+    with pytest.raises(ValueError, match=r"mae_decoder.pt: does not convert .*layouts known for a decoder file"):
+        load(broken)
+
+
+def test_discovery_follows_the_release_layout(release, tmp_path):
+    """DA3's files are picked beside VGGT's of the same names (README.md layout); VGGT's are found as VGGT's; a flat
+    folder works by name; two DA3 candidates off the release paths are refused."""
+    root, _ = release
+    da3, vggt = sample.find_official_files(str(root), 'da3'), sample.find_official_files(str(root), 'vggt')
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in da3.items()} == sample.OFFICIAL_FILES['da3']
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in vggt.items()} == sample.OFFICIAL_FILES['vggt']
+    flat = tmp_path / 'flat'
+    (flat / 'sub').mkdir(parents=True)
+    for p in da3.values():
+        shutil.copy(p, flat / os.path.basename(p))
+    (flat / 'pretrained_models' / 'vggt').mkdir(parents=True)  # VGGT's decoder still at its release path
+    shutil.copy(vggt['decoder'], flat / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')
+    assert {r: os.path.basename(p) for r, p in sample.find_official_files(str(flat)).items()} == \
+        {r: os.path.basename(p) for r, p in da3.items()}
+    shutil.copy(da3['decoder'], flat / 'sub' / 'mae_decoder.pt')
+    with pytest.raises(ValueError, match=r'2 candidates for da3 decoder'):
+        sample.find_official_files(str(flat))
+
+
+# ----------------------------------------------------------------------------- the release's sampler
+
+def release_sampling(num_steps, V, C, encoder_input_size=252, patch=14):
+    """Restatement of the release's sampling (eval_gld_metric.py main, the transport's ODE on a torchdiffeq grid):
+    -> (a, grid). a = sqrt(C h w V / 4096) with h = w = encoder_input_size // patch from the config; the grid is
+    num_steps points of linspace(1, 0.001), each shifted to a t / (1 + (a - 1) t)."""
+    a = math.sqrt(C * (encoder_input_size // patch) ** 2 * V / 4096)
+    t = torch.linspace(1, 0.001, num_steps, dtype=torch.float64)
+    return a, (a * t / (1 + (a - 1) * t)).tolist()
+
+
+@pytest.mark.parametrize('num_steps', [2, 50])
+def test_official_time_grid_is_the_releases(num_steps):
+    """num_steps grid points = num_steps - 1 Euler steps, evaluated at the release's times and ending at its last."""
+    V, Cl = 8, 32
+    steps, a, t_end = sample.OfficialConventions().time_schedule(num_steps, V, Cl)
+    a_release, grid = release_sampling(num_steps, V, Cl)
+    assert steps == num_steps - 1 and a == pytest.approx(a_release, rel=1e-12)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t[0]))
+        return torch.ones_like(x)
+    x = diffusion.euler_sample(velocity, torch.zeros(1, 1, dtype=torch.float64), steps=steps, a=a, t_end=t_end)
+    assert seen == pytest.approx(grid[:-1], abs=1e-12) and float(x) == pytest.approx(grid[-1] - 1, abs=1e-12)
+    assert sample.OfficialConventions().time_schedule(50, 8, 1536)[1] == pytest.approx(31.18, abs=0.01)
+
+
+def test_official_shift_at_another_size(release, monkeypatch):
+    """At 8 x 8 tokens (112 px) the official mode keeps the release's a (from its configured 18 x 18) and takes
+    steps - 1 Euler steps to t = 0.001; the clean mode derives a from 8 x 8 and takes `steps` steps to 0."""
+    root, _ = release
+    pipe = load(root)
+    calls, real = [], diffusion.euler_sample
+
+    def spy(*args, **kw):
+        calls.append((kw['steps'], kw['a'], kw['t_end']))
+        return real(*args, **kw)
+    monkeypatch.setattr(diffusion, 'euler_sample', spy)
+    images, c2w, K = scene(V=3, H=112, W=112)
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    a_release, _ = release_sampling(3, 3, C)
+    assert calls == [(2, pytest.approx(a_release), 0.001)] * 2
+    calls.clear()
+    pipe.official = None
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    assert calls == [(3, pytest.approx(math.sqrt(3 * 64 * C / 4096)), 0.0)] * 2
 
 
 # ====================================================================================================
