@@ -119,13 +119,22 @@ def prope_matrices(c2w, K, official=False):
     is invariant to any change of world frame. official=True reproduces the GLD release, which uses
     P_inv = c2w @ lift(K') (K', not K'^-1), so there P_inv @ P != I.
     """
+    Kc = prope_K(K)
+    return lift(Kc) @ rigid_inverse(c2w), c2w @ lift(Kc if official else torch.linalg.inv(Kc))
+
+
+def prope_K(K):
+    """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
     Kc = K.clone()
     Kc[..., :2, 2] -= 0.5
-    lift = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
-    lift_inv = lift.clone()
-    lift[..., :3, :3] = Kc
-    lift_inv[..., :3, :3] = Kc if official else torch.linalg.inv(Kc)
-    return lift @ rigid_inverse(c2w), c2w @ lift_inv
+    return Kc
+
+
+def lift(K):
+    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity -> (...,4,4)."""
+    L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
+    L[..., :3, :3] = K
+    return L
 
 
 # ----------------------------------------------------------------------------------------------

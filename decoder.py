@@ -303,7 +303,7 @@ def official_config(state_dict, heads=16):
               'decoder_pos_embed'):
         if k not in state_dict:
             raise ValueError(f'not an official GLD decoder state dict: no {k!r} (a file as released is unwrapped '
-                             f'first: sample.read_official(path, "decoder"))')
+                             f'first: official.read_official(path, "decoder"))')
     width, in_dim = state_dict['decoder_embed.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
     return DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,

@@ -36,6 +36,7 @@ import diffusion
 import encoder as encoder_lib
 import latents
 import model as model_lib
+import official
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {  # what creates each missing piece
@@ -212,6 +213,13 @@ def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', en
                 raise
             log(f'note: no {name} model: level {level} is left to the decoder\'s level dropout')
     return Pipeline(enc, dec, models, boundary, log)
+
+
+def load_official_pipeline(folder, device='cpu', log=print, **kw):
+    """The released GLD models (official.load_models; kw: encoder_preset, heads) in our cascade, with the release's
+    conventions (docs/official.md)."""
+    enc, dec, models = official.load_models(folder, device, log=log, **kw)
+    return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -584,262 +592,6 @@ def main(argv=None):
     write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics)
     print(f'wrote {a.out}/ ({len(os.listdir(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
-
-
-# ----------------------------------------------------------------------------- the released models (docs/official.md)
-
-OFFICIAL_HUB = 'SeonghuJeon/GLD'
-OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
-    'da3': {'encoder': 'pretrained_models/da3/model.safetensors',  # DA3-Base (hub layout)
-            'head': 'pretrained_models/da3/dpt_decoder.pt',  # DA3's DualDPT head
-            'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
-            'level1': 'checkpoints/da3_level1.pt',  # M1 (DDT.py)
-            'cascade': 'checkpoints/da3_cascade.pt',  # M1->0 (run through DDT_old.py by the official evaluation)
-            'stats0': 'model_stats/da3/normalization_stats_level0.pt',
-            'stats1': 'model_stats/da3/normalization_stats_level1.pt'},
-    'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
-             'cascade': 'checkpoints/vggt_cascade.pt',  # no VGGT encoder here yet: found, not loaded
-             'stats0': 'model_stats/vggt/normalization_stats_level0.pt',
-             'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
-             'special0': 'model_stats/vggt/special_stats_level0.pt',
-             'special1': 'model_stats/vggt/special_stats_level1.pt'}}
-OFFICIAL_LAYOUTS = {  # kind of file -> (wrapper keys, preferred first; key prefixes kept and stripped)
-    # model.safetensors: DA3's hub layout ('model.' + DA3Net keys), read by RAE_DA3._init_dpt_decoder through
-    # DepthAnything3.load_state_dict; bare DA3Net keys also load
-    'encoder': ((), ('model.',)),
-    # RAE_DA3.__init__ reads mae_decoder.pt as {'ema': ..} or {'model': ..} or flat, keeping the 'decoder.' keys;
-    # the stage-1 trainer (train_stage1_mae.py) saves {'decoder', 'ema_decoder', ...} with bare keys
-    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
-    # RAE_DA3._init_dpt_decoder reads dpt_decoder.pt as {'model': {'decoder.*' | 'pred.*'}}; a bare head also loads
-    'head': (('model',), ('decoder.', 'pred.')),
-    # train_multiview_da3.py saves {'model', 'ema', 'opt', ...}; eval_gld_metric.py reads ema, else model, else
-    # flat, and drops 'module.'
-    'model': (('ema', 'model'), ()),
-    # normalization_stats_level{l}.pt: a flat {'mean', 'var'(, 'std')}, read by RAE_DA3._init_normalization
-    'stats': ((), ()),
-}
-
-
-def describe_layouts(kind):
-    """The layouts of OFFICIAL_LAYOUTS[kind] in words (error messages, docs/official.md)."""
-    wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
-    out = [f"{{{k!r}: state dict, ...}}" for k in wrappers] + ['a flat state dict']
-    keys = f"; keys bare{''.join(f' or {p!r}-prefixed' for p in prefixes)}, with or without 'module.'"
-    return ', '.join(out) + keys
-
-
-def official_state_dict(obj, kind, name='', log=print):
-    """The one place that unwraps a released file (whatever torch.load gave) -> a flat state dict, in any layout of
-    OFFICIAL_LAYOUTS[kind]: the first wrapper key present holding a dict (EMA first, as the release evaluates),
-    'module.' (DDP) dropped, and where keys carry one of the kind's prefixes, those keys with it stripped (the other
-    entries belong to other modules, e.g. a stage-1 encoder, and are skipped as the release skips them).
-    An unknown layout raises with the top-level keys seen and the layouts known."""
-    wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
-    seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
-    unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
-                         f'known layouts: {describe_layouts(kind)}')
-    if not isinstance(obj, dict):
-        raise unknown
-    key = next((k for k in wrappers if isinstance(obj.get(k), dict)), None)
-    if key is not None:
-        skipped = [k for k in wrappers if k != key and isinstance(obj.get(k), dict)]
-        log(f"{name}: using its {key!r} weights" + (f' (not {skipped})' if skipped else ''))
-        obj = obj[key]
-    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
-    if any(k.startswith(prefixes) for k in sd):
-        others = sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)})
-        if others:
-            log(f'{name}: skipping the entries of {others}, not part of the {kind}')
-        sd = {k.split('.', 1)[1]: v for k, v in sd.items() if k.startswith(prefixes)}
-    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise unknown
-    return sd
-
-
-def read_official(path, kind, log=print):
-    """A released .safetensors or .pt -> official_state_dict. .pt files that also pickle Python objects (the
-    trainers save their configs beside the weights) are loaded fully, with a note."""
-    import pickle
-    try:
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return official_state_dict(load_file(str(path)), kind, path, log)
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
-            f'files from {OFFICIAL_HUB}')
-        obj = torch.load(path, map_location='cpu', weights_only=False)
-    return official_state_dict(obj, kind, path, log)
-
-
-def lift(K):
-    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity -> (...,4,4)."""
-    L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
-    L[..., :3, :3] = K
-    return L
-
-
-def prope_K(K):
-    """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
-    Kc = K.clone()
-    Kc[..., :2, 2] -= 0.5
-    return Kc
-
-
-def official_prope_K(P, P_inv):
-    """K' (...,3,3) back from the official PRoPE matrices (camera_inputs(official=True)), which hold it twice:
-    P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2). Per axis K' maps x -> f x + c, so K'^2 maps
-    x -> f^2 x + (f + 1) c: f is the square root of its diagonal and c its offset divided by f + 1."""
-    sq = (P @ P_inv)[..., :3, :3]
-    f = sq.diagonal(dim1=-2, dim2=-1)[..., :2].sqrt()  # (...,2): fx', fy'
-    K = torch.zeros_like(sq)
-    K[..., 0, 0], K[..., 1, 1], K[..., 2, 2] = f[..., 0], f[..., 1], 1
-    K[..., :2, 2] = sq[..., :2, 2] / (f + 1)
-    return K
-
-
-class OfficialConventions:
-    """What the released GLD models were trained and evaluated with, where it differs from our clean default.
-    The one list (facts: shared/notes/official-gld-model.md sections 3-8; table: docs/official.md):
-
-    1. Poses relative to the LAST view with translations scaled so the largest |t| COMPONENT is 1 (ours: the
-       largest camera distance is 1): model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').
-    2. The Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5) (ours: the pixel centre (u + 0.5, v + 0.5)):
-       camera_inputs(official=True).
-    3. PRoPE's key/value matrix is c2w lift(K') where PRoPE has c2w lift(K'^-1), so P_inv P != I:
-       camera_inputs(official=True).
-    4. The cascade M1->0 runs through DDT_old.py, which normalises K by a fixed 504 x 504 image whatever the true
-       H x W (ours and M1: by W and H): model_cameras below, for the levels in cascade_levels.
-    5. The unconditional branch of CFG (ours: Plücker channels 1: zeroed, P = P_inv = I). Both release models zero
-       the Plücker channels too, but M1 (DDT.py, cfg_mode new) sets viewmats to I4 AND K to I3 in PIXELS, which
-       normalises to fx' = 1/W, fy' = 1/H, cx' = cy' = -0.5, so P = P_inv = lift(K'(I3)); the cascade (DDT_old.py)
-       sets viewmats to I4 and keeps K: P = P_inv = lift(K'_504): model_cameras below.
-    6. The decoder's output is ImageNet-normalised and de-normalised as rgb * std + mean (ours: [0,1] RGB):
-       DecoderConfig.imagenet_output, set by decoder.convert_official.
-    The same in both modes (stated so that nobody looks for a switch): the double SiLU on the time embedding in
-    the encoder blocks (GLDConfig.double_silu, set by model.convert_official and True in our default too); the
-    decoder's input, [local, LayerNorm(global)] per level (encoder.normalize_levels); the latent normalisation
-    (x - mean) / sqrt(var + 1e-5); the time shift's formula a = sqrt(V h w C / 4096) (diffusion.shift_alpha; only
-    h w differ, item 7); CFG 1.5 on t in [0, 1]; the propagation token (level-1 token 0 of the first source view
-    encoded alone).
-    7. The sampler (eval_gld_metric.py main -> the transport's Sampler.sample_ode, torchdiffeq Euler on a fixed
-       grid): num_steps counts time-grid POINTS from t = 1 to t = 0.001, so 50 -> 49 Euler steps stopping at
-       t = 0.001 (ours: `steps` steps to t = 0); and a = sqrt(V h w C / 4096) takes h = w = 252 // 14 = 18 from
-       the configured encoder_input_size (DA3_common_eval.yaml), whatever the real token grid (ours: the real
-       h, w; the same at 252 x 252 images): time_schedule below.
-    Not reproduced (docs/official.md): the official decoder runs under bf16 autocast and, on GPUs with xformers,
-    the DiTs' attention in bf16; we run fp32 unless autocast is asked for.
-    """
-
-    def __init__(self, cascade_levels=(0,), cascade_image_size=504, shift_image_size=252, patch=14, t_end=0.001):
-        self.cascade_levels = set(cascade_levels)  # levels whose model is the released cascade (DDT_old.py)
-        self.cascade_image_size = cascade_image_size  # DDT_old.py's cam_input_size
-        self.shift_tokens = (shift_image_size // patch) ** 2  # h w of the release's shift: its configured size
-        self.t_end = t_end  # where the release's time grid stops
-
-    def time_schedule(self, num_steps, V, C):
-        """The release's sampling of V views of C channels -> (Euler steps, shift a, end time), item 7:
-        num_steps grid points = num_steps - 1 Euler steps; a from the configured 18 x 18 tokens, not the real ones."""
-        assert num_steps >= 2, 'the release counts time-grid points: num_steps >= 2 (one Euler step)'
-        return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
-
-    def model_cameras(self, level, cams, uncond_cams):
-        """The camera inputs the released model of `level` sees, from ours built with official=True (cams) and
-        drop_cameras (uncond_cams, the unconditional branch of CFG) -> (cams, uncond_cams), items 4 and 5."""
-        H, W = cams['plucker'].shape[-2:]
-        Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
-        if level in self.cascade_levels:
-            S = self.cascade_image_size
-            K = Kc.clone()
-            K[..., :2, 2] += 0.5  # our normalised K
-            K_fixed = prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # (B,V,3,3) K' by S x S
-            Kc_inv = torch.linalg.inv(Kc)
-            cams = {**cams, 'P': lift(K_fixed @ Kc_inv) @ cams['P'],  # lift(K'_S) w2c
-                    'P_inv': cams['P_inv'] @ lift(Kc_inv @ K_fixed)}  # c2w lift(K'_S)
-            P_uncond = lift(K_fixed)  # viewmats I4, K kept
-        else:
-            eye = torch.eye(3, dtype=Kc.dtype, device=Kc.device)
-            P_uncond = lift(prope_K(cameras.K_to_normalized(eye, H, W))).expand_as(cams['P'])  # I4 and I3 in pixels
-        return cams, {**uncond_cams, 'P': P_uncond, 'P_inv': P_uncond}
-
-
-def find_official_files(folder, latent='da3'):
-    """Role -> local path of every OFFICIAL_FILES[latent] entry, searched by name anywhere under folder (hidden
-    folders skipped). A file at another latent's release path is not a candidate (pretrained_models/vggt/
-    mae_decoder.pt beside DA3's pretrained_models/mae_decoder.pt); of several left, the one at the release path."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f'{folder}: no such folder; download the release with: huggingface-cli download '
-                                f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
-    by_name = {}
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        for f in files:
-            by_name.setdefault(f, []).append(os.path.join(root, f))
-
-    def at(path, rel):  # path lies at the release path rel
-        return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
-    others = [rel for other, roles in OFFICIAL_FILES.items() if other != latent for rel in roles.values()]
-    paths = {}
-    for role, rel in OFFICIAL_FILES[latent].items():
-        hits = [h for h in by_name.get(os.path.basename(rel), []) if not any(at(h, o) for o in others)]
-        exact = [h for h in hits if at(h, rel)]
-        if not hits:
-            raise FileNotFoundError(f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
-                                    f'https://huggingface.co/{OFFICIAL_HUB} or with: huggingface-cli download '
-                                    f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
-        if len(hits) > 1 and len(exact) != 1:
-            raise ValueError(f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
-                             f'{hits}; keep the one at {rel}')
-        paths[role] = exact[0] if exact else hits[0]
-    return paths
-
-
-def load_official_pipeline(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES['da3']) converted into our
-    modules and loaded strictly -> Pipeline(DA3, RGB decoder, {1: M1, 0: M1->0}, boundary 1, OfficialConventions()).
-    Every file is unwrapped by official_state_dict (any layout the release writes or reads, OFFICIAL_LAYOUTS).
-    encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
-    files = find_official_files(folder, 'da3')
-    head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
-    enc = encoder_lib.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
-    enc = enc.to(device).freeze()
-    mean, var = {}, {}
-    for level in (0, 1):
-        path = files[f'stats{level}']
-        sd = read_official(path, 'stats', log)
-        if not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'} or any(v.numel() != enc.dim for v in sd.values()):
-            raise ValueError(f'{path}: expected mean, var (and std) of {enc.dim} channels each, got '
-                             f'{ {k: tuple(v.shape) for k, v in sd.items()} }')
-        mean[level], var[level] = sd['mean'], sd['var']  # (1,C,1,1) each
-    stats = encoder_lib.LatentStats(mean, var)
-
-    def convert(role, kind, converter, **kw):
-        """One official checkpoint -> (config, our state dict), any mismatch reported with the file's path."""
-        path = files[role]
-        sd = read_official(path, kind, log)
-        try:
-            cfg, sd = converter(sd, heads=heads, **kw)
-        except (AssertionError, KeyError, ValueError) as e:  # the converters' strict checks
-            raise ValueError(f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known for a {kind} '
-                             f'file: {describe_layouts(kind)}') from e
-        dim = cfg.feat_dim if role == 'decoder' else cfg.latent_dim
-        if dim != enc.dim:
-            raise ValueError(f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
-                             f'pass the matching encoder_preset')
-        return cfg, sd
-
-    cfg, sd = convert('decoder', 'decoder', decoder_lib.convert_official)
-    dec = decoder_lib.RGBDecoder(cfg)
-    dec.load_state_dict(sd, strict=True)
-    models = {}
-    for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
-        cfg, sd = convert(role, 'model', model_lib.convert_official, cascade=upper is not None)
-        net = model_lib.GLD(cfg)
-        net.load_state_dict(sd, strict=True)
-        models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})
-        log(f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
-            f'{"" if upper is None else f"{upper}->"}{level}')
-    return Pipeline(enc, dec.to(device).eval(), models, boundary=1, log=log, official=OfficialConventions())
 
 
 if __name__ == '__main__':

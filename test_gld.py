@@ -30,6 +30,7 @@ import diffusion
 import encoder as encoder_lib
 import latents
 import model
+import official
 import sample
 import train
 
@@ -1404,7 +1405,7 @@ def test_forward_compiles_without_graph_breaks():
 
 # ====================================================================================================
 # the released GLD files (sample.py --official)
-# Tests of the released-model path (sample.load_official_pipeline, sample.OfficialConventions) at a small size.
+# Tests of the released-model path (sample.load_official_pipeline, official.OfficialConventions) at a small size.
 #
 # A fake release is written with random tensors in the release's folder layout (VGGT files beside DA3's), with its
 # key names (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.'
@@ -1553,7 +1554,7 @@ def test_load_official_pipeline_and_generate(release):
     logs = []
     pipe = load(root, logs.append)
     (net1, meta1), (net0, meta0) = pipe.models[1], pipe.models[0]
-    assert pipe.boundary == 1 and isinstance(pipe.official, sample.OfficialConventions)
+    assert pipe.boundary == 1 and isinstance(pipe.official, official.OfficialConventions)
     assert (meta1['upper_level'], meta0['upper_level'], meta1['level'], meta0['level']) == (None, 1, 1, 0)
     assert net1.cfg.separate_embedders and not net0.cfg.separate_embedders and net0.cfg.upper_dim == C
     assert net1.cfg.double_silu and net0.cfg.double_silu  # item 'double SiLU': set by convert_official
@@ -1631,15 +1632,15 @@ def test_official_conventions_match_direct_construction():
     rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs')
 
     def K_prime(Kpix, width, height):  # the official K normalisation: fx/W, fy/H, cx/W - 0.5, cy/H - 0.5
-        return sample.prope_K(cameras.K_to_normalized(Kpix, height, width))
-    conv = sample.OfficialConventions()
+        return cameras.prope_K(cameras.K_to_normalized(Kpix, height, width))
+    conv = official.OfficialConventions()
     m1, m1_unc = conv.model_cameras(1, cams, uncond)
     assert m1 is cams and torch.equal(m1_unc['plucker'], uncond['plucker'])
-    expected = sample.lift(K_prime(torch.eye(3), W, H)).expand(2, 3, 4, 4)
+    expected = cameras.lift(K_prime(torch.eye(3), W, H)).expand(2, 3, 4, 4)
     assert torch.equal(m1_unc['P'], expected) and torch.equal(m1_unc['P_inv'], expected)
     assert m1_unc['P'][0, 0, 0, 0] == 1 / W and m1_unc['P'][0, 0, 0, 2] == -0.5
     cas, cas_unc = conv.model_cameras(0, cams, uncond)
-    K504 = sample.lift(K_prime(cameras.K_to_pixels(K, H, W), 504, 504))  # (B,V,4,4)
+    K504 = cameras.lift(K_prime(cameras.K_to_pixels(K, H, W), 504, 504))  # (B,V,4,4)
     torch.testing.assert_close(cas['P'], K504 @ cameras.rigid_inverse(rel), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cas['P_inv'], rel @ K504, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cas_unc['P'], K504, atol=1e-6, rtol=1e-6)
@@ -1696,7 +1697,7 @@ def test_decoder_file_layouts_load_and_run(layout, tmp_path):
            'RAE_DA3 flat': rae_state(ema), 'bare': ema,
            'stage-1 trainer': {'decoder': live, 'ema_decoder': ema, 'optimizer': {'state': {}}, 'step': 3}}[layout]
     torch.save(obj, tmp_path / 'mae_decoder.pt')
-    cfg, sd = decoder_lib.convert_official(sample.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet),
+    cfg, sd = decoder_lib.convert_official(official.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet),
                                            heads=4)
     dec = decoder_lib.RGBDecoder(cfg).eval()
     dec.load_state_dict(sd, strict=True)
@@ -1717,7 +1718,7 @@ def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
     obj = {'trainer': trainer_save(ema, live), 'model only': {'model': ema}, 'flat': ema,
            'DDP prefixed': {'ema': {'module.' + k: v for k, v in ema.items()}}}[layout]
     torch.save(obj, tmp_path / 'm.pt')
-    cfg2, sd = model.convert_official(sample.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade,
+    cfg2, sd = model.convert_official(official.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade,
                                       heads=2)
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
@@ -1738,8 +1739,8 @@ def test_head_file_layouts_load(layout, tmp_path):
     torch.save(obj, tmp_path / 'dpt_decoder.pt')
     save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
               tmp_path / 'model.safetensors')
-    got = {'head.' + k: v for k, v in sample.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
-    enc = encoder_lib.build_encoder('da3-tiny', {**sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
+    got = {'head.' + k: v for k, v in official.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
+    enc = encoder_lib.build_encoder('da3-tiny', {**official.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
                                                                         quiet), **got})
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
@@ -1752,7 +1753,7 @@ def test_encoder_file_layouts_load(layout, tmp_path):
     full = encoder_lib.build_encoder('da3-tiny').state_dict()
     save_file({('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()},
               tmp_path / 'model.safetensors')
-    sd = sample.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
+    sd = official.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
     enc = encoder_lib.build_encoder('da3-tiny', sd)
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
@@ -1761,9 +1762,9 @@ def test_unknown_layouts_name_what_was_seen_and_what_is_known(release, tmp_path)
     root, _ = release
     with pytest.raises(ValueError, match=r"top-level keys: \['state_dict', 'step'\]; known layouts: \{'ema': state "
                                          r"dict, \.\.\.\}, \{'model'.*'ema_decoder'.*'decoder.'-prefixed"):
-        sample.official_state_dict({'state_dict': {'a': torch.zeros(1)}, 'step': 1}, 'decoder', 'x.pt')
+        official.official_state_dict({'state_dict': {'a': torch.zeros(1)}, 'step': 1}, 'decoder', 'x.pt')
     with pytest.raises(ValueError, match=r"top-level keys: list"):
-        sample.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
+        official.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
     broken = tmp_path / 'GLD'
     shutil.copytree(root, broken)
     torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
@@ -1781,20 +1782,20 @@ def test_discovery_follows_the_release_layout(release, tmp_path):
     """DA3's files are picked beside VGGT's of the same names (README.md layout); VGGT's are found as VGGT's; a flat
     folder works by name; two DA3 candidates off the release paths are refused."""
     root, _ = release
-    da3, vggt = sample.find_official_files(str(root), 'da3'), sample.find_official_files(str(root), 'vggt')
-    assert {r: Path(p).relative_to(root).as_posix() for r, p in da3.items()} == sample.OFFICIAL_FILES['da3']
-    assert {r: Path(p).relative_to(root).as_posix() for r, p in vggt.items()} == sample.OFFICIAL_FILES['vggt']
+    da3, vggt = official.find_official_files(str(root), 'da3'), official.find_official_files(str(root), 'vggt')
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in da3.items()} == official.OFFICIAL_FILES['da3']
+    assert {r: Path(p).relative_to(root).as_posix() for r, p in vggt.items()} == official.OFFICIAL_FILES['vggt']
     flat = tmp_path / 'flat'
     (flat / 'sub').mkdir(parents=True)
     for p in da3.values():
         shutil.copy(p, flat / os.path.basename(p))
     (flat / 'pretrained_models' / 'vggt').mkdir(parents=True)  # VGGT's decoder still at its release path
     shutil.copy(vggt['decoder'], flat / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')
-    assert {r: os.path.basename(p) for r, p in sample.find_official_files(str(flat)).items()} == \
+    assert {r: os.path.basename(p) for r, p in official.find_official_files(str(flat)).items()} == \
         {r: os.path.basename(p) for r, p in da3.items()}
     shutil.copy(da3['decoder'], flat / 'sub' / 'mae_decoder.pt')
     with pytest.raises(ValueError, match=r'2 candidates for da3 decoder'):
-        sample.find_official_files(str(flat))
+        official.find_official_files(str(flat))
 
 
 # ----------------------------------------------------------------------------- the release's sampler
@@ -1812,7 +1813,7 @@ def release_sampling(num_steps, V, C, encoder_input_size=252, patch=14):
 def test_official_time_grid_is_the_releases(num_steps):
     """num_steps grid points = num_steps - 1 Euler steps, evaluated at the release's times and ending at its last."""
     V, Cl = 8, 32
-    steps, a, t_end = sample.OfficialConventions().time_schedule(num_steps, V, Cl)
+    steps, a, t_end = official.OfficialConventions().time_schedule(num_steps, V, Cl)
     a_release, grid = release_sampling(num_steps, V, Cl)
     assert steps == num_steps - 1 and a == pytest.approx(a_release, rel=1e-12)
     seen = []
@@ -1822,7 +1823,7 @@ def test_official_time_grid_is_the_releases(num_steps):
         return torch.ones_like(x)
     x = diffusion.euler_sample(velocity, torch.zeros(1, 1, dtype=torch.float64), steps=steps, a=a, t_end=t_end)
     assert seen == pytest.approx(grid[:-1], abs=1e-12) and float(x) == pytest.approx(grid[-1] - 1, abs=1e-12)
-    assert sample.OfficialConventions().time_schedule(50, 8, 1536)[1] == pytest.approx(31.18, abs=0.01)
+    assert official.OfficialConventions().time_schedule(50, 8, 1536)[1] == pytest.approx(31.18, abs=0.01)
 
 
 def test_official_shift_at_another_size(release, monkeypatch):
@@ -2051,8 +2052,8 @@ def user_images(world):
     frames = []
     for v in range(2):
         sample.save_image(s['images'][v], str(folder / f'im{v}.png'))
-        Kp = sample.cameras.K_to_pixels(s['K'][v], 56, 56)
-        frames.append({'file_path': f'im{v}.png', 'transform_matrix': sample.cameras.opengl_to_opencv(s['c2w'][v]).tolist(),
+        Kp = cameras.K_to_pixels(s['K'][v], 56, 56)
+        frames.append({'file_path': f'im{v}.png', 'transform_matrix': cameras.opengl_to_opencv(s['c2w'][v]).tolist(),
                        'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]), 'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]), 'w': 56, 'h': 56})
     json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
     return folder
