@@ -28,6 +28,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import export
 import model
 import sample
 import train
@@ -764,7 +765,7 @@ def test_depth_to_points_and_ply(tmp_path):
     torch.testing.assert_close(uv[..., :2] / uv[..., 2:], encoder_lib.pixel_grid(6, 8, 'cpu')[..., :2])
     rgb = torch.rand(48, 3)
     path = tmp_path / 'cloud.ply'
-    encoder_lib.write_ply(path, pts, rgb)
+    export.write_ply(path, pts, rgb)
     data = path.read_bytes()
     header, body = data.split(b'end_header\n')
     assert b'binary_little_endian' in header and b'element vertex 48' in header
@@ -1783,7 +1784,7 @@ SAMPLE_RUNS = [
      '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
-     '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c'],
+     '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export', 'ply,colmap,colmap-text,glb,nerfstudio'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--traj', 'spiral', '--frames', '2', '--steps', '2', '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--boundary', '2', '--independent', '--out', 'out/f', '--data', 'DATA'],
@@ -1830,13 +1831,13 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
         table = json.load(open(os.path.join(out, 'eval_n2.json')))
         assert {'gld', 'nearest source', 'mean colour', 'da3 on gt images'} <= set(table)
         return
-    assert {'grid.png', 'depth.npy', 'points.ply', 'transforms.json', 'target_000.png', 'depth_000.png'} <= files
-    assert 'video.gif' in files or 'video.mp4' in files
+    assert {'grid.png', 'depth.npy', 'points.ply', 'transforms.json', 'images', 'depth_000.png', 'video.mp4'} <= files
+    targets = [f for f in os.listdir(os.path.join(out, 'images')) if f.startswith('target_')]
     if '--traj' not in argv:
         m = json.load(open(os.path.join(out, 'metrics.json')))
         assert m['gld']['psnr'] > 0 and 'ate' in m['gld']
     tf = json.load(open(os.path.join(out, 'transforms.json')))
-    assert len(tf['frames']) == len([f for f in files if f.startswith('target_')]) + 2
+    assert len(tf['frames']) == len(targets) + 2
 
 
 @pytest.mark.parametrize('i', range(len(BENCH_RUNS)))
