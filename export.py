@@ -21,9 +21,10 @@ conversions (rigid_inverse, rotmat_to_quat, opengl_to_opencv, K_to_pixels):
 glTF worlds are y-up; ours come from OpenCV cameras (y down), so the GLB's root node turns the world 180 degrees
 about x. The buffers keep the same coordinates as the PLY and the COLMAP model.
 
-Units: one world for all formats. The cameras are the ones sampling used (the dataset's poses, --cameras, or DA3's
-estimate when none were given); DA3's depth is rescaled into their units by depth_scale (the Umeyama scale from DA3's
-own camera centres to those cameras) before the points are fused, so the points reproject into their views.
+Units: one world for all formats, the cameras' that sampling used. With the dataset's poses or --cameras, DA3's
+relative depth is rescaled into their units before the points are fused (depth_scale: the Umeyama scale from DA3's
+own camera centres, or the sources' photo-consistency when DA3's cameras show no baseline); with DA3's estimated
+cameras (no --cameras) the unit is DA3's depth scale. Either way each point reprojects onto the pixel it came from.
 
 References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 specification, GLB file format
 (registry.khronos.org/glTF/specs/2.0/glTF-2.0.html); nerfstudio data conventions
@@ -72,7 +73,7 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
     - 'da3 cameras': the Umeyama scale from DA3's own camera centres c2w_da3 (V,4,4) to the given ones, when DA3
       resolved a baseline (centre spread >= 1% of its median depth);
     - 'source photo-consistency': else the scale at which the sources' depth (V,H,W) carries each source's colours
-      onto the others best (images (V,3,H,W)), searched on a log grid (1e-3..1e3, then refined to 0.25%);
+      onto the others best (images (V,3,H,W)), searched on a log grid (1e-3..1e3, then refined in 0.6% steps);
     - 'none' (1.0): one source and no DA3 baseline, or cameras that do not move."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if spread(c2w[:, :3, 3]) < 1e-9:
@@ -111,13 +112,12 @@ def fuse_points(images, depth, conf, c2w, K, keep=0.7):
     (V,4,4), K (V,3,3) normalised. Keeps the `keep` fraction with the highest confidence (over all views).
     -> {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,) the view each point came from, 'uv' (N,2) its pixel
     centre in pixels}; points are ordered by view."""
-    V, _, H, W = images.shape
     pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
     mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
     v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
     rgb = (images.permute(0, 2, 3, 1)[mask].clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # (N,3), as to_uint8
     uv = torch.stack([x, y], -1).double() + 0.5
-    return {'xyz': pts[mask].cpu(), 'rgb': rgb.cpu(), 'view': v.cpu(), 'uv': uv.cpu()}
+    return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': uv}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,10 +287,11 @@ class _GLBBuffer:
         return len(self.accessors) - 1
 
 
-def write_glb(path, xyz, rgb, c2w, K, H, W, is_source, size, extras=None):
+def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
     """GLB: the points xyz (N,3) with colours rgb (N,3) uint8 as a POINTS primitive, and one LINES frustum per view
     (c2w (V,4,4), K (V,3,3) normalised, is_source (V,) bool: sources and targets in two colours), each frustum
-    a node whose matrix is its c2w, `size` deep. A root node turns the y-down world y-up (WORLD_TO_GLTF)."""
+    a node named after its image (`names`) whose matrix is its c2w, `size` deep. A root node turns the y-down
+    world y-up (WORLD_TO_GLTF)."""
     buf = _GLBBuffer()
     rgba = np.concatenate([np.asarray(rgb, np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)  # 4-byte aligned
     meshes = [{'name': 'points', 'primitives': [{'mode': GLTF_POINTS, 'attributes': {
@@ -300,13 +301,12 @@ def write_glb(path, xyz, rgb, c2w, K, H, W, is_source, size, extras=None):
     nodes = [{'name': 'world', 'matrix': WORLD_TO_GLTF, 'children': list(range(1, len(c2w) + 2))},
              {'name': 'points', 'mesh': 0}]
     for v in range(len(c2w)):
-        role = 'source' if is_source[v] else 'target'
         pos = buf.add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3',
                       GLTF_ARRAY_BUFFER)
-        meshes.append({'name': f'frustum_{v}', 'primitives': [
-            {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}]})
+        prim = {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}
+        meshes.append({'name': f'frustum_{v}', 'primitives': [prim]})
         matrix = c2w[v].double().T.flatten().tolist()  # glTF matrices are column-major
-        nodes.append({'name': f'{role}_{v}', 'mesh': len(meshes) - 1, 'matrix': matrix})
+        nodes.append({'name': os.path.splitext(names[v])[0], 'mesh': len(meshes) - 1, 'matrix': matrix})
     materials = [{'name': name, 'pbrMetallicRoughness': {'baseColorFactor': list(c), 'metallicFactor': 0.0},
                   'emissiveFactor': list(c[:3])} for name, c in (('source', SOURCE_RGBA), ('target', TARGET_RGBA))]
     doc = {'asset': {'version': '2.0', 'generator': 'gld export.py', 'extras': extras or {}},
@@ -367,7 +367,7 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
             files.append('sparse/0/')
     if 'glb' in formats:
         size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
-        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, is_source, size,
+        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size,
                   extras={'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how})
         files.append('scene.glb')
     if 'nerfstudio' in formats:

@@ -2104,7 +2104,7 @@ def test_glb_holds_the_ply_points_and_one_frustum_per_view_at_its_camera(exporte
     root = doc['nodes'][doc['scenes'][doc['scene']]['nodes'][0]]
     assert root['matrix'] == [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]  # y-down world shown y-up
     frusta = [doc['nodes'][i] for i in root['children'] if doc['nodes'][i]['name'] != 'points']
-    assert [f['name'] for f in frusta] == ['source_0', 'source_1', 'target_2', 'target_3', 'target_4']
+    assert [f['name'] + '.png' for f in frusta] == e['names']  # named after their images
     colours = set()
     for v, node in enumerate(frusta):
         M = np.array(node['matrix']).reshape(4, 4).T  # column-major
@@ -2119,7 +2119,7 @@ def test_glb_holds_the_ply_points_and_one_frustum_per_view_at_its_camera(exporte
     cloud = scene.geometry['points']
     assert len(cloud.vertices) == len(e['ply']) and (np.asarray(cloud.colors)[:, :3] == e['ply']['rgb']).all()
     assert sum(name.startswith('frustum_') for name in scene.geometry) == 5
-    gl_centres = [scene.graph.get(n)[0][:3, 3] for n in ['source_0', 'source_1', 'target_2', 'target_3', 'target_4']]
+    gl_centres = [scene.graph.get(n[:-4])[0][:3, 3] for n in e['names']]  # in the y-up world
     np.testing.assert_allclose(gl_centres, e['c2w'][:, :3, 3].numpy() * [1, -1, -1], atol=1e-5)
 
 
