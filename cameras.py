@@ -8,6 +8,8 @@ Conventions (stated once here; every other module follows them):
 - Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the
   principal point is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
 - Pixel (u, v) covers [u, u+1) x [v, v+1) in pixel units; its centre is (u + 0.5, v + 0.5).
+- File formats (COLMAP w2c + quaternions, nerfstudio OpenGL c2w, glTF, pixel intrinsics) are converted with these
+  functions in export.py, which holds the table of each format's conventions.
 - Shape legend: B batch, V views, H W image, N points, n trajectory length.
 
 References: RealEstate10K (google.github.io/realestate10k); PRoPE: Li et al. 2025, "Cameras as Relative

@@ -32,7 +32,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -551,24 +550,6 @@ def depth_to_points(depth, c2w, K):
     pix = pixel_grid(H, W, depth.device, depth.dtype)
     cam = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix) * depth[..., None]
     return torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam) + c2w[..., None, None, :3, 3]
-
-
-def write_ply(path, xyz, rgb):
-    """Binary little-endian PLY: xyz (N,3) float, rgb (N,3) in [0,1] (float) or 0..255 (uint8)."""
-    xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
-    rgb = torch.as_tensor(rgb).reshape(-1, 3)
-    rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
-    verts = np.empty(len(xyz), dtype=[(c, '<f4') for c in 'xyz'] + [(c, 'u1') for c in ('red', 'green', 'blue')])
-    for i, c in enumerate('xyz'):
-        verts[c] = xyz[:, i]
-    for i, c in enumerate(('red', 'green', 'blue')):
-        verts[c] = rgb[:, i]
-    header = (f'ply\nformat binary_little_endian 1.0\nelement vertex {len(verts)}\n'
-              + ''.join(f'property float {c}\n' for c in 'xyz')
-              + ''.join(f'property uchar {c}\n' for c in ('red', 'green', 'blue')) + 'end_header\n')
-    with open(path, 'wb') as f:
-        f.write(header.encode('ascii'))
-        f.write(verts.tobytes())
 
 
 # ----------------------------------------------------------------------------------------------

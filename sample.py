@@ -34,9 +34,11 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import export
 import latents
 import model as model_lib
 import official
+from export import save_image
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {  # what creates each missing piece
@@ -373,12 +375,6 @@ def evaluate_during_training(stage, val, a, device, n=8):
 
 # ----------------------------------------------------------------------------- writing outputs
 
-def save_image(img, path):
-    """img (3,H,W) in [0,1] -> PNG."""
-    from PIL import Image
-    Image.fromarray((img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)).save(path)
-
-
 def make_grid(gt, pred, n_src):
     """Rows: sources | generated | ground truth (when known); (V,3,H,W) each -> (3, rows*H, V*W)."""
     V = gt.shape[0]
@@ -394,50 +390,23 @@ def colourise_depth(d):
     return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
 
 
-def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None):
-    """Every target image, a grid, a video, depth maps (PNG + .npy), a fused PLY and a nerfstudio transforms.json."""
+def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
+                  units='poses'):
+    """A grid, a video of the targets, depth maps (PNG + .npy), metrics.json, and through export.write_scene every
+    view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP model, a GLB, transforms.json)."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
-    V, _, H, W = pred.shape
-    for v in range(n_src, V):
-        save_image(pred[v], os.path.join(out_dir, f'target_{v - n_src:03d}.png'))
-    save_image(make_grid(frames_gt if frames_gt is not None else torch.cat([images[0, :n_src], pred[n_src:]]), pred, n_src),
-               os.path.join(out_dir, 'grid.png'))
-    write_video([pred[v] for v in range(n_src, V)], os.path.join(out_dir, 'video'))
+    V = pred.shape[0]
+    views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
+    save_image(make_grid(frames_gt if frames_gt is not None else views, pred, n_src), os.path.join(out_dir, 'grid.png'))
+    export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
     depth = geo['depth'][0]
     np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
     for v in range(V):
         save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
-    pts = encoder_lib.depth_to_points(geo['depth'], geo['c2w'], geo['K'])[0]  # (V,H,W,3) in DA3's world frame
-    conf = geo['depth_conf'][0]
-    keep = conf >= conf.flatten().quantile(0.3)
-    colours = pred.permute(0, 2, 3, 1)
-    encoder_lib.write_ply(os.path.join(out_dir, 'points.ply'), pts[keep], colours[keep])
-    frames = []
-    for v in range(V):
-        gl = cameras.opengl_to_opencv(c2w[0, v])  # the flip is its own inverse
-        Kp = cameras.K_to_pixels(K[0, v], H, W)
-        frames.append({'file_path': f'target_{v - n_src:03d}.png' if v >= n_src else f'source_{v}',
-                       'transform_matrix': gl.tolist(), 'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]),
-                       'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]), 'w': W, 'h': H, 'is_source': v < n_src})
-    json.dump({'camera_model': 'OPENCV', 'frames': frames}, open(os.path.join(out_dir, 'transforms.json'), 'w'), indent=1)
-    if metrics is not None:
-        json.dump(metrics, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
-
-
-def write_video(frames, stem, fps=8):
-    """MP4 when imageio-ffmpeg is installed, else an animated GIF through Pillow."""
-    arr = [(f.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8) for f in frames]
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401  (only its presence matters)
-        imageio.mimsave(stem + '.mp4', arr, fps=fps)
-        return stem + '.mp4'
-    except ImportError:
-        from PIL import Image
-        ims = [Image.fromarray(a) for a in arr]
-        ims[0].save(stem + '.gif', save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
-        return stem + '.gif'
+    summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
+                                 formats, units)
+    json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -537,6 +506,9 @@ def build_parser():
     p.add_argument('--recon', action='store_true', help='Stage-1 reconstruction table: all levels and each level alone')
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
+    p.add_argument('--export', default=','.join(export.DEFAULT_FORMATS), type=export.parse_formats,
+                   help='3D outputs beside images/, comma-separated: ply (points.ply), colmap (sparse/0/*.bin), '
+                        'colmap-text (sparse/0/*.txt), glb (scene.glb), nerfstudio (transforms.json); "": none')
     return p
 
 
@@ -589,7 +561,8 @@ def main(argv=None):
             rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg, a.seed, lpips)
             gt, metrics = images[0], rows
             print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
-    write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics)
+    write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics, formats=a.export,
+                  units='da3' if a.images and not a.cameras else 'poses')  # DA3 estimated the cameras
     print(f'wrote {a.out}/ ({len(os.listdir(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
 

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import warnings
 
 from PIL import Image
@@ -28,6 +29,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import export
 import latents
 import model
 import official
@@ -766,7 +768,7 @@ def test_depth_to_points_and_ply(tmp_path):
     torch.testing.assert_close(uv[..., :2] / uv[..., 2:], encoder_lib.pixel_grid(6, 8, 'cpu')[..., :2])
     rgb = torch.rand(48, 3)
     path = tmp_path / 'cloud.ply'
-    encoder_lib.write_ply(path, pts, rgb)
+    export.write_ply(path, pts, rgb)
     data = path.read_bytes()
     header, body = data.split(b'end_header\n')
     assert b'binary_little_endian' in header and b'element vertex 48' in header
@@ -2029,7 +2031,7 @@ SAMPLE_RUNS = [
      '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
-     '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c'],
+     '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export', 'ply,colmap,colmap-text,glb,nerfstudio'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--traj', 'spiral', '--frames', '2', '--steps', '2', '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--boundary', '2', '--independent', '--out', 'out/f', '--data', 'DATA'],
@@ -2076,13 +2078,13 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
         table = json.load(open(os.path.join(out, 'eval_n2.json')))
         assert {'gld', 'nearest source', 'mean colour', 'da3 on gt images'} <= set(table)
         return
-    assert {'grid.png', 'depth.npy', 'points.ply', 'transforms.json', 'target_000.png', 'depth_000.png'} <= files
-    assert 'video.gif' in files or 'video.mp4' in files
+    assert {'grid.png', 'depth.npy', 'points.ply', 'transforms.json', 'images', 'depth_000.png', 'video.mp4'} <= files
+    targets = [f for f in os.listdir(os.path.join(out, 'images')) if f.startswith('target_')]
     if '--traj' not in argv:
         m = json.load(open(os.path.join(out, 'metrics.json')))
         assert m['gld']['psnr'] > 0 and 'ate' in m['gld']
     tf = json.load(open(os.path.join(out, 'transforms.json')))
-    assert len(tf['frames']) == len([f for f in files if f.startswith('target_')]) + 2
+    assert len(tf['frames']) == len(targets) + 2
 
 
 @pytest.mark.parametrize('i', range(len(BENCH_RUNS)))
@@ -2236,3 +2238,182 @@ def test_flow_loss_bins_by_t_add_up_to_the_loss():
                                       generator=torch.Generator().manual_seed(0))
     assert parts['t_bin_count'].tolist() == [1, 2, 1, 2]
     torch.testing.assert_close(parts['t_bin_sum'].sum() / 6, loss)
+
+
+# ====================================================================================================
+# export.py: the scene in the formats other tools open, read back by those tools (pycolmap, trimesh, imageio) or
+# by small independent readers written here from the format specifications
+# ====================================================================================================
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """A synthetic scene with exact depth and cameras (2 sources, 3 targets at 56 x 56), written in every format.
+    DA3's cameras are the true ones, so the depth scale is exactly 1 and the points lie on the true surfaces."""
+    s = data.synth_scene(3, frames=5, size=56)
+    order = [0, 4, 1, 2, 3]  # sources (the clip's ends) first, then the targets
+    images = torch.from_numpy(s['images'][order]).permute(0, 3, 1, 2).float() / 255  # (V,3,H,W)
+    depth, c2w, K = torch.from_numpy(s['depths'][order]), s['c2w'][order], s['K'][order]
+    conf = torch.rand(depth.shape, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp('export')
+    summary = export.write_scene(str(out), images, depth, conf, c2w, K, c2w, 2, formats=export.FORMATS)
+    ply = (out / 'points.ply').read_bytes().split(b'end_header\n')[1]
+    ply = np.frombuffer(ply, dtype=[('xyz', '<f4', 3), ('rgb', 'u1', 3)])
+    return {'out': out, 'images': images, 'depth': depth, 'c2w': c2w, 'K': K, 'summary': summary, 'ply': ply,
+            'names': export.view_names(5, 2)}
+
+
+def read_colmap_text(folder):
+    """COLMAP's text model, parsed from the format description alone: {'cameras': {id: (model, W, H, params)},
+    'images': {id: (qvec wxyz, tvec, camera_id, name, [(x, y, point3D_id)])}, 'points': {id: (xyz, rgb, track)}}."""
+    rows = lambda name: [l.split() for l in open(os.path.join(folder, name)) if l.strip() and not l.startswith('#')]
+    cameras_ = {int(r[0]): (r[1], int(r[2]), int(r[3]), [float(x) for x in r[4:]]) for r in rows('cameras.txt')}
+    lines = [l.rstrip('\n') for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#')]
+    images = {}
+    for head, obs in zip(lines[0::2], lines[1::2]):
+        r, o = head.split(), obs.split()
+        images[int(r[0])] = ([float(x) for x in r[1:5]], [float(x) for x in r[5:8]], int(r[8]), r[9],
+                             [(float(o[i]), float(o[i + 1]), int(o[i + 2])) for i in range(0, len(o), 3)])
+    points = {int(r[0]): ([float(x) for x in r[1:4]], [int(x) for x in r[4:7]],
+                          [(int(r[i]), int(r[i + 1])) for i in range(8, len(r), 2)]) for r in rows('points3D.txt')}
+    return {'cameras': cameras_, 'images': images, 'points': points}
+
+
+def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_and_points(exported):
+    pycolmap = pytest.importorskip('pycolmap')
+    e = exported
+    sparse = e['out'] / 'sparse' / '0'
+    rec = pycolmap.Reconstruction(str(sparse))  # prefers the .bin files
+    text_only = e['out'] / 'text'
+    text_only.mkdir(exist_ok=True)
+    for f in ('cameras.txt', 'images.txt', 'points3D.txt'):
+        shutil.copy(sparse / f, text_only / f)
+    rec_txt, txt = pycolmap.Reconstruction(str(text_only)), read_colmap_text(text_only)
+    V, H, W = e['depth'].shape
+    Kp = cameras.K_to_pixels(e['K'].double(), H, W)
+    w2c = cameras.c2w_to_w2c(e['c2w'].double())
+    assert len(rec.images) == len(rec_txt.images) == len(txt['images']) == V
+    assert len(rec.points3D) == len(rec_txt.points3D) == len(txt['points']) == len(e['ply']) == e['summary']['points']
+    for image in rec.images.values():
+        v = e['names'].index(image.name)  # the names the model refers to, written beside it
+        assert (e['out'] / 'images' / image.name).exists()
+        cam = rec.cameras[image.camera_id]
+        assert cam.model.name == 'PINHOLE' and (cam.width, cam.height) == (W, H)
+        np.testing.assert_allclose(cam.params, [Kp[v, 0, 0], Kp[v, 1, 1], Kp[v, 0, 2], Kp[v, 1, 2]], rtol=1e-9)
+        pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+        np.testing.assert_allclose(pose.matrix(), w2c[v, :3].numpy(), atol=1e-6)
+        q, t, cam_id, name, obs = txt['images'][image.image_id]
+        x, y, z, w = pose.rotation.quat  # pycolmap: (x, y, z, w); the text file: (w, x, y, z)
+        assert name == image.name and cam_id == image.camera_id and len(obs) == len(image.points2D)
+        np.testing.assert_allclose(np.array(q) * np.sign(q[0] * w), [w, x, y, z], atol=1e-9)
+        np.testing.assert_allclose(t, pose.translation, atol=1e-9)
+        np.testing.assert_allclose(txt['cameras'][cam_id][3], cam.params, rtol=1e-12)
+        txt_pose = rec_txt.images[image.image_id].cam_from_world
+        np.testing.assert_allclose((txt_pose() if callable(txt_pose) else txt_pose).matrix(), pose.matrix(), atol=1e-12)
+    # every point reprojects onto its observation, in the view it came from
+    err = []
+    for pid, p in rec.points3D.items():
+        el = p.track.elements[0]
+        image = rec.images[el.image_id]
+        v = e['names'].index(image.name)
+        cam = w2c[v, :3, :3].numpy() @ p.xyz + w2c[v, :3, 3].numpy()
+        uv = Kp[v].numpy() @ cam
+        err.append(np.abs(uv[:2] / uv[2] - image.points2D[el.point2D_idx].xy).max())
+        assert image.points2D[el.point2D_idx].point3D_id == pid and txt['points'][pid][2] == [(el.image_id, el.point2D_idx)]
+    assert max(err) < 1e-4, max(err)  # pixels; float32 rotations are orthonormal to ~1e-7
+    ids = sorted(rec.points3D)  # ids 1..N follow the PLY's order
+    xyz = np.stack([rec.points3D[i].xyz for i in ids])
+    np.testing.assert_allclose(xyz, e['ply']['xyz'], atol=1e-5)
+    assert (np.stack([rec.points3D[i].color for i in ids]) == e['ply']['rgb']).all()
+    # ...and lands on the true surface seen from the other views (the scale is exact here)
+    assert cross_view_depth_error(torch.from_numpy(xyz), e['c2w'], e['K'], e['depth']) < 0.01
+
+
+def read_glb(path):
+    """A GLB file, split per the glTF 2.0 spec: (json dict, bin bytes) after checking the header and chunk types."""
+    raw = path.read_bytes()
+    magic, version, length = np.frombuffer(raw[:12], '<u4')
+    assert magic == 0x46546C67 and version == 2 and length == len(raw)
+    n_json, kind = np.frombuffer(raw[12:20], '<u4')
+    assert kind == 0x4E4F534A and n_json % 4 == 0
+    n_bin, kind = np.frombuffer(raw[20 + n_json:28 + n_json], '<u4')
+    assert kind == 0x004E4942 and 28 + n_json + n_bin == len(raw)
+    return json.loads(raw[20:20 + n_json]), raw[28 + n_json:]
+
+
+def glb_accessor(doc, blob, i):
+    acc = doc['accessors'][i]
+    view = doc['bufferViews'][acc['bufferView']]
+    dtype = {5126: '<f4', 5121: 'u1', 5123: '<u2'}[acc['componentType']]
+    width = {'SCALAR': 1, 'VEC3': 3, 'VEC4': 4}[acc['type']]
+    return np.frombuffer(blob, dtype, acc['count'] * width, view['byteOffset']).reshape(acc['count'], width)
+
+
+def test_glb_holds_the_ply_points_and_one_frustum_per_view_at_its_camera(exported):
+    e = exported
+    doc, blob = read_glb(e['out'] / 'scene.glb')
+    points = next(m for m in doc['meshes'] if m['name'] == 'points')['primitives'][0]
+    xyz = glb_accessor(doc, blob, points['attributes']['POSITION'])
+    rgba = glb_accessor(doc, blob, points['attributes']['COLOR_0'])
+    assert points['mode'] == 0 and (xyz == e['ply']['xyz']).all() and (rgba[:, :3] == e['ply']['rgb']).all()
+    root = doc['nodes'][doc['scenes'][doc['scene']]['nodes'][0]]
+    assert root['matrix'] == [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]  # y-down world shown y-up
+    frusta = [doc['nodes'][i] for i in root['children'] if doc['nodes'][i]['name'] != 'points']
+    assert [f['name'] + '.png' for f in frusta] == e['names']  # named after their images
+    colours = set()
+    for v, node in enumerate(frusta):
+        M = np.array(node['matrix']).reshape(4, 4).T  # column-major
+        np.testing.assert_allclose(M, e['c2w'][v].numpy(), atol=1e-6)
+        prim = doc['meshes'][node['mesh']]['primitives'][0]
+        corners = glb_accessor(doc, blob, prim['attributes']['POSITION'])
+        assert prim['mode'] == 1 and (corners[0] == 0).all()  # the apex: at the camera centre M[:3, 3]
+        colours.add((v < 2, tuple(doc['materials'][prim['material']]['pbrMetallicRoughness']['baseColorFactor'])))
+    assert len(colours) == 2  # sources and targets apart
+    trimesh = pytest.importorskip('trimesh')
+    scene = trimesh.load(str(e['out'] / 'scene.glb'))
+    cloud = scene.geometry['points']
+    assert len(cloud.vertices) == len(e['ply']) and (np.asarray(cloud.colors)[:, :3] == e['ply']['rgb']).all()
+    assert sum(name.startswith('frustum_') for name in scene.geometry) == 5
+    gl_centres = [scene.graph.get(n[:-4])[0][:3, 3] for n in e['names']]  # in the y-up world
+    np.testing.assert_allclose(gl_centres, e['c2w'][:, :3, 3].numpy() * [1, -1, -1], atol=1e-5)
+
+
+def test_nerfstudio_transforms_read_back_by_data_to_the_same_cameras(exported):
+    e = exported
+    path = e['out'] / 'transforms.json'
+    back = data.read_transforms(str(path))
+    torch.testing.assert_close(back['c2w'], e['c2w'], atol=1e-6, rtol=0)
+    torch.testing.assert_close(back['K'], e['K'], atol=1e-6, rtol=0)
+    meta = json.load(open(path))
+    assert meta['gld_depth_scale'] == pytest.approx(1.0) and meta['gld_units'] == export.UNITS['poses']
+    assert (e['out'] / meta['ply_file_path']).exists()
+    for v, f in enumerate(back['files']):  # every file it names exists and holds that view
+        img = np.asarray(Image.open(e['out'] / f))
+        assert (img == export.to_uint8(e['images'][v])).all()
+
+
+def test_video_decodes_to_the_frames_written_and_falls_back_to_a_gif(tmp_path, monkeypatch, capsys):
+    imageio = pytest.importorskip('imageio.v2')
+    frames = list(torch.rand(7, 3, 42, 70, generator=torch.Generator().manual_seed(0)))
+    path = export.write_video(frames, str(tmp_path / 'video'))
+    reader = imageio.get_reader(path)
+    assert path.endswith('.mp4') and reader.count_frames() == 7 and reader.get_data(0).shape == (42, 70, 3)
+    monkeypatch.setitem(sys.modules, 'imageio_ffmpeg', None)  # as if it were not installed
+    path = export.write_video(frames, str(tmp_path / 'fallback'))
+    assert path.endswith('.gif') and Image.open(path).n_frames == 7
+    assert capsys.readouterr().out.count('\n') == 1  # one line says why
+
+
+def test_depth_scale_recovers_the_cameras_units(exported):
+    """DA3's depth comes in its own scale: with DA3's cameras at the true centres the scale is theirs (Umeyama);
+    with DA3 cameras that did not move (as the bundled tiny encoder's), the sources' photo-consistency finds it."""
+    e = exported
+    truth = 2.5
+    da3_c2w = e['c2w'].clone()
+    da3_c2w[:, :3, 3] /= truth
+    scale, how = export.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], da3_c2w, 2)
+    assert how == 'da3 cameras' and scale == pytest.approx(truth, rel=1e-6)
+    still = torch.eye(4).expand(5, 4, 4)
+    scale, how = export.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], still, 2)
+    assert how == 'source photo-consistency' and scale == pytest.approx(truth, rel=0.02), scale
+    with pytest.raises(argparse.ArgumentTypeError, match='unknown export format'):
+        export.parse_formats('ply,obj')

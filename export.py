@@ -1,0 +1,381 @@
+"""export.py: a generated scene in the formats other tools open: COLMAP, glTF (GLB), nerfstudio, PLY, MP4.
+
+    python sample.py --export ply,colmap,glb,nerfstudio    # the default set; add colmap-text for the text model
+
+What a run writes (out/sample/ by default): images/ (every view: the sources as given, the generated targets),
+sparse/0/ (a COLMAP model of all views and the fused points: 3DGS trainers and COLMAP open the folder as a project),
+transforms.json (nerfstudio, the same images; ply_file_path points splatfacto at points.ply), points.ply, scene.glb
+(the points and one camera frustum per view, for Blender and web viewers) and video.mp4 (the generated targets).
+
+Conventions. In memory everything follows cameras.py: OpenCV c2w (x right, y down, z forward), K normalised by the
+image size, pixel (u, v) centred at (u + 0.5, v + 0.5). Each format is converted here and only here, with cameras.py's
+conversions (rigid_inverse, rotmat_to_quat, opengl_to_opencv, K_to_pixels):
+
+| format | pose stored | camera axes | rotation | intrinsics |
+|---|---|---|---|---|
+| COLMAP (colmap_pose) | w2c: R, t with x_cam = R x_world + t | OpenCV | quaternion (w, x, y, z) of R, Hamilton | PINHOLE fx fy cx cy in pixels, pixel centres at +0.5 (as ours) |
+| nerfstudio (write_transforms) | c2w 4x4 `transform_matrix` | OpenGL (y up, z back) | matrix | fl_x fl_y cx cy w h in pixels |
+| glTF (write_glb) | node matrix = c2w, column-major | OpenCV inside each frustum mesh | matrix | frustum corners through K |
+| PLY (write_ply) | world points only | - | - | - |
+
+glTF worlds are y-up; ours come from OpenCV cameras (y down), so the GLB's root node turns the world 180 degrees
+about x. The buffers keep the same coordinates as the PLY and the COLMAP model.
+
+Units: one world for all formats, the cameras' that sampling used. With the dataset's poses or --cameras, DA3's
+relative depth is rescaled into their units before the points are fused (depth_scale: the Umeyama scale from DA3's
+own camera centres, or the sources' photo-consistency when DA3's cameras show no baseline); with DA3's estimated
+cameras (no --cameras) the unit is DA3's depth scale. Either way each point reprojects onto the pixel it came from.
+
+References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 specification, GLB file format
+(registry.khronos.org/glTF/specs/2.0/glTF-2.0.html); nerfstudio data conventions
+(docs.nerf.studio/quickstart/data_conventions.html); PLY (paulbourke.net/dataformats/ply).
+Shape legend: V views, H W image, N points.
+"""
+import argparse
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+from PIL import Image
+
+import cameras
+import encoder as encoder_lib
+
+FORMATS = ('ply', 'colmap', 'colmap-text', 'glb', 'nerfstudio')
+DEFAULT_FORMATS = ('ply', 'colmap', 'glb', 'nerfstudio')  # what every sample.py run writes
+UNITS = {  # what one unit of the exported world is, by where the cameras came from
+    'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
+    'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
+}
+COLMAP_PINHOLE = 1  # COLMAP's camera model id of PINHOLE (params fx, fy, cx, cy)
+SOURCE_RGBA, TARGET_RGBA = (0.1, 0.45, 1.0, 1.0), (1.0, 0.45, 0.05, 1.0)  # frustum colours in the GLB
+
+
+def parse_formats(text):
+    """'ply,colmap' -> ['ply', 'colmap'] ('' -> []): the type of sample.py's --export."""
+    formats = [f.strip() for f in text.split(',') if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {",".join(FORMATS)}')
+    return formats
+
+
+def view_names(V, n_src):
+    """File names of the V views, sources first; zero-padded so that sorting by name keeps the view order."""
+    digits = max(3, len(str(V)))
+    return [f'source_{v:0{digits}d}.png' if v < n_src else f'target_{v - n_src:0{digits}d}.png' for v in range(V)]
+
+
+def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
+    """Scale from DA3's depth units to the units of the cameras c2w (V,4,4), K (V,3,3), and how it was found:
+    - 'da3 cameras': the Umeyama scale from DA3's own camera centres c2w_da3 (V,4,4) to the given ones, when DA3
+      resolved a baseline (centre spread >= 1% of its median depth);
+    - 'source photo-consistency': else the scale at which the sources' depth (V,H,W) carries each source's colours
+      onto the others best (images (V,3,H,W)), searched on a log grid (1e-3..1e3, then refined in 0.6% steps);
+    - 'none' (1.0): one source and no DA3 baseline, or cameras that do not move."""
+    spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
+    if spread(c2w[:, :3, 3]) < 1e-9:
+        return 1.0, 'none'
+    if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()):
+        return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
+    if n_src < 2 or spread(c2w[:n_src, :3, 3]) < 1e-9:
+        return 1.0, 'none'
+    pairs = [(i, j) for i in range(n_src) for j in range(n_src) if i != j]
+    cost = lambda s: sum(photo_error(images, depth * s, c2w, K, i, j) for i, j in pairs)
+    best = 1.0
+    for grid in (torch.logspace(-3, 3, 121, dtype=torch.float64), torch.logspace(-0.05, 0.05, 41, dtype=torch.float64)):
+        grid = grid * best
+        best = float(grid[torch.stack([cost(float(s)) for s in grid]).argmin()])
+    return best, 'source photo-consistency'
+
+
+def photo_error(images, depth, c2w, K, i, j):
+    """Median colour difference between view i's pixels and view j's image where depth (V,H,W) carries them; 1
+    (the worst) when fewer than 5% of them land in view j."""
+    _, _, H, W = images.shape
+    pts = encoder_lib.depth_to_points(depth[i].double(), c2w[i].double(), K[i].double()).reshape(-1, 3)  # (HW,3)
+    w2c = cameras.c2w_to_w2c(c2w[j].double())
+    uvz = (pts @ w2c[:3, :3].T + w2c[:3, 3]) @ cameras.K_to_pixels(K[j].double(), H, W).T  # (HW,3) [z u, z v, z]
+    z = uvz[:, 2:]
+    xy = uvz[:, :2] / z.clamp_min(1e-9) / z.new_tensor([W, H]) * 2 - 1  # grid_sample's [-1, 1] image coordinates
+    ok = (z[:, 0] > 0) & (xy.abs() < 1).all(-1)
+    if ok.double().mean() < 0.05:
+        return torch.tensor(1.0, dtype=torch.float64)
+    seen = torch.nn.functional.grid_sample(images[j][None].double(), xy[ok][None, None], align_corners=False)[0, :, 0]
+    return (seen.T - images[i].flatten(1).T[ok].double()).abs().mean(-1).median()
+
+
+def fuse_points(images, depth, conf, c2w, K, keep=0.7):
+    """The confident pixels of every view, unprojected: images (V,3,H,W) in [0,1], depth and conf (V,H,W), c2w
+    (V,4,4), K (V,3,3) normalised. Keeps the `keep` fraction with the highest confidence (over all views).
+    -> {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,) the view each point came from, 'uv' (N,2) its pixel
+    centre in pixels}; points are ordered by view."""
+    pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
+    mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
+    v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
+    rgb = (images.permute(0, 2, 3, 1)[mask].clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # (N,3), as to_uint8
+    uv = torch.stack([x, y], -1).double() + 0.5
+    return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': uv}
+
+
+# ----------------------------------------------------------------------------------------------
+# images and video
+
+def to_uint8(img):
+    """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
+    return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_image(img, path):
+    """img (3,H,W) in [0,1] -> PNG (or any format Pillow infers from the name)."""
+    Image.fromarray(to_uint8(img)).save(path)
+
+
+def write_video(frames, stem, fps=8):
+    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264 through imageio-ffmpeg's own ffmpeg binary); an animated
+    GIF through Pillow, with a notice, when imageio-ffmpeg cannot be loaded. Returns the path written."""
+    arr = [to_uint8(f) for f in frames]
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()  # raises when the bundled binary is missing
+    except (ImportError, RuntimeError) as e:
+        print(f'note: no MP4 ({e}); wrote {stem}.gif instead (pip install imageio imageio-ffmpeg)')
+        ims = [Image.fromarray(a) for a in arr]
+        ims[0].save(stem + '.gif', save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+        return stem + '.gif'
+    # yuv420p plays everywhere but needs even sides: macro_block_size 2 keeps our sizes (multiples of 14) as they are
+    imageio.mimsave(stem + '.mp4', arr, fps=fps, macro_block_size=2, pixelformat='yuv420p')
+    return stem + '.mp4'
+
+
+# ----------------------------------------------------------------------------------------------
+# PLY
+
+def write_ply(path, xyz, rgb, comments=()):
+    """Binary little-endian PLY: xyz (N,3) float, rgb (N,3) in [0,1] (float) or 0..255 (uint8); `comments` go in
+    the header (e.g. the unit)."""
+    xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
+    rgb = torch.as_tensor(rgb).reshape(-1, 3)
+    rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
+    verts = np.empty(len(xyz), dtype=[(c, '<f4') for c in 'xyz'] + [(c, 'u1') for c in ('red', 'green', 'blue')])
+    for i, c in enumerate('xyz'):
+        verts[c] = xyz[:, i]
+    for i, c in enumerate(('red', 'green', 'blue')):
+        verts[c] = rgb[:, i]
+    header = ('ply\nformat binary_little_endian 1.0\n' + ''.join(f'comment {c}\n' for c in comments)
+              + f'element vertex {len(verts)}\n' + ''.join(f'property float {c}\n' for c in 'xyz')
+              + ''.join(f'property uchar {c}\n' for c in ('red', 'green', 'blue')) + 'end_header\n')
+    with open(path, 'wb') as f:
+        f.write(header.encode('ascii'))
+        f.write(verts.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# COLMAP
+
+def colmap_pose(c2w):
+    """OpenCV c2w (...,4,4) -> COLMAP's (qvec (...,4) (w, x, y, z), tvec (...,3)) of w2c, in float64."""
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    return cameras.rotmat_to_quat(w2c[..., :3, :3]), w2c[..., :3, 3]
+
+
+def colmap_intrinsics(K, H, W):
+    """Normalised K (...,3,3) -> PINHOLE params (...,4) fx, fy, cx, cy in pixels (COLMAP, like us, puts the centre
+    of the top-left pixel at (0.5, 0.5), so no offset)."""
+    Kp = cameras.K_to_pixels(K.double(), H, W)
+    return torch.stack([Kp[..., 0, 0], Kp[..., 1, 1], Kp[..., 0, 2], Kp[..., 1, 2]], -1)
+
+
+def write_colmap(folder, c2w, K, H, W, names, points, text=False):
+    """A COLMAP sparse model of V views: c2w (V,4,4), K (V,3,3) normalised, images H x W named `names`, points from
+    fuse_points. One PINHOLE camera per view (ids = view + 1, image i uses camera i); every point is observed once,
+    at the pixel it came from (error 0). Binary (cameras.bin, images.bin, points3D.bin) or text (.txt)."""
+    os.makedirs(folder, exist_ok=True)
+    V = len(names)
+    qvec, tvec = colmap_pose(c2w)
+    params = colmap_intrinsics(K, H, W)
+    view, N = points['view'].numpy(), len(points['view'])
+    first = np.searchsorted(view, np.arange(V + 1))  # points of view v: first[v]:first[v+1]
+    pid = np.arange(1, N + 1)  # point3D ids
+    rgb, xyz, uv = points['rgb'].numpy(), points['xyz'].numpy(), points['uv'].numpy()
+    if text:
+        _write_colmap_text(folder, V, H, W, names, qvec, tvec, params, first, pid, xyz, rgb, uv, view)
+        return
+    with open(os.path.join(folder, 'cameras.bin'), 'wb') as f:
+        f.write(struct.pack('<Q', V))
+        for v in range(V):
+            f.write(struct.pack('<iiQQ4d', v + 1, COLMAP_PINHOLE, W, H, *params[v].tolist()))
+    obs = np.dtype([('xy', '<f8', 2), ('point3D_id', '<i8')])
+    with open(os.path.join(folder, 'images.bin'), 'wb') as f:
+        f.write(struct.pack('<Q', V))
+        for v in range(V):
+            f.write(struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1))
+            f.write(names[v].encode() + b'\0')
+            rows = np.empty(first[v + 1] - first[v], dtype=obs)
+            rows['xy'], rows['point3D_id'] = uv[first[v]:first[v + 1]], pid[first[v]:first[v + 1]]
+            f.write(struct.pack('<Q', len(rows)) + rows.tobytes())
+    rec = np.empty(N, dtype=[('id', '<u8'), ('xyz', '<f8', 3), ('rgb', 'u1', 3), ('error', '<f8'),
+                             ('track_length', '<u8'), ('image_id', '<i4'), ('point2D_idx', '<i4')])
+    rec['id'], rec['xyz'], rec['rgb'], rec['error'], rec['track_length'] = pid, xyz, rgb, 0.0, 1
+    rec['image_id'], rec['point2D_idx'] = view + 1, np.arange(N) - first[view]
+    with open(os.path.join(folder, 'points3D.bin'), 'wb') as f:
+        f.write(struct.pack('<Q', N) + rec.tobytes())
+
+
+def _write_colmap_text(folder, V, H, W, names, qvec, tvec, params, first, pid, xyz, rgb, uv, view):
+    """The same model as write_colmap's binary one, in COLMAP's text format (17 significant digits: exact)."""
+    g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
+    with open(os.path.join(folder, 'cameras.txt'), 'w') as f:
+        f.write('# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n'
+                f'# Number of cameras: {V}\n')
+        f.writelines(f'{v + 1} PINHOLE {W} {H} {g(params[v])}\n' for v in range(V))
+    with open(os.path.join(folder, 'images.txt'), 'w') as f:
+        f.write('# Image list with two lines of data per image:\n'
+                '#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n#   POINTS2D[] as (X, Y, POINT3D_ID)\n'
+                f'# Number of images: {V}\n')
+        for v in range(V):
+            s = slice(first[v], first[v + 1])
+            f.write(f'{v + 1} {g(qvec[v])} {g(tvec[v])} {v + 1} {names[v]}\n')
+            f.write(' '.join(f'{g(p)} {i}' for p, i in zip(uv[s], pid[s])) + '\n')
+    idx = np.arange(len(pid)) - first[view]
+    with open(os.path.join(folder, 'points3D.txt'), 'w') as f:
+        f.write('# 3D point list with one line of data per point:\n'
+                '#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n'
+                f'# Number of points: {len(pid)}\n')
+        f.writelines(f'{pid[i]} {g(xyz[i])} {rgb[i, 0]} {rgb[i, 1]} {rgb[i, 2]} 0 {view[i] + 1} {idx[i]}\n'
+                     for i in range(len(pid)))
+
+
+# ----------------------------------------------------------------------------------------------
+# glTF 2.0 binary (GLB)
+
+GLTF_FLOAT, GLTF_UBYTE, GLTF_USHORT = 5126, 5121, 5123  # accessor componentType
+GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 34962, 34963  # bufferView target
+GLTF_POINTS, GLTF_LINES = 0, 1  # primitive mode
+WORLD_TO_GLTF = [1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, 1.0]  # 180 deg about x: y-down -> y-up
+FRUSTUM_LINES = [0, 1, 0, 2, 0, 3, 0, 4, 1, 2, 2, 3, 3, 4, 4, 1]  # apex to the 4 corners, then the image rectangle
+
+
+def frustum_vertices(K, H, W, size):
+    """Apex + the 4 image corners at depth `size`, in OpenCV camera coordinates: K (3,3) normalised -> (5,3)."""
+    corners = torch.tensor([[0, 0, 1], [W, 0, 1], [W, H, 1], [0, H, 1]], dtype=torch.float64)  # pixels
+    rays = corners @ torch.linalg.inv(cameras.K_to_pixels(K.double(), H, W)).T  # (4,3), z = 1
+    return torch.cat([torch.zeros(1, 3, dtype=torch.float64), rays * size])
+
+
+class _GLBBuffer:
+    """The single binary buffer of a GLB, with its bufferViews and accessors (each view 4-byte aligned)."""
+
+    def __init__(self):
+        self.data, self.views, self.accessors = bytearray(), [], []
+
+    def add(self, array, component, kind, target, normalized=False):
+        """array (n, k) or (n,) numpy -> the accessor index."""
+        self.data += b'\0' * (-len(self.data) % 4)
+        raw = np.ascontiguousarray(array).tobytes()
+        self.views.append({'buffer': 0, 'byteOffset': len(self.data), 'byteLength': len(raw), 'target': target})
+        self.data += raw
+        acc = {'bufferView': len(self.views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
+        if normalized:
+            acc['normalized'] = True
+        if kind == 'VEC3' and component == GLTF_FLOAT:  # POSITION needs its bounds
+            acc['min'], acc['max'] = array.min(0).tolist(), array.max(0).tolist()
+        self.accessors.append(acc)
+        return len(self.accessors) - 1
+
+
+def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
+    """GLB: the points xyz (N,3) with colours rgb (N,3) uint8 as a POINTS primitive, and one LINES frustum per view
+    (c2w (V,4,4), K (V,3,3) normalised, is_source (V,) bool: sources and targets in two colours), each frustum
+    a node named after its image (`names`) whose matrix is its c2w, `size` deep. A root node turns the y-down
+    world y-up (WORLD_TO_GLTF)."""
+    buf = _GLBBuffer()
+    rgba = np.concatenate([np.asarray(rgb, np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)  # 4-byte aligned
+    meshes = [{'name': 'points', 'primitives': [{'mode': GLTF_POINTS, 'attributes': {
+        'POSITION': buf.add(np.asarray(xyz, np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER),
+        'COLOR_0': buf.add(rgba, GLTF_UBYTE, 'VEC4', GLTF_ARRAY_BUFFER, normalized=True)}}]}]
+    lines = buf.add(np.array(FRUSTUM_LINES, np.uint16), GLTF_USHORT, 'SCALAR', GLTF_ELEMENT_ARRAY_BUFFER)
+    nodes = [{'name': 'world', 'matrix': WORLD_TO_GLTF, 'children': list(range(1, len(c2w) + 2))},
+             {'name': 'points', 'mesh': 0}]
+    for v in range(len(c2w)):
+        pos = buf.add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3',
+                      GLTF_ARRAY_BUFFER)
+        prim = {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}
+        meshes.append({'name': f'frustum_{v}', 'primitives': [prim]})
+        matrix = c2w[v].double().T.flatten().tolist()  # glTF matrices are column-major
+        nodes.append({'name': os.path.splitext(names[v])[0], 'mesh': len(meshes) - 1, 'matrix': matrix})
+    materials = [{'name': name, 'pbrMetallicRoughness': {'baseColorFactor': list(c), 'metallicFactor': 0.0},
+                  'emissiveFactor': list(c[:3])} for name, c in (('source', SOURCE_RGBA), ('target', TARGET_RGBA))]
+    doc = {'asset': {'version': '2.0', 'generator': 'gld export.py', 'extras': extras or {}},
+           'scene': 0, 'scenes': [{'nodes': [0]}], 'nodes': nodes, 'meshes': meshes, 'materials': materials,
+           'accessors': buf.accessors, 'bufferViews': buf.views, 'buffers': [{'byteLength': len(buf.data)}]}
+    js = json.dumps(doc, separators=(',', ':')).encode()
+    js += b' ' * (-len(js) % 4)  # the JSON chunk is padded with spaces, the binary one with zeros
+    bin_ = bytes(buf.data) + b'\0' * (-len(buf.data) % 4)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('<4sII', b'glTF', 2, 12 + 8 + len(js) + 8 + len(bin_)))
+        f.write(struct.pack('<I4s', len(js), b'JSON') + js)
+        f.write(struct.pack('<I4s', len(bin_), b'BIN\0') + bin_)
+
+
+# ----------------------------------------------------------------------------------------------
+# nerfstudio
+
+def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
+    """nerfstudio transforms.json: per frame an OpenGL c2w `transform_matrix`, pixel fl_x fl_y cx cy and a
+    `file_path` relative to the json's folder; `extra` adds top-level keys (units, ply_file_path)."""
+    Kp = cameras.K_to_pixels(K.double(), H, W)
+    gl = cameras.opengl_to_opencv(c2w.double())  # the axis flip is its own inverse
+    frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]),
+               'fl_y': float(Kp[v, 1, 1]), 'cx': float(Kp[v, 0, 2]), 'cy': float(Kp[v, 1, 2]),
+               'is_source': bool(is_source[v])} for v in range(len(files))]
+    with open(path, 'w') as f:
+        json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole scene
+
+def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
+                keep=0.7):
+    """Every view's image in out_dir/images/ and the scene in `formats` (see FORMATS): images (V,3,H,W) in [0,1]
+    (sources first), DA3's depth, conf (V,H,W) and own cameras c2w_da3 (V,4,4), the cameras c2w (V,4,4) and
+    normalised K (V,3,3) of the views. units: a key of UNITS; with 'poses' DA3's depth is rescaled by depth_scale,
+    with 'da3' (the cameras are DA3's estimate) it is kept.
+    -> a summary {'units', 'depth_scale', 'depth_scale_from', 'points', 'files'} for metrics.json."""
+    parse_formats(','.join(formats))  # fails on an unknown name
+    images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
+    V, _, H, W = images.shape
+    names = view_names(V, n_src)
+    os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
+    for v in range(V):
+        save_image(images[v], os.path.join(out_dir, 'images', names[v]))
+    scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src) if units == 'poses' else (1.0, 'none')
+    pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
+    note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
+    is_source = torch.arange(V) < n_src
+    files = ['images/']
+    if 'ply' in formats:
+        write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
+        files.append('points.ply')
+    for fmt in ('colmap', 'colmap-text'):
+        if fmt in formats:
+            write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts, text=fmt == 'colmap-text')
+            files.append('sparse/0/')
+    if 'glb' in formats:
+        size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
+        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size,
+                  extras={'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how})
+        files.append('scene.glb')
+    if 'nerfstudio' in formats:
+        extra = {'gld_units': UNITS[units], 'gld_depth_scale': scale, 'gld_depth_scale_from': how}
+        if 'ply' in formats:
+            extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
+        write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
+                         is_source, extra)
+        files.append('transforms.json')
+    return {'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how, 'points': len(pts['xyz']),
+            'files': sorted(set(files))}
