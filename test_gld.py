@@ -861,7 +861,7 @@ def test_geometry_loss_and_training_step():
 # ====================================================================================================
 
 torch.set_num_threads(1)
-KEYS_FILE = Path(__file__).parent.parent / 'shared' / 'notes' / 'official-gld-keys-decoder.txt'
+KEYS_FILE = Path(__file__).resolve().parent / 'testdata' / 'official-gld-keys-decoder.txt'  # names and shapes of the release
 
 
 def random_levels(B, V, T, feat_dim, seed=0):
@@ -1053,7 +1053,6 @@ def test_convert_official_small_matches_reference():
         decoder_lib.convert_official({**sd, 'decoder_layers.0.output.dense.bias': torch.zeros(31)}, heads=4)
 
 
-@pytest.mark.skipif(not KEYS_FILE.exists(), reason='official key list not available')
 def test_convert_official_xl_key_list():
     sd = {}
     for line in KEYS_FILE.read_text().splitlines():
@@ -1100,7 +1099,7 @@ def test_adversarial_step():
 # ====================================================================================================
 
 torch.set_num_threads(1)
-NOTES = Path(__file__).resolve().parent.parent / 'shared' / 'notes'
+TESTDATA = Path(__file__).resolve().parent / 'testdata'  # the release's key lists: names and shapes
 SMALL = replace(model.PRESETS['gld-tiny'], latent_dim=16, enc_width=32, enc_depth=2, head_width=48, head_depth=1,
                 heads=2)  # head dims 16 / 24
 
@@ -1343,9 +1342,8 @@ def test_gld_tiny_overfits_fixed_batch():
 # ----------------------------------------------------------------------------- the released checkpoints
 
 def read_keys(name):
-    path = NOTES / name
-    if not path.exists():
-        pytest.skip(f'{path} not found (shared/ beside the repo)')
+    """testdata/<name>: 'key<TAB>(shape)' per line -> {key: shape}."""
+    path = TESTDATA / name
     return {k: tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
             for k, shape in (line.rstrip('\n').split('\t') for line in path.open() if not line.startswith('#'))}
 
@@ -1413,7 +1411,7 @@ def test_forward_compiles_without_graph_breaks():
 # key names (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.'
 # prefix, dict stats (1,C,1,1)) and each file as the release's code saves or reads it (trainer dicts, EMA beside the
 # live weights, 'decoder.' prefixes), at widths small enough for a CPU; every other layout is tested on its own. The
-# layout writers are checked against the full-size key lists in shared/notes. Run:
+# layout writers are checked against the full-size key lists in testdata/ (the release's names and shapes, copied from the notes). Run:
 #     OMP_NUM_THREADS=1 python -m pytest -q test_gld.py -k "official or release or layout or discovery"
 # Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 # ====================================================================================================
@@ -1543,11 +1541,7 @@ def scene(B=1, V=3, H=28, W=42, seed=0):
                                                      ('official-gld-keys-cascade-ddt-old.txt', True, False, 2)])
 def test_layout_writer_matches_release_key_lists(name, cascade, aliases, d2):
     """The small fakes use the writer that gives exactly the released keys and shapes at full size."""
-    path = NOTES / name
-    if not path.exists():
-        pytest.skip(f'{path} not found (shared/ beside the repo)')
-    keys = {k: tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
-            for k, shape in (line.rstrip('\n').split('\t') for line in path.open() if not line.startswith('#'))}
+    keys = read_keys(name)
     assert official_model_layout(1536, 768, 2048, 28, d2, cascade, aliases) == keys
 
 
