@@ -1868,7 +1868,7 @@ def world(tmp_path_factory):
         'level1': ['--level', '1', '--model', 'gld-tiny', '--src', '1-2', '--cam-drop', '0.5', '--t-dist', 'logit_normal',
                    '--accum', '2', '--checkpointing', '--decoder-ckpt', 'auto'],
         'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3', '--src-mode', 'ends'],
-        'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--compile', '--cache', '1'],
+        'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--cache', '1'],
     }
     for name, argv in runs.items():
         train.main(d + TINY + argv)
@@ -1904,10 +1904,12 @@ def test_train_writes_checkpoints_logs_and_exports(world):
 
 
 def test_every_train_sample_bench_flag_is_exercised(world):
-    used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init'}
+    used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init',
+                                                                 '--compile'}  # --init, --compile: their own tests below
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official'}  # --official: test_official.py
-    assert options(bench.build_parser()) <= set(sum(BENCH_RUNS, [])) | {'--data'}  # --data: test_bench_feeds_...
+    bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
+    assert options(bench.build_parser()) <= set(sum(bench_argv, [])) | {'--data'}  # --data: test_bench_feeds_...
 
 
 def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
@@ -1953,6 +1955,17 @@ def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
     assert cache.batches(3, epoch=0) == full and cache.batches(3, epoch=1) != full
     r0, r1 = cache.batches(3, 0, rank=0, world=2), cache.batches(3, 0, rank=1, world=2)
     assert sorted(r0 + r1) == sorted(full) and not set(map(tuple, r0)) & set(map(tuple, r1))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(world, tmp_path):
+    """train.py --compile (the fast path) takes the same steps as eager (the reference), to float tolerance."""
+    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '3', '--log-every', '1',
+            '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3', '--cam-drop', '0']
+    train.main(base + ['--out', str(tmp_path / 'eager')])
+    train.main(base + ['--out', str(tmp_path / 'compiled'), '--compile'])
+    eager, comp = (train.read_csv(tmp_path / n / 'log.csv') for n in ('eager', 'compiled'))
+    assert [r['loss'] for r in comp] == pytest.approx([r['loss'] for r in eager], rel=1e-4)
 
 
 def test_resume_continues_exactly(world, tmp_path):
@@ -2034,7 +2047,8 @@ SAMPLE_RUNS = [
 BENCH_RUNS = [
     ['--preset', 'gld-tiny', '--encoder', 'da3-tiny', '--decoder', 'tiny', '--views', '2', '--size', '28', '--batch', '1',
      '--dtype', 'bf16', '--checkpointing', '--device', 'cpu', '--iters', '1', '--warmup', '0', '--formula'],
-    ['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '1', '--compile', '--skip', 'sample,frozen'],
+    pytest.param(['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '1', '--compile', '--skip',
+                  'sample,frozen,data'], marks=pytest.mark.slow),
 ]
 
 
@@ -2081,9 +2095,9 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
     assert len(tf['frames']) == len(targets) + 2
 
 
-@pytest.mark.parametrize('i', range(len(BENCH_RUNS)))
-def test_bench_runs(i):
-    rows = bench.main(BENCH_RUNS[i])
+@pytest.mark.parametrize('argv', BENCH_RUNS)
+def test_bench_runs(argv):
+    rows = bench.main(argv)
     train_rows = [r for r in rows if r['part'].startswith('train step')]
     assert train_rows and all(r['tokens/s'] > 0 and r['TFLOP/s'] > 0 for r in train_rows)
 
