@@ -537,17 +537,17 @@ def test_corrupt_jpeg_is_skipped(tmp_path):
 
 def test_clear_errors(tmp_path):
     os.makedirs(tmp_path / 'train')
-    with pytest.raises(FileNotFoundError, match='index.json'):
+    with pytest.raises(data.UserError, match='index.json'):
         data.SceneDataset(str(tmp_path), 'train')
     (tmp_path / 'train' / 'index.json').write_text('{}')
-    with pytest.raises(ValueError, match='no scenes'):
+    with pytest.raises(data.UserError, match='no scenes'):
         data.SceneDataset(str(tmp_path), 'train')
-    with pytest.raises(ValueError, match=r'\(V, 18\)'):
+    with pytest.raises(data.UserError, match=r'\(V, 18\)'):
         data.cameras_to_c2w_K(torch.zeros(4, 16), 'bad.torch')
     gen = torch.Generator().manual_seed(3)
     data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
     (tmp_path / 'train' / 'index.json').write_text(json.dumps({'odd': '000000.torch'}))
-    with pytest.raises(ValueError, match='not multiples of 14'):
+    with pytest.raises(data.UserError, match='not multiples of 14; pass --size 28x28'):
         data.SceneDataset(str(tmp_path), 'train', num_views=2)
     assert data.SceneDataset(str(tmp_path), 'train', num_views=2, size=(28, 28))[0]['images'].shape == (2, 3, 28, 28)
 
@@ -580,7 +580,7 @@ def test_dl3dv_transforms(tmp_path):
     assert abs(s['images'][2].mean() - 80 / 255) < 1e-6  # frames sorted by file name
     ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=2, size=(14, 14))
     assert len(ds) == 1 and ds[0]['images'].shape == (2, 3, 14, 14)
-    with pytest.raises(FileNotFoundError, match='transforms.json'):
+    with pytest.raises(data.UserError, match='transforms.json'):
         data.read_image_folder(str(tmp_path))
 
 
@@ -820,10 +820,10 @@ def test_weight_loading(tmp_path, capsys):
     assert torch.equal(enc.head.norm.weight, sd['head.norm.weight']) and 'no cam_dec' in capsys.readouterr().out
     # missing keys are listed
     partial = {k: v for k, v in sd.items() if not k.startswith('backbone.pretrained.blocks.9.')}
-    with pytest.raises(ValueError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
+    with pytest.raises(cameras.UserError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
         encoder_lib.load_weights(tiny, partial)
-    # wrong preset: the error names both presets
-    with pytest.raises(ValueError, match="matches preset 'da3-small', not 'da3-tiny'"):
+    # wrong preset: the error names both presets and the flag
+    with pytest.raises(cameras.UserError, match="match preset 'da3-small', not 'da3-tiny': pass --encoder da3-small"):
         encoder_lib.load_weights(tiny, small)
 
 
@@ -1868,19 +1868,19 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     run = lambda *args: sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not an image')
-    with pytest.raises(SystemExit, match='bad.png: cannot read the image'):
+    with pytest.raises(data.UserError, match='bad.png: cannot read the image'):
         run('--images', str(bad))
     other = tmp_path / 'other.png'
     shutil.copy(user_images / 'im0.png', other)
-    with pytest.raises(SystemExit, match=r"no camera for .*other.png"):
+    with pytest.raises(data.UserError, match=r"no camera for .*other.png"):
         run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
     tf = json.load(open(user_images / 'transforms.json'))
     tf['frames'][0]['transform_matrix'][0][3] = float('nan')
     json.dump(tf, open(tmp_path / 'nan.json', 'w'))
-    with pytest.raises(SystemExit, match='NaN'):
+    with pytest.raises(data.UserError, match='NaN'):
         run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
     monkeypatch.setattr(sample, 'WEIGHTS', str(tmp_path / 'no_weights'))
-    with pytest.raises(FileNotFoundError, match='create it with: python train.py --stage encoder'):
+    with pytest.raises(data.UserError, match='create it with: python train.py --stage encoder'):
         sample.load_pipeline(str(tmp_path / 'no_runs'))
 
 

@@ -9,7 +9,8 @@
 
 Everything a run needs stays visible here, a few lines each: DDP (torchrun env vars; NCCL on GPU, gloo on CPU),
 bf16 autocast on GPU, torch.compile, EMA, gradient accumulation that syncs only on the last micro-step, atomic
-checkpoints with exact resume, NaN/inf skipping, a dense log line, a CSV log and a loss-curve PNG, periodic
+checkpoints with exact resume (from the newest one that loads), Ctrl-C that writes a checkpoint at the step in
+flight, NaN/inf skipping, a dense log line, a CSV log and a loss-curve PNG, periodic
 evaluation. Recipes (paper Sec. 5.1, A.1, Tab. 11): diffusion AdamW lr 5e-5 constant, betas (0.9, 0.95), wd 0,
 clip 1.0, EMA 0.9995; decoder AdamW 2e-4 cosine to 2e-5 with warmup, EMA 0.9978.
 
@@ -25,6 +26,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -112,9 +116,18 @@ def get_args(argv=None):
     return a
 
 
-def parse_range(s):
+def parse_range(s, flag):
+    """'lo-hi' or 'n' -> (lo, hi); anything else is a UserError naming the flag."""
     lo, _, hi = s.partition('-')
-    return int(lo), int(hi or lo)
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise data.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
+
+
+def encoder_weights(a):
+    """--encoder-weights auto for da3-tiny: the newest runs/encoder checkpoint, else the bundled encoder."""
+    return sample.auto_checkpoint('encoder') if a.encoder_weights == 'auto' and a.encoder == 'da3-tiny' else a.encoder_weights
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
@@ -145,7 +158,13 @@ def save_checkpoint(out, step, state, keep):
     """Atomic: write a temporary file, then rename; an interrupted write never replaces a good checkpoint."""
     path = os.path.join(out, f'ckpt_{step:07d}.pt')
     tmp = path + '.tmp'
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk (PyTorch's writer raises RuntimeError): drop the partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise data.UserError(f'{path}: cannot write the checkpoint ({str(e).strip().splitlines()[0][:120]}); the older '
+                             'checkpoints in that folder are intact: free disk space, then continue with --resume') from None
     os.replace(tmp, path)
     for old in list_checkpoints(out)[:-keep]:
         os.remove(old)
@@ -156,6 +175,25 @@ def list_checkpoints(out):
     if not os.path.isdir(out):
         return []
     return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
+
+
+def load_newest_checkpoint(out, device):
+    """--resume: the newest checkpoint in out that loads -> (path, state), saying which newer ones were skipped and
+    why; (None, None) when there is none. Checkpoints that exist but none loads: a UserError."""
+    paths = list_checkpoints(out)
+    for path in reversed(paths):
+        try:
+            ck = torch.load(path, map_location=device, weights_only=False)
+            if isinstance(ck, dict) and {'model', 'ema', 'optimizer', 'step', 'rng'} <= set(ck):
+                return path, ck
+            reason = 'not a training checkpoint'
+        except Exception as e:  # truncated or garbage files raise readers' errors of several types
+            reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
+        print(f'--resume: skipping {path} ({reason})')
+    if paths:
+        raise data.UserError(f'--resume: none of the {len(paths)} checkpoints in {out} loads (above); remove them to '
+                             'start from scratch, or pass another --out')
+    return None, None
 
 
 def lr_at(step, a, r):
@@ -245,7 +283,7 @@ class DecoderStage:
     kind = 'decoder'
 
     def __init__(self, a, device):
-        self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
+        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
         cfg = decoder_lib.PRESETS[a.decoder]
         cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': a.noise_tau})
         self.net = decoder_lib.RGBDecoder(cfg).to(device)
@@ -253,7 +291,7 @@ class DecoderStage:
         self.lpips = data.lpips_fn(device) if a.lpips else None
         self.disc = decoder_lib.PatchDiscriminator().to(device) if a.gan >= 0 else None
         self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=a.lr, betas=(0.5, 0.9)) if self.disc else None
-        self.encoder_ref = {'preset': a.encoder, 'weights': a.encoder_weights}
+        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
 
     def loss(self, batch, a, gen):
         images = batch['images']
@@ -278,7 +316,7 @@ class DiffusionStage:
     kind = 'gld'
 
     def __init__(self, a, device, loader):
-        self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
+        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
         # only M1->0 is conditioned on a deeper level (the cascade); M1..M3 and --independent M0 are not
         self.level, self.upper_level = a.level, (1 if a.level == 0 and not a.independent else None)
         levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
@@ -291,7 +329,7 @@ class DiffusionStage:
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[a.model]), **overrides})
         self.net = model_lib.GLD(cfg).to(device)
         self.config = asdict(cfg)
-        self.encoder_ref = {'preset': a.encoder, 'weights': a.encoder_weights}
+        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
 
     def loss(self, batch, a, gen):
         lat = sample.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=a.tau, generator=gen)
@@ -315,7 +353,7 @@ def main(argv=None):
     a = get_args(argv)
     rank, world, device = setup_distributed()
     torch.manual_seed(a.seed + rank); np.random.seed(a.seed + rank); random.seed(a.seed + rank)
-    os.makedirs(a.out, exist_ok=True)
+    data.make_output_dir(a.out)
     recipe = RECIPES['diffusion' if a.stage == 'diffusion' else a.stage]
     a.lr = a.lr if a.lr is not None else recipe['lr']
     ema_decay = a.ema if a.ema is not None else recipe['ema']
@@ -323,11 +361,12 @@ def main(argv=None):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     # data: one sample = V views of one scene, temporal order; sources are chosen per batch below
-    size = None if not a.size or a.size == 'buckets' else tuple(int(s) for s in a.size.lower().split('x'))
-    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size or ('buckets' if a.size == 'buckets' else None),
-                                gap=parse_range(a.gap), seed=a.seed)
+    size = data.parse_size(a.size, buckets=True)
+    gap = parse_range(a.gap, '--gap')
+    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size, gap=gap, seed=a.seed)
     loader = data.make_loader(dataset, a.batch_size, shuffle=True, num_workers=a.workers, distributed=world > 1, seed=a.seed)
-    val = data.SceneDataset(a.data, split='test', num_views=a.views, size=size, gap=parse_range(a.gap), seed=a.seed, eval=True)
+    val = data.SceneDataset(a.data, split='test', num_views=a.views, size=None if size == 'buckets' else size, gap=gap,
+                            seed=a.seed, eval=True)
 
     stage = {'encoder': lambda: EncoderStage(a, device), 'decoder': lambda: DecoderStage(a, device),
              'diffusion': lambda: DiffusionStage(a, device, loader)}[a.stage]()
@@ -338,15 +377,14 @@ def main(argv=None):
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
     step, bad, epoch, pos = 0, 0, 0, 0  # pos: batches consumed in the current epoch
     gen = torch.Generator().manual_seed(a.seed * 1000 + rank)  # per-rank stream of source counts, t, dropout
-    ckpts = list_checkpoints(a.out)
-    if a.resume and ckpts:  # exact resume: weights, EMA, optimizer, step, every RNG
-        ck = torch.load(ckpts[-1], map_location=device, weights_only=False)
+    path, ck = load_newest_checkpoint(a.out, device) if a.resume else (None, None)
+    if ck:  # exact resume: weights, EMA, optimizer, step, every RNG
         net.load_state_dict(ck['model']); ema.load_state_dict(ck['ema'], ck.get('ema_updates', 0)); opt.load_state_dict(ck['optimizer'])
         step, epoch, pos = ck['step'], ck['epoch'], ck['pos']
         rng = ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0]
         set_rng_state(rng); gen.set_state(rng['gen'])
         if rank == 0:
-            print(f'resumed from {ckpts[-1]} at step {step}')
+            print(f'resumed from {path} at step {step}')
     elif a.resume and rank == 0:
         print(f'--resume: no checkpoint in {a.out}, starting from scratch')
     train_net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
@@ -377,8 +415,15 @@ def main(argv=None):
                     yield b
             epoch, pos = epoch + 1, 0
 
-    it, t_last, seen = batches(), time.time(), 0
-    src_lo, src_hi = parse_range(a.src)
+    stop = []  # Ctrl-C (one process): finish the step in flight, checkpoint it, exit; a second Ctrl-C stops at once
+
+    def interrupt(signum, frame):
+        stop.append(step)
+        signal.signal(signal.SIGINT, default_sigint)
+    if world == 1 and threading.current_thread() is threading.main_thread():
+        default_sigint = signal.signal(signal.SIGINT, interrupt)
+    it, t_last, seen, skipped = batches(), time.time(), 0, 0
+    src_lo, src_hi = parse_range(a.src, '--src')
     sum_loss = torch.zeros((), device=device); parts_sum = {}
     while step < a.steps:
         a.step = step
@@ -386,7 +431,9 @@ def main(argv=None):
         for g in opt.param_groups:
             g['lr'] = lr
         for micro in range(a.accum):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
+            batch = next(it)
+            skipped += int(batch.pop('skipped').sum())  # scenes passed over for unreadable frames (warned)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if a.stage == 'diffusion':  # 1-4 random sources (one count per batch), moved to the front
                 n_src = int(torch.randint(src_lo, min(src_hi, a.views - 1) + 1, (1,), generator=gen))
                 batch = data.split_views(batch, n_src, generator=gen)
@@ -414,6 +461,9 @@ def main(argv=None):
         if step % a.log_every == 0 or step == a.steps:
             dt = time.time() - t_last; n = a.log_every if step % a.log_every == 0 else step % a.log_every
             B, V = batch['images'].shape[:2]; T = (batch['images'].shape[-2] // 14) * (batch['images'].shape[-1] // 14)
+            if world > 1:  # the logged loss is the mean over ranks (one collective, at log steps only)
+                dist.all_reduce(sum_loss)
+                sum_loss /= world
             bins = {}  # the loss binned by t: bin sums over counts of the whole interval
             if 't_bin_sum' in parts_sum:
                 total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')
@@ -436,6 +486,15 @@ def main(argv=None):
                 metrics = sample.evaluate_during_training(stage, val, a, device)
                 net.train()
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
+        if stop:
+            saved = step % a.ckpt_every == 0 or step == a.steps
+            path = os.path.join(a.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(a.out, step, checkpoint_state(), a.keep)
+            print(f'interrupted: wrote {path} at step {step}; continue with the same command and --resume', file=sys.stderr)
+            raise SystemExit(130)
+    if world == 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, default_sigint)
+    if skipped:
+        print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and a.export:
         with ema.swapped(net):
             sample.export_weights(stage.kind, net, stage.config, stage.extra_state(), a.export, name=os.path.basename(a.out))
@@ -446,4 +505,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cameras.run_cli(main)
