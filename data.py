@@ -415,8 +415,8 @@ class SceneDataset(torch.utils.data.Dataset):
                 'key': key, 'frames': frames}
         if self.size is None and item['images'].shape[-2:] != self.native:
             raise UserError(f'{scene["source"]}: scene {key} is {item["images"].shape[-2]}x{item["images"].shape[-1]} '
-                            f'pixels, scene {self.keys[0]} {self.native[0]}x{self.native[1]}; pass --size HxW or '
-                            '--size buckets to train on scenes of several sizes')
+                            f'pixels, but frame 0 of scene {self.keys[0]} is {self.native[0]}x{self.native[1]}; pass '
+                            '--size HxW or --size buckets for data of several sizes')
         if 'depths' in scene:
             item['depths'] = scene['depths'][frames].float()
         if isinstance(self.size, tuple):
@@ -494,8 +494,8 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
     kw = {} if distributed else {'num_replicas': 1, 'rank': 0}
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **kw)
     if drop_last and len(sampler) < batch_size:
-        raise ValueError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
-                         'lower the batch size or make more scenes')
+        raise UserError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
+                        'lower --batch-size or make more scenes')
     collate = BucketCollate(dataset.buckets) if getattr(dataset, 'buckets', None) else None
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        drop_last=drop_last, pin_memory=torch.cuda.is_available())

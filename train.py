@@ -349,6 +349,15 @@ class DiffusionStage:
 
 # ----------------------------------------------------------------------------- main loop
 
+STOP = []  # set by the first Ctrl-C of a one-process run (main clears it and installs interrupt)
+
+
+def interrupt(signum, frame):
+    """The first Ctrl-C ends training after the step in flight, with a checkpoint at it; a second one at once."""
+    STOP.append(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None):
     a = get_args(argv)
     rank, world, device = setup_distributed()
@@ -415,13 +424,9 @@ def main(argv=None):
                     yield b
             epoch, pos = epoch + 1, 0
 
-    stop = []  # Ctrl-C (one process): finish the step in flight, checkpoint it, exit; a second Ctrl-C stops at once
-
-    def interrupt(signum, frame):
-        stop.append(step)
-        signal.signal(signal.SIGINT, default_sigint)
+    STOP.clear()
     if world == 1 and threading.current_thread() is threading.main_thread():
-        default_sigint = signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     it, t_last, seen, skipped = batches(), time.time(), 0, 0
     src_lo, src_hi = parse_range(a.src, '--src')
     sum_loss = torch.zeros((), device=device); parts_sum = {}
@@ -486,13 +491,13 @@ def main(argv=None):
                 metrics = sample.evaluate_during_training(stage, val, a, device)
                 net.train()
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
-        if stop:
+        if STOP:
             saved = step % a.ckpt_every == 0 or step == a.steps
             path = os.path.join(a.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(a.out, step, checkpoint_state(), a.keep)
             print(f'interrupted: wrote {path} at step {step}; continue with the same command and --resume', file=sys.stderr)
             raise SystemExit(130)
     if world == 1 and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, default_sigint)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if skipped:
         print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and a.export:
