@@ -41,7 +41,10 @@ def run_cli(main, argv=None):
     except UserError as e:
         if os.environ.get('GLD_DEBUG') == '1':
             traceback.print_exc()
-        print('error: ' + ' '.join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
+        msg = str(e)
+        if 'Original Traceback' in msg:  # re-raised from a DataLoader worker: the message is the traceback's last line
+            msg = msg.strip().splitlines()[-1].partition(': ')[2]
+        print('error: ' + ' '.join(msg.split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
 
 

@@ -715,11 +715,16 @@ class LatentStats:
 
     @classmethod
     def load(cls, path):
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            if str(path).endswith('.safetensors'):
+                from safetensors.torch import load_file
+                sd = load_file(str(path))
+            else:
+                sd = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
+            reason = (str(e).strip().splitlines() or [''])[0][:120]
+            raise cameras.UserError(f'{path}: not a readable statistics file ({type(e).__name__}: {reason}); pass '
+                                    '--stats a file written by LatentStats.save, or leave it out to compute them') from None
         return cls.from_state_dict(sd)
 
     @classmethod

@@ -1750,6 +1750,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(world, t
     assert scale > 1e-3
     # Adam turns float-reduction noise on near-zero gradients into small steps, hence a relative tolerance
     assert dist(ddp, one) < 0.02 * scale and dist(acc, one) < 0.02 * scale, (dist(ddp, one), dist(acc, one), scale)
+    first = lambda n: train.read_csv(tmp_path / n / 'log.csv')[0]['loss']  # step 1: the same weights everywhere
+    assert first('ddp') == pytest.approx(first('one'), rel=1e-5) != first('half')  # the mean over ranks, not rank 0's
 
 
 def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
@@ -2129,6 +2131,15 @@ def test_bad_cameras_are_refused_where_they_are_read(small_data, tmp_path, capsy
     spoil_chunk(d / 'train' / '000000.torch', lambda ch: spoil(ch[0]['cameras']))
     user_error(train.main, ['--data', d, '--stage', 'decoder', *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
                'train/000000.torch scene synth_train_00000', needle, keep=[d])
+
+
+def test_error_in_a_dataloader_worker_is_one_line_too(tmp_path, capsys):
+    data.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
+    spoil_chunk(tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf')))
+    user_error(train.main, ['--data', tmp_path / 'd', '--stage', 'decoder', *TRAIN_FAST, '--workers', '1', '--out',
+                            tmp_path / 'r'], capsys, 'train/000001.torch scene synth_train_00001: camera of view 0 holds NaN')
+    user_error(train.main, ['--data', tmp_path / 'd', '--level', '0', '--stats', tmp_path / 'd', *TRAIN_FAST, '--out',
+                            tmp_path / 'r'], capsys, f'{tmp_path / "d"}: not a readable statistics file')
 
 
 def test_camera_rows_of_the_wrong_length(small_data, tmp_path, capsys):
