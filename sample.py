@@ -87,7 +87,7 @@ def load_checkpoint(path, device='cpu'):
     raw = open(path, 'rb').read()
     digest = hashlib.sha256(raw).hexdigest()
     print(f'{path} (sha256 {digest[:12]})')
-    broken = (f'delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that '
+    broken = ('delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that '
               'wrote it' if not path.endswith('.safetensors') else
               'restore it with: git checkout weights/tiny' if os.path.dirname(os.path.abspath(path)) == WEIGHTS else
               'export it again with: python train.py ... --export FOLDER')
