@@ -74,7 +74,7 @@ def decode_image(data):
     except (FileNotFoundError, IsADirectoryError) as e:
         raise FrameError(f'{data}: {"a folder, not an image" if os.path.isdir(data) else "no such image file"}') from e
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise FrameError(f'not a readable image ({e})') from e
+        raise FrameError(f'not a readable image ({str(e).replace(f" {src!r}", "")})') from e  # no '<BytesIO at 0x..>'
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
