@@ -464,7 +464,11 @@ def make_dataset(spec, **kw):
     if ',' not in spec and '*' not in spec:
         return SceneDataset(spec, **kw)
     parts = [p.rsplit('*', 1) if '*' in p else (p, '1') for p in spec.split(',')]
-    return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], [float(r) for _, r in parts])
+    try:
+        ratios = [float(r) for _, r in parts]
+    except ValueError:
+        raise UserError(f'--data {spec}: the ratio after each * must be a number, e.g. --data A*4,B*1') from None
+    return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], ratios)
 
 
 def resize_item(item, size):

@@ -2154,6 +2154,9 @@ def test_sizes_data_folders_scenes_and_flags(small_data, tmp_path, capsys):
                '--size 30x30: both sides must be positive multiples of 14, e.g. --size 28x28')
     user_error(sample.main, ['--size', 'big', '--out', tmp_path / 'o'], capsys, '--size big: expected HxW')
     user_error(train.main, ['--data', small_data, '--gap', 'x', '--out', tmp_path / 'r'], capsys, '--gap x: expected a range')
+    user_error(train.main, ['--data', small_data, '--views', '4', '--src', '4-5', '--out', tmp_path / 'r'], capsys,
+               '--src 4-5: a sample of --views 4 has 1..3 source views')
+    user_error(train.main, ['--data', f'{small_data}*x', '--out', tmp_path / 'r'], capsys, 'the ratio after each * must be a number')
     os.makedirs(tmp_path / 'empty')
     user_error(train.main, ['--data', tmp_path / 'empty', '--out', tmp_path / 'r'], capsys,
                f'{tmp_path / "empty" / "train" / "index.json"}: missing', 'python data.py synth')
@@ -2293,14 +2296,18 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_pa
     assert torch.load(tmp_path / 'r' / 'ckpt_0000001.pt', weights_only=False)['step'] == 1
 
 
-def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch, workers):
+    import multiprocessing
     import signal
-    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--out', str(tmp_path / 'r')]
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--workers', workers,
+            '--out', str(tmp_path / 'r')]
     real_lr_at = train.lr_at
 
     def lr_at(step, a, r):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2
+        if step == 1:  # Ctrl-C during step 2, as a terminal sends it: to the DataLoader workers too
+            for p in [*multiprocessing.active_children(), multiprocessing.current_process()]:
+                os.kill(p.pid, signal.SIGINT)
         return real_lr_at(step, a, r)
     monkeypatch.setattr(train, 'lr_at', lr_at)
     with pytest.raises(SystemExit) as e:

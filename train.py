@@ -113,6 +113,9 @@ def get_args(argv=None):
         a.level = 1
     name = a.stage if a.stage != 'diffusion' else f'level{a.level}' + ('_ind' if a.independent and a.level == 0 else '')
     a.out = a.out or os.path.join('runs', name)
+    lo, hi = parse_range(a.src, '--src')
+    if a.stage == 'diffusion' and not 1 <= lo <= min(hi, a.views - 1):
+        raise data.UserError(f'--src {a.src}: a sample of --views {a.views} has 1..{a.views - 1} source views')
     return a
 
 
