@@ -185,7 +185,7 @@ def _load_chunk(path):
     except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
         reason = (str(e).strip().splitlines() or [''])[0][:120]
         raise UserError(f'{path}: not a readable chunk file ({type(e).__name__}: {reason}); re-create it '
-                        f'(the synthetic set: python data.py synth) or remove it from the index.json next to it') from None
+                        '(the synthetic set: python data.py synth) or remove it from the index.json next to it') from None
 
 
 def read_re10k_chunk(path, decode=True):

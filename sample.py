@@ -160,7 +160,7 @@ def check_encoder(meta, path, enc, name):
     if want and want != have:
         raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
                         f'the encoder here is {enc.source["weights"]} (sha256 {(have or "none")[:12]}); pass the '
-                        f'--ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
+                        '--ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
                         f'{train_command(name)}')
 
 
