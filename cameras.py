@@ -18,9 +18,57 @@ point patterns"; evo (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release
 (cvlab-kaist/Geometric-Latent-Diffusion) for the official quirks flagged below.
 """
 import math
+import os
+import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# a user's mistake (every module raises it; the entry points catch it)
+
+class UserError(Exception):
+    """A user's mistake in a file, folder or flag, raised where it is found. The message is one line: what is
+    wrong, the file, and the fix written as a command-line flag or command. The entry points (run_cli) print it
+    on stderr and exit with status 2, without a traceback; any other exception is a bug and keeps its traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run an entry point's main(argv): a UserError becomes one line on stderr ('error: ...') and exit status 2;
+    GLD_DEBUG=1 in the environment shows its traceback too."""
+    try:
+        return main(argv)
+    except UserError as e:
+        if os.environ.get('GLD_DEBUG') == '1':
+            traceback.print_exc()
+        msg = str(e)
+        if 'Original Traceback' in msg:  # re-raised from a DataLoader worker: the message is the traceback's last line
+            msg = msg.strip().splitlines()[-1].partition(': ')[2]
+        print('error: ' + ' '.join(msg.split()), file=sys.stderr)  # one line, whatever the message holds
+        sys.exit(2)
+
+
+def check_cameras(c2w, K, where):
+    """Validate cameras where they are read: c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3,
+    det +1), K (V,3,3) finite with positive focal lengths. where: the file (and scene) for the message."""
+    bad = lambda mask: int(mask.nonzero()[0, 0])  # the first offending view
+    finite = torch.isfinite(c2w).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)
+    if not finite.all():
+        raise UserError(f'{where}: camera of view {bad(~finite)} holds NaN or inf values; fix or drop that frame')
+    R = c2w[:, :3, :3].double()
+    err = (R @ R.transpose(-1, -2) - torch.eye(3, dtype=R.dtype)).abs().flatten(1).amax(1)
+    ortho = (err < 1e-3) & (torch.linalg.det(R) > 0)
+    if not ortho.all():
+        v = bad(~ortho)
+        raise UserError(f'{where}: the rotation of view {v} is not orthonormal (|R R^T - I| = {float(err[v]):.2g}, '
+                        f'det {float(torch.linalg.det(R[v])):.3g}); write rigid camera poses (OpenCV c2w / w2c)')
+    focal = (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0)
+    if not focal.all():
+        v = bad(~focal)
+        raise UserError(f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
+                        'they must be positive (normalised: fx / W, fy / H)')
 
 
 # ----------------------------------------------------------------------------------------------

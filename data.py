@@ -12,8 +12,11 @@ Features
   pose normalisation removes anyway.
 - SceneDataset: V views of one scene in temporal order with random frame gaps (deterministic per
   seed/epoch/index), resize + centre crop to a size (sides multiples of 14, K adjusted), or the paper's
-  aspect-ratio buckets (one bucket per batch); a corrupt JPEG skips the sample with a warning.
+  aspect-ratio buckets (one bucket per batch). An unreadable frame skips a training sample with a warning;
+  in evaluation it is an error naming the scene and frame (never another scene in its place).
 - split_views (sources first + src_mask; 'ends' = the N=2 evaluation protocol), make_loader (DDP aware).
+- Bad input is a cameras.UserError raised where it is read: one line naming the file and the fix (cameras are
+  validated by cameras.check_cameras, chunk files by their reader, frames by decode_frames).
 - Metrics: PSNR, SSIM (Gaussian 11 / sigma 1.5, as skimage computes it), LPIPS (if installed), depth metrics.
 - `python data.py synth`: procedurally textured box rooms with objects, Lambertian lighting, Re10K-like
   smooth walkthrough cameras, rendered by vectorised numpy ray casting with exact cameras and metric
@@ -51,8 +54,12 @@ BUCKETS_112 = ((112, 112), (84, 112), (70, 112), (56, 112))
 BUCKET_WEIGHTS = (2, 2, 1, 1)
 
 
-class CorruptImageError(ValueError):
-    pass
+UserError = cameras.UserError
+
+
+class FrameError(UserError):
+    """A frame that cannot be read: a missing file, a folder, bytes that are not an image, or a frame of another
+    size than the rest of its scene. Training skips the sample (SceneDataset); evaluation stops."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +71,10 @@ def decode_image(data):
         src = io.BytesIO(data.numpy().tobytes()) if torch.is_tensor(data) else data
         with Image.open(src) as im:
             arr = np.asarray(im.convert('RGB'))
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise FrameError(f'{data}: {"a folder, not an image" if os.path.isdir(data) else "no such image file"}') from e
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise CorruptImageError(str(e)) from e
+        raise FrameError(f'not a readable image ({str(e).replace(f" {src!r}", "")})') from e  # no '<BytesIO at 0x..>'
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
@@ -81,13 +90,14 @@ def encode_jpeg(image, quality=90):
 def cameras_to_c2w_K(cams, where='cameras'):
     """Re10K camera rows (V,18) -> c2w (V,4,4) OpenCV and normalised K (V,3,3)."""
     if cams.ndim != 2 or cams.shape[1] != 18:
-        raise ValueError(f'{where}: camera rows have shape {tuple(cams.shape)}, expected (V, 18) = '
-                         'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with data.write_re10k_chunk')
+        raise UserError(f'{where}: camera rows have shape {tuple(cams.shape)}, expected (V, 18) = '
+                        'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with data.write_re10k_chunk')
     cams = cams.double()
     K = torch.eye(3, dtype=torch.float64).repeat(len(cams), 1, 1)
     K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2] = cams[:, 0], cams[:, 1], cams[:, 2], cams[:, 3]
     w2c = torch.eye(4, dtype=torch.float64).repeat(len(cams), 1, 1)
     w2c[:, :3] = cams[:, 6:].reshape(-1, 3, 4)
+    cameras.check_cameras(w2c, K, where)  # w2c's rotation is c2w's transposed: the same checks hold
     return cameras.w2c_to_c2w(w2c).float(), K.float()
 
 
@@ -96,6 +106,33 @@ def c2w_K_to_cameras(c2w, K):
     w2c = cameras.c2w_to_w2c(c2w.double())
     intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1).double()
     return torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
+
+
+def parse_size(text, buckets=False):
+    """The --size flag: '' -> None (the data's size), 'HxW' -> (H, W) with sides multiples of 14, 'buckets' (when
+    allowed) -> 'buckets'. Anything else is a UserError naming the flag."""
+    if not text or (buckets and text == 'buckets'):
+        return text or None
+    try:
+        H, W = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise UserError(f'--size {text}: expected HxW in pixels, e.g. --size 112x112'
+                        + (" or --size buckets" if buckets else '')) from None
+    if H <= 0 or W <= 0 or H % PATCH or W % PATCH:
+        fix = f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH}'
+        raise UserError(f'--size {text}: both sides must be positive multiples of {PATCH}, e.g. --size {fix}')
+    return H, W
+
+
+def make_output_dir(folder, flag='--out'):
+    """Create an output folder and check that it can be written, before any work is done."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'{flag} {folder}: cannot create the folder ({e.strerror}); pass a writable {flag}') from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f'{flag} {folder}: the folder is not writable; pass a writable {flag}')
+    return folder
 
 
 def resize_and_crop(images, K, size, depths=None):
@@ -143,14 +180,20 @@ def write_re10k_chunk(path, scenes, quality=90):
 def _load_chunk(path):
     # memory-mapped: only the bytes used are read; cached, since unpickling a chunk costs ~50 ms and a shuffled epoch
     # visits every chunk many times (it was a quarter of a tiny training step)
-    return torch.load(path, mmap=True, weights_only=True)
+    try:
+        return torch.load(path, mmap=True, weights_only=True)
+    except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
+        reason = (str(e).strip().splitlines() or [''])[0][:120]
+        raise UserError(f'{path}: not a readable chunk file ({type(e).__name__}: {reason}); re-create it '
+                        '(the synthetic set: python data.py synth) or remove it from the index.json next to it') from None
 
 
 def read_re10k_chunk(path, decode=True):
     """A chunk -> list of scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'images' (V,3,H,W)
     (decode=True) or 'jpegs' (list of encoded bytes, decode with decode_frames), optional 'depths' (V,H,W)}."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no such chunk; check the index.json next to it')
+        raise UserError(f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
+                        'check the index.json next to it')
     scenes = []
     for ex in _load_chunk(path):
         c2w, K = cameras_to_c2w_K(ex['cameras'], f'{path} scene {ex["key"]}')
@@ -165,24 +208,43 @@ def read_re10k_chunk(path, decode=True):
 
 
 def decode_frames(scene, frames):
-    """Decode the chosen frames of a lazily read scene -> (len(frames),3,H,W)."""
-    return torch.stack([decode_image(scene['jpegs'][int(f)]) for f in frames])
+    """Decode the chosen frames of a lazily read scene -> (len(frames),3,H,W). A frame that cannot be read, or of
+    another size than the first one, is a FrameError naming the file, scene and frame."""
+    out = []
+    for f in frames:
+        where = f'{scene["source"]}: scene {scene["key"]} frame {int(f)}'
+        try:
+            out.append(decode_image(scene['jpegs'][int(f)]))
+        except FrameError as e:
+            raise FrameError(f'{where}: {e}; replace the frame or drop the scene from the index') from None
+        if out[-1].shape != out[0].shape:
+            raise FrameError(f'{where}: {out[-1].shape[-2]}x{out[-1].shape[-1]} pixels, but frame {int(frames[0])} '
+                             f'is {out[0].shape[-2]}x{out[0].shape[-1]}; the frames of a scene must share one size')
+    return torch.stack(out)
 
 
 def read_index(root):
     """root/index.json -> {key: chunk path}."""
     path = os.path.join(root, 'index.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: missing; a chunk folder needs index.json ({{key: "000000.torch"}}); '
-                                f'create the synthetic set with `python data.py synth` or run real_estate_10k_tools generate_index')
-    with open(path) as f:
-        return {k: os.path.join(root, v) for k, v in json.load(f).items()}
+        raise UserError(f'{path}: missing; a chunk folder needs index.json ({{key: "000000.torch"}}); create the '
+                        'synthetic set with: python data.py synth (or run real_estate_10k_tools generate_index)')
+    return {k: os.path.join(root, v) for k, v in read_json(path, 'index.json ({key: "000000.torch"})').items()}
+
+
+def read_json(path, what):
+    """A JSON file -> its object; a missing, folder or malformed file is a UserError saying what it should hold."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f'{path}: not a readable {what} ({getattr(e, "strerror", None) or e})') from None
 
 
 def read_eval_index(path):
     """Evaluation index {key: {'context': [i, j], 'target': [..]} | null} -> {key: (context, target)} (nulls dropped)."""
-    with open(path) as f:
-        return {k: (list(v['context']), list(v['target'])) for k, v in json.load(f).items() if v is not None}
+    return {k: (list(v['context']), list(v['target'])) for k, v in read_json(path, 'evaluation index').items()
+            if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,24 +253,24 @@ def read_eval_index(path):
 def read_transforms(path):
     """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'files', 'timestamps'},
     sorted by file name. Per-frame fl_x/fl_y/cx/cy/w/h override the global ones."""
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json(path, 'nerfstudio transforms.json')
     frames = sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])
     if not frames:
-        raise ValueError(f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
+        raise UserError(f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
                          '[{"file_path", "transform_matrix" (OpenGL c2w)}]}')
     c2w, K, stamps = [], [], []
     for i, fr in enumerate(frames):
         try:
             fx, fy, cx, cy, w, h = (float(fr.get(k, meta.get(k))) for k in ('fl_x', 'fl_y', 'cx', 'cy', 'w', 'h'))
         except TypeError:
-            raise ValueError(f'{path}: frame {fr["file_path"]} lacks intrinsics fl_x fl_y cx cy w h') from None
+            raise UserError(f'{path}: frame {fr["file_path"]} lacks intrinsics fl_x fl_y cx cy w h') from None
         K.append([[fx / w, 0, cx / w], [0, fy / h, cy / h], [0, 0, 1]])
         c2w.append(fr['transform_matrix'])
         digits = ''.join(ch for ch in os.path.splitext(os.path.basename(fr['file_path']))[0] if ch.isdigit())
         stamps.append(int(digits) if digits else i)
-    return {'c2w': cameras.opengl_to_opencv(torch.tensor(c2w, dtype=torch.float64)).float(),
-            'K': torch.tensor(K, dtype=torch.float32), 'files': [fr['file_path'] for fr in frames],
+    c2w, K = cameras.opengl_to_opencv(torch.tensor(c2w, dtype=torch.float64)), torch.tensor(K, dtype=torch.float64)
+    cameras.check_cameras(c2w, K, path)
+    return {'c2w': c2w.float(), 'K': K.float(), 'files': [fr['file_path'] for fr in frames],
             'timestamps': torch.tensor(stamps)}
 
 
@@ -227,7 +289,7 @@ def _find_transforms(folder):
     for p in (os.path.join(folder, 'transforms.json'), os.path.join(folder, 'nerfstudio', 'transforms.json')):
         if os.path.isfile(p):
             return p
-    raise FileNotFoundError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
+    raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
                             'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix')
 
 
@@ -237,7 +299,7 @@ def read_dl3dv_scene(folder, images='images_4', decode=True):
     path = _find_transforms(folder)
     image_dir = os.path.join(os.path.dirname(path), images)
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f'{image_dir}: missing; pass images= one of the image folders next to {path}')
+        raise UserError(f'{image_dir}: missing; pass images= one of the image folders next to {path}')
     return _transforms_scene(path, image_dir, decode)
 
 
@@ -276,7 +338,7 @@ class SceneDataset(torch.utils.data.Dataset):
             root = spec[len('dl3dv:'):]
             folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
             if not os.path.isdir(folder):
-                raise FileNotFoundError(f'{folder}: no such DL3DV folder')
+                raise UserError(f'{folder}: no such DL3DV folder; pass --data dl3dv:PATH with scene folders under PATH')
             self.items = {d: os.path.join(folder, d) for d in sorted(os.listdir(folder))
                           if os.path.isfile(os.path.join(folder, d, 'transforms.json'))
                           or os.path.isfile(os.path.join(folder, d, 'nerfstudio', 'transforms.json'))}
@@ -286,20 +348,28 @@ class SceneDataset(torch.utils.data.Dataset):
         eval_path = os.path.join(folder, 'eval_index.json')
         self.eval_frames = {}
         if eval and os.path.isfile(eval_path):
-            self.eval_frames = {k: sorted(c + t) for k, (c, t) in read_eval_index(eval_path).items() if k in self.items}
+            index = {k: v for k, v in read_eval_index(eval_path).items() if k in self.items}
+            self.eval_frames = {k: eval_views(c, t, num_views, eval_path) for k, (c, t) in index.items()}
             self.items = {k: self.items[k] for k in self.eval_frames}
+            counts = {(len(c), len(t)) for c, t in index.values()}
+            if any(len(c) + len(t) != num_views for c, t in index.values()):
+                print(f'note: {eval_path} gives {" or ".join(f"{c} context + {t} target" for c, t in sorted(counts))} '
+                      f'frames per scene; --views {num_views} keeps every context frame and spreads the rest over '
+                      'the targets')
         self.keys = list(self.items)
         if not self.keys:
-            raise ValueError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
-                             'for the synthetic set run `python data.py synth`')
+            raise UserError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
+                            'for the synthetic set run: python data.py synth')
         self.buckets = None
         first = self._scene(0)
         H, W = decode_frames(first, [0]).shape[-2:]
         if size == 'buckets':
             self.buckets = BUCKETS_504 if W >= 504 else BUCKETS_112
         elif size is None and (H % PATCH or W % PATCH):
-            raise ValueError(f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; '
-                             f'pass size=(H, W), e.g. ({H // PATCH * PATCH}, {W // PATCH * PATCH}), or size="buckets"')
+            raise UserError(f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; pass --size '
+                            f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH} or --size buckets '
+                            '(size=(H, W) in Python)')
+        self.native = (H, W)  # without a size, every scene must have the first one's
 
     def __len__(self):
         return len(self.keys)
@@ -309,7 +379,8 @@ class SceneDataset(torch.utils.data.Dataset):
 
     def index_of(self, key):
         if key not in self.items:
-            raise KeyError(f'scene {key!r} is not in this split ({len(self)} scenes, e.g. {self.keys[0]!r})')
+            raise UserError(f'--scene {key}: not in this split ({len(self)} scenes, e.g. --scene {self.keys[0]} '
+                            f'or an index 0..{len(self) - 1})')
         return self.keys.index(key)
 
     def _scene(self, i):
@@ -319,13 +390,18 @@ class SceneDataset(torch.utils.data.Dataset):
         return read_dl3dv_scene(path, self.images, decode=False)
 
     def __getitem__(self, i):
+        """Evaluation (eval=True) never substitutes: an unreadable frame is a FrameError naming the scene and frame.
+        Training skips to the next readable scene with a warning naming the skipped one; item['skipped'] counts the
+        scenes passed over (train.py reports the total)."""
+        if self.eval:
+            return self._item(i)
         for attempt in range(len(self)):
             j = (i + attempt) % len(self)
             try:
-                return self._item(j)
-            except CorruptImageError as e:
-                warnings.warn(f'skipping scene {self.keys[j]} ({self.items[self.keys[j]]}): corrupt image ({e})')
-        raise RuntimeError('every scene failed to decode')
+                return {**self._item(j), 'skipped': attempt}
+            except FrameError as e:
+                warnings.warn(f'skipping training scene {self.keys[j]}: {e}')
+        raise UserError(f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data')
 
     def _item(self, i):
         scene = self._scene(i)
@@ -337,6 +413,10 @@ class SceneDataset(torch.utils.data.Dataset):
             frames = sample_frames(len(scene['c2w']), self.num_views, self.gap, g)
         item = {'images': decode_frames(scene, frames), 'c2w': scene['c2w'][frames], 'K': scene['K'][frames],
                 'key': key, 'frames': frames}
+        if self.size is None and item['images'].shape[-2:] != self.native:
+            raise UserError(f'{scene["source"]}: scene {key} is {item["images"].shape[-2]}x{item["images"].shape[-1]} '
+                            f'pixels, but frame 0 of scene {self.keys[0]} is {self.native[0]}x{self.native[1]}; pass '
+                            '--size HxW or --size buckets for data of several sizes')
         if 'depths' in scene:
             item['depths'] = scene['depths'][frames].float()
         if isinstance(self.size, tuple):
@@ -368,12 +448,27 @@ class MixtureDataset(torch.utils.data.Dataset):
         return self.parts[part][local % len(self.parts[part])]
 
 
+def eval_views(context, target, num_views, path):
+    """The frames of one evaluation-index entry as num_views views in temporal order: every context frame plus
+    num_views - len(context) targets, the centres of that many equal runs of the target list (all when they fit)."""
+    n = num_views - len(context)
+    if n < 1:
+        raise UserError(f'--views {num_views}: {path} has {len(context)} context frames per scene; pass --views '
+                        f'{len(context) + 1} or more')
+    pick = target if n >= len(target) else [target[(2 * i + 1) * len(target) // (2 * n)] for i in range(n)]
+    return sorted(context + pick)
+
+
 def make_dataset(spec, **kw):
     """'PATH' or 're10k:PATH' (chunk layout), 'dl3dv:PATH', or a mixture 'SPEC*4,SPEC*1' (ratios after '*')."""
     if ',' not in spec and '*' not in spec:
         return SceneDataset(spec, **kw)
     parts = [p.rsplit('*', 1) if '*' in p else (p, '1') for p in spec.split(',')]
-    return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], [float(r) for _, r in parts])
+    try:
+        ratios = [float(r) for _, r in parts]
+    except ValueError:
+        raise UserError(f'--data {spec}: the ratio after each * must be a number, e.g. --data A*4,B*1') from None
+    return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], ratios)
 
 
 def resize_item(item, size):
@@ -403,8 +498,8 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
     kw = {} if distributed else {'num_replicas': 1, 'rank': 0}
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **kw)
     if drop_last and len(sampler) < batch_size:
-        raise ValueError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
-                         'lower the batch size or make more scenes')
+        raise UserError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
+                        'lower --batch-size or make more scenes')
     collate = BucketCollate(dataset.buckets) if getattr(dataset, 'buckets', None) else None
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        drop_last=drop_last, pin_memory=torch.cuda.is_available())
@@ -802,9 +897,10 @@ def main(argv=None):
     if a.size % PATCH:
         p.error(f'--size {a.size} must be a multiple of {PATCH}')
     t0 = time.time()
+    make_output_dir(a.out)
     write_synth(a.out, a.train, a.test, a.frames, a.size, a.seed, a.per_chunk, a.quality)
     print(f'wrote {a.train} train + {a.test} test scenes to {a.out} in {time.time() - t0:.1f}s')
 
 
 if __name__ == '__main__':
-    main()
+    cameras.run_cli(main)

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cameras
+
 PATCH = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -563,11 +565,16 @@ def read_state_dict(weights):
     sd = {}
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
         path = str(path)
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            if path.endswith('.safetensors'):
+                from safetensors.torch import load_file
+                part = load_file(path)
+            else:
+                part = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
+            reason = (str(e).strip().splitlines() or [''])[0][:120]
+            raise cameras.UserError(f'{path}: not a readable weights file ({type(e).__name__}: {reason}); download '
+                                    'it again or pass another --encoder-weights') from None
         for key in ('state_dict', 'model'):
             if isinstance(part.get(key), dict):
                 part = part[key]
@@ -617,11 +624,12 @@ def matching_presets(sd):
     return names
 
 
-def load_weights(enc, weights, strict=True):
+def load_weights(enc, weights, strict=True, source=None):
     """Load official weights into enc. weights: 'hub' (download cfg.hub_repo with huggingface_hub),
-    a file, a list of files or a state dict. cam_enc.* (camera conditioning, not built here),
-    gs_head.* and gs_adapter.* are ignored with a note; a checkpoint without any cam_dec.* (GLD's split
-    release may be one) loads with a note. strict: raise a readable key diff."""
+    a file, a list of files or a state dict (source: its file, for messages). cam_enc.* (camera conditioning,
+    not built here), gs_head.* and gs_adapter.* are ignored with a note; a checkpoint without any cam_dec.*
+    (GLD's split release may be one) loads with a note. strict: a UserError with a readable key diff, or the
+    preset the weights are for."""
     if weights == 'hub':
         try:
             from huggingface_hub import hf_hub_download
@@ -629,6 +637,8 @@ def load_weights(enc, weights, strict=True):
             raise ImportError("weights='hub' needs huggingface_hub (pip install huggingface_hub); "
                               'or pass a local model.safetensors') from e
         weights = hf_hub_download(enc.cfg.hub_repo, 'model.safetensors')
+    if not isinstance(weights, dict):
+        source = weights if isinstance(weights, (str, os.PathLike)) else ', '.join(map(str, weights))
     sd = dict(weights) if isinstance(weights, dict) else read_state_dict(weights)
     ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES)]
     if ignored:
@@ -646,11 +656,12 @@ def load_weights(enc, weights, strict=True):
               '(poses from rays in geometry() are unaffected)')
         missing = []
     if strict and (missing or unexpected or shapes):
-        msg = f'checkpoint does not fit encoder {enc.cfg.name!r}:' + describe_key_diff(missing, unexpected, shapes)
         others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
         if others:
-            msg += f'\n  the checkpoint matches preset {others[0]!r}, not {enc.cfg.name!r}: use build_encoder({others[0]!r})'
-        raise ValueError(msg)
+            raise cameras.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
+                                    f'{enc.cfg.name!r}: pass --encoder {others[0]} (build_encoder({others[0]!r}) in Python)')
+        raise cameras.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
+                                'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
     enc.load_state_dict(sd, strict=False)
     return enc
 
@@ -685,11 +696,16 @@ class LatentStats:
 
     @classmethod
     def load(cls, path):
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            if str(path).endswith('.safetensors'):
+                from safetensors.torch import load_file
+                sd = load_file(str(path))
+            else:
+                sd = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
+            reason = (str(e).strip().splitlines() or [''])[0][:120]
+            raise cameras.UserError(f'{path}: not a readable statistics file ({type(e).__name__}: {reason}); pass '
+                                    '--stats a file written by LatentStats.save, or leave it out to compute them') from None
         return cls.from_state_dict(sd)
 
     @classmethod

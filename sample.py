@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 import time
@@ -40,44 +41,81 @@ import model as model_lib
 import official
 from export import save_image
 
+UserError = cameras.UserError
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
-COMMANDS = {  # what creates each missing piece
-    'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
-    'level1': 'python train.py --level 1', 'level0': 'python train.py --level 0', 'data': 'python data.py synth',
+COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: train_command)
+    'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder', 'data': 'python data.py synth',
 }
+
+
+def train_command(name):
+    """The command that trains the model called name: encoder, decoder, level<k> or level<k>_ind."""
+    if name.startswith('level'):
+        return f'python train.py --level {name[5]}' + (' --independent' if name.endswith('_ind') else '')
+    return COMMANDS[name]
 
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
 
 def find_checkpoint(name, ckpt_dir=None):
-    """runs/<name>/ckpt_*.pt (newest) when ckpt_dir is given, else the bundled weights/tiny/<name>.safetensors."""
+    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given (none there: a UserError naming the training
+    command that makes it; never a fallback), else the bundled weights/tiny/<name>.safetensors."""
     if ckpt_dir:
         folder = os.path.join(ckpt_dir, name)
-        ck = sorted(f for f in os.listdir(folder) if f.startswith('ckpt_')) if os.path.isdir(folder) else []
-        if ck:
-            return os.path.join(folder, ck[-1])
+        ck = sorted(f for f in os.listdir(folder) if f.startswith('ckpt_') and f.endswith('.pt')) if os.path.isdir(folder) else []
+        if not ck:
+            raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
+                            f'{train_command(name)} --out {folder}')
+        return os.path.join(folder, ck[-1])
     path = os.path.join(WEIGHTS, name + '.safetensors')
-    if os.path.exists(path):
-        return path
-    raise FileNotFoundError(f'no checkpoint for {name!r} in {ckpt_dir or "-"} nor {path}; create it with: '
-                            f'{COMMANDS.get(name, "python train.py")} (or pass --ckpt-dir)')
+    if not os.path.exists(path):
+        raise UserError(f'{path}: no bundled {name} model; restore it with: git checkout weights/tiny, or pass '
+                        f'--ckpt-dir with a run made by: {train_command(name)}')
+    return path
+
+
+def auto_checkpoint(name):
+    """train.py's 'auto' encoder and decoder: the newest runs/<name> checkpoint when there is one, else the bundled
+    model (load_checkpoint prints which)."""
+    folder = os.path.join('runs', name)
+    has_run = os.path.isdir(folder) and any(f.startswith('ckpt_') and f.endswith('.pt') for f in os.listdir(folder))
+    return find_checkpoint(name, 'runs' if has_run else None)
 
 
 def load_checkpoint(path, device='cpu'):
-    """-> (meta, state_dict). A training checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar."""
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        meta = json.load(open(path[:-len('.safetensors')] + '.json'))
-        digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
-        if meta.get('sha256') and meta['sha256'] != digest:
-            raise ValueError(f'{path}: checksum mismatch (file is {digest[:12]}, {path[:-12]}.json says '
-                             f'{meta["sha256"][:12]}); the file is corrupt or was replaced: restore it with git checkout')
-        sd = {k: v.float() for k, v in load_file(path, device=str(device)).items()}
-        stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
-        meta['stats'] = stats or None
-        return meta, {k: v for k, v in sd.items() if not k.startswith('stats.')}
-    ck = torch.load(path, map_location=device, weights_only=False)
-    return ck, ck['ema']
+    """-> (meta, state_dict), printing the file and its SHA-256 prefix; meta['sha256'] is the file's hash. A training
+    checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar. A missing, unreadable or
+    altered file is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
+                        'pass a ckpt_*.pt of a run or an exported .safetensors')
+    raw = open(path, 'rb').read()
+    digest = hashlib.sha256(raw).hexdigest()
+    print(f'{path} (sha256 {digest[:12]})')
+    broken = ('delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that '
+              'wrote it' if not path.endswith('.safetensors') else
+              'restore it with: git checkout weights/tiny' if os.path.dirname(os.path.abspath(path)) == WEIGHTS else
+              'export it again with: python train.py ... --export FOLDER')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load as load_safetensors
+            sidecar = path[:-len('.safetensors')] + '.json'
+            meta = data.read_json(sidecar, 'sidecar of an export (python train.py --export writes it)')
+            if meta.get('sha256') and meta['sha256'] != digest:
+                raise UserError(f'{path}: checksum mismatch (file is {digest[:12]}, {sidecar} says {meta["sha256"][:12]}); '
+                                f'the file is corrupt or was replaced: {broken}')
+            sd = {k: v.float().to(device) for k, v in load_safetensors(raw).items()}
+            stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
+            meta.update(stats=stats or None, sha256=digest)
+            return meta, {k: v for k, v in sd.items() if not k.startswith('stats.')}
+        ck = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+        ck['sha256'] = digest
+        return ck, ck['ema']
+    except UserError:
+        raise
+    except Exception as e:  # truncated or foreign files: the readers' errors (of several types) name no file
+        reason = (str(e).strip().splitlines() or [''])[0][:120]
+        raise UserError(f'{path}: not a loadable checkpoint ({type(e).__name__}: {reason}); {broken}') from None
 
 
 def export_weights(kind, net, config, extra, folder, name):
@@ -96,36 +134,58 @@ def export_weights(kind, net, config, extra, folder, name):
     return path
 
 
-def load_encoder(preset, weights='auto', device='cpu', ckpt_dir='runs'):
-    """A frozen DA3. weights: 'auto' (for da3-tiny: <ckpt_dir>/encoder, then weights/tiny/encoder; ckpt_dir None:
-    the bundled one only), 'none', or a file."""
+def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
+    """A frozen DA3. weights: 'auto' (for da3-tiny: the newest <ckpt_dir>/encoder checkpoint, or the bundled
+    weights/tiny/encoder when ckpt_dir is None), 'none', or a file. enc.source = {'weights': the file or 'none',
+    'sha256': its hash or None} is what checkpoints record as the encoder that made their latents."""
     if weights == 'auto' and preset == 'da3-tiny':
         weights = find_checkpoint('encoder', ckpt_dir)
+    sha = None
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
             print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
-        enc = encoder_lib.build_encoder(preset)
+        enc, weights = encoder_lib.build_encoder(preset), 'none'
     elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
             os.path.exists(weights[:-len('.safetensors')] + '.json'):
         meta, sd = load_checkpoint(weights)
-        enc = encoder_lib.build_encoder(preset)
-        enc.load_state_dict(sd)
+        enc, sha = encoder_lib.build_encoder(preset), meta['sha256']
+        encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
         enc = encoder_lib.build_encoder(preset, weights=weights)
+        sha = hashlib.sha256(open(weights, 'rb').read()).hexdigest() if os.path.isfile(weights) else None
+        print(f'{weights} (sha256 {sha[:12] if sha else "-"})')
+    enc.source = {'weights': weights, 'sha256': sha}
     return enc.to(device).freeze()
 
 
-def load_model(path, device='cpu'):
-    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
+def check_encoder(meta, path, enc, name):
+    """A model reads latents of the encoder it was trained with: refuse another one (by the file hash the
+    checkpoint records; older checkpoints record none and are not checked)."""
+    want, have = (meta.get('encoder') or {}).get('sha256'), enc.source['sha256']
+    if want and want != have:
+        raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
+                        f'the encoder here is {enc.source["weights"]} (sha256 {(have or "none")[:12]}); pass the '
+                        '--ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
+                        f'{train_command(name)}')
+
+
+def load_model(path, device='cpu', enc=None, name='level1'):
+    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats'). enc: refuse a model trained
+    on another encoder's latents (check_encoder)."""
     meta, sd = load_checkpoint(path, device)
+    if enc is not None:
+        check_encoder(meta, path, enc, name)
     net = model_lib.GLD(model_lib.GLDConfig(**meta['config'])).to(device).eval()
     net.load_state_dict(sd)
     meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
     return net, meta
 
 
-def load_decoder(path, device='cpu'):
+def load_decoder(path, device='cpu', enc=None):
+    """-> the RGB decoder in eval mode. enc: refuse a decoder trained on another encoder's features."""
     meta, sd = load_checkpoint(path, device)
+    if enc is not None:
+        check_encoder(meta, path, enc, 'decoder')
     dec = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**meta['config'])).to(device).eval()
     dec.load_state_dict(sd)
     return dec
@@ -204,16 +264,11 @@ class Pipeline:
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
     """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
-    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device)
+    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device, enc)
     models = {}
     for level in range(boundary, -1, -1):
         name = f'level{level}' + ('_ind' if independent and level == 0 else '')  # M1..M3 are independent by nature
-        try:
-            models[level] = load_model(find_checkpoint(name, ckpt_dir), device)
-        except FileNotFoundError:
-            if level == boundary:
-                raise
-            log(f'note: no {name} model: level {level} is left to the decoder\'s level dropout')
+        models[level] = load_model(find_checkpoint(name, ckpt_dir), device, enc, name)
     return Pipeline(enc, dec, models, boundary, log)
 
 
@@ -323,7 +378,8 @@ def ensure_data(spec):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
         data.write_synth(spec, 0, 16)
     elif not os.path.isdir(spec.split(':')[-1]):
-        raise SystemExit(f'{spec}: no such dataset folder; create the synthetic set with: {COMMANDS["data"]}')
+        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER, or create the synthetic set with: '
+                        f'{COMMANDS["data"]}')
 
 
 def unwrap(net):
@@ -351,13 +407,9 @@ def evaluate_during_training(stage, val, a, device, n=8):
             ps.append(data.psnr(net(lv, (s['images'].shape[-2] // 14, s['images'].shape[-1] // 14)).clamp(0, 1),
                                 s['images']).mean())
         return {'recon_psnr': float(torch.stack(ps).mean())}
-    try:
-        dec = load_decoder(find_checkpoint('decoder', 'runs'), device) if a.decoder_ckpt == 'auto' else \
-            (load_decoder(a.decoder_ckpt, device) if a.decoder_ckpt != 'none' else None)
-    except FileNotFoundError:
-        dec = None
-    if dec is None:
+    if a.decoder_ckpt == 'none':
         return {}
+    dec = load_decoder(auto_checkpoint('decoder') if a.decoder_ckpt == 'auto' else a.decoder_ckpt, device)
     meta = {'stats': stage.stats, 'upper_level': stage.upper_level}
     pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None)
     ps, mse, grids = [], [], []
@@ -419,10 +471,10 @@ def user_scene(paths, cams_path, size, enc):
         try:
             ims.append(torch.from_numpy(np.asarray(Image.open(p).convert('RGB'), dtype=np.float32) / 255).permute(2, 0, 1))
         except (OSError, UnidentifiedImageError) as e:
-            raise SystemExit(f'{p}: cannot read the image ({e}); pass PNG or JPEG files')
+            raise UserError(f'{p}: cannot read the image ({e}); pass PNG or JPEG files to --images')
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
-        raise SystemExit(f'{paths}: the images differ in size; resize them to one size first')
+        raise UserError(f'{paths}: the images differ in size; resize them to one size first')
     images = torch.stack(ims)[None]  # (1,N,3,H,W)
     tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
     if cams_path:  # a transforms.json (or its folder); cameras matched to the images by file name
@@ -431,7 +483,7 @@ def user_scene(paths, cams_path, size, enc):
         names = [os.path.basename(f) for f in t['files']]
         missing = [p for p in paths if os.path.basename(p) not in names]
         if missing:
-            raise SystemExit(f'{path}: no camera for {missing} (frames: {names}); give one frame per image, by file name')
+            raise UserError(f'{path}: no camera for {missing} (frames: {names}); give one frame per image, by file name')
         idx = [names.index(os.path.basename(p)) for p in paths]
         c2w, K = t['c2w'][idx][None], t['K'][idx][None]
     else:
@@ -447,7 +499,7 @@ def user_scene(paths, cams_path, size, enc):
         g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
         c2w, K = g['c2w'], g['K']
     if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
-        raise SystemExit(f'{cams_path}: cameras contain NaN or inf values')
+        raise UserError(f'{cams_path or "the DA3 camera estimate"}: cameras contain NaN or inf values')
     return images, c2w, K
 
 
@@ -521,12 +573,16 @@ def main(argv=None):
     a = get_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
+    size = data.parse_size(a.size)  # bad input is reported before any model is loaded
+    if not 0 < a.src < a.views:
+        raise UserError(f'--src {a.src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
+    data.make_output_dir(a.out)
     lpips = data.lpips_fn(device) if a.lpips else None
     if a.recon or a.eval:
         ensure_data(a.data)
     if a.recon:
         enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device)
+        dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device, enc)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
@@ -536,7 +592,6 @@ def main(argv=None):
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
-    size = tuple(int(s) for s in a.size.lower().split('x')) if a.size else None
     if a.images:
         images, c2w_src, K_src = user_scene(a.images, a.cameras, size, pipe.enc)
         images, c2w_src, K_src = images.to(device), c2w_src.to(device), K_src.to(device)
@@ -548,6 +603,8 @@ def main(argv=None):
         ensure_data(a.data)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
+        if idx >= len(ds):
+            raise UserError(f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key')
         scene = data.split_views(data.collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
@@ -568,4 +625,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cameras.run_cli(main)

@@ -541,17 +541,17 @@ def test_corrupt_jpeg_is_skipped(tmp_path):
 
 def test_clear_errors(tmp_path):
     os.makedirs(tmp_path / 'train')
-    with pytest.raises(FileNotFoundError, match='index.json'):
+    with pytest.raises(data.UserError, match='index.json'):
         data.SceneDataset(str(tmp_path), 'train')
     (tmp_path / 'train' / 'index.json').write_text('{}')
-    with pytest.raises(ValueError, match='no scenes'):
+    with pytest.raises(data.UserError, match='no scenes'):
         data.SceneDataset(str(tmp_path), 'train')
-    with pytest.raises(ValueError, match=r'\(V, 18\)'):
+    with pytest.raises(data.UserError, match=r'\(V, 18\)'):
         data.cameras_to_c2w_K(torch.zeros(4, 16), 'bad.torch')
     gen = torch.Generator().manual_seed(3)
     data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
     (tmp_path / 'train' / 'index.json').write_text(json.dumps({'odd': '000000.torch'}))
-    with pytest.raises(ValueError, match='not multiples of 14'):
+    with pytest.raises(data.UserError, match='not multiples of 14; pass --size 28x28'):
         data.SceneDataset(str(tmp_path), 'train', num_views=2)
     assert data.SceneDataset(str(tmp_path), 'train', num_views=2, size=(28, 28))[0]['images'].shape == (2, 3, 28, 28)
 
@@ -584,7 +584,7 @@ def test_dl3dv_transforms(tmp_path):
     assert abs(s['images'][2].mean() - 80 / 255) < 1e-6  # frames sorted by file name
     ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=2, size=(14, 14))
     assert len(ds) == 1 and ds[0]['images'].shape == (2, 3, 14, 14)
-    with pytest.raises(FileNotFoundError, match='transforms.json'):
+    with pytest.raises(data.UserError, match='transforms.json'):
         data.read_image_folder(str(tmp_path))
 
 
@@ -824,10 +824,10 @@ def test_weight_loading(tmp_path, capsys):
     assert torch.equal(enc.head.norm.weight, sd['head.norm.weight']) and 'no cam_dec' in capsys.readouterr().out
     # missing keys are listed
     partial = {k: v for k, v in sd.items() if not k.startswith('backbone.pretrained.blocks.9.')}
-    with pytest.raises(ValueError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
+    with pytest.raises(cameras.UserError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
         encoder_lib.load_weights(tiny, partial)
-    # wrong preset: the error names both presets
-    with pytest.raises(ValueError, match="matches preset 'da3-small', not 'da3-tiny'"):
+    # wrong preset: the error names both presets and the flag
+    with pytest.raises(cameras.UserError, match="match preset 'da3-small', not 'da3-tiny': pass --encoder da3-small"):
         encoder_lib.load_weights(tiny, small)
 
 
@@ -2005,6 +2005,8 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(world, t
     assert scale > 1e-3
     # Adam turns float-reduction noise on near-zero gradients into small steps, hence a relative tolerance
     assert dist(ddp, one) < 0.02 * scale and dist(acc, one) < 0.02 * scale, (dist(ddp, one), dist(acc, one), scale)
+    first = lambda n: train.read_csv(tmp_path / n / 'log.csv')[0]['loss']  # step 1: the same weights everywhere
+    assert first('ddp') == pytest.approx(first('one'), rel=1e-5) != first('half')  # the mean over ranks, not rank 0's
 
 
 def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
@@ -2132,19 +2134,19 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     run = lambda *args: sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not an image')
-    with pytest.raises(SystemExit, match='bad.png: cannot read the image'):
+    with pytest.raises(data.UserError, match='bad.png: cannot read the image'):
         run('--images', str(bad))
     other = tmp_path / 'other.png'
     shutil.copy(user_images / 'im0.png', other)
-    with pytest.raises(SystemExit, match=r"no camera for .*other.png"):
+    with pytest.raises(data.UserError, match=r"no camera for .*other.png"):
         run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
     tf = json.load(open(user_images / 'transforms.json'))
     tf['frames'][0]['transform_matrix'][0][3] = float('nan')
     json.dump(tf, open(tmp_path / 'nan.json', 'w'))
-    with pytest.raises(SystemExit, match='NaN'):
+    with pytest.raises(data.UserError, match='NaN'):
         run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
     monkeypatch.setattr(sample, 'WEIGHTS', str(tmp_path / 'no_weights'))
-    with pytest.raises(FileNotFoundError, match='create it with: python train.py --stage encoder'):
+    with pytest.raises(data.UserError, match='create it with: python train.py --stage encoder'):
         sample.load_pipeline(str(tmp_path / 'no_runs'))
 
 
@@ -2425,3 +2427,337 @@ def test_depth_scale_recovers_the_cameras_units(exported):
     assert how == 'source photo-consistency' and scale == pytest.approx(truth, rel=0.02), scale
     with pytest.raises(argparse.ArgumentTypeError, match='unknown export format'):
         export.parse_formats('ply,obj')
+
+
+# ====================================================================================================
+# Bad input through the command lines (train.py, sample.py, data.py): one line on stderr naming the file and the
+# fix, exit status 2, no traceback, nothing on disk changed; never a silent substitution, never a lost run.
+# ====================================================================================================
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    """2 + 2 synthetic scenes (56 px, 10 frames); tests copy it before spoiling it."""
+    root = tmp_path_factory.mktemp('bad_input')
+    data.write_synth(str(root / 'd'), 2, 2, frames=10, size=56, seed=0)
+    return root / 'd'
+
+
+def tree_hashes(*roots):
+    """{path: SHA-256} of every file under the roots (files or folders)."""
+    import hashlib
+    files = [str(r) for r in roots if os.path.isfile(r)]
+    files += [os.path.join(d, f) for r in roots if os.path.isdir(r) for d, _, fs in os.walk(r) for f in fs]
+    return {f: hashlib.sha256(open(f, 'rb').read()).hexdigest() for f in files}
+
+
+def user_error(main, argv, capsys, *needles, keep=()):
+    """Run an entry point as its __main__ does (cameras.run_cli) and check the UserError contract -> (the line,
+    stdout)."""
+    before = tree_hashes(*keep)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cameras.run_cli(main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith('error: '), err
+    assert 'Traceback' not in err[0] and all(n in err[0] for n in needles), (err[0], needles)
+    assert tree_hashes(*keep) == before  # nothing already on disk changed
+    return err[0], captured.out
+
+
+def spoil_chunk(path, fn):
+    """Rewrite a chunk file after fn(list of scenes) changed it (a new file: chunks read earlier stay memory-mapped)."""
+    chunk = torch.load(path, weights_only=True)
+    fn(chunk)
+    torch.save(chunk, str(path) + '.new')
+    os.replace(str(path) + '.new', path)
+    data._load_chunk.cache_clear()
+
+
+def copy_data(small_data, tmp_path):
+    shutil.copytree(small_data, tmp_path / 'd')
+    return tmp_path / 'd'
+
+
+SAMPLE_FAST = ['--views', '4', '--steps', '1']
+TRAIN_FAST = ['--views', '4', '--batch-size', '2', '--eval-every', '0', '--warmup', '1', '--stats-batches', '1']
+
+
+def test_user_error_is_one_line_exit_2_without_traceback_in_a_subprocess(tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env.pop('GLD_DEBUG', None)
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
+                        '--size', '50x50', '--out', str(tmp_path / 'o')], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        'error: --size 50x50: both sides must be positive multiples of 14, e.g. --size 42x42'], r.stderr
+    assert not (tmp_path / 'o').exists()  # reported before anything is written
+
+
+def test_gld_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch):
+    monkeypatch.setenv('GLD_DEBUG', '1')
+    with pytest.raises(SystemExit):
+        cameras.run_cli(sample.main, ['--size', '50x50'])
+    err = capsys.readouterr().err
+    assert 'Traceback' in err and err.strip().splitlines()[-1].startswith('error: --size 50x50')
+    with pytest.raises(ZeroDivisionError):  # not a user's mistake: the traceback is kept
+        cameras.run_cli(lambda argv: 1 / 0)
+
+
+def test_bad_frame_in_evaluation_names_scene_and_frame_never_another_scene(small_data, tmp_path, capsys):
+    d = copy_data(small_data, tmp_path)
+    spoil_chunk(d / 'test' / '000000.torch',
+                lambda ch: ch[0]['images'].__setitem__(slice(None), [torch.tensor(list(b'no jpeg'), dtype=torch.uint8)] * 10))
+    for mode in (['--scene', '0'], ['--eval', '--eval-scenes', '2']):
+        user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST, *mode], capsys,
+                   'test/000000.torch: scene synth_test_00000 frame', 'not a readable image', 'drop the scene', keep=[d])
+    assert not (tmp_path / 'o' / 'eval_n2.md').exists()
+
+
+def test_training_skips_a_bad_scene_with_a_warning_and_counts_it(small_data, tmp_path, capsys, monkeypatch):
+    d = copy_data(small_data, tmp_path)
+    spoil_chunk(d / 'train' / '000000.torch',
+                lambda ch: ch[0]['images'].__setitem__(3, torch.tensor(list(b'no jpeg'), dtype=torch.uint8)))
+    monkeypatch.setattr(data, 'sample_frames', lambda n, v, gap, g: torch.arange(3, 3 + v))  # frame 3 is read
+    with pytest.warns(UserWarning, match='skipping training scene synth_train_00000: .* frame 3: not a readable image'):
+        train.main(['--data', str(d), '--stage', 'decoder', *TRAIN_FAST, '--steps', '2', '--out', str(tmp_path / 'r')])
+    assert re.search(r'skipped [1-9]\d* training samples with unreadable frames', capsys.readouterr().out)
+
+
+def test_missing_or_folder_frame_file_is_not_called_corrupt(tmp_path):
+    write_dl3dv_scene(str(tmp_path / 'scenes' / 'abc'))
+    os.remove(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00002.png')
+    os.remove(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png')
+    os.makedirs(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png')
+    ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=3, size=(14, 14), eval=True)
+    with pytest.raises(data.FrameError, match=r'transforms.json: scene abc frame 1: .*frame_00002.png: no such image file'):
+        ds[0]
+    with pytest.raises(data.FrameError, match='frame_00003.png: a folder, not an image'):
+        data.decode_image(str(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png'))
+
+
+def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
+    d = copy_data(small_data, tmp_path)
+    first, last = data.read_eval_index(str(d / 'test' / 'eval_index.json'))['synth_test_00000'][0]
+    spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[0]['images'].__setitem__(last, data.encode_jpeg(torch.rand(3, 42, 56))))
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               f'scene synth_test_00000 frame {last}: 42x56 pixels, but frame {first} is 56x56', 'share one size', keep=[d])
+    spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[1]['images'].__setitem__(
+        slice(None), [data.encode_jpeg(torch.rand(3, 42, 56))] * 10))  # a whole scene of another size
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', '--scene', '1', *SAMPLE_FAST], capsys,
+               'scene synth_test_00001 is 42x56 pixels, but frame 0 of scene synth_test_00000 is 56x56', '--size HxW')
+
+
+def test_truncated_or_folder_chunk_names_the_file(small_data, tmp_path, capsys):
+    d = copy_data(small_data, tmp_path)
+    chunk = d / 'test' / '000000.torch'
+    chunk.write_bytes(chunk.read_bytes()[:5000])
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               f'{chunk}: not a readable chunk file', 'python data.py synth', keep=[d])
+    os.remove(chunk)
+    os.makedirs(chunk)
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               f'{chunk}: a folder, not a chunk file', 'index.json', keep=[d])
+
+
+@pytest.mark.parametrize('spoil, needle', [
+    (lambda c: c.__setitem__((2, 8), float('nan')), 'camera of view 2 holds NaN or inf values'),
+    (lambda c: c.__setitem__((1, 6), 3.0), 'the rotation of view 1 is not orthonormal'),
+    (lambda c: c.__setitem__((0, 0), -0.5), 'view 0 has focal lengths fx -0.5'),
+])
+def test_bad_cameras_are_refused_where_they_are_read(small_data, tmp_path, capsys, spoil, needle):
+    d = copy_data(small_data, tmp_path)
+    spoil_chunk(d / 'test' / '000000.torch', lambda ch: spoil(ch[0]['cameras']))
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               'test/000000.torch scene synth_test_00000', needle, keep=[d])
+    spoil_chunk(d / 'train' / '000000.torch', lambda ch: spoil(ch[0]['cameras']))
+    user_error(train.main, ['--data', d, '--stage', 'decoder', *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
+               'train/000000.torch scene synth_train_00000', needle, keep=[d])
+
+
+def test_error_in_a_dataloader_worker_is_one_line_too(tmp_path, capsys):
+    data.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
+    spoil_chunk(tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf')))
+    user_error(train.main, ['--data', tmp_path / 'd', '--stage', 'decoder', *TRAIN_FAST, '--workers', '1', '--out',
+                            tmp_path / 'r'], capsys, 'train/000001.torch scene synth_train_00001: camera of view 0 holds NaN')
+    user_error(train.main, ['--data', tmp_path / 'd', '--level', '0', '--stats', tmp_path / 'd', *TRAIN_FAST, '--out',
+                            tmp_path / 'r'], capsys, f'{tmp_path / "d"}: not a readable statistics file')
+
+
+def test_camera_rows_of_the_wrong_length(small_data, tmp_path, capsys):
+    d = copy_data(small_data, tmp_path)
+    spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[0].__setitem__('cameras', ch[0]['cameras'][:, :16]))
+    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               'scene synth_test_00000: camera rows have shape (10, 16), expected (V, 18)', keep=[d])
+
+
+def test_sizes_data_folders_scenes_and_flags(small_data, tmp_path, capsys):
+    user_error(train.main, ['--data', small_data, '--size', '30x30', '--out', tmp_path / 'r'], capsys,
+               '--size 30x30: both sides must be positive multiples of 14, e.g. --size 28x28')
+    user_error(sample.main, ['--size', 'big', '--out', tmp_path / 'o'], capsys, '--size big: expected HxW')
+    user_error(train.main, ['--data', small_data, '--gap', 'x', '--out', tmp_path / 'r'], capsys, '--gap x: expected a range')
+    user_error(train.main, ['--data', small_data, '--views', '4', '--src', '4-5', '--out', tmp_path / 'r'], capsys,
+               '--src 4-5: a sample of --views 4 has 1..3 source views')
+    user_error(train.main, ['--data', f'{small_data}*x', '--out', tmp_path / 'r'], capsys, 'the ratio after each * must be a number')
+    os.makedirs(tmp_path / 'empty')
+    user_error(train.main, ['--data', tmp_path / 'empty', '--out', tmp_path / 'r'], capsys,
+               f'{tmp_path / "empty" / "train" / "index.json"}: missing', 'python data.py synth')
+    user_error(sample.main, ['--data', tmp_path / 'nothing', '--out', tmp_path / 'o'], capsys,
+               'no such dataset folder', 'python data.py synth')
+    user_error(sample.main, ['--data', small_data, '--scene', '7', '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               '--scene 7: the split has 2 scenes', keep=[small_data])
+    user_error(sample.main, ['--data', small_data, '--scene', 'nope', '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               '--scene nope: not in this split', '--scene synth_test_00000')
+    user_error(sample.main, ['--views', '4', '--src', '4', '--out', tmp_path / 'o'], capsys, '--src 4', '1..3 source views')
+    (tmp_path / 'a_file').write_text('x')
+    user_error(sample.main, ['--out', tmp_path / 'a_file', '--views', '4'], capsys, f'--out {tmp_path / "a_file"}: cannot create',
+               keep=[tmp_path / 'a_file'])
+    user_error(data.main, ['synth', '--out', tmp_path / 'a_file' / 'sub', '--train', '1', '--test', '0'], capsys,
+               'cannot create the folder')
+    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--init', tmp_path, *TRAIN_FAST, '--out', tmp_path / 'r'],
+               capsys, f'{tmp_path}: a folder, not a checkpoint file')
+    user_error(train.main, ['--data', small_data, '--batch-size', '4', '--out', tmp_path / 'r'], capsys,
+               '2 scenes per process < batch size 4', 'lower --batch-size')
+
+
+def test_views_are_honoured_with_an_evaluation_index(small_data, capsys):
+    ds = data.SceneDataset(str(small_data), 'test', num_views=4, eval=True)
+    index = data.read_eval_index(str(small_data / 'test' / 'eval_index.json'))
+    context, target = index[ds.keys[0]]
+    assert 'gives 2 context + 6 target frames per scene; --views 4' in capsys.readouterr().out
+    assert ds[0]['frames'].tolist() == sorted(context + [target[1], target[4]]) and ds[0]['images'].shape[0] == 4
+    assert len(data.SceneDataset(str(small_data), 'test', num_views=8, eval=True)[0]['frames']) == 8
+    with pytest.raises(data.UserError, match='--views 2: .* 2 context frames per scene; pass --views 3'):
+        data.SceneDataset(str(small_data), 'test', num_views=2, eval=True)
+
+
+def fake_run(folder, kind, meta, sd, step=1):
+    """A training-checkpoint file as find_checkpoint finds it: <folder>/ckpt_<step>.pt."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save({**meta, 'kind': kind, 'ema': sd}, os.path.join(folder, f'ckpt_{step:07d}.pt'))
+
+
+def test_models_resolve_explicitly_and_refuse_another_encoders_latents(small_data, tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    os.makedirs(runs)
+    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               f'{runs / "encoder"}: no encoder checkpoint', f'python train.py --stage encoder --out {runs / "encoder"}')
+    enc_meta, enc_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'encoder.safetensors'))
+    fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
+    enc_sha = sample.load_checkpoint(train.list_checkpoints(str(runs / 'encoder'))[0])[0]['sha256']
+    dec_meta, dec_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'decoder.safetensors'))
+    other = {'preset': 'da3-tiny', 'weights': 'elsewhere.pt', 'sha256': '0' * 64}
+    fake_run(runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': other}, dec_sd)
+    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               'decoder/ckpt_0000001.pt: trained on latents of encoder elsewhere.pt (sha256 000000000000)',
+               f'encoder here is {runs / "encoder" / "ckpt_0000001.pt"} (sha256 {enc_sha[:12]})', 'python train.py --stage decoder',
+               keep=[runs])
+    fake_run(runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': {**other, 'sha256': enc_sha}}, dec_sd)
+    _, out = user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+                        capsys, 'no level1 checkpoint', f'python train.py --level 1 --out {runs / "level1"}', keep=[runs])
+    assert f'{runs / "decoder" / "ckpt_0000001.pt"} (sha256 ' in out  # every resolved model is printed with its hash
+    user_error(sample.main, ['--ckpt-dir', runs, '--boundary', '2', '--independent', '--data', small_data, '--out',
+                             tmp_path / 'o', *SAMPLE_FAST], capsys, 'python train.py --level 2 --out')
+
+
+def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkeypatch):
+    import hashlib
+    monkeypatch.chdir(tmp_path)  # no runs/encoder here: --encoder-weights auto is the bundled encoder
+    out = train.main(['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')])
+    ref = torch.load(train.list_checkpoints(out)[-1], weights_only=False)['encoder']
+    bundled = os.path.join(sample.WEIGHTS, 'encoder.safetensors')
+    assert ref == {'preset': 'da3-tiny', 'weights': bundled,
+                   'sha256': hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
+
+
+def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tmp_path, capsys):
+    runs = tmp_path / 'runs'
+    _, enc_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'encoder.safetensors'))
+    fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
+    ck = runs / 'encoder' / 'ckpt_0000001.pt'
+    ck.write_bytes(ck.read_bytes()[:20000])
+    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               f'{ck}: not a loadable checkpoint', 'delete it', keep=[runs])
+    for name in ('level1.safetensors', 'level1.json', 'encoder.safetensors'):
+        shutil.copy(os.path.join(sample.WEIGHTS, name), tmp_path / name)
+    spoilt = bytearray((tmp_path / 'level1.safetensors').read_bytes())
+    spoilt[-1] ^= 1
+    (tmp_path / 'level1.safetensors').write_bytes(spoilt)
+    user_error(train.main, ['--data', small_data, '--level', '1', *TRAIN_FAST, '--init', tmp_path / 'level1.safetensors',
+                            '--out', tmp_path / 'r'], capsys, 'level1.safetensors: checksum mismatch',
+               'export it again with: python train.py', keep=[tmp_path / 'level1.safetensors'])
+    # weights without a sidecar: truncated, and of another preset (the flag, not a Python call)
+    enc = tmp_path / 'encoder.safetensors'
+    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights', enc,
+                            *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
+               f'{enc}: the weights match preset \'da3-tiny\', not \'da3-small\': pass --encoder da3-tiny')
+    # with a sidecar: the same diagnostics, not PyTorch's key listing
+    shutil.copy(os.path.join(sample.WEIGHTS, 'encoder.json'), tmp_path / 'encoder.json')
+    line, _ = user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights',
+                                   enc, *TRAIN_FAST, '--out', tmp_path / 'r'], capsys, 'pass --encoder da3-tiny')
+    assert len(line) < 300
+    os.remove(tmp_path / 'encoder.json')
+    enc.write_bytes(enc.read_bytes()[:4000])
+    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder-weights', enc, *TRAIN_FAST,
+                            '--out', tmp_path / 'r'], capsys, f'{enc}: not a readable weights file', '--encoder-weights')
+
+
+def test_resume_falls_back_to_the_newest_loadable_checkpoint(small_data, tmp_path, capsys):
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '1', '--keep', '5',
+            '--out', str(tmp_path / 'r')]
+    train.main(argv + ['--steps', '1'])
+    good = train.list_checkpoints(str(tmp_path / 'r'))[0]
+    (tmp_path / 'r' / 'ckpt_0000002.pt').write_bytes(b'garbage')
+    (tmp_path / 'r' / 'ckpt_0000003.pt').write_bytes(open(good, 'rb').read()[:3000])
+    capsys.readouterr()
+    train.main(argv + ['--steps', '2', '--resume'])
+    out = capsys.readouterr().out
+    assert 'skipping' in out and 'ckpt_0000003.pt' in out and 'ckpt_0000002.pt (' in out
+    assert f'resumed from {good} at step 1' in out
+    assert torch.load(tmp_path / 'r' / 'ckpt_0000002.pt', weights_only=False)['step'] == 2  # rewritten whole
+    for p in train.list_checkpoints(str(tmp_path / 'r')):
+        open(p, 'wb').write(b'garbage')
+    user_error(train.main, argv + ['--steps', '4', '--resume'], capsys, '--resume: none of the 3 checkpoints',
+               keep=[tmp_path / 'r'])
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_path, capsys, monkeypatch):
+    import errno
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '1', '--out', str(tmp_path / 'r')]
+    train.main(argv + ['--steps', '1'])
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        open(f, 'wb').write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    user_error(train.main, argv + ['--steps', '2', '--resume'], capsys, 'ckpt_0000002.pt: cannot write the checkpoint',
+               'No space left on device', 'continue with --resume', keep=[tmp_path / 'r' / 'ckpt_0000001.pt'])
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert sorted(os.listdir(tmp_path / 'r')) == ['ckpt_0000001.pt', 'log.csv']  # no partial file left behind
+    assert torch.load(tmp_path / 'r' / 'ckpt_0000001.pt', weights_only=False)['step'] == 1
+
+
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch, workers):
+    import multiprocessing
+    import signal
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--workers', workers,
+            '--out', str(tmp_path / 'r')]
+    real_lr_at = train.lr_at
+
+    def lr_at(step, a, r):
+        if step == 1:  # Ctrl-C during step 2, as a terminal sends it: to the DataLoader workers too
+            for p in [*multiprocessing.active_children(), multiprocessing.current_process()]:
+                os.kill(p.pid, signal.SIGINT)
+        return real_lr_at(step, a, r)
+    monkeypatch.setattr(train, 'lr_at', lr_at)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ['--steps', '5'])
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a 2nd Ctrl-C: at once
+    assert 'interrupted: wrote' in capsys.readouterr().err
+    assert torch.load(train.list_checkpoints(str(tmp_path / 'r'))[-1], weights_only=False)['step'] == 2
+    monkeypatch.setattr(train, 'lr_at', real_lr_at)
+    train.main(argv + ['--steps', '3', '--resume'])
+    assert torch.load(train.list_checkpoints(str(tmp_path / 'r'))[-1], weights_only=False)['step'] == 3

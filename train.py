@@ -9,7 +9,8 @@
 
 Everything a run needs stays visible here, a few lines each: DDP (torchrun env vars; NCCL on GPU, gloo on CPU),
 bf16 autocast on GPU, torch.compile, EMA, gradient accumulation that syncs only on the last micro-step, atomic
-checkpoints with exact resume, NaN/inf skipping, a dense log line, a CSV log and a loss-curve PNG, periodic
+checkpoints with exact resume (from the newest one that loads), Ctrl-C that writes a checkpoint at the step in
+flight, NaN/inf skipping, a dense log line, a CSV log and a loss-curve PNG, periodic
 evaluation. Recipes (paper Sec. 5.1, A.1, Tab. 11): diffusion AdamW lr 5e-5 constant, betas (0.9, 0.95), wd 0,
 clip 1.0, EMA 0.9995; decoder AdamW 2e-4 cosine to 2e-5 with warmup, EMA 0.9978.
 
@@ -26,6 +27,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -69,11 +73,11 @@ def build_parser():
     g.add_argument('--cache', type=int, default=0, help='diffusion: encode this many fixed view draws per scene once '
                    '(runs/cache/, keyed by the encoder hash) and train on them (0 = encode every batch)')
     g = p.add_argument_group('models')
-    g.add_argument('--encoder', default='da3-tiny', help='DA3 preset')
+    g.add_argument('--encoder', default='da3-tiny', choices=list(encoder_lib.PRESETS), help='DA3 preset')
     g.add_argument('--encoder-weights', default='auto', help="DA3 weights file; 'auto' = runs/encoder then weights/tiny; 'none' = random")
-    g.add_argument('--decoder', default='tiny', help='RGB decoder preset (stage decoder), see decoder.PRESETS')
+    g.add_argument('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset (stage decoder), see decoder.PRESETS')
     g.add_argument('--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip")
-    g.add_argument('--model', default='gld-tiny', help='DiT preset, see model.PRESETS')
+    g.add_argument('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset, see model.PRESETS')
     g.add_argument('--pos', default=None, choices=['prope', 'rope3d', 'rope2d'], help='override the positional encoding')
     g.add_argument('--stats', default='', help='latent statistics file (ours or the official .pt); default: compute')
     g.add_argument('--stats-batches', type=int, default=16, help='batches used to compute latent statistics')
@@ -115,12 +119,24 @@ def get_args(argv=None):
         a.level = 1
     name = a.stage if a.stage != 'diffusion' else f'level{a.level}' + ('_ind' if a.independent and a.level == 0 else '')
     a.out = a.out or os.path.join('runs', name)
+    lo, hi = parse_range(a.src, '--src')
+    if a.stage == 'diffusion' and not 1 <= lo <= min(hi, a.views - 1):
+        raise data.UserError(f'--src {a.src}: a sample of --views {a.views} has 1..{a.views - 1} source views')
     return a
 
 
-def parse_range(s):
+def parse_range(s, flag):
+    """'lo-hi' or 'n' -> (lo, hi); anything else is a UserError naming the flag."""
     lo, _, hi = s.partition('-')
-    return int(lo), int(hi or lo)
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise data.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
+
+
+def encoder_weights(a):
+    """--encoder-weights auto for da3-tiny: the newest runs/encoder checkpoint, else the bundled encoder."""
+    return sample.auto_checkpoint('encoder') if a.encoder_weights == 'auto' and a.encoder == 'da3-tiny' else a.encoder_weights
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
@@ -151,7 +167,13 @@ def save_checkpoint(out, step, state, keep):
     """Atomic: write a temporary file, then rename; an interrupted write never replaces a good checkpoint."""
     path = os.path.join(out, f'ckpt_{step:07d}.pt')
     tmp = path + '.tmp'
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk (PyTorch's writer raises RuntimeError): drop the partial file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise data.UserError(f'{path}: cannot write the checkpoint ({str(e).strip().splitlines()[0][:120]}); the older '
+                             'checkpoints in that folder are intact: free disk space, then continue with --resume') from None
     os.replace(tmp, path)
     for old in list_checkpoints(out)[:-keep]:
         os.remove(old)
@@ -162,6 +184,25 @@ def list_checkpoints(out):
     if not os.path.isdir(out):
         return []
     return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
+
+
+def load_newest_checkpoint(out, device):
+    """--resume: the newest checkpoint in out that loads -> (path, state), saying which newer ones were skipped and
+    why; (None, None) when there is none. Checkpoints that exist but none loads: a UserError."""
+    paths = list_checkpoints(out)
+    for path in reversed(paths):
+        try:
+            ck = torch.load(path, map_location=device, weights_only=False)
+            if isinstance(ck, dict) and {'model', 'ema', 'optimizer', 'step', 'rng'} <= set(ck):
+                return path, ck
+            reason = 'not a training checkpoint'
+        except Exception as e:  # truncated or garbage files raise readers' errors of several types
+            reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
+        print(f'--resume: skipping {path} ({reason})')
+    if paths:
+        raise data.UserError(f'--resume: none of the {len(paths)} checkpoints in {out} loads (above); remove them to '
+                             'start from scratch, or pass another --out')
+    return None, None
 
 
 def lr_at(step, a, r):
@@ -257,7 +298,7 @@ class DecoderStage:
     kind = 'decoder'
 
     def __init__(self, a, device):
-        self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
+        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
         cfg = decoder_lib.PRESETS[a.decoder]
         cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': a.noise_tau})
         self.net = decoder_lib.RGBDecoder(cfg).to(device)
@@ -265,7 +306,7 @@ class DecoderStage:
         self.lpips = data.lpips_fn(device) if a.lpips else None
         self.disc = decoder_lib.PatchDiscriminator().to(device) if a.gan >= 0 else None
         self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=a.lr, betas=(0.5, 0.9)) if self.disc else None
-        self.encoder_ref = {'preset': a.encoder, 'weights': a.encoder_weights}
+        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
 
     def loss(self, batch, a, gen):
         images = batch['images']
@@ -290,7 +331,7 @@ class DiffusionStage:
     kind = 'gld'
 
     def __init__(self, a, device, loader):
-        self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
+        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
         # only M1->0 is conditioned on a deeper level (the cascade); M1..M3 and --independent M0 are not
         self.level, self.upper_level = a.level, (1 if a.level == 0 and not a.independent else None)
         levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
@@ -303,7 +344,7 @@ class DiffusionStage:
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[a.model]), **overrides})
         self.net = model_lib.GLD(cfg).to(device)
         self.config = asdict(cfg)
-        self.encoder_ref = {'preset': a.encoder, 'weights': a.encoder_weights}
+        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
 
     def loss(self, batch, a, gen):
         lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=a.tau, generator=gen)
@@ -323,11 +364,20 @@ class DiffusionStage:
 
 # ----------------------------------------------------------------------------- main loop
 
+STOP = []  # set by the first Ctrl-C of a one-process run (main clears it and installs interrupt)
+
+
+def interrupt(signum, frame):
+    """The first Ctrl-C ends training after the step in flight, with a checkpoint at it; a second one at once."""
+    STOP.append(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv=None):
     a = get_args(argv)
     rank, world, device = setup_distributed()
     torch.manual_seed(a.seed + rank); np.random.seed(a.seed + rank); random.seed(a.seed + rank)
-    os.makedirs(a.out, exist_ok=True)
+    data.make_output_dir(a.out)
     recipe = RECIPES['diffusion' if a.stage == 'diffusion' else a.stage]
     a.lr = a.lr if a.lr is not None else recipe['lr']
     ema_decay = a.ema if a.ema is not None else recipe['ema']
@@ -335,11 +385,12 @@ def main(argv=None):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     # data: one sample = V views of one scene, temporal order; sources are chosen per batch below
-    size = None if not a.size or a.size == 'buckets' else tuple(int(s) for s in a.size.lower().split('x'))
-    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size or ('buckets' if a.size == 'buckets' else None),
-                                gap=parse_range(a.gap), seed=a.seed)
+    size = data.parse_size(a.size, buckets=True)
+    gap = parse_range(a.gap, '--gap')
+    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size, gap=gap, seed=a.seed)
     loader = data.make_loader(dataset, a.batch_size, shuffle=True, num_workers=a.workers, distributed=world > 1, seed=a.seed)
-    val = data.SceneDataset(a.data, split='test', num_views=a.views, size=size, gap=parse_range(a.gap), seed=a.seed, eval=True)
+    val = data.SceneDataset(a.data, split='test', num_views=a.views, size=None if size == 'buckets' else size, gap=gap,
+                            seed=a.seed, eval=True)
 
     stage = {'encoder': lambda: EncoderStage(a, device), 'decoder': lambda: DecoderStage(a, device),
              'diffusion': lambda: DiffusionStage(a, device, loader)}[a.stage]()
@@ -348,30 +399,30 @@ def main(argv=None):
         net.load_state_dict(sample.load_checkpoint(a.init, device)[1])
     ema = diffusion.EMA(net, ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
+    src_lo, src_hi = parse_range(a.src, '--src')
     cache = None
     if a.cache and a.stage == 'diffusion':  # DA3 outputs of fixed view draws, encoded once (see latents.LatentCache)
         if a.size == 'buckets':
-            raise SystemExit('--cache works at one image size: pass --size HxW or drop --cache')
+            raise data.UserError('--cache works at one image size: pass --size HxW or drop --cache')
         levels = [stage.level] + ([stage.upper_level] if stage.upper_level is not None else [])
         path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, a.data, a.views, a.cache, levels,
-                                            stage.level, parse_range(a.src), a.src_mode, a.seed)
+                                            stage.level, (src_lo, src_hi), a.src_mode, a.seed)
         if rank == 0:
-            cache = latents.LatentCache.build(path, stage.enc, data.SceneDataset(a.data, 'train', a.views, size, parse_range(a.gap), a.seed),
-                                              levels, stage.level, a.cache, parse_range(a.src), a.src_mode, a.seed, device)
+            cache = latents.LatentCache.build(path, stage.enc, data.SceneDataset(a.data, 'train', a.views, size, gap, a.seed),
+                                              levels, stage.level, a.cache, (src_lo, src_hi), a.src_mode, a.seed, device)
         if world > 1:
             dist.barrier()
         cache = cache or latents.LatentCache(path)
     step, bad, epoch, pos = 0, 0, 0, 0  # pos: batches consumed in the current epoch
     gen = torch.Generator().manual_seed(a.seed * 1000 + rank)  # per-rank stream of source counts, t, dropout
-    ckpts = list_checkpoints(a.out)
-    if a.resume and ckpts:  # exact resume: weights, EMA, optimizer, step, every RNG
-        ck = torch.load(ckpts[-1], map_location=device, weights_only=False)
+    path, ck = load_newest_checkpoint(a.out, device) if a.resume else (None, None)
+    if ck:  # exact resume: weights, EMA, optimizer, step, every RNG
         net.load_state_dict(ck['model']); ema.load_state_dict(ck['ema'], ck.get('ema_updates', 0)); opt.load_state_dict(ck['optimizer'])
         step, epoch, pos = ck['step'], ck['epoch'], ck['pos']
         rng = ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0]
         set_rng_state(rng); gen.set_state(rng['gen'])
         if rank == 0:
-            print(f'resumed from {ckpts[-1]} at step {step}')
+            print(f'resumed from {path} at step {step}')
     elif a.resume and rank == 0:
         print(f'--resume: no checkpoint in {a.out}, starting from scratch')
     train_net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
@@ -406,8 +457,10 @@ def main(argv=None):
                     yield b
             epoch, pos = epoch + 1, 0
 
-    it, t_last, seen = batches(), time.time(), 0
-    src_lo, src_hi = parse_range(a.src)
+    STOP.clear()
+    if world == 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt)
+    it, t_last, seen, skipped = batches(), time.time(), 0, 0
     sum_loss = torch.zeros((), device=device); parts_sum = {}
     while step < a.steps:
         a.step = step
@@ -415,7 +468,9 @@ def main(argv=None):
         for g in opt.param_groups:
             g['lr'] = lr
         for micro in range(a.accum):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(it).items()}
+            batch = next(it)
+            skipped += int(batch.pop('skipped').sum()) if 'skipped' in batch else 0  # scenes passed over for unreadable frames (warned)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             if a.stage == 'diffusion' and not cache:  # 1-4 random sources (one count per batch), moved to the front
                 n_src = int(torch.randint(src_lo, min(src_hi, a.views - 1) + 1, (1,), generator=gen))
                 batch = data.split_views(batch, n_src, generator=gen, mode=a.src_mode)
@@ -445,6 +500,9 @@ def main(argv=None):
             B, V = batch['c2w'].shape[:2]
             H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
             T = (H // data.PATCH) * (W // data.PATCH)
+            if world > 1:  # the logged loss is the mean over ranks (one collective, at log steps only)
+                dist.all_reduce(sum_loss)
+                sum_loss /= world
             bins = {}  # the loss binned by t: bin sums over counts of the whole interval
             if 't_bin_sum' in parts_sum:
                 total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')
@@ -468,6 +526,15 @@ def main(argv=None):
                 net.train()
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
             logger.plot()
+        if STOP:
+            saved = step % a.ckpt_every == 0 or step == a.steps
+            path = os.path.join(a.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(a.out, step, checkpoint_state(), a.keep)
+            print(f'interrupted: wrote {path} at step {step}; continue with the same command and --resume', file=sys.stderr)
+            raise SystemExit(130)
+    if world == 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if skipped:
+        print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and a.export:
         with ema.swapped(net):
             sample.export_weights(stage.kind, net, stage.config, stage.extra_state(), a.export, name=os.path.basename(a.out))
@@ -478,4 +545,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cameras.run_cli(main)
