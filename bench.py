@@ -19,7 +19,7 @@ import contextlib
 import os
 import resource
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 

@@ -34,6 +34,7 @@ import latents
 import model
 import official
 import sample
+import synth
 import train
 
 
@@ -426,7 +427,7 @@ def test_depth_metrics_hand_case():
 
 
 def test_synthetic_renderer_agrees_with_its_cameras():
-    s = data.synth_scene([7, 0, 0], frames=6, size=42)
+    s = synth.synth_scene([7, 0, 0], frames=6, size=42)
     H = W = 42
     images, depth, c2w, K = torch.from_numpy(s['images']).double() / 255, torch.from_numpy(s['depths']).double(), \
         s['c2w'].double(), s['K'].double()
@@ -448,7 +449,7 @@ def test_synthetic_renderer_agrees_with_its_cameras():
     # exact: rays from camera b's centre to the unprojected points hit them first (t = 1) with the same colour
     flip = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)  # stored y-down world -> modelling frame
     centre = (c2w[b, :3, 3] * flip).numpy()
-    rgb, t = data.cast_rays(s['scene'], np.repeat(centre[None], H * W, 0), (world * flip).numpy() - centre)
+    rgb, t = synth.cast_rays(s['scene'], np.repeat(centre[None], H * W, 0), (world * flip).numpy() - centre)
     seen = np.abs(t - 1) < 1e-4
     assert seen.mean() > 0.3
     assert np.abs(np.round(rgb[seen] * 255) / 255 - images[a].reshape(-1, 3).numpy()[seen]).max() < 1.5 / 255
@@ -458,7 +459,7 @@ def test_synthetic_renderer_agrees_with_its_cameras():
 
 
 def test_synthetic_is_deterministic():
-    a, b = data.synth_scene([1, 2, 3], frames=3, size=14), data.synth_scene([1, 2, 3], frames=3, size=14)
+    a, b = synth.synth_scene([1, 2, 3], frames=3, size=14), synth.synth_scene([1, 2, 3], frames=3, size=14)
     assert np.array_equal(a['images'], b['images']) and torch.equal(a['c2w'], b['c2w'])
 
 
@@ -2259,7 +2260,7 @@ def test_flow_loss_bins_by_t_add_up_to_the_loss():
 def exported(tmp_path_factory):
     """A synthetic scene with exact depth and cameras (2 sources, 3 targets at 56 x 56), written in every format.
     DA3's cameras are the true ones, so the depth scale is exactly 1 and the points lie on the true surfaces."""
-    s = data.synth_scene(3, frames=5, size=56)
+    s = synth.synth_scene(3, frames=5, size=56)
     order = [0, 4, 1, 2, 3]  # sources (the clip's ends) first, then the targets
     images = torch.from_numpy(s['images'][order]).permute(0, 3, 1, 2).float() / 255  # (V,3,H,W)
     depth, c2w, K = torch.from_numpy(s['depths'][order]), s['c2w'][order], s['K'][order]

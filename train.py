@@ -23,7 +23,6 @@ checkpoint, so sample.py rebuilds the whole pipeline from the files alone.
 import argparse
 import contextlib
 import csv
-import json
 import math
 import os
 import random
