@@ -31,7 +31,6 @@ import encoder as encoder_lib
 import latents
 import model as model_lib
 
-PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16
 
 
 def build_parser():
@@ -78,16 +77,9 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-def peak_tflops(device):
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def fake_batch(cfg, B, V, size, device):
     """Random latents and real cameras: V views on an arc, the first two sources."""
-    h = w = size // 14
+    h = w = size // data.PATCH
     T, C = h * w, cfg.latent_dim
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, V, T, C, generator=g)
@@ -118,7 +110,7 @@ def bench_train(net, batch, a, device, autocast, rows, label):
     B, V, T, _ = x.shape
     raw = getattr(net, '_orig_mod', net)
     flops = 3 * model_lib.flops_per_token(raw.cfg, V * T) * B * V * T
-    peak = peak_tflops(device)
+    peak = model_lib.peak_tflops(device)
     rows.append({'part': f'train step ({label})', 'ms': dt * 1e3, 'samples/s': B / dt, 'tokens/s': B * V * T / dt,
                  'TFLOP/s': flops / dt / 1e12, 'MFU': flops / dt / 1e12 / peak if peak else None})
     return dt
@@ -145,7 +137,7 @@ def bench_frozen(a, device, autocast, rows):
     enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
     dec = decoder_lib.RGBDecoder(replace(decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim)).to(device).eval()
     images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
-    hw = (a.size // 14, a.size // 14)
+    hw = (a.size // data.PATCH, a.size // data.PATCH)
     with torch.no_grad(), autocast:
         levels, cls = enc.encode(images, return_cls=True)
         norm = enc.normalize_levels(levels)
@@ -213,7 +205,7 @@ def main(argv=None):
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     batch = fake_batch(cfg, a.batch, a.views, a.size, device)
-    V, T = a.views, (a.size // 14) ** 2
+    V, T = a.views, (a.size // data.PATCH) ** 2
     print(f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
           f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
           f'torch {torch.__version__}, {torch.get_num_threads()} threads')

@@ -146,14 +146,20 @@ def world_rays(c2w, K, xy):
     return c2w[..., None, :3, 3], d
 
 
+def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
+    """Normalised image coordinates of every pixel, [(u + offset_x) / W, (v + offset_y) / H] -> (H,W,2) (x, y);
+    the default offset is the pixel centre."""
+    u = (torch.arange(W, dtype=dtype, device=device) + offset[0]) / W
+    v = (torch.arange(H, dtype=dtype, device=device) + offset[1]) / H
+    return torch.stack(torch.meshgrid(v, u, indexing='ij')[::-1], -1)
+
+
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
     """Plücker ray map (...,6,H,W) with channels [d, o x d]: d the unit world direction through each
     pixel, o the camera centre. c2w (...,4,4) OpenCV, K (...,3,3) normalised. Pixel (u, v) is sampled at
     (u + pixel_offset[0], v + pixel_offset[1]) pixels; the default is the pixel centre. The official GLD
     grid is (x - 0.5, y + 0.5): pass pixel_offset=(-0.5, 0.5) to reproduce it."""
-    u = (torch.arange(W, dtype=K.dtype, device=K.device) + pixel_offset[0]) / W
-    v = (torch.arange(H, dtype=K.dtype, device=K.device) + pixel_offset[1]) / H
-    xy = torch.stack(torch.meshgrid(v, u, indexing='ij')[::-1], -1).reshape(H * W, 2)  # (HW,2), y outer
+    xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
     m = torch.linalg.cross(o.expand_as(d), d, dim=-1)  # moment o x d
     rays = torch.cat([d, m], -1)  # (...,HW,6)

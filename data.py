@@ -46,7 +46,9 @@ from PIL import Image
 import cameras
 import synth
 
-PATCH = 14
+PATCH = 14  # the ViT patch size of DA3 (and DINOv2): images are multiples of it, tokens are h x w patches
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of DA3's input and of the release decoder's output
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1, and the same mix for the 112-px synthetic
 # set (heights rounded to multiples of 14)
 BUCKETS_504 = ((504, 504), (378, 504), (336, 504), (280, 504))

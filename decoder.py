@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import data
+
 NUM_LEVELS = 4
 
 
@@ -132,8 +132,8 @@ class RGBDecoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.head = nn.Linear(D, cfg.patch * cfg.patch * 3)
-        self.register_buffer('rgb_mean', torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer('rgb_std', torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.register_buffer('rgb_mean', torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer('rgb_std', torch.tensor(data.IMAGENET_STD).view(3, 1, 1), persistent=False)
         self.init_weights()
 
     def init_weights(self):

@@ -82,14 +82,13 @@ def time_grid(steps, a=1.0, t_end=0.0):
 
 
 @torch.no_grad()
-def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0,
-                 return_traj=False):
+def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
     """Deterministic Euler ODE from noise (t = 1) to t_end. velocity_fn / uncond_fn (x_t, t (B,)) -> v.
     CFG: v = v_u + cfg (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg = 1 the
-    unconditional branch is skipped). Returns x (and the list of all steps + 1 states if return_traj)."""
+    unconditional branch is skipped). Returns x at t_end."""
     assert cfg == 1.0 or uncond_fn is not None, 'cfg != 1 needs uncond_fn'
     ts = time_grid(steps, a, t_end)
-    x, traj = noise, [noise]
+    x = noise
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=x.dtype)
         v = velocity_fn(x, t)
@@ -97,9 +96,7 @@ def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg=1.0, uncond_fn=None, i
             v_u = uncond_fn(x, t)
             v = v_u + cfg * (v - v_u)
         x = x + (t_next - t_cur) * v
-        if return_traj:
-            traj.append(x)
-    return (x, traj) if return_traj else x
+    return x
 
 
 class EMA:

@@ -37,10 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cameras
+import data
 
 PATCH = 14
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORED_PREFIXES = ('cam_enc.', 'gs_head.', 'gs_adapter.')  # official parts this module does not build
 
 
@@ -347,21 +346,6 @@ class DualDPT(nn.Module):
                 'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
 
 
-def quat_to_mat(q):
-    """Quaternion (...,4) xyzw, any norm -> rotation (...,3,3)."""
-    i, j, k, r = q.unbind(-1)
-    s = 2.0 / (q * q).sum(-1)
-    return torch.stack([1 - s * (j * j + k * k), s * (i * j - k * r), s * (i * k + j * r),
-                        s * (i * j + k * r), 1 - s * (i * i + k * k), s * (j * k - i * r),
-                        s * (i * k - j * r), s * (j * k + i * r), 1 - s * (i * i + j * j)], -1).unflatten(-1, (3, 3))
-
-
-def rigid_inverse(m):
-    """[R|t] (...,3,4) or (...,4,4) -> [R^T | -R^T t] (...,3,4)."""
-    Rt = m[..., :3, :3].transpose(-1, -2)
-    return torch.cat([Rt, -Rt @ m[..., :3, 3:]], -1)
-
-
 class CameraDec(nn.Module):
     """DA3's camera decoder: last-level token 0 (B,V,2C) -> pose encoding [t, quat xyzw, fov_h, fov_w]."""
 
@@ -378,12 +362,12 @@ class CameraDec(nn.Module):
     def cameras(self, tok, H, W):
         """-> w2c extrinsics (B,V,3,4), pixel intrinsics (B,V,3,3) with the principal point at the centre."""
         pose = self(tok)
-        c2w = torch.cat([quat_to_mat(pose[..., 3:7]), pose[..., :3, None]], -1)
+        c2w = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])  # xyzw -> wxyz
         K = torch.zeros(*pose.shape[:-1], 3, 3, device=pose.device)
         K[..., 0, 0] = (W / 2) / torch.tan(pose[..., 8] / 2).clamp_min(1e-6)
         K[..., 1, 1] = (H / 2) / torch.tan(pose[..., 7] / 2).clamp_min(1e-6)
         K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2, H / 2, 1.0
-        return rigid_inverse(c2w), K
+        return cameras.rigid_inverse(c2w)[..., :3, :], K
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,8 +404,8 @@ class DA3(nn.Module):
         B, V, _, H, W = images.shape
         check_size(H, W)
         vit = self.backbone.pretrained
-        mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = images.new_tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+        std = images.new_tensor(data.IMAGENET_STD).view(3, 1, 1)
         x = vit.tokens(((images - mean) / std).to(vit.pos_embed.dtype))
         levels = vit.run(x, 0, (H // PATCH, W // PATCH), ref_view=ref_view)
         feats = [lv[:, :, 1:] for lv in levels]
@@ -493,10 +477,9 @@ def build_encoder(preset='da3-base', weights=None):
 # Geometry from the head's outputs
 
 def pixel_grid(h, w, device, dtype=torch.float64):
-    """Normalised pixel centres [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
-    ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=dtype) + 0.5) / h,
-                            (torch.arange(w, device=device, dtype=dtype) + 0.5) / w, indexing='ij')
-    return torch.stack([xs, ys, torch.ones_like(xs)], -1)
+    """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
+    xy = cameras.pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
+    return torch.cat([xy, torch.ones_like(xy[..., :1])], -1)
 
 
 def pose_from_rays(ray, conf, iters=8):

@@ -22,8 +22,8 @@ checkpointing; presets with parameter counts; convert_official() for the release
 mirror the official ones, so conversion is nearly an identity).
 
 Official quirks (shared/notes/official-gld-model.md): the encoder blocks see silu(silu(te)) (cfg.double_silu);
-PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (cfg.official_cameras, pass it to
-camera_inputs; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
+PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (camera_inputs(official=True), chosen by
+the caller: sample.Pipeline with official.OfficialConventions; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
 release also sets K to identity (drop_cameras sets P, P_inv to identity);
 the released cascade (DDT_old.py) normalises K by a square 504 image: the caller's business.
 
@@ -59,7 +59,6 @@ class GLDConfig:
     upper_dim: int = 0  # cascade M1->0: channels of the level-1 condition (0: not a cascade model)
     cam_patch: int = 14  # Plücker map pixels per token (the DA3 patch)
     double_silu: bool = True  # encoder adaLN sees silu(silu(te)), as released
-    official_cameras: bool = False  # PRoPE P_inv quirk + Plücker grid offset of the release (camera_inputs)
     checkpointing: bool = False  # recompute each block in backward
 
 
@@ -395,6 +394,17 @@ def flops_per_token(cfg, N):
             + 2 * 7 * cfg.cam_patch ** 2 * C1 + 2 * C1 * C2 + 2 * C2 * (2 * C2 + C))
 
 
+PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16, per GPU
+
+
+def peak_tflops(device):
+    """Dense bf16 peak of the GPU behind device (the MFU denominator); None on CPU or an unlisted GPU."""
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def print_presets():
     """Parameter counts of every preset, built on the meta device (nothing allocated)."""
     for name, cfg in PRESETS.items():
@@ -426,7 +436,7 @@ def convert_official(state_dict, cascade=False, heads=16):
     cfg = GLDConfig(latent_dim=C, enc_width=C1, enc_depth=widths.count(C1), head_width=C2,
                     head_depth=len(widths) - widths.count(C1), heads=heads, separate_embedders=not single,
                     upper_dim=s_in - C if cascade else 0, cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
-                    double_silu=True, official_cameras=True)
+                    double_silu=True)
     out = {k: v.flatten(1) if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and
            not k.startswith('camera') else v for k, v in sd.items()}
     with torch.device('meta'):

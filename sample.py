@@ -229,7 +229,7 @@ class Pipeline:
         given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
         -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
         B, V, _, H, W = images.shape
-        hw = (H // 14, W // 14)
+        hw = (H // data.PATCH, W // data.PATCH)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
         cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
         cond = latents.source_condition(self.enc, images, n_src)
@@ -364,7 +364,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
         scene = data.collate_one(dataset[i])
         images = scene['images']
         levels = enc.normalize_levels(enc.encode(images))
-        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
+        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // data.PATCH, images.shape[-1] // data.PATCH)).items():
             m = image_metrics(im.clamp(0, 1), images, lpips)
             per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
             for k, v in m.items():
@@ -404,7 +404,7 @@ def evaluate_during_training(stage, val, a, device, n=8):
         ps = []
         for s in scenes:
             lv = stage.enc.normalize_levels(stage.enc.encode(s['images']))
-            ps.append(data.psnr(net(lv, (s['images'].shape[-2] // 14, s['images'].shape[-1] // 14)).clamp(0, 1),
+            ps.append(data.psnr(net(lv, (s['images'].shape[-2] // data.PATCH, s['images'].shape[-1] // data.PATCH)).clamp(0, 1),
                                 s['images']).mean())
         return {'recon_psnr': float(torch.stack(ps).mean())}
     if a.decoder_ckpt == 'none':
@@ -476,7 +476,8 @@ def user_scene(paths, cams_path, size, enc):
     if any(im.shape[-2:] != (H, W) for im in ims):
         raise UserError(f'{paths}: the images differ in size; resize them to one size first')
     images = torch.stack(ims)[None]  # (1,N,3,H,W)
-    tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
+    P = data.PATCH
+    tH, tW = size or (max(P, H // P * P), max(P, W // P * P))
     if cams_path:  # a transforms.json (or its folder); cameras matched to the images by file name
         path = cams_path if cams_path.endswith('.json') else os.path.join(cams_path, 'transforms.json')
         t = data.read_transforms(path)

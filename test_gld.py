@@ -641,8 +641,8 @@ def perturbed_package_net(preset, seed=0):
 @torch.no_grad()
 def package_outputs(net, images, mode):
     """Reference tensors from the package: exported levels, camera tokens, head and cam_dec outputs."""
-    mean = torch.tensor(encoder_lib.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(encoder_lib.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     x = (images - mean) / std
     H, W = x.shape[-2:]
     feats, _ = net.backbone(x, cam_token=None, export_feat_layers=[], ref_view_strategy=mode)
@@ -763,7 +763,7 @@ def test_depth_to_points_and_ply(tmp_path):
     c2w, K = random_cameras(1)
     depth = 1 + torch.rand(1, 6, 8, dtype=torch.float64)
     pts = encoder_lib.depth_to_points(depth, c2w, K)                                # (1,6,8,3)
-    cam = torch.einsum('ij,hwj->hwi', encoder_lib.rigid_inverse(c2w[0]), torch.cat([pts[0], torch.ones(6, 8, 1)], -1))
+    cam = torch.einsum('ij,hwj->hwi', cameras.rigid_inverse(c2w[0])[:3], torch.cat([pts[0], torch.ones(6, 8, 1)], -1))
     uv = torch.einsum('ij,hwj->hwi', K[0], cam)
     torch.testing.assert_close(uv[..., 2], depth[0])
     torch.testing.assert_close(uv[..., :2] / uv[..., 2:], encoder_lib.pixel_grid(6, 8, 'cpu')[..., :2])
@@ -1029,7 +1029,7 @@ def official_forward(sd, x, h, w, heads, patch, depth):
         t = t + lin(F.gelu(lin(y, pre + 'intermediate.dense')), pre + 'output.dense')
     out = lin(ln(t, 'decoder_norm'), 'decoder_pred')[:, 1:].reshape(N, h, w, patch, patch, 3)
     img = torch.einsum('nhwpqc->nchpwq', out).reshape(N, 3, h * patch, w * patch)
-    mean, std = torch.tensor(decoder_lib.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(decoder_lib.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     return img * std + mean
 
 
@@ -1356,7 +1356,7 @@ def test_convert_official_full_size_keys(name, preset, cascade):
     keys = read_keys(name)
     sd = {k: torch.empty(shape, device='meta') for k, shape in keys.items()}
     cfg, out = model.convert_official(sd, cascade=cascade)
-    assert replace(cfg, double_silu=True, official_cameras=False) == model.PRESETS[preset]
+    assert replace(cfg, double_silu=True) == model.PRESETS[preset]
     with torch.device('meta'):
         ref = model.GLD(cfg).state_dict()
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in ref.items()}
@@ -1381,11 +1381,11 @@ def test_convert_official_tiny_round_trip(cascade):
     net = randomize(model.GLD(cfg), seed=3)
     official = official_form(net, cascade)
     cfg2, sd = model.convert_official(official, cascade=cascade, heads=2)
-    assert cfg2.official_cameras and cfg2.upper_dim == cfg.upper_dim and cfg2.enc_depth == cfg.enc_depth
+    assert cfg2.upper_dim == cfg.upper_dim and cfg2.enc_depth == cfg.enc_depth
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=cfg2.official_cameras)
+    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
     with pytest.raises(AssertionError):
         model.convert_official({**official, 'extra.weight': torch.zeros(1)}, cascade=cascade, heads=2)
@@ -1652,7 +1652,7 @@ def test_clean_switches_give_the_clean_pipeline(release):
     pipe = load(root)
     clean_models = {}
     for level, (net, meta) in pipe.models.items():
-        clean = model.GLD(replace(net.cfg, official_cameras=False)).eval()
+        clean = model.GLD(net.cfg).eval()
         clean.load_state_dict(net.state_dict())
         clean_models[level] = (clean, meta)
     clean_dec = decoder_lib.RGBDecoder(replace(pipe.dec.cfg, imagenet_output=False)).eval()

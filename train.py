@@ -313,7 +313,7 @@ class DecoderStage:
         with torch.no_grad():
             levels = self.enc.normalize_levels(self.enc.encode(images))
         keep = decoder_lib.sample_level_keep(B, a.level_dropout, gen).to(images.device)
-        pred = self.net(levels, (H // 14, W // 14), keep=keep)
+        pred = self.net(levels, (H // data.PATCH, W // data.PATCH), keep=keep)
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
         if self.disc is not None and a.step >= a.gan:
             gan_loss, gparts = decoder_lib.adversarial_step(self.net, self.disc, self.disc_opt, pred, images, loss)
@@ -509,8 +509,9 @@ def main(argv=None):
             row = {'step': step, 'loss': float(sum_loss) / n, **{k: float(v) / n for k, v in parts_sum.items()}, **bins,
                    'grad_norm': float(grad_norm), 'lr': lr, 'samples_s': seen / dt, 'tokens_s': seen * V * T / dt,
                    'eta_min': (a.steps - step) * dt / n / 60}
-            if device.type == 'cuda' and stage.kind == 'gld':  # 3x forward FLOPs; H100/H200 dense bf16 peak 989 TFLOP/s
-                row['mfu'] = row['tokens_s'] / world * 3 * model_lib.flops_per_token(net.cfg, V * T) / 989e12
+            peak = model_lib.peak_tflops(device)
+            if peak and stage.kind == 'gld':  # 3x forward FLOPs (forward + backward) over the GPU's dense bf16 peak
+                row['mfu'] = row['tokens_s'] / world * 3 * model_lib.flops_per_token(net.cfg, V * T) / (peak * 1e12)
             logger.log(row)
             sum_loss.zero_(); parts_sum = {}; seen = 0; t_last = time.time()
         if rank == 0 and (step % a.ckpt_every == 0 or step == a.steps):
