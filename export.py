@@ -379,3 +379,10 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
         files.append('transforms.json')
     return {'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how, 'points': len(pts['xyz']),
             'files': sorted(set(files))}
+
+
+def make_grid(gt, pred, n_src):
+    """Rows: sources | generated | ground truth (when known); (V,3,H,W) each -> (3, rows*H, V*W)."""
+    src = torch.cat([gt[:n_src], torch.ones_like(gt[n_src:])], 0)
+    rows = [src, torch.cat([gt[:n_src], pred[n_src:]], 0), gt]
+    return torch.cat([torch.cat(list(r), -1) for r in rows], -2)

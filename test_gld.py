@@ -33,6 +33,7 @@ import export
 import latents
 import model
 import official
+import pipeline
 import sample
 import synth
 import train
@@ -1406,7 +1407,7 @@ def test_forward_compiles_without_graph_breaks():
 
 # ====================================================================================================
 # the released GLD files (sample.py --official)
-# Tests of the released-model path (sample.load_official_pipeline, official.OfficialConventions) at a small size.
+# Tests of the released-model path (pipeline.load_official_pipeline, official.OfficialConventions) at a small size.
 #
 # A fake release is written with random tensors in the release's folder layout (VGGT files beside DA3's), with its
 # key names (1x1-conv embedders, the cascade's 8 aliased embedder keys, HF ViTMAE decoder names, the DA3 hub 'model.'
@@ -1521,7 +1522,7 @@ def release(tmp_path_factory):
 
 
 def load(root, log=None):
-    return sample.load_official_pipeline(str(root), 'cpu', encoder_preset='da3-tiny', heads=HEADS,
+    return pipeline.load_official_pipeline(str(root), 'cpu', encoder_preset='da3-tiny', heads=HEADS,
                                          log=log if log is not None else (lambda *_: None))
 
 
@@ -1575,8 +1576,8 @@ def test_cli_official(release, tmp_path, monkeypatch, capsys):
     """python sample.py --official DIR on a dataset scene, with the small fake (encoder and heads patched in)."""
     root, _ = release
     data.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
-    small = functools.partial(sample.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
-    monkeypatch.setattr(sample, 'load_official_pipeline', small)
+    small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
+    monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
     out = tmp_path / 'out'
     sample.main(['--official', str(root), '--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2',
                  '--out', str(out)])
@@ -1657,7 +1658,7 @@ def test_clean_switches_give_the_clean_pipeline(release):
         clean_models[level] = (clean, meta)
     clean_dec = decoder_lib.RGBDecoder(replace(pipe.dec.cfg, imagenet_output=False)).eval()
     clean_dec.load_state_dict(pipe.dec.state_dict())
-    clean = sample.Pipeline(pipe.enc, clean_dec, clean_models, boundary=1, log=lambda *_: None)
+    clean = pipeline.Pipeline(pipe.enc, clean_dec, clean_models, boundary=1, log=lambda *_: None)
     images, c2w, K = scene(seed=2)
 
     def run(p):
@@ -1897,7 +1898,7 @@ def test_train_writes_checkpoints_logs_and_exports(world):
         assert [r['step'] for r in rows if 'loss' in r] == [1, 2] and all(r['loss'] > 0 for r in rows if 'loss' in r)
     assert len(train.list_checkpoints('runs/decoder')) == 1  # --keep 1
     assert os.path.exists('runs/encoder/curves.png')
-    meta, sd = sample.load_checkpoint('exported/encoder.safetensors')
+    meta, sd = pipeline.load_checkpoint('exported/encoder.safetensors')
     ck = torch.load(train.list_checkpoints('runs/encoder')[-1], weights_only=False)
     assert meta['kind'] == 'encoder' and all(torch.allclose(sd[k], ck['ema'][k].float(), atol=1e-2, rtol=1e-2) for k in sd)
     assert torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['upper_level'] == 1
@@ -2064,7 +2065,7 @@ def user_images(world):
     folder.mkdir(exist_ok=True)
     frames = []
     for v in range(2):
-        sample.save_image(s['images'][v], str(folder / f'im{v}.png'))
+        export.save_image(s['images'][v], str(folder / f'im{v}.png'))
         Kp = cameras.K_to_pixels(s['K'][v], 56, 56)
         frames.append({'file_path': f'im{v}.png', 'transform_matrix': cameras.opengl_to_opencv(s['c2w'][v]).tolist(),
                        'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]), 'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]), 'w': 56, 'h': 56})
@@ -2117,7 +2118,7 @@ def test_ground_truth_latents_decode_like_the_decoder(world):
     """With ground-truth levels 0 and 1 in place of the diffusion models, the pipeline's target views equal the
     decoder's own reconstruction up to propagation with the first source's token 0 (checks cameras, view order,
     propagation and decoding together)."""
-    pipe = sample.load_pipeline('runs')
+    pipe = pipeline.load_pipeline('runs')
     ds = data.SceneDataset(world['data'], split='test', num_views=4, eval=True)
     scene = data.split_views(data.collate_one(ds[0]), 2, mode='ends')
     images = scene['images']
@@ -2146,9 +2147,9 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     json.dump(tf, open(tmp_path / 'nan.json', 'w'))
     with pytest.raises(data.UserError, match='NaN'):
         run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
-    monkeypatch.setattr(sample, 'WEIGHTS', str(tmp_path / 'no_weights'))
+    monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'no_weights'))
     with pytest.raises(data.UserError, match='create it with: python train.py --stage encoder'):
-        sample.load_pipeline(str(tmp_path / 'no_runs'))
+        pipeline.load_pipeline(str(tmp_path / 'no_runs'))
 
 
 def test_ema_warmup_follows_the_num_updates_rule():
@@ -2175,7 +2176,7 @@ def bundled(tmp_path_factory):
     """The bundled pipeline and the first two test scenes of the default synthetic set (regenerated: same seeds)."""
     root = tmp_path_factory.mktemp('bundled')
     data.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
-    pipe = sample.load_pipeline(None)  # weights/tiny, found relative to sample.py
+    pipe = pipeline.load_pipeline(None)  # weights/tiny, found relative to sample.py
     ds = data.SceneDataset(str(root), split='test', eval=True)
     scenes = [data.split_views(data.collate_one(ds[i]), 2, mode='ends') for i in range(2)]
     return pipe, scenes
@@ -2644,10 +2645,10 @@ def test_models_resolve_explicitly_and_refuse_another_encoders_latents(small_dat
     os.makedirs(runs)
     user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
                f'{runs / "encoder"}: no encoder checkpoint', f'python train.py --stage encoder --out {runs / "encoder"}')
-    enc_meta, enc_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'encoder.safetensors'))
+    enc_meta, enc_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'encoder.safetensors'))
     fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
-    enc_sha = sample.load_checkpoint(train.list_checkpoints(str(runs / 'encoder'))[0])[0]['sha256']
-    dec_meta, dec_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'decoder.safetensors'))
+    enc_sha = pipeline.load_checkpoint(train.list_checkpoints(str(runs / 'encoder'))[0])[0]['sha256']
+    dec_meta, dec_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'decoder.safetensors'))
     other = {'preset': 'da3-tiny', 'weights': 'elsewhere.pt', 'sha256': '0' * 64}
     fake_run(runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': other}, dec_sd)
     user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
@@ -2667,21 +2668,21 @@ def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # no runs/encoder here: --encoder-weights auto is the bundled encoder
     out = train.main(['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')])
     ref = torch.load(train.list_checkpoints(out)[-1], weights_only=False)['encoder']
-    bundled = os.path.join(sample.WEIGHTS, 'encoder.safetensors')
+    bundled = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
     assert ref == {'preset': 'da3-tiny', 'weights': bundled,
                    'sha256': hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
 
 
 def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tmp_path, capsys):
     runs = tmp_path / 'runs'
-    _, enc_sd = sample.load_checkpoint(os.path.join(sample.WEIGHTS, 'encoder.safetensors'))
+    _, enc_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'encoder.safetensors'))
     fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
     ck = runs / 'encoder' / 'ckpt_0000001.pt'
     ck.write_bytes(ck.read_bytes()[:20000])
     user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
                f'{ck}: not a loadable checkpoint', 'delete it', keep=[runs])
     for name in ('level1.safetensors', 'level1.json', 'encoder.safetensors'):
-        shutil.copy(os.path.join(sample.WEIGHTS, name), tmp_path / name)
+        shutil.copy(os.path.join(pipeline.WEIGHTS, name), tmp_path / name)
     spoilt = bytearray((tmp_path / 'level1.safetensors').read_bytes())
     spoilt[-1] ^= 1
     (tmp_path / 'level1.safetensors').write_bytes(spoilt)
@@ -2694,7 +2695,7 @@ def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tm
                             *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
                f'{enc}: the weights match preset \'da3-tiny\', not \'da3-small\': pass --encoder da3-tiny')
     # with a sidecar: the same diagnostics, not PyTorch's key listing
-    shutil.copy(os.path.join(sample.WEIGHTS, 'encoder.json'), tmp_path / 'encoder.json')
+    shutil.copy(os.path.join(pipeline.WEIGHTS, 'encoder.json'), tmp_path / 'encoder.json')
     line, _ = user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights',
                                    enc, *TRAIN_FAST, '--out', tmp_path / 'r'], capsys, 'pass --encoder da3-tiny')
     assert len(line) < 300

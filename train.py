@@ -18,7 +18,7 @@ Latents are computed on the fly by the frozen encoder (latents.py): the target i
 condition is DA3 over the source views alone ("leakage-free", zero at targets); `--cache N` encodes N fixed view
 draws per scene once instead (latents.LatentCache), which is what makes the tiny default trainable on 2 CPU cores. Per-channel latent statistics are computed
 once per encoder and level (or loaded, e.g. the official normalization_stats_level{0,1}.pt) and saved in every
-checkpoint, so sample.py rebuilds the whole pipeline from the files alone.
+checkpoint, so sample.py rebuilds the whole pipeline from the files alone (pipeline.py loads them).
 """
 import argparse
 import contextlib
@@ -42,9 +42,10 @@ import data
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import export
 import latents
 import model as model_lib
-import sample
+import pipeline
 
 RECIPES = {  # (lr, final lr, schedule, betas, weight decay, clip, EMA decay)
     'diffusion': dict(lr=5e-5, min_lr=5e-5, schedule='constant', betas=(0.9, 0.95), wd=0.0, clip=1.0, ema=0.9995),
@@ -111,17 +112,22 @@ def build_parser():
 
 
 def get_args(argv=None):
-    a = build_parser().parse_args(argv)
-    if a.level is not None:
-        a.stage = 'diffusion'
-    elif a.stage == 'diffusion':
-        a.level = 1
-    name = a.stage if a.stage != 'diffusion' else f'level{a.level}' + ('_ind' if a.independent and a.level == 0 else '')
-    a.out = a.out or os.path.join('runs', name)
-    lo, hi = parse_range(a.src, '--src')
-    if a.stage == 'diffusion' and not 1 <= lo <= min(hi, a.views - 1):
-        raise data.UserError(f'--src {a.src}: a sample of --views {a.views} has 1..{a.views - 1} source views')
-    return a
+    """The parsed flags, completed once here (stage from --level, the run folder, the recipe's lr and EMA); nothing
+    changes them afterwards."""
+    args = build_parser().parse_args(argv)
+    if args.level is not None:
+        args.stage = 'diffusion'
+    elif args.stage == 'diffusion':
+        args.level = 1
+    name = args.stage if args.stage != 'diffusion' else pipeline.run_name(args.level, args.independent)
+    args.out = args.out or os.path.join('runs', name)
+    recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
+    args.lr = args.lr if args.lr is not None else recipe['lr']
+    args.ema = args.ema if args.ema is not None else recipe['ema']
+    lo, hi = parse_range(args.src, '--src')
+    if args.stage == 'diffusion' and not 1 <= lo <= min(hi, args.views - 1):
+        raise data.UserError(f'--src {args.src}: a sample of --views {args.views} has 1..{args.views - 1} source views')
+    return args
 
 
 def parse_range(s, flag):
@@ -133,9 +139,10 @@ def parse_range(s, flag):
         raise data.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
 
 
-def encoder_weights(a):
+def encoder_weights(args):
     """--encoder-weights auto for da3-tiny: the newest runs/encoder checkpoint, else the bundled encoder."""
-    return sample.auto_checkpoint('encoder') if a.encoder_weights == 'auto' and a.encoder == 'da3-tiny' else a.encoder_weights
+    auto = args.encoder_weights == 'auto' and args.encoder == 'da3-tiny'
+    return pipeline.auto_checkpoint('encoder') if auto else args.encoder_weights
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
@@ -204,13 +211,14 @@ def load_newest_checkpoint(out, device):
     return None, None
 
 
-def lr_at(step, a, r):
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
+def lr_at(step, args, r):
+    """Linear warm-up to args.lr, then constant or cosine down to the recipe's min_lr at args.steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
     if r['schedule'] == 'constant':
-        return a.lr
-    q = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
-    return r['min_lr'] + 0.5 * (a.lr - r['min_lr']) * (1 + math.cos(math.pi * q))
+        return args.lr
+    q = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return r['min_lr'] + 0.5 * (args.lr - r['min_lr']) * (1 + math.cos(math.pi * q))
 
 
 # ----------------------------------------------------------------------------- logging
@@ -280,13 +288,19 @@ class EncoderStage:
     """da3-tiny trained from scratch with DA3's depth and ray-map objectives: our own small geometric foundation model."""
     kind = 'encoder'
 
-    def __init__(self, a, device):
-        self.net = encoder_lib.build_encoder(a.encoder).to(device)
+    def __init__(self, args, device, loader):
+        self.net = encoder_lib.build_encoder(args.encoder).to(device)
         self.config = asdict(self.net.cfg)
 
-    def loss(self, batch, a, gen):
+    def loss(self, batch, step, gen):
         out = self.net(batch['images'])
         return encoder_lib.geometry_loss(out, batch['depths'], batch['c2w'], batch['K'])
+
+    @torch.no_grad()
+    def evaluate(self, scenes, png):
+        """Depth AbsRel, RMSE, delta1 of the validation scenes (median-aligned)."""
+        m = [data.depth_metrics(unwrap(self.net)(s['images'])['depth'], s['depths'], align='median') for s in scenes]
+        return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 
     def extra_state(self):
         return {}
@@ -296,30 +310,40 @@ class DecoderStage:
     """Stage 1: frozen encoder features of all views -> RGB, with level-wise dropout (paper Sec. 4.2)."""
     kind = 'decoder'
 
-    def __init__(self, a, device):
-        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
-        cfg = decoder_lib.PRESETS[a.decoder]
-        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': a.noise_tau})
+    def __init__(self, args, device, loader):
+        self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
+        cfg = decoder_lib.PRESETS[args.decoder]
+        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': args.noise_tau})
         self.net = decoder_lib.RGBDecoder(cfg).to(device)
         self.config = asdict(cfg)
-        self.lpips = data.lpips_fn(device) if a.lpips else None
-        self.disc = decoder_lib.PatchDiscriminator().to(device) if a.gan >= 0 else None
-        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=a.lr, betas=(0.5, 0.9)) if self.disc else None
-        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
+        self.level_dropout, self.gan_start = args.level_dropout, args.gan
+        self.lpips = data.lpips_fn(device) if args.lpips else None
+        self.disc = decoder_lib.PatchDiscriminator().to(device) if args.gan >= 0 else None
+        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if self.disc else None
+        self.encoder_ref = {'preset': args.encoder, **self.enc.source}  # the file and hash that made the latents
 
-    def loss(self, batch, a, gen):
-        images = batch['images']
+    def levels(self, images):
         B, V, _, H, W = images.shape
         with torch.no_grad():
-            levels = self.enc.normalize_levels(self.enc.encode(images))
-        keep = decoder_lib.sample_level_keep(B, a.level_dropout, gen).to(images.device)
-        pred = self.net(levels, (H // data.PATCH, W // data.PATCH), keep=keep)
+            return self.enc.normalize_levels(self.enc.encode(images)), (H // data.PATCH, W // data.PATCH)
+
+    def loss(self, batch, step, gen):
+        images = batch['images']
+        levels, hw = self.levels(images)
+        keep = decoder_lib.sample_level_keep(images.shape[0], self.level_dropout, gen).to(images.device)
+        pred = self.net(levels, hw, keep=keep)
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
-        if self.disc is not None and a.step >= a.gan:
+        if self.disc is not None and step >= self.gan_start:
             gan_loss, gparts = decoder_lib.adversarial_step(self.net, self.disc, self.disc_opt, pred, images, loss)
             loss = loss + gan_loss
             parts.update(gparts)
         return loss, parts
+
+    @torch.no_grad()
+    def evaluate(self, scenes, png):
+        """PSNR of the validation scenes reconstructed from all four levels."""
+        ps = [data.psnr(unwrap(self.net)(*self.levels(s['images'])).clamp(0, 1), s['images']).mean() for s in scenes]
+        return {'recon_psnr': float(torch.stack(ps).mean())}
 
     def extra_state(self):
         return {'encoder': self.encoder_ref}
@@ -329,36 +353,97 @@ class DiffusionStage:
     """Stage 3: M_l (or M1->0, conditioned on level l+1) by rectified flow over all V views (paper Sec. 4.3-4.4)."""
     kind = 'gld'
 
-    def __init__(self, a, device, loader):
-        self.enc = sample.load_encoder(a.encoder, encoder_weights(a), device)
-        # only M1->0 is conditioned on a deeper level (the cascade); M1..M3 and --independent M0 are not
-        self.level, self.upper_level = a.level, (1 if a.level == 0 and not a.independent else None)
-        levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
-        init_stats = sample.load_checkpoint(a.init)[0].get('stats') if a.init else None  # keep --init's normalisation
-        self.stats = (encoder_lib.LatentStats.load(a.stats) if a.stats else
+    def __init__(self, args, device, loader):
+        self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
+        self.level, self.upper_level = args.level, pipeline.cascade_upper(args.level, args.independent)
+        self.tau, self.cam_drop, self.t_dist = args.tau, args.cam_drop, args.t_dist
+        init_stats = pipeline.load_checkpoint(args.init)[0].get('stats') if args.init else None  # keep --init's normalisation
+        self.stats = (encoder_lib.LatentStats.load(args.stats) if args.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
-                      latents.compute_stats(self.enc, loader, levels_needed, a.stats_batches, device))
+                      latents.compute_stats(self.enc, loader, self.levels_needed, args.stats_batches, device))
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
-                     'checkpointing': a.checkpointing, **({'pos': a.pos} if a.pos else {})}
-        cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[a.model]), **overrides})
+                     'checkpointing': args.checkpointing, **({'pos': args.pos} if args.pos else {})}
+        cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[args.model]), **overrides})
         self.net = model_lib.GLD(cfg).to(device)
         self.config = asdict(cfg)
-        self.encoder_ref = {'preset': a.encoder, **self.enc.source}  # the file and hash that made the latents
+        self.encoder_ref = {'preset': args.encoder, **self.enc.source}  # the file and hash that made the latents
+        # periodic evaluation decodes through this decoder (none: the evaluation is skipped)
+        self.dec = None if args.decoder_ckpt == 'none' else pipeline.load_decoder(
+            pipeline.auto_checkpoint('decoder') if args.decoder_ckpt == 'auto' else args.decoder_ckpt, device)
 
-    def loss(self, batch, a, gen):
-        lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=a.tau, generator=gen)
-        drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < a.cam_drop
+    @property
+    def levels_needed(self):
+        return [self.level] + ([self.upper_level] if self.upper_level is not None else [])
+
+    def loss(self, batch, step, gen):
+        lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=gen)
+        drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < self.cam_drop
         cams = model_lib.drop_cameras(lat['cams'], drop)
         B, V, T, C = lat['x'].shape
         shift = diffusion.shift_alpha(V * T * C)
 
         def velocity(x_t, t):
             return self.net(x_t, t, lat['cond'], cams, upper=lat['upper'])
-        return diffusion.flow_loss(velocity, lat['x'], lat['src_mask'], generator=gen, a=shift, dist=a.t_dist)
+        return diffusion.flow_loss(velocity, lat['x'], lat['src_mask'], generator=gen, a=shift, dist=self.t_dist)
+
+    @torch.no_grad()
+    def evaluate(self, scenes, png):
+        """N=2 -> 6 with 10 Euler steps: the generated level's MSE on the targets (normalised units; zeros give about
+        1) and their PSNR decoded through the rest of the cascade (ground-truth deeper levels, no shallower ones), a
+        cheap predictor of sample quality; a grid of the first four scenes."""
+        if self.dec is None:
+            return {}
+        meta = {'stats': self.stats, 'upper_level': self.upper_level}
+        pipe = pipeline.Pipeline(self.enc, self.dec, {self.level: (unwrap(self.net), meta)},
+                                 boundary=max(1, self.level), log=lambda *_: None)
+        ps, mse, grids = [], [], []
+        for i, s in enumerate(scenes):
+            full = self.enc.encode(s['images'])
+            given = {l: full[l] for l in range(self.level + 1, pipe.boundary + 1)}  # ground-truth deeper levels
+            out = pipe.generate(s['images'], s['c2w'], s['K'], 2, steps=10, cfg=1.5, seed=i, given=given)
+            ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
+            gen, true = (self.stats.normalize(f, self.level)[:, 2:] for f in (out['levels'][self.level], full[self.level]))
+            mse.append((gen - true).pow(2).mean())
+            grids.append(export.make_grid(s['images'][0], out['images'][0], 2))
+        export.save_image(torch.cat(grids[:4], 1), png)
+        return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
     def extra_state(self):
         return {'stats': self.stats.state_dict(), 'level': self.level, 'upper_level': self.upper_level,
                 'encoder': self.encoder_ref}
+
+
+def unwrap(net):
+    """The plain module inside DDP and torch.compile wrappers (evaluation must not run DDP's collectives)."""
+    net = getattr(net, '_orig_mod', net)
+    return getattr(net, 'module', net)
+
+
+STAGES = {'encoder': EncoderStage, 'decoder': DecoderStage, 'diffusion': DiffusionStage}
+
+
+def validation_scenes(val, device, n=8):
+    """The first n test scenes in the N=2 protocol (first and last view as sources), on the device."""
+    scenes = [data.collate_one(val[i]) for i in range(min(n, len(val)))]
+    return [data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()}, 2, mode='ends')
+            for s in scenes]
+
+
+def build_cache(args, stage, size, gap, rank, world, device):
+    """--cache: the DA3 outputs of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
+    if args.size == 'buckets':
+        raise data.UserError('--cache works at one image size: pass --size HxW or drop --cache')
+    src = parse_range(args.src, '--src')
+    path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, args.data, args.views, args.cache,
+                                        stage.levels_needed, stage.level, src, args.src_mode, args.seed)
+    cache = None
+    if rank == 0:
+        scenes = data.SceneDataset(args.data, 'train', args.views, size, gap, args.seed)
+        cache = latents.LatentCache.build(path, stage.enc, scenes, stage.levels_needed, stage.level, args.cache, src,
+                                          args.src_mode, args.seed, device)
+    if world > 1:
+        dist.barrier()
+    return cache or latents.LatentCache(path)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -373,48 +458,32 @@ def interrupt(signum, frame):
 
 
 def main(argv=None):
-    a = get_args(argv)
+    args = get_args(argv)
     rank, world, device = setup_distributed()
-    torch.manual_seed(a.seed + rank); np.random.seed(a.seed + rank); random.seed(a.seed + rank)
-    data.make_output_dir(a.out)
-    recipe = RECIPES['diffusion' if a.stage == 'diffusion' else a.stage]
-    a.lr = a.lr if a.lr is not None else recipe['lr']
-    ema_decay = a.ema if a.ema is not None else recipe['ema']
+    torch.manual_seed(args.seed + rank); np.random.seed(args.seed + rank); random.seed(args.seed + rank)
+    data.make_output_dir(args.out)
+    recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
     bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     # data: one sample = V views of one scene, temporal order; sources are chosen per batch below
-    size = data.parse_size(a.size, buckets=True)
-    gap = parse_range(a.gap, '--gap')
-    dataset = data.make_dataset(a.data, split='train', num_views=a.views, size=size, gap=gap, seed=a.seed)
-    loader = data.make_loader(dataset, a.batch_size, shuffle=True, num_workers=a.workers, distributed=world > 1, seed=a.seed)
-    val = data.SceneDataset(a.data, split='test', num_views=a.views, size=None if size == 'buckets' else size, gap=gap,
-                            seed=a.seed, eval=True)
+    size, gap, (src_lo, src_hi) = data.parse_size(args.size, buckets=True), parse_range(args.gap, '--gap'), parse_range(args.src, '--src')
+    dataset = data.make_dataset(args.data, split='train', num_views=args.views, size=size, gap=gap, seed=args.seed)
+    loader = data.make_loader(dataset, args.batch_size, shuffle=True, num_workers=args.workers, distributed=world > 1, seed=args.seed)
+    val = data.SceneDataset(args.data, split='test', num_views=args.views, size=None if size == 'buckets' else size, gap=gap,
+                            seed=args.seed, eval=True)
 
-    stage = {'encoder': lambda: EncoderStage(a, device), 'decoder': lambda: DecoderStage(a, device),
-             'diffusion': lambda: DiffusionStage(a, device, loader)}[a.stage]()
+    # the stage (its network, loss and evaluation), EMA, optimizer, the latent cache, resume
+    stage = STAGES[args.stage](args, device, loader)
     net = stage.net
-    if a.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
-        net.load_state_dict(sample.load_checkpoint(a.init, device)[1])
-    ema = diffusion.EMA(net, ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
-    src_lo, src_hi = parse_range(a.src, '--src')
-    cache = None
-    if a.cache and a.stage == 'diffusion':  # DA3 outputs of fixed view draws, encoded once (see latents.LatentCache)
-        if a.size == 'buckets':
-            raise data.UserError('--cache works at one image size: pass --size HxW or drop --cache')
-        levels = [stage.level] + ([stage.upper_level] if stage.upper_level is not None else [])
-        path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, a.data, a.views, a.cache, levels,
-                                            stage.level, (src_lo, src_hi), a.src_mode, a.seed)
-        if rank == 0:
-            cache = latents.LatentCache.build(path, stage.enc, data.SceneDataset(a.data, 'train', a.views, size, gap, a.seed),
-                                              levels, stage.level, a.cache, (src_lo, src_hi), a.src_mode, a.seed, device)
-        if world > 1:
-            dist.barrier()
-        cache = cache or latents.LatentCache(path)
+    if args.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
+        net.load_state_dict(pipeline.load_checkpoint(args.init, device)[1])
+    ema = diffusion.EMA(net, args.ema)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
+    cache = build_cache(args, stage, size, gap, rank, world, device) if args.cache and args.stage == 'diffusion' else None
     step, bad, epoch, pos = 0, 0, 0, 0  # pos: batches consumed in the current epoch
-    gen = torch.Generator().manual_seed(a.seed * 1000 + rank)  # per-rank stream of source counts, t, dropout
-    path, ck = load_newest_checkpoint(a.out, device) if a.resume else (None, None)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # per-rank stream of source counts, t, dropout
+    path, ck = load_newest_checkpoint(args.out, device) if args.resume else (None, None)
     if ck:  # exact resume: weights, EMA, optimizer, step, every RNG
         net.load_state_dict(ck['model']); ema.load_state_dict(ck['ema'], ck.get('ema_updates', 0)); opt.load_state_dict(ck['optimizer'])
         step, epoch, pos = ck['step'], ck['epoch'], ck['pos']
@@ -422,13 +491,13 @@ def main(argv=None):
         set_rng_state(rng); gen.set_state(rng['gen'])
         if rank == 0:
             print(f'resumed from {path} at step {step}')
-    elif a.resume and rank == 0:
-        print(f'--resume: no checkpoint in {a.out}, starting from scratch')
+    elif args.resume and rank == 0:
+        print(f'--resume: no checkpoint in {args.out}, starting from scratch')
     train_net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
-    stage.net = torch.compile(train_net, dynamic=False) if a.compile else train_net  # the loss calls stage.net
-    logger = Logger(a.out, rank, a.wandb, vars(a), start_step=step)
+    stage.net = torch.compile(train_net, dynamic=False) if args.compile else train_net  # the loss calls stage.net
+    logger = Logger(args.out, rank, args.wandb, vars(args), start_step=step)
     if rank == 0:
-        print(f'{a.stage} {"level " + str(a.level) if a.stage == "diffusion" else ""}: '
+        print(f'{args.stage} {"level " + str(args.level) if args.stage == "diffusion" else ""}: '
               f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {len(dataset)} scenes, world {world}, device {device}')
 
     def checkpoint_state():
@@ -439,14 +508,14 @@ def main(argv=None):
         else:
             rngs = [mine]
         return {'kind': stage.kind, 'model': net.state_dict(), 'ema': ema.state_dict(), 'ema_updates': ema.num_updates,
-                'optimizer': opt.state_dict(),
-                'step': step, 'epoch': epoch, 'pos': pos, 'config': stage.config, 'args': vars(a), 'rng': rngs, **stage.extra_state()}
+                'optimizer': opt.state_dict(), 'step': step, 'epoch': epoch, 'pos': pos, 'config': stage.config,
+                'args': vars(args), 'rng': rngs, **stage.extra_state()}
 
     def batches():  # the order is a function of (seed, epoch) alone, so a resume can skip what was consumed
         nonlocal epoch, pos
         while True:
             if cache:
-                source = (cache.batch(idx, device) for idx in cache.batches(a.batch_size, epoch, a.seed, rank, world))
+                source = (cache.batch(idx, device) for idx in cache.batches(args.batch_size, epoch, args.seed, rank, world))
             else:
                 loader.sampler.set_epoch(epoch); dataset.set_epoch(epoch)
                 source = loader
@@ -461,31 +530,30 @@ def main(argv=None):
         signal.signal(signal.SIGINT, interrupt)
     it, t_last, seen, skipped = batches(), time.time(), 0, 0
     sum_loss = torch.zeros((), device=device); parts_sum = {}
-    while step < a.steps:
-        a.step = step
-        lr = lr_at(step, a, recipe)
+    while step < args.steps:
+        lr = lr_at(step, args, recipe)
         for g in opt.param_groups:
             g['lr'] = lr
-        for micro in range(a.accum):
+        for micro in range(args.accum):
             batch = next(it)
-            skipped += int(batch.pop('skipped').sum()) if 'skipped' in batch else 0  # scenes passed over for unreadable frames (warned)
+            skipped += int(batch.pop('skipped').sum()) if 'skipped' in batch else 0  # unreadable frames (warned)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if a.stage == 'diffusion' and not cache:  # 1-4 random sources (one count per batch), moved to the front
-                n_src = int(torch.randint(src_lo, min(src_hi, a.views - 1) + 1, (1,), generator=gen))
-                batch = data.split_views(batch, n_src, generator=gen, mode=a.src_mode)
+            if args.stage == 'diffusion' and not cache:  # 1-4 sources (one count per batch), moved to the front
+                n_src = int(torch.randint(src_lo, min(src_hi, args.views - 1) + 1, (1,), generator=gen))
+                batch = data.split_views(batch, n_src, generator=gen, mode=args.src_mode)
             if world > 1:  # sync gradients only on the last micro-step
-                train_net.require_backward_grad_sync = micro == a.accum - 1
+                train_net.require_backward_grad_sync = micro == args.accum - 1
             with autocast:
-                loss, parts = stage.loss(batch, a, gen)
-            (loss / a.accum).backward()
+                loss, parts = stage.loss(batch, step, gen)
+            (loss / args.accum).backward()
             seen += batch['c2w'].shape[0] * world
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), recipe['clip'] or float('inf'))
         if not torch.isfinite(loss) or not torch.isfinite(grad_norm):  # one host sync per step, by design
             opt.zero_grad(set_to_none=True)
             bad += 1
             print(f'[rank {rank}] step {step}: non-finite loss or gradient, step skipped ({bad} in a row)')
-            if bad >= a.max_bad:
-                raise SystemExit(f'stopping: {bad} non-finite steps in a row; the last good checkpoint in {a.out} is kept. '
+            if bad >= args.max_bad:
+                raise SystemExit(f'stopping: {bad} non-finite steps in a row; the last good checkpoint in {args.out} is kept. '
                                  'Lower --lr, check the data, or resume with --resume.')
             continue
         bad = 0
@@ -494,54 +562,60 @@ def main(argv=None):
         sum_loss += loss.detach()
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float()
-        if step % a.log_every == 0 or step == a.steps:
-            dt = time.time() - t_last; n = a.log_every if step % a.log_every == 0 else step % a.log_every
-            B, V = batch['c2w'].shape[:2]
-            H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
-            T = (H // data.PATCH) * (W // data.PATCH)
-            if world > 1:  # the logged loss is the mean over ranks (one collective, at log steps only)
-                dist.all_reduce(sum_loss)
-                sum_loss /= world
-            bins = {}  # the loss binned by t: bin sums over counts of the whole interval
-            if 't_bin_sum' in parts_sum:
-                total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')
-                bins = {f'loss_t{i}': float(total[i] / count[i]) for i in range(len(total)) if count[i] > 0}
-            row = {'step': step, 'loss': float(sum_loss) / n, **{k: float(v) / n for k, v in parts_sum.items()}, **bins,
-                   'grad_norm': float(grad_norm), 'lr': lr, 'samples_s': seen / dt, 'tokens_s': seen * V * T / dt,
-                   'eta_min': (a.steps - step) * dt / n / 60}
-            peak = model_lib.peak_tflops(device)
-            if peak and stage.kind == 'gld':  # 3x forward FLOPs (forward + backward) over the GPU's dense bf16 peak
-                row['mfu'] = row['tokens_s'] / world * 3 * model_lib.flops_per_token(net.cfg, V * T) / (peak * 1e12)
-            logger.log(row)
+        if step % args.log_every == 0 or step == args.steps:
+            dt, n = time.time() - t_last, args.log_every if step % args.log_every == 0 else step % args.log_every
+            logger.log(log_row(step, sum_loss, parts_sum, n, grad_norm, lr, seen, dt, batch, stage, net, args, world, device))
             sum_loss.zero_(); parts_sum = {}; seen = 0; t_last = time.time()
-        if rank == 0 and (step % a.ckpt_every == 0 or step == a.steps):
-            save_checkpoint(a.out, step, checkpoint_state(), a.keep)
-            logger.plot()
-        elif world > 1 and (step % a.ckpt_every == 0 or step == a.steps):
-            checkpoint_state()  # the all_gather of RNG states is collective
-        if rank == 0 and a.eval_every and (step % a.eval_every == 0 or step == a.steps):
-            with ema.swapped(net), torch.no_grad():
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if rank == 0:
+                save_checkpoint(args.out, step, checkpoint_state(), args.keep)
+                logger.plot()
+            elif world > 1:
+                checkpoint_state()  # the all_gather of RNG states is collective
+        if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            with ema.swapped(net):
                 net.eval()
-                metrics = sample.evaluate_during_training(stage, val, a, device)
+                metrics = stage.evaluate(validation_scenes(val, device), os.path.join(args.out, f'val_{step:07d}.png'))
                 net.train()
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
             logger.plot()
         if STOP:
-            saved = step % a.ckpt_every == 0 or step == a.steps
-            path = os.path.join(a.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(a.out, step, checkpoint_state(), a.keep)
+            saved = step % args.ckpt_every == 0 or step == args.steps
+            path = os.path.join(args.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(args.out, step, checkpoint_state(), args.keep)
             print(f'interrupted: wrote {path} at step {step}; continue with the same command and --resume', file=sys.stderr)
             raise SystemExit(130)
     if world == 1 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if skipped:
         print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
-    if rank == 0 and a.export:
+    if rank == 0 and args.export:
         with ema.swapped(net):
-            sample.export_weights(stage.kind, net, stage.config, stage.extra_state(), a.export, name=os.path.basename(a.out))
+            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=os.path.basename(args.out))
     if world > 1:  # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
         dist.barrier()
         dist.destroy_process_group()
-    return a.out
+    return args.out
+
+
+def log_row(step, sum_loss, parts_sum, n, grad_norm, lr, seen, dt, batch, stage, net, args, world, device):
+    """The dense log line of the last n steps: loss and its parts, the loss binned by t, throughput, MFU on GPU."""
+    B, V = batch['c2w'].shape[:2]
+    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+    T = (H // data.PATCH) * (W // data.PATCH)
+    if world > 1:  # the logged loss is the mean over ranks (one collective, at log steps only)
+        dist.all_reduce(sum_loss)
+        sum_loss /= world
+    parts, bins = dict(parts_sum), {}  # the loss binned by t: bin sums over counts of the whole interval
+    if 't_bin_sum' in parts:
+        total, count = parts.pop('t_bin_sum'), parts.pop('t_bin_count')
+        bins = {f'loss_t{i}': float(total[i] / count[i]) for i in range(len(total)) if count[i] > 0}
+    row = {'step': step, 'loss': float(sum_loss) / n, **{k: float(v) / n for k, v in parts.items()}, **bins,
+           'grad_norm': float(grad_norm), 'lr': lr, 'samples_s': seen / dt, 'tokens_s': seen * V * T / dt,
+           'eta_min': (args.steps - step) * dt / n / 60}
+    peak = model_lib.peak_tflops(device)
+    if peak and stage.kind == 'gld':  # 3x forward FLOPs (forward + backward) over the GPU's dense bf16 peak
+        row['mfu'] = row['tokens_s'] / world * 3 * model_lib.flops_per_token(net.cfg, V * T) / (peak * 1e12)
+    return row
 
 
 if __name__ == '__main__':

@@ -1,0 +1,278 @@
+"""pipeline.py: the GLD cascade and the files it is made of, shared by sampling and training.
+
+- Model files: find (runs/<name>/ckpt_*.pt or the bundled weights/tiny/<name>.safetensors), load (EMA weights of a
+  checkpoint, or an fp16 export with its JSON sidecar, SHA-256 checked and printed), export; every model records
+  the encoder file and hash whose latents it read, and loading refuses another encoder.
+- The cascade (paper Sec. 4, Fig. 2) as `Pipeline.generate`: DA3 on the source views alone -> M_k generates level
+  k of all views (rectified flow, Euler, CFG over cameras) -> M_{k->k-1} ... level 0, each conditioned on the level
+  above -> the frozen DA3 blocks after level k propagate it to the deeper levels -> the RGB decoder and DA3's frozen
+  DualDPT head give images, depth, rays and cameras. Which model conditions on which, and the run names, are
+  `cascade_upper` and `run_name` below (train.py and the loaders both use them).
+- `load_pipeline` (our runs or the bundled models) and `load_official_pipeline` (the release, official.py).
+
+Legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
+"""
+import hashlib
+import io
+import json
+import os
+import time
+
+import torch
+
+import cameras
+import data
+import decoder as decoder_lib
+import diffusion
+import encoder as encoder_lib
+import latents
+import model as model_lib
+import official
+
+UserError = cameras.UserError
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
+COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: train_command)
+    'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder', 'data': 'python data.py synth',
+}
+
+
+def cascade_upper(level, independent=False):
+    """The level whose features condition the model of `level`: M1->0 reads level 1 (the cascade); M1..M3 and the
+    independent M0 of the boundary ablation read none."""
+    return 1 if level == 0 and not independent else None
+
+
+def run_name(level, independent=False):
+    """The model's name: its run folder runs/<name> and its file weights/tiny/<name>.safetensors."""
+    return f'level{level}' + ('_ind' if independent and level == 0 else '')
+
+
+def train_command(name):
+    """The command that trains the model called name: encoder, decoder, level<k> or level<k>_ind."""
+    if name.startswith('level'):
+        return f'python train.py --level {name[5]}' + (' --independent' if name.endswith('_ind') else '')
+    return COMMANDS[name]
+
+
+# ----------------------------------------------------------------------------- checkpoints: find, load, export
+
+def find_checkpoint(name, ckpt_dir=None):
+    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given (none there: a UserError naming the training
+    command that makes it; never a fallback), else the bundled weights/tiny/<name>.safetensors."""
+    if ckpt_dir:
+        folder = os.path.join(ckpt_dir, name)
+        ck = sorted(f for f in os.listdir(folder) if f.startswith('ckpt_') and f.endswith('.pt')) if os.path.isdir(folder) else []
+        if not ck:
+            raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
+                            f'{train_command(name)} --out {folder}')
+        return os.path.join(folder, ck[-1])
+    path = os.path.join(WEIGHTS, name + '.safetensors')
+    if not os.path.exists(path):
+        raise UserError(f'{path}: no bundled {name} model; restore it with: git checkout weights/tiny, or pass '
+                        f'--ckpt-dir with a run made by: {train_command(name)}')
+    return path
+
+
+def auto_checkpoint(name):
+    """train.py's 'auto' encoder and decoder: the newest runs/<name> checkpoint when there is one, else the bundled
+    model (load_checkpoint prints which)."""
+    folder = os.path.join('runs', name)
+    has_run = os.path.isdir(folder) and any(f.startswith('ckpt_') and f.endswith('.pt') for f in os.listdir(folder))
+    return find_checkpoint(name, 'runs' if has_run else None)
+
+
+def load_checkpoint(path, device='cpu'):
+    """-> (meta, state_dict), printing the file and its SHA-256 prefix; meta['sha256'] is the file's hash. A training
+    checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar. A missing, unreadable or
+    altered file is a UserError naming it."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
+                        'pass a ckpt_*.pt of a run or an exported .safetensors')
+    raw = open(path, 'rb').read()
+    digest = hashlib.sha256(raw).hexdigest()
+    print(f'{path} (sha256 {digest[:12]})')
+    broken = ('delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that '
+              'wrote it' if not path.endswith('.safetensors') else
+              'restore it with: git checkout weights/tiny' if os.path.dirname(os.path.abspath(path)) == WEIGHTS else
+              'export it again with: python train.py ... --export FOLDER')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load as load_safetensors
+            sidecar = path[:-len('.safetensors')] + '.json'
+            meta = data.read_json(sidecar, 'sidecar of an export (python train.py --export writes it)')
+            if meta.get('sha256') and meta['sha256'] != digest:
+                raise UserError(f'{path}: checksum mismatch (file is {digest[:12]}, {sidecar} says {meta["sha256"][:12]}); '
+                                f'the file is corrupt or was replaced: {broken}')
+            sd = {k: v.float().to(device) for k, v in load_safetensors(raw).items()}
+            stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
+            meta.update(stats=stats or None, sha256=digest)
+            return meta, {k: v for k, v in sd.items() if not k.startswith('stats.')}
+        ck = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+        ck['sha256'] = digest
+        return ck, ck['ema']
+    except UserError:
+        raise
+    except Exception as e:  # truncated or foreign files: the readers' errors (of several types) name no file
+        reason = (str(e).strip().splitlines() or [''])[0][:120]
+        raise UserError(f'{path}: not a loadable checkpoint ({type(e).__name__}: {reason}); {broken}') from None
+
+
+def export_weights(kind, net, config, extra, folder, name):
+    """EMA weights as fp16 safetensors + a JSON sidecar with the config and a SHA-256, as shipped in weights/tiny."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
+    if extra.get('stats'):
+        sd.update({'stats.' + k: v.half() for k, v in extra['stats'].items()})
+    path = os.path.join(folder, name + '.safetensors')
+    save_file(sd, path)
+    meta = {'kind': kind, 'config': config, **{k: v for k, v in extra.items() if k != 'stats'},
+            'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest()}
+    json.dump(meta, open(os.path.join(folder, name + '.json'), 'w'), indent=1)
+    print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
+    return path
+
+
+def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
+    """A frozen DA3. weights: 'auto' (for da3-tiny: the newest <ckpt_dir>/encoder checkpoint, or the bundled
+    weights/tiny/encoder when ckpt_dir is None), 'none', or a file. enc.source = {'weights': the file or 'none',
+    'sha256': its hash or None} is what checkpoints record as the encoder that made their latents."""
+    if weights == 'auto' and preset == 'da3-tiny':
+        weights = find_checkpoint('encoder', ckpt_dir)
+    sha = None
+    if weights in ('auto', 'none', None, ''):
+        if weights == 'auto':
+            print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
+        enc, weights = encoder_lib.build_encoder(preset), 'none'
+    elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
+            os.path.exists(weights[:-len('.safetensors')] + '.json'):
+        meta, sd = load_checkpoint(weights)
+        enc, sha = encoder_lib.build_encoder(preset), meta['sha256']
+        encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
+    else:
+        enc = encoder_lib.build_encoder(preset, weights=weights)
+        sha = hashlib.sha256(open(weights, 'rb').read()).hexdigest() if os.path.isfile(weights) else None
+        print(f'{weights} (sha256 {sha[:12] if sha else "-"})')
+    enc.source = {'weights': weights, 'sha256': sha}
+    return enc.to(device).freeze()
+
+
+def check_encoder(meta, path, enc, name):
+    """A model reads latents of the encoder it was trained with: refuse another one (by the file hash the
+    checkpoint records; older checkpoints record none and are not checked)."""
+    want, have = (meta.get('encoder') or {}).get('sha256'), enc.source['sha256']
+    if want and want != have:
+        raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
+                        f'the encoder here is {enc.source["weights"]} (sha256 {(have or "none")[:12]}); pass the '
+                        '--ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
+                        f'{train_command(name)}')
+
+
+def load_model(path, device='cpu', enc=None, name='level1'):
+    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats'). enc: refuse a model trained
+    on another encoder's latents (check_encoder)."""
+    meta, sd = load_checkpoint(path, device)
+    if enc is not None:
+        check_encoder(meta, path, enc, name)
+    net = model_lib.GLD(model_lib.GLDConfig(**meta['config'])).to(device).eval()
+    net.load_state_dict(sd)
+    meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
+    return net, meta
+
+
+def load_decoder(path, device='cpu', enc=None):
+    """-> the RGB decoder in eval mode. enc: refuse a decoder trained on another encoder's features."""
+    meta, sd = load_checkpoint(path, device)
+    if enc is not None:
+        check_encoder(meta, path, enc, 'decoder')
+    dec = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**meta['config'])).to(device).eval()
+    dec.load_state_dict(sd)
+    return dec
+
+
+# ----------------------------------------------------------------------------- the cascade
+
+class Pipeline:
+    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
+
+    def __init__(self, enc, dec, models, boundary=1, log=print, official=None):
+        self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
+        self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
+
+    def time_schedule(self, steps, V, T, C):
+        """-> (Euler steps, shift a, end time) of one level's sampling. Ours: `steps` Euler steps from t = 1 to 0 with
+        a from the latents being generated (V views x T tokens x C channels); the released models: their own rule
+        (OfficialConventions.time_schedule, item 7)."""
+        if self.official is not None:
+            return self.official.time_schedule(steps, V, C)
+        return steps, diffusion.shift_alpha(V * T * C), 0.0
+
+    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg, generator):
+        net, meta = self.models[level]
+        stats = meta['stats']
+        cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
+        upper = stats.normalize(upper_raw, meta['upper_level']) if meta.get('upper_level') is not None else None
+        uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+        if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
+            cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
+        euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
+        noise = torch.randn(cond.shape, generator=generator).to(cond.device)
+        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=euler_steps,
+                                   a=a, cfg=cfg, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+                                   t_end=t_end)
+        return stats.denormalize(x, level)
+
+    @torch.no_grad()
+    def generate(self, images, c2w, K, n_src, steps=50, cfg=1.5, seed=0, given=None):
+        """images (B,V,3,H,W): only views 0..n_src-1 (the sources) are read. c2w (B,V,4,4), K (B,V,3,3) normalised.
+        given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
+        -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
+        B, V, _, H, W = images.shape
+        hw = (H // data.PATCH, W // data.PATCH)
+        src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
+        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
+        cond = latents.source_condition(self.enc, images, n_src)
+        gen = torch.Generator().manual_seed(seed)
+        levels, given = [None] * 4, dict(given or {})
+        for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
+            t0 = time.time()
+            if level in given:
+                levels[level] = given[level]
+            elif level in self.models:
+                up = self.models[level][1].get('upper_level')
+                levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
+                                                  steps, cfg, gen)
+                name = f'M{up}->{level}' if up is not None else f'M{level}'
+                n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
+                self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg}: {time.time() - t0:.2f}s')
+        t0 = time.time()
+        if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
+            cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls, hw)
+            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..3 through frozen DA3: {time.time() - t0:.2f}s')
+        t0 = time.time()
+        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, 4)
+        filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
+        norm = self.enc.normalize_levels(filled)
+        rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
+        geo = self.enc.geometry(norm, H, W)
+        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s')
+        return {'levels': filled, 'images': rgb, 'geometry': geo}
+
+
+def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
+    """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
+    enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
+    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device, enc)
+    models = {}
+    for level in range(boundary, -1, -1):
+        name = run_name(level, independent)
+        models[level] = load_model(find_checkpoint(name, ckpt_dir), device, enc, name)
+    return Pipeline(enc, dec, models, boundary, log)
+
+
+def load_official_pipeline(folder, device='cpu', log=print, **kw):
+    """The released GLD models (official.load_models; kw: encoder_preset, heads) in our cascade, with the release's
+    conventions (docs/official.md)."""
+    enc, dec, models = official.load_models(folder, device, log=log, **kw)
+    return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())
