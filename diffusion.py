@@ -82,19 +82,19 @@ def time_grid(steps, a=1.0, t_end=0.0):
 
 
 @torch.no_grad()
-def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
+def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
     """Deterministic Euler ODE from noise (t = 1) to t_end. velocity_fn / uncond_fn (x_t, t (B,)) -> v.
-    CFG: v = v_u + cfg (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg = 1 the
+    CFG: v = v_u + cfg_scale (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg_scale = 1 the
     unconditional branch is skipped). Returns x at t_end."""
-    assert cfg == 1.0 or uncond_fn is not None, 'cfg != 1 needs uncond_fn'
+    assert cfg_scale == 1.0 or uncond_fn is not None, 'cfg_scale != 1 needs uncond_fn'
     ts = time_grid(steps, a, t_end)
     x = noise
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=x.dtype)
         v = velocity_fn(x, t)
-        if cfg != 1.0 and interval[0] <= t_cur <= interval[1]:
+        if cfg_scale != 1.0 and interval[0] <= t_cur <= interval[1]:
             v_u = uncond_fn(x, t)
-            v = v_u + cfg * (v - v_u)
+            v = v_u + cfg_scale * (v - v_u)
         x = x + (t_next - t_cur) * v
     return x
 

@@ -4,7 +4,7 @@ What: one network M_l predicts the flow velocity v (B,V,T,C) of the level-l DA3 
 scene at once, from the noisy features x_t, the time t, the source-only condition (clean features at the
 source views, zeros at the targets), the cameras and, for the cascade M1->0, the level-1 features.
 
-Dataflow (paper A.2 and the released DDT.py, see shared/notes/official-gld-model.md section 3):
+Dataflow (paper A.2 and the release's DDT.py, DiTwDDTHead):
     te   = MLP(Gaussian-Fourier(t))                                  time embedding (B,C1)
     s    = embed_src/tgt([cond | x_t]) + PatchEmbed14(Plücker+mask)   encoder tokens (B,V*T,C1)
            (cascade: embed([cond | F1]), the level-1 condition enters through the encoder)
@@ -21,7 +21,7 @@ or single ones (the release's cascade); Plücker + source-mask camera map; SwiGL
 checkpointing; presets with parameter counts; convert_official() for the released checkpoints (key names
 mirror the official ones, so conversion is nearly an identity).
 
-Official quirks (shared/notes/official-gld-model.md): the encoder blocks see silu(silu(te)) (cfg.double_silu);
+Official quirks (the release's DDT.py / DDT_old.py; official.OfficialConventions lists them all): the encoder blocks see silu(silu(te)) (cfg.double_silu);
 PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (camera_inputs(official=True), chosen by
 the caller: sample.Pipeline with official.OfficialConventions; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
 release also sets K to identity (drop_cameras sets P, P_inv to identity);
@@ -53,7 +53,7 @@ class GLDConfig:
     head_width: int = 224  # C2: the wide DDT head (>= latent_dim, as RAE advises)
     head_depth: int = 2  # d2
     heads: int = 4  # attention heads in both parts; head dims must be multiples of 8 for PRoPE
-    pos: str = 'prope'  # 'prope' | 'rope3d' (view, y, x) | 'rope2d' (y, x)
+    pos: str = 'prope'  # 'prope' | 'rope3d' (view, y, x) | 'rope2d' (x, y)
     rope_base: float = 100.0
     separate_embedders: bool = True  # four embedders (source/target x encoder/head) as in the paper
     upper_dim: int = 0  # cascade M1->0: channels of the level-1 condition (0: not a cascade model)
@@ -314,7 +314,7 @@ class GLD(nn.Module):
         C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
         assert C1 % cfg.heads == 0 and C2 % cfg.heads == 0, 'widths must divide into heads'
         s_in = C + (cfg.upper_dim or C)  # encoder reads [cond | x_t], the cascade [cond | F1]
-        if cfg.separate_embedders:  # chosen per view by the source mask
+        if cfg.separate_embedders:  # chosen per view by the source mask; '_ref' = source views, the release's name
             self.x_embedder_ref, self.x_embedder_tgt = TokenEmbedder(2 * C, C2), TokenEmbedder(2 * C, C2)
             self.s_embedder_ref, self.s_embedder_tgt = TokenEmbedder(s_in, C1), TokenEmbedder(s_in, C1)
         else:
@@ -343,10 +343,11 @@ class GLD(nn.Module):
         """x (B,V,T,Cin) -> (B,V*T,D) with the source or target embedder of each view (or the single one)."""
         if not self.cfg.separate_embedders:
             return getattr(self, f'{kind}_embedder')(x).flatten(1, 2)
-        ref, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
-        return torch.where(src_mask[:, :, None, None], ref, tgt).flatten(1, 2)
+        src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
+        return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
 
-    def run(self, blk, x, c, pe):
+    def run_block(self, blk, x, c, pe):
+        """One DiT block, recomputed in backward when cfg.checkpointing (activation checkpointing)."""
         if self.cfg.checkpointing and self.training:
             return checkpoint(blk, x, c, pe, use_reentrant=False)
         return blk(x, c, pe)
@@ -365,14 +366,14 @@ class GLD(nn.Module):
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
         c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
         for blk in self.blocks[:cfg.enc_depth]:
-            s = self.run(blk, s, c, pe_enc)
+            s = self.run_block(blk, s, c, pe_enc)
         # bridge: per-token condition of the head
         s = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
         # velocity head: [cond | x_t] tokens modulated per token by s
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
         for blk in self.blocks[cfg.enc_depth:]:
-            x = self.run(blk, x, s, pe_head)
+            x = self.run_block(blk, x, s, pe_head)
         return self.final_layer(x, s).view(B, V, T, C)
 
 

@@ -118,7 +118,7 @@ def official_prope_K(P, P_inv):
 
 class OfficialConventions:
     """What the released GLD models were trained and evaluated with, where it differs from our clean default.
-    The one list (facts: shared/notes/official-gld-model.md sections 3-8; table: docs/official.md):
+    The one list (the release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; table: docs/official.md):
 
     1. Poses relative to the LAST view with translations scaled so the largest |t| COMPONENT is 1 (ours: the
        largest camera distance is 1): model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').

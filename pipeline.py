@@ -207,7 +207,7 @@ class Pipeline:
             return self.official.time_schedule(steps, V, C)
         return steps, diffusion.shift_alpha(V * T * C), 0.0
 
-    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg, generator):
+    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
         net, meta = self.models[level]
         stats = meta['stats']
         cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
@@ -218,12 +218,12 @@ class Pipeline:
         euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
         x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=euler_steps,
-                                   a=a, cfg=cfg, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+                                   a=a, cfg_scale=cfg_scale, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
                                    t_end=t_end)
         return stats.denormalize(x, level)
 
     @torch.no_grad()
-    def generate(self, images, c2w, K, n_src, steps=50, cfg=1.5, seed=0, given=None):
+    def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
         """images (B,V,3,H,W): only views 0..n_src-1 (the sources) are read. c2w (B,V,4,4), K (B,V,3,3) normalised.
         given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
         -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
@@ -241,10 +241,10 @@ class Pipeline:
             elif level in self.models:
                 up = self.models[level][1].get('upper_level')
                 levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
-                                                  steps, cfg, gen)
+                                                  steps, cfg_scale, gen)
                 name = f'M{up}->{level}' if up is not None else f'M{level}'
                 n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
-                self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg}: {time.time() - t0:.2f}s')
+                self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         t0 = time.time()
         if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
             cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast

@@ -54,10 +54,10 @@ def image_metrics(pred, gt, lpips=None):
     return {k: float(v) for k, v in out.items()}
 
 
-def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry=False):
+def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False):
     """One scene of the paper's protocol: sources first; metrics on the targets only."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
-    out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg=cfg, seed=seed)
+    out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg_scale=cfg_scale, seed=seed)
     pred, gt = out['images'][:, n_src:], images[:, n_src:]
     rows = {'gld': image_metrics(pred, gt, lpips)}
     for name, im in baselines(images, n_src, c2w).items():
@@ -97,14 +97,14 @@ def write_table(table, per_scene, out_dir, name, title):
     return table
 
 
-def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=None):
+def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
     for i in range(n):
         scene = data.collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
-        rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg, seed + i, lpips, gt_geometry=True)
+        rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
         for method, m in rows.items():
             per_scene.append({'scene': scene['key'][0], 'method': method, **m})
             for k, v in m.items():
@@ -256,7 +256,7 @@ def build_parser():
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
     p.add_argument('--steps', type=int, default=50, help='Euler steps; with --official the release\'s '
                    'num_steps: time-grid points, one more than its Euler steps (50 -> 49 steps)')
-    p.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale over cameras')
+    p.add_argument('--cfg-scale', type=float, default=1.5, help='classifier-free guidance scale over cameras (1 = off)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
     p.add_argument('--eval-scenes', type=int, default=16, help='scenes evaluated')
@@ -296,12 +296,12 @@ def main(argv=None):
         pipe = pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
-        return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
+        return run_eval(pipe, ds, a.src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips)
     if a.images:
         images, c2w_src, K_src = user_scene(a.images, a.cameras, size, pipe.enc)
         images, c2w_src, K_src = images.to(device), c2w_src.to(device), K_src.to(device)
         c2w_t, K_t = target_cameras(c2w_src[0], K_src[0], a.traj or 'interp', a.frames)
-        res = generate_in_chunks(pipe, images, c2w_src, K_src, c2w_t, K_t, a.chunk, steps=a.steps, cfg=a.cfg, seed=a.seed)
+        res = generate_in_chunks(pipe, images, c2w_src, K_src, c2w_t, K_t, a.chunk, steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
         c2w, K, gt, metrics = torch.cat([c2w_src, c2w_t[None]], 1), torch.cat([K_src, K_t[None]], 1), None, None
         images = torch.cat([images, res['images'][:, images.shape[1]:]], 1)
     else:
@@ -317,10 +317,10 @@ def main(argv=None):
         if a.traj:
             c2w_t, K_t = target_cameras(c2w[0, :a.src], K[0, :a.src], a.traj, a.frames)
             res = generate_in_chunks(pipe, images[:, :a.src], c2w[:, :a.src], K[:, :a.src], c2w_t, K_t, a.chunk,
-                                     steps=a.steps, cfg=a.cfg, seed=a.seed)
+                                     steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
             c2w, K, gt, metrics = torch.cat([c2w[:, :a.src], c2w_t[None]], 1), torch.cat([K[:, :a.src], K_t[None]], 1), None, None
         else:
-            rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg, a.seed, lpips)
+            rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg_scale, a.seed, lpips)
             gt, metrics = images[0], rows
             print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
     write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics, formats=a.export,

@@ -1306,11 +1306,11 @@ def test_cfg_scale_one_is_conditional_and_formula():
     unc_calls = []
     uncond = lambda x, t: unc_calls.append(1) or -x
     ref = diffusion.euler_sample(cond, noise, steps=5, a=2.0)
-    torch.testing.assert_close(diffusion.euler_sample(cond, noise, steps=5, a=2.0, cfg=1.0, uncond_fn=uncond), ref)
+    torch.testing.assert_close(diffusion.euler_sample(cond, noise, steps=5, a=2.0, cfg_scale=1.0, uncond_fn=uncond), ref)
     assert not unc_calls
-    one = diffusion.euler_sample(cond, noise, steps=1, cfg=1.5, uncond_fn=uncond)  # t: 1 -> 0, dt = -1
+    one = diffusion.euler_sample(cond, noise, steps=1, cfg_scale=1.5, uncond_fn=uncond)  # t: 1 -> 0, dt = -1
     torch.testing.assert_close(one, noise - (-noise + 1.5 * (0.5 * noise + 1 + noise)))
-    outside = diffusion.euler_sample(cond, noise, steps=1, cfg=1.5, uncond_fn=uncond, interval=(0, 0.5))
+    outside = diffusion.euler_sample(cond, noise, steps=1, cfg_scale=1.5, uncond_fn=uncond, interval=(0, 0.5))
     torch.testing.assert_close(outside, diffusion.euler_sample(cond, noise, steps=1))
 
 
@@ -1582,7 +1582,7 @@ def test_load_official_pipeline_and_generate(release):
     assert any("skipping the entries of ['encoder']" in line for line in logs)
     assert any('loading it fully' in line for line in logs)
     images, c2w, K = scene()
-    out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg=1.5, seed=0)
+    out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
     assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
     assert [tuple(l.shape) for l in out['levels']] == [(1, 3, 6, C)] * 4
     assert out['geometry']['depth'].shape == (1, 3, 28, 42)
@@ -1678,7 +1678,7 @@ def test_clean_switches_give_the_clean_pipeline(release):
     images, c2w, K = scene(seed=2)
 
     def run(p):
-        return p.generate(images, c2w, K, n_src=1, steps=2, cfg=1.5, seed=3)
+        return p.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=3)
     ref = run(clean)
     official = run(pipe)
     for level in (0, 1):
@@ -1852,12 +1852,12 @@ def test_official_shift_at_another_size(release, monkeypatch):
         return real(*args, **kw)
     monkeypatch.setattr(diffusion, 'euler_sample', spy)
     images, c2w, K = scene(V=3, H=112, W=112)
-    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg_scale=1.0)
     a_release, _ = release_sampling(3, 3, C)
     assert calls == [(2, pytest.approx(a_release), 0.001)] * 2
     calls.clear()
     pipe.official = None
-    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg=1.0)
+    pipe.generate(images, c2w, K, n_src=1, steps=3, cfg_scale=1.0)
     assert calls == [(3, pytest.approx(math.sqrt(3 * 64 * C / 4096)), 0.0)] * 2
 
 
@@ -2054,7 +2054,7 @@ def test_non_finite_losses_skip_then_stop_and_keep_the_checkpoint(world, tmp_pat
 
 
 SAMPLE_RUNS = [
-    ['--ckpt-dir', 'runs', '--views', '4', '--src', '2', '--scene', '0', '--seed', '1', '--cfg', '2.0', '--lpips',
+    ['--ckpt-dir', 'runs', '--views', '4', '--src', '2', '--scene', '0', '--seed', '1', '--cfg-scale', '2.0', '--lpips',
      '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
@@ -2219,7 +2219,7 @@ def test_bundled_cascade_beats_the_nearest_source_view(bundled):
     source view by a margin measured on the bundled models (README, Results)."""
     pipe, scenes = bundled
     for i, scene in enumerate(scenes):
-        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=10, cfg=1.5, seed=i)
+        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=10, cfg_scale=1.5, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + QUALITY_MARGIN_DB, rows
 
 

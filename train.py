@@ -400,7 +400,7 @@ class DiffusionStage:
         for i, s in enumerate(scenes):
             full = self.enc.encode(s['images'])
             given = {l: full[l] for l in range(self.level + 1, pipe.boundary + 1)}  # ground-truth deeper levels
-            out = pipe.generate(s['images'], s['c2w'], s['K'], 2, steps=10, cfg=1.5, seed=i, given=given)
+            out = pipe.generate(s['images'], s['c2w'], s['K'], 2, steps=10, cfg_scale=1.5, seed=i, given=given)
             ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
             gen, true = (self.stats.normalize(f, self.level)[:, 2:] for f in (out['levels'][self.level], full[self.level]))
             mse.append((gen - true).pow(2).mean())
