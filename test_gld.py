@@ -1934,8 +1934,9 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
     src = train.list_checkpoints('runs/level1')[-1]
     ck = torch.load(src, weights_only=False)
     train.main(['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '1', '--lr', '0',
-                '--warmup', '1', '--eval-every', '0', '--init', src, '--out', str(tmp_path)])
+                '--warmup', '1', '--eval-every', '0', '--init', src, '--out', str(tmp_path), '--export', str(tmp_path / 'x')])
     new = torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=False)
+    assert sorted(os.listdir(tmp_path / 'x')) == ['level1.json', 'level1.safetensors']  # named as sample.py finds it
     assert all(torch.equal(new['model'][k], ck['ema'][k]) for k in ck['ema'])  # lr 0: still the initial weights
     assert all(torch.equal(new['stats'][k], ck['stats'][k]) for k in ck['stats'])  # its normalisation, not recomputed
 

@@ -590,7 +590,8 @@ def main(argv=None):
         print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and args.export:
         with ema.swapped(net):
-            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=os.path.basename(args.out))
+            name = args.stage if args.stage != 'diffusion' else pipeline.run_name(args.level, args.independent)  # as sample.py looks it up
+            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=name)
     if world > 1:  # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
         dist.barrier()
         dist.destroy_process_group()
