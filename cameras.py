@@ -20,6 +20,7 @@ point patterns"; evo (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release
 import math
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -37,7 +38,8 @@ class UserError(Exception):
 
 def run_cli(main, argv=None):
     """Run an entry point's main(argv): a UserError becomes one line on stderr ('error: ...') and exit status 2;
-    GLD_DEBUG=1 in the environment shows its traceback too."""
+    GLD_DEBUG=1 in the environment shows its traceback too. Threads are chosen first (choose_threads)."""
+    choose_threads()
     try:
         return main(argv)
     except UserError as e:
@@ -48,6 +50,45 @@ def run_cli(main, argv=None):
             msg = msg.strip().splitlines()[-1].partition(': ')[2]
         print('error: ' + ' '.join(msg.split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
+
+
+def choose_threads():
+    """On a busy CPU (load average above the free cores) with no OMP_NUM_THREADS set, use one torch thread: on a
+    shared 2-core machine the default (one per core) ran every command 7-10x slower, with identical outputs."""
+    if 'OMP_NUM_THREADS' in os.environ or not hasattr(os, 'getloadavg'):
+        return
+    cores = os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and os.getloadavg()[0] > cores - torch.get_num_threads() + 0.5:
+        torch.set_num_threads(1)
+        print(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores): using 1 torch thread '
+              '(set OMP_NUM_THREADS to choose)')
+
+
+class Progress:
+    """Progress of a loop of `total` steps with elapsed time and ETA: one line updated in place (\\r) on a terminal,
+    plain lines at most every `every` seconds (and at the end) when stdout is a log file; every=0: a plain line for
+    each step everywhere (slow steps with other output between them).
+
+        bar = Progress('M1 Euler', 50)
+        for ...: bar.step()   # 'M1 Euler 12/50  3.1s, ETA 9.8s'
+    """
+
+    def __init__(self, label, total, every=10.0, stream=None):
+        self.label, self.total, self.every, self.stream = label, total, every, stream or sys.stdout
+        self.done, self.t0, self.last = 0, time.time(), -math.inf
+        self.tty = self.stream.isatty() and every > 0
+
+    def step(self, note=''):
+        self.done += 1
+        now, end = time.time(), self.done >= self.total
+        if not (self.tty or end or now - self.last >= self.every):
+            return
+        self.last, elapsed = now, now - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        line = f'{self.label} {self.done}/{self.total}  {elapsed:.1f}s' + ('' if end else f', ETA {eta:.1f}s') + \
+            (f'  {note}' if note else '')
+        self.stream.write(('\r' + line + '\x1b[K' + ('\n' if end else '')) if self.tty else line + '\n')
+        self.stream.flush()
 
 
 def check_cameras(c2w, K, where):
@@ -238,6 +279,52 @@ def interpolate_cameras(c2w_a, c2w_b, n):
     q = slerp(rotmat_to_quat(c2w_a[:3, :3]), rotmat_to_quat(c2w_b[:3, :3]), t)  # (n,4)
     centres = torch.lerp(c2w_a[:3, 3], c2w_b[:3, 3], t[:, None])  # (n,3)
     return make_pose(quat_to_rotmat(q), centres)
+
+
+def path_through(c2w, K, s):
+    """Cameras along the piecewise path through the views c2w (N,4,4), K (N,3,3) in order, at parameters s (n,) in
+    [0, N-1] (view i at s = i): slerp of rotations, lerp of centres and intrinsics within each segment.
+    -> c2w (n,4,4), K (n,3,3)."""
+    i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
+    poses, Ks = [], []
+    for j, t in zip(i.tolist(), (s - i).tolist()):
+        b = min(j + 1, len(c2w) - 1)
+        q = slerp(rotmat_to_quat(c2w[j, :3, :3]), rotmat_to_quat(c2w[b, :3, :3]), s.new_tensor([t]))
+        poses.append(make_pose(quat_to_rotmat(q)[0], torch.lerp(c2w[j, :3, 3], c2w[b, :3, 3], t)))
+        Ks.append(torch.lerp(K[j], K[b], t))
+    return torch.stack(poses), torch.stack(Ks)
+
+
+def axis_angle(axis, angle):
+    """Rotation matrices (n,3,3) by angle (n,) radians about the unit axis (3,) (Rodrigues)."""
+    k = F.normalize(axis, dim=0)
+    cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
+    cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
+    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    return c * torch.eye(3, dtype=k.dtype) + s * cross + (1 - c) * torch.outer(k, k)
+
+
+def arc(c2w_ref, centre, up, degrees, n):
+    """n cameras turning the reference c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees
+    (both ends included; a full turn, |degrees| >= 360, excludes the end, which is the start again). The cameras keep
+    their pose relative to the centre: one that looks at the centre keeps looking at it."""
+    last = math.radians(degrees)
+    angle = torch.linspace(0, last, n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
+    R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
+    eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
+    return make_pose(R @ c2w_ref[:3, :3], eye)
+
+
+def axes_meeting_point(c2w):
+    """The point closest (least squares) to the optical axes of the cameras c2w (N,4,4), N >= 2, or None when the
+    axes are (nearly) parallel or the point lies behind a camera."""
+    o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
+    P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
+    A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
+    if len(c2w) < 2 or torch.linalg.eigvalsh(A)[0] < 1e-3 * len(c2w):
+        return None
+    p = torch.linalg.solve(A, b)
+    return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
 
 
 def interpolate_K(K_a, K_b, n):
