@@ -106,7 +106,9 @@ def build_parser():
     g.add_argument('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
     g.add_argument('--log-every', type=int, default=20, help='log interval (steps)')
     g.add_argument('--eval-every', type=int, default=500, help='periodic evaluation interval (steps, 0 = off)')
-    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors into this folder')
+    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors into this '
+                   'folder (weights/tiny, the bundled models, only with --force)')
+    g.add_argument('--force', action='store_true', help='let --export replace the bundled models in weights/tiny')
     g.add_argument('--wandb', default='', help='wandb project name (only when wandb is installed)')
     return p
 
@@ -377,6 +379,9 @@ def main(argv=None):
     a = get_args(argv)
     rank, world, device = setup_distributed()
     torch.manual_seed(a.seed + rank); np.random.seed(a.seed + rank); random.seed(a.seed + rank)
+    if a.export and os.path.realpath(a.export) == os.path.realpath(sample.WEIGHTS) and not a.force:
+        raise data.UserError(f'--export {a.export}: that folder holds the bundled models; export to a new folder '
+                             '(e.g. --export weights/mine) or add --force to replace them')
     data.make_output_dir(a.out)
     recipe = RECIPES['diffusion' if a.stage == 'diffusion' else a.stage]
     a.lr = a.lr if a.lr is not None else recipe['lr']
@@ -395,6 +400,8 @@ def main(argv=None):
     stage = {'encoder': lambda: EncoderStage(a, device), 'decoder': lambda: DecoderStage(a, device),
              'diffusion': lambda: DiffusionStage(a, device, loader)}[a.stage]()
     net = stage.net
+    if rank == 0 and hasattr(stage, 'enc'):  # the latents' encoder, as the checkpoints record it
+        print(f'{a.stage}: encoder {stage.enc.source["weights"]} (sha256 {(stage.enc.source["sha256"] or "-")[:12]})')
     if a.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
         net.load_state_dict(sample.load_checkpoint(a.init, device)[1])
     ema = diffusion.EMA(net, ema_decay)
