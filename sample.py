@@ -21,7 +21,9 @@ import contextlib
 import csv
 import hashlib
 import io
+import glob
 import json
+import math
 import os
 import time
 from dataclasses import asdict
@@ -196,8 +198,9 @@ def load_decoder(path, device='cpu', enc=None):
 class Pipeline:
     """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
 
-    def __init__(self, enc, dec, models, boundary=1, log=print, official=None):
+    def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
+        self.progress = progress  # a line per Euler step (cameras.Progress) on the terminal, every 10 s in logs
         self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
 
     def time_schedule(self, steps, V, T, C):
@@ -218,7 +221,15 @@ class Pipeline:
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
         euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
-        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=euler_steps,
+        name = f'M{meta["upper_level"]}->{level}' if meta.get('upper_level') is not None else f'M{level}'
+        bar = cameras.Progress(f'  {name} Euler step', euler_steps) if self.progress else None
+
+        def velocity(x_t, t):  # called once per Euler step (the unconditional branch of CFG is uncond_fn)
+            v = net(x_t, t, cond, cams, upper=upper)
+            if bar:
+                bar.step()
+            return v
+        x = diffusion.euler_sample(velocity, noise, steps=euler_steps,
                                    a=a, cfg=cfg, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
                                    t_end=t_end)
         return stats.denormalize(x, level)
@@ -345,11 +356,13 @@ def write_table(table, per_scene, out_dir, name, title):
 def run_eval(pipe, dataset, n_src, steps, cfg, seed, out_dir, n_scenes, lpips=None):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    bar = cameras.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
         scene = data.collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg, seed + i, lpips, gt_geometry=True)
+        bar.step(f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})')
         for method, m in rows.items():
             per_scene.append({'scene': scene['key'][0], 'method': method, **m})
             for k, v in m.items():
@@ -411,7 +424,8 @@ def evaluate_during_training(stage, val, a, device, n=8):
         return {}
     dec = load_decoder(auto_checkpoint('decoder') if a.decoder_ckpt == 'auto' else a.decoder_ckpt, device)
     meta = {'stats': stage.stats, 'upper_level': stage.upper_level}
-    pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None)
+    pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None,
+                    progress=False)
     ps, mse, grids = [], [], []
     for i, s in enumerate(scenes):
         full = stage.enc.encode(s['images'])
@@ -420,18 +434,22 @@ def evaluate_during_training(stage, val, a, device, n=8):
         ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
         gen, true = (stage.stats.normalize(f, stage.level)[:, 2:] for f in (out['levels'][stage.level], full[stage.level]))
         mse.append((gen - true).pow(2).mean())  # the generated targets' level in normalised units (zeros: about 1)
-        grids.append(make_grid(s['images'][0], out['images'][0], 2))
+        grids.append(make_grid(s['images'][0, :2], out['images'][0], s['images'][0, 2:]))
     save_image(torch.cat(grids[:4], 1), os.path.join(a.out, f'val_{a.step + 1:07d}.png'))
     return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
 
 # ----------------------------------------------------------------------------- writing outputs
 
-def make_grid(gt, pred, n_src):
-    """Rows: sources | generated | ground truth (when known); (V,3,H,W) each -> (3, rows*H, V*W)."""
-    V = gt.shape[0]
-    src = torch.cat([gt[:n_src], torch.ones_like(gt[n_src:])], 0)
-    rows = [src, torch.cat([gt[:n_src], pred[n_src:]], 0), gt]
+def make_grid(src, pred, gt=None):
+    """Rows: the sources | the sources and the generated targets | (gt given) the sources and the ground truth of the
+    first targets; src (N,3,H,W), pred (V,3,H,W) with the sources first, gt (M,3,H,W) -> (3, rows*H, V*W). Views
+    without ground truth stay white."""
+    V, N = pred.shape[0], src.shape[0]
+    blank = torch.ones_like(pred[N:])
+    rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
+    if gt is not None:
+        rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
     return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
 
 
@@ -442,29 +460,56 @@ def colourise_depth(d):
     return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
 
 
+OUTPUTS = ('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'depth.npy', 'depth_[0-9]*.png', 'metrics.json',
+           'images/source_[0-9]*.png', 'images/target_[0-9]*.png', 'points.ply', 'scene.glb', 'transforms.json',
+           *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
+           'eval_n[0-9]*.md', 'eval_n[0-9]*.json', 'eval_n[0-9]*_scenes.csv', 'recon.md', 'recon.json', 'recon_scenes.csv')
+
+
+def our_files(folder):
+    """The files in folder that sample.py writes (OUTPUTS), sorted."""
+    return sorted(f for pattern in OUTPUTS for f in glob.glob(os.path.join(glob.escape(folder), pattern)))
+
+
+def clear_outputs(folder):
+    """Remove what an earlier run wrote into folder (only the names in OUTPUTS; any other file stays), with a notice,
+    so that the folder holds this run's outputs only."""
+    stale = our_files(folder)
+    for f in stale:
+        os.remove(f)
+    for d in ('images', 'sparse/0', 'sparse'):  # now empty, unless they hold files of the user's
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(folder, d))
+    if stale:
+        print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ (other files there are kept)')
+
+
 def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
-                  units='poses'):
-    """A grid, a video of the targets, depth maps (PNG + .npy), metrics.json, and through export.write_scene every
-    view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP model, a GLB, transforms.json)."""
+                  units='poses', frame='the dataset cameras'):
+    """A grid, a top-down view of the cameras, a video of the targets, depth maps (PNG + .npy), metrics.json, and
+    through export.write_scene every view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP
+    model, a GLB, transforms.json), in the world of `frame`. frames_gt: ground truth of the first targets, or None."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
     V = pred.shape[0]
     views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
-    save_image(make_grid(frames_gt if frames_gt is not None else views, pred, n_src), os.path.join(out_dir, 'grid.png'))
+    save_image(make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
+    export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
+                        title=f'{n_src} sources (blue), {V - n_src} targets (orange)')
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
     depth = geo['depth'][0]
     np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
     for v in range(V):
         save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
     summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
-                                 formats, units)
+                                 formats, units, frame=frame)
     json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def user_scene(paths, cams_path, size, enc):
-    """A user's images (+ optional nerfstudio transforms.json); without cameras DA3's head estimates them."""
+def read_images(paths):
+    """A user's photos -> (1,N,3,H,W) in [0,1]; one size for all."""
     from PIL import Image, UnidentifiedImageError
     ims = []
     for p in paths:
@@ -475,19 +520,74 @@ def user_scene(paths, cams_path, size, enc):
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
         raise UserError(f'{paths}: the images differ in size; resize them to one size first')
-    images = torch.stack(ims)[None]  # (1,N,3,H,W)
+    return torch.stack(ims)[None]
+
+
+def match_cameras(paths, cams, where):
+    """The index of each image's frame in cams (export.read_cameras): the frame of the same file name (else of the same
+    name without extension). Where the camera file says which file a frame is for and that file exists, it must be
+    the image given: a file of the same name with other content means the cameras belong to other photos."""
+    stem = lambda f: os.path.splitext(os.path.basename(f))[0]
+    idx = []
+    for p in paths:
+        hits = [i for i, n in enumerate(cams['names']) if os.path.basename(n) == os.path.basename(p)] or \
+            [i for i, n in enumerate(cams['names']) if stem(n) == stem(p)]
+        if not hits:
+            raise UserError(f'{where}: no camera for {p} (frames: {cams["names"][:6]}{" ..." if len(cams["names"]) > 6 else ""}); '
+                            'give one frame per image, named like the image file')
+        if len(hits) > 1:
+            raise UserError(f'{where}: several frames are named like {p} ({[cams["names"][i] for i in hits]}); '
+                            'keep one frame per image')
+        f = cams['files'][hits[0]]
+        if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
+            raise UserError(f'{where}: the frame for {os.path.basename(p)} is the file {f}, and that is not the image '
+                            f'{p} (other content): these cameras are for other photos; pass the camera file of these '
+                            'images (for edited copies: write one beside them)')
+        idx.append(hits[0])
+    return idx
+
+
+def check_estimate(c2w, K, depth, H, W):
+    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
+    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
+    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
+    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
+    aspect = (fx / fy).clamp_min(1e-9)
+    problems = []
+    if ((aspect > 2) | (aspect < 0.5)).any():
+        v = int((aspect.log().abs()).argmax())
+        problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
+    pp = K[:, :2, 2]
+    if ((pp < 0) | (pp > 1)).any():
+        v = int(((pp - 0.5).abs().amax(-1)).argmax())
+        problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
+                        f'outside the {W}x{H} image')
+    centres = c2w[:, :3, 3]
+    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
+    if baseline is not None and baseline < 0.01 * float(depth.median()):
+        problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
+    if problems:
+        raise UserError('the cameras DA3 estimated for --images are implausible (' + '; '.join(problems) +
+                        '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
+                        'to go on anyway')
+
+
+def user_scene(paths, cams_path, size, enc, check=True):
+    """A user's photos with their cameras: cams_path (export.read_cameras: COLMAP, nerfstudio, per-frame npz), matched
+    to the photos by file name; without it DA3's head estimates them (check_estimate unless check=False).
+    -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
+    images = read_images(paths)
+    H, W = images.shape[-2:]
     tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
-    if cams_path:  # a transforms.json (or its folder); cameras matched to the images by file name
-        path = cams_path if cams_path.endswith('.json') else os.path.join(cams_path, 'transforms.json')
-        t = data.read_transforms(path)
-        names = [os.path.basename(f) for f in t['files']]
-        missing = [p for p in paths if os.path.basename(p) not in names]
-        if missing:
-            raise UserError(f'{path}: no camera for {missing} (frames: {names}); give one frame per image, by file name')
-        idx = [names.index(os.path.basename(p)) for p in paths]
-        c2w, K = t['c2w'][idx][None], t['K'][idx][None]
-    else:
-        c2w, K = None, None
+    c2w = K = None
+    if cams_path:
+        cams = export.read_cameras(cams_path, image_size=(H, W))
+        idx = match_cameras(paths, cams, cams_path)
+        if cams['size'] and abs(cams['size'][1] / cams['size'][0] - W / H) > 0.01 * W / H:
+            raise UserError(f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, the photos '
+                            f'are {W}x{H} (another aspect ratio); crop the photos back or pass their own cameras')
+        c2w, K = cams['c2w'][idx][None], cams['K'][idx][None]
+        frame = f'the given cameras ({cams["format"]} {cams_path})'
     if (H, W) != (tH, tW):
         print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
         Kin = K[0] if K is not None else torch.eye(3).expand(len(paths), 3, 3)
@@ -495,35 +595,61 @@ def user_scene(paths, cams_path, size, enc):
         images = images[None]
         K = Kin[None] if K is not None else None
     if c2w is None:
-        print('no --cameras: estimating source cameras with the frozen DA3 geometry head')
+        print('no --cameras: estimating the cameras of the photos with the frozen DA3 geometry head')
         g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
-        c2w, K = g['c2w'], g['K']
-    if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
-        raise UserError(f'{cams_path or "the DA3 camera estimate"}: cameras contain NaN or inf values')
-    return images, c2w, K
+        c2w, K, frame = g['c2w'], g['K'], "DA3's estimated cameras (no --cameras)"
+        if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
+            raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
+        if check:
+            check_estimate(c2w[0], K[0], g['depth'][0], tH, tW)
+    return images, c2w, K, frame
 
 
-def target_cameras(c2w_src, K_src, traj, n):
-    """Target cameras from a preset trajectory around/between the sources: (n,4,4) and (n,3,3)."""
-    a, b = c2w_src[0], c2w_src[-1]
-    dist = max(float((a[:3, 3] - b[:3, 3]).norm()), 1e-3) if len(c2w_src) > 1 else 1.0  # the scene's scale
+def target_cameras(c2w_src, K_src, traj, n, degrees=None):
+    """Target cameras c2w (n,4,4), K (n,3,3) of a preset that starts at the sources c2w_src (N,4,4), K_src (N,3,3) and
+    stays within their span (the scene unit: the sources' largest distance from the first one, 1 with one source):
+    - interp: through all sources in order (the sources themselves excluded); one source: static (a warning);
+    - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
+      unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
+      with one source or no angle between them); 360 is a full turn;
+    - spiral: circles of a fifth of a unit around the first source, looking at the point one unit ahead of it;
+    - forward: from the first source half a unit along its viewing direction.
+    A trajectory whose cameras all sit at the first source is a warning."""
+    a, N = c2w_src[0], len(c2w_src)
+    dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
+    dist = dist if dist > 1e-6 else 1.0
     if traj == 'interp':
-        c2w = cameras.interpolate_cameras(a, b, n + 2)[1:-1]
-    elif traj == 'orbit':  # around the point one scene unit in front of the first source
-        centre = a[:3, 3] + a[:3, 2] * dist
-        c2w = cameras.orbit(centre, dist, n, up=(-a[:3, 1]).tolist())
-    elif traj == 'spiral':
-        c2w = cameras.spiral(a, n, radius=0.2 * dist, depth=dist)
+        c2w, K = cameras.path_through(c2w_src, K_src, torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1])
     else:
-        c2w = cameras.forward_dolly(a, n, distance=0.5 * dist)
-    return c2w, K_src[:1].expand(n, 3, 3)
+        K, up = K_src[:1].expand(n, 3, 3), -a[:3, 1]
+        if traj == 'orbit':
+            centre = cameras.axes_meeting_point(c2w_src) if N > 1 else None
+            centre = centre if centre is not None else a[:3, 3] + a[:3, 2] * dist
+            if degrees is None:
+                u, w = a[:3, 3] - centre, c2w_src[-1, :3, 3] - centre
+                degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
+                degrees = degrees if abs(degrees) > 1 else 30.0
+            c2w = cameras.arc(a, centre, up, degrees, n)
+        elif traj == 'spiral':
+            c2w = cameras.spiral(a, n, radius=0.2 * dist, depth=dist)
+        else:
+            c2w = cameras.forward_dolly(a, n, distance=0.5 * dist)
+    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + cameras.rotation_angle(
+        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
+    if float(moved) < 1e-3:
+        print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
+              '--traj orbit, spiral or forward to move')
+    return c2w, K
 
 
 def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, **kw):
     """Long trajectories as SEVA does: every chunk holds all sources plus up to `chunk` targets."""
     N, outs = images_src.shape[1], []
-    for i in range(0, c2w_tgt.shape[0], chunk):
+    n_chunks = -(-c2w_tgt.shape[0] // chunk)
+    for c, i in enumerate(range(0, c2w_tgt.shape[0], chunk)):
         ct, kt = c2w_tgt[i:i + chunk], K_tgt[i:i + chunk]
+        if n_chunks > 1:
+            pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + ct.shape[0] - 1}')
         imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
         res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
         outs.append(res)
@@ -540,11 +666,20 @@ def build_parser():
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
-    p.add_argument('--src', type=int, default=2, help='number of source views N')
-    p.add_argument('--images', nargs='*', default=None, help="a user's source images")
-    p.add_argument('--cameras', default='', help='transforms.json for --images (nerfstudio layout); default: estimated')
+    p.add_argument('--src', type=int, default=None, help='number of source views N; default: 2 of a dataset scene, '
+                   'every one of --images (with --cameras, --src N makes the images after the first N held-out '
+                   'targets, generated at their cameras and compared)')
+    p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
+    p.add_argument('--cameras', default='', help='cameras of --images: a COLMAP model folder, a nerfstudio '
+                   'transforms.json or a folder of per-frame .npz (README); default: estimated by DA3 and checked')
+    p.add_argument('--keep-estimate', action='store_true', help='go on with DA3\'s camera estimate for --images even '
+                   'when it fails the plausibility checks')
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory preset')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
+                   help='target trajectory preset (README has a picture of each); default: interp through the '
+                   'sources, orbit for one source, none when --src holds images out')
+    p.add_argument('--arc', type=float, default=None, help='degrees the orbit turns about the scene centre; default: '
+                   'from the first to the last source (30 with one source); 360: a full turn')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
@@ -574,9 +709,16 @@ def main(argv=None):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
     size = data.parse_size(a.size)  # bad input is reported before any model is loaded
-    if not 0 < a.src < a.views:
-        raise UserError(f'--src {a.src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
+    n_src = a.src or (len(a.images) if a.images else 2)
+    if a.images and not 0 < n_src <= len(a.images):
+        raise UserError(f'--src {a.src}: with {len(a.images)} --images pass 1..{len(a.images)} sources')
+    if a.images and n_src < len(a.images) and not a.cameras:
+        raise UserError(f'--src {n_src} with {len(a.images)} --images holds images out as targets at their cameras: '
+                        'pass --cameras, or drop --src to use every image as a source')
+    if not a.images and not 0 < n_src < a.views:
+        raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
+    clear_outputs(a.out)
     lpips = data.lpips_fn(device) if a.lpips else None
     if a.recon or a.eval:
         ensure_data(a.data)
@@ -591,36 +733,47 @@ def main(argv=None):
         pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
-        return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
+        return run_eval(pipe, ds, n_src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
+    units, frame = 'poses', 'the dataset cameras'
     if a.images:
-        images, c2w_src, K_src = user_scene(a.images, a.cameras, size, pipe.enc)
-        images, c2w_src, K_src = images.to(device), c2w_src.to(device), K_src.to(device)
-        c2w_t, K_t = target_cameras(c2w_src[0], K_src[0], a.traj or 'interp', a.frames)
-        res = generate_in_chunks(pipe, images, c2w_src, K_src, c2w_t, K_t, a.chunk, steps=a.steps, cfg=a.cfg, seed=a.seed)
-        c2w, K, gt, metrics = torch.cat([c2w_src, c2w_t[None]], 1), torch.cat([K_src, K_t[None]], 1), None, None
-        images = torch.cat([images, res['images'][:, images.shape[1]:]], 1)
+        images, c2w, K, frame = user_scene(a.images, a.cameras, size, pipe.enc, check=not a.keep_estimate)
+        images, c2w, K = images.to(device), c2w.to(device), K.to(device)
+        held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
+        traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
+        c2w_t, K_t = target_cameras(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc) if traj else (c2w[0, :0], K[0, :0])
+        c2w_t, K_t = torch.cat([c2w[0, n_src:], c2w_t]), torch.cat([K[0, n_src:], K_t])
+        print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
+              + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
+                          [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)) + f'; world: {frame}')
+        res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
+                                 steps=a.steps, cfg=a.cfg, seed=a.seed)
+        gt = images[0, n_src:] if held else None
+        metrics = {'gld': image_metrics(res['images'][:, n_src:n_src + held], images[:, n_src:], lpips)} if held else None
+        c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
+        images = images[:, :n_src]
+        units = 'poses' if a.cameras else 'da3'  # DA3 estimated the cameras: its own depth scale
     else:
         ensure_data(a.data)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
         if idx >= len(ds):
             raise UserError(f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key')
-        scene = data.split_views(data.collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
+        scene = data.split_views(data.collate_one(ds[idx]), n_src, mode='ends' if n_src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        print(f'scene {scene["key"][0]}: {a.src} sources -> {images.shape[1] - a.src} targets at {images.shape[-1]}x{images.shape[-2]}')
+        print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at {images.shape[-1]}x{images.shape[-2]}')
         if a.traj:
-            c2w_t, K_t = target_cameras(c2w[0, :a.src], K[0, :a.src], a.traj, a.frames)
-            res = generate_in_chunks(pipe, images[:, :a.src], c2w[:, :a.src], K[:, :a.src], c2w_t, K_t, a.chunk,
+            c2w_t, K_t = target_cameras(c2w[0, :n_src], K[0, :n_src], a.traj, a.frames, a.arc)
+            res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
                                      steps=a.steps, cfg=a.cfg, seed=a.seed)
-            c2w, K, gt, metrics = torch.cat([c2w[:, :a.src], c2w_t[None]], 1), torch.cat([K[:, :a.src], K_t[None]], 1), None, None
+            c2w, K, gt, metrics = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1), None, None
         else:
-            rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg, a.seed, lpips)
-            gt, metrics = images[0], rows
+            rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg, a.seed, lpips)
+            gt, metrics = images[0, n_src:], rows
             print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
-    write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics, formats=a.export,
-                  units='da3' if a.images and not a.cameras else 'poses')  # DA3 estimated the cameras
-    print(f'wrote {a.out}/ ({len(os.listdir(a.out))} files) in {time.time() - t_start:.1f}s')
+    write_outputs(a.out, images, res, c2w, K, n_src, frames_gt=gt, metrics=metrics, formats=a.export, units=units,
+                  frame=frame)
+    print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
 
 
