@@ -474,7 +474,7 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     from PIL import ImageDraw
     ref = c2w_src[0].double()
     up, right = -ref[:3, 1], ref[:3, 0]
-    fwd = torch.linalg.cross(right, up)  # horizontal viewing direction of the first source
+    fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
     plane = lambda p: torch.stack([p @ right, -(p @ fwd)], -1)  # (...,3) -> (...,2) page coordinates
     both = torch.cat([c2w_src.double(), c2w_tgt.double()])
     centres, dirs = plane(both[:, :3, 3]), plane(both[:, :3, 2])
