@@ -1,4 +1,4 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, pose metrics.
+"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories and presets, pose metrics.
 
 Conventions (stated once here; every other module follows them):
 - Poses are OpenCV camera-to-world matrices c2w (...,4,4): camera x right, y down, z forward.
@@ -110,6 +110,31 @@ def check_cameras(c2w, K, where):
         v = bad(~focal)
         raise UserError(f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
                         'they must be positive (normalised: fx / W, fy / H)')
+
+
+def check_estimate(c2w, K, depth, H, W):
+    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
+    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
+    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
+    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
+    aspect = (fx / fy).clamp_min(1e-9)
+    problems = []
+    if ((aspect > 2) | (aspect < 0.5)).any():
+        v = int((aspect.log().abs()).argmax())
+        problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
+    pp = K[:, :2, 2]
+    if ((pp < 0) | (pp > 1)).any():
+        v = int(((pp - 0.5).abs().amax(-1)).argmax())
+        problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
+                        f'outside the {W}x{H} image')
+    centres = c2w[:, :3, 3]
+    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
+    if baseline is not None and baseline < 0.01 * float(depth.median()):
+        problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
+    if problems:
+        raise UserError('the cameras DA3 estimated for --images are implausible (' + '; '.join(problems) +
+                        '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
+                        'to go on anyway')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +394,43 @@ def forward_dolly(c2w_ref, n, distance):
     """n cameras moving from the reference along its viewing axis by `distance` (both ends included)."""
     s = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)[:, None]  # (n,1)
     return make_pose(c2w_ref[:3, :3].expand(n, 3, 3), c2w_ref[:3, 3] + s * c2w_ref[:3, 2])
+
+
+def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
+    """Target cameras c2w (n,4,4), K (n,3,3) of a preset that starts at the sources c2w_src (N,4,4), K_src (N,3,3) and
+    stays within their span (the scene unit: the sources' largest distance from the first one, 1 with one source):
+    - interp: through all sources in order (the sources themselves excluded); one source: static (a warning);
+    - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
+      unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
+      with one source or no angle between them); 360 is a full turn;
+    - spiral: circles of a fifth of a unit around the first source, looking at the point one unit ahead of it;
+    - forward: from the first source half a unit along its viewing direction.
+    A trajectory whose cameras all sit at the first source is a warning."""
+    a, N = c2w_src[0], len(c2w_src)
+    dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
+    dist = dist if dist > 1e-6 else 1.0
+    if traj == 'interp':
+        c2w, K = path_through(c2w_src, K_src, torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1])
+    else:
+        K, up = K_src[:1].expand(n, 3, 3), -a[:3, 1]
+        if traj == 'orbit':
+            centre = axes_meeting_point(c2w_src) if N > 1 else None
+            centre = centre if centre is not None else a[:3, 3] + a[:3, 2] * dist
+            if degrees is None:
+                u, w = a[:3, 3] - centre, c2w_src[-1, :3, 3] - centre
+                degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
+                degrees = degrees if abs(degrees) > 1 else 30.0
+            c2w = arc(a, centre, up, degrees, n)
+        elif traj == 'spiral':
+            c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
+        else:
+            c2w = forward_dolly(a, n, distance=0.5 * dist)
+    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + rotation_angle(
+        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
+    if float(moved) < 1e-3:
+        print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
+              '--traj orbit, spiral or forward to move')
+    return c2w, K
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import hashlib
 import io
 import glob
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -445,7 +444,7 @@ def make_grid(src, pred, gt=None):
     """Rows: the sources | the sources and the generated targets | (gt given) the sources and the ground truth of the
     first targets; src (N,3,H,W), pred (V,3,H,W) with the sources first, gt (M,3,H,W) -> (3, rows*H, V*W). Views
     without ground truth stay white."""
-    V, N = pred.shape[0], src.shape[0]
+    N = src.shape[0]
     blank = torch.ones_like(pred[N:])
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
     if gt is not None:
@@ -547,31 +546,6 @@ def match_cameras(paths, cams, where):
     return idx
 
 
-def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
-    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
-    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
-    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
-    aspect = (fx / fy).clamp_min(1e-9)
-    problems = []
-    if ((aspect > 2) | (aspect < 0.5)).any():
-        v = int((aspect.log().abs()).argmax())
-        problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
-    pp = K[:, :2, 2]
-    if ((pp < 0) | (pp > 1)).any():
-        v = int(((pp - 0.5).abs().amax(-1)).argmax())
-        problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
-                        f'outside the {W}x{H} image')
-    centres = c2w[:, :3, 3]
-    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
-    if baseline is not None and baseline < 0.01 * float(depth.median()):
-        problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
-    if problems:
-        raise UserError('the cameras DA3 estimated for --images are implausible (' + '; '.join(problems) +
-                        '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
-                        'to go on anyway')
-
-
 def user_scene(paths, cams_path, size, enc, check=True):
     """A user's photos with their cameras: cams_path (export.read_cameras: COLMAP, nerfstudio, per-frame npz), matched
     to the photos by file name; without it DA3's head estimates them (check_estimate unless check=False).
@@ -601,45 +575,8 @@ def user_scene(paths, cams_path, size, enc, check=True):
         if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
             raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
         if check:
-            check_estimate(c2w[0], K[0], g['depth'][0], tH, tW)
+            cameras.check_estimate(c2w[0], K[0], g['depth'][0], tH, tW)
     return images, c2w, K, frame
-
-
-def target_cameras(c2w_src, K_src, traj, n, degrees=None):
-    """Target cameras c2w (n,4,4), K (n,3,3) of a preset that starts at the sources c2w_src (N,4,4), K_src (N,3,3) and
-    stays within their span (the scene unit: the sources' largest distance from the first one, 1 with one source):
-    - interp: through all sources in order (the sources themselves excluded); one source: static (a warning);
-    - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
-      unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
-      with one source or no angle between them); 360 is a full turn;
-    - spiral: circles of a fifth of a unit around the first source, looking at the point one unit ahead of it;
-    - forward: from the first source half a unit along its viewing direction.
-    A trajectory whose cameras all sit at the first source is a warning."""
-    a, N = c2w_src[0], len(c2w_src)
-    dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
-    dist = dist if dist > 1e-6 else 1.0
-    if traj == 'interp':
-        c2w, K = cameras.path_through(c2w_src, K_src, torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1])
-    else:
-        K, up = K_src[:1].expand(n, 3, 3), -a[:3, 1]
-        if traj == 'orbit':
-            centre = cameras.axes_meeting_point(c2w_src) if N > 1 else None
-            centre = centre if centre is not None else a[:3, 3] + a[:3, 2] * dist
-            if degrees is None:
-                u, w = a[:3, 3] - centre, c2w_src[-1, :3, 3] - centre
-                degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
-                degrees = degrees if abs(degrees) > 1 else 30.0
-            c2w = cameras.arc(a, centre, up, degrees, n)
-        elif traj == 'spiral':
-            c2w = cameras.spiral(a, n, radius=0.2 * dist, depth=dist)
-        else:
-            c2w = cameras.forward_dolly(a, n, distance=0.5 * dist)
-    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + cameras.rotation_angle(
-        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
-    if float(moved) < 1e-3:
-        print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
-              '--traj orbit, spiral or forward to move')
-    return c2w, K
 
 
 def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, **kw):
@@ -740,7 +677,7 @@ def main(argv=None):
         images, c2w, K = images.to(device), c2w.to(device), K.to(device)
         held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
         traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
-        c2w_t, K_t = target_cameras(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc) if traj else (c2w[0, :0], K[0, :0])
+        c2w_t, K_t = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc) if traj else (c2w[0, :0], K[0, :0])
         c2w_t, K_t = torch.cat([c2w[0, n_src:], c2w_t]), torch.cat([K[0, n_src:], K_t])
         print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
               + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
@@ -763,7 +700,7 @@ def main(argv=None):
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
         print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at {images.shape[-1]}x{images.shape[-2]}')
         if a.traj:
-            c2w_t, K_t = target_cameras(c2w[0, :n_src], K[0, :n_src], a.traj, a.frames, a.arc)
+            c2w_t, K_t = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], a.traj, a.frames, a.arc)
             res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
                                      steps=a.steps, cfg=a.cfg, seed=a.seed)
             c2w, K, gt, metrics = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1), None, None

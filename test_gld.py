@@ -2819,10 +2819,10 @@ def test_one_photo_moves_the_camera_on_every_preset(world, photos, tmp_path, cap
     assert t['c2w'].shape[0] == 3 and not torch.allclose(t['c2w'][1:, :3, 3], t['c2w'][0, :3, 3].expand(2, 3))
     src, K = t['c2w'][:1].double(), t['K'][:1].double()
     for traj in ('orbit', 'spiral', 'forward'):
-        c2w, _ = sample.target_cameras(src, K, traj, 6)
+        c2w, _ = cameras.preset_trajectory(src, K, traj, 6)
         assert (c2w[:, :3, 3] - src[0, :3, 3]).norm(dim=-1).max() > 0.01, traj
     capsys.readouterr()
-    sample.target_cameras(src, K, 'interp', 6)
+    cameras.preset_trajectory(src, K, 'interp', 6)
     assert 'warning: --traj interp with 1 source(s) leaves every target at the source camera' in capsys.readouterr().out
 
 
@@ -2833,17 +2833,17 @@ def test_presets_start_at_the_sources_and_stay_within_their_span():
     src = cameras.look_at(eyes, centre.expand(3, 3), up)  # three cameras looking at one point
     K = torch.eye(3).expand(3, 3, 3).double()
     assert torch.allclose(cameras.axes_meeting_point(src), centre, atol=1e-9)
-    c2w, _ = sample.target_cameras(src, K, 'interp', 7)
+    c2w, _ = cameras.preset_trajectory(src, K, 'interp', 7)
     lo, hi = eyes.min(0).values, eyes.max(0).values
     assert ((c2w[:, :3, 3] >= lo - 1e-9) & (c2w[:, :3, 3] <= hi + 1e-9)).all()
-    c2w, _ = sample.target_cameras(src, K, 'orbit', 5)  # an arc about the centre from the first to the last source
+    c2w, _ = cameras.preset_trajectory(src, K, 'orbit', 5)  # an arc about the centre from the first to the last source
     assert torch.allclose(c2w[0], src[0], atol=1e-9)
     radius = (src[0, :3, 3] - centre).norm()
     assert torch.allclose((c2w[:, :3, 3] - centre).norm(dim=-1), radius.expand(5))
     last = centre + (src[2, :3, 3] - centre) * radius / (src[2, :3, 3] - centre).norm()
     assert torch.allclose(c2w[-1, :3, 3], last, atol=1e-6)
     assert torch.allclose(c2w[:, :3, 2], torch.nn.functional.normalize(centre - c2w[:, :3, 3], dim=-1), atol=1e-9)
-    turn, _ = sample.target_cameras(src, K, 'orbit', 8, degrees=360)  # a full turn: around the centre, no repeat
+    turn, _ = cameras.preset_trajectory(src, K, 'orbit', 8, degrees=360)  # a full turn: around the centre, no repeat
     angles = torch.atan2(turn[:, 0, 3] - centre[0], turn[:, 2, 3] - centre[2])
     assert len(set(torch.round(torch.rad2deg(angles)).tolist())) == 8 and (angles.max() - angles.min()) > 5
 
@@ -2862,8 +2862,8 @@ def test_an_implausible_camera_estimate_is_one_line(world, photos, capsys, monke
                         'implausible', 'focal lengths', 'principal point', '--cameras')
     g = {'c2w': torch.eye(4).expand(2, 4, 4), 'K': torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)}
     with pytest.raises(cameras.UserError, match='apart at a median depth'):  # two photos, one camera centre
-        sample.check_estimate(g['c2w'], g['K'], torch.ones(2, 8, 8), 8, 8)
-    sample.check_estimate(g['c2w'][:1], g['K'][:1], torch.ones(1, 8, 8), 8, 8)  # one photo: no baseline to check
+        cameras.check_estimate(g['c2w'], g['K'], torch.ones(2, 8, 8), 8, 8)
+    cameras.check_estimate(g['c2w'][:1], g['K'][:1], torch.ones(1, 8, 8), 8, 8)  # one photo: no baseline to check
 
 
 def test_points_overlay_the_given_cameras(bundled, tmp_path):

@@ -25,7 +25,7 @@ def main(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'trajecto
               ('spiral (1 source)', two[:1], 'spiral', None), ('forward (1 source)', two[:1], 'forward', None)]
     tiles = []
     for i, (title, src, traj, arc) in enumerate(panels):
-        c2w, _ = sample.target_cameras(src, K[:len(src)], traj, 12, arc)
+        c2w, _ = cameras.preset_trajectory(src, K[:len(src)], traj, 12, arc)
         export.draw_topdown(path + f'.{i}.png', src, c2w, title=title)
         tiles.append(Image.open(path + f'.{i}.png').copy())
         os.remove(path + f'.{i}.png')
