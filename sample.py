@@ -655,7 +655,6 @@ def main(argv=None):
     if not a.images and not 0 < n_src < a.views:
         raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
-    clear_outputs(a.out)
     lpips = data.lpips_fn(device) if a.lpips else None
     if a.recon or a.eval:
         ensure_data(a.data)
@@ -663,6 +662,7 @@ def main(argv=None):
         enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
         dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device, enc)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
         pipe = load_official_pipeline(a.official, device)
@@ -670,6 +670,7 @@ def main(argv=None):
         pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        clear_outputs(a.out)
         return run_eval(pipe, ds, n_src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)
     units, frame = 'poses', 'the dataset cameras'
     if a.images:
@@ -708,6 +709,7 @@ def main(argv=None):
             rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg, a.seed, lpips)
             gt, metrics = images[0, n_src:], rows
             print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
+    clear_outputs(a.out)
     write_outputs(a.out, images, res, c2w, K, n_src, frames_gt=gt, metrics=metrics, formats=a.export, units=units,
                   frame=frame)
     print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')

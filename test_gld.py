@@ -2953,8 +2953,10 @@ def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
     """A camera file matched by name must not hand one scene's camera to another scene's photo of the same name."""
     other = write_photos(tmp_path / 'other', data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[0],
                          range(2), 56, 56)
+    run_photos(['--images', *photos[:2], '--cameras', str(Path(photos[0]).parent)], tmp_path / 'o')
     user_error(sample.main, ['--ckpt-dir', 'runs', '--images', *other, '--cameras', Path(photos[0]).parent,
-                             '--steps', '1', '--out', tmp_path / 'o'], capsys, 'frame_000.png', 'other photos')
+                             '--steps', '1', '--out', tmp_path / 'o'], capsys, 'frame_000.png', 'other photos',
+               keep=[tmp_path / 'o'])  # the failed run leaves the earlier outputs as they were
 
 
 def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
