@@ -481,7 +481,8 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     lo, hi = centres.min(0).values, centres.max(0).values
     span = float((hi - lo).max().clamp_min(1e-6))
     tick = 0.12 * span
-    lo, hi = torch.minimum(lo, (centres + tick * dirs).min(0).values), torch.maximum(hi, (centres + tick * dirs).max(0).values)
+    tips = centres + tick * dirs  # (V,2) the ends of the ticks
+    lo, hi = torch.minimum(lo, tips.min(0).values), torch.maximum(hi, tips.max(0).values)
     scale = (size - 40) / float((hi - lo).max().clamp_min(1e-6))
     px = lambda p: tuple(((p - (lo + hi) / 2) * scale + size / 2).tolist())
     im = Image.new('RGB', (size, size), 'white')

@@ -19,9 +19,9 @@ condition, training latents, the latent cache) is latents.py.
 import argparse
 import contextlib
 import csv
+import glob
 import hashlib
 import io
-import glob
 import json
 import os
 import time
@@ -678,8 +678,10 @@ def main(argv=None):
         images, c2w, K = images.to(device), c2w.to(device), K.to(device)
         held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
         traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
-        c2w_t, K_t = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc) if traj else (c2w[0, :0], K[0, :0])
-        c2w_t, K_t = torch.cat([c2w[0, n_src:], c2w_t]), torch.cat([K[0, n_src:], K_t])
+        c2w_t, K_t = c2w[0, n_src:], K[0, n_src:]  # (held,4,4), (held,3,3), then the trajectory's
+        if traj:
+            c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
+            c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
         print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
               + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
                           [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)) + f'; world: {frame}')
