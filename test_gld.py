@@ -2975,3 +2975,14 @@ def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
             assert text.count('\r') == 3 and text.count('\n') == 1 and 'ETA' in text
         else:  # logs: the first step, then every `every` seconds, and the end
             assert '\r' not in text and text.count('\n') == (2 if every else 3)
+
+
+def test_the_readme_camera_example_reads_as_documented(tmp_path):
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), 'README.md')).read()
+    example = readme.split('## Your own photos')[1].split('```json\n')[1].split('```')[0]
+    (tmp_path / 'transforms.json').write_text(example)
+    cams = export.read_cameras(str(tmp_path / 'transforms.json'))
+    assert cams['names'] == ['frame_000.jpg', 'frame_007.jpg']
+    assert torch.allclose(cams['c2w'][1, :3, 3], torch.tensor([0.5, 0.0, 0.0]))  # 0.5 units to the right
+    assert torch.allclose(cams['c2w'][0, :3, 2], torch.tensor([0.0, 0.0, -1.0]))  # OpenGL: the camera looks along -z
+    assert torch.allclose(cams['K'][0], torch.tensor([[410 / 504, 0, 0.5], [0, 410 / 280, 0.5], [0, 0, 1]]))
