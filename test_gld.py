@@ -2884,7 +2884,7 @@ def test_points_overlay_the_given_cameras(bundled, tmp_path):
         tf = json.load(open(out / 'transforms.json'))
         assert 'the given cameras' in tf['gld_frame'] and str(tmp_path / f'photos{unit}') in tf['gld_frame']
         assert json.load(open(out / 'metrics.json'))['export']['frame'] == tf['gld_frame']
-    assert errs[1.0] < 0.35 and errs[2.0] < 0.35, errs  # measured: 0.2
+    assert errs[1.0] < 0.35 and errs[2.0] < 0.35, errs  # measured: 0.17 both; in DA3's unit (x 1/3.7): 2.0
 
 
 def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp_path, capsys):
