@@ -381,11 +381,13 @@ def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) with
-    `radius`, `turns` times, all looking at the point `depth` in front of the reference camera."""
+    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) `turns` times, all
+    looking at the point `depth` in front of the reference camera. It starts at the reference camera: the distance
+    from it grows from 0 to `radius` over the first turn, then stays."""
     R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
     theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
-    eye = c + radius * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
+    r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
+    eye = c + r * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
     focus = (c + depth * R[:, 2]).expand_as(eye)
     return look_at(eye, focus, -R[:, 1])
 
@@ -403,7 +405,7 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
     - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
       unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
       with one source or no angle between them); 360 is a full turn;
-    - spiral: circles of a fifth of a unit around the first source, looking at the point one unit ahead of it;
+    - spiral: from the first source two turns around it (radius growing to a fifth of a unit), looking one unit ahead;
     - forward: from the first source half a unit along its viewing direction.
     A trajectory whose cameras all sit at the first source is a warning."""
     a, N = c2w_src[0], len(c2w_src)

@@ -245,7 +245,9 @@ def test_spiral_and_dolly():
     sp = cameras.spiral(ref, 9, radius=0.2, depth=2.0)
     to_f = torch.nn.functional.normalize(focus - sp[:, :3, 3], dim=-1)
     assert torch.allclose(sp[:, :3, 2], to_f, atol=1e-12)
-    assert torch.allclose((sp[:, :3, 3] - ref[:3, 3]).norm(dim=-1), torch.full((9,), 0.2))
+    dist = (sp[:, :3, 3] - ref[:3, 3]).norm(dim=-1)  # 2 turns over 9 cameras: 0, 0.05, .., 0.2 (first turn), then 0.2
+    assert torch.allclose(dist, torch.tensor([0.0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.2, 0.2, 0.2]), atol=1e-12)
+    assert torch.allclose(sp[0], ref, atol=1e-12)  # it starts at the reference camera
     dolly = cameras.forward_dolly(ref, 5, 1.0)
     assert torch.allclose(dolly[:, :3, :3], ref[:3, :3].expand(5, 3, 3))
     assert torch.allclose(dolly[-1, :3, 3], ref[:3, 3] + ref[:3, 2]) and torch.allclose(dolly[0], ref)
