@@ -1,4 +1,4 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, pose metrics.
+"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories and presets, pose metrics.
 
 Conventions (stated once here; every other module follows them):
 - Poses are OpenCV camera-to-world matrices c2w (...,4,4): camera x right, y down, z forward.
@@ -20,6 +20,7 @@ point patterns"; evo (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release
 import math
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -37,7 +38,8 @@ class UserError(Exception):
 
 def run_cli(main, argv=None):
     """Run an entry point's main(argv): a UserError becomes one line on stderr ('error: ...') and exit status 2;
-    GLD_DEBUG=1 in the environment shows its traceback too."""
+    GLD_DEBUG=1 in the environment shows its traceback too. Threads are chosen first (choose_threads)."""
+    choose_threads()
     try:
         return main(argv)
     except UserError as e:
@@ -48,6 +50,45 @@ def run_cli(main, argv=None):
             msg = msg.strip().splitlines()[-1].partition(': ')[2]
         print('error: ' + ' '.join(msg.split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(2)
+
+
+def choose_threads():
+    """On a busy CPU (load average above the free cores) with no OMP_NUM_THREADS set, use one torch thread: on a
+    shared 2-core machine the default (one per core) ran every command 7-10x slower, with identical outputs."""
+    if 'OMP_NUM_THREADS' in os.environ or not hasattr(os, 'getloadavg'):
+        return
+    cores = os.cpu_count() or 1
+    if torch.get_num_threads() > 1 and os.getloadavg()[0] > cores - torch.get_num_threads() + 0.5:
+        torch.set_num_threads(1)
+        print(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores): using 1 torch thread '
+              '(set OMP_NUM_THREADS to choose)')
+
+
+class Progress:
+    """Progress of a loop of `total` steps with elapsed time and ETA: one line updated in place (\\r) on a terminal,
+    plain lines at most every `every` seconds (and at the end) when stdout is a log file; every=0: a plain line for
+    each step everywhere (slow steps with other output between them).
+
+        bar = Progress('M1 Euler', 50)
+        for ...: bar.step()   # 'M1 Euler 12/50  3.1s, ETA 9.8s'
+    """
+
+    def __init__(self, label, total, every=10.0, stream=None):
+        self.label, self.total, self.every, self.stream = label, total, every, stream or sys.stdout
+        self.done, self.t0, self.last = 0, time.time(), -math.inf
+        self.tty = self.stream.isatty() and every > 0
+
+    def step(self, note=''):
+        self.done += 1
+        now, end = time.time(), self.done >= self.total
+        if not (self.tty or end or now - self.last >= self.every):
+            return
+        self.last, elapsed = now, now - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        line = f'{self.label} {self.done}/{self.total}  {elapsed:.1f}s' + ('' if end else f', ETA {eta:.1f}s') + \
+            (f'  {note}' if note else '')
+        self.stream.write(('\r' + line + '\x1b[K' + ('\n' if end else '')) if self.tty else line + '\n')
+        self.stream.flush()
 
 
 def check_cameras(c2w, K, where):
@@ -69,6 +110,31 @@ def check_cameras(c2w, K, where):
         v = bad(~focal)
         raise UserError(f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
                         'they must be positive (normalised: fx / W, fy / H)')
+
+
+def check_estimate(c2w, K, depth, H, W):
+    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
+    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
+    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
+    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
+    aspect = (fx / fy).clamp_min(1e-9)
+    problems = []
+    if ((aspect > 2) | (aspect < 0.5)).any():
+        v = int((aspect.log().abs()).argmax())
+        problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
+    pp = K[:, :2, 2]
+    if ((pp < 0) | (pp > 1)).any():
+        v = int(((pp - 0.5).abs().amax(-1)).argmax())
+        problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
+                        f'outside the {W}x{H} image')
+    centres = c2w[:, :3, 3]
+    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
+    if baseline is not None and baseline < 0.01 * float(depth.median()):
+        problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
+    if problems:
+        raise UserError('the cameras DA3 estimated for --images are implausible (' + '; '.join(problems) +
+                        '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
+                        'to go on anyway')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +312,52 @@ def interpolate_cameras(c2w_a, c2w_b, n):
     return make_pose(quat_to_rotmat(q), centres)
 
 
+def path_through(c2w, K, s):
+    """Cameras along the piecewise path through the views c2w (N,4,4), K (N,3,3) in order, at parameters s (n,) in
+    [0, N-1] (view i at s = i): slerp of rotations, lerp of centres and intrinsics within each segment.
+    -> c2w (n,4,4), K (n,3,3)."""
+    i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
+    poses, Ks = [], []
+    for j, t in zip(i.tolist(), (s - i).tolist()):
+        b = min(j + 1, len(c2w) - 1)
+        q = slerp(rotmat_to_quat(c2w[j, :3, :3]), rotmat_to_quat(c2w[b, :3, :3]), s.new_tensor([t]))
+        poses.append(make_pose(quat_to_rotmat(q)[0], torch.lerp(c2w[j, :3, 3], c2w[b, :3, 3], t)))
+        Ks.append(torch.lerp(K[j], K[b], t))
+    return torch.stack(poses), torch.stack(Ks)
+
+
+def axis_angle(axis, angle):
+    """Rotation matrices (n,3,3) by angle (n,) radians about the unit axis (3,) (Rodrigues)."""
+    k = F.normalize(axis, dim=0)
+    cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
+    cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
+    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    return c * torch.eye(3, dtype=k.dtype) + s * cross + (1 - c) * torch.outer(k, k)
+
+
+def arc(c2w_ref, centre, up, degrees, n):
+    """n cameras turning the reference c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees
+    (both ends included; a full turn, |degrees| >= 360, excludes the end, which is the start again). The cameras keep
+    their pose relative to the centre: one that looks at the centre keeps looking at it."""
+    last = math.radians(degrees)
+    angle = torch.linspace(0, last, n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
+    R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
+    eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
+    return make_pose(R @ c2w_ref[:3, :3], eye)
+
+
+def axes_meeting_point(c2w):
+    """The point closest (least squares) to the optical axes of the cameras c2w (N,4,4), N >= 2, or None when the
+    axes are (nearly) parallel or the point lies behind a camera."""
+    o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
+    P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
+    A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
+    if len(c2w) < 2 or torch.linalg.eigvalsh(A)[0] < 1e-3 * len(c2w):
+        return None
+    p = torch.linalg.solve(A, b)
+    return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
+
+
 def interpolate_K(K_a, K_b, n):
     """n intrinsics (n,3,3) linearly from K_a to K_b (both included)."""
     t = torch.linspace(0, 1, n, dtype=K_a.dtype, device=K_a.device)
@@ -275,11 +387,13 @@ def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) with
-    `radius`, `turns` times, all looking at the point `depth` in front of the reference camera."""
+    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) `turns` times, all
+    looking at the point `depth` in front of the reference camera. It starts at the reference camera: the distance
+    from it grows from 0 to `radius` over the first turn, then stays."""
     R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
     theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
-    eye = c + radius * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
+    r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
+    eye = c + r * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
     focus = (c + depth * R[:, 2]).expand_as(eye)
     return look_at(eye, focus, -R[:, 1])
 
@@ -288,6 +402,43 @@ def forward_dolly(c2w_ref, n, distance):
     """n cameras moving from the reference along its viewing axis by `distance` (both ends included)."""
     s = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)[:, None]  # (n,1)
     return make_pose(c2w_ref[:3, :3].expand(n, 3, 3), c2w_ref[:3, 3] + s * c2w_ref[:3, 2])
+
+
+def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
+    """Target cameras c2w (n,4,4), K (n,3,3) of a preset that starts at the sources c2w_src (N,4,4), K_src (N,3,3) and
+    stays within their span (the scene unit: the sources' largest distance from the first one, 1 with one source):
+    - interp: through all sources in order (the sources themselves excluded); one source: static (a warning);
+    - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
+      unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
+      with one source or no angle between them); 360 is a full turn;
+    - spiral: from the first source two turns around it (radius growing to a fifth of a unit), looking one unit ahead;
+    - forward: from the first source half a unit along its viewing direction.
+    A trajectory whose cameras all sit at the first source is a warning."""
+    a, N = c2w_src[0], len(c2w_src)
+    dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
+    dist = dist if dist > 1e-6 else 1.0
+    if traj == 'interp':
+        c2w, K = path_through(c2w_src, K_src, torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1])
+    else:
+        K, up = K_src[:1].expand(n, 3, 3), -a[:3, 1]
+        if traj == 'orbit':
+            centre = axes_meeting_point(c2w_src) if N > 1 else None
+            centre = centre if centre is not None else a[:3, 3] + a[:3, 2] * dist
+            if degrees is None:
+                u, w = a[:3, 3] - centre, c2w_src[-1, :3, 3] - centre
+                degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
+                degrees = degrees if abs(degrees) > 1 else 30.0
+            c2w = arc(a, centre, up, degrees, n)
+        elif traj == 'spiral':
+            c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
+        else:
+            c2w = forward_dolly(a, n, distance=0.5 * dist)
+    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + rotation_angle(
+        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
+    if float(moved) < 1e-3:
+        print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
+              '--traj orbit, spiral or forward to move')
+    return c2w, K
 
 
 # ----------------------------------------------------------------------------------------------

@@ -611,6 +611,7 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
         index, evals, chunk = {}, {}, []
+        bar = cameras.Progress(f'rendering {split} scene', n)
         for i in range(n):
             key = f'synth_{split}_{i:05d}'
             s = synth.synth_scene([seed, split_id, i], frames, size)
@@ -623,6 +624,7 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
                 write_re10k_chunk(os.path.join(folder, name), chunk)
                 index.update({c['key']: name for c in chunk})
                 chunk = []
+            bar.step()
         with open(os.path.join(folder, 'index.json'), 'w') as f:
             json.dump(index, f)
         if split == 'test':

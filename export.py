@@ -182,6 +182,12 @@ def colmap_pose(c2w):
     return cameras.rotmat_to_quat(w2c[..., :3, :3]), w2c[..., :3, 3]
 
 
+def colmap_c2w(qvec, tvec):
+    """The inverse of colmap_pose: COLMAP's w2c qvec (...,4) (w, x, y, z), tvec (...,3) -> OpenCV c2w (...,4,4)."""
+    qvec, tvec = torch.as_tensor(qvec, dtype=torch.float64), torch.as_tensor(tvec, dtype=torch.float64)
+    return cameras.w2c_to_c2w(cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec))
+
+
 def colmap_intrinsics(K, H, W):
     """Normalised K (...,3,3) -> PINHOLE params (...,4) fx, fy, cx, cy in pixels (COLMAP, like us, puts the centre
     of the top-left pixel at (0.5, 0.5), so no offset)."""
@@ -247,6 +253,62 @@ def _write_colmap_text(folder, V, H, W, names, qvec, tvec, params, first, pid, x
                 f'# Number of points: {len(pid)}\n')
         f.writelines(f'{pid[i]} {g(xyz[i])} {rgb[i, 0]} {rgb[i, 1]} {rgb[i, 2]} 0 {view[i] + 1} {idx[i]}\n'
                      for i in range(len(pid)))
+
+
+COLMAP_MODELS = {  # model id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
+    0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5), 4: ('OPENCV', 8),
+    5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5), 8: ('SIMPLE_RADIAL_FISHEYE', 4),
+    9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
+COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'OPENCV', 'FULL_OPENCV')
+
+
+def read_colmap(folder):
+    """A COLMAP sparse model folder (cameras + images, .bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixel
+    intrinsics, 'sizes' [(H, W)], 'names'}, in images.bin/txt order. Lens distortion (RADIAL, OPENCV, ...) is ignored
+    with a note; fisheye models are refused."""
+    binary = os.path.isfile(os.path.join(folder, 'cameras.bin'))
+    cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
+    if binary:
+        with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
+            for _ in range(struct.unpack('<Q', f.read(8))[0]):
+                cid, model, W, H = struct.unpack('<iiQQ', f.read(24))
+                name, n = COLMAP_MODELS[model]
+                cams[cid] = (name, W, H, struct.unpack(f'<{n}d', f.read(8 * n)))
+        with open(os.path.join(folder, 'images.bin'), 'rb') as f:
+            for _ in range(struct.unpack('<Q', f.read(8))[0]):
+                rec = struct.unpack('<I4d3dI', f.read(64))
+                name = b''.join(iter(lambda: f.read(1), b'\0')).decode()
+                f.seek(24 * struct.unpack('<Q', f.read(8))[0], 1)  # the 2D points: x, y (doubles), point3D id (int64)
+                images.append((rec[1:5], rec[5:8], rec[8], name))
+    else:
+        for line in open(os.path.join(folder, 'cameras.txt')):
+            if line.strip() and not line.startswith('#'):
+                cid, model, W, H, *params = line.split()
+                cams[int(cid)] = (model, int(W), int(H), tuple(map(float, params)))
+        lines = [l for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#')]
+        i = 0
+        while i < len(lines):  # two lines per image, the second (its 2D points) possibly empty
+            if lines[i].strip():
+                _, *qt, cid, name = lines[i].split()
+                images.append((tuple(map(float, qt[:4])), tuple(map(float, qt[4:])), int(cid), name))
+                i += 1
+            i += 1
+    Kpix, sizes = [], []
+    for _, _, cid, name in images:
+        model, W, H, prm = cams[cid]
+        if model not in COLMAP_PERSPECTIVE:
+            raise cameras.UserError(f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
+                                    'PINHOLE first (colmap image_undistorter)')
+        if model not in ('PINHOLE', 'SIMPLE_PINHOLE'):
+            print(f'note: {folder}: camera {cid} is {model}; its lens distortion is ignored (undistort for exact rays)')
+        two_focals = model in ('PINHOLE', 'OPENCV', 'FULL_OPENCV')  # fx fy cx cy ...; the others: f cx cy ...
+        fx, fy, cx, cy = prm[:4] if two_focals else (prm[0], prm[0], prm[1], prm[2])
+        Kpix.append([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+        sizes.append((H, W))
+    if not images:
+        raise cameras.UserError(f'{folder}: the COLMAP model holds no images')
+    c2w = colmap_c2w([im[0] for im in images], [im[1] for im in images])
+    return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,15 +399,120 @@ def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
+
+CAMERA_FORMATS = ('a COLMAP model folder (sparse/0 with cameras/images .bin or .txt), a nerfstudio transforms.json, '
+                  'or a folder of per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W '
+                  'optional)')
+
+
+def read_cameras(path, image_size=None):
+    """Cameras of a user's photos from `path`: a COLMAP model (sparse/0 or a project folder holding it), a nerfstudio
+    transforms.json (or its folder), or a folder of per-frame NAME.npz with c2w (4,4) OpenCV and K (3,3) in pixels
+    (+ optional H, W; else image_size (H, W) of the photos). -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised,
+    'names' (the image file names the frames are for), 'files' (the image each frame names, where the format says
+    where: None otherwise), 'size' (H, W) the intrinsics were written for, or None, 'format'}."""
+    import data  # bottom layer: the nerfstudio reader that datasets use too
+    sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
+                   if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
+                  None)
+    if sparse:
+        m = read_colmap(sparse)
+        if len(set(m['sizes'])) > 1:
+            raise cameras.UserError(f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give '
+                                    'photos of one size')
+        (H, W), root = m['sizes'][0], os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
+        K = cameras.K_to_normalized(m['Kpix'], H, W)
+        files = [os.path.join(root, 'images', n) for n in m['names']]
+        out = {'c2w': m['c2w'], 'K': K, 'names': m['names'], 'files': files, 'size': (H, W), 'format': 'COLMAP'}
+    elif path.endswith('.json') or os.path.isfile(os.path.join(path, 'transforms.json')):
+        json_path = path if path.endswith('.json') else os.path.join(path, 'transforms.json')
+        t = data.read_transforms(json_path)
+        files = [os.path.join(os.path.dirname(os.path.abspath(json_path)), f) for f in t['files']]
+        out = {'c2w': t['c2w'], 'K': t['K'], 'names': t['files'], 'files': files, 'size': None, 'format': 'nerfstudio'}
+    elif os.path.isdir(path) and any(f.endswith('.npz') for f in os.listdir(path)):
+        c2w, K, names, size = [], [], [], None
+        for f in sorted(f for f in os.listdir(path) if f.endswith('.npz')):
+            z = np.load(os.path.join(path, f))
+            if 'c2w' not in z or 'K' not in z:
+                raise cameras.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world) and '
+                                        f'K (3x3, pixels); it has {sorted(z.files)}')
+            size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
+            if size is None:
+                raise cameras.UserError(f'{os.path.join(path, f)}: K is in pixels of an image size it does not '
+                                        'state; add H and W to the file')
+            c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
+            K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
+            names.append(f[:-len('.npz')])
+        out = {'c2w': torch.stack(c2w), 'K': torch.stack(K), 'names': names, 'files': [None] * len(names),
+               'size': size, 'format': 'npz'}
+    else:
+        raise cameras.UserError(f'{path}: no cameras found; pass {CAMERA_FORMATS}')
+    out['c2w'], out['K'] = out['c2w'].float(), out['K'].float()
+    cameras.check_cameras(out['c2w'], out['K'], path)
+    return out
+
+
+def convert_cameras(src, dst, image_size=None):
+    """Any format read_cameras reads -> a nerfstudio transforms.json at dst, each file_path relative to its folder."""
+    cams = read_cameras(src, image_size)
+    if cams['size'] is None:  # nerfstudio in: the intrinsics are normalised, any size states them
+        cams['size'] = image_size or (1000, 1000)
+    H, W = cams['size']
+    files = [os.path.relpath(f, os.path.dirname(os.path.abspath(dst))) if f else n
+             for f, n in zip(cams['files'], cams['names'])]
+    write_transforms(dst, cams['c2w'], cams['K'], H, W, files, [True] * len(files),
+                     {'gld_converted_from': f'{cams["format"]} {src}'})
+    print(f'wrote {dst}: {len(files)} {cams["format"]} cameras, {W}x{H}')
+    return dst
+
+
+def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
+    """A top-down PNG of a trajectory: source (blue) and target (orange, joined in order, the first one ringed)
+    camera centres with a tick along each viewing direction, seen along the first source's up (-y) axis, its
+    viewing direction pointing up the page. c2w_src (N,4,4), c2w_tgt (n,4,4)."""
+    from PIL import ImageDraw
+    ref = c2w_src[0].double()
+    up, right = -ref[:3, 1], ref[:3, 0]
+    fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
+    plane = lambda p: torch.stack([p @ right, -(p @ fwd)], -1)  # (...,3) -> (...,2) page coordinates
+    both = torch.cat([c2w_src.double(), c2w_tgt.double()])
+    centres, dirs = plane(both[:, :3, 3]), plane(both[:, :3, 2])
+    lo, hi = centres.min(0).values, centres.max(0).values
+    span = float((hi - lo).max().clamp_min(1e-6))
+    tick = 0.12 * span
+    tips = centres + tick * dirs  # (V,2) the ends of the ticks
+    lo, hi = torch.minimum(lo, tips.min(0).values), torch.maximum(hi, tips.max(0).values)
+    scale = (size - 40) / float((hi - lo).max().clamp_min(1e-6))
+    px = lambda p: tuple(((p - (lo + hi) / 2) * scale + size / 2).tolist())
+    im = Image.new('RGB', (size, size), 'white')
+    d = ImageDraw.Draw(im)
+    colour = lambda v: tuple(int(255 * c) for c in (SOURCE_RGBA if v < len(c2w_src) else TARGET_RGBA)[:3])
+    tgt = [px(c) for c in centres[len(c2w_src):]]
+    if len(tgt) > 1:
+        d.line(tgt, fill=(255, 190, 140), width=1)
+    for v in range(len(both)):
+        x, y = px(centres[v])
+        d.line([(x, y), px(centres[v] + tick * dirs[v])], fill=colour(v), width=2)
+        r = 5 if v < len(c2w_src) else 3
+        d.ellipse([x - r, y - r, x + r, y + r], fill=colour(v))
+        if v == len(c2w_src):
+            d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour(v))
+    d.text((6, 4), title, fill=(0, 0, 0))
+    im.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
 # the whole scene
 
 def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
-                keep=0.7):
+                keep=0.7, frame='the cameras sampling used'):
     """Every view's image in out_dir/images/ and the scene in `formats` (see FORMATS): images (V,3,H,W) in [0,1]
     (sources first), DA3's depth, conf (V,H,W) and own cameras c2w_da3 (V,4,4), the cameras c2w (V,4,4) and
     normalised K (V,3,3) of the views. units: a key of UNITS; with 'poses' DA3's depth is rescaled by depth_scale,
-    with 'da3' (the cameras are DA3's estimate) it is kept.
-    -> a summary {'units', 'depth_scale', 'depth_scale_from', 'points', 'files'} for metrics.json."""
+    with 'da3' (the cameras are DA3's estimate) it is kept. frame: whose cameras define the world (stated in the
+    summary, transforms.json's gld_frame and the GLB's extras).
+    -> a summary {'frame', 'units', 'depth_scale', 'depth_scale_from', 'points', 'files'} for metrics.json."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
     V, _, H, W = images.shape
@@ -368,21 +535,45 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
     if 'glb' in formats:
         size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
         write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size,
-                  extras={'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how})
+                  extras={'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how})
         files.append('scene.glb')
     if 'nerfstudio' in formats:
-        extra = {'gld_units': UNITS[units], 'gld_depth_scale': scale, 'gld_depth_scale_from': how}
+        extra = {'gld_frame': frame, 'gld_units': UNITS[units], 'gld_depth_scale': scale, 'gld_depth_scale_from': how}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
         write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
                          is_source, extra)
         files.append('transforms.json')
-    return {'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how, 'points': len(pts['xyz']),
+    return {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how, 'points': len(pts['xyz']),
             'files': sorted(set(files))}
 
 
-def make_grid(gt, pred, n_src):
-    """Rows: sources | generated | ground truth (when known); (V,3,H,W) each -> (3, rows*H, V*W)."""
-    src = torch.cat([gt[:n_src], torch.ones_like(gt[n_src:])], 0)
-    rows = [src, torch.cat([gt[:n_src], pred[n_src:]], 0), gt]
+def make_grid(src, pred, gt=None):
+    """Rows: the sources | the sources and the generated targets | (gt given) the sources and the ground truth of the
+    first targets; src (N,3,H,W), pred (V,3,H,W) with the sources first, gt (M,3,H,W) -> (3, rows*H, V*W). Views
+    without ground truth stay white."""
+    N = src.shape[0]
+    blank = torch.ones_like(pred[N:])
+    rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
+    if gt is not None:
+        rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
     return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Convert cameras to the nerfstudio transforms.json that sample.py '
+                                '--cameras reads (it also reads the other formats directly)')
+    p.add_argument('src', help=CAMERA_FORMATS)
+    p.add_argument('dst', help='the transforms.json to write')
+    p.add_argument('--size', default='', help='HxW of the photos, for .npz files that do not state it')
+    a = p.parse_args(argv)
+    try:
+        size = tuple(int(x) for x in a.size.lower().split('x')) if a.size else None
+    except ValueError:
+        raise cameras.UserError(f'--size {a.size}: write HxW in pixels, e.g. 280x504') from None
+    return convert_cameras(a.src, a.dst, size)
+
+
+if __name__ == '__main__':
+    cameras.run_cli(main)

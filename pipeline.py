@@ -195,8 +195,9 @@ def load_decoder(path, device='cpu', enc=None):
 class Pipeline:
     """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
 
-    def __init__(self, enc, dec, models, boundary=1, log=print, official=None):
+    def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
+        self.progress = progress  # a line per Euler step (cameras.Progress) on the terminal, every 10 s in logs
         self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
 
     def time_schedule(self, steps, V, T, C):
@@ -217,7 +218,15 @@ class Pipeline:
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
         euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
-        x = diffusion.euler_sample(lambda x_t, t: net(x_t, t, cond, cams, upper=upper), noise, steps=euler_steps,
+        name = f'M{meta["upper_level"]}->{level}' if meta.get('upper_level') is not None else f'M{level}'
+        bar = cameras.Progress(f'  {name} Euler step', euler_steps) if self.progress else None
+
+        def velocity(x_t, t):  # called once per Euler step (the unconditional branch of CFG is uncond_fn)
+            v = net(x_t, t, cond, cams, upper=upper)
+            if bar:
+                bar.step()
+            return v
+        x = diffusion.euler_sample(velocity, noise, steps=euler_steps,
                                    a=a, cfg_scale=cfg_scale, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
                                    t_end=t_end)
         return stats.denormalize(x, level)

@@ -12,11 +12,13 @@ The cascade itself (paper Sec. 4, Fig. 2) is pipeline.Pipeline: DA3 encodes the 
 0 conditioned on them -> the frozen DA3 blocks after level 1 propagate the generated features to levels 2 and 3 ->
 the RGB decoder gives images, DA3's frozen DualDPT head depth, ray maps, cameras and a point cloud with no extra
 training. This file adds the evaluation protocol (two baselines beside GLD on every scene, `--boundary k` with
-independent models for the boundary ablation, `--recon` for Stage 1), the user's inputs and trajectories, and the
-outputs (export.py writes the formats).
+independent models for the boundary ablation, `--recon` for Stage 1), the user's photos, cameras and trajectories,
+and the outputs (export.py writes the formats).
 """
 import argparse
+import contextlib
 import csv
+import glob
 import json
 import os
 import time
@@ -100,11 +102,13 @@ def write_table(table, per_scene, out_dir, name, title):
 def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    bar = cameras.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
         scene = data.collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
+        bar.step(f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})')
         for method, m in rows.items():
             per_scene.append({'scene': scene['key'][0], 'method': method, **m})
             for k, v in m.items():
@@ -119,7 +123,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
         scene = data.collate_one(dataset[i])
         images = scene['images']
         levels = enc.normalize_levels(enc.encode(images))
-        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // data.PATCH, images.shape[-1] // data.PATCH)).items():
+        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
             m = image_metrics(im.clamp(0, 1), images, lpips)
             per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
             for k, v in m.items():
@@ -146,29 +150,56 @@ def colourise_depth(d):
     return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
 
 
+OUTPUTS = ('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'depth.npy', 'depth_[0-9]*.png', 'metrics.json',
+           'images/source_[0-9]*.png', 'images/target_[0-9]*.png', 'points.ply', 'scene.glb', 'transforms.json',
+           *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
+           'eval_n[0-9]*.md', 'eval_n[0-9]*.json', 'eval_n[0-9]*_scenes.csv', 'recon.md', 'recon.json', 'recon_scenes.csv')
+
+
+def our_files(folder):
+    """The files in folder that sample.py writes (OUTPUTS), sorted."""
+    return sorted(f for pattern in OUTPUTS for f in glob.glob(os.path.join(glob.escape(folder), pattern)))
+
+
+def clear_outputs(folder):
+    """Remove what an earlier run wrote into folder (only the names in OUTPUTS; any other file stays), with a notice,
+    so that the folder holds this run's outputs only."""
+    stale = our_files(folder)
+    for f in stale:
+        os.remove(f)
+    for d in ('images', 'sparse/0', 'sparse'):  # now empty, unless they hold files of the user's
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(folder, d))
+    if stale:
+        print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ (other files there are kept)')
+
+
 def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
-                  units='poses'):
-    """A grid, a video of the targets, depth maps (PNG + .npy), metrics.json, and through export.write_scene every
-    view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP model, a GLB, transforms.json)."""
+                  units='poses', frame='the dataset cameras'):
+    """A grid, a top-down view of the cameras, a video of the targets, depth maps (PNG + .npy), metrics.json, and
+    through export.write_scene every view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP
+    model, a GLB, transforms.json), in the world of `frame`. frames_gt: ground truth of the first targets, or None."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
     V = pred.shape[0]
     views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
-    save_image(export.make_grid(frames_gt if frames_gt is not None else views, pred, n_src), os.path.join(out_dir, 'grid.png'))
+    save_image(export.make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
+    export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
+                        title=f'{n_src} sources (blue), {V - n_src} targets (orange)')
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
     depth = geo['depth'][0]
     np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
     for v in range(V):
         save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
     summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
-                                 formats, units)
+                                 formats, units, frame=frame)
     json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
 # ----------------------------------------------------------------------------- inputs
 
-def user_scene(paths, cams_path, size, enc):
-    """A user's images (+ optional nerfstudio transforms.json); without cameras DA3's head estimates them."""
+def read_images(paths):
+    """A user's photos -> (1,N,3,H,W) in [0,1]; one size for all."""
     from PIL import Image, UnidentifiedImageError
     ims = []
     for p in paths:
@@ -179,20 +210,49 @@ def user_scene(paths, cams_path, size, enc):
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
         raise UserError(f'{paths}: the images differ in size; resize them to one size first')
-    images = torch.stack(ims)[None]  # (1,N,3,H,W)
-    P = data.PATCH
-    tH, tW = size or (max(P, H // P * P), max(P, W // P * P))
-    if cams_path:  # a transforms.json (or its folder); cameras matched to the images by file name
-        path = cams_path if cams_path.endswith('.json') else os.path.join(cams_path, 'transforms.json')
-        t = data.read_transforms(path)
-        names = [os.path.basename(f) for f in t['files']]
-        missing = [p for p in paths if os.path.basename(p) not in names]
-        if missing:
-            raise UserError(f'{path}: no camera for {missing} (frames: {names}); give one frame per image, by file name')
-        idx = [names.index(os.path.basename(p)) for p in paths]
-        c2w, K = t['c2w'][idx][None], t['K'][idx][None]
-    else:
-        c2w, K = None, None
+    return torch.stack(ims)[None]
+
+
+def match_cameras(paths, cams, where):
+    """The index of each image's frame in cams (export.read_cameras): the frame of the same file name (else of the same
+    name without extension). Where the camera file says which file a frame is for and that file exists, it must be
+    the image given: a file of the same name with other content means the cameras belong to other photos."""
+    stem = lambda f: os.path.splitext(os.path.basename(f))[0]
+    idx = []
+    for p in paths:
+        hits = [i for i, n in enumerate(cams['names']) if os.path.basename(n) == os.path.basename(p)] or \
+            [i for i, n in enumerate(cams['names']) if stem(n) == stem(p)]
+        if not hits:
+            raise UserError(f'{where}: no camera for {p} (frames: {cams["names"][:6]}{" ..." if len(cams["names"]) > 6 else ""}); '
+                            'give one frame per image, named like the image file')
+        if len(hits) > 1:
+            raise UserError(f'{where}: several frames are named like {p} ({[cams["names"][i] for i in hits]}); '
+                            'keep one frame per image')
+        f = cams['files'][hits[0]]
+        if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
+            raise UserError(f'{where}: the frame for {os.path.basename(p)} is the file {f}, and that is not the image '
+                            f'{p} (other content): these cameras are for other photos; pass the camera file of these '
+                            'images (for edited copies: write one beside them)')
+        idx.append(hits[0])
+    return idx
+
+
+def user_scene(paths, cams_path, size, enc, check=True):
+    """A user's photos with their cameras: cams_path (export.read_cameras: COLMAP, nerfstudio, per-frame npz), matched
+    to the photos by file name; without it DA3's head estimates them (check_estimate unless check=False).
+    -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
+    images = read_images(paths)
+    H, W = images.shape[-2:]
+    tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
+    c2w = K = None
+    if cams_path:
+        cams = export.read_cameras(cams_path, image_size=(H, W))
+        idx = match_cameras(paths, cams, cams_path)
+        if cams['size'] and abs(cams['size'][1] / cams['size'][0] - W / H) > 0.01 * W / H:
+            raise UserError(f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, the photos '
+                            f'are {W}x{H} (another aspect ratio); crop the photos back or pass their own cameras')
+        c2w, K = cams['c2w'][idx][None], cams['K'][idx][None]
+        frame = f'the given cameras ({cams["format"]} {cams_path})'
     if (H, W) != (tH, tW):
         print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
         Kin = K[0] if K is not None else torch.eye(3).expand(len(paths), 3, 3)
@@ -200,35 +260,24 @@ def user_scene(paths, cams_path, size, enc):
         images = images[None]
         K = Kin[None] if K is not None else None
     if c2w is None:
-        print('no --cameras: estimating source cameras with the frozen DA3 geometry head')
+        print('no --cameras: estimating the cameras of the photos with the frozen DA3 geometry head')
         g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
-        c2w, K = g['c2w'], g['K']
-    if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
-        raise UserError(f'{cams_path or "the DA3 camera estimate"}: cameras contain NaN or inf values')
-    return images, c2w, K
-
-
-def target_cameras(c2w_src, K_src, traj, n):
-    """Target cameras from a preset trajectory around/between the sources: (n,4,4) and (n,3,3)."""
-    a, b = c2w_src[0], c2w_src[-1]
-    dist = max(float((a[:3, 3] - b[:3, 3]).norm()), 1e-3) if len(c2w_src) > 1 else 1.0  # the scene's scale
-    if traj == 'interp':
-        c2w = cameras.interpolate_cameras(a, b, n + 2)[1:-1]
-    elif traj == 'orbit':  # around the point one scene unit in front of the first source
-        centre = a[:3, 3] + a[:3, 2] * dist
-        c2w = cameras.orbit(centre, dist, n, up=(-a[:3, 1]).tolist())
-    elif traj == 'spiral':
-        c2w = cameras.spiral(a, n, radius=0.2 * dist, depth=dist)
-    else:
-        c2w = cameras.forward_dolly(a, n, distance=0.5 * dist)
-    return c2w, K_src[:1].expand(n, 3, 3)
+        c2w, K, frame = g['c2w'], g['K'], "DA3's estimated cameras (no --cameras)"
+        if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
+            raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
+        if check:
+            cameras.check_estimate(c2w[0], K[0], g['depth'][0], tH, tW)
+    return images, c2w, K, frame
 
 
 def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, **kw):
     """Long trajectories as SEVA does: every chunk holds all sources plus up to `chunk` targets."""
     N, outs = images_src.shape[1], []
-    for i in range(0, c2w_tgt.shape[0], chunk):
+    n_chunks = -(-c2w_tgt.shape[0] // chunk)
+    for c, i in enumerate(range(0, c2w_tgt.shape[0], chunk)):
         ct, kt = c2w_tgt[i:i + chunk], K_tgt[i:i + chunk]
+        if n_chunks > 1:
+            pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + ct.shape[0] - 1}')
         imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
         res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
         outs.append(res)
@@ -245,11 +294,20 @@ def build_parser():
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
-    p.add_argument('--src', type=int, default=2, help='number of source views N')
-    p.add_argument('--images', nargs='*', default=None, help="a user's source images")
-    p.add_argument('--cameras', default='', help='transforms.json for --images (nerfstudio layout); default: estimated')
+    p.add_argument('--src', type=int, default=None, help='number of source views N; default: 2 of a dataset scene, '
+                   'every one of --images (with --cameras, --src N makes the images after the first N held-out '
+                   'targets, generated at their cameras and compared)')
+    p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
+    p.add_argument('--cameras', default='', help='cameras of --images: a COLMAP model folder, a nerfstudio '
+                   'transforms.json or a folder of per-frame .npz (README); default: estimated by DA3 and checked')
+    p.add_argument('--keep-estimate', action='store_true', help='go on with DA3\'s camera estimate for --images even '
+                   'when it fails the plausibility checks')
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory preset')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
+                   help='target trajectory preset (README has a picture of each); default: interp through the '
+                   'sources, orbit for one source, none when --src holds images out')
+    p.add_argument('--arc', type=float, default=None, help='degrees the orbit turns about the scene centre; default: '
+                   'from the first to the last source (30 with one source); 360: a full turn')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
@@ -279,8 +337,14 @@ def main(argv=None):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
     size = data.parse_size(a.size)  # bad input is reported before any model is loaded
-    if not 0 < a.src < a.views:
-        raise UserError(f'--src {a.src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
+    n_src = a.src or (len(a.images) if a.images else 2)
+    if a.images and not 0 < n_src <= len(a.images):
+        raise UserError(f'--src {a.src}: with {len(a.images)} --images pass 1..{len(a.images)} sources')
+    if a.images and n_src < len(a.images) and not a.cameras:
+        raise UserError(f'--src {n_src} with {len(a.images)} --images holds images out as targets at their cameras: '
+                        'pass --cameras, or drop --src to use every image as a source')
+    if not a.images and not 0 < n_src < a.views:
+        raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
     lpips = data.lpips_fn(device) if a.lpips else None
     if a.recon or a.eval:
@@ -289,6 +353,7 @@ def main(argv=None):
         enc = pipeline.load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
         dec = pipeline.load_decoder(pipeline.find_checkpoint('decoder', a.ckpt_dir), device, enc)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
         pipe = pipeline.load_official_pipeline(a.official, device)
@@ -296,36 +361,51 @@ def main(argv=None):
         pipe = pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
-        return run_eval(pipe, ds, a.src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips)
+        clear_outputs(a.out)
+        return run_eval(pipe, ds, n_src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips)
+    units, frame = 'poses', 'the dataset cameras'
     if a.images:
-        images, c2w_src, K_src = user_scene(a.images, a.cameras, size, pipe.enc)
-        images, c2w_src, K_src = images.to(device), c2w_src.to(device), K_src.to(device)
-        c2w_t, K_t = target_cameras(c2w_src[0], K_src[0], a.traj or 'interp', a.frames)
-        res = generate_in_chunks(pipe, images, c2w_src, K_src, c2w_t, K_t, a.chunk, steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
-        c2w, K, gt, metrics = torch.cat([c2w_src, c2w_t[None]], 1), torch.cat([K_src, K_t[None]], 1), None, None
-        images = torch.cat([images, res['images'][:, images.shape[1]:]], 1)
+        images, c2w, K, frame = user_scene(a.images, a.cameras, size, pipe.enc, check=not a.keep_estimate)
+        images, c2w, K = images.to(device), c2w.to(device), K.to(device)
+        held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
+        traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
+        c2w_t, K_t = c2w[0, n_src:], K[0, n_src:]  # (held,4,4), (held,3,3), then the trajectory's
+        if traj:
+            c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
+            c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
+        print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
+              + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
+                          [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)) + f'; world: {frame}')
+        res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
+                                 steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
+        gt = images[0, n_src:] if held else None
+        metrics = {'gld': image_metrics(res['images'][:, n_src:n_src + held], images[:, n_src:], lpips)} if held else None
+        c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
+        images = images[:, :n_src]
+        units = 'poses' if a.cameras else 'da3'  # DA3 estimated the cameras: its own depth scale
     else:
         ensure_data(a.data)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
         if idx >= len(ds):
             raise UserError(f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key')
-        scene = data.split_views(data.collate_one(ds[idx]), a.src, mode='ends' if a.src == 2 else 'random')
+        scene = data.split_views(data.collate_one(ds[idx]), n_src, mode='ends' if n_src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        print(f'scene {scene["key"][0]}: {a.src} sources -> {images.shape[1] - a.src} targets at {images.shape[-1]}x{images.shape[-2]}')
+        print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at {images.shape[-1]}x{images.shape[-2]}')
         if a.traj:
-            c2w_t, K_t = target_cameras(c2w[0, :a.src], K[0, :a.src], a.traj, a.frames)
-            res = generate_in_chunks(pipe, images[:, :a.src], c2w[:, :a.src], K[:, :a.src], c2w_t, K_t, a.chunk,
+            c2w_t, K_t = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], a.traj, a.frames, a.arc)
+            res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
                                      steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
-            c2w, K, gt, metrics = torch.cat([c2w[:, :a.src], c2w_t[None]], 1), torch.cat([K[:, :a.src], K_t[None]], 1), None, None
+            c2w, K, gt, metrics = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1), None, None
         else:
-            rows, res = evaluate_scene(pipe, scene, a.src, a.steps, a.cfg_scale, a.seed, lpips)
-            gt, metrics = images[0], rows
+            rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)
+            gt, metrics = images[0, n_src:], rows
             print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
-    write_outputs(a.out, images, res, c2w, K, a.src, frames_gt=gt, metrics=metrics, formats=a.export,
-                  units='da3' if a.images and not a.cameras else 'poses')  # DA3 estimated the cameras
-    print(f'wrote {a.out}/ ({len(os.listdir(a.out))} files) in {time.time() - t_start:.1f}s')
+    clear_outputs(a.out)
+    write_outputs(a.out, images, res, c2w, K, n_src, frames_gt=gt, metrics=metrics, formats=a.export, units=units,
+                  frame=frame)
+    print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
 
 

@@ -256,7 +256,9 @@ def test_spiral_and_dolly():
     sp = cameras.spiral(ref, 9, radius=0.2, depth=2.0)
     to_f = torch.nn.functional.normalize(focus - sp[:, :3, 3], dim=-1)
     assert torch.allclose(sp[:, :3, 2], to_f, atol=1e-12)
-    assert torch.allclose((sp[:, :3, 3] - ref[:3, 3]).norm(dim=-1), torch.full((9,), 0.2))
+    dist = (sp[:, :3, 3] - ref[:3, 3]).norm(dim=-1)  # 2 turns over 9 cameras: 0, 0.05, .., 0.2 (first turn), then 0.2
+    assert torch.allclose(dist, torch.tensor([0.0, 0.05, 0.1, 0.15, 0.2, 0.2, 0.2, 0.2, 0.2]), atol=1e-12)
+    assert torch.allclose(sp[0], ref, atol=1e-12)  # it starts at the reference camera
     dolly = cameras.forward_dolly(ref, 5, 1.0)
     assert torch.allclose(dolly[:, :3, :3], ref[:3, :3].expand(5, 3, 3))
     assert torch.allclose(dolly[-1, :3, 3], ref[:3, 3] + ref[:3, 2]) and torch.allclose(dolly[0], ref)
@@ -1923,7 +1925,7 @@ def test_train_writes_checkpoints_logs_and_exports(world):
 
 def test_every_train_sample_bench_flag_is_exercised(world):
     used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init',
-                                                                 '--compile'}  # --init, --compile: their own tests below
+                                                                 '--compile', '--force'}  # --init, --compile, --force: their own tests
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official'}  # --official: test_cli_official
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
@@ -2059,8 +2061,10 @@ SAMPLE_RUNS = [
      '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
-     '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export', 'ply,colmap,colmap-text,glb,nerfstudio'],
-    ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--traj', 'spiral', '--frames', '2', '--steps', '2', '--out', 'out/d'],
+     '--arc', '360', '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export',
+     'ply,colmap,colmap-text,glb,nerfstudio'],
+    ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--keep-estimate', '--traj', 'spiral', '--frames', '2', '--steps', '2',
+     '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--boundary', '2', '--independent', '--out', 'out/f', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--recon', '--eval-scenes', '1', '--out', 'out/recon', '--data', 'DATA'],
@@ -2793,3 +2797,226 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, 
     monkeypatch.setattr(train, 'lr_at', real_lr_at)
     train.main(argv + ['--steps', '3', '--resume'])
     assert torch.load(train.list_checkpoints(str(tmp_path / 'r'))[-1], weights_only=False)['step'] == 3
+
+
+# ---------------------------------------------------------------- a user's own photos (issue 18)
+
+def write_photos(folder, scene, views, H, W):
+    """Frames `views` of a dataset scene as a user has them: frame_XXX.png and a nerfstudio transforms.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = []
+    for v in views:
+        export.save_image(scene['images'][v], str(folder / f'frame_{v:03d}.png'))
+        Kp = cameras.K_to_pixels(scene['K'][v], H, W)
+        frames.append({'file_path': f'frame_{v:03d}.png', 'transform_matrix': cameras.opengl_to_opencv(scene['c2w'][v]).tolist(),
+                       'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]), 'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]),
+                       'w': W, 'h': H})
+    json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
+    return [str(folder / f'frame_{v:03d}.png') for v in views]
+
+
+@pytest.fixture(scope='module')
+def photos(world):
+    """Four frames of a 56-px test scene of the world fixture, with their cameras."""
+    s = data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[1]
+    return write_photos(world['root'] / 'photos', s, range(4), 56, 56)
+
+
+def run_photos(argv, out):
+    sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--frames', '2', '--out', str(out)] + argv)
+    tf = json.load(open(out / 'transforms.json'))
+    return tf, [f['is_source'] for f in tf['frames']]
+
+
+def test_every_image_is_a_source_unless_src_holds_some_out(world, photos, tmp_path):
+    cams = str(Path(photos[0]).parent / 'transforms.json')
+    tf, src = run_photos(['--images', *photos[:3], '--cameras', cams], tmp_path / 'three')
+    assert src == [True] * 3 + [False] * 2  # 3 images -> 3 sources, then the 2 trajectory targets
+    assert sorted(os.listdir(tmp_path / 'three' / 'images'))[:3] == ['source_000.png', 'source_001.png', 'source_002.png']
+    for f in tf['frames']:  # every file transforms.json names exists, the sources beside the targets
+        assert os.path.isfile(tmp_path / 'three' / f['file_path'])
+    tf, src = run_photos(['--images', *photos, '--cameras', cams, '--src', '2'], tmp_path / 'held')
+    assert src == [True] * 2 + [False] * 2  # the 2 images after the sources are targets at their own cameras
+    given = data.read_transforms(cams)['c2w']
+    assert torch.allclose(data.read_transforms(str(tmp_path / 'held' / 'transforms.json'))['c2w'], given, atol=1e-5)
+    assert 'psnr' in json.load(open(tmp_path / 'held' / 'metrics.json'))['gld']
+    grid = np.asarray(Image.open(tmp_path / 'held' / 'grid.png'))
+    assert grid.shape[:2] == (3 * 56, 4 * 56)  # sources | generated | ground truth of the held-out views
+    assert np.array_equal(grid[112:, 112:168], np.asarray(Image.open(photos[2]).convert('RGB')))
+    assert Image.open(tmp_path / 'three' / 'grid.png').size == (5 * 56, 2 * 56)  # no "ground truth" row for photos
+
+
+def test_one_photo_moves_the_camera_on_every_preset(world, photos, tmp_path, capsys):
+    cams = str(Path(photos[0]).parent / 'transforms.json')
+    run_photos(['--images', photos[0], '--cameras', cams], tmp_path / 'one')
+    t = data.read_transforms(str(tmp_path / 'one' / 'transforms.json'))
+    assert t['c2w'].shape[0] == 3 and not torch.allclose(t['c2w'][1:, :3, 3], t['c2w'][0, :3, 3].expand(2, 3))
+    src, K = t['c2w'][:1].double(), t['K'][:1].double()
+    for traj in ('orbit', 'spiral', 'forward'):
+        c2w, _ = cameras.preset_trajectory(src, K, traj, 6)
+        assert (c2w[:, :3, 3] - src[0, :3, 3]).norm(dim=-1).max() > 0.01, traj
+    capsys.readouterr()
+    cameras.preset_trajectory(src, K, 'interp', 6)
+    assert 'warning: --traj interp with 1 source(s) leaves every target at the source camera' in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures('float64')
+def test_presets_start_at_the_sources_and_stay_within_their_span():
+    centre, up = torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, -1.0, 0.0])
+    eyes = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 0.0, 0.2], [1.5, 0.0, 0.5]])
+    src = cameras.look_at(eyes, centre.expand(3, 3), up)  # three cameras looking at one point
+    K = torch.eye(3).expand(3, 3, 3).double()
+    assert torch.allclose(cameras.axes_meeting_point(src), centre, atol=1e-9)
+    c2w, _ = cameras.preset_trajectory(src, K, 'interp', 7)
+    lo, hi = eyes.min(0).values, eyes.max(0).values
+    assert ((c2w[:, :3, 3] >= lo - 1e-9) & (c2w[:, :3, 3] <= hi + 1e-9)).all()
+    c2w, _ = cameras.preset_trajectory(src, K, 'orbit', 5)  # an arc about the centre from the first to the last source
+    assert torch.allclose(c2w[0], src[0], atol=1e-9)
+    radius = (src[0, :3, 3] - centre).norm()
+    assert torch.allclose((c2w[:, :3, 3] - centre).norm(dim=-1), radius.expand(5))
+    last = centre + (src[2, :3, 3] - centre) * radius / (src[2, :3, 3] - centre).norm()
+    assert torch.allclose(c2w[-1, :3, 3], last, atol=1e-6)
+    assert torch.allclose(c2w[:, :3, 2], torch.nn.functional.normalize(centre - c2w[:, :3, 3], dim=-1), atol=1e-9)
+    turn, _ = cameras.preset_trajectory(src, K, 'orbit', 8, degrees=360)  # a full turn: around the centre, no repeat
+    angles = torch.atan2(turn[:, 0, 3] - centre[0], turn[:, 2, 3] - centre[2])
+    assert len(set(torch.round(torch.rad2deg(angles)).tolist())) == 8 and (angles.max() - angles.min()) > 5
+
+
+def test_an_implausible_camera_estimate_is_one_line(world, photos, capsys, monkeypatch):
+    real = encoder_lib.DA3.geometry
+
+    def broken(self, *args, **kw):  # what real photos gave: fl_x 2469 vs fl_y 15 px, cx -998
+        g = real(self, *args, **kw)
+        g['K'] = g['K'].clone()
+        g['K'][..., 0, 0], g['K'][..., 1, 1], g['K'][..., 0, 2] = 44.0, 0.27, -17.8
+        return g
+    monkeypatch.setattr(encoder_lib.DA3, 'geometry', broken)
+    err, _ = user_error(sample.main, ['--ckpt-dir', 'runs', '--images', *photos[:2], '--steps', '1', '--out',
+                                      world['root'] / 'out' / 'broken'], capsys,
+                        'implausible', 'focal lengths', 'principal point', '--cameras')
+    g = {'c2w': torch.eye(4).expand(2, 4, 4), 'K': torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)}
+    with pytest.raises(cameras.UserError, match='apart at a median depth'):  # two photos, one camera centre
+        cameras.check_estimate(g['c2w'], g['K'], torch.ones(2, 8, 8), 8, 8)
+    cameras.check_estimate(g['c2w'][:1], g['K'][:1], torch.ones(1, 8, 8), 8, 8)  # one photo: no baseline to check
+
+
+def test_points_overlay_the_given_cameras(bundled, tmp_path):
+    """--images with --cameras: points.ply lies in the user's world, at the true depth of the source views (as well as
+    the tiny DA3 sees depth), also when the user's unit is twice as large; transforms.json says whose world it is."""
+    _, scenes = bundled
+    s = {k: v[0] if torch.is_tensor(v) else v for k, v in scenes[0].items()}
+    errs = {}
+    for unit in (1.0, 2.0):
+        scaled = {**s, 'c2w': s['c2w'].clone()}
+        scaled['c2w'][:, :3, 3] *= unit
+        paths = write_photos(tmp_path / f'photos{unit}', scaled, range(2), 112, 112)
+        out = tmp_path / f'out{unit}'
+        sample.main(['--images', *paths, '--cameras', str(tmp_path / f'photos{unit}'), '--steps', '2', '--frames', '1',
+                     '--out', str(out)])
+        errs[unit] = float(cross_view_depth_error(read_ply_points(out / 'points.ply'), scaled['c2w'][:2], s['K'][:2],
+                                                  s['depths'][:2] * unit))
+        tf = json.load(open(out / 'transforms.json'))
+        assert 'the given cameras' in tf['gld_frame'] and str(tmp_path / f'photos{unit}') in tf['gld_frame']
+        assert json.load(open(out / 'metrics.json'))['export']['frame'] == tf['gld_frame']
+    assert errs[1.0] < 0.35 and errs[2.0] < 0.35, errs  # measured: 0.17 both; in DA3's unit (x 1/3.7): 2.0
+
+
+def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp_path, capsys):
+    cams = str(Path(photos[0]).parent / 'transforms.json')
+    out = tmp_path / 'out'
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '4', '--export', 'ply,colmap-text,glb,nerfstudio'], out)
+    (out / 'notes.txt').write_text('mine')  # a file of the user's: never removed
+    capsys.readouterr()
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], out)
+    printed = capsys.readouterr().out
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], tmp_path / 'fresh')
+    rel = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    assert rel(out) == sorted(rel(tmp_path / 'fresh') + ['notes.txt'])
+    assert 'removed' in printed and f'({len(rel(tmp_path / "fresh"))} files)' in printed
+
+
+def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path, capsys, monkeypatch):
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), 'README.md')).read()
+    commands = [l for l in readme.splitlines() if l.startswith('python train.py') and '--export' in l]
+    assert len(commands) >= 5 and all(c.split('--export ')[1].split()[0] == 'weights/mine' for c in commands), commands
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')]
+    user_error(train.main, argv + ['--export', pipeline.WEIGHTS], capsys, '--export', 'bundled models', '--force',
+               keep=[pipeline.WEIGHTS])
+    assert not os.path.exists(tmp_path / 'r')  # refused before any work
+    monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'bundled'))  # --force replaces them (here: a stand-in)
+    train.main(argv + ['--export', str(tmp_path / 'bundled'), '--force'])
+    assert os.path.isfile(tmp_path / 'bundled' / 'decoder.safetensors')  # named after the model
+    assert 'decoder: encoder' in capsys.readouterr().out  # the stage names the encoder file it used
+
+
+@pytest.mark.usefixtures('float64')
+def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    V, H, W = 3, 28, 42
+    c2w = random_c2w(V, gen).double()
+    K = torch.tensor([[0.9, 0, 0.48], [0, 1.2, 0.52], [0, 0, 1]], dtype=torch.float64).expand(V, 3, 3)
+    points = {'view': torch.tensor([0, 1, 2]), 'xyz': torch.randn(3, 3, dtype=torch.float64),
+              'rgb': torch.zeros(3, 3, dtype=torch.uint8), 'uv': torch.rand(3, 2, dtype=torch.float64)}
+    names = [f'photo_{v}.jpg' for v in range(V)]
+    same = lambda cams: (torch.allclose(cams['c2w'].double(), c2w, atol=1e-5) and
+                         torch.allclose(cams['K'].double(), K, atol=1e-6) and cams['names'] == names)
+    for text in (False, True):  # COLMAP binary and text, as export.py writes them, read back
+        project = tmp_path / ('text' if text else 'bin')
+        export.write_colmap(str(project / 'sparse' / '0'), c2w, K, H, W, names, points, text=text)
+        cams = export.read_cameras(str(project))
+        assert same(cams) and cams['size'] == (H, W) and cams['files'][0] == str(project / 'images' / names[0])
+        if not text:
+            pycolmap = pytest.importorskip('pycolmap')
+            rec = pycolmap.Reconstruction(str(project / 'sparse' / '0'))
+            assert sorted(im.name for im in rec.images.values()) == names
+        export.main([str(project), str(project / 'transforms.json')])  # the converter, then nerfstudio in
+        tf = export.read_cameras(str(project / 'transforms.json'))
+        assert same({**tf, 'names': [os.path.basename(n) for n in tf['names']]})
+        assert tf['files'][0] == str(project / 'images' / names[0])
+    npz = tmp_path / 'npz'
+    npz.mkdir()
+    for v in range(V):
+        np.savez(npz / f'photo_{v}.npz', c2w=c2w[v].numpy(), K=cameras.K_to_pixels(K[v], H, W).numpy())
+    cams = export.read_cameras(str(npz), image_size=(H, W))
+    assert same({**cams, 'names': [n + '.jpg' for n in cams['names']]})
+    with pytest.raises(cameras.UserError, match='add H and W'):
+        export.read_cameras(str(npz))
+
+
+def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
+    """A camera file matched by name must not hand one scene's camera to another scene's photo of the same name."""
+    other = write_photos(tmp_path / 'other', data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[0],
+                         range(2), 56, 56)
+    run_photos(['--images', *photos[:2], '--cameras', str(Path(photos[0]).parent)], tmp_path / 'o')
+    user_error(sample.main, ['--ckpt-dir', 'runs', '--images', *other, '--cameras', Path(photos[0]).parent,
+                             '--steps', '1', '--out', tmp_path / 'o'], capsys, 'frame_000.png', 'other photos',
+               keep=[tmp_path / 'o'])  # the failed run leaves the earlier outputs as they were
+
+
+def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for stream, every in ((Terminal(), 10.0), (io.StringIO(), 10.0), (Terminal(), 0)):
+        bar = cameras.Progress('steps', 3, every=every, stream=stream)
+        for _ in range(3):
+            bar.step()
+        text = stream.getvalue()
+        assert re.search(r'steps 3/3  [0-9.]+s(\x1b\[K)?\n$', text), text  # the last line: no ETA, ends the line
+        if isinstance(stream, Terminal) and every:
+            assert text.count('\r') == 3 and text.count('\n') == 1 and 'ETA' in text
+        else:  # logs: the first step, then every `every` seconds, and the end
+            assert '\r' not in text and text.count('\n') == (2 if every else 3)
+
+
+def test_the_readme_camera_example_reads_as_documented(tmp_path):
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), 'README.md')).read()
+    example = readme.split('## Your own photos')[1].split('```json\n')[1].split('```')[0]
+    (tmp_path / 'transforms.json').write_text(example)
+    cams = export.read_cameras(str(tmp_path / 'transforms.json'))
+    assert cams['names'] == ['frame_000.jpg', 'frame_007.jpg']
+    assert torch.allclose(cams['c2w'][1, :3, 3], torch.tensor([0.5, 0.0, 0.0]))  # 0.5 units to the right
+    assert torch.allclose(cams['c2w'][0, :3, 2], torch.tensor([0.0, 0.0, -1.0]))  # OpenGL: the camera looks along -z
+    assert torch.allclose(cams['K'][0], torch.tensor([[410 / 504, 0, 0.5], [0, 410 / 280, 0.5], [0, 0, 1]]))

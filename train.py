@@ -106,7 +106,9 @@ def build_parser():
     g.add_argument('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
     g.add_argument('--log-every', type=int, default=20, help='log interval (steps)')
     g.add_argument('--eval-every', type=int, default=500, help='periodic evaluation interval (steps, 0 = off)')
-    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors into this folder')
+    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors into this '
+                   'folder (weights/tiny, the bundled models, only with --force)')
+    g.add_argument('--force', action='store_true', help='let --export replace the bundled models in weights/tiny')
     g.add_argument('--wandb', default='', help='wandb project name (only when wandb is installed)')
     return p
 
@@ -395,7 +397,7 @@ class DiffusionStage:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
         pipe = pipeline.Pipeline(self.enc, self.dec, {self.level: (unwrap(self.net), meta)},
-                                 boundary=max(1, self.level), log=lambda *_: None)
+                                 boundary=max(1, self.level), log=lambda *_: None, progress=False)
         ps, mse, grids = [], [], []
         for i, s in enumerate(scenes):
             full = self.enc.encode(s['images'])
@@ -404,7 +406,7 @@ class DiffusionStage:
             ps.append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
             gen, true = (self.stats.normalize(f, self.level)[:, 2:] for f in (out['levels'][self.level], full[self.level]))
             mse.append((gen - true).pow(2).mean())
-            grids.append(export.make_grid(s['images'][0], out['images'][0], 2))
+            grids.append(export.make_grid(s['images'][0, :2], out['images'][0], s['images'][0, 2:]))
         export.save_image(torch.cat(grids[:4], 1), png)
         return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
@@ -461,6 +463,9 @@ def main(argv=None):
     args = get_args(argv)
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank); np.random.seed(args.seed + rank); random.seed(args.seed + rank)
+    if args.export and os.path.realpath(args.export) == os.path.realpath(pipeline.WEIGHTS) and not args.force:
+        raise data.UserError(f'--export {args.export}: that folder holds the bundled models; export to a new folder '
+                             '(e.g. --export weights/mine) or add --force to replace them')
     data.make_output_dir(args.out)
     recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
     bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
@@ -476,6 +481,8 @@ def main(argv=None):
     # the stage (its network, loss and evaluation), EMA, optimizer, the latent cache, resume
     stage = STAGES[args.stage](args, device, loader)
     net = stage.net
+    if rank == 0 and hasattr(stage, 'enc'):  # the latents' encoder, as the checkpoints record it
+        print(f'{args.stage}: encoder {stage.enc.source["weights"]} (sha256 {(stage.enc.source["sha256"] or "-")[:12]})')
     if args.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
         net.load_state_dict(pipeline.load_checkpoint(args.init, device)[1])
     ema = diffusion.EMA(net, args.ema)
