@@ -15,7 +15,7 @@ Features
   aspect-ratio buckets (one bucket per batch). An unreadable frame skips a training sample with a warning;
   in evaluation it is an error naming the scene and frame (never another scene in its place).
 - split_views (sources first + src_mask; 'ends' = the N=2 evaluation protocol), make_loader (DDP aware).
-- Bad input is a cameras.UserError raised where it is read: one line naming the file and the fix (cameras are
+- Bad input is a cli.UserError raised where it is read: one line naming the file and the fix (cameras are
   validated by cameras.check_cameras, chunk files by their reader, frames by decode_frames).
 - Metrics: PSNR, SSIM (Gaussian 11 / sigma 1.5, as skimage computes it), LPIPS (if installed), depth metrics.
 - `python data.py synth`: the scenes of synth.py (procedurally textured box rooms, exact cameras and metric
@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cameras
+import cli
+from cli import UserError
 import synth
 
 PATCH = 14  # the ViT patch size of DA3 (and DINOv2): images are multiples of it, tokens are h x w patches
@@ -56,7 +58,6 @@ BUCKETS_112 = ((112, 112), (84, 112), (70, 112), (56, 112))
 BUCKET_WEIGHTS = (2, 2, 1, 1)
 
 
-UserError = cameras.UserError
 
 
 class FrameError(UserError):
@@ -611,7 +612,7 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
         index, evals, chunk = {}, {}, []
-        bar = cameras.Progress(f'rendering {split} scene', n)
+        bar = cli.Progress(f'rendering {split} scene', n)
         for i in range(n):
             key = f'synth_{split}_{i:05d}'
             s = synth.synth_scene([seed, split_id, i], frames, size)
@@ -656,4 +657,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cameras.run_cli(main)
+    cli.run_cli(main)

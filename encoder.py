@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cameras
+import cli
 import data
 
 PATCH = 14
@@ -556,7 +557,7 @@ def read_state_dict(weights):
                 part = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
             reason = (str(e).strip().splitlines() or [''])[0][:120]
-            raise cameras.UserError(f'{path}: not a readable weights file ({type(e).__name__}: {reason}); download '
+            raise cli.UserError(f'{path}: not a readable weights file ({type(e).__name__}: {reason}); download '
                                     'it again or pass another --encoder-weights') from None
         for key in ('state_dict', 'model'):
             if isinstance(part.get(key), dict):
@@ -641,9 +642,9 @@ def load_weights(enc, weights, strict=True, source=None):
     if strict and (missing or unexpected or shapes):
         others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
         if others:
-            raise cameras.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
+            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
                                     f'{enc.cfg.name!r}: pass --encoder {others[0]} (build_encoder({others[0]!r}) in Python)')
-        raise cameras.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
+        raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
                                 'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
     enc.load_state_dict(sd, strict=False)
     return enc
@@ -687,7 +688,7 @@ class LatentStats:
                 sd = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
             reason = (str(e).strip().splitlines() or [''])[0][:120]
-            raise cameras.UserError(f'{path}: not a readable statistics file ({type(e).__name__}: {reason}); pass '
+            raise cli.UserError(f'{path}: not a readable statistics file ({type(e).__name__}: {reason}); pass '
                                     '--stats a file written by LatentStats.save, or leave it out to compute them') from None
         return cls.from_state_dict(sd)
 

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 import cameras
+import cli
 import encoder as encoder_lib
 
 FORMATS = ('ply', 'colmap', 'colmap-text', 'glb', 'nerfstudio')
@@ -297,7 +298,7 @@ def read_colmap(folder):
     for _, _, cid, name in images:
         model, W, H, prm = cams[cid]
         if model not in COLMAP_PERSPECTIVE:
-            raise cameras.UserError(f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
+            raise cli.UserError(f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
                                     'PINHOLE first (colmap image_undistorter)')
         if model not in ('PINHOLE', 'SIMPLE_PINHOLE'):
             print(f'note: {folder}: camera {cid} is {model}; its lens distortion is ignored (undistort for exact rays)')
@@ -306,7 +307,7 @@ def read_colmap(folder):
         Kpix.append([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
         sizes.append((H, W))
     if not images:
-        raise cameras.UserError(f'{folder}: the COLMAP model holds no images')
+        raise cli.UserError(f'{folder}: the COLMAP model holds no images')
     c2w = colmap_c2w([im[0] for im in images], [im[1] for im in images])
     return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
 
@@ -419,7 +420,7 @@ def read_cameras(path, image_size=None):
     if sparse:
         m = read_colmap(sparse)
         if len(set(m['sizes'])) > 1:
-            raise cameras.UserError(f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give '
+            raise cli.UserError(f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give '
                                     'photos of one size')
         (H, W), root = m['sizes'][0], os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
         K = cameras.K_to_normalized(m['Kpix'], H, W)
@@ -435,11 +436,11 @@ def read_cameras(path, image_size=None):
         for f in sorted(f for f in os.listdir(path) if f.endswith('.npz')):
             z = np.load(os.path.join(path, f))
             if 'c2w' not in z or 'K' not in z:
-                raise cameras.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world) and '
+                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world) and '
                                         f'K (3x3, pixels); it has {sorted(z.files)}')
             size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
             if size is None:
-                raise cameras.UserError(f'{os.path.join(path, f)}: K is in pixels of an image size it does not '
+                raise cli.UserError(f'{os.path.join(path, f)}: K is in pixels of an image size it does not '
                                         'state; add H and W to the file')
             c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
             K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
@@ -447,7 +448,7 @@ def read_cameras(path, image_size=None):
         out = {'c2w': torch.stack(c2w), 'K': torch.stack(K), 'names': names, 'files': [None] * len(names),
                'size': size, 'format': 'npz'}
     else:
-        raise cameras.UserError(f'{path}: no cameras found; pass {CAMERA_FORMATS}')
+        raise cli.UserError(f'{path}: no cameras found; pass {CAMERA_FORMATS}')
     out['c2w'], out['K'] = out['c2w'].float(), out['K'].float()
     cameras.check_cameras(out['c2w'], out['K'], path)
     return out
@@ -571,9 +572,9 @@ def main(argv=None):
     try:
         size = tuple(int(x) for x in a.size.lower().split('x')) if a.size else None
     except ValueError:
-        raise cameras.UserError(f'--size {a.size}: write HxW in pixels, e.g. 280x504') from None
+        raise cli.UserError(f'--size {a.size}: write HxW in pixels, e.g. 280x504') from None
     return convert_cameras(a.src, a.dst, size)
 
 
 if __name__ == '__main__':
-    cameras.run_cli(main)
+    cli.run_cli(main)

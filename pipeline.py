@@ -20,7 +20,8 @@ import time
 
 import torch
 
-import cameras
+import cli
+from cli import UserError
 import data
 import decoder as decoder_lib
 import diffusion
@@ -29,7 +30,6 @@ import latents
 import model as model_lib
 import official
 
-UserError = cameras.UserError
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: train_command)
     'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder', 'data': 'python data.py synth',
@@ -197,7 +197,7 @@ class Pipeline:
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
-        self.progress = progress  # a line per Euler step (cameras.Progress) on the terminal, every 10 s in logs
+        self.progress = progress  # a line per Euler step (cli.Progress) on the terminal, every 10 s in logs
         self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
 
     def time_schedule(self, steps, V, T, C):
@@ -219,7 +219,7 @@ class Pipeline:
         euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
         name = f'M{meta["upper_level"]}->{level}' if meta.get('upper_level') is not None else f'M{level}'
-        bar = cameras.Progress(f'  {name} Euler step', euler_steps) if self.progress else None
+        bar = cli.Progress(f'  {name} Euler step', euler_steps) if self.progress else None
 
         def velocity(x_t, t):  # called once per Euler step (the unconditional branch of CFG is uncond_fn)
             v = net(x_t, t, cond, cams, upper=upper)

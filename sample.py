@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 import cameras
+import cli
+from cli import UserError
 import data
 import decoder as decoder_lib
 import export
 import pipeline
 from export import save_image
 
-UserError = cameras.UserError
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -102,7 +103,7 @@ def write_table(table, per_scene, out_dir, name, title):
 def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, table, n = [], {}, min(n_scenes, len(dataset))
-    bar = cameras.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
+    bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
         scene = data.collate_one(dataset[i])
         scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
@@ -410,4 +411,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cameras.run_cli(main)
+    cli.run_cli(main)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import bench
 import cameras
+import cli
 import data
 import decoder as decoder_lib
 import diffusion
@@ -553,17 +554,17 @@ def test_corrupt_jpeg_is_skipped(tmp_path):
 
 def test_clear_errors(tmp_path):
     os.makedirs(tmp_path / 'train')
-    with pytest.raises(data.UserError, match='index.json'):
+    with pytest.raises(cli.UserError, match='index.json'):
         data.SceneDataset(str(tmp_path), 'train')
     (tmp_path / 'train' / 'index.json').write_text('{}')
-    with pytest.raises(data.UserError, match='no scenes'):
+    with pytest.raises(cli.UserError, match='no scenes'):
         data.SceneDataset(str(tmp_path), 'train')
-    with pytest.raises(data.UserError, match=r'\(V, 18\)'):
+    with pytest.raises(cli.UserError, match=r'\(V, 18\)'):
         data.cameras_to_c2w_K(torch.zeros(4, 16), 'bad.torch')
     gen = torch.Generator().manual_seed(3)
     data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
     (tmp_path / 'train' / 'index.json').write_text(json.dumps({'odd': '000000.torch'}))
-    with pytest.raises(data.UserError, match='not multiples of 14; pass --size 28x28'):
+    with pytest.raises(cli.UserError, match='not multiples of 14; pass --size 28x28'):
         data.SceneDataset(str(tmp_path), 'train', num_views=2)
     assert data.SceneDataset(str(tmp_path), 'train', num_views=2, size=(28, 28))[0]['images'].shape == (2, 3, 28, 28)
 
@@ -596,7 +597,7 @@ def test_dl3dv_transforms(tmp_path):
     assert abs(s['images'][2].mean() - 80 / 255) < 1e-6  # frames sorted by file name
     ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=2, size=(14, 14))
     assert len(ds) == 1 and ds[0]['images'].shape == (2, 3, 14, 14)
-    with pytest.raises(data.UserError, match='transforms.json'):
+    with pytest.raises(cli.UserError, match='transforms.json'):
         data.read_image_folder(str(tmp_path))
 
 
@@ -848,10 +849,10 @@ def test_weight_loading(tmp_path, capsys):
     assert torch.equal(enc.head.norm.weight, sd['head.norm.weight']) and 'no cam_dec' in capsys.readouterr().out
     # missing keys are listed
     partial = {k: v for k, v in sd.items() if not k.startswith('backbone.pretrained.blocks.9.')}
-    with pytest.raises(cameras.UserError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
+    with pytest.raises(cli.UserError, match=r'missing \(\d+\):\s+backbone.pretrained.blocks.9.norm1.weight'):
         encoder_lib.load_weights(tiny, partial)
     # wrong preset: the error names both presets and the flag
-    with pytest.raises(cameras.UserError, match="match preset 'da3-small', not 'da3-tiny': pass --encoder da3-small"):
+    with pytest.raises(cli.UserError, match="match preset 'da3-small', not 'da3-tiny': pass --encoder da3-small"):
         encoder_lib.load_weights(tiny, small)
 
 
@@ -2170,19 +2171,19 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     run = lambda *args: sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not an image')
-    with pytest.raises(data.UserError, match='bad.png: cannot read the image'):
+    with pytest.raises(cli.UserError, match='bad.png: cannot read the image'):
         run('--images', str(bad))
     other = tmp_path / 'other.png'
     shutil.copy(user_images / 'im0.png', other)
-    with pytest.raises(data.UserError, match=r"no camera for .*other.png"):
+    with pytest.raises(cli.UserError, match=r"no camera for .*other.png"):
         run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
     tf = json.load(open(user_images / 'transforms.json'))
     tf['frames'][0]['transform_matrix'][0][3] = float('nan')
     json.dump(tf, open(tmp_path / 'nan.json', 'w'))
-    with pytest.raises(data.UserError, match='NaN'):
+    with pytest.raises(cli.UserError, match='NaN'):
         run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
     monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'no_weights'))
-    with pytest.raises(data.UserError, match='create it with: python train.py --stage encoder'):
+    with pytest.raises(cli.UserError, match='create it with: python train.py --stage encoder'):
         pipeline.load_pipeline(str(tmp_path / 'no_runs'))
 
 
@@ -2487,12 +2488,12 @@ def tree_hashes(*roots):
 
 
 def user_error(main, argv, capsys, *needles, keep=()):
-    """Run an entry point as its __main__ does (cameras.run_cli) and check the UserError contract -> (the line,
+    """Run an entry point as its __main__ does (cli.run_cli) and check the UserError contract -> (the line,
     stdout)."""
     before = tree_hashes(*keep)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cameras.run_cli(main, [str(a) for a in argv])
+        cli.run_cli(main, [str(a) for a in argv])
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith('error: '), err
@@ -2534,11 +2535,11 @@ def test_user_error_is_one_line_exit_2_without_traceback_in_a_subprocess(tmp_pat
 def test_gld_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch):
     monkeypatch.setenv('GLD_DEBUG', '1')
     with pytest.raises(SystemExit):
-        cameras.run_cli(sample.main, ['--size', '50x50'])
+        cli.run_cli(sample.main, ['--size', '50x50'])
     err = capsys.readouterr().err
     assert 'Traceback' in err and err.strip().splitlines()[-1].startswith('error: --size 50x50')
     with pytest.raises(ZeroDivisionError):  # not a user's mistake: the traceback is kept
-        cameras.run_cli(lambda argv: 1 / 0)
+        cli.run_cli(lambda argv: 1 / 0)
 
 
 def test_bad_frame_in_evaluation_names_scene_and_frame_never_another_scene(small_data, tmp_path, capsys):
@@ -2664,7 +2665,7 @@ def test_views_are_honoured_with_an_evaluation_index(small_data, capsys):
     assert 'gives 2 context + 6 target frames per scene; --views 4' in capsys.readouterr().out
     assert ds[0]['frames'].tolist() == sorted(context + [target[1], target[4]]) and ds[0]['images'].shape[0] == 4
     assert len(data.SceneDataset(str(small_data), 'test', num_views=8, eval=True)[0]['frames']) == 8
-    with pytest.raises(data.UserError, match='--views 2: .* 2 context frames per scene; pass --views 3'):
+    with pytest.raises(cli.UserError, match='--views 2: .* 2 context frames per scene; pass --views 3'):
         data.SceneDataset(str(small_data), 'test', num_views=2, eval=True)
 
 
@@ -2895,7 +2896,7 @@ def test_an_implausible_camera_estimate_is_one_line(world, photos, capsys, monke
                                       world['root'] / 'out' / 'broken'], capsys,
                         'implausible', 'focal lengths', 'principal point', '--cameras')
     g = {'c2w': torch.eye(4).expand(2, 4, 4), 'K': torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)}
-    with pytest.raises(cameras.UserError, match='apart at a median depth'):  # two photos, one camera centre
+    with pytest.raises(cli.UserError, match='apart at a median depth'):  # two photos, one camera centre
         cameras.check_estimate(g['c2w'], g['K'], torch.ones(2, 8, 8), 8, 8)
     cameras.check_estimate(g['c2w'][:1], g['K'][:1], torch.ones(1, 8, 8), 8, 8)  # one photo: no baseline to check
 
@@ -2979,7 +2980,7 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
         np.savez(npz / f'photo_{v}.npz', c2w=c2w[v].numpy(), K=cameras.K_to_pixels(K[v], H, W).numpy())
     cams = export.read_cameras(str(npz), image_size=(H, W))
     assert same({**cams, 'names': [n + '.jpg' for n in cams['names']]})
-    with pytest.raises(cameras.UserError, match='add H and W'):
+    with pytest.raises(cli.UserError, match='add H and W'):
         export.read_cameras(str(npz))
 
 
@@ -3000,7 +3001,7 @@ def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
         def isatty(self):
             return True
     for stream, every in ((Terminal(), 10.0), (io.StringIO(), 10.0), (Terminal(), 0)):
-        bar = cameras.Progress('steps', 3, every=every, stream=stream)
+        bar = cli.Progress('steps', 3, every=every, stream=stream)
         for _ in range(3):
             bar.step()
         text = stream.getvalue()

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cameras
+import cli
 import data
 import decoder as decoder_lib
 import diffusion
@@ -128,7 +128,7 @@ def get_args(argv=None):
     args.ema = args.ema if args.ema is not None else recipe['ema']
     lo, hi = parse_range(args.src, '--src')
     if args.stage == 'diffusion' and not 1 <= lo <= min(hi, args.views - 1):
-        raise data.UserError(f'--src {args.src}: a sample of --views {args.views} has 1..{args.views - 1} source views')
+        raise cli.UserError(f'--src {args.src}: a sample of --views {args.views} has 1..{args.views - 1} source views')
     return args
 
 
@@ -138,7 +138,7 @@ def parse_range(s, flag):
     try:
         return int(lo), int(hi or lo)
     except ValueError:
-        raise data.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
+        raise cli.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
 
 
 def encoder_weights(args):
@@ -180,7 +180,7 @@ def save_checkpoint(out, step, state, keep):
     except (OSError, RuntimeError) as e:  # a full disk (PyTorch's writer raises RuntimeError): drop the partial file
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise data.UserError(f'{path}: cannot write the checkpoint ({str(e).strip().splitlines()[0][:120]}); the older '
+        raise cli.UserError(f'{path}: cannot write the checkpoint ({str(e).strip().splitlines()[0][:120]}); the older '
                              'checkpoints in that folder are intact: free disk space, then continue with --resume') from None
     os.replace(tmp, path)
     for old in list_checkpoints(out)[:-keep]:
@@ -208,7 +208,7 @@ def load_newest_checkpoint(out, device):
             reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
         print(f'--resume: skipping {path} ({reason})')
     if paths:
-        raise data.UserError(f'--resume: none of the {len(paths)} checkpoints in {out} loads (above); remove them to '
+        raise cli.UserError(f'--resume: none of the {len(paths)} checkpoints in {out} loads (above); remove them to '
                              'start from scratch, or pass another --out')
     return None, None
 
@@ -434,7 +434,7 @@ def validation_scenes(val, device, n=8):
 def build_cache(args, stage, size, gap, rank, world, device):
     """--cache: the DA3 outputs of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
     if args.size == 'buckets':
-        raise data.UserError('--cache works at one image size: pass --size HxW or drop --cache')
+        raise cli.UserError('--cache works at one image size: pass --size HxW or drop --cache')
     src = parse_range(args.src, '--src')
     path = latents.LatentCache.path_for(os.path.join('runs', 'cache'), stage.enc, args.data, args.views, args.cache,
                                         stage.levels_needed, stage.level, src, args.src_mode, args.seed)
@@ -464,7 +464,7 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     torch.manual_seed(args.seed + rank); np.random.seed(args.seed + rank); random.seed(args.seed + rank)
     if args.export and os.path.realpath(args.export) == os.path.realpath(pipeline.WEIGHTS) and not args.force:
-        raise data.UserError(f'--export {args.export}: that folder holds the bundled models; export to a new folder '
+        raise cli.UserError(f'--export {args.export}: that folder holds the bundled models; export to a new folder '
                              '(e.g. --export weights/mine) or add --force to replace them')
     data.make_output_dir(args.out)
     recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
@@ -627,4 +627,4 @@ def log_row(step, sum_loss, parts_sum, n, grad_norm, lr, seen, dt, batch, stage,
 
 
 if __name__ == '__main__':
-    cameras.run_cli(main)
+    cli.run_cli(main)
