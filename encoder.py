@@ -485,6 +485,10 @@ class DA3(nn.Module):
         H, W = images.shape[-2:]
         return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
 
+    def training_loss(self, batch):
+        """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts)."""
+        return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
+
 
 def check_size(H, W):
     if H % PATCH or W % PATCH:

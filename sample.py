@@ -63,6 +63,12 @@ def find_checkpoint(name, ckpt_dir=None):
                             f'{COMMANDS.get(name, "python train.py")} (or pass --ckpt-dir)')
 
 
+def run_name(name, encoder='da3-tiny'):
+    """The run folder / export name of a stage on a latent encoder: name for da3-tiny (the bundled default),
+    '<name>-<encoder>' for the others, so runs on different latents never pick up each other's models."""
+    return name if encoder == 'da3-tiny' else f'{name}-{encoder}'
+
+
 def load_checkpoint(path, device='cpu'):
     """-> (meta, state_dict). A training checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar."""
     if path.endswith('.safetensors'):
@@ -97,10 +103,14 @@ def export_weights(kind, net, config, extra, folder, name):
 
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir='runs'):
-    """A frozen DA3. weights: 'auto' (for da3-tiny: <ckpt_dir>/encoder, then weights/tiny/encoder; ckpt_dir None:
-    the bundled one only), 'none', or a file."""
+    """A frozen latent encoder (encoder.build_encoder). weights: 'auto' (for da3-tiny: <ckpt_dir>/encoder, then
+    weights/tiny/encoder, ckpt_dir None: the bundled one only; other presets: <ckpt_dir>/encoder-<preset> when
+    trained there, else random), 'none', or a file."""
     if weights == 'auto' and preset == 'da3-tiny':
         weights = find_checkpoint('encoder', ckpt_dir)
+    elif weights == 'auto':
+        with contextlib.suppress(FileNotFoundError):
+            weights = find_checkpoint(run_name('encoder', preset), ckpt_dir)
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
             print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
@@ -134,7 +144,8 @@ def load_decoder(path, device='cpu'):
 # ----------------------------------------------------------------------------- the cascade
 
 class Pipeline:
-    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
+    """Frozen encoder + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated
+    level. What the encoder lacks (propagation, a geometry head) is skipped, as its capabilities say."""
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
@@ -169,12 +180,13 @@ class Pipeline:
         given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
         -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
         B, V, _, H, W = images.shape
-        hw = (H // 14, W // 14)
+        enc, L = self.enc, self.enc.num_levels
+        hw = (H // enc.patch, W // enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
-        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
-        cond = latents.source_condition(self.enc, images, n_src)
+        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None, patch=enc.patch)
+        cond = latents.source_condition(enc, images, n_src)
         gen = torch.Generator().manual_seed(seed)
-        levels, given = [None] * 4, dict(given or {})
+        levels, given, cls_last = [None] * L, dict(given or {}), None
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
             t0 = time.time()
             if level in given:
@@ -187,27 +199,32 @@ class Pipeline:
                 n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
                 self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg}: {time.time() - t0:.2f}s')
         t0 = time.time()
-        if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
-            cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
-            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls, hw)
-            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..3 through frozen DA3: {time.time() - t0:.2f}s')
+        if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
+            cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            levels[self.boundary + 1:], cls_deep = enc.propagate(levels[self.boundary], self.boundary, cls, hw, return_cls=True)
+            cls_last = cls_deep[-1]
+            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..{L - 1} through frozen {enc.cfg.name}: {time.time() - t0:.2f}s')
         t0 = time.time()
-        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, 4)
+        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, L)
         filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
-        norm = self.enc.normalize_levels(filled)
+        norm = enc.normalize_levels(filled)
         rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
-        geo = self.enc.geometry(norm, H, W)
-        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s')
+        geo = enc.geometry(norm, H, W, cls_last=cls_last) if enc.has_geometry else {}
+        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s' if enc.has_geometry else
+                 f'  decode RGB: {time.time() - t0:.2f}s (no geometry: {enc.cfg.name} has no geometry head)')
         return {'levels': filled, 'images': rgb, 'geometry': geo}
 
 
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
     """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
-    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device)
+    dec = enc.rgb_decoder() if enc.has_rgb_decoder else load_decoder(find_checkpoint(run_name('decoder', encoder), ckpt_dir), device)
+    if boundary >= enc.num_levels:
+        log(f'note: {encoder} has levels 0..{enc.num_levels - 1}: boundary {boundary} -> {enc.num_levels - 1}')
+        boundary = enc.num_levels - 1
     models = {}
     for level in range(boundary, -1, -1):
-        name = f'level{level}' + ('_ind' if independent and level == 0 else '')  # M1..M3 are independent by nature
+        name = run_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)  # M1..M3: independent
         try:
             models[level] = load_model(find_checkpoint(name, ckpt_dir), device)
         except FileNotFoundError:
@@ -253,17 +270,18 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg, seed, lpips=None, gt_geometry
     for name, im in baselines(images, n_src, c2w).items():
         rows[name] = image_metrics(im, gt, lpips)
     geo = out['geometry']
-    rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
-    if 'depths' in scene:
+    if 'c2w' in geo:
+        rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
+    if 'depths' in scene and 'depth' in geo:
         rows['gld'].update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
     raw = pipe.enc.encode(images)
     k = pipe.boundary
     if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
         stats = pipe.models[k][1]['stats']
         rows['gld']['mse_k'] = float((stats.normalize(out['levels'][k], k) - stats.normalize(raw[k], k))[:, n_src:].pow(2).mean())
-    if gt_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
-        full = pipe.enc.normalize_levels(raw)
-        g = pipe.enc.geometry(full, images.shape[-2], images.shape[-1])
+    if gt_geometry and pipe.enc.has_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
+        raw, cls = pipe.enc.encode(images, return_cls=True)
+        g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), images.shape[-2], images.shape[-1], cls_last=cls[-1])
         rows['da3 on gt images'] = {**cameras.pose_metrics(g['c2w'][0], c2w[0]),
                                     **(data.depth_metrics(g['depth'][:, n_src:], scene['depths'][:, n_src:], align='median')
                                        if 'depths' in scene else {})}
@@ -309,7 +327,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
         scene = data.collate_one(dataset[i])
         images = scene['images']
         levels = enc.normalize_levels(enc.encode(images))
-        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
+        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)).items():
             m = image_metrics(im.clamp(0, 1), images, lpips)
             per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
             for k, v in m.items():
@@ -340,6 +358,10 @@ def evaluate_during_training(stage, val, a, device, n=8):
     metrics, scenes = {}, [data.collate_one(val[i]) for i in range(min(n, len(val)))]
     scenes = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()} for s in scenes]
     scenes = [data.split_views(s, 2, mode='ends') for s in scenes]
+    if stage.kind == 'encoder' and net.has_rgb_decoder:  # the VAE: reconstruction through its own decoder
+        ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
+                        .clamp(0, 1), s['images']).mean() for s in scenes]
+        return {'recon_psnr': float(torch.stack(ps).mean())}
     if stage.kind == 'encoder':
         out = [net(s['images']) for s in scenes]
         m = [data.depth_metrics(o['depth'], s['depths'], align='median') for o, s in zip(out, scenes)]
@@ -348,18 +370,20 @@ def evaluate_during_training(stage, val, a, device, n=8):
         ps = []
         for s in scenes:
             lv = stage.enc.normalize_levels(stage.enc.encode(s['images']))
-            ps.append(data.psnr(net(lv, (s['images'].shape[-2] // 14, s['images'].shape[-1] // 14)).clamp(0, 1),
+            ps.append(data.psnr(net(lv, (s['images'].shape[-2] // stage.enc.patch, s['images'].shape[-1] // stage.enc.patch)).clamp(0, 1),
                                 s['images']).mean())
         return {'recon_psnr': float(torch.stack(ps).mean())}
     try:
-        dec = load_decoder(find_checkpoint('decoder', 'runs'), device) if a.decoder_ckpt == 'auto' else \
+        dec = stage.enc.rgb_decoder() if stage.enc.has_rgb_decoder else \
+            load_decoder(find_checkpoint(run_name('decoder', a.encoder), 'runs'), device) if a.decoder_ckpt == 'auto' else \
             (load_decoder(a.decoder_ckpt, device) if a.decoder_ckpt != 'none' else None)
     except FileNotFoundError:
         dec = None
     if dec is None:
         return {}
     meta = {'stats': stage.stats, 'upper_level': stage.upper_level}
-    pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=max(1, stage.level), log=lambda *_: None)
+    boundary = min(max(1, stage.level), stage.enc.num_levels - 1)
+    pipe = Pipeline(stage.enc, dec, {stage.level: (net, meta)}, boundary=boundary, log=lambda *_: None)
     ps, mse, grids = [], [], []
     for i, s in enumerate(scenes):
         full = stage.enc.encode(s['images'])
@@ -400,6 +424,10 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
     views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
     save_image(make_grid(frames_gt if frames_gt is not None else views, pred, n_src), os.path.join(out_dir, 'grid.png'))
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
+    if 'depth' not in geo or 'c2w' not in geo:  # a latent without a geometry head (DINOv2, the VAE): images only
+        json.dump({**(metrics or {}), 'export': 'none: this latent has no geometry head (no depth, cameras or 3D)'},
+                  open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
+        return
     depth = geo['depth'][0]
     np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
     for v in range(V):
@@ -443,8 +471,11 @@ def user_scene(paths, cams_path, size, enc):
         images = images[None]
         K = Kin[None] if K is not None else None
     if c2w is None:
-        print('no --cameras: estimating source cameras with the frozen DA3 geometry head')
-        g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
+        if not enc.has_geometry:
+            raise SystemExit(f'{enc.cfg.name} has no geometry head to estimate cameras: pass --cameras transforms.json')
+        print(f'no --cameras: estimating source cameras with the frozen {enc.cfg.name} geometry head')
+        levels, cls = enc.encode(images, return_cls=True)
+        g = enc.geometry(enc.normalize_levels(levels), tH, tW, cls_last=cls[-1])
         c2w, K = g['c2w'], g['K']
     if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
         raise SystemExit(f'{cams_path}: cameras contain NaN or inf values')
@@ -476,7 +507,7 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
         res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
         outs.append(res)
     cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
-    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K')}
+    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K') if k in outs[0]['geometry']}
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
@@ -484,6 +515,8 @@ def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling and evaluation', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py --encoder): '
+                   'da3-*, vggt-*, dinov2-*, vae* (encoder.build_encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
@@ -525,14 +558,14 @@ def main(argv=None):
     if a.recon or a.eval:
         ensure_data(a.data)
     if a.recon:
-        enc = load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = load_decoder(find_checkpoint('decoder', a.ckpt_dir), device)
+        enc = load_encoder(a.encoder, 'auto', device, ckpt_dir=a.ckpt_dir)
+        dec = enc.rgb_decoder() if enc.has_rgb_decoder else load_decoder(find_checkpoint(run_name('decoder', a.encoder), a.ckpt_dir), device)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
         pipe = load_official_pipeline(a.official, device)
     else:
-        pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
+        pipe = load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         return run_eval(pipe, ds, a.src, a.steps, a.cfg, a.seed, a.out, a.eval_scenes, lpips)

@@ -6,6 +6,8 @@
     python train.py --level 0                  # Stage 3: M1->0, level 0 conditioned on ground-truth level 1
     python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
     torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
+    python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (encoder.build_encoder)
+    python train.py --stage encoder --encoder vae-tiny   # the tiny SD-architecture VAE on the synthetic scenes
 
 Everything a run needs stays visible here, a few lines each: DDP (torchrun env vars; NCCL on GPU, gloo on CPU),
 bf16 autocast on GPU, torch.compile, EMA, gradient accumulation that syncs only on the last micro-step, atomic
@@ -69,8 +71,11 @@ def build_parser():
     g.add_argument('--cache', type=int, default=0, help='diffusion: encode this many fixed view draws per scene once '
                    '(runs/cache/, keyed by the encoder hash) and train on them (0 = encode every batch)')
     g = p.add_argument_group('models')
-    g.add_argument('--encoder', default='da3-tiny', help='DA3 preset')
-    g.add_argument('--encoder-weights', default='auto', help="DA3 weights file; 'auto' = runs/encoder then weights/tiny; 'none' = random")
+    g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-{tiny,small,base,large,giant} (GLD), vggt-{tiny,1b}, '
+                   'dinov2-{s,b,l}[-reg], vae[-tiny] (encoder.build_encoder)')
+    g.add_argument('--encoder-weights', default='auto', help="encoder weights file (its official layout); 'auto' = runs/encoder "
+                   "then weights/tiny (other encoders: runs/encoder-NAME, else random); 'none' = random. Runs on encoders "
+                   "other than da3-tiny go to runs/<stage>-NAME")
     g.add_argument('--decoder', default='tiny', help='RGB decoder preset (stage decoder), see decoder.PRESETS')
     g.add_argument('--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip")
     g.add_argument('--model', default='gld-tiny', help='DiT preset, see model.PRESETS')
@@ -111,10 +116,11 @@ def get_args(argv=None):
     a = build_parser().parse_args(argv)
     if a.level is not None:
         a.stage = 'diffusion'
-    elif a.stage == 'diffusion':
-        a.level = 1
+    elif a.stage == 'diffusion':  # M1, or the only level of a one-level latent (DINOv2, VAE)
+        with torch.device('meta'):
+            a.level = min(1, encoder_lib.build_encoder(a.encoder).num_levels - 1)
     name = a.stage if a.stage != 'diffusion' else f'level{a.level}' + ('_ind' if a.independent and a.level == 0 else '')
-    a.out = a.out or os.path.join('runs', name)
+    a.out = a.out or os.path.join('runs', sample.run_name(name, a.encoder))
     return a
 
 
@@ -237,16 +243,19 @@ def read_csv(path):
 # ----------------------------------------------------------------------------- the stages
 
 class EncoderStage:
-    """da3-tiny trained from scratch with DA3's depth and ray-map objectives: our own small geometric foundation model."""
+    """An encoder trained from scratch with its own objective (its training_loss): da3-tiny with DA3's depth and
+    ray-map losses (our own small geometric foundation model), vae-tiny with the VAE's."""
     kind = 'encoder'
 
     def __init__(self, a, device):
         self.net = encoder_lib.build_encoder(a.encoder).to(device)
+        if not hasattr(self.net, 'training_loss'):
+            raise SystemExit(f'--stage encoder: {a.encoder} has no training objective here; '
+                             'use its official weights (--encoder-weights FILE)')
         self.config = asdict(self.net.cfg)
 
     def loss(self, batch, a, gen):
-        out = self.net(batch['images'])
-        return encoder_lib.geometry_loss(out, batch['depths'], batch['c2w'], batch['K'])
+        return self.net.training_loss(batch)
 
     def extra_state(self):
         return {}
@@ -258,8 +267,11 @@ class DecoderStage:
 
     def __init__(self, a, device):
         self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
+        if self.enc.has_rgb_decoder:
+            raise SystemExit(f'--stage decoder: {a.encoder} decodes RGB with its own decoder; nothing to train')
         cfg = decoder_lib.PRESETS[a.decoder]
-        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': a.noise_tau})
+        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': a.noise_tau,
+                                           'num_levels': self.enc.num_levels, 'patch': self.enc.patch})
         self.net = decoder_lib.RGBDecoder(cfg).to(device)
         self.config = asdict(cfg)
         self.lpips = data.lpips_fn(device) if a.lpips else None
@@ -272,8 +284,8 @@ class DecoderStage:
         B, V, _, H, W = images.shape
         with torch.no_grad():
             levels = self.enc.normalize_levels(self.enc.encode(images))
-        keep = decoder_lib.sample_level_keep(B, a.level_dropout, gen).to(images.device)
-        pred = self.net(levels, (H // 14, W // 14), keep=keep)
+        keep = decoder_lib.sample_level_keep(B, a.level_dropout, gen, len(levels)).to(images.device)
+        pred = self.net(levels, (H // self.enc.patch, W // self.enc.patch), keep=keep)
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
         if self.disc is not None and a.step >= a.gan:
             gan_loss, gparts = decoder_lib.adversarial_step(self.net, self.disc, self.disc_opt, pred, images, loss)
@@ -292,14 +304,17 @@ class DiffusionStage:
     def __init__(self, a, device, loader):
         self.enc = sample.load_encoder(a.encoder, a.encoder_weights, device)
         # only M1->0 is conditioned on a deeper level (the cascade); M1..M3 and --independent M0 are not
-        self.level, self.upper_level = a.level, (1 if a.level == 0 and not a.independent else None)
+        if a.level >= self.enc.num_levels:
+            raise SystemExit(f'--level {a.level}: {a.encoder} has levels 0..{self.enc.num_levels - 1}')
+        cascade = a.level == 0 and not a.independent and self.enc.num_levels > 1
+        self.level, self.upper_level = a.level, (1 if cascade else None)
         levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
         init_stats = sample.load_checkpoint(a.init)[0].get('stats') if a.init else None  # keep --init's normalisation
         self.stats = (encoder_lib.LatentStats.load(a.stats) if a.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
                       latents.compute_stats(self.enc, loader, levels_needed, a.stats_batches, device))
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
-                     'checkpointing': a.checkpointing, **({'pos': a.pos} if a.pos else {})}
+                     'cam_patch': self.enc.patch, 'checkpointing': a.checkpointing, **({'pos': a.pos} if a.pos else {})}
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[a.model]), **overrides})
         self.net = model_lib.GLD(cfg).to(device)
         self.config = asdict(cfg)

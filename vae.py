@@ -188,6 +188,10 @@ class VAE(nn.Module):
     def rgb_decoder(self):
         return VAEDecoder(self)
 
+    def training_loss(self, batch):
+        """train.py --stage encoder: vae_loss over all views of a batch -> (loss, parts)."""
+        return vae_loss(self, batch['images'].flatten(0, 1))
+
 
 class VAEDecoder(nn.Module):
     """The VAE's own decoder with the RGB decoder's call: levels [(B,V,T,dim)], hw (token grid) -> (B,V,3,H,W)."""
