@@ -169,11 +169,10 @@ def resize_pos_embed(pos_embed, h, w, antialias=False):
     G = math.isqrt(pos_embed.shape[1] - 1)
     if h == w == G:
         return pos_embed
-    pe = pos_embed.float()
-    grid = pe[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)
+    grid = pos_embed[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
     size = dict(size=(h, w), antialias=True) if antialias else dict(scale_factor=((h + 0.1) / G, (w + 0.1) / G))
     grid = F.interpolate(grid, mode='bicubic', **size).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-    return torch.cat([pe[:, :1], grid], 1).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1].float(), grid], 1).to(pos_embed.dtype)
 
 
 class ViT(nn.Module):
@@ -194,14 +193,11 @@ class ViT(nn.Module):
     def is_global(self, i):
         return i >= self.cfg.alt_start and i % 2 == 1
 
-    def pos_embed_for(self, h, w):
-        return resize_pos_embed(self.pos_embed, h, w)
-
     def tokens(self, x):                                                  # x (B,V,3,H,W) normalised
         B, V, _, H, W = x.shape
         x = self.patch_embed.proj(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # (BV,T,C)
         x = torch.cat([self.cls_token.expand(B * V, 1, -1), x], 1)
-        x = x + self.pos_embed_for(H // PATCH, W // PATCH)
+        x = x + resize_pos_embed(self.pos_embed, H // PATCH, W // PATCH)
         return x.unflatten(0, (B, V))                                     # (B,V,1+T,C)
 
     def rope(self, hw, V, device):
@@ -498,18 +494,17 @@ def check_size(H, W):
 
 
 def build_encoder(preset='da3-base', weights=None):
-    """The latent-encoder registry: a name -> a frozen-encoder module; weights: None (random), a file, a list of
-    files or a state dict in the encoder's official layout ('hub' for DA3). The name's prefix picks the family:
-    da3-* (this file; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-* (dinov2.py; the RAE baseline), vae* (vae.py;
-    the SD-VAE baseline). Every encoder has the interface the DiT, training, statistics and the pipeline use:
+    """The latent-encoder registry: name -> encoder; weights: None (random), a file, files or a state dict in the
+    encoder's official layout ('hub' for DA3). Prefixes: da3-* (here; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-*
+    (dinov2.py; the RAE baseline), vae* (vae.py; SD-VAE baseline). The interface the DiT, training, statistics and
+    the pipeline use:
       dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
-      encode(images)            images (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
+      encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
       normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
-      can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.. through the frozen blocks, where
-                                first_view_cls(images, k) gives cls (the extra tokens GLD carries along)
-      has_geometry              geometry(normalised levels, H, W) -> depth, depth_conf (B,V,H,W), c2w (B,V,4,4), K
-      has_rgb_decoder           rgb_decoder() -> its own decoder, called as decoder.RGBDecoder (levels, hw, keep)
-                                -> (B,V,3,H,W); without one, a decoder.RGBDecoder is trained on the levels
+      can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
+      has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
+      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder(levels, hw, keep) -> (B,V,3,H,W);
+                                otherwise a decoder.RGBDecoder is trained on the levels
       freeze(), cfg.name"""
     if isinstance(preset, str) and not preset.startswith('da3'):
         import dinov2, vae, vggt  # the other families build on this file's pieces
