@@ -459,7 +459,8 @@ def main(argv=None):
             dt = time.time() - t_last; n = a.log_every if step % a.log_every == 0 else step % a.log_every
             B, V = batch['c2w'].shape[:2]
             H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
-            T = (H // data.PATCH) * (W // data.PATCH)
+            patch = stage.enc.patch if hasattr(stage, 'enc') else net.patch  # image pixels per token of the latent
+            T = (H // patch) * (W // patch)
             bins = {}  # the loss binned by t: bin sums over counts of the whole interval
             if 't_bin_sum' in parts_sum:
                 total, count = parts_sum.pop('t_bin_sum'), parts_sum.pop('t_bin_count')
