@@ -2675,3 +2675,19 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
         assert res['geometry']['depth'].shape[2:] == (112, 112) and os.path.exists('out/depth.npy')
     else:
         assert res['geometry'] == {} and 'no geometry head' in meta['export'] and not os.path.exists('out/depth.npy')
+
+
+def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path):
+    monkeypatch.chdir(synth112)
+    run = ['--data', 'data', '--views', '3', '--batch-size', '1', '--steps', '1', '--eval-every', '0']
+    with pytest.raises(SystemExit, match='no training objective'):
+        train.main(['--stage', 'encoder', '--encoder', 'dinov2-s'] + run)
+    with pytest.raises(SystemExit, match='its own decoder'):
+        train.main(['--stage', 'decoder', '--encoder', 'vae-tiny'] + run)
+    with pytest.raises(SystemExit, match=r'levels 0\.\.0'):
+        train.main(['--level', '1', '--encoder', 'dinov2-s'] + run)
+    with pytest.raises(ValueError, match='unknown encoder .* known: .*vggt-1b'):
+        encoder_lib.build_encoder('vggt-2b')
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'a.png')
+    with pytest.raises(SystemExit, match='no geometry head to estimate cameras'):
+        sample.user_scene([str(tmp_path / 'a.png')], '', None, encoder_lib.build_encoder('dinov2-s'))
