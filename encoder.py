@@ -18,6 +18,7 @@ Notable features
 - Weight loading from local files (DA3 hub layout, plain state dicts, GLD's split release), with a
   readable strict key check; `LatentStats` for GLD's per-channel latent normalisation.
 - `geometry_loss`: DA3-style confidence-weighted depth + ray losses, to train the tiny preset.
+- `build_encoder`: the latent-encoder registry (DA3 here; VGGT, DINOv2, the SD VAE beside it) and the interface.
 
 Reference view: DA3 moves the chosen reference view to position 0 before `alt_start`. Blocks before it
 are per-view and global attention is permutation-equivariant over views, so here the reference view
@@ -503,8 +504,7 @@ def build_encoder(preset='da3-base', weights=None):
       normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
       can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
       has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
-      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder(levels, hw, keep) -> (B,V,3,H,W);
-                                otherwise a decoder.RGBDecoder is trained on the levels
+      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
       freeze(), cfg.name"""
     if isinstance(preset, str) and not preset.startswith('da3'):
         import dinov2, vae, vggt  # the other families build on this file's pieces

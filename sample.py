@@ -5,12 +5,15 @@
     python sample.py --images a.png b.png --cameras transforms.json --traj orbit --frames 24
     python sample.py --eval                            # N=2 -> 6 targets on the test split: tables, JSON, CSV
     python sample.py --official DIR                    # the released GLD models (see README)
+    python sample.py --ckpt-dir runs --encoder vggt-tiny   # models trained on another latent (train.py --encoder)
 
 Pipeline (paper Sec. 4, Fig. 2): DA3 encodes the source views alone (leakage-free) -> M1 generates level-1 features
 of all V views (rectified flow, Euler, CFG over cameras) -> M1->0 generates level 0 conditioned on them -> the
 frozen DA3 blocks after level 1 propagate the generated features to levels 2 and 3 (all views jointly) -> the RGB
 decoder turns the four levels into images, and DA3's frozen DualDPT head gives depth, ray maps, cameras and a point
 cloud with no extra training. `--boundary k` with independent models reproduces the boundary ablation.
+On another latent (`--encoder`: VGGT, DINOv2, the SD VAE) the same code runs; what the encoder lacks (propagation,
+a geometry head, a second level) is skipped as its capability flags say, and said in the log and metrics.json.
 
 This file also owns the glue that training reuses (train.py imports it; it never imports train.py): building
 frozen encoders, checkpoint loading and export. What the diffusion models see of DA3 (cameras, the source
