@@ -2691,3 +2691,12 @@ def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path)
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'a.png')
     with pytest.raises(SystemExit, match='no geometry head to estimate cameras'):
         sample.user_scene([str(tmp_path / 'a.png')], '', None, encoder_lib.build_encoder('dinov2-s'))
+
+
+@pytest.mark.parametrize('name,parts', [('vggt-tiny', {'encode (vggt-tiny)', 'propagate level 1 -> 2, 3', 'RGB decode (tiny)', 'geometry head'}),
+                                        ('vae-tiny', {'encode (vae-tiny)', 'RGB decode (own)'})])
+def test_bench_times_what_each_latent_has(name, parts):
+    rows = bench.main(['--encoder', name, '--views', '2', '--size', '32' if name == 'vae-tiny' else '28', '--batch', '1',
+                       '--iters', '1', '--warmup', '0', '--skip', 'train,sample,data'])
+    timed = [r for r in rows if 'ms' in r]
+    assert {r['part'] for r in timed} == parts and all(r['ms'] > 0 for r in timed)
