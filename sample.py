@@ -62,8 +62,9 @@ def find_checkpoint(name, ckpt_dir=None):
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if os.path.exists(path):
         return path
+    base, _, encoder = name.partition('-')  # run_name: '<stage>-<encoder>' for latents other than da3-tiny
     raise FileNotFoundError(f'no checkpoint for {name!r} in {ckpt_dir or "-"} nor {path}; create it with: '
-                            f'{COMMANDS.get(name, "python train.py")} (or pass --ckpt-dir)')
+                            f'{COMMANDS.get(base, "python train.py")}{" --encoder " + encoder if encoder else ""} (or pass --ckpt-dir)')
 
 
 def run_name(name, encoder='da3-tiny'):

@@ -2686,6 +2686,8 @@ def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path)
         train.main(['--stage', 'decoder', '--encoder', 'vae-tiny'] + run)
     with pytest.raises(SystemExit, match=r'levels 0\.\.0'):
         train.main(['--level', '1', '--encoder', 'dinov2-s'] + run)
+    with pytest.raises(FileNotFoundError, match='python train.py --stage decoder --encoder dinov2-s'):
+        sample.load_pipeline(None, encoder='dinov2-s')  # only da3-tiny has bundled models
     with pytest.raises(ValueError, match='unknown encoder .* known: .*vggt-1b'):
         encoder_lib.build_encoder('vggt-2b')
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'a.png')
