@@ -36,7 +36,8 @@ import model as model_lib
 def build_parser():
     p = argparse.ArgumentParser(description='GLD benchmarks', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--preset', default='gld-tiny', help='DiT preset (model.PRESETS)')
-    p.add_argument('--encoder', default='da3-tiny', help='DA3 preset for propagation and the geometry head')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (encoder.build_encoder) for encode, propagation, '
+                   'decoding and the geometry head, each where the encoder has it')
     p.add_argument('--decoder', default='tiny', help='RGB decoder preset')
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
@@ -135,17 +136,22 @@ def bench_sample(net, batch, a, device, autocast, rows, label):
 
 def bench_frozen(a, device, autocast, rows):
     enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
-    dec = decoder_lib.RGBDecoder(replace(decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim)).to(device).eval()
+    dec = enc.rgb_decoder() if enc.has_rgb_decoder else decoder_lib.RGBDecoder(replace(
+        decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim, num_levels=enc.num_levels, patch=enc.patch)).to(device).eval()
     images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
-    hw = (a.size // data.PATCH, a.size // data.PATCH)
+    hw = (a.size // enc.patch, a.size // enc.patch)
     with torch.no_grad(), autocast:
-        levels, cls = enc.encode(images, return_cls=True)
+        levels = enc.encode(images)
         norm = enc.normalize_levels(levels)
-        rows.append({'part': f'DA3 encode ({a.encoder})', 'ms': 1e3 * timeit(lambda: enc.encode(images), a.iters, a.warmup, device)})
-        rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': 1e3 * timeit(
-            lambda: enc.propagate(levels[1], 1, cls[1][:, 0], hw), a.iters, a.warmup, device)})
-        rows.append({'part': f'RGB decode ({a.decoder})', 'ms': 1e3 * timeit(lambda: dec(norm, hw), a.iters, a.warmup, device)})
-        rows.append({'part': 'geometry head', 'ms': 1e3 * timeit(lambda: enc.geometry(norm, a.size, a.size), a.iters, a.warmup, device)})
+        rows.append({'part': f'encode ({a.encoder})', 'ms': 1e3 * timeit(lambda: enc.encode(images), a.iters, a.warmup, device)})
+        if enc.can_propagate:
+            cls = enc.first_view_cls(images, 1)
+            rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': 1e3 * timeit(
+                lambda: enc.propagate(levels[1], 1, cls, hw), a.iters, a.warmup, device)})
+        rows.append({'part': f'RGB decode ({a.decoder if not enc.has_rgb_decoder else "own"})',
+                     'ms': 1e3 * timeit(lambda: dec(norm, hw), a.iters, a.warmup, device)})
+        if enc.has_geometry:
+            rows.append({'part': 'geometry head', 'ms': 1e3 * timeit(lambda: enc.geometry(norm, a.size, a.size), a.iters, a.warmup, device)})
 
 
 def bench_data_paths(net, a, device, rows):

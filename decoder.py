@@ -60,6 +60,7 @@ class DecoderConfig:
     ln_eps: float = 1e-6
     imagenet_output: bool = False  # True: output is ImageNet-normalised and de-normalised (official)
     noise_tau: float = 0.0       # RAE noise augmentation of the input features (training only)
+    num_levels: int = NUM_LEVELS  # levels of the latent (1 for DINOv2: RAE's decoder)
 
 
 PRESETS = {
@@ -117,7 +118,7 @@ class Block(nn.Module):
 
 
 class RGBDecoder(nn.Module):
-    """Four feature levels (B,V,T,F) each -> images (B,V,3,H,W); every view is decoded on its own."""
+    """cfg.num_levels (4) feature levels (B,V,T,F) each -> images (B,V,3,H,W); every view is decoded on its own."""
 
     def __init__(self, cfg='tiny', feat_dim=None):
         super().__init__()
@@ -125,8 +126,8 @@ class RGBDecoder(nn.Module):
         cfg = replace(cfg, feat_dim=feat_dim) if feat_dim is not None else cfg
         self.cfg = cfg
         D, F_ = cfg.width, cfg.feat_dim
-        self.embed = nn.Linear(NUM_LEVELS * F_, D)
-        self.mask_tokens = nn.Parameter(torch.zeros(NUM_LEVELS, F_))    # stand-ins for dropped levels
+        self.embed = nn.Linear(cfg.num_levels * F_, D)
+        self.mask_tokens = nn.Parameter(torch.zeros(cfg.num_levels, F_))    # stand-ins for dropped levels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
@@ -164,7 +165,8 @@ class RGBDecoder(nn.Module):
             sigma = self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype)
             x = x + sigma * torch.randn_like(x)
         if keep is not None:
-            keep = keep.to(x.device).reshape(B, -1, NUM_LEVELS).expand(B, V, NUM_LEVELS)
+            L = self.cfg.num_levels
+            keep = keep.to(x.device).reshape(B, -1, L).expand(B, V, L)
             keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]               # (B,V,1,4F)
             x = torch.where(keep, x, self.mask_tokens.flatten().to(x.dtype))
         return x
@@ -193,14 +195,14 @@ def unpatchify(x, h, w, p):
     return x.reshape(N, 3, h * p, w * p)
 
 
-def sample_level_keep(B, p=0.5, generator=None):
-    """Level-wise dropout: (B,4) bool, each level dropped independently with probability p, rows with all four
-    dropped redrawn (rejection), so each level is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
+def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
+    """Level-wise dropout: (B,levels) bool, each level dropped independently with probability p, rows with all
+    dropped redrawn (rejection), so each of 4 levels is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
     assert 0 <= p < 1, 'p must be in [0, 1)'
-    keep = torch.rand(B, NUM_LEVELS, generator=generator) >= p
+    keep = torch.rand(B, levels, generator=generator) >= p
     while not keep.any(1).all():
         empty = ~keep.any(1)
-        keep[empty] = torch.rand(int(empty.sum()), NUM_LEVELS, generator=generator) >= p
+        keep[empty] = torch.rand(int(empty.sum()), levels, generator=generator) >= p
     return keep
 
 
@@ -210,8 +212,8 @@ def reconstruct_per_level(decoder, levels, hw):
     Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
     B = levels[0].shape[0]
     out = {'all': decoder(levels, hw)}
-    for level in range(NUM_LEVELS):
-        keep = torch.zeros(B, NUM_LEVELS, dtype=torch.bool, device=levels[0].device)
+    for level in range(len(levels)):
+        keep = torch.zeros(B, len(levels), dtype=torch.bool, device=levels[0].device)
         keep[:, level] = True
         out[level] = decoder(levels, hw, keep=keep)
     return out

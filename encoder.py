@@ -18,6 +18,7 @@ Notable features
 - Weight loading from local files (DA3 hub layout, plain state dicts, GLD's split release), with a
   readable strict key check; `LatentStats` for GLD's per-channel latent normalisation.
 - `geometry_loss`: DA3-style confidence-weighted depth + ray losses, to train the tiny preset.
+- `build_encoder`: the latent-encoder registry (DA3 here; VGGT, DINOv2, the SD VAE beside it) and the interface.
 
 Reference view: DA3 moves the chosen reference view to position 0 before `alt_start`. Blocks before it
 are per-view and global attention is permutation-equivariant over views, so here the reference view
@@ -140,9 +141,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, qk_norm, swiglu):
+    def __init__(self, dim, heads, qk_norm, swiglu, eps=1e-6):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qk_norm)
         self.mlp = (SwiGLU if swiglu else Mlp)(dim, 4 * dim)
         self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
@@ -165,6 +166,18 @@ def select_reference_view(tok0):
     return scores.argmin(1)
 
 
+def resize_pos_embed(pos_embed, h, w, antialias=False):
+    """pos_embed (1,1+G*G,C) -> (1,1+h*w,C) for an h x w grid, bicubic, as DINOv2: scale factor (n+0.1)/G
+    (its plain models, DA3) or, antialias=True, size=(h,w) with antialiasing (its register models, VGGT)."""
+    G = math.isqrt(pos_embed.shape[1] - 1)
+    if h == w == G:
+        return pos_embed
+    grid = pos_embed[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
+    size = dict(size=(h, w), antialias=True) if antialias else dict(scale_factor=((h + 0.1) / G, (w + 0.1) / G))
+    grid = F.interpolate(grid, mode='bicubic', **size).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    return torch.cat([pos_embed[:, :1].float(), grid], 1).to(pos_embed.dtype)
+
+
 class ViT(nn.Module):
     """The DA3 backbone (state-dict prefix backbone.pretrained.)."""
 
@@ -183,22 +196,11 @@ class ViT(nn.Module):
     def is_global(self, i):
         return i >= self.cfg.alt_start and i % 2 == 1
 
-    def pos_embed_for(self, h, w):
-        """pos_embed (1,1+T,C) for an h x w grid: DINOv2's bicubic resize with the +0.1 offset."""
-        G = self.cfg.pos_grid
-        if h == w == G:
-            return self.pos_embed
-        pe = self.pos_embed.float()
-        grid = pe[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((h + 0.1) / G, (w + 0.1) / G), mode='bicubic')
-        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([pe[:, :1], grid], 1).to(self.pos_embed.dtype)
-
     def tokens(self, x):                                                  # x (B,V,3,H,W) normalised
         B, V, _, H, W = x.shape
         x = self.patch_embed.proj(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # (BV,T,C)
         x = torch.cat([self.cls_token.expand(B * V, 1, -1), x], 1)
-        x = x + self.pos_embed_for(H // PATCH, W // PATCH)
+        x = x + resize_pos_embed(self.pos_embed, H // PATCH, W // PATCH)
         return x.unflatten(0, (B, V))                                     # (B,V,1+T,C)
 
     def rope(self, hw, V, device):
@@ -263,21 +265,24 @@ def conv3(cin, cout, bias=True):
 
 
 class ResidualConvUnit(nn.Module):
-    def __init__(self, f):
+    """conv2(relu(conv1(relu(x)))) + x, or + relu(x) with relu_skip (VGGT's in-place ReLU)."""
+
+    def __init__(self, f, relu_skip=False):
         super().__init__()
-        self.conv1, self.conv2 = conv3(f, f), conv3(f, f)
+        self.conv1, self.conv2, self.relu_skip = conv3(f, f), conv3(f, f), relu_skip
 
     def forward(self, x):
-        return self.conv2(F.relu(self.conv1(F.relu(x)))) + x
+        y = self.conv2(F.relu(self.conv1(F.relu(x))))
+        return y + (F.relu(x) if self.relu_skip else x)
 
 
 class FusionBlock(nn.Module):
     """DPT fusion: (+ RCU(lateral)) -> RCU -> bilinear upsample (align_corners) -> 1x1 conv."""
 
-    def __init__(self, f, lateral=True):
+    def __init__(self, f, lateral=True, relu_skip=False):
         super().__init__()
-        self.resConfUnit1 = ResidualConvUnit(f) if lateral else None
-        self.resConfUnit2 = ResidualConvUnit(f)
+        self.resConfUnit1 = ResidualConvUnit(f, relu_skip) if lateral else None
+        self.resConfUnit2 = ResidualConvUnit(f, relu_skip)
         self.out_conv = nn.Conv2d(f, f, 1)
 
     def forward(self, x, lateral=None, size=None):
@@ -295,9 +300,10 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 class DualDPT(nn.Module):
     """DA3's head: 4 levels -> depth + depth_conf (H x W) and ray + ray_conf (8h x 8w).
-    Only the finest aux level is used; output_conv{1,2}_aux.{0,1,2} exist for state-dict parity."""
+    Only the finest aux level is used; output_conv{1,2}_aux.{0,1,2} exist for state-dict parity.
+    aux=False, relu_skip=True: VGGT's depth head (the main branch alone, RCU skips add relu(x))."""
 
-    def __init__(self, dim_in, f, out_channels):
+    def __init__(self, dim_in, f, out_channels, aux=True, relu_skip=False):
         super().__init__()
         c = out_channels
         self.norm = nn.LayerNorm(dim_in, eps=1e-5)
@@ -307,10 +313,13 @@ class DualDPT(nn.Module):
         sc = self.scratch = nn.Module()
         for s in range(4):
             setattr(sc, f'layer{s + 1}_rn', conv3(c[s], f, bias=False))
-            for suffix in ('', '_aux'):
-                setattr(sc, f'refinenet{s + 1}{suffix}', FusionBlock(f, lateral=s < 3))
+            for suffix in ('', '_aux') if aux else ('',):
+                setattr(sc, f'refinenet{s + 1}{suffix}', FusionBlock(f, lateral=s < 3, relu_skip=relu_skip))
         sc.output_conv1 = conv3(f, f // 2)
         sc.output_conv2 = nn.Sequential(conv3(f // 2, 32), nn.ReLU(), nn.Conv2d(32, 2, 1))
+        self.aux = aux
+        if not aux:
+            return
         sc.output_conv1_aux = nn.ModuleList(nn.Sequential(conv3(f, f // 2), conv3(f // 2, f), conv3(f, f // 2),
                                                           conv3(f // 2, f), conv3(f, f // 2)) for _ in range(4))
         ln = ChannelLayerNorm(32, eps=1e-5)   # one LN shared by the 4 aux outputs, as in DA3
@@ -341,10 +350,12 @@ class DualDPT(nn.Module):
         main = sc.output_conv1(self.fuse(rn, ''))
         main = F.interpolate(main, size=(h * PATCH, w * PATCH), mode='bilinear', align_corners=True)
         main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))   # (B,V,2,H,W)
+        out = {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1}
+        if not self.aux:
+            return out
         aux = add_uv(sc.output_conv1_aux[3](self.fuse(rn, '_aux')), aspect)
         aux = sc.output_conv2_aux[3](aux).permute(0, 2, 3, 1).unflatten(0, (B, V))  # (B,V,8h,8w,7)
-        return {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1,
-                'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
+        return {**out, 'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
 
 
 class CameraDec(nn.Module):
@@ -376,6 +387,7 @@ class CameraDec(nn.Module):
 
 class DA3(nn.Module):
     """DA3 (backbone + DualDPT head + camera decoder) with GLD's encode / propagate interface."""
+    num_levels, has_geometry, can_propagate, has_rgb_decoder = 4, True, True, False
 
     def __init__(self, cfg):
         super().__init__()
@@ -457,6 +469,10 @@ class DA3(nn.Module):
         H, W = images.shape[-2:]
         return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
 
+    def training_loss(self, batch):
+        """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts)."""
+        return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
+
 
 def check_size(H, W):
     if H % PATCH or W % PATCH:
@@ -466,7 +482,24 @@ def check_size(H, W):
 
 
 def build_encoder(preset='da3-base', weights=None):
-    """preset name or EncoderConfig -> DA3; weights: None (random), 'hub', a file or a list of files."""
+    """The latent-encoder registry: name -> encoder; weights: None (random), a file, files or a state dict in the
+    encoder's official layout ('hub' for DA3). Prefixes: da3-* (here; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-*
+    (dinov2.py; the RAE baseline), vae* (vae.py; SD-VAE baseline). The interface the DiT, training, statistics and
+    the pipeline use:
+      dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
+      encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
+      normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
+      can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
+      has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
+      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
+      freeze(), cfg.name"""
+    if isinstance(preset, str) and not preset.startswith('da3'):
+        import dinov2, vae, vggt  # the other families build on this file's pieces
+        family = {'vggt': vggt, 'dinov2': dinov2, 'vae': vae}.get(preset.split('-')[0])
+        if family is None or preset not in family.PRESETS:
+            names = sorted([*PRESETS, *vggt.PRESETS, *dinov2.PRESETS, *vae.PRESETS])
+            raise cli.UserError(f'--encoder {preset}: unknown encoder; pass one of {", ".join(names)}')
+        return family.build(preset, weights)
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     enc = DA3(cfg)
     if weights is not None:
@@ -722,7 +755,7 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
     total = None
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
-        feats = enc.encode(images.to(device), ref_view)
+        feats = enc.encode(images.to(device), **({'ref_view': ref_view} if ref_view != 'first' else {}))
         rows = [feats[l].double().flatten(0, -2) for l in levels]         # each (BVT,2C)
         part = torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
         count = torch.tensor(float(rows[0].shape[0]), dtype=torch.float64, device=device)

@@ -1,4 +1,4 @@
-"""latents.py: what the diffusion models see of DA3, for training and sampling alike.
+"""latents.py: what the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
 - `model_cameras`: poses relative to the last view, scaled, -> the DiT's camera inputs (Plücker map, PRoPE).
 - `source_condition`: the leakage-free condition, DA3 run on the source views alone (paper Sec. 4.3).
@@ -24,11 +24,12 @@ import model as model_lib
 from data import PATCH
 
 
-def model_cameras(c2w, K, src_mask, hw, official=False):
+def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
     """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
-    inputs. official=True: the release's conventions (largest |t| component 1, its Plücker grid and PRoPE quirks)."""
+    inputs (patch: image pixels per token side, the encoder's). official=True: the release's conventions (largest
+    |t| component 1, its Plücker grid and PRoPE quirks)."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
-    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, official=official)
+    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
 def source_condition(enc, images, n_src):
@@ -66,7 +67,7 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
             sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
             eps = torch.randn(upper.shape, generator=generator).to(upper.device)
             upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
-    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // PATCH, W // PATCH))
+    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
     return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
 
 

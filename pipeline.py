@@ -36,22 +36,31 @@ COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: trai
 }
 
 
-def cascade_upper(level, independent=False):
-    """The level whose features condition the model of `level`: M1->0 reads level 1 (the cascade); M1..M3 and the
-    independent M0 of the boundary ablation read none."""
-    return 1 if level == 0 and not independent else None
+def cascade_upper(level, independent=False, num_levels=4):
+    """The level whose features condition the model of `level`: M1->0 reads level 1 (the cascade); M1..M3, the
+    independent M0 of the boundary ablation and the one level of a one-level latent (DINOv2, the VAE) read none."""
+    return 1 if level == 0 and not independent and num_levels > 1 else None
 
 
-def run_name(level, independent=False):
-    """The model's name: its run folder runs/<name> and its file weights/tiny/<name>.safetensors."""
-    return f'level{level}' + ('_ind' if independent and level == 0 else '')
+def model_name(stage, encoder='da3-tiny'):
+    """A model's name, its run folder runs/<name> and its file weights/tiny/<name>.safetensors: the stage (encoder,
+    decoder, level<k>, level0_ind) for da3-tiny, the bundled default; '<stage>-<encoder>' on other latents, so runs
+    on different latents never pick up each other's models."""
+    return stage if encoder == 'da3-tiny' else f'{stage}-{encoder}'
+
+
+def run_name(level, independent=False, encoder='da3-tiny'):
+    """The name of the diffusion model of `level` (model_name of level<k>, or level0_ind for the independent M0)."""
+    return model_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)
 
 
 def train_command(name):
-    """The command that trains the model called name: encoder, decoder, level<k> or level<k>_ind."""
-    if name.startswith('level'):
-        return f'python train.py --level {name[5]}' + (' --independent' if name.endswith('_ind') else '')
-    return COMMANDS[name]
+    """The command that trains the model called name (model_name): encoder, decoder, level<k>, level<k>_ind, each
+    with -<encoder> on other latents."""
+    stage, _, encoder = name.partition('-')
+    cmd = (f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
+           if stage.startswith('level') else COMMANDS[stage])
+    return cmd + (f' --encoder {encoder}' if encoder else '')
 
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
@@ -73,12 +82,14 @@ def find_checkpoint(name, ckpt_dir=None):
     return path
 
 
+def has_checkpoint(folder):
+    return os.path.isdir(folder) and any(f.startswith('ckpt_') and f.endswith('.pt') for f in os.listdir(folder))
+
+
 def auto_checkpoint(name):
     """train.py's 'auto' encoder and decoder: the newest runs/<name> checkpoint when there is one, else the bundled
     model (load_checkpoint prints which)."""
-    folder = os.path.join('runs', name)
-    has_run = os.path.isdir(folder) and any(f.startswith('ckpt_') and f.endswith('.pt') for f in os.listdir(folder))
-    return find_checkpoint(name, 'runs' if has_run else None)
+    return find_checkpoint(name, 'runs' if has_checkpoint(os.path.join('runs', name)) else None)
 
 
 def load_checkpoint(path, device='cpu'):
@@ -134,11 +145,14 @@ def export_weights(kind, net, config, extra, folder, name):
 
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
-    """A frozen DA3. weights: 'auto' (for da3-tiny: the newest <ckpt_dir>/encoder checkpoint, or the bundled
-    weights/tiny/encoder when ckpt_dir is None), 'none', or a file. enc.source = {'weights': the file or 'none',
+    """A frozen latent encoder (encoder.build_encoder). weights: 'auto' (da3-tiny: the newest <ckpt_dir>/encoder
+    checkpoint, or the bundled weights/tiny/encoder when ckpt_dir is None; other presets: <ckpt_dir>/encoder-<preset>
+    when one was trained there, else random), 'none', or a file. enc.source = {'weights': the file or 'none',
     'sha256': its hash or None} is what checkpoints record as the encoder that made their latents."""
     if weights == 'auto' and preset == 'da3-tiny':
         weights = find_checkpoint('encoder', ckpt_dir)
+    elif weights == 'auto' and ckpt_dir and has_checkpoint(os.path.join(ckpt_dir, model_name('encoder', preset))):
+        weights = find_checkpoint(model_name('encoder', preset), ckpt_dir)
     sha = None
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
@@ -235,14 +249,16 @@ class Pipeline:
     def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
         """images (B,V,3,H,W): only views 0..n_src-1 (the sources) are read. c2w (B,V,4,4), K (B,V,3,3) normalised.
         given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
-        -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': DA3 head outputs}."""
+        -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': the head's outputs ({} without a head)}.
+        What the encoder lacks (propagation, a geometry head) is skipped, as its capability flags say."""
         B, V, _, H, W = images.shape
-        hw = (H // data.PATCH, W // data.PATCH)
+        enc, L = self.enc, self.enc.num_levels
+        hw = (H // enc.patch, W // enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
-        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None)
-        cond = latents.source_condition(self.enc, images, n_src)
+        cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None, patch=enc.patch)
+        cond = latents.source_condition(enc, images, n_src)
         gen = torch.Generator().manual_seed(seed)
-        levels, given = [None] * 4, dict(given or {})
+        levels, given, cls_last = [None] * L, dict(given or {}), None
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
             t0 = time.time()
             if level in given:
@@ -255,27 +271,35 @@ class Pipeline:
                 n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
                 self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         t0 = time.time()
-        if self.boundary < 3:  # deeper levels: the generated level k through the remaining frozen DA3 blocks
-            cls = self.enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
-            levels[self.boundary + 1:] = self.enc.propagate(levels[self.boundary], self.boundary, cls, hw)
-            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..3 through frozen DA3: {time.time() - t0:.2f}s')
+        if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
+            cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            levels[self.boundary + 1:], cls_deep = enc.propagate(levels[self.boundary], self.boundary, cls, hw, return_cls=True)
+            cls_last = cls_deep[-1]
+            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..{L - 1} through frozen {enc.cfg.name}: '
+                     f'{time.time() - t0:.2f}s')
         t0 = time.time()
-        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, 4)
+        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, L)
         filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
-        norm = self.enc.normalize_levels(filled)
+        norm = enc.normalize_levels(filled)
         rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
-        geo = self.enc.geometry(norm, H, W)
-        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s')
+        geo = enc.geometry(norm, H, W, cls_last=cls_last) if enc.has_geometry else {}
+        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s' if enc.has_geometry else
+                 f'  decode RGB: {time.time() - t0:.2f}s (no geometry: {enc.cfg.name} has no geometry head)')
         return {'levels': filled, 'images': rgb, 'geometry': geo}
 
 
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
-    """Finds the models by name: encoder, decoder, level{k}..level0 (cascade) or level{l}_ind (independent, ablation)."""
+    """Finds the models by name (model_name): encoder, decoder, level{k}..level0 (cascade) or level{l}_ind
+    (independent, ablation), on the latent `encoder`; an encoder with its own RGB decoder (the VAE) uses it."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
-    dec = load_decoder(find_checkpoint('decoder', ckpt_dir), device, enc)
+    dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
+        load_decoder(find_checkpoint(model_name('decoder', encoder), ckpt_dir), device, enc)
+    if boundary >= enc.num_levels:
+        log(f'note: {encoder} has levels 0..{enc.num_levels - 1}: boundary {boundary} -> {enc.num_levels - 1}')
+        boundary = enc.num_levels - 1
     models = {}
     for level in range(boundary, -1, -1):
-        name = run_name(level, independent)
+        name = run_name(level, independent, encoder)
         models[level] = load_model(find_checkpoint(name, ckpt_dir), device, enc, name)
     return Pipeline(enc, dec, models, boundary, log)
 

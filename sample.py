@@ -65,18 +65,19 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     rows = {'gld': image_metrics(pred, gt, lpips)}
     for name, im in baselines(images, n_src, c2w).items():
         rows[name] = image_metrics(im, gt, lpips)
-    geo = out['geometry']
-    rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
-    if 'depths' in scene:
+    geo = out['geometry']  # {} for a latent without a geometry head
+    if 'c2w' in geo:
+        rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
+    if 'depths' in scene and 'depth' in geo:
         rows['gld'].update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
     raw = pipe.enc.encode(images)
     k = pipe.boundary
     if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
         stats = pipe.models[k][1]['stats']
         rows['gld']['mse_k'] = float((stats.normalize(out['levels'][k], k) - stats.normalize(raw[k], k))[:, n_src:].pow(2).mean())
-    if gt_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
-        full = pipe.enc.normalize_levels(raw)
-        g = pipe.enc.geometry(full, images.shape[-2], images.shape[-1])
+    if gt_geometry and pipe.enc.has_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
+        raw, cls = pipe.enc.encode(images, return_cls=True)
+        g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), images.shape[-2], images.shape[-1], cls_last=cls[-1])
         rows['da3 on gt images'] = {**cameras.pose_metrics(g['c2w'][0], c2w[0]),
                                     **(data.depth_metrics(g['depth'][:, n_src:], scene['depths'][:, n_src:], align='median')
                                        if 'depths' in scene else {})}
@@ -124,7 +125,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
         scene = data.collate_one(dataset[i])
         images = scene['images']
         levels = enc.normalize_levels(enc.encode(images))
-        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // 14, images.shape[-1] // 14)).items():
+        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)).items():
             m = image_metrics(im.clamp(0, 1), images, lpips)
             per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
             for k, v in m.items():
@@ -188,6 +189,10 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
     export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
                         title=f'{n_src} sources (blue), {V - n_src} targets (orange)')
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
+    if 'depth' not in geo or 'c2w' not in geo:  # a latent without a geometry head (DINOv2, the VAE): images only
+        json.dump({**(metrics or {}), 'export': 'none: this latent has no geometry head (no depth, cameras or 3D)'},
+                  open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
+        return
     depth = geo['depth'][0]
     np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
     for v in range(V):
@@ -244,7 +249,8 @@ def user_scene(paths, cams_path, size, enc, check=True):
     -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
     images = read_images(paths)
     H, W = images.shape[-2:]
-    tH, tW = size or (max(14, H // 14 * 14), max(14, W // 14 * 14))
+    P = enc.patch  # image sides: multiples of the encoder's patch
+    tH, tW = size or (max(P, H // P * P), max(P, W // P * P))
     c2w = K = None
     if cams_path:
         cams = export.read_cameras(cams_path, image_size=(H, W))
@@ -261,8 +267,12 @@ def user_scene(paths, cams_path, size, enc, check=True):
         images = images[None]
         K = Kin[None] if K is not None else None
     if c2w is None:
-        print('no --cameras: estimating the cameras of the photos with the frozen DA3 geometry head')
-        g = enc.geometry(enc.normalize_levels(enc.encode(images)), tH, tW)
+        if not enc.has_geometry:
+            raise UserError(f'--images without --cameras: {enc.cfg.name} has no geometry head to estimate cameras; '
+                            'pass --cameras')
+        print(f'no --cameras: estimating the cameras of the photos with the frozen {enc.cfg.name} geometry head')
+        levels, cls = enc.encode(images, return_cls=True)
+        g = enc.geometry(enc.normalize_levels(levels), tH, tW, cls_last=cls[-1])
         c2w, K, frame = g['c2w'], g['K'], "DA3's estimated cameras (no --cameras)"
         if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
             raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
@@ -283,7 +293,7 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
         res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
         outs.append(res)
     cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
-    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K')}
+    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K') if k in outs[0]['geometry']}
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
@@ -291,6 +301,8 @@ def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling and evaluation', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py --encoder): '
+                   'da3-*, vggt-*, dinov2-*, vae* (encoder.build_encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
@@ -351,15 +363,16 @@ def main(argv=None):
     if a.recon or a.eval:
         ensure_data(a.data)
     if a.recon:
-        enc = pipeline.load_encoder('da3-tiny', 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = pipeline.load_decoder(pipeline.find_checkpoint('decoder', a.ckpt_dir), device, enc)
+        enc = pipeline.load_encoder(a.encoder, 'auto', device, ckpt_dir=a.ckpt_dir)
+        dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
+            pipeline.load_decoder(pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc)
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
     if a.official:
         pipe = pipeline.load_official_pipeline(a.official, device)
     else:
-        pipe = pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device)
+        pipe = pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
     if a.eval:
         ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
         clear_outputs(a.out)

@@ -1928,7 +1928,7 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init',
                                                                  '--compile', '--force'}  # --init, --compile, --force: their own tests
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
-    assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official'}  # --official: test_cli_official
+    assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official', '--encoder'}  # --official: test_cli_official; --encoder: test_every_latent_trains_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, [])) | {'--data'}  # --data: test_bench_feeds_...
 
@@ -3021,3 +3021,288 @@ def test_the_readme_camera_example_reads_as_documented(tmp_path):
     assert torch.allclose(cams['c2w'][1, :3, 3], torch.tensor([0.5, 0.0, 0.0]))  # 0.5 units to the right
     assert torch.allclose(cams['c2w'][0, :3, 2], torch.tensor([0.0, 0.0, -1.0]))  # OpenGL: the camera looks along -z
     assert torch.allclose(cams['K'][0], torch.tensor([[410 / 504, 0, 0.5], [0, 410 / 280, 0.5], [0, 0, 1]]))
+
+
+# ====================================================================================================
+# Other latent spaces behind one switch (issue 17): vggt.py, dinov2.py, vae.py through encoder.build_encoder.
+# Official layouts: VGGT-1B from testdata/vggt-1b-keys.txt, DINOv2 (hub .pth) and the SD VAE (ldm) written
+# below from their published architectures; large models on the meta device.
+# ====================================================================================================
+
+import dinov2 as dinov2_lib
+import vae as vae_lib
+import vggt as vggt_lib
+
+
+def meta_state_dict(shapes):
+    return {k: torch.empty(s, device='meta') for k, s in shapes.items()}
+
+
+def dinov2_hub_keys(C, depth, registers=0, grid=37):
+    """facebookresearch/dinov2 DinoVisionTransformer state-dict keys and shapes (GELU MLP ratio 4, LayerScale)."""
+    keys = {'cls_token': (1, 1, C), 'pos_embed': (1, 1 + grid * grid, C), 'mask_token': (1, C),
+            'patch_embed.proj.weight': (C, 3, 14, 14), 'patch_embed.proj.bias': (C,), 'norm.weight': (C,), 'norm.bias': (C,)}
+    if registers:
+        keys['register_tokens'] = (1, registers, C)
+    for i in range(depth):
+        for n, s in [('norm1', (C,)), ('norm2', (C,)), ('attn.qkv', (3 * C, C)), ('attn.proj', (C, C)),
+                     ('mlp.fc1', (4 * C, C)), ('mlp.fc2', (C, 4 * C))]:
+            keys[f'blocks.{i}.{n}.weight'], keys[f'blocks.{i}.{n}.bias'] = s, (s[0],)
+        keys[f'blocks.{i}.ls1.gamma'] = keys[f'blocks.{i}.ls2.gamma'] = (C,)
+    return keys
+
+
+def sd_vae_ldm_keys(ch=128, mult=(1, 2, 4, 4), res=2, z=4):
+    """CompVis ldm AutoencoderKL (kl-f8) keys and shapes: encoder.down.i.block.j, mid.attn_1, decoder.up.i (by level)."""
+    keys = {}
+
+    def conv(name, cin, cout, k):
+        keys[name + '.weight'], keys[name + '.bias'] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        keys[name + '.weight'] = keys[name + '.bias'] = (c,)
+
+    def resnet(name, cin, cout):
+        norm(name + '.norm1', cin), conv(name + '.conv1', cin, cout, 3), norm(name + '.norm2', cout), conv(name + '.conv2', cout, cout, 3)
+        if cin != cout:
+            conv(name + '.nin_shortcut', cin, cout, 1)
+
+    def mid(name, c):
+        resnet(name + '.block_1', c, c), resnet(name + '.block_2', c, c), norm(name + '.attn_1.norm', c)
+        for n in ('q', 'k', 'v', 'proj_out'):
+            conv(f'{name}.attn_1.{n}', c, c, 1)
+    conv('encoder.conv_in', 3, ch, 3)
+    cin = ch
+    for i, m in enumerate(mult):
+        for j in range(res):
+            resnet(f'encoder.down.{i}.block.{j}', cin, ch * m)
+            cin = ch * m
+        if i < len(mult) - 1:
+            conv(f'encoder.down.{i}.downsample.conv', cin, cin, 3)
+    mid('encoder.mid', cin), norm('encoder.norm_out', cin), conv('encoder.conv_out', cin, 2 * z, 3)
+    conv('quant_conv', 2 * z, 2 * z, 1), conv('post_quant_conv', z, z, 1), conv('decoder.conv_in', z, cin, 3), mid('decoder.mid', cin)
+    for i in reversed(range(len(mult))):
+        for j in range(res + 1):
+            resnet(f'decoder.up.{i}.block.{j}', cin, ch * mult[i])
+            cin = ch * mult[i]
+        if i > 0:
+            conv(f'decoder.up.{i}.upsample.conv', cin, cin, 3)
+    norm('decoder.norm_out', cin), conv('decoder.conv_out', cin, 3, 3)
+    return keys
+
+
+def vggt_1b_keys():
+    path = TESTDATA / 'vggt-1b-keys.txt'  # VGGT-1B's names, shapes and dtypes (facebookresearch/vggt, meta device)
+    rows = [l.rstrip('\n').split('\t') for l in open(path) if l.strip() and not l.startswith('#')]
+    return {k: tuple(int(d) for d in re.findall(r'\d+', s)) for k, s, _ in rows}
+
+
+def check_strict_loading(enc, official, extra_prefix_ok=()):
+    """official {key: shape} loads into enc (meta); a missing key, an extra key and a wrong shape each fail readably."""
+    sd = meta_state_dict(official)
+    family = {vggt_lib.VGGT: vggt_lib, dinov2_lib.DINOv2: dinov2_lib, vae_lib.VAE: vae_lib}[type(enc)]
+    family.load_weights(enc, sd)
+    own = {k: v for k, v in (enc.vit if isinstance(enc, dinov2_lib.DINOv2) else enc).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in own.items()} == {k: s for k, s in official.items() if not k.startswith(extra_prefix_ok)}
+    first = sorted(official)[0]
+    broken = {**{k: v for k, v in sd.items() if k != first}, 'blocks.99.extra': torch.empty(3, device='meta')}
+    wrong = sorted(k for k in official if k.endswith('.weight') and not k.startswith(extra_prefix_ok))[0]
+    broken[wrong] = torch.empty(1, device='meta')
+    with pytest.raises(ValueError) as e:
+        family.load_weights(enc, broken)
+    msg = str(e.value)
+    assert 'missing (1)' in msg and first in msg and 'blocks.99.extra' in msg and wrong in msg and 'shape' in msg
+
+
+def test_vggt_1b_loads_its_official_layout_strictly():
+    official = vggt_1b_keys()
+    assert len(official) == 1797
+    with torch.device('meta'):
+        enc = encoder_lib.build_encoder('vggt-1b')
+    check_strict_loading(enc, official, extra_prefix_ok=vggt_lib.IGNORED_PREFIXES)
+    n = sum(p.numel() for k, p in enc.named_parameters() if k.startswith('aggregator.'))
+    assert n == 909_112_320 and enc.dim == 2048  # the notes' count for aggregator.*
+
+
+@pytest.mark.parametrize('name,dim,depth,reg,params', [('dinov2-s', 384, 12, 0, 22_056_576), ('dinov2-b-reg', 768, 12, 4, 86_583_552),
+                                                       ('dinov2-l', 1024, 24, 0, 304_368_640)])
+def test_dinov2_loads_the_hub_layout_strictly(name, dim, depth, reg, params):
+    official = dinov2_hub_keys(dim, depth, reg)
+    assert sum(math.prod(s) for s in official.values()) == params  # ViT-S/B/L14 as published
+    with torch.device('meta'):
+        enc = encoder_lib.build_encoder(name)
+    check_strict_loading(enc, official)
+    assert (enc.dim, enc.num_levels, enc.has_geometry, enc.can_propagate) == (dim, 1, False, False)
+
+
+def test_sd_vae_loads_the_ldm_layout_strictly(capsys):
+    official = sd_vae_ldm_keys()
+    assert len(official) == 248 and sum(math.prod(s) for s in official.values()) == 83_653_863  # SD's kl-f8
+    with torch.device('meta'):
+        enc = encoder_lib.build_encoder('vae')
+    check_strict_loading(enc, official)
+    full_ckpt = {**{'first_stage_model.' + k: v for k, v in meta_state_dict(official).items()},
+                 'model.diffusion_model.out.0.weight': torch.empty(4, device='meta'),
+                 'first_stage_model.loss.logvar': torch.empty((), device='meta')}
+    vae_lib.load_weights(enc, full_ckpt)  # an SD checkpoint: its first stage, the loss skipped with a note
+    assert 'ignoring 1 loss.*' in capsys.readouterr().out
+    tiny = vae_lib.build('vae-tiny')  # the same architecture and layout at 32 channels
+    assert {k: tuple(v.shape) for k, v in tiny.state_dict().items()} == sd_vae_ldm_keys(32, (1, 1, 2, 2), 1)
+
+
+@torch.no_grad()
+def test_vggt_propagation_reproduces_the_deeper_levels():
+    torch.manual_seed(0)
+    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    images = torch.rand(1, 3, 3, 42, 56)
+    levels, special = enc.encode(images, return_cls=True)
+    assert [lv.shape for lv in levels] == [(1, 3, 12, 128)] * 4 and special[0].shape == (1, 3, 5, 128)
+    for k in (0, 1, 2):
+        prop, prop_special = enc.propagate(levels[k], k, special[k], (3, 4), return_cls=True)
+        assert len(prop) == 3 - k
+        for a, b in zip(prop + prop_special, levels[k + 1:] + special[k + 1:]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    frame_half = levels[1].clone()
+    frame_half[..., :64] = 0  # the state is the global half: the frame half of level k is not read
+    torch.testing.assert_close(enc.propagate(frame_half, 1, special[1], (3, 4)), levels[2:], atol=1e-5, rtol=0)
+    gld = enc.propagate(levels[1], 1, enc.first_view_cls(images, 1), (3, 4))  # the first source's tokens, broadcast
+    assert [g.shape for g in gld] == [lv.shape for lv in levels[2:]]
+
+
+@torch.no_grad()
+def test_vggt_frames_other_than_the_first_are_permutation_equivariant():
+    """Frame blocks are per view and global attention is a set over views; only frame 0 (the reference) has its own
+    camera and register tokens: permuting frames 1.. permutes every output, moving frame 0 does not."""
+    torch.manual_seed(1)
+    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    images = torch.rand(1, 4, 3, 28, 42)
+    levels, special = enc.encode(images, return_cls=True)
+    perm = torch.tensor([0, 3, 1, 2])
+    lv_p, sp_p = enc.encode(images[:, perm], return_cls=True)
+    for a, b in zip(levels + special, lv_p + sp_p):
+        torch.testing.assert_close(a[:, perm], b, atol=1e-5, rtol=1e-4)
+    swap = torch.tensor([1, 0, 2, 3])
+    assert not torch.allclose(enc.encode(images[:, swap])[3][:, swap], levels[3], atol=1e-3)
+    agg = enc.aggregator  # with one token set for all frames, frame 0 is no longer special
+    agg.camera_token[:, 0], agg.register_token[:, 0] = agg.camera_token[:, 1], agg.register_token[:, 1]
+    torch.testing.assert_close(enc.encode(images[:, swap])[3][:, swap], enc.encode(images)[3], atol=1e-5, rtol=1e-4)
+
+
+def test_vggt_token_layout_follows_the_notes_checklist(monkeypatch):
+    """Checklist items 4-7: [camera, reg x4, patches] per frame, frame 0 index 0 of the learned tokens and the others
+    index 1; RoPE (0,0) for the 5 special tokens and (y+1, x+1) for patches, the same per-frame positions in the
+    global blocks; the DINO stage's patch tokens after its final norm follow the special tokens."""
+    torch.manual_seed(2)
+    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    agg = enc.aggregator
+    sp = agg.special_tokens(2, 3)
+    assert sp.shape == (2, 3, 5, 64)
+    assert torch.equal(sp[1, 0, 0], agg.camera_token[0, 0, 0]) and torch.equal(sp[0, 2, 0], agg.camera_token[0, 1, 0])
+    assert torch.equal(sp[0, 0, 1:], agg.register_token[0, 0]) and torch.equal(sp[1, 1, 1:], agg.register_token[0, 1])
+    pos = agg.positions((2, 3), 'cpu')
+    assert pos[:5].eq(0).all() and pos[5:].tolist() == [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [2, 3]]
+    images = torch.rand(1, 2, 3, 28, 42)
+    with torch.no_grad():
+        x = agg.tokens(images)
+        mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+        assert torch.equal(x[:, :, 5:], agg.patch_embed(((images - mean) / std).flatten(0, 1)).unflatten(0, (1, 2)))
+    seen = []
+    tables = encoder_lib.rope_tables
+    monkeypatch.setattr(encoder_lib, 'rope_tables', lambda p, hd: seen.append(p.clone()) or tables(p, hd))
+    with torch.no_grad():
+        enc.encode(images)
+    assert torch.equal(seen[1], seen[0].repeat(2, 1))  # global: each frame keeps its own positions
+
+
+@torch.no_grad()
+def test_dinov2_features_are_raes_and_per_view():
+    torch.manual_seed(3)
+    enc = encoder_lib.build_encoder('dinov2-s-reg').freeze()
+    with torch.no_grad():
+        enc.vit.norm.weight.uniform_(0.5, 2)  # an affine RAE drops
+    images = torch.rand(1, 3, 3, 28, 42)
+    (lv,) = enc.encode(images)
+    assert lv.shape == (1, 3, 6, 384)
+    torch.testing.assert_close(lv.mean(-1), torch.zeros(1, 3, 6), atol=1e-5, rtol=0)  # LayerNorm without affine
+    torch.testing.assert_close(lv.var(-1, unbiased=False), torch.ones(1, 3, 6), atol=1e-3, rtol=0)
+    torch.testing.assert_close(enc.encode(images[:, 1:2])[0][:, 0], lv[:, 1], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_vae_tokens_are_2x2_patches_of_the_scaled_posterior_mean():
+    torch.manual_seed(4)
+    vae = encoder_lib.build_encoder('vae-tiny').freeze()
+    images = torch.rand(1, 2, 3, 32, 48)
+    (lv,) = vae.encode(images)
+    mean = vae.posterior(images.flatten(0, 1))[0] * vae.cfg.scale                   # (2,4,4,6)
+    assert lv.shape == (1, 2, 2 * 3, 16) and (vae.dim, vae.patch) == (16, 16)
+    torch.testing.assert_close(lv[0, 1, 4], mean[1, :, 2:4, 2:4].flatten())          # token (1,1): channels (z, py, px)
+    rgb = vae.rgb_decoder()([lv], (2, 3))
+    torch.testing.assert_close(rgb, vae.decode_latent(mean / vae.cfg.scale).unflatten(0, (1, 2)))
+    with pytest.raises(ValueError, match='multiples of 16'):
+        vae.encode(torch.rand(1, 1, 3, 28, 28))
+
+
+@pytest.fixture(scope='module')
+def synth112(tmp_path_factory):
+    """A synthetic set at 112 px: a multiple of DA3/VGGT/DINOv2's 14 and of the VAE token's 16."""
+    root = tmp_path_factory.mktemp('synth112')
+    data.write_synth(str(root / 'data'), 2, 1, frames=6, size=112, seed=5)
+    return root
+
+
+@pytest.mark.parametrize('name', ['da3-tiny', 'vggt-tiny', 'dinov2-s', 'vae-tiny'])
+def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, synth112, monkeypatch):
+    """The same commands with --encoder NAME: (the tiny VAE's own training,) the RGB decoder where the latent needs
+    one, the default diffusion level, then the pipeline; what the latent lacks is said in the outputs."""
+    monkeypatch.chdir(synth112)
+    for folder in ('runs', 'out'):
+        shutil.rmtree(folder, ignore_errors=True)
+    run = ['--data', 'data', '--encoder', name, '--views', '3', '--batch-size', '1', '--steps', '1', '--log-every', '1',
+           '--eval-every', '1', '--stats-batches', '1', '--warmup', '1']
+    enc = encoder_lib.build_encoder(name)
+    if hasattr(enc, 'training_loss'):  # da3-tiny, vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
+        train.main(['--stage', 'encoder'] + run)
+        assert train.list_checkpoints(f'runs/{pipeline.model_name("encoder", name)}')  # where pipeline.load_encoder finds it
+    if not enc.has_rgb_decoder:
+        train.main(['--stage', 'decoder'] + run)
+    out = train.main(run)
+    assert out == f'runs/level{min(1, enc.num_levels - 1)}' + ('' if name == 'da3-tiny' else f'-{name}')
+    if enc.num_levels > 1:  # the cascade's M1->0: sampling with --ckpt-dir takes every model from runs/
+        train.main(['--level', '0'] + run)
+    ck = torch.load(train.list_checkpoints(out)[-1], weights_only=False)
+    assert ck['config']['latent_dim'] == enc.dim and ck['config']['cam_patch'] == enc.patch
+    res = sample.main(['--ckpt-dir', 'runs', '--encoder', name, '--data', 'data', '--views', '3', '--steps', '1', '--out', 'out'])
+    assert res['images'].shape[2:] == (3, 112, 112) and len(res['levels']) == enc.num_levels
+    meta = json.load(open('out/metrics.json'))
+    if enc.has_geometry:
+        assert res['geometry']['depth'].shape[2:] == (112, 112) and os.path.exists('out/depth.npy')
+    else:
+        assert res['geometry'] == {} and 'no geometry head' in meta['export'] and not os.path.exists('out/depth.npy')
+
+
+def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path):
+    monkeypatch.chdir(synth112)
+    run = ['--data', 'data', '--views', '3', '--batch-size', '1', '--steps', '1', '--eval-every', '0']
+    with pytest.raises(cli.UserError, match='no training objective'):
+        train.main(['--stage', 'encoder', '--encoder', 'dinov2-s'] + run)
+    with pytest.raises(cli.UserError, match='its own decoder'):
+        train.main(['--stage', 'decoder', '--encoder', 'vae-tiny'] + run)
+    with pytest.raises(cli.UserError, match=r'levels 0\.\.0'):
+        train.main(['--level', '1', '--encoder', 'dinov2-s'] + run)
+    with pytest.raises(cli.UserError, match='python train.py --stage decoder --encoder dinov2-s'):
+        pipeline.load_pipeline(None, encoder='dinov2-s')  # only da3-tiny has bundled models
+    with pytest.raises(cli.UserError, match='unknown encoder; pass one of .*vggt-1b'):
+        encoder_lib.build_encoder('vggt-2b')
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'a.png')
+    with pytest.raises(cli.UserError, match='no geometry head to estimate cameras'):
+        sample.user_scene([str(tmp_path / 'a.png')], '', None, encoder_lib.build_encoder('dinov2-s'))
+
+
+@pytest.mark.parametrize('name,parts', [('vggt-tiny', {'encode (vggt-tiny)', 'propagate level 1 -> 2, 3', 'RGB decode (tiny)', 'geometry head'}),
+                                        ('vae-tiny', {'encode (vae-tiny)', 'RGB decode (own)'})])
+def test_bench_times_what_each_latent_has(name, parts):
+    rows = bench.main(['--encoder', name, '--views', '2', '--size', '32' if name == 'vae-tiny' else '28', '--batch', '1',
+                       '--iters', '1', '--warmup', '0', '--skip', 'train,sample,data'])
+    timed = [r for r in rows if 'ms' in r]
+    assert {r['part'] for r in timed} == parts and all(r['ms'] > 0 for r in timed)

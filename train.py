@@ -6,6 +6,8 @@
     python train.py --level 0                  # Stage 3: M1->0, level 0 conditioned on ground-truth level 1
     python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
     torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
+    python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (encoder.build_encoder)
+    python train.py --stage encoder --encoder vae-tiny   # the tiny SD-architecture VAE on the synthetic scenes
 
 Everything a run needs stays visible here, a few lines each: DDP (torchrun env vars; NCCL on GPU, gloo on CPU),
 bf16 autocast on GPU, torch.compile, EMA, gradient accumulation that syncs only on the last micro-step, atomic
@@ -73,8 +75,11 @@ def build_parser():
     g.add_argument('--cache', type=int, default=0, help='diffusion: encode this many fixed view draws per scene once '
                    '(runs/cache/, keyed by the encoder hash) and train on them (0 = encode every batch)')
     g = p.add_argument_group('models')
-    g.add_argument('--encoder', default='da3-tiny', choices=list(encoder_lib.PRESETS), help='DA3 preset')
-    g.add_argument('--encoder-weights', default='auto', help="DA3 weights file; 'auto' = runs/encoder then weights/tiny; 'none' = random")
+    g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-{tiny,small,base,large,giant} (GLD), vggt-{tiny,1b}, '
+                   'dinov2-{s,b,l}[-reg], vae[-tiny] (encoder.build_encoder)')
+    g.add_argument('--encoder-weights', default='auto', help="encoder weights file (its official layout); 'auto' = runs/encoder "
+                   "then weights/tiny (other encoders: runs/encoder-NAME, else random); 'none' = random. Runs on encoders "
+                   "other than da3-tiny go to runs/<stage>-NAME")
     g.add_argument('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset (stage decoder), see decoder.PRESETS')
     g.add_argument('--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip")
     g.add_argument('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset, see model.PRESETS')
@@ -119,10 +124,10 @@ def get_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.level is not None:
         args.stage = 'diffusion'
-    elif args.stage == 'diffusion':
-        args.level = 1
-    name = args.stage if args.stage != 'diffusion' else pipeline.run_name(args.level, args.independent)
-    args.out = args.out or os.path.join('runs', name)
+    elif args.stage == 'diffusion':  # M1, or the only level of a one-level latent (DINOv2, the VAE)
+        with torch.device('meta'):
+            args.level = min(1, encoder_lib.build_encoder(args.encoder).num_levels - 1)
+    args.out = args.out or os.path.join('runs', model_name(args))
     recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
     args.lr = args.lr if args.lr is not None else recipe['lr']
     args.ema = args.ema if args.ema is not None else recipe['ema']
@@ -141,10 +146,22 @@ def parse_range(s, flag):
         raise cli.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
 
 
+def model_name(args):
+    """The name of what this run trains (pipeline.model_name): its default run folder and its export's file name."""
+    if args.stage == 'diffusion':
+        return pipeline.run_name(args.level, args.independent, args.encoder)
+    return pipeline.model_name(args.stage, args.encoder)
+
+
 def encoder_weights(args):
-    """--encoder-weights auto for da3-tiny: the newest runs/encoder checkpoint, else the bundled encoder."""
-    auto = args.encoder_weights == 'auto' and args.encoder == 'da3-tiny'
-    return pipeline.auto_checkpoint('encoder') if auto else args.encoder_weights
+    """--encoder-weights auto: for da3-tiny the newest runs/encoder checkpoint, else the bundled encoder; for another
+    encoder its runs/encoder-NAME checkpoint when one was trained, else random."""
+    if args.encoder_weights != 'auto':
+        return args.encoder_weights
+    if args.encoder == 'da3-tiny':
+        return pipeline.auto_checkpoint('encoder')
+    trained = list_checkpoints(os.path.join('runs', pipeline.model_name('encoder', args.encoder)))
+    return trained[-1] if trained else 'auto'
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
@@ -287,21 +304,30 @@ def read_csv(path):
 # ----------------------------------------------------------------------------- the stages
 
 class EncoderStage:
-    """da3-tiny trained from scratch with DA3's depth and ray-map objectives: our own small geometric foundation model."""
+    """An encoder trained from scratch with its own objective (its training_loss): da3-tiny with DA3's depth and
+    ray-map losses (our own small geometric foundation model), vae-tiny with the VAE's."""
     kind = 'encoder'
 
     def __init__(self, args, device, loader):
         self.net = encoder_lib.build_encoder(args.encoder).to(device)
+        if not hasattr(self.net, 'training_loss'):
+            raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective here; '
+                                'use its official weights (--encoder-weights FILE)')
         self.config = asdict(self.net.cfg)
 
     def loss(self, batch, step, gen):
-        out = self.net(batch['images'])
-        return encoder_lib.geometry_loss(out, batch['depths'], batch['c2w'], batch['K'])
+        return self.net.training_loss(batch)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """Depth AbsRel, RMSE, delta1 of the validation scenes (median-aligned)."""
-        m = [data.depth_metrics(unwrap(self.net)(s['images'])['depth'], s['depths'], align='median') for s in scenes]
+        """Depth AbsRel, RMSE, delta1 of the validation scenes (median-aligned); an encoder with its own RGB decoder
+        (the VAE): the PSNR of its reconstructions."""
+        net = unwrap(self.net)
+        if net.has_rgb_decoder:
+            ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
+                            .clamp(0, 1), s['images']).mean() for s in scenes]
+            return {'recon_psnr': float(torch.stack(ps).mean())}
+        m = [data.depth_metrics(net(s['images'])['depth'], s['depths'], align='median') for s in scenes]
         return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 
     def extra_state(self):
@@ -314,8 +340,11 @@ class DecoderStage:
 
     def __init__(self, args, device, loader):
         self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
+        if self.enc.has_rgb_decoder:
+            raise cli.UserError(f'--stage decoder: {args.encoder} decodes RGB with its own decoder; nothing to train')
         cfg = decoder_lib.PRESETS[args.decoder]
-        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': args.noise_tau})
+        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': args.noise_tau,
+                                           'num_levels': self.enc.num_levels, 'patch': self.enc.patch})
         self.net = decoder_lib.RGBDecoder(cfg).to(device)
         self.config = asdict(cfg)
         self.level_dropout, self.gan_start = args.level_dropout, args.gan
@@ -327,12 +356,12 @@ class DecoderStage:
     def levels(self, images):
         B, V, _, H, W = images.shape
         with torch.no_grad():
-            return self.enc.normalize_levels(self.enc.encode(images)), (H // data.PATCH, W // data.PATCH)
+            return self.enc.normalize_levels(self.enc.encode(images)), (H // self.enc.patch, W // self.enc.patch)
 
     def loss(self, batch, step, gen):
         images = batch['images']
         levels, hw = self.levels(images)
-        keep = decoder_lib.sample_level_keep(images.shape[0], self.level_dropout, gen).to(images.device)
+        keep = decoder_lib.sample_level_keep(images.shape[0], self.level_dropout, gen, len(levels)).to(images.device)
         pred = self.net(levels, hw, keep=keep)
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
         if self.disc is not None and step >= self.gan_start:
@@ -357,21 +386,37 @@ class DiffusionStage:
 
     def __init__(self, args, device, loader):
         self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
-        self.level, self.upper_level = args.level, pipeline.cascade_upper(args.level, args.independent)
+        if args.level >= self.enc.num_levels:
+            raise cli.UserError(f'--level {args.level}: {args.encoder} has levels 0..{self.enc.num_levels - 1}')
+        self.level = args.level
+        self.upper_level = pipeline.cascade_upper(args.level, args.independent, self.enc.num_levels)
         self.tau, self.cam_drop, self.t_dist = args.tau, args.cam_drop, args.t_dist
         init_stats = pipeline.load_checkpoint(args.init)[0].get('stats') if args.init else None  # keep --init's normalisation
         self.stats = (encoder_lib.LatentStats.load(args.stats) if args.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
                       latents.compute_stats(self.enc, loader, self.levels_needed, args.stats_batches, device))
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
-                     'checkpointing': args.checkpointing, **({'pos': args.pos} if args.pos else {})}
+                     'cam_patch': self.enc.patch, 'checkpointing': args.checkpointing, **({'pos': args.pos} if args.pos else {})}
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[args.model]), **overrides})
         self.net = model_lib.GLD(cfg).to(device)
         self.config = asdict(cfg)
         self.encoder_ref = {'preset': args.encoder, **self.enc.source}  # the file and hash that made the latents
-        # periodic evaluation decodes through this decoder (none: the evaluation is skipped)
-        self.dec = None if args.decoder_ckpt == 'none' else pipeline.load_decoder(
-            pipeline.auto_checkpoint('decoder') if args.decoder_ckpt == 'auto' else args.decoder_ckpt, device)
+        self.dec = self.eval_decoder(args, device)
+
+    def eval_decoder(self, args, device):
+        """The RGB decoder periodic evaluation decodes through: the encoder's own, --decoder-ckpt, or 'auto' (runs/
+        decoder[-NAME], for da3-tiny else the bundled one); None (evaluation skipped) for 'none' or when none exists."""
+        if args.decoder_ckpt == 'none':
+            return None
+        if self.enc.has_rgb_decoder:
+            return self.enc.rgb_decoder()
+        if args.decoder_ckpt != 'auto':
+            return pipeline.load_decoder(args.decoder_ckpt, device)
+        name = pipeline.model_name('decoder', args.encoder)
+        if args.encoder != 'da3-tiny' and not os.path.isdir(os.path.join('runs', name)):
+            print(f'note: no runs/{name}: periodic evaluation is skipped (train it with: {pipeline.train_command(name)})')
+            return None
+        return pipeline.load_decoder(pipeline.auto_checkpoint(name), device)
 
     @property
     def levels_needed(self):
@@ -397,7 +442,7 @@ class DiffusionStage:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
         pipe = pipeline.Pipeline(self.enc, self.dec, {self.level: (unwrap(self.net), meta)},
-                                 boundary=max(1, self.level), log=lambda *_: None, progress=False)
+                                 boundary=min(max(1, self.level), self.enc.num_levels - 1), log=lambda *_: None, progress=False)
         ps, mse, grids = [], [], []
         for i, s in enumerate(scenes):
             full = self.enc.encode(s['images'])
@@ -597,8 +642,7 @@ def main(argv=None):
         print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and args.export:
         with ema.swapped(net):
-            name = args.stage if args.stage != 'diffusion' else pipeline.run_name(args.level, args.independent)  # as sample.py looks it up
-            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=name)
+            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=model_name(args))
     if world > 1:  # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
         dist.barrier()
         dist.destroy_process_group()
@@ -609,7 +653,8 @@ def log_row(step, sum_loss, parts_sum, n, grad_norm, lr, seen, dt, batch, stage,
     """The dense log line of the last n steps: loss and its parts, the loss binned by t, throughput, MFU on GPU."""
     B, V = batch['c2w'].shape[:2]
     H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
-    T = (H // data.PATCH) * (W // data.PATCH)
+    patch = stage.enc.patch if hasattr(stage, 'enc') else unwrap(stage.net).patch  # image pixels per token side
+    T = (H // patch) * (W // patch)
     if world > 1:  # the logged loss is the mean over ranks (one collective, at log steps only)
         dist.all_reduce(sum_loss)
         sum_loss /= world

@@ -1,0 +1,236 @@
+"""The Stable Diffusion VAE (a KL autoencoder, 8x downsampling, 4 latent channels) as a latent space: the
+GLD paper's SD-VAE baseline.
+
+What
+- The architecture of CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, config
+  kl-f8 as Stable Diffusion ships it): Encoder (conv_in, 4 resolutions of ResnetBlocks with 3 stride-2
+  downsamples, a middle ResnetBlock-attention-ResnetBlock, GroupNorm(32, eps 1e-6) + SiLU + conv_out to
+  mean and log-variance), quant_conv, post_quant_conv, and the mirror Decoder (nearest x2 upsamples).
+- Checkpoint layout: the ORIGINAL ldm one (encoder.down.i.block.j.*, encoder.mid.attn_1.{q,k,v,proj_out},
+  decoder.up.i.*, quant_conv, post_quant_conv), as in sd-vae-ft-mse-original's .ckpt/.safetensors and, under the
+  prefix first_stage_model., in every SD 1.x checkpoint (other prefixes of such a file are skipped, as are the
+  training-only loss.* tensors). Loading is strict with a readable key diff. (Not the diffusers layout.)
+- The latent interface (encoder.build_encoder's docstring): ONE level, the posterior mean times SD's scale
+  0.18215, images mapped [0,1] -> [-1,1]; 2x2 latent patches form a token (DiT's patch size 2 on SD latents), so
+  a token is 16 channels covering 16x16 pixels (image sides must be multiples of 16). The RGB decoder is the
+  VAE's own (`rgb_decoder`); no geometry head, no propagation.
+- Presets: 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (the same architecture, 32 channels, for CPU).
+
+References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752);
+Kingma & Welling (arXiv 1312.6114); DiT (arXiv 2212.09748); GLD (arXiv 2603.22275).
+Shape legend: B batch, V views, H W image, h w token grid (h = H/16), C channels, T tokens (h*w).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dinov2
+
+
+@dataclass
+class VAEConfig:
+    name: str = 'vae'
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)   # 3 downsamples: 8x
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    groups: int = 32                # GroupNorm groups
+    token_patch: int = 2            # latent pixels per token side
+    scale: float = 0.18215          # SD's latent scale factor
+
+
+PRESETS = {'vae': VAEConfig(), 'vae-tiny': VAEConfig('vae-tiny', 32, (1, 1, 2, 2), 1, 4, 8)}
+
+
+def group_norm(c, groups):
+    return nn.GroupNorm(groups, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin, groups), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = group_norm(cout, groups), nn.Conv2d(cout, cout, 3, 1, 1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the pixels, 1x1 convs, residual."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = group_norm(c, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):                                                # x (N,c,h,w)
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (N,1,hw,c)
+        o = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(x.shape)
+        return x + self.proj_out(o)
+
+
+def mid_block(c, groups):
+    m = nn.Module()
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
+    return m
+
+
+def run_mid(m, x):
+    return m.block_2(m.attn_1(m.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g = cfg.ch, cfg.groups
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down, cin = nn.ModuleList(), ch
+        for i, mult in enumerate(cfg.ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(cin, ch * mult, g))
+                cin = ch * mult
+            if i < len(cfg.ch_mult) - 1:                                  # stride 2, padded right/bottom only
+                level.downsample = nn.Module()
+                level.downsample.conv = nn.Conv2d(cin, cin, 3, 2, 0)
+            self.down.append(level)
+        self.mid = mid_block(cin, g)
+        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 2 * cfg.z_channels, 3, 1, 1)
+
+    def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
+        x = self.conv_in(x)
+        for level in self.down:
+            for blk in level.block:
+                x = blk(x)
+            if hasattr(level, 'downsample'):
+                x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g = cfg.ch, cfg.groups
+        cin = ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, 1, 1)
+        self.mid = mid_block(cin, g)
+        up = []
+        for i in reversed(range(len(cfg.ch_mult))):                       # built deepest first, indexed by level
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(cin, ch * cfg.ch_mult[i], g))
+                cin = ch * cfg.ch_mult[i]
+            if i > 0:
+                level.upsample = nn.Module()
+                level.upsample.conv = nn.Conv2d(cin, cin, 3, 1, 1)
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 3, 3, 1, 1)
+
+    def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
+        x = run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            for blk in level.block:
+                x = blk(x)
+            if hasattr(level, 'upsample'):
+                x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class VAE(nn.Module):
+    """AutoencoderKL (ldm layout) with GLD's latent interface; see the module docstring."""
+    num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, True
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, p = cfg, cfg.token_patch
+        self.dim, self.patch = cfg.z_channels * p * p, 8 * p
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+
+    def freeze(self):
+        self.eval().requires_grad_(False)
+        return self
+
+    def posterior(self, x):
+        """x (N,3,H,W) in [0,1] -> mean, logvar (N,z,H/8,W/8), log-variance clamped to [-30, 20] as ldm."""
+        mean, logvar = self.quant_conv(self.encoder(2 * x - 1)).chunk(2, 1)
+        return mean, logvar.clamp(-30, 20)
+
+    def decode_latent(self, z):
+        """Unscaled latent (N,z,h,w) -> images (N,3,8h,8w) in [0,1] (not clamped)."""
+        return (self.decoder(self.post_quant_conv(z)) + 1) / 2
+
+    def encode(self, images):
+        """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)]: scaled posterior mean, p x p latent patches
+        per token, channels laid out (z, py, px), tokens row-major; every view on its own."""
+        B, V, _, H, W = images.shape
+        if H % self.patch or W % self.patch:
+            raise ValueError(f'image size {H}x{W}: the VAE latent needs sides that are multiples of {self.patch}')
+        z = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale            # (BV,z,H/8,W/8)
+        p = self.cfg.token_patch
+        z = z.unflatten(2, (H // self.patch, p)).unflatten(4, (W // self.patch, p))  # (BV,z,h,p,w,p)
+        return [z.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2).unflatten(0, (B, V))]
+
+    def normalize_levels(self, levels):
+        return list(levels)
+
+    def rgb_decoder(self):
+        return VAEDecoder(self)
+
+    def training_loss(self, batch):
+        """train.py --stage encoder: vae_loss over all views of a batch -> (loss, parts)."""
+        return vae_loss(self, batch['images'].flatten(0, 1))
+
+
+class VAEDecoder(nn.Module):
+    """The VAE's own decoder with the RGB decoder's call: levels [(B,V,T,dim)], hw (token grid) -> (B,V,3,H,W)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, levels, hw, keep=None):
+        (B, V, _, _), (h, w), p, cfg = levels[0].shape, hw, self.vae.cfg.token_patch, self.vae.cfg
+        z = levels[0].reshape(B * V, h, w, cfg.z_channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        z = z.reshape(B * V, cfg.z_channels, h * p, w * p) / cfg.scale
+        return self.vae.decode_latent(z).unflatten(0, (B, V))
+
+
+def vae_loss(vae, images, kl_weight=1e-6):
+    """Training loss of the tiny VAE: L1 reconstruction of images (N,3,H,W) in [0,1] through a posterior sample
+    + kl_weight x KL to N(0, I) (ldm's weight; no LPIPS / GAN here) -> (loss, parts)."""
+    mean, logvar = vae.posterior(images)
+    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+    rec = (vae.decode_latent(z) - images).abs().mean()
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+    return rec + kl_weight * kl, {'l1': rec.detach(), 'kl': kl.detach()}
+
+
+def load_weights(enc, weights):
+    """The ldm AutoencoderKL layout (a bare VAE file, or an SD checkpoint's first_stage_model.*) into enc, strictly."""
+    sd = dinov2.read_state_dict(weights)
+    if any(k.startswith('first_stage_model.') for k in sd):
+        sd = {k[len('first_stage_model.'):]: v for k, v in sd.items() if k.startswith('first_stage_model.')}
+    skipped = [k for k in sd if k.startswith('loss.')]
+    if skipped:
+        print(f'vae: ignoring {len(skipped)} loss.* tensors (the training loss, not the model)')
+    dinov2.load_strict(enc, {k: v for k, v in sd.items() if not k.startswith('loss.')}, enc.cfg.name)
+    return enc
+
+
+def build(name, weights=None):
+    enc = VAE(PRESETS[name])
+    if weights is not None:
+        load_weights(enc, weights)
+    return enc
