@@ -23,7 +23,7 @@ mirror the official ones, so conversion is nearly an identity).
 
 Official quirks (the release's DDT.py / DDT_old.py; official.OfficialConventions lists them all): the encoder blocks see silu(silu(te)) (cfg.double_silu);
 PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (camera_inputs(official=True), chosen by
-the caller: sample.Pipeline with official.OfficialConventions; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
+the caller: pipeline.Pipeline with official.OfficialConventions; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
 release also sets K to identity (drop_cameras sets P, P_inv to identity);
 the released cascade (DDT_old.py) normalises K by a square 504 image: the caller's business.
 

@@ -215,7 +215,7 @@ def find_official_files(folder, latent='da3'):
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     """The released GLD (DA3) models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES['da3']) converted into our
     modules and loaded strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}), for
-    sample.Pipeline(..., boundary=1, official=OfficialConventions()).
+    pipeline.Pipeline(..., boundary=1, official=OfficialConventions()).
     Every file is unwrapped by official_state_dict (any layout the release writes or reads, OFFICIAL_LAYOUTS).
     encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
     files = find_official_files(folder, 'da3')
