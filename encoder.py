@@ -574,6 +574,20 @@ def depth_to_points(depth, c2w, K):
 # ----------------------------------------------------------------------------------------------
 # Weights
 
+def read_tensors(path, what, fix):
+    """A .safetensors or torch file of tensors -> dict; a missing, truncated or foreign file is a UserError naming it
+    (the readers' own errors name no file) with `fix`."""
+    path = str(path)
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [''])[0][:120]
+        raise cli.UserError(f'{path}: not a readable {what} file ({type(e).__name__}: {reason}); {fix}') from None
+
+
 def read_state_dict(weights):
     """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*,
     cam_dec.*). Handles: DA3 hub model.safetensors ('model.' prefix), plain DA3Net state dicts
@@ -582,16 +596,7 @@ def read_state_dict(weights):
     sd = {}
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
         path = str(path)
-        try:
-            if path.endswith('.safetensors'):
-                from safetensors.torch import load_file
-                part = load_file(path)
-            else:
-                part = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
-            reason = (str(e).strip().splitlines() or [''])[0][:120]
-            raise cli.UserError(f'{path}: not a readable weights file ({type(e).__name__}: {reason}); download '
-                                    'it again or pass another --encoder-weights') from None
+        part = read_tensors(path, 'weights', 'download it again or pass another --encoder-weights')
         for key in ('state_dict', 'model'):
             if isinstance(part.get(key), dict):
                 part = part[key]
@@ -713,16 +718,7 @@ class LatentStats:
 
     @classmethod
     def load(cls, path):
-        try:
-            if str(path).endswith('.safetensors'):
-                from safetensors.torch import load_file
-                sd = load_file(str(path))
-            else:
-                sd = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:  # missing, truncated or foreign files: the readers' errors name no file
-            reason = (str(e).strip().splitlines() or [''])[0][:120]
-            raise cli.UserError(f'{path}: not a readable statistics file ({type(e).__name__}: {reason}); pass '
-                                    '--stats a file written by LatentStats.save, or leave it out to compute them') from None
+        sd = read_tensors(path, 'statistics', 'pass --stats a file written by LatentStats.save, or leave it out to compute them')
         return cls.from_state_dict(sd)
 
     @classmethod
