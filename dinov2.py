@@ -1,24 +1,17 @@
 """DINOv2 ViT/14 as a latent space: the RAE-style baseline of the GLD paper's tables, and VGGT's patch embed.
 
-What
-- `DinoViT`: the DINOv2 backbone in its official checkpoint layout (facebookresearch/dinov2 torch-hub files,
-  dinov2_vit{s,b,l}14[_reg4]_pretrain.pth: cls_token, pos_embed (1,1370,C), mask_token, register_tokens,
-  patch_embed.proj, blocks.i.*, norm), built from encoder.py's Block (the same computation as DA3's blocks
-  without qk-norm and RoPE). Forward gives the patch tokens after the final LayerNorm.
+- `DinoViT`: the DINOv2 backbone in its official checkpoint layout (facebookresearch/dinov2 torch-hub files
+  dinov2_vit{s,b,l}14[_reg4]_pretrain.pth), built from encoder.Block without qk-norm and RoPE.
 - `DINOv2`: the encoder interface (encoder.build_encoder's docstring) over it: ONE level, the last layer's patch
-  tokens, cls and registers dropped, final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), C channels,
-  14 px per token, every view on its own. No geometry head, no propagation, no RGB decoder of its own (a
-  decoder.RGBDecoder with one level is trained on it: RAE's decoder).
-- Presets dinov2-{s,b,l} and dinov2-{s,b,l}-reg (4 registers); `load_weights` with a strict, readable key check.
-
-Position embedding: the 37x37 table is resized to the token grid as the hub models do: plain models bicubic with
-scale (n+0.1)/37, register models bicubic to size=(h, w) with antialias (encoder.resize_pos_embed). RAE feeds
-224 px; here images keep the data's size (sides multiples of 14) like the other latents.
+  tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), each view on its own; no geometry,
+  no propagation; a decoder.RGBDecoder with one level is trained on it (RAE's decoder).
+- Presets dinov2-{s,b,l} and dinov2-{s,b,l}-reg (4 registers); strict, readable weight loading.
+The 37x37 position table is resized as the hub models do (encoder.resize_pos_embed). RAE feeds 224 px; here
+images keep the data's size (sides multiples of 14) like the other latents.
 
 References: DINOv2 (arXiv 2304.07193), registers (arXiv 2309.16588), RAE (arXiv 2510.11690), GLD (2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
-import os
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import encoder as encoder_lib
-from data import IMAGENET_MEAN, IMAGENET_STD, PATCH
+from data import PATCH
 
 
 @dataclass
@@ -79,67 +72,23 @@ class DinoViT(nn.Module):
         return F.layer_norm(x, (self.dim,), w, b, self.norm.eps)[:, 1 + self.registers:]
 
 
-class DINOv2(nn.Module):
+class DINOv2(encoder_lib.LatentEncoder):
     """A frozen DINOv2 as a one-level latent space (RAE's features); see the module docstring."""
-    num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.dim, self.patch = cfg, cfg.embed_dim, PATCH
         self.vit = DinoViT(cfg.embed_dim, cfg.depth, cfg.heads, cfg.registers, cfg.pos_grid)
 
-    def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
-
     def encode(self, images):
         """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,C)]: each view on its own."""
         B, V, _, H, W = images.shape
-        encoder_lib.check_size(H, W)
-        mean, std = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1), images.new_tensor(IMAGENET_STD).view(3, 1, 1)
-        x = ((images - mean) / std).flatten(0, 1).to(self.vit.pos_embed.dtype)
+        self.check_size(H, W)
+        x = encoder_lib.imagenet_normalize(images).flatten(0, 1).to(self.vit.pos_embed.dtype)
         return [self.vit(x, affine=False).unflatten(0, (B, V))]
-
-    def normalize_levels(self, levels):
-        return list(levels)
-
-
-def read_state_dict(weights, prefix=''):
-    """A file (.pth/.pt or .safetensors; {'model'|'state_dict': ...} wrappers, 'module.' prefixes) or a state dict
-    -> {key: tensor} with `prefix` removed from the keys that carry it (the others are kept as they are)."""
-    if isinstance(weights, dict):
-        sd = dict(weights)
-    elif str(weights).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        sd = load_file(str(weights))
-    else:
-        sd = torch.load(os.fspath(weights), map_location='cpu', weights_only=True)
-    for key in ('state_dict', 'model'):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-    sd = {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
-    return {k[len(prefix):] if prefix and k.startswith(prefix) else k: v for k, v in sd.items()}
-
-
-def load_strict(module, sd, name):
-    """Load sd into module after a strict key and shape check (a readable diff on mismatch); meta tensors assign."""
-    missing, unexpected, shapes = encoder_lib.key_diff(module.state_dict(), sd)
-    if missing or unexpected or shapes:
-        raise ValueError(f'checkpoint does not fit encoder {name!r}:'
-                         + encoder_lib.describe_key_diff(missing, unexpected, shapes))
-    module.load_state_dict(sd, assign=any(v.is_meta for v in sd.values()))
-    return module
 
 
 def load_weights(enc, weights):
     """The official DINOv2 file (hub layout, keys as DinoViT) into enc.vit, strictly."""
-    load_strict(enc.vit, read_state_dict(weights), enc.cfg.name)
+    encoder_lib.load_strict(enc.vit, encoder_lib.read_state_dict(weights, strip=r'^module\.'), enc.cfg.name)
     return enc
-
-
-def build(name, weights=None):
-    enc = DINOv2(PRESETS[name])
-    if weights is not None:
-        load_weights(enc, weights)
-    return enc
-

@@ -1,28 +1,21 @@
 """Frozen Depth Anything 3 (DA3) encoder: GLD's latent space, its geometry head and its statistics.
 
-GLD (arXiv 2603.22275) runs diffusion in the multi-level feature space of a frozen DA3 backbone.
-This module rebuilds DA3 exactly as the PyPI package depth_anything_3==0.1.1 does (same state-dict
-keys, outputs equal to float tolerance) and adds what GLD needs on top.
+DA3 rebuilt as the PyPI package depth_anything_3==0.1.1 builds it (same state-dict keys, outputs equal to float
+tolerance), plus what GLD needs on top.
+- DINOv2 ViT/14 backbone with DA3's changes: from `alt_start` odd blocks attend across all views (global), the
+  others per view (local); 2D RoPE (base 100) and QK LayerNorm from `rope_start` / `qknorm_start`; a camera token
+  replaces token 0 at `alt_start` (one for the reference view, one for the rest); SwiGLU FFN for the giant model.
+- Levels: the 4 out layers give cat(local_x, x_L) (2C channels), RAW from `encode` (GLD's diffusion space);
+  `normalize_levels` gives DA3's exported form (what heads read). `propagate` resumes the frozen blocks from a
+  (generated) level k to get levels k+1..3 (GLD sec. 4.3).
+- DualDPT geometry head (depth, ray maps, confidences), camera decoder, and `pose_from_rays`: a deterministic
+  weighted DLT + IRLS fit of the camera to the ray map, exact for off-centre principal points (DA3's RANSAC
+  version is random and biased there).
+- Weights from local files with a readable strict key check; `LatentStats` (GLD's per-channel normalisation);
+  `geometry_loss` to train the tiny preset; `build_encoder`: the latent-encoder registry and its interface.
 
-Notable features
-- DINOv2 ViT/14 backbone with DA3's changes: from `alt_start` odd blocks attend across all views
-  (global), the others per view (local); 2D RoPE (base 100) and QK LayerNorm from `rope_start` /
-  `qknorm_start`; a camera token overwrites token 0 at `alt_start` (one for the reference view, one
-  for the rest); LayerScale; SwiGLU FFN for the giant model.
-- Levels: the 4 out layers give `cat(local_x, x_L)` (2C channels). `encode` returns them RAW (no final
-  LayerNorm; GLD's diffusion space), `normalize_levels` gives DA3's exported form (what heads read).
-- `propagate`: resume the frozen blocks from a (generated) level k to get levels k+1..3 (GLD sec. 4.3).
-- DualDPT geometry head (depth, ray maps, confidences) and the camera decoder (pose from token 0).
-- `pose_from_rays`: deterministic weighted DLT + IRLS fit of A = R K^-1 to the ray map, then a QR
-  split; exact for off-centre principal points (DA3's RANSAC version is random and biased there).
-- Weight loading from local files (DA3 hub layout, plain state dicts, GLD's split release), with a
-  readable strict key check; `LatentStats` for GLD's per-channel latent normalisation.
-- `geometry_loss`: DA3-style confidence-weighted depth + ray losses, to train the tiny preset.
-- `build_encoder`: the latent-encoder registry (DA3 here; VGGT, DINOv2, the SD VAE beside it) and the interface.
-
-Reference view: DA3 moves the chosen reference view to position 0 before `alt_start`. Blocks before it
-are per-view and global attention is permutation-equivariant over views, so here the reference view
-simply receives camera_token[0] in place; no reordering is needed and the view order never changes.
+Reference view: DA3 moves it to position 0 before `alt_start`. Earlier blocks are per view and global attention is
+permutation-equivariant over views, so here it simply receives camera_token[0] in place; the view order never changes.
 
 References: Depth Anything 3 (arXiv 2511.10647, github.com/ByteDance-Seed/Depth-Anything-3);
 DINOv2 (arXiv 2304.07193); DPT (arXiv 2103.13413); GLD (arXiv 2603.22275).
@@ -40,8 +33,8 @@ import torch.nn.functional as F
 import cameras
 import cli
 import data
+from data import PATCH
 
-PATCH = 14
 IGNORED_PREFIXES = ('cam_enc.', 'gs_head.', 'gs_adapter.')  # official parts this module does not build
 
 
@@ -86,6 +79,13 @@ def rope_tables(pos, head_dim, base=100.0):
     ang = pos.float()[..., None] * inv_freq                                    # (N,2,d/2)
     ang = torch.cat([ang, ang], -1).flatten(-2)                                # (N, head_dim)
     return ang.cos(), ang.sin()
+
+
+def rope_positions(hw, n_special, device):
+    """RoPE positions (y, x) of one view (n_special + T, 2): special tokens at (0,0), patches (y+1, x+1), row-major."""
+    ys, xs = torch.meshgrid(torch.arange(hw[0], device=device), torch.arange(hw[1], device=device), indexing='ij')
+    grid = torch.stack([ys, xs], -1).reshape(-1, 2) + 1                                     # (T,2)
+    return torch.cat([torch.zeros(n_special, 2, dtype=torch.long, device=device), grid])
 
 
 def apply_rope(x, cos, sin):
@@ -166,6 +166,12 @@ def select_reference_view(tok0):
     return scores.argmin(1)
 
 
+def imagenet_normalize(images):
+    """images (...,3,H,W) in [0,1] -> ImageNet-normalised (the input of DA3, DINOv2 and VGGT)."""
+    mean, std = (images.new_tensor(v).view(3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    return (images - mean) / std
+
+
 def resize_pos_embed(pos_embed, h, w, antialias=False):
     """pos_embed (1,1+G*G,C) -> (1,1+h*w,C) for an h x w grid, bicubic, as DINOv2: scale factor (n+0.1)/G
     (its plain models, DA3) or, antialias=True, size=(h,w) with antialiasing (its register models, VGGT)."""
@@ -193,9 +199,6 @@ class ViT(nn.Module):
                                     for i in range(cfg.depth))
         self.norm = nn.LayerNorm(C, eps=1e-5)
 
-    def is_global(self, i):
-        return i >= self.cfg.alt_start and i % 2 == 1
-
     def tokens(self, x):                                                  # x (B,V,3,H,W) normalised
         B, V, _, H, W = x.shape
         x = self.patch_embed.proj(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # (BV,T,C)
@@ -205,19 +208,10 @@ class ViT(nn.Module):
 
     def rope(self, hw, V, device):
         """(local, global) tables: local patches at (y+1,x+1), global all at (1,1), token 0 at (0,0)."""
-        h, w = hw
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
-                                indexing='ij')
-        zero = torch.zeros(1, 2, dtype=torch.long, device=device)
-        local = torch.cat([zero, torch.stack([ys, xs], -1).reshape(-1, 2) + 1])   # (1+T,2)
-        glob = torch.cat([zero, torch.ones_like(local[1:])]).repeat(V, 1)        # (V(1+T),2)
+        local = rope_positions(hw, 1, device)                                      # (1+T,2)
+        glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)      # (V(1+T),2)
         hd = self.cfg.embed_dim // self.cfg.heads
         return rope_tables(local, hd), rope_tables(glob, hd)
-
-    def camera_tokens(self, B, V, ref):                                   # ref (B,) -> (B,V,C)
-        tok = self.camera_token[0, 1].expand(B, V, -1).clone()
-        tok[torch.arange(B, device=ref.device), ref] = self.camera_token[0, 0]
-        return tok
 
     def run(self, x, start, hw, local_x=None, ref_view='first'):
         """Blocks start.. on the raw state x (B,V,1+T,C) -> raw levels (B,V,1+T,2C) at out layers >= start."""
@@ -230,9 +224,11 @@ class ViT(nn.Module):
         for i in range(start, cfg.depth):
             if i == cfg.alt_start - 1 and V >= 3 and ref_view == 'saddle_balanced':
                 ref = select_reference_view(x[:, :, 0])
-            if i == cfg.alt_start:
-                x = torch.cat([self.camera_tokens(B, V, ref)[:, :, None], x[:, :, 1:]], 2)
-            if self.is_global(i):   # one sequence of V(1+T) tokens per scene
+            if i == cfg.alt_start:  # camera tokens replace token 0: [0] for the reference view, [1] for the others
+                cam = self.camera_token[0, 1].expand(B, V, -1).clone()                  # (B,V,C)
+                cam[torch.arange(B, device=x.device), ref] = self.camera_token[0, 0]
+                x = torch.cat([cam[:, :, None], x[:, :, 1:]], 2)
+            if i >= cfg.alt_start and i % 2 == 1:   # global: one sequence of V(1+T) tokens per scene
                 rope = global_rope if i >= cfg.rope_start else None
                 x = self.blocks[i](x.reshape(B, V * N, C), rope).view(B, V, N, C)
             else:                   # every view on its own
@@ -246,18 +242,14 @@ class ViT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # DualDPT geometry head and camera decoder
 
-def uv_embed(c, h, w, aspect, like):
-    """DA3's UV embedding (c,h,w): sin/cos (base 100) of centred, diagonal-normalised u and v."""
-    sx, sy = aspect / math.hypot(aspect, 1), 1 / math.hypot(aspect, 1)
-    u = torch.linspace(-sx * (w - 1) / w, sx * (w - 1) / w, w, device=like.device)
-    v = torch.linspace(-sy * (h - 1) / h, sy * (h - 1) / h, h, device=like.device)
-    om = 100.0 ** -(torch.arange(c // 4, device=like.device).float() / (c // 4))
+def add_uv(x, aspect):
+    """x (B',c,h,w) + 0.1 DA3's UV embedding: sin/cos (base 100) of centred, diagonal-normalised u and v."""
+    (c, h, w), sx, sy = x.shape[1:], aspect / math.hypot(aspect, 1), 1 / math.hypot(aspect, 1)
+    u = torch.linspace(-sx * (w - 1) / w, sx * (w - 1) / w, w, device=x.device)
+    v = torch.linspace(-sy * (h - 1) / h, sy * (h - 1) / h, h, device=x.device)
+    om = 100.0 ** -(torch.arange(c // 4, device=x.device).float() / (c // 4))
     uu, vv = (u[None, :, None] * om).expand(h, w, -1), (v[:, None, None] * om).expand(h, w, -1)
-    return torch.cat([uu.sin(), uu.cos(), vv.sin(), vv.cos()], -1).permute(2, 0, 1).to(like.dtype)
-
-
-def add_uv(x, aspect):                                                    # x (B',c,h,w)
-    return x + 0.1 * uv_embed(x.shape[1], x.shape[2], x.shape[3], aspect, x)
+    return x + 0.1 * torch.cat([uu.sin(), uu.cos(), vv.sin(), vv.cos()], -1).permute(2, 0, 1).to(x.dtype)
 
 
 def conv3(cin, cout, bias=True):
@@ -337,25 +329,22 @@ class DualDPT(nn.Module):
     def forward(self, levels, H, W):
         """levels: 4 x (B,V,T,2C) normalised form -> dict depth, depth_conf (B,V,H,W),
         ray (B,V,8h,8w,6), ray_conf (B,V,8h,8w). Runs in fp32 with autocast off, as DA3 does."""
-        with torch.autocast(levels[0].device.type, enabled=False):
-            return self.predict([lv.float() for lv in levels], H, W)
-
-    def predict(self, levels, H, W):
         (B, V, T, D), h, w, aspect, sc = levels[0].shape, H // PATCH, W // PATCH, W / H, self.scratch
-        rn = []
-        for s, x in enumerate(levels):
-            x = self.norm(x.reshape(B * V, T, D)).transpose(1, 2).reshape(B * V, D, h, w)
-            x = self.resize_layers[s](add_uv(self.projects[s](x), aspect))
-            rn.append(getattr(sc, f'layer{s + 1}_rn')(x))
-        main = sc.output_conv1(self.fuse(rn, ''))
-        main = F.interpolate(main, size=(h * PATCH, w * PATCH), mode='bilinear', align_corners=True)
-        main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))   # (B,V,2,H,W)
-        out = {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1}
-        if not self.aux:
-            return out
-        aux = add_uv(sc.output_conv1_aux[3](self.fuse(rn, '_aux')), aspect)
-        aux = sc.output_conv2_aux[3](aux).permute(0, 2, 3, 1).unflatten(0, (B, V))  # (B,V,8h,8w,7)
-        return {**out, 'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
+        with torch.autocast(levels[0].device.type, enabled=False):
+            rn = []
+            for s, x in enumerate(levels):
+                x = self.norm(x.float().reshape(B * V, T, D)).transpose(1, 2).reshape(B * V, D, h, w)
+                x = self.resize_layers[s](add_uv(self.projects[s](x), aspect))
+                rn.append(getattr(sc, f'layer{s + 1}_rn')(x))
+            main = sc.output_conv1(self.fuse(rn, ''))
+            main = F.interpolate(main, size=(h * PATCH, w * PATCH), mode='bilinear', align_corners=True)
+            main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))   # (B,V,2,H,W)
+            out = {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1}
+            if not self.aux:
+                return out
+            aux = add_uv(sc.output_conv1_aux[3](self.fuse(rn, '_aux')), aspect)
+            aux = sc.output_conv2_aux[3](aux).permute(0, 2, 3, 1).unflatten(0, (B, V))  # (B,V,8h,8w,7)
+            return {**out, 'ray': aux[..., :6], 'ray_conf': aux[..., 6].exp() + 1}
 
 
 class CameraDec(nn.Module):
@@ -371,77 +360,84 @@ class CameraDec(nn.Module):
         f = self.backbone(tok).float()
         return torch.cat([self.fc_t(f), self.fc_qvec(f), self.fc_fov(f)], -1)
 
-    def cameras(self, tok, H, W):
-        """-> w2c extrinsics (B,V,3,4), pixel intrinsics (B,V,3,3) with the principal point at the centre."""
-        pose = self(tok)
-        c2w = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])  # xyzw -> wxyz
-        K = torch.zeros(*pose.shape[:-1], 3, 3, device=pose.device)
-        K[..., 0, 0] = (W / 2) / torch.tan(pose[..., 8] / 2).clamp_min(1e-6)
-        K[..., 1, 1] = (H / 2) / torch.tan(pose[..., 7] / 2).clamp_min(1e-6)
-        K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2, H / 2, 1.0
-        return cameras.rigid_inverse(c2w)[..., :3, :], K
+
+def decode_pose(pose, H, W, eps=None):
+    """DA3 / VGGT pose encoding (...,9) [t, quat xyzw, fov_h, fov_w] -> the pose (...,4,4) of (quat, t) and pixel
+    intrinsics (...,3,3) with the principal point at the centre (tan(fov/2) clamped to eps where given)."""
+    T = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])  # xyzw -> wxyz
+    tan = torch.tan(pose[..., 7:9] / 2)
+    tan = tan if eps is None else tan.clamp_min(eps)
+    K = torch.zeros(*pose.shape[:-1], 3, 3, device=pose.device)
+    K[..., 0, 0], K[..., 1, 1] = (W / 2) / tan[..., 1], (H / 2) / tan[..., 0]
+    K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2, H / 2, 1.0
+    return T, K
 
 
 # ----------------------------------------------------------------------------------------------
-# The encoder
+# The encoders
 
-class DA3(nn.Module):
+class LatentEncoder(nn.Module):
+    """What the latent encoders share (the interface: build_encoder's docstring)."""
+    num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
+
+    def freeze(self):
+        self.eval().requires_grad_(False)
+        return self
+
+    def normalize_levels(self, levels):
+        return list(levels)
+
+    def first_view_cls(self, images, k):
+        """GLD's propagation token(s): the special token(s) of level k of view 0 encoded alone -> (B,[n,]2C)."""
+        return self.encode(images[:, :1], return_cls=True)[1][k][:, 0]
+
+    def check_size(self, H, W):
+        p = self.patch
+        if H % p or W % p:
+            raise ValueError(f'image size {H}x{W}: {self.cfg.name} needs sides that are multiples of {p}; resize or '
+                             f'crop to e.g. {H // p * p}x{W // p * p} or {round(H / p) * p}x{round(W / p) * p}')
+
+    def check_propagate(self, k, T, hw):
+        if not 0 <= k < self.num_levels - 1:
+            raise ValueError(f'propagate needs a level k in 0..{self.num_levels - 2}, got {k}')
+        if T != hw[0] * hw[1]:
+            raise ValueError(f'level has {T} tokens but hw={tuple(hw)} gives {hw[0] * hw[1]}')
+
+
+class DA3(LatentEncoder):
     """DA3 (backbone + DualDPT head + camera decoder) with GLD's encode / propagate interface."""
-    num_levels, has_geometry, can_propagate, has_rgb_decoder = 4, True, True, False
+    num_levels, has_geometry, can_propagate = 4, True, True
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.dim, self.patch = cfg, 2 * cfg.embed_dim, PATCH
         self.backbone = nn.Module()
-        self.backbone.pretrained = ViT(cfg)
+        self.backbone.pretrained = vit = ViT(cfg)
         self.head = DualDPT(self.dim, cfg.features, cfg.out_channels)
         self.cam_dec = CameraDec(self.dim)
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        """Linear/conv: torch defaults; LayerNorm 1/0 and LayerScale 1 (DA3's init_values=1.0);
-        cls, camera and position tokens N(0, 0.02) (pretrained checkpoints overwrite all of it)."""
-        vit = self.backbone.pretrained
+        # Linear/conv torch defaults, LayerNorm 1/0, LayerScale 1 (DA3's init_values); tokens N(0, 0.02)
         for p in (vit.cls_token, vit.camera_token, vit.pos_embed):
             nn.init.normal_(p, std=0.02)
-
-    def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
 
     def encode(self, images, ref_view='first', return_cls=False):
         """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their token 0 (B,V,2C)].
         A level is cat(output of the last local block, output of its global block), no final norm.
         ref_view: 'first' (GLD) or 'saddle_balanced' (DA3's automatic choice, used when V >= 3)."""
         B, V, _, H, W = images.shape
-        check_size(H, W)
+        self.check_size(H, W)
         vit = self.backbone.pretrained
-        mean = images.new_tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-        std = images.new_tensor(data.IMAGENET_STD).view(3, 1, 1)
-        x = vit.tokens(((images - mean) / std).to(vit.pos_embed.dtype))
+        x = vit.tokens(imagenet_normalize(images).to(vit.pos_embed.dtype))
         levels = vit.run(x, 0, (H // PATCH, W // PATCH), ref_view=ref_view)
         feats = [lv[:, :, 1:] for lv in levels]
         return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
 
-    def first_view_cls(self, images, k):
-        """GLD's propagation token: raw token 0 of level k of view 0 encoded alone. images (B,V,3,H,W) -> (B,2C)."""
-        return self.encode(images[:, :1], return_cls=True)[1][k][:, 0]
-
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) -> raw levels k+1..3 (list of (B,V,T,2C)) through the frozen blocks
-        after out layer k, all views jointly (global blocks attend across all V views).
-
-        The hidden state is the global half of level k with token 0 prepended. cls is a raw level-k
-        token 0 (2C; its global half is the hidden token 0, its local half completes local_x):
-        (B,2C) is broadcast to all views, which is what GLD does with the token of the FIRST SOURCE
-        VIEW encoded alone (`first_view_cls`); (B,V,2C) gives each view its own token, and with the
-        tokens of `encode` this reproduces the encoded deeper levels exactly."""
-        if not 0 <= k < 3:
-            raise ValueError(f'propagate needs a level k in 0..2, got {k}')
+        """Raw level k (B,V,T,2C) -> raw levels k+1..3 through the frozen blocks after out layer k, all views jointly.
+        The hidden state is the global half of [cls, level k]; cls is a raw level-k token 0 (its local half completes
+        local_x): (B,2C) is broadcast to all views (GLD: the FIRST SOURCE VIEW's, encoded alone: `first_view_cls`),
+        (B,V,2C) is per view, and with the tokens of `encode` this reproduces the encoded deeper levels exactly."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
-        if T != hw[0] * hw[1]:
-            raise ValueError(f'level has {T} tokens but hw={tuple(hw)} gives {hw[0] * hw[1]}')
+        self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
         x = torch.cat([cls[..., C:], level_k[..., C:]], 2)
         local_x = torch.cat([cls[..., :C], level_k[..., :C]], 2)
@@ -461,7 +457,8 @@ class DA3(nn.Module):
         out = self.head(norm_levels, H, W)
         out['c2w'], out['K'] = pose_from_rays(out['ray'], out['ray_conf'])
         if cls_last is not None:
-            out['extrinsics'], out['intrinsics'] = self.cam_dec.cameras(cls_last, H, W)
+            c2w, K = decode_pose(self.cam_dec(cls_last), H, W, eps=1e-6)
+            out['extrinsics'], out['intrinsics'] = cameras.rigid_inverse(c2w)[..., :3, :], K
         return out
 
     def forward(self, images, ref_view='first'):
@@ -472,13 +469,6 @@ class DA3(nn.Module):
     def training_loss(self, batch):
         """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts)."""
         return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
-
-
-def check_size(H, W):
-    if H % PATCH or W % PATCH:
-        raise ValueError(f'image size {H}x{W} is not a multiple of the patch size {PATCH}; resize or '
-                         f'crop to e.g. {H // PATCH * PATCH}x{W // PATCH * PATCH} or '
-                         f'{round(H / PATCH) * PATCH}x{round(W / PATCH) * PATCH}')
 
 
 def build_encoder(preset='da3-base', weights=None):
@@ -493,17 +483,18 @@ def build_encoder(preset='da3-base', weights=None):
       has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
       has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
       freeze(), cfg.name"""
+    import dinov2, vae, vggt  # the other families build on this file's pieces
     if isinstance(preset, str) and not preset.startswith('da3'):
-        import dinov2, vae, vggt  # the other families build on this file's pieces
-        family = {'vggt': vggt, 'dinov2': dinov2, 'vae': vae}.get(preset.split('-')[0])
-        if family is None or preset not in family.PRESETS:
+        lib, model = {'vggt': (vggt, vggt.VGGT), 'dinov2': (dinov2, dinov2.DINOv2),
+                      'vae': (vae, vae.VAE)}.get(preset.split('-')[0], (None, None))
+        if lib is None or preset not in lib.PRESETS:
             names = sorted([*PRESETS, *vggt.PRESETS, *dinov2.PRESETS, *vae.PRESETS])
             raise cli.UserError(f'--encoder {preset}: unknown encoder; pass one of {", ".join(names)}')
-        return family.build(preset, weights)
-    cfg = PRESETS[preset] if isinstance(preset, str) else preset
-    enc = DA3(cfg)
+        enc, load = model(lib.PRESETS[preset]), lib.load_weights
+    else:
+        enc, load = DA3(PRESETS[preset] if isinstance(preset, str) else preset), load_weights
     if weights is not None:
-        load_weights(enc, weights)
+        load(enc, weights)
     return enc
 
 
@@ -517,15 +508,11 @@ def pixel_grid(h, w, device, dtype=torch.float64):
 
 
 def pose_from_rays(ray, conf, iters=8):
-    """Camera from a ray map: ray (...,h,w,6) [world direction, origin], conf (...,h,w) ->
-    c2w (...,4,4), normalised K (...,3,3).
-
-    Directions satisfy d ~ A p with A = R K^-1 and p = [u,v,1] the normalised pixel centres. A (up to
-    scale) is the weighted DLT solution of d x (A p) = 0 (p conditioned to 3 (u - 0.5), 3 (v - 0.5), 1),
-    refined by IRLS: weights conf / (1 + (e/s)^2)^2 (Geman-McClure) on the chordal error e between d and
-    A p, s = median e (deterministic, no RANSAC). A's sign makes A p point along d; QR gives A = R U with
-    R a rotation and U upper triangular with a positive diagonal, so K = U^-1 / (U^-1)[2,2] for any
-    principal point. Camera centre = conf-weighted mean of the origins."""
+    """Camera from a ray map: ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w (...,4,4), K (...,3,3).
+    Directions satisfy d ~ A p, A = R K^-1, p = [u,v,1] the normalised pixel centres: A is the weighted DLT solution
+    of d x (A p) = 0 (p conditioned), refined by IRLS with Geman-McClure weights conf / (1 + (e/s)^2)^2 on the chordal
+    error e, s = median e (deterministic, no RANSAC). QR gives A = R U, K = U^-1 / (U^-1)[2,2] for any principal
+    point. Camera centre = conf-weighted mean of the origins."""
     *lead, h, w, _ = ray.shape
     d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
     conf = conf.double().flatten(-2)                                            # (...,P)
@@ -588,25 +575,40 @@ def read_tensors(path, what, fix):
         raise cli.UserError(f'{path}: not a readable {what} file ({type(e).__name__}: {reason}); {fix}') from None
 
 
-def read_state_dict(weights):
-    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*,
-    cam_dec.*). Handles: DA3 hub model.safetensors ('model.' prefix), plain DA3Net state dicts
-    (also wrapped in {'state_dict'|'model': ...} or with 'module.'), and bare sub-module files such as
-    GLD's release (pretrained_models/da3/model.safetensors + dpt_decoder.pt, the head alone)."""
+def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
+    """A weights file (read_tensors) or a state dict -> {key: tensor}: {'state_dict'|'model': ...} wrappers unwrapped
+    and the prefixes matching `strip` removed."""
+    if isinstance(weights, dict):
+        sd = dict(weights)
+    else:
+        sd = read_tensors(weights, 'weights', 'download it again or pass another --encoder-weights')
+    for key in ('state_dict', 'model'):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return {re.sub(strip, '', k): v for k, v in sd.items()}
+
+
+def read_da3_state_dict(weights):
+    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*, cam_dec.*):
+    DA3 hub model.safetensors ('model.' prefix), plain DA3Net state dicts (wrapped or with 'module.'), and bare
+    sub-module files such as GLD's release (pretrained_models/da3/model.safetensors + dpt_decoder.pt, the head)."""
     sd = {}
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
-        path = str(path)
-        part = read_tensors(path, 'weights', 'download it again or pass another --encoder-weights')
-        for key in ('state_dict', 'model'):
-            if isinstance(part.get(key), dict):
-                part = part[key]
-        part = {re.sub(r'^(module\.|model\.)+', '', k): v for k, v in part.items()}
+        part = read_state_dict(str(path))
         if not any(k.startswith(('backbone.', 'head.', 'cam_dec.', 'cam_enc.')) for k in part):
             prefix = ('head.' if any(k.startswith('scratch.') for k in part) else
                       'backbone.' if any(k.startswith('pretrained.') for k in part) else 'backbone.pretrained.')
             part = {prefix + k: v for k, v in part.items()}
         sd.update(part)
     return sd
+
+
+def skip_keys(sd, prefixes, who, why):
+    """sd without the tensors under `prefixes` (modules not built here), with a note of how many and why."""
+    n = sum(k.startswith(prefixes) for k in sd)
+    if n:
+        print(f'{who}: ignoring {n} {"/".join(p + "*" for p in prefixes)} tensors ({why})')
+    return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 
 
 def key_diff(expected, sd):
@@ -627,31 +629,26 @@ def describe_key_diff(missing, unexpected, shapes, n=12):
             + block('shape mismatches', [f'{k}: checkpoint {a} vs model {b}' for k, a, b in shapes]))
 
 
-def aliases(sd):
-    """Groups of state-dict names that share one tensor (DA3's aux-head LayerNorm)."""
-    groups = {}
-    for k, v in sd.items():
-        groups.setdefault(v.data_ptr(), []).append(k)
-    return [g for g in groups.values() if len(g) > 1]
+def load_strict(module, sd, name):
+    """Load sd into module after a strict key and shape check (a readable diff on mismatch); meta tensors assign."""
+    missing, unexpected, shapes = key_diff(module.state_dict(), sd)
+    if missing or unexpected or shapes:
+        raise ValueError(f'checkpoint does not fit encoder {name!r}:' + describe_key_diff(missing, unexpected, shapes))
+    module.load_state_dict(sd, assign=any(v.is_meta for v in sd.values()))
+    return module
 
 
 def matching_presets(sd):
     """Names of the presets whose state-dict keys and shapes equal sd's (built on the meta device)."""
-    names = []
-    for name, cfg in PRESETS.items():
-        with torch.device('meta'):
-            ref = DA3(cfg).state_dict()
-        if not any(key_diff(ref, sd)):
-            names.append(name)
-    return names
+    with torch.device('meta'):
+        return [name for name, cfg in PRESETS.items() if not any(key_diff(DA3(cfg).state_dict(), sd))]
 
 
 def load_weights(enc, weights, strict=True, source=None):
-    """Load official weights into enc. weights: 'hub' (download cfg.hub_repo with huggingface_hub),
-    a file, a list of files or a state dict (source: its file, for messages). cam_enc.* (camera conditioning,
-    not built here), gs_head.* and gs_adapter.* are ignored with a note; a checkpoint without any cam_dec.*
-    (GLD's split release may be one) loads with a note. strict: a UserError with a readable key diff, or the
-    preset the weights are for."""
+    """Load official weights into enc. weights: 'hub' (download cfg.hub_repo with huggingface_hub), a file, a list
+    of files or a state dict (source: its file, for messages). cam_enc.* (camera conditioning), gs_head.* and
+    gs_adapter.* are not built and skipped with a note; a checkpoint without any cam_dec.* (GLD's split release
+    may be one) loads with a note. strict: a UserError with a readable key diff, or the preset the weights are for."""
     if weights == 'hub':
         try:
             from huggingface_hub import hf_hub_download
@@ -661,14 +658,12 @@ def load_weights(enc, weights, strict=True, source=None):
         weights = hf_hub_download(enc.cfg.hub_repo, 'model.safetensors')
     if not isinstance(weights, dict):
         source = weights if isinstance(weights, (str, os.PathLike)) else ', '.join(map(str, weights))
-    sd = dict(weights) if isinstance(weights, dict) else read_state_dict(weights)
-    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES)]
-    if ignored:
-        print(f'encoder: ignoring {len(ignored)} tensors of {sorted({k.split(".")[0] for k in ignored})} '
-              '(camera conditioning / Gaussian heads are not built here)')
-        sd = {k: v for k, v in sd.items() if k not in ignored}
-    own = enc.state_dict()
-    for group in aliases(own):      # safetensors keeps one name of a shared tensor: restore the others
+    sd = dict(weights) if isinstance(weights, dict) else read_da3_state_dict(weights)
+    sd = skip_keys(sd, IGNORED_PREFIXES, 'encoder', 'camera conditioning / Gaussian heads are not built here')
+    own, groups = enc.state_dict(), {}
+    for k, v in own.items():        # safetensors keeps one name of a tensor shared (DA3's aux-head LayerNorm)
+        groups.setdefault(v.data_ptr(), []).append(k)
+    for group in groups.values():   # restore the others
         for k in group:
             sd.setdefault(k, next((sd[a] for a in group if a in sd), None))
     sd = {k: v for k, v in sd.items() if v is not None}
@@ -680,10 +675,10 @@ def load_weights(enc, weights, strict=True, source=None):
     if strict and (missing or unexpected or shapes):
         others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
         if others:
-            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
-                                    f'{enc.cfg.name!r}: pass --encoder {others[0]} (build_encoder({others[0]!r}) in Python)')
+            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not {enc.cfg.name!r}: '
+                                f'pass --encoder {others[0]} (build_encoder({others[0]!r}) in Python)')
         raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
-                                'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
+                            'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
     enc.load_state_dict(sd, strict=False)
     return enc
 
@@ -718,8 +713,8 @@ class LatentStats:
 
     @classmethod
     def load(cls, path):
-        sd = read_tensors(path, 'statistics', 'pass --stats a file written by LatentStats.save, or leave it out to compute them')
-        return cls.from_state_dict(sd)
+        fix = 'pass --stats a file written by LatentStats.save, or leave it out to compute them'
+        return cls.from_state_dict(read_tensors(path, 'statistics', fix))
 
     @classmethod
     def from_state_dict(cls, sd):
@@ -727,36 +722,18 @@ class LatentStats:
         return cls({l: sd[f'mean{l}'] for l in levels}, {l: sd[f'var{l}'] for l in levels})
 
 
-def load_official_stats(path):
-    """GLD's model_stats/da3/normalization_stats_level{l}.pt (dict mean, var, std of shape (1,2C,1,1)):
-    a directory holding them, one file, or a list of files -> LatentStats (level read from the name)."""
-    if isinstance(path, (str, os.PathLike)):
-        paths = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
-                 if os.path.isdir(path) else [path])
-    else:
-        paths = list(path)
-    mean, var = {}, {}
-    for p in paths:
-        level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
-        sd = torch.load(p, map_location='cpu', weights_only=True)
-        mean[level], var[level] = sd['mean'], sd['var']
-    return LatentStats(mean, var)
-
-
 @torch.no_grad()
 def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
     """Stream batches (images (B,V,3,H,W) or dicts with 'images') through enc.encode and accumulate
     per-channel sum and sum of squares in float64 (all-reduced across ranks under torch.distributed)."""
     device = next(enc.parameters()).device
-    total = None
+    sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
         feats = enc.encode(images.to(device), **({'ref_view': ref_view} if ref_view != 'first' else {}))
         rows = [feats[l].double().flatten(0, -2) for l in levels]         # each (BVT,2C)
-        part = torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
-        count = torch.tensor(float(rows[0].shape[0]), dtype=torch.float64, device=device)
-        total = (part, count) if total is None else (total[0] + part, total[1] + count)
-    sums, count = total
+        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
+        count += rows[0].shape[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(count)
@@ -770,11 +747,10 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
 # Training loss for the tiny encoder (DA3-style)
 
 def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
-    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt (B,V,3,3)
-    -> (loss, parts). GT is expressed in the first view's camera frame and divided by the mean valid
-    depth of the first view (the scale DA3 cannot know). Depth: sum c |d - d*| - alpha log c over
-    valid pixels (+ grad_weight x L1 of the finite differences of d - d*). Rays: GT direction
-    R K^-1 [u,v,1] and origin (camera centre) at the ray-map resolution, same confidence form."""
+    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt (B,V,3,3) -> (loss,
+    parts). GT in view 0's camera frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth:
+    c |d - d*| - alpha log c over valid pixels (+ grad_weight x L1 of the finite differences of d - d*); rays
+    (direction R K^-1 [u,v,1], origin) at the ray-map resolution, the same confidence form."""
     valid = depths_gt > 0
     scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
              / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)

@@ -1,16 +1,16 @@
-"""official.py: the released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
+"""The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-The release conversion lives beside the model as DiT keeps download.py beside its own: finding the files in the
-release's folder layout (DA3 and VGGT files side by side), unwrapping every layout in which the release's code
-saves or reads each file (wrapper dicts, 'decoder.' / 'model.' / 'module.' prefixes, EMA before live weights),
-converting them strictly (every key used, every shape checked: decoder.convert_official, model.convert_official,
-encoder.build_encoder), and `OfficialConventions`, the list of what the released models were trained and
-evaluated with where it differs from our clean default. `python sample.py --official DIR` runs them;
-docs/official.md has the download steps, the files x layouts table and the conventions.
+Kept beside the model as DiT keeps download.py: finding the files in the release's folder layout, unwrapping every
+layout in which the release's code saves or reads each file (official_state_dict), converting them strictly
+(decoder.convert_official, model.convert_official, encoder.build_encoder), and `OfficialConventions`, what the
+released models were trained and evaluated with where it differs from our clean default.
+`python sample.py --official DIR` runs them; docs/official.md has the download steps, the files x layouts table
+and the conventions table.
 
 Legend: B batch, V views, H W image, C channels.
 """
 import os
+import re
 
 import torch
 
@@ -35,19 +35,11 @@ OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; mode
              'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
              'special0': 'model_stats/vggt/special_stats_level0.pt',
              'special1': 'model_stats/vggt/special_stats_level1.pt'}}
-OFFICIAL_LAYOUTS = {  # kind of file -> (wrapper keys, preferred first; key prefixes kept and stripped)
-    # model.safetensors: DA3's hub layout ('model.' + DA3Net keys), read by RAE_DA3._init_dpt_decoder through
-    # DepthAnything3.load_state_dict; bare DA3Net keys also load
-    'encoder': ((), ('model.',)),
-    # RAE_DA3.__init__ reads mae_decoder.pt as {'ema': ..} or {'model': ..} or flat, keeping the 'decoder.' keys;
-    # the stage-1 trainer (train_stage1_mae.py) saves {'decoder', 'ema_decoder', ...} with bare keys
+OFFICIAL_LAYOUTS = {  # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code
+    'encoder': ((), ('model.',)),  # writes or reads each: docs/official.md, "Files and layouts loaded"
     'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
-    # RAE_DA3._init_dpt_decoder reads dpt_decoder.pt as {'model': {'decoder.*' | 'pred.*'}}; a bare head also loads
     'head': (('model',), ('decoder.', 'pred.')),
-    # train_multiview_da3.py saves {'model', 'ema', 'opt', ...}; eval_gld_metric.py reads ema, else model, else
-    # flat, and drops 'module.'
     'model': (('ema', 'model'), ()),
-    # normalization_stats_level{l}.pt: a flat {'mean', 'var'(, 'std')}, read by RAE_DA3._init_normalization
     'stats': ((), ()),
 }
 
@@ -104,6 +96,25 @@ def read_official(path, kind, log=print):
     return official_state_dict(obj, kind, path, log)
 
 
+def load_official_stats(path, dim=None, log=print):
+    """GLD's model_stats/<latent>/normalization_stats_level{l}.pt (flat mean, var (and std), each (1,2C,1,1)): a
+    directory holding them, one file or a list of files -> encoder.LatentStats (level read from the name);
+    dim: the channels every entry must have."""
+    if isinstance(path, (str, os.PathLike)):
+        path = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+                if os.path.isdir(path) else [path])
+    mean, var = {}, {}
+    for p in path:
+        sd = read_official(p, 'stats', log)
+        wrong = dim is not None and any(v.numel() != dim for v in sd.values())
+        if wrong or not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'}:
+            raise ValueError(f'{p}: expected mean, var (and std) of {dim or "C"} channels each, got '
+                             f'{ {k: tuple(v.shape) for k, v in sd.items()} }')
+        level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
+        mean[level], var[level] = sd['mean'], sd['var']
+    return encoder_lib.LatentStats(mean, var)
+
+
 def official_prope_K(P, P_inv):
     """K' (...,3,3) back from the official PRoPE matrices (camera_inputs(official=True)), which hold it twice:
     P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2). Per axis K' maps x -> f x + c, so K'^2 maps
@@ -117,36 +128,25 @@ def official_prope_K(P, P_inv):
 
 
 class OfficialConventions:
-    """What the released GLD models were trained and evaluated with, where it differs from our clean default.
-    The one list (the release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; table: docs/official.md):
+    """What the released GLD models were trained and evaluated with, where it differs from our clean default
+    (the release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; the table and sources: docs/official.md):
 
-    1. Poses relative to the LAST view with translations scaled so the largest |t| COMPONENT is 1 (ours: the
-       largest camera distance is 1): model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').
-    2. The Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5) (ours: the pixel centre (u + 0.5, v + 0.5)):
-       camera_inputs(official=True).
-    3. PRoPE's key/value matrix is c2w lift(K') where PRoPE has c2w lift(K'^-1), so P_inv P != I:
-       camera_inputs(official=True).
-    4. The cascade M1->0 runs through DDT_old.py, which normalises K by a fixed 504 x 504 image whatever the true
-       H x W (ours and M1: by W and H): model_cameras below, for the levels in cascade_levels.
-    5. The unconditional branch of CFG (ours: Plücker channels 1: zeroed, P = P_inv = I). Both release models zero
-       the Plücker channels too, but M1 (DDT.py, cfg_mode new) sets viewmats to I4 AND K to I3 in PIXELS, which
-       normalises to fx' = 1/W, fy' = 1/H, cx' = cy' = -0.5, so P = P_inv = lift(K'(I3)); the cascade (DDT_old.py)
-       sets viewmats to I4 and keeps K: P = P_inv = lift(K'_504): model_cameras below.
-    6. The decoder's output is ImageNet-normalised and de-normalised as rgb * std + mean (ours: [0,1] RGB):
+    1. Poses relative to the LAST view, largest |t| COMPONENT = 1 (ours: largest camera distance = 1):
+       model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').
+    2. The Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5) (ours: the centre): camera_inputs(official=True).
+    3. PRoPE's key/value matrix is c2w lift(K') (PRoPE: c2w lift(K'^-1)), so P_inv P != I: camera_inputs(official=True).
+    4. The cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image whatever the true H x W (ours and M1:
+       by W and H): model_cameras, for the levels in cascade_levels.
+    5. CFG's unconditional branch zeroes the Plücker channels (as ours) but, instead of our P = P_inv = I, M1 sets
+       viewmats I4 and K = I3 in PIXELS (P = P_inv = lift(K'(I3))), the cascade viewmats I4 and keeps K
+       (P = P_inv = lift(K'_504)): model_cameras.
+    6. The decoder's output is ImageNet-normalised, de-normalised as rgb * std + mean (ours: [0,1] RGB):
        DecoderConfig.imagenet_output, set by decoder.convert_official.
-    The same in both modes (stated so that nobody looks for a switch): the double SiLU on the time embedding in
-    the encoder blocks (GLDConfig.double_silu, set by model.convert_official and True in our default too); the
-    decoder's input, [local, LayerNorm(global)] per level (encoder.normalize_levels); the latent normalisation
-    (x - mean) / sqrt(var + 1e-5); the time shift's formula a = sqrt(V h w C / 4096) (diffusion.shift_alpha; only
-    h w differ, item 7); CFG 1.5 on t in [0, 1]; the propagation token (level-1 token 0 of the first source view
-    encoded alone).
-    7. The sampler (eval_gld_metric.py main -> the transport's Sampler.sample_ode, torchdiffeq Euler on a fixed
-       grid): num_steps counts time-grid POINTS from t = 1 to t = 0.001, so 50 -> 49 Euler steps stopping at
-       t = 0.001 (ours: `steps` steps to t = 0); and a = sqrt(V h w C / 4096) takes h = w = 252 // 14 = 18 from
-       the configured encoder_input_size (DA3_common_eval.yaml), whatever the real token grid (ours: the real
-       h, w; the same at 252 x 252 images): time_schedule below.
-    Not reproduced (docs/official.md): the official decoder runs under bf16 autocast and, on GPUs with xformers,
-    the DiTs' attention in bf16; we run fp32 unless autocast is asked for.
+    7. The sampler: num_steps counts time-grid POINTS from t = 1 to t = 0.001 (50 -> 49 Euler steps; ours: `steps`
+       steps to t = 0), and the shift a = sqrt(V h w C / 4096) takes h = w = 252 // 14 = 18 from the configured
+       encoder_input_size whatever the real token grid: time_schedule.
+    The same in both modes (no switch): double SiLU on the time embedding, the decoder's input, the latent
+    normalisation, the shift's formula, CFG 1.5, the propagation token. Not reproduced: the release's bf16 autocast.
     """
 
     def __init__(self, cascade_levels=(0,), cascade_image_size=504, shift_image_size=252, patch=14, t_end=0.001):
@@ -222,15 +222,7 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
     enc = encoder_lib.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
     enc = enc.to(device).freeze()
-    mean, var = {}, {}
-    for level in (0, 1):
-        path = files[f'stats{level}']
-        sd = read_official(path, 'stats', log)
-        if not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'} or any(v.numel() != enc.dim for v in sd.values()):
-            raise ValueError(f'{path}: expected mean, var (and std) of {enc.dim} channels each, got '
-                             f'{ {k: tuple(v.shape) for k, v in sd.items()} }')
-        mean[level], var[level] = sd['mean'], sd['var']  # (1,C,1,1) each
-    stats = encoder_lib.LatentStats(mean, var)
+    stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 
     def convert(role, kind, converter, **kw):
         """One official checkpoint -> (config, our state dict), any mismatch reported with the file's path."""

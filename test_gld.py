@@ -821,8 +821,8 @@ def test_latent_stats(tmp_path):
     C = enc.dim
     torch.save({'mean': torch.randn(1, C, 1, 1), 'var': torch.rand(1, C, 1, 1), 'std': torch.rand(1, C, 1, 1)},
                tmp_path / 'normalization_stats_level1.pt')
-    official = encoder_lib.load_official_stats(str(tmp_path))
-    assert list(official.mean) == [1] and official.var[1].shape == (C,)
+    loaded = official.load_official_stats(str(tmp_path))
+    assert list(loaded.mean) == [1] and loaded.var[1].shape == (C,)
 
 
 def test_bad_size_error():
@@ -3146,7 +3146,7 @@ def test_sd_vae_loads_the_ldm_layout_strictly(capsys):
                  'first_stage_model.loss.logvar': torch.empty((), device='meta')}
     vae_lib.load_weights(enc, full_ckpt)  # an SD checkpoint: its first stage, the loss skipped with a note
     assert 'ignoring 1 loss.*' in capsys.readouterr().out
-    tiny = vae_lib.build('vae-tiny')  # the same architecture and layout at 32 channels
+    tiny = encoder_lib.build_encoder('vae-tiny')  # the same architecture and layout at 32 channels
     assert {k: tuple(v.shape) for k, v in tiny.state_dict().items()} == sd_vae_ldm_keys(32, (1, 1, 2, 2), 1)
 
 
@@ -3199,7 +3199,7 @@ def test_vggt_token_layout_follows_the_notes_checklist(monkeypatch):
     assert sp.shape == (2, 3, 5, 64)
     assert torch.equal(sp[1, 0, 0], agg.camera_token[0, 0, 0]) and torch.equal(sp[0, 2, 0], agg.camera_token[0, 1, 0])
     assert torch.equal(sp[0, 0, 1:], agg.register_token[0, 0]) and torch.equal(sp[1, 1, 1:], agg.register_token[0, 1])
-    pos = agg.positions((2, 3), 'cpu')
+    pos = encoder_lib.rope_positions((2, 3), 5, 'cpu')
     assert pos[:5].eq(0).all() and pos[5:].tolist() == [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [2, 3]]
     images = torch.rand(1, 2, 3, 28, 42)
     with torch.no_grad():

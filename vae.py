@@ -1,20 +1,14 @@
-"""The Stable Diffusion VAE (a KL autoencoder, 8x downsampling, 4 latent channels) as a latent space: the
-GLD paper's SD-VAE baseline.
+"""The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels) as a latent space: the GLD
+paper's SD-VAE baseline.
 
-What
-- The architecture of CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, config
-  kl-f8 as Stable Diffusion ships it): Encoder (conv_in, 4 resolutions of ResnetBlocks with 3 stride-2
-  downsamples, a middle ResnetBlock-attention-ResnetBlock, GroupNorm(32, eps 1e-6) + SiLU + conv_out to
-  mean and log-variance), quant_conv, post_quant_conv, and the mirror Decoder (nearest x2 upsamples).
-- Checkpoint layout: the ORIGINAL ldm one (encoder.down.i.block.j.*, encoder.mid.attn_1.{q,k,v,proj_out},
-  decoder.up.i.*, quant_conv, post_quant_conv), as in sd-vae-ft-mse-original's .ckpt/.safetensors and, under the
-  prefix first_stage_model., in every SD 1.x checkpoint (other prefixes of such a file are skipped, as are the
-  training-only loss.* tensors). Loading is strict with a readable key diff. (Not the diffusers layout.)
-- The latent interface (encoder.build_encoder's docstring): ONE level, the posterior mean times SD's scale
-  0.18215, images mapped [0,1] -> [-1,1]; 2x2 latent patches form a token (DiT's patch size 2 on SD latents), so
-  a token is 16 channels covering 16x16 pixels (image sides must be multiples of 16). The RGB decoder is the
-  VAE's own (`rgb_decoder`); no geometry head, no propagation.
-- Presets: 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (the same architecture, 32 channels, for CPU).
+- CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, SD's kl-f8 config): Encoder
+  (ResnetBlocks at 4 resolutions, a ResnetBlock-attention-ResnetBlock middle, GroupNorm(32, eps 1e-6)), quant
+  convs, and the mirror Decoder. Checkpoints in the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x
+  checkpoint's first_stage_model.*; loss.* skipped), loaded strictly; not the diffusers layout.
+- The latent interface (encoder.build_encoder's docstring): ONE level, the posterior mean times SD's 0.18215,
+  images mapped to [-1,1]; 2x2 latent patches form a token (DiT's patch 2 on SD latents): 16 channels per 16x16
+  pixels. The RGB decoder is the VAE's own (`rgb_decoder`); no geometry, no propagation.
+- Presets 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (32 channels, for CPU).
 
 References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752);
 Kingma & Welling (arXiv 1312.6114); DiT (arXiv 2212.09748); GLD (arXiv 2603.22275).
@@ -26,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dinov2
+import encoder as encoder_lib
 
 
 @dataclass
@@ -146,9 +140,9 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
-class VAE(nn.Module):
+class VAE(encoder_lib.LatentEncoder):
     """AutoencoderKL (ldm layout) with GLD's latent interface; see the module docstring."""
-    num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, True
+    has_rgb_decoder = True
 
     def __init__(self, cfg):
         super().__init__()
@@ -157,10 +151,6 @@ class VAE(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
-
-    def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
 
     def posterior(self, x):
         """x (N,3,H,W) in [0,1] -> mean, logvar (N,z,H/8,W/8), log-variance clamped to [-30, 20] as ldm."""
@@ -175,15 +165,11 @@ class VAE(nn.Module):
         """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)]: scaled posterior mean, p x p latent patches
         per token, channels laid out (z, py, px), tokens row-major; every view on its own."""
         B, V, _, H, W = images.shape
-        if H % self.patch or W % self.patch:
-            raise ValueError(f'image size {H}x{W}: the VAE latent needs sides that are multiples of {self.patch}')
+        self.check_size(H, W)
         z = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale            # (BV,z,H/8,W/8)
         p = self.cfg.token_patch
         z = z.unflatten(2, (H // self.patch, p)).unflatten(4, (W // self.patch, p))  # (BV,z,h,p,w,p)
         return [z.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2).unflatten(0, (B, V))]
-
-    def normalize_levels(self, levels):
-        return list(levels)
 
     def rgb_decoder(self):
         return VAEDecoder(self)
@@ -219,18 +205,8 @@ def vae_loss(vae, images, kl_weight=1e-6):
 
 def load_weights(enc, weights):
     """The ldm AutoencoderKL layout (a bare VAE file, or an SD checkpoint's first_stage_model.*) into enc, strictly."""
-    sd = dinov2.read_state_dict(weights)
+    sd = encoder_lib.read_state_dict(weights, strip=r'^module\.')
     if any(k.startswith('first_stage_model.') for k in sd):
         sd = {k[len('first_stage_model.'):]: v for k, v in sd.items() if k.startswith('first_stage_model.')}
-    skipped = [k for k in sd if k.startswith('loss.')]
-    if skipped:
-        print(f'vae: ignoring {len(skipped)} loss.* tensors (the training loss, not the model)')
-    dinov2.load_strict(enc, {k: v for k, v in sd.items() if not k.startswith('loss.')}, enc.cfg.name)
-    return enc
-
-
-def build(name, weights=None):
-    enc = VAE(PRESETS[name])
-    if weights is not None:
-        load_weights(enc, weights)
-    return enc
+    sd = encoder_lib.skip_keys(sd, ('loss.',), 'vae', 'the training loss, not the model')
+    return encoder_lib.load_strict(enc, sd, enc.cfg.name)

@@ -1,27 +1,21 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
-What (shared/notes/vggt-architecture.md has the sources and line numbers)
-- The aggregator of facebookresearch/vggt: a whole DINOv2-L/14 with 4 registers as the patch embed (its patch
-  tokens after its final norm; dinov2.DinoViT), then per frame [camera token, 4 register tokens, patches]
-  (frame 0 takes index 0 of camera_token / register_token, the other frames index 1), then 24 pairs of a frame
-  block (per view) and a global block (all views' tokens in one frame-major sequence). Blocks: encoder.Block with
-  LayerNorm eps 1e-5, qk-norm, 2D RoPE base 100 with patches at (y+1, x+1) and the 5 special tokens at (0, 0),
-  the same per-frame positions in the global blocks.
-- Levels as GLD's release takes them: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048
-  channels, RAW (no normalisation; the depth head's LayerNorm is the only one). `encode` returns the patch tokens
-  (B,V,T,2C) and, with return_cls, the 5 special tokens of each level (B,V,5,2C).
-- `propagate`: resume from level k with the state = the global half of [special tokens, patches] of level k;
-  with the encoded special tokens it reproduces the deeper levels exactly.
-- Heads: the DPT depth head (encoder.DualDPT's main branch, RCU skips add relu(x)), depth = exp, conf = 1 + exp;
-  the camera head (4 refinement iterations of an adaLN-modulated 4-block trunk over the camera tokens of pair 23)
-  -> w2c extrinsics, pixel intrinsics, and c2w + normalised K for export.
-- `load_weights`: VGGT() state dict keys (facebook/VGGT-1B model.pt layout, no prefix), strict, readable diff;
-  point_head.* and track_head.* are not built and are skipped with a note (GLD does not use them either).
+shared/notes/vggt-architecture.md has the sources and line numbers.
+- Aggregator: a DINOv2-L/14 with 4 registers as the patch embed (dinov2.DinoViT, patch tokens after its final
+  norm), then per frame [camera token, 4 register tokens, patches] (frame 0 takes index 0 of the learned tokens,
+  the others index 1), then 24 pairs of a frame block (per view) and a global block (all views, frame-major).
+  Blocks: encoder.Block with eps 1e-5, qk-norm, 2D RoPE base 100 (special tokens at (0,0), patches at (y+1,x+1),
+  the same per-frame positions in the global blocks).
+- Levels as GLD's release takes them: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048,
+  RAW (the depth head's LayerNorm is the only one); with return_cls also the 5 special tokens (B,V,5,2C).
+- `propagate` resumes from level k with the state = the global half of [special tokens, patches] of level k.
+- Heads: the DPT depth head (encoder.DualDPT's main branch, RCU skips add relu(x)) and the camera head (4
+  refinements of an adaLN-modulated trunk over the camera tokens of pair 23) -> w2c, pixel K, c2w, normalised K.
+- `load_weights`: the facebook/VGGT-1B model.pt layout, strict; point_head.* and track_head.* are skipped.
 
-Difference from the GLD release: the release also diffuses the 5 special tokens of each level (its DiT has extra
-special-token embedders). Here the DiT generates the patch tokens only, and propagation / the camera head take the
-special tokens of the FIRST SOURCE VIEW encoded alone, broadcast to all views (`first_view_cls`), exactly as the
-DA3 path does with DA3's token 0.
+Difference from the GLD release: it also diffuses the 5 special tokens of each level; here the DiT generates the
+patch tokens only, and propagation / the camera head take the special tokens of the FIRST SOURCE VIEW encoded
+alone, broadcast to all views (`first_view_cls`), as the DA3 path does with DA3's token 0.
 
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
@@ -35,7 +29,7 @@ import torch.nn.functional as F
 import cameras
 import dinov2
 import encoder as encoder_lib
-from data import IMAGENET_MEAN, IMAGENET_STD, PATCH
+from data import PATCH
 
 SPECIAL = 5  # camera token + 4 register tokens per frame
 IGNORED_PREFIXES = ('point_head.', 'track_head.')
@@ -72,8 +66,8 @@ class Aggregator(nn.Module):
         self.camera_token = nn.Parameter(torch.randn(1, 2, 1, C) * 0.02)      # [frame 0, other frames]
         self.register_token = nn.Parameter(torch.randn(1, 2, SPECIAL - 1, C) * 0.02)
         self.patch_embed = dinov2.DinoViT(C, cfg.dino_depth, cfg.dino_heads, registers=4, pos_grid=cfg.pos_grid)
-        self.frame_blocks = nn.ModuleList(encoder_lib.Block(C, cfg.heads, True, False, eps=1e-5) for _ in range(cfg.depth))
-        self.global_blocks = nn.ModuleList(encoder_lib.Block(C, cfg.heads, True, False, eps=1e-5) for _ in range(cfg.depth))
+        self.frame_blocks, self.global_blocks = (nn.ModuleList(encoder_lib.Block(C, cfg.heads, True, False, eps=1e-5)
+                                                               for _ in range(cfg.depth)) for _ in range(2))
 
     def special_tokens(self, B, V):
         """(B,V,5,C): [camera, 4 registers]; frame 0 takes index 0, frames 1.. index 1."""
@@ -81,26 +75,17 @@ class Aggregator(nn.Module):
         idx = (torch.arange(V, device=tok.device) > 0).long()
         return tok[idx].expand(B, V, -1, -1)
 
-    def positions(self, hw, device):
-        """RoPE positions of one frame (P,2) = (y, x): 5 special tokens at (0,0), patches at (y+1, x+1), row-major."""
-        h, w = hw
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing='ij')
-        grid = torch.stack([ys, xs], -1).reshape(-1, 2) + 1
-        return torch.cat([torch.zeros(SPECIAL, 2, dtype=torch.long, device=device), grid])
-
     def tokens(self, images):
         """images (B,V,3,H,W) in [0,1] -> the initial state (B,V,P,C) = [special tokens, DINO patch tokens]."""
         B, V, _, H, W = images.shape
-        mean, std = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1), images.new_tensor(IMAGENET_STD).view(3, 1, 1)
-        x = ((images - mean) / std).flatten(0, 1).to(self.camera_token.dtype)
+        x = encoder_lib.imagenet_normalize(images).flatten(0, 1).to(self.camera_token.dtype)
         patches = self.patch_embed(x).unflatten(0, (B, V))                   # (B,V,T,C)
         return torch.cat([self.special_tokens(B, V).to(patches.dtype), patches], 2)
 
     def run(self, x, start, hw):
         """Pairs start.. on the state x (B,V,P,C) -> levels (B,V,P,2C) at the out layers >= start."""
         cfg, (B, V, P, C) = self.cfg, x.shape
-        pos = self.positions(hw, x.device)
-        hd = C // cfg.heads
+        pos, hd = encoder_lib.rope_positions(hw, SPECIAL, x.device), C // cfg.heads
         frame_rope = encoder_lib.rope_tables(pos, hd)
         global_rope = encoder_lib.rope_tables(pos.repeat(V, 1), hd)          # every frame keeps its positions
         levels = []
@@ -113,7 +98,7 @@ class Aggregator(nn.Module):
 
 
 class CameraHead(nn.Module):
-    """VGGT's camera head: the camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat xyzw, fov_h, fov_w]."""
+    """VGGT's camera head: camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
 
     def __init__(self, dim, depth, heads, iters=4):
         super().__init__()
@@ -140,19 +125,10 @@ class CameraHead(nn.Module):
             pred = delta if pred is None else pred + delta
         return torch.cat([pred[..., :7], F.relu(pred[..., 7:])], -1)
 
-    def cameras(self, tok, H, W):
-        """-> w2c extrinsics (B,V,3,4), pixel intrinsics (B,V,3,3) (principal point at the centre, no clamp)."""
-        pose = self(tok).float()
-        w2c = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])[..., :3, :]  # xyzw -> wxyz
-        K = torch.zeros(*pose.shape[:-1], 3, 3, device=pose.device)
-        K[..., 0, 0], K[..., 1, 1] = (W / 2) / torch.tan(pose[..., 8] / 2), (H / 2) / torch.tan(pose[..., 7] / 2)
-        K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = W / 2, H / 2, 1.0
-        return w2c, K
 
-
-class VGGT(nn.Module):
+class VGGT(encoder_lib.LatentEncoder):
     """Aggregator + depth head + camera head with GLD's latent interface (encoder.build_encoder's docstring)."""
-    num_levels, has_geometry, can_propagate, has_rgb_decoder = 4, True, True, False
+    num_levels, has_geometry, can_propagate = 4, True, True
 
     def __init__(self, cfg):
         super().__init__()
@@ -161,68 +137,42 @@ class VGGT(nn.Module):
         self.depth_head = encoder_lib.DualDPT(self.dim, cfg.features, cfg.out_channels, aux=False, relu_skip=True)
         self.camera_head = CameraHead(self.dim, cfg.cam_depth, cfg.cam_heads)
 
-    def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
-
     def encode(self, images, return_cls=False):
         """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their special tokens (B,V,5,2C)]."""
         H, W = images.shape[-2:]
-        encoder_lib.check_size(H, W)
+        self.check_size(H, W)
         levels = self.aggregator.run(self.aggregator.tokens(images), 0, (H // PATCH, W // PATCH))
         feats = [lv[:, :, SPECIAL:] for lv in levels]
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
-
-    def first_view_cls(self, images, k):
-        """The special tokens of level k of view 0 encoded alone: (B,5,2C), broadcast by propagate."""
-        return self.encode(images[:, :1], return_cls=True)[1][k][:, 0]
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
         """Raw level k (B,V,T,2C) + special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C) per view) -> raw levels
         k+1..3 through the pairs after out layer k, all views jointly. The state is the global half of
         [cls, level_k]; with encode's own special tokens this reproduces the encoded deeper levels."""
-        if not 0 <= k < 3:
-            raise ValueError(f'propagate needs a level k in 0..2, got {k}')
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
-        if T != hw[0] * hw[1]:
-            raise ValueError(f'level has {T} tokens but hw={tuple(hw)} gives {hw[0] * hw[1]}')
+        self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 3 else cls).expand(B, V, SPECIAL, D)
         levels = self.aggregator.run(torch.cat([cls[..., C:], level_k[..., C:]], 2), self.cfg.out_layers[k] + 1, hw)
         feats = [lv[:, :, SPECIAL:] for lv in levels]
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
-
-    def normalize_levels(self, levels):
-        """VGGT's levels stay raw: the depth head normalises them itself."""
-        return list(levels)
 
     def geometry(self, levels, H, W, cls_last=None):
         """Levels -> depth, depth_conf (B,V,H,W); with cls_last (the last level's special tokens (B,V,5,2C), or
         its camera token (B,V,2C)) also 'extrinsics' (w2c (B,V,3,4)), pixel 'intrinsics', c2w (B,V,4,4) and
         normalised K (B,V,3,3). Runs in fp32 with autocast off, as VGGT's heads do."""
         with torch.autocast(levels[0].device.type, enabled=False):
-            out = self.depth_head([lv.float() for lv in levels], H, W)
+            out = self.depth_head(levels, H, W)
             if cls_last is not None:
                 tok = cls_last[:, :, 0] if cls_last.dim() == 4 else cls_last
-                w2c, K = self.camera_head.cameras(tok.float(), H, W)
-                out['extrinsics'], out['intrinsics'] = w2c, K
-                c2w = cameras.rigid_inverse(cameras.make_pose(w2c[..., :3], w2c[..., 3]))
-                out['c2w'], out['K'] = c2w, torch.diag(torch.tensor([1 / W, 1 / H, 1.0], device=K.device)) @ K
+                w2c, K = encoder_lib.decode_pose(self.camera_head(tok.float()).float(), H, W)  # no clamp, as VGGT
+                out.update(extrinsics=w2c[..., :3, :], intrinsics=K, c2w=cameras.rigid_inverse(w2c),
+                           K=cameras.K_to_normalized(K, H, W))
         return out
 
 
 def load_weights(enc, weights):
     """VGGT() state dict (file or dict; 'module.' / wrapper dicts handled) into enc, strictly; point_head.* and
     track_head.* are skipped with a note."""
-    sd = dinov2.read_state_dict(weights)
-    ignored = [k for k in sd if k.startswith(IGNORED_PREFIXES)]
-    if ignored:
-        print(f'vggt: ignoring {len(ignored)} tensors of point_head / track_head (not used by GLD)')
-    dinov2.load_strict(enc, {k: v for k, v in sd.items() if k not in ignored}, enc.cfg.name)
-    return enc
-
-
-def build(name, weights=None):
-    enc = VGGT(PRESETS[name])
-    if weights is not None:
-        load_weights(enc, weights)
-    return enc
+    sd = encoder_lib.read_state_dict(weights, strip=r'^module\.')
+    sd = encoder_lib.skip_keys(sd, IGNORED_PREFIXES, 'vggt', 'not used by GLD')
+    return encoder_lib.load_strict(enc, sd, enc.cfg.name)
