@@ -8,14 +8,11 @@ tolerance), plus what GLD needs on top.
 - Levels: the 4 out layers give cat(local_x, x_L) (2C channels), RAW from `encode` (GLD's diffusion space);
   `normalize_levels` gives DA3's exported form (what heads read). `propagate` resumes the frozen blocks from a
   (generated) level k to get levels k+1..3 (GLD sec. 4.3).
-- DualDPT geometry head (depth, ray maps, confidences), camera decoder, and `pose_from_rays`: a deterministic
-  weighted DLT + IRLS fit of the camera to the ray map, exact for off-centre principal points (DA3's RANSAC
-  version is random and biased there).
-- Weights from local files with a readable strict key check; `LatentStats` (GLD's per-channel normalisation);
-  `geometry_loss` to train the tiny preset; `build_encoder`: the latent-encoder registry and its interface.
-
-Reference view: DA3 moves it to position 0 before `alt_start`. Earlier blocks are per view and global attention is
-permutation-equivariant over views, so here it simply receives camera_token[0] in place; the view order never changes.
+- DualDPT head (depth, ray maps, confidences), camera decoder, `pose_from_rays` (deterministic DLT + IRLS; DA3's
+  RANSAC is random and biased for off-centre principal points); strict weight loading; `LatentStats`;
+  `geometry_loss` for the tiny preset; `build_encoder`: the latent-encoder registry and its interface.
+Reference view: DA3 moves it to position 0 before `alt_start`; earlier blocks are per view and global attention is
+permutation-equivariant, so here it receives camera_token[0] in place and the view order never changes.
 
 References: Depth Anything 3 (arXiv 2511.10647, github.com/ByteDance-Seed/Depth-Anything-3);
 DINOv2 (arXiv 2304.07193); DPT (arXiv 2103.13413); GLD (arXiv 2603.22275).

@@ -53,11 +53,9 @@ def describe_layouts(kind):
 
 
 def official_state_dict(obj, kind, name='', log=print):
-    """The one place that unwraps a released file (whatever torch.load gave) -> a flat state dict, in any layout of
-    OFFICIAL_LAYOUTS[kind]: the first wrapper key present holding a dict (EMA first, as the release evaluates),
-    'module.' (DDP) dropped, and where keys carry one of the kind's prefixes, those keys with it stripped (the other
-    entries belong to other modules, e.g. a stage-1 encoder, and are skipped as the release skips them).
-    An unknown layout raises with the top-level keys seen and the layouts known."""
+    """The one place that unwraps a released file (what torch.load gave) in any layout of OFFICIAL_LAYOUTS[kind] ->
+    a flat state dict: the first wrapper key holding a dict (EMA first), 'module.' dropped, and where keys carry one
+    of the kind's prefixes, those keys stripped (other modules' entries skipped, as the release does)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
     unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
@@ -185,9 +183,9 @@ def find_official_files(folder, latent='da3'):
     """Role -> local path of every OFFICIAL_FILES[latent] entry, searched by name anywhere under folder (hidden
     folders skipped). A file at another latent's release path is not a candidate (pretrained_models/vggt/
     mae_decoder.pt beside DA3's pretrained_models/mae_decoder.pt); of several left, the one at the release path."""
+    get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f'{folder}: no such folder; download the release with: huggingface-cli download '
-                                f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
+        raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
     by_name = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
@@ -203,8 +201,7 @@ def find_official_files(folder, latent='da3'):
         exact = [h for h in hits if at(h, rel)]
         if not hits:
             raise FileNotFoundError(f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
-                                    f'https://huggingface.co/{OFFICIAL_HUB} or with: huggingface-cli download '
-                                    f'{OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)')
+                                    f'https://huggingface.co/{OFFICIAL_HUB} or with: {get}')
         if len(hits) > 1 and len(exact) != 1:
             raise ValueError(f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
                              f'{hits}; keep the one at {rel}')
@@ -213,10 +210,8 @@ def find_official_files(folder, latent='da3'):
 
 
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models (hub repo SeonghuJeon/GLD, files OFFICIAL_FILES['da3']) converted into our
-    modules and loaded strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}), for
-    pipeline.Pipeline(..., boundary=1, official=OfficialConventions()).
-    Every file is unwrapped by official_state_dict (any layout the release writes or reads, OFFICIAL_LAYOUTS).
+    """The released GLD (DA3) models (OFFICIAL_FILES['da3']) converted into our modules and loaded strictly -> (DA3,
+    RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}) for pipeline.Pipeline(..., boundary=1, official=...).
     encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}

@@ -1,10 +1,9 @@
 """The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels) as a latent space: the GLD
 paper's SD-VAE baseline.
 
-- CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, SD's kl-f8 config): Encoder
-  (ResnetBlocks at 4 resolutions, a ResnetBlock-attention-ResnetBlock middle, GroupNorm(32, eps 1e-6)), quant
-  convs, and the mirror Decoder. Checkpoints in the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x
-  checkpoint's first_stage_model.*; loss.* skipped), loaded strictly; not the diffusers layout.
+- CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, SD's kl-f8 config), loaded
+  strictly from the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*;
+  loss.* skipped), not the diffusers one.
 - The latent interface (encoder.build_encoder's docstring): ONE level, the posterior mean times SD's 0.18215,
   images mapped to [-1,1]; 2x2 latent patches form a token (DiT's patch 2 on SD latents): 16 channels per 16x16
   pixels. The RGB decoder is the VAE's own (`rgb_decoder`); no geometry, no propagation.

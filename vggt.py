@@ -1,21 +1,16 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
-shared/notes/vggt-architecture.md has the sources and line numbers.
-- Aggregator: a DINOv2-L/14 with 4 registers as the patch embed (dinov2.DinoViT, patch tokens after its final
-  norm), then per frame [camera token, 4 register tokens, patches] (frame 0 takes index 0 of the learned tokens,
-  the others index 1), then 24 pairs of a frame block (per view) and a global block (all views, frame-major).
-  Blocks: encoder.Block with eps 1e-5, qk-norm, 2D RoPE base 100 (special tokens at (0,0), patches at (y+1,x+1),
-  the same per-frame positions in the global blocks).
+Sources and line numbers: shared/notes/vggt-architecture.md.
+- Aggregator: a DINOv2-L/14 with 4 registers as the patch embed, then per frame [camera token, 4 register tokens,
+  patches] (frame 0 takes index 0 of the learned tokens, the others index 1), then 24 pairs of a frame block and a
+  global block (all views, frame-major): encoder.Block with eps 1e-5, qk-norm, 2D RoPE base 100.
 - Levels as GLD's release takes them: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048,
-  RAW (the depth head's LayerNorm is the only one); with return_cls also the 5 special tokens (B,V,5,2C).
-- `propagate` resumes from level k with the state = the global half of [special tokens, patches] of level k.
-- Heads: the DPT depth head (encoder.DualDPT's main branch, RCU skips add relu(x)) and the camera head (4
-  refinements of an adaLN-modulated trunk over the camera tokens of pair 23) -> w2c, pixel K, c2w, normalised K.
-- `load_weights`: the facebook/VGGT-1B model.pt layout, strict; point_head.* and track_head.* are skipped.
-
+  RAW; `propagate` resumes from level k with the global half of [special tokens, patches] as the state.
+- Heads: DPT depth head (encoder.DualDPT's main branch) and the camera head (4 refinements of an adaLN trunk over
+  the camera tokens of pair 23). Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
 Difference from the GLD release: it also diffuses the 5 special tokens of each level; here the DiT generates the
-patch tokens only, and propagation / the camera head take the special tokens of the FIRST SOURCE VIEW encoded
-alone, broadcast to all views (`first_view_cls`), as the DA3 path does with DA3's token 0.
+patch tokens only, and propagation / the camera head take those of the FIRST SOURCE VIEW encoded alone
+(`first_view_cls`), as the DA3 path does with DA3's token 0.
 
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
