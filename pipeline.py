@@ -63,10 +63,11 @@ def find_checkpoint(name, ckpt_dir=None):
     weights/tiny/<name>.safetensors."""
     if ckpt_dir:
         folder = os.path.join(ckpt_dir, name)
-        if not list_checkpoints(folder):
+        found = list_checkpoints(folder)
+        if not found:
             raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
                             f'{train_command(name)} --out {folder}')
-        return list_checkpoints(folder)[-1]
+        return found[-1]
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
         raise UserError(f'{path}: no bundled {name} model; restore it with: git checkout weights/tiny, or pass '
@@ -140,10 +141,9 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint('encoder', ckpt_dir);
     others: <ckpt_dir>/encoder-<preset> when trained there, else random). enc.source = {'weights', 'sha256'} is what
     checkpoints record as the encoder that made their latents."""
-    if weights == 'auto' and preset == 'da3-tiny':
-        weights = find_checkpoint('encoder', ckpt_dir)
-    elif weights == 'auto' and ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, model_name('encoder', preset))):
-        weights = find_checkpoint(model_name('encoder', preset), ckpt_dir)
+    name = model_name('encoder', preset)
+    if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
+        weights = find_checkpoint(name, ckpt_dir)
     sha = None
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
@@ -199,13 +199,6 @@ class Pipeline:
         self.progress = progress  # cli.Progress lines per Euler step
         self.official = official  # None, or the released models' OfficialConventions (load_official_pipeline)
 
-    def time_schedule(self, steps, V, T, C):
-        """-> (Euler steps, shift a, end time) of one level: ours from t = 1 to 0 with a from V*T*C; the release's own
-        rule (OfficialConventions.time_schedule)."""
-        if self.official is not None:
-            return self.official.time_schedule(steps, V, C)
-        return steps, diffusion.shift_alpha(V * T * C), 0.0
-
     def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
         """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
         t0, (net, meta) = time.time(), self.models[level]
@@ -215,7 +208,9 @@ class Pipeline:
         uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
-        n, a, t_end = self.time_schedule(steps, *cond.shape[1:])
+        B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C
+        n, a, t_end = (self.official.time_schedule(steps, V, C) if self.official is not None else
+                       (steps, diffusion.shift_alpha(V * T * C), 0.0))
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
         bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None

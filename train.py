@@ -391,9 +391,9 @@ class DiffusionStage:
         lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=gen)
         drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < self.cam_drop
         cams = model_lib.drop_cameras(lat['cams'], drop)
-        B, V, T, C = lat['x'].shape
+        shift = diffusion.shift_alpha(lat['x'][0].numel())  # from V*T*C of the latents (B,V,T,C)
         return diffusion.flow_loss(lambda x_t, t: self.net(x_t, t, lat['cond'], cams, upper=lat['upper']), lat['x'],
-                                   lat['src_mask'], generator=gen, a=diffusion.shift_alpha(V * T * C), dist=self.t_dist)
+                                   lat['src_mask'], generator=gen, a=shift, dist=self.t_dist)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
