@@ -3,16 +3,9 @@
     python bench.py                                   # gld-tiny on CPU: train step, Euler step, eager vs compile
     python bench.py --preset gld-paper --views 8 --size 504 --dtype bf16 --compile --device cuda   # the paper's M1
 
-Measures, side by side in one run:
-- a DiT training step (forward, backward, AdamW): samples/s, tokens/s, achieved TFLOP/s and MFU. FLOPs are
-  counted analytically by model.flops_per_token (printed with --formula): 2 FLOPs per multiply-add of every
-  linear layer and of the attention (QK^T and AV over all V*h*w tokens), times 3 for forward + backward;
-- sampling: seconds per Euler step (two forwards with CFG) and per 50-step level;
-- frozen DA3 propagation (level 1 -> 2, 3), RGB decoding and the geometry head;
-- peak memory (GPU: torch.cuda.max_memory_allocated; CPU: the process's max RSS);
-- on GPU in bf16: which SDPA backend runs, asserted by running the step inside sdpa_kernel(FLASH_ATTENTION)
-  (which raises if flash cannot run) and by the profiler's kernel names.
-Performance claims in the README come from this file: ratios measured in one run, absolute times only from a GPU.
+Measures in one run: a DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler
+step with CFG, the frozen encoder/decoder parts, the M1 step fed from data vs the latent cache, peak memory, and on GPU
+in bf16 the SDPA backend. The README's claims come from here: ratios from one run, absolute times only from a GPU.
 """
 import argparse
 import contextlib
@@ -32,12 +25,10 @@ import latents
 import model as model_lib
 
 
-
 def build_parser():
     p = argparse.ArgumentParser(description='GLD benchmarks', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--preset', default='gld-tiny', help='DiT preset (model.PRESETS)')
-    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (encoder.build_encoder) for encode, propagation, '
-                   'decoding and the geometry head, each where the encoder has it')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (encoder.build_encoder) of the frozen parts')
     p.add_argument('--decoder', default='tiny', help='RGB decoder preset')
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
@@ -49,33 +40,21 @@ def build_parser():
     p.add_argument('--iters', type=int, default=5, help='timed iterations')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
     p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen,data")
-    p.add_argument('--data', default='data_synth', help='chunk folder for the M1 step fed from the data vs from the '
-                   'latent cache (train.py --cache); skipped when the folder does not exist')
+    p.add_argument('--data', default='data_synth', help='chunks for the M1 step fed from data vs cache (skipped if missing)')
     p.add_argument('--formula', action='store_true', help='print the FLOP formula')
     return p
 
 
-def get_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
 def timeit(fn, iters, warmup, device):
-    for _ in range(warmup):
+    """Seconds per call of fn, after `warmup` untimed calls (GPU: synchronised)."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
+    for i in range(warmup + iters):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / iters
-
-
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
 def fake_batch(cfg, B, V, size, device):
@@ -86,31 +65,35 @@ def fake_batch(cfg, B, V, size, device):
     x = torch.randn(B, V, T, C, generator=g)
     src = (torch.arange(V) < 2)[None].expand(B, V)
     cond = x * src[:, :, None, None]
-    eye = torch.stack([torch.tensor([0.3 * v, 0.0, 0.1 * v]) for v in range(V)])
-    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0]))
-    K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(V, 3, 3)
-    c2w, K = c2w[None].expand(B, V, 4, 4), K[None].expand(B, V, 3, 3)
+    eye = torch.tensor([[0.3 * v, 0.0, 0.1 * v] for v in range(V)])
+    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0])).expand(B, V, 4, 4)
+    K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(B, V, 3, 3)
     cams = model_lib.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
     upper = torch.randn(B, V, T, cfg.upper_dim, generator=g) if cfg.upper_dim else None
     to = lambda t: t.to(device) if torch.is_tensor(t) else t
     return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
 
 
-def bench_train(net, batch, a, device, autocast, rows, label):
-    x, cond, cams, upper = batch
+def make_step(net, autocast=contextlib.nullcontext()):
+    """step(x, cond, cams, upper): one rectified-flow training step of net (forward, backward, AdamW)."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
 
-    def step():
+    def step(x, cond, cams, upper=None):
         with autocast:
-            loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'],
-                                          generator=gen)
+            velocity = lambda xt, t: net(xt, t, cond, cams, upper=upper)
+            loss, _ = diffusion.flow_loss(velocity, x, cams['src_mask'], generator=gen)
         loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-    dt = timeit(step, a.iters, a.warmup, device)
-    B, V, T, _ = x.shape
-    raw = getattr(net, '_orig_mod', net)
-    flops = 3 * model_lib.flops_per_token(raw.cfg, V * T) * B * V * T
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(net, batch, a, device, autocast, rows, label):
+    step = make_step(net, autocast)
+    dt = timeit(lambda: step(*batch), a.iters, a.warmup, device)
+    B, V, T, _ = batch[0].shape
+    flops = 3 * model_lib.flops_per_token(getattr(net, '_orig_mod', net).cfg, V * T) * B * V * T
     peak = model_lib.peak_tflops(device)
     rows.append({'part': f'train step ({label})', 'ms': dt * 1e3, 'samples/s': B / dt, 'tokens/s': B * V * T / dt,
                  'TFLOP/s': flops / dt / 1e12, 'MFU': flops / dt / 1e12 / peak if peak else None})
@@ -140,24 +123,23 @@ def bench_frozen(a, device, autocast, rows):
         decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim, num_levels=enc.num_levels, patch=enc.patch)).to(device).eval()
     images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
     hw = (a.size // enc.patch, a.size // enc.patch)
+    ms = lambda fn: 1e3 * timeit(fn, a.iters, a.warmup, device)
     with torch.no_grad(), autocast:
         levels = enc.encode(images)
         norm = enc.normalize_levels(levels)
-        rows.append({'part': f'encode ({a.encoder})', 'ms': 1e3 * timeit(lambda: enc.encode(images), a.iters, a.warmup, device)})
+        rows.append({'part': f'encode ({a.encoder})', 'ms': ms(lambda: enc.encode(images))})
         if enc.can_propagate:
             cls = enc.first_view_cls(images, 1)
-            rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': 1e3 * timeit(
-                lambda: enc.propagate(levels[1], 1, cls, hw), a.iters, a.warmup, device)})
-        rows.append({'part': f'RGB decode ({a.decoder if not enc.has_rgb_decoder else "own"})',
-                     'ms': 1e3 * timeit(lambda: dec(norm, hw), a.iters, a.warmup, device)})
+            rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': ms(lambda: enc.propagate(levels[1], 1, cls, hw))})
+        name = 'own' if enc.has_rgb_decoder else a.decoder
+        rows.append({'part': f'RGB decode ({name})', 'ms': ms(lambda: dec(norm, hw))})
         if enc.has_geometry:
-            rows.append({'part': 'geometry head', 'ms': 1e3 * timeit(lambda: enc.geometry(norm, a.size, a.size), a.iters, a.warmup, device)})
+            rows.append({'part': 'geometry head', 'ms': ms(lambda: enc.geometry(norm, a.size, a.size))})
 
 
 def bench_data_paths(net, a, device, rows):
-    """The whole M1 step as train.py runs it (2 sources), fed from the data (read and decode the frames, DA3 on all
-    views and on the sources) and from a LatentCache of one draw per scene (index float16 tensors): samples/s of
-    each, measured side by side."""
+    """The M1 step as train.py runs it (2 sources), fed from the data (decode the frames, DA3 on all views and on the
+    sources) and from a LatentCache of one draw per scene: samples/s of each, side by side."""
     import tempfile
     enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
     ds = data.SceneDataset(a.data, 'train', num_views=a.views)
@@ -166,18 +148,13 @@ def bench_data_paths(net, a, device, rows):
     with tempfile.TemporaryDirectory() as tmp:
         cache = latents.LatentCache.build(os.path.join(tmp, 'cache.pt'), enc, ds, [1], 1, 1, src=(2, 2), device=device,
                                           log=lambda *_: None)
-    order = iter(cache.batches(a.batch, 0))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
+    order, step = iter(cache.batches(a.batch, 0)), make_step(net)
 
-    def step(batch):
+    def fed(batch):
         lat = latents.training_latents(enc, stats, batch, 1)
-        loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, lat['cond'], lat['cams']), lat['x'], lat['src_mask'], generator=gen)
-        loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-    fly = lambda: step(data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()}, 2))
-    cached = lambda: step(cache.batch(next(order), device))
-    for label, fn in (('from data', fly), ('from latent cache', cached)):
+        step(lat['x'], lat['cond'], lat['cams'])
+    fly = lambda: fed(data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()}, 2))
+    for label, fn in (('from data', fly), ('from latent cache', lambda: fed(cache.batch(next(order), device)))):
         dt = timeit(fn, a.iters, a.warmup, device)
         rows.append({'part': f'M1 step fed {label}', 'ms': dt * 1e3, 'samples/s': a.batch / dt})
     return rows[-2]['ms'] / rows[-1]['ms']
@@ -199,7 +176,7 @@ def sdpa_backend_check(net, batch, device, autocast):
 
 
 def main(argv=None):
-    a = get_args(argv)
+    a = build_parser().parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
     skip = set(a.skip.split(',')) if a.skip else set()
@@ -217,14 +194,12 @@ def main(argv=None):
           f'torch {torch.__version__}, {torch.get_num_threads()} threads')
     if a.formula:
         print(model_lib.flops_per_token.__doc__)
-    rows = []
-    variants = [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else [])
-    times = {}
-    for label, m in variants:
+    rows, times = [], {}
+    for label, m in [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else []):
         if 'train' not in skip:
-            times[('train', label)] = bench_train(m, batch, a, device, autocast, rows, label)
+            times['train', label] = bench_train(m, batch, a, device, autocast, rows, label)
         if 'sample' not in skip:
-            times[('sample', label)] = bench_sample(m.eval(), batch, a, device, autocast, rows, label)
+            times['sample', label] = bench_sample(m.eval(), batch, a, device, autocast, rows, label)
             m.train()
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
@@ -235,7 +210,8 @@ def main(argv=None):
         print(f'{a.data}: no such folder, the data-fed step is skipped (python data.py synth makes it)')
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
-    rows.append({'part': 'peak memory', 'GB': peak_memory_gb(device)})
+    rows.append({'part': 'peak memory', 'GB': torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})  # Linux: KiB
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
     if cache_speedup:

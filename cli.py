@@ -1,14 +1,5 @@
-"""cli.py: what every command line of gld shares: the user's-mistake error, one-line reporting, progress lines, threads.
-
-- `UserError`: a mistake in a file, folder or flag, raised where it is found (any module), one line naming the file
-  and the fix as a flag or command.
-- `run_cli(main)`: the entry points' wrapper (train.py, sample.py, data.py, export.py): a UserError becomes that line on
-  stderr and exit status 2, no traceback (GLD_DEBUG=1 shows it); any other exception is a bug and keeps its traceback.
-- `Progress`: a loop's progress with ETA, in place on a terminal, plain lines in logs.
-- `choose_threads`: one torch thread on a busy CPU (2-core machines ran 7-10x slower with two, same outputs).
-
-The bottom of the import graph: torch and the standard library only.
-"""
+"""cli.py: what every gld command line shares: UserError and its one-line report (run_cli), Progress lines, and
+choose_threads. The bottom of the import graph: torch and the standard library only."""
 import math
 import os
 import sys
@@ -19,14 +10,18 @@ import torch
 
 
 class UserError(Exception):
-    """A user's mistake in a file, folder or flag, raised where it is found. The message is one line: what is
-    wrong, the file, and the fix written as a command-line flag or command. The entry points (run_cli) print it
-    on stderr and exit with status 2, without a traceback; any other exception is a bug and keeps its traceback."""
+    """A user's mistake in a file, folder or flag, raised where it is found: one line naming what is wrong, the file,
+    and the fix as a flag or command. Any other exception is a bug and keeps its traceback."""
+
+
+def first_line(e):
+    """'Type: the first line of its message' of an exception (120 characters at most), for one-line errors."""
+    return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
 
 
 def run_cli(main, argv=None):
-    """Run an entry point's main(argv): a UserError becomes one line on stderr ('error: ...') and exit status 2;
-    GLD_DEBUG=1 in the environment shows its traceback too. Threads are chosen first (choose_threads)."""
+    """Run an entry point's main(argv): a UserError becomes 'error: ...' on stderr and exit status 2 (GLD_DEBUG=1 also
+    prints its traceback)."""
     choose_threads()
     try:
         return main(argv)
@@ -41,8 +36,8 @@ def run_cli(main, argv=None):
 
 
 def choose_threads():
-    """On a busy CPU (load average above the free cores) with no OMP_NUM_THREADS set, use one torch thread: on a
-    shared 2-core machine the default (one per core) ran every command 7-10x slower, with identical outputs."""
+    """One torch thread on a busy CPU (load above the free cores) when OMP_NUM_THREADS is unset: on a shared 2-core
+    machine the default ran every command 7-10x slower, with identical outputs."""
     if 'OMP_NUM_THREADS' in os.environ or not hasattr(os, 'getloadavg'):
         return
     cores = os.cpu_count() or 1
@@ -53,13 +48,8 @@ def choose_threads():
 
 
 class Progress:
-    """Progress of a loop of `total` steps with elapsed time and ETA: one line updated in place (\\r) on a terminal,
-    plain lines at most every `every` seconds (and at the end) when stdout is a log file; every=0: a plain line for
-    each step everywhere (slow steps with other output between them).
-
-        bar = Progress('M1 Euler', 50)
-        for ...: bar.step()   # 'M1 Euler 12/50  3.1s, ETA 9.8s'
-    """
+    """'M1 Euler 12/50  3.1s, ETA 9.8s' for a loop of `total` steps: updated in place on a terminal, a plain line at
+    most every `every` seconds (and at the end) in a log file; every=0: a plain line per step everywhere."""
 
     def __init__(self, label, total, every=10.0, stream=None):
         self.label, self.total, self.every, self.stream = label, total, every, stream or sys.stdout

@@ -1,17 +1,13 @@
 """latents.py: what the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
-- `model_cameras`: poses relative to the last view, scaled, -> the DiT's camera inputs (Plücker map, PRoPE).
-- `source_condition`: the leakage-free condition, DA3 run on the source views alone (paper Sec. 4.3).
-- `training_latents`: one training batch of M_l (or M1->0): normalised targets over all V views, the source
-  condition, the optionally noised level-1 condition of the cascade (paper Sec. 4.4, tau).
-- `compute_stats`: per-channel latent statistics over training batches.
-- `LatentCache`: the frozen encoder's outputs for fixed view draws of every training scene, computed once and
-  reused every epoch, so a diffusion step on CPU does not re-decode JPEGs and re-run DA3 (`train.py --cache`).
+Training and sampling share its camera inputs and the leakage-free source condition (paper Sec. 4.3); training adds
+the normalised targets, the noised level-1 condition (Sec. 4.4) and `LatentCache` (`train.py --cache`).
 
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C: local and global halves),
 T tokens (h*w).
 """
 import hashlib
+import itertools
 import os
 import time
 
@@ -26,8 +22,8 @@ from data import PATCH
 
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
     """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
-    inputs (patch: image pixels per token side, the encoder's). official=True: the release's conventions (largest
-    |t| component 1, its Plücker grid and PRoPE quirks)."""
+    inputs (patch: the encoder's pixels per token side). official=True: the release's conventions (largest |t|
+    component 1, its Plücker grid and PRoPE quirks)."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
     return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
@@ -59,26 +55,19 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
     raw = encode_batch(enc, batch, levels, level)
     x = stats.normalize(raw['full'][level], level)
     cond = stats.normalize(raw['cond'], level) * src_mask[:, :, None, None]
-    B = x.shape[0]
-    upper = None
-    if upper_level is not None:  # M1->0: ground-truth level 1, optionally noised (sigma ~ |N(0, tau^2)|, variance kept)
-        upper = stats.normalize(raw['full'][upper_level], upper_level)
-        if tau > 0:
-            sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
-            eps = torch.randn(upper.shape, generator=generator).to(upper.device)
-            upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
+    upper = stats.normalize(raw['full'][upper_level], upper_level) if upper_level is not None else None
+    if upper is not None and tau > 0:  # M1->0: ground-truth level 1 noised by sigma ~ |N(0, tau^2)|, variance kept
+        sigma = (torch.randn(x.shape[0], 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
+        eps = torch.randn(upper.shape, generator=generator).to(upper.device)
+        upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
     cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
     return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
 
 
 def compute_stats(enc, loader, levels, n_batches, device):
     """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
-    def images():
-        for i, b in enumerate(loader):
-            if i >= n_batches:
-                break
-            yield b['images'].to(device)
-    return encoder_lib.compute_latent_stats(enc, images(), levels)
+    images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
+    return encoder_lib.compute_latent_stats(enc, images, levels)
 
 
 def state_hash(module):
@@ -90,15 +79,13 @@ def state_hash(module):
 
 
 class LatentCache:
-    """The frozen encoder's raw levels for `draws` fixed view draws of every training scene, computed once.
+    """The frozen encoder's raw levels (float16) for `draws` fixed view draws of every training scene, computed once.
 
-    DA3's global blocks attend across views and its first view is the reference, so a level depends on the whole
-    view set and its order, not on one frame: the cache therefore stores whole training samples. Draw d of scene i
-    takes the dataset's frames for epoch d, a source count n = lo + d mod (hi - lo + 1) and its sources (a random
-    subset, or the ends: data.split_views), sources moved to the front; it keeps the levels of all V views encoded jointly and the
-    condition level encoded from the sources alone, as float16. A batch takes draws of one source count (the
-    model's tensors need one), so `batches` groups them; everything else is what the on-the-fly path computes.
-    The file name holds the encoder's state hash, so other weights (or data, views, draws, levels) build anew."""
+    DA3's global blocks attend across views, so a level depends on the whole ordered view set: the cache stores
+    whole samples. Draw d of scene i takes the dataset's frames of epoch d and n = lo + d mod (hi - lo + 1) sources
+    (data.split_views, moved to the front): all V views encoded jointly, the condition from the sources alone.
+    `batches` groups draws of one source count. The file name holds the encoder's state hash (and data, views, draws,
+    levels), so anything else builds anew."""
 
     def __init__(self, path):
         self.path = path
@@ -143,8 +130,7 @@ class LatentCache:
         if os.path.exists(path):
             log(f'latent cache: {path}')
             return cls(path)
-        lo, hi = src
-        hi = min(hi, dataset.num_views - 1)
+        lo, hi = src[0], min(src[1], dataset.num_views - 1)
         rows, t0 = [], time.time()
         for d in range(draws):
             dataset.set_epoch(d)
@@ -159,10 +145,9 @@ class LatentCache:
                              'cond': raw['cond'][0].half().cpu(),
                              **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels}})
             log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
-        H, W = item['images'].shape[-2:]
         out = {k: torch.stack([r[k] for r in rows]).cpu() if torch.is_tensor(rows[0][k]) else torch.tensor([r[k] for r in rows])
                for k in rows[0]}  # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
-        out['size'] = torch.tensor([H, W])
+        out['size'] = torch.tensor(item['images'].shape[-2:])
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         torch.save(out, path + '.tmp')
         os.replace(path + '.tmp', path)

@@ -1,14 +1,9 @@
-"""pipeline.py: the GLD cascade and the files it is made of, shared by sampling and training.
+"""pipeline.py: the GLD cascade and the model files it is made of, shared by sampling and training.
 
-- Model files: find (runs/<name>/ckpt_*.pt or the bundled weights/tiny/<name>.safetensors), load (EMA weights of a
-  checkpoint, or an fp16 export with its JSON sidecar, SHA-256 checked and printed), export; every model records
-  the encoder file and hash whose latents it read, and loading refuses another encoder.
-- The cascade (paper Sec. 4, Fig. 2) as `Pipeline.generate`: DA3 on the source views alone -> M_k generates level
-  k of all views (rectified flow, Euler, CFG over cameras) -> M_{k->k-1} ... level 0, each conditioned on the level
-  above -> the frozen DA3 blocks after level k propagate it to the deeper levels -> the RGB decoder and DA3's frozen
-  DualDPT head give images, depth, rays and cameras. Which model conditions on which, and the run names, are
-  `cascade_upper` and `run_name` below (train.py and the loaders both use them).
-- `load_pipeline` (our runs or the bundled models) and `load_official_pipeline` (the release, official.py).
+- Model files: find, load (SHA-256 checked and printed), export; a model records the encoder file and hash of its
+  latents, and loading refuses another encoder.
+- `Pipeline.generate`, the cascade (paper Sec. 4, Fig. 2): DA3 on the sources -> M_k generates level k of all views
+  -> M_{k->k-1} ... level 0 -> frozen DA3 blocks propagate level k deeper -> RGB decoder and DA3's geometry head.
 
 Legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 """
@@ -37,26 +32,24 @@ COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: trai
 
 
 def cascade_upper(level, independent=False, num_levels=4):
-    """The level whose features condition the model of `level`: M1->0 reads level 1 (the cascade); M1..M3, the
-    independent M0 of the boundary ablation and the one level of a one-level latent (DINOv2, the VAE) read none."""
+    """The level conditioning the model of `level`: 1 for M1->0 (the cascade); None for M1..M3, the independent M0
+    (boundary ablation) and a one-level latent (DINOv2, the VAE)."""
     return 1 if level == 0 and not independent and num_levels > 1 else None
 
 
 def model_name(stage, encoder='da3-tiny'):
-    """A model's name, its run folder runs/<name> and its file weights/tiny/<name>.safetensors: the stage (encoder,
-    decoder, level<k>, level0_ind) for da3-tiny, the bundled default; '<stage>-<encoder>' on other latents, so runs
-    on different latents never pick up each other's models."""
+    """A model's name (run folder runs/<name>, file weights/tiny/<name>.safetensors): the stage for da3-tiny,
+    '<stage>-<encoder>' on other latents, so runs on different latents never pick up each other's models."""
     return stage if encoder == 'da3-tiny' else f'{stage}-{encoder}'
 
 
 def run_name(level, independent=False, encoder='da3-tiny'):
-    """The name of the diffusion model of `level` (model_name of level<k>, or level0_ind for the independent M0)."""
+    """model_name of the diffusion model of `level`: level<k>, or level0_ind for the independent M0."""
     return model_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)
 
 
 def train_command(name):
-    """The command that trains the model called name (model_name): encoder, decoder, level<k>, level<k>_ind, each
-    with -<encoder> on other latents."""
+    """The command that trains the model called name (model_name)."""
     stage, _, encoder = name.partition('-')
     cmd = (f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
            if stage.startswith('level') else COMMANDS[stage])
@@ -66,15 +59,15 @@ def train_command(name):
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
 
 def find_checkpoint(name, ckpt_dir=None):
-    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given (none there: a UserError naming the training
-    command that makes it; never a fallback), else the bundled weights/tiny/<name>.safetensors."""
+    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given (never a fallback), else the bundled
+    weights/tiny/<name>.safetensors."""
     if ckpt_dir:
         folder = os.path.join(ckpt_dir, name)
-        ck = sorted(f for f in os.listdir(folder) if f.startswith('ckpt_') and f.endswith('.pt')) if os.path.isdir(folder) else []
-        if not ck:
+        found = list_checkpoints(folder)
+        if not found:
             raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
                             f'{train_command(name)} --out {folder}')
-        return os.path.join(folder, ck[-1])
+        return found[-1]
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
         raise UserError(f'{path}: no bundled {name} model; restore it with: git checkout weights/tiny, or pass '
@@ -82,20 +75,21 @@ def find_checkpoint(name, ckpt_dir=None):
     return path
 
 
-def has_checkpoint(folder):
-    return os.path.isdir(folder) and any(f.startswith('ckpt_') and f.endswith('.pt') for f in os.listdir(folder))
+def list_checkpoints(folder):
+    """The training checkpoints folder/ckpt_<step>.pt, oldest first ([] for a missing folder)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith('ckpt_') and f.endswith('.pt'))
 
 
 def auto_checkpoint(name):
-    """train.py's 'auto' encoder and decoder: the newest runs/<name> checkpoint when there is one, else the bundled
-    model (load_checkpoint prints which)."""
-    return find_checkpoint(name, 'runs' if has_checkpoint(os.path.join('runs', name)) else None)
+    """train.py's 'auto' encoder and decoder: the newest runs/<name> checkpoint, else the bundled model."""
+    return find_checkpoint(name, 'runs' if list_checkpoints(os.path.join('runs', name)) else None)
 
 
 def load_checkpoint(path, device='cpu'):
-    """-> (meta, state_dict), printing the file and its SHA-256 prefix; meta['sha256'] is the file's hash. A training
-    checkpoint gives its EMA weights; an export gives fp16 weights + a JSON sidecar. A missing, unreadable or
-    altered file is a UserError naming it."""
+    """-> (meta, state_dict): a training checkpoint's EMA weights, or an export's weights + JSON sidecar; prints the
+    file and its SHA-256 (meta['sha256']). A missing, unreadable or altered file is a UserError naming it."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
                         'pass a ckpt_*.pt of a run or an exported .safetensors')
@@ -124,8 +118,7 @@ def load_checkpoint(path, device='cpu'):
     except UserError:
         raise
     except Exception as e:  # truncated or foreign files: the readers' errors (of several types) name no file
-        reason = (str(e).strip().splitlines() or [''])[0][:120]
-        raise UserError(f'{path}: not a loadable checkpoint ({type(e).__name__}: {reason}); {broken}') from None
+        raise UserError(f'{path}: not a loadable checkpoint ({cli.first_line(e)}); {broken}') from None
 
 
 def export_weights(kind, net, config, extra, folder, name):
@@ -145,14 +138,12 @@ def export_weights(kind, net, config, extra, folder, name):
 
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
-    """A frozen latent encoder (encoder.build_encoder). weights: 'auto' (da3-tiny: the newest <ckpt_dir>/encoder
-    checkpoint, or the bundled weights/tiny/encoder when ckpt_dir is None; other presets: <ckpt_dir>/encoder-<preset>
-    when one was trained there, else random), 'none', or a file. enc.source = {'weights': the file or 'none',
-    'sha256': its hash or None} is what checkpoints record as the encoder that made their latents."""
-    if weights == 'auto' and preset == 'da3-tiny':
-        weights = find_checkpoint('encoder', ckpt_dir)
-    elif weights == 'auto' and ckpt_dir and has_checkpoint(os.path.join(ckpt_dir, model_name('encoder', preset))):
-        weights = find_checkpoint(model_name('encoder', preset), ckpt_dir)
+    """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint('encoder', ckpt_dir);
+    others: <ckpt_dir>/encoder-<preset> when trained there, else random). enc.source = {'weights', 'sha256'} is what
+    checkpoints record as the encoder that made their latents."""
+    name = model_name('encoder', preset)
+    if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
+        weights = find_checkpoint(name, ckpt_dir)
     sha = None
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
@@ -171,37 +162,31 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     return enc.to(device).freeze()
 
 
-def check_encoder(meta, path, enc, name):
-    """A model reads latents of the encoder it was trained with: refuse another one (by the file hash the
-    checkpoint records; older checkpoints record none and are not checked)."""
-    want, have = (meta.get('encoder') or {}).get('sha256'), enc.source['sha256']
-    if want and want != have:
+def load_net(path, device, enc, name, build):
+    """build(meta['config']) with the weights of path, in eval mode -> (net, meta). enc: refuse a model trained on
+    another encoder's latents (by the recorded file hash; older checkpoints record none and are not checked)."""
+    meta, sd = load_checkpoint(path, device)
+    want = (meta.get('encoder') or {}).get('sha256')
+    if enc is not None and want and want != enc.source['sha256']:
         raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
-                        f'the encoder here is {enc.source["weights"]} (sha256 {(have or "none")[:12]}); pass the '
-                        '--ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
+                        f'the encoder here is {enc.source["weights"]} (sha256 {(enc.source["sha256"] or "none")[:12]}); '
+                        'pass the --ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
                         f'{train_command(name)}')
+    net = build(meta['config']).to(device).eval()
+    net.load_state_dict(sd)
+    return net, meta
 
 
 def load_model(path, device='cpu', enc=None, name='level1'):
-    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats'). enc: refuse a model trained
-    on another encoder's latents (check_encoder)."""
-    meta, sd = load_checkpoint(path, device)
-    if enc is not None:
-        check_encoder(meta, path, enc, name)
-    net = model_lib.GLD(model_lib.GLDConfig(**meta['config'])).to(device).eval()
-    net.load_state_dict(sd)
+    """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
+    net, meta = load_net(path, device, enc, name, lambda cfg: model_lib.GLD(model_lib.GLDConfig(**cfg)))
     meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
     return net, meta
 
 
 def load_decoder(path, device='cpu', enc=None):
-    """-> the RGB decoder in eval mode. enc: refuse a decoder trained on another encoder's features."""
-    meta, sd = load_checkpoint(path, device)
-    if enc is not None:
-        check_encoder(meta, path, enc, 'decoder')
-    dec = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**meta['config'])).to(device).eval()
-    dec.load_state_dict(sd)
-    return dec
+    """-> the RGB decoder in eval mode."""
+    return load_net(path, device, enc, 'decoder', lambda cfg: decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**cfg)))[0]
 
 
 # ----------------------------------------------------------------------------- the cascade
@@ -211,46 +196,40 @@ class Pipeline:
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
-        self.progress = progress  # a line per Euler step (cli.Progress) on the terminal, every 10 s in logs
-        self.official = official  # None, or the OfficialConventions of the released models (see load_official_pipeline)
-
-    def time_schedule(self, steps, V, T, C):
-        """-> (Euler steps, shift a, end time) of one level's sampling. Ours: `steps` Euler steps from t = 1 to 0 with
-        a from the latents being generated (V views x T tokens x C channels); the released models: their own rule
-        (OfficialConventions.time_schedule, item 7)."""
-        if self.official is not None:
-            return self.official.time_schedule(steps, V, C)
-        return steps, diffusion.shift_alpha(V * T * C), 0.0
+        self.progress = progress  # cli.Progress lines per Euler step
+        self.official = official  # None, or the released models' OfficialConventions (load_official_pipeline)
 
     def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
-        net, meta = self.models[level]
-        stats = meta['stats']
+        """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
+        t0, (net, meta) = time.time(), self.models[level]
+        stats, up = meta['stats'], meta.get('upper_level')
         cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
-        upper = stats.normalize(upper_raw, meta['upper_level']) if meta.get('upper_level') is not None else None
+        upper = stats.normalize(upper_raw, up) if up is not None else None
         uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
-        euler_steps, a, t_end = self.time_schedule(steps, *cond.shape[1:])
+        B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C
+        n, a, t_end = (self.official.time_schedule(steps, V, C) if self.official is not None else
+                       (steps, diffusion.shift_alpha(V * T * C), 0.0))
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
-        name = f'M{meta["upper_level"]}->{level}' if meta.get('upper_level') is not None else f'M{level}'
-        bar = cli.Progress(f'  {name} Euler step', euler_steps) if self.progress else None
+        name = f'M{up}->{level}' if up is not None else f'M{level}'
+        bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
 
-        def velocity(x_t, t):  # called once per Euler step (the unconditional branch of CFG is uncond_fn)
+        def velocity(x_t, t):  # once per Euler step (CFG's unconditional branch is uncond_fn)
             v = net(x_t, t, cond, cams, upper=upper)
             if bar:
                 bar.step()
             return v
-        x = diffusion.euler_sample(velocity, noise, steps=euler_steps,
-                                   a=a, cfg_scale=cfg_scale, uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
-                                   t_end=t_end)
+        x = diffusion.euler_sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, t_end=t_end,
+                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper))
+        self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)
 
     @torch.no_grad()
     def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
-        """images (B,V,3,H,W): only views 0..n_src-1 (the sources) are read. c2w (B,V,4,4), K (B,V,3,3) normalised.
-        given: {level: raw (B,V,T,C)} ground-truth levels used instead of generating them (tests, evaluation).
-        -> {'levels': raw levels, 'images' (B,V,3,H,W), 'geometry': the head's outputs ({} without a head)}.
-        What the encoder lacks (propagation, a geometry head) is skipped, as its capability flags say."""
+        """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; given:
+        {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry' ({} without
+        a head)}; propagation and geometry run where the encoder has them."""
         B, V, _, H, W = images.shape
         enc, L = self.enc, self.enc.num_levels
         hw = (H // enc.patch, W // enc.patch)
@@ -260,16 +239,12 @@ class Pipeline:
         gen = torch.Generator().manual_seed(seed)
         levels, given, cls_last = [None] * L, dict(given or {}), None
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
-            t0 = time.time()
             if level in given:
                 levels[level] = given[level]
             elif level in self.models:
                 up = self.models[level][1].get('upper_level')
                 levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
                                                   steps, cfg_scale, gen)
-                name = f'M{up}->{level}' if up is not None else f'M{level}'
-                n, a, _ = self.time_schedule(steps, *cond[level].shape[1:])
-                self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
             cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
@@ -289,23 +264,20 @@ class Pipeline:
 
 
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
-    """Finds the models by name (model_name): encoder, decoder, level{k}..level0 (cascade) or level{l}_ind
-    (independent, ablation), on the latent `encoder`; an encoder with its own RGB decoder (the VAE) uses it."""
+    """Encoder, decoder (or the encoder's own, the VAE's) and level{k}..level0 (or the independent level{l}_ind) by
+    name (model_name, find_checkpoint)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
     dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
         load_decoder(find_checkpoint(model_name('decoder', encoder), ckpt_dir), device, enc)
     if boundary >= enc.num_levels:
         log(f'note: {encoder} has levels 0..{enc.num_levels - 1}: boundary {boundary} -> {enc.num_levels - 1}')
         boundary = enc.num_levels - 1
-    models = {}
-    for level in range(boundary, -1, -1):
-        name = run_name(level, independent, encoder)
-        models[level] = load_model(find_checkpoint(name, ckpt_dir), device, enc, name)
+    names = {level: run_name(level, independent, encoder) for level in range(boundary, -1, -1)}
+    models = {level: load_model(find_checkpoint(name, ckpt_dir), device, enc, name) for level, name in names.items()}
     return Pipeline(enc, dec, models, boundary, log)
 
 
 def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released GLD models (official.load_models; kw: encoder_preset, heads) in our cascade, with the release's
-    conventions (docs/official.md)."""
+    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions (docs/official.md)."""
     enc, dec, models = official.load_models(folder, device, log=log, **kw)
     return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())

@@ -9,18 +9,10 @@
     python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (encoder.build_encoder)
     python train.py --stage encoder --encoder vae-tiny   # the tiny SD-architecture VAE on the synthetic scenes
 
-Everything a run needs stays visible here, a few lines each: DDP (torchrun env vars; NCCL on GPU, gloo on CPU),
-bf16 autocast on GPU, torch.compile, EMA, gradient accumulation that syncs only on the last micro-step, atomic
-checkpoints with exact resume (from the newest one that loads), Ctrl-C that writes a checkpoint at the step in
-flight, NaN/inf skipping, a dense log line, a CSV log and a loss-curve PNG, periodic
-evaluation. Recipes (paper Sec. 5.1, A.1, Tab. 11): diffusion AdamW lr 5e-5 constant, betas (0.9, 0.95), wd 0,
-clip 1.0, EMA 0.9995; decoder AdamW 2e-4 cosine to 2e-5 with warmup, EMA 0.9978.
-
-Latents are computed on the fly by the frozen encoder (latents.py): the target is DA3 over all V views jointly, the
-condition is DA3 over the source views alone ("leakage-free", zero at targets); `--cache N` encodes N fixed view
-draws per scene once instead (latents.LatentCache), which is what makes the tiny default trainable on 2 CPU cores. Per-channel latent statistics are computed
-once per encoder and level (or loaded, e.g. the official normalization_stats_level{0,1}.pt) and saved in every
-checkpoint, so sample.py rebuilds the whole pipeline from the files alone (pipeline.py loads them).
+A few lines each: DDP (torchrun), bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with
+exact --resume, Ctrl-C checkpoints, NaN/inf skipping, log line + CSV + curves.png, periodic evaluation. Latents come
+from the frozen encoder on the fly (latents.py) or once per view draw (--cache); their statistics go into every
+checkpoint, so sample.py rebuilds the pipeline from the files alone.
 """
 import argparse
 import contextlib
@@ -48,8 +40,9 @@ import export
 import latents
 import model as model_lib
 import pipeline
+from pipeline import list_checkpoints
 
-RECIPES = {  # (lr, final lr, schedule, betas, weight decay, clip, EMA decay)
+RECIPES = {  # paper Sec. 5.1, A.1, Tab. 11 (the encoder's is ours): AdamW, lr schedule, grad clip, EMA decay
     'diffusion': dict(lr=5e-5, min_lr=5e-5, schedule='constant', betas=(0.9, 0.95), wd=0.0, clip=1.0, ema=0.9995),
     'decoder': dict(lr=2e-4, min_lr=2e-5, schedule='cosine', betas=(0.9, 0.95), wd=0.0, clip=0.0, ema=0.9978),
     'encoder': dict(lr=3e-4, min_lr=3e-5, schedule='cosine', betas=(0.9, 0.95), wd=0.05, clip=1.0, ema=0.999),
@@ -67,19 +60,18 @@ def build_parser():
     g.add_argument('--data', default='data_synth', help="chunk folder, 're10k:PATH', 'dl3dv:PATH'; mixtures 'A*4,B*1'")
     g.add_argument('--views', type=int, default=8, help='views per sample V')
     g.add_argument('--src', default='1-4', help='number of source views per batch, a range lo-hi (paper: 1-4)')
-    g.add_argument('--src-mode', default='random', choices=['random', 'ends'], help="which views are sources: a random "
-                   "subset (paper) or first and last, evenly spaced for more (the N=2 evaluation's interpolation)")
+    g.add_argument('--src-mode', default='random', choices=['random', 'ends'],
+                   help="sources: a random subset (paper) or first and last, evenly spaced for more (N=2 evaluation)")
     g.add_argument('--size', default='', help="HxW (multiples of 14), 'buckets' for the paper's mixed sizes; '' = the data's size")
     g.add_argument('--gap', default='1-5', help='frame gap range between consecutive views')
     g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
-    g.add_argument('--cache', type=int, default=0, help='diffusion: encode this many fixed view draws per scene once '
-                   '(runs/cache/, keyed by the encoder hash) and train on them (0 = encode every batch)')
+    g.add_argument('--cache', type=int, default=0, help='diffusion: train on this many view draws per scene encoded '
+                   'once into runs/cache/ (0 = encode every batch)')
     g = p.add_argument_group('models')
     g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-{tiny,small,base,large,giant} (GLD), vggt-{tiny,1b}, '
                    'dinov2-{s,b,l}[-reg], vae[-tiny] (encoder.build_encoder)')
-    g.add_argument('--encoder-weights', default='auto', help="encoder weights file (its official layout); 'auto' = runs/encoder "
-                   "then weights/tiny (other encoders: runs/encoder-NAME, else random); 'none' = random. Runs on encoders "
-                   "other than da3-tiny go to runs/<stage>-NAME")
+    g.add_argument('--encoder-weights', default='auto', help="encoder weights file; 'auto' = runs/encoder then weights/tiny "
+                   "(other encoders: runs/encoder-NAME, else random); 'none' = random")
     g.add_argument('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset (stage decoder), see decoder.PRESETS')
     g.add_argument('--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip")
     g.add_argument('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset, see model.PRESETS')
@@ -105,22 +97,21 @@ def build_parser():
     g.add_argument('--seed', type=int, default=0, help='base seed (rank r uses seed + r)')
     g.add_argument('--max-bad', type=int, default=5, help='stop after this many consecutive non-finite losses')
     g = p.add_argument_group('output')
-    g.add_argument('--out', default='', help='run folder (default runs/<stage or levelN>)')
+    g.add_argument('--out', default='', help='run folder (default runs/<stage or levelN>[-ENCODER])')
     g.add_argument('--resume', action='store_true', help='continue exactly from the newest checkpoint in --out')
     g.add_argument('--keep', type=int, default=2, help='checkpoints kept')
     g.add_argument('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
     g.add_argument('--log-every', type=int, default=20, help='log interval (steps)')
     g.add_argument('--eval-every', type=int, default=500, help='periodic evaluation interval (steps, 0 = off)')
-    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors into this '
-                   'folder (weights/tiny, the bundled models, only with --force)')
+    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors here '
+                   '(weights/tiny only with --force)')
     g.add_argument('--force', action='store_true', help='let --export replace the bundled models in weights/tiny')
     g.add_argument('--wandb', default='', help='wandb project name (only when wandb is installed)')
     return p
 
 
 def get_args(argv=None):
-    """The parsed flags, completed once here (stage from --level, the run folder, the recipe's lr and EMA); nothing
-    changes them afterwards."""
+    """The flags, completed once here (stage from --level, run folder, the recipe's lr and EMA), then never changed."""
     args = build_parser().parse_args(argv)
     if args.level is not None:
         args.stage = 'diffusion'
@@ -147,21 +138,17 @@ def parse_range(s, flag):
 
 
 def model_name(args):
-    """The name of what this run trains (pipeline.model_name): its default run folder and its export's file name."""
-    if args.stage == 'diffusion':
-        return pipeline.run_name(args.level, args.independent, args.encoder)
-    return pipeline.model_name(args.stage, args.encoder)
+    """pipeline.model_name of what this run trains: its default run folder and export file name."""
+    return (pipeline.run_name(args.level, args.independent, args.encoder) if args.stage == 'diffusion' else
+            pipeline.model_name(args.stage, args.encoder))
 
 
-def encoder_weights(args):
-    """--encoder-weights auto: for da3-tiny the newest runs/encoder checkpoint, else the bundled encoder; for another
-    encoder its runs/encoder-NAME checkpoint when one was trained, else random."""
-    if args.encoder_weights != 'auto':
-        return args.encoder_weights
-    if args.encoder == 'da3-tiny':
-        return pipeline.auto_checkpoint('encoder')
-    trained = list_checkpoints(os.path.join('runs', pipeline.model_name('encoder', args.encoder)))
-    return trained[-1] if trained else 'auto'
+def load_encoder(args, device):
+    """The frozen encoder of the latents; --encoder-weights auto: da3-tiny's runs/encoder else the bundled one, other
+    encoders' runs/encoder-NAME else random (pipeline.load_encoder)."""
+    auto = args.encoder_weights == 'auto' and args.encoder == 'da3-tiny'
+    return pipeline.load_encoder(args.encoder, pipeline.auto_checkpoint('encoder') if auto else args.encoder_weights,
+                                 device, ckpt_dir='runs')
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
@@ -191,29 +178,22 @@ def set_rng_state(s):
 def save_checkpoint(out, step, state, keep):
     """Atomic: write a temporary file, then rename; an interrupted write never replaces a good checkpoint."""
     path = os.path.join(out, f'ckpt_{step:07d}.pt')
-    tmp = path + '.tmp'
     try:
-        torch.save(state, tmp)
+        torch.save(state, path + '.tmp')
     except (OSError, RuntimeError) as e:  # a full disk (PyTorch's writer raises RuntimeError): drop the partial file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise cli.UserError(f'{path}: cannot write the checkpoint ({str(e).strip().splitlines()[0][:120]}); the older '
-                             'checkpoints in that folder are intact: free disk space, then continue with --resume') from None
-    os.replace(tmp, path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + '.tmp')
+        raise cli.UserError(f'{path}: cannot write the checkpoint ({cli.first_line(e)}); the older checkpoints in that '
+                            'folder are intact: free disk space, then continue with --resume') from None
+    os.replace(path + '.tmp', path)
     for old in list_checkpoints(out)[:-keep]:
         os.remove(old)
     return path
 
 
-def list_checkpoints(out):
-    if not os.path.isdir(out):
-        return []
-    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith('ckpt_') and f.endswith('.pt'))
-
-
 def load_newest_checkpoint(out, device):
-    """--resume: the newest checkpoint in out that loads -> (path, state), saying which newer ones were skipped and
-    why; (None, None) when there is none. Checkpoints that exist but none loads: a UserError."""
+    """--resume: the newest checkpoint in out that loads -> (path, state), naming the newer ones skipped; (None, None)
+    when there is none; a UserError when none loads."""
     paths = list_checkpoints(out)
     for path in reversed(paths):
         try:
@@ -222,7 +202,7 @@ def load_newest_checkpoint(out, device):
                 return path, ck
             reason = 'not a training checkpoint'
         except Exception as e:  # truncated or garbage files raise readers' errors of several types
-            reason = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
+            reason = cli.first_line(e)
         print(f'--resume: skipping {path} ({reason})')
     if paths:
         raise cli.UserError(f'--resume: none of the {len(paths)} checkpoints in {out} loads (above); remove them to '
@@ -243,12 +223,11 @@ def lr_at(step, args, r):
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
-    """Rank-0 dense line + CSV (rewritten with the union of columns; on resume, rows up to the resumed step are kept)
-    + loss-curve PNG + wandb when installed and asked for."""
+    """Rank 0: the dense line, log.csv (rewritten with the union of columns; a resume keeps the rows up to its step),
+    curves.png, and wandb when installed and asked for."""
 
     def __init__(self, out, rank, wandb_project, config, start_step=0):
-        self.rank, self.path, self.wandb = rank, os.path.join(out, 'log.csv'), None
-        self.out = out
+        self.rank, self.out, self.path, self.wandb = rank, out, os.path.join(out, 'log.csv'), None
         self.rows = [r for r in read_csv(self.path) if r['step'] <= start_step]
         if rank == 0 and wandb_project:
             try:
@@ -271,26 +250,24 @@ class Logger:
             self.wandb.log(row, step=row['step'])
 
     def plot(self, keys=('loss', 'val_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')):
-        """Curves drawn with Pillow, so no plotting library is needed: one panel per logged key (the training loss on
-        a log scale, held-out metrics linear) -> curves.png."""
-        if self.rank != 0:
-            return
+        """curves.png drawn with Pillow: a panel per logged key, the training loss on a log10 axis."""
         from PIL import Image, ImageDraw
-        series = {k: [(r['step'], r[k]) for r in self.rows if r.get(k) is not None] for k in keys}
-        series = {k: p for k, p in series.items() if len(p) >= 2}
-        if not series:
+        series = {k: [(r['step'], r[k]) for r in self.rows if r.get(k) is not None and (k != 'loss' or r[k] > 0)] for k in keys}
+        series = {k: pts for k, pts in series.items() if len(pts) >= 2}
+        if self.rank != 0 or not series:
             return
         W, H, m = 640, 240, 40
-        img = Image.new('RGB', (W, H * len(series)), 'white'); d = ImageDraw.Draw(img)
-        for n, (key, pts) in enumerate(series.items()):
-            log = key == 'loss'
-            pts = [(s, math.log10(v)) for s, v in pts if v > 0] if log else pts
-            (s0, s1), (y0, y1) = (pts[0][0], pts[-1][0]), (min(p[1] for p in pts), max(p[1] for p in pts) + 1e-9)
-            top = n * H
-            xy = [(m + (s - s0) / max(1, s1 - s0) * (W - 2 * m), top + H - m - (v - y0) / (y1 - y0) * (H - 2 * m)) for s, v in pts]
-            d.line(xy, fill=(30, 90, 200), width=2); d.rectangle([m, top + m, W - m, top + H - m], outline='black')
-            lo, hi = (10 ** y0, 10 ** y1) if log else (y0, y1)
-            d.text((m, top + 8), f'{key}{" (log10)" if log else ""}: {lo:.4g} .. {hi:.4g}, steps {s0}..{s1}, last {pts[-1][1] if not log else 10 ** pts[-1][1]:.4g}', fill='black')
+        img = Image.new('RGB', (W, H * len(series)), 'white')
+        d = ImageDraw.Draw(img)
+        for top, (key, pts) in zip(range(0, H * len(series), H), series.items()):
+            (s0, s1), vals = (pts[0][0], pts[-1][0]), [v for _, v in pts]
+            y = [math.log10(v) for v in vals] if key == 'loss' else vals
+            y0, y1 = min(y), max(y) + 1e-9
+            d.line([(m + (s - s0) / max(1, s1 - s0) * (W - 2 * m), top + H - m - (v - y0) / (y1 - y0) * (H - 2 * m))
+                    for (s, _), v in zip(pts, y)], fill=(30, 90, 200), width=2)
+            d.rectangle([m, top + m, W - m, top + H - m], outline='black')
+            d.text((m, top + 8), f'{key}{" (log10)" if key == "loss" else ""}: {min(vals):.4g} .. {max(vals):.4g}, '
+                   f'steps {s0}..{s1}, last {vals[-1]:.4g}', fill='black')
         img.save(os.path.join(self.out, 'curves.png'))
 
 
@@ -304,9 +281,9 @@ def read_csv(path):
 # ----------------------------------------------------------------------------- the stages
 
 class EncoderStage:
-    """An encoder trained from scratch with its own objective (its training_loss): da3-tiny with DA3's depth and
-    ray-map losses (our own small geometric foundation model), vae-tiny with the VAE's."""
-    kind = 'encoder'
+    """An encoder trained from scratch with its own training_loss: da3-tiny with DA3's depth and ray-map losses (our
+    small geometric foundation model), vae-tiny with the VAE's."""
+    kind, extra = 'encoder', {}  # extra: what checkpoints and exports record besides the weights
 
     def __init__(self, args, device, loader):
         self.net = encoder_lib.build_encoder(args.encoder).to(device)
@@ -320,8 +297,7 @@ class EncoderStage:
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """Depth AbsRel, RMSE, delta1 of the validation scenes (median-aligned); an encoder with its own RGB decoder
-        (the VAE): the PSNR of its reconstructions."""
+        """Median-aligned depth AbsRel, RMSE, delta1; an encoder with its own RGB decoder (the VAE): reconstruction PSNR."""
         net = unwrap(self.net)
         if net.has_rgb_decoder:
             ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
@@ -330,31 +306,26 @@ class EncoderStage:
         m = [data.depth_metrics(net(s['images'])['depth'], s['depths'], align='median') for s in scenes]
         return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 
-    def extra_state(self):
-        return {}
-
 
 class DecoderStage:
     """Stage 1: frozen encoder features of all views -> RGB, with level-wise dropout (paper Sec. 4.2)."""
     kind = 'decoder'
 
     def __init__(self, args, device, loader):
-        self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
+        self.enc = load_encoder(args, device)
         if self.enc.has_rgb_decoder:
             raise cli.UserError(f'--stage decoder: {args.encoder} decodes RGB with its own decoder; nothing to train')
-        cfg = decoder_lib.PRESETS[args.decoder]
-        cfg = decoder_lib.DecoderConfig(**{**asdict(cfg), 'feat_dim': self.enc.dim, 'noise_tau': args.noise_tau,
-                                           'num_levels': self.enc.num_levels, 'patch': self.enc.patch})
-        self.net = decoder_lib.RGBDecoder(cfg).to(device)
-        self.config = asdict(cfg)
+        cfg = decoder_lib.DecoderConfig(**{**asdict(decoder_lib.PRESETS[args.decoder]), 'feat_dim': self.enc.dim,
+                                           'noise_tau': args.noise_tau, 'num_levels': self.enc.num_levels, 'patch': self.enc.patch})
+        self.net, self.config = decoder_lib.RGBDecoder(cfg).to(device), asdict(cfg)
         self.level_dropout, self.gan_start = args.level_dropout, args.gan
         self.lpips = data.lpips_fn(device) if args.lpips else None
         self.disc = decoder_lib.PatchDiscriminator().to(device) if args.gan >= 0 else None
         self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if self.disc else None
-        self.encoder_ref = {'preset': args.encoder, **self.enc.source}  # the file and hash that made the latents
+        self.extra = {'encoder': {'preset': args.encoder, **self.enc.source}}  # the file and hash that made the latents
 
     def levels(self, images):
-        B, V, _, H, W = images.shape
+        H, W = images.shape[-2:]
         with torch.no_grad():
             return self.enc.normalize_levels(self.enc.encode(images)), (H // self.enc.patch, W // self.enc.patch)
 
@@ -376,20 +347,18 @@ class DecoderStage:
         ps = [data.psnr(unwrap(self.net)(*self.levels(s['images'])).clamp(0, 1), s['images']).mean() for s in scenes]
         return {'recon_psnr': float(torch.stack(ps).mean())}
 
-    def extra_state(self):
-        return {'encoder': self.encoder_ref}
-
 
 class DiffusionStage:
     """Stage 3: M_l (or M1->0, conditioned on level l+1) by rectified flow over all V views (paper Sec. 4.3-4.4)."""
     kind = 'gld'
 
     def __init__(self, args, device, loader):
-        self.enc = pipeline.load_encoder(args.encoder, encoder_weights(args), device)
+        self.enc = load_encoder(args, device)
         if args.level >= self.enc.num_levels:
             raise cli.UserError(f'--level {args.level}: {args.encoder} has levels 0..{self.enc.num_levels - 1}')
         self.level = args.level
         self.upper_level = pipeline.cascade_upper(args.level, args.independent, self.enc.num_levels)
+        self.levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
         self.tau, self.cam_drop, self.t_dist = args.tau, args.cam_drop, args.t_dist
         init_stats = pipeline.load_checkpoint(args.init)[0].get('stats') if args.init else None  # keep --init's normalisation
         self.stats = (encoder_lib.LatentStats.load(args.stats) if args.stats else
@@ -398,14 +367,14 @@ class DiffusionStage:
         overrides = {'latent_dim': self.enc.dim, 'upper_dim': self.enc.dim if self.upper_level is not None else 0,
                      'cam_patch': self.enc.patch, 'checkpointing': args.checkpointing, **({'pos': args.pos} if args.pos else {})}
         cfg = model_lib.GLDConfig(**{**asdict(model_lib.PRESETS[args.model]), **overrides})
-        self.net = model_lib.GLD(cfg).to(device)
-        self.config = asdict(cfg)
-        self.encoder_ref = {'preset': args.encoder, **self.enc.source}  # the file and hash that made the latents
+        self.net, self.config = model_lib.GLD(cfg).to(device), asdict(cfg)
+        self.extra = {'stats': self.stats.state_dict(), 'level': self.level, 'upper_level': self.upper_level,
+                      'encoder': {'preset': args.encoder, **self.enc.source}}  # the file and hash that made the latents
         self.dec = self.eval_decoder(args, device)
 
     def eval_decoder(self, args, device):
-        """The RGB decoder periodic evaluation decodes through: the encoder's own, --decoder-ckpt, or 'auto' (runs/
-        decoder[-NAME], for da3-tiny else the bundled one); None (evaluation skipped) for 'none' or when none exists."""
+        """The RGB decoder of periodic evaluation: the encoder's own, --decoder-ckpt, or 'auto' (runs/decoder[-NAME],
+        for da3-tiny else the bundled one); None (evaluation skipped) for 'none' or when none exists."""
         if args.decoder_ckpt == 'none':
             return None
         if self.enc.has_rgb_decoder:
@@ -418,26 +387,18 @@ class DiffusionStage:
             return None
         return pipeline.load_decoder(pipeline.auto_checkpoint(name), device)
 
-    @property
-    def levels_needed(self):
-        return [self.level] + ([self.upper_level] if self.upper_level is not None else [])
-
     def loss(self, batch, step, gen):
         lat = latents.training_latents(self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=gen)
         drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < self.cam_drop
         cams = model_lib.drop_cameras(lat['cams'], drop)
-        B, V, T, C = lat['x'].shape
-        shift = diffusion.shift_alpha(V * T * C)
-
-        def velocity(x_t, t):
-            return self.net(x_t, t, lat['cond'], cams, upper=lat['upper'])
-        return diffusion.flow_loss(velocity, lat['x'], lat['src_mask'], generator=gen, a=shift, dist=self.t_dist)
+        shift = diffusion.shift_alpha(lat['x'][0].numel())  # from V*T*C of the latents (B,V,T,C)
+        return diffusion.flow_loss(lambda x_t, t: self.net(x_t, t, lat['cond'], cams, upper=lat['upper']), lat['x'],
+                                   lat['src_mask'], generator=gen, a=shift, dist=self.t_dist)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """N=2 -> 6 with 10 Euler steps: the generated level's MSE on the targets (normalised units; zeros give about
-        1) and their PSNR decoded through the rest of the cascade (ground-truth deeper levels, no shallower ones), a
-        cheap predictor of sample quality; a grid of the first four scenes."""
+        """N=2 -> 6 with 10 Euler steps, a cheap predictor of sample quality: the generated level's MSE on the targets
+        (normalised; zeros give about 1), their PSNR decoded with ground-truth deeper levels; a grid of 4 scenes."""
         if self.dec is None:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
@@ -454,10 +415,6 @@ class DiffusionStage:
             grids.append(export.make_grid(s['images'][0, :2], out['images'][0], s['images'][0, 2:]))
         export.save_image(torch.cat(grids[:4], 1), png)
         return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
-
-    def extra_state(self):
-        return {'stats': self.stats.state_dict(), 'level': self.level, 'upper_level': self.upper_level,
-                'encoder': self.encoder_ref}
 
 
 def unwrap(net):
@@ -554,14 +511,12 @@ def main(argv=None):
 
     def checkpoint_state():
         mine = {**rng_state(), 'gen': gen.get_state()}
-        rngs = [None] * world
-        if world > 1:
+        rngs = [mine] * world
+        if world > 1:  # collective: every rank calls checkpoint_state
             dist.all_gather_object(rngs, mine)
-        else:
-            rngs = [mine]
         return {'kind': stage.kind, 'model': net.state_dict(), 'ema': ema.state_dict(), 'ema_updates': ema.num_updates,
                 'optimizer': opt.state_dict(), 'step': step, 'epoch': epoch, 'pos': pos, 'config': stage.config,
-                'args': vars(args), 'rng': rngs, **stage.extra_state()}
+                'args': vars(args), 'rng': rngs, **stage.extra}
 
     def batches():  # the order is a function of (seed, epoch) alone, so a resume can skip what was consumed
         nonlocal epoch, pos
@@ -618,12 +573,12 @@ def main(argv=None):
             dt, n = time.time() - t_last, args.log_every if step % args.log_every == 0 else step % args.log_every
             logger.log(log_row(step, sum_loss, parts_sum, n, grad_norm, lr, seen, dt, batch, stage, net, args, world, device))
             sum_loss.zero_(); parts_sum = {}; seen = 0; t_last = time.time()
-        if step % args.ckpt_every == 0 or step == args.steps:
+        saved = step % args.ckpt_every == 0 or step == args.steps
+        if saved:
+            state = checkpoint_state()
             if rank == 0:
-                save_checkpoint(args.out, step, checkpoint_state(), args.keep)
+                save_checkpoint(args.out, step, state, args.keep)
                 logger.plot()
-            elif world > 1:
-                checkpoint_state()  # the all_gather of RNG states is collective
         if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             with ema.swapped(net):
                 net.eval()
@@ -632,7 +587,6 @@ def main(argv=None):
             logger.log({'step': step, **{f'val_{k}': float(v) for k, v in metrics.items()}})
             logger.plot()
         if STOP:
-            saved = step % args.ckpt_every == 0 or step == args.steps
             path = os.path.join(args.out, f'ckpt_{step:07d}.pt') if saved else save_checkpoint(args.out, step, checkpoint_state(), args.keep)
             print(f'interrupted: wrote {path} at step {step}; continue with the same command and --resume', file=sys.stderr)
             raise SystemExit(130)
@@ -642,7 +596,7 @@ def main(argv=None):
         print(f'[rank {rank}] skipped {skipped} training samples with unreadable frames (the warnings above name them)')
     if rank == 0 and args.export:
         with ema.swapped(net):
-            pipeline.export_weights(stage.kind, net, stage.config, stage.extra_state(), args.export, name=model_name(args))
+            pipeline.export_weights(stage.kind, net, stage.config, stage.extra, args.export, name=model_name(args))
     if world > 1:  # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
         dist.barrier()
         dist.destroy_process_group()

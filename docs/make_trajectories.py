@@ -22,15 +22,13 @@ def main(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'trajecto
     panels = [('interp (2 sources)', two, 'interp', None), ('orbit (2 sources)', two, 'orbit', None),
               ('orbit --arc 360', two, 'orbit', 360.0), ('orbit (1 source)', two[:1], 'orbit', None),
               ('spiral (1 source)', two[:1], 'spiral', None), ('forward (1 source)', two[:1], 'forward', None)]
-    tiles = []
+    sheet = Image.new('RGB', (3 * 256, 2 * 256), 'white')
     for i, (title, src, traj, arc) in enumerate(panels):
         c2w, _ = cameras.preset_trajectory(src, K[:len(src)], traj, 12, arc)
         export.draw_topdown(path + f'.{i}.png', src, c2w, title=title)
-        tiles.append(Image.open(path + f'.{i}.png').copy())
+        with Image.open(path + f'.{i}.png') as tile:
+            sheet.paste(tile, (256 * (i % 3), 256 * (i // 3)))
         os.remove(path + f'.{i}.png')
-    sheet = Image.new('RGB', (3 * 256, 2 * 256), 'white')
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, (256 * (i % 3), 256 * (i // 3)))
     sheet.save(path)
     print(f'wrote {path}')
 
