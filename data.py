@@ -123,8 +123,7 @@ def make_output_dir(folder, flag='--out'):
 
 
 def resize_and_crop(images, K, size, depths=None):
-    """Resize images (...,3,H,W) to cover size = (H', W') (multiples of 14), then centre-crop; normalised K
-    (...,3,3) follows, depths (...,H,W) are resized nearest. Returns (images, K[, depths])."""
+    """Resize images (...,3,H,W) to cover size (H', W'), centre-crop; K (...,3,3) follows, depths (...,H,W) nearest."""
     Ho, Wo = size
     if Ho % PATCH or Wo % PATCH:
         raise ValueError(f'size {Ho}x{Wo}: both sides must be multiples of {PATCH}')
@@ -150,8 +149,7 @@ def resize_and_crop(images, K, size, depths=None):
 # RealEstate10K chunk layout
 
 def write_re10k_chunk(path, scenes, quality=90):
-    """Write scenes [{'key', 'images' (V,3,H,W) float or list of encoded uint8 tensors, 'c2w', 'K',
-    'timestamps', optional 'depths' (V,H,W), 'url'}] as one pixelSplat-layout chunk."""
+    """Scenes {'key', 'images' (V,3,H,W) or encoded frames, 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
     out = []
     for s in scenes:
         images = s['images'] if isinstance(s['images'], list) else [encode_jpeg(im, quality) for im in s['images']]
@@ -175,8 +173,8 @@ def _load_chunk(path):
 
 
 def read_re10k_chunk(path, decode=True):
-    """A chunk -> list of scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'images' (V,3,H,W)
-    (decode=True) or 'jpegs' (encoded frames for decode_frames), optional 'depths' (V,H,W)}."""
+    """A chunk -> scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'depths'? (V,H,W), 'source',
+    'images' (V,3,H,W) (decode=True) or 'jpegs' (encoded, for decode_frames)}."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
                         'check the index.json next to it')
@@ -194,8 +192,7 @@ def read_re10k_chunk(path, decode=True):
 
 
 def decode_frames(scene, frames):
-    """Decode the chosen frames of a lazily read scene -> (len(frames),3,H,W). A frame that cannot be read, or of
-    another size than the first one, is a FrameError naming the file, scene and frame."""
+    """Frames of a lazily read scene -> (len(frames),3,H,W); a FrameError names an unreadable or odd-sized one."""
     out = []
     for f in frames:
         where = f'{scene["source"]}: scene {scene["key"]} frame {int(f)}'
@@ -210,7 +207,7 @@ def decode_frames(scene, frames):
 
 
 def read_json(path, what):
-    """A JSON file -> its object; a missing, folder or malformed file is a UserError saying what it should hold."""
+    """A JSON file -> its object, or a UserError saying what it should hold."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -237,8 +234,7 @@ def read_eval_index(path):
 # DL3DV / nerfstudio transforms.json
 
 def read_transforms(path):
-    """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'files', 'timestamps'},
-    sorted by file name. Per-frame fl_x/fl_y/cx/cy/w/h override the global ones."""
+    """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
     frames = sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])
     if not frames:
@@ -290,8 +286,7 @@ def read_dl3dv_scene(folder, images='images_4', decode=True):
 # dataset, view sampling, buckets, loader
 
 def sample_frames(n, num_views, gap, generator):
-    """V frame indices in temporal order with consecutive gaps uniform in gap=(lo, hi), shrunk when the clip of n
-    frames is short; a clip with fewer than V frames repeats frames."""
+    """V frame indices of n in temporal order, gaps uniform in gap=(lo, hi) (shrunk for short clips)."""
     if n < num_views:
         return torch.linspace(0, n - 1, num_views).round().long()
     hi = min(gap[1], (n - 1) // max(num_views - 1, 1))
@@ -302,10 +297,9 @@ def sample_frames(n, num_views, gap, generator):
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """V views of one scene per item. spec: a chunk-layout folder (root/{split}/*.torch + index.json) or
-    'dl3dv:PATH' (scene folders under PATH/split or PATH). size: None (native; sides multiples of 14), (H, W), or
-    'buckets' (native items; make_loader resizes each batch to one bucket). eval=True: the frames come from
-    split/eval_index.json when present (context + target, temporal order), else from a fixed draw per (seed, index)."""
+    """V views of one scene per item (deterministic per seed/epoch/index). spec: a chunk-layout folder or 'dl3dv:PATH'
+    (scene folders under PATH/split or PATH). size: None (native), (H, W), or 'buckets' (make_loader resizes each
+    batch). eval=True: frames from split/eval_index.json when present, else a fixed draw per (seed, index)."""
 
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
@@ -364,8 +358,7 @@ class SceneDataset(torch.utils.data.Dataset):
         return read_dl3dv_scene(path, self.images, decode=False)
 
     def __getitem__(self, i):
-        """Evaluation never substitutes: an unreadable frame is a FrameError naming the scene and frame. Training
-        skips to the next readable scene with a warning; item['skipped'] counts the scenes passed over."""
+        """Training skips unreadable scenes with a warning (item['skipped'] counts them); evaluation raises."""
         if self.eval:
             return self._item(i)
         for attempt in range(len(self)):
@@ -396,9 +389,8 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1). An epoch has as many items
-    as all parts together; part i gets a share r_i / sum(r), cycling through its own scenes. Deterministic, so
-    DistributedSampler shuffles it like any dataset."""
+    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1): an epoch has as many items as
+    all parts, part i a share r_i / sum(r) of them, cycling through its scenes."""
 
     def __init__(self, parts, ratios):
         self.parts, total = parts, sum(len(p) for p in parts)
@@ -419,8 +411,7 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def eval_views(context, target, num_views, path):
-    """The frames of one evaluation-index entry as num_views views in temporal order: every context frame plus
-    num_views - len(context) targets, the centres of that many equal runs of the target list (all when they fit)."""
+    """One evaluation-index entry as num_views sorted frames: all context frames, targets spread over the rest."""
     n = num_views - len(context)
     if n < 1:
         raise UserError(f'--views {num_views}: {path} has {len(context)} context frames per scene; pass --views '
@@ -448,8 +439,7 @@ def resize_item(item, size):
 
 
 def bucket_collate(buckets, items):
-    """Collate that resizes a whole batch to one bucket, drawn 2:2:1:1 from a hash of the batch's keys and frames
-    (deterministic, no shared state between workers)."""
+    """Collate a batch resized to one bucket, drawn 2:2:1:1 from a hash of its keys and frames (worker-safe)."""
     tag = ','.join(f'{it["key"]}:{it["frames"].tolist()}' for it in items)
     g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
     size = buckets[int(torch.multinomial(torch.tensor(BUCKET_WEIGHTS, dtype=torch.float), 1, generator=g))]
@@ -457,8 +447,7 @@ def bucket_collate(buckets, items):
 
 
 def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=False, seed=0, drop_last=None):
-    """DataLoader over a SceneDataset. The sampler is always a DistributedSampler (one replica when not distributed)
-    so `loader.sampler.set_epoch(e)` reshuffles reproducibly. drop_last defaults to shuffle."""
+    """DataLoader with a DistributedSampler (one replica when not distributed): sampler.set_epoch(e) reshuffles."""
     drop_last = shuffle if drop_last is None else drop_last
     kw = {} if distributed else {'num_replicas': 1, 'rank': 0}
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **kw)
@@ -476,9 +465,8 @@ def collate_one(item):
 
 
 def split_views(batch, n_src, generator=None, mode='random'):
-    """Move n_src source views to the front of batch, a dict of (B,V,...) tensors (+ lists). mode 'random': a random
-    subset per sample; 'ends': first and last view (n_src > 2: evenly spaced). Sources and targets each keep
-    temporal order. Adds 'src_mask' (B,V) bool, True for views 0..n_src-1."""
+    """Move n_src source views of a batch of (B,V,...) tensors to the front, both groups in temporal order: random
+    per sample, or 'ends' (first and last, evenly spaced). Adds 'src_mask' (B,V), True for views 0..n_src-1."""
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V:
         raise ValueError(f'n_src={n_src} must be in 1..{V - 1} for {V} views')
@@ -513,9 +501,8 @@ def _gaussian_blur_valid(x, size=11, sigma=1.5):
 
 
 def ssim(pred, gt, sample_covariance=False):
-    """(...,3,H,W) in [0,1] -> (...,) SSIM: Gaussian window 11, sigma 1.5, per channel, averaged over RGB; equals
-    skimage structural_similarity(channel_axis=0, gaussian_weights=True, sigma=1.5, data_range=1.0,
-    use_sample_covariance=sample_covariance). pixelSplat/MVSplat leave skimage's default (True)."""
+    """(...,3,H,W) in [0,1] -> (...,) SSIM, equal to skimage structural_similarity(channel_axis=0, sigma=1.5,
+    gaussian_weights=True, data_range=1.0, use_sample_covariance=sample_covariance); pixelSplat/MVSplat use True."""
     H, W = pred.shape[-2:]
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
     mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)
@@ -529,8 +516,7 @@ def ssim(pred, gt, sample_covariance=False):
 
 
 def lpips_fn(device='cpu'):
-    """LPIPS-VGG (pixelSplat's choice): images in [0,1] (N,3,H,W) -> (N,) distances; None (with a notice) when the
-    package or its weights are unavailable."""
+    """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
     try:
         import lpips
         net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval()
@@ -542,8 +528,8 @@ def lpips_fn(device='cpu'):
 
 
 def depth_metrics(pred, gt, mask=None, align='median'):
-    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} averaged over images. Valid pixels: gt > 0, finite, mask.
-    align='median' scales each predicted map by median(gt) / median(pred) first (scale-ambiguous predictions)."""
+    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} over images where gt > 0, finite and mask; align='median'
+    scales each prediction by median(gt) / median(pred) first."""
     pred = pred.detach().reshape(-1, pred.shape[-2] * pred.shape[-1]).double()  # (images, HW)
     gt = gt.reshape(pred.shape).double().to(pred.device)
     valid = (gt > 0) & torch.isfinite(gt)
@@ -566,7 +552,7 @@ def depth_metrics(pred, gt, mask=None, align='median'):
 # the synthetic set
 
 def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
-    """Render and write the synthetic set: out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
+    """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
     for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
         if n == 0:  # e.g. sample.py renders only the test split
             continue

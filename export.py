@@ -2,25 +2,17 @@
 
     python sample.py --export ply,colmap,glb,nerfstudio    # the default set; add colmap-text for the text model
 
-A run writes (out/sample/ by default) images/ (the sources as given, the generated targets), sparse/0/ (a COLMAP
-model of all views and the fused points: a project for COLMAP and 3DGS trainers), transforms.json (nerfstudio;
-ply_file_path points splatfacto at points.ply), points.ply, scene.glb (the points and one camera frustum per view,
-for Blender and web viewers) and video.mp4 (the generated targets).
+A run writes images/ (sources as given, generated targets), sparse/0/ (a COLMAP model of all views and the fused
+points: a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply),
+points.ply, scene.glb (points + a camera frustum per view) and video.mp4.
 
-In memory everything follows cameras.py: OpenCV c2w (x right, y down, z forward), K normalised by the image size,
-pixel (u, v) centred at (u + 0.5, v + 0.5). Each format is converted here and only here:
-
-| format | pose stored | camera axes | rotation | intrinsics |
-|---|---|---|---|---|
-| COLMAP | w2c: R, t with x_cam = R x_world + t | OpenCV | quaternion (w, x, y, z) of R, Hamilton | PINHOLE fx fy cx cy in pixels, pixel centres at +0.5 (as ours) |
-| nerfstudio | c2w 4x4 `transform_matrix` | OpenGL (y up, z back) | matrix | fl_x fl_y cx cy w h in pixels |
-| glTF | node matrix = c2w, column-major | OpenCV inside each frustum mesh | matrix | frustum corners through K |
-| PLY | world points only | - | - | - |
-
-glTF worlds are y-up, so the GLB's root node turns our y-down world 180 degrees about x; the buffers keep the
-coordinates of the PLY and the COLMAP model. Units: one world for all formats, that of the cameras sampling used.
-With dataset poses or --cameras, DA3's relative depth is rescaled into their units (depth_scale) before the points
-are fused; with DA3's estimated cameras the unit is DA3's depth scale. Each point reprojects onto its pixel.
+In memory: OpenCV c2w (x right, y down, z forward), K normalised, pixel centres at +0.5 (cameras.py). Each format
+is converted here and only here:
+- COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
+- nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
+- glTF: node matrix = c2w, column-major; glTF is y-up, so a root node turns our y-down world 180 degrees about x.
+Units: one world for all formats, that of the cameras sampling used: DA3's relative depth is rescaled into the units
+of dataset poses or --cameras (depth_scale); with DA3's estimated cameras the unit is DA3's depth scale.
 
 References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 and GLB
 (registry.khronos.org/glTF/specs/2.0/glTF-2.0.html); nerfstudio data conventions
@@ -86,8 +78,7 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
 
 
 def photo_error(images, depth, c2w, K, i, j):
-    """Median colour difference between view i's pixels and view j's image where depth (V,H,W) carries them; 1
-    (the worst) when fewer than 5% of them land in view j."""
+    """Median colour difference of view i's pixels carried by depth (V,H,W) into view j; 1 if < 5% land in j."""
     _, _, H, W = images.shape
     pts = encoder_lib.depth_to_points(depth[i].double(), c2w[i].double(), K[i].double()).reshape(-1, 3)  # (HW,3)
     w2c = cameras.c2w_to_w2c(c2w[j].double())
@@ -102,9 +93,8 @@ def photo_error(images, depth, c2w, K, i, j):
 
 
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
-    """The `keep` fraction of most confident pixels over all views, unprojected: images (V,3,H,W) in [0,1], depth and
-    conf (V,H,W), c2w (V,4,4), K (V,3,3) -> {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,), 'uv' (N,2) pixel
-    centre}, ordered by view."""
+    """The `keep` most confident fraction of pixels, unprojected: images (V,3,H,W), depth, conf (V,H,W), c2w, K ->
+    {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,), 'uv' (N,2) pixel centre}, ordered by view."""
     pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
     mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
     v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
@@ -126,8 +116,7 @@ def save_image(img, path):
 
 
 def write_video(frames, stem, fps=8):
-    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264 through imageio-ffmpeg's own ffmpeg binary), or an
-    animated GIF through Pillow, with a notice, when imageio-ffmpeg cannot be loaded. Returns the path written."""
+    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264, imageio-ffmpeg), or stem.gif (Pillow) with a notice."""
     arr = [to_uint8(f) for f in frames]
     try:
         import imageio.v2 as imageio
@@ -144,8 +133,7 @@ def write_video(frames, stem, fps=8):
 
 
 def write_ply(path, xyz, rgb, comments=()):
-    """Binary little-endian PLY: xyz (N,3), rgb (N,3) in [0,1] (float) or 0..255 (uint8); `comments` (e.g. the
-    unit) go in the header."""
+    """Binary little-endian PLY: xyz (N,3), rgb (N,3) float in [0,1] or uint8; `comments` go in the header."""
     xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
     rgb = torch.as_tensor(rgb).reshape(-1, 3)
     rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
@@ -161,9 +149,8 @@ def write_ply(path, xyz, rgb, comments=()):
 # COLMAP
 
 def write_colmap(folder, c2w, K, H, W, names, points, text=False):
-    """A COLMAP sparse model of V views: c2w (V,4,4), K (V,3,3) normalised, images H x W named `names`, points from
-    fuse_points. One PINHOLE camera per view (ids = view + 1, image i uses camera i); every point is observed once,
-    at the pixel it came from (error 0). Binary (cameras.bin, images.bin, points3D.bin) or text (.txt, exact)."""
+    """A COLMAP sparse model (binary, or text with exact digits): c2w (V,4,4), K (V,3,3), images H x W named `names`,
+    points from fuse_points. One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
     os.makedirs(folder, exist_ok=True)
     V, N = len(names), len(points['view'])
     w2c = cameras.c2w_to_w2c(c2w.double())
@@ -217,9 +204,8 @@ COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'O
 
 
 def read_colmap(folder):
-    """A COLMAP sparse model folder (cameras + images, .bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixel
-    intrinsics, 'sizes' [(H, W)], 'names'}, in images.bin/txt order. Lens distortion (RADIAL, OPENCV, ...) is ignored
-    with a note; fisheye models are refused."""
+    """A COLMAP model folder (.bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixels, 'sizes' [(H, W)], 'names'}.
+    Lens distortion (RADIAL, OPENCV, ...) is ignored with a note; fisheye models are refused."""
     cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
     if os.path.isfile(os.path.join(folder, 'cameras.bin')):
         with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
@@ -281,10 +267,8 @@ def frustum_vertices(K, H, W, size):
 
 
 def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
-    """GLB: the points xyz (N,3) with colours rgb (N,3) uint8 as a POINTS primitive, and one LINES frustum per view
-    (c2w (V,4,4), K (V,3,3) normalised, is_source (V,) bool: sources and targets in two colours), each frustum
-    a node named after its image (`names`) whose matrix is its c2w, `size` deep. A root node turns the y-down
-    world y-up (WORLD_TO_GLTF)."""
+    """GLB: points xyz (N,3), rgb (N,3) uint8 as a POINTS primitive, and per view a LINES frustum `size` deep, a node
+    named after its image with matrix c2w (V,4,4), coloured by is_source (V,); K (V,3,3) normalised."""
     data, views, accessors = bytearray(), [], []  # the single binary buffer, its bufferViews and accessors
 
     def add(array, component, kind, target, normalized=False):  # array (n, k) or (n,) -> accessor index
@@ -331,8 +315,7 @@ def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None)
 # nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
-    """nerfstudio transforms.json: per frame an OpenGL c2w `transform_matrix`, pixel fl_x fl_y cx cy and a
-    `file_path` relative to the json's folder; `extra` adds top-level keys (units, ply_file_path)."""
+    """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
     Kp = cameras.K_to_pixels(K.double(), H, W)
     gl = cameras.opengl_to_opencv(c2w.double())  # the axis flip is its own inverse
     frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]),
@@ -348,10 +331,9 @@ CAMERA_FORMATS = ('a COLMAP model folder (sparse/0 with cameras/images .bin or .
 
 
 def read_cameras(path, image_size=None):
-    """Cameras of a user's photos from any of CAMERA_FORMATS (a COLMAP model may also be found in a project's
-    sparse/0; npz files without H, W take image_size (H, W)) -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised,
-    'names' (the image file names), 'files' (each frame's image path where the format says, else None), 'size'
-    (H, W) the intrinsics were written for, or None, 'format'}."""
+    """Cameras of a user's photos in any of CAMERA_FORMATS (or a project holding sparse/0; image_size (H, W) for npz
+    without H, W) -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'names', 'files' (image paths or None), 'size'
+    (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
     sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
                    if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
@@ -408,9 +390,8 @@ def convert_cameras(src, dst, image_size=None):
 # the whole scene, and pictures of it
 
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
-    """A top-down PNG of a trajectory, seen along the first source's up (-y) axis with its viewing direction up the
-    page: source (blue) and target (orange, joined in order, the first one ringed) camera centres, each with a tick
-    along its viewing direction. c2w_src (N,4,4), c2w_tgt (n,4,4)."""
+    """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
+    with a viewing tick, seen along the first source's up axis with its view pointing up the page."""
     from PIL import ImageDraw
     ref = c2w_src[0].double()
     up, right = -ref[:3, 1], ref[:3, 0]
@@ -442,9 +423,8 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
 
 
 def make_grid(src, pred, gt=None):
-    """Rows: the sources | the sources and the generated targets | (gt given) the sources and the ground truth of the
-    first targets, white where there is none. src (N,3,H,W), pred (V,3,H,W) sources first, gt (M,3,H,W) ->
-    (3, rows*H, V*W)."""
+    """Rows: sources | sources + generated targets | (gt given) sources + ground truth, white where there is none.
+    src (N,3,H,W), pred (V,3,H,W) sources first, gt (M,3,H,W) -> (3, rows*H, V*W)."""
     N = src.shape[0]
     blank = torch.ones_like(pred[N:])
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
@@ -455,11 +435,9 @@ def make_grid(src, pred, gt=None):
 
 def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
                 keep=0.7, frame='the cameras sampling used'):
-    """Every view's image in out_dir/images/ and the scene in `formats` (see FORMATS): images (V,3,H,W) in [0,1]
-    (sources first), DA3's depth, conf (V,H,W) and own cameras c2w_da3 (V,4,4), the views' cameras c2w (V,4,4) and
-    K (V,3,3). units: a key of UNITS ('poses': DA3's depth rescaled by depth_scale; 'da3': kept). frame: whose
-    cameras define the world (stated in the summary, transforms.json and the GLB's extras).
-    -> a summary {'frame', 'units', 'depth_scale', 'depth_scale_from', 'points', 'files'} for metrics.json."""
+    """Every view's image in out_dir/images/ and the scene in `formats`: images (V,3,H,W) in [0,1] (sources first),
+    DA3's depth, conf (V,H,W) and cameras c2w_da3 (V,4,4), the views' c2w (V,4,4), K (V,3,3). units: a key of UNITS
+    ('poses': depth rescaled by depth_scale). frame: whose cameras define the world. -> a summary for metrics.json."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
     V, _, H, W = images.shape

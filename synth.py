@@ -22,7 +22,8 @@ PALETTES = {
 
 def _random_texture(rng, palette):
     cols = np.array(PALETTES[palette])[rng.choice(5, 2, replace=False)] + rng.normal(0, 0.05, (2, 3))
-    return {'kind': rng.choice(('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')), 'c1': cols[0].clip(0, 1), 'c2': cols[1].clip(0, 1),
+    kinds = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
+    return {'kind': rng.choice(kinds), 'c1': cols[0].clip(0, 1), 'c2': cols[1].clip(0, 1),
             'scale': rng.uniform(0.15, 0.6), 'angle': rng.uniform(0, np.pi), 'grid': rng.random((16, 16))}
 
 
@@ -85,7 +86,7 @@ def _hit_room(o, d, size):
 
 
 def _hit_object(o, d, ob):
-    """Rays vs one object (yawed box, sphere, or cylinder on the floor) -> t (N,) (inf: miss), normal (N,3), uv (N,2)."""
+    """Rays vs a yawed box, sphere or floor-standing cylinder -> t (N,) (inf: miss), normal (N,3), uv (N,2)."""
     c, N = ob['center'], len(o)
     if ob['kind'] == 'box':
         cy, sy = np.cos(ob['yaw']), np.sin(ob['yaw'])
