@@ -89,13 +89,6 @@ def cameras_to_c2w_K(cams, where='cameras'):
     return cameras.w2c_to_c2w(w2c).float(), K.float()
 
 
-def c2w_K_to_cameras(c2w, K):
-    """c2w (V,4,4), normalised K (V,3,3) -> Re10K camera rows (V,18)."""
-    w2c = cameras.c2w_to_w2c(c2w.double())
-    intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1).double()
-    return torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
-
-
 def parse_size(text, buckets=False):
     """The --size flag: '' -> None (the data's size), 'HxW' -> (H, W) (multiples of 14), 'buckets' if allowed."""
     if not text or (buckets and text == 'buckets'):
@@ -153,8 +146,11 @@ def write_re10k_chunk(path, scenes, quality=90):
     out = []
     for s in scenes:
         images = s['images'] if isinstance(s['images'], list) else [encode_jpeg(im, quality) for im in s['images']]
+        K, w2c = s['K'].double(), cameras.c2w_to_w2c(s['c2w'].double())
+        intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
+        cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
         ex = {'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
-              'cameras': c2w_K_to_cameras(s['c2w'], s['K']), 'images': images}
+              'cameras': cams, 'images': images}
         if s.get('depths') is not None:
             ex['depths'] = torch.as_tensor(s['depths']).half()
         out.append(ex)
@@ -558,21 +554,19 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
             continue
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
-        index, evals, chunk = {}, {}, []
+        index, evals = {}, {}
         bar = cli.Progress(f'rendering {split} scene', n)
-        for i in range(n):
-            key = f'synth_{split}_{i:05d}'
-            s = synth.synth_scene([seed, split_id, i], frames, size)
-            chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
-                          'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
-                          'timestamps': torch.arange(frames) * 33333})
-            evals[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames)
-            if len(chunk) == per_chunk or i == n - 1:
-                name = f'{i // per_chunk:06d}.torch'
-                write_re10k_chunk(os.path.join(folder, name), chunk)
-                index.update({c['key']: name for c in chunk})
-                chunk = []
-            bar.step()
+        for c in range(0, n, per_chunk):
+            name, chunk = f'{c // per_chunk:06d}.torch', []
+            for i in range(c, min(c + per_chunk, n)):
+                key = f'synth_{split}_{i:05d}'
+                s = synth.synth_scene([seed, split_id, i], frames, size)
+                chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
+                              'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
+                              'timestamps': torch.arange(frames) * 33333})
+                evals[key], index[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames), name
+                bar.step()
+            write_re10k_chunk(os.path.join(folder, name), chunk)
         for name, obj in [('index.json', index)] + [('eval_index.json', evals)] * (split == 'test'):
             with open(os.path.join(folder, name), 'w') as f:
                 json.dump(obj, f)

@@ -449,26 +449,23 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
     pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
     info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
     is_source = torch.arange(V) < n_src
-    files = ['images/']
     if 'ply' in formats:
         note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
         write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
-        files.append('points.ply')
     for fmt in set(formats) & {'colmap', 'colmap-text'}:
         write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts, text=fmt == 'colmap-text')
-        files.append('sparse/0/')
     if 'glb' in formats:
         size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
         write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size, info)
-        files.append('scene.glb')
     if 'nerfstudio' in formats:
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
         write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
                          is_source, extra)
-        files.append('transforms.json')
-    return {**info, 'points': len(pts['xyz']), 'files': sorted(set(files))}
+    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'colmap-text': 'sparse/0/', 'glb': 'scene.glb',
+               'nerfstudio': 'transforms.json'}
+    return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
 
 
 def main(argv=None):
