@@ -272,11 +272,10 @@ def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None)
     data, views, accessors = bytearray(), [], []  # the single binary buffer, its bufferViews and accessors
 
     def add(array, component, kind, target, normalized=False):  # array (n, k) or (n,) -> accessor index
-        nonlocal data
-        data += b'\0' * (-len(data) % 4)  # each view 4-byte aligned
+        data.extend(b'\0' * (-len(data) % 4))  # each view 4-byte aligned
         raw = np.ascontiguousarray(array).tobytes()
         views.append({'buffer': 0, 'byteOffset': len(data), 'byteLength': len(raw), 'target': target})
-        data += raw
+        data.extend(raw)
         acc = {'bufferView': len(views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
         if normalized:
             acc['normalized'] = True
