@@ -1,33 +1,22 @@
-"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, and writing the
-synthetic indoor scenes (rendered by synth.py) that are gld's embedded default data.
+"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, and the synthetic
+indoor scenes (rendered by synth.py) that are gld's embedded default data.
 
-Features
-- RealEstate10K in the pixelSplat/MVSplat/DepthSplat chunk layout: root/{train,test}/000000.torch ... +
-  index.json ({key: chunk file}); each chunk is a torch.save'd list of scenes {'key', 'url', 'timestamps' (V,)
-  int64, 'cameras' (V,18) = fx fy cx cy (normalised) 0 0 + row-major 3x4 OpenCV w2c, 'images' list of JPEG
-  bytes as uint8 tensors}, plus our optional 'depths' (V,H,W) float16. Chunks are memory-mapped and frames are
-  decoded lazily. Evaluation index files {key: {'context': [..], 'target': [..]} | null}.
-- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel intrinsics fl_x fl_y cx cy at w x h) and a user's
-  image folder with the same file. applied_transform is ignored: it moves the whole world rigidly, which
-  pose normalisation removes anyway.
-- SceneDataset: V views of one scene in temporal order with random frame gaps (deterministic per
-  seed/epoch/index), resize + centre crop to a size (sides multiples of 14, K adjusted), or the paper's
-  aspect-ratio buckets (one bucket per batch). An unreadable frame skips a training sample with a warning;
-  in evaluation it is an error naming the scene and frame (never another scene in its place).
-- split_views (sources first + src_mask; 'ends' = the N=2 evaluation protocol), make_loader (DDP aware).
-- Bad input is a cli.UserError raised where it is read: one line naming the file and the fix (cameras are
-  validated by cameras.check_cameras, chunk files by their reader, frames by decode_frames).
-- Metrics: PSNR, SSIM (Gaussian 11 / sigma 1.5, as skimage computes it), LPIPS (if installed), depth metrics.
-- `python data.py synth`: the scenes of synth.py (procedurally textured box rooms, exact cameras and metric
-  z-depth) written in the chunk layout, with an evaluation index. Defaults (240 train + 16 test scenes, 24 frames, 112x112) take
-  about 90 s on one core and 176 MB on disk (depth is 85% of it).
+- RealEstate10K in the pixelSplat chunk layout: root/{train,test}/000000.torch ... + index.json ({key: chunk file});
+  a chunk is a torch.save'd list of scenes {'key', 'url', 'timestamps' (V,) int64, 'cameras' (V,18) = fx fy cx cy
+  (normalised) 0 0 + row-major 3x4 OpenCV w2c, 'images' (JPEG bytes as uint8 tensors), our optional 'depths'
+  (V,H,W) float16}, memory-mapped, frames decoded lazily. Evaluation index: {key: {'context', 'target'} | null}.
+- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel fl_x fl_y cx cy at w x h), also for a user's image folder.
+  applied_transform is ignored: a rigid motion of the whole world, which pose normalisation removes anyway.
+- SceneDataset: V views of a scene in temporal order with random frame gaps, resized + centre-cropped or in the
+  paper's aspect-ratio buckets. Bad input is a cli.UserError naming the file and the fix, raised where it is read.
+- Metrics: PSNR, SSIM (as skimage), LPIPS (if installed), depth metrics.
+- `python data.py synth`: synth.py's scenes in the chunk layout (defaults: 240 + 16 scenes, ~90 s, 176 MB).
 
 Conventions (see cameras.py): c2w OpenCV (x right, y down, z forward), K normalised (row 0 / W, row 1 / H).
 Shape legend: B batch, V views, H W image, N rays/points, F frames of a scene.
-
-References: pixelSplat (dcharatan/pixelsplat, src/dataset/dataset_re10k.py) and
-dcharatan/real_estate_10k_tools for the chunk layout; DepthSplat (cvg/depthsplat) for DL3DV;
-RealEstate10K (google.github.io/realestate10k); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
+References: pixelSplat (dcharatan/pixelsplat, src/dataset/dataset_re10k.py) and dcharatan/real_estate_10k_tools
+(chunk layout); DepthSplat (cvg/depthsplat) for DL3DV; RealEstate10K (google.github.io/realestate10k);
+Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
 """
 import argparse
 import functools
@@ -51,18 +40,14 @@ import synth
 PATCH = 14  # the ViT patch size of DA3 (and DINOv2): images are multiples of it, tokens are h x w patches
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of DA3's input and of the release decoder's output
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1, and the same mix for the 112-px synthetic
-# set (heights rounded to multiples of 14)
+# the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1, and the same mix at 112 px (synthetic set)
 BUCKETS_504 = ((504, 504), (378, 504), (336, 504), (280, 504))
 BUCKETS_112 = ((112, 112), (84, 112), (70, 112), (56, 112))
 BUCKET_WEIGHTS = (2, 2, 1, 1)
 
 
-
-
 class FrameError(UserError):
-    """A frame that cannot be read: a missing file, a folder, bytes that are not an image, or a frame of another
-    size than the rest of its scene. Training skips the sample (SceneDataset); evaluation stops."""
+    """An unreadable frame (or one of another size than its scene's): training skips the sample, evaluation stops."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,16 +89,8 @@ def cameras_to_c2w_K(cams, where='cameras'):
     return cameras.w2c_to_c2w(w2c).float(), K.float()
 
 
-def c2w_K_to_cameras(c2w, K):
-    """c2w (V,4,4), normalised K (V,3,3) -> Re10K camera rows (V,18)."""
-    w2c = cameras.c2w_to_w2c(c2w.double())
-    intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1).double()
-    return torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
-
-
 def parse_size(text, buckets=False):
-    """The --size flag: '' -> None (the data's size), 'HxW' -> (H, W) with sides multiples of 14, 'buckets' (when
-    allowed) -> 'buckets'. Anything else is a UserError naming the flag."""
+    """The --size flag: '' -> None (the data's size), 'HxW' -> (H, W) (multiples of 14), 'buckets' if allowed."""
     if not text or (buckets and text == 'buckets'):
         return text or None
     try:
@@ -139,8 +116,7 @@ def make_output_dir(folder, flag='--out'):
 
 
 def resize_and_crop(images, K, size, depths=None):
-    """Resize so the image covers `size` = (H', W') (multiples of 14), then centre-crop; K follows.
-    images (...,3,H,W), K (...,3,3) normalised, depths (...,H,W) resized nearest. Returns (images, K[, depths])."""
+    """Resize images (...,3,H,W) to cover size (H', W'), centre-crop; K (...,3,3) follows, depths (...,H,W) nearest."""
     Ho, Wo = size
     if Ho % PATCH or Wo % PATCH:
         raise ValueError(f'size {Ho}x{Wo}: both sides must be multiples of {PATCH}')
@@ -166,13 +142,15 @@ def resize_and_crop(images, K, size, depths=None):
 # RealEstate10K chunk layout
 
 def write_re10k_chunk(path, scenes, quality=90):
-    """Write scenes [{'key', 'images' (V,3,H,W) float or list of encoded uint8 tensors, 'c2w', 'K',
-    'timestamps', optional 'depths' (V,H,W), 'url'}] as one pixelSplat-layout chunk."""
+    """Scenes {'key', 'images' (V,3,H,W) or encoded frames, 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
     out = []
     for s in scenes:
         images = s['images'] if isinstance(s['images'], list) else [encode_jpeg(im, quality) for im in s['images']]
+        K, w2c = s['K'].double(), cameras.c2w_to_w2c(s['c2w'].double())
+        intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
+        cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
         ex = {'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
-              'cameras': c2w_K_to_cameras(s['c2w'], s['K']), 'images': images}
+              'cameras': cams, 'images': images}
         if s.get('depths') is not None:
             ex['depths'] = torch.as_tensor(s['depths']).half()
         out.append(ex)
@@ -181,8 +159,7 @@ def write_re10k_chunk(path, scenes, quality=90):
 
 @functools.lru_cache(maxsize=256)
 def _load_chunk(path):
-    # memory-mapped: only the bytes used are read; cached, since unpickling a chunk costs ~50 ms and a shuffled epoch
-    # visits every chunk many times (it was a quarter of a tiny training step)
+    # memory-mapped and cached: unpickling costs ~50 ms, and a shuffled epoch visits every chunk many times
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
@@ -192,8 +169,8 @@ def _load_chunk(path):
 
 
 def read_re10k_chunk(path, decode=True):
-    """A chunk -> list of scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'images' (V,3,H,W)
-    (decode=True) or 'jpegs' (list of encoded bytes, decode with decode_frames), optional 'depths' (V,H,W)}."""
+    """A chunk -> scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'depths'? (V,H,W), 'source',
+    'images' (V,3,H,W) (decode=True) or 'jpegs' (encoded, for decode_frames)}."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
                         'check the index.json next to it')
@@ -211,8 +188,7 @@ def read_re10k_chunk(path, decode=True):
 
 
 def decode_frames(scene, frames):
-    """Decode the chosen frames of a lazily read scene -> (len(frames),3,H,W). A frame that cannot be read, or of
-    another size than the first one, is a FrameError naming the file, scene and frame."""
+    """Frames of a lazily read scene -> (len(frames),3,H,W); a FrameError names an unreadable or odd-sized one."""
     out = []
     for f in frames:
         where = f'{scene["source"]}: scene {scene["key"]} frame {int(f)}'
@@ -226,6 +202,15 @@ def decode_frames(scene, frames):
     return torch.stack(out)
 
 
+def read_json(path, what):
+    """A JSON file -> its object, or a UserError saying what it should hold."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f'{path}: not a readable {what} ({getattr(e, "strerror", None) or e})') from None
+
+
 def read_index(root):
     """root/index.json -> {key: chunk path}."""
     path = os.path.join(root, 'index.json')
@@ -235,17 +220,8 @@ def read_index(root):
     return {k: os.path.join(root, v) for k, v in read_json(path, 'index.json ({key: "000000.torch"})').items()}
 
 
-def read_json(path, what):
-    """A JSON file -> its object; a missing, folder or malformed file is a UserError saying what it should hold."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise UserError(f'{path}: not a readable {what} ({getattr(e, "strerror", None) or e})') from None
-
-
 def read_eval_index(path):
-    """Evaluation index {key: {'context': [i, j], 'target': [..]} | null} -> {key: (context, target)} (nulls dropped)."""
+    """Evaluation index {key: {'context': [i, j], 'target': [..]} | null} -> {key: (context, target)}, nulls dropped."""
     return {k: (list(v['context']), list(v['target'])) for k, v in read_json(path, 'evaluation index').items()
             if v is not None}
 
@@ -254,13 +230,12 @@ def read_eval_index(path):
 # DL3DV / nerfstudio transforms.json
 
 def read_transforms(path):
-    """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'files', 'timestamps'},
-    sorted by file name. Per-frame fl_x/fl_y/cx/cy/w/h override the global ones."""
+    """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
     frames = sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])
     if not frames:
         raise UserError(f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
-                         '[{"file_path", "transform_matrix" (OpenGL c2w)}]}')
+                        '[{"file_path", "transform_matrix" (OpenGL c2w)}]}')
     c2w, K, stamps = [], [], []
     for i, fr in enumerate(frames):
         try:
@@ -277,46 +252,37 @@ def read_transforms(path):
             'timestamps': torch.tensor(stamps)}
 
 
-def _transforms_scene(json_path, image_dir, decode):
-    t = read_transforms(json_path)
-    root = os.path.dirname(json_path)
-    paths = [os.path.join(image_dir, os.path.basename(f)) if image_dir else os.path.join(root, f) for f in t['files']]
-    s = {'key': os.path.basename(os.path.dirname(root) if root.endswith('nerfstudio') else root),
-         'c2w': t['c2w'], 'K': t['K'], 'timestamps': t['timestamps'], 'jpegs': paths, 'source': json_path}
-    if decode:
-        s['images'] = decode_frames(s, range(len(paths)))
-    return s
-
-
 def _find_transforms(folder):
-    for p in (os.path.join(folder, 'transforms.json'), os.path.join(folder, 'nerfstudio', 'transforms.json')):
-        if os.path.isfile(p):
-            return p
-    raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
-                            'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix')
+    """folder/transforms.json or folder/nerfstudio/transforms.json, or None."""
+    paths = (os.path.join(folder, 'transforms.json'), os.path.join(folder, 'nerfstudio', 'transforms.json'))
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def read_dl3dv_scene(folder, images='images_4', decode=True):
-    """A DL3DV scene folder (<hash>/ or <hash>/nerfstudio/ with transforms.json and images_4 / images_8) -> scene
-    dict like read_re10k_chunk's; normalised K holds at any of the downscaled image sizes."""
+    """A folder (DL3DV: <hash>/ or <hash>/nerfstudio/) with a transforms.json -> a scene dict like read_re10k_chunk's.
+    images: the image folder next to the json (DL3DV: images_4 / images_8, any size: K is normalised), or None for
+    each frame's file_path (a user's image folder)."""
     path = _find_transforms(folder)
-    image_dir = os.path.join(os.path.dirname(path), images)
-    if not os.path.isdir(image_dir):
-        raise UserError(f'{image_dir}: missing; pass images= one of the image folders next to {path}')
-    return _transforms_scene(path, image_dir, decode)
-
-
-def read_image_folder(folder, decode=True):
-    """A user's folder of images with a transforms.json (file_path relative to the folder) -> scene dict."""
-    return _transforms_scene(_find_transforms(folder), None, decode)
+    if path is None:
+        raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
+                        'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix')
+    root = os.path.dirname(path)
+    if images and not os.path.isdir(os.path.join(root, images)):
+        raise UserError(f'{os.path.join(root, images)}: missing; pass images= one of the image folders next to {path}')
+    t = read_transforms(path)
+    paths = [os.path.join(root, images, os.path.basename(f)) if images else os.path.join(root, f) for f in t['files']]
+    s = {'key': os.path.basename(os.path.dirname(root) if root.endswith('nerfstudio') else root),
+         'c2w': t['c2w'], 'K': t['K'], 'timestamps': t['timestamps'], 'jpegs': paths, 'source': path}
+    if decode:
+        s['images'] = decode_frames(s, range(len(paths)))
+    return s
 
 
 # ----------------------------------------------------------------------------------------------
 # dataset, view sampling, buckets, loader
 
 def sample_frames(n, num_views, gap, generator):
-    """V frame indices in temporal order with consecutive gaps uniform in gap=(lo, hi), shrunk when the clip
-    of n frames is short; a clip with fewer than V frames repeats frames."""
+    """V frame indices of n in temporal order, gaps uniform in gap=(lo, hi) (shrunk for short clips)."""
     if n < num_views:
         return torch.linspace(0, n - 1, num_views).round().long()
     hi = min(gap[1], (n - 1) // max(num_views - 1, 1))
@@ -327,11 +293,9 @@ def sample_frames(n, num_views, gap, generator):
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """V views of one scene per item. spec: a chunk-layout folder (root/{split}/*.torch + index.json) or
-    'dl3dv:PATH' (scene folders under PATH/split or PATH). size: None (native; sides must be multiples of 14),
-    (H, W), or 'buckets' (native items, make_loader resizes each batch to one bucket). eval=True: the frames
-    come from split/eval_index.json when present (context + target, temporal order; null keys dropped),
-    else from a fixed draw per (seed, index)."""
+    """V views of one scene per item (deterministic per seed/epoch/index). spec: a chunk-layout folder or 'dl3dv:PATH'
+    (scene folders under PATH/split or PATH). size: None (native), (H, W), or 'buckets' (make_loader resizes each
+    batch). eval=True: frames from split/eval_index.json when present, else a fixed draw per (seed, index)."""
 
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
@@ -343,8 +307,7 @@ class SceneDataset(torch.utils.data.Dataset):
             if not os.path.isdir(folder):
                 raise UserError(f'{folder}: no such DL3DV folder; pass --data dl3dv:PATH with scene folders under PATH')
             self.items = {d: os.path.join(folder, d) for d in sorted(os.listdir(folder))
-                          if os.path.isfile(os.path.join(folder, d, 'transforms.json'))
-                          or os.path.isfile(os.path.join(folder, d, 'nerfstudio', 'transforms.json'))}
+                          if _find_transforms(os.path.join(folder, d))}
         else:
             folder = os.path.join(spec, split)
             self.items = read_index(folder)
@@ -354,21 +317,19 @@ class SceneDataset(torch.utils.data.Dataset):
             index = {k: v for k, v in read_eval_index(eval_path).items() if k in self.items}
             self.eval_frames = {k: eval_views(c, t, num_views, eval_path) for k, (c, t) in index.items()}
             self.items = {k: self.items[k] for k in self.eval_frames}
-            counts = {(len(c), len(t)) for c, t in index.values()}
             if any(len(c) + len(t) != num_views for c, t in index.values()):
-                print(f'note: {eval_path} gives {" or ".join(f"{c} context + {t} target" for c, t in sorted(counts))} '
+                counts = sorted({(len(c), len(t)) for c, t in index.values()})
+                print(f'note: {eval_path} gives {" or ".join(f"{c} context + {t} target" for c, t in counts)} '
                       f'frames per scene; --views {num_views} keeps every context frame and spreads the rest over '
                       'the targets')
         self.keys = list(self.items)
         if not self.keys:
             raise UserError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
                             'for the synthetic set run: python data.py synth')
-        self.buckets = None
         first = self._scene(0)
         H, W = decode_frames(first, [0]).shape[-2:]
-        if size == 'buckets':
-            self.buckets = BUCKETS_504 if W >= 504 else BUCKETS_112
-        elif size is None and (H % PATCH or W % PATCH):
+        self.buckets = (BUCKETS_504 if W >= 504 else BUCKETS_112) if size == 'buckets' else None
+        if size is None and (H % PATCH or W % PATCH):
             raise UserError(f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; pass --size '
                             f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH} or --size buckets '
                             '(size=(H, W) in Python)')
@@ -393,9 +354,7 @@ class SceneDataset(torch.utils.data.Dataset):
         return read_dl3dv_scene(path, self.images, decode=False)
 
     def __getitem__(self, i):
-        """Evaluation (eval=True) never substitutes: an unreadable frame is a FrameError naming the scene and frame.
-        Training skips to the next readable scene with a warning naming the skipped one; item['skipped'] counts the
-        scenes passed over (train.py reports the total)."""
+        """Training skips unreadable scenes with a warning (item['skipped'] counts them); evaluation raises."""
         if self.eval:
             return self._item(i)
         for attempt in range(len(self)):
@@ -422,20 +381,16 @@ class SceneDataset(torch.utils.data.Dataset):
                             '--size HxW or --size buckets for data of several sizes')
         if 'depths' in scene:
             item['depths'] = scene['depths'][frames].float()
-        if isinstance(self.size, tuple):
-            item = resize_item(item, self.size)
-        return item
+        return resize_item(item, self.size) if isinstance(self.size, tuple) else item
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1). An epoch has as many items
-    as all parts together; part i gets a share r_i / sum(r) of them, cycling through its own scenes. Deterministic,
-    so DistributedSampler shuffles it like any dataset."""
+    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1): an epoch has as many items as
+    all parts, part i a share r_i / sum(r) of them, cycling through its scenes."""
 
     def __init__(self, parts, ratios):
         self.parts, total = parts, sum(len(p) for p in parts)
-        counts = [max(1, round(total * r / sum(ratios))) for r in ratios]
-        self.offsets = torch.tensor(counts).cumsum(0).tolist()
+        self.offsets = torch.tensor([max(1, round(total * r / sum(ratios))) for r in ratios]).cumsum(0).tolist()
         self.buckets = parts[0].buckets
 
     def __len__(self):
@@ -452,8 +407,7 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def eval_views(context, target, num_views, path):
-    """The frames of one evaluation-index entry as num_views views in temporal order: every context frame plus
-    num_views - len(context) targets, the centres of that many equal runs of the target list (all when they fit)."""
+    """One evaluation-index entry as num_views sorted frames: all context frames, targets spread over the rest."""
     n = num_views - len(context)
     if n < 1:
         raise UserError(f'--views {num_views}: {path} has {len(context)} context frames per scene; pass --views '
@@ -480,30 +434,23 @@ def resize_item(item, size):
     return {**item, **dict(zip(keys, resize_and_crop(item['images'], item['K'], size, item.get('depths'))))}
 
 
-class BucketCollate:
-    """Collate that resizes a whole batch to one bucket, drawn 2:2:1:1 from a hash of the batch's keys and
-    frames (deterministic, no shared state between workers)."""
-
-    def __init__(self, buckets, weights=BUCKET_WEIGHTS):
-        self.buckets, self.weights = buckets, torch.tensor(weights, dtype=torch.float)
-
-    def __call__(self, items):
-        tag = ','.join(f'{it["key"]}:{it["frames"].tolist()}' for it in items)
-        g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
-        size = self.buckets[int(torch.multinomial(self.weights, 1, generator=g))]
-        return torch.utils.data.default_collate([resize_item(it, size) for it in items])
+def bucket_collate(buckets, items):
+    """Collate a batch resized to one bucket, drawn 2:2:1:1 from a hash of its keys and frames (worker-safe)."""
+    tag = ','.join(f'{it["key"]}:{it["frames"].tolist()}' for it in items)
+    g = torch.Generator().manual_seed(zlib.crc32(tag.encode()))
+    size = buckets[int(torch.multinomial(torch.tensor(BUCKET_WEIGHTS, dtype=torch.float), 1, generator=g))]
+    return torch.utils.data.default_collate([resize_item(it, size) for it in items])
 
 
 def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=False, seed=0, drop_last=None):
-    """DataLoader over a SceneDataset. The sampler is always a DistributedSampler (one replica when not
-    distributed) so `loader.sampler.set_epoch(e)` reshuffles reproducibly. drop_last defaults to shuffle."""
+    """DataLoader with a DistributedSampler (one replica when not distributed): sampler.set_epoch(e) reshuffles."""
     drop_last = shuffle if drop_last is None else drop_last
     kw = {} if distributed else {'num_replicas': 1, 'rank': 0}
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **kw)
     if drop_last and len(sampler) < batch_size:
         raise UserError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
                         'lower --batch-size or make more scenes')
-    collate = BucketCollate(dataset.buckets) if getattr(dataset, 'buckets', None) else None
+    collate = functools.partial(bucket_collate, dataset.buckets) if getattr(dataset, 'buckets', None) else None
     return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
@@ -514,9 +461,8 @@ def collate_one(item):
 
 
 def split_views(batch, n_src, generator=None, mode='random'):
-    """Move n_src source views to the front. batch: dict of (B,V,...) tensors (+ lists). mode 'random': a random
-    subset per sample; 'ends': first and last view (n_src > 2: evenly spaced). Sources and targets each keep
-    temporal order. Adds 'src_mask' (B,V) bool, True for views 0..n_src-1."""
+    """Move n_src source views of a batch of (B,V,...) tensors to the front, both groups in temporal order: random
+    per sample, or 'ends' (first and last, evenly spaced). Adds 'src_mask' (B,V), True for views 0..n_src-1."""
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V:
         raise ValueError(f'n_src={n_src} must be in 1..{V - 1} for {V} views')
@@ -528,12 +474,8 @@ def split_views(batch, n_src, generator=None, mode='random'):
         raise ValueError(f"mode must be 'random' or 'ends', got {mode!r}")
     is_src = torch.zeros(B, V, dtype=torch.bool).scatter_(1, src, True)
     perm = ((~is_src).long() * V + torch.arange(V)).argsort(1)  # (B,V): sources first, each group in order
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v) and v.shape[:2] == (B, V):
-            p = perm.to(v.device)
-            v = v[torch.arange(B, device=v.device)[:, None], p]
-        out[k] = v
+    out = {k: v[torch.arange(B, device=v.device)[:, None], perm.to(v.device)]
+           if torch.is_tensor(v) and v.shape[:2] == (B, V) else v for k, v in batch.items()}
     out['src_mask'] = (torch.arange(V) < n_src).expand(B, V).to(batch['images'].device)
     return out
 
@@ -555,9 +497,8 @@ def _gaussian_blur_valid(x, size=11, sigma=1.5):
 
 
 def ssim(pred, gt, sample_covariance=False):
-    """(...,3,H,W) in [0,1] -> (...,) SSIM: Gaussian window 11, sigma 1.5, per channel, averaged over RGB; equals
-    skimage structural_similarity(channel_axis=0, gaussian_weights=True, sigma=1.5, data_range=1.0,
-    use_sample_covariance=sample_covariance). pixelSplat/MVSplat leave skimage's default (True)."""
+    """(...,3,H,W) in [0,1] -> (...,) SSIM, equal to skimage structural_similarity(channel_axis=0, sigma=1.5,
+    gaussian_weights=True, data_range=1.0, use_sample_covariance=sample_covariance); pixelSplat/MVSplat use True."""
     H, W = pred.shape[-2:]
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
     mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)
@@ -571,8 +512,7 @@ def ssim(pred, gt, sample_covariance=False):
 
 
 def lpips_fn(device='cpu'):
-    """LPIPS-VGG (pixelSplat's choice): a callable on images in [0,1] (N,3,H,W) -> (N,) distances.
-    None (with a notice) when the package or its weights are unavailable."""
+    """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
     try:
         import lpips
         net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval()
@@ -584,8 +524,8 @@ def lpips_fn(device='cpu'):
 
 
 def depth_metrics(pred, gt, mask=None, align='median'):
-    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} averaged over images. Valid pixels: gt > 0, finite, mask.
-    align='median' scales each predicted map by median(gt) / median(pred) first (scale-ambiguous predictions)."""
+    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} over images where gt > 0, finite and mask; align='median'
+    scales each prediction by median(gt) / median(pred) first."""
     pred = pred.detach().reshape(-1, pred.shape[-2] * pred.shape[-1]).double()  # (images, HW)
     gt = gt.reshape(pred.shape).double().to(pred.device)
     valid = (gt > 0) & torch.isfinite(gt)
@@ -604,33 +544,32 @@ def depth_metrics(pred, gt, mask=None, align='median'):
     return {'absrel': float(r[0]), 'rmse': float(r[1]), 'delta1': float(r[2])}
 
 
+# ----------------------------------------------------------------------------------------------
+# the synthetic set
+
 def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
-    """Render and write the synthetic set: out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
+    """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
     for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
         if n == 0:  # e.g. sample.py renders only the test split
             continue
         folder = os.path.join(out, split)
         os.makedirs(folder, exist_ok=True)
-        index, evals, chunk = {}, {}, []
+        index, evals = {}, {}
         bar = cli.Progress(f'rendering {split} scene', n)
-        for i in range(n):
-            key = f'synth_{split}_{i:05d}'
-            s = synth.synth_scene([seed, split_id, i], frames, size)
-            chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
-                          'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
-                          'timestamps': torch.arange(frames) * 33333})
-            evals[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames)
-            if len(chunk) == per_chunk or i == n - 1:
-                name = f'{i // per_chunk:06d}.torch'
-                write_re10k_chunk(os.path.join(folder, name), chunk)
-                index.update({c['key']: name for c in chunk})
-                chunk = []
-            bar.step()
-        with open(os.path.join(folder, 'index.json'), 'w') as f:
-            json.dump(index, f)
-        if split == 'test':
-            with open(os.path.join(folder, 'eval_index.json'), 'w') as f:
-                json.dump(evals, f)
+        for c in range(0, n, per_chunk):
+            name, chunk = f'{c // per_chunk:06d}.torch', []
+            for i in range(c, min(c + per_chunk, n)):
+                key = f'synth_{split}_{i:05d}'
+                s = synth.synth_scene([seed, split_id, i], frames, size)
+                chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
+                              'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
+                              'timestamps': torch.arange(frames) * 33333})
+                evals[key], index[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames), name
+                bar.step()
+            write_re10k_chunk(os.path.join(folder, name), chunk)
+        for name, obj in [('index.json', index)] + [('eval_index.json', evals)] * (split == 'test'):
+            with open(os.path.join(folder, name), 'w') as f:
+                json.dump(obj, f)
 
 
 def main(argv=None):

@@ -2,31 +2,19 @@
 
     python sample.py --export ply,colmap,glb,nerfstudio    # the default set; add colmap-text for the text model
 
-What a run writes (out/sample/ by default): images/ (every view: the sources as given, the generated targets),
-sparse/0/ (a COLMAP model of all views and the fused points: 3DGS trainers and COLMAP open the folder as a project),
-transforms.json (nerfstudio, the same images; ply_file_path points splatfacto at points.ply), points.ply, scene.glb
-(the points and one camera frustum per view, for Blender and web viewers) and video.mp4 (the generated targets).
+A run writes images/ (sources as given, generated targets), sparse/0/ (a COLMAP model of all views and the fused
+points: a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply),
+points.ply, scene.glb (points + a camera frustum per view) and video.mp4.
 
-Conventions. In memory everything follows cameras.py: OpenCV c2w (x right, y down, z forward), K normalised by the
-image size, pixel (u, v) centred at (u + 0.5, v + 0.5). Each format is converted here and only here, with cameras.py's
-conversions (rigid_inverse, rotmat_to_quat, opengl_to_opencv, K_to_pixels):
+In memory: OpenCV c2w (x right, y down, z forward), K normalised, pixel centres at +0.5 (cameras.py). Each format
+is converted here and only here:
+- COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
+- nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
+- glTF: node matrix = c2w, column-major; glTF is y-up, so a root node turns our y-down world 180 degrees about x.
+Units: one world for all formats, that of the cameras sampling used: DA3's relative depth is rescaled into the units
+of dataset poses or --cameras (depth_scale); with DA3's estimated cameras the unit is DA3's depth scale.
 
-| format | pose stored | camera axes | rotation | intrinsics |
-|---|---|---|---|---|
-| COLMAP (colmap_pose) | w2c: R, t with x_cam = R x_world + t | OpenCV | quaternion (w, x, y, z) of R, Hamilton | PINHOLE fx fy cx cy in pixels, pixel centres at +0.5 (as ours) |
-| nerfstudio (write_transforms) | c2w 4x4 `transform_matrix` | OpenGL (y up, z back) | matrix | fl_x fl_y cx cy w h in pixels |
-| glTF (write_glb) | node matrix = c2w, column-major | OpenCV inside each frustum mesh | matrix | frustum corners through K |
-| PLY (write_ply) | world points only | - | - | - |
-
-glTF worlds are y-up; ours come from OpenCV cameras (y down), so the GLB's root node turns the world 180 degrees
-about x. The buffers keep the same coordinates as the PLY and the COLMAP model.
-
-Units: one world for all formats, the cameras' that sampling used. With the dataset's poses or --cameras, DA3's
-relative depth is rescaled into their units before the points are fused (depth_scale: the Umeyama scale from DA3's
-own camera centres, or the sources' photo-consistency when DA3's cameras show no baseline); with DA3's estimated
-cameras (no --cameras) the unit is DA3's depth scale. Either way each point reprojects onto the pixel it came from.
-
-References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 specification, GLB file format
+References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 and GLB
 (registry.khronos.org/glTF/specs/2.0/glTF-2.0.html); nerfstudio data conventions
 (docs.nerf.studio/quickstart/data_conventions.html); PLY (paulbourke.net/dataformats/ply).
 Shape legend: V views, H W image, N points.
@@ -50,7 +38,6 @@ UNITS = {  # what one unit of the exported world is, by where the cameras came f
     'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
     'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
 }
-COLMAP_PINHOLE = 1  # COLMAP's camera model id of PINHOLE (params fx, fy, cx, cy)
 SOURCE_RGBA, TARGET_RGBA = (0.1, 0.45, 1.0, 1.0), (1.0, 0.45, 0.05, 1.0)  # frustum colours in the GLB
 
 
@@ -70,12 +57,10 @@ def view_names(V, n_src):
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """Scale from DA3's depth units to the units of the cameras c2w (V,4,4), K (V,3,3), and how it was found:
-    - 'da3 cameras': the Umeyama scale from DA3's own camera centres c2w_da3 (V,4,4) to the given ones, when DA3
-      resolved a baseline (centre spread >= 1% of its median depth);
-    - 'source photo-consistency': else the scale at which the sources' depth (V,H,W) carries each source's colours
-      onto the others best (images (V,3,H,W)), searched on a log grid (1e-3..1e3, then refined in 0.6% steps);
-    - 'none' (1.0): one source and no DA3 baseline, or cameras that do not move."""
+    """Scale from DA3's depth (V,H,W) units to those of the cameras c2w (V,4,4), K (V,3,3), and how it was found:
+    'da3 cameras' (Umeyama scale from DA3's camera centres c2w_da3 when they spread >= 1% of the median depth), else
+    'source photo-consistency' (the scale at which the sources' depth best carries each source's colours (V,3,H,W)
+    onto the others: a log grid 1e-3..1e3, refined in 0.6% steps), else 'none' (1.0: no baseline)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if spread(c2w[:, :3, 3]) < 1e-9:
         return 1.0, 'none'
@@ -93,8 +78,7 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
 
 
 def photo_error(images, depth, c2w, K, i, j):
-    """Median colour difference between view i's pixels and view j's image where depth (V,H,W) carries them; 1
-    (the worst) when fewer than 5% of them land in view j."""
+    """Median colour difference of view i's pixels carried by depth (V,H,W) into view j; 1 if < 5% land in j."""
     _, _, H, W = images.shape
     pts = encoder_lib.depth_to_points(depth[i].double(), c2w[i].double(), K[i].double()).reshape(-1, 3)  # (HW,3)
     w2c = cameras.c2w_to_w2c(c2w[j].double())
@@ -109,20 +93,17 @@ def photo_error(images, depth, c2w, K, i, j):
 
 
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
-    """The confident pixels of every view, unprojected: images (V,3,H,W) in [0,1], depth and conf (V,H,W), c2w
-    (V,4,4), K (V,3,3) normalised. Keeps the `keep` fraction with the highest confidence (over all views).
-    -> {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,) the view each point came from, 'uv' (N,2) its pixel
-    centre in pixels}; points are ordered by view."""
+    """The `keep` most confident fraction of pixels, unprojected: images (V,3,H,W), depth, conf (V,H,W), c2w, K ->
+    {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,), 'uv' (N,2) pixel centre}, ordered by view."""
     pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
     mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
     v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
     rgb = (images.permute(0, 2, 3, 1)[mask].clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # (N,3), as to_uint8
-    uv = torch.stack([x, y], -1).double() + 0.5
-    return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': uv}
+    return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': torch.stack([x, y], -1).double() + 0.5}
 
 
 # ----------------------------------------------------------------------------------------------
-# images and video
+# images, video and PLY
 
 def to_uint8(img):
     """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
@@ -135,8 +116,7 @@ def save_image(img, path):
 
 
 def write_video(frames, stem, fps=8):
-    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264 through imageio-ffmpeg's own ffmpeg binary); an animated
-    GIF through Pillow, with a notice, when imageio-ffmpeg cannot be loaded. Returns the path written."""
+    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264, imageio-ffmpeg), or stem.gif (Pillow) with a notice."""
     arr = [to_uint8(f) for f in frames]
     try:
         import imageio.v2 as imageio
@@ -152,69 +132,53 @@ def write_video(frames, stem, fps=8):
     return stem + '.mp4'
 
 
-# ----------------------------------------------------------------------------------------------
-# PLY
-
 def write_ply(path, xyz, rgb, comments=()):
-    """Binary little-endian PLY: xyz (N,3) float, rgb (N,3) in [0,1] (float) or 0..255 (uint8); `comments` go in
-    the header (e.g. the unit)."""
+    """Binary little-endian PLY: xyz (N,3), rgb (N,3) float in [0,1] or uint8; `comments` go in the header."""
     xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
     rgb = torch.as_tensor(rgb).reshape(-1, 3)
     rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
-    verts = np.empty(len(xyz), dtype=[(c, '<f4') for c in 'xyz'] + [(c, 'u1') for c in ('red', 'green', 'blue')])
-    for i, c in enumerate('xyz'):
-        verts[c] = xyz[:, i]
-    for i, c in enumerate(('red', 'green', 'blue')):
-        verts[c] = rgb[:, i]
+    props = [(c, '<f4', 'float') for c in 'xyz'] + [(c, 'u1', 'uchar') for c in ('red', 'green', 'blue')]
+    verts = np.rec.fromarrays([*xyz.T, *rgb.T], dtype=[p[:2] for p in props])
     header = ('ply\nformat binary_little_endian 1.0\n' + ''.join(f'comment {c}\n' for c in comments)
-              + f'element vertex {len(verts)}\n' + ''.join(f'property float {c}\n' for c in 'xyz')
-              + ''.join(f'property uchar {c}\n' for c in ('red', 'green', 'blue')) + 'end_header\n')
+              + f'element vertex {len(verts)}\n' + ''.join(f'property {t} {c}\n' for c, _, t in props) + 'end_header\n')
     with open(path, 'wb') as f:
-        f.write(header.encode('ascii'))
-        f.write(verts.tobytes())
+        f.write(header.encode('ascii') + verts.tobytes())
 
 
 # ----------------------------------------------------------------------------------------------
 # COLMAP
 
-def colmap_pose(c2w):
-    """OpenCV c2w (...,4,4) -> COLMAP's (qvec (...,4) (w, x, y, z), tvec (...,3)) of w2c, in float64."""
-    w2c = cameras.c2w_to_w2c(c2w.double())
-    return cameras.rotmat_to_quat(w2c[..., :3, :3]), w2c[..., :3, 3]
-
-
-def colmap_c2w(qvec, tvec):
-    """The inverse of colmap_pose: COLMAP's w2c qvec (...,4) (w, x, y, z), tvec (...,3) -> OpenCV c2w (...,4,4)."""
-    qvec, tvec = torch.as_tensor(qvec, dtype=torch.float64), torch.as_tensor(tvec, dtype=torch.float64)
-    return cameras.w2c_to_c2w(cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec))
-
-
-def colmap_intrinsics(K, H, W):
-    """Normalised K (...,3,3) -> PINHOLE params (...,4) fx, fy, cx, cy in pixels (COLMAP, like us, puts the centre
-    of the top-left pixel at (0.5, 0.5), so no offset)."""
-    Kp = cameras.K_to_pixels(K.double(), H, W)
-    return torch.stack([Kp[..., 0, 0], Kp[..., 1, 1], Kp[..., 0, 2], Kp[..., 1, 2]], -1)
-
-
 def write_colmap(folder, c2w, K, H, W, names, points, text=False):
-    """A COLMAP sparse model of V views: c2w (V,4,4), K (V,3,3) normalised, images H x W named `names`, points from
-    fuse_points. One PINHOLE camera per view (ids = view + 1, image i uses camera i); every point is observed once,
-    at the pixel it came from (error 0). Binary (cameras.bin, images.bin, points3D.bin) or text (.txt)."""
+    """A COLMAP sparse model (binary, or text with exact digits): c2w (V,4,4), K (V,3,3), images H x W named `names`,
+    points from fuse_points. One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
     os.makedirs(folder, exist_ok=True)
-    V = len(names)
-    qvec, tvec = colmap_pose(c2w)
-    params = colmap_intrinsics(K, H, W)
-    view, N = points['view'].numpy(), len(points['view'])
+    V, N = len(names), len(points['view'])
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    qvec, tvec = cameras.rotmat_to_quat(w2c[:, :3, :3]), w2c[:, :3, 3]
+    Kp = cameras.K_to_pixels(K.double(), H, W)  # COLMAP, like us, puts pixel centres at +0.5: no offset
+    params = torch.stack([Kp[:, 0, 0], Kp[:, 1, 1], Kp[:, 0, 2], Kp[:, 1, 2]], -1)  # PINHOLE fx fy cx cy
+    view, rgb, xyz, uv = (points[k].numpy() for k in ('view', 'rgb', 'xyz', 'uv'))
     first = np.searchsorted(view, np.arange(V + 1))  # points of view v: first[v]:first[v+1]
-    pid = np.arange(1, N + 1)  # point3D ids
-    rgb, xyz, uv = points['rgb'].numpy(), points['xyz'].numpy(), points['uv'].numpy()
+    pid, idx = np.arange(1, N + 1), np.arange(N) - first[view]  # point3D ids, index among its image's 2D points
     if text:
-        _write_colmap_text(folder, V, H, W, names, qvec, tvec, params, first, pid, xyz, rgb, uv, view)
+        g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
+        obs = [' '.join(f'{g(p)} {i}' for p, i in zip(uv[a:b], pid[a:b])) for a, b in zip(first[:-1], first[1:])]
+        files = {'cameras': ['# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]']
+                 + [f'{v + 1} PINHOLE {W} {H} {g(params[v])}' for v in range(V)],
+                 'images': ['# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n'
+                            '# POINTS2D[] as (X, Y, POINT3D_ID)']
+                 + [f'{v + 1} {g(qvec[v])} {g(tvec[v])} {v + 1} {names[v]}\n{obs[v]}' for v in range(V)],
+                 'points3D': ['# POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)']
+                 + [f'{pid[i]} {g(xyz[i])} {rgb[i, 0]} {rgb[i, 1]} {rgb[i, 2]} 0 {view[i] + 1} {idx[i]}'
+                    for i in range(N)]}
+        for name, rows in files.items():
+            with open(os.path.join(folder, f'{name}.txt'), 'w') as f:
+                f.writelines(r + '\n' for r in rows)
         return
     with open(os.path.join(folder, 'cameras.bin'), 'wb') as f:
         f.write(struct.pack('<Q', V))
         for v in range(V):
-            f.write(struct.pack('<iiQQ4d', v + 1, COLMAP_PINHOLE, W, H, *params[v].tolist()))
+            f.write(struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist()))  # model 1: PINHOLE
     obs = np.dtype([('xy', '<f8', 2), ('point3D_id', '<i8')])
     with open(os.path.join(folder, 'images.bin'), 'wb') as f:
         f.write(struct.pack('<Q', V))
@@ -227,33 +191,9 @@ def write_colmap(folder, c2w, K, H, W, names, points, text=False):
     rec = np.empty(N, dtype=[('id', '<u8'), ('xyz', '<f8', 3), ('rgb', 'u1', 3), ('error', '<f8'),
                              ('track_length', '<u8'), ('image_id', '<i4'), ('point2D_idx', '<i4')])
     rec['id'], rec['xyz'], rec['rgb'], rec['error'], rec['track_length'] = pid, xyz, rgb, 0.0, 1
-    rec['image_id'], rec['point2D_idx'] = view + 1, np.arange(N) - first[view]
+    rec['image_id'], rec['point2D_idx'] = view + 1, idx
     with open(os.path.join(folder, 'points3D.bin'), 'wb') as f:
         f.write(struct.pack('<Q', N) + rec.tobytes())
-
-
-def _write_colmap_text(folder, V, H, W, names, qvec, tvec, params, first, pid, xyz, rgb, uv, view):
-    """The same model as write_colmap's binary one, in COLMAP's text format (17 significant digits: exact)."""
-    g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
-    with open(os.path.join(folder, 'cameras.txt'), 'w') as f:
-        f.write('# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n'
-                f'# Number of cameras: {V}\n')
-        f.writelines(f'{v + 1} PINHOLE {W} {H} {g(params[v])}\n' for v in range(V))
-    with open(os.path.join(folder, 'images.txt'), 'w') as f:
-        f.write('# Image list with two lines of data per image:\n'
-                '#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n#   POINTS2D[] as (X, Y, POINT3D_ID)\n'
-                f'# Number of images: {V}\n')
-        for v in range(V):
-            s = slice(first[v], first[v + 1])
-            f.write(f'{v + 1} {g(qvec[v])} {g(tvec[v])} {v + 1} {names[v]}\n')
-            f.write(' '.join(f'{g(p)} {i}' for p, i in zip(uv[s], pid[s])) + '\n')
-    idx = np.arange(len(pid)) - first[view]
-    with open(os.path.join(folder, 'points3D.txt'), 'w') as f:
-        f.write('# 3D point list with one line of data per point:\n'
-                '#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n'
-                f'# Number of points: {len(pid)}\n')
-        f.writelines(f'{pid[i]} {g(xyz[i])} {rgb[i, 0]} {rgb[i, 1]} {rgb[i, 2]} 0 {view[i] + 1} {idx[i]}\n'
-                     for i in range(len(pid)))
 
 
 COLMAP_MODELS = {  # model id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
@@ -264,12 +204,10 @@ COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'O
 
 
 def read_colmap(folder):
-    """A COLMAP sparse model folder (cameras + images, .bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixel
-    intrinsics, 'sizes' [(H, W)], 'names'}, in images.bin/txt order. Lens distortion (RADIAL, OPENCV, ...) is ignored
-    with a note; fisheye models are refused."""
-    binary = os.path.isfile(os.path.join(folder, 'cameras.bin'))
+    """A COLMAP model folder (.bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixels, 'sizes' [(H, W)], 'names'}.
+    Lens distortion (RADIAL, OPENCV, ...) is ignored with a note; fisheye models are refused."""
     cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
-    if binary:
+    if os.path.isfile(os.path.join(folder, 'cameras.bin')):
         with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
             for _ in range(struct.unpack('<Q', f.read(8))[0]):
                 cid, model, W, H = struct.unpack('<iiQQ', f.read(24))
@@ -286,29 +224,28 @@ def read_colmap(folder):
             if line.strip() and not line.startswith('#'):
                 cid, model, W, H, *params = line.split()
                 cams[int(cid)] = (model, int(W), int(H), tuple(map(float, params)))
-        lines = [l for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#')]
-        i = 0
-        while i < len(lines):  # two lines per image, the second (its 2D points) possibly empty
-            if lines[i].strip():
-                _, *qt, cid, name = lines[i].split()
+        lines = (l for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#'))
+        for head in lines:  # two lines per image, the second (its 2D points) possibly empty
+            if head.strip():
+                _, *qt, cid, name = head.split()
                 images.append((tuple(map(float, qt[:4])), tuple(map(float, qt[4:])), int(cid), name))
-                i += 1
-            i += 1
+                next(lines, None)
+    if not images:
+        raise cli.UserError(f'{folder}: the COLMAP model holds no images')
     Kpix, sizes = [], []
     for _, _, cid, name in images:
         model, W, H, prm = cams[cid]
         if model not in COLMAP_PERSPECTIVE:
             raise cli.UserError(f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
-                                    'PINHOLE first (colmap image_undistorter)')
+                                'PINHOLE first (colmap image_undistorter)')
         if model not in ('PINHOLE', 'SIMPLE_PINHOLE'):
             print(f'note: {folder}: camera {cid} is {model}; its lens distortion is ignored (undistort for exact rays)')
         two_focals = model in ('PINHOLE', 'OPENCV', 'FULL_OPENCV')  # fx fy cx cy ...; the others: f cx cy ...
         fx, fy, cx, cy = prm[:4] if two_focals else (prm[0], prm[0], prm[1], prm[2])
         Kpix.append([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
         sizes.append((H, W))
-    if not images:
-        raise cli.UserError(f'{folder}: the COLMAP model holds no images')
-    c2w = colmap_c2w([im[0] for im in images], [im[1] for im in images])
+    qvec, tvec = (torch.tensor([im[k] for im in images], dtype=torch.float64) for k in (0, 1))
+    c2w = cameras.w2c_to_c2w(cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec))
     return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
 
 
@@ -329,43 +266,33 @@ def frustum_vertices(K, H, W, size):
     return torch.cat([torch.zeros(1, 3, dtype=torch.float64), rays * size])
 
 
-class _GLBBuffer:
-    """The single binary buffer of a GLB, with its bufferViews and accessors (each view 4-byte aligned)."""
+def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
+    """GLB: points xyz (N,3), rgb (N,3) uint8 as a POINTS primitive, and per view a LINES frustum `size` deep, a node
+    named after its image with matrix c2w (V,4,4), coloured by is_source (V,); K (V,3,3) normalised."""
+    data, views, accessors = bytearray(), [], []  # the single binary buffer, its bufferViews and accessors
 
-    def __init__(self):
-        self.data, self.views, self.accessors = bytearray(), [], []
-
-    def add(self, array, component, kind, target, normalized=False):
-        """array (n, k) or (n,) numpy -> the accessor index."""
-        self.data += b'\0' * (-len(self.data) % 4)
+    def add(array, component, kind, target, normalized=False):  # array (n, k) or (n,) -> accessor index
+        data.extend(b'\0' * (-len(data) % 4))  # each view 4-byte aligned
         raw = np.ascontiguousarray(array).tobytes()
-        self.views.append({'buffer': 0, 'byteOffset': len(self.data), 'byteLength': len(raw), 'target': target})
-        self.data += raw
-        acc = {'bufferView': len(self.views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
+        views.append({'buffer': 0, 'byteOffset': len(data), 'byteLength': len(raw), 'target': target})
+        data.extend(raw)
+        acc = {'bufferView': len(views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
         if normalized:
             acc['normalized'] = True
         if kind == 'VEC3' and component == GLTF_FLOAT:  # POSITION needs its bounds
             acc['min'], acc['max'] = array.min(0).tolist(), array.max(0).tolist()
-        self.accessors.append(acc)
-        return len(self.accessors) - 1
+        accessors.append(acc)
+        return len(accessors) - 1
 
-
-def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
-    """GLB: the points xyz (N,3) with colours rgb (N,3) uint8 as a POINTS primitive, and one LINES frustum per view
-    (c2w (V,4,4), K (V,3,3) normalised, is_source (V,) bool: sources and targets in two colours), each frustum
-    a node named after its image (`names`) whose matrix is its c2w, `size` deep. A root node turns the y-down
-    world y-up (WORLD_TO_GLTF)."""
-    buf = _GLBBuffer()
     rgba = np.concatenate([np.asarray(rgb, np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)  # 4-byte aligned
     meshes = [{'name': 'points', 'primitives': [{'mode': GLTF_POINTS, 'attributes': {
-        'POSITION': buf.add(np.asarray(xyz, np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER),
-        'COLOR_0': buf.add(rgba, GLTF_UBYTE, 'VEC4', GLTF_ARRAY_BUFFER, normalized=True)}}]}]
-    lines = buf.add(np.array(FRUSTUM_LINES, np.uint16), GLTF_USHORT, 'SCALAR', GLTF_ELEMENT_ARRAY_BUFFER)
+        'POSITION': add(np.asarray(xyz, np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER),
+        'COLOR_0': add(rgba, GLTF_UBYTE, 'VEC4', GLTF_ARRAY_BUFFER, normalized=True)}}]}]
+    lines = add(np.array(FRUSTUM_LINES, np.uint16), GLTF_USHORT, 'SCALAR', GLTF_ELEMENT_ARRAY_BUFFER)
     nodes = [{'name': 'world', 'matrix': WORLD_TO_GLTF, 'children': list(range(1, len(c2w) + 2))},
              {'name': 'points', 'mesh': 0}]
     for v in range(len(c2w)):
-        pos = buf.add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3',
-                      GLTF_ARRAY_BUFFER)
+        pos = add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER)
         prim = {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}
         meshes.append({'name': f'frustum_{v}', 'primitives': [prim]})
         matrix = c2w[v].double().T.flatten().tolist()  # glTF matrices are column-major
@@ -374,22 +301,20 @@ def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None)
                   'emissiveFactor': list(c[:3])} for name, c in (('source', SOURCE_RGBA), ('target', TARGET_RGBA))]
     doc = {'asset': {'version': '2.0', 'generator': 'gld export.py', 'extras': extras or {}},
            'scene': 0, 'scenes': [{'nodes': [0]}], 'nodes': nodes, 'meshes': meshes, 'materials': materials,
-           'accessors': buf.accessors, 'bufferViews': buf.views, 'buffers': [{'byteLength': len(buf.data)}]}
+           'accessors': accessors, 'bufferViews': views, 'buffers': [{'byteLength': len(data)}]}
     js = json.dumps(doc, separators=(',', ':')).encode()
     js += b' ' * (-len(js) % 4)  # the JSON chunk is padded with spaces, the binary one with zeros
-    bin_ = bytes(buf.data) + b'\0' * (-len(buf.data) % 4)
+    bin_ = bytes(data) + b'\0' * (-len(data) % 4)
     with open(path, 'wb') as f:
         f.write(struct.pack('<4sII', b'glTF', 2, 12 + 8 + len(js) + 8 + len(bin_)))
-        f.write(struct.pack('<I4s', len(js), b'JSON') + js)
-        f.write(struct.pack('<I4s', len(bin_), b'BIN\0') + bin_)
+        f.write(struct.pack('<I4s', len(js), b'JSON') + js + struct.pack('<I4s', len(bin_), b'BIN\0') + bin_)
 
 
 # ----------------------------------------------------------------------------------------------
-# nerfstudio
+# nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
-    """nerfstudio transforms.json: per frame an OpenGL c2w `transform_matrix`, pixel fl_x fl_y cx cy and a
-    `file_path` relative to the json's folder; `extra` adds top-level keys (units, ply_file_path)."""
+    """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
     Kp = cameras.K_to_pixels(K.double(), H, W)
     gl = cameras.opengl_to_opencv(c2w.double())  # the axis flip is its own inverse
     frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]),
@@ -399,20 +324,15 @@ def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
         json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
 
 
-# ----------------------------------------------------------------------------------------------
-# cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
-
 CAMERA_FORMATS = ('a COLMAP model folder (sparse/0 with cameras/images .bin or .txt), a nerfstudio transforms.json, '
                   'or a folder of per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W '
                   'optional)')
 
 
 def read_cameras(path, image_size=None):
-    """Cameras of a user's photos from `path`: a COLMAP model (sparse/0 or a project folder holding it), a nerfstudio
-    transforms.json (or its folder), or a folder of per-frame NAME.npz with c2w (4,4) OpenCV and K (3,3) in pixels
-    (+ optional H, W; else image_size (H, W) of the photos). -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised,
-    'names' (the image file names the frames are for), 'files' (the image each frame names, where the format says
-    where: None otherwise), 'size' (H, W) the intrinsics were written for, or None, 'format'}."""
+    """Cameras of a user's photos in any of CAMERA_FORMATS (or a project holding sparse/0; image_size (H, W) for npz
+    without H, W) -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'names', 'files' (image paths or None), 'size'
+    (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
     sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
                    if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
@@ -421,11 +341,10 @@ def read_cameras(path, image_size=None):
         m = read_colmap(sparse)
         if len(set(m['sizes'])) > 1:
             raise cli.UserError(f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give '
-                                    'photos of one size')
+                                'photos of one size')
         (H, W), root = m['sizes'][0], os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
-        K = cameras.K_to_normalized(m['Kpix'], H, W)
-        files = [os.path.join(root, 'images', n) for n in m['names']]
-        out = {'c2w': m['c2w'], 'K': K, 'names': m['names'], 'files': files, 'size': (H, W), 'format': 'COLMAP'}
+        out = {'c2w': m['c2w'], 'K': cameras.K_to_normalized(m['Kpix'], H, W), 'names': m['names'],
+               'files': [os.path.join(root, 'images', n) for n in m['names']], 'size': (H, W), 'format': 'COLMAP'}
     elif path.endswith('.json') or os.path.isfile(os.path.join(path, 'transforms.json')):
         json_path = path if path.endswith('.json') else os.path.join(path, 'transforms.json')
         t = data.read_transforms(json_path)
@@ -437,11 +356,11 @@ def read_cameras(path, image_size=None):
             z = np.load(os.path.join(path, f))
             if 'c2w' not in z or 'K' not in z:
                 raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world) and '
-                                        f'K (3x3, pixels); it has {sorted(z.files)}')
+                                    f'K (3x3, pixels); it has {sorted(z.files)}')
             size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
             if size is None:
                 raise cli.UserError(f'{os.path.join(path, f)}: K is in pixels of an image size it does not '
-                                        'state; add H and W to the file')
+                                    'state; add H and W to the file')
             c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
             K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
             names.append(f[:-len('.npz')])
@@ -457,9 +376,7 @@ def read_cameras(path, image_size=None):
 def convert_cameras(src, dst, image_size=None):
     """Any format read_cameras reads -> a nerfstudio transforms.json at dst, each file_path relative to its folder."""
     cams = read_cameras(src, image_size)
-    if cams['size'] is None:  # nerfstudio in: the intrinsics are normalised, any size states them
-        cams['size'] = image_size or (1000, 1000)
-    H, W = cams['size']
+    H, W = cams['size'] or image_size or (1000, 1000)  # nerfstudio in: K is normalised, any size states it
     files = [os.path.relpath(f, os.path.dirname(os.path.abspath(dst))) if f else n
              for f, n in zip(cams['files'], cams['names'])]
     write_transforms(dst, cams['c2w'], cams['K'], H, W, files, [True] * len(files),
@@ -468,10 +385,12 @@ def convert_cameras(src, dst, image_size=None):
     return dst
 
 
+# ----------------------------------------------------------------------------------------------
+# the whole scene, and pictures of it
+
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
-    """A top-down PNG of a trajectory: source (blue) and target (orange, joined in order, the first one ringed)
-    camera centres with a tick along each viewing direction, seen along the first source's up (-y) axis, its
-    viewing direction pointing up the page. c2w_src (N,4,4), c2w_tgt (n,4,4)."""
+    """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
+    with a viewing tick, seen along the first source's up axis with its view pointing up the page."""
     from PIL import ImageDraw
     ref = c2w_src[0].double()
     up, right = -ref[:3, 1], ref[:3, 0]
@@ -480,40 +399,44 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     both = torch.cat([c2w_src.double(), c2w_tgt.double()])
     centres, dirs = plane(both[:, :3, 3]), plane(both[:, :3, 2])
     lo, hi = centres.min(0).values, centres.max(0).values
-    span = float((hi - lo).max().clamp_min(1e-6))
-    tick = 0.12 * span
+    tick = 0.12 * float((hi - lo).max().clamp_min(1e-6))
     tips = centres + tick * dirs  # (V,2) the ends of the ticks
     lo, hi = torch.minimum(lo, tips.min(0).values), torch.maximum(hi, tips.max(0).values)
     scale = (size - 40) / float((hi - lo).max().clamp_min(1e-6))
     px = lambda p: tuple(((p - (lo + hi) / 2) * scale + size / 2).tolist())
     im = Image.new('RGB', (size, size), 'white')
     d = ImageDraw.Draw(im)
-    colour = lambda v: tuple(int(255 * c) for c in (SOURCE_RGBA if v < len(c2w_src) else TARGET_RGBA)[:3])
-    tgt = [px(c) for c in centres[len(c2w_src):]]
-    if len(tgt) > 1:
-        d.line(tgt, fill=(255, 190, 140), width=1)
+    n = len(c2w_src)
+    if len(c2w_tgt) > 1:
+        d.line([px(c) for c in centres[n:]], fill=(255, 190, 140), width=1)
     for v in range(len(both)):
         x, y = px(centres[v])
-        d.line([(x, y), px(centres[v] + tick * dirs[v])], fill=colour(v), width=2)
-        r = 5 if v < len(c2w_src) else 3
-        d.ellipse([x - r, y - r, x + r, y + r], fill=colour(v))
-        if v == len(c2w_src):
-            d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour(v))
+        colour = tuple(int(255 * c) for c in (SOURCE_RGBA if v < n else TARGET_RGBA)[:3])
+        d.line([(x, y), px(tips[v])], fill=colour, width=2)
+        r = 5 if v < n else 3
+        d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        if v == n:
+            d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour)
     d.text((6, 4), title, fill=(0, 0, 0))
     im.save(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# the whole scene
+def make_grid(src, pred, gt=None):
+    """Rows: sources | sources + generated targets | (gt given) sources + ground truth, white where there is none.
+    src (N,3,H,W), pred (V,3,H,W) sources first, gt (M,3,H,W) -> (3, rows*H, V*W)."""
+    N = src.shape[0]
+    blank = torch.ones_like(pred[N:])
+    rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
+    if gt is not None:
+        rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
+    return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+
 
 def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
                 keep=0.7, frame='the cameras sampling used'):
-    """Every view's image in out_dir/images/ and the scene in `formats` (see FORMATS): images (V,3,H,W) in [0,1]
-    (sources first), DA3's depth, conf (V,H,W) and own cameras c2w_da3 (V,4,4), the cameras c2w (V,4,4) and
-    normalised K (V,3,3) of the views. units: a key of UNITS; with 'poses' DA3's depth is rescaled by depth_scale,
-    with 'da3' (the cameras are DA3's estimate) it is kept. frame: whose cameras define the world (stated in the
-    summary, transforms.json's gld_frame and the GLB's extras).
-    -> a summary {'frame', 'units', 'depth_scale', 'depth_scale_from', 'points', 'files'} for metrics.json."""
+    """Every view's image in out_dir/images/ and the scene in `formats`: images (V,3,H,W) in [0,1] (sources first),
+    DA3's depth, conf (V,H,W) and cameras c2w_da3 (V,4,4), the views' c2w (V,4,4), K (V,3,3). units: a key of UNITS
+    ('poses': depth rescaled by depth_scale). frame: whose cameras define the world. -> a summary for metrics.json."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
     V, _, H, W = images.shape
@@ -523,43 +446,25 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
         save_image(images[v], os.path.join(out_dir, 'images', names[v]))
     scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src) if units == 'poses' else (1.0, 'none')
     pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
-    note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
+    info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
     is_source = torch.arange(V) < n_src
-    files = ['images/']
     if 'ply' in formats:
+        note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
         write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
-        files.append('points.ply')
-    for fmt in ('colmap', 'colmap-text'):
-        if fmt in formats:
-            write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts, text=fmt == 'colmap-text')
-            files.append('sparse/0/')
+    for fmt in set(formats) & {'colmap', 'colmap-text'}:
+        write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts, text=fmt == 'colmap-text')
     if 'glb' in formats:
         size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
-        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size,
-                  extras={'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how})
-        files.append('scene.glb')
+        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size, info)
     if 'nerfstudio' in formats:
-        extra = {'gld_frame': frame, 'gld_units': UNITS[units], 'gld_depth_scale': scale, 'gld_depth_scale_from': how}
+        extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
         write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
                          is_source, extra)
-        files.append('transforms.json')
-    return {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how, 'points': len(pts['xyz']),
-            'files': sorted(set(files))}
-
-
-def make_grid(src, pred, gt=None):
-    """Rows: the sources | the sources and the generated targets | (gt given) the sources and the ground truth of the
-    first targets; src (N,3,H,W), pred (V,3,H,W) with the sources first, gt (M,3,H,W) -> (3, rows*H, V*W). Views
-    without ground truth stay white."""
-    N = src.shape[0]
-    blank = torch.ones_like(pred[N:])
-    rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
-    if gt is not None:
-        rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
-    return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
-
+    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'colmap-text': 'sparse/0/', 'glb': 'scene.glb',
+               'nerfstudio': 'transforms.json'}
+    return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
 
 
 def main(argv=None):

@@ -1,18 +1,15 @@
-"""synth.py: the synthetic indoor scenes that are gld's embedded default data, rendered in numpy.
+"""synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy.
 
-Procedurally textured box rooms (checker, stripes, value noise, marble, bricks, gradients from five palettes) with
-boxes, spheres and cylinders, Lambertian point lights plus ambient, Re10K-like smooth walkthrough camera paths, and
-vectorised ray casting that gives exact cameras and metric z-depth. Every scene is a function of its seed.
-`data.write_synth` (`python data.py synth`) writes them in the Re10K chunk layout; this file knows nothing of files.
+Procedurally textured box rooms (five palettes) with boxes, spheres and cylinders, Lambertian point lights plus
+ambient, Re10K-like smooth walkthrough camera paths; exact cameras and metric z-depth; every scene is a function of
+its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout.
 
+Modelling frame: y up, floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds.
 Conventions (see cameras.py): c2w OpenCV (x right, y down, z forward), K normalised (row 0 / W, row 1 / H).
 Shape legend: H W image, N rays/points, F frames of a scene.
 """
 import numpy as np
 import torch
-
-# Modelling frame: y up, floor y = 0; the stored world is rotated 180 degrees about x so it is y-down like Re10K /
-# OpenCV worlds.
 
 PALETTES = {
     'warm': [(0.86, 0.76, 0.60), (0.62, 0.42, 0.26), (0.92, 0.86, 0.76), (0.72, 0.32, 0.22), (0.45, 0.30, 0.20)],
@@ -21,17 +18,17 @@ PALETTES = {
     'vivid': [(0.90, 0.20, 0.20), (0.20, 0.50, 0.90), (0.95, 0.75, 0.10), (0.20, 0.70, 0.35), (0.60, 0.25, 0.75)],
     'earth': [(0.50, 0.42, 0.30), (0.34, 0.40, 0.24), (0.70, 0.62, 0.48), (0.26, 0.20, 0.16), (0.80, 0.74, 0.64)],
 }
-TEXTURES = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
 
 
 def _random_texture(rng, palette):
     cols = np.array(PALETTES[palette])[rng.choice(5, 2, replace=False)] + rng.normal(0, 0.05, (2, 3))
-    return {'kind': rng.choice(TEXTURES), 'c1': cols[0].clip(0, 1), 'c2': cols[1].clip(0, 1),
+    kinds = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
+    return {'kind': rng.choice(kinds), 'c1': cols[0].clip(0, 1), 'c2': cols[1].clip(0, 1),
             'scale': rng.uniform(0.15, 0.6), 'angle': rng.uniform(0, np.pi), 'grid': rng.random((16, 16))}
 
 
 def _value_noise(uv, grid):
-    """Smooth periodic value noise of (N,2) coordinates on a (n,n) random grid -> (N,) in [0,1]."""
+    """Smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]."""
     n = grid.shape[0]
     i = np.floor(uv).astype(int)
     f = uv - i
@@ -89,8 +86,7 @@ def _hit_room(o, d, size):
 
 
 def _hit_object(o, d, ob):
-    """Ray vs one object (box with yaw / sphere / vertical cylinder standing on the floor) -> t (N,) (inf = miss),
-    outward normal (N,3), uv (N,2)."""
+    """Rays vs a yawed box, sphere or floor-standing cylinder -> t (N,) (inf: miss), normal (N,3), uv (N,2)."""
     c, N = ob['center'], len(o)
     if ob['kind'] == 'box':
         cy, sy = np.cos(ob['yaw']), np.sin(ob['yaw'])
@@ -138,8 +134,7 @@ def _hit_object(o, d, ob):
 
 
 def render(scene, c2w, K, H, W):
-    """Ray cast a synthetic scene. c2w (F,4,4) OpenCV in the modelling frame, K (F,3,3) normalised ->
-    rgb (F,H,W,3) float in [0,1], z-depth (F,H,W) (distance along the camera's z axis)."""
+    """c2w (F,4,4) OpenCV in the modelling frame, K (F,3,3) normalised -> rgb (F,H,W,3) in [0,1], z-depth (F,H,W)."""
     u, v = (np.arange(W) + 0.5) / W, (np.arange(H) + 0.5) / H
     pix = np.stack([*np.meshgrid(u, v), np.ones((H, W))], -1).reshape(-1, 3)  # (HW,3) normalised, y outer
     d_cam = np.einsum('fij,nj->fni', np.linalg.inv(K), pix)  # (F,HW,3), camera z = 1
@@ -171,9 +166,8 @@ def cast_rays(scene, o, d):
 
 
 def _camera_path(rng, room, frames):
-    """A smooth walkthrough: positions integrate a heading that turns slowly; the view looks roughly along the
-    motion with slow yaw/pitch wobble. Returns c2w (F,4,4) OpenCV in the modelling frame (or None if the path
-    leaves the room)."""
+    """A smooth walkthrough (a slowly turning heading; the view wobbles around it) -> c2w (F,4,4) OpenCV in the
+    modelling frame, or None when the path leaves the room or faces a nearby wall."""
     s = np.linspace(0, 1, 64)
     start = np.array([rng.uniform(0.6, room[0] - 0.6), rng.uniform(1.1, 1.7), rng.uniform(0.6, room[2] - 0.6)])
     to_centre = room / 2 - start
@@ -228,8 +222,8 @@ def _random_objects(rng, room, path, palette):
 
 
 def synth_scene(seed, frames=24, size=112):
-    """One synthetic scene, deterministic from `seed` (an int or a sequence of ints). Returns {'images' (F,H,W,3)
-    uint8, 'depths' (F,H,W) float32, 'c2w' (F,4,4), 'K' (F,3,3) normalised (float32, stored frame)}."""
+    """One scene from `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W) float32, 'c2w' (F,4,4),
+    'K' (F,3,3) normalised (float32, stored frame), 'scene'}."""
     rng = np.random.default_rng(seed)
     room = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)])
     c2w = None

@@ -598,7 +598,7 @@ def test_dl3dv_transforms(tmp_path):
     ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=2, size=(14, 14))
     assert len(ds) == 1 and ds[0]['images'].shape == (2, 3, 14, 14)
     with pytest.raises(cli.UserError, match='transforms.json'):
-        data.read_image_folder(str(tmp_path))
+        data.read_dl3dv_scene(str(tmp_path), images=None)
 
 
 def test_lpips_fn_feeds_the_package_in_its_range_and_is_optional(monkeypatch, capsys):
