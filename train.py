@@ -305,7 +305,8 @@ def read_csv(path):
 
 class EncoderStage:
     """An encoder trained from scratch with its own objective (its training_loss): da3-tiny with DA3's depth and
-    ray-map losses (our own small geometric foundation model), vae-tiny with the VAE's."""
+    ray-map losses (our own small geometric foundation model), da3-tiny-recon (the same ViT) with RGB reconstruction
+    only, vae-tiny with the VAE's."""
     kind = 'encoder'
 
     def __init__(self, args, device, loader):
@@ -327,6 +328,9 @@ class EncoderStage:
             ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
                             .clamp(0, 1), s['images']).mean() for s in scenes]
             return {'recon_psnr': float(torch.stack(ps).mean())}
+        if not net.has_geometry:  # da3-tiny-recon: its pixel head's reconstructions
+            return {'recon_psnr': float(torch.stack([data.psnr(net.reconstruct(s['images']).clamp(0, 1), s['images'])
+                                                     .mean() for s in scenes]).mean())}
         m = [data.depth_metrics(net(s['images'])['depth'], s['depths'], align='median') for s in scenes]
         return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 
