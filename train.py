@@ -440,13 +440,15 @@ class DiffusionStage:
     @torch.no_grad()
     def evaluate(self, scenes, png):
         """N=2 -> 6 with 10 Euler steps: the generated level's MSE on the targets (normalised units; zeros give about
-        1) and their PSNR decoded through the rest of the cascade (ground-truth deeper levels, no shallower ones), a
-        cheap predictor of sample quality; a grid of the first four scenes."""
+        1) and their PSNR decoded through the rest of the cascade (a cascade model: its ground-truth upper level; an
+        independent one: the levels propagated from its own; no shallower ones), a cheap predictor of sample quality;
+        a grid of the first four scenes."""
         if self.dec is None:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
         pipe = pipeline.Pipeline(self.enc, self.dec, {self.level: (unwrap(self.net), meta)},
-                                 boundary=min(max(1, self.level), self.enc.num_levels - 1), log=lambda *_: None, progress=False)
+                                 boundary=self.level if self.upper_level is None else self.upper_level,
+                                 log=lambda *_: None, progress=False)
         ps, mse, grids = [], [], []
         for i, s in enumerate(scenes):
             full = self.enc.encode(s['images'])
