@@ -21,7 +21,7 @@ Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,7 @@ class EncoderConfig:
     out_channels: tuple = (96, 192, 384, 768)
     pos_grid: int = 37                      # pos_embed grid (518 / 14)
     hub_repo: str = ''
+    objective: str = 'geometry'             # 'reconstruction': no geometry head, a linear pixel head (the DINO analogue)
 
 
 PRESETS = {
@@ -63,6 +64,8 @@ PRESETS = {
     'da3-giant': EncoderConfig('da3-giant', 1536, 40, 24, True, (19, 27, 33, 39), 13, 13, 13, 256,
                                (256, 512, 1024, 1024), hub_repo='depth-anything/DA3-GIANT'),
 }
+# The same ViT as da3-tiny trained for RGB reconstruction only: the latent of the DINO/RAE baseline in miniature.
+PRESETS['da3-tiny-recon'] = replace(PRESETS['da3-tiny'], name='da3-tiny-recon', objective='reconstruction')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +413,11 @@ class DA3(LatentEncoder):
         self.cfg, self.dim, self.patch = cfg, 2 * cfg.embed_dim, PATCH
         self.backbone = nn.Module()
         self.backbone.pretrained = vit = ViT(cfg)
-        self.head = DualDPT(self.dim, cfg.features, cfg.out_channels)
-        self.cam_dec = CameraDec(self.dim)
+        if cfg.objective == 'reconstruction':  # all 4 levels of a token -> its 14x14 RGB patch (MAE's linear decoder)
+            self.has_geometry, self.pixel_head = False, nn.Linear(4 * self.dim, 3 * PATCH * PATCH)
+        else:
+            self.head = DualDPT(self.dim, cfg.features, cfg.out_channels)
+            self.cam_dec = CameraDec(self.dim)
         # Linear/conv torch defaults, LayerNorm 1/0, LayerScale 1 (DA3's init_values); tokens N(0, 0.02)
         for p in (vit.cls_token, vit.camera_token, vit.pos_embed):
             nn.init.normal_(p, std=0.02)
@@ -463,8 +469,19 @@ class DA3(LatentEncoder):
         H, W = images.shape[-2:]
         return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
 
+    def reconstruct(self, images):
+        """The reconstruction objective's pixel head: images (B,V,3,H,W) -> their reconstruction (B,V,3,H,W)."""
+        (B, V, _, H, W), p = images.shape, PATCH
+        x = self.pixel_head(torch.cat(self.normalize_levels(self.encode(images)), -1))      # (B,V,T,3pp)
+        x = x.view(B, V, H // p, W // p, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)              # (B,V,3,h,p,w,p)
+        return x.reshape(B, V, 3, H, W)
+
     def training_loss(self, batch):
-        """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts)."""
+        """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts); the
+        reconstruction objective: the MSE of `reconstruct`."""
+        if self.cfg.objective == 'reconstruction':
+            mse = F.mse_loss(self.reconstruct(batch['images']), batch['images'])
+            return mse, {'mse': mse.detach()}
         return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
 
 

@@ -3243,6 +3243,29 @@ def test_vae_tokens_are_2x2_patches_of_the_scaled_posterior_mean():
         vae.encode(torch.rand(1, 1, 3, 28, 28))
 
 
+def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
+    """The DINO analogue of the convergence comparison: da3-tiny's backbone (same keys and shapes), no geometry head,
+    a linear pixel head laid out patch by patch, whose MSE a few steps on one batch bring down."""
+    torch.manual_seed(0)
+    tiny, recon = (encoder_lib.build_encoder(n) for n in ('da3-tiny', 'da3-tiny-recon'))
+    backbone = lambda m: {k: v.shape for k, v in m.state_dict().items() if k.startswith('backbone.')}
+    assert backbone(tiny) == backbone(recon) and tiny.has_geometry and not recon.has_geometry
+    assert not any(k.startswith(('head.', 'cam_dec.')) for k in recon.state_dict())
+    images = torch.rand(1, 2, 3, 28, 42)
+    with torch.no_grad():
+        recon.pixel_head.weight.zero_()
+        recon.pixel_head.bias.copy_(torch.arange(3 * 14 * 14.))
+        tiled = recon.reconstruct(images)                                      # every 14x14 patch is the bias
+    torch.testing.assert_close(tiled[0, 1, :, 14:, 28:], torch.arange(3 * 14 * 14.).view(3, 14, 14))
+    recon.pixel_head.reset_parameters()
+    opt = torch.optim.Adam(recon.parameters(), 2e-3)
+    losses = []
+    for _ in range(40):
+        loss, parts = recon.training_loss({'images': images})
+        opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(parts['mse']))
+    assert losses[-1] < 0.5 * losses[0]
+
+
 @pytest.fixture(scope='module')
 def synth112(tmp_path_factory):
     """A synthetic set at 112 px: a multiple of DA3/VGGT/DINOv2's 14 and of the VAE token's 16."""
@@ -3251,7 +3274,7 @@ def synth112(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize('name', ['da3-tiny', 'vggt-tiny', 'dinov2-s', 'vae-tiny'])
+@pytest.mark.parametrize('name', ['da3-tiny', 'da3-tiny-recon', 'vggt-tiny', 'dinov2-s', 'vae-tiny'])
 def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, synth112, monkeypatch):
     """The same commands with --encoder NAME: (the tiny VAE's own training,) the RGB decoder where the latent needs
     one, the default diffusion level, then the pipeline; what the latent lacks is said in the outputs."""
@@ -3261,7 +3284,7 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
     run = ['--data', 'data', '--encoder', name, '--views', '3', '--batch-size', '1', '--steps', '1', '--log-every', '1',
            '--eval-every', '1', '--stats-batches', '1', '--warmup', '1']
     enc = encoder_lib.build_encoder(name)
-    if hasattr(enc, 'training_loss'):  # da3-tiny, vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
+    if hasattr(enc, 'training_loss'):  # da3-tiny(-recon), vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
         train.main(['--stage', 'encoder'] + run)
         assert train.list_checkpoints(f'runs/{pipeline.model_name("encoder", name)}')  # where pipeline.load_encoder finds it
     if not enc.has_rgb_decoder:

@@ -282,7 +282,8 @@ def read_csv(path):
 
 class EncoderStage:
     """An encoder trained from scratch with its own training_loss: da3-tiny with DA3's depth and ray-map losses (our
-    small geometric foundation model), vae-tiny with the VAE's."""
+    small geometric foundation model), da3-tiny-recon (the same ViT) with RGB reconstruction only, vae-tiny with the
+    VAE's."""
     kind, extra = 'encoder', {}  # extra: what checkpoints and exports record besides the weights
 
     def __init__(self, args, device, loader):
@@ -303,6 +304,9 @@ class EncoderStage:
             ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
                             .clamp(0, 1), s['images']).mean() for s in scenes]
             return {'recon_psnr': float(torch.stack(ps).mean())}
+        if not net.has_geometry:  # da3-tiny-recon: its pixel head's reconstructions
+            return {'recon_psnr': float(torch.stack([data.psnr(net.reconstruct(s['images']).clamp(0, 1), s['images'])
+                                                     .mean() for s in scenes]).mean())}
         m = [data.depth_metrics(net(s['images'])['depth'], s['depths'], align='median') for s in scenes]
         return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 
@@ -398,12 +402,14 @@ class DiffusionStage:
     @torch.no_grad()
     def evaluate(self, scenes, png):
         """N=2 -> 6 with 10 Euler steps, a cheap predictor of sample quality: the generated level's MSE on the targets
-        (normalised; zeros give about 1), their PSNR decoded with ground-truth deeper levels; a grid of 4 scenes."""
+        (normalised; zeros give about 1), their PSNR decoded with the levels above it (a cascade model: the true upper
+        level; an independent one: those propagated from its own); a grid of 4 scenes."""
         if self.dec is None:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
         pipe = pipeline.Pipeline(self.enc, self.dec, {self.level: (unwrap(self.net), meta)},
-                                 boundary=min(max(1, self.level), self.enc.num_levels - 1), log=lambda *_: None, progress=False)
+                                 boundary=self.level if self.upper_level is None else self.upper_level,
+                                 log=lambda *_: None, progress=False)
         ps, mse, grids = [], [], []
         for i, s in enumerate(scenes):
             full = self.enc.encode(s['images'])
