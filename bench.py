@@ -28,7 +28,7 @@ import model as model_lib
 def build_parser():
     p = argparse.ArgumentParser(description='GLD benchmarks', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--preset', default='gld-tiny', help='DiT preset (model.PRESETS)')
-    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (encoder.build_encoder) of the frozen parts')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (latents.build_encoder) of the frozen parts')
     p.add_argument('--decoder', default='tiny', help='RGB decoder preset')
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
@@ -118,7 +118,7 @@ def bench_sample(net, batch, a, device, autocast, rows, label):
 
 
 def bench_frozen(a, device, autocast, rows):
-    enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
+    enc = latents.build_encoder(a.encoder).to(device).freeze()
     dec = enc.rgb_decoder() if enc.has_rgb_decoder else decoder_lib.RGBDecoder(replace(
         decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim, num_levels=enc.num_levels, patch=enc.patch)).to(device).eval()
     images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
@@ -141,7 +141,7 @@ def bench_data_paths(net, a, device, rows):
     """The M1 step as train.py runs it (2 sources), fed from the data (decode the frames, DA3 on all views and on the
     sources) and from a LatentCache of one draw per scene: samples/s of each, side by side."""
     import tempfile
-    enc = encoder_lib.build_encoder(a.encoder).to(device).freeze()
+    enc = latents.build_encoder(a.encoder).to(device).freeze()
     ds = data.SceneDataset(a.data, 'train', num_views=a.views)
     stats = encoder_lib.LatentStats({1: torch.zeros(enc.dim)}, {1: torch.ones(enc.dim)})
     loader = iter(data.make_loader(ds, a.batch))

@@ -2,7 +2,7 @@
 
 - `DinoViT`: the DINOv2 backbone in its official checkpoint layout (facebookresearch/dinov2 torch-hub files
   dinov2_vit{s,b,l}14[_reg4]_pretrain.pth), built from encoder.Block without qk-norm and RoPE.
-- `DINOv2`: the encoder interface (encoder.build_encoder's docstring) over it: ONE level, the last layer's patch
+- `DINOv2`: the encoder interface (latents.build_encoder's docstring) over it: ONE level, the last layer's patch
   tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), each view on its own; no geometry,
   no propagation; a decoder.RGBDecoder with one level is trained on it (RAE's decoder).
 - Presets dinov2-{s,b,l} and dinov2-{s,b,l}-reg (4 registers); strict, readable weight loading.

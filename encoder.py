@@ -10,7 +10,7 @@ tolerance), plus what GLD needs on top.
   (generated) level k to get levels k+1..3 (GLD sec. 4.3).
 - DualDPT head (depth, ray maps, confidences), camera decoder, `pose_from_rays` (deterministic DLT + IRLS; DA3's
   RANSAC is random and biased for off-centre principal points); strict weight loading; `LatentStats`;
-  `geometry_loss` for the tiny preset; `build_encoder`: the latent-encoder registry and its interface.
+  `geometry_loss` for the tiny preset (the latent-encoder registry and its interface: latents.build_encoder).
 Reference view: DA3 moves it to position 0 before `alt_start`; earlier blocks are per view and global attention is
 permutation-equivariant, so here it receives camera_token[0] in place and the view order never changes.
 
@@ -377,7 +377,7 @@ def decode_pose(pose, H, W, eps=None):
 # The encoders
 
 class LatentEncoder(nn.Module):
-    """What the latent encoders share (the interface: build_encoder's docstring)."""
+    """What the latent encoders share (the interface: latents.build_encoder's docstring)."""
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
 
     def freeze(self):
@@ -483,33 +483,6 @@ class DA3(LatentEncoder):
             mse = F.mse_loss(self.reconstruct(batch['images']), batch['images'])
             return mse, {'mse': mse.detach()}
         return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
-
-
-def build_encoder(preset='da3-base', weights=None):
-    """The latent-encoder registry: name -> encoder; weights: None (random), a file, files or a state dict in the
-    encoder's official layout ('hub' for DA3). Prefixes: da3-* (here; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-*
-    (dinov2.py; the RAE baseline), vae* (vae.py; SD-VAE baseline). The interface the DiT, training, statistics and
-    the pipeline use:
-      dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
-      encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
-      normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
-      can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
-      has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
-      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
-      freeze(), cfg.name"""
-    import dinov2, vae, vggt  # the other families build on this file's pieces
-    if isinstance(preset, str) and not preset.startswith('da3'):
-        lib, model = {'vggt': (vggt, vggt.VGGT), 'dinov2': (dinov2, dinov2.DINOv2),
-                      'vae': (vae, vae.VAE)}.get(preset.split('-')[0], (None, None))
-        if lib is None or preset not in lib.PRESETS:
-            names = sorted([*PRESETS, *vggt.PRESETS, *dinov2.PRESETS, *vae.PRESETS])
-            raise cli.UserError(f'--encoder {preset}: unknown encoder; pass one of {", ".join(names)}')
-        enc, load = model(lib.PRESETS[preset]), lib.load_weights
-    else:
-        enc, load = DA3(PRESETS[preset] if isinstance(preset, str) else preset), load_weights
-    if weights is not None:
-        load(enc, weights)
-    return enc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,7 +663,7 @@ def load_weights(enc, weights, strict=True, source=None):
         others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
         if others:
             raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not {enc.cfg.name!r}: '
-                                f'pass --encoder {others[0]} (build_encoder({others[0]!r}) in Python)')
+                                f'pass --encoder {others[0]} (latents.build_encoder({others[0]!r}) in Python)')
         raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
                             'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
     enc.load_state_dict(sd, strict=False)

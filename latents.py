@@ -14,10 +14,39 @@ import time
 import torch
 
 import cameras
-import encoder as encoder_lib
+import cli
 import data
+import dinov2
+import encoder as encoder_lib
 import model as model_lib
+import vae
+import vggt
 from data import PATCH
+
+FAMILIES = {'da3': (encoder_lib, encoder_lib.DA3), 'vggt': (vggt, vggt.VGGT), 'dinov2': (dinov2, dinov2.DINOv2),
+            'vae': (vae, vae.VAE)}
+
+
+def build_encoder(name='da3-base', weights=None):
+    """The latent-encoder registry (--encoder NAME); weights: None (random), a file, files or a state dict in the
+    encoder's official layout ('hub' for DA3). da3-* (encoder.py; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-*
+    (dinov2.py; the RAE baseline), vae* (vae.py; the SD-VAE baseline). The interface the DiT, training, statistics
+    and the pipeline use:
+      dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
+      encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
+      normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
+      can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
+      has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
+      has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
+      freeze(), cfg.name"""
+    lib, cls = FAMILIES.get(name.split('-')[0], (None, None))
+    if lib is None or name not in lib.PRESETS:
+        names = sorted(n for lib, _ in FAMILIES.values() for n in lib.PRESETS)
+        raise cli.UserError(f'--encoder {name}: unknown encoder; pass one of {", ".join(names)}')
+    enc = cls(lib.PRESETS[name])
+    if weights is not None:
+        lib.load_weights(enc, weights)
+    return enc
 
 
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):

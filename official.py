@@ -2,7 +2,7 @@
 
 Kept beside the model as DiT keeps download.py: finding the files in the release's folder layout, unwrapping every
 layout in which the release's code saves or reads each file (official_state_dict), converting them strictly
-(decoder.convert_official, model.convert_official, encoder.build_encoder), and `OfficialConventions`, what the
+(decoder.convert_official, model.convert_official, latents.build_encoder), and `OfficialConventions`, what the
 released models were trained and evaluated with where it differs from our clean default.
 `python sample.py --official DIR` runs them; docs/official.md has the download steps, the files x layouts table
 and the conventions table.
@@ -18,6 +18,7 @@ import cameras
 import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
+import latents
 import model as model_lib
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
@@ -215,7 +216,7 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
-    enc = encoder_lib.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
+    enc = latents.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
     enc = enc.to(device).freeze()
     stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 

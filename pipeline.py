@@ -148,14 +148,14 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
             print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
-        enc, weights = encoder_lib.build_encoder(preset), 'none'
+        enc, weights = latents.build_encoder(preset), 'none'
     elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
             os.path.exists(weights[:-len('.safetensors')] + '.json'):
         meta, sd = load_checkpoint(weights)
-        enc, sha = encoder_lib.build_encoder(preset), meta['sha256']
+        enc, sha = latents.build_encoder(preset), meta['sha256']
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
-        enc = encoder_lib.build_encoder(preset, weights=weights)
+        enc = latents.build_encoder(preset, weights=weights)
         sha = hashlib.sha256(open(weights, 'rb').read()).hexdigest() if os.path.isfile(weights) else None
         print(f'{weights} (sha256 {sha[:12] if sha else "-"})')
     enc.source = {'weights': weights, 'sha256': sha}

@@ -302,7 +302,7 @@ def build_parser():
     p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py --encoder): '
-                   'da3-*, vggt-*, dinov2-*, vae* (encoder.build_encoder)')
+                   'da3-*, vggt-*, dinov2-*, vae* (latents.build_encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')

@@ -691,7 +691,7 @@ def our_outputs(enc, images, mode):
 
 def parity_table(preset, monkeypatch):
     net = perturbed_package_net(preset)
-    enc = encoder_lib.build_encoder(preset, weights=net.state_dict()).eval()
+    enc = latents.build_encoder(preset, weights=net.state_dict()).eval()
     picked = []
     select = encoder_lib.select_reference_view
     monkeypatch.setattr(encoder_lib, 'select_reference_view', lambda t: picked.append(select(t)) or picked[-1])
@@ -738,7 +738,7 @@ def test_reference_selection_matches_package():
 @torch.no_grad()
 def test_propagation_identity(preset):
     torch.manual_seed(0)
-    enc = encoder_lib.build_encoder(preset).eval()
+    enc = latents.build_encoder(preset).eval()
     images = torch.rand(1, 3, 3, 42, 56)
     levels, cls = enc.encode(images, return_cls=True)
     for k in (0, 1):
@@ -804,7 +804,7 @@ def test_depth_to_points_and_ply(tmp_path):
 
 def test_latent_stats(tmp_path):
     torch.manual_seed(0)
-    enc = encoder_lib.build_encoder('da3-tiny').eval()
+    enc = latents.build_encoder('da3-tiny').eval()
     batches = [torch.rand(2, 2, 3, 28, 42) for _ in range(3)]
     stats = encoder_lib.compute_latent_stats(enc, batches, levels=(0, 1))
     with torch.no_grad():
@@ -826,26 +826,26 @@ def test_latent_stats(tmp_path):
 
 
 def test_bad_size_error():
-    enc = encoder_lib.build_encoder('da3-tiny')
+    enc = latents.build_encoder('da3-tiny')
     with pytest.raises(ValueError, match='50x56'):
         enc.encode(torch.rand(1, 1, 3, 50, 56))
 
 
 def test_weight_loading(tmp_path, capsys):
-    small = encoder_lib.build_encoder('da3-small').state_dict()
-    tiny = encoder_lib.build_encoder('da3-tiny')
+    small = latents.build_encoder('da3-small').state_dict()
+    tiny = latents.build_encoder('da3-tiny')
     sd = tiny.state_dict()
     # hub layout: 'model.' prefix, one name per shared tensor (safetensors dedup), cam_enc ignored with a note
     from safetensors.torch import save_file
     hub = {'model.' + k: v.clone() + 1 for k, v in sd.items() if 'output_conv2_aux.0.2' not in k}
     hub['model.cam_enc.token_norm.weight'] = torch.ones(3)
     save_file(hub, tmp_path / 'model.safetensors')
-    enc = encoder_lib.build_encoder('da3-tiny', weights=str(tmp_path / 'model.safetensors'))
+    enc = latents.build_encoder('da3-tiny', weights=str(tmp_path / 'model.safetensors'))
     assert torch.equal(enc.head.norm.weight, sd['head.norm.weight'] + 1) and 'ignoring 1' in capsys.readouterr().out
     # GLD-style split release: backbone file + bare head file (no cam_dec: loads with a note)
     save_file({k: v for k, v in sd.items() if k.startswith('backbone.')}, tmp_path / 'backbone.safetensors')
     torch.save({k[5:]: v for k, v in sd.items() if k.startswith('head.')}, tmp_path / 'dpt_decoder.pt')
-    enc = encoder_lib.build_encoder('da3-tiny', weights=[tmp_path / 'backbone.safetensors', tmp_path / 'dpt_decoder.pt'])
+    enc = latents.build_encoder('da3-tiny', weights=[tmp_path / 'backbone.safetensors', tmp_path / 'dpt_decoder.pt'])
     assert torch.equal(enc.head.norm.weight, sd['head.norm.weight']) and 'no cam_dec' in capsys.readouterr().out
     # missing keys are listed
     partial = {k: v for k, v in sd.items() if not k.startswith('backbone.pretrained.blocks.9.')}
@@ -858,7 +858,7 @@ def test_weight_loading(tmp_path, capsys):
 
 def test_geometry_loss_and_training_step():
     torch.manual_seed(0)
-    enc = encoder_lib.build_encoder('da3-tiny')
+    enc = latents.build_encoder('da3-tiny')
     images = torch.rand(1, 2, 3, 28, 42)
     c2w, K = random_cameras(2)
     c2w, K = c2w.float()[None], K.float()[None]
@@ -1502,7 +1502,7 @@ def write_release(root):
     for d in ('pretrained_models/da3', 'pretrained_models/vggt', 'checkpoints', 'model_stats/da3', 'model_stats/vggt'):
         (root / d).mkdir(parents=True)
     torch.manual_seed(0)
-    enc_sd = encoder_lib.build_encoder('da3-tiny').state_dict()
+    enc_sd = latents.build_encoder('da3-tiny').state_dict()
     save_file({'model.' + k: v.clone() for k, v in enc_sd.items() if not k.startswith('head.')},
               root / 'pretrained_models' / 'da3' / 'model.safetensors')  # DA3 hub layout
     torch.save({'model': {'decoder.' + k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')}},
@@ -1749,7 +1749,7 @@ def test_head_file_layouts_load(layout, tmp_path):
     """dpt_decoder.pt as RAE_DA3._init_dpt_decoder reads it ({'model': {'decoder.*' | 'pred.*'}}) or a bare head:
     with the hub backbone file it loads strictly into DA3 and those are the head's weights."""
     torch.manual_seed(5)
-    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    full = latents.build_encoder('da3-tiny').state_dict()
     head = {k[5:]: v for k, v in full.items() if k.startswith('head.')}
     obj = {'RAE_DA3 decoder': {'model': {'decoder.' + k: v for k, v in head.items()}},
            'RAE_DA3 pred': {'model': {'pred.' + k: v for k, v in head.items()}}, 'bare': head}[layout]
@@ -1757,7 +1757,7 @@ def test_head_file_layouts_load(layout, tmp_path):
     save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
               tmp_path / 'model.safetensors')
     got = {'head.' + k: v for k, v in official.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
-    enc = encoder_lib.build_encoder('da3-tiny', {**official.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
+    enc = latents.build_encoder('da3-tiny', {**official.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
                                                                         quiet), **got})
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
@@ -1767,11 +1767,11 @@ def test_encoder_file_layouts_load(layout, tmp_path):
     """model.safetensors in DA3's hub layout ('model.' prefix, as RAE_DA3 reads it) or with bare DA3Net keys: loads
     strictly into DA3, every tensor as saved."""
     torch.manual_seed(6)
-    full = encoder_lib.build_encoder('da3-tiny').state_dict()
+    full = latents.build_encoder('da3-tiny').state_dict()
     save_file({('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()},
               tmp_path / 'model.safetensors')
     sd = official.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
-    enc = encoder_lib.build_encoder('da3-tiny', sd)
+    enc = latents.build_encoder('da3-tiny', sd)
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
 
@@ -1945,7 +1945,7 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
 
 
 def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_path, monkeypatch):
-    enc = encoder_lib.build_encoder('da3-tiny').freeze()
+    enc = latents.build_encoder('da3-tiny').freeze()
     ds = data.SceneDataset(synth_root, 'train', num_views=4)
     cache = latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
     assert len(cache) == 3 * len(ds) and sorted(set(cache.n_src.tolist())) == [1, 2, 3]
@@ -1962,7 +1962,7 @@ def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_
         assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
     # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
     same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
-    other = latents.LatentCache.path_for('c', encoder_lib.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    other = latents.LatentCache.path_for('c', latents.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
     assert same != other and same == latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
     monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
     latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
@@ -3024,7 +3024,7 @@ def test_the_readme_camera_example_reads_as_documented(tmp_path):
 
 
 # ====================================================================================================
-# Other latent spaces behind one switch (issue 17): vggt.py, dinov2.py, vae.py through encoder.build_encoder.
+# Other latent spaces behind one switch (issue 17): vggt.py, dinov2.py, vae.py through latents.build_encoder.
 # Official layouts: VGGT-1B from testdata/vggt-1b-keys.txt, DINOv2 (hub .pth) and the SD VAE (ldm) written
 # below from their published architectures; large models on the meta device.
 # ====================================================================================================
@@ -3118,7 +3118,7 @@ def test_vggt_1b_loads_its_official_layout_strictly():
     official = vggt_1b_keys()
     assert len(official) == 1797
     with torch.device('meta'):
-        enc = encoder_lib.build_encoder('vggt-1b')
+        enc = latents.build_encoder('vggt-1b')
     check_strict_loading(enc, official, extra_prefix_ok=vggt_lib.IGNORED_PREFIXES)
     n = sum(p.numel() for k, p in enc.named_parameters() if k.startswith('aggregator.'))
     assert n == 909_112_320 and enc.dim == 2048  # the notes' count for aggregator.*
@@ -3130,7 +3130,7 @@ def test_dinov2_loads_the_hub_layout_strictly(name, dim, depth, reg, params):
     official = dinov2_hub_keys(dim, depth, reg)
     assert sum(math.prod(s) for s in official.values()) == params  # ViT-S/B/L14 as published
     with torch.device('meta'):
-        enc = encoder_lib.build_encoder(name)
+        enc = latents.build_encoder(name)
     check_strict_loading(enc, official)
     assert (enc.dim, enc.num_levels, enc.has_geometry, enc.can_propagate) == (dim, 1, False, False)
 
@@ -3139,21 +3139,21 @@ def test_sd_vae_loads_the_ldm_layout_strictly(capsys):
     official = sd_vae_ldm_keys()
     assert len(official) == 248 and sum(math.prod(s) for s in official.values()) == 83_653_863  # SD's kl-f8
     with torch.device('meta'):
-        enc = encoder_lib.build_encoder('vae')
+        enc = latents.build_encoder('vae')
     check_strict_loading(enc, official)
     full_ckpt = {**{'first_stage_model.' + k: v for k, v in meta_state_dict(official).items()},
                  'model.diffusion_model.out.0.weight': torch.empty(4, device='meta'),
                  'first_stage_model.loss.logvar': torch.empty((), device='meta')}
     vae_lib.load_weights(enc, full_ckpt)  # an SD checkpoint: its first stage, the loss skipped with a note
     assert 'ignoring 1 loss.*' in capsys.readouterr().out
-    tiny = encoder_lib.build_encoder('vae-tiny')  # the same architecture and layout at 32 channels
+    tiny = latents.build_encoder('vae-tiny')  # the same architecture and layout at 32 channels
     assert {k: tuple(v.shape) for k, v in tiny.state_dict().items()} == sd_vae_ldm_keys(32, (1, 1, 2, 2), 1)
 
 
 @torch.no_grad()
 def test_vggt_propagation_reproduces_the_deeper_levels():
     torch.manual_seed(0)
-    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    enc = latents.build_encoder('vggt-tiny').freeze()
     images = torch.rand(1, 3, 3, 42, 56)
     levels, special = enc.encode(images, return_cls=True)
     assert [lv.shape for lv in levels] == [(1, 3, 12, 128)] * 4 and special[0].shape == (1, 3, 5, 128)
@@ -3174,7 +3174,7 @@ def test_vggt_frames_other_than_the_first_are_permutation_equivariant():
     """Frame blocks are per view and global attention is a set over views; only frame 0 (the reference) has its own
     camera and register tokens: permuting frames 1.. permutes every output, moving frame 0 does not."""
     torch.manual_seed(1)
-    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    enc = latents.build_encoder('vggt-tiny').freeze()
     images = torch.rand(1, 4, 3, 28, 42)
     levels, special = enc.encode(images, return_cls=True)
     perm = torch.tensor([0, 3, 1, 2])
@@ -3193,7 +3193,7 @@ def test_vggt_token_layout_follows_the_notes_checklist(monkeypatch):
     index 1; RoPE (0,0) for the 5 special tokens and (y+1, x+1) for patches, the same per-frame positions in the
     global blocks; the DINO stage's patch tokens after its final norm follow the special tokens."""
     torch.manual_seed(2)
-    enc = encoder_lib.build_encoder('vggt-tiny').freeze()
+    enc = latents.build_encoder('vggt-tiny').freeze()
     agg = enc.aggregator
     sp = agg.special_tokens(2, 3)
     assert sp.shape == (2, 3, 5, 64)
@@ -3217,7 +3217,7 @@ def test_vggt_token_layout_follows_the_notes_checklist(monkeypatch):
 @torch.no_grad()
 def test_dinov2_features_are_raes_and_per_view():
     torch.manual_seed(3)
-    enc = encoder_lib.build_encoder('dinov2-s-reg').freeze()
+    enc = latents.build_encoder('dinov2-s-reg').freeze()
     with torch.no_grad():
         enc.vit.norm.weight.uniform_(0.5, 2)  # an affine RAE drops
     images = torch.rand(1, 3, 3, 28, 42)
@@ -3231,7 +3231,7 @@ def test_dinov2_features_are_raes_and_per_view():
 @torch.no_grad()
 def test_vae_tokens_are_2x2_patches_of_the_scaled_posterior_mean():
     torch.manual_seed(4)
-    vae = encoder_lib.build_encoder('vae-tiny').freeze()
+    vae = latents.build_encoder('vae-tiny').freeze()
     images = torch.rand(1, 2, 3, 32, 48)
     (lv,) = vae.encode(images)
     mean = vae.posterior(images.flatten(0, 1))[0] * vae.cfg.scale                   # (2,4,4,6)
@@ -3247,7 +3247,7 @@ def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
     """The DINO analogue of the convergence comparison: da3-tiny's backbone (same keys and shapes), no geometry head,
     a linear pixel head laid out patch by patch, whose MSE a few steps on one batch bring down."""
     torch.manual_seed(0)
-    tiny, recon = (encoder_lib.build_encoder(n) for n in ('da3-tiny', 'da3-tiny-recon'))
+    tiny, recon = (latents.build_encoder(n) for n in ('da3-tiny', 'da3-tiny-recon'))
     backbone = lambda m: {k: v.shape for k, v in m.state_dict().items() if k.startswith('backbone.')}
     assert backbone(tiny) == backbone(recon) and tiny.has_geometry and not recon.has_geometry
     assert not any(k.startswith(('head.', 'cam_dec.')) for k in recon.state_dict())
@@ -3283,7 +3283,7 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
         shutil.rmtree(folder, ignore_errors=True)
     run = ['--data', 'data', '--encoder', name, '--views', '3', '--batch-size', '1', '--steps', '1', '--log-every', '1',
            '--eval-every', '1', '--stats-batches', '1', '--warmup', '1']
-    enc = encoder_lib.build_encoder(name)
+    enc = latents.build_encoder(name)
     if hasattr(enc, 'training_loss'):  # da3-tiny(-recon), vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
         train.main(['--stage', 'encoder'] + run)
         assert train.list_checkpoints(f'runs/{pipeline.model_name("encoder", name)}')  # where pipeline.load_encoder finds it
@@ -3316,10 +3316,10 @@ def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path)
     with pytest.raises(cli.UserError, match='python train.py --stage decoder --encoder dinov2-s'):
         pipeline.load_pipeline(None, encoder='dinov2-s')  # only da3-tiny has bundled models
     with pytest.raises(cli.UserError, match='unknown encoder; pass one of .*vggt-1b'):
-        encoder_lib.build_encoder('vggt-2b')
+        latents.build_encoder('vggt-2b')
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / 'a.png')
     with pytest.raises(cli.UserError, match='no geometry head to estimate cameras'):
-        sample.user_scene([str(tmp_path / 'a.png')], '', None, encoder_lib.build_encoder('dinov2-s'))
+        sample.user_scene([str(tmp_path / 'a.png')], '', None, latents.build_encoder('dinov2-s'))
 
 
 @pytest.mark.parametrize('name,parts', [('vggt-tiny', {'encode (vggt-tiny)', 'propagate level 1 -> 2, 3', 'RGB decode (tiny)', 'geometry head'}),

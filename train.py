@@ -6,7 +6,7 @@
     python train.py --level 0                  # Stage 3: M1->0, level 0 conditioned on ground-truth level 1
     python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
     torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
-    python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (encoder.build_encoder)
+    python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (latents.build_encoder)
     python train.py --stage encoder --encoder vae-tiny   # the tiny SD-architecture VAE on the synthetic scenes
 
 A few lines each: DDP (torchrun), bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with
@@ -69,7 +69,7 @@ def build_parser():
                    'once into runs/cache/ (0 = encode every batch)')
     g = p.add_argument_group('models')
     g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-{tiny,small,base,large,giant} (GLD), vggt-{tiny,1b}, '
-                   'dinov2-{s,b,l}[-reg], vae[-tiny] (encoder.build_encoder)')
+                   'dinov2-{s,b,l}[-reg], vae[-tiny] (latents.build_encoder)')
     g.add_argument('--encoder-weights', default='auto', help="encoder weights file; 'auto' = runs/encoder then weights/tiny "
                    "(other encoders: runs/encoder-NAME, else random); 'none' = random")
     g.add_argument('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset (stage decoder), see decoder.PRESETS')
@@ -117,7 +117,7 @@ def get_args(argv=None):
         args.stage = 'diffusion'
     elif args.stage == 'diffusion':  # M1, or the only level of a one-level latent (DINOv2, the VAE)
         with torch.device('meta'):
-            args.level = min(1, encoder_lib.build_encoder(args.encoder).num_levels - 1)
+            args.level = min(1, latents.build_encoder(args.encoder).num_levels - 1)
     args.out = args.out or os.path.join('runs', model_name(args))
     recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
     args.lr = args.lr if args.lr is not None else recipe['lr']
@@ -287,7 +287,7 @@ class EncoderStage:
     kind, extra = 'encoder', {}  # extra: what checkpoints and exports record besides the weights
 
     def __init__(self, args, device, loader):
-        self.net = encoder_lib.build_encoder(args.encoder).to(device)
+        self.net = latents.build_encoder(args.encoder).to(device)
         if not hasattr(self.net, 'training_loss'):
             raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective here; '
                                 'use its official weights (--encoder-weights FILE)')

@@ -4,7 +4,7 @@ paper's SD-VAE baseline.
 - CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, SD's kl-f8 config), loaded
   strictly from the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*;
   loss.* skipped), not the diffusers one.
-- The latent interface (encoder.build_encoder's docstring): ONE level, the posterior mean times SD's 0.18215,
+- The latent interface (latents.build_encoder's docstring): ONE level, the posterior mean times SD's 0.18215,
   images mapped to [-1,1]; 2x2 latent patches form a token (DiT's patch 2 on SD latents): 16 channels per 16x16
   pixels. The RGB decoder is the VAE's own (`rgb_decoder`); no geometry, no propagation.
 - Presets 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (32 channels, for CPU).

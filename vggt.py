@@ -122,7 +122,7 @@ class CameraHead(nn.Module):
 
 
 class VGGT(encoder_lib.LatentEncoder):
-    """Aggregator + depth head + camera head with GLD's latent interface (encoder.build_encoder's docstring)."""
+    """Aggregator + depth head + camera head with GLD's latent interface (latents.build_encoder's docstring)."""
     num_levels, has_geometry, can_propagate = 4, True, True
 
     def __init__(self, cfg):
