@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from cli import UserError
 
 
-# ----------------------------------------------------------------------------------------------
-# checks of cameras read from files or estimated (one-line UserErrors)
+# ----------------------------------------------------------------------------- checks of cameras read or estimated
 
 def check_cameras(c2w, K, where):
     """Validate cameras where they are read: c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3,
@@ -45,9 +44,8 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
-    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
-    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
+    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) of a user's cameras must be plausible (fx/fy within 2x, the
+    principal point inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
     fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
     aspect = (fx / fy).clamp_min(1e-9)
     problems = []
@@ -69,15 +67,12 @@ def check_estimate(c2w, K, depth, H, W):
                         'to go on anyway')
 
 
-# ----------------------------------------------------------------------------------------------
-# basic conversions
+# ----------------------------------------------------------------------------- basic conversions
 
 def make_pose(R, t):
     """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
-    T[..., :3, :3] = R
-    T[..., :3, 3] = t
-    T[..., 3, 3] = 1
+    T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, t, 1
     return T
 
 
@@ -112,19 +107,15 @@ def normalize_poses(c2w, ref=-1, by='norm'):
     (the release, with ref=-1). Coinciding cameras (extent 0) get scale 1."""
     rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
     t = rel[..., :3, 3]  # (...,V,3)
-    if by == 'norm':
-        extent = t.norm(dim=-1).amax(-1)
-    elif by == 'max_abs':
-        extent = t.abs().amax((-1, -2))
-    else:
+    if by not in ('norm', 'max_abs'):
         raise ValueError(f"by must be 'norm' or 'max_abs', got {by!r}")
+    extent = t.norm(dim=-1).amax(-1) if by == 'norm' else t.abs().amax((-1, -2))
     scale = torch.where(extent > 1e-8, 1 / extent.clamp_min(1e-8), torch.ones_like(extent))  # (...,)
     rel[..., :3, 3] = t * scale[..., None, None]
     return rel, scale
 
 
-# ----------------------------------------------------------------------------------------------
-# rays and PRoPE
+# ----------------------------------------------------------------------------- rays and PRoPE
 
 def world_rays(c2w, K, xy):
     """Rays through normalised image points xy (...,N,2) (pixel coordinate / size); c2w (...,4,4), K (...,3,3)
@@ -147,8 +138,7 @@ def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
     centre. Pixel (u, v) is sampled at (u, v) + pixel_offset (default its centre; the release's (-0.5, 0.5))."""
     xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
-    m = torch.linalg.cross(o.expand_as(d), d, dim=-1)  # moment o x d
-    rays = torch.cat([d, m], -1)  # (...,HW,6)
+    rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
     return rays.transpose(-1, -2).unflatten(-1, (H, W))  # (...,6,H,W)
 
 
@@ -162,9 +152,7 @@ def prope_matrices(c2w, K, official=False):
 
 def prope_K(K):
     """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
-    Kc = K.clone()
-    Kc[..., :2, 2] -= 0.5
-    return Kc
+    return K - K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
 
 
 def lift(K):
@@ -174,8 +162,7 @@ def lift(K):
     return L
 
 
-# ----------------------------------------------------------------------------------------------
-# quaternions (w, x, y, z)
+# ----------------------------------------------------------------------------- quaternions (w, x, y, z)
 
 def rotmat_to_quat(m):
     """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
@@ -215,8 +202,7 @@ def slerp(q0, q1, t):
     return w0[:, None] * q0 + w1[:, None] * q1
 
 
-# ----------------------------------------------------------------------------------------------
-# trajectories for sampling (each returns c2w (n,4,4))
+# ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
 
 def interpolate_cameras(c2w_a, c2w_b, n):
     """n cameras from c2w_a to c2w_b (both included): slerp of rotations, lerp of centres."""
@@ -225,9 +211,8 @@ def interpolate_cameras(c2w_a, c2w_b, n):
 
 
 def path_through(c2w, K, s):
-    """Cameras along the piecewise path through the views c2w (N,4,4), K (N,3,3) in order, at parameters s (n,) in
-    [0, N-1] (view i at s = i): slerp of rotations, lerp of centres and intrinsics within each segment.
-    -> c2w (n,4,4), K (n,3,3)."""
+    """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
+    s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
     i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
     poses, Ks = [], []
     for j, t in zip(i.tolist(), (s - i).tolist()):
@@ -248,11 +233,9 @@ def axis_angle(axis, angle):
 
 
 def arc(c2w_ref, centre, up, degrees, n):
-    """n cameras turning the reference c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees
-    (both ends included; a full turn, |degrees| >= 360, excludes the end, which is the start again). The cameras keep
-    their pose relative to the centre: one that looks at the centre keeps looking at it."""
-    last = math.radians(degrees)
-    angle = torch.linspace(0, last, n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
+    """n cameras turning c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees (both ends
+    included, but a full turn excludes its end), keeping their pose relative to the centre."""
+    angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
     R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
     eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
     return make_pose(R @ c2w_ref[:3, :3], eye)
@@ -285,9 +268,8 @@ def look_at(eye, target, up):
 
 
 def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
-    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation
-    towards `up`, all looking at the centre. With the default up (OpenCV worlds are y-down) the first
-    camera sits at center - radius * z and looks along +z, like the reference after normalize_poses."""
+    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation towards `up`,
+    looking at the centre; with the default up (OpenCV: y down) the first sits at center - radius * z."""
     up = F.normalize(center.new_tensor(up), dim=0)
     axis = torch.eye(3, dtype=up.dtype, device=up.device)[up.abs().argmin()]  # a direction far from up
     e1 = F.normalize(torch.linalg.cross(axis, up, dim=0), dim=0)
@@ -299,15 +281,13 @@ def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) `turns` times, all
-    looking at the point `depth` in front of the reference camera. It starts at the reference camera: the distance
-    from it grows from 0 to `radius` over the first turn, then stays."""
+    """Forward-facing spiral: n cameras circling the reference in its image plane `turns` times (the radius grows from
+    0 to `radius` over the first turn), looking at the point `depth` in front of it."""
     R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
     theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
     r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
     eye = c + r * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
-    focus = (c + depth * R[:, 2]).expand_as(eye)
-    return look_at(eye, focus, -R[:, 1])
+    return look_at(eye, (c + depth * R[:, 2]).expand_as(eye), -R[:, 1])
 
 
 def forward_dolly(c2w_ref, n, distance):
@@ -351,8 +331,7 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
     return c2w, K
 
 
-# ----------------------------------------------------------------------------------------------
-# alignment and pose metrics
+# ----------------------------------------------------------------------------- alignment and pose metrics
 
 def umeyama(src, dst, with_scale=True):
     """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3) (Umeyama 1991); R is

@@ -1,22 +1,17 @@
 """Stage 1 of GLD: the RGB decoder D_rgb, a ViT that turns DA3's four frozen feature levels back into images.
 
-The four levels in the form DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per
-token, projected by one Linear, a trainable CLS token is prepended and a fixed 2-D sin-cos position table (on a square
-base grid, bicubically resized to each call's token grid: any resolution and aspect) is added; pre-LN ViT blocks run
-per view, and LayerNorm + Linear turn every token into a 14x14x3 patch.
+The levels in the form DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per token
+and projected by a Linear; a CLS token and a fixed 2-D sin-cos position table (on a square base grid, bicubically
+resized to each call's token grid) are added; pre-LN ViT blocks run per view; LayerNorm + Linear give 14x14x3 patches.
 
-Features
-  - PRESETS 'tiny' (CPU, da3-tiny's 192-d levels) and 'xl' (the official 1152 x 28 layers, 16 heads, MLP 4096).
-  - Output in [0,1] RGB (unclamped); imagenet_output=True reproduces the official ImageNet-normalised output.
-  - Level-wise dropout (paper Sec. 4.2; the release reads the option and never applies it): sample_level_keep
-    draws the surviving levels, forward(keep=...) puts a learned mask token per level at the dropped ones (unlike
-    zeros, each keep pattern gets its own offset). The tokens start at zero, so an untrained or converted decoder
-    sees zeros. Single-level evaluation (reconstruct_per_level, paper Tab. 6) uses the same mechanism.
-  - RAE noise augmentation: x + sigma eps, sigma ~ tau U(0,1) per image, training only (tau = 0 as released).
-  - Losses: L1 + LPIPS; optional GAN: hinge D loss, non-saturating G loss times 0.75 x the adaptive weight
-    ||grad rec|| / ||grad gan|| at the last layer. The release's frozen-DINO discriminator cannot be fetched here,
-    so ours is a small spectral-norm PatchGAN from scratch (no DiffAugment); train.py --gan says from when.
-  - convert_official: the released mae_decoder.pt (GeneralDecoder_Variable) -> our config and state dict.
+Features: PRESETS 'tiny' (CPU, da3-tiny levels) and 'xl' (as released: 1152 wide, 28 layers); [0,1] RGB output, or
+the release's ImageNet-normalised one (imagenet_output); level-wise dropout (paper Sec. 4.2; released but never
+applied) with a learned, zero-initialised mask token per dropped level (unlike zeros, each keep pattern gets its
+own offset), also used for single-level evaluation (reconstruct_per_level, Tab. 6); RAE noise augmentation
+(x + sigma eps, sigma ~ tau U(0,1), training only; tau = 0 as released); L1 + LPIPS losses and an optional GAN
+(hinge D loss, non-saturating G loss x 0.75 x the adaptive weight) with a small spectral-norm PatchGAN from scratch
+(the release's frozen-DINO discriminator cannot be fetched here; no DiffAugment); convert_official for the
+released mae_decoder.pt (GeneralDecoder_Variable).
 
 References: GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6) and its code (src/stage1/decoders/decoder.py);
 RAE, arXiv 2510.11690; MAE, arXiv 2111.06377 (sin-cos table); pix2pix, arXiv 1611.07004 (PatchGAN); VQGAN, arXiv
@@ -169,17 +164,12 @@ def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
 def reconstruct_per_level(decoder, levels, hw):
     """Paper Tab. 6 in miniature: {'all': images from all levels, l: images from level l alone} for l = 0..3.
     Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
-    B = levels[0].shape[0]
-    out = {'all': decoder(levels, hw)}
-    for level in range(len(levels)):
-        keep = torch.zeros(B, len(levels), dtype=torch.bool, device=levels[0].device)
-        keep[:, level] = True
-        out[level] = decoder(levels, hw, keep=keep)
-    return out
+    B, L = levels[0].shape[0], len(levels)
+    alone = torch.eye(L, dtype=torch.bool, device=levels[0].device)  # row k: keep level k only
+    return {'all': decoder(levels, hw), **{k: decoder(levels, hw, keep=alone[k].expand(B, L)) for k in range(L)}}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# losses
+# ----------------------------------------------------------------------------- losses
 
 def decoder_loss(pred, gt, lpips=None):
     """L1 (+ LPIPS when `lpips` is given: a callable on (N,3,H,W) [0,1] image pairs returning distances).
@@ -234,8 +224,7 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
     return disc_weight * weight * g_loss, parts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the official checkpoint (mae_decoder.pt, GeneralDecoder_Variable)
+# ----------------------------------------------------------------------------- the official checkpoint (mae_decoder.pt)
 _OFFICIAL_TOP = {'embed': 'decoder_embed', 'norm': 'decoder_norm', 'head': 'decoder_pred'}
 _OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.dense', 'norm2': 'layernorm_after',
                    'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
@@ -249,15 +238,16 @@ def official_names(key):
     module, param = key.rsplit('.', 1)
     if module in _OFFICIAL_TOP:
         return [f'{_OFFICIAL_TOP[module]}.{param}']
-    _, i, sub = module.split('.', 2)                                  # blocks.{i}.{sub}
-    if sub == 'attn.qkv':
-        return [f'decoder_layers.{i}.attention.attention.{n}.{param}' for n in ('query', 'key', 'value')]
-    return [f'decoder_layers.{i}.{_OFFICIAL_BLOCK[sub]}.{param}']
+    _, i, sub = module.split('.', 2)  # blocks.{i}.{sub}
+    subs = [f'attention.attention.{n}' for n in ('query', 'key', 'value')] if sub == 'attn.qkv' else [_OFFICIAL_BLOCK[sub]]
+    return [f'decoder_layers.{i}.{n}.{param}' for n in subs]
 
 
-def official_config(state_dict, heads=16):
-    """Our DecoderConfig for an official decoder state dict. Head count is not in the shapes: the released
-    ViTXL config uses 16. The official output is ImageNet-normalised, LN eps 1e-12."""
+def convert_official(state_dict, heads=16):
+    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
+    present, every shape matching. heads is not in the shapes (16 as released); LN eps 1e-12, ImageNet-normalised
+    output. qkv = cat(query, key, value); decoder_pos_embed becomes our pos_embed buffer; the mask tokens (absent
+    there) start at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:
@@ -265,18 +255,11 @@ def official_config(state_dict, heads=16):
                              f'first: official.read_official(path, "decoder"))')
     width, in_dim = state_dict['decoder_embed.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
-    return DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
-                         mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
-                         patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
-                         base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
-                         ln_eps=1e-12, imagenet_output=True)
-
-
-def convert_official(state_dict, heads=16):
-    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
-    present, every shape matching. qkv = cat(query, key, value); decoder_pos_embed becomes our pos_embed buffer; the
-    mask tokens (absent there) start at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
-    cfg = official_config(state_dict, heads)
+    cfg = DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
+                        mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
+                        patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
+                        base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
+                        ln_eps=1e-12, imagenet_output=True)
     with torch.device('meta'):
         reference = RGBDecoder(cfg).state_dict()
     names = {k: official_names(k) for k in reference}

@@ -31,13 +31,11 @@ def shift_t(t, a):
 
 def sample_t(B, dist='uniform', a=1.0, generator=None):
     """B training times (on the generator's device): uniform or logit-normal(0,1), then shifted by a."""
-    dev = generator.device if generator is not None else 'cpu'
-    if dist == 'uniform':
-        u = torch.rand(B, generator=generator, device=dev)
-    elif dist == 'logit_normal':
-        u = torch.sigmoid(torch.randn(B, generator=generator, device=dev))
-    else:
+    if dist not in ('uniform', 'logit_normal'):
         raise ValueError(f"dist must be 'uniform' or 'logit_normal', got {dist!r}")
+    dev = generator.device if generator is not None else 'cpu'
+    u = torch.rand(B, generator=generator, device=dev) if dist == 'uniform' else \
+        torch.sigmoid(torch.randn(B, generator=generator, device=dev))
     return shift_t(u, a)
 
 
@@ -49,8 +47,7 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
     -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the MSE of source / target views (0 without any), and
     per-sample losses summed and counted in T_BINS bins of t, so a logging interval averages them exactly (tensors:
     no host sync)."""
-    B = x.shape[0]
-    t = (sample_t(B, dist, a, generator) if t is None else t).to(x.device, x.dtype)
+    t = (sample_t(x.shape[0], dist, a, generator) if t is None else t).to(x.device, x.dtype)  # (B,)
     dev = generator.device if generator is not None else x.device  # the generator may live on the CPU
     eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
     tb = t[:, None, None, None]

@@ -9,12 +9,9 @@ the cameras and, for the cascade M1->0, the level-1 features. Dataflow (paper A.
     s  = Linear(silu(te + s))                                       per-token condition (B,V*T,C2)
     x  = head blocks on embed_src/tgt([cond | x_t]), adaLN from s   width C2, depth d2
     v  = Linear(adaLN_s(RMSNorm(x)))                                zero-initialised: a fresh model outputs 0
-
-3D self-attention over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D /
-2-D RoPE (cfg.pos), beside a textbook reference (reference_attention); SwiGLU, RMSNorm, adaLN; presets;
-convert_official() for the released checkpoints (our key names mirror theirs).
-Official quirks (official.OfficialConventions lists them): the encoder blocks see silu(silu(te)) (cfg.double_silu);
-PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (camera_inputs(official=True)).
+Attention is 3D over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D / 2-D
+RoPE (cfg.pos), beside a textbook reference_attention. Key names mirror the release (convert_official); its quirks
+(official.OfficialConventions): silu(silu(te)) in the encoder (cfg.double_silu), camera_inputs(official=True).
 
 References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH);
 PRoPE (Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
@@ -77,11 +74,9 @@ def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
 def drop_cameras(cams, drop):
     """Camera dropout / CFG's unconditional branch where drop (B,) is True: Plücker channels 1: zeroed (the mask is
     kept), P and P_inv identity (the release sets K to identity, which after its K normalisation is not P = I)."""
-    keep = (~drop).to(cams['plucker'].dtype)
     plucker = cams['plucker'].clone()
-    plucker[:, :, 1:] *= keep[:, None, None, None, None]
-    eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
-    sel = drop[:, None, None, None]
+    plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
+    eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
     return {**cams, 'plucker': plucker, 'P': torch.where(sel, eye, cams['P']),
             'P_inv': torch.where(sel, eye, cams['P_inv'])}
 
@@ -91,8 +86,7 @@ def drop_cameras(cams, drop):
 def rope_rotate(u, cos, sin, inverse=False):
     """1-D RoPE on u (...,N,2f), split halves a, b: [cos a + sin b, -sin a + cos b] (by -angle); inverse: +angle."""
     a, b = u.chunk(2, -1)
-    if inverse:
-        return torch.cat([cos * a - sin * b, sin * a + cos * b], -1)
+    sin = -sin if inverse else sin
     return torch.cat([cos * a + sin * b, -sin * a + cos * b], -1)
 
 
@@ -141,10 +135,10 @@ class PositionEncoding:
 
     def attend(self, q, k, v):
         """Fast path: transform q, k (and v, output for PRoPE) and let SDPA do softmax(q k^T / sqrt(d)) v."""
+        q, k = self.apply(q, 'q'), self.apply(k, 'kv')
         if self.kind != 'prope':
-            return F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), v)
-        y = F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), self.apply(v, 'kv'))
-        return self.apply(y, 'out')
+            return F.scaled_dot_product_attention(q, k, v)
+        return self.apply(F.scaled_dot_product_attention(q, k, self.apply(v, 'kv')), 'out')
 
     def relative(self):
         """Textbook per-pair transform M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b per four-vector (PRoPE only),
@@ -173,8 +167,7 @@ def reference_attention(q, k, v, pe):
     """Plain attention with the textbook relative formula: logits_ij = q_i^T M_ij k_j / sqrt(d), explicit softmax,
     out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
-    logits = torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])
-    p = logits.softmax(-1)
+    p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
     if pe.kind != 'prope':
         return p @ v
     return torch.einsum('bhij,bijde,bhje->bhid', p, M, v)
@@ -400,11 +393,9 @@ def convert_official(state_dict, cascade=False, heads=16):
     """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict (every key used, every
     shape checked). 1x1-conv embedders become linears; the cascade's aliased {s,x}_embedder_{ref,tgt} copies are
     dropped. heads is not in the shapes (16 in both releases)."""
-    sd = dict(state_dict)
-    single = 'x_embedder.proj.weight' in sd
-    if single:
-        sd = {k: v for k, v in sd.items() if not k.startswith(('s_embedder_ref.', 's_embedder_tgt.',
-                                                                   'x_embedder_ref.', 'x_embedder_tgt.'))}
+    single = 'x_embedder.proj.weight' in state_dict
+    aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
+    sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}
     C2, C1 = sd['s_projector.weight'].shape
     assert C1 != C2, 'encoder and head blocks are told apart by their width'
     C = sd['final_layer.linear.weight'].shape[0]
