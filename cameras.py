@@ -176,9 +176,8 @@ def rotmat_to_quat(m):
                         torch.stack([wx, q2[..., 1], xy, xz], -1),
                         torch.stack([wy, xy, q2[..., 2], yz], -1),
                         torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)  # (...,4,4)
-    i = q2.argmax(-1, keepdim=True)  # (...,1)
-    row = cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :]  # (...,4)
-    q = F.normalize(row, dim=-1)
+    i = q2.argmax(-1, keepdim=True)  # (...,1) the pivot
+    q = F.normalize(cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :], dim=-1)  # (...,4)
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
 
 

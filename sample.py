@@ -284,8 +284,7 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
 def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling and evaluation',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, '
-                   'runs/level1, ...); default: bundled weights/tiny')
+    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1, ...); default: weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py '
                    '--encoder): da3-*, vggt-*, dinov2-*, vae* (encoder.build_encoder)')
@@ -293,26 +292,23 @@ def build_parser():
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
-    p.add_argument('--src', type=int, default=None, help='number of source views N; default: 2 of a dataset scene, '
-                   'every one of --images (with --cameras, --src N makes the images after the first N held-out '
-                   'targets, generated at their cameras and compared)')
+    p.add_argument('--src', type=int, default=None, help='source views N; default: 2 of a scene, all --images (with '
+                   '--cameras, the images after the first N are held-out targets, generated and compared)')
     p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
     p.add_argument('--cameras', default='', help='cameras of --images: a COLMAP model folder, a nerfstudio '
-                   'transforms.json or a folder of per-frame .npz (README); default: estimated by DA3 and checked')
-    p.add_argument('--keep-estimate', action='store_true', help="go on with DA3's camera estimate for --images even "
-                   'when it fails the plausibility checks')
+                   'transforms.json or a folder of per-frame .npz; default: estimated by DA3 and checked')
+    p.add_argument('--keep-estimate', action='store_true', help="keep DA3's camera estimate even if implausible")
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
-                   help='target trajectory preset (README has a picture of each); default: interp through the '
-                   'sources, orbit for one source, none when --src holds images out')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory '
+                   '(README); default: interp through the sources, orbit for one, none when --src holds images out')
     p.add_argument('--arc', type=float, default=None, help='degrees the orbit turns about the scene centre; default: '
-                   'from the first to the last source (30 with one source); 360: a full turn')
+                   'to the last source (30 with one); 360: a full turn')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
-    p.add_argument('--steps', type=int, default=50, help="Euler steps; with --official the release's num_steps: "
-                   'time-grid points, one more than its Euler steps (50 -> 49 steps)')
+    p.add_argument('--steps', type=int, default=50, help="Euler steps; with --official the release's num_steps "
+                   '(time-grid points: 50 -> 49 steps)')
     p.add_argument('--cfg-scale', type=float, default=1.5, help='classifier-free guidance scale over cameras (1 = off)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
