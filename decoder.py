@@ -202,8 +202,7 @@ class PatchDiscriminator(nn.Module):
 
 def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     """Esser et al.: ||d rec / d W_last|| / ||d gan / d W_last||, clamped to [0, max_weight], no gradient."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    g_rec, g_gan = (torch.autograd.grad(loss, last_layer, retain_graph=True)[0] for loss in (rec_loss, gan_loss))
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, max_weight).detach()
 
 
@@ -239,7 +238,8 @@ def official_names(key):
     if module in _OFFICIAL_TOP:
         return [f'{_OFFICIAL_TOP[module]}.{param}']
     _, i, sub = module.split('.', 2)  # blocks.{i}.{sub}
-    subs = [f'attention.attention.{n}' for n in ('query', 'key', 'value')] if sub == 'attn.qkv' else [_OFFICIAL_BLOCK[sub]]
+    qkv = [f'attention.attention.{n}' for n in ('query', 'key', 'value')]
+    subs = qkv if sub == 'attn.qkv' else [_OFFICIAL_BLOCK[sub]]
     return [f'decoder_layers.{i}.{n}.{param}' for n in subs]
 
 

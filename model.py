@@ -108,8 +108,7 @@ class PositionEncoding:
             self.start, axes = d // 2, [(d // 4, x), (d // 4, y)]
         elif kind in ('rope3d', 'rope2d'):
             self.mats, self.start = None, 0
-            axes = [(2 * (d // 6), view), (2 * (d // 6), y), (2 * (d // 6), x)] if kind == 'rope3d' else \
-                [(d // 2, x), (d // 2, y)]
+            axes = [(2 * (d // 6), p) for p in (view, y, x)] if kind == 'rope3d' else [(d // 2, x), (d // 2, y)]
         else:
             raise ValueError(f"pos must be 'prope', 'rope3d' or 'rope2d', got {kind!r}")
         self.axes = []  # (size, positions (N,), frequencies (size/2,), cos (N,size/2), sin)

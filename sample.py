@@ -88,7 +88,6 @@ def write_table(per_scene, out_dir, name, title):
     cols = sorted({k for m in table.values() for k in m}, key=order.index)
     md = [f'| {title} | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
     md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
-    os.makedirs(out_dir, exist_ok=True)
     open(os.path.join(out_dir, f'{name}.md'), 'w').write('\n'.join(md) + '\n')
     json.dump(table, open(os.path.join(out_dir, f'{name}.json'), 'w'), indent=1)
     with open(os.path.join(out_dir, f'{name}_scenes.csv'), 'w', newline='') as f:
