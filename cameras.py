@@ -1,22 +1,16 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories and presets, camera checks,
-pose metrics.
+"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, camera checks, pose metrics.
 
 Conventions (stated once here; every other module follows them):
-- Poses are OpenCV camera-to-world matrices c2w (...,4,4): camera x right, y down, z forward.
-  w2c = c2w^-1. RealEstate10K (raw .txt files and the pixelSplat .torch chunks) stores w2c, so
-  loaders invert with w2c_to_c2w. nerfstudio / Blender / OpenGL c2w (x right, y up, z backward) become
-  OpenCV by flipping the camera's y and z axes (opengl_to_opencv).
-- Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the
-  principal point is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
-- Pixel (u, v) covers [u, u+1) x [v, v+1) in pixel units; its centre is (u + 0.5, v + 0.5).
-- File formats (COLMAP w2c + quaternions, nerfstudio OpenGL c2w, glTF, pixel intrinsics) are converted with these
-  functions in export.py, which holds the table of each format's conventions.
+- Poses are OpenCV camera-to-world matrices c2w (...,4,4): x right, y down, z forward; w2c = c2w^-1. RealEstate10K
+  stores w2c (loaders use w2c_to_c2w); nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv.
+- Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the principal point
+  is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
+- Pixel (u, v) covers [u, u+1) x [v, v+1); its centre is (u + 0.5, v + 0.5).
+- File formats (COLMAP, nerfstudio, glTF) are converted with these functions in export.py, which tabulates them.
 - Shape legend: B batch, V views, H W image, N points, n trajectory length.
 
-References: RealEstate10K (google.github.io/realestate10k); PRoPE: Li et al. 2025, "Cameras as Relative
-Positional Encoding"; Umeyama 1991, "Least-squares estimation of transformation parameters between two
-point patterns"; evo (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release
-(cvlab-kaist/Geometric-Latent-Diffusion) for the official quirks flagged below.
+References: RealEstate10K; PRoPE: Li et al. 2025, "Cameras as Relative Positional Encoding"; Umeyama 1991; evo
+(github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release (cvlab-kaist/Geometric-Latent-Diffusion) for its quirks.
 """
 import math
 
@@ -26,8 +20,7 @@ import torch.nn.functional as F
 from cli import UserError
 
 
-# ----------------------------------------------------------------------------------------------
-# checks of cameras read from files or estimated (one-line UserErrors)
+# ----------------------------------------------------------------------------- checks of cameras read or estimated
 
 def check_cameras(c2w, K, where):
     """Validate cameras where they are read: c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3,
@@ -51,9 +44,8 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate of a user's cameras, c2w (N,4,4), K (N,3,3) normalised, depth (N,H,W), must be plausible: focal
-    lengths of one aspect (fx/fy in pixels within 2x), the principal point inside the image, and with several photos
-    a baseline (camera centres apart by >= 1% of the median depth). Else a UserError that suggests --cameras."""
+    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) of a user's cameras must be plausible (fx/fy within 2x, the
+    principal point inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
     fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
     aspect = (fx / fy).clamp_min(1e-9)
     problems = []
@@ -75,15 +67,12 @@ def check_estimate(c2w, K, depth, H, W):
                         'to go on anyway')
 
 
-# ----------------------------------------------------------------------------------------------
-# basic conversions
+# ----------------------------------------------------------------------------- basic conversions
 
 def make_pose(R, t):
     """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
-    T[..., :3, :3] = R
-    T[..., :3, 3] = t
-    T[..., 3, 3] = 1
+    T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, t, 1
     return T
 
 
@@ -97,18 +86,14 @@ c2w_to_w2c = rigid_inverse
 w2c_to_c2w = rigid_inverse
 
 
-def _pixel_scale(K, H, W):
-    return K.new_tensor([[W], [H], [1.0]])  # (3,1): scales row 0 by W, row 1 by H
-
-
 def K_to_pixels(K, H, W):
-    """Normalised intrinsics (...,3,3) -> pixel intrinsics for an H x W image."""
-    return K * _pixel_scale(K, H, W)
+    """Normalised intrinsics (...,3,3) -> pixel intrinsics for an H x W image (row 0 times W, row 1 times H)."""
+    return K * K.new_tensor([[W], [H], [1.0]])
 
 
 def K_to_normalized(Kpix, H, W):
     """Pixel intrinsics (...,3,3) of an H x W image -> normalised intrinsics."""
-    return Kpix / _pixel_scale(Kpix, H, W)
+    return Kpix / Kpix.new_tensor([[W], [H], [1.0]])
 
 
 def opengl_to_opencv(c2w):
@@ -117,33 +102,24 @@ def opengl_to_opencv(c2w):
 
 
 def normalize_poses(c2w, ref=-1, by='norm'):
-    """Express c2w (...,V,4,4) relative to view `ref` and rescale translations to unit extent.
-
-    Returns (c2w_rel (...,V,4,4), scale (...,)) with c2w_rel[..., ref] = I and the translations
-    multiplied by `scale`. by='norm': the largest camera distance ||t|| becomes 1 (ours);
-    by='max_abs': the largest |t| component becomes 1 (the official GLD code, which also uses ref=-1,
-    the last view). If all cameras coincide the extent is 0 and scale is 1.
-    """
+    """c2w (...,V,4,4) relative to view `ref`, translations rescaled to unit extent -> (c2w_rel, scale (...,)) with
+    c2w_rel[..., ref] = I. by='norm': the largest ||t|| becomes 1 (ours); 'max_abs': the largest |t| component
+    (the release, with ref=-1). Coinciding cameras (extent 0) get scale 1."""
     rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
     t = rel[..., :3, 3]  # (...,V,3)
-    if by == 'norm':
-        extent = t.norm(dim=-1).amax(-1)
-    elif by == 'max_abs':
-        extent = t.abs().amax((-1, -2))
-    else:
+    if by not in ('norm', 'max_abs'):
         raise ValueError(f"by must be 'norm' or 'max_abs', got {by!r}")
+    extent = t.norm(dim=-1).amax(-1) if by == 'norm' else t.abs().amax((-1, -2))
     scale = torch.where(extent > 1e-8, 1 / extent.clamp_min(1e-8), torch.ones_like(extent))  # (...,)
     rel[..., :3, 3] = t * scale[..., None, None]
     return rel, scale
 
 
-# ----------------------------------------------------------------------------------------------
-# rays and PRoPE
+# ----------------------------------------------------------------------------- rays and PRoPE
 
 def world_rays(c2w, K, xy):
-    """Rays through normalised image points. c2w (...,4,4), K (...,3,3) normalised, xy (...,N,2) in
-    [0,1] image units (pixel coordinate / size) -> origins (...,1,3) (camera centres) and unit
-    world directions d (...,N,3)."""
+    """Rays through normalised image points xy (...,N,2) (pixel coordinate / size); c2w (...,4,4), K (...,3,3)
+    -> origins (...,1,3) (camera centres) and unit world directions d (...,N,3)."""
     pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
     d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
     d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
@@ -151,43 +127,32 @@ def world_rays(c2w, K, xy):
 
 
 def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
-    """Normalised image coordinates of every pixel, [(u + offset_x) / W, (v + offset_y) / H] -> (H,W,2) (x, y);
-    the default offset is the pixel centre."""
+    """Normalised coordinates [(u + offset_x) / W, (v + offset_y) / H] of every pixel -> (H,W,2) (x, y)."""
     u = (torch.arange(W, dtype=dtype, device=device) + offset[0]) / W
     v = (torch.arange(H, dtype=dtype, device=device) + offset[1]) / H
     return torch.stack(torch.meshgrid(v, u, indexing='ij')[::-1], -1)
 
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
-    """Plücker ray map (...,6,H,W) with channels [d, o x d]: d the unit world direction through each
-    pixel, o the camera centre. c2w (...,4,4) OpenCV, K (...,3,3) normalised. Pixel (u, v) is sampled at
-    (u + pixel_offset[0], v + pixel_offset[1]) pixels; the default is the pixel centre. The official GLD
-    grid is (x - 0.5, y + 0.5): pass pixel_offset=(-0.5, 0.5) to reproduce it."""
+    """Plücker ray map (...,6,H,W), channels [d, o x d]: d the unit world direction through each pixel, o the camera
+    centre. Pixel (u, v) is sampled at (u, v) + pixel_offset (default its centre; the release's (-0.5, 0.5))."""
     xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
-    m = torch.linalg.cross(o.expand_as(d), d, dim=-1)  # moment o x d
-    rays = torch.cat([d, m], -1)  # (...,HW,6)
+    rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
     return rays.transpose(-1, -2).unflatten(-1, (H, W))  # (...,6,H,W)
 
 
 def prope_matrices(c2w, K, official=False):
-    """PRoPE projection matrices (P, P_inv), each (...,4,4), from c2w (...,4,4) and normalised K.
-
-    K' is K with the principal point shifted by -0.5 (image centre at 0); lift(K') puts K' in the top-left
-    of a 4x4 identity. P = lift(K') @ w2c and P_inv = P^-1 = c2w @ lift(K'^-1) (textbook PRoPE). The
-    attention logit between views a and b then depends on the cameras only through P_a P_b^-1, which
-    is invariant to any change of world frame. official=True reproduces the GLD release, which uses
-    P_inv = c2w @ lift(K') (K', not K'^-1), so there P_inv @ P != I.
-    """
+    """PRoPE matrices P = lift(K') w2c and P_inv = P^-1 = c2w lift(K'^-1), each (...,4,4), from c2w (...,4,4) and
+    normalised K. Logits of views a, b then see the cameras only through P_a P_b^-1, invariant to the world frame.
+    official=True: the release's P_inv = c2w lift(K') (K', not K'^-1), so there P_inv P != I."""
     Kc = prope_K(K)
     return lift(Kc) @ rigid_inverse(c2w), c2w @ lift(Kc if official else torch.linalg.inv(Kc))
 
 
 def prope_K(K):
     """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
-    Kc = K.clone()
-    Kc[..., :2, 2] -= 0.5
-    return Kc
+    return K - K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
 
 
 def lift(K):
@@ -197,13 +162,11 @@ def lift(K):
     return L
 
 
-# ----------------------------------------------------------------------------------------------
-# quaternions (w, x, y, z)
+# ----------------------------------------------------------------------------- quaternions (w, x, y, z)
 
-def rotmat_to_quat(R):
-    """Rotation matrices (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand`
-    is 4 q_i q for one pivot i; dividing the row of the largest |q_i| by 4|q_i| is stable everywhere."""
-    m = R
+def rotmat_to_quat(m):
+    """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
+    for one pivot i; normalising the row of the largest |q_i| is stable everywhere."""
     tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
     q2 = torch.stack([1 + tr, 1 + 2 * m[..., 0, 0] - tr, 1 + 2 * m[..., 1, 1] - tr,
                       1 + 2 * m[..., 2, 2] - tr], -1)  # (...,4) = 4 q_i^2
@@ -213,9 +176,8 @@ def rotmat_to_quat(R):
                         torch.stack([wx, q2[..., 1], xy, xz], -1),
                         torch.stack([wy, xy, q2[..., 2], yz], -1),
                         torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)  # (...,4,4)
-    i = q2.argmax(-1, keepdim=True)  # (...,1)
-    row = cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :]  # (...,4)
-    q = F.normalize(row, dim=-1)
+    i = q2.argmax(-1, keepdim=True)  # (...,1) the pivot
+    q = F.normalize(cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :], dim=-1)  # (...,4)
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
 
 
@@ -239,21 +201,17 @@ def slerp(q0, q1, t):
     return w0[:, None] * q0 + w1[:, None] * q1
 
 
-# ----------------------------------------------------------------------------------------------
-# trajectories for sampling (each returns c2w (n,4,4))
+# ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
 
 def interpolate_cameras(c2w_a, c2w_b, n):
     """n cameras from c2w_a to c2w_b (both included): slerp of rotations, lerp of centres."""
-    t = torch.linspace(0, 1, n, dtype=c2w_a.dtype, device=c2w_a.device)
-    q = slerp(rotmat_to_quat(c2w_a[:3, :3]), rotmat_to_quat(c2w_b[:3, :3]), t)  # (n,4)
-    centres = torch.lerp(c2w_a[:3, 3], c2w_b[:3, 3], t[:, None])  # (n,3)
-    return make_pose(quat_to_rotmat(q), centres)
+    s = torch.linspace(0, 1, n, dtype=c2w_a.dtype, device=c2w_a.device)
+    return path_through(torch.stack([c2w_a, c2w_b]), torch.eye(3, dtype=s.dtype).expand(2, 3, 3), s)[0]
 
 
 def path_through(c2w, K, s):
-    """Cameras along the piecewise path through the views c2w (N,4,4), K (N,3,3) in order, at parameters s (n,) in
-    [0, N-1] (view i at s = i): slerp of rotations, lerp of centres and intrinsics within each segment.
-    -> c2w (n,4,4), K (n,3,3)."""
+    """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
+    s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
     i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
     poses, Ks = [], []
     for j, t in zip(i.tolist(), (s - i).tolist()):
@@ -274,11 +232,9 @@ def axis_angle(axis, angle):
 
 
 def arc(c2w_ref, centre, up, degrees, n):
-    """n cameras turning the reference c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees
-    (both ends included; a full turn, |degrees| >= 360, excludes the end, which is the start again). The cameras keep
-    their pose relative to the centre: one that looks at the centre keeps looking at it."""
-    last = math.radians(degrees)
-    angle = torch.linspace(0, last, n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
+    """n cameras turning c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees (both ends
+    included, but a full turn excludes its end), keeping their pose relative to the centre."""
+    angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
     R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
     eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
     return make_pose(R @ c2w_ref[:3, :3], eye)
@@ -311,9 +267,8 @@ def look_at(eye, target, up):
 
 
 def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
-    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation
-    towards `up`, all looking at the centre. With the default up (OpenCV worlds are y-down) the first
-    camera sits at center - radius * z and looks along +z, like the reference after normalize_poses."""
+    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation towards `up`,
+    looking at the centre; with the default up (OpenCV: y down) the first sits at center - radius * z."""
     up = F.normalize(center.new_tensor(up), dim=0)
     axis = torch.eye(3, dtype=up.dtype, device=up.device)[up.abs().argmin()]  # a direction far from up
     e1 = F.normalize(torch.linalg.cross(axis, up, dim=0), dim=0)
@@ -325,15 +280,13 @@ def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """Forward-facing spiral: n cameras circling the reference centre in its image plane (x, y) `turns` times, all
-    looking at the point `depth` in front of the reference camera. It starts at the reference camera: the distance
-    from it grows from 0 to `radius` over the first turn, then stays."""
+    """Forward-facing spiral: n cameras circling the reference in its image plane `turns` times (the radius grows from
+    0 to `radius` over the first turn), looking at the point `depth` in front of it."""
     R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
     theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
     r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
     eye = c + r * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
-    focus = (c + depth * R[:, 2]).expand_as(eye)
-    return look_at(eye, focus, -R[:, 1])
+    return look_at(eye, (c + depth * R[:, 2]).expand_as(eye), -R[:, 1])
 
 
 def forward_dolly(c2w_ref, n, distance):
@@ -343,15 +296,13 @@ def forward_dolly(c2w_ref, n, distance):
 
 
 def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
-    """Target cameras c2w (n,4,4), K (n,3,3) of a preset that starts at the sources c2w_src (N,4,4), K_src (N,3,3) and
-    stays within their span (the scene unit: the sources' largest distance from the first one, 1 with one source):
-    - interp: through all sources in order (the sources themselves excluded); one source: static (a warning);
-    - orbit: an arc from the first source about the scene centre (where the sources' optical axes meet, else one
-      unit in front of the first source) and its up axis, over `degrees`: default to the last source's angle (30
-      with one source or no angle between them); 360 is a full turn;
-    - spiral: from the first source two turns around it (radius growing to a fifth of a unit), looking one unit ahead;
-    - forward: from the first source half a unit along its viewing direction.
-    A trajectory whose cameras all sit at the first source is a warning."""
+    """Target cameras c2w (n,4,4), K (n,3,3) of a preset from the sources c2w_src (N,4,4), K_src (N,3,3), within
+    their span (unit: the sources' largest distance from the first, 1 with one source); all at the source: a warning.
+    - interp: through all sources in order (sources excluded); one source: static;
+    - orbit: from the first source about the scene centre (where the optical axes meet, else one unit ahead) and its
+      up axis by `degrees` (default: to the last source, 30 with one source or no angle between them; 360: a turn);
+    - spiral: two turns around the first source (radius growing to 0.2 units), looking one unit ahead;
+    - forward: from the first source half a unit along its viewing direction."""
     a, N = c2w_src[0], len(c2w_src)
     dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
     dist = dist if dist > 1e-6 else 1.0
@@ -379,13 +330,11 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
     return c2w, K
 
 
-# ----------------------------------------------------------------------------------------------
-# alignment and pose metrics
+# ----------------------------------------------------------------------------- alignment and pose metrics
 
 def umeyama(src, dst, with_scale=True):
-    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3)
-    (Umeyama 1991). R is a proper rotation (det +1) even when the best orthogonal fit is a reflection.
-    with_scale=False fixes s = 1 (rigid alignment)."""
+    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3) (Umeyama 1991); R is
+    proper (det +1) even when the best orthogonal fit is a reflection; with_scale=False fixes s = 1."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     xs, xd = src - mu_s, dst - mu_d  # (N,3)
     U, D, Vh = torch.linalg.svd(xd.T @ xs / len(src))  # cross-covariance (3,3)
@@ -406,16 +355,11 @@ def rotation_angle(R):
 
 
 def pose_metrics(est_c2w, gt_c2w, with_scale=True):
-    """Trajectory errors of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres), as in evo.
-
-    Alignment (evo --align --correct_scale): (s, R, t) = umeyama(est centres, gt centres); the aligned
-    estimate P_i has rotation R @ R_est_i and centre s R c_est_i + t (with_scale=False: rigid, SE3).
-    ATE   = RMSE_i ||c(P_i) - c(Q_i)||, Q the ground truth (evo APE, translation part).
-    RPE (delta = 1 frame): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), i = 0..V-2.
-    rpe_t = RMSE_i ||trans(E_i)|| (evo RPE, translation part), in gt units.
-    rpe_r = RMSE_i angle(rot(E_i)) in degrees (evo RPE, angle_deg).
-    Every metric is the RMSE, evo's headline statistic. Returns floats.
-    """
+    """Trajectory errors (RMSEs, as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres).
+    Alignment (evo --align --correct_scale): (s, R, t) = umeyama(est centres, gt centres); the aligned P_i has
+    rotation R R_est_i and centre s R c_est_i + t (with_scale=False: SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the
+    ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units),
+    rpe_r = RMSE angle(rot(E_i)) in degrees. Returns floats."""
     s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
     est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
     ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()

@@ -1,40 +1,21 @@
 """Stage 1 of GLD: the RGB decoder D_rgb, a ViT that turns DA3's four frozen feature levels back into images.
 
-What it does
-  The four levels, in the form DA3's heads read them ([local, LayerNorm(global)], (B,V,T,2C) each, see
-  encoder.normalize_levels), are concatenated per token (4 x 2C), projected by one Linear to the decoder width,
-  a trainable CLS token is prepended and a fixed 2-D sin-cos position embedding is added, a stack of pre-LN ViT
-  blocks runs per view, and a final LayerNorm + Linear turns every token into a 14x14x3 patch. The position
-  table lives on a square base grid (36x36 for xl = 504 px; 8x8 for tiny) and is bicubically interpolated
-  (align_corners=False) to the token grid of every call, so any resolution and aspect ratio works.
+The levels in the form DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per token
+and projected by a Linear; a CLS token and a fixed 2-D sin-cos position table (on a square base grid, bicubically
+resized to each call's token grid) are added; pre-LN ViT blocks run per view; LayerNorm + Linear give 14x14x3 patches.
 
-Features
-  - PRESETS: 'tiny' (CPU-sized, reads da3-tiny's 192-d levels) and 'xl' (what the official code builds:
-    1152 wide, 28 layers, 16 heads, MLP 4096, LN eps 1e-12, exact GELU; 1536-d DA3-Base levels).
-  - Output colour space: by default the decoder predicts [0,1] RGB directly (not clamped, the caller clamps
-    for display). `imagenet_output=True` reproduces the official decoder, whose raw output is
-    ImageNet-normalised and de-normalised as rgb * std + mean; convert_official sets it.
-  - Level-wise dropout (paper Sec. 4.2; the official release reads the option and never applies it):
-    sample_level_keep draws which levels survive and forward(keep=...) replaces the dropped ones by a learned
-    mask token per level. Why a mask token and not zeros: with zeros, every keep pattern shares the embedding
-    bias, while a per-level token gives each pattern its own learned offset, and the decoder can tell
-    "dropped" apart from a feature that happens to be zero. The tokens start at zero, so an untrained (or an
-    official, converted) decoder sees exactly the zero-feeding that single-level evaluation uses elsewhere.
-    Single-level evaluation (reconstruct_per_level, paper Tab. 6) goes through the same keep mechanism.
-  - RAE noise augmentation of the input features: sigma ~ tau * U(0,1) per image, x + sigma * eps, training
-    mode only; off by default (tau = 0, as in all official GLD configs).
-  - Losses: L1 + LPIPS (equal weights). Optional adversarial loss: hinge loss for D, non-saturating loss for G,
-    adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last layer (clamped at 1e4), times 0.75.
-    The official discriminator is a frozen DINO ViT-S/8 with trainable heads (StyleGAN-T recipe, DiffAugment);
-    its weights cannot be fetched here, so ours is a small spectral-norm PatchGAN trained from scratch, without
-    DiffAugment. The caller decides from which step it is on (train.py --gan).
-  - convert_official: the released mae_decoder.pt (GeneralDecoder_Variable) -> our config and state dict.
+Features: PRESETS 'tiny' (CPU, da3-tiny levels) and 'xl' (as released: 1152 wide, 28 layers); [0,1] RGB output, or
+the release's ImageNet-normalised one (imagenet_output); level-wise dropout (paper Sec. 4.2; released but never
+applied) with a learned, zero-initialised mask token per dropped level (unlike zeros, each keep pattern gets its
+own offset), also used for single-level evaluation (reconstruct_per_level, Tab. 6); RAE noise augmentation
+(x + sigma eps, sigma ~ tau U(0,1), training only; tau = 0 as released); L1 + LPIPS losses and an optional GAN
+(hinge D loss, non-saturating G loss x 0.75 x the adaptive weight) with a small spectral-norm PatchGAN from scratch
+(the release's frozen-DINO discriminator cannot be fetched here; no DiffAugment); convert_official for the
+released mae_decoder.pt (GeneralDecoder_Variable).
 
-References
-  GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6); official code cvlab-kaist/Geometric-Latent-Diffusion
-  (src/stage1/decoders/decoder.py); RAE, arXiv 2510.11690 (decoder, noise augmentation, GAN recipe);
-  MAE, arXiv 2111.06377 (sin-cos position table); pix2pix, arXiv 1611.07004 (PatchGAN);
-  Esser et al. (VQGAN), arXiv 2012.09841 (adaptive GAN weight).
+References: GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6) and its code (src/stage1/decoders/decoder.py);
+RAE, arXiv 2510.11690; MAE, arXiv 2111.06377 (sin-cos table); pix2pix, arXiv 1611.07004 (PatchGAN); VQGAN, arXiv
+2012.09841 (adaptive weight). Shape legend: B batch, V views, H W image, h w token grid, T tokens, p patch.
 """
 import math
 from dataclasses import dataclass, replace
@@ -44,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from model import Attention
 
 NUM_LEVELS = 4
 
@@ -70,13 +52,11 @@ PRESETS = {
 
 
 def sincos_pos_embed(dim, grid):
-    """MAE 2-D sin-cos table (1 + grid*grid, dim): row 0 (CLS) is zeros, then tokens row-major (y outer, x inner).
-    The first dim/2 channels encode the column x, the last dim/2 the row y; each half is [sin, cos] of
-    pos * w_i with w_i = 1 / 10000^(i / (dim/4)), i < dim/4."""
+    """MAE 2-D sin-cos table (1 + grid*grid, dim): row 0 (CLS) zeros, then tokens row-major. Channels [0,dim/2)
+    encode the column x, the rest the row y, each as [sin, cos] of pos / 10000^(i / (dim/4)), i < dim/4."""
     assert dim % 4 == 0, 'width must be divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                          indexing='ij')
+    y, x = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing='ij')
 
     def half(pos):  # (grid, grid) -> (grid*grid, dim/2)
         angle = pos.flatten()[:, None] * omega[None]
@@ -85,32 +65,14 @@ def sincos_pos_embed(dim, grid):
     return torch.cat([table.new_zeros(1, dim), table]).float()
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, fused qkv (output channels: q, k, v, each heads x head_dim), SDPA."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (N,T,D) -> (N,T,D)
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N,heads,T,D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-
 class Block(nn.Module):
     """Pre-LN ViT block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.width, cfg.heads)
+        self.norm1, self.attn = nn.LayerNorm(cfg.width, eps=cfg.ln_eps), Attention(cfg.width, cfg.heads)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp)
-        self.fc2 = nn.Linear(cfg.mlp, cfg.width)
+        self.fc1, self.fc2 = nn.Linear(cfg.width, cfg.mlp), nn.Linear(cfg.mlp, cfg.width)
 
     def forward(self, x):  # (N,T,D)
         x = x + self.attn(self.norm1(x))
@@ -141,11 +103,9 @@ class RGBDecoder(nn.Module):
         """MAE-style: xavier-uniform Linear weights, zero biases, unit LayerNorms, CLS ~ N(0, 0.02), zero masks."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.zeros_(self.mask_tokens)
 
@@ -172,7 +132,7 @@ class RGBDecoder(nn.Module):
         return x
 
     def forward(self, levels, hw, keep=None):
-        """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,p*h,p*w), p = 14."""
+        """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,H,W), H = p*h."""
         h, w = hw
         B, V, T, _ = levels[0].shape
         assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
@@ -181,18 +141,12 @@ class RGBDecoder(nn.Module):
         x = x + self.pos_embed_at(h, w).to(x.dtype)                                      # (BV,1+T,D)
         for block in self.blocks:
             x = block(x)
-        x = self.head(self.norm(x)[:, 1:])                                                # (BV,T,p*p*3)
-        images = unpatchify(x, h, w, self.cfg.patch)                                      # (BV,3,H,W)
+        p = self.cfg.patch
+        x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
+        images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)               # (BV,3,H,W)
         if self.cfg.imagenet_output:
             images = images * self.rgb_std + self.rgb_mean
         return images.view(B, V, *images.shape[1:])
-
-
-def unpatchify(x, h, w, p):
-    """(N,T,p*p*3) with channels laid out (py, px, rgb) as the official decoder -> (N,3,h*p,w*p)."""
-    N = x.shape[0]
-    x = x.reshape(N, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)                              # (N,3,h,p,w,p)
-    return x.reshape(N, 3, h * p, w * p)
 
 
 def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
@@ -210,27 +164,21 @@ def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
 def reconstruct_per_level(decoder, levels, hw):
     """Paper Tab. 6 in miniature: {'all': images from all levels, l: images from level l alone} for l = 0..3.
     Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
-    B = levels[0].shape[0]
-    out = {'all': decoder(levels, hw)}
-    for level in range(len(levels)):
-        keep = torch.zeros(B, len(levels), dtype=torch.bool, device=levels[0].device)
-        keep[:, level] = True
-        out[level] = decoder(levels, hw, keep=keep)
-    return out
+    B, L = levels[0].shape[0], len(levels)
+    alone = torch.eye(L, dtype=torch.bool, device=levels[0].device)  # row k: keep level k only
+    return {'all': decoder(levels, hw), **{k: decoder(levels, hw, keep=alone[k].expand(B, L)) for k in range(L)}}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# losses
+# ----------------------------------------------------------------------------- losses
 
-
-def decoder_loss(pred, gt, lpips=None, w_l1=1.0, w_lpips=1.0):
+def decoder_loss(pred, gt, lpips=None):
     """L1 (+ LPIPS when `lpips` is given: a callable on (N,3,H,W) [0,1] image pairs returning distances).
     pred, gt: (B,V,3,H,W) -> (loss, {'l1', 'lpips'} detached)."""
     l1 = (pred - gt).abs().mean()
-    loss, parts = w_l1 * l1, {'l1': l1.detach()}
+    loss, parts = l1, {'l1': l1.detach()}
     if lpips is not None:
         perceptual = lpips(pred.flatten(0, -4), gt.flatten(0, -4)).mean()
-        loss, parts['lpips'] = loss + w_lpips * perceptual, perceptual.detach()
+        loss, parts['lpips'] = loss + perceptual, perceptual.detach()
     return loss, parts
 
 
@@ -254,8 +202,7 @@ class PatchDiscriminator(nn.Module):
 
 def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
     """Esser et al.: ||d rec / d W_last|| / ||d gan / d W_last||, clamped to [0, max_weight], no gradient."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    g_rec, g_gan = (torch.autograd.grad(loss, last_layer, retain_graph=True)[0] for loss in (rec_loss, gan_loss))
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, max_weight).detach()
 
 
@@ -276,9 +223,7 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
     return disc_weight * weight * g_loss, parts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the official checkpoint (mae_decoder.pt, GeneralDecoder_Variable)
-
+# ----------------------------------------------------------------------------- the official checkpoint (mae_decoder.pt)
 _OFFICIAL_TOP = {'embed': 'decoder_embed', 'norm': 'decoder_norm', 'head': 'decoder_pred'}
 _OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.dense', 'norm2': 'layernorm_after',
                    'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
@@ -292,15 +237,17 @@ def official_names(key):
     module, param = key.rsplit('.', 1)
     if module in _OFFICIAL_TOP:
         return [f'{_OFFICIAL_TOP[module]}.{param}']
-    _, i, sub = module.split('.', 2)                                  # blocks.{i}.{sub}
-    if sub == 'attn.qkv':
-        return [f'decoder_layers.{i}.attention.attention.{n}.{param}' for n in ('query', 'key', 'value')]
-    return [f'decoder_layers.{i}.{_OFFICIAL_BLOCK[sub]}.{param}']
+    _, i, sub = module.split('.', 2)  # blocks.{i}.{sub}
+    qkv = [f'attention.attention.{n}' for n in ('query', 'key', 'value')]
+    subs = qkv if sub == 'attn.qkv' else [_OFFICIAL_BLOCK[sub]]
+    return [f'decoder_layers.{i}.{n}.{param}' for n in subs]
 
 
-def official_config(state_dict, heads=16):
-    """Our DecoderConfig for an official decoder state dict. Head count is not in the shapes: the released
-    ViTXL config uses 16. The official output is ImageNet-normalised, LN eps 1e-12."""
+def convert_official(state_dict, heads=16):
+    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
+    present, every shape matching. heads is not in the shapes (16 as released); LN eps 1e-12, ImageNet-normalised
+    output. qkv = cat(query, key, value); decoder_pos_embed becomes our pos_embed buffer; the mask tokens (absent
+    there) start at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:
@@ -308,19 +255,11 @@ def official_config(state_dict, heads=16):
                              f'first: official.read_official(path, "decoder"))')
     width, in_dim = state_dict['decoder_embed.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
-    return DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
-                         mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
-                         patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
-                         base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
-                         ln_eps=1e-12, imagenet_output=True)
-
-
-def convert_official(state_dict, heads=16):
-    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key must be
-    used and present, every shape must match. qkv = cat(query, key, value); the frozen decoder_pos_embed is
-    kept as our pos_embed buffer; the mask tokens (absent there) start at zero, i.e. dropped levels are fed
-    as zeros until the decoder is fine-tuned with level dropout."""
-    cfg = official_config(state_dict, heads)
+    cfg = DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
+                        mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
+                        patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
+                        base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
+                        ln_eps=1e-12, imagenet_output=True)
     with torch.device('meta'):
         reference = RGBDecoder(cfg).state_dict()
     names = {k: official_names(k) for k in reference}
@@ -329,11 +268,9 @@ def convert_official(state_dict, heads=16):
     if missing or unexpected:
         raise ValueError(f'official decoder state dict does not match {cfg}:\n  missing: {missing}\n'
                          f'  unexpected: {unexpected}')
-    like = state_dict['decoder_embed.weight']
-    ours, wrong = {}, []
+    like, ours, wrong = state_dict['decoder_embed.weight'], {}, []
     for k, ref in reference.items():
-        ours[k] = (torch.cat([state_dict[n] for n in names[k]]) if names[k] else
-                   torch.zeros(ref.shape, dtype=like.dtype, device=like.device))
+        ours[k] = torch.cat([state_dict[n] for n in names[k]]) if names[k] else like.new_zeros(ref.shape)
         if ours[k].shape != ref.shape:
             wrong.append(f'{k}: expected {tuple(ref.shape)}, got {tuple(ours[k].shape)} from {names[k]}')
     if wrong:

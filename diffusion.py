@@ -1,22 +1,17 @@
 """diffusion.py: rectified flow for GLD: time shift, training loss, Euler sampler with CFG, EMA.
 
 Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts the velocity
-v = eps - x = dx_t/dt; t = 1 is pure noise, t = 0 is data; sampling integrates from t = 1 down to t = 0.
+v = eps - x = dx_t/dt; t = 1 is pure noise, t = 0 data; sampling integrates from t = 1 down to t = 0.
 Tensors are (B,V,T,C) (B batch, V views, T tokens, C channels); one t per sample, shared by all its views.
 
-Time shift (RAE): t' = a t / (1 + (a - 1) t) with a = sqrt(m / 4096), m = V*h*w*C the dimension of everything
-generated jointly (more dimensions -> more signal survives a given noise level -> spend more time at high t).
-The official GLD code uses two different a for the same model: training derives it from a default latent
-size (768 x 16 x 16 x 8 views, a = 19.6) that is not the DA3 latent, sampling from the real one (1536 x 18 x 18
-x 8, a = 31.2). We compute a once from the SAME m, the size of the latents being modelled, and use it for both:
-training then concentrates on the noise levels the sampler actually visits, and the rule stays what RAE derived.
-The training t is uniform (GLD) or logit-normal (RAE), then shifted.
+Time shift (RAE): t' = a t / (1 + (a - 1) t), a = sqrt(m / 4096), m = V*h*w*C the dimension generated jointly
+(more dimensions -> more signal survives a noise level -> spend more time at high t). The release derives a for
+training from a default latent size (768 x 16 x 16 x 8 views, a = 19.6) and for sampling from the real one
+(1536 x 18 x 18 x 8, a = 31.2); we use one a from the modelled latents for both, so training concentrates on the
+noise levels the sampler visits. The training t is uniform (GLD) or logit-normal (RAE), then shifted.
 
-Features: flow_loss with per-part (source / target views) reporting and no host syncs; a deterministic Euler
-sampler with classifier-free guidance inside a t interval and optional trajectory; EMA of the weights.
-References: Liu et al. "Flow Straight and Fast" / Lipman et al. "Flow Matching" (rectified flow); Esser et al.
-"Scaling Rectified Flow Transformers" (logit-normal t, shift); Zheng et al. (RAE, dimension-dependent shift);
-Ho & Salimans "Classifier-Free Diffusion Guidance"; GLD (arXiv 2603.22275) A.1 for the recipe.
+References: rectified flow (Liu et al.; Lipman et al., Flow Matching); Esser et al., "Scaling Rectified Flow
+Transformers" (logit-normal t, shift); RAE (Zheng et al.); Ho & Salimans (CFG); GLD (arXiv 2603.22275) A.1.
 """
 import contextlib
 import math
@@ -34,21 +29,13 @@ def shift_t(t, a):
     return a * t / (1 + (a - 1) * t)
 
 
-def randn_like_on(x, generator):
-    """Gaussian noise shaped like x drawn from generator (which may live on the CPU while x is on a GPU)."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-
-
 def sample_t(B, dist='uniform', a=1.0, generator=None):
     """B training times (on the generator's device): uniform or logit-normal(0,1), then shifted by a."""
-    dev = generator.device if generator is not None else 'cpu'
-    if dist == 'uniform':
-        u = torch.rand(B, generator=generator, device=dev)
-    elif dist == 'logit_normal':
-        u = torch.sigmoid(torch.randn(B, generator=generator, device=dev))
-    else:
+    if dist not in ('uniform', 'logit_normal'):
         raise ValueError(f"dist must be 'uniform' or 'logit_normal', got {dist!r}")
+    dev = generator.device if generator is not None else 'cpu'
+    u = torch.rand(B, generator=generator, device=dev) if dist == 'uniform' else \
+        torch.sigmoid(torch.randn(B, generator=generator, device=dev))
     return shift_t(u, a)
 
 
@@ -56,29 +43,23 @@ T_BINS = 4  # the training log reports the loss in 4 bins of t
 
 
 def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uniform'):
-    """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean latents;
-    src_mask (B,V) bool. -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the same MSE restricted to source /
-    target views, and per-sample losses summed and counted in T_BINS bins of t (tensors, no host sync; a part with
-    no views reads 0)."""
-    B = x.shape[0]
-    t = (sample_t(B, dist, a, generator) if t is None else t).to(x.device, x.dtype)
-    eps = randn_like_on(x, generator)
+    """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean; src_mask (B,V) bool
+    -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the MSE of source / target views (0 without any), and
+    per-sample losses summed and counted in T_BINS bins of t, so a logging interval averages them exactly (tensors:
+    no host sync)."""
+    t = (sample_t(x.shape[0], dist, a, generator) if t is None else t).to(x.device, x.dtype)  # (B,)
+    dev = generator.device if generator is not None else x.device  # the generator may live on the CPU
+    eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
     tb = t[:, None, None, None]
     x_t = (1 - tb) * x + tb * eps
     per_view = (velocity_fn(x_t, t).float() - (eps - x).float()).pow(2).mean((2, 3))  # (B,V)
     m = src_mask.float()
     parts = {'src': (per_view * m).sum() / m.sum().clamp_min(1),
              'tgt': (per_view * (1 - m)).sum() / (1 - m).sum().clamp_min(1)}
-    # the loss binned by (shifted) t: per-bin sums and counts, so a logging interval can average them exactly
     per_sample, bins = per_view.mean(1).detach(), (t.detach() * T_BINS).long().clamp(0, T_BINS - 1)  # (B,), (B,)
     parts['t_bin_sum'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, per_sample)
     parts['t_bin_count'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, torch.ones_like(per_sample))
     return per_view.mean(), parts
-
-
-def time_grid(steps, a=1.0, t_end=0.0):
-    """steps + 1 shifted times from 1 down to t_end (python floats: the loop needs no device syncs)."""
-    return [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]
 
 
 @torch.no_grad()
@@ -87,7 +68,7 @@ def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=N
     CFG: v = v_u + cfg_scale (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg_scale = 1 the
     unconditional branch is skipped). Returns x at t_end."""
     assert cfg_scale == 1.0 or uncond_fn is not None, 'cfg_scale != 1 needs uncond_fn'
-    ts = time_grid(steps, a, t_end)
+    ts = [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]  # python floats: no device syncs
     x = noise
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=x.dtype)
@@ -100,11 +81,10 @@ def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=N
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point state: shadow <- d shadow + (1-d) weights, with the
-    warm-up d = min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's num_updates rule). Without it a short
-    run's average is dominated by the initial weights (0.9995^2500 = 29% of them after 2.5k steps, zero-initialised
-    output layers included); at the paper's 175k steps it is the plain 0.9995 after the first 18k.
-    state_dict() is a plain model state dict (loadable into the model directly); `num_updates` is kept beside it."""
+    """EMA of a model's floating-point state, shadow <- d shadow + (1-d) weights, with the warm-up d = min(decay,
+    (1 + n) / (10 + n)) after n updates (TensorFlow's rule): without it a short run's average is dominated by the
+    initial weights (29% of them after 2.5k steps at 0.9995); at the paper's 175k steps it is 0.9995 after 18k.
+    state_dict() is a plain model state dict; `num_updates` is saved beside it."""
 
     def __init__(self, model, decay=0.9995):
         self.decay, self.num_updates = decay, 0
@@ -120,14 +100,11 @@ class EMA:
             else:
                 self.shadow[k].copy_(v)
 
-    def copy_to(self, model):
-        model.load_state_dict(self.shadow)
-
     @contextlib.contextmanager
     def swapped(self, model):
         """Temporarily run the model with the EMA weights (evaluation), then restore the live ones."""
         live = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.copy_to(model)
+        model.load_state_dict(self.shadow)
         try:
             yield model
         finally:

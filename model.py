@@ -1,40 +1,24 @@
 """model.py: the GLD multi-view diffusion transformer, a DiT with a wide DDT head (DiT^DH).
 
-What: one network M_l predicts the flow velocity v (B,V,T,C) of the level-l DA3 features of all V views of a
-scene at once, from the noisy features x_t, the time t, the source-only condition (clean features at the
-source views, zeros at the targets), the cameras and, for the cascade M1->0, the level-1 features.
+One network M_l predicts the flow velocity v (B,V,T,C) of the level-l DA3 features of all V views at once, from the
+noisy features x_t, the time t, the source-only condition (clean features at the sources, zeros at the targets),
+the cameras and, for the cascade M1->0, the level-1 features. Dataflow (paper A.2; the release's DDT.py):
+    te = MLP(Gaussian-Fourier(t))                                  time embedding (B,C1)
+    s  = embed_src/tgt([cond | x_t]) + PatchEmbed14(Plücker+mask)   encoder tokens (B,V*T,C1) (cascade: [cond | F1])
+    s  = encoder blocks (adaLN from silu(te), 3D attention)         width C1, depth d1
+    s  = Linear(silu(te + s))                                       per-token condition (B,V*T,C2)
+    x  = head blocks on embed_src/tgt([cond | x_t]), adaLN from s   width C2, depth d2
+    v  = Linear(adaLN_s(RMSNorm(x)))                                zero-initialised: a fresh model outputs 0
+Attention is 3D over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D / 2-D
+RoPE (cfg.pos), beside a textbook reference_attention. Key names mirror the release (convert_official); its quirks
+(official.OfficialConventions): silu(silu(te)) in the encoder (cfg.double_silu), camera_inputs(official=True).
 
-Dataflow (paper A.2 and the release's DDT.py, DiTwDDTHead):
-    te   = MLP(Gaussian-Fourier(t))                                  time embedding (B,C1)
-    s    = embed_src/tgt([cond | x_t]) + PatchEmbed14(Plücker+mask)   encoder tokens (B,V*T,C1)
-           (cascade: embed([cond | F1]), the level-1 condition enters through the encoder)
-    s    = encoder blocks (adaLN from silu(te), 3D attention)        width C1, depth d1
-    s    = Linear(silu(te + s))                                      per-token condition (B,V*T,C2)
-    x    = embed_src/tgt([cond | x_t])                               head tokens (B,V*T,C2)
-    x    = head blocks (adaLN per token from s)                      width C2, depth d2
-    v    = Linear(adaLN_s(RMSNorm(x)))                               zero-initialised: a fresh model outputs 0
-
-Features: 3D self-attention (all V*h*w tokens of a sample attend to each other, one SDPA call) with PRoPE
-(cameras as relative positional encoding + 2-D RoPE), or 3-D / 2-D RoPE (cfg.pos); a readable reference
-attention with the textbook formula (reference_attention); separate source/target embedders (the paper's four)
-or single ones (the release's cascade); Plücker + source-mask camera map; SwiGLU, RMSNorm, adaLN; activation
-checkpointing; presets with parameter counts; convert_official() for the released checkpoints (key names
-mirror the official ones, so conversion is nearly an identity).
-
-Official quirks (the release's DDT.py / DDT_old.py; official.OfficialConventions lists them all): the encoder blocks see silu(silu(te)) (cfg.double_silu);
-PRoPE's P_inv = c2w lift(K') and the Plücker grid offset (-0.5, +0.5) (camera_inputs(official=True), chosen by
-the caller: pipeline.Pipeline with official.OfficialConventions; the release also scales poses with normalize_poses(by='max_abs')); camera dropout in the
-release also sets K to identity (drop_cameras sets P, P_inv to identity);
-the released cascade (DDT_old.py) normalises K by a square 504 image: the caller's business.
-
-References: Jang et al., "Repurposing Geometric Foundation Models for Multi-view Diffusion" (GLD, arXiv
-2603.22275); Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT, adaLN); Wang et al. "DDT:
-Decoupled Diffusion Transformer" and Zheng et al. "Diffusion Transformers with Representation Autoencoders"
-(RAE, DiT^DH); Li et al., "Cameras as Relative Positional Encoding" (PRoPE); Su et al., "RoFormer" (RoPE);
-Shazeer, "GLU Variants Improve Transformer" (SwiGLU); Zhang & Sennrich (RMSNorm); Sitzmann et al. (Plücker rays).
+References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH);
+PRoPE (Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
 Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens (T = h*w, row-major), N = V*T.
 """
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +61,9 @@ PRESETS = {
 # ----------------------------------------------------------------------------- cameras -> model inputs
 
 def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
-    """Everything the model needs about the cameras, built once per batch. c2w (B,V,4,4) already normalised
-    (cameras.normalize_poses), K (B,V,3,3) normalised, src_mask (B,V) bool, hw = (h, w) token grid.
-    -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv' (B,V,4,4),
-        'src_mask' (B,V), 'hw'}"""
+    """The model's camera inputs, built once per batch. c2w (B,V,4,4) normalised (cameras.normalize_poses), K (B,V,3,3)
+    normalised, src_mask (B,V) bool, hw = (h, w) token grid -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source,
+    1 target), d, o x d], 'P', 'P_inv' (B,V,4,4), 'src_mask', 'hw'}"""
     h, w = hw
     rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
     mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
@@ -89,14 +72,11 @@ def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
 
 
 def drop_cameras(cams, drop):
-    """Camera dropout / the unconditional branch of CFG for samples where drop (B,) is True: Plücker
-    channels 1: zeroed (the source/target mask is kept), P and P_inv identity. (The release also sets K to
-    identity, which after its K normalisation is not an identity P; ours is.)"""
-    keep = (~drop).to(cams['plucker'].dtype)
+    """Camera dropout / CFG's unconditional branch where drop (B,) is True: Plücker channels 1: zeroed (the mask is
+    kept), P and P_inv identity (the release sets K to identity, which after its K normalisation is not P = I)."""
     plucker = cams['plucker'].clone()
-    plucker[:, :, 1:] *= keep[:, None, None, None, None]
-    eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
-    sel = drop[:, None, None, None]
+    plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
+    eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
     return {**cams, 'plucker': plucker, 'P': torch.where(sel, eye, cams['P']),
             'P_inv': torch.where(sel, eye, cams['P_inv'])}
 
@@ -104,22 +84,18 @@ def drop_cameras(cams, drop):
 # ----------------------------------------------------------------------------- positional encoding of 3D attention
 
 def rope_rotate(u, cos, sin, inverse=False):
-    """1-D RoPE on a block (...,N,2f), split-half convention: a = first f dims, b = last f dims.
-    Forward [cos a + sin b, -sin a + cos b] (rotation by -angle), inverse by +angle. cos, sin (N,f)."""
+    """1-D RoPE on u (...,N,2f), split halves a, b: [cos a + sin b, -sin a + cos b] (by -angle); inverse: +angle."""
     a, b = u.chunk(2, -1)
-    if inverse:
-        return torch.cat([cos * a - sin * b, sin * a + cos * b], -1)
+    sin = -sin if inverse else sin
     return torch.cat([cos * a + sin * b, -sin * a + cos * b], -1)
 
 
 class PositionEncoding:
-    """Relative positions of the V*h*w tokens of a sample for one head dim d, rebuilt each forward.
-
-    'prope': per head, dims [0,d/2) are d/8 four-vectors transformed by the token's camera: q <- P^T q,
-    k <- P_inv k, v <- P_inv v, output <- P out; dims [d/2,3d/4) carry RoPE on the column x, [3d/4,d) on the
-    row y (rotation by -angle on q, k, v, inverse on the output). The logit between token i (view a) and j
-    (view b) is then q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j: relative in cameras and in pixels.
-    'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims are not rotated."""
+    """Relative positions of the V*h*w tokens of a sample for head dim d, rebuilt each forward.
+    'prope': dims [0,d/2) are d/8 four-vectors mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v,
+    output <- P out); dims [d/2,3d/4) carry RoPE on the column x, [3d/4,d) on the row y (inverse on the output).
+    The logit of tokens i (view a), j (view b) is q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j: relative in cameras
+    and pixels. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
 
     def __init__(self, kind, d, cams, V, base=100.0):
         h, w = cams['hw']
@@ -132,8 +108,7 @@ class PositionEncoding:
             self.start, axes = d // 2, [(d // 4, x), (d // 4, y)]
         elif kind in ('rope3d', 'rope2d'):
             self.mats, self.start = None, 0
-            axes = [(2 * (d // 6), view), (2 * (d // 6), y), (2 * (d // 6), x)] if kind == 'rope3d' else \
-                [(d // 2, x), (d // 2, y)]
+            axes = [(2 * (d // 6), p) for p in (view, y, x)] if kind == 'rope3d' else [(d // 2, x), (d // 2, y)]
         else:
             raise ValueError(f"pos must be 'prope', 'rope3d' or 'rope2d', got {kind!r}")
         self.axes = []  # (size, positions (N,), frequencies (size/2,), cos (N,size/2), sin)
@@ -159,10 +134,10 @@ class PositionEncoding:
 
     def attend(self, q, k, v):
         """Fast path: transform q, k (and v, output for PRoPE) and let SDPA do softmax(q k^T / sqrt(d)) v."""
+        q, k = self.apply(q, 'q'), self.apply(k, 'kv')
         if self.kind != 'prope':
-            return F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), v)
-        y = F.scaled_dot_product_attention(self.apply(q, 'q'), self.apply(k, 'kv'), self.apply(v, 'kv'))
-        return self.apply(y, 'out')
+            return F.scaled_dot_product_attention(q, k, v)
+        return self.apply(F.scaled_dot_product_attention(q, k, self.apply(v, 'kv')), 'out')
 
     def relative(self):
         """Textbook per-pair transform M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b per four-vector (PRoPE only),
@@ -191,8 +166,7 @@ def reference_attention(q, k, v, pe):
     """Plain attention with the textbook relative formula: logits_ij = q_i^T M_ij k_j / sqrt(d), explicit softmax,
     out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
-    logits = torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])
-    p = logits.softmax(-1)
+    p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
     if pe.kind != 'prope':
         return p @ v
     return torch.einsum('bhij,bijde,bhje->bhid', p, M, v)
@@ -222,17 +196,21 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """3D self-attention: one sequence of N = V*h*w tokens per sample, fused QKV, positions from pe."""
+    """Multi-head self-attention, fused QKV (q, k, v, each heads x head dim): 3D over N = V*h*w tokens with positions
+    from pe, or plain SDPA without pe (the RGB decoder's per-view ViT)."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.reference = heads, False  # reference=True: the textbook path (tests)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
-    def forward(self, x, pe):  # x (B,N,D)
+    def forward(self, x, pe=None):  # x (B,N,D)
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
-        y = reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v)
+        if pe is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
 
 
@@ -268,15 +246,9 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([f.sin(), f.cos()], -1).to(self.mlp[0].weight.dtype))  # (B,D)
 
 
-class TokenEmbedder(nn.Module):
-    """Patch size 1 on the token grid: a linear map of the channel-concatenated inputs (a 1x1 conv in the release)."""
-
-    def __init__(self, cin, dim):
-        super().__init__()
-        self.proj = nn.Linear(cin, dim)
-
-    def forward(self, x):
-        return self.proj(x)
+def token_embedder(cin, dim):
+    """Patch size 1 on the token grid: a linear map of the concatenated inputs (a 1x1 conv 'proj' in the release)."""
+    return nn.Sequential(OrderedDict(proj=nn.Linear(cin, dim)))
 
 
 class CameraEmbedder(nn.Module):
@@ -315,10 +287,10 @@ class GLD(nn.Module):
         assert C1 % cfg.heads == 0 and C2 % cfg.heads == 0, 'widths must divide into heads'
         s_in = C + (cfg.upper_dim or C)  # encoder reads [cond | x_t], the cascade [cond | F1]
         if cfg.separate_embedders:  # chosen per view by the source mask; '_ref' = source views, the release's name
-            self.x_embedder_ref, self.x_embedder_tgt = TokenEmbedder(2 * C, C2), TokenEmbedder(2 * C, C2)
-            self.s_embedder_ref, self.s_embedder_tgt = TokenEmbedder(s_in, C1), TokenEmbedder(s_in, C1)
+            self.x_embedder_ref, self.x_embedder_tgt = token_embedder(2 * C, C2), token_embedder(2 * C, C2)
+            self.s_embedder_ref, self.s_embedder_tgt = token_embedder(s_in, C1), token_embedder(s_in, C1)
         else:
-            self.x_embedder, self.s_embedder = TokenEmbedder(2 * C, C2), TokenEmbedder(s_in, C1)
+            self.x_embedder, self.s_embedder = token_embedder(2 * C, C2), token_embedder(s_in, C1)
         self.s_projector = nn.Linear(C1, C2)
         self.t_embedder = TimestepEmbedder(C1)
         self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
@@ -346,11 +318,12 @@ class GLD(nn.Module):
         src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
         return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
 
-    def run_block(self, blk, x, c, pe):
-        """One DiT block, recomputed in backward when cfg.checkpointing (activation checkpointing)."""
-        if self.cfg.checkpointing and self.training:
-            return checkpoint(blk, x, c, pe, use_reentrant=False)
-        return blk(x, c, pe)
+    def run_blocks(self, blocks, x, c, pe):
+        """DiT blocks in turn, each recomputed in backward when cfg.checkpointing (activation checkpointing)."""
+        ckpt = self.cfg.checkpointing and self.training
+        for blk in blocks:
+            x = checkpoint(blk, x, c, pe, use_reentrant=False) if ckpt else blk(x, c, pe)
+        return x
 
     def forward(self, x_t, t, cond, cams, upper=None):
         """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
@@ -365,15 +338,13 @@ class GLD(nn.Module):
         s = s + self.camera_embedder(cams['plucker']).flatten(1, 2)
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
         c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
-        for blk in self.blocks[:cfg.enc_depth]:
-            s = self.run_block(blk, s, c, pe_enc)
+        s = self.run_blocks(self.blocks[:cfg.enc_depth], s, c, pe_enc)
         # bridge: per-token condition of the head
         s = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
         # velocity head: [cond | x_t] tokens modulated per token by s
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
-        for blk in self.blocks[cfg.enc_depth:]:
-            x = self.run_block(blk, x, s, pe_head)
+        x = self.run_blocks(self.blocks[cfg.enc_depth:], x, s, pe_head)
         return self.final_layer(x, s).view(B, V, T, C)
 
 
@@ -418,16 +389,12 @@ def print_presets():
 # ----------------------------------------------------------------------------- the released checkpoints
 
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict). Keys mirror the release;
-    the 1x1-conv embedders (D,Cin,1,1) become linears (D,Cin); the cascade's aliased {s,x}_embedder_{ref,tgt}
-    copies are dropped when it has single embedders. Strict: every key is used and every shape checked.
-    heads cannot be read from shapes (16 in both releases)."""
-    sd = dict(state_dict)
-    single = 'x_embedder.proj.weight' in sd
-    if single:
-        for k in [k for k in sd if k.startswith(('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.',
-                                                   'x_embedder_tgt.'))]:
-            del sd[k]
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict (every key used, every
+    shape checked). 1x1-conv embedders become linears; the cascade's aliased {s,x}_embedder_{ref,tgt} copies are
+    dropped. heads is not in the shapes (16 in both releases)."""
+    single = 'x_embedder.proj.weight' in state_dict
+    aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
+    sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}
     C2, C1 = sd['s_projector.weight'].shape
     assert C1 != C2, 'encoder and head blocks are told apart by their width'
     C = sd['final_layer.linear.weight'].shape[0]

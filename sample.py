@@ -7,13 +7,9 @@ paper's evaluation protocol.
     python sample.py --eval                            # N=2 -> 6 targets on the test split: tables, JSON, CSV
     python sample.py --official DIR                    # the released GLD models (see README)
 
-The cascade itself (paper Sec. 4, Fig. 2) is pipeline.Pipeline: DA3 encodes the source views alone (leakage-free)
--> M1 generates level-1 features of all V views (rectified flow, Euler, CFG over cameras) -> M1->0 generates level
-0 conditioned on them -> the frozen DA3 blocks after level 1 propagate the generated features to levels 2 and 3 ->
-the RGB decoder gives images, DA3's frozen DualDPT head depth, ray maps, cameras and a point cloud with no extra
-training. This file adds the evaluation protocol (two baselines beside GLD on every scene, `--boundary k` with
-independent models for the boundary ablation, `--recon` for Stage 1), the user's photos, cameras and trajectories,
-and the outputs (export.py writes the formats).
+The cascade itself (paper Sec. 4, Fig. 2) is pipeline.Pipeline. This file adds the evaluation protocol (two
+baselines beside GLD on every scene, `--boundary k` / `--independent` for the ablations, `--recon` for Stage 1),
+the user's photos, cameras and trajectories, and the outputs (export.py writes the formats).
 """
 import argparse
 import contextlib
@@ -36,21 +32,17 @@ import pipeline
 from export import save_image
 
 
-
 # ----------------------------------------------------------------------------- evaluation
 
 def baselines(images, n_src, c2w):
     """'nearest source view' (by camera distance) and 'mean colour' (of the sources) for every target."""
-    B, V = images.shape[:2]
-    centres = c2w[..., :3, 3]
-    d = torch.cdist(centres[:, n_src:], centres[:, :n_src])  # (B,M,N)
-    idx = d.argmin(-1)
-    nearest = torch.stack([images[b, idx[b]] for b in range(B)])
-    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(images[:, n_src:])
+    idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
+    nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])
+    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W)
     return {'nearest source': nearest, 'mean colour': mean}
 
 
-def image_metrics(pred, gt, lpips=None):
+def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
     out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
     if lpips is not None:
         out['lpips'] = lpips(pred.flatten(0, 1), gt.flatten(0, 1)).mean()
@@ -61,49 +53,54 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     """One scene of the paper's protocol: sources first; metrics on the targets only."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
     out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg_scale=cfg_scale, seed=seed)
-    pred, gt = out['images'][:, n_src:], images[:, n_src:]
-    rows = {'gld': image_metrics(pred, gt, lpips)}
-    for name, im in baselines(images, n_src, c2w).items():
-        rows[name] = image_metrics(im, gt, lpips)
-    geo = out['geometry']  # {} for a latent without a geometry head
-    if 'c2w' in geo:
-        rows['gld'].update(cameras.pose_metrics(geo['c2w'][0], c2w[0]))
-    if 'depths' in scene and 'depth' in geo:
-        rows['gld'].update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
+    gt = images[:, n_src:]
+    rows = {'gld': image_metrics(out['images'][:, n_src:], gt, lpips)}
+    rows.update({name: image_metrics(im, gt, lpips) for name, im in baselines(images, n_src, c2w).items()})
+
+    def geometry_metrics(geo):  # {} for a latent without a geometry head
+        m = cameras.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
+        if 'depths' in scene and 'depth' in geo:
+            m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
+        return m
+    rows['gld'].update(geometry_metrics(out['geometry']))
     raw = pipe.enc.encode(images)
     k = pipe.boundary
     if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
-        stats = pipe.models[k][1]['stats']
-        rows['gld']['mse_k'] = float((stats.normalize(out['levels'][k], k) - stats.normalize(raw[k], k))[:, n_src:].pow(2).mean())
-    if gt_geometry and pipe.enc.has_geometry:  # the same head on the ground-truth images: the ceiling of "geometry for free"
+        norm = pipe.models[k][1]['stats'].normalize
+        rows['gld']['mse_k'] = float((norm(out['levels'][k], k) - norm(raw[k], k))[:, n_src:].pow(2).mean())
+    if gt_geometry and pipe.enc.has_geometry:  # the head on the ground-truth images: the ceiling of "geometry for free"
         raw, cls = pipe.enc.encode(images, return_cls=True)
-        g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), images.shape[-2], images.shape[-1], cls_last=cls[-1])
-        rows['da3 on gt images'] = {**cameras.pose_metrics(g['c2w'][0], c2w[0]),
-                                    **(data.depth_metrics(g['depth'][:, n_src:], scene['depths'][:, n_src:], align='median')
-                                       if 'depths' in scene else {})}
+        g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), *images.shape[-2:], cls_last=cls[-1])
+        rows['da3 on gt images'] = geometry_metrics(g)
     return rows, out
 
 
-def write_table(table, per_scene, out_dir, name, title):
-    """{method: {metric: [values]}} -> means as a markdown table, JSON and a per-scene CSV in out_dir/name.*"""
+def write_table(per_scene, out_dir, name, title):
+    """Rows {'scene', 'method', metric: value} -> the means per method as a markdown table and JSON, and the rows as
+    a CSV, in out_dir/name.*"""
+    table = {}
+    for row in per_scene:
+        for k, v in row.items():
+            if k not in ('scene', 'method'):
+                table.setdefault(row['method'], {}).setdefault(k, []).append(v)
     table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
     order = ['psnr', 'ssim', 'lpips', 'mse_k', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1']
     cols = sorted({k for m in table.values() for k in m}, key=order.index)
     md = [f'| {title} | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
     md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
-    os.makedirs(out_dir, exist_ok=True)
     open(os.path.join(out_dir, f'{name}.md'), 'w').write('\n'.join(md) + '\n')
     json.dump(table, open(os.path.join(out_dir, f'{name}.json'), 'w'), indent=1)
     with open(os.path.join(out_dir, f'{name}_scenes.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=['scene', 'method'] + cols)
-        w.writeheader(); w.writerows(per_scene)
+        w.writeheader()
+        w.writerows(per_scene)
     print('\n'.join(md))
     return table
 
 
 def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
-    per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    per_scene, n = [], min(n_scenes, len(dataset))
     bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
         scene = data.collate_one(dataset[i])
@@ -111,26 +108,22 @@ def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lp
                                  generator=torch.Generator().manual_seed(seed + i))
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
         bar.step(f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})')
-        for method, m in rows.items():
-            per_scene.append({'scene': scene['key'][0], 'method': method, **m})
-            for k, v in m.items():
-                table.setdefault(method, {}).setdefault(k, []).append(v)
-    return write_table(table, per_scene, out_dir, f'eval_n{n_src}', f'method (N={n_src}, {n} scenes, {steps} steps)')
+        per_scene += [{'scene': scene['key'][0], 'method': method, **m} for method, m in rows.items()]
+    return write_table(per_scene, out_dir, f'eval_n{n_src}', f'method (N={n_src}, {n} scenes, {steps} steps)')
 
 
 def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     """Stage 1 in miniature (paper Table 6): the decoder on DA3 features of all views, all levels and each alone."""
-    per_scene, table, n = [], {}, min(n_scenes, len(dataset))
+    per_scene, n = [], min(n_scenes, len(dataset))
     for i in range(n):
         scene = data.collate_one(dataset[i])
-        images = scene['images']
+        images = scene['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))
-        for name, im in decoder_lib.reconstruct_per_level(dec, levels, (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)).items():
-            m = image_metrics(im.clamp(0, 1), images, lpips)
-            per_scene.append({'scene': scene['key'][0], 'method': f'level {name}', **m})
-            for k, v in m.items():
-                table.setdefault(f'level {name}' if name != 'all' else 'all levels', {}).setdefault(k, []).append(v)
-    return write_table(table, per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
+        hw = (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)
+        per_scene += [{'scene': scene['key'][0], 'method': f'level {name}' if name != 'all' else 'all levels',
+                       **image_metrics(im.clamp(0, 1), images, lpips)}
+                      for name, im in decoder_lib.reconstruct_per_level(dec, levels, hw).items()]
+    return write_table(per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
 
 
 def ensure_data(spec):
@@ -148,7 +141,7 @@ def ensure_data(spec):
 def colourise_depth(d):
     """(H,W) depth -> (3,H,W) with a simple perceptual ramp of inverse depth."""
     inv = 1 / d.clamp_min(1e-6)
-    x = ((inv - inv.min()) / (inv.max() - inv.min() + 1e-9))
+    x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
     return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
 
 
@@ -164,8 +157,7 @@ def our_files(folder):
 
 
 def clear_outputs(folder):
-    """Remove what an earlier run wrote into folder (only the names in OUTPUTS; any other file stays), with a notice,
-    so that the folder holds this run's outputs only."""
+    """Remove what an earlier run wrote into folder (only the names in OUTPUTS), with a notice."""
     stale = our_files(folder)
     for f in stale:
         os.remove(f)
@@ -178,27 +170,24 @@ def clear_outputs(folder):
 
 def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
                   units='poses', frame='the dataset cameras'):
-    """A grid, a top-down view of the cameras, a video of the targets, depth maps (PNG + .npy), metrics.json, and
-    through export.write_scene every view in images/ with the scene in `formats` (export.FORMATS: a PLY, a COLMAP
-    model, a GLB, transforms.json), in the world of `frame`. frames_gt: ground truth of the first targets, or None."""
+    """A grid, a top-down view of the cameras, a video of the targets, depth maps (PNG + .npy), metrics.json, and via
+    export.write_scene images/ and the scene in `formats` in the world of `frame`. frames_gt: first targets' truth."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
     V = pred.shape[0]
-    views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
     save_image(export.make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
     export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
                         title=f'{n_src} sources (blue), {V - n_src} targets (orange)')
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
-    if 'depth' not in geo or 'c2w' not in geo:  # a latent without a geometry head (DINOv2, the VAE): images only
-        json.dump({**(metrics or {}), 'export': 'none: this latent has no geometry head (no depth, cameras or 3D)'},
-                  open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
-        return
-    depth = geo['depth'][0]
-    np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
-    for v in range(V):
-        save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
-    summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
-                                 formats, units, frame=frame)
+    summary = 'none: this latent has no geometry head (no depth, cameras or 3D)'  # DINOv2, the VAE: images only
+    if 'depth' in geo and 'c2w' in geo:
+        depth = geo['depth'][0]
+        np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
+        for v in range(V):
+            save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
+        views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
+        summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
+                                     formats, units, frame=frame)
     json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
@@ -206,13 +195,12 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
 
 def read_images(paths):
     """A user's photos -> (1,N,3,H,W) in [0,1]; one size for all."""
-    from PIL import Image, UnidentifiedImageError
     ims = []
     for p in paths:
         try:
-            ims.append(torch.from_numpy(np.asarray(Image.open(p).convert('RGB'), dtype=np.float32) / 255).permute(2, 0, 1))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f'{p}: cannot read the image ({e}); pass PNG or JPEG files to --images')
+            ims.append(data.decode_image(p))
+        except data.FrameError as e:
+            raise UserError(f'{p}: cannot read the image ({e}); pass PNG or JPEG files to --images') from e
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
         raise UserError(f'{paths}: the images differ in size; resize them to one size first')
@@ -220,19 +208,17 @@ def read_images(paths):
 
 
 def match_cameras(paths, cams, where):
-    """The index of each image's frame in cams (export.read_cameras): the frame of the same file name (else of the same
-    name without extension). Where the camera file says which file a frame is for and that file exists, it must be
-    the image given: a file of the same name with other content means the cameras belong to other photos."""
-    stem = lambda f: os.path.splitext(os.path.basename(f))[0]
-    idx = []
+    """The index of each image's frame in cams (export.read_cameras), matched by file name (else without extension).
+    A frame's file, where it exists, must be the image itself: other content means cameras of other photos."""
+    names, idx = cams['names'], []
+    base, stem = os.path.basename, lambda f: os.path.splitext(os.path.basename(f))[0]
     for p in paths:
-        hits = [i for i, n in enumerate(cams['names']) if os.path.basename(n) == os.path.basename(p)] or \
-            [i for i, n in enumerate(cams['names']) if stem(n) == stem(p)]
+        hits = [i for i, n in enumerate(names) if base(n) == base(p)] or [i for i, n in enumerate(names) if stem(n) == stem(p)]
         if not hits:
-            raise UserError(f'{where}: no camera for {p} (frames: {cams["names"][:6]}{" ..." if len(cams["names"]) > 6 else ""}); '
+            raise UserError(f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
                             'give one frame per image, named like the image file')
         if len(hits) > 1:
-            raise UserError(f'{where}: several frames are named like {p} ({[cams["names"][i] for i in hits]}); '
+            raise UserError(f'{where}: several frames are named like {p} ({[names[i] for i in hits]}); '
                             'keep one frame per image')
         f = cams['files'][hits[0]]
         if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
@@ -262,10 +248,8 @@ def user_scene(paths, cams_path, size, enc, check=True):
         frame = f'the given cameras ({cams["format"]} {cams_path})'
     if (H, W) != (tH, tW):
         print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
-        Kin = K[0] if K is not None else torch.eye(3).expand(len(paths), 3, 3)
-        images, Kin = data.resize_and_crop(images[0], Kin, (tH, tW))
-        images = images[None]
-        K = Kin[None] if K is not None else None
+        images, Kin = data.resize_and_crop(images[0], torch.eye(3).expand(len(paths), 3, 3) if K is None else K[0], (tH, tW))
+        images, K = images[None], None if K is None else Kin[None]
     if c2w is None:
         if not enc.has_geometry:
             raise UserError(f'--images without --cameras: {enc.cfg.name} has no geometry head to estimate cameras; '
@@ -290,43 +274,40 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
         if n_chunks > 1:
             pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + ct.shape[0] - 1}')
         imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
-        res = pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw)
-        outs.append(res)
+        outs.append(pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw))
     cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
     geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K') if k in outs[0]['geometry']}
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='GLD sampling and evaluation', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/encoder, runs/decoder, runs/level1, ...); default: bundled weights/tiny')
+    p = argparse.ArgumentParser(description='GLD sampling and evaluation',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1, ...); default: weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
-    p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py --encoder): '
-                   'da3-*, vggt-*, dinov2-*, vae* (latents.build_encoder)')
+    p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py '
+                   '--encoder): da3-*, vggt-*, dinov2-*, vae* (latents.build_encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
-    p.add_argument('--src', type=int, default=None, help='number of source views N; default: 2 of a dataset scene, '
-                   'every one of --images (with --cameras, --src N makes the images after the first N held-out '
-                   'targets, generated at their cameras and compared)')
+    p.add_argument('--src', type=int, default=None, help='source views N; default: 2 of a scene, all --images (with '
+                   '--cameras, the images after the first N are held-out targets, generated and compared)')
     p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
     p.add_argument('--cameras', default='', help='cameras of --images: a COLMAP model folder, a nerfstudio '
-                   'transforms.json or a folder of per-frame .npz (README); default: estimated by DA3 and checked')
-    p.add_argument('--keep-estimate', action='store_true', help='go on with DA3\'s camera estimate for --images even '
-                   'when it fails the plausibility checks')
+                   'transforms.json or a folder of per-frame .npz; default: estimated by DA3 and checked')
+    p.add_argument('--keep-estimate', action='store_true', help="keep DA3's camera estimate even if implausible")
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
-                   help='target trajectory preset (README has a picture of each); default: interp through the '
-                   'sources, orbit for one source, none when --src holds images out')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory '
+                   '(README); default: interp through the sources, orbit for one, none when --src holds images out')
     p.add_argument('--arc', type=float, default=None, help='degrees the orbit turns about the scene centre; default: '
-                   'from the first to the last source (30 with one source); 360: a full turn')
+                   'to the last source (30 with one); 360: a full turn')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
-    p.add_argument('--steps', type=int, default=50, help='Euler steps; with --official the release\'s '
-                   'num_steps: time-grid points, one more than its Euler steps (50 -> 49 steps)')
+    p.add_argument('--steps', type=int, default=50, help="Euler steps; with --official the release's num_steps "
+                   '(time-grid points: 50 -> 49 steps)')
     p.add_argument('--cfg-scale', type=float, default=1.5, help='classifier-free guidance scale over cameras (1 = off)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
@@ -340,13 +321,9 @@ def build_parser():
     return p
 
 
-def get_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
 @torch.no_grad()
 def main(argv=None):
-    a = get_args(argv)
+    a = build_parser().parse_args(argv)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     t_start = time.time()
     size = data.parse_size(a.size)  # bad input is reported before any model is loaded
@@ -360,62 +337,59 @@ def main(argv=None):
         raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
     lpips = data.lpips_fn(device) if a.lpips else None
+    dataset = lambda: data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
     if a.recon or a.eval:
         ensure_data(a.data)
     if a.recon:
         enc = pipeline.load_encoder(a.encoder, 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
-            pipeline.load_decoder(pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc)
-        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        dec = enc.rgb_decoder() if enc.has_rgb_decoder else pipeline.load_decoder(
+            pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc)
+        ds = dataset()
         clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
-    if a.official:
-        pipe = pipeline.load_official_pipeline(a.official, device)
-    else:
-        pipe = pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
+    pipe = pipeline.load_official_pipeline(a.official, device) if a.official else \
+        pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
     if a.eval:
-        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        ds = dataset()
         clear_outputs(a.out)
         return run_eval(pipe, ds, n_src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips)
-    units, frame = 'poses', 'the dataset cameras'
+    units, frame, held, traj = 'poses', 'the dataset cameras', 0, a.traj
     if a.images:
         images, c2w, K, frame = user_scene(a.images, a.cameras, size, pipe.enc, check=not a.keep_estimate)
         images, c2w, K = images.to(device), c2w.to(device), K.to(device)
         held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
         traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
-        c2w_t, K_t = c2w[0, n_src:], K[0, n_src:]  # (held,4,4), (held,3,3), then the trajectory's
-        if traj:
-            c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
-            c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
-        print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
-              + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
-                          [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)) + f'; world: {frame}')
-        res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
-                                 steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
-        gt = images[0, n_src:] if held else None
-        metrics = {'gld': image_metrics(res['images'][:, n_src:n_src + held], images[:, n_src:], lpips)} if held else None
-        c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
-        images = images[:, :n_src]
         units = 'poses' if a.cameras else 'da3'  # DA3 estimated the cameras: its own depth scale
     else:
         ensure_data(a.data)
-        ds = data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
+        ds = dataset()
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
         if idx >= len(ds):
             raise UserError(f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key')
         scene = data.split_views(data.collate_one(ds[idx]), n_src, mode='ends' if n_src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at {images.shape[-1]}x{images.shape[-2]}')
-        if a.traj:
-            c2w_t, K_t = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], a.traj, a.frames, a.arc)
-            res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
-                                     steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
-            c2w, K, gt, metrics = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1), None, None
-        else:
-            rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)
-            gt, metrics = images[0, n_src:], rows
-            print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
+        print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at '
+              f'{images.shape[-1]}x{images.shape[-2]}')
+    if a.images or traj:  # targets: the held-out images at their cameras (V = held), then the trajectory's
+        c2w_t, K_t = c2w[0, n_src:n_src + held], K[0, n_src:n_src + held]  # (held,4,4), (held,3,3)
+        if traj:
+            c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
+            c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
+        if a.images:
+            print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
+                  + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
+                              [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj))
+                  + f'; world: {frame}')
+        res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
+                                 steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
+        gt = images[0, n_src:] if held else None
+        metrics = {'gld': image_metrics(res['images'][:, n_src:n_src + held], images[:, n_src:], lpips)} if held else None
+        c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
+    else:
+        rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)
+        gt, metrics = images[0, n_src:], rows
+        print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
     clear_outputs(a.out)
     write_outputs(a.out, images, res, c2w, K, n_src, frames_gt=gt, metrics=metrics, formats=a.export, units=units,
                   frame=frame)
