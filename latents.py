@@ -41,7 +41,7 @@ def build_encoder(name='da3-base', weights=None):
       freeze(), cfg.name"""
     lib, cls = FAMILIES.get(name.split('-')[0], (None, None))
     if lib is None or name not in lib.PRESETS:
-        names = sorted(n for lib, _ in FAMILIES.values() for n in lib.PRESETS)
+        names = sorted(n for family, _ in FAMILIES.values() for n in family.PRESETS)
         raise cli.UserError(f'--encoder {name}: unknown encoder; pass one of {", ".join(names)}')
     enc = cls(lib.PRESETS[name])
     if weights is not None:

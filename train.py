@@ -298,15 +298,12 @@ class EncoderStage:
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """Median-aligned depth AbsRel, RMSE, delta1; an encoder with its own RGB decoder (the VAE): reconstruction PSNR."""
+        """Median-aligned depth AbsRel, RMSE, delta1; an encoder without geometry (the VAE, da3-tiny-recon): the PSNR of
+        its own reconstructions."""
         net = unwrap(self.net)
-        if net.has_rgb_decoder:
-            ps = [data.psnr(net.rgb_decoder()(net.encode(s['images']), tuple(d // net.patch for d in s['images'].shape[-2:]))
-                            .clamp(0, 1), s['images']).mean() for s in scenes]
+        if not net.has_geometry:
+            ps = [data.psnr(net.reconstruct(s['images']).clamp(0, 1), s['images']).mean() for s in scenes]
             return {'recon_psnr': float(torch.stack(ps).mean())}
-        if not net.has_geometry:  # da3-tiny-recon: its pixel head's reconstructions
-            return {'recon_psnr': float(torch.stack([data.psnr(net.reconstruct(s['images']).clamp(0, 1), s['images'])
-                                                     .mean() for s in scenes]).mean())}
         m = [data.depth_metrics(net(s['images'])['depth'], s['depths'], align='median') for s in scenes]
         return {k: float(np.mean([x[k] for x in m])) for k in m[0]}
 

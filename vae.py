@@ -173,6 +173,10 @@ class VAE(encoder_lib.LatentEncoder):
     def rgb_decoder(self):
         return VAEDecoder(self)
 
+    def reconstruct(self, images):
+        """images (B,V,3,H,W) -> decoded posterior means (B,V,3,H,W)."""
+        return self.rgb_decoder()(self.encode(images), tuple(d // self.patch for d in images.shape[-2:]))
+
     def training_loss(self, batch):
         """train.py --stage encoder: vae_loss over all views of a batch -> (loss, parts)."""
         return vae_loss(self, batch['images'].flatten(0, 1))
