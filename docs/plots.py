@@ -1,0 +1,71 @@
+"""Draws the README's pictures: `python docs/plots.py`.
+
+- docs/convergence.png, the paper's Fig. 1c in miniature: held-out PSNR (`val_psnr`: 8 test scenes, N=2 -> 6, 10 Euler
+  steps, the latent's own RGB decoder) against training steps of the same gld-tiny DiT on three latents, read from
+  docs/logs/convergence_<encoder>.csv (the log.csv of each run; the commands are in the README).
+- docs/trajectories.png, sample.py's --traj presets: export.draw_topdown of cameras.preset_trajectory for two sources
+  that look at one point, or one source: the sources blue, the targets orange, the first target ringed.
+"""
+import csv
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import cameras  # noqa: E402
+import export  # noqa: E402
+
+RUNS = {'da3-tiny': (200, 60, 40), 'da3-tiny-recon': (30, 90, 200), 'vae-tiny': (40, 150, 60)}
+
+
+def convergence(path=os.path.join(HERE, 'convergence.png'), W=640, H=360, m=50):
+    series = {}
+    for name in RUNS:
+        with open(os.path.join(HERE, 'logs', f'convergence_{name}.csv')) as f:
+            series[name] = [(int(r['step']), float(r['val_psnr'])) for r in csv.DictReader(f) if r.get('val_psnr')]
+    pts = [p for s in series.values() for p in s]
+    s1, (y0, y1) = max(s for s, _ in pts), (min(v for _, v in pts) - 0.5, max(v for _, v in pts) + 0.5)
+    xy = lambda s, v: (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))  # noqa: E731
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, W - m, H - m], outline='black')
+    for v in range(int(y0) + 1, int(y1) + 1):  # a grid line per dB, a tick per quarter of the steps
+        d.line([xy(0, v), xy(s1, v)], fill=(225, 225, 225))
+        d.text((m - 22, xy(0, v)[1] - 6), str(v), fill='black')
+    for s in range(0, s1 + 1, s1 // 4):
+        d.text((xy(s, y0)[0] - 10, H - m + 6), str(s), fill='black')
+    d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs training steps (0 .. {s1}), same gld-tiny DiT', fill='black')
+    for i, (name, s) in enumerate(series.items()):
+        d.line([xy(*p) for p in s], fill=RUNS[name], width=2)
+        for p in s:
+            x, y = xy(*p)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=RUNS[name])
+        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB, step {s[-1][0]}', fill=RUNS[name])
+    img.save(path)
+    print(f'wrote {path}')
+
+
+def trajectories(path=os.path.join(HERE, 'trajectories.png')):
+    centre, up = torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, -1.0, 0.0])
+    two = cameras.look_at(torch.tensor([[-1.2, 0.0, 0.3], [1.2, 0.0, 0.3]]), centre.expand(2, 3), up)
+    K = torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)
+    panels = [('interp (2 sources)', two, 'interp', None), ('orbit (2 sources)', two, 'orbit', None),
+              ('orbit --arc 360', two, 'orbit', 360.0), ('orbit (1 source)', two[:1], 'orbit', None),
+              ('spiral (1 source)', two[:1], 'spiral', None), ('forward (1 source)', two[:1], 'forward', None)]
+    sheet = Image.new('RGB', (3 * 256, 2 * 256), 'white')
+    for i, (title, src, traj, arc) in enumerate(panels):
+        c2w, _ = cameras.preset_trajectory(src, K[:len(src)], traj, 12, arc)
+        export.draw_topdown(path + f'.{i}.png', src, c2w, title=title)
+        with Image.open(path + f'.{i}.png') as tile:
+            sheet.paste(tile, (256 * (i % 3), 256 * (i // 3)))
+        os.remove(path + f'.{i}.png')
+    sheet.save(path)
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+    convergence()
+    trajectories()
