@@ -3,9 +3,9 @@
     python bench.py                                   # gld-tiny on CPU: train step, Euler step, eager vs compile
     python bench.py --preset gld-paper --views 8 --size 504 --dtype bf16 --compile --device cuda   # the paper's M1
 
-Measures in one run: a DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler
-step with CFG, the frozen encoder/decoder parts, the M1 step fed from data vs the latent cache, peak memory, and on GPU
-in bf16 the SDPA backend. The README's claims come from here: ratios from one run, absolute times only from a GPU.
+Measures a DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler step with
+CFG, the frozen encoder/decoder parts, the M1 step fed from data vs the latent cache, peak memory, and on GPU in bf16
+the SDPA backend. The README's ratios come from one run, its absolute times only from a GPU.
 """
 import argparse
 import contextlib
@@ -41,7 +41,6 @@ def build_parser():
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
     p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen,data")
     p.add_argument('--data', default='data_synth', help='chunks for the M1 step fed from data vs cache (skipped if missing)')
-    p.add_argument('--formula', action='store_true', help='print the FLOP formula')
     return p
 
 
@@ -60,16 +59,15 @@ def timeit(fn, iters, warmup, device):
 def fake_batch(cfg, B, V, size, device):
     """Random latents and real cameras: V views on an arc, the first two sources."""
     h = w = size // data.PATCH
-    T, C = h * w, cfg.latent_dim
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, V, T, C, generator=g)
+    x = torch.randn(B, V, h * w, cfg.latent_dim, generator=g)
     src = (torch.arange(V) < 2)[None].expand(B, V)
     cond = x * src[:, :, None, None]
     eye = torch.tensor([[0.3 * v, 0.0, 0.1 * v] for v in range(V)])
     c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0])).expand(B, V, 4, 4)
     K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(B, V, 3, 3)
     cams = model_lib.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
-    upper = torch.randn(B, V, T, cfg.upper_dim, generator=g) if cfg.upper_dim else None
+    upper = torch.randn(B, V, h * w, cfg.upper_dim, generator=g) if cfg.upper_dim else None
     to = lambda t: t.to(device) if torch.is_tensor(t) else t
     return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
 
@@ -138,8 +136,8 @@ def bench_frozen(a, device, autocast, rows):
 
 
 def bench_data_paths(net, a, device, rows):
-    """The M1 step as train.py runs it (2 sources), fed from the data (decode the frames, DA3 on all views and on the
-    sources) and from a LatentCache of one draw per scene: samples/s of each, side by side."""
+    """The M1 step as train.py runs it (2 sources), fed from the data (decode, DA3 on all views and on the sources)
+    and from a LatentCache of one draw per scene: samples/s of each."""
     import tempfile
     enc = latents.build_encoder(a.encoder).to(device).freeze()
     ds = data.SceneDataset(a.data, 'train', num_views=a.views)
@@ -192,8 +190,6 @@ def main(argv=None):
     print(f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
           f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
           f'torch {torch.__version__}, {torch.get_num_threads()} threads')
-    if a.formula:
-        print(model_lib.flops_per_token.__doc__)
     rows, times = [], {}
     for label, m in [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else []):
         if 'train' not in skip:
@@ -203,10 +199,8 @@ def main(argv=None):
             m.train()
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
-    cache_speedup = None
-    if 'data' not in skip and os.path.isdir(a.data):
-        cache_speedup = bench_data_paths(net, a, device, rows)
-    elif 'data' not in skip:
+    cache_speedup = bench_data_paths(net, a, device, rows) if 'data' not in skip and os.path.isdir(a.data) else None
+    if 'data' not in skip and not os.path.isdir(a.data):
         print(f'{a.data}: no such folder, the data-fed step is skipped (python data.py synth makes it)')
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
