@@ -1,5 +1,4 @@
-"""cli.py: what every gld command line shares: UserError and its one-line report (run_cli), Progress lines, and
-choose_threads. The bottom of the import graph: torch and the standard library only."""
+"""cli.py: what every gld command line shares: UserError and its one-line report, Progress lines, choose_threads."""
 import math
 import os
 import sys
@@ -10,8 +9,7 @@ import torch
 
 
 class UserError(Exception):
-    """A user's mistake in a file, folder or flag, raised where it is found: one line naming what is wrong, the file,
-    and the fix as a flag or command. Any other exception is a bug and keeps its traceback."""
+    """A user's mistake in a file, folder or flag: one line naming what is wrong and the fix. Others are bugs."""
 
 
 def first_line(e):
@@ -20,8 +18,7 @@ def first_line(e):
 
 
 def run_cli(main, argv=None):
-    """Run an entry point's main(argv): a UserError becomes 'error: ...' on stderr and exit status 2 (GLD_DEBUG=1 also
-    prints its traceback)."""
+    """main(argv) where a UserError becomes 'error: ...' on stderr, exit status 2 (GLD_DEBUG=1: and its traceback)."""
     choose_threads()
     try:
         return main(argv)
@@ -36,8 +33,7 @@ def run_cli(main, argv=None):
 
 
 def choose_threads():
-    """One torch thread on a busy CPU (load above the free cores) when OMP_NUM_THREADS is unset: on a shared 2-core
-    machine the default ran every command 7-10x slower, with identical outputs."""
+    """One torch thread on a busy CPU when OMP_NUM_THREADS is unset (a shared 2-core machine ran 7-10x slower)."""
     if 'OMP_NUM_THREADS' in os.environ or not hasattr(os, 'getloadavg'):
         return
     cores = os.cpu_count() or 1
@@ -48,8 +44,7 @@ def choose_threads():
 
 
 class Progress:
-    """'M1 Euler 12/50  3.1s, ETA 9.8s' for a loop of `total` steps: updated in place on a terminal, a plain line at
-    most every `every` seconds (and at the end) in a log file; every=0: a plain line per step everywhere."""
+    """'M1 Euler 12/50  3.1s, ETA 9.8s': in place on a terminal, else a line every `every` s (0: every step)."""
 
     def __init__(self, label, total, every=10.0, stream=None):
         self.label, self.total, self.every, self.stream = label, total, every, stream or sys.stdout
