@@ -1883,7 +1883,7 @@ def world(tmp_path_factory):
     d = ['--data', str(root / 'data')]
     runs = {
         'encoder': ['--stage', 'encoder', '--encoder', 'da3-tiny', '--seed', '1', '--lr', '1e-3', '--gap', '1-2',
-                    '--workers', '2', '--wandb', 'gld-test', '--export', 'exported'],
+                    '--workers', '2', '--export', 'exported'],
         'decoder': ['--stage', 'decoder', '--decoder', 'tiny', '--encoder-weights', 'auto', '--level-dropout', '0.5',
                     '--noise-tau', '0.1', '--lpips', '--gan', '1', '--ema', '0.9', '--keep', '1', '--size', '42x56'],
         'level1': ['--level', '1', '--model', 'gld-tiny', '--src', '1-2', '--cam-drop', '0.5', '--t-dist', 'logit_normal',
@@ -2072,7 +2072,7 @@ SAMPLE_RUNS = [
 ]
 BENCH_RUNS = [
     ['--preset', 'gld-tiny', '--encoder', 'da3-tiny', '--decoder', 'tiny', '--views', '2', '--size', '28', '--batch', '1',
-     '--dtype', 'bf16', '--checkpointing', '--device', 'cpu', '--iters', '1', '--warmup', '0', '--formula'],
+     '--dtype', 'bf16', '--checkpointing', '--device', 'cpu', '--iters', '1', '--warmup', '0'],
     pytest.param(['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '1', '--compile', '--skip',
                   'sample,frozen,data'], marks=pytest.mark.slow),
 ]

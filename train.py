@@ -1,18 +1,14 @@
 """train.py: one entry point for every stage of GLD.
 
-    python train.py --stage encoder            # da3-tiny on synthetic scenes (depth + ray maps), the embedded default
+    python train.py --stage encoder            # da3-tiny on synthetic scenes (depth + ray maps); --encoder vae-tiny
     python train.py --stage decoder            # Stage 1: RGB decoder on frozen DA3 features, level-wise dropout
-    python train.py --level 1                  # Stage 3: M1, level-1 features of all views
-    python train.py --level 0                  # Stage 3: M1->0, level 0 conditioned on ground-truth level 1
+    python train.py --level 1                  # Stage 3: M1; --level 0: M1->0 on ground-truth level 1
     python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
     torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
-    python train.py --encoder vggt-tiny        # the same on another latent: vggt-*, dinov2-*, vae* (latents.build_encoder)
-    python train.py --stage encoder --encoder vae-tiny   # the tiny SD-architecture VAE on the synthetic scenes
 
-A few lines each: DDP (torchrun), bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with
-exact --resume, Ctrl-C checkpoints, NaN/inf skipping, log line + CSV + curves.png, periodic evaluation. Latents come
-from the frozen encoder on the fly (latents.py) or once per view draw (--cache); their statistics go into every
-checkpoint, so sample.py rebuilds the pipeline from the files alone.
+DDP, bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with exact --resume, Ctrl-C
+checkpoints, NaN/inf skipping, log line + CSV + curves.png, periodic evaluation. Latents come from the frozen encoder
+(latents.py: da3-*, vggt-*, dinov2-*, vae*) on the fly or from --cache; their statistics go into every checkpoint.
 """
 import argparse
 import contextlib
@@ -60,18 +56,14 @@ def build_parser():
     g.add_argument('--data', default='data_synth', help="chunk folder, 're10k:PATH', 'dl3dv:PATH'; mixtures 'A*4,B*1'")
     g.add_argument('--views', type=int, default=8, help='views per sample V')
     g.add_argument('--src', default='1-4', help='number of source views per batch, a range lo-hi (paper: 1-4)')
-    g.add_argument('--src-mode', default='random', choices=['random', 'ends'],
-                   help="sources: a random subset (paper) or first and last, evenly spaced for more (N=2 evaluation)")
+    g.add_argument('--src-mode', default='random', choices=['random', 'ends'], help='random sources (paper) or the ends')
     g.add_argument('--size', default='', help="HxW (multiples of 14), 'buckets' for the paper's mixed sizes; '' = the data's size")
     g.add_argument('--gap', default='1-5', help='frame gap range between consecutive views')
     g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
-    g.add_argument('--cache', type=int, default=0, help='diffusion: train on this many view draws per scene encoded '
-                   'once into runs/cache/ (0 = encode every batch)')
+    g.add_argument('--cache', type=int, default=0, help='diffusion: view draws per scene encoded once (0 = off)')
     g = p.add_argument_group('models')
-    g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-{tiny,small,base,large,giant} (GLD), vggt-{tiny,1b}, '
-                   'dinov2-{s,b,l}[-reg], vae[-tiny] (latents.build_encoder)')
-    g.add_argument('--encoder-weights', default='auto', help="encoder weights file; 'auto' = runs/encoder then weights/tiny "
-                   "(other encoders: runs/encoder-NAME, else random); 'none' = random")
+    g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-*, vggt-*, dinov2-*, vae* (latents.py)')
+    g.add_argument('--encoder-weights', default='auto', help="file; 'auto' = runs/encoder[-NAME], else bundled or random")
     g.add_argument('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset (stage decoder), see decoder.PRESETS')
     g.add_argument('--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip")
     g.add_argument('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset, see model.PRESETS')
@@ -103,10 +95,8 @@ def build_parser():
     g.add_argument('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
     g.add_argument('--log-every', type=int, default=20, help='log interval (steps)')
     g.add_argument('--eval-every', type=int, default=500, help='periodic evaluation interval (steps, 0 = off)')
-    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors here '
-                   '(weights/tiny only with --force)')
+    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors here')
     g.add_argument('--force', action='store_true', help='let --export replace the bundled models in weights/tiny')
-    g.add_argument('--wandb', default='', help='wandb project name (only when wandb is installed)')
     return p
 
 
@@ -119,7 +109,7 @@ def get_args(argv=None):
         with torch.device('meta'):
             args.level = min(1, latents.build_encoder(args.encoder).num_levels - 1)
     args.out = args.out or os.path.join('runs', model_name(args))
-    recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
+    recipe = RECIPES[args.stage]
     args.lr = args.lr if args.lr is not None else recipe['lr']
     args.ema = args.ema if args.ema is not None else recipe['ema']
     lo, hi = parse_range(args.src, '--src')
@@ -129,7 +119,6 @@ def get_args(argv=None):
 
 
 def parse_range(s, flag):
-    """'lo-hi' or 'n' -> (lo, hi); anything else is a UserError naming the flag."""
     lo, _, hi = s.partition('-')
     try:
         return int(lo), int(hi or lo)
@@ -144,15 +133,13 @@ def model_name(args):
 
 
 def load_encoder(args, device):
-    """The frozen encoder of the latents; --encoder-weights auto: da3-tiny's runs/encoder else the bundled one, other
-    encoders' runs/encoder-NAME else random (pipeline.load_encoder)."""
+    """The frozen encoder of the latents (--encoder-weights auto: see pipeline.load_encoder)."""
     auto = args.encoder_weights == 'auto' and args.encoder == 'da3-tiny'
     return pipeline.load_encoder(args.encoder, pipeline.auto_checkpoint('encoder') if auto else args.encoder_weights,
                                  device, ckpt_dir='runs')
 
 
 # ----------------------------------------------------------------------------- distributed, RNG, checkpoints
-
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python train.py` runs as one process."""
     if 'RANK' not in os.environ:
@@ -192,8 +179,7 @@ def save_checkpoint(out, step, state, keep):
 
 
 def load_newest_checkpoint(out, device):
-    """--resume: the newest checkpoint in out that loads -> (path, state), naming the newer ones skipped; (None, None)
-    when there is none; a UserError when none loads."""
+    """--resume: the newest checkpoint in out that loads -> (path, state); (None, None) when there is none."""
     paths = list_checkpoints(out)
     for path in reversed(paths):
         try:
@@ -211,7 +197,7 @@ def load_newest_checkpoint(out, device):
 
 
 def lr_at(step, args, r):
-    """Linear warm-up to args.lr, then constant or cosine down to the recipe's min_lr at args.steps."""
+    """Linear warm-up to args.lr, then constant or cosine down to the recipe's min_lr."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if r['schedule'] == 'constant':
@@ -221,20 +207,12 @@ def lr_at(step, args, r):
 
 
 # ----------------------------------------------------------------------------- logging
-
 class Logger:
-    """Rank 0: the dense line, log.csv (rewritten with the union of columns; a resume keeps the rows up to its step),
-    curves.png, and wandb when installed and asked for."""
+    """Rank 0: the dense line, log.csv (all columns; a resume keeps the rows up to its step) and curves.png."""
 
-    def __init__(self, out, rank, wandb_project, config, start_step=0):
-        self.rank, self.out, self.path, self.wandb = rank, out, os.path.join(out, 'log.csv'), None
+    def __init__(self, out, rank, start_step=0):
+        self.rank, self.out, self.path = rank, out, os.path.join(out, 'log.csv')
         self.rows = [r for r in read_csv(self.path) if r['step'] <= start_step]
-        if rank == 0 and wandb_project:
-            try:
-                import wandb
-                self.wandb = wandb.init(project=wandb_project, config=config)
-            except ImportError:
-                print('wandb is not installed: logging to CSV only')
 
     def log(self, row):
         if self.rank != 0:
@@ -246,8 +224,6 @@ class Logger:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader(); w.writerows(self.rows)
         os.replace(self.path + '.tmp', self.path)
-        if self.wandb:
-            self.wandb.log(row, step=row['step'])
 
     def plot(self, keys=('loss', 'val_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')):
         """curves.png drawn with Pillow: a panel per logged key, the training loss on a log10 axis."""
@@ -279,11 +255,8 @@ def read_csv(path):
 
 
 # ----------------------------------------------------------------------------- the stages
-
 class EncoderStage:
-    """An encoder trained from scratch with its own training_loss: da3-tiny with DA3's depth and ray-map losses (our
-    small geometric foundation model), da3-tiny-recon (the same ViT) with RGB reconstruction only, vae-tiny with the
-    VAE's."""
+    """An encoder trained from scratch with its own training_loss (da3-tiny: DA3's depth and ray-map losses)."""
     kind, extra = 'encoder', {}  # extra: what checkpoints and exports record besides the weights
 
     def __init__(self, args, device, loader):
@@ -298,8 +271,7 @@ class EncoderStage:
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """Median-aligned depth AbsRel, RMSE, delta1; an encoder without geometry (the VAE, da3-tiny-recon): the PSNR of
-        its own reconstructions."""
+        """Median-aligned depth AbsRel, RMSE, delta1; without geometry, the PSNR of its own reconstructions."""
         net = unwrap(self.net)
         if not net.has_geometry:
             ps = [data.psnr(net.reconstruct(s['images']).clamp(0, 1), s['images']).mean() for s in scenes]
@@ -374,8 +346,7 @@ class DiffusionStage:
         self.dec = self.eval_decoder(args, device)
 
     def eval_decoder(self, args, device):
-        """The RGB decoder of periodic evaluation: the encoder's own, --decoder-ckpt, or 'auto' (runs/decoder[-NAME],
-        for da3-tiny else the bundled one); None (evaluation skipped) for 'none' or when none exists."""
+        """The RGB decoder of periodic evaluation: the encoder's own, --decoder-ckpt, 'auto', or None (skipped)."""
         if args.decoder_ckpt == 'none':
             return None
         if self.enc.has_rgb_decoder:
@@ -398,9 +369,8 @@ class DiffusionStage:
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
-        """N=2 -> 6 with 10 Euler steps, a cheap predictor of sample quality: the generated level's MSE on the targets
-        (normalised; zeros give about 1), their PSNR decoded with the levels above it (a cascade model: the true upper
-        level; an independent one: those propagated from its own); a grid of 4 scenes."""
+        """N=2 -> 6 with 10 Euler steps: the generated level's normalised MSE on the targets, their PSNR decoded with
+        the true upper level (cascade) or the ones propagated from it (independent), a grid of 4 scenes."""
         if self.dec is None:
             return {}
         meta = {'stats': self.stats, 'upper_level': self.upper_level}
@@ -421,7 +391,7 @@ class DiffusionStage:
 
 
 def unwrap(net):
-    """The plain module inside DDP and torch.compile wrappers (evaluation must not run DDP's collectives)."""
+    """The plain module inside DDP and torch.compile wrappers."""
     net = getattr(net, '_orig_mod', net)
     return getattr(net, 'module', net)
 
@@ -430,14 +400,13 @@ STAGES = {'encoder': EncoderStage, 'decoder': DecoderStage, 'diffusion': Diffusi
 
 
 def validation_scenes(val, device, n=8):
-    """The first n test scenes in the N=2 protocol (first and last view as sources), on the device."""
     scenes = [data.collate_one(val[i]) for i in range(min(n, len(val)))]
     return [data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in s.items()}, 2, mode='ends')
             for s in scenes]
 
 
 def build_cache(args, stage, size, gap, rank, world, device):
-    """--cache: the DA3 outputs of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
+    """--cache: the latents of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
     if args.size == 'buckets':
         raise cli.UserError('--cache works at one image size: pass --size HxW or drop --cache')
     src = parse_range(args.src, '--src')
@@ -454,12 +423,11 @@ def build_cache(args, stage, size, gap, rank, world, device):
 
 
 # ----------------------------------------------------------------------------- main loop
-
 STOP = []  # set by the first Ctrl-C of a one-process run (main clears it and installs interrupt)
 
 
 def interrupt(signum, frame):
-    """The first Ctrl-C ends training after the step in flight, with a checkpoint at it; a second one at once."""
+    """The first Ctrl-C ends training with a checkpoint after the step in flight; a second one at once."""
     STOP.append(signum)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -472,17 +440,15 @@ def main(argv=None):
         raise cli.UserError(f'--export {args.export}: that folder holds the bundled models; export to a new folder '
                              '(e.g. --export weights/mine) or add --force to replace them')
     data.make_output_dir(args.out)
-    recipe = RECIPES['diffusion' if args.stage == 'diffusion' else args.stage]
+    recipe = RECIPES[args.stage]
     bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     # data: one sample = V views of one scene, temporal order; sources are chosen per batch below
     size, gap, (src_lo, src_hi) = data.parse_size(args.size, buckets=True), parse_range(args.gap, '--gap'), parse_range(args.src, '--src')
     dataset = data.make_dataset(args.data, split='train', num_views=args.views, size=size, gap=gap, seed=args.seed)
     loader = data.make_loader(dataset, args.batch_size, shuffle=True, num_workers=args.workers, distributed=world > 1, seed=args.seed)
     val = data.SceneDataset(args.data, split='test', num_views=args.views, size=None if size == 'buckets' else size, gap=gap,
                             seed=args.seed, eval=True)
-
     # the stage (its network, loss and evaluation), EMA, optimizer, the latent cache, resume
     stage = STAGES[args.stage](args, device, loader)
     net = stage.net
@@ -507,7 +473,7 @@ def main(argv=None):
         print(f'--resume: no checkpoint in {args.out}, starting from scratch')
     train_net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
     stage.net = torch.compile(train_net, dynamic=False) if args.compile else train_net  # the loss calls stage.net
-    logger = Logger(args.out, rank, args.wandb, vars(args), start_step=step)
+    logger = Logger(args.out, rank, start_step=step)
     if rank == 0:
         print(f'{args.stage} {"level " + str(args.level) if args.stage == "diffusion" else ""}: '
               f'{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {len(dataset)} scenes, world {world}, device {device}')
@@ -534,7 +500,6 @@ def main(argv=None):
                     pos = i + 1
                     yield b
             epoch, pos = epoch + 1, 0
-
     STOP.clear()
     if world == 1 and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupt)
