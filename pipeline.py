@@ -1,7 +1,6 @@
-"""pipeline.py: the GLD cascade and the model files it is made of, shared by sampling and training.
+"""pipeline.py: the GLD cascade and its model files, shared by sampling and training.
 
-- Model files: find, load (SHA-256 checked and printed), export; a model records the encoder file and hash of its
-  latents, and loading refuses another encoder.
+- Model files: find, load (SHA-256 checked and printed), export; loading refuses a model of another encoder's latents.
 - `Pipeline.generate`, the cascade (paper Sec. 4, Fig. 2): DA3 on the sources -> M_k generates level k of all views
   -> M_{k->k-1} ... level 0 -> frozen DA3 blocks propagate level k deeper -> RGB decoder and DA3's geometry head.
 
@@ -32,14 +31,12 @@ COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: trai
 
 
 def cascade_upper(level, independent=False, num_levels=4):
-    """The level conditioning the model of `level`: 1 for M1->0 (the cascade); None for M1..M3, the independent M0
-    (boundary ablation) and a one-level latent (DINOv2, the VAE)."""
+    """The level conditioning the model of `level`: 1 for M1->0 (the cascade), else None."""
     return 1 if level == 0 and not independent and num_levels > 1 else None
 
 
 def model_name(stage, encoder='da3-tiny'):
-    """A model's name (run folder runs/<name>, file weights/tiny/<name>.safetensors): the stage for da3-tiny,
-    '<stage>-<encoder>' on other latents, so runs on different latents never pick up each other's models."""
+    """A model's run folder and file name: the stage for da3-tiny, '<stage>-<encoder>' on other latents."""
     return stage if encoder == 'da3-tiny' else f'{stage}-{encoder}'
 
 
@@ -57,10 +54,8 @@ def train_command(name):
 
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
-
 def find_checkpoint(name, ckpt_dir=None):
-    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given (never a fallback), else the bundled
-    weights/tiny/<name>.safetensors."""
+    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given, else weights/tiny/<name>.safetensors."""
     if ckpt_dir:
         folder = os.path.join(ckpt_dir, name)
         found = list_checkpoints(folder)
@@ -76,10 +71,9 @@ def find_checkpoint(name, ckpt_dir=None):
 
 
 def list_checkpoints(folder):
-    """The training checkpoints folder/ckpt_<step>.pt, oldest first ([] for a missing folder)."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith('ckpt_') and f.endswith('.pt'))
+    """The training checkpoints folder/ckpt_<step>.pt, oldest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(os.path.join(folder, f) for f in names if f.startswith('ckpt_') and f.endswith('.pt'))
 
 
 def auto_checkpoint(name):
@@ -88,8 +82,7 @@ def auto_checkpoint(name):
 
 
 def load_checkpoint(path, device='cpu'):
-    """-> (meta, state_dict): a training checkpoint's EMA weights, or an export's weights + JSON sidecar; prints the
-    file and its SHA-256 (meta['sha256']). A missing, unreadable or altered file is a UserError naming it."""
+    """-> (meta, state_dict): a checkpoint's EMA weights, or an export's weights + JSON sidecar; prints the SHA-256."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
                         'pass a ckpt_*.pt of a run or an exported .safetensors')
@@ -138,9 +131,8 @@ def export_weights(kind, net, config, extra, folder, name):
 
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
-    """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint('encoder', ckpt_dir);
-    others: <ckpt_dir>/encoder-<preset> when trained there, else random). enc.source = {'weights', 'sha256'} is what
-    checkpoints record as the encoder that made their latents."""
+    """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
+    ckpt_dir, else random). enc.source = {'weights', 'sha256'} is what checkpoints record of their latents."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -163,8 +155,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
 
 
 def load_net(path, device, enc, name, build):
-    """build(meta['config']) with the weights of path, in eval mode -> (net, meta). enc: refuse a model trained on
-    another encoder's latents (by the recorded file hash; older checkpoints record none and are not checked)."""
+    """build(meta['config']) with the weights of path, in eval mode -> (net, meta); refuses another encoder's model."""
     meta, sd = load_checkpoint(path, device)
     want = (meta.get('encoder') or {}).get('sha256')
     if enc is not None and want and want != enc.source['sha256']:
@@ -190,14 +181,12 @@ def load_decoder(path, device='cpu', enc=None):
 
 
 # ----------------------------------------------------------------------------- the cascade
-
 class Pipeline:
     """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
-        self.progress = progress  # cli.Progress lines per Euler step
-        self.official = official  # None, or the released models' OfficialConventions (load_official_pipeline)
+        self.progress, self.official = progress, official  # official: the release's OfficialConventions, or None
 
     def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
         """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
@@ -228,8 +217,7 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
         """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; given:
-        {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry' ({} without
-        a head)}; propagation and geometry run where the encoder has them."""
+        {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
         B, V, _, H, W = images.shape
         enc, L = self.enc, self.enc.num_levels
         hw = (H // enc.patch, W // enc.patch)
@@ -264,8 +252,7 @@ class Pipeline:
 
 
 def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
-    """Encoder, decoder (or the encoder's own, the VAE's) and level{k}..level0 (or the independent level{l}_ind) by
-    name (model_name, find_checkpoint)."""
+    """Encoder, decoder and level{k}..level0 (or the independent level{l}_ind) by name (find_checkpoint)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
     dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
         load_decoder(find_checkpoint(model_name('decoder', encoder), ckpt_dir), device, enc)
