@@ -1,5 +1,4 @@
-"""sample.py: GLD from the command line: a scene or a user's photos through the cascade, the outputs, and the
-paper's evaluation protocol.
+"""sample.py: a scene or a user's photos through the GLD cascade (pipeline.Pipeline), the outputs, the evaluation.
 
     python sample.py                                   # bundled tiny models on a synthetic test scene -> out/sample/
     python sample.py --data re10k:PATH --scene KEY     # a dataset scene
@@ -7,9 +6,8 @@ paper's evaluation protocol.
     python sample.py --eval                            # N=2 -> 6 targets on the test split: tables, JSON, CSV
     python sample.py --official DIR                    # the released GLD models (see README)
 
-The cascade itself (paper Sec. 4, Fig. 2) is pipeline.Pipeline. This file adds the evaluation protocol (two
-baselines beside GLD on every scene, `--boundary k` / `--independent` for the ablations, `--recon` for Stage 1),
-the user's photos, cameras and trajectories, and the outputs (export.py writes the formats).
+Adds to the cascade (paper Sec. 4, Fig. 2) the evaluation protocol (two baselines beside GLD, `--boundary k` /
+`--independent` ablations, `--recon` for Stage 1), the user's photos, cameras and trajectories, and the outputs.
 """
 import argparse
 import contextlib
@@ -33,7 +31,6 @@ from export import save_image
 
 
 # ----------------------------------------------------------------------------- evaluation
-
 def baselines(images, n_src, c2w):
     """'nearest source view' (by camera distance) and 'mean colour' (of the sources) for every target."""
     idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
@@ -63,10 +60,9 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
             m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
         return m
     rows['gld'].update(geometry_metrics(out['geometry']))
-    raw = pipe.enc.encode(images)
     k = pipe.boundary
     if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
-        norm = pipe.models[k][1]['stats'].normalize
+        norm, raw = pipe.models[k][1]['stats'].normalize, pipe.enc.encode(images)
         rows['gld']['mse_k'] = float((norm(out['levels'][k], k) - norm(raw[k], k))[:, n_src:].pow(2).mean())
     if gt_geometry and pipe.enc.has_geometry:  # the head on the ground-truth images: the ceiling of "geometry for free"
         raw, cls = pipe.enc.encode(images, return_cls=True)
@@ -76,8 +72,7 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
 
 
 def write_table(per_scene, out_dir, name, title):
-    """Rows {'scene', 'method', metric: value} -> the means per method as a markdown table and JSON, and the rows as
-    a CSV, in out_dir/name.*"""
+    """Rows {'scene', 'method', metric: value} -> out_dir/name.md and .json (means per method), name_scenes.csv."""
     table = {}
     for row in per_scene:
         for k, v in row.items():
@@ -103,8 +98,7 @@ def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lp
     per_scene, n = [], min(n_scenes, len(dataset))
     bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
-        scene = data.collate_one(dataset[i])
-        scene = data.split_views(scene, n_src, mode='ends' if n_src == 2 else 'random',
+        scene = data.split_views(data.collate_one(dataset[i]), n_src, mode='ends' if n_src == 2 else 'random',
                                  generator=torch.Generator().manual_seed(seed + i))
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
         bar.step(f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})')
@@ -127,7 +121,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
 
 
 def ensure_data(spec):
-    """The default synthetic test scenes are rendered on first use (a few seconds; the same seeds as `data.py synth`)."""
+    """The default synthetic test scenes are rendered on first use (the same seeds as `data.py synth`)."""
     if spec == 'data_synth' and not os.path.isdir(os.path.join(spec, 'test')):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
         data.write_synth(spec, 0, 16)
@@ -137,7 +131,6 @@ def ensure_data(spec):
 
 
 # ----------------------------------------------------------------------------- writing outputs
-
 def colourise_depth(d):
     """(H,W) depth -> (3,H,W) with a simple perceptual ramp of inverse depth."""
     inv = 1 / d.clamp_min(1e-6)
@@ -152,12 +145,11 @@ OUTPUTS = ('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'depth.npy', 
 
 
 def our_files(folder):
-    """The files in folder that sample.py writes (OUTPUTS), sorted."""
     return sorted(f for pattern in OUTPUTS for f in glob.glob(os.path.join(glob.escape(folder), pattern)))
 
 
 def clear_outputs(folder):
-    """Remove what an earlier run wrote into folder (only the names in OUTPUTS), with a notice."""
+    """Remove what an earlier run wrote into folder (only the names in OUTPUTS)."""
     stale = our_files(folder)
     for f in stale:
         os.remove(f)
@@ -170,8 +162,7 @@ def clear_outputs(folder):
 
 def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
                   units='poses', frame='the dataset cameras'):
-    """A grid, a top-down view of the cameras, a video of the targets, depth maps (PNG + .npy), metrics.json, and via
-    export.write_scene images/ and the scene in `formats` in the world of `frame`. frames_gt: first targets' truth."""
+    """grid.png, trajectory.png, video, depth maps (PNG + .npy), metrics.json, and export.write_scene's 3D outputs."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
     V = pred.shape[0]
@@ -192,7 +183,6 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
 
 
 # ----------------------------------------------------------------------------- inputs
-
 def read_images(paths):
     """A user's photos -> (1,N,3,H,W) in [0,1]; one size for all."""
     ims = []
@@ -208,8 +198,8 @@ def read_images(paths):
 
 
 def match_cameras(paths, cams, where):
-    """The index of each image's frame in cams (export.read_cameras), matched by file name (else without extension).
-    A frame's file, where it exists, must be the image itself: other content means cameras of other photos."""
+    """The index of each image's frame in cams (export.read_cameras), matched by file name (else by stem); a frame's
+    file, where it exists, must be the image itself."""
     names, idx = cams['names'], []
     base, stem = os.path.basename, lambda f: os.path.splitext(os.path.basename(f))[0]
     for p in paths:
@@ -230,9 +220,8 @@ def match_cameras(paths, cams, where):
 
 
 def user_scene(paths, cams_path, size, enc, check=True):
-    """A user's photos with their cameras: cams_path (export.read_cameras: COLMAP, nerfstudio, per-frame npz), matched
-    to the photos by file name; without it DA3's head estimates them (check_estimate unless check=False).
-    -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
+    """A user's photos with the cameras of cams_path (export.read_cameras), else DA3's estimate (checked unless not
+    check) -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
     images = read_images(paths)
     H, W = images.shape[-2:]
     P = enc.patch  # image sides: multiples of the encoder's patch
@@ -281,33 +270,28 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='GLD sampling and evaluation',
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description='GLD sampling', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1, ...); default: weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
-    p.add_argument('--encoder', default='da3-tiny', help='latent encoder the models were trained on (train.py '
-                   '--encoder): da3-*, vggt-*, dinov2-*, vae* (latents.build_encoder)')
+    p.add_argument('--encoder', default='da3-tiny', help='the latent encoder of the models (train.py --encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
     p.add_argument('--src', type=int, default=None, help='source views N; default: 2 of a scene, all --images (with '
-                   '--cameras, the images after the first N are held-out targets, generated and compared)')
+                   '--cameras, the rest are held-out targets)')
     p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
-    p.add_argument('--cameras', default='', help='cameras of --images: a COLMAP model folder, a nerfstudio '
-                   'transforms.json or a folder of per-frame .npz; default: estimated by DA3 and checked')
+    p.add_argument('--cameras', default='', help='cameras of --images: COLMAP, nerfstudio or .npz; default: DA3 estimate')
     p.add_argument('--keep-estimate', action='store_true', help="keep DA3's camera estimate even if implausible")
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'], help='target trajectory '
-                   '(README); default: interp through the sources, orbit for one, none when --src holds images out')
-    p.add_argument('--arc', type=float, default=None, help='degrees the orbit turns about the scene centre; default: '
-                   'to the last source (30 with one); 360: a full turn')
+    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
+                   help='target trajectory; default: interp, orbit for one source, none with held-out images')
+    p.add_argument('--arc', type=float, default=None, help='orbit degrees; default: to the last source (30 with one)')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
-    p.add_argument('--steps', type=int, default=50, help="Euler steps; with --official the release's num_steps "
-                   '(time-grid points: 50 -> 49 steps)')
+    p.add_argument('--steps', type=int, default=50, help="Euler steps; with --official the release's num_steps")
     p.add_argument('--cfg-scale', type=float, default=1.5, help='classifier-free guidance scale over cameras (1 = off)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
@@ -316,8 +300,7 @@ def build_parser():
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
     p.add_argument('--export', default=','.join(export.DEFAULT_FORMATS), type=export.parse_formats,
-                   help='3D outputs beside images/, comma-separated: ply (points.ply), colmap (sparse/0/*.bin), '
-                        'colmap-text (sparse/0/*.txt), glb (scene.glb), nerfstudio (transforms.json); "": none')
+                   help='3D outputs, comma-separated: ply, colmap, colmap-text, glb, nerfstudio; "": none')
     return p
 
 
@@ -391,8 +374,7 @@ def main(argv=None):
         gt, metrics = images[0, n_src:], rows
         print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
     clear_outputs(a.out)
-    write_outputs(a.out, images, res, c2w, K, n_src, frames_gt=gt, metrics=metrics, formats=a.export, units=units,
-                  frame=frame)
+    write_outputs(a.out, images, res, c2w, K, n_src, gt, metrics, a.export, units, frame)
     print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
 
