@@ -54,13 +54,9 @@ class DinoViT(nn.Module):
 
     def forward(self, x, affine=True):
         """x (N,3,H,W) ImageNet-normalised -> patch tokens after the final LayerNorm (affine=False: RAE's) (N,T,C)."""
-        N, _, H, W = x.shape
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)            # (N,T,C)
-        x = torch.cat([self.cls_token.expand(N, 1, -1), x], 1)
-        # the hub's register models resize with size=(h, w) + antialias and offset 0 (VGGT builds its ViT alike)
-        x = x + encoder_lib.resize_pos_embed(self.pos_embed, H // PATCH, W // PATCH, antialias=self.registers > 0)
+        x = encoder_lib.patch_tokens(self, x, antialias=self.registers > 0)  # the hub's register models antialias
         if self.registers:                                                  # after cls, no position embedding
-            x = torch.cat([x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]], 1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], 1)
         for blk in self.blocks:
             x = blk(x)
         w, b = (self.norm.weight, self.norm.bias) if affine else (None, None)
