@@ -16,6 +16,7 @@ Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -61,7 +62,6 @@ PRESETS['da3-tiny-recon'] = replace(PRESETS['da3-tiny'], name='da3-tiny-recon', 
 
 
 # ---- Backbone: DINOv2 ViT/14 with DA3's alternating attention --------------------------------
-
 def rope_tables(pos, head_dim, base=100.0):
     """2D RoPE tables for positions pos (N,2)=(y,x) -> cos, sin (N, head_dim): a head's first half by y, second by x."""
     d = head_dim // 2
@@ -82,24 +82,6 @@ def apply_rope(x, cos, sin):
     """x (..., N, head_dim) laid out [y1, y2, x1, x2] -> x*cos + [-y2, y1, -x2, x1]*sin."""
     a, b = x.unflatten(-1, (2, 2, -1)).unbind(-2)
     return x * cos + torch.stack([-b, a], -2).flatten(-3) * sin
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -131,16 +113,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """DINOv2's pre-norm block with LayerScale (ls1/ls2.gamma); FFN: GELU MLP (fc1, fc2) or SwiGLU (w12, w3)."""
+
     def __init__(self, dim, heads, qk_norm, swiglu, eps=1e-6):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qk_norm)
-        self.mlp = (SwiGLU if swiglu else Mlp)(dim, 4 * dim)
-        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+        self.mlp = SwiGLU(dim, 4 * dim) if swiglu else nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+        self.ls1, self.ls2 = (nn.ParameterDict({'gamma': nn.Parameter(torch.ones(dim))}) for _ in range(2))
 
     def forward(self, x, rope=None):
-        x = x + self.ls1(self.attn(self.norm1(x), rope))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x), rope) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 def select_reference_view(tok0):
@@ -221,7 +206,6 @@ class ViT(nn.Module):
 
 
 # ---- DualDPT geometry head and camera decoder ------------------------------------------------
-
 def add_uv(x, aspect):
     """x (B',c,h,w) + 0.1 DA3's UV embedding: sin/cos (base 100) of centred, diagonal-normalised u and v."""
     (c, h, w), sx, sy = x.shape[1:], aspect / math.hypot(aspect, 1), 1 / math.hypot(aspect, 1)
@@ -352,7 +336,6 @@ def decode_pose(pose, H, W, eps=None):
 
 
 # ---- The encoders ----------------------------------------------------------------------------
-
 class LatentEncoder(nn.Module):
     """What the latent encoders share (the interface: latents.build_encoder's docstring)."""
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
@@ -459,7 +442,6 @@ class DA3(LatentEncoder):
 
 
 # ---- Geometry from the head's outputs --------------------------------------------------------
-
 def pixel_grid(h, w, device, dtype=torch.float64):
     """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
     xy = cameras.pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
@@ -517,7 +499,6 @@ def depth_to_points(depth, c2w, K):
 
 
 # ---- Weights ---------------------------------------------------------------------------------
-
 def read_tensors(path, what, fix):
     """A .safetensors or torch file of tensors -> dict; an unreadable file is a UserError naming it, with `fix`."""
     path = str(path)
@@ -618,7 +599,6 @@ def load_weights(enc, weights, source=None):
 
 
 # ---- Latent statistics (GLD normalises each level per channel) -------------------------------
-
 class LatentStats:
     """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
     eps = 1e-5
@@ -675,7 +655,6 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1)):
 
 
 # ---- Training loss for the tiny encoder (DA3-style) ------------------------------------------
-
 def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
     """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt -> (loss, parts).
     GT in view 0's frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth: c |d - d*| - alpha
