@@ -173,8 +173,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
-        self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu)
-                                    for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(C, eps=1e-5)
 
     def run(self, x, start, hw, local_x=None, ref_view='first'):
@@ -580,9 +579,8 @@ def load_weights(enc, weights, source=None):
         for k in group:
             sd.setdefault(k, next((sd[a] for a in group if a in sd), None))
     sd = {k: v for k, v in sd.items() if v is not None}
-    if any(k.startswith('cam_dec.') for k in own) and not any(k.startswith('cam_dec.') for k in sd):
-        print('encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
-              '(poses from rays in geometry() are unaffected)')
+    no_cam_dec = hasattr(enc, 'cam_dec') and not any(k.startswith('cam_dec.') for k in sd)
+    if no_cam_dec:
         own = {k: v for k, v in own.items() if not k.startswith('cam_dec.')}
     diff = key_diff(own, sd)
     if diff:
@@ -594,6 +592,9 @@ def load_weights(enc, weights, source=None):
                                 'in Python)')
         raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
                             'preset the weights were made for:' + diff)
+    if no_cam_dec:
+        print('encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
+              '(poses from rays in geometry() are unaffected)')
     enc.load_state_dict(sd, strict=False)
     return enc
 
