@@ -5,6 +5,7 @@ Sources and line numbers: shared/notes/vggt-architecture.md.
   (frame 0 takes index 0 of the learned tokens, the others index 1) through 24 pairs of a frame and a global block.
 - Levels as GLD's release: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048, RAW;
   `propagate` resumes from level k. Heads: DPT depth head (DualDPT's main branch), the adaLN camera head.
+- Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
 Difference from the GLD release: it also diffuses the 5 special tokens of each level; here propagation and the
 camera head take those of the first source view encoded alone (`first_view_cls`), as DA3's token 0.
 
