@@ -1,13 +1,9 @@
 """DINOv2 ViT/14 as a latent space: the RAE-style baseline of the GLD paper's tables, and VGGT's patch embed.
 
-- `DinoViT`: the DINOv2 backbone in its official checkpoint layout (facebookresearch/dinov2 torch-hub files
-  dinov2_vit{s,b,l}14[_reg4]_pretrain.pth), built from encoder.Block without qk-norm and RoPE.
-- `DINOv2`: the encoder interface (latents.build_encoder's docstring) over it: ONE level, the last layer's patch
-  tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), each view on its own; no geometry,
-  no propagation; a decoder.RGBDecoder with one level is trained on it (RAE's decoder).
-- Presets dinov2-{s,b,l} and dinov2-{s,b,l}-reg (4 registers); strict, readable weight loading.
-The 37x37 position table is resized as the hub models do (encoder.resize_pos_embed). RAE feeds 224 px; here
-images keep the data's size (sides multiples of 14) like the other latents.
+- `DinoViT`: the DINOv2 backbone in the official torch-hub checkpoint layout (dinov2_vit{s,b,l}14[_reg4]_pretrain.pth).
+- `DINOv2`: ONE level, the last layer's patch tokens after the final LayerNorm WITHOUT its affine (RAE's
+  Dinov2withNorm), each view on its own; a one-level decoder.RGBDecoder is trained on it (RAE's decoder).
+- Presets dinov2-{s,b,l}[-reg] (4 registers). Images keep the data's size (RAE feeds 224 px).
 
 References: DINOv2 (arXiv 2304.07193), registers (arXiv 2309.16588), RAE (arXiv 2510.11690), GLD (2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
@@ -57,15 +53,10 @@ class DinoViT(nn.Module):
             nn.init.normal_(p, std=0.02)
 
     def forward(self, x, affine=True):
-        """x (N,3,H,W) ImageNet-normalised -> patch tokens after the final LayerNorm (N,T,C), row-major.
-        affine=False: the LayerNorm without its weight and bias (RAE)."""
-        N, _, H, W = x.shape
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)            # (N,T,C)
-        x = torch.cat([self.cls_token.expand(N, 1, -1), x], 1)
-        # the hub's register models resize with size=(h, w) + antialias and offset 0 (VGGT builds its ViT alike)
-        x = x + encoder_lib.resize_pos_embed(self.pos_embed, H // PATCH, W // PATCH, antialias=self.registers > 0)
+        """x (N,3,H,W) ImageNet-normalised -> patch tokens after the final LayerNorm (affine=False: RAE's) (N,T,C)."""
+        x = encoder_lib.patch_tokens(self, x, antialias=self.registers > 0)  # the hub's register models antialias
         if self.registers:                                                  # after cls, no position embedding
-            x = torch.cat([x[:, :1], self.register_tokens.expand(N, -1, -1), x[:, 1:]], 1)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], 1)
         for blk in self.blocks:
             x = blk(x)
         w, b = (self.norm.weight, self.norm.bias) if affine else (None, None)
@@ -73,7 +64,7 @@ class DinoViT(nn.Module):
 
 
 class DINOv2(encoder_lib.LatentEncoder):
-    """A frozen DINOv2 as a one-level latent space (RAE's features); see the module docstring."""
+    """A frozen DINOv2 as a one-level latent space (RAE's features)."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -1,18 +1,13 @@
 """Frozen Depth Anything 3 (DA3) encoder: GLD's latent space, its geometry head and its statistics.
 
-DA3 rebuilt as the PyPI package depth_anything_3==0.1.1 builds it (same state-dict keys, outputs equal to float
-tolerance), plus what GLD needs on top.
-- DINOv2 ViT/14 backbone with DA3's changes: from `alt_start` odd blocks attend across all views (global), the
-  others per view (local); 2D RoPE (base 100) and QK LayerNorm from `rope_start` / `qknorm_start`; a camera token
-  replaces token 0 at `alt_start` (one for the reference view, one for the rest); SwiGLU FFN for the giant model.
+DA3 as depth_anything_3==0.1.1 builds it (same state-dict keys, outputs equal to float tolerance), plus GLD's parts.
+- DINOv2 ViT/14 backbone; from `alt_start` odd blocks attend across all views (global), the others per view; 2D RoPE
+  (base 100) and QK LayerNorm from `rope_start` / `qknorm_start`; a camera token replaces token 0 at `alt_start`.
 - Levels: the 4 out layers give cat(local_x, x_L) (2C channels), RAW from `encode` (GLD's diffusion space);
-  `normalize_levels` gives DA3's exported form (what heads read). `propagate` resumes the frozen blocks from a
-  (generated) level k to get levels k+1..3 (GLD sec. 4.3).
-- DualDPT head (depth, ray maps, confidences), camera decoder, `pose_from_rays` (deterministic DLT + IRLS; DA3's
-  RANSAC is random and biased for off-centre principal points); strict weight loading; `LatentStats`;
-  `geometry_loss` for the tiny preset (the latent-encoder registry and its interface: latents.build_encoder).
-Reference view: DA3 moves it to position 0 before `alt_start`; earlier blocks are per view and global attention is
-permutation-equivariant, so here it receives camera_token[0] in place and the view order never changes.
+  `normalize_levels` gives DA3's exported form (what heads read); `propagate` resumes from level k (GLD sec. 4.3).
+- DualDPT head, camera decoder, `pose_from_rays` (deterministic DLT + IRLS instead of DA3's random RANSAC), strict
+  weight loading, `LatentStats`, `geometry_loss` for the tiny preset. Registry: latents.build_encoder.
+The reference view keeps its position (DA3 moves it to 0; global attention is permutation-equivariant).
 
 References: Depth Anything 3 (arXiv 2511.10647, github.com/ByteDance-Seed/Depth-Anything-3);
 DINOv2 (arXiv 2304.07193); DPT (arXiv 2103.13413); GLD (arXiv 2603.22275).
@@ -21,6 +16,7 @@ Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,31 +45,25 @@ class EncoderConfig:
     features: int = 128                     # DualDPT fusion width
     out_channels: tuple = (96, 192, 384, 768)
     pos_grid: int = 37                      # pos_embed grid (518 / 14)
-    hub_repo: str = ''
-    objective: str = 'geometry'             # 'reconstruction': no geometry head, a linear pixel head (the DINO analogue)
+    objective: str = 'geometry'             # 'reconstruction': a linear pixel head instead (the DINO analogue)
 
 
-PRESETS = {
+PRESETS = {  # the official sizes' weights: model.safetensors of hub repos depth-anything/DA3-{SMALL,BASE,LARGE,GIANT}
     'da3-tiny': EncoderConfig('da3-tiny', 96, 10, 3, False, (3, 5, 7, 9), 2, 2, 2, 32, (16, 32, 64, 96)),
-    'da3-small': EncoderConfig('da3-small', 384, 12, 6, False, (5, 7, 9, 11), 4, 4, 4, 64,
-                               (48, 96, 192, 384), hub_repo='depth-anything/DA3-SMALL'),
-    'da3-base': EncoderConfig('da3-base', 768, 12, 12, False, (5, 7, 9, 11), 4, 4, 4, 128,
-                              (96, 192, 384, 768), hub_repo='depth-anything/DA3-BASE'),
+    'da3-small': EncoderConfig('da3-small', 384, 12, 6, False, (5, 7, 9, 11), 4, 4, 4, 64, (48, 96, 192, 384)),
+    'da3-base': EncoderConfig('da3-base', 768, 12, 12, False, (5, 7, 9, 11), 4, 4, 4, 128, (96, 192, 384, 768)),
     'da3-large': EncoderConfig('da3-large', 1024, 24, 16, False, (11, 15, 19, 23), 8, 8, 8, 256,
-                               (256, 512, 1024, 1024), hub_repo='depth-anything/DA3-LARGE'),
+                               (256, 512, 1024, 1024)),
     'da3-giant': EncoderConfig('da3-giant', 1536, 40, 24, True, (19, 27, 33, 39), 13, 13, 13, 256,
-                               (256, 512, 1024, 1024), hub_repo='depth-anything/DA3-GIANT'),
+                               (256, 512, 1024, 1024)),
 }
 # The same ViT as da3-tiny trained for RGB reconstruction only: the latent of the DINO/RAE baseline in miniature.
 PRESETS['da3-tiny-recon'] = replace(PRESETS['da3-tiny'], name='da3-tiny-recon', objective='reconstruction')
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbone: DINOv2 ViT/14 with DA3's alternating attention
-
+# ---- Backbone: DINOv2 ViT/14 with DA3's alternating attention --------------------------------
 def rope_tables(pos, head_dim, base=100.0):
-    """2D RoPE tables for integer positions pos (N,2)=(y,x) -> cos, sin (N, head_dim).
-    The first half of a head is rotated by y, the second by x, each in rotate-half layout."""
+    """2D RoPE tables for positions pos (N,2)=(y,x) -> cos, sin (N, head_dim): a head's first half by y, second by x."""
     d = head_dim // 2
     inv_freq = base ** -(torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
     ang = pos.float()[..., None] * inv_freq                                    # (N,2,d/2)
@@ -92,24 +82,6 @@ def apply_rope(x, cos, sin):
     """x (..., N, head_dim) laid out [y1, y2, x1, x2] -> x*cos + [-y2, y1, -x2, x1]*sin."""
     a, b = x.unflatten(-1, (2, 2, -1)).unbind(-2)
     return x * cos + torch.stack([-b, a], -2).flatten(-3) * sin
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -141,16 +113,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """DINOv2's pre-norm block with LayerScale (ls1/ls2.gamma); FFN: GELU MLP (fc1, fc2) or SwiGLU (w12, w3)."""
+
     def __init__(self, dim, heads, qk_norm, swiglu, eps=1e-6):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qk_norm)
-        self.mlp = (SwiGLU if swiglu else Mlp)(dim, 4 * dim)
-        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+        self.mlp = SwiGLU(dim, 4 * dim) if swiglu else nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+        self.ls1, self.ls2 = (nn.ParameterDict({'gamma': nn.Parameter(torch.ones(dim))}) for _ in range(2))
 
     def forward(self, x, rope=None):
-        x = x + self.ls1(self.attn(self.norm1(x), rope))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.attn(self.norm1(x), rope) * self.ls1.gamma
+        return x + self.mlp(self.norm2(x)) * self.ls2.gamma
 
 
 def select_reference_view(tok0):
@@ -172,16 +147,19 @@ def imagenet_normalize(images):
     return (images - mean) / std
 
 
-def resize_pos_embed(pos_embed, h, w, antialias=False):
-    """pos_embed (1,1+G*G,C) -> (1,1+h*w,C) for an h x w grid, bicubic, as DINOv2: scale factor (n+0.1)/G
-    (its plain models, DA3) or, antialias=True, size=(h,w) with antialiasing (its register models, VGGT)."""
-    G = math.isqrt(pos_embed.shape[1] - 1)
-    if h == w == G:
-        return pos_embed
-    grid = pos_embed[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
-    size = dict(size=(h, w), antialias=True) if antialias else dict(scale_factor=((h + 0.1) / G, (w + 0.1) / G))
-    grid = F.interpolate(grid, mode='bicubic', **size).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-    return torch.cat([pos_embed[:, :1].float(), grid], 1).to(pos_embed.dtype)
+def patch_tokens(vit, x, antialias=False):
+    """x (N,3,H,W) normalised -> [cls, patches] + position table (N,1+T,C) of a DINOv2-layout ViT. The G x G table is
+    resized bicubically as DINOv2 does: scale factor (n+0.1)/G (its plain models, DA3) or, antialias=True, size=(h,w)
+    with antialiasing (its register models, VGGT)."""
+    (N, _, H, W), pos = x.shape, vit.pos_embed
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)                         # (N,T,C)
+    G, h, w = math.isqrt(pos.shape[1] - 1), H // PATCH, W // PATCH
+    if not h == w == G:
+        grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
+        size = dict(size=(h, w), antialias=True) if antialias else dict(scale_factor=((h + 0.1) / G, (w + 0.1) / G))
+        grid = F.interpolate(grid, mode='bicubic', **size).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        pos = torch.cat([pos[:, :1].float(), grid], 1).to(pos.dtype)
+    return torch.cat([vit.cls_token.expand(N, 1, -1), x], 1) + pos
 
 
 class ViT(nn.Module):
@@ -195,30 +173,17 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
-        self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu)
-                                    for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(C, eps=1e-5)
-
-    def tokens(self, x):                                                  # x (B,V,3,H,W) normalised
-        B, V, _, H, W = x.shape
-        x = self.patch_embed.proj(x.flatten(0, 1)).flatten(2).transpose(1, 2)  # (BV,T,C)
-        x = torch.cat([self.cls_token.expand(B * V, 1, -1), x], 1)
-        x = x + resize_pos_embed(self.pos_embed, H // PATCH, W // PATCH)
-        return x.unflatten(0, (B, V))                                     # (B,V,1+T,C)
-
-    def rope(self, hw, V, device):
-        """(local, global) tables: local patches at (y+1,x+1), global all at (1,1), token 0 at (0,0)."""
-        local = rope_positions(hw, 1, device)                                      # (1+T,2)
-        glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)      # (V(1+T),2)
-        hd = self.cfg.embed_dim // self.cfg.heads
-        return rope_tables(local, hd), rope_tables(glob, hd)
 
     def run(self, x, start, hw, local_x=None, ref_view='first'):
         """Blocks start.. on the raw state x (B,V,1+T,C) -> raw levels (B,V,1+T,2C) at out layers >= start."""
         if ref_view not in ('first', 'saddle_balanced'):
             raise ValueError(f"ref_view must be 'first' or 'saddle_balanced', got {ref_view!r}")
         cfg, (B, V, N, C) = self.cfg, x.shape
-        local_rope, global_rope = self.rope(hw, V, x.device)
+        local = rope_positions(hw, 1, x.device)                                    # (1+T,2), token 0 at (0,0)
+        glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)     # (V(1+T),2), global patches at (1,1)
+        local_rope, global_rope = (rope_tables(p, C // cfg.heads) for p in (local, glob))
         ref = torch.zeros(B, dtype=torch.long, device=x.device)
         levels = []
         for i in range(start, cfg.depth):
@@ -239,9 +204,7 @@ class ViT(nn.Module):
         return levels
 
 
-# ----------------------------------------------------------------------------------------------
-# DualDPT geometry head and camera decoder
-
+# ---- DualDPT geometry head and camera decoder ------------------------------------------------
 def add_uv(x, aspect):
     """x (B',c,h,w) + 0.1 DA3's UV embedding: sin/cos (base 100) of centred, diagonal-normalised u and v."""
     (c, h, w), sx, sy = x.shape[1:], aspect / math.hypot(aspect, 1), 1 / math.hypot(aspect, 1)
@@ -291,9 +254,8 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class DualDPT(nn.Module):
-    """DA3's head: 4 levels -> depth + depth_conf (H x W) and ray + ray_conf (8h x 8w).
-    Only the finest aux level is used; output_conv{1,2}_aux.{0,1,2} exist for state-dict parity.
-    aux=False, relu_skip=True: VGGT's depth head (the main branch alone, RCU skips add relu(x))."""
+    """DA3's head: 4 levels -> depth + depth_conf (H x W) and ray + ray_conf (8h x 8w) from the finest aux level
+    (aux levels 0-2 exist for state-dict parity). aux=False, relu_skip=True: VGGT's depth head."""
 
     def __init__(self, dim_in, f, out_channels, aux=True, relu_skip=False):
         super().__init__()
@@ -327,8 +289,7 @@ class DualDPT(nn.Module):
         return getattr(sc, 'refinenet1' + suffix)(x, rn[0])                # (B',f,8h,8w)
 
     def forward(self, levels, H, W):
-        """levels: 4 x (B,V,T,2C) normalised form -> dict depth, depth_conf (B,V,H,W),
-        ray (B,V,8h,8w,6), ray_conf (B,V,8h,8w). Runs in fp32 with autocast off, as DA3 does."""
+        """4 normalised levels (B,V,T,2C) -> depth, depth_conf (B,V,H,W), ray (B,V,8h,8w,6), ray_conf; fp32 as DA3."""
         (B, V, T, D), h, w, aspect, sc = levels[0].shape, H // PATCH, W // PATCH, W / H, self.scratch
         with torch.autocast(levels[0].device.type, enabled=False):
             rn = []
@@ -362,8 +323,8 @@ class CameraDec(nn.Module):
 
 
 def decode_pose(pose, H, W, eps=None):
-    """DA3 / VGGT pose encoding (...,9) [t, quat xyzw, fov_h, fov_w] -> the pose (...,4,4) of (quat, t) and pixel
-    intrinsics (...,3,3) with the principal point at the centre (tan(fov/2) clamped to eps where given)."""
+    """DA3 / VGGT pose encoding (...,9) [t, quat xyzw, fov_h, fov_w] -> the pose (...,4,4) of (quat, t) and centred
+    pixel intrinsics (...,3,3) (tan(fov/2) clamped to eps where given)."""
     T = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])  # xyzw -> wxyz
     tan = torch.tan(pose[..., 7:9] / 2)
     tan = tan if eps is None else tan.clamp_min(eps)
@@ -373,9 +334,7 @@ def decode_pose(pose, H, W, eps=None):
     return T, K
 
 
-# ----------------------------------------------------------------------------------------------
-# The encoders
-
+# ---- The encoders ----------------------------------------------------------------------------
 class LatentEncoder(nn.Module):
     """What the latent encoders share (the interface: latents.build_encoder's docstring)."""
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
@@ -423,22 +382,20 @@ class DA3(LatentEncoder):
             nn.init.normal_(p, std=0.02)
 
     def encode(self, images, ref_view='first', return_cls=False):
-        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their token 0 (B,V,2C)].
-        A level is cat(output of the last local block, output of its global block), no final norm.
-        ref_view: 'first' (GLD) or 'saddle_balanced' (DA3's automatic choice, used when V >= 3)."""
+        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their token 0 (B,V,2C)]. ref_view: 'first'
+        (GLD) or 'saddle_balanced' (DA3's automatic choice, used when V >= 3)."""
         B, V, _, H, W = images.shape
         self.check_size(H, W)
         vit = self.backbone.pretrained
-        x = vit.tokens(imagenet_normalize(images).to(vit.pos_embed.dtype))
+        x = patch_tokens(vit, imagenet_normalize(images).flatten(0, 1).to(vit.pos_embed.dtype)).unflatten(0, (B, V))
         levels = vit.run(x, 0, (H // PATCH, W // PATCH), ref_view=ref_view)
         feats = [lv[:, :, 1:] for lv in levels]
         return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) -> raw levels k+1..3 through the frozen blocks after out layer k, all views jointly.
-        The hidden state is the global half of [cls, level k]; cls is a raw level-k token 0 (its local half completes
-        local_x): (B,2C) is broadcast to all views (GLD: the FIRST SOURCE VIEW's, encoded alone: `first_view_cls`),
-        (B,V,2C) is per view, and with the tokens of `encode` this reproduces the encoded deeper levels exactly."""
+        """Raw level k (B,V,T,2C) -> raw levels k+1..3 through the blocks after out layer k, all views jointly; the
+        state is the global half of [cls, level k], cls a raw level-k token 0: (B,2C) broadcast (GLD: the first source
+        view's, `first_view_cls`) or (B,V,2C) (encode's own: this reproduces the encoded deeper levels exactly)."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
@@ -454,9 +411,8 @@ class DA3(LatentEncoder):
         return [torch.cat([lv[..., :C], self.backbone.pretrained.norm(lv[..., C:])], -1) for lv in levels]
 
     def geometry(self, norm_levels, H, W, cls_last=None):
-        """Normalised levels -> depth, depth_conf (B,V,H,W), ray (B,V,8h,8w,6), ray_conf, and c2w
-        (B,V,4,4) + normalised K (B,V,3,3) fitted to the rays; with cls_last (raw last-level token 0,
-        (B,V,2C)) also cam_dec's 'extrinsics' (w2c (B,V,3,4)) and pixel 'intrinsics' (B,V,3,3)."""
+        """Normalised levels -> the head's outputs + c2w, normalised K fitted to the rays; with cls_last (raw last-level
+        token 0 (B,V,2C)) also cam_dec's 'extrinsics' (w2c (B,V,3,4)) and pixel 'intrinsics' (B,V,3,3)."""
         out = self.head(norm_levels, H, W)
         out['c2w'], out['K'] = pose_from_rays(out['ray'], out['ray_conf'])
         if cls_last is not None:
@@ -470,24 +426,21 @@ class DA3(LatentEncoder):
         return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
 
     def reconstruct(self, images):
-        """The reconstruction objective's pixel head: images (B,V,3,H,W) -> their reconstruction (B,V,3,H,W)."""
+        """The reconstruction objective's pixel head: images (B,V,3,H,W) -> their reconstruction."""
         (B, V, _, H, W), p = images.shape, PATCH
         x = self.pixel_head(torch.cat(self.normalize_levels(self.encode(images)), -1))      # (B,V,T,3pp)
         x = x.view(B, V, H // p, W // p, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)              # (B,V,3,h,p,w,p)
         return x.reshape(B, V, 3, H, W)
 
     def training_loss(self, batch):
-        """train.py --stage encoder: geometry_loss of a batch (images, depths, c2w, K) -> (loss, parts); the
-        reconstruction objective: the MSE of `reconstruct`."""
+        """train.py --stage encoder: geometry_loss (or, reconstruction objective, MSE) of a batch -> (loss, parts)."""
         if self.cfg.objective == 'reconstruction':
             mse = F.mse_loss(self.reconstruct(batch['images']), batch['images'])
             return mse, {'mse': mse.detach()}
         return geometry_loss(self(batch['images']), batch['depths'], batch['c2w'], batch['K'])
 
 
-# ----------------------------------------------------------------------------------------------
-# Geometry from the head's outputs
-
+# ---- Geometry from the head's outputs --------------------------------------------------------
 def pixel_grid(h, w, device, dtype=torch.float64):
     """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
     xy = cameras.pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
@@ -496,10 +449,9 @@ def pixel_grid(h, w, device, dtype=torch.float64):
 
 def pose_from_rays(ray, conf, iters=8):
     """Camera from a ray map: ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w (...,4,4), K (...,3,3).
-    Directions satisfy d ~ A p, A = R K^-1, p = [u,v,1] the normalised pixel centres: A is the weighted DLT solution
-    of d x (A p) = 0 (p conditioned), refined by IRLS with Geman-McClure weights conf / (1 + (e/s)^2)^2 on the chordal
-    error e, s = median e (deterministic, no RANSAC). QR gives A = R U, K = U^-1 / (U^-1)[2,2] for any principal
-    point. Camera centre = conf-weighted mean of the origins."""
+    d ~ A p, A = R K^-1, p = [u,v,1] the normalised pixel centres: A is the weighted DLT solution of d x (A p) = 0,
+    refined by IRLS with weights conf / (1 + (e/s)^2)^2 on the chordal error e, s = median e (deterministic, no RANSAC);
+    QR gives A = R U, K = U^-1 / (U^-1)[2,2]. Camera centre = conf-weighted mean of the origins."""
     *lead, h, w, _ = ray.shape
     d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
     conf = conf.double().flatten(-2)                                            # (...,P)
@@ -545,12 +497,9 @@ def depth_to_points(depth, c2w, K):
     return torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam) + c2w[..., None, None, :3, 3]
 
 
-# ----------------------------------------------------------------------------------------------
-# Weights
-
+# ---- Weights ---------------------------------------------------------------------------------
 def read_tensors(path, what, fix):
-    """A .safetensors or torch file of tensors -> dict; a missing, truncated or foreign file is a UserError naming it
-    (the readers' own errors name no file) with `fix`."""
+    """A .safetensors or torch file of tensors -> dict; an unreadable file is a UserError naming it, with `fix`."""
     path = str(path)
     try:
         if path.endswith('.safetensors'):
@@ -563,12 +512,9 @@ def read_tensors(path, what, fix):
 
 
 def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
-    """A weights file (read_tensors) or a state dict -> {key: tensor}: {'state_dict'|'model': ...} wrappers unwrapped
-    and the prefixes matching `strip` removed."""
-    if isinstance(weights, dict):
-        sd = dict(weights)
-    else:
-        sd = read_tensors(weights, 'weights', 'download it again or pass another --encoder-weights')
+    """A weights file or a state dict -> {key: tensor}, {'state_dict'|'model': ...} unwrapped, `strip` removed."""
+    sd = dict(weights) if isinstance(weights, dict) else read_tensors(
+        weights, 'weights', 'download it again or pass another --encoder-weights')
     for key in ('state_dict', 'model'):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -576,9 +522,8 @@ def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
 
 
 def read_da3_state_dict(weights):
-    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*, cam_dec.*):
-    DA3 hub model.safetensors ('model.' prefix), plain DA3Net state dicts (wrapped or with 'module.'), and bare
-    sub-module files such as GLD's release (pretrained_models/da3/model.safetensors + dpt_decoder.pt, the head)."""
+    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*, cam_dec.*): the
+    DA3 hub layout ('model.'), plain DA3Net state dicts, and bare sub-module files such as GLD's release."""
     sd = {}
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
         part = read_state_dict(str(path))
@@ -598,51 +543,31 @@ def skip_keys(sd, prefixes, who, why):
     return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 
 
-def key_diff(expected, sd):
-    """(missing, unexpected, [(key, got, want)]) between a reference state dict and sd."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    return missing, unexpected, shapes
-
-
-def describe_key_diff(missing, unexpected, shapes, n=12):
-    """Readable listing of a key_diff (at most n names per group)."""
-    def block(title, items):
-        more = f'\n    ... ({len(items) - n} more)' if len(items) > n else ''
-        return f'\n  {title} ({len(items)}):' + ''.join(f'\n    {i}' for i in items[:n]) + more
-    return (block('missing', missing) + block('unexpected', unexpected)
-            + block('shape mismatches', [f'{k}: checkpoint {a} vs model {b}' for k, a, b in shapes]))
+def key_diff(expected, sd, n=12):
+    """'' if sd has expected's keys and shapes, else a readable listing of the differences (n names per group)."""
+    groups = {'missing': [k for k in expected if k not in sd], 'unexpected': [k for k in sd if k not in expected],
+              'shape mismatches': [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}'
+                                   for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
+    if not any(groups.values()):
+        return ''
+    return ''.join(f'\n  {title} ({len(items)}):' + ''.join(f'\n    {i}' for i in items[:n])
+                   + (f'\n    ... ({len(items) - n} more)' if len(items) > n else '')
+                   for title, items in groups.items())
 
 
 def load_strict(module, sd, name):
     """Load sd into module after a strict key and shape check (a readable diff on mismatch); meta tensors assign."""
-    missing, unexpected, shapes = key_diff(module.state_dict(), sd)
-    if missing or unexpected or shapes:
-        raise ValueError(f'checkpoint does not fit encoder {name!r}:' + describe_key_diff(missing, unexpected, shapes))
+    diff = key_diff(module.state_dict(), sd)
+    if diff:
+        raise ValueError(f'checkpoint does not fit encoder {name!r}:' + diff)
     module.load_state_dict(sd, assign=any(v.is_meta for v in sd.values()))
     return module
 
 
-def matching_presets(sd):
-    """Names of the presets whose state-dict keys and shapes equal sd's (built on the meta device)."""
-    with torch.device('meta'):
-        return [name for name, cfg in PRESETS.items() if not any(key_diff(DA3(cfg).state_dict(), sd))]
-
-
-def load_weights(enc, weights, strict=True, source=None):
-    """Load official weights into enc. weights: 'hub' (download cfg.hub_repo with huggingface_hub), a file, a list
-    of files or a state dict (source: its file, for messages). cam_enc.* (camera conditioning), gs_head.* and
-    gs_adapter.* are not built and skipped with a note; a checkpoint without any cam_dec.* (GLD's split release
-    may be one) loads with a note. strict: a UserError with a readable key diff, or the preset the weights are for."""
-    if weights == 'hub':
-        try:
-            from huggingface_hub import hf_hub_download
-        except ImportError as e:
-            raise ImportError("weights='hub' needs huggingface_hub (pip install huggingface_hub); "
-                              'or pass a local model.safetensors') from e
-        weights = hf_hub_download(enc.cfg.hub_repo, 'model.safetensors')
+def load_weights(enc, weights, source=None):
+    """Load official weights into enc: a file, a list of files or a state dict (source: its file, for messages).
+    cam_enc.*, gs_head.*, gs_adapter.* are skipped with a note, and so is cam_dec.* where the checkpoint has none
+    (GLD's split release). A mismatch is a UserError with a readable key diff, or the preset the weights are for."""
     if not isinstance(weights, dict):
         source = weights if isinstance(weights, (str, os.PathLike)) else ', '.join(map(str, weights))
     sd = dict(weights) if isinstance(weights, dict) else read_da3_state_dict(weights)
@@ -654,25 +579,27 @@ def load_weights(enc, weights, strict=True, source=None):
         for k in group:
             sd.setdefault(k, next((sd[a] for a in group if a in sd), None))
     sd = {k: v for k, v in sd.items() if v is not None}
-    missing, unexpected, shapes = key_diff(own, sd)
-    if missing and all(k.startswith('cam_dec.') for k in missing) and not any(k.startswith('cam_dec.') for k in sd):
+    no_cam_dec = hasattr(enc, 'cam_dec') and not any(k.startswith('cam_dec.') for k in sd)
+    if no_cam_dec:
+        own = {k: v for k, v in own.items() if not k.startswith('cam_dec.')}
+    diff = key_diff(own, sd)
+    if diff:
+        with torch.device('meta'):
+            others = [n for n, cfg in PRESETS.items() if n != enc.cfg.name and not key_diff(DA3(cfg).state_dict(), sd)]
+        if others:
+            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
+                                f'{enc.cfg.name!r}: pass --encoder {others[0]} (latents.build_encoder({others[0]!r}) '
+                                'in Python)')
+        raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
+                            'preset the weights were made for:' + diff)
+    if no_cam_dec:
         print('encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
               '(poses from rays in geometry() are unaffected)')
-        missing = []
-    if strict and (missing or unexpected or shapes):
-        others = [n for n in matching_presets(sd) if n != enc.cfg.name] if shapes else []
-        if others:
-            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not {enc.cfg.name!r}: '
-                                f'pass --encoder {others[0]} (latents.build_encoder({others[0]!r}) in Python)')
-        raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
-                            'preset the weights were made for:' + describe_key_diff(missing, unexpected, shapes))
     enc.load_state_dict(sd, strict=False)
     return enc
 
 
-# ----------------------------------------------------------------------------------------------
-# Latent statistics (GLD normalises each level per channel)
-
+# ---- Latent statistics (GLD normalises each level per channel) -------------------------------
 class LatentStats:
     """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
     eps = 1e-5
@@ -694,9 +621,8 @@ class LatentStats:
         sd = {k: v.contiguous() for k, v in self.state_dict().items()}
         if str(path).endswith('.safetensors'):
             from safetensors.torch import save_file
-            save_file(sd, str(path))
-        else:
-            torch.save(sd, path)
+            return save_file(sd, str(path))
+        torch.save(sd, path)
 
     @classmethod
     def load(cls, path):
@@ -710,14 +636,14 @@ class LatentStats:
 
 
 @torch.no_grad()
-def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
-    """Stream batches (images (B,V,3,H,W) or dicts with 'images') through enc.encode and accumulate
-    per-channel sum and sum of squares in float64 (all-reduced across ranks under torch.distributed)."""
+def compute_latent_stats(enc, image_batches, levels=(0, 1)):
+    """Stream batches (images (B,V,3,H,W) or dicts with 'images') through enc.encode and accumulate per-channel sum
+    and sum of squares in float64 (all-reduced across ranks under torch.distributed)."""
     device = next(enc.parameters()).device
     sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
-        feats = enc.encode(images.to(device), **({'ref_view': ref_view} if ref_view != 'first' else {}))
+        feats = enc.encode(images.to(device))
         rows = [feats[l].double().flatten(0, -2) for l in levels]         # each (BVT,2C)
         sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
         count += rows[0].shape[0]
@@ -726,18 +652,14 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1), ref_view='first'):
         torch.distributed.all_reduce(count)
     mean = sums[:, 0] / count
     var = (sums[:, 1] / count - mean ** 2).clamp_min(0)
-    return LatentStats({l: mean[i].cpu() for i, l in enumerate(levels)},
-                       {l: var[i].cpu() for i, l in enumerate(levels)})
+    return LatentStats(*({l: t[i].cpu() for i, l in enumerate(levels)} for t in (mean, var)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Training loss for the tiny encoder (DA3-style)
-
+# ---- Training loss for the tiny encoder (DA3-style) ------------------------------------------
 def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
-    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt (B,V,3,3) -> (loss,
-    parts). GT in view 0's camera frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth:
-    c |d - d*| - alpha log c over valid pixels (+ grad_weight x L1 of the finite differences of d - d*); rays
-    (direction R K^-1 [u,v,1], origin) at the ray-map resolution, the same confidence form."""
+    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt -> (loss, parts).
+    GT in view 0's frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth: c |d - d*| - alpha
+    log c over valid pixels (+ grad_weight x L1 of the finite differences of d - d*); rays alike, at theirs."""
     valid = depths_gt > 0
     scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
              / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)

@@ -1,10 +1,8 @@
-"""latents.py: what the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
+"""What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
-Training and sampling share its camera inputs and the leakage-free source condition (paper Sec. 4.3); training adds
+Shared: the encoder registry, camera inputs and the leakage-free source condition (paper Sec. 4.3); training adds
 the normalised targets, the noised level-1 condition (Sec. 4.4) and `LatentCache` (`train.py --cache`).
-
-Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C: local and global halves),
-T tokens (h*w).
+Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 import hashlib
 import itertools
@@ -28,10 +26,9 @@ FAMILIES = {'da3': (encoder_lib, encoder_lib.DA3), 'vggt': (vggt, vggt.VGGT), 'd
 
 
 def build_encoder(name='da3-base', weights=None):
-    """The latent-encoder registry (--encoder NAME); weights: None (random), a file, files or a state dict in the
-    encoder's official layout ('hub' for DA3). da3-* (encoder.py; GLD), vggt-* (vggt.py; GLD (VGGT)), dinov2-*
-    (dinov2.py; the RAE baseline), vae* (vae.py; the SD-VAE baseline). The interface the DiT, training, statistics
-    and the pipeline use:
+    """The latent-encoder registry (--encoder NAME): da3-* (encoder.py; GLD), vggt-* (GLD (VGGT)), dinov2-* (the RAE
+    baseline), vae* (the SD-VAE baseline); weights: None (random), a file, files or a state dict in the encoder's
+    official layout. The interface the DiT, training, statistics and the pipeline use:
       dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
       encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
       normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
@@ -50,24 +47,23 @@ def build_encoder(name='da3-base', weights=None):
 
 
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
-    """Poses relative to the last view (as the official code), largest camera distance 1 -> the model's camera
-    inputs (patch: the encoder's pixels per token side). official=True: the release's conventions (largest |t|
-    component 1, its Plücker grid and PRoPE quirks)."""
+    """Poses relative to the last view, largest camera distance 1 -> the model's camera inputs (patch: the encoder's
+    pixels per token side). official=True: the release's conventions (official.OfficialConventions 1-3)."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
     return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
 def source_condition(enc, images, n_src):
-    """Leakage-free condition: DA3 on the n_src source views alone (views 0..n_src-1) -> raw levels (B,V,T,2C),
-    zeros at the targets."""
+    """Leakage-free condition: the encoder on the sources (views 0..n_src-1) alone -> raw levels (B,V,T,2C), zeros at
+    the targets."""
     B, V = images.shape[:2]
     pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
     return [pad(f) for f in enc.encode(images[:, :n_src])]
 
 
 def encode_batch(enc, batch, levels, cond_level):
-    """Raw DA3 outputs of one batch (sources first, `src_mask` set): {'full': {l: (B,V,T,2C)} over all V views
-    jointly, 'cond': (B,V,T,2C) of cond_level from the sources alone}. A cached batch carries them already."""
+    """Raw levels of one batch (sources first): {'full': {l: (B,V,T,2C)} of all V views jointly, 'cond': cond_level
+    of the sources alone (source_condition)}. A cached batch carries them already."""
     if 'full' in batch:
         return batch
     n_src = int(batch['src_mask'][0].sum())
@@ -77,7 +73,7 @@ def encode_batch(enc, batch, levels, cond_level):
 
 
 def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
-    """One training batch of M_level: the target is DA3 over all V views jointly, normalised per channel."""
+    """One training batch of M_level: the target is the encoder over all V views jointly, normalised per channel."""
     src_mask = batch['src_mask']
     H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
     levels = [level] + ([upper_level] if upper_level is not None else [])
@@ -103,18 +99,17 @@ def state_hash(module):
     """SHA-256 of a module's state dict (names, shapes, bytes): ties a cache to the exact encoder weights."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode()); h.update(str(tuple(v.shape)).encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        for part in (k.encode(), str(tuple(v.shape)).encode(), v.detach().cpu().contiguous().numpy().tobytes()):
+            h.update(part)
     return h.hexdigest()
 
 
 class LatentCache:
     """The frozen encoder's raw levels (float16) for `draws` fixed view draws of every training scene, computed once.
 
-    DA3's global blocks attend across views, so a level depends on the whole ordered view set: the cache stores
-    whole samples. Draw d of scene i takes the dataset's frames of epoch d and n = lo + d mod (hi - lo + 1) sources
-    (data.split_views, moved to the front): all V views encoded jointly, the condition from the sources alone.
-    `batches` groups draws of one source count. The file name holds the encoder's state hash (and data, views, draws,
-    levels), so anything else builds anew."""
+    A level depends on the whole ordered view set (global attention), so the cache stores whole samples: draw d of
+    scene i takes the frames of epoch d and n = lo + d mod (hi - lo + 1) sources (data.split_views). The file name
+    holds the encoder's state hash, data, views, draws and levels, so anything else builds anew."""
 
     def __init__(self, path):
         self.path = path
@@ -127,8 +122,7 @@ class LatentCache:
     def batch(self, idx, device='cpu'):
         """Draws idx (one source count) -> a training batch in the on-the-fly layout plus 'full' and 'cond'."""
         d, idx = self.data, torch.as_tensor(idx)
-        n = int(self.n_src[idx[0]])
-        V = d['c2w'].shape[1]
+        n, V = int(self.n_src[idx[0]]), d['c2w'].shape[1]
         return {'c2w': d['c2w'][idx].to(device), 'K': d['K'][idx].to(device), 'size': tuple(d['size'].tolist()),
                 'src_mask': (torch.arange(V) < n).expand(len(idx), V).to(device),
                 'full': {int(k[4:]): v[idx].to(device).float() for k, v in d.items() if k.startswith('full')},
@@ -164,8 +158,7 @@ class LatentCache:
         for d in range(draws):
             dataset.set_epoch(d)
             for i in range(len(dataset)):
-                item = data.collate_one(dataset[i])
-                n = lo + d % (hi - lo + 1)
+                item, n = data.collate_one(dataset[i]), lo + d % (hi - lo + 1)
                 g = torch.Generator().manual_seed(seed * 1000003 + d * 10007 + i)
                 b = data.split_views(item, n, generator=g, mode=src_mode)
                 b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
@@ -174,8 +167,9 @@ class LatentCache:
                              'cond': raw['cond'][0].half().cpu(),
                              **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels}})
             log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
-        out = {k: torch.stack([r[k] for r in rows]).cpu() if torch.is_tensor(rows[0][k]) else torch.tensor([r[k] for r in rows])
-               for k in rows[0]}  # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
+        # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
+        out = {k: torch.stack([r[k] for r in rows]).cpu() if torch.is_tensor(rows[0][k])
+               else torch.tensor([r[k] for r in rows]) for k in rows[0]}
         out['size'] = torch.tensor(item['images'].shape[-2:])
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         torch.save(out, path + '.tmp')

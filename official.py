@@ -1,13 +1,9 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-Kept beside the model as DiT keeps download.py: finding the files in the release's folder layout, unwrapping every
-layout in which the release's code saves or reads each file (official_state_dict), converting them strictly
-(decoder.convert_official, model.convert_official, latents.build_encoder), and `OfficialConventions`, what the
-released models were trained and evaluated with where it differs from our clean default.
-`python sample.py --official DIR` runs them; docs/official.md has the download steps, the files x layouts table
-and the conventions table.
-
-Legend: B batch, V views, H W image, C channels.
+Beside the model as DiT keeps download.py: finding the release's files, unwrapping every layout its code saves or
+reads (official_state_dict), strict conversion (decoder.convert_official, model.convert_official,
+latents.build_encoder), and `OfficialConventions`. `python sample.py --official DIR` runs them; docs/official.md has
+the download steps and the tables of files, layouts and conventions. Legend: B batch, V views, H W image, C channels.
 """
 import os
 import re
@@ -23,15 +19,13 @@ import model as model_lib
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
 OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
-    'da3': {'encoder': 'pretrained_models/da3/model.safetensors',  # DA3-Base (hub layout)
-            'head': 'pretrained_models/da3/dpt_decoder.pt',  # DA3's DualDPT head
+    'da3': {'encoder': 'pretrained_models/da3/model.safetensors', 'head': 'pretrained_models/da3/dpt_decoder.pt',
             'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
-            'level1': 'checkpoints/da3_level1.pt',  # M1 (DDT.py)
-            'cascade': 'checkpoints/da3_cascade.pt',  # M1->0 (run through DDT_old.py by the official evaluation)
+            'level1': 'checkpoints/da3_level1.pt', 'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
             'stats0': 'model_stats/da3/normalization_stats_level0.pt',
             'stats1': 'model_stats/da3/normalization_stats_level1.pt'},
     'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
-             'cascade': 'checkpoints/vggt_cascade.pt',  # no VGGT encoder here yet: found, not loaded
+             'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
              'stats0': 'model_stats/vggt/normalization_stats_level0.pt',
              'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
              'special0': 'model_stats/vggt/special_stats_level0.pt',
@@ -54,9 +48,8 @@ def describe_layouts(kind):
 
 
 def official_state_dict(obj, kind, name='', log=print):
-    """The one place that unwraps a released file (what torch.load gave) in any layout of OFFICIAL_LAYOUTS[kind] ->
-    a flat state dict: the first wrapper key holding a dict (EMA first), 'module.' dropped, and where keys carry one
-    of the kind's prefixes, those keys stripped (other modules' entries skipped, as the release does)."""
+    """A released file's contents in any layout of OFFICIAL_LAYOUTS[kind] -> a flat state dict: the first wrapper
+    holding a dict (EMA first), 'module.' dropped, the kind's prefixes stripped (other modules' entries skipped)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
     unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
@@ -80,8 +73,7 @@ def official_state_dict(obj, kind, name='', log=print):
 
 
 def read_official(path, kind, log=print):
-    """A released .safetensors or .pt -> official_state_dict. .pt files that also pickle Python objects (the
-    trainers save their configs beside the weights) are loaded fully, with a note."""
+    """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is loaded fully."""
     import pickle
     try:
         if str(path).endswith('.safetensors'):
@@ -96,9 +88,8 @@ def read_official(path, kind, log=print):
 
 
 def load_official_stats(path, dim=None, log=print):
-    """GLD's model_stats/<latent>/normalization_stats_level{l}.pt (flat mean, var (and std), each (1,2C,1,1)): a
-    directory holding them, one file or a list of files -> encoder.LatentStats (level read from the name);
-    dim: the channels every entry must have."""
+    """GLD's normalization_stats_level{l}.pt (mean, var (and std), each (1,2C,1,1) with 2C = dim): a folder of
+    them, one file or a list -> encoder.LatentStats (the level read from the name)."""
     if isinstance(path, (str, os.PathLike)):
         path = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
                 if os.path.isdir(path) else [path])
@@ -115,9 +106,8 @@ def load_official_stats(path, dim=None, log=print):
 
 
 def official_prope_K(P, P_inv):
-    """K' (...,3,3) back from the official PRoPE matrices (camera_inputs(official=True)), which hold it twice:
-    P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2). Per axis K' maps x -> f x + c, so K'^2 maps
-    x -> f^2 x + (f + 1) c: f is the square root of its diagonal and c its offset divided by f + 1."""
+    """K' (...,3,3) from the official PRoPE matrices: P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2), and per axis
+    K'^2 maps x -> f^2 x + (f + 1) c: f is the root of its diagonal, c its offset / (f + 1)."""
     sq = (P @ P_inv)[..., :3, :3]
     f = sq.diagonal(dim1=-2, dim2=-1)[..., :2].sqrt()  # (...,2): fx', fy'
     K = torch.zeros_like(sq)
@@ -127,26 +117,16 @@ def official_prope_K(P, P_inv):
 
 
 class OfficialConventions:
-    """What the released GLD models were trained and evaluated with, where it differs from our clean default
-    (the release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; the table and sources: docs/official.md):
-
-    1. Poses relative to the LAST view, largest |t| COMPONENT = 1 (ours: largest camera distance = 1):
-       model_cameras(official=True) -> cameras.normalize_poses(by='max_abs').
-    2. The Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5) (ours: the centre): camera_inputs(official=True).
-    3. PRoPE's key/value matrix is c2w lift(K') (PRoPE: c2w lift(K'^-1)), so P_inv P != I: camera_inputs(official=True).
-    4. The cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image whatever the true H x W (ours and M1:
-       by W and H): model_cameras, for the levels in cascade_levels.
-    5. CFG's unconditional branch zeroes the Plücker channels (as ours) but, instead of our P = P_inv = I, M1 sets
-       viewmats I4 and K = I3 in PIXELS (P = P_inv = lift(K'(I3))), the cascade viewmats I4 and keeps K
-       (P = P_inv = lift(K'_504)): model_cameras.
-    6. The decoder's output is ImageNet-normalised, de-normalised as rgb * std + mean (ours: [0,1] RGB):
-       DecoderConfig.imagenet_output, set by decoder.convert_official.
-    7. The sampler: num_steps counts time-grid POINTS from t = 1 to t = 0.001 (50 -> 49 Euler steps; ours: `steps`
-       steps to t = 0), and the shift a = sqrt(V h w C / 4096) takes h = w = 252 // 14 = 18 from the configured
-       encoder_input_size whatever the real token grid: time_schedule.
-    The same in both modes (no switch): double SiLU on the time embedding, the decoder's input, the latent
-    normalisation, the shift's formula, CFG 1.5, the propagation token. Not reproduced: the release's bf16 autocast.
-    """
+    """What the released GLD models were trained and evaluated with where it differs from our clean default (the
+    release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; the table and sources: docs/official.md):
+    1. poses relative to the last view, largest |t| component = 1: cameras.normalize_poses(by='max_abs');
+    2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): camera_inputs(official=True);
+    3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: camera_inputs(official=True);
+    4. the cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image: model_cameras;
+    5. CFG's unconditional cameras: M1 viewmats I4 and K = I3 in pixels, the cascade I4 and K kept: model_cameras;
+    6. the decoder's output is ImageNet-normalised: DecoderConfig.imagenet_output (decoder.convert_official);
+    7. num_steps counts time-grid points from 1 to 0.001, the shift takes an 18 x 18 token grid: time_schedule.
+    Not reproduced: the release's bf16 autocast."""
 
     def __init__(self, cascade_levels=(0,), cascade_image_size=504, shift_image_size=252, patch=14, t_end=0.001):
         self.cascade_levels = set(cascade_levels)  # levels whose model is the released cascade (DDT_old.py)
@@ -155,28 +135,27 @@ class OfficialConventions:
         self.t_end = t_end  # where the release's time grid stops
 
     def time_schedule(self, num_steps, V, C):
-        """The release's sampling of V views of C channels -> (Euler steps, shift a, end time), item 7:
-        num_steps grid points = num_steps - 1 Euler steps; a from the configured 18 x 18 tokens, not the real ones."""
+        """The release's sampling of V views of C channels -> (Euler steps, shift a, end time), item 7."""
         assert num_steps >= 2, 'the release counts time-grid points: num_steps >= 2 (one Euler step)'
         return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
 
     def model_cameras(self, level, cams, uncond_cams):
-        """The camera inputs the released model of `level` sees, from ours built with official=True (cams) and
-        drop_cameras (uncond_cams, the unconditional branch of CFG) -> (cams, uncond_cams), items 4 and 5."""
+        """Ours built with official=True (cams) and drop_cameras (uncond_cams, CFG's unconditional branch) -> the
+        camera inputs the released model of `level` sees, (cams, uncond_cams): items 4 and 5."""
         H, W = cams['plucker'].shape[-2:]
         Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
         if level in self.cascade_levels:
             S = self.cascade_image_size
             K = Kc.clone()
             K[..., :2, 2] += 0.5  # our normalised K
-            K_fixed = cameras.prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # (B,V,3,3) K' by S x S
+            K_fixed = cameras.prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # K' by S x S
             Kc_inv = torch.linalg.inv(Kc)
             cams = {**cams, 'P': cameras.lift(K_fixed @ Kc_inv) @ cams['P'],  # lift(K'_S) w2c
                     'P_inv': cams['P_inv'] @ cameras.lift(Kc_inv @ K_fixed)}  # c2w lift(K'_S)
             P_uncond = cameras.lift(K_fixed)  # viewmats I4, K kept
         else:
-            eye = torch.eye(3, dtype=Kc.dtype, device=Kc.device)
-            P_uncond = cameras.lift(cameras.prope_K(cameras.K_to_normalized(eye, H, W))).expand_as(cams['P'])  # I4 and I3 in pixels
+            eye = torch.eye(3, dtype=Kc.dtype, device=Kc.device)  # viewmats I4, K = I3 in pixels
+            P_uncond = cameras.lift(cameras.prope_K(cameras.K_to_normalized(eye, H, W))).expand_as(cams['P'])
         return cams, {**uncond_cams, 'P': P_uncond, 'P_inv': P_uncond}
 
 
@@ -211,17 +190,16 @@ def find_official_files(folder, latent='da3'):
 
 
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models (OFFICIAL_FILES['da3']) converted into our modules and loaded strictly -> (DA3,
-    RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}) for pipeline.Pipeline(..., boundary=1, official=...).
-    encoder_preset and heads (not readable from shapes) default to the release: DA3-Base, 16 heads everywhere."""
+    """The released GLD (DA3) models as our modules, loaded strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0,
+    meta)}) for pipeline.Pipeline(..., boundary=1, official=...). encoder_preset and heads: the release's."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
     enc = latents.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
     enc = enc.to(device).freeze()
     stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 
-    def convert(role, kind, converter, **kw):
-        """One official checkpoint -> (config, our state dict), any mismatch reported with the file's path."""
+    def convert(role, kind, converter, build, **kw):
+        """One official checkpoint -> our module built and loaded strictly, any mismatch reported with the path."""
         path = files[role]
         sd = read_official(path, kind, log)
         try:
@@ -233,16 +211,14 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
         if dim != enc.dim:
             raise ValueError(f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
                              f'pass the matching encoder_preset')
-        return cfg, sd
+        net = build(cfg)
+        net.load_state_dict(sd, strict=True)
+        return net
 
-    cfg, sd = convert('decoder', 'decoder', decoder_lib.convert_official)
-    dec = decoder_lib.RGBDecoder(cfg)
-    dec.load_state_dict(sd, strict=True)
+    dec = convert('decoder', 'decoder', decoder_lib.convert_official, decoder_lib.RGBDecoder)
     models = {}
     for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
-        cfg, sd = convert(role, 'model', model_lib.convert_official, cascade=upper is not None)
-        net = model_lib.GLD(cfg)
-        net.load_state_dict(sd, strict=True)
+        net = convert(role, 'model', model_lib.convert_official, model_lib.GLD, cascade=upper is not None)
         models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})
         log(f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
             f'{"" if upper is None else f"{upper}->"}{level}')

@@ -1,18 +1,16 @@
-"""The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels) as a latent space: the GLD
-paper's SD-VAE baseline.
+"""The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels): the GLD paper's SD-VAE baseline.
 
-- CompVis latent-diffusion's AutoencoderKL (ldm/modules/diffusionmodules/model.py, SD's kl-f8 config), loaded
-  strictly from the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*;
-  loss.* skipped), not the diffusers one.
-- The latent interface (latents.build_encoder's docstring): ONE level, the posterior mean times SD's 0.18215,
-  images mapped to [-1,1]; 2x2 latent patches form a token (DiT's patch 2 on SD latents): 16 channels per 16x16
-  pixels. The RGB decoder is the VAE's own (`rgb_decoder`); no geometry, no propagation.
+- CompVis latent-diffusion's AutoencoderKL (SD's kl-f8 config), loaded strictly from the ORIGINAL ldm layout
+  (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*), not the diffusers one.
+- ONE level: the posterior mean times 0.18215, images mapped to [-1,1]; 2x2 latent patches form a token (DiT's
+  patch 2): 16 channels per 16x16 pixels. The RGB decoder is the VAE's own (`rgb_decoder`).
 - Presets 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (32 channels, for CPU).
 
 References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752);
 Kingma & Welling (arXiv 1312.6114); DiT (arXiv 2212.09748); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/16), C channels, T tokens (h*w).
 """
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -70,33 +68,26 @@ class AttnBlock(nn.Module):
 
 
 def mid_block(c, groups):
-    m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
-    return m
-
-
-def run_mid(m, x):
-    return m.block_2(m.attn_1(m.block_1(x)))
+    """ldm's mid: ResNet, attention, ResNet."""
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
+                                     block_2=ResnetBlock(c, c, groups)))
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        ch, g = cfg.ch, cfg.groups
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down, cin = nn.ModuleList(), ch
-        for i, mult in enumerate(cfg.ch_mult):
+        g, n, widths = cfg.groups, cfg.num_res_blocks, [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        for i, (cin, c) in enumerate(zip([cfg.ch] + widths, widths)):
             level = nn.Module()
-            level.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(cin, ch * mult, g))
-                cin = ch * mult
-            if i < len(cfg.ch_mult) - 1:                                  # stride 2, padded right/bottom only
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
+            if i < len(widths) - 1:                                       # stride 2, padded right/bottom only
                 level.downsample = nn.Module()
-                level.downsample.conv = nn.Conv2d(cin, cin, 3, 2, 0)
+                level.downsample.conv = nn.Conv2d(c, c, 3, 2, 0)
             self.down.append(level)
-        self.mid = mid_block(cin, g)
-        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 2 * cfg.z_channels, 3, 1, 1)
+        self.mid = mid_block(c, g)
+        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
 
     def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
         x = self.conv_in(x)
@@ -105,32 +96,28 @@ class Encoder(nn.Module):
                 x = blk(x)
             if hasattr(level, 'downsample'):
                 x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))
-        return self.conv_out(F.silu(self.norm_out(run_mid(self.mid, x))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        ch, g = cfg.ch, cfg.groups
-        cin = ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, cin, 3, 1, 1)
-        self.mid = mid_block(cin, g)
+        g, n, widths = cfg.groups, cfg.num_res_blocks + 1, [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, 1, 1)
+        self.mid = mid_block(widths[-1], g)
         up = []
-        for i in reversed(range(len(cfg.ch_mult))):                       # built deepest first, indexed by level
-            level = nn.Module()
-            level.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(cin, ch * cfg.ch_mult[i], g))
-                cin = ch * cfg.ch_mult[i]
+        for i in reversed(range(len(widths))):                            # built deepest first, indexed by level
+            cin, c, level = widths[min(i + 1, len(widths) - 1)], widths[i], nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
             if i > 0:
                 level.upsample = nn.Module()
-                level.upsample.conv = nn.Conv2d(cin, cin, 3, 1, 1)
+                level.upsample.conv = nn.Conv2d(c, c, 3, 1, 1)
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 3, 3, 1, 1)
+        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 3, 3, 1, 1)
 
     def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
-        x = run_mid(self.mid, self.conv_in(z))
+        x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             for blk in level.block:
                 x = blk(x)
@@ -140,7 +127,7 @@ class Decoder(nn.Module):
 
 
 class VAE(encoder_lib.LatentEncoder):
-    """AutoencoderKL (ldm layout) with GLD's latent interface; see the module docstring."""
+    """AutoencoderKL (ldm layout) with GLD's latent interface."""
     has_rgb_decoder = True
 
     def __init__(self, cfg):
@@ -177,9 +164,15 @@ class VAE(encoder_lib.LatentEncoder):
         """images (B,V,3,H,W) -> decoded posterior means (B,V,3,H,W)."""
         return self.rgb_decoder()(self.encode(images), tuple(d // self.patch for d in images.shape[-2:]))
 
-    def training_loss(self, batch):
-        """train.py --stage encoder: vae_loss over all views of a batch -> (loss, parts)."""
-        return vae_loss(self, batch['images'].flatten(0, 1))
+    def training_loss(self, batch, kl_weight=1e-6):
+        """train.py --stage encoder: L1 reconstruction of every view through a posterior sample + kl_weight x KL to
+        N(0, I) (ldm's weight; no LPIPS / GAN here) -> (loss, parts)."""
+        images = batch['images'].flatten(0, 1)
+        mean, logvar = self.posterior(images)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        rec = (self.decode_latent(z) - images).abs().mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        return rec + kl_weight * kl, {'l1': rec.detach(), 'kl': kl.detach()}
 
 
 class VAEDecoder(nn.Module):
@@ -194,16 +187,6 @@ class VAEDecoder(nn.Module):
         z = levels[0].reshape(B * V, h, w, cfg.z_channels, p, p).permute(0, 3, 1, 4, 2, 5)
         z = z.reshape(B * V, cfg.z_channels, h * p, w * p) / cfg.scale
         return self.vae.decode_latent(z).unflatten(0, (B, V))
-
-
-def vae_loss(vae, images, kl_weight=1e-6):
-    """Training loss of the tiny VAE: L1 reconstruction of images (N,3,H,W) in [0,1] through a posterior sample
-    + kl_weight x KL to N(0, I) (ldm's weight; no LPIPS / GAN here) -> (loss, parts)."""
-    mean, logvar = vae.posterior(images)
-    z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-    rec = (vae.decode_latent(z) - images).abs().mean()
-    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
-    return rec + kl_weight * kl, {'l1': rec.detach(), 'kl': kl.detach()}
 
 
 def load_weights(enc, weights):

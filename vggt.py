@@ -1,16 +1,13 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
 Sources and line numbers: shared/notes/vggt-architecture.md.
-- Aggregator: a DINOv2-L/14 with 4 registers as the patch embed, then per frame [camera token, 4 register tokens,
-  patches] (frame 0 takes index 0 of the learned tokens, the others index 1), then 24 pairs of a frame block and a
-  global block (all views, frame-major): encoder.Block with eps 1e-5, qk-norm, 2D RoPE base 100.
-- Levels as GLD's release takes them: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048,
-  RAW; `propagate` resumes from level k with the global half of [special tokens, patches] as the state.
-- Heads: DPT depth head (encoder.DualDPT's main branch) and the camera head (4 refinements of an adaLN trunk over
-  the camera tokens of pair 23). Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
-Difference from the GLD release: it also diffuses the 5 special tokens of each level; here the DiT generates the
-patch tokens only, and propagation / the camera head take those of the FIRST SOURCE VIEW encoded alone
-(`first_view_cls`), as the DA3 path does with DA3's token 0.
+- Aggregator: a DINOv2-L/14 with 4 registers as patch embed, then per frame [camera token, 4 registers, patches]
+  (frame 0 takes index 0 of the learned tokens, the others index 1) through 24 pairs of a frame and a global block.
+- Levels as GLD's release: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048, RAW;
+  `propagate` resumes from level k. Heads: DPT depth head (DualDPT's main branch), the adaLN camera head.
+- Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
+Difference from the GLD release: it also diffuses the 5 special tokens of each level; here propagation and the
+camera head take those of the first source view encoded alone (`first_view_cls`), as DA3's token 0.
 
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
@@ -46,10 +43,8 @@ class VGGTConfig:
     cam_heads: int = 16
 
 
-PRESETS = {
-    'vggt-1b': VGGTConfig(),
-    'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 2, 2, 2, (1, 3, 5, 7), 8, 32, (16, 32, 64, 64), 2, 2),
-}
+PRESETS = {'vggt-1b': VGGTConfig(), 'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 2, 2, 2, (1, 3, 5, 7), 8, 32,
+                                                             (16, 32, 64, 64), 2, 2)}
 
 
 class Aggregator(nn.Module):
@@ -141,9 +136,8 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) + special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C) per view) -> raw levels
-        k+1..3 through the pairs after out layer k, all views jointly. The state is the global half of
-        [cls, level_k]; with encode's own special tokens this reproduces the encoded deeper levels."""
+        """Raw level k (B,V,T,2C) + special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C)) -> raw levels k+1..3; the
+        state is the global half of [cls, level_k] (with encode's own tokens: the encoded deeper levels)."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 3 else cls).expand(B, V, SPECIAL, D)
@@ -152,9 +146,8 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def geometry(self, levels, H, W, cls_last=None):
-        """Levels -> depth, depth_conf (B,V,H,W); with cls_last (the last level's special tokens (B,V,5,2C), or
-        its camera token (B,V,2C)) also 'extrinsics' (w2c (B,V,3,4)), pixel 'intrinsics', c2w (B,V,4,4) and
-        normalised K (B,V,3,3). Runs in fp32 with autocast off, as VGGT's heads do."""
+        """Levels -> depth, depth_conf (B,V,H,W); with cls_last (special tokens (B,V,5,2C) or camera token (B,V,2C))
+        also 'extrinsics' (w2c (B,V,3,4)), pixel 'intrinsics', c2w and normalised K. fp32, as VGGT's heads."""
         with torch.autocast(levels[0].device.type, enabled=False):
             out = self.depth_head(levels, H, W)
             if cls_last is not None:
@@ -166,8 +159,7 @@ class VGGT(encoder_lib.LatentEncoder):
 
 
 def load_weights(enc, weights):
-    """VGGT() state dict (file or dict; 'module.' / wrapper dicts handled) into enc, strictly; point_head.* and
-    track_head.* are skipped with a note."""
+    """VGGT()'s state dict (file or dict) into enc, strictly; point_head.* and track_head.* skipped with a note."""
     sd = encoder_lib.read_state_dict(weights, strip=r'^module\.')
     sd = encoder_lib.skip_keys(sd, IGNORED_PREFIXES, 'vggt', 'not used by GLD')
     return encoder_lib.load_strict(enc, sd, enc.cfg.name)
