@@ -2063,7 +2063,7 @@ SAMPLE_RUNS = [
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
      '--arc', '360', '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export',
-     'ply,colmap,colmap-text,glb,nerfstudio'],
+     'ply,colmap,glb,nerfstudio'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--keep-estimate', '--traj', 'spiral', '--frames', '2', '--steps', '2',
      '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
@@ -2329,11 +2329,10 @@ def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_a
     pycolmap = pytest.importorskip('pycolmap')
     e = exported
     sparse = e['out'] / 'sparse' / '0'
-    rec = pycolmap.Reconstruction(str(sparse))  # prefers the .bin files
+    rec = pycolmap.Reconstruction(str(sparse))
     text_only = e['out'] / 'text'
     text_only.mkdir(exist_ok=True)
-    for f in ('cameras.txt', 'images.txt', 'points3D.txt'):
-        shutil.copy(sparse / f, text_only / f)
+    rec.write_text(str(text_only))  # COLMAP's own text model of our binary one, parsed by the reader above
     rec_txt, txt = pycolmap.Reconstruction(str(text_only)), read_colmap_text(text_only)
     V, H, W = e['depth'].shape
     Kp = cameras.K_to_pixels(e['K'].double(), H, W)
@@ -2925,12 +2924,12 @@ def test_points_overlay_the_given_cameras(bundled, tmp_path):
 def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp_path, capsys):
     cams = str(Path(photos[0]).parent / 'transforms.json')
     out = tmp_path / 'out'
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '4', '--export', 'ply,colmap-text,glb,nerfstudio'], out)
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '4'], out)
     (out / 'notes.txt').write_text('mine')  # a file of the user's: never removed
     capsys.readouterr()
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], out)
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], out)
     printed = capsys.readouterr().out
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], tmp_path / 'fresh')
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], tmp_path / 'fresh')
     rel = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
     assert rel(out) == sorted(rel(tmp_path / 'fresh') + ['notes.txt'])
     assert 'removed' in printed and f'({len(rel(tmp_path / "fresh"))} files)' in printed
@@ -2950,6 +2949,20 @@ def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path,
     assert 'decoder: encoder' in capsys.readouterr().out  # the stage names the encoder file it used
 
 
+def write_colmap_text(folder, c2w, K, H, W, names):
+    """cameras.txt and images.txt (no points) of a COLMAP text model, from the format description."""
+    os.makedirs(folder, exist_ok=True)
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    q, t, Kp = cameras.rotmat_to_quat(w2c[:, :3, :3]), w2c[:, :3, 3], cameras.K_to_pixels(K.double(), H, W)
+    g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
+    with open(os.path.join(folder, 'cameras.txt'), 'w') as f:
+        f.write('# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n')
+        f.writelines(f'{v + 1} PINHOLE {W} {H} {g([k[0, 0], k[1, 1], k[0, 2], k[1, 2]])}\n' for v, k in enumerate(Kp))
+    with open(os.path.join(folder, 'images.txt'), 'w') as f:
+        f.write('# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n# POINTS2D[] as (X, Y, POINT3D_ID)\n')
+        f.writelines(f'{v + 1} {g(q[v])} {g(t[v])} {v + 1} {n}\n\n' for v, n in enumerate(names))
+
+
 @pytest.mark.usefixtures('float64')
 def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     gen = torch.Generator().manual_seed(5)
@@ -2961,9 +2974,12 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     names = [f'photo_{v}.jpg' for v in range(V)]
     same = lambda cams: (torch.allclose(cams['c2w'].double(), c2w, atol=1e-5) and
                          torch.allclose(cams['K'].double(), K, atol=1e-6) and cams['names'] == names)
-    for text in (False, True):  # COLMAP binary and text, as export.py writes them, read back
+    for text in (False, True):  # COLMAP binary (as export.py writes it) and text (as COLMAP does), read back
         project = tmp_path / ('text' if text else 'bin')
-        export.write_colmap(str(project / 'sparse' / '0'), c2w, K, H, W, names, points, text=text)
+        if text:
+            write_colmap_text(str(project / 'sparse' / '0'), c2w, K, H, W, names)
+        else:
+            export.write_colmap(str(project / 'sparse' / '0'), c2w, K, H, W, names, points)
         cams = export.read_cameras(str(project))
         assert same(cams) and cams['size'] == (H, W) and cams['files'][0] == str(project / 'images' / names[0])
         if not text:
