@@ -2,11 +2,9 @@
 
 Conventions (stated once here; every other module follows them):
 - Poses are OpenCV camera-to-world matrices c2w (...,4,4): x right, y down, z forward; w2c = c2w^-1. RealEstate10K
-  stores w2c (loaders use w2c_to_c2w); nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv.
+  stores w2c; nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv; export.py converts the rest.
 - Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the principal point
-  is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
-- Pixel (u, v) covers [u, u+1) x [v, v+1); its centre is (u + 0.5, v + 0.5).
-- File formats (COLMAP, nerfstudio, glTF) are converted with these functions in export.py, which tabulates them.
+  is ~(0.5, 0.5) and K does not change with resolution. Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
 - Shape legend: B batch, V views, H W image, N points, n trajectory length.
 
 References: RealEstate10K; PRoPE: Li et al. 2025, "Cameras as Relative Positional Encoding"; Umeyama 1991; evo
@@ -23,8 +21,8 @@ from cli import UserError
 # ----------------------------------------------------------------------------- checks of cameras read or estimated
 
 def check_cameras(c2w, K, where):
-    """Validate cameras where they are read: c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3,
-    det +1), K (V,3,3) finite with positive focal lengths. where: the file (and scene) for the message."""
+    """c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3, det +1), K (V,3,3) finite with positive focal
+    lengths, else a UserError naming `where` (the file and scene) and the first bad view."""
     bad = lambda mask: int(mask.nonzero()[0, 0])  # the first offending view
     finite = torch.isfinite(c2w).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)
     if not finite.all():
@@ -46,19 +44,16 @@ def check_cameras(c2w, K, where):
 def check_estimate(c2w, K, depth, H, W):
     """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) of a user's cameras must be plausible (fx/fy within 2x, the
     principal point inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
-    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
+    fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
     aspect = (fx / fy).clamp_min(1e-9)
-    problems = []
     if ((aspect > 2) | (aspect < 0.5)).any():
         v = int((aspect.log().abs()).argmax())
         problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
-    pp = K[:, :2, 2]
     if ((pp < 0) | (pp > 1)).any():
         v = int(((pp - 0.5).abs().amax(-1)).argmax())
         problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
                         f'outside the {W}x{H} image')
-    centres = c2w[:, :3, 3]
-    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
+    baseline = float((c2w[:, None, :3, 3] - c2w[None, :, :3, 3]).norm(dim=-1).max()) if len(c2w) > 1 else None
     if baseline is not None and baseline < 0.01 * float(depth.median()):
         problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
     if problems:
@@ -92,7 +87,6 @@ def K_to_pixels(K, H, W):
 
 
 def K_to_normalized(Kpix, H, W):
-    """Pixel intrinsics (...,3,3) of an H x W image -> normalised intrinsics."""
     return Kpix / Kpix.new_tensor([[W], [H], [1.0]])
 
 
@@ -118,8 +112,8 @@ def normalize_poses(c2w, ref=-1, by='norm'):
 # ----------------------------------------------------------------------------- rays and PRoPE
 
 def world_rays(c2w, K, xy):
-    """Rays through normalised image points xy (...,N,2) (pixel coordinate / size); c2w (...,4,4), K (...,3,3)
-    -> origins (...,1,3) (camera centres) and unit world directions d (...,N,3)."""
+    """Rays through normalised image points xy (...,N,2); c2w (...,4,4), K (...,3,3) -> origins (...,1,3) (camera
+    centres) and unit world directions d (...,N,3)."""
     pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
     d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
     d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
@@ -203,12 +197,6 @@ def slerp(q0, q1, t):
 
 # ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
 
-def interpolate_cameras(c2w_a, c2w_b, n):
-    """n cameras from c2w_a to c2w_b (both included): slerp of rotations, lerp of centres."""
-    s = torch.linspace(0, 1, n, dtype=c2w_a.dtype, device=c2w_a.device)
-    return path_through(torch.stack([c2w_a, c2w_b]), torch.eye(3, dtype=s.dtype).expand(2, 3, 3), s)[0]
-
-
 def path_through(c2w, K, s):
     """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
     s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
@@ -252,31 +240,12 @@ def axes_meeting_point(c2w):
     return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
 
 
-def interpolate_K(K_a, K_b, n):
-    """n intrinsics (n,3,3) linearly from K_a to K_b (both included)."""
-    t = torch.linspace(0, 1, n, dtype=K_a.dtype, device=K_a.device)
-    return torch.lerp(K_a, K_b, t[:, None, None])
-
-
 def look_at(eye, target, up):
     """OpenCV c2w (...,4,4) at eye (...,3) with z towards target (...,3) and y (down) opposite `up`."""
     z = F.normalize(target - eye, dim=-1)
     x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
     y = torch.linalg.cross(z, x, dim=-1)
     return make_pose(torch.stack([x, y, z], -1), eye)
-
-
-def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
-    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation towards `up`,
-    looking at the centre; with the default up (OpenCV: y down) the first sits at center - radius * z."""
-    up = F.normalize(center.new_tensor(up), dim=0)
-    axis = torch.eye(3, dtype=up.dtype, device=up.device)[up.abs().argmin()]  # a direction far from up
-    e1 = F.normalize(torch.linalg.cross(axis, up, dim=0), dim=0)
-    e2 = torch.linalg.cross(up, e1, dim=0)
-    phi = torch.linspace(0, 2 * math.pi, n + 1, dtype=up.dtype)[:-1, None]  # (n,1)
-    el = math.radians(elevation_deg)
-    eye = center + radius * (math.cos(el) * (phi.cos() * e1 + phi.sin() * e2) + math.sin(el) * up)
-    return look_at(eye, center.expand_as(eye), up)
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
@@ -322,9 +291,8 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
             c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
         else:
             c2w = forward_dolly(a, n, distance=0.5 * dist)
-    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + rotation_angle(
-        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
-    if float(moved) < 1e-3:
+    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist
+    if float(moved + rotation_angle(a[:3, :3].T @ c2w[:, :3, :3]).abs().max()) < 1e-3:
         print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
               '--traj orbit, spiral or forward to move')
     return c2w, K
@@ -363,9 +331,8 @@ def pose_metrics(est_c2w, gt_c2w, with_scale=True):
     s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
     est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
     ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
-    rel_est = rigid_inverse(est[:-1]) @ est[1:]  # (V-1,4,4)
-    rel_gt = rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]
-    E = rigid_inverse(rel_gt) @ rel_est
+    E = rigid_inverse(rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]) @ (rigid_inverse(est[:-1]) @ est[1:])  # (V-1,4,4)
+
     rpe_t = E[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt()
     rpe_r = torch.rad2deg(rotation_angle(E[:, :3, :3])).pow(2).mean().sqrt()
     return {'ate': ate.item(), 'rpe_r': rpe_r.item(), 'rpe_t': rpe_t.item()}
