@@ -1,17 +1,16 @@
-"""export.py: a generated scene in the formats other tools open: COLMAP, glTF (GLB), nerfstudio, PLY, MP4.
+"""export.py: a generated scene in the formats other tools open: COLMAP, nerfstudio, PLY, MP4.
 
 A run writes images/ (sources, generated targets), sparse/0/ (COLMAP binary model of all views and the fused points:
-a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply), points.ply,
-scene.glb (points + a camera frustum per view) and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at
-+0.5 (cameras.py); each format is converted here and only here:
+a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply), points.ply
+and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at +0.5 (cameras.py); each format is converted
+here and only here:
 - COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
 - nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
-- glTF: node matrix = c2w, column-major; glTF is y-up, so a root node turns our y-down world 180 degrees about x.
 Units: those of the cameras sampling used: DA3's relative depth is rescaled to dataset poses or --cameras
 (depth_scale); with DA3's estimated cameras the unit is DA3's depth scale.
 
-References: COLMAP (colmap.github.io/format.html); glTF 2.0 (registry.khronos.org/glTF/specs/2.0/glTF-2.0.html);
-nerfstudio (docs.nerf.studio/quickstart/data_conventions.html); PLY (paulbourke.net/dataformats/ply).
+References: COLMAP (colmap.github.io/format.html); nerfstudio (docs.nerf.studio/quickstart/data_conventions.html);
+PLY (paulbourke.net/dataformats/ply).
 Shape legend: V views, H W image, N points.
 """
 import argparse
@@ -27,12 +26,12 @@ import cameras
 import cli
 import encoder as encoder_lib
 
-FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'glb', 'nerfstudio')  # sample.py's --export: the choices, all by default
+FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'nerfstudio')  # sample.py's --export: the choices, all by default
 UNITS = {  # what one unit of the exported world is, by where the cameras came from
     'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
     'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
 }
-SOURCE_RGBA, TARGET_RGBA = (0.1, 0.45, 1.0, 1.0), (1.0, 0.45, 0.05, 1.0)  # frustum colours in the GLB
+SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
 
 
 def parse_formats(text):
@@ -226,67 +225,6 @@ def read_colmap(folder):
 
 
 # ----------------------------------------------------------------------------------------------
-# glTF 2.0 binary (GLB)
-
-GLTF_FLOAT, GLTF_UBYTE, GLTF_USHORT = 5126, 5121, 5123  # accessor componentType
-GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 34962, 34963  # bufferView target
-GLTF_POINTS, GLTF_LINES = 0, 1  # primitive mode
-WORLD_TO_GLTF = [1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, 1.0]  # 180 deg about x: y-down -> y-up
-FRUSTUM_LINES = [0, 1, 0, 2, 0, 3, 0, 4, 1, 2, 2, 3, 3, 4, 4, 1]  # apex to the 4 corners, then the image rectangle
-
-
-def frustum_vertices(K, H, W, size):
-    """Apex + the 4 image corners at depth `size`, in OpenCV camera coordinates: K (3,3) normalised -> (5,3)."""
-    corners = torch.tensor([[0, 0, 1], [W, 0, 1], [W, H, 1], [0, H, 1]], dtype=torch.float64)  # pixels
-    rays = corners @ torch.linalg.inv(cameras.K_to_pixels(K.double(), H, W)).T  # (4,3), z = 1
-    return torch.cat([torch.zeros(1, 3, dtype=torch.float64), rays * size])
-
-
-def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
-    """GLB: points xyz (N,3), rgb (N,3) uint8 as a POINTS primitive, and per view a LINES frustum `size` deep, a node
-    named after its image with matrix c2w (V,4,4), coloured by is_source (V,); K (V,3,3) normalised."""
-    data, views, accessors = bytearray(), [], []  # the single binary buffer, its bufferViews and accessors
-
-    def add(array, component, kind, target, normalized=False):  # array (n, k) or (n,) -> accessor index
-        data.extend(b'\0' * (-len(data) % 4))  # each view 4-byte aligned
-        raw = np.ascontiguousarray(array).tobytes()
-        views.append({'buffer': 0, 'byteOffset': len(data), 'byteLength': len(raw), 'target': target})
-        data.extend(raw)
-        acc = {'bufferView': len(views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
-        if normalized:
-            acc['normalized'] = True
-        if kind == 'VEC3' and component == GLTF_FLOAT:  # POSITION needs its bounds
-            acc['min'], acc['max'] = array.min(0).tolist(), array.max(0).tolist()
-        accessors.append(acc)
-        return len(accessors) - 1
-
-    rgba = np.concatenate([np.asarray(rgb, np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)  # 4-byte aligned
-    meshes = [{'name': 'points', 'primitives': [{'mode': GLTF_POINTS, 'attributes': {
-        'POSITION': add(np.asarray(xyz, np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER),
-        'COLOR_0': add(rgba, GLTF_UBYTE, 'VEC4', GLTF_ARRAY_BUFFER, normalized=True)}}]}]
-    lines = add(np.array(FRUSTUM_LINES, np.uint16), GLTF_USHORT, 'SCALAR', GLTF_ELEMENT_ARRAY_BUFFER)
-    nodes = [{'name': 'world', 'matrix': WORLD_TO_GLTF, 'children': list(range(1, len(c2w) + 2))},
-             {'name': 'points', 'mesh': 0}]
-    for v in range(len(c2w)):
-        pos = add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER)
-        prim = {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}
-        meshes.append({'name': f'frustum_{v}', 'primitives': [prim]})
-        matrix = c2w[v].double().T.flatten().tolist()  # glTF matrices are column-major
-        nodes.append({'name': os.path.splitext(names[v])[0], 'mesh': len(meshes) - 1, 'matrix': matrix})
-    materials = [{'name': name, 'pbrMetallicRoughness': {'baseColorFactor': list(c), 'metallicFactor': 0.0},
-                  'emissiveFactor': list(c[:3])} for name, c in (('source', SOURCE_RGBA), ('target', TARGET_RGBA))]
-    doc = {'asset': {'version': '2.0', 'generator': 'gld export.py', 'extras': extras or {}},
-           'scene': 0, 'scenes': [{'nodes': [0]}], 'nodes': nodes, 'meshes': meshes, 'materials': materials,
-           'accessors': accessors, 'bufferViews': views, 'buffers': [{'byteLength': len(data)}]}
-    js = json.dumps(doc, separators=(',', ':')).encode()
-    js += b' ' * (-len(js) % 4)  # the JSON chunk is padded with spaces, the binary one with zeros
-    bin_ = bytes(data) + b'\0' * (-len(data) % 4)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<4sII', b'glTF', 2, 12 + 8 + len(js) + 8 + len(bin_)))
-        f.write(struct.pack('<I4s', len(js), b'JSON') + js + struct.pack('<I4s', len(bin_), b'BIN\0') + bin_)
-
-
-# ----------------------------------------------------------------------------------------------
 # nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
@@ -381,7 +319,7 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
         d.line([px(c) for c in centres[n:]], fill=(255, 190, 140), width=1)
     for v in range(len(both)):
         x, y = px(centres[v])
-        colour = tuple(int(255 * c) for c in (SOURCE_RGBA if v < n else TARGET_RGBA)[:3])
+        colour = SOURCE_RGB if v < n else TARGET_RGB
         d.line([(x, y), px(tips[v])], fill=colour, width=2)
         r = 5 if v < n else 3
         d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
@@ -417,23 +355,18 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
     scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src) if units == 'poses' else (1.0, 'none')
     pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
     info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
-    is_source = torch.arange(V) < n_src
     if 'ply' in formats:
         note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
         write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
     if 'colmap' in formats:
         write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts)
-    if 'glb' in formats:
-        size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
-        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size, info)
     if 'nerfstudio' in formats:
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
         write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
-                         is_source, extra)
-    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'glb': 'scene.glb', 'nerfstudio': 'transforms.json'}
-
+                         torch.arange(V) < n_src, extra)
+    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
     return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
 
 

@@ -317,7 +317,7 @@ def build_parser():
     p.add_argument('--out', default='out/sample', help='output folder')
     p.add_argument('--export', default=','.join(export.DEFAULT_FORMATS), type=export.parse_formats,
                    help='3D outputs beside images/, comma-separated: ply (points.ply), colmap (sparse/0/*.bin), '
-                        'glb (scene.glb), nerfstudio (transforms.json); "": none')
+                        'nerfstudio (transforms.json); "": none')
     return p
 
 

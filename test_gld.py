@@ -2049,7 +2049,7 @@ SAMPLE_RUNS = [
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
      '--arc', '360', '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export',
-     'ply,colmap,glb,nerfstudio'],
+     'ply,colmap,nerfstudio'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--keep-estimate', '--traj', 'spiral', '--frames', '2', '--steps', '2',
      '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
@@ -2274,7 +2274,7 @@ def test_flow_loss_bins_by_t_add_up_to_the_loss():
 
 
 # ====================================================================================================
-# export.py: the scene in the formats other tools open, read back by those tools (pycolmap, trimesh, imageio) or
+# export.py: the scene in the formats other tools open, read back by those tools (pycolmap, imageio) or
 # by small independent readers written here from the format specifications
 # ====================================================================================================
 
@@ -2358,55 +2358,6 @@ def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_a
     assert (np.stack([rec.points3D[i].color for i in ids]) == e['ply']['rgb']).all()
     # ...and lands on the true surface seen from the other views (the scale is exact here)
     assert cross_view_depth_error(torch.from_numpy(xyz), e['c2w'], e['K'], e['depth']) < 0.01
-
-
-def read_glb(path):
-    """A GLB file, split per the glTF 2.0 spec: (json dict, bin bytes) after checking the header and chunk types."""
-    raw = path.read_bytes()
-    magic, version, length = np.frombuffer(raw[:12], '<u4')
-    assert magic == 0x46546C67 and version == 2 and length == len(raw)
-    n_json, kind = np.frombuffer(raw[12:20], '<u4')
-    assert kind == 0x4E4F534A and n_json % 4 == 0
-    n_bin, kind = np.frombuffer(raw[20 + n_json:28 + n_json], '<u4')
-    assert kind == 0x004E4942 and 28 + n_json + n_bin == len(raw)
-    return json.loads(raw[20:20 + n_json]), raw[28 + n_json:]
-
-
-def glb_accessor(doc, blob, i):
-    acc = doc['accessors'][i]
-    view = doc['bufferViews'][acc['bufferView']]
-    dtype = {5126: '<f4', 5121: 'u1', 5123: '<u2'}[acc['componentType']]
-    width = {'SCALAR': 1, 'VEC3': 3, 'VEC4': 4}[acc['type']]
-    return np.frombuffer(blob, dtype, acc['count'] * width, view['byteOffset']).reshape(acc['count'], width)
-
-
-def test_glb_holds_the_ply_points_and_one_frustum_per_view_at_its_camera(exported):
-    e = exported
-    doc, blob = read_glb(e['out'] / 'scene.glb')
-    points = next(m for m in doc['meshes'] if m['name'] == 'points')['primitives'][0]
-    xyz = glb_accessor(doc, blob, points['attributes']['POSITION'])
-    rgba = glb_accessor(doc, blob, points['attributes']['COLOR_0'])
-    assert points['mode'] == 0 and (xyz == e['ply']['xyz']).all() and (rgba[:, :3] == e['ply']['rgb']).all()
-    root = doc['nodes'][doc['scenes'][doc['scene']]['nodes'][0]]
-    assert root['matrix'] == [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]  # y-down world shown y-up
-    frusta = [doc['nodes'][i] for i in root['children'] if doc['nodes'][i]['name'] != 'points']
-    assert [f['name'] + '.png' for f in frusta] == e['names']  # named after their images
-    colours = set()
-    for v, node in enumerate(frusta):
-        M = np.array(node['matrix']).reshape(4, 4).T  # column-major
-        np.testing.assert_allclose(M, e['c2w'][v].numpy(), atol=1e-6)
-        prim = doc['meshes'][node['mesh']]['primitives'][0]
-        corners = glb_accessor(doc, blob, prim['attributes']['POSITION'])
-        assert prim['mode'] == 1 and (corners[0] == 0).all()  # the apex: at the camera centre M[:3, 3]
-        colours.add((v < 2, tuple(doc['materials'][prim['material']]['pbrMetallicRoughness']['baseColorFactor'])))
-    assert len(colours) == 2  # sources and targets apart
-    trimesh = pytest.importorskip('trimesh')
-    scene = trimesh.load(str(e['out'] / 'scene.glb'))
-    cloud = scene.geometry['points']
-    assert len(cloud.vertices) == len(e['ply']) and (np.asarray(cloud.colors)[:, :3] == e['ply']['rgb']).all()
-    assert sum(name.startswith('frustum_') for name in scene.geometry) == 5
-    gl_centres = [scene.graph.get(n[:-4])[0][:3, 3] for n in e['names']]  # in the y-up world
-    np.testing.assert_allclose(gl_centres, e['c2w'][:, :3, 3].numpy() * [1, -1, -1], atol=1e-5)
 
 
 def test_nerfstudio_transforms_read_back_by_data_to_the_same_cameras(exported):
