@@ -92,8 +92,7 @@ def fuse_points(images, depth, conf, c2w, K, keep=0.7):
     return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': torch.stack([x, y], -1).double() + 0.5}
 
 
-# ----------------------------------------------------------------------------------------------
-# images, video and PLY
+# ----------------------------------------------------------------------------------------------- images, video and PLY
 
 def to_uint8(img):
     """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
@@ -135,8 +134,7 @@ def write_ply(path, xyz, rgb, comments=()):
         f.write(header.encode('ascii') + verts.tobytes())
 
 
-# ----------------------------------------------------------------------------------------------
-# COLMAP
+# -------------------------------------------------------------------------------------------------------------- COLMAP
 
 def write_colmap(folder, c2w, K, H, W, names, points):
     """A binary COLMAP sparse model: c2w (V,4,4), K (V,3,3), images H x W named `names`, points from fuse_points.
@@ -224,8 +222,7 @@ def read_colmap(folder):
     return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
 
 
-# ----------------------------------------------------------------------------------------------
-# nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
+# -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
     """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
@@ -268,9 +265,9 @@ def read_cameras(path, image_size=None):
             z = np.load(os.path.join(path, f))
             size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
             if 'c2w' not in z or 'K' not in z or size is None:
-                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3,'
-                                    f' pixels) and, unless --size gives them, H and W; add H and W or the missing '
-                                    f'arrays (it has {sorted(z.files)})')
+                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
+                                    f'pixels) and H, W (the image size of K) where no photo states it; it has '
+                                    f'{sorted(z.files)}: add H and W or the missing arrays')
             c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
             K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
             names.append(f[:-len('.npz')])
@@ -283,20 +280,7 @@ def read_cameras(path, image_size=None):
     return out
 
 
-def convert_cameras(src, dst, image_size=None):
-    """Any format read_cameras reads -> a nerfstudio transforms.json at dst, each file_path relative to its folder."""
-    cams = read_cameras(src, image_size)
-    H, W = cams['size'] or image_size or (1000, 1000)  # nerfstudio in: K is normalised, any size states it
-    files = [os.path.relpath(f, os.path.dirname(os.path.abspath(dst))) if f else n
-             for f, n in zip(cams['files'], cams['names'])]
-    write_transforms(dst, cams['c2w'], cams['K'], H, W, files, [True] * len(files),
-                     {'gld_converted_from': f'{cams["format"]} {src}'})
-    print(f'wrote {dst}: {len(files)} {cams["format"]} cameras, {W}x{H}')
-    return dst
-
-
-# ----------------------------------------------------------------------------------------------
-# the whole scene, and pictures of it
+# --------------------------------------------------------------------------------- the whole scene, and pictures of it
 
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
@@ -368,21 +352,3 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
                          torch.arange(V) < n_src, extra)
     written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
     return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert cameras to the nerfstudio transforms.json that sample.py '
-                                '--cameras reads (it also reads the other formats directly)')
-    p.add_argument('src', help=CAMERA_FORMATS)
-    p.add_argument('dst', help='the transforms.json to write')
-    p.add_argument('--size', default='', help='HxW of the photos, for .npz files that do not state it')
-    a = p.parse_args(argv)
-    try:
-        size = tuple(int(x) for x in a.size.lower().split('x')) if a.size else None
-    except ValueError:
-        raise cli.UserError(f'--size {a.size}: write HxW in pixels, e.g. 280x504') from None
-    return convert_cameras(a.src, a.dst, size)
-
-
-if __name__ == '__main__':
-    cli.run_cli(main)
