@@ -12,9 +12,8 @@ the cameras and, for the cascade M1->0, the level-1 features. Dataflow (paper A.
 Attention is 3D over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D / 2-D
 RoPE (cfg.pos), beside a textbook reference_attention. Key names mirror the release (convert_official); its quirks
 (official.OfficialConventions): silu(silu(te)) in the encoder (cfg.double_silu), camera_inputs(official=True).
-
-References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH);
-PRoPE (Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
+References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH); PRoPE
+(Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
 Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens (T = h*w, row-major), N = V*T.
 """
 import math
@@ -61,9 +60,8 @@ PRESETS = {
 # ----------------------------------------------------------------------------- cameras -> model inputs
 
 def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
-    """The model's camera inputs, built once per batch. c2w (B,V,4,4) normalised (cameras.normalize_poses), K (B,V,3,3)
-    normalised, src_mask (B,V) bool, hw = (h, w) token grid -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source,
-    1 target), d, o x d], 'P', 'P_inv' (B,V,4,4), 'src_mask', 'hw'}"""
+    """The model's camera inputs, once per batch: c2w (B,V,4,4) (cameras.normalize_poses), K (B,V,3,3), src_mask (B,V),
+    hw = (h, w) -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv', ...}"""
     h, w = hw
     rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
     mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
@@ -77,8 +75,7 @@ def drop_cameras(cams, drop):
     plucker = cams['plucker'].clone()
     plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
     eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
-    return {**cams, 'plucker': plucker, 'P': torch.where(sel, eye, cams['P']),
-            'P_inv': torch.where(sel, eye, cams['P_inv'])}
+    return {**cams, 'plucker': plucker, **{k: torch.where(sel, eye, cams[k]) for k in ('P', 'P_inv')}}
 
 
 # ----------------------------------------------------------------------------- positional encoding of 3D attention
@@ -147,8 +144,7 @@ class PositionEncoding:
         M = torch.eye(self.d, dtype=torch.float32, device=self.axes[0][1].device).repeat(B, N, N, 1, 1)
         if self.mats is not None:
             view = torch.arange(N, device=M.device) // (N // self.V)
-            P, P_inv = self.mats['out'], self.mats['kv']
-            rel = P[:, view, None] @ P_inv[:, None, view]  # (B,N,N,4,4)
+            rel = self.mats['out'][:, view, None] @ self.mats['kv'][:, None, view]  # (B,N,N,4,4): P_a P_inv_b
             for c in range(0, self.start, 4):
                 M[..., c:c + 4, c:c + 4] = rel
         i = self.start
@@ -167,9 +163,7 @@ def reference_attention(q, k, v, pe):
     out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
     p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
-    if pe.kind != 'prope':
-        return p @ v
-    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v)
+    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v) if pe.kind == 'prope' else p @ v
 
 
 # ----------------------------------------------------------------------------- transformer parts
@@ -291,8 +285,7 @@ class GLD(nn.Module):
             self.s_embedder_ref, self.s_embedder_tgt = token_embedder(s_in, C1), token_embedder(s_in, C1)
         else:
             self.x_embedder, self.s_embedder = token_embedder(2 * C, C2), token_embedder(s_in, C1)
-        self.s_projector = nn.Linear(C1, C2)
-        self.t_embedder = TimestepEmbedder(C1)
+        self.s_projector, self.t_embedder = nn.Linear(C1, C2), TimestepEmbedder(C1)
         self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
         self.blocks = nn.ModuleList([Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] +
                                     [Block(C2, cfg.heads) for _ in range(cfg.head_depth)])  # encoder, then head
@@ -327,10 +320,8 @@ class GLD(nn.Module):
 
     def forward(self, x_t, t, cond, cams, upper=None):
         """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
-        cfg = self.cfg
-        B, V, T, C = x_t.shape
+        cfg, (B, V, T, C), src = self.cfg, x_t.shape, cams['src_mask']  # src (B,V) bool
         assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
-        src = cams['src_mask']  # (B,V) bool
         xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
         te = self.t_embedder(t)  # (B,C1)
         # condition encoder: tokens + camera map, adaLN from time
@@ -414,6 +405,7 @@ def convert_official(state_dict, cascade=False, heads=16):
     bad = [k for k in ref if ref[k].shape != out[k].shape]
     assert not bad, f'convert_official: shape mismatch at {bad[:5]}'
     return cfg, out
+
 
 
 if __name__ == '__main__':
