@@ -19,7 +19,6 @@ from cli import UserError
 
 
 # ----------------------------------------------------------------------------- checks of cameras read or estimated
-
 def check_cameras(c2w, K, where):
     """c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3, det +1), K (V,3,3) finite with positive focal
     lengths, else a UserError naming `where` (the file and scene) and the first bad view."""
@@ -42,8 +41,9 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) of a user's cameras must be plausible (fx/fy within 2x, the
-    principal point inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
+    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) must be plausible (fx/fy within 2x, the principal point
+    inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
+
     fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
     aspect = (fx / fy).clamp_min(1e-9)
     if ((aspect > 2) | (aspect < 0.5)).any():
@@ -63,7 +63,6 @@ def check_estimate(c2w, K, depth, H, W):
 
 
 # ----------------------------------------------------------------------------- basic conversions
-
 def make_pose(R, t):
     """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
@@ -110,7 +109,6 @@ def normalize_poses(c2w, ref=-1, by='norm'):
 
 
 # ----------------------------------------------------------------------------- rays and PRoPE
-
 def world_rays(c2w, K, xy):
     """Rays through normalised image points xy (...,N,2); c2w (...,4,4), K (...,3,3) -> origins (...,1,3) (camera
     centres) and unit world directions d (...,N,3)."""
@@ -157,7 +155,6 @@ def lift(K):
 
 
 # ----------------------------------------------------------------------------- quaternions (w, x, y, z)
-
 def rotmat_to_quat(m):
     """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
     for one pivot i; normalising the row of the largest |q_i| is stable everywhere."""
@@ -196,7 +193,6 @@ def slerp(q0, q1, t):
 
 
 # ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
-
 def path_through(c2w, K, s):
     """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
     s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
@@ -299,7 +295,6 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
 
 
 # ----------------------------------------------------------------------------- alignment and pose metrics
-
 def umeyama(src, dst, with_scale=True):
     """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3) (Umeyama 1991); R is
     proper (det +1) even when the best orthogonal fit is a reflection; with_scale=False fixes s = 1."""

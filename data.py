@@ -48,7 +48,6 @@ class FrameError(UserError):
 
 
 # -------------------------------------------------------------------------------------------------- images and cameras
-
 def decode_image(data):
     """JPEG/PNG bytes (uint8 tensor) or a file path -> (3,H,W) float in [0,1]."""
     try:
@@ -134,7 +133,6 @@ def resize_and_crop(images, K, size, depths=None):
 
 
 # ------------------------------------------------------------------------------------------ RealEstate10K chunk layout
-
 def write_re10k_chunk(path, scenes, quality=90):
     """Scenes {'key', 'images' (V,3,H,W) or encoded frames, 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
     out = []
@@ -218,7 +216,6 @@ def read_eval_index(path):
 
 
 # ---------------------------------------------------------------------------------- DL3DV / nerfstudio transforms.json
-
 def read_transforms(path):
     """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
@@ -268,7 +265,6 @@ def read_dl3dv_scene(folder, images='images_4', decode=True):
 
 
 # ----------------------------------------------------------------------------- dataset, view sampling, buckets, loader
-
 def sample_frames(n, num_views, gap, generator):
     """V frame indices of n in temporal order, gaps uniform in gap=(lo, hi) (shrunk for short clips)."""
     if n < num_views:
@@ -466,7 +462,6 @@ def split_views(batch, n_src, generator=None, mode='random'):
 
 
 # ------------------------------------------------------------------------------------------------------------- metrics
-
 def psnr(pred, gt):
     """(...,3,H,W) in [0,1] -> (...,) PSNR in dB (pred clipped to [0,1], as pixelSplat)."""
     mse = (pred.clamp(0, 1) - gt).pow(2).mean((-3, -2, -1))
@@ -527,7 +522,6 @@ def depth_metrics(pred, gt, mask=None, align='median'):
 
 
 # --------------------------------------------------------------------------------------------------- the synthetic set
-
 def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
     """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
     for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):

@@ -161,7 +161,6 @@ def reconstruct_per_level(decoder, levels, hw):
 
 
 # ----------------------------------------------------------------------------- losses
-
 def decoder_loss(pred, gt, lpips=None):
     """L1 (+ LPIPS when `lpips`, a callable on (N,3,H,W) [0,1] pairs, is given): pred, gt (B,V,3,H,W) -> (loss,
     {'l1', 'lpips'} detached)."""

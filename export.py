@@ -93,7 +93,6 @@ def fuse_points(images, depth, conf, c2w, K, keep=0.7):
 
 
 # ----------------------------------------------------------------------------------------------- images, video and PLY
-
 def to_uint8(img):
     """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
     return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -135,7 +134,6 @@ def write_ply(path, xyz, rgb, comments=()):
 
 
 # -------------------------------------------------------------------------------------------------------------- COLMAP
-
 def write_colmap(folder, c2w, K, H, W, names, points):
     """A binary COLMAP sparse model: c2w (V,4,4), K (V,3,3), images H x W named `names`, points from fuse_points.
     One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
@@ -223,7 +221,6 @@ def read_colmap(folder):
 
 
 # -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
-
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
     """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
     Kp, gl = cameras.K_to_pixels(K.double(), H, W), cameras.opengl_to_opencv(c2w.double())  # the flip is an involution
@@ -281,7 +278,6 @@ def read_cameras(path, image_size=None):
 
 
 # --------------------------------------------------------------------------------- the whole scene, and pictures of it
-
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
     with a viewing tick, seen along the first source's up axis with its view pointing up the page."""

@@ -58,7 +58,6 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- cameras -> model inputs
-
 def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
     """The model's camera inputs, once per batch: c2w (B,V,4,4) (cameras.normalize_poses), K (B,V,3,3), src_mask (B,V),
     hw = (h, w) -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv', ...}"""
@@ -79,7 +78,6 @@ def drop_cameras(cams, drop):
 
 
 # ----------------------------------------------------------------------------- positional encoding of 3D attention
-
 def rope_rotate(u, cos, sin, inverse=False):
     """1-D RoPE on u (...,N,2f), split halves a, b: [cos a + sin b, -sin a + cos b] (by -angle); inverse: +angle."""
     a, b = u.chunk(2, -1)
@@ -167,7 +165,6 @@ def reference_attention(q, k, v, pe):
 
 
 # ----------------------------------------------------------------------------- transformer parts
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -272,7 +269,6 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-
 class GLD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -378,7 +374,6 @@ def print_presets():
 
 
 # ----------------------------------------------------------------------------- the released checkpoints
-
 def convert_official(state_dict, cascade=False, heads=16):
     """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict (every key used, every
     shape checked). 1x1-conv embedders become linears; the cascade's aliased {s,x}_embedder_{ref,tgt} copies are

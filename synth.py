@@ -2,10 +2,8 @@
 
 Procedurally textured box rooms (five palettes) with boxes, spheres and cylinders, Lambertian point lights plus
 ambient, Re10K-like smooth walkthrough camera paths; exact cameras and metric z-depth; every scene is a function of
-its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout.
-
-Modelling frame: y up, floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds.
-Conventions (see cameras.py): c2w OpenCV (x right, y down, z forward), K normalised (row 0 / W, row 1 / H).
+its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout. Modelling frame: y up,
+floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds (cameras.py).
 Shape legend: H W image, N rays/points, F frames of a scene.
 """
 import numpy as np
@@ -154,8 +152,8 @@ def cast_rays(scene, o, d):
     textures = scene['room_textures'] + [ob['texture'] for ob in scene['objects']]
     albedo = np.zeros_like(o)
     for k in np.unique(sid):
-        m = sid == k
-        albedo[m] = _texture(textures[k], uv[m])
+        albedo[sid == k] = _texture(textures[k], uv[sid == k])
+
     p = o + t[:, None] * d
     shade = np.full(len(o), scene['ambient'])
     for light in scene['lights']:
