@@ -45,7 +45,7 @@ class GLDConfig:
     checkpointing: bool = False  # recompute each block in backward
 
 
-# parameter counts from print_presets() (python model.py); latent_dim is the DA3 preset's 2C (train.py overrides it)
+# parameter counts (count_params, on the meta device); latent_dim is the DA3 preset's 2C (train.py overrides it)
 PRESETS = {
     'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
     'gld-S': GLDConfig(latent_dim=768, enc_width=384, enc_depth=12, head_width=1024, head_depth=2, heads=8),  # 78.2M
@@ -358,19 +358,8 @@ PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # d
 
 def peak_tflops(device):
     """Dense bf16 peak of the GPU behind device (the MFU denominator); None on CPU or an unlisted GPU."""
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def print_presets():
-    """Parameter counts of every preset, built on the meta device (nothing allocated)."""
-    for name, cfg in PRESETS.items():
-        with torch.device('meta'):
-            n = count_params(GLD(cfg))
-        print(f'{name:18s} {n:>13,d} params  enc {cfg.enc_width}x{cfg.enc_depth}'
-              f'  head {cfg.head_width}x{cfg.head_depth}  heads {cfg.heads}  latent {cfg.latent_dim}  upper {cfg.upper_dim}')
 
 
 # ----------------------------------------------------------------------------- the released checkpoints
@@ -400,8 +389,3 @@ def convert_official(state_dict, cascade=False, heads=16):
     bad = [k for k in ref if ref[k].shape != out[k].shape]
     assert not bad, f'convert_official: shape mismatch at {bad[:5]}'
     return cfg, out
-
-
-
-if __name__ == '__main__':
-    print_presets()
