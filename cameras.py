@@ -5,8 +5,7 @@ Conventions (stated once here; every other module follows them):
   stores w2c; nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv; export.py converts the rest.
 - Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the principal point
   is ~(0.5, 0.5) and K does not change with resolution. Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
-- Shape legend: B batch, V views, H W image, N points, n trajectory length.
-
+Shape legend: B batch, V views, H W image, N points, n trajectory length.
 References: RealEstate10K; PRoPE: Li et al. 2025, "Cameras as Relative Positional Encoding"; Umeyama 1991; evo
 (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release (cvlab-kaist/Geometric-Latent-Diffusion) for its quirks.
 """

@@ -236,7 +236,6 @@ def convert_official(state_dict, heads=16):
     """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
     present, every shape matching; heads is not in the shapes (16 as released). The mask tokens (absent there) start
     at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
-
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:

@@ -2,17 +2,14 @@
 
 A run writes images/ (sources, generated targets), sparse/0/ (COLMAP binary model of all views and the fused points:
 a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply), points.ply
-and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at +0.5 (cameras.py); each format is converted
-here and only here:
+and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at +0.5 (cameras.py); in the files:
 - COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
 - nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
-Units: those of the cameras sampling used: DA3's relative depth is rescaled to dataset poses or --cameras
-(depth_scale); with DA3's estimated cameras the unit is DA3's depth scale.
-
+Units: those of the cameras sampling used (depth_scale rescales DA3's relative depth to dataset poses or --cameras).
 References: COLMAP (colmap.github.io/format.html); nerfstudio (docs.nerf.studio/quickstart/data_conventions.html);
-PLY (paulbourke.net/dataformats/ply).
-Shape legend: V views, H W image, N points.
+PLY (paulbourke.net/dataformats/ply). Shape legend: V views, H W image, N points.
 """
+
 import argparse
 import json
 import os
