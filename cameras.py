@@ -42,7 +42,6 @@ def check_cameras(c2w, K, where):
 def check_estimate(c2w, K, depth, H, W):
     """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) must be plausible (fx/fy within 2x, the principal point
     inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
-
     fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
     aspect = (fx / fy).clamp_min(1e-9)
     if ((aspect > 2) | (aspect < 0.5)).any():
@@ -75,8 +74,7 @@ def rigid_inverse(T):
     return make_pose(Rt, -(Rt @ T[..., :3, 3:])[..., 0])
 
 
-c2w_to_w2c = rigid_inverse
-w2c_to_c2w = rigid_inverse
+c2w_to_w2c = w2c_to_c2w = rigid_inverse
 
 
 def K_to_pixels(K, H, W):

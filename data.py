@@ -10,7 +10,6 @@
   paper's aspect-ratio buckets. Bad input is a cli.UserError naming the file and the fix.
 - Metrics: PSNR, SSIM (as skimage), LPIPS (if installed), depth metrics.
 - `python data.py synth`: synth.py's scenes in the chunk layout (defaults: 240 + 16 scenes, ~90 s, 176 MB).
-
 Conventions: cameras.py. Shape legend: B batch, V views, H W image, N rays/points, F frames of a scene.
 References: pixelSplat (src/dataset/dataset_re10k.py) and dcharatan/real_estate_10k_tools (chunk layout); DepthSplat
 (DL3DV); RealEstate10K (google.github.io/realestate10k); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
@@ -295,8 +294,7 @@ class SceneDataset(torch.utils.data.Dataset):
         else:
             folder = os.path.join(spec, split)
             self.items = read_index(folder)
-        eval_path = os.path.join(folder, 'eval_index.json')
-        self.eval_frames = {}
+        eval_path, self.eval_frames = os.path.join(folder, 'eval_index.json'), {}
         if eval and os.path.isfile(eval_path):
             index = {k: v for k, v in read_eval_index(eval_path).items() if k in self.items}
             self.eval_frames = {k: eval_views(c, t, num_views, eval_path) for k, (c, t) in index.items()}
@@ -349,8 +347,7 @@ class SceneDataset(torch.utils.data.Dataset):
         raise UserError(f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data')
 
     def _item(self, i):
-        scene = self._scene(i)
-        key = scene['key']
+        scene, key = self._scene(i), self.keys[i]
         if key in self.eval_frames:
             frames = torch.tensor(self.eval_frames[key])
         else:
@@ -385,8 +382,8 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         part = next(j for j, o in enumerate(self.offsets) if i < o)
-        local = i - (self.offsets[part - 1] if part else 0)
-        return self.parts[part][local % len(self.parts[part])]
+        return self.parts[part][(i - ([0] + self.offsets)[part]) % len(self.parts[part])]
+
 
 
 def eval_views(context, target, num_views, path):
@@ -482,9 +479,8 @@ def ssim(pred, gt, sample_covariance=False):
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
     mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)
     norm = 121 / 120 if sample_covariance else 1.0
-    vx = norm * (_gaussian_blur_valid(x * x) - mx * mx)
-    vy = norm * (_gaussian_blur_valid(y * y) - my * my)
-    vxy = norm * (_gaussian_blur_valid(x * y) - mx * my)
+    cov = lambda a, b, ma, mb: norm * (_gaussian_blur_valid(a * b) - ma * mb)
+    vx, vy, vxy = cov(x, x, mx, mx), cov(y, y, my, my), cov(x, y, mx, my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean((-3, -2, -1)).reshape(*pred.shape[:-2]).mean(-1)
@@ -528,15 +524,13 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
         if n == 0:  # e.g. sample.py renders only the test split
             continue
         folder = os.path.join(out, split)
-
         os.makedirs(folder, exist_ok=True)
         index, evals = {}, {}
         bar = cli.Progress(f'rendering {split} scene', n)
         for c in range(0, n, per_chunk):
             name, chunk = f'{c // per_chunk:06d}.torch', []
             for i in range(c, min(c + per_chunk, n)):
-                key = f'synth_{split}_{i:05d}'
-                s = synth.synth_scene([seed, split_id, i], frames, size)
+                key, s = f'synth_{split}_{i:05d}', synth.synth_scene([seed, split_id, i], frames, size)
                 chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
                               'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
                               'timestamps': torch.arange(frames) * 33333})
@@ -552,8 +546,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='gld data tools')
     sub = p.add_subparsers(dest='cmd', required=True)
     s = sub.add_parser('synth', help='render the synthetic indoor scenes (the embedded default data)',
-                       description='Render procedurally textured rooms with Re10K-like camera paths into the '
-                                   'pixelSplat chunk layout (+ depth). Defaults: 240 + 16 scenes in about 90 s on one core, 176 MB.')
+                       description='Render synth.py rooms into the pixelSplat chunk layout (+ depth): 240 + 16 scenes')
     s.add_argument('--out', default='data_synth', help='output folder (gets train/ and test/)')
     s.add_argument('--train', type=int, default=240, help='number of training scenes')
     s.add_argument('--test', type=int, default=16, help='number of test scenes (with eval_index.json)')

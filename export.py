@@ -24,10 +24,8 @@ import cli
 import encoder as encoder_lib
 
 FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'nerfstudio')  # sample.py's --export: the choices, all by default
-UNITS = {  # what one unit of the exported world is, by where the cameras came from
-    'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
-    'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
-}
+UNITS = {'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
+         'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)"}  # by the cameras' source
 SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
 
 
@@ -47,10 +45,10 @@ def view_names(V, n_src):
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """Scale from DA3's depth (V,H,W) units to those of the cameras c2w (V,4,4), K (V,3,3), and how it was found:
-    'da3 cameras' (Umeyama scale from DA3's camera centres c2w_da3 when they spread >= 1% of the median depth), else
-    'source photo-consistency' (the scale at which the sources' depth best carries each source's colours (V,3,H,W)
-    onto the others: a log grid 1e-3..1e3, refined in 0.6% steps), else 'none' (1.0: no baseline)."""
+    """Scale from DA3's depth (V,H,W) to the units of c2w (V,4,4), K, and how: 'da3 cameras' (Umeyama from DA3's
+    centres c2w_da3 if they spread >= 1% of the median depth), else 'source photo-consistency' (the scale at which the
+    sources' depth best carries their colours (V,3,H,W) onto each other: log grid 1e-3..1e3, then 0.6% steps), else
+    'none' (1.0: no baseline)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
         return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'

@@ -27,8 +27,7 @@ def _random_texture(rng, palette):
 
 def _value_noise(uv, grid):
     """Smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]."""
-    n = grid.shape[0]
-    i = np.floor(uv).astype(int)
+    n, i = grid.shape[0], np.floor(uv).astype(int)
     f = uv - i
     f = f * f * (3 - 2 * f)
     x0, y0, x1, y1 = i[:, 0] % n, i[:, 1] % n, (i[:, 0] + 1) % n, (i[:, 1] + 1) % n
@@ -123,8 +122,7 @@ def _hit_object(o, d, ob):
     ts = np.where((disc > 0) & (ts > 1e-6) & (ys >= 0) & (ys <= h), ts, np.inf)
     pc = oc + np.nan_to_num(tc, posinf=0, neginf=0)[:, None] * d
     tc = np.where((tc > 1e-6) & (pc[:, 0] ** 2 + pc[:, 2] ** 2 <= r * r), tc, np.inf)
-    side = ts <= tc
-    t = np.minimum(ts, tc)
+    side, t = ts <= tc, np.minimum(ts, tc)
     p = oc + np.where(np.isfinite(t), t, 0)[:, None] * d
     n = np.where(side[:, None], np.stack([p[:, 0] / r, 0 * p[:, 1], p[:, 2] / r], 1), [0.0, 1.0, 0.0])
     uv = np.where(side[:, None], np.stack([np.arctan2(p[:, 0], p[:, 2]) * r, p[:, 1]], 1), p[:, [0, 2]])
@@ -154,8 +152,7 @@ def cast_rays(scene, o, d):
     for k in np.unique(sid):
         albedo[sid == k] = _texture(textures[k], uv[sid == k])
 
-    p = o + t[:, None] * d
-    shade = np.full(len(o), scene['ambient'])
+    p, shade = o + t[:, None] * d, np.full(len(o), scene['ambient'])
     for light in scene['lights']:
         to_l = light['pos'] - p
         dist = np.linalg.norm(to_l, axis=1)
