@@ -107,8 +107,7 @@ def normalize_poses(c2w, ref=-1, by='norm'):
 
 # ----------------------------------------------------------------------------- rays and PRoPE
 def world_rays(c2w, K, xy):
-    """Rays through normalised image points xy (...,N,2); c2w (...,4,4), K (...,3,3) -> origins (...,1,3) (camera
-    centres) and unit world directions d (...,N,3)."""
+    """Rays through normalised points xy (...,N,2) of c2w, K -> centres (...,1,3), unit world directions (...,N,3)."""
     pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
     d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
     d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
@@ -222,8 +221,7 @@ def arc(c2w_ref, centre, up, degrees, n):
 
 
 def axes_meeting_point(c2w):
-    """The point closest (least squares) to the optical axes of the cameras c2w (N,4,4), N >= 2, or None when the
-    axes are (nearly) parallel or the point lies behind a camera."""
+    """Least-squares closest point to the optical axes of c2w (N,4,4); None if (nearly) parallel or behind one."""
     o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
     P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
     A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
@@ -293,8 +291,7 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
 
 # ----------------------------------------------------------------------------- alignment and pose metrics
 def umeyama(src, dst, with_scale=True):
-    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3) (Umeyama 1991); R is
-    proper (det +1) even when the best orthogonal fit is a reflection; with_scale=False fixes s = 1."""
+    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2, src, dst (N,3); R proper (Umeyama 1991)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     xs, xd = src - mu_s, dst - mu_d  # (N,3)
     U, D, Vh = torch.linalg.svd(xd.T @ xs / len(src))  # cross-covariance (3,3)

@@ -190,8 +190,7 @@ def decode_frames(scene, frames):
     return torch.stack(out)
 
 
-def read_json(path, what):
-    """A JSON file -> its object, or a UserError saying what it should hold."""
+def read_json(path, what):  # what: what the file should hold, for the error
     try:
         with open(path) as f:
             return json.load(f)
@@ -238,8 +237,7 @@ def read_transforms(path):
             'timestamps': torch.tensor(stamps)}
 
 
-def _find_transforms(folder):
-    """folder/transforms.json or folder/nerfstudio/transforms.json, or None."""
+def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or None
     paths = (os.path.join(folder, 'transforms.json'), os.path.join(folder, 'nerfstudio', 'transforms.json'))
     return next((p for p in paths if os.path.isfile(p)), None)
 
@@ -365,8 +363,7 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1): an epoch has as many items as
-    all parts, part i a share r_i / sum(r) of them, cycling through its scenes."""
+    """Datasets mixed with ratios r (paper: Re10K:DL3DV:HyperSim:TartanAir 4:4:1:1), part i r_i / sum(r) of an epoch."""
 
     def __init__(self, parts, ratios):
         self.parts, total = parts, sum(len(p) for p in parts)
@@ -408,8 +405,7 @@ def make_dataset(spec, **kw):
     return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], ratios)
 
 
-def resize_item(item, size):
-    """resize_and_crop applied to a dataset item (images, K and depths when present)."""
+def resize_item(item, size):  # resize_and_crop of a dataset item's images, K and depths
     keys = ['images', 'K', 'depths'] if 'depths' in item else ['images', 'K']
     return {**item, **dict(zip(keys, resize_and_crop(item['images'], item['K'], size, item.get('depths'))))}
 
@@ -490,17 +486,15 @@ def lpips_fn(device='cpu'):
     """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
     try:
         import lpips
-        net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval()
+        net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval().requires_grad_(False)
     except Exception as e:  # missing package, or no network to fetch the VGG weights
         print(f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it')
         return None
-    net.requires_grad_(False)
     return lambda pred, gt: net(pred * 2 - 1, gt * 2 - 1).flatten()  # the package expects [-1, 1]
 
 
 def depth_metrics(pred, gt, mask=None, align='median'):
-    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} over images where gt > 0, finite and mask; align='median'
-    scales each prediction by median(gt) / median(pred) first."""
+    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} where gt > 0, finite, mask; align='median': median-scaled."""
     pred = pred.detach().reshape(-1, pred.shape[-2] * pred.shape[-1]).double()  # (images, HW)
     gt = gt.reshape(pred.shape).double().to(pred.device)
     valid = (gt > 0) & torch.isfinite(gt)

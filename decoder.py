@@ -85,8 +85,7 @@ class RGBDecoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.head = nn.Linear(D, cfg.patch * cfg.patch * 3)
+        self.norm, self.head = nn.LayerNorm(D, eps=cfg.ln_eps), nn.Linear(D, cfg.patch * cfg.patch * 3)
         for name, v in (('rgb_mean', data.IMAGENET_MEAN), ('rgb_std', data.IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
         self.init_weights()
@@ -145,16 +144,14 @@ def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
     dropped redrawn (rejection), so each of 4 levels is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
     assert 0 <= p < 1, 'p must be in [0, 1)'
     keep = torch.rand(B, levels, generator=generator) >= p
-    while not keep.any(1).all():
-        empty = ~keep.any(1)
+    while (empty := ~keep.any(1)).any():
         keep[empty] = torch.rand(int(empty.sum()), levels, generator=generator) >= p
     return keep
 
 
 @torch.no_grad()
 def reconstruct_per_level(decoder, levels, hw):
-    """Paper Tab. 6 in miniature: {'all': images from all levels, l: images from level l alone} for l = 0..3.
-    Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
+    """Paper Tab. 6: {'all': images from all levels, l: from level l alone (mask tokens, as level dropout)}."""
     B, L = levels[0].shape[0], len(levels)
     alone = torch.eye(L, dtype=torch.bool, device=levels[0].device)  # row k: keep level k only
     return {'all': decoder(levels, hw), **{k: decoder(levels, hw, keep=alone[k].expand(B, L)) for k in range(L)}}
@@ -162,8 +159,7 @@ def reconstruct_per_level(decoder, levels, hw):
 
 # ----------------------------------------------------------------------------- losses
 def decoder_loss(pred, gt, lpips=None):
-    """L1 (+ LPIPS when `lpips`, a callable on (N,3,H,W) [0,1] pairs, is given): pred, gt (B,V,3,H,W) -> (loss,
-    {'l1', 'lpips'} detached)."""
+    """L1 (+ LPIPS when `lpips`, a callable on [0,1] image pairs, is given) of (B,V,3,H,W) -> (loss, parts)."""
     l1 = (pred - gt).abs().mean()
     loss, parts = l1, {'l1': l1.detach()}
     if lpips is not None:
@@ -173,8 +169,7 @@ def decoder_loss(pred, gt, lpips=None):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN: n_down stride-2 4x4 convs, then two stride-1 4x4 convs to one logit per patch; LeakyReLU 0.2,
-    spectral norm on every conv (no BatchNorm). Images in [0,1], (B,V,3,H,W) or (N,3,H,W) -> (N,1,h',w')."""
+    """PatchGAN, spectral norm on every conv, LeakyReLU 0.2: [0,1] images (...,3,H,W) -> logits (N,1,h',w')."""
 
     def __init__(self, ch=64, n_down=3):
         super().__init__()
@@ -206,8 +201,7 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
     disc.requires_grad_(False)
     g_loss = F.softplus(-disc(pred)).mean()
     disc.requires_grad_(True)
-    last_layer = getattr(decoder, 'module', decoder).head.weight    # unwrap DDP
-    weight = adaptive_weight(rec_loss, g_loss, last_layer, max_weight)
+    weight = adaptive_weight(rec_loss, g_loss, getattr(decoder, 'module', decoder).head.weight, max_weight)  # DDP
     parts = {'gan_d': d_loss.detach(), 'gan_g': g_loss.detach(), 'gan_weight': weight}
     return disc_weight * weight * g_loss, parts
 
@@ -219,8 +213,7 @@ _OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.d
 
 
 def official_names(key):
-    """The official key(s) holding our state-dict entry `key`: three for the fused qkv (query, key, value in
-    that order), none for the mask tokens (the official decoder has no level dropout)."""
+    """Official key(s) of our state-dict entry: query, key, value for the fused qkv; none for the mask tokens."""
     if key in ('cls_token', 'pos_embed', 'mask_tokens'):
         return {'cls_token': ['trainable_cls_token'], 'pos_embed': ['decoder_pos_embed'], 'mask_tokens': []}[key]
     module, param = key.rsplit('.', 1)

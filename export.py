@@ -32,8 +32,7 @@ SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of dra
 def parse_formats(text):
     """'ply,colmap' -> ['ply', 'colmap'] ('' -> []): the type of sample.py's --export."""
     formats = [f.strip() for f in text.split(',') if f.strip()]
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
+    if unknown := sorted(set(formats) - set(FORMATS)):
         raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {",".join(FORMATS)}')
     return formats
 
@@ -162,10 +161,10 @@ def write_colmap(folder, c2w, K, H, W, names, points):
         f.write(struct.pack('<Q', N) + rec.tobytes())
 
 
-COLMAP_MODELS = {  # model id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
-    0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5), 4: ('OPENCV', 8),
-    5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5), 8: ('SIMPLE_RADIAL_FISHEYE', 4),
-    9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
+# COLMAP camera models, id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
+COLMAP_MODELS = {0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5),
+                 4: ('OPENCV', 8), 5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5),
+                 8: ('SIMPLE_RADIAL_FISHEYE', 4), 9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
 COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'OPENCV', 'FULL_OPENCV')
 
 

@@ -187,8 +187,7 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused QKV (q, k, v, each heads x head dim): 3D over N = V*h*w tokens with positions
-    from pe, or plain SDPA without pe (the RGB decoder's per-view ViT)."""
+    """Multi-head self-attention, fused QKV: 3D over N = V*h*w tokens with positions from pe, else plain SDPA."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -289,8 +288,7 @@ class GLD(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """As released: adaLN and the final linear zero (output exactly 0), embedders xavier on the flattened
-        weight with zero bias, time MLP N(0, 0.02); other linears keep PyTorch's default."""
+        """As released: adaLN and final linear zero (output 0), embedders xavier, time MLP N(0, 0.02), rest default."""
         for blk in [*self.blocks, self.final_layer]:
             nn.init.zeros_(blk.adaLN_modulation[1].weight), nn.init.zeros_(blk.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
@@ -307,8 +305,7 @@ class GLD(nn.Module):
         src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
         return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
 
-    def run_blocks(self, blocks, x, c, pe):
-        """DiT blocks in turn, each recomputed in backward when cfg.checkpointing (activation checkpointing)."""
+    def run_blocks(self, blocks, x, c, pe):  # each block recomputed in backward with cfg.checkpointing
         ckpt = self.cfg.checkpointing and self.training
         for blk in blocks:
             x = checkpoint(blk, x, c, pe, use_reentrant=False) if ckpt else blk(x, c, pe)
@@ -316,7 +313,8 @@ class GLD(nn.Module):
 
     def forward(self, x_t, t, cond, cams, upper=None):
         """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
-        cfg, (B, V, T, C), src = self.cfg, x_t.shape, cams['src_mask']  # src (B,V) bool
+        cfg, src = self.cfg, cams['src_mask']  # src (B,V) bool
+        B, V, T, C = x_t.shape
         assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
         xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
         te = self.t_embedder(t)  # (B,C1)
