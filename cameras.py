@@ -92,9 +92,8 @@ def opengl_to_opencv(c2w):
 
 
 def normalize_poses(c2w, ref=-1, by='norm'):
-    """c2w (...,V,4,4) relative to view `ref`, translations rescaled to unit extent -> (c2w_rel, scale (...,)) with
-    c2w_rel[..., ref] = I. by='norm': the largest ||t|| becomes 1 (ours); 'max_abs': the largest |t| component
-    (the release, with ref=-1). Coinciding cameras (extent 0) get scale 1."""
+    """c2w (...,V,4,4) relative to view `ref` in unit extent -> (c2w_rel, scale (...,)): by='norm', the largest ||t||
+    becomes 1 (ours); 'max_abs', the largest |t| component (the release, ref=-1). Coinciding cameras get scale 1."""
     rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
     t = rel[..., :3, 3]  # (...,V,3)
     if by not in ('norm', 'max_abs'):
@@ -122,8 +121,7 @@ def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
 
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
-    """Plücker ray map (...,6,H,W), channels [d, o x d]: d the unit world direction through each pixel, o the camera
-    centre. Pixel (u, v) is sampled at (u, v) + pixel_offset (default its centre; the release's (-0.5, 0.5))."""
+    """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel (u, v) + pixel_offset (release: -0.5, 0.5)."""
     xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
     rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
@@ -155,8 +153,7 @@ def rotmat_to_quat(m):
     """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
     for one pivot i; normalising the row of the largest |q_i| is stable everywhere."""
     tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    q2 = torch.stack([1 + tr, 1 + 2 * m[..., 0, 0] - tr, 1 + 2 * m[..., 1, 1] - tr,
-                      1 + 2 * m[..., 2, 2] - tr], -1)  # (...,4) = 4 q_i^2
+    q2 = torch.stack([1 + tr, *(1 + 2 * m[..., i, i] - tr for i in range(3))], -1)  # (...,4) = 4 q_i^2
     wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
     xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
     cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1),
@@ -190,8 +187,7 @@ def slerp(q0, q1, t):
 
 # ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
 def path_through(c2w, K, s):
-    """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
-    s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
+    """c2w (n,4,4), K (n,3,3) at s (n,) in [0, N-1] on the path through c2w (N,4,4), K: slerp rotations, lerp rest."""
     i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
     poses, Ks = [], []
     for j, t in zip(i.tolist(), (s - i).tolist()):
@@ -312,11 +308,10 @@ def rotation_angle(R):
 
 
 def pose_metrics(est_c2w, gt_c2w, with_scale=True):
-    """Trajectory errors (RMSEs, as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres).
-    Alignment (evo --align --correct_scale): (s, R, t) = umeyama(est centres, gt centres); the aligned P_i has
-    rotation R R_est_i and centre s R c_est_i + t (with_scale=False: SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the
-    ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units),
-    rpe_r = RMSE angle(rot(E_i)) in degrees. Returns floats."""
+    """Trajectory RMSEs (as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres), aligned as
+    evo --align --correct_scale: P_i = (s, R, t) = umeyama(est centres, gt centres) applied to est_i (with_scale=False:
+    SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1
+    P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units), rpe_r = RMSE angle(rot(E_i)) in degrees."""
     s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
     est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
     ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()

@@ -39,9 +39,8 @@ T_BINS = 4  # the training log reports the loss in 4 bins of t
 
 
 def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uniform'):
-    """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean; src_mask (B,V) bool
-    -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the MSE of source / target views (0 without any), and
-    per-sample losses summed and counted in T_BINS bins of t (tensors: no host sync)."""
+    """Velocity MSE over all views: velocity_fn(x_t, t (B,)) -> v; x (B,V,T,C) clean; src_mask (B,V) -> (loss, {'src',
+    'tgt': MSE of those views (0 without any), 't_bin_sum', 't_bin_count': per-sample losses in T_BINS bins of t})."""
     t = (sample_t(x.shape[0], dist, a, generator) if t is None else t).to(x.device, x.dtype)  # (B,)
     dev = generator.device if generator is not None else x.device  # the generator may live on the CPU
     eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
@@ -58,9 +57,8 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
 
 @torch.no_grad()
 def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
-    """Deterministic Euler ODE from noise (t = 1) to t_end. velocity_fn / uncond_fn (x_t, t (B,)) -> v.
-    CFG: v = v_u + cfg_scale (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg_scale = 1 the
-    unconditional branch is skipped). Returns x at t_end."""
+    """Deterministic Euler ODE from noise (t = 1) to t_end; velocity_fn / uncond_fn (x_t, t (B,)) -> v. CFG: v = v_u +
+    cfg_scale (v_c - v_u) at the steps whose t lies in interval (cfg_scale = 1: no unconditional call)."""
     assert cfg_scale == 1.0 or uncond_fn is not None, 'cfg_scale != 1 needs uncond_fn'
     ts = [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]  # python floats: no device syncs
     x = noise

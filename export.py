@@ -77,8 +77,7 @@ def photo_error(images, depth, c2w, K, i, j):
 
 
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
-    """The `keep` most confident fraction of pixels, unprojected: images (V,3,H,W), depth, conf (V,H,W), c2w, K ->
-    {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,), 'uv' (N,2) pixel centre}, ordered by view."""
+    """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb' (N,3) uint8, 'view', 'uv' (N,2)}, by view."""
     pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
     mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
     v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
@@ -225,9 +224,8 @@ def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
         json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
 
 
-CAMERA_FORMATS = ('a COLMAP model folder (sparse/0 with cameras/images .bin or .txt), a nerfstudio transforms.json, '
-                  'or a folder of per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W '
-                  'optional)')
+CAMERA_FORMATS = ('a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio transforms.json, or a folder of '
+                  'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional)')
 
 
 def read_cameras(path, image_size=None):

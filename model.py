@@ -86,11 +86,10 @@ def rope_rotate(u, cos, sin, inverse=False):
 
 
 class PositionEncoding:
-    """Relative positions of the V*h*w tokens of a sample for head dim d, rebuilt each forward.
-    'prope': dims [0,d/2) are d/8 four-vectors mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v,
-    output <- P out); dims [d/2,3d/4) carry RoPE on the column x, [3d/4,d) on the row y (inverse on the output).
-    The logit of tokens i (view a), j (view b) is q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j: relative in cameras
-    and pixels. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
+    """Relative positions of the V*h*w tokens of a sample for head dim d. 'prope': dims [0,d/2) are d/8 four-vectors
+    mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v, output <- P out), [d/2,3d/4) carry RoPE on the
+    column x, [3d/4,d) on the row y (inverse on the output): logit_ij = q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j
+    for views a, b. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
 
     def __init__(self, kind, d, cams, V, base=100.0):
         h, w = cams['hw']
@@ -362,9 +361,8 @@ def peak_tflops(device):
 
 # ----------------------------------------------------------------------------- the released checkpoints
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict (every key used, every
-    shape checked). 1x1-conv embedders become linears; the cascade's aliased {s,x}_embedder_{ref,tgt} copies are
-    dropped. heads is not in the shapes (16 in both releases)."""
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict; 1x1-conv embedders become
+    linears, the cascade's aliased {s,x}_embedder_{ref,tgt} copies are dropped; heads is not in the shapes (16)."""
     single = 'x_embedder.proj.weight' in state_dict
     aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
     sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}

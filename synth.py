@@ -66,8 +66,7 @@ def _texture(tex, uv):
 
 
 def _hit_room(o, d, size):
-    """Rays from inside the box [0, size] (3,) -> exit distance t (N,), inward normal (N,3), uv (N,2), face (N,)
-    with faces 0 floor, 1 ceiling, 2..5 walls -x, +x, -z, +z."""
+    """Rays inside the box [0, size] -> exit t, inward normal, uv, face (0 floor, 1 ceiling, 2..5 walls -x +x -z +z)."""
     with np.errstate(divide='ignore', invalid='ignore'):
         t_axis = np.where(d > 0, (size - o) / d, -o / d)  # (N,3) distance to the wall each axis moves towards
     t_axis = np.where(np.isfinite(t_axis) & (t_axis > 0), t_axis, np.inf)
@@ -161,8 +160,7 @@ def cast_rays(scene, o, d):
 
 
 def _camera_path(rng, room, frames):
-    """A smooth walkthrough (a slowly turning heading; the view wobbles around it) -> c2w (F,4,4) OpenCV in the
-    modelling frame, or None when the path leaves the room or faces a nearby wall."""
+    """A smooth walkthrough -> c2w (F,4,4) OpenCV in the modelling frame; None if it leaves the room or faces a wall."""
     s = np.linspace(0, 1, 64)
     start = np.array([rng.uniform(0.6, room[0] - 0.6), rng.uniform(1.1, 1.7), rng.uniform(0.6, room[2] - 0.6)])
     to_centre = room / 2 - start
@@ -217,8 +215,7 @@ def _random_objects(rng, room, path, palette):
 
 
 def synth_scene(seed, frames=24, size=112):
-    """One scene from `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W) float32, 'c2w' (F,4,4),
-    'K' (F,3,3) normalised (float32, stored frame), 'scene'}."""
+    """Scene `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W), 'c2w' (F,4,4), 'K', 'scene'}."""
     rng = np.random.default_rng(seed)
     room = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)])
     c2w = None
