@@ -379,8 +379,8 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         part = next(j for j, o in enumerate(self.offsets) if i < o)
-        return self.parts[part][(i - ([0] + self.offsets)[part]) % len(self.parts[part])]
-
+        local = i - (self.offsets[part - 1] if part else 0)
+        return self.parts[part][local % len(self.parts[part])]
 
 
 def eval_views(context, target, num_views, path):
