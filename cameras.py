@@ -2,13 +2,10 @@
 
 Conventions (stated once here; every other module follows them):
 - Poses are OpenCV camera-to-world matrices c2w (...,4,4): x right, y down, z forward; w2c = c2w^-1. RealEstate10K
-  stores w2c (loaders use w2c_to_c2w); nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv.
+  stores w2c; nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv; export.py converts the rest.
 - Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the principal point
-  is ~(0.5, 0.5) and K does not change with resolution (K_to_pixels / K_to_normalized).
-- Pixel (u, v) covers [u, u+1) x [v, v+1); its centre is (u + 0.5, v + 0.5).
-- File formats (COLMAP, nerfstudio, glTF) are converted with these functions in export.py, which tabulates them.
-- Shape legend: B batch, V views, H W image, N points, n trajectory length.
-
+  is ~(0.5, 0.5) and K does not change with resolution. Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
+Shape legend: B batch, V views, H W image, N points, n trajectory length.
 References: RealEstate10K; PRoPE: Li et al. 2025, "Cameras as Relative Positional Encoding"; Umeyama 1991; evo
 (github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release (cvlab-kaist/Geometric-Latent-Diffusion) for its quirks.
 """
@@ -21,10 +18,9 @@ from cli import UserError
 
 
 # ----------------------------------------------------------------------------- checks of cameras read or estimated
-
 def check_cameras(c2w, K, where):
-    """Validate cameras where they are read: c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3,
-    det +1), K (V,3,3) finite with positive focal lengths. where: the file (and scene) for the message."""
+    """c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3, det +1), K (V,3,3) finite with positive focal
+    lengths, else a UserError naming `where` (the file and scene) and the first bad view."""
     bad = lambda mask: int(mask.nonzero()[0, 0])  # the first offending view
     finite = torch.isfinite(c2w).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)
     if not finite.all():
@@ -44,21 +40,18 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) of a user's cameras must be plausible (fx/fy within 2x, the
-    principal point inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
-    fx, fy = K[:, 0, 0] * W, K[:, 1, 1] * H
+    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) must be plausible (fx/fy within 2x, the principal point
+    inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
+    fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
     aspect = (fx / fy).clamp_min(1e-9)
-    problems = []
     if ((aspect > 2) | (aspect < 0.5)).any():
         v = int((aspect.log().abs()).argmax())
         problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
-    pp = K[:, :2, 2]
     if ((pp < 0) | (pp > 1)).any():
         v = int(((pp - 0.5).abs().amax(-1)).argmax())
         problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
                         f'outside the {W}x{H} image')
-    centres = c2w[:, :3, 3]
-    baseline = float((centres[:, None] - centres[None]).norm(dim=-1).max()) if len(c2w) > 1 else None
+    baseline = float((c2w[:, None, :3, 3] - c2w[None, :, :3, 3]).norm(dim=-1).max()) if len(c2w) > 1 else None
     if baseline is not None and baseline < 0.01 * float(depth.median()):
         problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
     if problems:
@@ -68,7 +61,6 @@ def check_estimate(c2w, K, depth, H, W):
 
 
 # ----------------------------------------------------------------------------- basic conversions
-
 def make_pose(R, t):
     """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
@@ -82,8 +74,7 @@ def rigid_inverse(T):
     return make_pose(Rt, -(Rt @ T[..., :3, 3:])[..., 0])
 
 
-c2w_to_w2c = rigid_inverse
-w2c_to_c2w = rigid_inverse
+c2w_to_w2c = w2c_to_c2w = rigid_inverse
 
 
 def K_to_pixels(K, H, W):
@@ -92,7 +83,6 @@ def K_to_pixels(K, H, W):
 
 
 def K_to_normalized(Kpix, H, W):
-    """Pixel intrinsics (...,3,3) of an H x W image -> normalised intrinsics."""
     return Kpix / Kpix.new_tensor([[W], [H], [1.0]])
 
 
@@ -102,9 +92,8 @@ def opengl_to_opencv(c2w):
 
 
 def normalize_poses(c2w, ref=-1, by='norm'):
-    """c2w (...,V,4,4) relative to view `ref`, translations rescaled to unit extent -> (c2w_rel, scale (...,)) with
-    c2w_rel[..., ref] = I. by='norm': the largest ||t|| becomes 1 (ours); 'max_abs': the largest |t| component
-    (the release, with ref=-1). Coinciding cameras (extent 0) get scale 1."""
+    """c2w (...,V,4,4) relative to view `ref` in unit extent -> (c2w_rel, scale (...,)): by='norm', the largest ||t||
+    becomes 1 (ours); 'max_abs', the largest |t| component (the release, ref=-1). Coinciding cameras get scale 1."""
     rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
     t = rel[..., :3, 3]  # (...,V,3)
     if by not in ('norm', 'max_abs'):
@@ -116,10 +105,8 @@ def normalize_poses(c2w, ref=-1, by='norm'):
 
 
 # ----------------------------------------------------------------------------- rays and PRoPE
-
 def world_rays(c2w, K, xy):
-    """Rays through normalised image points xy (...,N,2) (pixel coordinate / size); c2w (...,4,4), K (...,3,3)
-    -> origins (...,1,3) (camera centres) and unit world directions d (...,N,3)."""
+    """Rays through normalised points xy (...,N,2) of c2w, K -> centres (...,1,3), unit world directions (...,N,3)."""
     pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
     d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
     d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
@@ -134,8 +121,7 @@ def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
 
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
-    """Plücker ray map (...,6,H,W), channels [d, o x d]: d the unit world direction through each pixel, o the camera
-    centre. Pixel (u, v) is sampled at (u, v) + pixel_offset (default its centre; the release's (-0.5, 0.5))."""
+    """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel (u, v) + pixel_offset (release: -0.5, 0.5)."""
     xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
     rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
@@ -163,13 +149,11 @@ def lift(K):
 
 
 # ----------------------------------------------------------------------------- quaternions (w, x, y, z)
-
 def rotmat_to_quat(m):
     """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
     for one pivot i; normalising the row of the largest |q_i| is stable everywhere."""
     tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    q2 = torch.stack([1 + tr, 1 + 2 * m[..., 0, 0] - tr, 1 + 2 * m[..., 1, 1] - tr,
-                      1 + 2 * m[..., 2, 2] - tr], -1)  # (...,4) = 4 q_i^2
+    q2 = torch.stack([1 + tr, *(1 + 2 * m[..., i, i] - tr for i in range(3))], -1)  # (...,4) = 4 q_i^2
     wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
     xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
     cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1),
@@ -202,16 +186,8 @@ def slerp(q0, q1, t):
 
 
 # ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
-
-def interpolate_cameras(c2w_a, c2w_b, n):
-    """n cameras from c2w_a to c2w_b (both included): slerp of rotations, lerp of centres."""
-    s = torch.linspace(0, 1, n, dtype=c2w_a.dtype, device=c2w_a.device)
-    return path_through(torch.stack([c2w_a, c2w_b]), torch.eye(3, dtype=s.dtype).expand(2, 3, 3), s)[0]
-
-
 def path_through(c2w, K, s):
-    """c2w (n,4,4), K (n,3,3) along the path through the views c2w (N,4,4), K (N,3,3) at s (n,) in [0, N-1] (view i at
-    s = i): slerp of rotations, lerp of centres and intrinsics within each segment."""
+    """c2w (n,4,4), K (n,3,3) at s (n,) in [0, N-1] on the path through c2w (N,4,4), K: slerp rotations, lerp rest."""
     i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
     poses, Ks = [], []
     for j, t in zip(i.tolist(), (s - i).tolist()):
@@ -241,8 +217,7 @@ def arc(c2w_ref, centre, up, degrees, n):
 
 
 def axes_meeting_point(c2w):
-    """The point closest (least squares) to the optical axes of the cameras c2w (N,4,4), N >= 2, or None when the
-    axes are (nearly) parallel or the point lies behind a camera."""
+    """Least-squares closest point to the optical axes of c2w (N,4,4); None if (nearly) parallel or behind one."""
     o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
     P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
     A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
@@ -252,31 +227,12 @@ def axes_meeting_point(c2w):
     return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
 
 
-def interpolate_K(K_a, K_b, n):
-    """n intrinsics (n,3,3) linearly from K_a to K_b (both included)."""
-    t = torch.linspace(0, 1, n, dtype=K_a.dtype, device=K_a.device)
-    return torch.lerp(K_a, K_b, t[:, None, None])
-
-
 def look_at(eye, target, up):
     """OpenCV c2w (...,4,4) at eye (...,3) with z towards target (...,3) and y (down) opposite `up`."""
     z = F.normalize(target - eye, dim=-1)
     x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
     y = torch.linalg.cross(z, x, dim=-1)
     return make_pose(torch.stack([x, y, z], -1), eye)
-
-
-def orbit(center, radius, n, elevation_deg=0.0, up=(0.0, -1.0, 0.0)):
-    """n cameras (endpoint excluded) on a circle of `radius` around `center` (3,), raised by elevation towards `up`,
-    looking at the centre; with the default up (OpenCV: y down) the first sits at center - radius * z."""
-    up = F.normalize(center.new_tensor(up), dim=0)
-    axis = torch.eye(3, dtype=up.dtype, device=up.device)[up.abs().argmin()]  # a direction far from up
-    e1 = F.normalize(torch.linalg.cross(axis, up, dim=0), dim=0)
-    e2 = torch.linalg.cross(up, e1, dim=0)
-    phi = torch.linspace(0, 2 * math.pi, n + 1, dtype=up.dtype)[:-1, None]  # (n,1)
-    el = math.radians(elevation_deg)
-    eye = center + radius * (math.cos(el) * (phi.cos() * e1 + phi.sin() * e2) + math.sin(el) * up)
-    return look_at(eye, center.expand_as(eye), up)
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
@@ -322,19 +278,16 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
             c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
         else:
             c2w = forward_dolly(a, n, distance=0.5 * dist)
-    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist + rotation_angle(
-        a[:3, :3].T @ c2w[:, :3, :3]).abs().max()
-    if float(moved) < 1e-3:
+    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist
+    if float(moved + rotation_angle(a[:3, :3].T @ c2w[:, :3, :3]).abs().max()) < 1e-3:
         print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
               '--traj orbit, spiral or forward to move')
     return c2w, K
 
 
 # ----------------------------------------------------------------------------- alignment and pose metrics
-
 def umeyama(src, dst, with_scale=True):
-    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2 for points src, dst (N,3) (Umeyama 1991); R is
-    proper (det +1) even when the best orthogonal fit is a reflection; with_scale=False fixes s = 1."""
+    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2, src, dst (N,3); R proper (Umeyama 1991)."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     xs, xd = src - mu_s, dst - mu_d  # (N,3)
     U, D, Vh = torch.linalg.svd(xd.T @ xs / len(src))  # cross-covariance (3,3)
@@ -355,17 +308,15 @@ def rotation_angle(R):
 
 
 def pose_metrics(est_c2w, gt_c2w, with_scale=True):
-    """Trajectory errors (RMSEs, as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres).
-    Alignment (evo --align --correct_scale): (s, R, t) = umeyama(est centres, gt centres); the aligned P_i has
-    rotation R R_est_i and centre s R c_est_i + t (with_scale=False: SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the
-    ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units),
-    rpe_r = RMSE angle(rot(E_i)) in degrees. Returns floats."""
+    """Trajectory RMSEs (as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres), aligned as
+    evo --align --correct_scale: P_i = (s, R, t) = umeyama(est centres, gt centres) applied to est_i (with_scale=False:
+    SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1
+    P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units), rpe_r = RMSE angle(rot(E_i)) in degrees."""
     s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
     est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
     ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
-    rel_est = rigid_inverse(est[:-1]) @ est[1:]  # (V-1,4,4)
-    rel_gt = rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]
-    E = rigid_inverse(rel_gt) @ rel_est
+    E = rigid_inverse(rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]) @ (rigid_inverse(est[:-1]) @ est[1:])  # (V-1,4,4)
+
     rpe_t = E[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt()
     rpe_r = torch.rad2deg(rotation_angle(E[:, :3, :3])).pow(2).mean().sqrt()
     return {'ate': ate.item(), 'rpe_r': rpe_r.item(), 'rpe_t': rpe_t.item()}

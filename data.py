@@ -1,22 +1,18 @@
-"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, and the synthetic
-indoor scenes (rendered by synth.py) that are gld's embedded default data.
+"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, the synthetic set.
 
 - RealEstate10K in the pixelSplat chunk layout: root/{train,test}/000000.torch ... + index.json ({key: chunk file});
   a chunk is a torch.save'd list of scenes {'key', 'url', 'timestamps' (V,) int64, 'cameras' (V,18) = fx fy cx cy
   (normalised) 0 0 + row-major 3x4 OpenCV w2c, 'images' (JPEG bytes as uint8 tensors), our optional 'depths'
   (V,H,W) float16}, memory-mapped, frames decoded lazily. Evaluation index: {key: {'context', 'target'} | null}.
-- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel fl_x fl_y cx cy at w x h), also for a user's image folder.
-  applied_transform is ignored: a rigid motion of the whole world, which pose normalisation removes anyway.
+- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel fl_x fl_y cx cy at w x h), also for a user's image folder;
+  applied_transform is ignored (a rigid motion of the world, which pose normalisation removes).
 - SceneDataset: V views of a scene in temporal order with random frame gaps, resized + centre-cropped or in the
-  paper's aspect-ratio buckets. Bad input is a cli.UserError naming the file and the fix, raised where it is read.
+  paper's aspect-ratio buckets. Bad input is a cli.UserError naming the file and the fix.
 - Metrics: PSNR, SSIM (as skimage), LPIPS (if installed), depth metrics.
 - `python data.py synth`: synth.py's scenes in the chunk layout (defaults: 240 + 16 scenes, ~90 s, 176 MB).
-
-Conventions (see cameras.py): c2w OpenCV (x right, y down, z forward), K normalised (row 0 / W, row 1 / H).
-Shape legend: B batch, V views, H W image, N rays/points, F frames of a scene.
-References: pixelSplat (dcharatan/pixelsplat, src/dataset/dataset_re10k.py) and dcharatan/real_estate_10k_tools
-(chunk layout); DepthSplat (cvg/depthsplat) for DL3DV; RealEstate10K (google.github.io/realestate10k);
-Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
+Conventions: cameras.py. Shape legend: B batch, V views, H W image, N rays/points, F frames of a scene.
+References: pixelSplat (src/dataset/dataset_re10k.py) and dcharatan/real_estate_10k_tools (chunk layout); DepthSplat
+(DL3DV); RealEstate10K (google.github.io/realestate10k); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
 """
 import argparse
 import functools
@@ -50,9 +46,7 @@ class FrameError(UserError):
     """An unreadable frame (or one of another size than its scene's): training skips the sample, evaluation stops."""
 
 
-# ----------------------------------------------------------------------------------------------
-# images and cameras
-
+# -------------------------------------------------------------------------------------------------- images and cameras
 def decode_image(data):
     """JPEG/PNG bytes (uint8 tensor) or a file path -> (3,H,W) float in [0,1]."""
     try:
@@ -129,8 +123,7 @@ def resize_and_crop(images, K, size, depths=None):
         images = x.clamp(0, 1).reshape(*images.shape[:-2], Hr, Wr)
     images = images[..., top:top + Ho, left:left + Wo]
     Kp = cameras.K_to_pixels(K, H, W) * K.new_tensor([[Wr / W], [Hr / H], [1.0]])
-    Kp[..., 0, 2] -= left
-    Kp[..., 1, 2] -= top
+    Kp[..., 0, 2], Kp[..., 1, 2] = Kp[..., 0, 2] - left, Kp[..., 1, 2] - top
     out = (images, cameras.K_to_normalized(Kp, Ho, Wo))
     if depths is not None:
         d = F.interpolate(depths.reshape(-1, 1, H, W).float(), size=(Hr, Wr), mode='nearest')
@@ -138,9 +131,7 @@ def resize_and_crop(images, K, size, depths=None):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# RealEstate10K chunk layout
-
+# ------------------------------------------------------------------------------------------ RealEstate10K chunk layout
 def write_re10k_chunk(path, scenes, quality=90):
     """Scenes {'key', 'images' (V,3,H,W) or encoded frames, 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
     out = []
@@ -149,17 +140,15 @@ def write_re10k_chunk(path, scenes, quality=90):
         K, w2c = s['K'].double(), cameras.c2w_to_w2c(s['c2w'].double())
         intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
         cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
-        ex = {'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
-              'cameras': cams, 'images': images}
+        out.append({'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
+                    'cameras': cams, 'images': images})
         if s.get('depths') is not None:
-            ex['depths'] = torch.as_tensor(s['depths']).half()
-        out.append(ex)
+            out[-1]['depths'] = torch.as_tensor(s['depths']).half()
     torch.save(out, path)
 
 
 @functools.lru_cache(maxsize=256)
-def _load_chunk(path):
-    # memory-mapped and cached: unpickling costs ~50 ms, and a shuffled epoch visits every chunk many times
+def _load_chunk(path):  # memory-mapped and cached: unpickling costs ~50 ms, an epoch visits each chunk many times
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
@@ -177,9 +166,8 @@ def read_re10k_chunk(path, decode=True):
     scenes = []
     for ex in _load_chunk(path):
         c2w, K = cameras_to_c2w_K(ex['cameras'], f'{path} scene {ex["key"]}')
-        s = {'key': ex['key'], 'c2w': c2w, 'K': K, 'timestamps': ex['timestamps'], 'jpegs': ex['images'], 'source': path}
-        if 'depths' in ex:
-            s['depths'] = ex['depths']
+        s = {'key': ex['key'], 'c2w': c2w, 'K': K, 'timestamps': ex['timestamps'], 'jpegs': ex['images'], 'source': path,
+             **({'depths': ex['depths']} if 'depths' in ex else {})}
         if decode:
             s['images'] = decode_frames(s, range(len(c2w)))
             del s['jpegs']
@@ -202,8 +190,7 @@ def decode_frames(scene, frames):
     return torch.stack(out)
 
 
-def read_json(path, what):
-    """A JSON file -> its object, or a UserError saying what it should hold."""
+def read_json(path, what):  # what: what the file should hold, for the error
     try:
         with open(path) as f:
             return json.load(f)
@@ -226,9 +213,7 @@ def read_eval_index(path):
             if v is not None}
 
 
-# ----------------------------------------------------------------------------------------------
-# DL3DV / nerfstudio transforms.json
-
+# ---------------------------------------------------------------------------------- DL3DV / nerfstudio transforms.json
 def read_transforms(path):
     """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
@@ -252,16 +237,14 @@ def read_transforms(path):
             'timestamps': torch.tensor(stamps)}
 
 
-def _find_transforms(folder):
-    """folder/transforms.json or folder/nerfstudio/transforms.json, or None."""
+def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or None
     paths = (os.path.join(folder, 'transforms.json'), os.path.join(folder, 'nerfstudio', 'transforms.json'))
     return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def read_dl3dv_scene(folder, images='images_4', decode=True):
     """A folder (DL3DV: <hash>/ or <hash>/nerfstudio/) with a transforms.json -> a scene dict like read_re10k_chunk's.
-    images: the image folder next to the json (DL3DV: images_4 / images_8, any size: K is normalised), or None for
-    each frame's file_path (a user's image folder)."""
+    images: the image folder next to the json (DL3DV: images_4 / images_8), or None for each frame's file_path."""
     path = _find_transforms(folder)
     if path is None:
         raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
@@ -278,9 +261,7 @@ def read_dl3dv_scene(folder, images='images_4', decode=True):
     return s
 
 
-# ----------------------------------------------------------------------------------------------
-# dataset, view sampling, buckets, loader
-
+# ----------------------------------------------------------------------------- dataset, view sampling, buckets, loader
 def sample_frames(n, num_views, gap, generator):
     """V frame indices of n in temporal order, gaps uniform in gap=(lo, hi) (shrunk for short clips)."""
     if n < num_views:
@@ -300,9 +281,9 @@ class SceneDataset(torch.utils.data.Dataset):
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
         self.images = images  # DL3DV image folder
-        spec = spec[len('re10k:'):] if spec.startswith('re10k:') else spec
+        spec = spec.removeprefix('re10k:')
         if spec.startswith('dl3dv:'):
-            root = spec[len('dl3dv:'):]
+            root = spec.removeprefix('dl3dv:')
             folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
             if not os.path.isdir(folder):
                 raise UserError(f'{folder}: no such DL3DV folder; pass --data dl3dv:PATH with scene folders under PATH')
@@ -311,8 +292,7 @@ class SceneDataset(torch.utils.data.Dataset):
         else:
             folder = os.path.join(spec, split)
             self.items = read_index(folder)
-        eval_path = os.path.join(folder, 'eval_index.json')
-        self.eval_frames = {}
+        eval_path, self.eval_frames = os.path.join(folder, 'eval_index.json'), {}
         if eval and os.path.isfile(eval_path):
             index = {k: v for k, v in read_eval_index(eval_path).items() if k in self.items}
             self.eval_frames = {k: eval_views(c, t, num_views, eval_path) for k, (c, t) in index.items()}
@@ -327,13 +307,12 @@ class SceneDataset(torch.utils.data.Dataset):
             raise UserError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
                             'for the synthetic set run: python data.py synth')
         first = self._scene(0)
-        H, W = decode_frames(first, [0]).shape[-2:]
+        H, W = self.native = tuple(decode_frames(first, [0]).shape[-2:])  # without a size, every scene must have it
         self.buckets = (BUCKETS_504 if W >= 504 else BUCKETS_112) if size == 'buckets' else None
         if size is None and (H % PATCH or W % PATCH):
             raise UserError(f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; pass --size '
                             f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH} or --size buckets '
                             '(size=(H, W) in Python)')
-        self.native = (H, W)  # without a size, every scene must have the first one's
 
     def __len__(self):
         return len(self.keys)
@@ -366,8 +345,7 @@ class SceneDataset(torch.utils.data.Dataset):
         raise UserError(f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data')
 
     def _item(self, i):
-        scene = self._scene(i)
-        key = scene['key']
+        scene, key = self._scene(i), self.keys[i]
         if key in self.eval_frames:
             frames = torch.tensor(self.eval_frames[key])
         else:
@@ -385,8 +363,7 @@ class SceneDataset(torch.utils.data.Dataset):
 
 
 class MixtureDataset(torch.utils.data.Dataset):
-    """Datasets mixed with ratios (the paper: Re10K:DL3DV:HyperSim:TartanAir = 4:4:1:1): an epoch has as many items as
-    all parts, part i a share r_i / sum(r) of them, cycling through its scenes."""
+    """Datasets mixed with ratios r (paper: Re10K:DL3DV:HyperSim:TartanAir 4:4:1:1), part i r_i / sum(r) of an epoch."""
 
     def __init__(self, parts, ratios):
         self.parts, total = parts, sum(len(p) for p in parts)
@@ -428,8 +405,7 @@ def make_dataset(spec, **kw):
     return MixtureDataset([SceneDataset(p, **kw) for p, _ in parts], ratios)
 
 
-def resize_item(item, size):
-    """resize_and_crop applied to a dataset item (images, K and depths when present)."""
+def resize_item(item, size):  # resize_and_crop of a dataset item's images, K and depths
     keys = ['images', 'K', 'depths'] if 'depths' in item else ['images', 'K']
     return {**item, **dict(zip(keys, resize_and_crop(item['images'], item['K'], size, item.get('depths'))))}
 
@@ -464,14 +440,12 @@ def split_views(batch, n_src, generator=None, mode='random'):
     """Move n_src source views of a batch of (B,V,...) tensors to the front, both groups in temporal order: random
     per sample, or 'ends' (first and last, evenly spaced). Adds 'src_mask' (B,V), True for views 0..n_src-1."""
     B, V = batch['images'].shape[:2]
-    if not 0 < n_src < V:
-        raise ValueError(f'n_src={n_src} must be in 1..{V - 1} for {V} views')
+    if not 0 < n_src < V or mode not in ('random', 'ends'):
+        raise ValueError(f"n_src={n_src} must be in 1..{V - 1} for {V} views, mode 'random' or 'ends' (got {mode!r})")
     if mode == 'ends':
         src = torch.linspace(0, V - 1, n_src).round().long().expand(B, n_src)
-    elif mode == 'random':
-        src = torch.rand(B, V, generator=generator).argsort(1)[:, :n_src]
     else:
-        raise ValueError(f"mode must be 'random' or 'ends', got {mode!r}")
+        src = torch.rand(B, V, generator=generator).argsort(1)[:, :n_src]
     is_src = torch.zeros(B, V, dtype=torch.bool).scatter_(1, src, True)
     perm = ((~is_src).long() * V + torch.arange(V)).argsort(1)  # (B,V): sources first, each group in order
     out = {k: v[torch.arange(B, device=v.device)[:, None], perm.to(v.device)]
@@ -480,9 +454,7 @@ def split_views(batch, n_src, generator=None, mode='random'):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# metrics
-
+# ------------------------------------------------------------------------------------------------------------- metrics
 def psnr(pred, gt):
     """(...,3,H,W) in [0,1] -> (...,) PSNR in dB (pred clipped to [0,1], as pixelSplat)."""
     mse = (pred.clamp(0, 1) - gt).pow(2).mean((-3, -2, -1))
@@ -503,9 +475,8 @@ def ssim(pred, gt, sample_covariance=False):
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
     mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)
     norm = 121 / 120 if sample_covariance else 1.0
-    vx = norm * (_gaussian_blur_valid(x * x) - mx * mx)
-    vy = norm * (_gaussian_blur_valid(y * y) - my * my)
-    vxy = norm * (_gaussian_blur_valid(x * y) - mx * my)
+    cov = lambda a, b, ma, mb: norm * (_gaussian_blur_valid(a * b) - ma * mb)
+    vx, vy, vxy = cov(x, x, mx, mx), cov(y, y, my, my), cov(x, y, mx, my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean((-3, -2, -1)).reshape(*pred.shape[:-2]).mean(-1)
@@ -515,38 +486,32 @@ def lpips_fn(device='cpu'):
     """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
     try:
         import lpips
-        net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval()
+        net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval().requires_grad_(False)
     except Exception as e:  # missing package, or no network to fetch the VGG weights
         print(f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it')
         return None
-    net.requires_grad_(False)
     return lambda pred, gt: net(pred * 2 - 1, gt * 2 - 1).flatten()  # the package expects [-1, 1]
 
 
 def depth_metrics(pred, gt, mask=None, align='median'):
-    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} over images where gt > 0, finite and mask; align='median'
-    scales each prediction by median(gt) / median(pred) first."""
+    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} where gt > 0, finite, mask; align='median': median-scaled."""
     pred = pred.detach().reshape(-1, pred.shape[-2] * pred.shape[-1]).double()  # (images, HW)
     gt = gt.reshape(pred.shape).double().to(pred.device)
     valid = (gt > 0) & torch.isfinite(gt)
     if mask is not None:
         valid &= mask.reshape(pred.shape).to(pred.device).bool()
     rows = []
-    for p, g, m in zip(pred, gt, valid):
-        p, g = p[m], g[m]
-        if len(g) == 0:
-            continue
+    for p, g in ((p[m], g[m]) for p, g, m in zip(pred, gt, valid) if m.any()):
         if align == 'median':
             p = p * (g.median() / p.median().clamp_min(1e-8))
         p = p.clamp_min(1e-8)
-        rows.append([((p - g).abs() / g).mean(), ((p - g) ** 2).mean().sqrt(), (torch.maximum(p / g, g / p) < 1.25).double().mean()])
+        rows.append([((p - g).abs() / g).mean(), ((p - g) ** 2).mean().sqrt(),
+                     (torch.maximum(p / g, g / p) < 1.25).double().mean()])
     r = torch.tensor(rows).mean(0) if rows else torch.full((3,), float('nan'))
     return {'absrel': float(r[0]), 'rmse': float(r[1]), 'delta1': float(r[2])}
 
 
-# ----------------------------------------------------------------------------------------------
-# the synthetic set
-
+# --------------------------------------------------------------------------------------------------- the synthetic set
 def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
     """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
     for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
@@ -559,8 +524,7 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
         for c in range(0, n, per_chunk):
             name, chunk = f'{c // per_chunk:06d}.torch', []
             for i in range(c, min(c + per_chunk, n)):
-                key = f'synth_{split}_{i:05d}'
-                s = synth.synth_scene([seed, split_id, i], frames, size)
+                key, s = f'synth_{split}_{i:05d}', synth.synth_scene([seed, split_id, i], frames, size)
                 chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
                               'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
                               'timestamps': torch.arange(frames) * 33333})
@@ -576,8 +540,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='gld data tools')
     sub = p.add_subparsers(dest='cmd', required=True)
     s = sub.add_parser('synth', help='render the synthetic indoor scenes (the embedded default data)',
-                       description='Render procedurally textured rooms with Re10K-like camera paths into the '
-                                   'pixelSplat chunk layout (+ depth). Defaults: 240 + 16 scenes in about 90 s on one core, 176 MB.')
+                       description='Render synth.py rooms into the pixelSplat chunk layout (+ depth): 240 + 16 scenes')
     s.add_argument('--out', default='data_synth', help='output folder (gets train/ and test/)')
     s.add_argument('--train', type=int, default=240, help='number of training scenes')
     s.add_argument('--test', type=int, default=16, help='number of test scenes (with eval_index.json)')

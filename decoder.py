@@ -1,17 +1,13 @@
 """Stage 1 of GLD: the RGB decoder D_rgb, a ViT that turns DA3's four frozen feature levels back into images.
 
-The levels in the form DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per token
-and projected by a Linear; a CLS token and a fixed 2-D sin-cos position table (on a square base grid, bicubically
-resized to each call's token grid) are added; pre-LN ViT blocks run per view; LayerNorm + Linear give 14x14x3 patches.
-
-Features: PRESETS 'tiny' (CPU, da3-tiny levels) and 'xl' (as released: 1152 wide, 28 layers); [0,1] RGB output, or
-the release's ImageNet-normalised one (imagenet_output); level-wise dropout (paper Sec. 4.2; released but never
-applied) with a learned, zero-initialised mask token per dropped level (unlike zeros, each keep pattern gets its
-own offset), also used for single-level evaluation (reconstruct_per_level, Tab. 6); RAE noise augmentation
-(x + sigma eps, sigma ~ tau U(0,1), training only; tau = 0 as released); L1 + LPIPS losses and an optional GAN
-(hinge D loss, non-saturating G loss x 0.75 x the adaptive weight) with a small spectral-norm PatchGAN from scratch
-(the release's frozen-DINO discriminator cannot be fetched here; no DiffAugment); convert_official for the
-released mae_decoder.pt (GeneralDecoder_Variable).
+The levels as DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per token and
+projected; a CLS token and a fixed 2-D sin-cos position table (square base grid, bicubically resized to the token
+grid) are added; pre-LN ViT blocks run per view; LayerNorm + Linear give 14x14x3 patches. Features: PRESETS 'tiny'
+and 'xl' (as released); [0,1] or ImageNet-normalised output (the release); level-wise dropout (Sec. 4.2; released but
+never applied) with a learned mask token per dropped level, also for single-level evaluation (Tab. 6); RAE noise
+augmentation (tau = 0 as released); L1 + LPIPS and an optional GAN (hinge D, non-saturating G x 0.75 x the adaptive
+weight) with a spectral-norm PatchGAN from scratch (the release's frozen-DINO discriminator cannot be fetched here);
+convert_official for the released mae_decoder.pt (GeneralDecoder_Variable).
 
 References: GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6) and its code (src/stage1/decoders/decoder.py);
 RAE, arXiv 2510.11690; MAE, arXiv 2111.06377 (sin-cos table); pix2pix, arXiv 1611.07004 (PatchGAN); VQGAN, arXiv
@@ -57,11 +53,8 @@ def sincos_pos_embed(dim, grid):
     assert dim % 4 == 0, 'width must be divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     y, x = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing='ij')
-
-    def half(pos):  # (grid, grid) -> (grid*grid, dim/2)
-        angle = pos.flatten()[:, None] * omega[None]
-        return torch.cat([angle.sin(), angle.cos()], 1)
-    table = torch.cat([half(x), half(y)], 1)
+    angles = [pos.flatten()[:, None] * omega[None] for pos in (x, y)]  # (grid*grid, dim/4) each
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1)
     return torch.cat([table.new_zeros(1, dim), table]).float()
 
 
@@ -85,18 +78,16 @@ class RGBDecoder(nn.Module):
     def __init__(self, cfg='tiny', feat_dim=None):
         super().__init__()
         cfg = PRESETS[cfg] if isinstance(cfg, str) else cfg
-        cfg = replace(cfg, feat_dim=feat_dim) if feat_dim is not None else cfg
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg, feat_dim=feat_dim) if feat_dim is not None else cfg
         D, F_ = cfg.width, cfg.feat_dim
         self.embed = nn.Linear(cfg.num_levels * F_, D)
         self.mask_tokens = nn.Parameter(torch.zeros(cfg.num_levels, F_))    # stand-ins for dropped levels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
-        self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-        self.head = nn.Linear(D, cfg.patch * cfg.patch * 3)
-        self.register_buffer('rgb_mean', torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer('rgb_std', torch.tensor(data.IMAGENET_STD).view(3, 1, 1), persistent=False)
+        self.norm, self.head = nn.LayerNorm(D, eps=cfg.ln_eps), nn.Linear(D, cfg.patch * cfg.patch * 3)
+        for name, v in (('rgb_mean', data.IMAGENET_MEAN), ('rgb_std', data.IMAGENET_STD)):
+            self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
         self.init_weights()
 
     def init_weights(self):
@@ -106,8 +97,7 @@ class RGBDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.zeros_(self.mask_tokens)
+        nn.init.normal_(self.cls_token, std=0.02), nn.init.zeros_(self.mask_tokens)
 
     def pos_embed_at(self, h, w):
         """The base table bicubically resized (align_corners=False) to an h x w token grid: (1,1+h*w,D)."""
@@ -154,26 +144,22 @@ def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
     dropped redrawn (rejection), so each of 4 levels is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
     assert 0 <= p < 1, 'p must be in [0, 1)'
     keep = torch.rand(B, levels, generator=generator) >= p
-    while not keep.any(1).all():
-        empty = ~keep.any(1)
+    while (empty := ~keep.any(1)).any():
         keep[empty] = torch.rand(int(empty.sum()), levels, generator=generator) >= p
     return keep
 
 
 @torch.no_grad()
 def reconstruct_per_level(decoder, levels, hw):
-    """Paper Tab. 6 in miniature: {'all': images from all levels, l: images from level l alone} for l = 0..3.
-    Single levels go through the same keep mechanism (mask tokens) as level-wise dropout in training."""
+    """Paper Tab. 6: {'all': images from all levels, l: from level l alone (mask tokens, as level dropout)}."""
     B, L = levels[0].shape[0], len(levels)
     alone = torch.eye(L, dtype=torch.bool, device=levels[0].device)  # row k: keep level k only
     return {'all': decoder(levels, hw), **{k: decoder(levels, hw, keep=alone[k].expand(B, L)) for k in range(L)}}
 
 
 # ----------------------------------------------------------------------------- losses
-
 def decoder_loss(pred, gt, lpips=None):
-    """L1 (+ LPIPS when `lpips` is given: a callable on (N,3,H,W) [0,1] image pairs returning distances).
-    pred, gt: (B,V,3,H,W) -> (loss, {'l1', 'lpips'} detached)."""
+    """L1 (+ LPIPS when `lpips`, a callable on [0,1] image pairs, is given) of (B,V,3,H,W) -> (loss, parts)."""
     l1 = (pred - gt).abs().mean()
     loss, parts = l1, {'l1': l1.detach()}
     if lpips is not None:
@@ -183,8 +169,7 @@ def decoder_loss(pred, gt, lpips=None):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN: n_down stride-2 4x4 convs, then two stride-1 4x4 convs to one logit per patch; LeakyReLU 0.2,
-    spectral norm on every conv (no BatchNorm). Images in [0,1], (B,V,3,H,W) or (N,3,H,W) -> (N,1,h',w')."""
+    """PatchGAN, spectral norm on every conv, LeakyReLU 0.2: [0,1] images (...,3,H,W) -> logits (N,1,h',w')."""
 
     def __init__(self, ch=64, n_down=3):
         super().__init__()
@@ -208,8 +193,7 @@ def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
 
 def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.75, max_weight=1e4):
     """One discriminator update (hinge loss, on detached predictions), then the generator's non-saturating loss
-    through a frozen D, scaled by disc_weight * adaptive weight at the decoder's output Linear.
-    Returns (generator loss to add to rec_loss, parts). pred, gt: (B,V,3,H,W)."""
+    through a frozen D, x disc_weight x the adaptive weight at the output Linear -> (loss to add to rec_loss, parts)."""
     d_loss = F.relu(1 - disc(gt)).mean() + F.relu(1 + disc(pred.detach())).mean()
     disc_opt.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -217,8 +201,7 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
     disc.requires_grad_(False)
     g_loss = F.softplus(-disc(pred)).mean()
     disc.requires_grad_(True)
-    last_layer = getattr(decoder, 'module', decoder).head.weight    # unwrap DDP
-    weight = adaptive_weight(rec_loss, g_loss, last_layer, max_weight)
+    weight = adaptive_weight(rec_loss, g_loss, getattr(decoder, 'module', decoder).head.weight, max_weight)  # DDP
     parts = {'gan_d': d_loss.detach(), 'gan_g': g_loss.detach(), 'gan_weight': weight}
     return disc_weight * weight * g_loss, parts
 
@@ -230,8 +213,7 @@ _OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.d
 
 
 def official_names(key):
-    """The official key(s) holding our state-dict entry `key`: three for the fused qkv (query, key, value in
-    that order), none for the mask tokens (the official decoder has no level dropout)."""
+    """Official key(s) of our state-dict entry: query, key, value for the fused qkv; none for the mask tokens."""
     if key in ('cls_token', 'pos_embed', 'mask_tokens'):
         return {'cls_token': ['trainable_cls_token'], 'pos_embed': ['decoder_pos_embed'], 'mask_tokens': []}[key]
     module, param = key.rsplit('.', 1)
@@ -245,9 +227,8 @@ def official_names(key):
 
 def convert_official(state_dict, heads=16):
     """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
-    present, every shape matching. heads is not in the shapes (16 as released); LN eps 1e-12, ImageNet-normalised
-    output. qkv = cat(query, key, value); decoder_pos_embed becomes our pos_embed buffer; the mask tokens (absent
-    there) start at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
+    present, every shape matching; heads is not in the shapes (16 as released). The mask tokens (absent there) start
+    at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:

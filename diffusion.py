@@ -3,13 +3,11 @@
 Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts the velocity
 v = eps - x = dx_t/dt; t = 1 is pure noise, t = 0 data; sampling integrates from t = 1 down to t = 0.
 Tensors are (B,V,T,C) (B batch, V views, T tokens, C channels); one t per sample, shared by all its views.
-
 Time shift (RAE): t' = a t / (1 + (a - 1) t), a = sqrt(m / 4096), m = V*h*w*C the dimension generated jointly
 (more dimensions -> more signal survives a noise level -> spend more time at high t). The release derives a for
-training from a default latent size (768 x 16 x 16 x 8 views, a = 19.6) and for sampling from the real one
-(1536 x 18 x 18 x 8, a = 31.2); we use one a from the modelled latents for both, so training concentrates on the
-noise levels the sampler visits. The training t is uniform (GLD) or logit-normal (RAE), then shifted.
-
+training from a default latent size (a = 19.6) and for sampling from the real one (a = 31.2); we use one a from the
+modelled latents for both, so training concentrates on the noise levels the sampler visits. The training t is
+uniform (GLD) or logit-normal (RAE), then shifted.
 References: rectified flow (Liu et al.; Lipman et al., Flow Matching); Esser et al., "Scaling Rectified Flow
 Transformers" (logit-normal t, shift); RAE (Zheng et al.); Ho & Salimans (CFG); GLD (arXiv 2603.22275) A.1.
 """
@@ -19,13 +17,11 @@ import math
 import torch
 
 
-def shift_alpha(m):
-    """Shift for data of m dimensions jointly generated (m = V*h*w*C): sqrt(m / 4096)."""
+def shift_alpha(m):  # the shift for m = V*h*w*C dimensions generated jointly
     return math.sqrt(m / 4096)
 
 
-def shift_t(t, a):
-    """Map t in [0,1] to a t / (1 + (a - 1) t): a > 1 pushes times toward the noise end (t = 1)."""
+def shift_t(t, a):  # a > 1 pushes times in [0,1] toward the noise end (t = 1)
     return a * t / (1 + (a - 1) * t)
 
 
@@ -43,15 +39,12 @@ T_BINS = 4  # the training log reports the loss in 4 bins of t
 
 
 def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uniform'):
-    """Velocity MSE over all views. velocity_fn(x_t (B,V,T,C), t (B,)) -> v; x (B,V,T,C) clean; src_mask (B,V) bool
-    -> (loss, {'src', 'tgt', 't_bin_sum', 't_bin_count'}): the MSE of source / target views (0 without any), and
-    per-sample losses summed and counted in T_BINS bins of t, so a logging interval averages them exactly (tensors:
-    no host sync)."""
+    """Velocity MSE over all views: velocity_fn(x_t, t (B,)) -> v; x (B,V,T,C) clean; src_mask (B,V) -> (loss, {'src',
+    'tgt': MSE of those views (0 without any), 't_bin_sum', 't_bin_count': per-sample losses in T_BINS bins of t})."""
     t = (sample_t(x.shape[0], dist, a, generator) if t is None else t).to(x.device, x.dtype)  # (B,)
     dev = generator.device if generator is not None else x.device  # the generator may live on the CPU
     eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-    tb = t[:, None, None, None]
-    x_t = (1 - tb) * x + tb * eps
+    x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * eps
     per_view = (velocity_fn(x_t, t).float() - (eps - x).float()).pow(2).mean((2, 3))  # (B,V)
     m = src_mask.float()
     parts = {'src': (per_view * m).sum() / m.sum().clamp_min(1),
@@ -64,9 +57,8 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
 
 @torch.no_grad()
 def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
-    """Deterministic Euler ODE from noise (t = 1) to t_end. velocity_fn / uncond_fn (x_t, t (B,)) -> v.
-    CFG: v = v_u + cfg_scale (v_c - v_u) at the steps whose t lies in interval (two calls; with cfg_scale = 1 the
-    unconditional branch is skipped). Returns x at t_end."""
+    """Deterministic Euler ODE from noise (t = 1) to t_end; velocity_fn / uncond_fn (x_t, t (B,)) -> v. CFG: v = v_u +
+    cfg_scale (v_c - v_u) at the steps whose t lies in interval (cfg_scale = 1: no unconditional call)."""
     assert cfg_scale == 1.0 or uncond_fn is not None, 'cfg_scale != 1 needs uncond_fn'
     ts = [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]  # python floats: no device syncs
     x = noise
@@ -83,8 +75,8 @@ def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=N
 class EMA:
     """EMA of a model's floating-point state, shadow <- d shadow + (1-d) weights, with the warm-up d = min(decay,
     (1 + n) / (10 + n)) after n updates (TensorFlow's rule): without it a short run's average is dominated by the
-    initial weights (29% of them after 2.5k steps at 0.9995); at the paper's 175k steps it is 0.9995 after 18k.
-    state_dict() is a plain model state dict; `num_updates` is saved beside it."""
+    initial weights (29% of them after 2.5k steps at 0.9995). state_dict() is a plain model state dict."""
+
 
     def __init__(self, model, decay=0.9995):
         self.decay, self.num_updates = decay, 0

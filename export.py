@@ -1,24 +1,15 @@
-"""export.py: a generated scene in the formats other tools open: COLMAP, glTF (GLB), nerfstudio, PLY, MP4.
+"""export.py: a generated scene in the formats other tools open: COLMAP, nerfstudio, PLY, MP4.
 
-    python sample.py --export ply,colmap,glb,nerfstudio    # the default set; add colmap-text for the text model
-
-A run writes images/ (sources as given, generated targets), sparse/0/ (a COLMAP model of all views and the fused
-points: a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply),
-points.ply, scene.glb (points + a camera frustum per view) and video.mp4.
-
-In memory: OpenCV c2w (x right, y down, z forward), K normalised, pixel centres at +0.5 (cameras.py). Each format
-is converted here and only here:
+A run writes images/ (sources, generated targets), sparse/0/ (COLMAP binary model of all views and the fused points:
+a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply), points.ply
+and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at +0.5 (cameras.py); in the files:
 - COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
 - nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
-- glTF: node matrix = c2w, column-major; glTF is y-up, so a root node turns our y-down world 180 degrees about x.
-Units: one world for all formats, that of the cameras sampling used: DA3's relative depth is rescaled into the units
-of dataset poses or --cameras (depth_scale); with DA3's estimated cameras the unit is DA3's depth scale.
-
-References: COLMAP output format (colmap.github.io/format.html); glTF 2.0 and GLB
-(registry.khronos.org/glTF/specs/2.0/glTF-2.0.html); nerfstudio data conventions
-(docs.nerf.studio/quickstart/data_conventions.html); PLY (paulbourke.net/dataformats/ply).
-Shape legend: V views, H W image, N points.
+Units: those of the cameras sampling used (depth_scale rescales DA3's relative depth to dataset poses or --cameras).
+References: COLMAP (colmap.github.io/format.html); nerfstudio (docs.nerf.studio/quickstart/data_conventions.html);
+PLY (paulbourke.net/dataformats/ply). Shape legend: V views, H W image, N points.
 """
+
 import argparse
 import json
 import os
@@ -32,39 +23,33 @@ import cameras
 import cli
 import encoder as encoder_lib
 
-FORMATS = ('ply', 'colmap', 'colmap-text', 'glb', 'nerfstudio')
-DEFAULT_FORMATS = ('ply', 'colmap', 'glb', 'nerfstudio')  # what every sample.py run writes
-UNITS = {  # what one unit of the exported world is, by where the cameras came from
-    'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
-    'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
-}
-SOURCE_RGBA, TARGET_RGBA = (0.1, 0.45, 1.0, 1.0), (1.0, 0.45, 0.05, 1.0)  # frustum colours in the GLB
+FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'nerfstudio')  # sample.py's --export: the choices, all by default
+UNITS = {'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
+         'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)"}  # by the cameras' source
+SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
 
 
 def parse_formats(text):
     """'ply,colmap' -> ['ply', 'colmap'] ('' -> []): the type of sample.py's --export."""
     formats = [f.strip() for f in text.split(',') if f.strip()]
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
+    if unknown := sorted(set(formats) - set(FORMATS)):
         raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {",".join(FORMATS)}')
     return formats
 
 
 def view_names(V, n_src):
     """File names of the V views, sources first; zero-padded so that sorting by name keeps the view order."""
-    digits = max(3, len(str(V)))
-    return [f'source_{v:0{digits}d}.png' if v < n_src else f'target_{v - n_src:0{digits}d}.png' for v in range(V)]
+    d = max(3, len(str(V)))
+    return [f'source_{v:0{d}d}.png' if v < n_src else f'target_{v - n_src:0{d}d}.png' for v in range(V)]
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """Scale from DA3's depth (V,H,W) units to those of the cameras c2w (V,4,4), K (V,3,3), and how it was found:
-    'da3 cameras' (Umeyama scale from DA3's camera centres c2w_da3 when they spread >= 1% of the median depth), else
-    'source photo-consistency' (the scale at which the sources' depth best carries each source's colours (V,3,H,W)
-    onto the others: a log grid 1e-3..1e3, refined in 0.6% steps), else 'none' (1.0: no baseline)."""
+    """Scale from DA3's depth (V,H,W) to the units of c2w (V,4,4), K, and how: 'da3 cameras' (Umeyama from DA3's
+    centres c2w_da3 if they spread >= 1% of the median depth), else 'source photo-consistency' (the scale at which the
+    sources' depth best carries their colours (V,3,H,W) onto each other: log grid 1e-3..1e3, then 0.6% steps), else
+    'none' (1.0: no baseline)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
-    if spread(c2w[:, :3, 3]) < 1e-9:
-        return 1.0, 'none'
-    if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()):
+    if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
         return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
     if n_src < 2 or spread(c2w[:n_src, :3, 3]) < 1e-9:
         return 1.0, 'none'
@@ -83,9 +68,8 @@ def photo_error(images, depth, c2w, K, i, j):
     pts = encoder_lib.depth_to_points(depth[i].double(), c2w[i].double(), K[i].double()).reshape(-1, 3)  # (HW,3)
     w2c = cameras.c2w_to_w2c(c2w[j].double())
     uvz = (pts @ w2c[:3, :3].T + w2c[:3, 3]) @ cameras.K_to_pixels(K[j].double(), H, W).T  # (HW,3) [z u, z v, z]
-    z = uvz[:, 2:]
-    xy = uvz[:, :2] / z.clamp_min(1e-9) / z.new_tensor([W, H]) * 2 - 1  # grid_sample's [-1, 1] image coordinates
-    ok = (z[:, 0] > 0) & (xy.abs() < 1).all(-1)
+    xy = uvz[:, :2] / uvz[:, 2:].clamp_min(1e-9) / uvz.new_tensor([W, H]) * 2 - 1  # grid_sample's [-1, 1] coordinates
+    ok = (uvz[:, 2] > 0) & (xy.abs() < 1).all(-1)
     if ok.double().mean() < 0.05:
         return torch.tensor(1.0, dtype=torch.float64)
     seen = torch.nn.functional.grid_sample(images[j][None].double(), xy[ok][None, None], align_corners=False)[0, :, 0]
@@ -93,8 +77,7 @@ def photo_error(images, depth, c2w, K, i, j):
 
 
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
-    """The `keep` most confident fraction of pixels, unprojected: images (V,3,H,W), depth, conf (V,H,W), c2w, K ->
-    {'xyz' (N,3) float64, 'rgb' (N,3) uint8, 'view' (N,), 'uv' (N,2) pixel centre}, ordered by view."""
+    """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb' (N,3) uint8, 'view', 'uv' (N,2)}, by view."""
     pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
     mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
     v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
@@ -102,9 +85,7 @@ def fuse_points(images, depth, conf, c2w, K, keep=0.7):
     return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': torch.stack([x, y], -1).double() + 0.5}
 
 
-# ----------------------------------------------------------------------------------------------
-# images, video and PLY
-
+# ----------------------------------------------------------------------------------------------- images, video and PLY
 def to_uint8(img):
     """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
     return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
@@ -145,12 +126,10 @@ def write_ply(path, xyz, rgb, comments=()):
         f.write(header.encode('ascii') + verts.tobytes())
 
 
-# ----------------------------------------------------------------------------------------------
-# COLMAP
-
-def write_colmap(folder, c2w, K, H, W, names, points, text=False):
-    """A COLMAP sparse model (binary, or text with exact digits): c2w (V,4,4), K (V,3,3), images H x W named `names`,
-    points from fuse_points. One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
+# -------------------------------------------------------------------------------------------------------------- COLMAP
+def write_colmap(folder, c2w, K, H, W, names, points):
+    """A binary COLMAP sparse model: c2w (V,4,4), K (V,3,3), images H x W named `names`, points from fuse_points.
+    One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
     os.makedirs(folder, exist_ok=True)
     V, N = len(names), len(points['view'])
     w2c = cameras.c2w_to_w2c(c2w.double())
@@ -160,21 +139,6 @@ def write_colmap(folder, c2w, K, H, W, names, points, text=False):
     view, rgb, xyz, uv = (points[k].numpy() for k in ('view', 'rgb', 'xyz', 'uv'))
     first = np.searchsorted(view, np.arange(V + 1))  # points of view v: first[v]:first[v+1]
     pid, idx = np.arange(1, N + 1), np.arange(N) - first[view]  # point3D ids, index among its image's 2D points
-    if text:
-        g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
-        obs = [' '.join(f'{g(p)} {i}' for p, i in zip(uv[a:b], pid[a:b])) for a, b in zip(first[:-1], first[1:])]
-        files = {'cameras': ['# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]']
-                 + [f'{v + 1} PINHOLE {W} {H} {g(params[v])}' for v in range(V)],
-                 'images': ['# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n'
-                            '# POINTS2D[] as (X, Y, POINT3D_ID)']
-                 + [f'{v + 1} {g(qvec[v])} {g(tvec[v])} {v + 1} {names[v]}\n{obs[v]}' for v in range(V)],
-                 'points3D': ['# POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)']
-                 + [f'{pid[i]} {g(xyz[i])} {rgb[i, 0]} {rgb[i, 1]} {rgb[i, 2]} 0 {view[i] + 1} {idx[i]}'
-                    for i in range(N)]}
-        for name, rows in files.items():
-            with open(os.path.join(folder, f'{name}.txt'), 'w') as f:
-                f.writelines(r + '\n' for r in rows)
-        return
     with open(os.path.join(folder, 'cameras.bin'), 'wb') as f:
         f.write(struct.pack('<Q', V))
         for v in range(V):
@@ -196,16 +160,16 @@ def write_colmap(folder, c2w, K, H, W, names, points, text=False):
         f.write(struct.pack('<Q', N) + rec.tobytes())
 
 
-COLMAP_MODELS = {  # model id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
-    0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5), 4: ('OPENCV', 8),
-    5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5), 8: ('SIMPLE_RADIAL_FISHEYE', 4),
-    9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
+# COLMAP camera models, id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
+COLMAP_MODELS = {0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5),
+                 4: ('OPENCV', 8), 5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5),
+                 8: ('SIMPLE_RADIAL_FISHEYE', 4), 9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
 COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'OPENCV', 'FULL_OPENCV')
 
 
 def read_colmap(folder):
-    """A COLMAP model folder (.bin or .txt) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixels, 'sizes' [(H, W)], 'names'}.
-    Lens distortion (RADIAL, OPENCV, ...) is ignored with a note; fisheye models are refused."""
+    """A COLMAP model folder (.bin or .txt, as COLMAP writes them) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixels,
+    'sizes' [(H, W)], 'names'}. Lens distortion (RADIAL, OPENCV, ...) is ignored with a note; fisheye is refused."""
     cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
     if os.path.isfile(os.path.join(folder, 'cameras.bin')):
         with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
@@ -249,90 +213,24 @@ def read_colmap(folder):
     return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
 
 
-# ----------------------------------------------------------------------------------------------
-# glTF 2.0 binary (GLB)
-
-GLTF_FLOAT, GLTF_UBYTE, GLTF_USHORT = 5126, 5121, 5123  # accessor componentType
-GLTF_ARRAY_BUFFER, GLTF_ELEMENT_ARRAY_BUFFER = 34962, 34963  # bufferView target
-GLTF_POINTS, GLTF_LINES = 0, 1  # primitive mode
-WORLD_TO_GLTF = [1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0, 1.0]  # 180 deg about x: y-down -> y-up
-FRUSTUM_LINES = [0, 1, 0, 2, 0, 3, 0, 4, 1, 2, 2, 3, 3, 4, 4, 1]  # apex to the 4 corners, then the image rectangle
-
-
-def frustum_vertices(K, H, W, size):
-    """Apex + the 4 image corners at depth `size`, in OpenCV camera coordinates: K (3,3) normalised -> (5,3)."""
-    corners = torch.tensor([[0, 0, 1], [W, 0, 1], [W, H, 1], [0, H, 1]], dtype=torch.float64)  # pixels
-    rays = corners @ torch.linalg.inv(cameras.K_to_pixels(K.double(), H, W)).T  # (4,3), z = 1
-    return torch.cat([torch.zeros(1, 3, dtype=torch.float64), rays * size])
-
-
-def write_glb(path, xyz, rgb, c2w, K, H, W, names, is_source, size, extras=None):
-    """GLB: points xyz (N,3), rgb (N,3) uint8 as a POINTS primitive, and per view a LINES frustum `size` deep, a node
-    named after its image with matrix c2w (V,4,4), coloured by is_source (V,); K (V,3,3) normalised."""
-    data, views, accessors = bytearray(), [], []  # the single binary buffer, its bufferViews and accessors
-
-    def add(array, component, kind, target, normalized=False):  # array (n, k) or (n,) -> accessor index
-        data.extend(b'\0' * (-len(data) % 4))  # each view 4-byte aligned
-        raw = np.ascontiguousarray(array).tobytes()
-        views.append({'buffer': 0, 'byteOffset': len(data), 'byteLength': len(raw), 'target': target})
-        data.extend(raw)
-        acc = {'bufferView': len(views) - 1, 'componentType': component, 'count': len(array), 'type': kind}
-        if normalized:
-            acc['normalized'] = True
-        if kind == 'VEC3' and component == GLTF_FLOAT:  # POSITION needs its bounds
-            acc['min'], acc['max'] = array.min(0).tolist(), array.max(0).tolist()
-        accessors.append(acc)
-        return len(accessors) - 1
-
-    rgba = np.concatenate([np.asarray(rgb, np.uint8), np.full((len(rgb), 1), 255, np.uint8)], 1)  # 4-byte aligned
-    meshes = [{'name': 'points', 'primitives': [{'mode': GLTF_POINTS, 'attributes': {
-        'POSITION': add(np.asarray(xyz, np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER),
-        'COLOR_0': add(rgba, GLTF_UBYTE, 'VEC4', GLTF_ARRAY_BUFFER, normalized=True)}}]}]
-    lines = add(np.array(FRUSTUM_LINES, np.uint16), GLTF_USHORT, 'SCALAR', GLTF_ELEMENT_ARRAY_BUFFER)
-    nodes = [{'name': 'world', 'matrix': WORLD_TO_GLTF, 'children': list(range(1, len(c2w) + 2))},
-             {'name': 'points', 'mesh': 0}]
-    for v in range(len(c2w)):
-        pos = add(frustum_vertices(K[v], H, W, size).numpy().astype(np.float32), GLTF_FLOAT, 'VEC3', GLTF_ARRAY_BUFFER)
-        prim = {'mode': GLTF_LINES, 'attributes': {'POSITION': pos}, 'indices': lines, 'material': int(not is_source[v])}
-        meshes.append({'name': f'frustum_{v}', 'primitives': [prim]})
-        matrix = c2w[v].double().T.flatten().tolist()  # glTF matrices are column-major
-        nodes.append({'name': os.path.splitext(names[v])[0], 'mesh': len(meshes) - 1, 'matrix': matrix})
-    materials = [{'name': name, 'pbrMetallicRoughness': {'baseColorFactor': list(c), 'metallicFactor': 0.0},
-                  'emissiveFactor': list(c[:3])} for name, c in (('source', SOURCE_RGBA), ('target', TARGET_RGBA))]
-    doc = {'asset': {'version': '2.0', 'generator': 'gld export.py', 'extras': extras or {}},
-           'scene': 0, 'scenes': [{'nodes': [0]}], 'nodes': nodes, 'meshes': meshes, 'materials': materials,
-           'accessors': accessors, 'bufferViews': views, 'buffers': [{'byteLength': len(data)}]}
-    js = json.dumps(doc, separators=(',', ':')).encode()
-    js += b' ' * (-len(js) % 4)  # the JSON chunk is padded with spaces, the binary one with zeros
-    bin_ = bytes(data) + b'\0' * (-len(data) % 4)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<4sII', b'glTF', 2, 12 + 8 + len(js) + 8 + len(bin_)))
-        f.write(struct.pack('<I4s', len(js), b'JSON') + js + struct.pack('<I4s', len(bin_), b'BIN\0') + bin_)
-
-
-# ----------------------------------------------------------------------------------------------
-# nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
-
+# -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
     """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
-    Kp = cameras.K_to_pixels(K.double(), H, W)
-    gl = cameras.opengl_to_opencv(c2w.double())  # the axis flip is its own inverse
-    frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]),
-               'fl_y': float(Kp[v, 1, 1]), 'cx': float(Kp[v, 0, 2]), 'cy': float(Kp[v, 1, 2]),
-               'is_source': bool(is_source[v])} for v in range(len(files))]
+    Kp, gl = cameras.K_to_pixels(K.double(), H, W), cameras.opengl_to_opencv(c2w.double())  # the flip is an involution
+    frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]), 'fl_y':
+               float(Kp[v, 1, 1]), 'cx': float(Kp[v, 0, 2]), 'cy': float(Kp[v, 1, 2]), 'is_source': bool(is_source[v])}
+              for v in range(len(files))]
     with open(path, 'w') as f:
         json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
 
 
-CAMERA_FORMATS = ('a COLMAP model folder (sparse/0 with cameras/images .bin or .txt), a nerfstudio transforms.json, '
-                  'or a folder of per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W '
-                  'optional)')
+CAMERA_FORMATS = ('a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio transforms.json, or a folder of '
+                  'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional)')
 
 
 def read_cameras(path, image_size=None):
-    """Cameras of a user's photos in any of CAMERA_FORMATS (or a project holding sparse/0; image_size (H, W) for npz
-    without H, W) -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3) normalised, 'names', 'files' (image paths or None), 'size'
-    (H, W) or None, 'format'}."""
+    """Cameras of a user's photos in any of CAMERA_FORMATS (image_size (H, W) for npz without H, W) -> {'c2w' (V,4,4)
+    OpenCV, 'K' (V,3,3) normalised, 'names', 'files' (image paths or None), 'size' (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
     sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
                    if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
@@ -354,13 +252,11 @@ def read_cameras(path, image_size=None):
         c2w, K, names, size = [], [], [], None
         for f in sorted(f for f in os.listdir(path) if f.endswith('.npz')):
             z = np.load(os.path.join(path, f))
-            if 'c2w' not in z or 'K' not in z:
-                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world) and '
-                                    f'K (3x3, pixels); it has {sorted(z.files)}')
             size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
-            if size is None:
-                raise cli.UserError(f'{os.path.join(path, f)}: K is in pixels of an image size it does not '
-                                    'state; add H and W to the file')
+            if 'c2w' not in z or 'K' not in z or size is None:
+                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
+                                    f'pixels) and H, W (the image size of K) where no photo states it; it has '
+                                    f'{sorted(z.files)}: add H and W or the missing arrays')
             c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
             K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
             names.append(f[:-len('.npz')])
@@ -373,27 +269,12 @@ def read_cameras(path, image_size=None):
     return out
 
 
-def convert_cameras(src, dst, image_size=None):
-    """Any format read_cameras reads -> a nerfstudio transforms.json at dst, each file_path relative to its folder."""
-    cams = read_cameras(src, image_size)
-    H, W = cams['size'] or image_size or (1000, 1000)  # nerfstudio in: K is normalised, any size states it
-    files = [os.path.relpath(f, os.path.dirname(os.path.abspath(dst))) if f else n
-             for f, n in zip(cams['files'], cams['names'])]
-    write_transforms(dst, cams['c2w'], cams['K'], H, W, files, [True] * len(files),
-                     {'gld_converted_from': f'{cams["format"]} {src}'})
-    print(f'wrote {dst}: {len(files)} {cams["format"]} cameras, {W}x{H}')
-    return dst
-
-
-# ----------------------------------------------------------------------------------------------
-# the whole scene, and pictures of it
-
+# --------------------------------------------------------------------------------- the whole scene, and pictures of it
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
     with a viewing tick, seen along the first source's up axis with its view pointing up the page."""
     from PIL import ImageDraw
-    ref = c2w_src[0].double()
-    up, right = -ref[:3, 1], ref[:3, 0]
+    up, right = -c2w_src[0, :3, 1].double(), c2w_src[0, :3, 0].double()
     fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
     plane = lambda p: torch.stack([p @ right, -(p @ fwd)], -1)  # (...,3) -> (...,2) page coordinates
     both = torch.cat([c2w_src.double(), c2w_tgt.double()])
@@ -404,14 +285,13 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     lo, hi = torch.minimum(lo, tips.min(0).values), torch.maximum(hi, tips.max(0).values)
     scale = (size - 40) / float((hi - lo).max().clamp_min(1e-6))
     px = lambda p: tuple(((p - (lo + hi) / 2) * scale + size / 2).tolist())
-    im = Image.new('RGB', (size, size), 'white')
+    im, n = Image.new('RGB', (size, size), 'white'), len(c2w_src)
     d = ImageDraw.Draw(im)
-    n = len(c2w_src)
     if len(c2w_tgt) > 1:
         d.line([px(c) for c in centres[n:]], fill=(255, 190, 140), width=1)
     for v in range(len(both)):
         x, y = px(centres[v])
-        colour = tuple(int(255 * c) for c in (SOURCE_RGBA if v < n else TARGET_RGBA)[:3])
+        colour = SOURCE_RGB if v < n else TARGET_RGB
         d.line([(x, y), px(tips[v])], fill=colour, width=2)
         r = 5 if v < n else 3
         d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
@@ -425,7 +305,7 @@ def make_grid(src, pred, gt=None):
     """Rows: sources | sources + generated targets | (gt given) sources + ground truth, white where there is none.
     src (N,3,H,W), pred (V,3,H,W) sources first, gt (M,3,H,W) -> (3, rows*H, V*W)."""
     N = src.shape[0]
-    blank = torch.ones_like(pred[N:])
+    blank = torch.ones_like(pred[N:])  # white where there is no image
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
     if gt is not None:
         rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
@@ -447,39 +327,16 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
     scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src) if units == 'poses' else (1.0, 'none')
     pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
     info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
-    is_source = torch.arange(V) < n_src
     if 'ply' in formats:
         note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
         write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
-    for fmt in set(formats) & {'colmap', 'colmap-text'}:
-        write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts, text=fmt == 'colmap-text')
-    if 'glb' in formats:
-        size = 0.2 * float(depth[:n_src].median()) * scale  # a fifth of the sources' median depth
-        write_glb(os.path.join(out_dir, 'scene.glb'), pts['xyz'], pts['rgb'], c2w, K, H, W, names, is_source, size, info)
+    if 'colmap' in formats:
+        write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts)
     if 'nerfstudio' in formats:
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
         write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
-                         is_source, extra)
-    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'colmap-text': 'sparse/0/', 'glb': 'scene.glb',
-               'nerfstudio': 'transforms.json'}
+                         torch.arange(V) < n_src, extra)
+    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
     return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert cameras to the nerfstudio transforms.json that sample.py '
-                                '--cameras reads (it also reads the other formats directly)')
-    p.add_argument('src', help=CAMERA_FORMATS)
-    p.add_argument('dst', help='the transforms.json to write')
-    p.add_argument('--size', default='', help='HxW of the photos, for .npz files that do not state it')
-    a = p.parse_args(argv)
-    try:
-        size = tuple(int(x) for x in a.size.lower().split('x')) if a.size else None
-    except ValueError:
-        raise cli.UserError(f'--size {a.size}: write HxW in pixels, e.g. 280x504') from None
-    return convert_cameras(a.src, a.dst, size)
-
-
-if __name__ == '__main__':
-    cli.run_cli(main)

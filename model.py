@@ -12,9 +12,8 @@ the cameras and, for the cascade M1->0, the level-1 features. Dataflow (paper A.
 Attention is 3D over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D / 2-D
 RoPE (cfg.pos), beside a textbook reference_attention. Key names mirror the release (convert_official); its quirks
 (official.OfficialConventions): silu(silu(te)) in the encoder (cfg.double_silu), camera_inputs(official=True).
-
-References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH);
-PRoPE (Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
+References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH); PRoPE
+(Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
 Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens (T = h*w, row-major), N = V*T.
 """
 import math
@@ -46,7 +45,7 @@ class GLDConfig:
     checkpointing: bool = False  # recompute each block in backward
 
 
-# parameter counts from print_presets() (python model.py); latent_dim is the DA3 preset's 2C (train.py overrides it)
+# parameter counts (count_params, on the meta device); latent_dim is the DA3 preset's 2C (train.py overrides it)
 PRESETS = {
     'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
     'gld-S': GLDConfig(latent_dim=768, enc_width=384, enc_depth=12, head_width=1024, head_depth=2, heads=8),  # 78.2M
@@ -59,11 +58,9 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------- cameras -> model inputs
-
 def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
-    """The model's camera inputs, built once per batch. c2w (B,V,4,4) normalised (cameras.normalize_poses), K (B,V,3,3)
-    normalised, src_mask (B,V) bool, hw = (h, w) token grid -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source,
-    1 target), d, o x d], 'P', 'P_inv' (B,V,4,4), 'src_mask', 'hw'}"""
+    """The model's camera inputs, once per batch: c2w (B,V,4,4) (cameras.normalize_poses), K (B,V,3,3), src_mask (B,V),
+    hw = (h, w) -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv', ...}"""
     h, w = hw
     rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
     mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
@@ -77,12 +74,10 @@ def drop_cameras(cams, drop):
     plucker = cams['plucker'].clone()
     plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
     eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
-    return {**cams, 'plucker': plucker, 'P': torch.where(sel, eye, cams['P']),
-            'P_inv': torch.where(sel, eye, cams['P_inv'])}
+    return {**cams, 'plucker': plucker, **{k: torch.where(sel, eye, cams[k]) for k in ('P', 'P_inv')}}
 
 
 # ----------------------------------------------------------------------------- positional encoding of 3D attention
-
 def rope_rotate(u, cos, sin, inverse=False):
     """1-D RoPE on u (...,N,2f), split halves a, b: [cos a + sin b, -sin a + cos b] (by -angle); inverse: +angle."""
     a, b = u.chunk(2, -1)
@@ -91,11 +86,10 @@ def rope_rotate(u, cos, sin, inverse=False):
 
 
 class PositionEncoding:
-    """Relative positions of the V*h*w tokens of a sample for head dim d, rebuilt each forward.
-    'prope': dims [0,d/2) are d/8 four-vectors mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v,
-    output <- P out); dims [d/2,3d/4) carry RoPE on the column x, [3d/4,d) on the row y (inverse on the output).
-    The logit of tokens i (view a), j (view b) is q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j: relative in cameras
-    and pixels. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
+    """Relative positions of the V*h*w tokens of a sample for head dim d. 'prope': dims [0,d/2) are d/8 four-vectors
+    mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v, output <- P out), [d/2,3d/4) carry RoPE on the
+    column x, [3d/4,d) on the row y (inverse on the output): logit_ij = q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j
+    for views a, b. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
 
     def __init__(self, kind, d, cams, V, base=100.0):
         h, w = cams['hw']
@@ -147,8 +141,7 @@ class PositionEncoding:
         M = torch.eye(self.d, dtype=torch.float32, device=self.axes[0][1].device).repeat(B, N, N, 1, 1)
         if self.mats is not None:
             view = torch.arange(N, device=M.device) // (N // self.V)
-            P, P_inv = self.mats['out'], self.mats['kv']
-            rel = P[:, view, None] @ P_inv[:, None, view]  # (B,N,N,4,4)
+            rel = self.mats['out'][:, view, None] @ self.mats['kv'][:, None, view]  # (B,N,N,4,4): P_a P_inv_b
             for c in range(0, self.start, 4):
                 M[..., c:c + 4, c:c + 4] = rel
         i = self.start
@@ -167,13 +160,10 @@ def reference_attention(q, k, v, pe):
     out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
     p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
-    if pe.kind != 'prope':
-        return p @ v
-    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v)
+    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v) if pe.kind == 'prope' else p @ v
 
 
 # ----------------------------------------------------------------------------- transformer parts
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -196,8 +186,7 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused QKV (q, k, v, each heads x head dim): 3D over N = V*h*w tokens with positions
-    from pe, or plain SDPA without pe (the RGB decoder's per-view ViT)."""
+    """Multi-head self-attention, fused QKV: 3D over N = V*h*w tokens with positions from pe, else plain SDPA."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -278,7 +267,6 @@ class FinalLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-
 class GLD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -291,8 +279,7 @@ class GLD(nn.Module):
             self.s_embedder_ref, self.s_embedder_tgt = token_embedder(s_in, C1), token_embedder(s_in, C1)
         else:
             self.x_embedder, self.s_embedder = token_embedder(2 * C, C2), token_embedder(s_in, C1)
-        self.s_projector = nn.Linear(C1, C2)
-        self.t_embedder = TimestepEmbedder(C1)
+        self.s_projector, self.t_embedder = nn.Linear(C1, C2), TimestepEmbedder(C1)
         self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
         self.blocks = nn.ModuleList([Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] +
                                     [Block(C2, cfg.heads) for _ in range(cfg.head_depth)])  # encoder, then head
@@ -300,8 +287,7 @@ class GLD(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """As released: adaLN and the final linear zero (output exactly 0), embedders xavier on the flattened
-        weight with zero bias, time MLP N(0, 0.02); other linears keep PyTorch's default."""
+        """As released: adaLN and final linear zero (output 0), embedders xavier, time MLP N(0, 0.02), rest default."""
         for blk in [*self.blocks, self.final_layer]:
             nn.init.zeros_(blk.adaLN_modulation[1].weight), nn.init.zeros_(blk.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
@@ -318,8 +304,7 @@ class GLD(nn.Module):
         src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
         return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
 
-    def run_blocks(self, blocks, x, c, pe):
-        """DiT blocks in turn, each recomputed in backward when cfg.checkpointing (activation checkpointing)."""
+    def run_blocks(self, blocks, x, c, pe):  # each block recomputed in backward with cfg.checkpointing
         ckpt = self.cfg.checkpointing and self.training
         for blk in blocks:
             x = checkpoint(blk, x, c, pe, use_reentrant=False) if ckpt else blk(x, c, pe)
@@ -327,10 +312,9 @@ class GLD(nn.Module):
 
     def forward(self, x_t, t, cond, cams, upper=None):
         """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
-        cfg = self.cfg
+        cfg, src = self.cfg, cams['src_mask']  # src (B,V) bool
         B, V, T, C = x_t.shape
         assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
-        src = cams['src_mask']  # (B,V) bool
         xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
         te = self.t_embedder(t)  # (B,C1)
         # condition encoder: tokens + camera map, adaLN from time
@@ -371,27 +355,14 @@ PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # d
 
 def peak_tflops(device):
     """Dense bf16 peak of the GPU behind device (the MFU denominator); None on CPU or an unlisted GPU."""
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def print_presets():
-    """Parameter counts of every preset, built on the meta device (nothing allocated)."""
-    for name, cfg in PRESETS.items():
-        with torch.device('meta'):
-            n = count_params(GLD(cfg))
-        print(f'{name:18s} {n:>13,d} params  enc {cfg.enc_width}x{cfg.enc_depth}'
-              f'  head {cfg.head_width}x{cfg.head_depth}  heads {cfg.heads}  latent {cfg.latent_dim}  upper {cfg.upper_dim}')
-
-
 # ----------------------------------------------------------------------------- the released checkpoints
-
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict (every key used, every
-    shape checked). 1x1-conv embedders become linears; the cascade's aliased {s,x}_embedder_{ref,tgt} copies are
-    dropped. heads is not in the shapes (16 in both releases)."""
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict; 1x1-conv embedders become
+    linears, the cascade's aliased {s,x}_embedder_{ref,tgt} copies are dropped; heads is not in the shapes (16)."""
     single = 'x_embedder.proj.weight' in state_dict
     aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
     sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}
@@ -414,7 +385,3 @@ def convert_official(state_dict, cascade=False, heads=16):
     bad = [k for k in ref if ref[k].shape != out[k].shape]
     assert not bad, f'convert_official: shape mismatch at {bad[:5]}'
     return cfg, out
-
-
-if __name__ == '__main__':
-    print_presets()

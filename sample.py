@@ -300,7 +300,7 @@ def build_parser():
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
     p.add_argument('--export', default=','.join(export.DEFAULT_FORMATS), type=export.parse_formats,
-                   help='3D outputs, comma-separated: ply, colmap, colmap-text, glb, nerfstudio; "": none')
+                   help='3D outputs, comma-separated: ply, colmap, nerfstudio; "": none')
     return p
 
 

@@ -2,10 +2,8 @@
 
 Procedurally textured box rooms (five palettes) with boxes, spheres and cylinders, Lambertian point lights plus
 ambient, Re10K-like smooth walkthrough camera paths; exact cameras and metric z-depth; every scene is a function of
-its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout.
-
-Modelling frame: y up, floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds.
-Conventions (see cameras.py): c2w OpenCV (x right, y down, z forward), K normalised (row 0 / W, row 1 / H).
+its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout. Modelling frame: y up,
+floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds (cameras.py).
 Shape legend: H W image, N rays/points, F frames of a scene.
 """
 import numpy as np
@@ -29,8 +27,7 @@ def _random_texture(rng, palette):
 
 def _value_noise(uv, grid):
     """Smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]."""
-    n = grid.shape[0]
-    i = np.floor(uv).astype(int)
+    n, i = grid.shape[0], np.floor(uv).astype(int)
     f = uv - i
     f = f * f * (3 - 2 * f)
     x0, y0, x1, y1 = i[:, 0] % n, i[:, 1] % n, (i[:, 0] + 1) % n, (i[:, 1] + 1) % n
@@ -69,8 +66,7 @@ def _texture(tex, uv):
 
 
 def _hit_room(o, d, size):
-    """Rays from inside the box [0, size] (3,) -> exit distance t (N,), inward normal (N,3), uv (N,2), face (N,)
-    with faces 0 floor, 1 ceiling, 2..5 walls -x, +x, -z, +z."""
+    """Rays inside the box [0, size] -> exit t, inward normal, uv, face (0 floor, 1 ceiling, 2..5 walls -x +x -z +z)."""
     with np.errstate(divide='ignore', invalid='ignore'):
         t_axis = np.where(d > 0, (size - o) / d, -o / d)  # (N,3) distance to the wall each axis moves towards
     t_axis = np.where(np.isfinite(t_axis) & (t_axis > 0), t_axis, np.inf)
@@ -125,8 +121,7 @@ def _hit_object(o, d, ob):
     ts = np.where((disc > 0) & (ts > 1e-6) & (ys >= 0) & (ys <= h), ts, np.inf)
     pc = oc + np.nan_to_num(tc, posinf=0, neginf=0)[:, None] * d
     tc = np.where((tc > 1e-6) & (pc[:, 0] ** 2 + pc[:, 2] ** 2 <= r * r), tc, np.inf)
-    side = ts <= tc
-    t = np.minimum(ts, tc)
+    side, t = ts <= tc, np.minimum(ts, tc)
     p = oc + np.where(np.isfinite(t), t, 0)[:, None] * d
     n = np.where(side[:, None], np.stack([p[:, 0] / r, 0 * p[:, 1], p[:, 2] / r], 1), [0.0, 1.0, 0.0])
     uv = np.where(side[:, None], np.stack([np.arctan2(p[:, 0], p[:, 2]) * r, p[:, 1]], 1), p[:, [0, 2]])
@@ -154,10 +149,9 @@ def cast_rays(scene, o, d):
     textures = scene['room_textures'] + [ob['texture'] for ob in scene['objects']]
     albedo = np.zeros_like(o)
     for k in np.unique(sid):
-        m = sid == k
-        albedo[m] = _texture(textures[k], uv[m])
-    p = o + t[:, None] * d
-    shade = np.full(len(o), scene['ambient'])
+        albedo[sid == k] = _texture(textures[k], uv[sid == k])
+
+    p, shade = o + t[:, None] * d, np.full(len(o), scene['ambient'])
     for light in scene['lights']:
         to_l = light['pos'] - p
         dist = np.linalg.norm(to_l, axis=1)
@@ -166,8 +160,7 @@ def cast_rays(scene, o, d):
 
 
 def _camera_path(rng, room, frames):
-    """A smooth walkthrough (a slowly turning heading; the view wobbles around it) -> c2w (F,4,4) OpenCV in the
-    modelling frame, or None when the path leaves the room or faces a nearby wall."""
+    """A smooth walkthrough -> c2w (F,4,4) OpenCV in the modelling frame; None if it leaves the room or faces a wall."""
     s = np.linspace(0, 1, 64)
     start = np.array([rng.uniform(0.6, room[0] - 0.6), rng.uniform(1.1, 1.7), rng.uniform(0.6, room[2] - 0.6)])
     to_centre = room / 2 - start
@@ -222,8 +215,7 @@ def _random_objects(rng, room, path, palette):
 
 
 def synth_scene(seed, frames=24, size=112):
-    """One scene from `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W) float32, 'c2w' (F,4,4),
-    'K' (F,3,3) normalised (float32, stored frame), 'scene'}."""
+    """Scene `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W), 'c2w' (F,4,4), 'K', 'scene'}."""
     rng = np.random.default_rng(seed)
     room = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)])
     c2w = None

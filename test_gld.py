@@ -224,30 +224,16 @@ def test_quaternion_round_trip_including_half_turns():
 
 
 @pytest.mark.usefixtures('float64')
-def test_interpolate_cameras_endpoints_and_constant_steps():
+def test_path_through_two_cameras_endpoints_and_constant_steps():
     a, b = random_poses(2, seed=3)
-    traj = cameras.interpolate_cameras(a, b, 7)
+    traj, K = cameras.path_through(torch.stack([a, b]), torch.stack([K0, 2 * K0]), torch.linspace(0, 1, 7))
     assert traj.shape == (7, 4, 4)
     assert torch.allclose(traj[0], a, atol=1e-12) and torch.allclose(traj[-1], b, atol=1e-12)
     steps = cameras.rotation_angle(traj[:-1, :3, :3].transpose(-1, -2) @ traj[1:, :3, :3])
     assert steps.min() > 1e-3 and torch.allclose(steps, steps[0].expand(6), atol=1e-10)
     moves = (traj[1:, :3, 3] - traj[:-1, :3, 3]).norm(dim=-1)
     assert torch.allclose(moves, moves[0].expand(6))
-    K = cameras.interpolate_K(K0, 2 * K0, 3)
-    assert torch.allclose(K[1], 1.5 * K0)
-
-
-@pytest.mark.usefixtures('float64')
-def test_orbit_looks_at_centre():
-    center = torch.tensor([0.0, 0.0, 2.0])
-    traj = cameras.orbit(center, 2.0, 8, elevation_deg=15.0)
-    to_c = center - traj[:, :3, 3]
-    assert torch.allclose(to_c.norm(dim=-1), torch.full((8,), 2.0))
-    assert torch.allclose(traj[:, :3, 2], to_c / 2.0, atol=1e-12)
-    R = traj[:, :3, :3]
-    assert torch.allclose(R.transpose(-1, -2) @ R, torch.eye(3).expand(8, 3, 3), atol=1e-12)
-    assert torch.allclose(torch.det(R), torch.ones(8))
-    assert torch.allclose(cameras.orbit(center, 2.0, 4)[0], torch.eye(4), atol=1e-12)  # starts at the identity
+    assert torch.allclose(K[3], 1.5 * K0)
 
 
 @pytest.mark.usefixtures('float64')
@@ -2063,7 +2049,7 @@ SAMPLE_RUNS = [
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
     ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
      '--arc', '360', '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export',
-     'ply,colmap,colmap-text,glb,nerfstudio'],
+     'ply,colmap,nerfstudio'],
     ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--keep-estimate', '--traj', 'spiral', '--frames', '2', '--steps', '2',
      '--out', 'out/d'],
     ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
@@ -2288,7 +2274,7 @@ def test_flow_loss_bins_by_t_add_up_to_the_loss():
 
 
 # ====================================================================================================
-# export.py: the scene in the formats other tools open, read back by those tools (pycolmap, trimesh, imageio) or
+# export.py: the scene in the formats other tools open, read back by those tools (pycolmap, imageio) or
 # by small independent readers written here from the format specifications
 # ====================================================================================================
 
@@ -2329,11 +2315,10 @@ def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_a
     pycolmap = pytest.importorskip('pycolmap')
     e = exported
     sparse = e['out'] / 'sparse' / '0'
-    rec = pycolmap.Reconstruction(str(sparse))  # prefers the .bin files
+    rec = pycolmap.Reconstruction(str(sparse))
     text_only = e['out'] / 'text'
     text_only.mkdir(exist_ok=True)
-    for f in ('cameras.txt', 'images.txt', 'points3D.txt'):
-        shutil.copy(sparse / f, text_only / f)
+    rec.write_text(str(text_only))  # COLMAP's own text model of our binary one, parsed by the reader above
     rec_txt, txt = pycolmap.Reconstruction(str(text_only)), read_colmap_text(text_only)
     V, H, W = e['depth'].shape
     Kp = cameras.K_to_pixels(e['K'].double(), H, W)
@@ -2373,55 +2358,6 @@ def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_a
     assert (np.stack([rec.points3D[i].color for i in ids]) == e['ply']['rgb']).all()
     # ...and lands on the true surface seen from the other views (the scale is exact here)
     assert cross_view_depth_error(torch.from_numpy(xyz), e['c2w'], e['K'], e['depth']) < 0.01
-
-
-def read_glb(path):
-    """A GLB file, split per the glTF 2.0 spec: (json dict, bin bytes) after checking the header and chunk types."""
-    raw = path.read_bytes()
-    magic, version, length = np.frombuffer(raw[:12], '<u4')
-    assert magic == 0x46546C67 and version == 2 and length == len(raw)
-    n_json, kind = np.frombuffer(raw[12:20], '<u4')
-    assert kind == 0x4E4F534A and n_json % 4 == 0
-    n_bin, kind = np.frombuffer(raw[20 + n_json:28 + n_json], '<u4')
-    assert kind == 0x004E4942 and 28 + n_json + n_bin == len(raw)
-    return json.loads(raw[20:20 + n_json]), raw[28 + n_json:]
-
-
-def glb_accessor(doc, blob, i):
-    acc = doc['accessors'][i]
-    view = doc['bufferViews'][acc['bufferView']]
-    dtype = {5126: '<f4', 5121: 'u1', 5123: '<u2'}[acc['componentType']]
-    width = {'SCALAR': 1, 'VEC3': 3, 'VEC4': 4}[acc['type']]
-    return np.frombuffer(blob, dtype, acc['count'] * width, view['byteOffset']).reshape(acc['count'], width)
-
-
-def test_glb_holds_the_ply_points_and_one_frustum_per_view_at_its_camera(exported):
-    e = exported
-    doc, blob = read_glb(e['out'] / 'scene.glb')
-    points = next(m for m in doc['meshes'] if m['name'] == 'points')['primitives'][0]
-    xyz = glb_accessor(doc, blob, points['attributes']['POSITION'])
-    rgba = glb_accessor(doc, blob, points['attributes']['COLOR_0'])
-    assert points['mode'] == 0 and (xyz == e['ply']['xyz']).all() and (rgba[:, :3] == e['ply']['rgb']).all()
-    root = doc['nodes'][doc['scenes'][doc['scene']]['nodes'][0]]
-    assert root['matrix'] == [1, 0, 0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1]  # y-down world shown y-up
-    frusta = [doc['nodes'][i] for i in root['children'] if doc['nodes'][i]['name'] != 'points']
-    assert [f['name'] + '.png' for f in frusta] == e['names']  # named after their images
-    colours = set()
-    for v, node in enumerate(frusta):
-        M = np.array(node['matrix']).reshape(4, 4).T  # column-major
-        np.testing.assert_allclose(M, e['c2w'][v].numpy(), atol=1e-6)
-        prim = doc['meshes'][node['mesh']]['primitives'][0]
-        corners = glb_accessor(doc, blob, prim['attributes']['POSITION'])
-        assert prim['mode'] == 1 and (corners[0] == 0).all()  # the apex: at the camera centre M[:3, 3]
-        colours.add((v < 2, tuple(doc['materials'][prim['material']]['pbrMetallicRoughness']['baseColorFactor'])))
-    assert len(colours) == 2  # sources and targets apart
-    trimesh = pytest.importorskip('trimesh')
-    scene = trimesh.load(str(e['out'] / 'scene.glb'))
-    cloud = scene.geometry['points']
-    assert len(cloud.vertices) == len(e['ply']) and (np.asarray(cloud.colors)[:, :3] == e['ply']['rgb']).all()
-    assert sum(name.startswith('frustum_') for name in scene.geometry) == 5
-    gl_centres = [scene.graph.get(n[:-4])[0][:3, 3] for n in e['names']]  # in the y-up world
-    np.testing.assert_allclose(gl_centres, e['c2w'][:, :3, 3].numpy() * [1, -1, -1], atol=1e-5)
 
 
 def test_nerfstudio_transforms_read_back_by_data_to_the_same_cameras(exported):
@@ -2925,12 +2861,12 @@ def test_points_overlay_the_given_cameras(bundled, tmp_path):
 def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp_path, capsys):
     cams = str(Path(photos[0]).parent / 'transforms.json')
     out = tmp_path / 'out'
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '4', '--export', 'ply,colmap-text,glb,nerfstudio'], out)
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '4'], out)
     (out / 'notes.txt').write_text('mine')  # a file of the user's: never removed
     capsys.readouterr()
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], out)
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], out)
     printed = capsys.readouterr().out
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1'], tmp_path / 'fresh')
+    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], tmp_path / 'fresh')
     rel = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
     assert rel(out) == sorted(rel(tmp_path / 'fresh') + ['notes.txt'])
     assert 'removed' in printed and f'({len(rel(tmp_path / "fresh"))} files)' in printed
@@ -2950,6 +2886,20 @@ def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path,
     assert 'decoder: encoder' in capsys.readouterr().out  # the stage names the encoder file it used
 
 
+def write_colmap_text(folder, c2w, K, H, W, names):
+    """cameras.txt and images.txt (no points) of a COLMAP text model, from the format description."""
+    os.makedirs(folder, exist_ok=True)
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    q, t, Kp = cameras.rotmat_to_quat(w2c[:, :3, :3]), w2c[:, :3, 3], cameras.K_to_pixels(K.double(), H, W)
+    g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
+    with open(os.path.join(folder, 'cameras.txt'), 'w') as f:
+        f.write('# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n')
+        f.writelines(f'{v + 1} PINHOLE {W} {H} {g([k[0, 0], k[1, 1], k[0, 2], k[1, 2]])}\n' for v, k in enumerate(Kp))
+    with open(os.path.join(folder, 'images.txt'), 'w') as f:
+        f.write('# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n# POINTS2D[] as (X, Y, POINT3D_ID)\n')
+        f.writelines(f'{v + 1} {g(q[v])} {g(t[v])} {v + 1} {n}\n\n' for v, n in enumerate(names))
+
+
 @pytest.mark.usefixtures('float64')
 def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     gen = torch.Generator().manual_seed(5)
@@ -2961,16 +2911,20 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     names = [f'photo_{v}.jpg' for v in range(V)]
     same = lambda cams: (torch.allclose(cams['c2w'].double(), c2w, atol=1e-5) and
                          torch.allclose(cams['K'].double(), K, atol=1e-6) and cams['names'] == names)
-    for text in (False, True):  # COLMAP binary and text, as export.py writes them, read back
+    for text in (False, True):  # COLMAP binary (as export.py writes it) and text (as COLMAP does), read back
         project = tmp_path / ('text' if text else 'bin')
-        export.write_colmap(str(project / 'sparse' / '0'), c2w, K, H, W, names, points, text=text)
+        if text:
+            write_colmap_text(str(project / 'sparse' / '0'), c2w, K, H, W, names)
+        else:
+            export.write_colmap(str(project / 'sparse' / '0'), c2w, K, H, W, names, points)
         cams = export.read_cameras(str(project))
         assert same(cams) and cams['size'] == (H, W) and cams['files'][0] == str(project / 'images' / names[0])
         if not text:
             pycolmap = pytest.importorskip('pycolmap')
             rec = pycolmap.Reconstruction(str(project / 'sparse' / '0'))
             assert sorted(im.name for im in rec.images.values()) == names
-        export.main([str(project), str(project / 'transforms.json')])  # the converter, then nerfstudio in
+        export.write_transforms(str(project / 'transforms.json'), cams['c2w'], cams['K'], H, W,
+                                ['images/' + n for n in names], [True] * V)  # then nerfstudio in
         tf = export.read_cameras(str(project / 'transforms.json'))
         assert same({**tf, 'names': [os.path.basename(n) for n in tf['names']]})
         assert tf['files'][0] == str(project / 'images' / names[0])
