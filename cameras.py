@@ -1,13 +1,10 @@
 """Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, camera checks, pose metrics.
 
-Conventions (stated once here; every other module follows them):
-- Poses are OpenCV camera-to-world matrices c2w (...,4,4): x right, y down, z forward; w2c = c2w^-1. RealEstate10K
-  stores w2c; nerfstudio / OpenGL c2w (y up, z backward) go through opengl_to_opencv; export.py converts the rest.
-- Intrinsics K (...,3,3) are normalised: row 0 divided by the width W, row 1 by the height H, so the principal point
-  is ~(0.5, 0.5) and K does not change with resolution. Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
-Shape legend: B batch, V views, H W image, N points, n trajectory length.
-References: RealEstate10K; PRoPE: Li et al. 2025, "Cameras as Relative Positional Encoding"; Umeyama 1991; evo
-(github.com/MichaelGrupp/evo) for ATE/RPE; the GLD release (cvlab-kaist/Geometric-Latent-Diffusion) for its quirks.
+Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y down, z forward
+(OpenGL / nerfstudio via opengl_to_opencv). Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal
+point ~(0.5, 0.5), independent of resolution). Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
+Shape legend: B batch, V views, H W image, N points, n trajectory length. References: PRoPE (Li et al. 2025,
+"Cameras as Relative Positional Encoding"); Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
 """
 import math
 
@@ -19,8 +16,7 @@ from cli import UserError
 
 # ----------------------------------------------------------------------------- checks of cameras read or estimated
 def check_cameras(c2w, K, where):
-    """c2w (V,4,4) finite with an orthonormal rotation (tolerance 1e-3, det +1), K (V,3,3) finite with positive focal
-    lengths, else a UserError naming `where` (the file and scene) and the first bad view."""
+    """c2w (V,4,4) finite and rigid (1e-3), K (V,3,3) with positive focals, else a UserError naming where, the view."""
     bad = lambda mask: int(mask.nonzero()[0, 0])  # the first offending view
     finite = torch.isfinite(c2w).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)
     if not finite.all():
@@ -40,8 +36,7 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate c2w (N,4,4), K (N,3,3), depth (N,H,W) must be plausible (fx/fy within 2x, the principal point
-    inside, centres >= 1% of the median depth apart), else a UserError suggesting --cameras."""
+    """DA3's estimate (fx/fy within 2x, principal point inside, centres >= 1% of median depth apart), else UserError."""
     fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
     aspect = (fx / fy).clamp_min(1e-9)
     if ((aspect > 2) | (aspect < 0.5)).any():
@@ -61,15 +56,13 @@ def check_estimate(c2w, K, depth, H, W):
 
 
 # ----------------------------------------------------------------------------- basic conversions
-def make_pose(R, t):
-    """Rotation (...,3,3) and translation (...,3) -> homogeneous (...,4,4)."""
+def make_pose(R, t):  # (...,3,3), (...,3) -> (...,4,4)
     T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
     T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, t, 1
     return T
 
 
-def rigid_inverse(T):
-    """Inverse of rigid transforms (...,4,4): [R t; 0 1]^-1 = [R^T  -R^T t; 0 1]."""
+def rigid_inverse(T):  # [R t; 0 1]^-1 = [R^T  -R^T t; 0 1]
     Rt = T[..., :3, :3].transpose(-1, -2)
     return make_pose(Rt, -(Rt @ T[..., :3, 3:])[..., 0])
 
@@ -78,7 +71,6 @@ c2w_to_w2c = w2c_to_c2w = rigid_inverse
 
 
 def K_to_pixels(K, H, W):
-    """Normalised intrinsics (...,3,3) -> pixel intrinsics for an H x W image (row 0 times W, row 1 times H)."""
     return K * K.new_tensor([[W], [H], [1.0]])
 
 
@@ -129,20 +121,19 @@ def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
 
 
 def prope_matrices(c2w, K, official=False):
-    """PRoPE matrices P = lift(K') w2c and P_inv = P^-1 = c2w lift(K'^-1), each (...,4,4), from c2w (...,4,4) and
-    normalised K. Logits of views a, b then see the cameras only through P_a P_b^-1, invariant to the world frame.
+    """PRoPE P = lift(K') w2c, P_inv = P^-1 = c2w lift(K'^-1) (...,4,4); logits see P_a P_b^-1 only (frame-invariant).
     official=True: the release's P_inv = c2w lift(K') (K', not K'^-1), so there P_inv P != I."""
     Kc = prope_K(K)
     return lift(Kc) @ rigid_inverse(c2w), c2w @ lift(Kc if official else torch.linalg.inv(Kc))
 
 
 def prope_K(K):
-    """Normalised K (...,3,3) -> K' of PRoPE: principal point shifted by -0.5 (image centre at 0)."""
+    """K' of PRoPE: the normalised principal point shifted by -0.5 (image centre at 0)."""
     return K - K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
 
 
 def lift(K):
-    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity -> (...,4,4)."""
+    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity."""
     L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
     L[..., :3, :3] = K
     return L
@@ -150,16 +141,13 @@ def lift(K):
 
 # ----------------------------------------------------------------------------- quaternions (w, x, y, z)
 def rotmat_to_quat(m):
-    """Rotation matrices m (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0. Each row of `cand` is 4 q_i q
-    for one pivot i; normalising the row of the largest |q_i| is stable everywhere."""
+    """Rotations (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0; row i of cand is 4 q_i q (pivot i)."""
     tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
     q2 = torch.stack([1 + tr, *(1 + 2 * m[..., i, i] - tr for i in range(3))], -1)  # (...,4) = 4 q_i^2
     wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
     xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
-    cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1),
-                        torch.stack([wx, q2[..., 1], xy, xz], -1),
-                        torch.stack([wy, xy, q2[..., 2], yz], -1),
-                        torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)  # (...,4,4)
+    cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1), torch.stack([wx, q2[..., 1], xy, xz], -1),
+                        torch.stack([wy, xy, q2[..., 2], yz], -1), torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)
     i = q2.argmax(-1, keepdim=True)  # (...,1) the pivot
     q = F.normalize(cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :], dim=-1)  # (...,4)
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
@@ -208,8 +196,7 @@ def axis_angle(axis, angle):
 
 
 def arc(c2w_ref, centre, up, degrees, n):
-    """n cameras turning c2w_ref (4,4) about the axis through centre (3,) along up (3,) by 0..degrees (both ends
-    included, but a full turn excludes its end), keeping their pose relative to the centre."""
+    """n cameras: c2w_ref (4,4) turned about the axis (centre, up) by 0..degrees (a full turn excludes its end)."""
     angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
     R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
     eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
@@ -236,8 +223,7 @@ def look_at(eye, target, up):
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """Forward-facing spiral: n cameras circling the reference in its image plane `turns` times (the radius grows from
-    0 to `radius` over the first turn), looking at the point `depth` in front of it."""
+    """n cameras circling c2w_ref in its image plane (radius growing over the first turn), looking `depth` ahead."""
     R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
     theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
     r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
@@ -252,13 +238,9 @@ def forward_dolly(c2w_ref, n, distance):
 
 
 def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
-    """Target cameras c2w (n,4,4), K (n,3,3) of a preset from the sources c2w_src (N,4,4), K_src (N,3,3), within
-    their span (unit: the sources' largest distance from the first, 1 with one source); all at the source: a warning.
-    - interp: through all sources in order (sources excluded); one source: static;
-    - orbit: from the first source about the scene centre (where the optical axes meet, else one unit ahead) and its
-      up axis by `degrees` (default: to the last source, 30 with one source or no angle between them; 360: a turn);
-    - spiral: two turns around the first source (radius growing to 0.2 units), looking one unit ahead;
-    - forward: from the first source half a unit along its viewing direction."""
+    """Targets c2w (n,4,4), K of preset traj ('interp', 'orbit', 'spiral', 'forward') from sources c2w_src (N,4,4),
+    in units of the sources' largest distance from the first. orbit: about where the optical axes meet (else one
+    unit ahead), by `degrees` (default: to the last source, else 30)."""
     a, N = c2w_src[0], len(c2w_src)
     dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
     dist = dist if dist > 1e-6 else 1.0
@@ -308,15 +290,12 @@ def rotation_angle(R):
 
 
 def pose_metrics(est_c2w, gt_c2w, with_scale=True):
-    """Trajectory RMSEs (as evo) of est_c2w against gt_c2w (V,4,4 each, V >= 3 non-collinear centres), aligned as
-    evo --align --correct_scale: P_i = (s, R, t) = umeyama(est centres, gt centres) applied to est_i (with_scale=False:
-    SE3). ATE = RMSE_i ||c(P_i) - c(Q_i)||, Q the ground truth; RPE (delta 1): E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1
-    P_{i+1}), rpe_t = RMSE ||trans(E_i)|| (gt units), rpe_r = RMSE angle(rot(E_i)) in degrees."""
+    """ATE, RPE (delta 1; rpe_r in degrees) of est_c2w vs gt_c2w (V,4,4), aligned as evo --align --correct_scale:
+    P = umeyama(est, gt centres) est, E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), Q the ground truth."""
     s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
     est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
     ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
     E = rigid_inverse(rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]) @ (rigid_inverse(est[:-1]) @ est[1:])  # (V-1,4,4)
-
     rpe_t = E[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt()
     rpe_r = torch.rad2deg(rotation_angle(E[:, :3, :3])).pow(2).mean().sqrt()
     return {'ate': ate.item(), 'rpe_r': rpe_r.item(), 'rpe_t': rpe_t.item()}

@@ -1,18 +1,11 @@
 """Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, the synthetic set.
 
-- RealEstate10K in the pixelSplat chunk layout: root/{train,test}/000000.torch ... + index.json ({key: chunk file});
-  a chunk is a torch.save'd list of scenes {'key', 'url', 'timestamps' (V,) int64, 'cameras' (V,18) = fx fy cx cy
-  (normalised) 0 0 + row-major 3x4 OpenCV w2c, 'images' (JPEG bytes as uint8 tensors), our optional 'depths'
-  (V,H,W) float16}, memory-mapped, frames decoded lazily. Evaluation index: {key: {'context', 'target'} | null}.
-- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel fl_x fl_y cx cy at w x h), also for a user's image folder;
-  applied_transform is ignored (a rigid motion of the world, which pose normalisation removes).
-- SceneDataset: V views of a scene in temporal order with random frame gaps, resized + centre-cropped or in the
-  paper's aspect-ratio buckets. Bad input is a cli.UserError naming the file and the fix.
-- Metrics: PSNR, SSIM (as skimage), LPIPS (if installed), depth metrics.
-- `python data.py synth`: synth.py's scenes in the chunk layout (defaults: 240 + 16 scenes, ~90 s, 176 MB).
-Conventions: cameras.py. Shape legend: B batch, V views, H W image, N rays/points, F frames of a scene.
-References: pixelSplat (src/dataset/dataset_re10k.py) and dcharatan/real_estate_10k_tools (chunk layout); DepthSplat
-(DL3DV); RealEstate10K (google.github.io/realestate10k); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
+- Re10K in the pixelSplat chunk layout: {split}/*.torch + index.json, scenes with 'cameras' (V,18) = fx fy cx cy
+  (normalised) 0 0 + 3x4 OpenCV w2c, JPEG 'images', our optional 'depths' (V,H,W); memory-mapped, decoded lazily.
+- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel intrinsics; applied_transform ignored: a rigid motion).
+- Metrics: PSNR, SSIM (as skimage), LPIPS, depth. `python data.py synth`: synth.py's scenes in the chunk layout.
+Shape legend: B batch, V views, H W image, N rays/points, F frames. References: pixelSplat, real_estate_10k_tools
+(chunk layout); DepthSplat (DL3DV); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
 """
 import argparse
 import functools
@@ -98,8 +91,7 @@ def parse_size(text, buckets=False):
     return H, W
 
 
-def make_output_dir(folder, flag='--out'):
-    """Create an output folder and check that it can be written, before any work is done."""
+def make_output_dir(folder, flag='--out'):  # created and checked writable before any work is done
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -158,8 +150,7 @@ def _load_chunk(path):  # memory-mapped and cached: unpickling costs ~50 ms, an 
 
 
 def read_re10k_chunk(path, decode=True):
-    """A chunk -> scenes {'key', 'c2w' (V,4,4), 'K' (V,3,3), 'timestamps' (V,), 'depths'? (V,H,W), 'source',
-    'images' (V,3,H,W) (decode=True) or 'jpegs' (encoded, for decode_frames)}."""
+    """A chunk -> scenes {'key', 'c2w', 'K', 'timestamps', 'depths'?, 'source', 'images' (decode) or lazy 'jpegs'}."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
                         'check the index.json next to it')
@@ -199,7 +190,6 @@ def read_json(path, what):  # what: what the file should hold, for the error
 
 
 def read_index(root):
-    """root/index.json -> {key: chunk path}."""
     path = os.path.join(root, 'index.json')
     if not os.path.isfile(path):
         raise UserError(f'{path}: missing; a chunk folder needs index.json ({{key: "000000.torch"}}); create the '
@@ -243,8 +233,7 @@ def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or
 
 
 def read_dl3dv_scene(folder, images='images_4', decode=True):
-    """A folder (DL3DV: <hash>/ or <hash>/nerfstudio/) with a transforms.json -> a scene dict like read_re10k_chunk's.
-    images: the image folder next to the json (DL3DV: images_4 / images_8), or None for each frame's file_path."""
+    """A folder with (nerfstudio/)transforms.json -> a scene like read_re10k_chunk's; images: a folder beside it."""
     path = _find_transforms(folder)
     if path is None:
         raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
@@ -274,9 +263,8 @@ def sample_frames(n, num_views, gap, generator):
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """V views of one scene per item (deterministic per seed/epoch/index). spec: a chunk-layout folder or 'dl3dv:PATH'
-    (scene folders under PATH/split or PATH). size: None (native), (H, W), or 'buckets' (make_loader resizes each
-    batch). eval=True: frames from split/eval_index.json when present, else a fixed draw per (seed, index)."""
+    """V views of one scene per item, deterministic per seed/epoch/index; size: None (native), (H, W) or 'buckets'.
+    eval=True: frames from split/eval_index.json when present, else a fixed draw per (seed, index)."""
 
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
@@ -290,8 +278,7 @@ class SceneDataset(torch.utils.data.Dataset):
             self.items = {d: os.path.join(folder, d) for d in sorted(os.listdir(folder))
                           if _find_transforms(os.path.join(folder, d))}
         else:
-            folder = os.path.join(spec, split)
-            self.items = read_index(folder)
+            self.items = read_index(folder := os.path.join(spec, split))
         eval_path, self.eval_frames = os.path.join(folder, 'eval_index.json'), {}
         if eval and os.path.isfile(eval_path):
             index = {k: v for k, v in read_eval_index(eval_path).items() if k in self.items}
@@ -432,13 +419,13 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
 
 
 def collate_one(item):
-    """One dataset item -> a batch of one: tensors get a leading batch axis, other values become 1-lists."""
+    """One dataset item -> a batch of one (tensors get a batch axis, other values become 1-lists)."""
     return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
 
 
 def split_views(batch, n_src, generator=None, mode='random'):
-    """Move n_src source views of a batch of (B,V,...) tensors to the front, both groups in temporal order: random
-    per sample, or 'ends' (first and last, evenly spaced). Adds 'src_mask' (B,V), True for views 0..n_src-1."""
+    """Move n_src source views (random, or 'ends': evenly spaced) of (B,V,...) tensors to the front, each group in
+    temporal order; adds 'src_mask' (B,V), True for views 0..n_src-1."""
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V or mode not in ('random', 'ends'):
         raise ValueError(f"n_src={n_src} must be in 1..{V - 1} for {V} views, mode 'random' or 'ends' (got {mode!r})")
@@ -464,13 +451,12 @@ def psnr(pred, gt):
 def _gaussian_blur_valid(x, size=11, sigma=1.5):
     r = torch.arange(size, dtype=x.dtype, device=x.device) - size // 2
     g = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
+    g /= g.sum()
     return F.conv2d(F.conv2d(x, g.view(1, 1, 1, size)), g.view(1, 1, size, 1))
 
 
 def ssim(pred, gt, sample_covariance=False):
-    """(...,3,H,W) in [0,1] -> (...,) SSIM, equal to skimage structural_similarity(channel_axis=0, sigma=1.5,
-    gaussian_weights=True, data_range=1.0, use_sample_covariance=sample_covariance); pixelSplat/MVSplat use True."""
+    """(...,3,H,W) in [0,1] -> (...,) SSIM as skimage's (gaussian sigma 1.5, data_range 1); pixelSplat: sample cov."""
     H, W = pred.shape[-2:]
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
     mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)

@@ -1,11 +1,8 @@
-"""export.py: a generated scene in the formats other tools open: COLMAP, nerfstudio, PLY, MP4.
+"""export.py: a generated scene in the formats other tools open (COLMAP, nerfstudio, PLY, MP4), cameras read in.
 
-A run writes images/ (sources, generated targets), sparse/0/ (COLMAP binary model of all views and the fused points:
-a COLMAP / 3DGS project), transforms.json (nerfstudio; ply_file_path points splatfacto at points.ply), points.ply
-and video.mp4. In memory: OpenCV c2w, K normalised, pixel centres at +0.5 (cameras.py); in the files:
-- COLMAP: w2c as quaternion (w, x, y, z; Hamilton) + t, OpenCV axes; PINHOLE fx fy cx cy in pixels (centres at +0.5).
-- nerfstudio: OpenGL c2w `transform_matrix` (y up, z back); fl_x fl_y cx cy w h in pixels.
-Units: those of the cameras sampling used (depth_scale rescales DA3's relative depth to dataset poses or --cameras).
+Files: COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels, centres at +0.5) with the
+fused points; nerfstudio transforms.json (OpenGL c2w; ply_file_path points splatfacto at points.ply); points.ply;
+video.mp4. Units: those of the cameras sampling used (depth_scale rescales DA3's relative depth to them).
 References: COLMAP (colmap.github.io/format.html); nerfstudio (docs.nerf.studio/quickstart/data_conventions.html);
 PLY (paulbourke.net/dataformats/ply). Shape legend: V views, H W image, N points.
 """
@@ -38,16 +35,14 @@ def parse_formats(text):
 
 
 def view_names(V, n_src):
-    """File names of the V views, sources first; zero-padded so that sorting by name keeps the view order."""
+    """File names of the V views, sources first, zero-padded: sorting by name keeps the view order."""
     d = max(3, len(str(V)))
     return [f'source_{v:0{d}d}.png' if v < n_src else f'target_{v - n_src:0{d}d}.png' for v in range(V)]
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """Scale from DA3's depth (V,H,W) to the units of c2w (V,4,4), K, and how: 'da3 cameras' (Umeyama from DA3's
-    centres c2w_da3 if they spread >= 1% of the median depth), else 'source photo-consistency' (the scale at which the
-    sources' depth best carries their colours (V,3,H,W) onto each other: log grid 1e-3..1e3, then 0.6% steps), else
-    'none' (1.0: no baseline)."""
+    """(scale from DA3's depth (V,H,W) to the units of c2w (V,4,4), how): 'da3 cameras' (Umeyama of c2w_da3 centres
+    spread >= 1% of the median depth), else 'source photo-consistency' (grid search), else 'none' (1.0)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
         return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
@@ -86,13 +81,11 @@ def fuse_points(images, depth, conf, c2w, K, keep=0.7):
 
 
 # ----------------------------------------------------------------------------------------------- images, video and PLY
-def to_uint8(img):
-    """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
+def to_uint8(img):  # (3,H,W) in [0,1] -> (H,W,3) uint8 numpy
     return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def save_image(img, path):
-    """img (3,H,W) in [0,1] -> PNG (or any format Pillow infers from the name)."""
+def save_image(img, path):  # (3,H,W) in [0,1] -> PNG (or the format Pillow infers from the name)
     Image.fromarray(to_uint8(img)).save(path)
 
 
@@ -128,8 +121,7 @@ def write_ply(path, xyz, rgb, comments=()):
 
 # -------------------------------------------------------------------------------------------------------------- COLMAP
 def write_colmap(folder, c2w, K, H, W, names, points):
-    """A binary COLMAP sparse model: c2w (V,4,4), K (V,3,3), images H x W named `names`, points from fuse_points.
-    One PINHOLE camera per view (id = view + 1); each point is seen once, at its pixel."""
+    """Binary COLMAP model: a PINHOLE camera per view (id view + 1), fuse_points' points seen once, at their pixel."""
     os.makedirs(folder, exist_ok=True)
     V, N = len(names), len(points['view'])
     w2c = cameras.c2w_to_w2c(c2w.double())
@@ -168,8 +160,7 @@ COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'O
 
 
 def read_colmap(folder):
-    """A COLMAP model folder (.bin or .txt, as COLMAP writes them) -> {'c2w' (V,4,4) OpenCV, 'Kpix' (V,3,3) pixels,
-    'sizes' [(H, W)], 'names'}. Lens distortion (RADIAL, OPENCV, ...) is ignored with a note; fisheye is refused."""
+    """COLMAP model folder (.bin or .txt) -> {'c2w', 'Kpix' (pixels), 'sizes' [(H, W)], 'names'}; distortion ignored."""
     cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
     if os.path.isfile(os.path.join(folder, 'cameras.bin')):
         with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
@@ -215,7 +206,7 @@ def read_colmap(folder):
 
 # -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
-    """nerfstudio transforms.json with `files` relative to its folder; `extra` adds top-level keys."""
+    """nerfstudio transforms.json, `files` relative to its folder; `extra` adds top-level keys."""
     Kp, gl = cameras.K_to_pixels(K.double(), H, W), cameras.opengl_to_opencv(c2w.double())  # the flip is an involution
     frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]), 'fl_y':
                float(Kp[v, 1, 1]), 'cx': float(Kp[v, 0, 2]), 'cy': float(Kp[v, 1, 2]), 'is_source': bool(is_source[v])}
@@ -229,8 +220,8 @@ CAMERA_FORMATS = ('a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio 
 
 
 def read_cameras(path, image_size=None):
-    """Cameras of a user's photos in any of CAMERA_FORMATS (image_size (H, W) for npz without H, W) -> {'c2w' (V,4,4)
-    OpenCV, 'K' (V,3,3) normalised, 'names', 'files' (image paths or None), 'size' (H, W) or None, 'format'}."""
+    """Cameras in any of CAMERA_FORMATS (image_size (H, W): for npz without H, W) -> {'c2w', 'K', 'names', 'files'
+    (image paths or None), 'size' (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
     sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
                    if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
@@ -271,8 +262,7 @@ def read_cameras(path, image_size=None):
 
 # --------------------------------------------------------------------------------- the whole scene, and pictures of it
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
-    """A top-down PNG of source (blue) and target (orange, joined, the first ringed) cameras c2w (N,4,4), (n,4,4), each
-    with a viewing tick, seen along the first source's up axis with its view pointing up the page."""
+    """Top-down PNG of source (blue) and target (orange, joined, first ringed) cameras, the first source facing up."""
     from PIL import ImageDraw
     up, right = -c2w_src[0, :3, 1].double(), c2w_src[0, :3, 0].double()
     fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
@@ -302,8 +292,7 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
 
 
 def make_grid(src, pred, gt=None):
-    """Rows: sources | sources + generated targets | (gt given) sources + ground truth, white where there is none.
-    src (N,3,H,W), pred (V,3,H,W) sources first, gt (M,3,H,W) -> (3, rows*H, V*W)."""
+    """Rows sources | sources + pred[N:] | sources + gt (if given), white where none: (3,rows*H,V*W)."""
     N = src.shape[0]
     blank = torch.ones_like(pred[N:])  # white where there is no image
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
@@ -314,9 +303,8 @@ def make_grid(src, pred, gt=None):
 
 def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
                 keep=0.7, frame='the cameras sampling used'):
-    """Every view's image in out_dir/images/ and the scene in `formats`: images (V,3,H,W) in [0,1] (sources first),
-    DA3's depth, conf (V,H,W) and cameras c2w_da3 (V,4,4), the views' c2w (V,4,4), K (V,3,3). units: a key of UNITS
-    ('poses': depth rescaled by depth_scale). frame: whose cameras define the world. -> a summary for metrics.json."""
+    """Images (V,3,H,W) (sources first) to out_dir/images/, the scene from DA3's depth, conf (V,H,W) in `formats`.
+    units: a key of UNITS ('poses': depth rescaled by depth_scale) -> a summary for metrics.json."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
     V, _, H, W = images.shape

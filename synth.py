@@ -1,10 +1,8 @@
 """synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy.
 
-Procedurally textured box rooms (five palettes) with boxes, spheres and cylinders, Lambertian point lights plus
-ambient, Re10K-like smooth walkthrough camera paths; exact cameras and metric z-depth; every scene is a function of
-its seed. `python data.py synth` (data.write_synth) writes them in the Re10K chunk layout. Modelling frame: y up,
-floor y = 0; the stored world is turned 180 degrees about x to be y-down like OpenCV worlds (cameras.py).
-Shape legend: H W image, N rays/points, F frames of a scene.
+Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough camera paths, exact
+cameras and metric z-depth; a scene is a function of its seed. Modelling frame: y up, floor y = 0; the stored world
+is turned 180 degrees about x (y down, as OpenCV worlds). Shape legend: H W image, N rays/points, F frames.
 """
 import numpy as np
 import torch
@@ -54,10 +52,9 @@ def _texture(tex, uv):
     elif kind == 'marble':
         w = 0.5 + 0.5 * np.sin(2 * proj + 6 * _fbm(uv / s, tex['grid']))
     elif kind == 'bricks':
-        bw, bh = 2 * s, s
-        row = np.floor(uv[:, 1] / bh)
-        u = uv[:, 0] / bw + 0.5 * (row % 2)
-        mortar = (u % 1 < 0.06) | (uv[:, 1] / bh % 1 < 0.1)
+        row = np.floor(uv[:, 1] / s)  # bricks 2s x s
+        u = uv[:, 0] / (2 * s) + 0.5 * (row % 2)
+        mortar = (u % 1 < 0.06) | (uv[:, 1] / s % 1 < 0.1)
         shade = _value_noise(np.stack([np.floor(u), row], 1) * 3.1, tex['grid'])  # per-brick variation
         w = np.where(mortar, 1.0, 0.3 * shade)
     else:  # gradient with a little noise
@@ -150,7 +147,6 @@ def cast_rays(scene, o, d):
     albedo = np.zeros_like(o)
     for k in np.unique(sid):
         albedo[sid == k] = _texture(textures[k], uv[sid == k])
-
     p, shade = o + t[:, None] * d, np.full(len(o), scene['ambient'])
     for light in scene['lights']:
         to_l = light['pos'] - p
@@ -195,8 +191,7 @@ def _random_objects(rng, room, path, palette):
         kind = rng.choice(['box', 'box', 'sphere', 'cylinder'])
         if kind == 'box':
             half = rng.uniform([0.2, 0.2, 0.2], [0.7, 0.8, 0.7])
-            ob, foot = {'half': half, 'yaw': rng.uniform(0, np.pi)}, np.hypot(half[0], half[2])
-            y = half[1]
+            ob, foot, y = {'half': half, 'yaw': rng.uniform(0, np.pi)}, np.hypot(half[0], half[2]), half[1]
         elif kind == 'sphere':
             ob = {'radius': rng.uniform(0.2, 0.55)}
             foot, y = ob['radius'], ob['radius']
@@ -204,9 +199,8 @@ def _random_objects(rng, room, path, palette):
             ob = {'radius': rng.uniform(0.15, 0.4), 'height': rng.uniform(0.4, 2.2)}
             foot, y = ob['radius'], 0.0
         x, z = rng.uniform(foot + 0.05, room[0] - foot - 0.05), rng.uniform(foot + 0.05, room[2] - foot - 0.05)
-        if np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45:
-            continue
-        if any(np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed):
+        if (np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45
+                or any(np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed)):
             continue
         placed.append((x, z, foot))
         objects.append({**ob, 'kind': kind, 'center': np.array([x, y, z]),
