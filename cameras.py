@@ -1,10 +1,9 @@
 """Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, camera checks, pose metrics.
 
-Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y down, z forward
-(OpenGL / nerfstudio via opengl_to_opencv). Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal
-point ~(0.5, 0.5), independent of resolution). Pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5.
-Shape legend: B batch, V views, H W image, N points, n trajectory length. References: PRoPE (Li et al. 2025,
-"Cameras as Relative Positional Encoding"); Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
+Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y down, z forward.
+Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point ~(0.5, 0.5) at any resolution); pixel
+(u, v) covers [u, u+1) x [v, v+1), centre +0.5. Shape legend: B batch, V views, H W image, N points, n trajectory
+length. References: PRoPE (Li et al. 2025); Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
 """
 import math
 
@@ -127,13 +126,11 @@ def prope_matrices(c2w, K, official=False):
     return lift(Kc) @ rigid_inverse(c2w), c2w @ lift(Kc if official else torch.linalg.inv(Kc))
 
 
-def prope_K(K):
-    """K' of PRoPE: the normalised principal point shifted by -0.5 (image centre at 0)."""
+def prope_K(K):  # K' of PRoPE: the normalised principal point shifted by -0.5 (image centre at 0)
     return K - K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
 
 
-def lift(K):
-    """PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity."""
+def lift(K):  # PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity
     L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
     L[..., :3, :3] = K
     return L
@@ -153,8 +150,7 @@ def rotmat_to_quat(m):
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
 
 
-def quat_to_rotmat(q):
-    """Quaternions (...,4) (w, x, y, z), any norm -> rotation matrices (...,3,3)."""
+def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
     return torch.stack([
         1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
@@ -162,8 +158,7 @@ def quat_to_rotmat(q):
         2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
 
 
-def slerp(q0, q1, t):
-    """Spherical interpolation along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)."""
+def slerp(q0, q1, t):  # along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)
     dot = (q0 * q1).sum()
     q1, dot = (-q1, -dot) if dot < 0 else (q1, dot)
     theta = torch.arccos(dot.clamp(max=1.0))
@@ -186,19 +181,14 @@ def path_through(c2w, K, s):
     return torch.stack(poses), torch.stack(Ks)
 
 
-def axis_angle(axis, angle):
-    """Rotation matrices (n,3,3) by angle (n,) radians about the unit axis (3,) (Rodrigues)."""
-    k = F.normalize(axis, dim=0)
-    cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
-    cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
-    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    return c * torch.eye(3, dtype=k.dtype) + s * cross + (1 - c) * torch.outer(k, k)
-
-
 def arc(c2w_ref, centre, up, degrees, n):
     """n cameras: c2w_ref (4,4) turned about the axis (centre, up) by 0..degrees (a full turn excludes its end)."""
     angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
-    R = axis_angle(up.to(c2w_ref.dtype), angle)  # (n,3,3)
+    k = F.normalize(up.to(c2w_ref.dtype), dim=0)  # the unit axis
+    cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
+    cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
+    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
+    R = c * torch.eye(3, dtype=k.dtype) + s * cross + (1 - c) * torch.outer(k, k)  # (n,3,3) Rodrigues
     eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
     return make_pose(R @ c2w_ref[:3, :3], eye)
 
@@ -238,9 +228,8 @@ def forward_dolly(c2w_ref, n, distance):
 
 
 def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
-    """Targets c2w (n,4,4), K of preset traj ('interp', 'orbit', 'spiral', 'forward') from sources c2w_src (N,4,4),
-    in units of the sources' largest distance from the first. orbit: about where the optical axes meet (else one
-    unit ahead), by `degrees` (default: to the last source, else 30)."""
+    """Targets c2w (n,4,4), K of preset traj from sources c2w_src (N,4,4), in units of their largest distance from the
+    first; orbit: about where the optical axes meet (else a unit ahead) by `degrees` (default: to the last source)."""
     a, N = c2w_src[0], len(c2w_src)
     dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
     dist = dist if dist > 1e-6 else 1.0
@@ -281,8 +270,7 @@ def umeyama(src, dst, with_scale=True):
     return s, R, mu_d - s * R @ mu_s
 
 
-def rotation_angle(R):
-    """Rotation angle in radians of (...,3,3) rotations, via atan2 (accurate near 0 and pi)."""
+def rotation_angle(R):  # radians, of (...,3,3) rotations, via atan2 (accurate near 0 and pi)
     skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0],
                         R[..., 1, 0] - R[..., 0, 1]], -1)  # (...,3) = 2 sin(angle) axis
     cos = (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2

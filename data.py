@@ -1,11 +1,9 @@
 """Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, the synthetic set.
 
-- Re10K in the pixelSplat chunk layout: {split}/*.torch + index.json, scenes with 'cameras' (V,18) = fx fy cx cy
-  (normalised) 0 0 + 3x4 OpenCV w2c, JPEG 'images', our optional 'depths' (V,H,W); memory-mapped, decoded lazily.
-- DL3DV / nerfstudio transforms.json (OpenGL c2w, pixel intrinsics; applied_transform ignored: a rigid motion).
-- Metrics: PSNR, SSIM (as skimage), LPIPS, depth. `python data.py synth`: synth.py's scenes in the chunk layout.
-Shape legend: B batch, V views, H W image, N rays/points, F frames. References: pixelSplat, real_estate_10k_tools
-(chunk layout); DepthSplat (DL3DV); Wang et al. 2004 (SSIM); GLD (arXiv 2603.22275).
+Re10K in the pixelSplat chunk layout ('cameras' (V,18) = fx fy cx cy (normalised) 0 0 + 3x4 OpenCV w2c, JPEG
+'images', our optional 'depths'), memory-mapped and decoded lazily; DL3DV / nerfstudio transforms.json (its
+applied_transform, a rigid motion, ignored). Shape legend: B batch, V views, H W image, N rays/points, F frames.
+References: pixelSplat, real_estate_10k_tools (chunk layout); DepthSplat (DL3DV); Wang et al. 2004 (SSIM); GLD.
 """
 import argparse
 import functools
@@ -263,8 +261,7 @@ def sample_frames(n, num_views, gap, generator):
 
 
 class SceneDataset(torch.utils.data.Dataset):
-    """V views of one scene per item, deterministic per seed/epoch/index; size: None (native), (H, W) or 'buckets'.
-    eval=True: frames from split/eval_index.json when present, else a fixed draw per (seed, index)."""
+    """V views of a scene per item, drawn per seed/epoch/index (eval: split/eval_index.json's, or fixed per seed)."""
 
     def __init__(self, spec, split='train', num_views=8, size=None, gap=(1, 5), seed=0, eval=False, images='images_4'):
         self.num_views, self.size, self.gap, self.seed, self.eval, self.epoch = num_views, size, gap, seed, eval, 0
@@ -424,8 +421,7 @@ def collate_one(item):
 
 
 def split_views(batch, n_src, generator=None, mode='random'):
-    """Move n_src source views (random, or 'ends': evenly spaced) of (B,V,...) tensors to the front, each group in
-    temporal order; adds 'src_mask' (B,V), True for views 0..n_src-1."""
+    """Move n_src source views (random or 'ends') of (B,V,...) tensors to the front, in order; adds 'src_mask' (B,V)."""
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V or mode not in ('random', 'ends'):
         raise ValueError(f"n_src={n_src} must be in 1..{V - 1} for {V} views, mode 'random' or 'ends' (got {mode!r})")
@@ -448,20 +444,16 @@ def psnr(pred, gt):
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
-def _gaussian_blur_valid(x, size=11, sigma=1.5):
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - size // 2
-    g = torch.exp(-r ** 2 / (2 * sigma ** 2))
-    g /= g.sum()
-    return F.conv2d(F.conv2d(x, g.view(1, 1, 1, size)), g.view(1, 1, size, 1))
-
-
 def ssim(pred, gt, sample_covariance=False):
     """(...,3,H,W) in [0,1] -> (...,) SSIM as skimage's (gaussian sigma 1.5, data_range 1); pixelSplat: sample cov."""
     H, W = pred.shape[-2:]
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
-    mx, my = _gaussian_blur_valid(x), _gaussian_blur_valid(y)
+    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = g / g.sum()
+    blur = lambda a: F.conv2d(F.conv2d(a, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))  # 11x11 gaussian, 'valid'
+    mx, my = blur(x), blur(y)
     norm = 121 / 120 if sample_covariance else 1.0
-    cov = lambda a, b, ma, mb: norm * (_gaussian_blur_valid(a * b) - ma * mb)
+    cov = lambda a, b, ma, mb: norm * (blur(a * b) - ma * mb)
     vx, vy, vxy = cov(x, x, mx, mx), cov(y, y, my, my), cov(x, y, mx, my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))

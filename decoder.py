@@ -1,17 +1,9 @@
 """Stage 1 of GLD: the RGB decoder D_rgb, a ViT that turns DA3's four frozen feature levels back into images.
 
-The levels as DA3's heads read them ((B,V,T,2C) each, encoder.normalize_levels) are concatenated per token and
-projected; a CLS token and a fixed 2-D sin-cos position table (square base grid, bicubically resized to the token
-grid) are added; pre-LN ViT blocks run per view; LayerNorm + Linear give 14x14x3 patches. Features: PRESETS 'tiny'
-and 'xl' (as released); [0,1] or ImageNet-normalised output (the release); level-wise dropout (Sec. 4.2; released but
-never applied) with a learned mask token per dropped level, also for single-level evaluation (Tab. 6); RAE noise
-augmentation (tau = 0 as released); L1 + LPIPS and an optional GAN (hinge D, non-saturating G x 0.75 x the adaptive
-weight) with a spectral-norm PatchGAN from scratch (the release's frozen-DINO discriminator cannot be fetched here);
-convert_official for the released mae_decoder.pt (GeneralDecoder_Variable).
-
-References: GLD, arXiv 2603.22275 (Sec. 4.2, App. A.1-A.2, Tab. 6) and its code (src/stage1/decoders/decoder.py);
-RAE, arXiv 2510.11690; MAE, arXiv 2111.06377 (sin-cos table); pix2pix, arXiv 1611.07004 (PatchGAN); VQGAN, arXiv
-2012.09841 (adaptive weight). Shape legend: B batch, V views, H W image, h w token grid, T tokens, p patch.
+Levels concatenated per token, CLS + resized sin-cos table, pre-LN ViT per view, 14x14x3 patches out; level-wise
+dropout with mask tokens (Sec. 4.2, Tab. 6), RAE noise, L1 + LPIPS + optional GAN (a spectral-norm PatchGAN: the
+release's frozen-DINO D cannot be fetched). References: GLD (arXiv 2603.22275, A.1-A.2) and its decoder.py; RAE;
+MAE (sin-cos); pix2pix (PatchGAN); VQGAN (adaptive weight). Shapes: B batch, V views, H W image, h w token grid, T tokens.
 """
 import math
 from dataclasses import dataclass, replace
@@ -48,8 +40,7 @@ PRESETS = {
 
 
 def sincos_pos_embed(dim, grid):
-    """MAE 2-D sin-cos table (1 + grid*grid, dim): row 0 (CLS) zeros, then tokens row-major. Channels [0,dim/2)
-    encode the column x, the rest the row y, each as [sin, cos] of pos / 10000^(i / (dim/4)), i < dim/4."""
+    """MAE 2-D sin-cos table (1 + grid*grid, dim): row 0 (CLS) zeros; channels [0,dim/2) encode x, the rest y."""
     assert dim % 4 == 0, 'width must be divisible by 4'
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     y, x = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing='ij')
@@ -58,9 +49,7 @@ def sincos_pos_embed(dim, grid):
     return torch.cat([table.new_zeros(1, dim), table]).float()
 
 
-class Block(nn.Module):
-    """Pre-LN ViT block: x + attn(LN(x)), then x + MLP(LN(x)) with exact GELU."""
-
+class Block(nn.Module):  # pre-LN ViT block, exact GELU
     def __init__(self, cfg):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(cfg.width, eps=cfg.ln_eps), Attention(cfg.width, cfg.heads)
@@ -99,16 +88,14 @@ class RGBDecoder(nn.Module):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02), nn.init.zeros_(self.mask_tokens)
 
-    def pos_embed_at(self, h, w):
-        """The base table bicubically resized (align_corners=False) to an h x w token grid: (1,1+h*w,D)."""
+    def pos_embed_at(self, h, w):  # the base table bicubically resized to an h x w token grid: (1,1+h*w,D)
         g, D = self.cfg.base_grid, self.cfg.width
         grid = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)              # (1,D,g,g)
         grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)      # (1,D,h,w)
         return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
 
     def fuse(self, levels, keep=None):
-        """Concatenate the levels per token, noise them (training, tau > 0), put mask tokens at dropped levels.
-        levels: 4 x (B,V,T,F); keep: (B,4) or (B,V,4) bool or None (all kept) -> (B,V,T,4F)."""
+        """4 x (B,V,T,F) -> (B,V,T,4F), noised (training), mask tokens where keep (B,4) or (B,V,4) is False."""
         x = torch.cat(levels, -1)                                                         # (B,V,T,4F)
         B, V = x.shape[:2]
         if self.training and self.cfg.noise_tau > 0:
@@ -140,8 +127,7 @@ class RGBDecoder(nn.Module):
 
 
 def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
-    """Level-wise dropout: (B,levels) bool, each level dropped independently with probability p, rows with all
-    dropped redrawn (rejection), so each of 4 levels is dropped with probability (p - p^4) / (1 - p^4). CPU tensor."""
+    """Level-wise dropout keep mask (B,levels), each dropped with probability p, all-dropped rows redrawn (CPU)."""
     assert 0 <= p < 1, 'p must be in [0, 1)'
     keep = torch.rand(B, levels, generator=generator) >= p
     while (empty := ~keep.any(1)).any():
@@ -185,15 +171,8 @@ class PatchDiscriminator(nn.Module):
         return self.net(images.flatten(0, -4) * 2 - 1)
 
 
-def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight=1e4):
-    """Esser et al.: ||d rec / d W_last|| / ||d gan / d W_last||, clamped to [0, max_weight], no gradient."""
-    g_rec, g_gan = (torch.autograd.grad(loss, last_layer, retain_graph=True)[0] for loss in (rec_loss, gan_loss))
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, max_weight).detach()
-
-
 def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.75, max_weight=1e4):
-    """One discriminator update (hinge loss, on detached predictions), then the generator's non-saturating loss
-    through a frozen D, x disc_weight x the adaptive weight at the output Linear -> (loss to add to rec_loss, parts)."""
+    """A hinge-loss D update, then G's non-saturating loss x disc_weight x adaptive weight -> (loss to add, parts)."""
     d_loss = F.relu(1 - disc(gt)).mean() + F.relu(1 + disc(pred.detach())).mean()
     disc_opt.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -201,7 +180,9 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
     disc.requires_grad_(False)
     g_loss = F.softplus(-disc(pred)).mean()
     disc.requires_grad_(True)
-    weight = adaptive_weight(rec_loss, g_loss, getattr(decoder, 'module', decoder).head.weight, max_weight)  # DDP
+    last = getattr(decoder, 'module', decoder).head.weight  # DDP-wrapped or not
+    g_rec, g_gan = (torch.autograd.grad(loss, last, retain_graph=True)[0] for loss in (rec_loss, g_loss))
+    weight = (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, max_weight).detach()  # VQGAN's adaptive weight
     parts = {'gan_d': d_loss.detach(), 'gan_g': g_loss.detach(), 'gan_weight': weight}
     return disc_weight * weight * g_loss, parts
 
@@ -226,9 +207,7 @@ def official_names(key):
 
 
 def convert_official(state_dict, heads=16):
-    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict: every official key used and
-    present, every shape matching; heads is not in the shapes (16 as released). The mask tokens (absent there) start
-    at zero: dropped levels are fed as zeros until fine-tuned with level dropout."""
+    """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict; absent mask tokens start at 0."""
     for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
               'decoder_pos_embed'):
         if k not in state_dict:

@@ -1,15 +1,11 @@
 """diffusion.py: rectified flow for GLD: time shift, training loss, Euler sampler with CFG, EMA.
 
-Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts the velocity
-v = eps - x = dx_t/dt; t = 1 is pure noise, t = 0 data; sampling integrates from t = 1 down to t = 0.
-Tensors are (B,V,T,C) (B batch, V views, T tokens, C channels); one t per sample, shared by all its views.
-Time shift (RAE): t' = a t / (1 + (a - 1) t), a = sqrt(m / 4096), m = V*h*w*C the dimension generated jointly
-(more dimensions -> more signal survives a noise level -> spend more time at high t). The release derives a for
-training from a default latent size (a = 19.6) and for sampling from the real one (a = 31.2); we use one a from the
-modelled latents for both, so training concentrates on the noise levels the sampler visits. The training t is
-uniform (GLD) or logit-normal (RAE), then shifted.
-References: rectified flow (Liu et al.; Lipman et al., Flow Matching); Esser et al., "Scaling Rectified Flow
-Transformers" (logit-normal t, shift); RAE (Zheng et al.); Ho & Salimans (CFG); GLD (arXiv 2603.22275) A.1.
+Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts v = eps - x =
+dx_t/dt; t = 1 is noise, t = 0 data. Tensors (B,V,T,C) (B batch, V views, T tokens, C channels), one t per sample.
+Time shift (RAE): t' = a t / (1 + (a - 1) t), a = sqrt(m / 4096), m = V*h*w*C generated jointly; one a from the
+modelled latents for training and sampling (the release: 19.6 and 31.2). Training t: uniform (GLD) or logit-normal.
+References: rectified flow (Liu et al.; Lipman et al.); Esser et al. (logit-normal t, shift); RAE (Zheng et al.);
+Ho & Salimans (CFG); GLD (arXiv 2603.22275) A.1.
 """
 import contextlib
 import math
@@ -74,9 +70,7 @@ def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=N
 
 class EMA:
     """EMA of a model's floating-point state, shadow <- d shadow + (1-d) weights, with the warm-up d = min(decay,
-    (1 + n) / (10 + n)) after n updates (TensorFlow's rule): without it a short run's average is dominated by the
-    initial weights (29% of them after 2.5k steps at 0.9995). state_dict() is a plain model state dict."""
-
+    (1 + n) / (10 + n)) after n updates (TensorFlow's rule). state_dict() is a plain model state dict."""
 
     def __init__(self, model, decay=0.9995):
         self.decay, self.num_updates = decay, 0

@@ -1,10 +1,8 @@
 """export.py: a generated scene in the formats other tools open (COLMAP, nerfstudio, PLY, MP4), cameras read in.
 
-Files: COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels, centres at +0.5) with the
-fused points; nerfstudio transforms.json (OpenGL c2w; ply_file_path points splatfacto at points.ply); points.ply;
-video.mp4. Units: those of the cameras sampling used (depth_scale rescales DA3's relative depth to them).
-References: COLMAP (colmap.github.io/format.html); nerfstudio (docs.nerf.studio/quickstart/data_conventions.html);
-PLY (paulbourke.net/dataformats/ply). Shape legend: V views, H W image, N points.
+COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels) with the fused points, nerfstudio
+transforms.json (OpenGL c2w, ply_file_path for splatfacto), points.ply, video.mp4; units: those of the cameras sampling
+used. References: COLMAP, nerfstudio and PLY format docs. Shape legend: V views, H W image, N points.
 """
 
 import argparse
@@ -41,8 +39,7 @@ def view_names(V, n_src):
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """(scale from DA3's depth (V,H,W) to the units of c2w (V,4,4), how): 'da3 cameras' (Umeyama of c2w_da3 centres
-    spread >= 1% of the median depth), else 'source photo-consistency' (grid search), else 'none' (1.0)."""
+    """(scale of DA3's depth to c2w's units, how): Umeyama of c2w_da3, else source photo-consistency, else none (1)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
         return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
@@ -220,8 +217,7 @@ CAMERA_FORMATS = ('a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio 
 
 
 def read_cameras(path, image_size=None):
-    """Cameras in any of CAMERA_FORMATS (image_size (H, W): for npz without H, W) -> {'c2w', 'K', 'names', 'files'
-    (image paths or None), 'size' (H, W) or None, 'format'}."""
+    """Cameras in any of CAMERA_FORMATS -> {'c2w', 'K', 'names', 'files' (or None), 'size' (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
     sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
                    if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
@@ -303,8 +299,7 @@ def make_grid(src, pred, gt=None):
 
 def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
                 keep=0.7, frame='the cameras sampling used'):
-    """Images (V,3,H,W) (sources first) to out_dir/images/, the scene from DA3's depth, conf (V,H,W) in `formats`.
-    units: a key of UNITS ('poses': depth rescaled by depth_scale) -> a summary for metrics.json."""
+    """Images (V,3,H,W) (sources first) and the scene from DA3's depth, conf in `formats` -> a metrics.json summary."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
     V, _, H, W = images.shape

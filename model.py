@@ -1,20 +1,9 @@
 """model.py: the GLD multi-view diffusion transformer, a DiT with a wide DDT head (DiT^DH).
 
-One network M_l predicts the flow velocity v (B,V,T,C) of the level-l DA3 features of all V views at once, from the
-noisy features x_t, the time t, the source-only condition (clean features at the sources, zeros at the targets),
-the cameras and, for the cascade M1->0, the level-1 features. Dataflow (paper A.2; the release's DDT.py):
-    te = MLP(Gaussian-Fourier(t))                                  time embedding (B,C1)
-    s  = embed_src/tgt([cond | x_t]) + PatchEmbed14(Plücker+mask)   encoder tokens (B,V*T,C1) (cascade: [cond | F1])
-    s  = encoder blocks (adaLN from silu(te), 3D attention)         width C1, depth d1
-    s  = Linear(silu(te + s))                                       per-token condition (B,V*T,C2)
-    x  = head blocks on embed_src/tgt([cond | x_t]), adaLN from s   width C2, depth d2
-    v  = Linear(adaLN_s(RMSNorm(x)))                                zero-initialised: a fresh model outputs 0
-Attention is 3D over all V*h*w tokens with PRoPE (cameras as relative positional encoding + 2-D RoPE) or 3-D / 2-D
-RoPE (cfg.pos), beside a textbook reference_attention. Key names mirror the release (convert_official); its quirks
-(official.OfficialConventions): silu(silu(te)) in the encoder (cfg.double_silu), camera_inputs(official=True).
-References: GLD (arXiv 2603.22275); DiT (Peebles & Xie); DDT (Wang et al.) and RAE (Zheng et al., DiT^DH); PRoPE
-(Li et al., "Cameras as Relative Positional Encoding"); RoFormer; SwiGLU (Shazeer); RMSNorm; Plücker rays.
-Shape legend: B batch, V views, H W image, h w token grid, C channels, T tokens (T = h*w, row-major), N = V*T.
+M_l predicts the flow velocity of the level-l DA3 features of all views from x_t, t, the source-only condition, the
+cameras and (cascade M1->0) the level-1 features, GLD A.2; 3D attention with PRoPE or 3-D / 2-D RoPE. Key names and
+quirks follow the release's DDT.py. References: GLD (arXiv 2603.22275); DiT; DDT and RAE (DiT^DH); PRoPE (Li et
+al.); RoFormer. Shape legend: B batch, V views, H W image, h w token grid, C channels, T = h*w tokens, N = V*T.
 """
 import math
 from collections import OrderedDict
@@ -59,8 +48,7 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- cameras -> model inputs
 def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
-    """The model's camera inputs, once per batch: c2w (B,V,4,4) (cameras.normalize_poses), K (B,V,3,3), src_mask (B,V),
-    hw = (h, w) -> {'plucker' (B,V,7,patch*h,patch*w): [mask (0 source, 1 target), d, o x d], 'P', 'P_inv', ...}"""
+    """Camera inputs of a batch -> {'plucker' (B,V,7,ph,pw): [mask (1 target), d, o x d], 'P', 'P_inv', ...}."""
     h, w = hw
     rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
     mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
@@ -69,8 +57,7 @@ def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
 
 
 def drop_cameras(cams, drop):
-    """Camera dropout / CFG's unconditional branch where drop (B,) is True: Plücker channels 1: zeroed (the mask is
-    kept), P and P_inv identity (the release sets K to identity, which after its K normalisation is not P = I)."""
+    """Camera dropout / CFG's unconditional branch where drop (B,): Plücker rays zeroed (mask kept), P = P_inv = I."""
     plucker = cams['plucker'].clone()
     plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
     eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
@@ -86,10 +73,9 @@ def rope_rotate(u, cos, sin, inverse=False):
 
 
 class PositionEncoding:
-    """Relative positions of the V*h*w tokens of a sample for head dim d. 'prope': dims [0,d/2) are d/8 four-vectors
-    mapped by the token's camera (q <- P^T q, k, v <- P_inv k, v, output <- P out), [d/2,3d/4) carry RoPE on the
-    column x, [3d/4,d) on the row y (inverse on the output): logit_ij = q_i^T (P_a P_inv_b, R(theta_i - theta_j)) k_j
-    for views a, b. 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
+    """Positions of the V*h*w tokens for head dim d. 'prope': dims [0,d/2) are four-vectors mapped by the token's camera
+    (q <- P^T q, k, v <- P_inv k, v, out <- P out), [d/2,3d/4) RoPE on x, [3d/4,d) on y (inverse on the output).
+    'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
 
     def __init__(self, kind, d, cams, V, base=100.0):
         h, w = cams['hw']
@@ -111,8 +97,7 @@ class PositionEncoding:
             angle = p[:, None].float() * freqs  # (N, size/2)
             self.axes.append((size, p, freqs, angle.cos(), angle.sin()))
 
-    def apply(self, u, role):
-        """u (B,nh,N,d); role 'q' | 'kv' | 'out' -> transformed u."""
+    def apply(self, u, role):  # u (B,nh,N,d); role 'q' | 'kv' | 'out'
         B, nh, N, d = u.shape
         parts = []
         if self.mats is not None:  # projective block: the 4-vectors of a token in view v are mapped by M_v
@@ -134,8 +119,7 @@ class PositionEncoding:
         return self.apply(F.scaled_dot_product_attention(q, k, self.apply(v, 'kv')), 'out')
 
     def relative(self):
-        """Textbook per-pair transform M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b per four-vector (PRoPE only),
-        explicit 2x2 rotations by theta_i - theta_j in the split-half layout, identity for leftover dims)."""
+        """Per-pair M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b (PRoPE), 2x2 rotations by theta_i - theta_j, identity)."""
         N = self.axes[0][1].shape[0]
         B = self.mats['q'].shape[0] if self.mats is not None else 1
         M = torch.eye(self.d, dtype=torch.float32, device=self.axes[0][1].device).repeat(B, N, N, 1, 1)
@@ -156,8 +140,7 @@ class PositionEncoding:
 
 
 def reference_attention(q, k, v, pe):
-    """Plain attention with the textbook relative formula: logits_ij = q_i^T M_ij k_j / sqrt(d), explicit softmax,
-    out_i = sum_j p_ij M_ij v_j (PRoPE) or sum_j p_ij v_j (RoPE). q, k, v (B,nh,N,d). For tests (O(N^2 d^2))."""
+    """Textbook attention for tests: logits_ij = q_i^T M_ij k_j / sqrt(d), out_i = sum_j p_ij M_ij v_j (PRoPE)."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
     p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
     return torch.einsum('bhij,bijde,bhje->bhid', p, M, v) if pe.kind == 'prope' else p @ v
@@ -311,7 +294,7 @@ class GLD(nn.Module):
         return x
 
     def forward(self, x_t, t, cond, cams, upper=None):
-        """x_t, cond (B,V,T,C); t (B,); cams from camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
+        """x_t, cond (B,V,T,C); t (B,); cams: camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
         cfg, src = self.cfg, cams['src_mask']  # src (B,V) bool
         B, V, T, C = x_t.shape
         assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
@@ -337,14 +320,8 @@ def count_params(model):
 
 
 def flops_per_token(cfg, N):
-    """Forward FLOPs per token of a sample with N = V*h*w tokens in 3D attention (x3 for a training step).
-    2 FLOPs per multiply-add. Per block of width D, SwiGLU hidden H = int(8D/3):
-        qkv + proj 8 D^2, SwiGLU 6 D H, attention (QK^T and AV over all N tokens) 4 N D,
-        head blocks add their per-token adaLN 12 D^2 (encoder adaLN is per sample: ignored);
-    plus the embedders 2 (2C) (C1 + C2), the Plücker patch embedding 2 (7 14^2) C1, the bridge 2 C1 C2 and the
-    final layer 2 C2 (2 C2 + C). PRoPE/RoPE transforms and norms are O(D) per token and ignored."""
-    def block(D, per_token_adaln):
-        return 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D + (12 * D * D if per_token_adaln else 0)
+    """Forward FLOPs (2 per multiply-add) per token of N = V*h*w tokens (x3 for training); norms, RoPE ignored."""
+    block = lambda D, adaln: 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D + (12 * D * D if adaln else 0)
     C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
     return (cfg.enc_depth * block(C1, False) + cfg.head_depth * block(C2, True) + 2 * 2 * C * (C1 + C2)
             + 2 * 7 * cfg.cam_patch ** 2 * C1 + 2 * C1 * C2 + 2 * C2 * (2 * C2 + C))
@@ -361,8 +338,7 @@ def peak_tflops(device):
 
 # ----------------------------------------------------------------------------- the released checkpoints
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict; 1x1-conv embedders become
-    linears, the cascade's aliased {s,x}_embedder_{ref,tgt} copies are dropped; heads is not in the shapes (16)."""
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict; heads is not in shapes."""
     single = 'x_embedder.proj.weight' in state_dict
     aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
     sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}

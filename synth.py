@@ -23,8 +23,7 @@ def _random_texture(rng, palette):
             'scale': rng.uniform(0.15, 0.6), 'angle': rng.uniform(0, np.pi), 'grid': rng.random((16, 16))}
 
 
-def _value_noise(uv, grid):
-    """Smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]."""
+def _value_noise(uv, grid):  # smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]
     n, i = grid.shape[0], np.floor(uv).astype(int)
     f = uv - i
     f = f * f * (3 - 2 * f)
@@ -38,8 +37,7 @@ def _fbm(uv, grid, octaves=3):
     return sum(0.5 ** k * _value_noise(uv * 2 ** k + 7.3 * k, grid) for k in range(octaves)) / (2 - 0.5 ** (octaves - 1))
 
 
-def _texture(tex, uv):
-    """Albedo (N,3) of surface coordinates uv (N,2) in metres."""
+def _texture(tex, uv):  # albedo (N,3) of surface coordinates uv (N,2) in metres
     s, a = tex['scale'], tex['angle']
     proj = (uv[:, 0] * np.cos(a) + uv[:, 1] * np.sin(a)) / s  # coordinate across stripes
     kind = tex['kind']
@@ -62,8 +60,7 @@ def _texture(tex, uv):
     return tex['c1'] * (1 - w[:, None]) + tex['c2'] * w[:, None]
 
 
-def _hit_room(o, d, size):
-    """Rays inside the box [0, size] -> exit t, inward normal, uv, face (0 floor, 1 ceiling, 2..5 walls -x +x -z +z)."""
+def _hit_room(o, d, size):  # rays in [0, size] -> exit t, inward normal, uv, face (0 floor, 1 ceiling, 2..5 walls)
     with np.errstate(divide='ignore', invalid='ignore'):
         t_axis = np.where(d > 0, (size - o) / d, -o / d)  # (N,3) distance to the wall each axis moves towards
     t_axis = np.where(np.isfinite(t_axis) & (t_axis > 0), t_axis, np.inf)
@@ -78,8 +75,7 @@ def _hit_room(o, d, size):
     return t, normal, uv, face
 
 
-def _hit_object(o, d, ob):
-    """Rays vs a yawed box, sphere or floor-standing cylinder -> t (N,) (inf: miss), normal (N,3), uv (N,2)."""
+def _hit_object(o, d, ob):  # vs a yawed box, sphere or floor-standing cylinder -> t (N,) (inf: miss), normal, uv
     c, N = ob['center'], len(o)
     if ob['kind'] == 'box':
         cy, sy = np.cos(ob['yaw']), np.sin(ob['yaw'])
@@ -155,8 +151,7 @@ def cast_rays(scene, o, d):
     return (albedo * shade[:, None]).clip(0, 1), t
 
 
-def _camera_path(rng, room, frames):
-    """A smooth walkthrough -> c2w (F,4,4) OpenCV in the modelling frame; None if it leaves the room or faces a wall."""
+def _camera_path(rng, room, frames):  # a walkthrough c2w (F,4,4); None if it leaves the room or faces a wall
     s = np.linspace(0, 1, 64)
     start = np.array([rng.uniform(0.6, room[0] - 0.6), rng.uniform(1.1, 1.7), rng.uniform(0.6, room[2] - 0.6)])
     to_centre = room / 2 - start
@@ -182,8 +177,7 @@ def _camera_path(rng, room, frames):
     return c2w if ahead.min() > 1.8 else None
 
 
-def _random_objects(rng, room, path, palette):
-    """5..10 boxes / spheres / cylinders on the floor, clear of the camera path and of each other."""
+def _random_objects(rng, room, path, palette):  # 5..10 objects on the floor, clear of the path and of each other
     objects, placed, n = [], [], rng.integers(5, 11)  # placed: (x, z, footprint radius)
     for _ in range(80):
         if len(objects) >= n:
