@@ -245,10 +245,8 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
                 degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
                 degrees = degrees if abs(degrees) > 1 else 30.0
             c2w = arc(a, centre, up, degrees, n)
-        elif traj == 'spiral':
-            c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
         else:
-            c2w = forward_dolly(a, n, distance=0.5 * dist)
+            c2w = spiral(a, n, radius=0.2 * dist, depth=dist) if traj == 'spiral' else forward_dolly(a, n, 0.5 * dist)
     moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist
     if float(moved + rotation_angle(a[:3, :3].T @ c2w[:, :3, :3]).abs().max()) < 1e-3:
         print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '

@@ -130,10 +130,9 @@ def write_re10k_chunk(path, scenes, quality=90):
         K, w2c = s['K'].double(), cameras.c2w_to_w2c(s['c2w'].double())
         intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
         cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
+        depths = {} if s.get('depths') is None else {'depths': torch.as_tensor(s['depths']).half()}
         out.append({'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
-                    'cameras': cams, 'images': images})
-        if s.get('depths') is not None:
-            out[-1]['depths'] = torch.as_tensor(s['depths']).half()
+                    'cameras': cams, 'images': images, **depths})
     torch.save(out, path)
 
 
@@ -425,10 +424,8 @@ def split_views(batch, n_src, generator=None, mode='random'):
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V or mode not in ('random', 'ends'):
         raise ValueError(f"n_src={n_src} must be in 1..{V - 1} for {V} views, mode 'random' or 'ends' (got {mode!r})")
-    if mode == 'ends':
-        src = torch.linspace(0, V - 1, n_src).round().long().expand(B, n_src)
-    else:
-        src = torch.rand(B, V, generator=generator).argsort(1)[:, :n_src]
+    src = (torch.linspace(0, V - 1, n_src).round().long().expand(B, n_src) if mode == 'ends'
+           else torch.rand(B, V, generator=generator).argsort(1)[:, :n_src])  # (B,n_src)
     is_src = torch.zeros(B, V, dtype=torch.bool).scatter_(1, src, True)
     perm = ((~is_src).long() * V + torch.arange(V)).argsort(1)  # (B,V): sources first, each group in order
     out = {k: v[torch.arange(B, device=v.device)[:, None], perm.to(v.device)]

@@ -3,7 +3,7 @@
 Levels concatenated per token, CLS + resized sin-cos table, pre-LN ViT per view, 14x14x3 patches out; level-wise
 dropout with mask tokens (Sec. 4.2, Tab. 6), RAE noise, L1 + LPIPS + optional GAN (a spectral-norm PatchGAN: the
 release's frozen-DINO D cannot be fetched). References: GLD (arXiv 2603.22275, A.1-A.2) and its decoder.py; RAE;
-MAE (sin-cos); pix2pix (PatchGAN); VQGAN (adaptive weight). Shapes: B batch, V views, H W image, h w token grid, T tokens.
+MAE (sin-cos); pix2pix (PatchGAN); VQGAN (adaptive weight). Shapes: B batch, V views, h w token grid, T tokens.
 """
 import math
 from dataclasses import dataclass, replace

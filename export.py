@@ -277,9 +277,8 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
         d.line([px(c) for c in centres[n:]], fill=(255, 190, 140), width=1)
     for v in range(len(both)):
         x, y = px(centres[v])
-        colour = SOURCE_RGB if v < n else TARGET_RGB
+        colour, r = (SOURCE_RGB, 5) if v < n else (TARGET_RGB, 3)
         d.line([(x, y), px(tips[v])], fill=colour, width=2)
-        r = 5 if v < n else 3
         d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         if v == n:
             d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour)

@@ -179,10 +179,8 @@ class Attention(nn.Module):
     def forward(self, x, pe=None):  # x (B,N,D)
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
-        if pe is None:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            y = reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v)
+        y = (F.scaled_dot_product_attention(q, k, v) if pe is None
+             else reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v))
         return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
 
 
