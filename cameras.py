@@ -77,8 +77,7 @@ def K_to_normalized(Kpix, H, W):
     return Kpix / Kpix.new_tensor([[W], [H], [1.0]])
 
 
-def opengl_to_opencv(c2w):
-    """OpenGL/nerfstudio c2w (y up, z back) <-> OpenCV c2w (y down, z forward): negate camera y, z axes."""
+def opengl_to_opencv(c2w):  # OpenGL/nerfstudio (y up, z back) <-> OpenCV c2w: negate camera y, z
     return c2w * c2w.new_tensor([1.0, -1.0, -1.0, 1.0])  # scales columns 0..3
 
 
@@ -96,8 +95,7 @@ def normalize_poses(c2w, ref=-1, by='norm'):
 
 
 # ----------------------------------------------------------------------------- rays and PRoPE
-def world_rays(c2w, K, xy):
-    """Rays through normalised points xy (...,N,2) of c2w, K -> centres (...,1,3), unit world directions (...,N,3)."""
+def world_rays(c2w, K, xy):  # rays through normalised xy (...,N,2): centres (...,1,3), unit directions (...,N,3)
     pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
     d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
     d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
@@ -193,8 +191,7 @@ def arc(c2w_ref, centre, up, degrees, n):
     return make_pose(R @ c2w_ref[:3, :3], eye)
 
 
-def axes_meeting_point(c2w):
-    """Least-squares closest point to the optical axes of c2w (N,4,4); None if (nearly) parallel or behind one."""
+def axes_meeting_point(c2w):  # least-squares point nearest the optical axes; None if parallel or behind one
     o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
     P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
     A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
@@ -204,8 +201,7 @@ def axes_meeting_point(c2w):
     return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
 
 
-def look_at(eye, target, up):
-    """OpenCV c2w (...,4,4) at eye (...,3) with z towards target (...,3) and y (down) opposite `up`."""
+def look_at(eye, target, up):  # OpenCV c2w (...,4,4) at eye (...,3), z towards target, y (down) opposite up
     z = F.normalize(target - eye, dim=-1)
     x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
     y = torch.linalg.cross(z, x, dim=-1)
@@ -221,8 +217,7 @@ def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
     return look_at(eye, (c + depth * R[:, 2]).expand_as(eye), -R[:, 1])
 
 
-def forward_dolly(c2w_ref, n, distance):
-    """n cameras moving from the reference along its viewing axis by `distance` (both ends included)."""
+def forward_dolly(c2w_ref, n, distance):  # n cameras from c2w_ref along its viewing axis by distance (ends included)
     s = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)[:, None]  # (n,1)
     return make_pose(c2w_ref[:3, :3].expand(n, 3, 3), c2w_ref[:3, 3] + s * c2w_ref[:3, 2])
 

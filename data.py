@@ -38,8 +38,7 @@ class FrameError(UserError):
 
 
 # -------------------------------------------------------------------------------------------------- images and cameras
-def decode_image(data):
-    """JPEG/PNG bytes (uint8 tensor) or a file path -> (3,H,W) float in [0,1]."""
+def decode_image(data):  # JPEG/PNG bytes (uint8 tensor) or a file path -> (3,H,W) float in [0,1]
     try:
         src = io.BytesIO(data.numpy().tobytes()) if torch.is_tensor(data) else data
         with Image.open(src) as im:
@@ -51,8 +50,7 @@ def decode_image(data):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
-def encode_jpeg(image, quality=90):
-    """(3,H,W) float [0,1] or (H,W,3) uint8 array -> JPEG bytes as a 1-D uint8 tensor."""
+def encode_jpeg(image, quality=90):  # (3,H,W) float [0,1] or (H,W,3) uint8 array -> JPEG bytes (1-D uint8)
     if torch.is_tensor(image):
         image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     buf = io.BytesIO()
@@ -315,8 +313,7 @@ class SceneDataset(torch.utils.data.Dataset):
             return next(s for s in read_re10k_chunk(path, decode=False) if s['key'] == self.keys[i])
         return read_dl3dv_scene(path, self.images, decode=False)
 
-    def __getitem__(self, i):
-        """Training skips unreadable scenes with a warning (item['skipped'] counts them); evaluation raises."""
+    def __getitem__(self, i):  # training skips unreadable scenes (item['skipped'] counts them), evaluation raises
         if self.eval:
             return self._item(i)
         for attempt in range(len(self)):
@@ -414,8 +411,7 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
                                        drop_last=drop_last, pin_memory=torch.cuda.is_available())
 
 
-def collate_one(item):
-    """One dataset item -> a batch of one (tensors get a batch axis, other values become 1-lists)."""
+def collate_one(item):  # tensors get a batch axis, other values become 1-lists
     return {k: v[None] if torch.is_tensor(v) else [v] for k, v in item.items()}
 
 
@@ -435,8 +431,7 @@ def split_views(batch, n_src, generator=None, mode='random'):
 
 
 # ------------------------------------------------------------------------------------------------------------- metrics
-def psnr(pred, gt):
-    """(...,3,H,W) in [0,1] -> (...,) PSNR in dB (pred clipped to [0,1], as pixelSplat)."""
+def psnr(pred, gt):  # (...,3,H,W) in [0,1] -> (...,) dB, pred clipped to [0,1] (as pixelSplat)
     mse = (pred.clamp(0, 1) - gt).pow(2).mean((-3, -2, -1))
     return -10 * torch.log10(mse.clamp_min(1e-10))
 

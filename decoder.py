@@ -79,8 +79,7 @@ class RGBDecoder(nn.Module):
             self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
         self.init_weights()
 
-    def init_weights(self):
-        """MAE-style: xavier-uniform Linear weights, zero biases, unit LayerNorms, CLS ~ N(0, 0.02), zero masks."""
+    def init_weights(self):  # MAE-style: xavier Linears, zero biases, unit LayerNorms, CLS ~ N(0, 0.02), zero masks
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
@@ -144,8 +143,7 @@ def reconstruct_per_level(decoder, levels, hw):
 
 
 # ----------------------------------------------------------------------------- losses
-def decoder_loss(pred, gt, lpips=None):
-    """L1 (+ LPIPS when `lpips`, a callable on [0,1] image pairs, is given) of (B,V,3,H,W) -> (loss, parts)."""
+def decoder_loss(pred, gt, lpips=None):  # L1 (+ LPIPS, a callable on [0,1] pairs) of (B,V,3,H,W) -> (loss, parts)
     l1 = (pred - gt).abs().mean()
     loss, parts = l1, {'l1': l1.detach()}
     if lpips is not None:
@@ -189,21 +187,19 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
 
 # ----------------------------------------------------------------------------- the official checkpoint (mae_decoder.pt)
 _OFFICIAL_TOP = {'embed': 'decoder_embed', 'norm': 'decoder_norm', 'head': 'decoder_pred'}
-_OFFICIAL_BLOCK = {'norm1': 'layernorm_before', 'attn.proj': 'attention.output.dense', 'norm2': 'layernorm_after',
-                   'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
+_OFFICIAL_BLOCK = {'norm1': ['layernorm_before'], 'norm2': ['layernorm_after'], 'fc1': ['intermediate.dense'],
+                   'fc2': ['output.dense'], 'attn.proj': ['attention.output.dense'],
+                   'attn.qkv': [f'attention.attention.{n}' for n in ('query', 'key', 'value')]}  # fused: 3 keys
 
 
-def official_names(key):
-    """Official key(s) of our state-dict entry: query, key, value for the fused qkv; none for the mask tokens."""
+def official_names(key):  # official key(s) of ours: query, key, value for the fused qkv; none for mask tokens
     if key in ('cls_token', 'pos_embed', 'mask_tokens'):
         return {'cls_token': ['trainable_cls_token'], 'pos_embed': ['decoder_pos_embed'], 'mask_tokens': []}[key]
     module, param = key.rsplit('.', 1)
     if module in _OFFICIAL_TOP:
         return [f'{_OFFICIAL_TOP[module]}.{param}']
     _, i, sub = module.split('.', 2)  # blocks.{i}.{sub}
-    qkv = [f'attention.attention.{n}' for n in ('query', 'key', 'value')]
-    subs = qkv if sub == 'attn.qkv' else [_OFFICIAL_BLOCK[sub]]
-    return [f'decoder_layers.{i}.{n}.{param}' for n in subs]
+    return [f'decoder_layers.{i}.{n}.{param}' for n in _OFFICIAL_BLOCK[sub]]
 
 
 def convert_official(state_dict, heads=16):

@@ -24,16 +24,14 @@ UNITS = {'poses': "the source cameras' units (dataset poses or --cameras); DA3 d
 SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
 
 
-def parse_formats(text):
-    """'ply,colmap' -> ['ply', 'colmap'] ('' -> []): the type of sample.py's --export."""
+def parse_formats(text):  # 'ply,colmap' -> ['ply', 'colmap'] ('' -> []): sample.py's --export type
     formats = [f.strip() for f in text.split(',') if f.strip()]
     if unknown := sorted(set(formats) - set(FORMATS)):
         raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {",".join(FORMATS)}')
     return formats
 
 
-def view_names(V, n_src):
-    """File names of the V views, sources first, zero-padded: sorting by name keeps the view order."""
+def view_names(V, n_src):  # sources first, zero-padded: sorting by name keeps the view order
     d = max(3, len(str(V)))
     return [f'source_{v:0{d}d}.png' if v < n_src else f'target_{v - n_src:0{d}d}.png' for v in range(V)]
 
@@ -86,8 +84,7 @@ def save_image(img, path):  # (3,H,W) in [0,1] -> PNG (or the format Pillow infe
     Image.fromarray(to_uint8(img)).save(path)
 
 
-def write_video(frames, stem, fps=8):
-    """frames: list of (3,H,W) in [0,1] -> stem.mp4 (H.264, imageio-ffmpeg), or stem.gif (Pillow) with a notice."""
+def write_video(frames, stem, fps=8):  # (3,H,W) frames in [0,1] -> stem.mp4 (H.264), or stem.gif without imageio-ffmpeg
     arr = [to_uint8(f) for f in frames]
     try:
         import imageio.v2 as imageio
@@ -286,8 +283,7 @@ def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     im.save(path)
 
 
-def make_grid(src, pred, gt=None):
-    """Rows sources | sources + pred[N:] | sources + gt (if given), white where none: (3,rows*H,V*W)."""
+def make_grid(src, pred, gt=None):  # rows sources | + pred[N:] | + gt (if given), white where none -> (3,rows*H,V*W)
     N = src.shape[0]
     blank = torch.ones_like(pred[N:])  # white where there is no image
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]

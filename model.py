@@ -111,8 +111,7 @@ class PositionEncoding:
         parts.append(u[..., i:])
         return torch.cat(parts, -1)
 
-    def attend(self, q, k, v):
-        """Fast path: transform q, k (and v, output for PRoPE) and let SDPA do softmax(q k^T / sqrt(d)) v."""
+    def attend(self, q, k, v):  # fast path: q, k (v, output for PRoPE) transformed around SDPA
         q, k = self.apply(q, 'q'), self.apply(k, 'kv')
         if self.kind != 'prope':
             return F.scaled_dot_product_attention(q, k, v)
@@ -216,8 +215,7 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([f.sin(), f.cos()], -1).to(self.mlp[0].weight.dtype))  # (B,D)
 
 
-def token_embedder(cin, dim):
-    """Patch size 1 on the token grid: a linear map of the concatenated inputs (a 1x1 conv 'proj' in the release)."""
+def token_embedder(cin, dim):  # patch size 1: a linear map (a 1x1 conv 'proj' in the release)
     return nn.Sequential(OrderedDict(proj=nn.Linear(cin, dim)))
 
 
@@ -267,8 +265,7 @@ class GLD(nn.Module):
         self.final_layer = FinalLayer(C2, C)
         self.init_weights()
 
-    def init_weights(self):
-        """As released: adaLN and final linear zero (output 0), embedders xavier, time MLP N(0, 0.02), rest default."""
+    def init_weights(self):  # as released: adaLN, final linear zero; embedders xavier; time MLP N(0, 0.02)
         for blk in [*self.blocks, self.final_layer]:
             nn.init.zeros_(blk.adaLN_modulation[1].weight), nn.init.zeros_(blk.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
@@ -278,8 +275,7 @@ class GLD(nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
 
-    def embed(self, kind, x, src_mask):
-        """x (B,V,T,Cin) -> (B,V*T,D) with the source or target embedder of each view (or the single one)."""
+    def embed(self, kind, x, src_mask):  # (B,V,T,Cin) -> (B,V*T,D), each view by its source or target embedder
         if not self.cfg.separate_embedders:
             return getattr(self, f'{kind}_embedder')(x).flatten(1, 2)
         src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
@@ -328,8 +324,7 @@ def flops_per_token(cfg, N):
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16, per GPU
 
 
-def peak_tflops(device):
-    """Dense bf16 peak of the GPU behind device (the MFU denominator); None on CPU or an unlisted GPU."""
+def peak_tflops(device):  # dense bf16 peak (the MFU denominator); None on CPU or an unlisted GPU
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
