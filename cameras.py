@@ -181,7 +181,7 @@ def path_through(c2w, K, s):
 
 def arc(c2w_ref, centre, up, degrees, n):
     """n cameras: c2w_ref (4,4) turned about the axis (centre, up) by 0..degrees (a full turn excludes its end)."""
-    angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]  # (n,)
+    angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]
     k = F.normalize(up.to(c2w_ref.dtype), dim=0)  # the unit axis
     cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
     cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
