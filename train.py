@@ -1,14 +1,11 @@
-"""train.py: one entry point for every stage of GLD.
+"""train.py: one entry point for every stage of GLD (paper Sec. 4): encoder, Stage 1 decoder, Stage 3 DiTs.
 
-    python train.py --stage encoder            # da3-tiny on synthetic scenes (depth + ray maps); --encoder vae-tiny
-    python train.py --stage decoder            # Stage 1: RGB decoder on frozen DA3 features, level-wise dropout
-    python train.py --level 1                  # Stage 3: M1; --level 0: M1->0 on ground-truth level 1
-    python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
+    python train.py --stage encoder|decoder    # da3-tiny (depth + ray maps) / RGB decoder with level-wise dropout
+    python train.py --level 1                  # M1; --level 0: M1->0 (add --independent: the ablation's M0)
     torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
 
-DDP, bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with exact --resume, Ctrl-C
-checkpoints, NaN/inf skipping, log line + CSV + curves.png, periodic evaluation. Latents come from the frozen encoder
-(latents.py: da3-*, vggt-*, dinov2-*, vae*) on the fly or from --cache; their statistics go into every checkpoint.
+DDP, bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints with exact --resume, Ctrl-C checkpoints,
+NaN/inf skipping, log line + CSV + curves.png, periodic evaluation; latents on the fly or from --cache.
 """
 import argparse
 import contextlib
@@ -390,8 +387,7 @@ class DiffusionStage:
         return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
 
-def unwrap(net):
-    """The plain module inside DDP and torch.compile wrappers."""
+def unwrap(net):  # the plain module inside DDP and torch.compile wrappers
     net = getattr(net, '_orig_mod', net)
     return getattr(net, 'module', net)
 
