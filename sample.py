@@ -118,8 +118,7 @@ def ensure_data(spec):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
         data.write_synth(spec, 0, 16)
     elif not os.path.isdir(spec.split(':')[-1]):
-        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER, or create the synthetic set with: '
-                        f'{pipeline.COMMANDS["data"]}')
+        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER or make one: {pipeline.COMMANDS["data"]}')
 
 
 # ----------------------------------------------------------------------------- writing outputs
@@ -194,8 +193,7 @@ def match_cameras(paths, cams, where):
             raise UserError(f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
                             'give one frame per image, named like the image file')
         if len(hits) > 1:
-            raise UserError(f'{where}: several frames are named like {p} ({[names[i] for i in hits]}); '
-                            'keep one frame per image')
+            raise UserError(f'{where}: several frames match {p} ({[names[i] for i in hits]}); keep one frame per image')
         f = cams['files'][hits[0]]
         if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
             raise UserError(f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
@@ -226,8 +224,7 @@ def user_scene(paths, cams_path, size, enc, check=True):
         images, K = images[None], None if K is None else Kin[None]
     if c2w is None:
         if not enc.has_geometry:
-            raise UserError(f'--images without --cameras: {enc.cfg.name} has no geometry head to estimate cameras; '
-                            'pass --cameras')
+            raise UserError(f'no --cameras: {enc.cfg.name} has no geometry head to estimate cameras; pass --cameras')
         print(f'no --cameras: estimating the cameras of the photos with the frozen {enc.cfg.name} geometry head')
         levels, cls = enc.encode(images, return_cls=True)
         g = enc.geometry(enc.normalize_levels(levels), tH, tW, cls_last=cls[-1])

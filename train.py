@@ -259,8 +259,7 @@ class EncoderStage:
     def __init__(self, args, device, loader):
         self.net = latents.build_encoder(args.encoder).to(device)
         if not hasattr(self.net, 'training_loss'):
-            raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective here; '
-                                'use its official weights (--encoder-weights FILE)')
+            raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective; use --encoder-weights')
         self.config = asdict(self.net.cfg)
 
     def loss(self, batch, step, gen):
