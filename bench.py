@@ -1,10 +1,7 @@
-"""bench.py: throughput, MFU, memory and latency of GLD's hot paths, on CPU or GPU.
-
-    python bench.py                                   # gld-tiny on CPU: train step, Euler step, eager vs compile
-    python bench.py --preset gld-paper --views 8 --size 504 --dtype bf16 --compile --device cuda   # the paper's M1
+"""bench.py: throughput, MFU, memory and latency of GLD's hot paths, on CPU or GPU (README "Performance").
 
 A DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler step with CFG, the
-frozen encoder/decoder parts, peak memory, and on GPU in bf16 the SDPA backend.
+frozen encoder/decoder parts, peak memory, and on GPU in bf16 the SDPA backend; `--compile` compares with eager.
 """
 import argparse
 import contextlib

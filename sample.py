@@ -1,11 +1,8 @@
 """sample.py: the GLD cascade (pipeline.Pipeline, paper Sec. 4) on a scene or a user's photos; outputs, evaluation.
 
-    python sample.py [--data re10k:PATH --scene KEY]   # bundled tiny models on a (synthetic) test scene -> out/sample/
-    python sample.py --images a.png b.png --cameras transforms.json --traj orbit --frames 24
-    python sample.py --eval                            # N=2 -> 6 on the test split, two baselines beside GLD
-    python sample.py --official DIR                    # the released GLD models (docs/official.md)
-
-Also: --boundary k / --independent ablations, --recon for Stage 1 (Table 6), trajectories, 3D exports.
+`python sample.py` (bundled tiny models, a synthetic test scene -> out/sample/), `--images ... --cameras ... --traj`,
+`--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` / `--independent` ablations, `--recon` for
+Stage 1 (Table 6), `--official DIR` (the released models, docs/official.md), 3D exports.
 """
 import argparse
 import contextlib

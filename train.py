@@ -1,10 +1,7 @@
 """train.py: one entry point for every stage of GLD (paper Sec. 4): encoder, Stage 1 decoder, Stage 3 DiTs.
 
-    python train.py --stage encoder|decoder    # da3-tiny (depth + ray maps) / RGB decoder with level-wise dropout
-    python train.py --level 1                  # M1; --level 0: M1->0 (add --independent: the ablation's M0)
-    torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
-
-DDP, bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints with exact --resume, Ctrl-C checkpoints,
+`--stage encoder|decoder`, `--level 1` (M1), `--level 0` (M1->0; `--independent`: the ablation's M0); torchrun: DDP.
+Also bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints with exact --resume, Ctrl-C checkpoints,
 NaN/inf skipping, log line + CSV + curves.png, periodic evaluation; latents on the fly or from --cache.
 """
 import argparse
