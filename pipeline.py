@@ -24,7 +24,7 @@ import official
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
-            'data': 'python data.py synth'}  # what creates each missing piece (the models level<k>: train_command)
+            'data': 'python data.py synth'}  # what creates each missing piece (level<k>[_ind]: train_command)
 
 
 def cascade_upper(level, independent=False, num_levels=4):

@@ -194,7 +194,7 @@ def match_cameras(paths, cams, where):
         f = cams['files'][hits[0]]
         if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
             raise UserError(f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
-                            "cameras of other photos; pass these images' camera file (edited copies: write one beside)")
+                            "cameras of other photos; pass these images' own (edited copies: write one beside them)")
         idx.append(hits[0])
     return idx
 
