@@ -1,15 +1,10 @@
-"""bench.py: throughput, MFU, memory and latency of GLD's hot paths, on CPU or GPU.
+"""bench.py: throughput, MFU, memory and latency of GLD's hot paths, on CPU or GPU (README "Performance").
 
-    python bench.py                                   # gld-tiny on CPU: train step, Euler step, eager vs compile
-    python bench.py --preset gld-paper --views 8 --size 504 --dtype bf16 --compile --device cuda   # the paper's M1
-
-Measures a DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler step with
-CFG, the frozen encoder/decoder parts, the M1 step fed from data vs the latent cache, peak memory, and on GPU in bf16
-the SDPA backend. The README's ratios come from one run, its absolute times only from a GPU.
+A DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler step with CFG, the
+frozen encoder/decoder parts, peak memory, and on GPU in bf16 the SDPA backend; `--compile` compares with eager.
 """
 import argparse
 import contextlib
-import os
 import resource
 import time
 from dataclasses import replace
@@ -20,7 +15,6 @@ import cameras
 import data
 import decoder as decoder_lib
 import diffusion
-import encoder as encoder_lib
 import latents
 import model as model_lib
 
@@ -39,8 +33,7 @@ def build_parser():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
     p.add_argument('--iters', type=int, default=5, help='timed iterations')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
-    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen,data")
-    p.add_argument('--data', default='data_synth', help='chunks for the M1 step fed from data vs cache (skipped if missing)')
+    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen")
     return p
 
 
@@ -72,25 +65,21 @@ def fake_batch(cfg, B, V, size, device):
     return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
 
 
-def make_step(net, autocast=contextlib.nullcontext()):
-    """step(x, cond, cams, upper): one rectified-flow training step of net (forward, backward, AdamW)."""
+def bench_train(net, batch, a, device, autocast, rows, label):
+    """One rectified-flow training step of net (forward, backward, AdamW): throughput, TFLOP/s, MFU."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(0)
+    x, cond, cams, upper = batch
 
-    def step(x, cond, cams, upper=None):
+    def step():
         with autocast:
-            velocity = lambda xt, t: net(xt, t, cond, cams, upper=upper)
-            loss, _ = diffusion.flow_loss(velocity, x, cams['src_mask'], generator=gen)
+            loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'],
+                                          generator=gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
-
-
-def bench_train(net, batch, a, device, autocast, rows, label):
-    step = make_step(net, autocast)
-    dt = timeit(lambda: step(*batch), a.iters, a.warmup, device)
-    B, V, T, _ = batch[0].shape
+    dt = timeit(step, a.iters, a.warmup, device)
+    B, V, T, _ = x.shape
     flops = 3 * model_lib.flops_per_token(getattr(net, '_orig_mod', net).cfg, V * T) * B * V * T
     peak = model_lib.peak_tflops(device)
     rows.append({'part': f'train step ({label})', 'ms': dt * 1e3, 'samples/s': B / dt, 'tokens/s': B * V * T / dt,
@@ -135,29 +124,6 @@ def bench_frozen(a, device, autocast, rows):
             rows.append({'part': 'geometry head', 'ms': ms(lambda: enc.geometry(norm, a.size, a.size))})
 
 
-def bench_data_paths(net, a, device, rows):
-    """The M1 step as train.py runs it (2 sources), fed from the data (decode, DA3 on all views and on the sources)
-    and from a LatentCache of one draw per scene: samples/s of each."""
-    import tempfile
-    enc = latents.build_encoder(a.encoder).to(device).freeze()
-    ds = data.SceneDataset(a.data, 'train', num_views=a.views)
-    stats = encoder_lib.LatentStats({1: torch.zeros(enc.dim)}, {1: torch.ones(enc.dim)})
-    loader = iter(data.make_loader(ds, a.batch))
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = latents.LatentCache.build(os.path.join(tmp, 'cache.pt'), enc, ds, [1], 1, 1, src=(2, 2), device=device,
-                                          log=lambda *_: None)
-    order, step = iter(cache.batches(a.batch, 0)), make_step(net)
-
-    def fed(batch):
-        lat = latents.training_latents(enc, stats, batch, 1)
-        step(lat['x'], lat['cond'], lat['cams'])
-    fly = lambda: fed(data.split_views({k: v.to(device) if torch.is_tensor(v) else v for k, v in next(loader).items()}, 2))
-    for label, fn in (('from data', fly), ('from latent cache', lambda: fed(cache.batch(next(order), device)))):
-        dt = timeit(fn, a.iters, a.warmup, device)
-        rows.append({'part': f'M1 step fed {label}', 'ms': dt * 1e3, 'samples/s': a.batch / dt})
-    return rows[-2]['ms'] / rows[-1]['ms']
-
-
 def sdpa_backend_check(net, batch, device, autocast):
     """On GPU: the forward must run with only the flash kernel allowed, and the profiler must show it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -199,17 +165,12 @@ def main(argv=None):
             m.train()
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
-    cache_speedup = bench_data_paths(net, a, device, rows) if 'data' not in skip and os.path.isdir(a.data) else None
-    if 'data' not in skip and not os.path.isdir(a.data):
-        print(f'{a.data}: no such folder, the data-fed step is skipped (python data.py synth makes it)')
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
     rows.append({'part': 'peak memory', 'GB': torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else
                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})  # Linux: KiB
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
-    if cache_speedup:
-        print(f'M1 step: latent cache / data-fed speed-up {cache_speedup:.2f}x')
     for part in ('train', 'sample'):
         if (part, 'compiled') in times:
             print(f'{part}: compiled / eager speed-up {times[(part, "eager")] / times[(part, "compiled")]:.2f}x')

@@ -1,10 +1,8 @@
-"""pipeline.py: the GLD cascade and its model files, shared by sampling and training.
+"""pipeline.py: the GLD cascade and its model files (find, load SHA-256 checked, export), for sampling and training.
 
-- Model files: find, load (SHA-256 checked and printed), export; loading refuses a model of another encoder's latents.
-- `Pipeline.generate`, the cascade (paper Sec. 4, Fig. 2): DA3 on the sources -> M_k generates level k of all views
-  -> M_{k->k-1} ... level 0 -> frozen DA3 blocks propagate level k deeper -> RGB decoder and DA3's geometry head.
-
-Legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
+`Pipeline.generate` (paper Sec. 4, Fig. 2): DA3 on the sources -> M_k generates level k of all views -> M_{k->k-1} ...
+level 0 -> frozen DA3 blocks propagate level k deeper -> RGB decoder and DA3's geometry head. Loading refuses a model
+of another encoder's latents. Legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 """
 import hashlib
 import io
@@ -25,9 +23,8 @@ import model as model_lib
 import official
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
-COMMANDS = {  # what creates each missing piece (the models level<k>[_ind]: train_command)
-    'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder', 'data': 'python data.py synth',
-}
+COMMANDS = {'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
+            'data': 'python data.py synth'}  # what creates each missing piece (level<k>[_ind]: train_command)
 
 
 def cascade_upper(level, independent=False, num_levels=4):
@@ -45,8 +42,7 @@ def run_name(level, independent=False, encoder='da3-tiny'):
     return model_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)
 
 
-def train_command(name):
-    """The command that trains the model called name (model_name)."""
+def train_command(name):  # name: a model_name
     stage, _, encoder = name.partition('-')
     cmd = (f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
            if stage.startswith('level') else COMMANDS[stage])
@@ -161,8 +157,7 @@ def load_net(path, device, enc, name, build):
     if enc is not None and want and want != enc.source['sha256']:
         raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
                         f'the encoder here is {enc.source["weights"]} (sha256 {(enc.source["sha256"] or "none")[:12]}); '
-                        'pass the --ckpt-dir whose encoder run made it, or retrain it on this encoder with: '
-                        f'{train_command(name)}')
+                        f'pass the --ckpt-dir whose encoder made it, or retrain it on this one: {train_command(name)}')
     net = build(meta['config']).to(device).eval()
     net.load_state_dict(sd)
     return net, meta
@@ -176,7 +171,6 @@ def load_model(path, device='cpu', enc=None, name='level1'):
 
 
 def load_decoder(path, device='cpu', enc=None):
-    """-> the RGB decoder in eval mode."""
     return load_net(path, device, enc, 'decoder', lambda cfg: decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**cfg)))[0]
 
 

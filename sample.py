@@ -1,13 +1,8 @@
-"""sample.py: a scene or a user's photos through the GLD cascade (pipeline.Pipeline), the outputs, the evaluation.
+"""sample.py: the GLD cascade (pipeline.Pipeline, paper Sec. 4) on a scene or a user's photos; outputs, evaluation.
 
-    python sample.py                                   # bundled tiny models on a synthetic test scene -> out/sample/
-    python sample.py --data re10k:PATH --scene KEY     # a dataset scene
-    python sample.py --images a.png b.png --cameras transforms.json --traj orbit --frames 24
-    python sample.py --eval                            # N=2 -> 6 targets on the test split: tables, JSON, CSV
-    python sample.py --official DIR                    # the released GLD models (see README)
-
-Adds to the cascade (paper Sec. 4, Fig. 2) the evaluation protocol (two baselines beside GLD, `--boundary k` /
-`--independent` ablations, `--recon` for Stage 1), the user's photos, cameras and trajectories, and the outputs.
+`python sample.py` (bundled tiny models, a synthetic test scene -> out/sample/), `--images ... --cameras ... --traj`,
+`--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` / `--independent` ablations, `--recon` for
+Stage 1 (Table 6), `--official DIR` (the released models, docs/official.md), 3D exports.
 """
 import argparse
 import contextlib
@@ -31,14 +26,6 @@ from export import save_image
 
 
 # ----------------------------------------------------------------------------- evaluation
-def baselines(images, n_src, c2w):
-    """'nearest source view' (by camera distance) and 'mean colour' (of the sources) for every target."""
-    idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
-    nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])
-    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W)
-    return {'nearest source': nearest, 'mean colour': mean}
-
-
 def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
     out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
     if lpips is not None:
@@ -47,12 +34,14 @@ def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
 
 
 def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False):
-    """One scene of the paper's protocol: sources first; metrics on the targets only."""
+    """One scene of the paper's protocol (sources first): metrics on the targets of GLD and of two baselines."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
     out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg_scale=cfg_scale, seed=seed)
-    gt = images[:, n_src:]
-    rows = {'gld': image_metrics(out['images'][:, n_src:], gt, lpips)}
-    rows.update({name: image_metrics(im, gt, lpips) for name, im in baselines(images, n_src, c2w).items()})
+    idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
+    nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])  # by camera distance
+    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W): the sources' mean colour
+    rows = {name: image_metrics(im, images[:, n_src:], lpips) for name, im in
+            [('gld', out['images'][:, n_src:]), ('nearest source', nearest), ('mean colour', mean)]}
 
     def geometry_metrics(geo):  # {} for a latent without a geometry head
         m = cameras.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
@@ -126,20 +115,12 @@ def ensure_data(spec):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
         data.write_synth(spec, 0, 16)
     elif not os.path.isdir(spec.split(':')[-1]):
-        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER, or create the synthetic set with: '
-                        f'{pipeline.COMMANDS["data"]}')
+        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER or make one: {pipeline.COMMANDS["data"]}')
 
 
 # ----------------------------------------------------------------------------- writing outputs
-def colourise_depth(d):
-    """(H,W) depth -> (3,H,W) with a simple perceptual ramp of inverse depth."""
-    inv = 1 / d.clamp_min(1e-6)
-    x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
-    return torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
-
-
 OUTPUTS = ('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'depth.npy', 'depth_[0-9]*.png', 'metrics.json',
-           'images/source_[0-9]*.png', 'images/target_[0-9]*.png', 'points.ply', 'scene.glb', 'transforms.json',
+           'images/source_[0-9]*.png', 'images/target_[0-9]*.png', 'points.ply', 'transforms.json',
            *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
            'eval_n[0-9]*.md', 'eval_n[0-9]*.json', 'eval_n[0-9]*_scenes.csv', 'recon.md', 'recon.json', 'recon_scenes.csv')
 
@@ -174,8 +155,10 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
     if 'depth' in geo and 'c2w' in geo:
         depth = geo['depth'][0]
         np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
-        for v in range(V):
-            save_image(colourise_depth(depth[v]), os.path.join(out_dir, f'depth_{v:03d}.png'))
+        for v, inv in enumerate(1 / depth.clamp_min(1e-6)):  # (H,W) -> (3,H,W): a perceptual ramp of inverse depth
+            x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
+            rgb = torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
+            save_image(rgb, os.path.join(out_dir, f'depth_{v:03d}.png'))
         views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
         summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
                                      formats, units, frame=frame)
@@ -198,8 +181,7 @@ def read_images(paths):
 
 
 def match_cameras(paths, cams, where):
-    """The index of each image's frame in cams (export.read_cameras), matched by file name (else by stem); a frame's
-    file, where it exists, must be the image itself."""
+    """Each image's frame index in cams (export.read_cameras), by file name, else stem; an existing file must match."""
     names, idx = cams['names'], []
     base, stem = os.path.basename, lambda f: os.path.splitext(os.path.basename(f))[0]
     for p in paths:
@@ -208,13 +190,11 @@ def match_cameras(paths, cams, where):
             raise UserError(f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
                             'give one frame per image, named like the image file')
         if len(hits) > 1:
-            raise UserError(f'{where}: several frames are named like {p} ({[names[i] for i in hits]}); '
-                            'keep one frame per image')
+            raise UserError(f'{where}: several frames match {p} ({[names[i] for i in hits]}); keep one frame per image')
         f = cams['files'][hits[0]]
         if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
-            raise UserError(f'{where}: the frame for {os.path.basename(p)} is the file {f}, and that is not the image '
-                            f'{p} (other content): these cameras are for other photos; pass the camera file of these '
-                            'images (for edited copies: write one beside them)')
+            raise UserError(f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
+                            "cameras of other photos; pass these images' own (edited copies: write one beside them)")
         idx.append(hits[0])
     return idx
 
@@ -241,8 +221,7 @@ def user_scene(paths, cams_path, size, enc, check=True):
         images, K = images[None], None if K is None else Kin[None]
     if c2w is None:
         if not enc.has_geometry:
-            raise UserError(f'--images without --cameras: {enc.cfg.name} has no geometry head to estimate cameras; '
-                            'pass --cameras')
+            raise UserError(f'no --cameras: {enc.cfg.name} has no geometry head to estimate cameras; pass --cameras')
         print(f'no --cameras: estimating the cameras of the photos with the frozen {enc.cfg.name} geometry head')
         levels, cls = enc.encode(images, return_cls=True)
         g = enc.geometry(enc.normalize_levels(levels), tH, tW, cls_last=cls[-1])

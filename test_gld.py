@@ -1916,7 +1916,7 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official', '--encoder'}  # --official: test_cli_official; --encoder: test_every_latent_trains_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
-    assert options(bench.build_parser()) <= set(sum(bench_argv, [])) | {'--data'}  # --data: test_bench_feeds_...
+    assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
 
 def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
@@ -2060,7 +2060,7 @@ BENCH_RUNS = [
     ['--preset', 'gld-tiny', '--encoder', 'da3-tiny', '--decoder', 'tiny', '--views', '2', '--size', '28', '--batch', '1',
      '--dtype', 'bf16', '--checkpointing', '--device', 'cpu', '--iters', '1', '--warmup', '0'],
     pytest.param(['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '1', '--compile', '--skip',
-                  'sample,frozen,data'], marks=pytest.mark.slow),
+                  'sample,frozen'], marks=pytest.mark.slow),
 ]
 
 
@@ -2125,14 +2125,6 @@ def test_bench_runs(argv):  # runs every flag; the FLOP count it reports is chec
     rows = bench.main(argv)
     train_rows = [r for r in rows if r['part'].startswith('train step')]
     assert train_rows and all(r['tokens/s'] > 0 and r['TFLOP/s'] > 0 for r in train_rows)
-
-
-def test_bench_feeds_the_m1_step_from_data_and_from_the_latent_cache(synth_root):
-    rows = bench.main(['--views', '4', '--size', '28', '--batch', '1', '--iters', '2', '--warmup', '0',
-                       '--skip', 'train,sample,frozen', '--data', synth_root])
-    fed = {r['part']: r for r in rows if r['part'].startswith('M1 step fed')}
-    assert set(fed) == {'M1 step fed from data', 'M1 step fed from latent cache'}
-    assert all(r['samples/s'] > 0 for r in fed.values())
 
 
 def test_ground_truth_latents_decode_like_the_decoder(world):
@@ -3280,6 +3272,6 @@ def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path)
                                         ('vae-tiny', {'encode (vae-tiny)', 'RGB decode (own)'})])
 def test_bench_times_what_each_latent_has(name, parts):
     rows = bench.main(['--encoder', name, '--views', '2', '--size', '32' if name == 'vae-tiny' else '28', '--batch', '1',
-                       '--iters', '1', '--warmup', '0', '--skip', 'train,sample,data'])
+                       '--iters', '1', '--warmup', '0', '--skip', 'train,sample'])
     timed = [r for r in rows if 'ms' in r]
     assert {r['part'] for r in timed} == parts and all(r['ms'] > 0 for r in timed)

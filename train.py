@@ -1,14 +1,8 @@
-"""train.py: one entry point for every stage of GLD.
+"""train.py: one entry point for every stage of GLD (paper Sec. 4): encoder, Stage 1 decoder, Stage 3 DiTs.
 
-    python train.py --stage encoder            # da3-tiny on synthetic scenes (depth + ray maps); --encoder vae-tiny
-    python train.py --stage decoder            # Stage 1: RGB decoder on frozen DA3 features, level-wise dropout
-    python train.py --level 1                  # Stage 3: M1; --level 0: M1->0 on ground-truth level 1
-    python train.py --level 2 --independent    # an independent M_l for the boundary ablation (paper Table 2)
-    torchrun --nproc_per_node 8 train.py --level 1 --model gld-paper --encoder da3-base ...   # the paper's scale
-
-DDP, bf16 autocast, torch.compile, EMA, gradient accumulation, atomic checkpoints with exact --resume, Ctrl-C
-checkpoints, NaN/inf skipping, log line + CSV + curves.png, periodic evaluation. Latents come from the frozen encoder
-(latents.py: da3-*, vggt-*, dinov2-*, vae*) on the fly or from --cache; their statistics go into every checkpoint.
+`--stage encoder|decoder`, `--level 1` (M1), `--level 0` (M1->0; `--independent`: the ablation's M0); torchrun: DDP.
+Also bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints with exact --resume, Ctrl-C checkpoints,
+NaN/inf skipping, log line + CSV + curves.png, periodic evaluation; latents on the fly or from --cache.
 """
 import argparse
 import contextlib
@@ -262,8 +256,7 @@ class EncoderStage:
     def __init__(self, args, device, loader):
         self.net = latents.build_encoder(args.encoder).to(device)
         if not hasattr(self.net, 'training_loss'):
-            raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective here; '
-                                'use its official weights (--encoder-weights FILE)')
+            raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective; use --encoder-weights')
         self.config = asdict(self.net.cfg)
 
     def loss(self, batch, step, gen):
@@ -390,8 +383,7 @@ class DiffusionStage:
         return {'psnr': float(torch.stack(ps).mean()), 'mse': float(torch.stack(mse).mean())}
 
 
-def unwrap(net):
-    """The plain module inside DDP and torch.compile wrappers."""
+def unwrap(net):  # the plain module inside DDP and torch.compile wrappers
     net = getattr(net, '_orig_mod', net)
     return getattr(net, 'module', net)
 

@@ -1,10 +1,8 @@
 """Draws the README's pictures: `python docs/plots.py`.
 
-- docs/convergence.png, the paper's Fig. 1c in miniature: held-out PSNR (`val_psnr`: 8 test scenes, N=2 -> 6, 10 Euler
-  steps, the latent's own RGB decoder) against training steps of the same gld-tiny DiT on three latents, read from
-  docs/logs/convergence_<encoder>.csv (the log.csv of each run; the commands are in the README).
-- docs/trajectories.png, sample.py's --traj presets: export.draw_topdown of cameras.preset_trajectory for two sources
-  that look at one point, or one source: the sources blue, the targets orange, the first target ringed.
+- docs/convergence.png (the paper's Fig. 1c in miniature): held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler
+  steps) vs training steps of gld-tiny on three latents, from docs/logs/convergence_<encoder>.csv (runs: README).
+- docs/trajectories.png: sample.py's --traj presets (cameras.preset_trajectory) seen from above, sources blue.
 """
 import csv
 import os
