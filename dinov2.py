@@ -1,10 +1,8 @@
 """DINOv2 ViT/14 as a latent space: the RAE-style baseline of the GLD paper's tables, and VGGT's patch embed.
 
-- `DinoViT`: the DINOv2 backbone in the official torch-hub checkpoint layout (dinov2_vit{s,b,l}14[_reg4]_pretrain.pth).
-- `DINOv2`: ONE level, the last layer's patch tokens after the final LayerNorm WITHOUT its affine (RAE's
-  Dinov2withNorm), each view on its own; a one-level decoder.RGBDecoder is trained on it (RAE's decoder).
-- Presets dinov2-{s,b,l}[-reg] (4 registers). Images keep the data's size (RAE feeds 224 px).
-
+`DinoViT` in the torch-hub checkpoint layout (dinov2_vit{s,b,l}14[_reg4]_pretrain.pth); `DINOv2`: ONE level, the last
+patch tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), per view, at the data's size (RAE:
+224 px), decoded by a trained one-level decoder.RGBDecoder. Presets dinov2-{s,b,l}[-reg] (4 registers).
 References: DINOv2 (arXiv 2304.07193), registers (arXiv 2309.16588), RAE (arXiv 2510.11690), GLD (2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
@@ -28,10 +26,8 @@ class DINOv2Config:
     pos_grid: int = 37      # 518 / 14
 
 
-PRESETS = {}
-for _size, (_dim, _depth, _heads) in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items():
-    PRESETS[f'dinov2-{_size}'] = DINOv2Config(f'dinov2-{_size}', _dim, _depth, _heads)
-    PRESETS[f'dinov2-{_size}-reg'] = DINOv2Config(f'dinov2-{_size}-reg', _dim, _depth, _heads, registers=4)
+PRESETS = {f'dinov2-{s}{reg}': DINOv2Config(f'dinov2-{s}{reg}', *dims, registers=4 if reg else 0)
+           for s, dims in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items() for reg in ('', '-reg')}
 
 
 class DinoViT(nn.Module):

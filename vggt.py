@@ -1,14 +1,9 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
-Sources and line numbers: shared/notes/vggt-architecture.md.
-- Aggregator: a DINOv2-L/14 with 4 registers as patch embed, then per frame [camera token, 4 registers, patches]
-  (frame 0 takes index 0 of the learned tokens, the others index 1) through 24 pairs of a frame and a global block.
-- Levels as GLD's release: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048, RAW;
-  `propagate` resumes from level k. Heads: DPT depth head (DualDPT's main branch), the adaLN camera head.
-- Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
-Difference from the GLD release: it also diffuses the 5 special tokens of each level; here propagation and the
-camera head take those of the first source view encoded alone (`first_view_cls`), as DA3's token 0.
-
+DINOv2-L/14 (4 registers) patch embed, then [camera, 4 registers, patches] per frame through 24 frame/global block
+pairs; RAW levels at pairs (4, 11, 17, 23) as GLD's release, `propagate`, DPT depth and adaLN camera heads; weights
+facebook/VGGT-1B model.pt, strict. Unlike the release, the 5 special tokens are not diffused: propagation and the
+camera head take the first source view's (`first_view_cls`). Notes: shared/notes/vggt-architecture.md.
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
 """
@@ -75,10 +70,9 @@ class Aggregator(nn.Module):
     def run(self, x, start, hw):
         """Pairs start.. on the state x (B,V,P,C) -> levels (B,V,P,2C) at the out layers >= start."""
         cfg, (B, V, P, C) = self.cfg, x.shape
-        pos, hd = encoder_lib.rope_positions(hw, SPECIAL, x.device), C // cfg.heads
-        frame_rope = encoder_lib.rope_tables(pos, hd)
-        global_rope = encoder_lib.rope_tables(pos.repeat(V, 1), hd)          # every frame keeps its positions
-        levels = []
+        pos, levels = encoder_lib.rope_positions(hw, SPECIAL, x.device), []
+        # every frame keeps its positions in the global blocks
+        frame_rope, global_rope = (encoder_lib.rope_tables(p, C // cfg.heads) for p in (pos, pos.repeat(V, 1)))
         for i in range(start, cfg.depth):
             f = self.frame_blocks[i](x.reshape(B * V, P, C), frame_rope).view(B, V, P, C)
             x = self.global_blocks[i](f.reshape(B, V * P, C), global_rope).view(B, V, P, C)
