@@ -1,13 +1,9 @@
 """The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels): the GLD paper's SD-VAE baseline.
 
-- CompVis latent-diffusion's AutoencoderKL (SD's kl-f8 config), loaded strictly from the ORIGINAL ldm layout
-  (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*), not the diffusers one.
-- ONE level: the posterior mean times 0.18215, images mapped to [-1,1]; 2x2 latent patches form a token (DiT's
-  patch 2): 16 channels per 16x16 pixels. The RGB decoder is the VAE's own (`rgb_decoder`).
-- Presets 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (32 channels, for CPU).
-
-References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752);
-Kingma & Welling (arXiv 1312.6114); DiT (arXiv 2212.09748); GLD (arXiv 2603.22275).
+CompVis ldm's AutoencoderKL, loaded strictly from the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x
+checkpoint's first_stage_model.*), not diffusers'. ONE level: the posterior mean x 0.18215 of images in [-1,1], 2x2
+latent patches per token (DiT's patch 2); its own RGB decoder. Presets 'vae' (kl-f8, 83.7M) and 'vae-tiny' (CPU).
+References: LDM (arXiv 2112.10752), VAE (arXiv 1312.6114), DiT (arXiv 2212.09748), GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/16), C channels, T tokens (h*w).
 """
 from collections import OrderedDict
@@ -68,7 +64,6 @@ class AttnBlock(nn.Module):
 
 
 def mid_block(c, groups):
-    """ldm's mid: ResNet, attention, ResNet."""
     return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
                                      block_2=ResnetBlock(c, c, groups)))
 
@@ -148,12 +143,10 @@ class VAE(encoder_lib.LatentEncoder):
         return (self.decoder(self.post_quant_conv(z)) + 1) / 2
 
     def encode(self, images):
-        """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)]: scaled posterior mean, p x p latent patches
-        per token, channels laid out (z, py, px), tokens row-major; every view on its own."""
+        """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)], p x p latent patches, channels (z, py, px)."""
         B, V, _, H, W = images.shape
         self.check_size(H, W)
-        z = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale            # (BV,z,H/8,W/8)
-        p = self.cfg.token_patch
+        z, p = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale, self.cfg.token_patch  # (BV,z,H/8,W/8)
         z = z.unflatten(2, (H // self.patch, p)).unflatten(4, (W // self.patch, p))  # (BV,z,h,p,w,p)
         return [z.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2).unflatten(0, (B, V))]
 
@@ -165,8 +158,7 @@ class VAE(encoder_lib.LatentEncoder):
         return self.rgb_decoder()(self.encode(images), tuple(d // self.patch for d in images.shape[-2:]))
 
     def training_loss(self, batch, kl_weight=1e-6):
-        """train.py --stage encoder: L1 reconstruction of every view through a posterior sample + kl_weight x KL to
-        N(0, I) (ldm's weight; no LPIPS / GAN here) -> (loss, parts)."""
+        """train.py --stage encoder: L1 of a decoded posterior sample + kl_weight x KL to N(0, I) (no LPIPS / GAN)."""
         images = batch['images'].flatten(0, 1)
         mean, logvar = self.posterior(images)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
