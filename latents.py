@@ -26,9 +26,8 @@ FAMILIES = {'da3': (encoder_lib, encoder_lib.DA3), 'vggt': (vggt, vggt.VGGT), 'd
 
 
 def build_encoder(name='da3-base', weights=None):
-    """The latent-encoder registry (--encoder NAME): da3-* (encoder.py; GLD), vggt-* (GLD (VGGT)), dinov2-* (the RAE
-    baseline), vae* (the SD-VAE baseline); weights: None (random), a file, files or a state dict in the encoder's
-    official layout. The interface the DiT, training, statistics and the pipeline use:
+    """The --encoder registry: da3-* (GLD), vggt-* (GLD (VGGT)), dinov2-* (RAE), vae* (SD-VAE); weights: None (random),
+    file(s) or a state dict, official layout. The interface the DiT, training, statistics and the pipeline use:
       dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
       encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
       normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
@@ -54,16 +53,13 @@ def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
 
 
 def source_condition(enc, images, n_src):
-    """Leakage-free condition: the encoder on the sources (views 0..n_src-1) alone -> raw levels (B,V,T,2C), zeros at
-    the targets."""
+    """Leakage-free condition: raw levels (B,V,T,2C) of the sources (views 0..n_src-1) encoded alone, zero targets."""
     B, V = images.shape[:2]
-    pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
-    return [pad(f) for f in enc.encode(images[:, :n_src])]
+    return [torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1) for f in enc.encode(images[:, :n_src])]
 
 
 def encode_batch(enc, batch, levels, cond_level):
-    """Raw levels of one batch (sources first): {'full': {l: (B,V,T,2C)} of all V views jointly, 'cond': cond_level
-    of the sources alone (source_condition)}. A cached batch carries them already."""
+    """Raw levels of a batch: {'full': {l: (B,V,T,2C)} of all views jointly, 'cond': source_condition's cond_level}."""
     if 'full' in batch:
         return batch
     n_src = int(batch['src_mask'][0].sum())
@@ -99,21 +95,16 @@ def state_hash(module):
     """SHA-256 of a module's state dict (names, shapes, bytes): ties a cache to the exact encoder weights."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        for part in (k.encode(), str(tuple(v.shape)).encode(), v.detach().cpu().contiguous().numpy().tobytes()):
-            h.update(part)
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 class LatentCache:
-    """The frozen encoder's raw levels (float16) for `draws` fixed view draws of every training scene, computed once.
-
-    A level depends on the whole ordered view set (global attention), so the cache stores whole samples: draw d of
-    scene i takes the frames of epoch d and n = lo + d mod (hi - lo + 1) sources (data.split_views). The file name
-    holds the encoder's state hash, data, views, draws and levels, so anything else builds anew."""
+    """The frozen encoder's raw levels (float16) of `draws` whole view draws per scene (global attention): draw d of
+    scene i takes epoch d's frames, lo + d mod (hi - lo + 1) sources; the name holds what they depend on."""
 
     def __init__(self, path):
-        self.path = path
-        self.data = torch.load(path, weights_only=True)
+        self.path, self.data = path, torch.load(path, weights_only=True)
         self.n_src = self.data['n_src']
 
     def __len__(self):
@@ -129,8 +120,7 @@ class LatentCache:
                 'cond': d['cond'][idx].to(device).float()}
 
     def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
-        """The epoch's batches (lists of draw indices of one source count), shuffled from (seed, epoch) alone and
-        dealt to ranks round-robin; incomplete batches are dropped."""
+        """The epoch's batches of draws of one source count, shuffled by (seed, epoch), dealt to ranks round-robin."""
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         out = []
         for n in self.n_src.unique().tolist():
