@@ -1,9 +1,8 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-Beside the model as DiT keeps download.py: finding the release's files, unwrapping every layout its code saves or
-reads (official_state_dict), strict conversion (decoder.convert_official, model.convert_official,
-latents.build_encoder), and `OfficialConventions`. `python sample.py --official DIR` runs them; docs/official.md has
-the download steps and the tables of files, layouts and conventions. Legend: B batch, V views, H W image, C channels.
+Beside the model as DiT keeps download.py: file discovery, every layout the release saves (official_state_dict),
+strict conversion and `OfficialConventions`; `sample.py --official DIR` runs them. docs/official.md: the download,
+the files, layouts and conventions. Legend: B batch, V views, H W image, C channels.
 """
 import os
 import re
@@ -88,8 +87,7 @@ def read_official(path, kind, log=print):
 
 
 def load_official_stats(path, dim=None, log=print):
-    """GLD's normalization_stats_level{l}.pt (mean, var (and std), each (1,2C,1,1) with 2C = dim): a folder of
-    them, one file or a list -> encoder.LatentStats (the level read from the name)."""
+    """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or list -> LatentStats."""
     if isinstance(path, (str, os.PathLike)):
         path = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
                 if os.path.isdir(path) else [path])
@@ -117,8 +115,7 @@ def official_prope_K(P, P_inv):
 
 
 class OfficialConventions:
-    """What the released GLD models were trained and evaluated with where it differs from our clean default (the
-    release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; the table and sources: docs/official.md):
+    """Where the released models' training and evaluation differ from our default (sources: docs/official.md):
     1. poses relative to the last view, largest |t| component = 1: cameras.normalize_poses(by='max_abs');
     2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): camera_inputs(official=True);
     3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: camera_inputs(official=True);
@@ -160,9 +157,8 @@ class OfficialConventions:
 
 
 def find_official_files(folder, latent='da3'):
-    """Role -> local path of every OFFICIAL_FILES[latent] entry, searched by name anywhere under folder (hidden
-    folders skipped). A file at another latent's release path is not a candidate (pretrained_models/vggt/
-    mae_decoder.pt beside DA3's pretrained_models/mae_decoder.pt); of several left, the one at the release path."""
+    """Role -> path of each OFFICIAL_FILES[latent] entry, found by name under folder: not at another latent's release
+    path (vggt/mae_decoder.pt); of several, the one at its release path."""
     get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
@@ -171,9 +167,7 @@ def find_official_files(folder, latent='da3'):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         for f in files:
             by_name.setdefault(f, []).append(os.path.join(root, f))
-
-    def at(path, rel):  # path lies at the release path rel
-        return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
+    at = lambda path, rel: ('/' + path.replace(os.sep, '/')).endswith('/' + rel)  # path lies at release path rel
     others = [rel for other, roles in OFFICIAL_FILES.items() if other != latent for rel in roles.values()]
     paths = {}
     for role, rel in OFFICIAL_FILES[latent].items():
@@ -199,7 +193,6 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 
     def convert(role, kind, converter, build, **kw):
-        """One official checkpoint -> our module built and loaded strictly, any mismatch reported with the path."""
         path = files[role]
         sd = read_official(path, kind, log)
         try:
