@@ -30,9 +30,7 @@ PRESETS = {f'dinov2-{s}{reg}': DINOv2Config(f'dinov2-{s}{reg}', *dims, registers
            for s, dims in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items() for reg in ('', '-reg')}
 
 
-class DinoViT(nn.Module):
-    """DINOv2's ViT in the official key layout; eps 1e-6 LayerNorms, LayerScale, GELU MLP, no qk-norm, no RoPE."""
-
+class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
     def __init__(self, dim, depth, heads, registers=0, pos_grid=37):
         super().__init__()
         self.dim, self.registers = dim, registers
@@ -41,8 +39,7 @@ class DinoViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))               # in the checkpoints, unused here
         if registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, PATCH, PATCH)
+        self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, dim, PATCH, PATCH)})
         self.blocks = nn.ModuleList(encoder_lib.Block(dim, heads, False, False) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for p in (self.cls_token, self.pos_embed, *([self.register_tokens] if registers else [])):
@@ -60,8 +57,6 @@ class DinoViT(nn.Module):
 
 
 class DINOv2(encoder_lib.LatentEncoder):
-    """A frozen DINOv2 as a one-level latent space (RAE's features)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.dim, self.patch = cfg, cfg.embed_dim, PATCH

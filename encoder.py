@@ -105,9 +105,7 @@ class Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(Bp, N, C))
 
 
-class Block(nn.Module):
-    """DINOv2's pre-norm block with LayerScale (ls1/ls2.gamma); FFN: GELU MLP (fc1, fc2) or SwiGLU (w12, w3)."""
-
+class Block(nn.Module):  # DINOv2's, with LayerScale
     def __init__(self, dim, heads, qk_norm, swiglu, eps=1e-6):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
@@ -152,13 +150,10 @@ def patch_tokens(vit, x, antialias=False):
 
 
 class ViT(nn.Module):
-    """The DA3 backbone (state-dict prefix backbone.pretrained.)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, C = cfg, cfg.embed_dim
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, C, PATCH, PATCH)
+        self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, C, PATCH, PATCH)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
@@ -208,11 +203,9 @@ def conv3(cin, cout, bias=True):
 
 
 class ResidualConvUnit(nn.Module):
-    """conv2(relu(conv1(relu(x)))) + x, or + relu(x) with relu_skip (VGGT's in-place ReLU)."""
-
     def __init__(self, f, relu_skip=False):
         super().__init__()
-        self.conv1, self.conv2, self.relu_skip = conv3(f, f), conv3(f, f), relu_skip
+        self.conv1, self.conv2, self.relu_skip = conv3(f, f), conv3(f, f), relu_skip  # relu_skip: VGGT's in-place ReLU
 
     def forward(self, x):
         y = self.conv2(F.relu(self.conv1(F.relu(x))))
@@ -294,15 +287,13 @@ class DualDPT(nn.Module):
 
 
 class CameraDec(nn.Module):
-    """DA3's camera decoder: last-level token 0 (B,V,2C) -> pose encoding [t, quat xyzw, fov_h, fov_w]."""
-
     def __init__(self, dim):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
         self.fc_t, self.fc_qvec = nn.Linear(dim, 3), nn.Linear(dim, 4)
         self.fc_fov = nn.Sequential(nn.Linear(dim, 2), nn.ReLU())
 
-    def forward(self, tok):                                                # -> (B,V,9)
+    def forward(self, tok):  # last-level token 0 (B,V,2C) -> pose encoding (B,V,9) [t, quat xyzw, fov_h, fov_w]
         f = self.backbone(tok).float()
         return torch.cat([self.fc_t(f), self.fc_qvec(f), self.fc_fov(f)], -1)
 
@@ -324,8 +315,7 @@ class LatentEncoder(nn.Module):
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
 
     def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
+        return self.eval().requires_grad_(False)
 
     def normalize_levels(self, levels):
         return list(levels)
@@ -393,8 +383,7 @@ class DA3(LatentEncoder):
         return [torch.cat([lv[..., :C], self.backbone.pretrained.norm(lv[..., C:])], -1) for lv in levels]
 
     def geometry(self, norm_levels, H, W, cls_last=None):
-        """Normalised levels -> head outputs, c2w and K from the rays [+ cam_dec's w2c 'extrinsics', pixel 'intrinsics'
-        from cls_last, the raw last-level token 0 (B,V,2C)]."""
+        """Normalised levels -> head outputs, c2w, K from the rays [+ cls_last's 'extrinsics' (w2c), 'intrinsics']."""
         out = self.head(norm_levels, H, W)
         out['c2w'], out['K'] = pose_from_rays(out['ray'], out['ray_conf'])
         if cls_last is not None:
@@ -538,8 +527,7 @@ def load_strict(module, sd, name):
 
 
 def load_weights(enc, weights, source=None):
-    """Official weights (file(s) or a state dict) into enc; unbuilt parts skipped, and cam_dec where absent (GLD's
-    release). A mismatch is a UserError naming the fitting preset, or a key diff."""
+    """Official weights (file(s) or a state dict) into enc; a mismatch: UserError naming the preset, or a key diff."""
     if not isinstance(weights, dict):
         source = weights if isinstance(weights, (str, os.PathLike)) else ', '.join(map(str, weights))
     sd = dict(weights) if isinstance(weights, dict) else read_da3_state_dict(weights)
@@ -627,9 +615,8 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1)):
 
 # ---- Training loss for the tiny encoder (DA3-style) ------------------------------------------
 def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
-    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt -> (loss, parts).
-    GT in view 0's frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth: c |d - d*| - alpha
-    log c over valid pixels (+ grad_weight x L1 of the finite differences of d - d*); rays alike, at theirs."""
+    """out = enc(images), depths_gt (B,V,H,W) (<= 0: invalid), c2w_gt, K_gt -> (loss, parts); GT in view 0's frame at
+    its mean valid depth. c |d - d*| - alpha log c on valid pixels (+ grad_weight x L1 of its gradient), rays alike."""
     valid = depths_gt > 0
     scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
              / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)

@@ -86,7 +86,6 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
 
 
 def compute_stats(enc, loader, levels, n_batches, device):
-    """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
     images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
     return encoder_lib.compute_latent_stats(enc, images, levels)
 

@@ -48,9 +48,7 @@ class ResnetBlock(nn.Module):
         return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the pixels, 1x1 convs, residual."""
-
+class AttnBlock(nn.Module):  # single-head self-attention over the pixels
     def __init__(self, c, groups):
         super().__init__()
         self.norm = group_norm(c, groups)
@@ -78,8 +76,7 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
             if i < len(widths) - 1:                                       # stride 2, padded right/bottom only
-                level.downsample = nn.Module()
-                level.downsample.conv = nn.Conv2d(c, c, 3, 2, 0)
+                level.downsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 2, 0)})
             self.down.append(level)
         self.mid = mid_block(c, g)
         self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
@@ -105,8 +102,7 @@ class Decoder(nn.Module):
             cin, c, level = widths[min(i + 1, len(widths) - 1)], widths[i], nn.Module()
             level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
             if i > 0:
-                level.upsample = nn.Module()
-                level.upsample.conv = nn.Conv2d(c, c, 3, 1, 1)
+                level.upsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 1, 1)})
             up.insert(0, level)
         self.up = nn.ModuleList(up)
         self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 3, 3, 1, 1)
@@ -154,7 +150,6 @@ class VAE(encoder_lib.LatentEncoder):
         return VAEDecoder(self)
 
     def reconstruct(self, images):
-        """images (B,V,3,H,W) -> decoded posterior means (B,V,3,H,W)."""
         return self.rgb_decoder()(self.encode(images), tuple(d // self.patch for d in images.shape[-2:]))
 
     def training_loss(self, batch, kl_weight=1e-6):

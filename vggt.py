@@ -43,8 +43,6 @@ PRESETS = {'vggt-1b': VGGTConfig(), 'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 
 
 
 class Aggregator(nn.Module):
-    """VGGT's aggregator (state-dict prefix aggregator.)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, C = cfg, cfg.embed_dim
@@ -86,15 +84,12 @@ class CameraHead(nn.Module):
 
     def __init__(self, dim, depth, heads, iters=4):
         super().__init__()
-        self.iters = iters
-        self.empty_pose_tokens = nn.Parameter(torch.zeros(1, 1, 9))
+        self.iters, self.empty_pose_tokens = iters, nn.Parameter(torch.zeros(1, 1, 9))
         self.token_norm, self.trunk_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.adaln_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.embed_pose = nn.Linear(9, dim)
-        self.poseLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        self.embed_pose, self.poseLN_modulation = nn.Linear(9, dim), nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
         self.trunk = nn.ModuleList(encoder_lib.Block(dim, heads, False, False, eps=1e-5) for _ in range(depth))
-        self.pose_branch = nn.Module()
-        self.pose_branch.fc1, self.pose_branch.fc2 = nn.Linear(dim, dim // 2), nn.Linear(dim // 2, 9)
+        self.pose_branch = nn.ModuleDict({'fc1': nn.Linear(dim, dim // 2), 'fc2': nn.Linear(dim // 2, 9)})
 
     def forward(self, tok):
         B, V, _ = tok.shape
