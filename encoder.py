@@ -1,10 +1,9 @@
-"""Frozen Depth Anything 3 (DA3) encoder: GLD's latent space, its geometry head and its statistics.
+"""Frozen Depth Anything 3 (DA3) encoder: the latent space of GLD (arXiv 2603.22275), its geometry head and statistics.
 
 DA3 as depth_anything_3==0.1.1 builds it (same keys, outputs to float tolerance; the reference view keeps its place):
 alternating DINOv2 ViT/14, RAW levels cat(local_x, x_L), `propagate` (GLD 4.3), DualDPT head, camera decoder, IRLS
-`pose_from_rays` (no RANSAC), `LatentStats`, `geometry_loss`. References: DA3 (arXiv 2511.10647,
-github.com/ByteDance-Seed/Depth-Anything-3), DINOv2 (arXiv 2304.07193), DPT (arXiv 2103.13413), GLD (arXiv 2603.22275).
-Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
+`pose_from_rays` (no RANSAC). References (arXiv): DA3 2511.10647 (ByteDance-Seed/Depth-Anything-3), DINOv2 2304.07193,
+DPT 2103.13413. Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
 import math
 import os
@@ -136,8 +135,7 @@ def imagenet_normalize(images):
 
 
 def patch_tokens(vit, x, antialias=False):
-    """x (N,3,H,W) normalised -> [cls, patches] + positions (N,1+T,C); the G x G table resized bicubically as DINOv2:
-    by (n+0.1)/G (plain models, DA3) or, antialias=True, to (h,w) antialiased (register models, VGGT)."""
+    """Normalised x (N,3,H,W) -> [cls, patches] + positions (N,1+T,C) resized as DINOv2 (antialias: register models)."""
     (N, _, H, W), pos = x.shape, vit.pos_embed
     x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)                         # (N,T,C)
     G, h, w = math.isqrt(pos.shape[1] - 1), H // PATCH, W // PATCH
@@ -237,8 +235,7 @@ class DualDPT(nn.Module):
 
     def __init__(self, dim_in, f, out_channels, aux=True, relu_skip=False):
         super().__init__()
-        c = out_channels
-        self.norm = nn.LayerNorm(dim_in, eps=1e-5)
+        c, self.norm = out_channels, nn.LayerNorm(dim_in, eps=1e-5)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, ci, 1) for ci in c)
         self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(c[0], c[0], 4, 4), nn.ConvTranspose2d(c[1], c[1], 2, 2),
                                             nn.Identity(), nn.Conv2d(c[3], c[3], 3, 2, 1)])
@@ -366,8 +363,7 @@ class DA3(LatentEncoder):
         return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C), its token 0 cls ((B,2C) of `first_view_cls`, or encode's own (B,V,2C), which gives
-        the encoded levels exactly) -> raw levels k+1..3, all views jointly."""
+        """Raw level k (B,V,T,2C), token 0 cls ((B,2C) broadcast, or encode's own (B,V,2C)) -> raw levels k+1..3."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
@@ -417,9 +413,8 @@ def pixel_grid(h, w, device, dtype=torch.float64):
 
 
 def pose_from_rays(ray, conf, iters=8):
-    """ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w (...,4,4), K (...,3,3). d ~ A p = R K^-1 p:
-    weighted DLT of d x (A p) = 0, IRLS weights conf / (1 + (e/median e)^2)^2 on the chordal error e; QR: A = R U,
-    K = U^-1 / (U^-1)[2,2]. Centre: the conf-weighted mean of the origins."""
+    """ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w, K. d ~ A p = R K^-1 p: weighted DLT of d x A p
+    = 0, IRLS weights conf / (1 + (e/median e)^2)^2 (chordal e), QR A = R U; centre: conf-weighted mean of origins."""
     *lead, h, w, _ = ray.shape
     d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
     conf = conf.double().flatten(-2)                                            # (...,P)
@@ -623,8 +618,7 @@ def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
     depth = depths_gt / scale
     rel = torch.linalg.inv(c2w_gt[:, :1]) @ c2w_gt                       # (B,V,4,4) in view 0's frame
     R, centre = rel[..., :3, :3], rel[..., :3, 3] / scale[..., 0]
-    conf, err = out['depth_conf'], (out['depth'] - depth).abs()
-    n = valid.sum().clamp_min(1)
+    conf, err, n = out['depth_conf'], (out['depth'] - depth).abs(), valid.sum().clamp_min(1)
     parts = {'depth': ((conf * err - alpha * conf.log()) * valid).sum() / n}
     if grad_weight:
         diff = (out['depth'] - depth) * valid

@@ -1,7 +1,7 @@
 """What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
-Shared: the encoder registry, camera inputs and the leakage-free source condition (paper Sec. 4.3); training adds
-the normalised targets, the noised level-1 condition (Sec. 4.4) and `LatentCache` (`train.py --cache`).
+The encoder registry, camera inputs, the leakage-free source condition (GLD 4.3), the normalised training targets
+with the noised level-1 condition (GLD 4.4), and `LatentCache` (`train.py --cache`).
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 import hashlib
@@ -46,8 +46,7 @@ def build_encoder(name='da3-base', weights=None):
 
 
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
-    """Poses relative to the last view, largest camera distance 1 -> the model's camera inputs (patch: the encoder's
-    pixels per token side). official=True: the release's conventions (official.OfficialConventions 1-3)."""
+    """Poses relative to the last view, largest camera distance 1 (official: OfficialConventions 1-3) -> DiT inputs."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
     return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
@@ -99,8 +98,7 @@ def state_hash(module):
 
 
 class LatentCache:
-    """The frozen encoder's raw levels (float16) of `draws` whole view draws per scene (global attention): draw d of
-    scene i takes epoch d's frames, lo + d mod (hi - lo + 1) sources; the name holds what they depend on."""
+    """The frozen encoder's raw levels (float16) of `draws` whole view draws of every training scene (see build)."""
 
     def __init__(self, path):
         self.path, self.data = path, torch.load(path, weights_only=True)
@@ -120,8 +118,7 @@ class LatentCache:
 
     def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
         """The epoch's batches of draws of one source count, shuffled by (seed, epoch), dealt to ranks round-robin."""
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        out = []
+        g, out = torch.Generator().manual_seed(seed * 100003 + epoch), []
         for n in self.n_src.unique().tolist():
             idx = (self.n_src == n).nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), generator=g)]
@@ -138,7 +135,7 @@ class LatentCache:
     @classmethod
     def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), src_mode='random', seed=0, device='cpu',
               log=print):
-        """Encode every scene's draws once (or load the file when it exists) -> LatentCache."""
+        """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or loaded from path)."""
         if os.path.exists(path):
             log(f'latent cache: {path}')
             return cls(path)

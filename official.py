@@ -1,8 +1,7 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-Beside the model as DiT keeps download.py: file discovery, every layout the release saves (official_state_dict),
-strict conversion and `OfficialConventions`; `sample.py --official DIR` runs them. docs/official.md: the download,
-the files, layouts and conventions. Legend: B batch, V views, H W image, C channels.
+File discovery, every layout the release saves, strict conversion and `OfficialConventions`; `sample.py --official
+DIR` runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image, C channels.
 """
 import os
 import re
@@ -21,21 +20,15 @@ OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; mode
     'da3': {'encoder': 'pretrained_models/da3/model.safetensors', 'head': 'pretrained_models/da3/dpt_decoder.pt',
             'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
             'level1': 'checkpoints/da3_level1.pt', 'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
-            'stats0': 'model_stats/da3/normalization_stats_level0.pt',
-            'stats1': 'model_stats/da3/normalization_stats_level1.pt'},
+            **{f'stats{l}': f'model_stats/da3/normalization_stats_level{l}.pt' for l in (0, 1)}},
     'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
              'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
-             'stats0': 'model_stats/vggt/normalization_stats_level0.pt',
-             'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
-             'special0': 'model_stats/vggt/special_stats_level0.pt',
-             'special1': 'model_stats/vggt/special_stats_level1.pt'}}
+             **{f'{role}{l}': f'model_stats/vggt/{name}_stats_level{l}.pt'
+                for role, name in (('stats', 'normalization'), ('special', 'special')) for l in (0, 1)}}}
 OFFICIAL_LAYOUTS = {  # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code
     'encoder': ((), ('model.',)),  # writes or reads each: docs/official.md, "Files and layouts loaded"
-    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
-    'head': (('model',), ('decoder.', 'pred.')),
-    'model': (('ema', 'model'), ()),
-    'stats': ((), ()),
-}
+    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)), 'head': (('model',), ('decoder.', 'pred.')),
+    'model': (('ema', 'model'), ()), 'stats': ((), ())}
 
 
 def describe_layouts(kind):
@@ -47,8 +40,7 @@ def describe_layouts(kind):
 
 
 def official_state_dict(obj, kind, name='', log=print):
-    """A released file's contents in any layout of OFFICIAL_LAYOUTS[kind] -> a flat state dict: the first wrapper
-    holding a dict (EMA first), 'module.' dropped, the kind's prefixes stripped (other modules' entries skipped)."""
+    """A released file's contents in an OFFICIAL_LAYOUTS[kind] -> flat state dict (EMA first, prefixes stripped)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
     unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
@@ -137,8 +129,7 @@ class OfficialConventions:
         return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
 
     def model_cameras(self, level, cams, uncond_cams):
-        """Ours built with official=True (cams) and drop_cameras (uncond_cams, CFG's unconditional branch) -> the
-        camera inputs the released model of `level` sees, (cams, uncond_cams): items 4 and 5."""
+        """Our official=True cams and CFG's uncond_cams -> those the released model of `level` sees: items 4 and 5."""
         H, W = cams['plucker'].shape[-2:]
         Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
         if level in self.cascade_levels:
@@ -157,8 +148,7 @@ class OfficialConventions:
 
 
 def find_official_files(folder, latent='da3'):
-    """Role -> path of each OFFICIAL_FILES[latent] entry, found by name under folder: not at another latent's release
-    path (vggt/mae_decoder.pt); of several, the one at its release path."""
+    """Role -> OFFICIAL_FILES[latent] found by name under folder (not at another latent's path; release path first)."""
     get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
@@ -184,8 +174,7 @@ def find_official_files(folder, latent='da3'):
 
 
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models as our modules, loaded strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0,
-    meta)}) for pipeline.Pipeline(..., boundary=1, official=...). encoder_preset and heads: the release's."""
+    """The released GLD (DA3) models, strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
     enc = latents.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})

@@ -31,15 +31,11 @@ class VAEConfig:
 PRESETS = {'vae': VAEConfig(), 'vae-tiny': VAEConfig('vae-tiny', 32, (1, 1, 2, 2), 1, 4, 8)}
 
 
-def group_norm(c, groups):
-    return nn.GroupNorm(groups, c, eps=1e-6)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(cin, groups), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.conv2 = group_norm(cout, groups), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, 1, 1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -51,7 +47,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):  # single-head self-attention over the pixels
     def __init__(self, c, groups):
         super().__init__()
-        self.norm = group_norm(c, groups)
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):                                                # x (N,c,h,w)
@@ -79,7 +75,7 @@ class Encoder(nn.Module):
                 level.downsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 2, 0)})
             self.down.append(level)
         self.mid = mid_block(c, g)
-        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
+        self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
 
     def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
         x = self.conv_in(x)
@@ -105,7 +101,7 @@ class Decoder(nn.Module):
                 level.upsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 1, 1)})
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 3, 3, 1, 1)
+        self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 3, 3, 1, 1)
 
     def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
         x = self.mid(self.conv_in(z))

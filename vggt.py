@@ -1,9 +1,8 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
 DINOv2-L/14 (4 registers) patch embed, then [camera, 4 registers, patches] per frame through 24 frame/global block
-pairs; RAW levels at pairs (4, 11, 17, 23) as GLD's release, `propagate`, DPT depth and adaLN camera heads; weights
-facebook/VGGT-1B model.pt, strict. Unlike the release, the 5 special tokens are not diffused: propagation and the
-camera head take the first source view's (`first_view_cls`). Notes: shared/notes/vggt-architecture.md.
+pairs; RAW levels at pairs (4, 11, 17, 23), `propagate`, DPT depth and adaLN camera heads, facebook/VGGT-1B weights.
+Special tokens: the first source view's, not diffused as in GLD's release. Sources: shared/notes/vggt-architecture.md.
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
 """
@@ -80,8 +79,6 @@ class Aggregator(nn.Module):
 
 
 class CameraHead(nn.Module):
-    """VGGT's camera head: camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
-
     def __init__(self, dim, depth, heads, iters=4):
         super().__init__()
         self.iters, self.empty_pose_tokens = iters, nn.Parameter(torch.zeros(1, 1, 9))
@@ -92,6 +89,7 @@ class CameraHead(nn.Module):
         self.pose_branch = nn.ModuleDict({'fc1': nn.Linear(dim, dim // 2), 'fc2': nn.Linear(dim // 2, 9)})
 
     def forward(self, tok):
+        """Camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
         B, V, _ = tok.shape
         t, pred = self.token_norm(tok), None
         for _ in range(self.iters):        # the same token every iteration; the prediction accumulates
@@ -125,8 +123,7 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) + special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C)) -> raw levels k+1..3; the
-        state is the global half of [cls, level_k] (with encode's own tokens: the encoded deeper levels)."""
+        """Raw level k (B,V,T,2C), special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C)) -> raw levels k+1..3."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 3 else cls).expand(B, V, SPECIAL, D)
@@ -135,8 +132,7 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def geometry(self, levels, H, W, cls_last=None):
-        """Levels -> depth, depth_conf (B,V,H,W); with cls_last (special tokens (B,V,5,2C) or camera token (B,V,2C))
-        also 'extrinsics' (w2c (B,V,3,4)), pixel 'intrinsics', c2w and normalised K. fp32, as VGGT's heads."""
+        """Levels -> depth, depth_conf [+ 'extrinsics' (w2c), 'intrinsics', c2w, K from cls_last (B,V[,5],2C)]; fp32."""
         with torch.autocast(levels[0].device.type, enabled=False):
             out = self.depth_head(levels, H, W)
             if cls_last is not None:
