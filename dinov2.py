@@ -1,10 +1,8 @@
 """DINOv2 ViT/14 as a latent space: the RAE-style baseline of the GLD paper's tables, and VGGT's patch embed.
 
-- `DinoViT`: the DINOv2 backbone in the official torch-hub checkpoint layout (dinov2_vit{s,b,l}14[_reg4]_pretrain.pth).
-- `DINOv2`: ONE level, the last layer's patch tokens after the final LayerNorm WITHOUT its affine (RAE's
-  Dinov2withNorm), each view on its own; a one-level decoder.RGBDecoder is trained on it (RAE's decoder).
-- Presets dinov2-{s,b,l}[-reg] (4 registers). Images keep the data's size (RAE feeds 224 px).
-
+`DinoViT` in the torch-hub checkpoint layout (dinov2_vit{s,b,l}14[_reg4]_pretrain.pth); `DINOv2`: ONE level, the last
+patch tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm), per view, at the data's size (RAE:
+224 px), decoded by a trained one-level decoder.RGBDecoder. Presets dinov2-{s,b,l}[-reg] (4 registers).
 References: DINOv2 (arXiv 2304.07193), registers (arXiv 2309.16588), RAE (arXiv 2510.11690), GLD (2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
@@ -28,15 +26,11 @@ class DINOv2Config:
     pos_grid: int = 37      # 518 / 14
 
 
-PRESETS = {}
-for _size, (_dim, _depth, _heads) in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items():
-    PRESETS[f'dinov2-{_size}'] = DINOv2Config(f'dinov2-{_size}', _dim, _depth, _heads)
-    PRESETS[f'dinov2-{_size}-reg'] = DINOv2Config(f'dinov2-{_size}-reg', _dim, _depth, _heads, registers=4)
+PRESETS = {f'dinov2-{s}{reg}': DINOv2Config(f'dinov2-{s}{reg}', *dims, registers=4 if reg else 0)
+           for s, dims in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items() for reg in ('', '-reg')}
 
 
-class DinoViT(nn.Module):
-    """DINOv2's ViT in the official key layout; eps 1e-6 LayerNorms, LayerScale, GELU MLP, no qk-norm, no RoPE."""
-
+class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
     def __init__(self, dim, depth, heads, registers=0, pos_grid=37):
         super().__init__()
         self.dim, self.registers = dim, registers
@@ -45,8 +39,7 @@ class DinoViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, dim))               # in the checkpoints, unused here
         if registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, PATCH, PATCH)
+        self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, dim, PATCH, PATCH)})
         self.blocks = nn.ModuleList(encoder_lib.Block(dim, heads, False, False) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for p in (self.cls_token, self.pos_embed, *([self.register_tokens] if registers else [])):
@@ -64,8 +57,6 @@ class DinoViT(nn.Module):
 
 
 class DINOv2(encoder_lib.LatentEncoder):
-    """A frozen DINOv2 as a one-level latent space (RAE's features)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.dim, self.patch = cfg, cfg.embed_dim, PATCH

@@ -1,17 +1,9 @@
-"""Frozen Depth Anything 3 (DA3) encoder: GLD's latent space, its geometry head and its statistics.
+"""Frozen Depth Anything 3 (DA3) encoder: the latent space of GLD (arXiv 2603.22275), its geometry head and statistics.
 
-DA3 as depth_anything_3==0.1.1 builds it (same state-dict keys, outputs equal to float tolerance), plus GLD's parts.
-- DINOv2 ViT/14 backbone; from `alt_start` odd blocks attend across all views (global), the others per view; 2D RoPE
-  (base 100) and QK LayerNorm from `rope_start` / `qknorm_start`; a camera token replaces token 0 at `alt_start`.
-- Levels: the 4 out layers give cat(local_x, x_L) (2C channels), RAW from `encode` (GLD's diffusion space);
-  `normalize_levels` gives DA3's exported form (what heads read); `propagate` resumes from level k (GLD sec. 4.3).
-- DualDPT head, camera decoder, `pose_from_rays` (deterministic DLT + IRLS instead of DA3's random RANSAC), strict
-  weight loading, `LatentStats`, `geometry_loss` for the tiny preset. Registry: latents.build_encoder.
-The reference view keeps its position (DA3 moves it to 0; global attention is permutation-equivariant).
-
-References: Depth Anything 3 (arXiv 2511.10647, github.com/ByteDance-Seed/Depth-Anything-3);
-DINOv2 (arXiv 2304.07193); DPT (arXiv 2103.13413); GLD (arXiv 2603.22275).
-Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
+DA3 as depth_anything_3==0.1.1 builds it (same keys, outputs to float tolerance; the reference view keeps its place):
+alternating DINOv2 ViT/14, RAW levels cat(local_x, x_L), `propagate` (GLD 4.3), DualDPT head, camera decoder, IRLS
+`pose_from_rays` (no RANSAC). References (arXiv): DA3 2511.10647 (ByteDance-Seed/Depth-Anything-3), DINOv2 2304.07193,
+DPT 2103.13413. Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
 import math
 import os
@@ -112,9 +104,7 @@ class Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(Bp, N, C))
 
 
-class Block(nn.Module):
-    """DINOv2's pre-norm block with LayerScale (ls1/ls2.gamma); FFN: GELU MLP (fc1, fc2) or SwiGLU (w12, w3)."""
-
+class Block(nn.Module):  # DINOv2's, with LayerScale
     def __init__(self, dim, heads, qk_norm, swiglu, eps=1e-6):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
@@ -129,10 +119,8 @@ class Block(nn.Module):
 
 
 def select_reference_view(tok0):
-    """DA3's 'saddle_balanced' choice from the token-0 (cls) outputs tok0 (B,V,C) -> index (B,):
-    the view whose similarity-to-others, norm and variance are each closest to the middle of the range."""
-    unit = F.normalize(tok0, dim=-1, eps=0.0)
-    V = tok0.shape[1]
+    """DA3's 'saddle_balanced' choice: token 0 tok0 (B,V,C) -> (B,) the view most mid-range in 3 scores."""
+    unit, V = F.normalize(tok0, dim=-1, eps=0.0), tok0.shape[1]
     sim = ((unit @ unit.transpose(1, 2)).sum(-1) - 1) / (V - 1)          # (B,V) mean cos to the others
     scores = 0
     for m in (sim, tok0.norm(dim=-1), unit.var(-1)):
@@ -142,15 +130,12 @@ def select_reference_view(tok0):
 
 
 def imagenet_normalize(images):
-    """images (...,3,H,W) in [0,1] -> ImageNet-normalised (the input of DA3, DINOv2 and VGGT)."""
     mean, std = (images.new_tensor(v).view(3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     return (images - mean) / std
 
 
 def patch_tokens(vit, x, antialias=False):
-    """x (N,3,H,W) normalised -> [cls, patches] + position table (N,1+T,C) of a DINOv2-layout ViT. The G x G table is
-    resized bicubically as DINOv2 does: scale factor (n+0.1)/G (its plain models, DA3) or, antialias=True, size=(h,w)
-    with antialiasing (its register models, VGGT)."""
+    """Normalised x (N,3,H,W) -> [cls, patches] + positions (N,1+T,C) resized as DINOv2 (antialias: register models)."""
     (N, _, H, W), pos = x.shape, vit.pos_embed
     x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)                         # (N,T,C)
     G, h, w = math.isqrt(pos.shape[1] - 1), H // PATCH, W // PATCH
@@ -163,13 +148,10 @@ def patch_tokens(vit, x, antialias=False):
 
 
 class ViT(nn.Module):
-    """The DA3 backbone (state-dict prefix backbone.pretrained.)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, C = cfg, cfg.embed_dim
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, C, PATCH, PATCH)
+        self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, C, PATCH, PATCH)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
@@ -184,8 +166,7 @@ class ViT(nn.Module):
         local = rope_positions(hw, 1, x.device)                                    # (1+T,2), token 0 at (0,0)
         glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)     # (V(1+T),2), global patches at (1,1)
         local_rope, global_rope = (rope_tables(p, C // cfg.heads) for p in (local, glob))
-        ref = torch.zeros(B, dtype=torch.long, device=x.device)
-        levels = []
+        ref, levels = torch.zeros(B, dtype=torch.long, device=x.device), []
         for i in range(start, cfg.depth):
             if i == cfg.alt_start - 1 and V >= 3 and ref_view == 'saddle_balanced':
                 ref = select_reference_view(x[:, :, 0])
@@ -220,11 +201,9 @@ def conv3(cin, cout, bias=True):
 
 
 class ResidualConvUnit(nn.Module):
-    """conv2(relu(conv1(relu(x)))) + x, or + relu(x) with relu_skip (VGGT's in-place ReLU)."""
-
     def __init__(self, f, relu_skip=False):
         super().__init__()
-        self.conv1, self.conv2, self.relu_skip = conv3(f, f), conv3(f, f), relu_skip
+        self.conv1, self.conv2, self.relu_skip = conv3(f, f), conv3(f, f), relu_skip  # relu_skip: VGGT's in-place ReLU
 
     def forward(self, x):
         y = self.conv2(F.relu(self.conv1(F.relu(x))))
@@ -232,8 +211,6 @@ class ResidualConvUnit(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """DPT fusion: (+ RCU(lateral)) -> RCU -> bilinear upsample (align_corners) -> 1x1 conv."""
-
     def __init__(self, f, lateral=True, relu_skip=False):
         super().__init__()
         self.resConfUnit1 = ResidualConvUnit(f, relu_skip) if lateral else None
@@ -254,13 +231,11 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 class DualDPT(nn.Module):
-    """DA3's head: 4 levels -> depth + depth_conf (H x W) and ray + ray_conf (8h x 8w) from the finest aux level
-    (aux levels 0-2 exist for state-dict parity). aux=False, relu_skip=True: VGGT's depth head."""
+    """DA3's head: depth, depth_conf (H x W), ray, ray_conf (8h x 8w; aux 0-2: keys only). aux=False: VGGT's."""
 
     def __init__(self, dim_in, f, out_channels, aux=True, relu_skip=False):
         super().__init__()
-        c = out_channels
-        self.norm = nn.LayerNorm(dim_in, eps=1e-5)
+        c, self.norm = out_channels, nn.LayerNorm(dim_in, eps=1e-5)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, ci, 1) for ci in c)
         self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(c[0], c[0], 4, 4), nn.ConvTranspose2d(c[1], c[1], 2, 2),
                                             nn.Identity(), nn.Conv2d(c[3], c[3], 3, 2, 1)])
@@ -309,22 +284,19 @@ class DualDPT(nn.Module):
 
 
 class CameraDec(nn.Module):
-    """DA3's camera decoder: last-level token 0 (B,V,2C) -> pose encoding [t, quat xyzw, fov_h, fov_w]."""
-
     def __init__(self, dim):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
         self.fc_t, self.fc_qvec = nn.Linear(dim, 3), nn.Linear(dim, 4)
         self.fc_fov = nn.Sequential(nn.Linear(dim, 2), nn.ReLU())
 
-    def forward(self, tok):                                                # -> (B,V,9)
+    def forward(self, tok):  # last-level token 0 (B,V,2C) -> pose encoding (B,V,9) [t, quat xyzw, fov_h, fov_w]
         f = self.backbone(tok).float()
         return torch.cat([self.fc_t(f), self.fc_qvec(f), self.fc_fov(f)], -1)
 
 
 def decode_pose(pose, H, W, eps=None):
-    """DA3 / VGGT pose encoding (...,9) [t, quat xyzw, fov_h, fov_w] -> the pose (...,4,4) of (quat, t) and centred
-    pixel intrinsics (...,3,3) (tan(fov/2) clamped to eps where given)."""
+    """Pose encoding (...,9) [t, quat xyzw, fov_h, fov_w] -> pose (...,4,4), centred pixel K; tan(fov/2) >= eps."""
     T = cameras.make_pose(cameras.quat_to_rotmat(pose[..., [6, 3, 4, 5]]), pose[..., :3])  # xyzw -> wxyz
     tan = torch.tan(pose[..., 7:9] / 2)
     tan = tan if eps is None else tan.clamp_min(eps)
@@ -340,8 +312,7 @@ class LatentEncoder(nn.Module):
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
 
     def freeze(self):
-        self.eval().requires_grad_(False)
-        return self
+        return self.eval().requires_grad_(False)
 
     def normalize_levels(self, levels):
         return list(levels)
@@ -382,8 +353,7 @@ class DA3(LatentEncoder):
             nn.init.normal_(p, std=0.02)
 
     def encode(self, images, ref_view='first', return_cls=False):
-        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ their token 0 (B,V,2C)]. ref_view: 'first'
-        (GLD) or 'saddle_balanced' (DA3's automatic choice, used when V >= 3)."""
+        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ token 0 (B,V,2C)]; 'saddle_balanced': DA3's."""
         B, V, _, H, W = images.shape
         self.check_size(H, W)
         vit = self.backbone.pretrained
@@ -393,9 +363,7 @@ class DA3(LatentEncoder):
         return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) -> raw levels k+1..3 through the blocks after out layer k, all views jointly; the
-        state is the global half of [cls, level k], cls a raw level-k token 0: (B,2C) broadcast (GLD: the first source
-        view's, `first_view_cls`) or (B,V,2C) (encode's own: this reproduces the encoded deeper levels exactly)."""
+        """Raw level k (B,V,T,2C), token 0 cls ((B,2C) broadcast, or encode's own (B,V,2C)) -> raw levels k+1..3."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
@@ -411,8 +379,7 @@ class DA3(LatentEncoder):
         return [torch.cat([lv[..., :C], self.backbone.pretrained.norm(lv[..., C:])], -1) for lv in levels]
 
     def geometry(self, norm_levels, H, W, cls_last=None):
-        """Normalised levels -> the head's outputs + c2w, normalised K fitted to the rays; with cls_last (raw last-level
-        token 0 (B,V,2C)) also cam_dec's 'extrinsics' (w2c (B,V,3,4)) and pixel 'intrinsics' (B,V,3,3)."""
+        """Normalised levels -> head outputs, c2w, K from the rays [+ cls_last's 'extrinsics' (w2c), 'intrinsics']."""
         out = self.head(norm_levels, H, W)
         out['c2w'], out['K'] = pose_from_rays(out['ray'], out['ray_conf'])
         if cls_last is not None:
@@ -421,12 +388,10 @@ class DA3(LatentEncoder):
         return out
 
     def forward(self, images, ref_view='first'):
-        """Full differentiable pass for training: images (B,V,3,H,W) -> depth/ray dict of the head."""
         H, W = images.shape[-2:]
         return self.head(self.normalize_levels(self.encode(images, ref_view)), H, W)
 
     def reconstruct(self, images):
-        """The reconstruction objective's pixel head: images (B,V,3,H,W) -> their reconstruction."""
         (B, V, _, H, W), p = images.shape, PATCH
         x = self.pixel_head(torch.cat(self.normalize_levels(self.encode(images)), -1))      # (B,V,T,3pp)
         x = x.view(B, V, H // p, W // p, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)              # (B,V,3,h,p,w,p)
@@ -448,10 +413,8 @@ def pixel_grid(h, w, device, dtype=torch.float64):
 
 
 def pose_from_rays(ray, conf, iters=8):
-    """Camera from a ray map: ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w (...,4,4), K (...,3,3).
-    d ~ A p, A = R K^-1, p = [u,v,1] the normalised pixel centres: A is the weighted DLT solution of d x (A p) = 0,
-    refined by IRLS with weights conf / (1 + (e/s)^2)^2 on the chordal error e, s = median e (deterministic, no RANSAC);
-    QR gives A = R U, K = U^-1 / (U^-1)[2,2]. Camera centre = conf-weighted mean of the origins."""
+    """ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w, K. d ~ A p = R K^-1 p: weighted DLT of d x A p
+    = 0, IRLS weights conf / (1 + (e/median e)^2)^2 (chordal e), QR A = R U; centre: conf-weighted mean of origins."""
     *lead, h, w, _ = ray.shape
     d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
     conf = conf.double().flatten(-2)                                            # (...,P)
@@ -460,8 +423,7 @@ def pose_from_rays(ray, conf, iters=8):
     p = pixel_grid(h, w, d.device).reshape(-1, 3) @ cond.T                      # (P,3) conditioned
     pp = (p[:, :, None] * p[:, None, :]).flatten(1)                             # (P,9)
     dd = (d[..., :, None] * d[..., None, :]).flatten(-2)                        # (...,P,9)
-    eye = torch.eye(3, dtype=d.dtype, device=d.device)
-    wgt = conf
+    eye, wgt = torch.eye(3, dtype=d.dtype, device=d.device), conf
     for _ in range(iters):
         # sum_i w_i |d_i x A p_i|^2 = vec(A)^T N vec(A), N[(r,c),(s,e)] = sum_i w_i (I - d d^T)_rs (p p^T)_ce
         wn = wgt / wgt.sum(-1, keepdim=True)
@@ -484,15 +446,13 @@ def pose_from_rays(ray, conf, iters=8):
 
 def rays_from_cameras(c2w, K, h, w):
     """c2w (...,3|4,4), normalised K (...,3,3) -> DA3-style ray map (...,h,w,6): [R K^-1 [u,v,1], centre]."""
-    pix = pixel_grid(h, w, K.device, K.dtype)
-    dirs = torch.einsum('...ij,hwj->...hwi', c2w[..., :3, :3] @ torch.linalg.inv(K), pix)
+    dirs = torch.einsum('...ij,hwj->...hwi', c2w[..., :3, :3] @ K.inverse(), pixel_grid(h, w, K.device, K.dtype))
     return torch.cat([dirs, c2w[..., None, None, :3, 3].expand_as(dirs)], -1)
 
 
 def depth_to_points(depth, c2w, K):
     """depth (...,H,W), c2w (...,4,4), normalised K (...,3,3) -> world points (...,H,W,3)."""
-    H, W = depth.shape[-2:]
-    pix = pixel_grid(H, W, depth.device, depth.dtype)
+    pix = pixel_grid(*depth.shape[-2:], depth.device, depth.dtype)
     cam = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix) * depth[..., None]
     return torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam) + c2w[..., None, None, :3, 3]
 
@@ -522,8 +482,7 @@ def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
 
 
 def read_da3_state_dict(weights):
-    """One file or a list of files -> one state dict with DA3Net keys (backbone.pretrained.*, head.*, cam_dec.*): the
-    DA3 hub layout ('model.'), plain DA3Net state dicts, and bare sub-module files such as GLD's release."""
+    """File(s) in the hub, DA3Net or bare sub-module layout (GLD's release) -> one state dict with DA3Net keys."""
     sd = {}
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
         part = read_state_dict(str(path))
@@ -536,7 +495,6 @@ def read_da3_state_dict(weights):
 
 
 def skip_keys(sd, prefixes, who, why):
-    """sd without the tensors under `prefixes` (modules not built here), with a note of how many and why."""
     n = sum(k.startswith(prefixes) for k in sd)
     if n:
         print(f'{who}: ignoring {n} {"/".join(p + "*" for p in prefixes)} tensors ({why})')
@@ -557,17 +515,14 @@ def key_diff(expected, sd, n=12):
 
 def load_strict(module, sd, name):
     """Load sd into module after a strict key and shape check (a readable diff on mismatch); meta tensors assign."""
-    diff = key_diff(module.state_dict(), sd)
-    if diff:
+    if diff := key_diff(module.state_dict(), sd):
         raise ValueError(f'checkpoint does not fit encoder {name!r}:' + diff)
     module.load_state_dict(sd, assign=any(v.is_meta for v in sd.values()))
     return module
 
 
 def load_weights(enc, weights, source=None):
-    """Load official weights into enc: a file, a list of files or a state dict (source: its file, for messages).
-    cam_enc.*, gs_head.*, gs_adapter.* are skipped with a note, and so is cam_dec.* where the checkpoint has none
-    (GLD's split release). A mismatch is a UserError with a readable key diff, or the preset the weights are for."""
+    """Official weights (file(s) or a state dict) into enc; a mismatch: UserError naming the preset, or a key diff."""
     if not isinstance(weights, dict):
         source = weights if isinstance(weights, (str, os.PathLike)) else ', '.join(map(str, weights))
     sd = dict(weights) if isinstance(weights, dict) else read_da3_state_dict(weights)
@@ -582,8 +537,7 @@ def load_weights(enc, weights, source=None):
     no_cam_dec = hasattr(enc, 'cam_dec') and not any(k.startswith('cam_dec.') for k in sd)
     if no_cam_dec:
         own = {k: v for k, v in own.items() if not k.startswith('cam_dec.')}
-    diff = key_diff(own, sd)
-    if diff:
+    if diff := key_diff(own, sd):
         with torch.device('meta'):
             others = [n for n, cfg in PRESETS.items() if n != enc.cfg.name and not key_diff(DA3(cfg).state_dict(), sd)]
         if others:
@@ -637,8 +591,7 @@ class LatentStats:
 
 @torch.no_grad()
 def compute_latent_stats(enc, image_batches, levels=(0, 1)):
-    """Stream batches (images (B,V,3,H,W) or dicts with 'images') through enc.encode and accumulate per-channel sum
-    and sum of squares in float64 (all-reduced across ranks under torch.distributed)."""
+    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
     device = next(enc.parameters()).device
     sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
     for batch in image_batches:
@@ -657,17 +610,15 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1)):
 
 # ---- Training loss for the tiny encoder (DA3-style) ------------------------------------------
 def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
-    """out: enc(images); depths_gt (B,V,H,W) (<= 0 = invalid), c2w_gt (B,V,4,4), normalised K_gt -> (loss, parts).
-    GT in view 0's frame, divided by view 0's mean valid depth (the scale DA3 cannot know). Depth: c |d - d*| - alpha
-    log c over valid pixels (+ grad_weight x L1 of the finite differences of d - d*); rays alike, at theirs."""
+    """out = enc(images), depths_gt (B,V,H,W) (<= 0: invalid), c2w_gt, K_gt -> (loss, parts); GT in view 0's frame at
+    its mean valid depth. c |d - d*| - alpha log c on valid pixels (+ grad_weight x L1 of its gradient), rays alike."""
     valid = depths_gt > 0
     scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
              / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)
     depth = depths_gt / scale
     rel = torch.linalg.inv(c2w_gt[:, :1]) @ c2w_gt                       # (B,V,4,4) in view 0's frame
     R, centre = rel[..., :3, :3], rel[..., :3, 3] / scale[..., 0]
-    conf, err = out['depth_conf'], (out['depth'] - depth).abs()
-    n = valid.sum().clamp_min(1)
+    conf, err, n = out['depth_conf'], (out['depth'] - depth).abs(), valid.sum().clamp_min(1)
     parts = {'depth': ((conf * err - alpha * conf.log()) * valid).sum() / n}
     if grad_weight:
         diff = (out['depth'] - depth) * valid
@@ -675,6 +626,5 @@ def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
         gy = (diff[..., 1:, :] - diff[..., :-1, :]).abs() * (valid[..., 1:, :] & valid[..., :-1, :])
         parts['grad'] = grad_weight * (gx.sum() + gy.sum()) / n
     ray_gt = rays_from_cameras(torch.cat([R, centre[..., None]], -1), K_gt, *out['ray'].shape[-3:-1])
-    rconf = out['ray_conf']
-    parts['ray'] = (rconf * (out['ray'] - ray_gt).abs().sum(-1) - alpha * rconf.log()).mean()
+    parts['ray'] = (out['ray_conf'] * (out['ray'] - ray_gt).abs().sum(-1) - alpha * out['ray_conf'].log()).mean()
     return sum(parts.values()), parts

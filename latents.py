@@ -1,7 +1,7 @@
 """What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
-Shared: the encoder registry, camera inputs and the leakage-free source condition (paper Sec. 4.3); training adds
-the normalised targets, the noised level-1 condition (Sec. 4.4) and `LatentCache` (`train.py --cache`).
+The encoder registry, camera inputs, the leakage-free source condition (GLD 4.3), the normalised training targets
+with the noised level-1 condition (GLD 4.4), and `LatentCache` (`train.py --cache`).
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 import hashlib
@@ -26,9 +26,8 @@ FAMILIES = {'da3': (encoder_lib, encoder_lib.DA3), 'vggt': (vggt, vggt.VGGT), 'd
 
 
 def build_encoder(name='da3-base', weights=None):
-    """The latent-encoder registry (--encoder NAME): da3-* (encoder.py; GLD), vggt-* (GLD (VGGT)), dinov2-* (the RAE
-    baseline), vae* (the SD-VAE baseline); weights: None (random), a file, files or a state dict in the encoder's
-    official layout. The interface the DiT, training, statistics and the pipeline use:
+    """The --encoder registry: da3-* (GLD), vggt-* (GLD (VGGT)), dinov2-* (RAE), vae* (SD-VAE); weights: None (random),
+    file(s) or a state dict, official layout. The interface the DiT, training, statistics and the pipeline use:
       dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
       encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
       normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
@@ -47,23 +46,19 @@ def build_encoder(name='da3-base', weights=None):
 
 
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
-    """Poses relative to the last view, largest camera distance 1 -> the model's camera inputs (patch: the encoder's
-    pixels per token side). official=True: the release's conventions (official.OfficialConventions 1-3)."""
+    """Poses relative to the last view, largest camera distance 1 (official: OfficialConventions 1-3) -> DiT inputs."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
     return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
 def source_condition(enc, images, n_src):
-    """Leakage-free condition: the encoder on the sources (views 0..n_src-1) alone -> raw levels (B,V,T,2C), zeros at
-    the targets."""
+    """Leakage-free condition: raw levels (B,V,T,2C) of the sources (views 0..n_src-1) encoded alone, zero targets."""
     B, V = images.shape[:2]
-    pad = lambda f: torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1)  # (B,N,T,C) -> (B,V,T,C)
-    return [pad(f) for f in enc.encode(images[:, :n_src])]
+    return [torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1) for f in enc.encode(images[:, :n_src])]
 
 
 def encode_batch(enc, batch, levels, cond_level):
-    """Raw levels of one batch (sources first): {'full': {l: (B,V,T,2C)} of all V views jointly, 'cond': cond_level
-    of the sources alone (source_condition)}. A cached batch carries them already."""
+    """Raw levels of a batch: {'full': {l: (B,V,T,2C)} of all views jointly, 'cond': source_condition's cond_level}."""
     if 'full' in batch:
         return batch
     n_src = int(batch['src_mask'][0].sum())
@@ -90,7 +85,6 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
 
 
 def compute_stats(enc, loader, levels, n_batches, device):
-    """Per-channel statistics of the raw levels over n_batches training batches (DDP-aware inside)."""
     images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
     return encoder_lib.compute_latent_stats(enc, images, levels)
 
@@ -99,21 +93,15 @@ def state_hash(module):
     """SHA-256 of a module's state dict (names, shapes, bytes): ties a cache to the exact encoder weights."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        for part in (k.encode(), str(tuple(v.shape)).encode(), v.detach().cpu().contiguous().numpy().tobytes()):
-            h.update(part)
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 class LatentCache:
-    """The frozen encoder's raw levels (float16) for `draws` fixed view draws of every training scene, computed once.
-
-    A level depends on the whole ordered view set (global attention), so the cache stores whole samples: draw d of
-    scene i takes the frames of epoch d and n = lo + d mod (hi - lo + 1) sources (data.split_views). The file name
-    holds the encoder's state hash, data, views, draws and levels, so anything else builds anew."""
+    """The frozen encoder's raw levels (float16) of `draws` whole view draws of every training scene (see build)."""
 
     def __init__(self, path):
-        self.path = path
-        self.data = torch.load(path, weights_only=True)
+        self.path, self.data = path, torch.load(path, weights_only=True)
         self.n_src = self.data['n_src']
 
     def __len__(self):
@@ -129,10 +117,8 @@ class LatentCache:
                 'cond': d['cond'][idx].to(device).float()}
 
     def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
-        """The epoch's batches (lists of draw indices of one source count), shuffled from (seed, epoch) alone and
-        dealt to ranks round-robin; incomplete batches are dropped."""
-        g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        out = []
+        """The epoch's batches of draws of one source count, shuffled by (seed, epoch), dealt to ranks round-robin."""
+        g, out = torch.Generator().manual_seed(seed * 100003 + epoch), []
         for n in self.n_src.unique().tolist():
             idx = (self.n_src == n).nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), generator=g)]
@@ -149,7 +135,7 @@ class LatentCache:
     @classmethod
     def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), src_mode='random', seed=0, device='cpu',
               log=print):
-        """Encode every scene's draws once (or load the file when it exists) -> LatentCache."""
+        """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or loaded from path)."""
         if os.path.exists(path):
             log(f'latent cache: {path}')
             return cls(path)

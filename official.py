@@ -1,9 +1,7 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-Beside the model as DiT keeps download.py: finding the release's files, unwrapping every layout its code saves or
-reads (official_state_dict), strict conversion (decoder.convert_official, model.convert_official,
-latents.build_encoder), and `OfficialConventions`. `python sample.py --official DIR` runs them; docs/official.md has
-the download steps and the tables of files, layouts and conventions. Legend: B batch, V views, H W image, C channels.
+File discovery, every layout the release saves, strict conversion and `OfficialConventions`; `sample.py --official
+DIR` runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image, C channels.
 """
 import os
 import re
@@ -22,21 +20,15 @@ OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; mode
     'da3': {'encoder': 'pretrained_models/da3/model.safetensors', 'head': 'pretrained_models/da3/dpt_decoder.pt',
             'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
             'level1': 'checkpoints/da3_level1.pt', 'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
-            'stats0': 'model_stats/da3/normalization_stats_level0.pt',
-            'stats1': 'model_stats/da3/normalization_stats_level1.pt'},
+            **{f'stats{l}': f'model_stats/da3/normalization_stats_level{l}.pt' for l in (0, 1)}},
     'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
              'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
-             'stats0': 'model_stats/vggt/normalization_stats_level0.pt',
-             'stats1': 'model_stats/vggt/normalization_stats_level1.pt',
-             'special0': 'model_stats/vggt/special_stats_level0.pt',
-             'special1': 'model_stats/vggt/special_stats_level1.pt'}}
+             **{f'{role}{l}': f'model_stats/vggt/{name}_stats_level{l}.pt'
+                for role, name in (('stats', 'normalization'), ('special', 'special')) for l in (0, 1)}}}
 OFFICIAL_LAYOUTS = {  # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code
     'encoder': ((), ('model.',)),  # writes or reads each: docs/official.md, "Files and layouts loaded"
-    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
-    'head': (('model',), ('decoder.', 'pred.')),
-    'model': (('ema', 'model'), ()),
-    'stats': ((), ()),
-}
+    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)), 'head': (('model',), ('decoder.', 'pred.')),
+    'model': (('ema', 'model'), ()), 'stats': ((), ())}
 
 
 def describe_layouts(kind):
@@ -48,8 +40,7 @@ def describe_layouts(kind):
 
 
 def official_state_dict(obj, kind, name='', log=print):
-    """A released file's contents in any layout of OFFICIAL_LAYOUTS[kind] -> a flat state dict: the first wrapper
-    holding a dict (EMA first), 'module.' dropped, the kind's prefixes stripped (other modules' entries skipped)."""
+    """A released file's contents in an OFFICIAL_LAYOUTS[kind] -> flat state dict (EMA first, prefixes stripped)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
     unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
@@ -88,8 +79,7 @@ def read_official(path, kind, log=print):
 
 
 def load_official_stats(path, dim=None, log=print):
-    """GLD's normalization_stats_level{l}.pt (mean, var (and std), each (1,2C,1,1) with 2C = dim): a folder of
-    them, one file or a list -> encoder.LatentStats (the level read from the name)."""
+    """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or list -> LatentStats."""
     if isinstance(path, (str, os.PathLike)):
         path = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
                 if os.path.isdir(path) else [path])
@@ -117,8 +107,7 @@ def official_prope_K(P, P_inv):
 
 
 class OfficialConventions:
-    """What the released GLD models were trained and evaluated with where it differs from our clean default (the
-    release's DDT.py, DDT_old.py, eval_gld_metric.py and configs; the table and sources: docs/official.md):
+    """Where the released models' training and evaluation differ from our default (sources: docs/official.md):
     1. poses relative to the last view, largest |t| component = 1: cameras.normalize_poses(by='max_abs');
     2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): camera_inputs(official=True);
     3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: camera_inputs(official=True);
@@ -140,8 +129,7 @@ class OfficialConventions:
         return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
 
     def model_cameras(self, level, cams, uncond_cams):
-        """Ours built with official=True (cams) and drop_cameras (uncond_cams, CFG's unconditional branch) -> the
-        camera inputs the released model of `level` sees, (cams, uncond_cams): items 4 and 5."""
+        """Our official=True cams and CFG's uncond_cams -> those the released model of `level` sees: items 4 and 5."""
         H, W = cams['plucker'].shape[-2:]
         Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
         if level in self.cascade_levels:
@@ -160,9 +148,7 @@ class OfficialConventions:
 
 
 def find_official_files(folder, latent='da3'):
-    """Role -> local path of every OFFICIAL_FILES[latent] entry, searched by name anywhere under folder (hidden
-    folders skipped). A file at another latent's release path is not a candidate (pretrained_models/vggt/
-    mae_decoder.pt beside DA3's pretrained_models/mae_decoder.pt); of several left, the one at the release path."""
+    """Role -> OFFICIAL_FILES[latent] found by name under folder (not at another latent's path; release path first)."""
     get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
@@ -171,9 +157,7 @@ def find_official_files(folder, latent='da3'):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         for f in files:
             by_name.setdefault(f, []).append(os.path.join(root, f))
-
-    def at(path, rel):  # path lies at the release path rel
-        return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
+    at = lambda path, rel: ('/' + path.replace(os.sep, '/')).endswith('/' + rel)  # path lies at release path rel
     others = [rel for other, roles in OFFICIAL_FILES.items() if other != latent for rel in roles.values()]
     paths = {}
     for role, rel in OFFICIAL_FILES[latent].items():
@@ -190,8 +174,7 @@ def find_official_files(folder, latent='da3'):
 
 
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models as our modules, loaded strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0,
-    meta)}) for pipeline.Pipeline(..., boundary=1, official=...). encoder_preset and heads: the release's."""
+    """The released GLD (DA3) models, strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
     enc = latents.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
@@ -199,7 +182,6 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 
     def convert(role, kind, converter, build, **kw):
-        """One official checkpoint -> our module built and loaded strictly, any mismatch reported with the path."""
         path = files[role]
         sd = read_official(path, kind, log)
         try:

@@ -1,13 +1,9 @@
 """The Stable Diffusion VAE (KL autoencoder, 8x downsampling, 4 latent channels): the GLD paper's SD-VAE baseline.
 
-- CompVis latent-diffusion's AutoencoderKL (SD's kl-f8 config), loaded strictly from the ORIGINAL ldm layout
-  (sd-vae-ft-mse-original, or an SD 1.x checkpoint's first_stage_model.*), not the diffusers one.
-- ONE level: the posterior mean times 0.18215, images mapped to [-1,1]; 2x2 latent patches form a token (DiT's
-  patch 2): 16 channels per 16x16 pixels. The RGB decoder is the VAE's own (`rgb_decoder`).
-- Presets 'vae' (SD's kl-f8, 83.7M parameters) and 'vae-tiny' (32 channels, for CPU).
-
-References: Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (arXiv 2112.10752);
-Kingma & Welling (arXiv 1312.6114); DiT (arXiv 2212.09748); GLD (arXiv 2603.22275).
+CompVis ldm's AutoencoderKL, loaded strictly from the ORIGINAL ldm layout (sd-vae-ft-mse-original, or an SD 1.x
+checkpoint's first_stage_model.*), not diffusers'. ONE level: the posterior mean x 0.18215 of images in [-1,1], 2x2
+latent patches per token (DiT's patch 2); its own RGB decoder. Presets 'vae' (kl-f8, 83.7M) and 'vae-tiny' (CPU).
+References: LDM (arXiv 2112.10752), VAE (arXiv 1312.6114), DiT (arXiv 2212.09748), GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/16), C channels, T tokens (h*w).
 """
 from collections import OrderedDict
@@ -35,15 +31,11 @@ class VAEConfig:
 PRESETS = {'vae': VAEConfig(), 'vae-tiny': VAEConfig('vae-tiny', 32, (1, 1, 2, 2), 1, 4, 8)}
 
 
-def group_norm(c, groups):
-    return nn.GroupNorm(groups, c, eps=1e-6)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(cin, groups), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.conv2 = group_norm(cout, groups), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups, cin, eps=1e-6), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, cout, eps=1e-6), nn.Conv2d(cout, cout, 3, 1, 1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -52,12 +44,10 @@ class ResnetBlock(nn.Module):
         return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the pixels, 1x1 convs, residual."""
-
+class AttnBlock(nn.Module):  # single-head self-attention over the pixels
     def __init__(self, c, groups):
         super().__init__()
-        self.norm = group_norm(c, groups)
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):                                                # x (N,c,h,w)
@@ -68,7 +58,6 @@ class AttnBlock(nn.Module):
 
 
 def mid_block(c, groups):
-    """ldm's mid: ResNet, attention, ResNet."""
     return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
                                      block_2=ResnetBlock(c, c, groups)))
 
@@ -83,11 +72,10 @@ class Encoder(nn.Module):
             level = nn.Module()
             level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
             if i < len(widths) - 1:                                       # stride 2, padded right/bottom only
-                level.downsample = nn.Module()
-                level.downsample.conv = nn.Conv2d(c, c, 3, 2, 0)
+                level.downsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 2, 0)})
             self.down.append(level)
         self.mid = mid_block(c, g)
-        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
+        self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
 
     def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
         x = self.conv_in(x)
@@ -110,11 +98,10 @@ class Decoder(nn.Module):
             cin, c, level = widths[min(i + 1, len(widths) - 1)], widths[i], nn.Module()
             level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
             if i > 0:
-                level.upsample = nn.Module()
-                level.upsample.conv = nn.Conv2d(c, c, 3, 1, 1)
+                level.upsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 1, 1)})
             up.insert(0, level)
         self.up = nn.ModuleList(up)
-        self.norm_out, self.conv_out = group_norm(c, g), nn.Conv2d(c, 3, 3, 1, 1)
+        self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 3, 3, 1, 1)
 
     def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
         x = self.mid(self.conv_in(z))
@@ -148,12 +135,10 @@ class VAE(encoder_lib.LatentEncoder):
         return (self.decoder(self.post_quant_conv(z)) + 1) / 2
 
     def encode(self, images):
-        """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)]: scaled posterior mean, p x p latent patches
-        per token, channels laid out (z, py, px), tokens row-major; every view on its own."""
+        """images (B,V,3,H,W) in [0,1] -> [level 0 (B,V,T,z p p)], p x p latent patches, channels (z, py, px)."""
         B, V, _, H, W = images.shape
         self.check_size(H, W)
-        z = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale            # (BV,z,H/8,W/8)
-        p = self.cfg.token_patch
+        z, p = self.posterior(images.flatten(0, 1))[0] * self.cfg.scale, self.cfg.token_patch  # (BV,z,H/8,W/8)
         z = z.unflatten(2, (H // self.patch, p)).unflatten(4, (W // self.patch, p))  # (BV,z,h,p,w,p)
         return [z.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2).unflatten(0, (B, V))]
 
@@ -161,12 +146,10 @@ class VAE(encoder_lib.LatentEncoder):
         return VAEDecoder(self)
 
     def reconstruct(self, images):
-        """images (B,V,3,H,W) -> decoded posterior means (B,V,3,H,W)."""
         return self.rgb_decoder()(self.encode(images), tuple(d // self.patch for d in images.shape[-2:]))
 
     def training_loss(self, batch, kl_weight=1e-6):
-        """train.py --stage encoder: L1 reconstruction of every view through a posterior sample + kl_weight x KL to
-        N(0, I) (ldm's weight; no LPIPS / GAN here) -> (loss, parts)."""
+        """train.py --stage encoder: L1 of a decoded posterior sample + kl_weight x KL to N(0, I) (no LPIPS / GAN)."""
         images = batch['images'].flatten(0, 1)
         mean, logvar = self.posterior(images)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()

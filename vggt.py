@@ -1,14 +1,8 @@
 """Frozen VGGT-1B aggregator as GLD's latent space ("GLD (VGGT)"), its depth and camera heads.
 
-Sources and line numbers: shared/notes/vggt-architecture.md.
-- Aggregator: a DINOv2-L/14 with 4 registers as patch embed, then per frame [camera token, 4 registers, patches]
-  (frame 0 takes index 0 of the learned tokens, the others index 1) through 24 pairs of a frame and a global block.
-- Levels as GLD's release: pairs (4, 11, 17, 23), each cat(frame output, global output), 2C = 2048, RAW;
-  `propagate` resumes from level k. Heads: DPT depth head (DualDPT's main branch), the adaLN camera head.
-- Weights: facebook/VGGT-1B model.pt, strict; point_head / track_head skipped.
-Difference from the GLD release: it also diffuses the 5 special tokens of each level; here propagation and the
-camera head take those of the first source view encoded alone (`first_view_cls`), as DA3's token 0.
-
+DINOv2-L/14 (4 registers) patch embed, then [camera, 4 registers, patches] per frame through 24 frame/global block
+pairs; RAW levels at pairs (4, 11, 17, 23), `propagate`, DPT depth and adaLN camera heads, facebook/VGGT-1B weights.
+Special tokens: the first source view's, not diffused as in GLD's release. Sources: shared/notes/vggt-architecture.md.
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
 """
@@ -48,8 +42,6 @@ PRESETS = {'vggt-1b': VGGTConfig(), 'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 
 
 
 class Aggregator(nn.Module):
-    """VGGT's aggregator (state-dict prefix aggregator.)."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg, C = cfg, cfg.embed_dim
@@ -75,10 +67,9 @@ class Aggregator(nn.Module):
     def run(self, x, start, hw):
         """Pairs start.. on the state x (B,V,P,C) -> levels (B,V,P,2C) at the out layers >= start."""
         cfg, (B, V, P, C) = self.cfg, x.shape
-        pos, hd = encoder_lib.rope_positions(hw, SPECIAL, x.device), C // cfg.heads
-        frame_rope = encoder_lib.rope_tables(pos, hd)
-        global_rope = encoder_lib.rope_tables(pos.repeat(V, 1), hd)          # every frame keeps its positions
-        levels = []
+        pos, levels = encoder_lib.rope_positions(hw, SPECIAL, x.device), []
+        # every frame keeps its positions in the global blocks
+        frame_rope, global_rope = (encoder_lib.rope_tables(p, C // cfg.heads) for p in (pos, pos.repeat(V, 1)))
         for i in range(start, cfg.depth):
             f = self.frame_blocks[i](x.reshape(B * V, P, C), frame_rope).view(B, V, P, C)
             x = self.global_blocks[i](f.reshape(B, V * P, C), global_rope).view(B, V, P, C)
@@ -88,21 +79,17 @@ class Aggregator(nn.Module):
 
 
 class CameraHead(nn.Module):
-    """VGGT's camera head: camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
-
     def __init__(self, dim, depth, heads, iters=4):
         super().__init__()
-        self.iters = iters
-        self.empty_pose_tokens = nn.Parameter(torch.zeros(1, 1, 9))
+        self.iters, self.empty_pose_tokens = iters, nn.Parameter(torch.zeros(1, 1, 9))
         self.token_norm, self.trunk_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.adaln_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.embed_pose = nn.Linear(9, dim)
-        self.poseLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        self.embed_pose, self.poseLN_modulation = nn.Linear(9, dim), nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
         self.trunk = nn.ModuleList(encoder_lib.Block(dim, heads, False, False, eps=1e-5) for _ in range(depth))
-        self.pose_branch = nn.Module()
-        self.pose_branch.fc1, self.pose_branch.fc2 = nn.Linear(dim, dim // 2), nn.Linear(dim // 2, 9)
+        self.pose_branch = nn.ModuleDict({'fc1': nn.Linear(dim, dim // 2), 'fc2': nn.Linear(dim // 2, 9)})
 
     def forward(self, tok):
+        """Camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
         B, V, _ = tok.shape
         t, pred = self.token_norm(tok), None
         for _ in range(self.iters):        # the same token every iteration; the prediction accumulates
@@ -136,8 +123,7 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C) + special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C)) -> raw levels k+1..3; the
-        state is the global half of [cls, level_k] (with encode's own tokens: the encoded deeper levels)."""
+        """Raw level k (B,V,T,2C), special tokens cls ((B,5,2C) broadcast, or (B,V,5,2C)) -> raw levels k+1..3."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 3 else cls).expand(B, V, SPECIAL, D)
@@ -146,8 +132,7 @@ class VGGT(encoder_lib.LatentEncoder):
         return (feats, [lv[:, :, :SPECIAL] for lv in levels]) if return_cls else feats
 
     def geometry(self, levels, H, W, cls_last=None):
-        """Levels -> depth, depth_conf (B,V,H,W); with cls_last (special tokens (B,V,5,2C) or camera token (B,V,2C))
-        also 'extrinsics' (w2c (B,V,3,4)), pixel 'intrinsics', c2w and normalised K. fp32, as VGGT's heads."""
+        """Levels -> depth, depth_conf [+ 'extrinsics' (w2c), 'intrinsics', c2w, K from cls_last (B,V[,5],2C)]; fp32."""
         with torch.autocast(levels[0].device.type, enabled=False):
             out = self.depth_head(levels, H, W)
             if cls_last is not None:
