@@ -12,8 +12,7 @@ class UserError(Exception):
     """A user's mistake in a file, folder or flag: one line naming what is wrong and the fix. Others are bugs."""
 
 
-def first_line(e):
-    """'Type: the first line of its message' of an exception (120 characters at most), for one-line errors."""
+def first_line(e):  # 'Type: the first line of its message' (120 characters at most), for one-line errors
     return f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:120]}'
 
 

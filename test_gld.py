@@ -21,7 +21,6 @@ import re
 import shutil
 import socket
 import sys
-import warnings
 
 from PIL import Image
 from safetensors.torch import save_file
@@ -3275,3 +3274,24 @@ def test_bench_times_what_each_latent_has(name, parts):
                        '--iters', '1', '--warmup', '0', '--skip', 'train,sample'])
     timed = [r for r in rows if 'ms' in r]
     assert {r['part'] for r in timed} == parts and all(r['ms'] > 0 for r in timed)
+
+
+# ----------------------------------------------------------------------------- project structure
+IMPORT_LAYERS = [('train', 'sample', 'bench'), ('pipeline',), ('official',), ('latents',), ('vggt', 'vae'), ('dinov2',),
+                 ('export', 'decoder'), ('encoder', 'model', 'diffusion'), ('data',), ('synth', 'cameras'), ('cli',)]
+
+
+def test_imports_flow_one_way_as_the_readme_says():
+    """Each module imports only modules of later layers (README "Files"); the entry scripts never import each other."""
+    import ast
+    here = os.path.dirname(os.path.abspath(__file__))
+    layer = {m: i for i, ms in enumerate(IMPORT_LAYERS) for m in ms}
+    assert set(layer) == {f[:-3] for f in os.listdir(here) if f.endswith('.py') and not f.startswith('test_')}
+    readme = open(os.path.join(here, 'README.md')).read()
+    assert ' -> '.join(', '.join(f'`{m}.py`' for m in ms) for ms in IMPORT_LAYERS[1:]) in ' '.join(readme.split())
+    for m, i in layer.items():
+        tree = ast.parse(open(os.path.join(here, m + '.py')).read())
+        deps = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+               {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        bad = [d for d in deps if d in layer and layer[d] <= i]
+        assert not bad, f'{m}.py imports {bad}, which are not to its right'

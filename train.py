@@ -103,9 +103,8 @@ def get_args(argv=None):
         with torch.device('meta'):
             args.level = min(1, latents.build_encoder(args.encoder).num_levels - 1)
     args.out = args.out or os.path.join('runs', model_name(args))
-    recipe = RECIPES[args.stage]
-    args.lr = args.lr if args.lr is not None else recipe['lr']
-    args.ema = args.ema if args.ema is not None else recipe['ema']
+    args.lr = args.lr if args.lr is not None else RECIPES[args.stage]['lr']
+    args.ema = args.ema if args.ema is not None else RECIPES[args.stage]['ema']
     lo, hi = parse_range(args.src, '--src')
     if args.stage == 'diffusion' and not 1 <= lo <= min(hi, args.views - 1):
         raise cli.UserError(f'--src {args.src}: a sample of --views {args.views} has 1..{args.views - 1} source views')
@@ -120,8 +119,7 @@ def parse_range(s, flag):
         raise cli.UserError(f'{flag} {s}: expected a range lo-hi of integers, e.g. {flag} 1-4') from None
 
 
-def model_name(args):
-    """pipeline.model_name of what this run trains: its default run folder and export file name."""
+def model_name(args):  # pipeline.model_name of what this run trains: its default run folder and export file name
     return (pipeline.run_name(args.level, args.independent, args.encoder) if args.stage == 'diffusion' else
             pipeline.model_name(args.stage, args.encoder))
 
