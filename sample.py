@@ -49,8 +49,7 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
             m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
         return m
     rows['gld'].update(geometry_metrics(out['geometry']))
-    k = pipe.boundary
-    if k in pipe.models:  # the generated level k of the targets against DA3 on the true images, normalised units
+    if (k := pipe.boundary) in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
         norm, raw = pipe.models[k][1]['stats'].normalize, pipe.enc.encode(images)
         rows['gld']['mse_k'] = float((norm(out['levels'][k], k) - norm(raw[k], k))[:, n_src:].pow(2).mean())
     if gt_geometry and pipe.enc.has_geometry:  # the head on the ground-truth images: the ceiling of "geometry for free"

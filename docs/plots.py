@@ -1,7 +1,7 @@
 """Draws the README's pictures: `python docs/plots.py`.
 
-- docs/convergence.png (the paper's Fig. 1c in miniature): held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler
-  steps) vs training steps of gld-tiny on three latents, from docs/logs/convergence_<encoder>.csv (runs: README).
+- docs/convergence.png (the paper's Fig. 1c in miniature) and docs/curves_level1.png (the bundled M1's runs end to end):
+  held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler steps) vs training steps, from docs/logs/*.csv (README).
 - docs/trajectories.png: sample.py's --traj presets (cameras.preset_trajectory) seen from above, sources blue.
 """
 import csv
@@ -16,32 +16,33 @@ sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
 import export  # noqa: E402
 
-RUNS = {'da3-tiny': (200, 60, 40), 'da3-tiny-recon': (30, 90, 200), 'vae-tiny': (40, 150, 60)}
+COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60)]
+RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
+M1_RUNS = {'240 scenes, lr 5e-4': ('level1_continued.csv', 0), 'lr 1e-4': ('level1_cooldown.csv', 4410),
+           '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410)}
 
 
-def convergence(path=os.path.join(HERE, 'convergence.png'), W=640, H=360, m=50):
+def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
     series = {}
-    for name in RUNS:
-        with open(os.path.join(HERE, 'logs', f'convergence_{name}.csv')) as f:
-            series[name] = [(int(r['step']), float(r['val_psnr'])) for r in csv.DictReader(f) if r.get('val_psnr')]
+    for name, (log, s0) in runs.items():
+        with open(os.path.join(HERE, 'logs', log)) as f:
+            series[name] = [(s0 + int(r['step']), float(r['val_psnr'])) for r in csv.DictReader(f) if r.get('val_psnr')]
     pts = [p for s in series.values() for p in s]
     s1, (y0, y1) = max(s for s, _ in pts), (min(v for _, v in pts) - 0.5, max(v for _, v in pts) + 0.5)
     xy = lambda s, v: (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))  # noqa: E731
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img := Image.new('RGB', (W, H), 'white'))
     d.rectangle([m, m, W - m, H - m], outline='black')
     for v in range(int(y0) + 1, int(y1) + 1):  # a grid line per dB, a tick per quarter of the steps
         d.line([xy(0, v), xy(s1, v)], fill=(225, 225, 225))
         d.text((m - 22, xy(0, v)[1] - 6), str(v), fill='black')
     for s in range(0, s1 + 1, s1 // 4):
         d.text((xy(s, y0)[0] - 10, H - m + 6), str(s), fill='black')
-    d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs training steps (0 .. {s1}), same gld-tiny DiT', fill='black')
+    d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs training steps (0 .. {s1}), {what}', fill='black')
     for i, (name, s) in enumerate(series.items()):
-        d.line([xy(*p) for p in s], fill=RUNS[name], width=2)
-        for p in s:
-            x, y = xy(*p)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=RUNS[name])
-        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB, step {s[-1][0]}', fill=RUNS[name])
+        d.line([xy(*p) for p in s], fill=COLOURS[i], width=2)
+        for x, y in (xy(*p) for p in s):
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[i])
+        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB, step {s[-1][0]}', fill=COLOURS[i])
     img.save(path)
     print(f'wrote {path}')
 
@@ -66,4 +67,5 @@ def trajectories(path=os.path.join(HERE, 'trajectories.png')):
 
 if __name__ == '__main__':
     convergence()
+    convergence(os.path.join(HERE, 'curves_level1.png'), M1_RUNS, 'M1 on the N=2 protocol, batch 4')
     trajectories()
