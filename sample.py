@@ -49,11 +49,11 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
             m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
         return m
     rows['gld'].update(geometry_metrics(out['geometry']))
+    raw, cls = pipe.enc.encode(images, return_cls=True) if pipe.enc.has_geometry else (pipe.enc.encode(images), None)
     if (k := pipe.boundary) in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
-        norm, raw = pipe.models[k][1]['stats'].normalize, pipe.enc.encode(images)
+        norm = pipe.models[k][1]['stats'].normalize
         rows['gld']['mse_k'] = float((norm(out['levels'][k], k) - norm(raw[k], k))[:, n_src:].pow(2).mean())
     if gt_geometry and pipe.enc.has_geometry:  # the head on the ground-truth images: the ceiling of "geometry for free"
-        raw, cls = pipe.enc.encode(images, return_cls=True)
         g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), *images.shape[-2:], cls_last=cls[-1])
         rows['da3 on gt images'] = geometry_metrics(g)
     return rows, out
