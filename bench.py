@@ -27,7 +27,8 @@ def build_parser():
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
     p.add_argument('--batch', type=int, default=2, help='scenes per step')
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='autocast dtype (bf16: fp32 master weights)')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp32,bf16'],
+                   help="autocast dtype (bf16: fp32 master weights); 'fp32,bf16' times both and reports the ratio")
     p.add_argument('--compile', action='store_true', help='also time torch.compile (reports the compile/eager ratio)')
     p.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
@@ -144,7 +145,9 @@ def main(argv=None):
     device = torch.device(a.device)
     torch.manual_seed(0)
     skip = set(a.skip.split(',')) if a.skip else set()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if a.dtype == 'bf16' else contextlib.nullcontext()
+    casts = {dt: torch.autocast(device.type, dtype=torch.bfloat16) if dt == 'bf16' else contextlib.nullcontext()
+             for dt in a.dtype.split(',')}
+    autocast = casts[a.dtype.split(',')[-1]]  # the frozen parts and the SDPA check: the last dtype
     cfg = replace(model_lib.PRESETS[a.preset], checkpointing=a.checkpointing)
     net = model_lib.GLD(cfg).to(device)
     with torch.no_grad():  # a trained-looking model: the zero-initialised output layers would make attention trivial
@@ -157,11 +160,13 @@ def main(argv=None):
           f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
           f'torch {torch.__version__}, {torch.get_num_threads()} threads')
     rows, times = [], {}
-    for label, m in [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else []):
+    runs = [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else [])
+    for (label, m), (dt, cast) in [(r, c) for c in casts.items() for r in runs]:
+        label = f'{label}, {dt}' if len(casts) > 1 else label
         if 'train' not in skip:
-            times['train', label] = bench_train(m, batch, a, device, autocast, rows, label)
+            times['train', label] = bench_train(m, batch, a, device, cast, rows, label)
         if 'sample' not in skip:
-            times['sample', label] = bench_sample(m.eval(), batch, a, device, autocast, rows, label)
+            times['sample', label] = bench_sample(m.eval(), batch, a, device, cast, rows, label)
             m.train()
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
@@ -172,8 +177,9 @@ def main(argv=None):
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
     for part in ('train', 'sample'):
-        if (part, 'compiled') in times:
-            print(f'{part}: compiled / eager speed-up {times[(part, "eager")] / times[(part, "compiled")]:.2f}x')
+        for fast, ref in [('compiled', 'eager'), ('eager, bf16', 'eager, fp32'), ('compiled, bf16', 'compiled, fp32')]:
+            if (part, fast) in times and (part, ref) in times:
+                print(f'{part}: {fast} / {ref} speed-up {times[(part, ref)] / times[(part, fast)]:.2f}x')
     return rows
 
 
