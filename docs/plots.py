@@ -1,7 +1,8 @@
 """Draws the README's pictures: `python docs/plots.py`.
 
 - docs/convergence.png (the paper's Fig. 1c in miniature) and docs/curves_level1.png (the bundled M1's runs end to end):
-  held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler steps) vs training steps, from docs/logs/*.csv (README).
+  held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler steps; `val_mean_psnr`: 1 step) vs training steps, from
+  docs/logs/*.csv (README).
 - docs/trajectories.png: sample.py's --traj presets (cameras.preset_trajectory) seen from above, sources blue.
 """
 import csv
@@ -16,17 +17,19 @@ sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
 import export  # noqa: E402
 
-COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60)]
+COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {'240 scenes, lr 5e-4': ('level1_continued.csv', 0), 'lr 1e-4': ('level1_cooldown.csv', 4410),
-           '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410)}
+           '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410), '1,200 scenes, gaps 2-3, bf16, lr 3e-4':
+           ('level1_gap23.csv', 8723), 'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr')}
 
 
 def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
     series = {}
-    for name, (log, s0) in runs.items():
+    for name, (log, s0, *key) in runs.items():  # key: the logged metric, val_psnr (10 Euler steps) unless named
+        key = key[0] if key else 'val_psnr'
         with open(os.path.join(HERE, 'logs', log)) as f:
-            series[name] = [(s0 + int(r['step']), float(r['val_psnr'])) for r in csv.DictReader(f) if r.get('val_psnr')]
+            series[name] = [(s0 + int(r['step']), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
     pts = [p for s in series.values() for p in s]
     s1, (y0, y1) = max(s for s, _ in pts), (min(v for _, v in pts) - 0.5, max(v for _, v in pts) + 0.5)
     xy = lambda s, v: (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))  # noqa: E731
