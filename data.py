@@ -139,8 +139,7 @@ def _load_chunk(path):  # memory-mapped and cached: unpickling costs ~50 ms, an 
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
-        reason = (str(e).strip().splitlines() or [''])[0][:120]
-        raise UserError(f'{path}: not a readable chunk file ({type(e).__name__}: {reason}); re-create it '
+        raise UserError(f'{path}: not a readable chunk file ({cli.first_line(e)}); re-create it '
                         '(the synthetic set: python data.py synth) or remove it from the index.json next to it') from None
 
 

@@ -467,8 +467,7 @@ def read_tensors(path, what, fix):
             return load_file(path)
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [''])[0][:120]
-        raise cli.UserError(f'{path}: not a readable {what} file ({type(e).__name__}: {reason}); {fix}') from None
+        raise cli.UserError(f'{path}: not a readable {what} file ({cli.first_line(e)}); {fix}') from None
 
 
 def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
