@@ -125,25 +125,18 @@ def write_colmap(folder, c2w, K, H, W, names, points):
     view, rgb, xyz, uv = (points[k].numpy() for k in ('view', 'rgb', 'xyz', 'uv'))
     first = np.searchsorted(view, np.arange(V + 1))  # points of view v: first[v]:first[v+1]
     pid, idx = np.arange(1, N + 1), np.arange(N) - first[view]  # point3D ids, index among its image's 2D points
-    with open(os.path.join(folder, 'cameras.bin'), 'wb') as f:
-        f.write(struct.pack('<Q', V))
-        for v in range(V):
-            f.write(struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist()))  # model 1: PINHOLE
-    obs = np.dtype([('xy', '<f8', 2), ('point3D_id', '<i8')])
-    with open(os.path.join(folder, 'images.bin'), 'wb') as f:
-        f.write(struct.pack('<Q', V))
-        for v in range(V):
-            f.write(struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1))
-            f.write(names[v].encode() + b'\0')
-            rows = np.empty(first[v + 1] - first[v], dtype=obs)
-            rows['xy'], rows['point3D_id'] = uv[first[v]:first[v + 1]], pid[first[v]:first[v + 1]]
-            f.write(struct.pack('<Q', len(rows)) + rows.tobytes())
+    obs = np.empty(N, dtype=[('xy', '<f8', 2), ('point3D_id', '<i8')])  # the 2D points of all images, by image
+    obs['xy'], obs['point3D_id'] = uv, pid
     rec = np.empty(N, dtype=[('id', '<u8'), ('xyz', '<f8', 3), ('rgb', 'u1', 3), ('error', '<f8'),
                              ('track_length', '<u8'), ('image_id', '<i4'), ('point2D_idx', '<i4')])
     rec['id'], rec['xyz'], rec['rgb'], rec['error'], rec['track_length'] = pid, xyz, rgb, 0.0, 1
     rec['image_id'], rec['point2D_idx'] = view + 1, idx
-    with open(os.path.join(folder, 'points3D.bin'), 'wb') as f:
-        f.write(struct.pack('<Q', N) + rec.tobytes())
+    cams = [struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist()) for v in range(V)]  # model 1: PINHOLE
+    images = [struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1) + names[v].encode() + b'\0'
+              + struct.pack('<Q', first[v + 1] - first[v]) + obs[first[v]:first[v + 1]].tobytes() for v in range(V)]
+    for name, n, rows in (('cameras.bin', V, cams), ('images.bin', V, images), ('points3D.bin', N, [rec.tobytes()])):
+        with open(os.path.join(folder, name), 'wb') as f:  # a table: its row count (uint64), then the rows
+            f.write(struct.pack('<Q', n) + b''.join(rows))
 
 
 # COLMAP camera models, id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
