@@ -90,8 +90,7 @@ class SwiGLU(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm):
         super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         norm = (lambda: nn.LayerNorm(dim // heads, eps=1e-5)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
 
@@ -367,8 +366,7 @@ class DA3(LatentEncoder):
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
         cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
-        x = torch.cat([cls[..., C:], level_k[..., C:]], 2)
-        local_x = torch.cat([cls[..., :C], level_k[..., :C]], 2)
+        local_x, x = torch.cat([cls, level_k], 2).split(C, -1)  # [local | global] halves of the raw state
         levels = self.backbone.pretrained.run(x, self.cfg.out_layers[k] + 1, hw, local_x)
         feats = [lv[:, :, 1:] for lv in levels]
         return (feats, [lv[:, :, 0] for lv in levels]) if return_cls else feats
@@ -418,8 +416,7 @@ def pose_from_rays(ray, conf, iters=8):
     *lead, h, w, _ = ray.shape
     d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
     conf = conf.double().flatten(-2)                                            # (...,P)
-    cond = torch.diag(torch.tensor([3.0, 3.0, 1.0], dtype=d.dtype, device=d.device))
-    cond[:2, 2] = -1.5
+    cond = torch.tensor([[3.0, 0.0, -1.5], [0.0, 3.0, -1.5], [0.0, 0.0, 1.0]], dtype=d.dtype, device=d.device)
     p = pixel_grid(h, w, d.device).reshape(-1, 3) @ cond.T                      # (P,3) conditioned
     pp = (p[:, :, None] * p[:, None, :]).flatten(1)                             # (P,9)
     dd = (d[..., :, None] * d[..., None, :]).flatten(-2)                        # (...,P,9)
@@ -439,9 +436,7 @@ def pose_from_rays(ray, conf, iters=8):
     R, K = R * s[..., None, :], torch.linalg.inv(s[..., :, None] * U)
     K = K / K[..., 2:, 2:]
     centre = (conf[..., None] * ray[..., 3:].double().flatten(-3, -2)).sum(-2) / conf.sum(-1)[..., None]
-    c2w = torch.eye(4, dtype=d.dtype, device=d.device).repeat(*lead, 1, 1)
-    c2w[..., :3, :3], c2w[..., :3, 3] = R, centre
-    return c2w.to(ray.dtype), K.to(ray.dtype)
+    return cameras.make_pose(R, centre).to(ray.dtype), K.to(ray.dtype)
 
 
 def rays_from_cameras(c2w, K, h, w):
