@@ -73,7 +73,7 @@ class RGBDecoder(nn.Module):
         self.mask_tokens = nn.Parameter(torch.zeros(cfg.num_levels, F_))    # stand-ins for dropped levels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.norm, self.head = nn.LayerNorm(D, eps=cfg.ln_eps), nn.Linear(D, cfg.patch * cfg.patch * 3)
         for name, v in (('rgb_mean', data.IMAGENET_MEAN), ('rgb_std', data.IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
@@ -115,8 +115,7 @@ class RGBDecoder(nn.Module):
         x = self.embed(self.fuse(levels, keep).flatten(0, 1))                             # (BV,T,D)
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
         x = x + self.pos_embed_at(h, w).to(x.dtype)                                      # (BV,1+T,D)
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         p = self.cfg.patch
         x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
         images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)               # (BV,3,H,W)

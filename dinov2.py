@@ -40,7 +40,7 @@ class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
         if registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
         self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, dim, PATCH, PATCH)})
-        self.blocks = nn.ModuleList(encoder_lib.Block(dim, heads, False, False) for _ in range(depth))
+        self.blocks = nn.Sequential(*(encoder_lib.Block(dim, heads, False, False) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for p in (self.cls_token, self.pos_embed, *([self.register_tokens] if registers else [])):
             nn.init.normal_(p, std=0.02)
@@ -50,8 +50,7 @@ class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
         x = encoder_lib.patch_tokens(self, x, antialias=self.registers > 0)  # the hub's register models antialias
         if self.registers:                                                  # after cls, no position embedding
             x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], 1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self.blocks(x)
         w, b = (self.norm.weight, self.norm.bias) if affine else (None, None)
         return F.layer_norm(x, (self.dim,), w, b, self.norm.eps)[:, 1 + self.registers:]
 

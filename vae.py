@@ -70,7 +70,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for i, (cin, c) in enumerate(zip([cfg.ch] + widths, widths)):
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
+            level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n)))
             if i < len(widths) - 1:                                       # stride 2, padded right/bottom only
                 level.downsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 2, 0)})
             self.down.append(level)
@@ -80,8 +80,7 @@ class Encoder(nn.Module):
     def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
         x = self.conv_in(x)
         for level in self.down:
-            for blk in level.block:
-                x = blk(x)
+            x = level.block(x)
             if hasattr(level, 'downsample'):
                 x = level.downsample.conv(F.pad(x, (0, 1, 0, 1)))
         return self.conv_out(F.silu(self.norm_out(self.mid(x))))
@@ -96,7 +95,7 @@ class Decoder(nn.Module):
         up = []
         for i in reversed(range(len(widths))):                            # built deepest first, indexed by level
             cin, c, level = widths[min(i + 1, len(widths) - 1)], widths[i], nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n))
+            level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n)))
             if i > 0:
                 level.upsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 1, 1)})
             up.insert(0, level)
@@ -106,8 +105,7 @@ class Decoder(nn.Module):
     def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for blk in level.block:
-                x = blk(x)
+            x = level.block(x)
             if hasattr(level, 'upsample'):
                 x = level.upsample.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
         return self.conv_out(F.silu(self.norm_out(x)))

@@ -85,7 +85,7 @@ class CameraHead(nn.Module):
         self.token_norm, self.trunk_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.adaln_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.embed_pose, self.poseLN_modulation = nn.Linear(9, dim), nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
-        self.trunk = nn.ModuleList(encoder_lib.Block(dim, heads, False, False, eps=1e-5) for _ in range(depth))
+        self.trunk = nn.Sequential(*(encoder_lib.Block(dim, heads, False, False, eps=1e-5) for _ in range(depth)))
         self.pose_branch = nn.ModuleDict({'fc1': nn.Linear(dim, dim // 2), 'fc2': nn.Linear(dim // 2, 9)})
 
     def forward(self, tok):
@@ -96,8 +96,7 @@ class CameraHead(nn.Module):
             inp = self.empty_pose_tokens.expand(B, V, 9) if pred is None else pred.detach()
             shift, scale, gate = self.poseLN_modulation(self.embed_pose(inp)).chunk(3, -1)
             x = gate * (self.adaln_norm(t) * (1 + scale) + shift) + t
-            for blk in self.trunk:         # attention over the V camera tokens of a scene
-                x = blk(x)
+            x = self.trunk(x)              # attention over the V camera tokens of a scene
             delta = self.pose_branch.fc2(F.gelu(self.pose_branch.fc1(self.trunk_norm(x))))
             pred = delta if pred is None else pred + delta
         return torch.cat([pred[..., :7], F.relu(pred[..., 7:])], -1)
