@@ -109,8 +109,7 @@ class RGBDecoder(nn.Module):
 
     def forward(self, levels, hw, keep=None):
         """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,H,W), H = p*h."""
-        h, w = hw
-        B, V, T, _ = levels[0].shape
+        (B, V, T, _), (h, w) = levels[0].shape, hw
         assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
         x = self.embed(self.fuse(levels, keep).flatten(0, 1))                             # (BV,T,D)
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)

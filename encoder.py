@@ -553,8 +553,7 @@ class LatentStats:
     eps = 1e-5
 
     def __init__(self, mean, var):                                       # dicts level -> (2C,)
-        self.mean = {int(l): m.float().flatten() for l, m in mean.items()}
-        self.var = {int(l): v.float().flatten() for l, v in var.items()}
+        self.mean, self.var = ({int(l): t.float().flatten() for l, t in d.items()} for d in (mean, var))
 
     def normalize(self, x, level):                                       # x (...,2C)
         return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)

@@ -123,8 +123,7 @@ class LatentCache:
             idx = (self.n_src == n).nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), generator=g)]
             out += [idx[i:i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
-        order = torch.randperm(len(out), generator=g).tolist()
-        return [out[i] for i in order][rank::world]
+        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()][rank::world]
 
     @staticmethod
     def path_for(folder, enc, spec, views, draws, levels, cond_level, src, src_mode, seed):

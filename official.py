@@ -133,8 +133,7 @@ class OfficialConventions:
         H, W = cams['plucker'].shape[-2:]
         Kc = official_prope_K(cams['P'], cams['P_inv'])  # (B,V,3,3) K' normalised by W, H
         if level in self.cascade_levels:
-            S = self.cascade_image_size
-            K = Kc.clone()
+            S, K = self.cascade_image_size, Kc.clone()
             K[..., :2, 2] += 0.5  # our normalised K
             K_fixed = cameras.prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # K' by S x S
             Kc_inv = torch.linalg.inv(Kc)

@@ -54,8 +54,7 @@ def find_checkpoint(name, ckpt_dir=None):
     """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given, else weights/tiny/<name>.safetensors."""
     if ckpt_dir:
         folder = os.path.join(ckpt_dir, name)
-        found = list_checkpoints(folder)
-        if not found:
+        if not (found := list_checkpoints(folder)):
             raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
                             f'{train_command(name)} --out {folder}')
         return found[-1]
@@ -132,11 +131,10 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
-    sha = None
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
             print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
-        enc, weights = latents.build_encoder(preset), 'none'
+        enc, weights, sha = latents.build_encoder(preset), 'none', None
     elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
             os.path.exists(weights[:-len('.safetensors')] + '.json'):
         meta, sd = load_checkpoint(weights)
