@@ -489,8 +489,7 @@ def read_da3_state_dict(weights):
 
 
 def skip_keys(sd, prefixes, who, why):
-    n = sum(k.startswith(prefixes) for k in sd)
-    if n:
+    if n := sum(k.startswith(prefixes) for k in sd):
         print(f'{who}: ignoring {n} {"/".join(p + "*" for p in prefixes)} tensors ({why})')
     return {k: v for k, v in sd.items() if not k.startswith(prefixes)}
 

@@ -341,10 +341,9 @@ def convert_official(state_dict, cascade=False, heads=16):
     s_in = sd['s_embedder.proj.weight' if single else 's_embedder_ref.proj.weight'].shape[1]
     widths = [sd[f'blocks.{i}.norm1.weight'].shape[0] for i in range(len({k.split('.')[1] for k in sd
                                                                            if k.startswith('blocks.')}))]
-    cfg = GLDConfig(latent_dim=C, enc_width=C1, enc_depth=widths.count(C1), head_width=C2,
-                    head_depth=len(widths) - widths.count(C1), heads=heads, separate_embedders=not single,
-                    upper_dim=s_in - C if cascade else 0, cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
-                    double_silu=True)
+    cfg = GLDConfig(latent_dim=C, enc_width=C1, enc_depth=widths.count(C1), head_width=C2, heads=heads,
+                    head_depth=len(widths) - widths.count(C1), separate_embedders=not single, double_silu=True,
+                    upper_dim=s_in - C if cascade else 0, cam_patch=sd['camera_embedder.proj.weight'].shape[-1])
     out = {k: v.flatten(1) if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and
            not k.startswith('camera') else v for k, v in sd.items()}
     with torch.device('meta'):

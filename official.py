@@ -54,8 +54,7 @@ def official_state_dict(obj, kind, name='', log=print):
         obj = obj[key]
     sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
     if any(k.startswith(prefixes) for k in sd):
-        others = sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)})
-        if others:
+        if others := sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)}):
             log(f'{name}: skipping the entries of {others}, not part of the {kind}')
         sd = {k.split('.', 1)[1]: v for k, v in sd.items() if k.startswith(prefixes)}
     if not sd or not all(torch.is_tensor(v) for v in sd.values()):
