@@ -201,8 +201,7 @@ def read_eval_index(path):
 def read_transforms(path):
     """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
-    frames = sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])
-    if not frames:
+    if not (frames := sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])):
         raise UserError(f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
                         '[{"file_path", "transform_matrix" (OpenGL c2w)}]}')
     c2w, K, stamps = [], [], []
@@ -228,8 +227,7 @@ def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or
 
 def read_dl3dv_scene(folder, images='images_4', decode=True):
     """A folder with (nerfstudio/)transforms.json -> a scene like read_re10k_chunk's; images: a folder beside it."""
-    path = _find_transforms(folder)
-    if path is None:
+    if (path := _find_transforms(folder)) is None:
         raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
                         'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix')
     root = os.path.dirname(path)

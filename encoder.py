@@ -255,12 +255,11 @@ class DualDPT(nn.Module):
         sc.output_conv2_aux = nn.ModuleList(nn.Sequential(conv3(f // 2, 32), nn.Identity(), ln, nn.Identity(),
                                                           nn.ReLU(), nn.Conv2d(32, 7, 1)) for _ in range(4))
 
-    def fuse(self, rn, suffix):
-        sc = self.scratch
-        x = getattr(sc, 'refinenet4' + suffix)(rn[3], size=rn[2].shape[2:])
-        for s in (2, 1):
-            x = getattr(sc, f'refinenet{s + 1}{suffix}')(x, rn[s], size=rn[s - 1].shape[2:])
-        return getattr(sc, 'refinenet1' + suffix)(x, rn[0])                # (B',f,8h,8w)
+    def fuse(self, rn, suffix):  # the 4 resized levels, deepest first -> (B',f,8h,8w)
+        x = getattr(self.scratch, 'refinenet4' + suffix)(rn[3], size=rn[2].shape[2:])
+        for s in (2, 1, 0):
+            x = getattr(self.scratch, f'refinenet{s + 1}{suffix}')(x, rn[s], size=rn[s - 1].shape[2:] if s else None)
+        return x
 
     def forward(self, levels, H, W):
         """4 normalised levels (B,V,T,2C) -> depth, depth_conf (B,V,H,W), ray (B,V,8h,8w,6), ray_conf; fp32 as DA3."""
