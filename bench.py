@@ -28,7 +28,7 @@ def build_parser():
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
     p.add_argument('--batch', type=int, default=2, help='scenes per step')
     p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp32,bf16'],
-                   help="autocast dtype (bf16: fp32 master weights); 'fp32,bf16' times both and reports the ratio")
+                   help='autocast dtype (bf16: fp32 master weights); fp32,bf16: both, side by side')
     p.add_argument('--compile', action='store_true', help='also time torch.compile (reports the compile/eager ratio)')
     p.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')

@@ -247,14 +247,10 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
-# (Euler steps, CFG scale) by default. The bundled tiny models' samples score below their posterior mean E[x | sources]
-# (one Euler step from noise): 50 steps with CFG 1.5 draw 14-px mosaics of per-token detail the 3.7M DiT cannot place
-# (README "Results" measures both), so their default is the mean; --steps 50 --cfg-scale 1.5 is the paper's sampler.
-SAMPLERS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}
+SAMPLERS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}  # (Euler steps, CFG) by default; why the bundled: README "Results"
 
 
-def default_sampler(a):
-    """Fill --steps / --cfg-scale left unset: the bundled tiny models' sampler when they are the ones loaded."""
+def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny models' posterior mean, else the paper's
     bundled = not (a.ckpt_dir or a.official) and a.encoder == 'da3-tiny'
     steps, cfg_scale = SAMPLERS['bundled' if bundled else 'paper']
     a.steps, a.cfg_scale = steps if a.steps is None else a.steps, cfg_scale if a.cfg_scale is None else a.cfg_scale
@@ -285,10 +281,8 @@ def build_parser():
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
     p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
-    p.add_argument('--steps', type=int, default=None, help="Euler steps; default 50 (the paper), 1 for the bundled tiny "
-                   "models (SAMPLERS); with --official the release's num_steps")
-    p.add_argument('--cfg-scale', type=float, default=None, help='classifier-free guidance scale over cameras (1 = off); '
-                   'default 1.5 (the paper), 1 for the bundled tiny models')
+    p.add_argument('--steps', type=int, default=None, help='Euler steps (SAMPLERS); --official: num_steps')
+    p.add_argument('--cfg-scale', type=float, default=None, help='CFG scale over cameras, 1 = off (SAMPLERS)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
     p.add_argument('--eval-scenes', type=int, default=16, help='scenes evaluated')
