@@ -2219,7 +2219,7 @@ def bundled(tmp_path_factory):
     return pipe, scenes
 
 
-QUALITY_MARGIN_DB = 0.3  # measured: +0.63 and +1.55 dB over the nearest source view on these two scenes
+QUALITY_MARGIN_DB = 2.0  # measured: +4.13 and +2.78 dB over the nearest source view on these two scenes (10 steps)
 
 
 def test_bundled_cascade_beats_the_nearest_source_view(bundled):
@@ -2246,7 +2246,7 @@ def test_default_sampler_is_the_bundled_models_posterior_mean_and_the_papers_oth
 
 def test_bundled_default_sampler_beats_the_nearest_source_view_by_3_db(bundled):
     """The bundled default (the posterior mean, one Euler step per level) on 2 fixed test scenes: at least 3 dB over
-    copying the nearest source view (the issue's bar; measured: MARGINS_TBD)."""
+    copying the nearest source view (the bar of issue 13; measured: +4.87 and +3.49 dB)."""
     pipe, scenes = bundled
     steps, cfg_scale = sample.SAMPLERS['bundled']
     for i, scene in enumerate(scenes):
