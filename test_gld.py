@@ -1976,26 +1976,28 @@ def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
     assert sorted(r0 + r1) == sorted(full) and not set(map(tuple, r0)) & set(map(tuple, r1))
 
 
+def train_reference_and_fast(world, tmp_path, flag):
+    """Three M1 steps as the plain reference and with a fast-path flag -> (reference, fast) run folders."""
+    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '3', '--log-every', '1',
+            '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3', '--cam-drop', '0']
+    train.main(base + ['--out', str(tmp_path / 'ref')])
+    train.main(base + ['--out', str(tmp_path / 'fast'), flag])
+    return tmp_path / 'ref', tmp_path / 'fast'
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(world, tmp_path):
     """train.py --compile (the fast path) takes the same steps as eager (the reference), to float tolerance."""
-    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '3', '--log-every', '1',
-            '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3', '--cam-drop', '0']
-    train.main(base + ['--out', str(tmp_path / 'eager')])
-    train.main(base + ['--out', str(tmp_path / 'compiled'), '--compile'])
-    eager, comp = (train.read_csv(tmp_path / n / 'log.csv') for n in ('eager', 'compiled'))
+    eager, comp = (train.read_csv(d / 'log.csv') for d in train_reference_and_fast(world, tmp_path, '--compile'))
     assert [r['loss'] for r in comp] == pytest.approx([r['loss'] for r in eager], rel=1e-4)
 
 
 def test_cpu_bf16_training_follows_fp32(world, tmp_path):
     """train.py --bf16 (CPU autocast, the fast path on AMX CPUs) takes the steps of fp32 (the reference) to bf16 precision."""
-    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '3', '--log-every', '1',
-            '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3', '--cam-drop', '0']
-    train.main(base + ['--out', str(tmp_path / 'fp32')])
-    train.main(base + ['--out', str(tmp_path / 'bf16'), '--bf16'])
-    ref, low = (train.read_csv(tmp_path / n / 'log.csv') for n in ('fp32', 'bf16'))
+    dirs = train_reference_and_fast(world, tmp_path, '--bf16')
+    ref, low = (train.read_csv(d / 'log.csv') for d in dirs)
     assert [r['loss'] for r in low] == pytest.approx([r['loss'] for r in ref], rel=1e-2)
-    a, b = (torch.load(train.list_checkpoints(str(tmp_path / n))[-1], weights_only=False)['model'] for n in ('fp32', 'bf16'))
+    a, b = (torch.load(train.list_checkpoints(str(d))[-1], weights_only=False)['model'] for d in dirs)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run: bf16 matmuls change the weights a little
 
 
