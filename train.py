@@ -79,7 +79,7 @@ def build_parser():
     g.add_argument('--ema', type=float, default=None, help='EMA decay (default: the recipe)')
     g.add_argument('--compile', action='store_true', help='torch.compile the trained model')
     g.add_argument('--bf16', action='store_true', help='bf16 autocast on the CPU too (on by itself on a bf16 GPU); '
-                   'a CPU with AMX ran the gld-tiny step 1.4x faster')
+                   'a CPU with AMX ran the gld-tiny step 1.34x faster')
     g.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
     g.add_argument('--init', default='', help='start the trained network (and its EMA) from these weights: an export or a checkpoint')
     g.add_argument('--seed', type=int, default=0, help='base seed (rank r uses seed + r)')
