@@ -380,7 +380,7 @@ class DiffusionStage:
                 m[prefix + 'psnr'].append(data.psnr(out['images'][:, 2:], s['images'][:, 2:]).mean())
                 gen, true = (self.stats.normalize(f, self.level)[:, 2:] for f in (out['levels'][self.level], full[self.level]))
                 m[prefix + 'mse'].append((gen - true).pow(2).mean())
-                if steps == 10:
+                if not prefix:  # the grid shows the 10-step samples
                     grids.append(export.make_grid(s['images'][0, :2], out['images'][0], s['images'][0, 2:]))
         export.save_image(torch.cat(grids[:4], 1), png)
         return {k: float(torch.stack(v).mean()) for k, v in m.items()}
