@@ -51,12 +51,13 @@ def train_command(name):  # name: a model_name
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
 def find_checkpoint(name, ckpt_dir=None):
-    """The newest <ckpt_dir>/<name>/ckpt_*.pt when ckpt_dir is given, else weights/tiny/<name>.safetensors."""
+    """The newest <ckpt_dir>/<name>/ckpt_*.pt (a run) or else <ckpt_dir>/<name>.safetensors (an export) when ckpt_dir is
+    given, else weights/tiny/<name>.safetensors."""
     if ckpt_dir:
-        folder = os.path.join(ckpt_dir, name)
-        if not (found := list_checkpoints(folder)):
-            raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt) under --ckpt-dir {ckpt_dir}; create it with: '
-                            f'{train_command(name)} --out {folder}')
+        folder, export = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + '.safetensors')
+        if not (found := list_checkpoints(folder) or [export] * os.path.isfile(export)):
+            raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt, or the export {export}) under --ckpt-dir '
+                            f'{ckpt_dir}; create it with: {train_command(name)} --out {folder}')
         return found[-1]
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
@@ -127,7 +128,8 @@ def export_weights(kind, net, config, extra, folder, name):
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
-    ckpt_dir, else random). enc.source = {'weights', 'sha256'} is what checkpoints record of their latents."""
+    ckpt_dir, else random). enc.source = {'weights', 'sha256'} is what checkpoints record of their latents: the hash of
+    the file, or of the one whose backbone it kept (train.py --stage encoder --head-only records it as latents_sha256)."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -138,7 +140,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
             os.path.exists(weights[:-len('.safetensors')] + '.json'):
         meta, sd = load_checkpoint(weights)
-        enc, sha = latents.build_encoder(preset), meta['sha256']
+        enc, sha = latents.build_encoder(preset), meta.get('latents_sha256') or meta['sha256']  # --head-only: its parent's
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
         enc = latents.build_encoder(preset, weights=weights)

@@ -261,7 +261,7 @@ def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny mo
 
 def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1, ...); default: weights/tiny')
+    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports (weights/mine/level1.safetensors, ...); default: weights/tiny')
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--encoder', default='da3-tiny', help='the latent encoder of the models (train.py --encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")

@@ -2685,6 +2685,36 @@ def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkey
                    'sha256': hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
 
 
+def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_export_folder(small_data, tmp_path, capsys):
+    """train.py --stage encoder --head-only: the backbone is bit-identical, the heads move, and the exports record the
+    parent's hash as their latents'; sample.py --ckpt-dir takes a folder of exports; M2 warm-starts from M1's weights
+    with level 2's own statistics, and the boundary-2 ablation runs from that folder."""
+    mine, bundled = tmp_path / 'mine', os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
+    shutil.copytree(pipeline.WEIGHTS, mine)
+    user_error(train.main, ['--data', small_data, '--stage', 'encoder', '--head-only', *TRAIN_FAST, '--out', tmp_path / 'r'],
+               capsys, '--head-only', '--init weights/tiny/encoder.safetensors')
+    train.main([str(a) for a in ['--data', small_data, '--stage', 'encoder', '--head-only', '--init', bundled, *TRAIN_FAST,
+                                 '--steps', '3', '--lr', '1e-3', '--ema', '0', '--out', tmp_path / 'r', '--export', mine]])
+    parent = pipeline.load_encoder('da3-tiny', bundled)
+    child = pipeline.load_encoder('da3-tiny', str(mine / 'encoder.safetensors'))
+    assert child.source['sha256'] == parent.source['sha256'] != pipeline.load_checkpoint(str(mine / 'encoder.safetensors'))[0]['sha256']
+    images = data.collate_one(data.SceneDataset(str(small_data), 'test', num_views=4)[0])['images']
+    for a, b in zip(parent.encode(images), child.encode(images)):
+        assert torch.equal(a, b)
+    assert not torch.allclose(parent(images)['depth'], child(images)['depth'])
+    train.main([str(a) for a in ['--data', small_data, '--level', '2', '--init', mine / 'level1.safetensors', *TRAIN_FAST,
+                                 '--steps', '1', '--encoder-weights', mine / 'encoder.safetensors', '--out', tmp_path / 'm2',
+                                 '--export', mine]])
+    meta = pipeline.load_checkpoint(str(mine / 'level2.safetensors'))[0]
+    assert sorted(meta['stats']) == ['mean2', 'var2'] and meta['encoder']['sha256'] == parent.source['sha256']
+    capsys.readouterr()
+    sample.main([str(a) for a in ['--ckpt-dir', mine, '--boundary', '2', '--independent', '--data', small_data,
+                                  '--out', tmp_path / 'o', *SAMPLE_FAST]])
+    out = capsys.readouterr().out
+    assert all(f'{mine / n}.safetensors (sha256' in out for n in ('encoder', 'decoder', 'level2', 'level1', 'level0_ind'))
+    assert os.path.isfile(tmp_path / 'o' / 'grid.png')
+
+
 def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tmp_path, capsys):
     runs = tmp_path / 'runs'
     _, enc_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'encoder.safetensors'))

@@ -65,6 +65,7 @@ def build_parser():
     g.add_argument('--stats', default='', help='latent statistics file (ours or the official .pt); default: compute')
     g.add_argument('--stats-batches', type=int, default=16, help='batches used to compute latent statistics')
     g.add_argument('--level-dropout', type=float, default=0.5, help='decoder: probability of dropping each level')
+    g.add_argument('--head-only', action='store_true', help='encoder: fine-tune only the depth and camera heads of --init; the backbone and so the latents stay bit-identical (models trained on them stay valid)')
     g.add_argument('--noise-tau', type=float, default=0.0, help='decoder: RAE noise augmentation of the input features')
     g.add_argument('--lpips', action='store_true', help='decoder: add LPIPS (needs the lpips package and weights)')
     g.add_argument('--gan', type=int, default=-1, help='decoder: step from which the adversarial loss is on (-1 = off)')
@@ -258,6 +259,13 @@ class EncoderStage:
         if not hasattr(self.net, 'training_loss'):
             raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective; use --encoder-weights')
         self.config = asdict(self.net.cfg)
+        if args.head_only:  # the backbone makes the latents: frozen, so every model trained on them stays valid
+            if not (args.init and hasattr(self.net, 'backbone') and self.net.has_geometry):
+                raise cli.UserError(f'--head-only: fine-tunes the geometry heads of an encoder with a backbone; pass '
+                                    f'its weights with --init (e.g. --init weights/tiny/encoder.safetensors)')
+            self.net.backbone.requires_grad_(False)  # AdamW skips parameters without gradients; EMA lerp keeps them
+            parent = pipeline.load_checkpoint(args.init, device)[0]
+            self.extra = {'latents_sha256': parent.get('latents_sha256') or parent['sha256']}
 
     def loss(self, batch, step, gen):
         return self.net.training_loss(batch)
@@ -327,6 +335,8 @@ class DiffusionStage:
         self.levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
         self.tau, self.cam_drop, self.t_dist = args.tau, args.cam_drop, args.t_dist
         init_stats = pipeline.load_checkpoint(args.init)[0].get('stats') if args.init else None  # keep --init's normalisation
+        if init_stats and not all(f'mean{l}' in init_stats for l in self.levels_needed):
+            init_stats = None  # --init of another level (M2 from M1's weights): a warm start, its own statistics
         self.stats = (encoder_lib.LatentStats.load(args.stats) if args.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
                       latents.compute_stats(self.enc, loader, self.levels_needed, args.stats_batches, device))
