@@ -2681,8 +2681,10 @@ def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkey
     out = train.main(['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')])
     ref = torch.load(train.list_checkpoints(out)[-1], weights_only=False)['encoder']
     bundled = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
+    parent = json.load(open(os.path.join(pipeline.WEIGHTS, 'encoder.json'))).get('latents_sha256')  # --head-only
     assert ref == {'preset': 'da3-tiny', 'weights': bundled,
-                   'sha256': hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
+                   'sha256': parent or hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
+    assert ref['sha256'] == json.load(open(os.path.join(pipeline.WEIGHTS, 'level1.json')))['encoder']['sha256']
 
 
 def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_export_folder(small_data, tmp_path, capsys):

@@ -17,11 +17,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
 import export  # noqa: E402
 
-COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20)]
+COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {'240 scenes, lr 5e-4': ('level1_continued.csv', 0), 'lr 1e-4': ('level1_cooldown.csv', 4410),
            '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410), '1,200 scenes, gaps 2-3, bf16, lr 3e-4':
-           ('level1_gap23.csv', 8723), 'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr')}
+           ('level1_gap23.csv', 8723), 'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr'),
+           '13,000 steps more, the same': ('level1_long.csv', 13223), 'the same, 1 step': ('level1_long.csv', 13223, 'val_mean_psnr')}
 
 
 def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
