@@ -37,11 +37,13 @@ def view_names(V, n_src):  # sources first, zero-padded: sorting by name keeps t
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """(scale of DA3's depth to c2w's units, how): Umeyama of c2w_da3, else source photo-consistency, else none (1)."""
+    """(scale of DA3's depth to c2w's units, how): with two or more sources apart, the scale at which their depths carry
+    their colours onto each other best (checked against the pixels, not a pose head: the tiny head's centres were 6x
+    off); else Umeyama of DA3's camera centres onto c2w's when its head resolves a baseline; else none (1)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
-    if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
-        return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
     if n_src < 2 or spread(c2w[:n_src, :3, 3]) < 1e-9:
+        if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
+            return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
         return 1.0, 'none'
     pairs = [(i, j) for i in range(n_src) for j in range(n_src) if i != j]
     cost = lambda s: sum(photo_error(images, depth * s, c2w, K, i, j) for i, j in pairs)
