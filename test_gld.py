@@ -2291,7 +2291,8 @@ def cross_view_depth_error(points, c2w, K, depths):
 
 def test_exported_point_cloud_reprojects_into_the_ground_truth_views(bundled, tmp_path):
     """sample.write_outputs' points.ply, fed the true depth and cameras as its geometry, lands at the true depth in the
-    other ground-truth views (occlusions make a few points disagree); flipped or rescaled depth does not."""
+    other ground-truth views (occlusions make a few points disagree); flipped depth does not, and depth off by a global
+    scale is brought back by the sources' photo-consistency (export.depth_scale)."""
     pipe, scenes = bundled
     s = scenes[0]
     images, c2w, K, depths = s['images'], s['c2w'], s['K'], s['depths']
@@ -2299,10 +2300,13 @@ def test_exported_point_cloud_reprojects_into_the_ground_truth_views(bundled, tm
     sample.write_outputs(str(tmp_path / 'ok'), images, res, c2w, K, 2)
     err = cross_view_depth_error(read_ply_points(tmp_path / 'ok' / 'points.ply'), c2w[0], K[0], depths[0])
     assert err < 0.01, float(err)  # measured: 0.0034
+    errs = {}
     for name, wrong in [('flipped', depths.flip(-1)), ('scaled', depths * 1.25)]:  # pixel layout, metric scale
         res['geometry']['depth'] = wrong
         sample.write_outputs(str(tmp_path / name), images, res, c2w, K, 2)
-        assert cross_view_depth_error(read_ply_points(tmp_path / name / 'points.ply'), c2w[0], K[0], depths[0]) > 0.05, name
+        errs[name] = cross_view_depth_error(read_ply_points(tmp_path / name / 'points.ply'), c2w[0], K[0], depths[0])
+    assert errs['flipped'] > 0.05 and errs['scaled'] < 0.01, errs
+    assert json.load(open(tmp_path / 'scaled' / 'transforms.json'))['gld_depth_scale'] == pytest.approx(0.8, rel=0.02)
 
 
 def test_flow_loss_bins_by_t_add_up_to_the_loss():
