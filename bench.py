@@ -68,8 +68,7 @@ def fake_batch(cfg, B, V, size, device):
 
 def bench_train(net, batch, a, device, autocast, rows, label):
     """One rectified-flow training step of net (forward, backward, AdamW): throughput, TFLOP/s, MFU."""
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
+    opt, gen = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95)), torch.Generator().manual_seed(0)
     x, cond, cams, upper = batch
 
     def step():

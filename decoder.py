@@ -114,8 +114,7 @@ class RGBDecoder(nn.Module):
         x = self.embed(self.fuse(levels, keep).flatten(0, 1))                             # (BV,T,D)
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
         x = x + self.pos_embed_at(h, w).to(x.dtype)                                      # (BV,1+T,D)
-        x = self.blocks(x)
-        p = self.cfg.patch
+        x, p = self.blocks(x), self.cfg.patch
         x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
         images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)               # (BV,3,H,W)
         if self.cfg.imagenet_output:

@@ -344,8 +344,7 @@ class DA3(LatentEncoder):
         if cfg.objective == 'reconstruction':  # all 4 levels of a token -> its 14x14 RGB patch (MAE's linear decoder)
             self.has_geometry, self.pixel_head = False, nn.Linear(4 * self.dim, 3 * PATCH * PATCH)
         else:
-            self.head = DualDPT(self.dim, cfg.features, cfg.out_channels)
-            self.cam_dec = CameraDec(self.dim)
+            self.head, self.cam_dec = DualDPT(self.dim, cfg.features, cfg.out_channels), CameraDec(self.dim)
         # Linear/conv torch defaults, LayerNorm 1/0, LayerScale 1 (DA3's init_values); tokens N(0, 0.02)
         for p in (vit.cls_token, vit.camera_token, vit.pos_embed):
             nn.init.normal_(p, std=0.02)

@@ -195,8 +195,7 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
         net.load_state_dict(sd, strict=True)
         return net
 
-    dec = convert('decoder', 'decoder', decoder_lib.convert_official, decoder_lib.RGBDecoder)
-    models = {}
+    dec, models = convert('decoder', 'decoder', decoder_lib.convert_official, decoder_lib.RGBDecoder), {}
     for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
         net = convert(role, 'model', model_lib.convert_official, model_lib.GLD, cascade=upper is not None)
         models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})

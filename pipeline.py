@@ -51,8 +51,7 @@ def train_command(name):  # name: a model_name
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
 def find_checkpoint(name, ckpt_dir=None):
-    """The newest <ckpt_dir>/<name>/ckpt_*.pt (a run) or else <ckpt_dir>/<name>.safetensors (an export) when ckpt_dir is
-    given, else weights/tiny/<name>.safetensors."""
+    """The newest ckpt_dir/<name>/ckpt_*.pt, else the export ckpt_dir/<name>.safetensors; no ckpt_dir: weights/tiny."""
     if ckpt_dir:
         folder, export = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + '.safetensors')
         if not (found := list_checkpoints(folder) or [export] * os.path.isfile(export)):
@@ -128,8 +127,8 @@ def export_weights(kind, net, config, extra, folder, name):
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
-    ckpt_dir, else random). enc.source = {'weights', 'sha256'} is what checkpoints record of their latents: the hash of
-    the file, or of the one whose backbone it kept (train.py --stage encoder --head-only records it as latents_sha256)."""
+    ckpt_dir, else random). enc.source = {'weights', 'sha256'}: what checkpoints record of their latents (--head-only
+    encoders: their parent's hash, latents_sha256)."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -217,8 +216,7 @@ class Pipeline:
         hw = (H // enc.patch, W // enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
         cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None, patch=enc.patch)
-        cond = latents.source_condition(enc, images, n_src)
-        gen = torch.Generator().manual_seed(seed)
+        cond, gen = latents.source_condition(enc, images, n_src), torch.Generator().manual_seed(seed)
         levels, given, cls_last = [None] * L, dict(given or {}), None
         for level in range(self.boundary, -1, -1):  # deepest first: M1 before M1->0
             if level in given:

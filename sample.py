@@ -298,8 +298,7 @@ def build_parser():
 def main(argv=None):
     a = build_parser().parse_args(argv)
     default_sampler(a)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    t_start = time.time()
+    device, t_start = torch.device('cuda' if torch.cuda.is_available() else 'cpu'), time.time()
     size = data.parse_size(a.size)  # bad input is reported before any model is loaded
     n_src = a.src or (len(a.images) if a.images else 2)
     if a.images and not 0 < n_src <= len(a.images):

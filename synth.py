@@ -86,8 +86,7 @@ def _hit_object(o, d, ob):  # vs a yawed box, sphere or floor-standing cylinder 
         tmin, tmax = np.minimum(t1, t2), np.maximum(t1, t2)
         tn, tf = np.nanmax(tmin, 1), np.nanmin(tmax, 1)
         t = np.where((tn <= tf) & (tn > 1e-6), tn, np.inf)
-        axis = np.nanargmax(tmin, 1)
-        nl = np.zeros((N, 3))
+        axis, nl = np.nanargmax(tmin, 1), np.zeros((N, 3))
         nl[np.arange(N), axis] = -np.sign(dl[np.arange(N), axis])
         pl = ol + np.where(np.isfinite(t), t, 0)[:, None] * dl + ob['half']
         uv = np.where((axis == 1)[:, None], pl[:, [0, 2]], np.where((axis == 0)[:, None], pl[:, [2, 1]], pl[:, [0, 1]]))
@@ -205,8 +204,7 @@ def _random_objects(rng, room, path, palette):  # 5..10 objects on the floor, cl
 def synth_scene(seed, frames=24, size=112):
     """Scene `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W), 'c2w' (F,4,4), 'K', 'scene'}."""
     rng = np.random.default_rng(seed)
-    room = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)])
-    c2w = None
+    room, c2w = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)]), None
     while c2w is None:
         c2w = _camera_path(rng, room, frames)
     palette = rng.choice(list(PALETTES))

@@ -261,8 +261,7 @@ class EncoderStage:
         self.config = asdict(self.net.cfg)
         if args.head_only:  # the backbone makes the latents: frozen, so every model trained on them stays valid
             if not (args.init and hasattr(self.net, 'backbone') and self.net.has_geometry):
-                raise cli.UserError(f'--head-only: fine-tunes the geometry heads of an encoder with a backbone; pass '
-                                    f'its weights with --init (e.g. --init weights/tiny/encoder.safetensors)')
+                raise cli.UserError('--head-only: pass the DA3 encoder to fine-tune (e.g. --init weights/tiny/encoder.safetensors)')
             self.net.backbone.requires_grad_(False)  # AdamW skips parameters without gradients; EMA lerp keeps them
             parent = pipeline.load_checkpoint(args.init, device)[0]
             self.extra = {'latents_sha256': parent.get('latents_sha256') or parent['sha256']}
