@@ -37,7 +37,7 @@ def view_names(V, n_src):  # sources first, zero-padded: sorting by name keeps t
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: their photo-consistency (the pixels, not a pose head:
+    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels, not a pose head:
     the tiny head's centres were 8x off); else Umeyama of DA3's centres when they resolve a baseline; else none (1)."""
     spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
     if n_src < 2 or spread(c2w[:n_src, :3, 3]) < 1e-9:
