@@ -204,8 +204,7 @@ def axes_meeting_point(c2w):  # least-squares point nearest the optical axes; No
 def look_at(eye, target, up):  # OpenCV c2w (...,4,4) at eye (...,3), z towards target, y (down) opposite up
     z = F.normalize(target - eye, dim=-1)
     x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
-    y = torch.linalg.cross(z, x, dim=-1)
-    return make_pose(torch.stack([x, y, z], -1), eye)
+    return make_pose(torch.stack([x, torch.linalg.cross(z, x, dim=-1), z], -1), eye)  # y = z x x
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):

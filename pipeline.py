@@ -125,10 +125,13 @@ def export_weights(kind, net, config, extra, folder, name):
     return path
 
 
+def latents_sha256(meta):  # what identifies an encoder file's latents: its SHA-256, or its --head-only parent's
+    return meta.get('latents_sha256') or meta['sha256']
+
+
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
-    ckpt_dir, else random). enc.source = {'weights', 'sha256'}: what checkpoints record of their latents (--head-only
-    encoders: their parent's hash, latents_sha256)."""
+    ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their latents."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -139,7 +142,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
             os.path.exists(weights[:-len('.safetensors')] + '.json'):
         meta, sd = load_checkpoint(weights)
-        enc, sha = latents.build_encoder(preset), meta.get('latents_sha256') or meta['sha256']  # --head-only: its parent's
+        enc, sha = latents.build_encoder(preset), latents_sha256(meta)
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
         enc = latents.build_encoder(preset, weights=weights)

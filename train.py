@@ -65,7 +65,7 @@ def build_parser():
     g.add_argument('--stats', default='', help='latent statistics file (ours or the official .pt); default: compute')
     g.add_argument('--stats-batches', type=int, default=16, help='batches used to compute latent statistics')
     g.add_argument('--level-dropout', type=float, default=0.5, help='decoder: probability of dropping each level')
-    g.add_argument('--head-only', action='store_true', help='encoder: fine-tune only the depth and camera heads of --init; the backbone and so the latents stay bit-identical (models trained on them stay valid)')
+    g.add_argument('--head-only', action='store_true', help='encoder: train only the heads of --init (backbone and latents bit-identical)')
     g.add_argument('--noise-tau', type=float, default=0.0, help='decoder: RAE noise augmentation of the input features')
     g.add_argument('--lpips', action='store_true', help='decoder: add LPIPS (needs the lpips package and weights)')
     g.add_argument('--gan', type=int, default=-1, help='decoder: step from which the adversarial loss is on (-1 = off)')
@@ -260,11 +260,10 @@ class EncoderStage:
             raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective; use --encoder-weights')
         self.config = asdict(self.net.cfg)
         if args.head_only:  # the backbone makes the latents: frozen, so every model trained on them stays valid
-            if not (args.init and hasattr(self.net, 'backbone') and self.net.has_geometry):
+            if not (args.init and self.net.has_geometry):
                 raise cli.UserError('--head-only: pass the DA3 encoder to fine-tune (e.g. --init weights/tiny/encoder.safetensors)')
             self.net.backbone.requires_grad_(False)  # AdamW skips parameters without gradients; EMA lerp keeps them
-            parent = pipeline.load_checkpoint(args.init, device)[0]
-            self.extra = {'latents_sha256': parent.get('latents_sha256') or parent['sha256']}
+            self.extra = {'latents_sha256': pipeline.latents_sha256(pipeline.load_checkpoint(args.init, device)[0])}
 
     def loss(self, batch, step, gen):
         return self.net.training_loss(batch)

@@ -54,8 +54,7 @@ class Aggregator(nn.Module):
     def special_tokens(self, B, V):
         """(B,V,5,C): [camera, 4 registers]; frame 0 takes index 0, frames 1.. index 1."""
         tok = torch.cat([self.camera_token, self.register_token], 2)[0]     # (2,5,C)
-        idx = (torch.arange(V, device=tok.device) > 0).long()
-        return tok[idx].expand(B, V, -1, -1)
+        return tok[(torch.arange(V, device=tok.device) > 0).long()].expand(B, V, -1, -1)
 
     def tokens(self, images):
         """images (B,V,3,H,W) in [0,1] -> the initial state (B,V,P,C) = [special tokens, DINO patch tokens]."""
