@@ -31,10 +31,12 @@ class DecoderConfig:
     imagenet_output: bool = False  # True: output is ImageNet-normalised and de-normalised (official)
     noise_tau: float = 0.0       # RAE noise augmentation of the input features (training only)
     num_levels: int = NUM_LEVELS  # levels of the latent (1 for DINOv2: RAE's decoder)
+    refine: int = 0              # channels of a residual 3-conv filter on the image (ours: seams); 0 = the linear head
 
 
 PRESETS = {
     'tiny': DecoderConfig(),
+    'small': DecoderConfig(width=256, depth=6, mlp=1024, refine=16),  # the bundled one (5.1M parameters)
     'xl': DecoderConfig(feat_dim=1536, width=1152, depth=28, heads=16, mlp=4096, base_grid=36, ln_eps=1e-12),
 }
 
@@ -75,6 +77,8 @@ class RGBDecoder(nn.Module):
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
         self.norm, self.head = nn.LayerNorm(D, eps=cfg.ln_eps), nn.Linear(D, cfg.patch * cfg.patch * 3)
+        c, conv = cfg.refine, lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # sees across the patch borders
+        self.refine = nn.Sequential(conv(3, c), nn.GELU(), conv(c, c), nn.GELU(), conv(c, 3)) if c else None
         for name, v in (('rgb_mean', data.IMAGENET_MEAN), ('rgb_std', data.IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
         self.init_weights()
@@ -86,6 +90,8 @@ class RGBDecoder(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02), nn.init.zeros_(self.mask_tokens)
+        if self.refine is not None:  # zero last conv: the filter starts as the identity
+            nn.init.zeros_(self.refine[-1].weight), nn.init.zeros_(self.refine[-1].bias)
 
     def pos_embed_at(self, h, w):  # the base table bicubically resized to an h x w token grid: (1,1+h*w,D)
         g, D = self.cfg.base_grid, self.cfg.width
@@ -98,11 +104,9 @@ class RGBDecoder(nn.Module):
         x = torch.cat(levels, -1)                                                         # (B,V,T,4F)
         B, V = x.shape[:2]
         if self.training and self.cfg.noise_tau > 0:
-            sigma = self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype)
-            x = x + sigma * torch.randn_like(x)
+            x = x + self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype) * torch.randn_like(x)
         if keep is not None:
-            L = self.cfg.num_levels
-            keep = keep.to(x.device).reshape(B, -1, L).expand(B, V, L)
+            keep = keep.to(x.device).reshape(B, -1, self.cfg.num_levels).expand(B, V, self.cfg.num_levels)
             keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]               # (B,V,1,4F)
             x = torch.where(keep, x, self.mask_tokens.flatten().to(x.dtype))
         return x
@@ -117,6 +121,7 @@ class RGBDecoder(nn.Module):
         x, p = self.blocks(x), self.cfg.patch
         x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
         images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)               # (BV,3,H,W)
+        images = images + self.refine(images) if self.refine is not None else images
         if self.cfg.imagenet_output:
             images = images * self.rgb_std + self.rgb_mean
         return images.view(B, V, *images.shape[1:])

@@ -979,6 +979,22 @@ def test_noise_augmentation_training_only():
     assert torch.equal(dec(levels, (2, 2)), dec(levels, (2, 2)))
 
 
+def test_seam_filter_is_residual_and_starts_as_the_identity():
+    """DecoderConfig.refine (ours; the bundled 'small' preset): a residual 3-conv filter on the image whose last conv
+    starts at zero, so a fresh decoder equals the same weights without it; trained, it adds exactly refine(image).
+    The paper's presets have none, so the release's weights load unchanged."""
+    torch.manual_seed(0)
+    dec, plain = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(refine=4)).eval(), decoder_lib.RGBDecoder('tiny').eval()
+    plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith('refine.')})
+    levels = random_levels(1, 2, 6, 192)
+    assert torch.equal(dec(levels, (2, 3)), plain(levels, (2, 3)))
+    torch.nn.init.normal_(dec.refine[-1].weight, std=0.1)
+    base = plain(levels, (2, 3)).flatten(0, 1)  # (BV,3,H,W)
+    assert torch.allclose(dec(levels, (2, 3)).flatten(0, 1), base + dec.refine(base), atol=1e-6)
+    assert (dec(levels, (2, 3)).flatten(0, 1) - base).abs().mean() > 1e-2
+    assert decoder_lib.PRESETS['xl'].refine == decoder_lib.PRESETS['tiny'].refine == 0
+
+
 def test_checkpoint_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
