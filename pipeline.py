@@ -60,8 +60,8 @@ def find_checkpoint(name, ckpt_dir=None):
         return found[-1]
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
-        raise UserError(f'{path}: no bundled {name} model; restore it with: git checkout weights/tiny, or pass '
-                        f'--ckpt-dir with a run made by: {train_command(name)}')
+        raise UserError(f'{path}: no bundled {name} model (git checkout weights/tiny restores the bundled ones); train '
+                        f'it with: {train_command(name)} --export weights/mine, then pass --ckpt-dir weights/mine')
     return path
 
 
@@ -215,8 +215,7 @@ class Pipeline:
         """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; given:
         {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
         B, V, _, H, W = images.shape
-        enc, L = self.enc, self.enc.num_levels
-        hw = (H // enc.patch, W // enc.patch)
+        enc, L, hw = self.enc, self.enc.num_levels, (H // self.enc.patch, W // self.enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
         cams = latents.model_cameras(c2w, K, src_mask, hw, official=self.official is not None, patch=enc.patch)
         cond, gen = latents.source_condition(enc, images, n_src), torch.Generator().manual_seed(seed)

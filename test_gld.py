@@ -2696,6 +2696,9 @@ def test_models_resolve_explicitly_and_refuse_another_encoders_latents(small_dat
     assert f'{runs / "decoder" / "ckpt_0000001.pt"} (sha256 ' in out  # every resolved model is printed with its hash
     user_error(sample.main, ['--ckpt-dir', runs, '--boundary', '2', '--independent', '--data', small_data, '--out',
                              tmp_path / 'o', *SAMPLE_FAST], capsys, 'python train.py --level 2 --out')
+    user_error(sample.main, ['--independent', '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
+               'no bundled level0_ind model', 'python train.py --level 0 --independent --export weights/mine',
+               '--ckpt-dir weights/mine')  # the ablation's models are not bundled (the 30 MB budget)
 
 
 def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkeypatch):
@@ -2733,10 +2736,10 @@ def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_
     meta = pipeline.load_checkpoint(str(mine / 'level2.safetensors'))[0]
     assert sorted(meta['stats']) == ['mean2', 'var2'] and meta['encoder']['sha256'] == parent.source['sha256']
     capsys.readouterr()
-    sample.main([str(a) for a in ['--ckpt-dir', mine, '--boundary', '2', '--independent', '--data', small_data,
+    sample.main([str(a) for a in ['--ckpt-dir', mine, '--boundary', '2', '--data', small_data,
                                   '--out', tmp_path / 'o', *SAMPLE_FAST]])
     out = capsys.readouterr().out
-    assert all(f'{mine / n}.safetensors (sha256' in out for n in ('encoder', 'decoder', 'level2', 'level1', 'level0_ind'))
+    assert all(f'{mine / n}.safetensors (sha256' in out for n in ('encoder', 'decoder', 'level2', 'level1', 'level0'))
     assert os.path.isfile(tmp_path / 'o' / 'grid.png')
 
 
