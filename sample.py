@@ -98,8 +98,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     """Stage 1 in miniature (paper Table 6): the decoder on DA3 features of all views, all levels and each alone."""
     per_scene, n = [], min(n_scenes, len(dataset))
     for i in range(n):
-        scene = data.collate_one(dataset[i])
-        images = scene['images']  # (1,V,3,H,W)
+        images = (scene := data.collate_one(dataset[i]))['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))
         hw = (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)
         per_scene += [{'scene': scene['key'][0], 'method': f'level {name}' if name != 'all' else 'all levels',
@@ -145,10 +144,9 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
     """grid.png, trajectory.png, video, depth maps (PNG + .npy), metrics.json, and export.write_scene's 3D outputs."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
-    V = pred.shape[0]
     save_image(export.make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
     export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
-                        title=f'{n_src} sources (blue), {V - n_src} targets (orange)')
+                        title=f'{n_src} sources (blue), {pred.shape[0] - n_src} targets (orange)')
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
     summary = 'none: this latent has no geometry head (no depth, cameras or 3D)'  # DINOv2, the VAE: images only
     if 'depth' in geo and 'c2w' in geo:

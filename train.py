@@ -106,8 +106,7 @@ def get_args(argv=None):
         with torch.device('meta'):
             args.level = min(1, latents.build_encoder(args.encoder).num_levels - 1)
     args.out = args.out or os.path.join('runs', model_name(args))
-    args.lr = args.lr if args.lr is not None else RECIPES[args.stage]['lr']
-    args.ema = args.ema if args.ema is not None else RECIPES[args.stage]['ema']
+    args.lr, args.ema = (RECIPES[args.stage][k] if getattr(args, k) is None else getattr(args, k) for k in ('lr', 'ema'))
     lo, hi = parse_range(args.src, '--src')
     if args.stage == 'diffusion' and not 1 <= lo <= min(hi, args.views - 1):
         raise cli.UserError(f'--src {args.src}: a sample of --views {args.views} has 1..{args.views - 1} source views')
@@ -309,8 +308,7 @@ class DecoderStage:
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
         if self.disc is not None and step >= self.gan_start:
             gan_loss, gparts = decoder_lib.adversarial_step(self.net, self.disc, self.disc_opt, pred, images, loss)
-            loss = loss + gan_loss
-            parts.update(gparts)
+            loss, parts = loss + gan_loss, {**parts, **gparts}
         return loss, parts
 
     @torch.no_grad()
