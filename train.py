@@ -253,7 +253,7 @@ class EncoderStage:
     """An encoder trained from scratch with its own training_loss (da3-tiny: DA3's depth and ray-map losses)."""
     kind, extra = 'encoder', {}  # extra: what checkpoints and exports record besides the weights
 
-    def __init__(self, args, device, loader):
+    def __init__(self, args, device, loader, init):  # init: --init's metadata ({} without it)
         self.net = latents.build_encoder(args.encoder).to(device)
         if not hasattr(self.net, 'training_loss'):
             raise cli.UserError(f'--stage encoder: {args.encoder} has no training objective; use --encoder-weights')
@@ -262,7 +262,7 @@ class EncoderStage:
             if not (args.init and self.net.has_geometry):
                 raise cli.UserError('--head-only: pass the DA3 encoder to fine-tune (e.g. --init weights/tiny/encoder.safetensors)')
             self.net.backbone.requires_grad_(False)  # AdamW skips parameters without gradients; EMA lerp keeps them
-            self.extra = {'latents_sha256': pipeline.latents_sha256(pipeline.load_checkpoint(args.init, device)[0])}
+            self.extra = {'latents_sha256': pipeline.latents_sha256(init)}
 
     def loss(self, batch, step, gen):
         return self.net.training_loss(batch)
@@ -282,7 +282,7 @@ class DecoderStage:
     """Stage 1: frozen encoder features of all views -> RGB, with level-wise dropout (paper Sec. 4.2)."""
     kind = 'decoder'
 
-    def __init__(self, args, device, loader):
+    def __init__(self, args, device, loader, init):
         self.enc = load_encoder(args, device)
         if self.enc.has_rgb_decoder:
             raise cli.UserError(f'--stage decoder: {args.encoder} decodes RGB with its own decoder; nothing to train')
@@ -322,7 +322,7 @@ class DiffusionStage:
     """Stage 3: M_l (or M1->0, conditioned on level l+1) by rectified flow over all V views (paper Sec. 4.3-4.4)."""
     kind = 'gld'
 
-    def __init__(self, args, device, loader):
+    def __init__(self, args, device, loader, init):
         self.enc = load_encoder(args, device)
         if args.level >= self.enc.num_levels:
             raise cli.UserError(f'--level {args.level}: {args.encoder} has levels 0..{self.enc.num_levels - 1}')
@@ -330,9 +330,8 @@ class DiffusionStage:
         self.upper_level = pipeline.cascade_upper(args.level, args.independent, self.enc.num_levels)
         self.levels_needed = [self.level] + ([self.upper_level] if self.upper_level is not None else [])
         self.tau, self.cam_drop, self.t_dist = args.tau, args.cam_drop, args.t_dist
-        init_stats = pipeline.load_checkpoint(args.init)[0].get('stats') if args.init else None  # keep --init's normalisation
-        if init_stats and not all(f'mean{l}' in init_stats for l in self.levels_needed):
-            init_stats = None  # --init of another level (M2 from M1's weights): a warm start, its own statistics
+        # --init's normalisation, unless it is of another level (M2 from M1's weights: a warm start, its own statistics)
+        init_stats = init['stats'] if all(f'mean{l}' in init.get('stats', {}) for l in self.levels_needed) else None
         self.stats = (encoder_lib.LatentStats.load(args.stats) if args.stats else
                       encoder_lib.LatentStats.from_state_dict(init_stats) if init_stats else
                       latents.compute_stats(self.enc, loader, self.levels_needed, args.stats_batches, device))
@@ -451,12 +450,13 @@ def main(argv=None):
     val = data.SceneDataset(args.data, split='test', num_views=args.views, size=None if size == 'buckets' else size, gap=gap,
                             seed=args.seed, eval=True)
     # the stage (its network, loss and evaluation), EMA, optimizer, the latent cache, resume
-    stage = STAGES[args.stage](args, device, loader)
+    init, init_sd = pipeline.load_checkpoint(args.init, device) if args.init else ({}, None)  # read once, hash printed
+    stage = STAGES[args.stage](args, device, loader, init)
     net = stage.net
     if rank == 0 and hasattr(stage, 'enc'):  # the latents' encoder, as the checkpoints record it
         print(f'{args.stage}: encoder {stage.enc.source["weights"]} (sha256 {(stage.enc.source["sha256"] or "-")[:12]})')
     if args.init:  # continue from earlier weights (e.g. the bundled ones); the optimizer starts fresh
-        net.load_state_dict(pipeline.load_checkpoint(args.init, device)[1])
+        net.load_state_dict(init_sd)
     ema = diffusion.EMA(net, args.ema)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=recipe['betas'], weight_decay=recipe['wd'])
     cache = build_cache(args, stage, size, gap, rank, world, device) if args.cache and args.stage == 'diffusion' else None
