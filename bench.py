@@ -3,6 +3,7 @@
 A DiT training step (samples/s, tokens/s, TFLOP/s, MFU from model.flops_per_token), an Euler step with CFG, the
 frozen encoder/decoder parts, peak memory, and on GPU in bf16 the SDPA backend; `--compile` compares with eager.
 """
+
 import argparse
 import contextlib
 import resource
@@ -27,14 +28,18 @@ def build_parser():
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
     p.add_argument('--batch', type=int, default=2, help='scenes per step')
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp32,bf16'],
-                   help='autocast dtype (bf16: fp32 master weights); fp32,bf16: both, side by side')
+    p.add_argument(
+        '--dtype',
+        default='fp32',
+        choices=['fp32', 'bf16', 'fp32,bf16'],
+        help='autocast dtype (bf16: fp32 master weights); fp32,bf16: both, side by side',
+    )
     p.add_argument('--compile', action='store_true', help='also time torch.compile (reports the compile/eager ratio)')
     p.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
     p.add_argument('--iters', type=int, default=5, help='timed iterations')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations')
-    p.add_argument('--skip', default='', help="comma list of parts to skip: train,sample,frozen")
+    p.add_argument('--skip', default='', help='comma list of parts to skip: train,sample,frozen')
     return p
 
 
@@ -58,7 +63,9 @@ def fake_batch(cfg, B, V, size, device):
     src = (torch.arange(V) < 2)[None].expand(B, V)
     cond = x * src[:, :, None, None]
     eye = torch.tensor([[0.3 * v, 0.0, 0.1 * v] for v in range(V)])
-    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0])).expand(B, V, 4, 4)
+    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0])).expand(
+        B, V, 4, 4
+    )
     K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(B, V, 3, 3)
     cams = model_lib.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
     upper = torch.randn(B, V, h * w, cfg.upper_dim, generator=g) if cfg.upper_dim else None
@@ -73,17 +80,27 @@ def bench_train(net, batch, a, device, autocast, rows, label):
 
     def step():
         with autocast:
-            loss, _ = diffusion.flow_loss(lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'],
-                                          generator=gen)
+            loss, _ = diffusion.flow_loss(
+                lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'], generator=gen
+            )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     dt = timeit(step, a.iters, a.warmup, device)
     B, V, T, _ = x.shape
     flops = 3 * model_lib.flops_per_token(getattr(net, '_orig_mod', net).cfg, V * T) * B * V * T
     peak = model_lib.peak_tflops(device)
-    rows.append({'part': f'train step ({label})', 'ms': dt * 1e3, 'samples/s': B / dt, 'tokens/s': B * V * T / dt,
-                 'TFLOP/s': flops / dt / 1e12, 'MFU': flops / dt / 1e12 / peak if peak else None})
+    rows.append(
+        {
+            'part': f'train step ({label})',
+            'ms': dt * 1e3,
+            'samples/s': B / dt,
+            'tokens/s': B * V * T / dt,
+            'TFLOP/s': flops / dt / 1e12,
+            'MFU': flops / dt / 1e12 / peak if peak else None,
+        }
+    )
     return dt
 
 
@@ -98,6 +115,7 @@ def bench_sample(net, batch, a, device, autocast, rows, label):
             v = net(x, t, cond, cams, upper=upper)
             v = v + 0.5 * (v - net(x, t, cond, uncond, upper=upper))
         return x - 0.02 * v
+
     dt = timeit(euler_step, a.iters, a.warmup, device)
     rows.append({'part': f'Euler step, cfg ({label})', 'ms': dt * 1e3})
     rows.append({'part': f'50-step level ({label})', 'ms': 50 * dt * 1e3})
@@ -106,8 +124,15 @@ def bench_sample(net, batch, a, device, autocast, rows, label):
 
 def bench_frozen(a, device, autocast, rows):
     enc = latents.build_encoder(a.encoder).to(device).freeze()
-    dec = enc.rgb_decoder() if enc.has_rgb_decoder else decoder_lib.RGBDecoder(replace(
-        decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim, num_levels=enc.num_levels, patch=enc.patch)).to(device).eval()
+    dec = (
+        enc.rgb_decoder()
+        if enc.has_rgb_decoder
+        else decoder_lib.RGBDecoder(
+            replace(decoder_lib.PRESETS[a.decoder], feat_dim=enc.dim, num_levels=enc.num_levels, patch=enc.patch)
+        )
+        .to(device)
+        .eval()
+    )
     images = torch.rand(a.batch, a.views, 3, a.size, a.size, device=device)
     hw = (a.size // enc.patch, a.size // enc.patch)
     ms = lambda fn: 1e3 * timeit(fn, a.iters, a.warmup, device)
@@ -127,6 +152,7 @@ def bench_frozen(a, device, autocast, rows):
 def sdpa_backend_check(net, batch, device, autocast):
     """On GPU: the forward must run with only the flash kernel allowed, and the profiler must show it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     x, cond, cams, upper = batch
     t = torch.full((x.shape[0],), 0.5, device=device)
     with torch.no_grad(), autocast, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -144,8 +170,10 @@ def main(argv=None):
     device = torch.device(a.device)
     torch.manual_seed(0)
     skip = set(a.skip.split(',')) if a.skip else set()
-    casts = {dt: torch.autocast(device.type, dtype=torch.bfloat16) if dt == 'bf16' else contextlib.nullcontext()
-             for dt in a.dtype.split(',')}
+    casts = {
+        dt: torch.autocast(device.type, dtype=torch.bfloat16) if dt == 'bf16' else contextlib.nullcontext()
+        for dt in a.dtype.split(',')
+    }
     autocast = casts[a.dtype.split(',')[-1]]  # the frozen parts and the SDPA check: the last dtype
     cfg = replace(model_lib.PRESETS[a.preset], checkpointing=a.checkpointing)
     net = model_lib.GLD(cfg).to(device)
@@ -155,9 +183,11 @@ def main(argv=None):
                 p.normal_(0, 0.02)
     batch = fake_batch(cfg, a.batch, a.views, a.size, device)
     V, T = a.views, (a.size // data.PATCH) ** 2
-    print(f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
-          f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
-          f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    print(
+        f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
+        f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '
+        f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+    )
     rows, times = [], {}
     runs = [('eager', net)] + ([('compiled', torch.compile(net, dynamic=False))] if a.compile else [])
     for (label, m), (dt, cast) in [(r, c) for c in casts.items() for r in runs]:
@@ -171,8 +201,14 @@ def main(argv=None):
         bench_frozen(a, device, autocast, rows)
     if device.type == 'cuda' and a.dtype == 'bf16':
         rows.append({'part': f'SDPA backend: {sdpa_backend_check(net, batch, device, autocast)}'})
-    rows.append({'part': 'peak memory', 'GB': torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})  # Linux: KiB
+    rows.append(
+        {
+            'part': 'peak memory',
+            'GB': torch.cuda.max_memory_allocated() / 2**30
+            if device.type == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+    )  # Linux: KiB
     for r in rows:
         print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items() if v is not None))
     for part in ('train', 'sample'):

@@ -5,6 +5,7 @@ Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point ~(0
 (u, v) covers [u, u+1) x [v, v+1), centre +0.5. Shape legend: B batch, V views, H W image, N points, n trajectory
 length. References: PRoPE (Li et al. 2025); Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
 """
+
 import math
 
 import torch
@@ -25,13 +26,17 @@ def check_cameras(c2w, K, where):
     ortho = (err < 1e-3) & (torch.linalg.det(R) > 0)
     if not ortho.all():
         v = bad(~ortho)
-        raise UserError(f'{where}: the rotation of view {v} is not orthonormal (|R R^T - I| = {float(err[v]):.2g}, '
-                        f'det {float(torch.linalg.det(R[v])):.3g}); write rigid camera poses (OpenCV c2w / w2c)')
+        raise UserError(
+            f'{where}: the rotation of view {v} is not orthonormal (|R R^T - I| = {float(err[v]):.2g}, '
+            f'det {float(torch.linalg.det(R[v])):.3g}); write rigid camera poses (OpenCV c2w / w2c)'
+        )
     focal = (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0)
     if not focal.all():
         v = bad(~focal)
-        raise UserError(f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
-                        'they must be positive (normalised: fx / W, fy / H)')
+        raise UserError(
+            f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
+            'they must be positive (normalised: fx / W, fy / H)'
+        )
 
 
 def check_estimate(c2w, K, depth, H, W):
@@ -43,15 +48,20 @@ def check_estimate(c2w, K, depth, H, W):
         problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
     if ((pp < 0) | (pp > 1)).any():
         v = int(((pp - 0.5).abs().amax(-1)).argmax())
-        problems.append(f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
-                        f'outside the {W}x{H} image')
+        problems.append(
+            f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
+            f'outside the {W}x{H} image'
+        )
     baseline = float((c2w[:, None, :3, 3] - c2w[None, :, :3, 3]).norm(dim=-1).max()) if len(c2w) > 1 else None
     if baseline is not None and baseline < 0.01 * float(depth.median()):
         problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
     if problems:
-        raise UserError('the cameras DA3 estimated for --images are implausible (' + '; '.join(problems) +
-                        '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
-                        'to go on anyway')
+        raise UserError(
+            'the cameras DA3 estimated for --images are implausible ('
+            + '; '.join(problems)
+            + '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
+            'to go on anyway'
+        )
 
 
 # ----------------------------------------------------------------------------- basic conversions
@@ -141,8 +151,15 @@ def rotmat_to_quat(m):
     q2 = torch.stack([1 + tr, *(1 + 2 * m[..., i, i] - tr for i in range(3))], -1)  # (...,4) = 4 q_i^2
     wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
     xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
-    cand = torch.stack([torch.stack([q2[..., 0], wx, wy, wz], -1), torch.stack([wx, q2[..., 1], xy, xz], -1),
-                        torch.stack([wy, xy, q2[..., 2], yz], -1), torch.stack([wz, xz, yz, q2[..., 3]], -1)], -2)
+    cand = torch.stack(
+        [
+            torch.stack([q2[..., 0], wx, wy, wz], -1),
+            torch.stack([wx, q2[..., 1], xy, xz], -1),
+            torch.stack([wy, xy, q2[..., 2], yz], -1),
+            torch.stack([wz, xz, yz, q2[..., 3]], -1),
+        ],
+        -2,
+    )
     i = q2.argmax(-1, keepdim=True)  # (...,1) the pivot
     q = F.normalize(cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :], dim=-1)  # (...,4)
     return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
@@ -150,10 +167,20 @@ def rotmat_to_quat(m):
 
 def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        -1,
+    ).unflatten(-1, (3, 3))
 
 
 def slerp(q0, q1, t):  # along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)
@@ -243,8 +270,10 @@ def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
             c2w = spiral(a, n, radius=0.2 * dist, depth=dist) if traj == 'spiral' else forward_dolly(a, n, 0.5 * dist)
     moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist
     if float(moved + rotation_angle(a[:3, :3].T @ c2w[:, :3, :3]).abs().max()) < 1e-3:
-        print(f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
-              '--traj orbit, spiral or forward to move')
+        print(
+            f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
+            '--traj orbit, spiral or forward to move'
+        )
     return c2w, K
 
 
@@ -263,8 +292,9 @@ def umeyama(src, dst, with_scale=True):
 
 
 def rotation_angle(R):  # radians, of (...,3,3) rotations, via atan2 (accurate near 0 and pi)
-    skew = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0],
-                        R[..., 1, 0] - R[..., 0, 1]], -1)  # (...,3) = 2 sin(angle) axis
+    skew = torch.stack(
+        [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
+    )  # (...,3) = 2 sin(angle) axis
     cos = (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2
     return torch.atan2(skew.norm(dim=-1) / 2, cos)
 

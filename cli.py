@@ -1,4 +1,5 @@
 """cli.py: what every gld command line shares: UserError and its one-line report, Progress lines, choose_threads."""
+
 import math
 import os
 import sys
@@ -38,8 +39,10 @@ def choose_threads():
     cores = os.cpu_count() or 1
     if torch.get_num_threads() > 1 and os.getloadavg()[0] > cores - torch.get_num_threads() + 0.5:
         torch.set_num_threads(1)
-        print(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores): using 1 torch thread '
-              '(set OMP_NUM_THREADS to choose)')
+        print(
+            f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores): using 1 torch thread '
+            '(set OMP_NUM_THREADS to choose)'
+        )
 
 
 class Progress:
@@ -57,7 +60,10 @@ class Progress:
             return
         self.last, elapsed = now, now - self.t0
         eta = elapsed / self.done * (self.total - self.done)
-        line = f'{self.label} {self.done}/{self.total}  {elapsed:.1f}s' + ('' if end else f', ETA {eta:.1f}s') + \
-            (f'  {note}' if note else '')
+        line = (
+            f'{self.label} {self.done}/{self.total}  {elapsed:.1f}s'
+            + ('' if end else f', ETA {eta:.1f}s')
+            + (f'  {note}' if note else '')
+        )
         self.stream.write(('\r' + line + '\x1b[K' + ('\n' if end else '')) if self.tty else line + '\n')
         self.stream.flush()

@@ -5,6 +5,7 @@ Re10K in the pixelSplat chunk layout ('cameras' (V,18) = fx fy cx cy (normalised
 applied_transform, a rigid motion, ignored). Shape legend: B batch, V views, H W image, N rays/points, F frames.
 References: pixelSplat, real_estate_10k_tools (chunk layout); DepthSplat (DL3DV); Wang et al. 2004 (SSIM); GLD.
 """
+
 import argparse
 import functools
 import io
@@ -61,8 +62,10 @@ def encode_jpeg(image, quality=90):  # (3,H,W) float [0,1] or (H,W,3) uint8 arra
 def cameras_to_c2w_K(cams, where='cameras'):
     """Re10K camera rows (V,18) -> c2w (V,4,4) OpenCV and normalised K (V,3,3)."""
     if cams.ndim != 2 or cams.shape[1] != 18:
-        raise UserError(f'{where}: camera rows have shape {tuple(cams.shape)}, expected (V, 18) = '
-                        'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with data.write_re10k_chunk')
+        raise UserError(
+            f'{where}: camera rows have shape {tuple(cams.shape)}, expected (V, 18) = '
+            'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with data.write_re10k_chunk'
+        )
     cams = cams.double()
     K = torch.eye(3, dtype=torch.float64).repeat(len(cams), 1, 1)
     K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2] = cams[:, 0], cams[:, 1], cams[:, 2], cams[:, 3]
@@ -79,8 +82,9 @@ def parse_size(text, buckets=False):
     try:
         H, W = (int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise UserError(f'--size {text}: expected HxW in pixels, e.g. --size 112x112'
-                        + (" or --size buckets" if buckets else '')) from None
+        raise UserError(
+            f'--size {text}: expected HxW in pixels, e.g. --size 112x112' + (' or --size buckets' if buckets else '')
+        ) from None
     if H <= 0 or W <= 0 or H % PATCH or W % PATCH:
         fix = f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH}'
         raise UserError(f'--size {text}: both sides must be positive multiples of {PATCH}, e.g. --size {fix}')
@@ -107,15 +111,17 @@ def resize_and_crop(images, K, size, depths=None):
     Hr, Wr = max(Ho, round(H * s)), max(Wo, round(W * s))
     top, left = (Hr - Ho) // 2, (Wr - Wo) // 2
     if (Hr, Wr) != (H, W):
-        x = F.interpolate(images.reshape(-1, 3, H, W), size=(Hr, Wr), mode='bilinear', antialias=True, align_corners=False)
+        x = F.interpolate(
+            images.reshape(-1, 3, H, W), size=(Hr, Wr), mode='bilinear', antialias=True, align_corners=False
+        )
         images = x.clamp(0, 1).reshape(*images.shape[:-2], Hr, Wr)
-    images = images[..., top:top + Ho, left:left + Wo]
+    images = images[..., top : top + Ho, left : left + Wo]
     Kp = cameras.K_to_pixels(K, H, W) * K.new_tensor([[Wr / W], [Hr / H], [1.0]])
     Kp[..., 0, 2], Kp[..., 1, 2] = Kp[..., 0, 2] - left, Kp[..., 1, 2] - top
     out = (images, cameras.K_to_normalized(Kp, Ho, Wo))
     if depths is not None:
         d = F.interpolate(depths.reshape(-1, 1, H, W).float(), size=(Hr, Wr), mode='nearest')
-        out += (d.reshape(*depths.shape[:-2], Hr, Wr)[..., top:top + Ho, left:left + Wo],)
+        out += (d.reshape(*depths.shape[:-2], Hr, Wr)[..., top : top + Ho, left : left + Wo],)
     return out
 
 
@@ -129,8 +135,16 @@ def write_re10k_chunk(path, scenes, quality=90):
         intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
         cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
         depths = {} if s.get('depths') is None else {'depths': torch.as_tensor(s['depths']).half()}
-        out.append({'key': s['key'], 'url': s.get('url', ''), 'timestamps': torch.as_tensor(s['timestamps']).long(),
-                    'cameras': cams, 'images': images, **depths})
+        out.append(
+            {
+                'key': s['key'],
+                'url': s.get('url', ''),
+                'timestamps': torch.as_tensor(s['timestamps']).long(),
+                'cameras': cams,
+                'images': images,
+                **depths,
+            }
+        )
     torch.save(out, path)
 
 
@@ -139,20 +153,31 @@ def _load_chunk(path):  # memory-mapped and cached: unpickling costs ~50 ms, an 
     try:
         return torch.load(path, mmap=True, weights_only=True)
     except Exception as e:  # truncated or foreign files: PyTorch's reader errors (of several types) name no file
-        raise UserError(f'{path}: not a readable chunk file ({cli.first_line(e)}); re-create it '
-                        '(the synthetic set: python data.py synth) or remove it from the index.json next to it') from None
+        raise UserError(
+            f'{path}: not a readable chunk file ({cli.first_line(e)}); re-create it '
+            '(the synthetic set: python data.py synth) or remove it from the index.json next to it'
+        ) from None
 
 
 def read_re10k_chunk(path, decode=True):
     """A chunk -> scenes {'key', 'c2w', 'K', 'timestamps', 'depths'?, 'source', 'images' (decode) or lazy 'jpegs'}."""
     if not os.path.isfile(path):
-        raise UserError(f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
-                        'check the index.json next to it')
+        raise UserError(
+            f'{path}: {"a folder, not a chunk file" if os.path.isdir(path) else "no such chunk"}; '
+            'check the index.json next to it'
+        )
     scenes = []
     for ex in _load_chunk(path):
         c2w, K = cameras_to_c2w_K(ex['cameras'], f'{path} scene {ex["key"]}')
-        s = {'key': ex['key'], 'c2w': c2w, 'K': K, 'timestamps': ex['timestamps'], 'jpegs': ex['images'], 'source': path,
-             **({'depths': ex['depths']} if 'depths' in ex else {})}
+        s = {
+            'key': ex['key'],
+            'c2w': c2w,
+            'K': K,
+            'timestamps': ex['timestamps'],
+            'jpegs': ex['images'],
+            'source': path,
+            **({'depths': ex['depths']} if 'depths' in ex else {}),
+        }
         if decode:
             s['images'] = decode_frames(s, range(len(c2w)))
             del s['jpegs']
@@ -170,8 +195,10 @@ def decode_frames(scene, frames):
         except FrameError as e:
             raise FrameError(f'{where}: {e}; replace the frame or drop the scene from the index') from None
         if out[-1].shape != out[0].shape:
-            raise FrameError(f'{where}: {out[-1].shape[-2]}x{out[-1].shape[-1]} pixels, but frame {int(frames[0])} '
-                             f'is {out[0].shape[-2]}x{out[0].shape[-1]}; the frames of a scene must share one size')
+            raise FrameError(
+                f'{where}: {out[-1].shape[-2]}x{out[-1].shape[-1]} pixels, but frame {int(frames[0])} '
+                f'is {out[0].shape[-2]}x{out[0].shape[-1]}; the frames of a scene must share one size'
+            )
     return torch.stack(out)
 
 
@@ -186,15 +213,20 @@ def read_json(path, what):  # what: what the file should hold, for the error
 def read_index(root):
     path = os.path.join(root, 'index.json')
     if not os.path.isfile(path):
-        raise UserError(f'{path}: missing; a chunk folder needs index.json ({{key: "000000.torch"}}); create the '
-                        'synthetic set with: python data.py synth (or run real_estate_10k_tools generate_index)')
+        raise UserError(
+            f'{path}: missing; a chunk folder needs index.json ({{key: "000000.torch"}}); create the '
+            'synthetic set with: python data.py synth (or run real_estate_10k_tools generate_index)'
+        )
     return {k: os.path.join(root, v) for k, v in read_json(path, 'index.json ({key: "000000.torch"})').items()}
 
 
 def read_eval_index(path):
     """Evaluation index {key: {'context': [i, j], 'target': [..]} | null} -> {key: (context, target)}, nulls dropped."""
-    return {k: (list(v['context']), list(v['target'])) for k, v in read_json(path, 'evaluation index').items()
-            if v is not None}
+    return {
+        k: (list(v['context']), list(v['target']))
+        for k, v in read_json(path, 'evaluation index').items()
+        if v is not None
+    }
 
 
 # ---------------------------------------------------------------------------------- DL3DV / nerfstudio transforms.json
@@ -202,8 +234,10 @@ def read_transforms(path):
     """nerfstudio transforms.json -> {'c2w' (V,4,4) OpenCV, 'K' (V,3,3), 'files', 'timestamps'}, by file name."""
     meta = read_json(path, 'nerfstudio transforms.json')
     if not (frames := sorted(meta.get('frames', []), key=lambda fr: fr['file_path'])):
-        raise UserError(f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
-                        '[{"file_path", "transform_matrix" (OpenGL c2w)}]}')
+        raise UserError(
+            f'{path}: no frames; expected {{"fl_x", "fl_y", "cx", "cy", "w", "h", "frames": '
+            '[{"file_path", "transform_matrix" (OpenGL c2w)}]}'
+        )
     c2w, K, stamps = [], [], []
     for i, fr in enumerate(frames):
         try:
@@ -216,8 +250,12 @@ def read_transforms(path):
         stamps.append(int(digits) if digits else i)
     c2w, K = cameras.opengl_to_opencv(torch.tensor(c2w, dtype=torch.float64)), torch.tensor(K, dtype=torch.float64)
     cameras.check_cameras(c2w, K, path)
-    return {'c2w': c2w.float(), 'K': K.float(), 'files': [fr['file_path'] for fr in frames],
-            'timestamps': torch.tensor(stamps)}
+    return {
+        'c2w': c2w.float(),
+        'K': K.float(),
+        'files': [fr['file_path'] for fr in frames],
+        'timestamps': torch.tensor(stamps),
+    }
 
 
 def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or None
@@ -228,15 +266,23 @@ def _find_transforms(folder):  # the transforms.json of a DL3DV scene folder, or
 def read_dl3dv_scene(folder, images='images_4', decode=True):
     """A folder with (nerfstudio/)transforms.json -> a scene like read_re10k_chunk's; images: a folder beside it."""
     if (path := _find_transforms(folder)) is None:
-        raise UserError(f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
-                        'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix')
+        raise UserError(
+            f'{folder}: no transforms.json (nor nerfstudio/transforms.json); write a nerfstudio '
+            'transforms.json with fl_x fl_y cx cy w h and frames[].file_path / transform_matrix'
+        )
     root = os.path.dirname(path)
     if images and not os.path.isdir(os.path.join(root, images)):
         raise UserError(f'{os.path.join(root, images)}: missing; pass images= one of the image folders next to {path}')
     t = read_transforms(path)
     paths = [os.path.join(root, images, os.path.basename(f)) if images else os.path.join(root, f) for f in t['files']]
-    s = {'key': os.path.basename(os.path.dirname(root) if root.endswith('nerfstudio') else root),
-         'c2w': t['c2w'], 'K': t['K'], 'timestamps': t['timestamps'], 'jpegs': paths, 'source': path}
+    s = {
+        'key': os.path.basename(os.path.dirname(root) if root.endswith('nerfstudio') else root),
+        'c2w': t['c2w'],
+        'K': t['K'],
+        'timestamps': t['timestamps'],
+        'jpegs': paths,
+        'source': path,
+    }
     if decode:
         s['images'] = decode_frames(s, range(len(paths)))
     return s
@@ -266,8 +312,11 @@ class SceneDataset(torch.utils.data.Dataset):
             folder = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
             if not os.path.isdir(folder):
                 raise UserError(f'{folder}: no such DL3DV folder; pass --data dl3dv:PATH with scene folders under PATH')
-            self.items = {d: os.path.join(folder, d) for d in sorted(os.listdir(folder))
-                          if _find_transforms(os.path.join(folder, d))}
+            self.items = {
+                d: os.path.join(folder, d)
+                for d in sorted(os.listdir(folder))
+                if _find_transforms(os.path.join(folder, d))
+            }
         else:
             self.items = read_index(folder := os.path.join(spec, split))
         eval_path, self.eval_frames = os.path.join(folder, 'eval_index.json'), {}
@@ -277,20 +326,26 @@ class SceneDataset(torch.utils.data.Dataset):
             self.items = {k: self.items[k] for k in self.eval_frames}
             if any(len(c) + len(t) != num_views for c, t in index.values()):
                 counts = sorted({(len(c), len(t)) for c, t in index.values()})
-                print(f'note: {eval_path} gives {" or ".join(f"{c} context + {t} target" for c, t in counts)} '
-                      f'frames per scene; --views {num_views} keeps every context frame and spreads the rest over '
-                      'the targets')
+                print(
+                    f'note: {eval_path} gives {" or ".join(f"{c} context + {t} target" for c, t in counts)} '
+                    f'frames per scene; --views {num_views} keeps every context frame and spreads the rest over '
+                    'the targets'
+                )
         self.keys = list(self.items)
         if not self.keys:
-            raise UserError(f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
-                            'for the synthetic set run: python data.py synth')
+            raise UserError(
+                f'{folder}: no scenes found (empty index.json or no scene folders with transforms.json); '
+                'for the synthetic set run: python data.py synth'
+            )
         first = self._scene(0)
         H, W = self.native = tuple(decode_frames(first, [0]).shape[-2:])  # without a size, every scene must have it
         self.buckets = (BUCKETS_504 if W >= 504 else BUCKETS_112) if size == 'buckets' else None
         if size is None and (H % PATCH or W % PATCH):
-            raise UserError(f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; pass --size '
-                            f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH} or --size buckets '
-                            '(size=(H, W) in Python)')
+            raise UserError(
+                f'{first["source"]}: images are {H}x{W}, not multiples of {PATCH}; pass --size '
+                f'{max(1, H // PATCH) * PATCH}x{max(1, W // PATCH) * PATCH} or --size buckets '
+                '(size=(H, W) in Python)'
+            )
 
     def __len__(self):
         return len(self.keys)
@@ -300,8 +355,10 @@ class SceneDataset(torch.utils.data.Dataset):
 
     def index_of(self, key):
         if key not in self.items:
-            raise UserError(f'--scene {key}: not in this split ({len(self)} scenes, e.g. --scene {self.keys[0]} '
-                            f'or an index 0..{len(self) - 1})')
+            raise UserError(
+                f'--scene {key}: not in this split ({len(self)} scenes, e.g. --scene {self.keys[0]} '
+                f'or an index 0..{len(self) - 1})'
+            )
         return self.keys.index(key)
 
     def _scene(self, i):
@@ -319,7 +376,9 @@ class SceneDataset(torch.utils.data.Dataset):
                 return {**self._item(j), 'skipped': attempt}
             except FrameError as e:
                 warnings.warn(f'skipping training scene {self.keys[j]}: {e}')
-        raise UserError(f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data')
+        raise UserError(
+            f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data'
+        )
 
     def _item(self, i):
         scene, key = self._scene(i), self.keys[i]
@@ -328,12 +387,19 @@ class SceneDataset(torch.utils.data.Dataset):
         else:
             g = torch.Generator().manual_seed(zlib.crc32(f'{self.seed}/{0 if self.eval else self.epoch}/{i}'.encode()))
             frames = sample_frames(len(scene['c2w']), self.num_views, self.gap, g)
-        item = {'images': decode_frames(scene, frames), 'c2w': scene['c2w'][frames], 'K': scene['K'][frames],
-                'key': key, 'frames': frames}
+        item = {
+            'images': decode_frames(scene, frames),
+            'c2w': scene['c2w'][frames],
+            'K': scene['K'][frames],
+            'key': key,
+            'frames': frames,
+        }
         if self.size is None and item['images'].shape[-2:] != self.native:
-            raise UserError(f'{scene["source"]}: scene {key} is {item["images"].shape[-2]}x{item["images"].shape[-1]} '
-                            f'pixels, but frame 0 of scene {self.keys[0]} is {self.native[0]}x{self.native[1]}; pass '
-                            '--size HxW or --size buckets for data of several sizes')
+            raise UserError(
+                f'{scene["source"]}: scene {key} is {item["images"].shape[-2]}x{item["images"].shape[-1]} '
+                f'pixels, but frame 0 of scene {self.keys[0]} is {self.native[0]}x{self.native[1]}; pass '
+                '--size HxW or --size buckets for data of several sizes'
+            )
         if 'depths' in scene:
             item['depths'] = scene['depths'][frames].float()
         return resize_item(item, self.size) if isinstance(self.size, tuple) else item
@@ -364,8 +430,10 @@ def eval_views(context, target, num_views, path):
     """One evaluation-index entry as num_views sorted frames: all context frames, targets spread over the rest."""
     n = num_views - len(context)
     if n < 1:
-        raise UserError(f'--views {num_views}: {path} has {len(context)} context frames per scene; pass --views '
-                        f'{len(context) + 1} or more')
+        raise UserError(
+            f'--views {num_views}: {path} has {len(context)} context frames per scene; pass --views '
+            f'{len(context) + 1} or more'
+        )
     pick = target if n >= len(target) else [target[(2 * i + 1) * len(target) // (2 * n)] for i in range(n)]
     return sorted(context + pick)
 
@@ -401,11 +469,20 @@ def make_loader(dataset, batch_size, shuffle=True, num_workers=0, distributed=Fa
     kw = {} if distributed else {'num_replicas': 1, 'rank': 0}
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **kw)
     if drop_last and len(sampler) < batch_size:
-        raise UserError(f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
-                        'lower --batch-size or make more scenes')
+        raise UserError(
+            f'{len(sampler)} scenes per process < batch size {batch_size}: no full batch; '
+            'lower --batch-size or make more scenes'
+        )
     collate = functools.partial(bucket_collate, dataset.buckets) if getattr(dataset, 'buckets', None) else None
-    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                       drop_last=drop_last, pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def collate_one(item):  # tensors get a batch axis, other values become 1-lists
@@ -417,12 +494,19 @@ def split_views(batch, n_src, generator=None, mode='random'):
     B, V = batch['images'].shape[:2]
     if not 0 < n_src < V or mode not in ('random', 'ends'):
         raise ValueError(f"n_src={n_src} must be in 1..{V - 1} for {V} views, mode 'random' or 'ends' (got {mode!r})")
-    src = (torch.linspace(0, V - 1, n_src).round().long().expand(B, n_src) if mode == 'ends'
-           else torch.rand(B, V, generator=generator).argsort(1)[:, :n_src])  # (B,n_src)
+    src = (
+        torch.linspace(0, V - 1, n_src).round().long().expand(B, n_src)
+        if mode == 'ends'
+        else torch.rand(B, V, generator=generator).argsort(1)[:, :n_src]
+    )  # (B,n_src)
     is_src = torch.zeros(B, V, dtype=torch.bool).scatter_(1, src, True)
     perm = ((~is_src).long() * V + torch.arange(V)).argsort(1)  # (B,V): sources first, each group in order
-    out = {k: v[torch.arange(B, device=v.device)[:, None], perm.to(v.device)]
-           if torch.is_tensor(v) and v.shape[:2] == (B, V) else v for k, v in batch.items()}
+    out = {
+        k: v[torch.arange(B, device=v.device)[:, None], perm.to(v.device)]
+        if torch.is_tensor(v) and v.shape[:2] == (B, V)
+        else v
+        for k, v in batch.items()
+    }
     out['src_mask'] = (torch.arange(V) < n_src).expand(B, V).to(batch['images'].device)
     return out
 
@@ -437,14 +521,14 @@ def ssim(pred, gt, sample_covariance=False):
     """(...,3,H,W) in [0,1] -> (...,) SSIM as skimage's (gaussian sigma 1.5, data_range 1); pixelSplat: sample cov."""
     H, W = pred.shape[-2:]
     x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
-    g = torch.exp(-(torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = torch.exp(-((torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2) / (2 * 1.5**2))
     g = g / g.sum()
     blur = lambda a: F.conv2d(F.conv2d(a, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))  # 11x11 gaussian, 'valid'
     mx, my = blur(x), blur(y)
     norm = 121 / 120 if sample_covariance else 1.0
     cov = lambda a, b, ma, mb: norm * (blur(a * b) - ma * mb)
     vx, vy, vxy = cov(x, x, mx, mx), cov(y, y, my, my), cov(x, y, mx, my)
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean((-3, -2, -1)).reshape(*pred.shape[:-2]).mean(-1)
 
@@ -453,9 +537,12 @@ def lpips_fn(device='cpu'):
     """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
     try:
         import lpips
+
         net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval().requires_grad_(False)
     except Exception as e:  # missing package, or no network to fetch the VGG weights
-        print(f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it')
+        print(
+            f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it'
+        )
         return None
     return lambda pred, gt: net(pred * 2 - 1, gt * 2 - 1).flatten()  # the package expects [-1, 1]
 
@@ -472,8 +559,13 @@ def depth_metrics(pred, gt, mask=None, align='median'):
         if align == 'median':
             p = p * (g.median() / p.median().clamp_min(1e-8))
         p = p.clamp_min(1e-8)
-        rows.append([((p - g).abs() / g).mean(), ((p - g) ** 2).mean().sqrt(),
-                     (torch.maximum(p / g, g / p) < 1.25).double().mean()])
+        rows.append(
+            [
+                ((p - g).abs() / g).mean(),
+                ((p - g) ** 2).mean().sqrt(),
+                (torch.maximum(p / g, g / p) < 1.25).double().mean(),
+            ]
+        )
     r = torch.tensor(rows).mean(0) if rows else torch.full((3,), float('nan'))
     return {'absrel': float(r[0]), 'rmse': float(r[1]), 'delta1': float(r[2])}
 
@@ -492,9 +584,17 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
             name, chunk = f'{c // per_chunk:06d}.torch', []
             for i in range(c, min(c + per_chunk, n)):
                 key, s = f'synth_{split}_{i:05d}', synth.synth_scene([seed, split_id, i], frames, size)
-                chunk.append({'key': key, 'url': 'synthetic', 'images': [encode_jpeg(im, quality) for im in s['images']],
-                              'c2w': s['c2w'], 'K': s['K'], 'depths': torch.from_numpy(s['depths']),
-                              'timestamps': torch.arange(frames) * 33333})
+                chunk.append(
+                    {
+                        'key': key,
+                        'url': 'synthetic',
+                        'images': [encode_jpeg(im, quality) for im in s['images']],
+                        'c2w': s['c2w'],
+                        'K': s['K'],
+                        'depths': torch.from_numpy(s['depths']),
+                        'timestamps': torch.arange(frames) * 33333,
+                    }
+                )
                 evals[key], index[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames), name
                 bar.step()
             write_re10k_chunk(os.path.join(folder, name), chunk)
@@ -506,8 +606,11 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
 def main(argv=None):
     p = argparse.ArgumentParser(description='gld data tools')
     sub = p.add_subparsers(dest='cmd', required=True)
-    s = sub.add_parser('synth', help='render the synthetic indoor scenes (the embedded default data)',
-                       description='Render synth.py rooms into the pixelSplat chunk layout (+ depth): 240 + 16 scenes')
+    s = sub.add_parser(
+        'synth',
+        help='render the synthetic indoor scenes (the embedded default data)',
+        description='Render synth.py rooms into the pixelSplat chunk layout (+ depth): 240 + 16 scenes',
+    )
     s.add_argument('--out', default='data_synth', help='output folder (gets train/ and test/)')
     s.add_argument('--train', type=int, default=240, help='number of training scenes')
     s.add_argument('--test', type=int, default=16, help='number of test scenes (with eval_index.json)')

@@ -5,6 +5,7 @@ dropout with mask tokens (Sec. 4.2, Tab. 6), RAE noise, L1 + LPIPS + optional GA
 release's frozen-DINO D cannot be fetched). References: GLD (arXiv 2603.22275, A.1-A.2) and its decoder.py; RAE;
 MAE (sin-cos); pix2pix (PatchGAN); VQGAN (adaptive weight). Shapes: B batch, V views, h w token grid, T tokens.
 """
+
 import math
 from dataclasses import dataclass, replace
 
@@ -20,18 +21,18 @@ NUM_LEVELS = 4
 
 @dataclass
 class DecoderConfig:
-    feat_dim: int = 192          # channels of one level (2C = local + global); 1536 for DA3-Base
-    width: int = 128             # transformer width D
-    depth: int = 4               # number of ViT blocks
+    feat_dim: int = 192  # channels of one level (2C = local + global); 1536 for DA3-Base
+    width: int = 128  # transformer width D
+    depth: int = 4  # number of ViT blocks
     heads: int = 4
-    mlp: int = 512               # MLP hidden size
-    patch: int = 14              # pixels per token side (DA3's patch)
-    base_grid: int = 8           # side of the square token grid the position table is defined on
+    mlp: int = 512  # MLP hidden size
+    patch: int = 14  # pixels per token side (DA3's patch)
+    base_grid: int = 8  # side of the square token grid the position table is defined on
     ln_eps: float = 1e-6
     imagenet_output: bool = False  # True: output is ImageNet-normalised and de-normalised (official)
-    noise_tau: float = 0.0       # RAE noise augmentation of the input features (training only)
+    noise_tau: float = 0.0  # RAE noise augmentation of the input features (training only)
     num_levels: int = NUM_LEVELS  # levels of the latent (1 for DINOv2: RAE's decoder)
-    refine: int = 0              # channels of a residual 3-conv filter on the image (ours: seams); 0 = the linear head
+    refine: int = 0  # channels of a residual 3-conv filter on the image (ours: seams); 0 = the linear head
 
 
 PRESETS = {
@@ -72,7 +73,7 @@ class RGBDecoder(nn.Module):
         self.cfg = cfg = replace(cfg, feat_dim=feat_dim) if feat_dim is not None else cfg
         D, F_ = cfg.width, cfg.feat_dim
         self.embed = nn.Linear(cfg.num_levels * F_, D)
-        self.mask_tokens = nn.Parameter(torch.zeros(cfg.num_levels, F_))    # stand-ins for dropped levels
+        self.mask_tokens = nn.Parameter(torch.zeros(cfg.num_levels, F_))  # stand-ins for dropped levels
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.register_buffer('pos_embed', sincos_pos_embed(D, cfg.base_grid)[None])  # (1,1+g*g,D), fixed
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
@@ -95,19 +96,19 @@ class RGBDecoder(nn.Module):
 
     def pos_embed_at(self, h, w):  # the base table bicubically resized to an h x w token grid: (1,1+h*w,D)
         g, D = self.cfg.base_grid, self.cfg.width
-        grid = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)              # (1,D,g,g)
-        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)      # (1,D,h,w)
+        grid = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1,D,g,g)
+        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)  # (1,D,h,w)
         return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
 
     def fuse(self, levels, keep=None):
         """4 x (B,V,T,F) -> (B,V,T,4F), noised (training), mask tokens where keep (B,4) or (B,V,4) is False."""
-        x = torch.cat(levels, -1)                                                         # (B,V,T,4F)
+        x = torch.cat(levels, -1)  # (B,V,T,4F)
         B, V = x.shape[:2]
         if self.training and self.cfg.noise_tau > 0:
             x = x + self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype) * torch.randn_like(x)
         if keep is not None:
             keep = keep.to(x.device).reshape(B, -1, self.cfg.num_levels).expand(B, V, self.cfg.num_levels)
-            keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]               # (B,V,1,4F)
+            keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]  # (B,V,1,4F)
             x = torch.where(keep, x, self.mask_tokens.flatten().to(x.dtype))
         return x
 
@@ -115,12 +116,12 @@ class RGBDecoder(nn.Module):
         """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,H,W), H = p*h."""
         (B, V, T, _), (h, w) = levels[0].shape, hw
         assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
-        x = self.embed(self.fuse(levels, keep).flatten(0, 1))                             # (BV,T,D)
+        x = self.embed(self.fuse(levels, keep).flatten(0, 1))  # (BV,T,D)
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
-        x = x + self.pos_embed_at(h, w).to(x.dtype)                                      # (BV,1+T,D)
+        x = x + self.pos_embed_at(h, w).to(x.dtype)  # (BV,1+T,D)
         x, p = self.blocks(x), self.cfg.patch
         x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
-        images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)               # (BV,3,H,W)
+        images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)  # (BV,3,H,W)
         images = images + self.refine(images) if self.refine is not None else images
         if self.cfg.imagenet_output:
             images = images * self.rgb_std + self.rgb_mean
@@ -162,8 +163,8 @@ class PatchDiscriminator(nn.Module):
         sn = nn.utils.parametrizations.spectral_norm
         layers, c_in = [], 3
         for i in range(n_down):
-            layers += [sn(nn.Conv2d(c_in, ch * 2 ** i, 4, 2, 1)), nn.LeakyReLU(0.2)]
-            c_in = ch * 2 ** i
+            layers += [sn(nn.Conv2d(c_in, ch * 2**i, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c_in = ch * 2**i
         layers += [sn(nn.Conv2d(c_in, c_in, 4, 1, 1)), nn.LeakyReLU(0.2), sn(nn.Conv2d(c_in, 1, 4, 1, 1))]
         self.net = nn.Sequential(*layers)
 
@@ -189,9 +190,14 @@ def adversarial_step(decoder, disc, disc_opt, pred, gt, rec_loss, disc_weight=0.
 
 # ----------------------------------------------------------------------------- the official checkpoint (mae_decoder.pt)
 _OFFICIAL_TOP = {'embed': 'decoder_embed', 'norm': 'decoder_norm', 'head': 'decoder_pred'}
-_OFFICIAL_BLOCK = {'norm1': ['layernorm_before'], 'norm2': ['layernorm_after'], 'fc1': ['intermediate.dense'],
-                   'fc2': ['output.dense'], 'attn.proj': ['attention.output.dense'],
-                   'attn.qkv': [f'attention.attention.{n}' for n in ('query', 'key', 'value')]}  # fused: 3 keys
+_OFFICIAL_BLOCK = {
+    'norm1': ['layernorm_before'],
+    'norm2': ['layernorm_after'],
+    'fc1': ['intermediate.dense'],
+    'fc2': ['output.dense'],
+    'attn.proj': ['attention.output.dense'],
+    'attn.qkv': [f'attention.attention.{n}' for n in ('query', 'key', 'value')],
+}  # fused: 3 keys
 
 
 def official_names(key):  # official key(s) of ours: query, key, value for the fused qkv; none for mask tokens
@@ -206,26 +212,39 @@ def official_names(key):  # official key(s) of ours: query, key, value for the f
 
 def convert_official(state_dict, heads=16):
     """Official mae_decoder.pt state dict -> (DecoderConfig, our state dict), strict; absent mask tokens start at 0."""
-    for k in ('decoder_embed.weight', 'decoder_layers.0.intermediate.dense.weight', 'decoder_pred.weight',
-              'decoder_pos_embed'):
+    for k in (
+        'decoder_embed.weight',
+        'decoder_layers.0.intermediate.dense.weight',
+        'decoder_pred.weight',
+        'decoder_pos_embed',
+    ):
         if k not in state_dict:
-            raise ValueError(f'not an official GLD decoder state dict: no {k!r} (a file as released is unwrapped '
-                             f'first: official.read_official(path, "decoder"))')
+            raise ValueError(
+                f'not an official GLD decoder state dict: no {k!r} (a file as released is unwrapped '
+                f'first: official.read_official(path, "decoder"))'
+            )
     width, in_dim = state_dict['decoder_embed.weight'].shape
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('decoder_layers.'))
-    cfg = DecoderConfig(feat_dim=in_dim // NUM_LEVELS, width=width, depth=depth, heads=heads,
-                        mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
-                        patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
-                        base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
-                        ln_eps=1e-12, imagenet_output=True)
+    cfg = DecoderConfig(
+        feat_dim=in_dim // NUM_LEVELS,
+        width=width,
+        depth=depth,
+        heads=heads,
+        mlp=state_dict['decoder_layers.0.intermediate.dense.weight'].shape[0],
+        patch=math.isqrt(state_dict['decoder_pred.weight'].shape[0] // 3),
+        base_grid=math.isqrt(state_dict['decoder_pos_embed'].shape[1] - 1),
+        ln_eps=1e-12,
+        imagenet_output=True,
+    )
     with torch.device('meta'):
         reference = RGBDecoder(cfg).state_dict()
     names = {k: official_names(k) for k in reference}
     expected = {n for v in names.values() for n in v}
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
-        raise ValueError(f'official decoder state dict does not match {cfg}:\n  missing: {missing}\n'
-                         f'  unexpected: {unexpected}')
+        raise ValueError(
+            f'official decoder state dict does not match {cfg}:\n  missing: {missing}\n  unexpected: {unexpected}'
+        )
     like, ours, wrong = state_dict['decoder_embed.weight'], {}, []
     for k, ref in reference.items():
         ours[k] = torch.cat([state_dict[n] for n in names[k]]) if names[k] else like.new_zeros(ref.shape)

@@ -7,6 +7,7 @@ modelled latents for training and sampling (the release: 19.6 and 31.2). Trainin
 References: rectified flow (Liu et al.; Lipman et al.); Esser et al. (logit-normal t, shift); RAE (Zheng et al.);
 Ho & Salimans (CFG); GLD (arXiv 2603.22275) A.1.
 """
+
 import contextlib
 import math
 
@@ -26,8 +27,11 @@ def sample_t(B, dist='uniform', a=1.0, generator=None):
     if dist not in ('uniform', 'logit_normal'):
         raise ValueError(f"dist must be 'uniform' or 'logit_normal', got {dist!r}")
     dev = generator.device if generator is not None else 'cpu'
-    u = torch.rand(B, generator=generator, device=dev) if dist == 'uniform' else \
-        torch.sigmoid(torch.randn(B, generator=generator, device=dev))
+    u = (
+        torch.rand(B, generator=generator, device=dev)
+        if dist == 'uniform'
+        else torch.sigmoid(torch.randn(B, generator=generator, device=dev))
+    )
     return shift_t(u, a)
 
 
@@ -43,8 +47,10 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
     x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * eps
     per_view = (velocity_fn(x_t, t).float() - (eps - x).float()).pow(2).mean((2, 3))  # (B,V)
     m = src_mask.float()
-    parts = {'src': (per_view * m).sum() / m.sum().clamp_min(1),
-             'tgt': (per_view * (1 - m)).sum() / (1 - m).sum().clamp_min(1)}
+    parts = {
+        'src': (per_view * m).sum() / m.sum().clamp_min(1),
+        'tgt': (per_view * (1 - m)).sum() / (1 - m).sum().clamp_min(1),
+    }
     per_sample, bins = per_view.mean(1).detach(), (t.detach() * T_BINS).long().clamp(0, T_BINS - 1)  # (B,), (B,)
     parts['t_bin_sum'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, per_sample)
     parts['t_bin_count'] = per_sample.new_zeros(T_BINS).index_add_(0, bins, torch.ones_like(per_sample))

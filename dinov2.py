@@ -6,6 +6,7 @@ patch tokens after the final LayerNorm WITHOUT its affine (RAE's Dinov2withNorm)
 References: DINOv2 (arXiv 2304.07193), registers (arXiv 2309.16588), RAE (arXiv 2510.11690), GLD (2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,14 @@ class DINOv2Config:
     depth: int = 12
     heads: int = 12
     registers: int = 0
-    pos_grid: int = 37      # 518 / 14
+    pos_grid: int = 37  # 518 / 14
 
 
-PRESETS = {f'dinov2-{s}{reg}': DINOv2Config(f'dinov2-{s}{reg}', *dims, registers=4 if reg else 0)
-           for s, dims in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items() for reg in ('', '-reg')}
+PRESETS = {
+    f'dinov2-{s}{reg}': DINOv2Config(f'dinov2-{s}{reg}', *dims, registers=4 if reg else 0)
+    for s, dims in {'s': (384, 12, 6), 'b': (768, 12, 12), 'l': (1024, 24, 16)}.items()
+    for reg in ('', '-reg')
+}
 
 
 class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
@@ -35,8 +39,8 @@ class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
         super().__init__()
         self.dim, self.registers = dim, registers
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid ** 2, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, dim))               # in the checkpoints, unused here
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid**2, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))  # in the checkpoints, unused here
         if registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
         self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, dim, PATCH, PATCH)})
@@ -48,11 +52,11 @@ class DinoViT(nn.Module):  # the hub's key layout: no qk-norm, no RoPE
     def forward(self, x, affine=True):
         """x (N,3,H,W) ImageNet-normalised -> patch tokens after the final LayerNorm (affine=False: RAE's) (N,T,C)."""
         x = encoder_lib.patch_tokens(self, x, antialias=self.registers > 0)  # the hub's register models antialias
-        if self.registers:                                                  # after cls, no position embedding
+        if self.registers:  # after cls, no position embedding
             x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], 1)
         x = self.blocks(x)
         w, b = (self.norm.weight, self.norm.bias) if affine else (None, None)
-        return F.layer_norm(x, (self.dim,), w, b, self.norm.eps)[:, 1 + self.registers:]
+        return F.layer_norm(x, (self.dim,), w, b, self.norm.eps)[:, 1 + self.registers :]
 
 
 class DINOv2(encoder_lib.LatentEncoder):

@@ -5,6 +5,7 @@ alternating DINOv2 ViT/14, RAW levels cat(local_x, x_L), `propagate` (GLD 4.3), 
 `pose_from_rays` (no RANSAC). References (arXiv): DA3 2511.10647 (ByteDance-Seed/Depth-Anything-3), DINOv2 2304.07193,
 DPT 2103.13413. Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w).
 """
+
 import math
 import os
 import re
@@ -26,28 +27,30 @@ IGNORED_PREFIXES = ('cam_enc.', 'gs_head.', 'gs_adapter.')  # official parts thi
 @dataclass
 class EncoderConfig:
     name: str = 'custom'
-    embed_dim: int = 768                    # C (a level has 2C channels)
+    embed_dim: int = 768  # C (a level has 2C channels)
     depth: int = 12
-    heads: int = 12                         # head dim = C / heads (64 for every official size)
-    swiglu: bool = False                    # giant: SwiGLU FFN instead of the GELU MLP
-    out_layers: tuple = (5, 7, 9, 11)       # blocks whose outputs are the 4 levels
-    alt_start: int = 4                      # camera token + local/global alternation from here
+    heads: int = 12  # head dim = C / heads (64 for every official size)
+    swiglu: bool = False  # giant: SwiGLU FFN instead of the GELU MLP
+    out_layers: tuple = (5, 7, 9, 11)  # blocks whose outputs are the 4 levels
+    alt_start: int = 4  # camera token + local/global alternation from here
     qknorm_start: int = 4
     rope_start: int = 4
-    features: int = 128                     # DualDPT fusion width
+    features: int = 128  # DualDPT fusion width
     out_channels: tuple = (96, 192, 384, 768)
-    pos_grid: int = 37                      # pos_embed grid (518 / 14)
-    objective: str = 'geometry'             # 'reconstruction': a linear pixel head instead (the DINO analogue)
+    pos_grid: int = 37  # pos_embed grid (518 / 14)
+    objective: str = 'geometry'  # 'reconstruction': a linear pixel head instead (the DINO analogue)
 
 
 PRESETS = {  # the official sizes' weights: model.safetensors of hub repos depth-anything/DA3-{SMALL,BASE,LARGE,GIANT}
     'da3-tiny': EncoderConfig('da3-tiny', 96, 10, 3, False, (3, 5, 7, 9), 2, 2, 2, 32, (16, 32, 64, 96)),
     'da3-small': EncoderConfig('da3-small', 384, 12, 6, False, (5, 7, 9, 11), 4, 4, 4, 64, (48, 96, 192, 384)),
     'da3-base': EncoderConfig('da3-base', 768, 12, 12, False, (5, 7, 9, 11), 4, 4, 4, 128, (96, 192, 384, 768)),
-    'da3-large': EncoderConfig('da3-large', 1024, 24, 16, False, (11, 15, 19, 23), 8, 8, 8, 256,
-                               (256, 512, 1024, 1024)),
-    'da3-giant': EncoderConfig('da3-giant', 1536, 40, 24, True, (19, 27, 33, 39), 13, 13, 13, 256,
-                               (256, 512, 1024, 1024)),
+    'da3-large': EncoderConfig(
+        'da3-large', 1024, 24, 16, False, (11, 15, 19, 23), 8, 8, 8, 256, (256, 512, 1024, 1024)
+    ),
+    'da3-giant': EncoderConfig(
+        'da3-giant', 1536, 40, 24, True, (19, 27, 33, 39), 13, 13, 13, 256, (256, 512, 1024, 1024)
+    ),
 }
 # The same ViT as da3-tiny trained for RGB reconstruction only: the latent of the DINO/RAE baseline in miniature.
 PRESETS['da3-tiny-recon'] = replace(PRESETS['da3-tiny'], name='da3-tiny-recon', objective='reconstruction')
@@ -58,15 +61,15 @@ def rope_tables(pos, head_dim, base=100.0):
     """2D RoPE tables for positions pos (N,2)=(y,x) -> cos, sin (N, head_dim): a head's first half by y, second by x."""
     d = head_dim // 2
     inv_freq = base ** -(torch.arange(0, d, 2, device=pos.device).float() / d)  # (d/2,)
-    ang = pos.float()[..., None] * inv_freq                                    # (N,2,d/2)
-    ang = torch.cat([ang, ang], -1).flatten(-2)                                # (N, head_dim)
+    ang = pos.float()[..., None] * inv_freq  # (N,2,d/2)
+    ang = torch.cat([ang, ang], -1).flatten(-2)  # (N, head_dim)
     return ang.cos(), ang.sin()
 
 
 def rope_positions(hw, n_special, device):
     """RoPE positions (y, x) of one view (n_special + T, 2): special tokens at (0,0), patches (y+1, x+1), row-major."""
     ys, xs = torch.meshgrid(torch.arange(hw[0], device=device), torch.arange(hw[1], device=device), indexing='ij')
-    grid = torch.stack([ys, xs], -1).reshape(-1, 2) + 1                                     # (T,2)
+    grid = torch.stack([ys, xs], -1).reshape(-1, 2) + 1  # (T,2)
     return torch.cat([torch.zeros(n_special, 2, dtype=torch.long, device=device), grid])
 
 
@@ -94,7 +97,7 @@ class Attention(nn.Module):
         norm = (lambda: nn.LayerNorm(dim // heads, eps=1e-5)) if qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
 
-    def forward(self, x, rope=None):                                    # x (B', N, C)
+    def forward(self, x, rope=None):  # x (B', N, C)
         Bp, N, C = x.shape
         q, k, v = self.qkv(x).view(Bp, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B',heads,N,hd)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -108,8 +111,11 @@ class Block(nn.Module):  # DINOv2's, with LayerScale
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qk_norm)
-        self.mlp = SwiGLU(dim, 4 * dim) if swiglu else nn.Sequential(OrderedDict(
-            fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+        self.mlp = (
+            SwiGLU(dim, 4 * dim)
+            if swiglu
+            else nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+        )
         self.ls1, self.ls2 = (nn.ParameterDict({'gamma': nn.Parameter(torch.ones(dim))}) for _ in range(2))
 
     def forward(self, x, rope=None):
@@ -120,7 +126,7 @@ class Block(nn.Module):  # DINOv2's, with LayerScale
 def select_reference_view(tok0):
     """DA3's 'saddle_balanced' choice: token 0 tok0 (B,V,C) -> (B,) the view most mid-range in 3 scores."""
     unit, V = F.normalize(tok0, dim=-1, eps=0.0), tok0.shape[1]
-    sim = ((unit @ unit.transpose(1, 2)).sum(-1) - 1) / (V - 1)          # (B,V) mean cos to the others
+    sim = ((unit @ unit.transpose(1, 2)).sum(-1) - 1) / (V - 1)  # (B,V) mean cos to the others
     scores = 0
     for m in (sim, tok0.norm(dim=-1), unit.var(-1)):
         lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
@@ -136,7 +142,7 @@ def imagenet_normalize(images):
 def patch_tokens(vit, x, antialias=False):
     """Normalised x (N,3,H,W) -> [cls, patches] + positions (N,1+T,C) resized as DINOv2 (antialias: register models)."""
     (N, _, H, W), pos = x.shape, vit.pos_embed
-    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)                         # (N,T,C)
+    x = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (N,T,C)
     G, h, w = math.isqrt(pos.shape[1] - 1), H // PATCH, W // PATCH
     if not h == w == G:
         grid = pos[:, 1:].float().reshape(1, G, G, -1).permute(0, 3, 1, 2)
@@ -152,8 +158,8 @@ class ViT(nn.Module):
         self.cfg, C = cfg, cfg.embed_dim
         self.patch_embed = nn.ModuleDict({'proj': nn.Conv2d(3, C, PATCH, PATCH)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
-        self.camera_token = nn.Parameter(torch.zeros(1, 2, C))          # [reference view, other views]
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
+        self.camera_token = nn.Parameter(torch.zeros(1, 2, C))  # [reference view, other views]
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid**2, C))
         self.blocks = nn.ModuleList(Block(C, cfg.heads, i >= cfg.qknorm_start, cfg.swiglu) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(C, eps=1e-5)
 
@@ -162,21 +168,21 @@ class ViT(nn.Module):
         if ref_view not in ('first', 'saddle_balanced'):
             raise ValueError(f"ref_view must be 'first' or 'saddle_balanced', got {ref_view!r}")
         cfg, (B, V, N, C) = self.cfg, x.shape
-        local = rope_positions(hw, 1, x.device)                                    # (1+T,2), token 0 at (0,0)
-        glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)     # (V(1+T),2), global patches at (1,1)
+        local = rope_positions(hw, 1, x.device)  # (1+T,2), token 0 at (0,0)
+        glob = torch.cat([local[:1], torch.ones_like(local[1:])]).repeat(V, 1)  # (V(1+T),2), global patches at (1,1)
         local_rope, global_rope = (rope_tables(p, C // cfg.heads) for p in (local, glob))
         ref, levels = torch.zeros(B, dtype=torch.long, device=x.device), []
         for i in range(start, cfg.depth):
             if i == cfg.alt_start - 1 and V >= 3 and ref_view == 'saddle_balanced':
                 ref = select_reference_view(x[:, :, 0])
             if i == cfg.alt_start:  # camera tokens replace token 0: [0] for the reference view, [1] for the others
-                cam = self.camera_token[0, 1].expand(B, V, -1).clone()                  # (B,V,C)
+                cam = self.camera_token[0, 1].expand(B, V, -1).clone()  # (B,V,C)
                 cam[torch.arange(B, device=x.device), ref] = self.camera_token[0, 0]
                 x = torch.cat([cam[:, :, None], x[:, :, 1:]], 2)
-            if i >= cfg.alt_start and i % 2 == 1:   # global: one sequence of V(1+T) tokens per scene
+            if i >= cfg.alt_start and i % 2 == 1:  # global: one sequence of V(1+T) tokens per scene
                 rope = global_rope if i >= cfg.rope_start else None
                 x = self.blocks[i](x.reshape(B, V * N, C), rope).view(B, V, N, C)
-            else:                   # every view on its own
+            else:  # every view on its own
                 rope = local_rope if i >= cfg.rope_start else None
                 x = local_x = self.blocks[i](x.reshape(B * V, N, C), rope).view(B, V, N, C)
             if i in cfg.out_layers:
@@ -225,7 +231,7 @@ class FusionBlock(nn.Module):
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    def forward(self, x):                                                 # x (B',c,h,w)
+    def forward(self, x):  # x (B',c,h,w)
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -236,8 +242,14 @@ class DualDPT(nn.Module):
         super().__init__()
         c, self.norm = out_channels, nn.LayerNorm(dim_in, eps=1e-5)
         self.projects = nn.ModuleList(nn.Conv2d(dim_in, ci, 1) for ci in c)
-        self.resize_layers = nn.ModuleList([nn.ConvTranspose2d(c[0], c[0], 4, 4), nn.ConvTranspose2d(c[1], c[1], 2, 2),
-                                            nn.Identity(), nn.Conv2d(c[3], c[3], 3, 2, 1)])
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(c[0], c[0], 4, 4),
+                nn.ConvTranspose2d(c[1], c[1], 2, 2),
+                nn.Identity(),
+                nn.Conv2d(c[3], c[3], 3, 2, 1),
+            ]
+        )
         sc = self.scratch = nn.Module()
         for s in range(4):
             setattr(sc, f'layer{s + 1}_rn', conv3(c[s], f, bias=False))
@@ -248,12 +260,16 @@ class DualDPT(nn.Module):
         self.aux = aux
         if not aux:
             return
-        sc.output_conv1_aux = nn.ModuleList(nn.Sequential(conv3(f, f // 2), conv3(f // 2, f), conv3(f, f // 2),
-                                                          conv3(f // 2, f), conv3(f, f // 2)) for _ in range(4))
-        ln = ChannelLayerNorm(32, eps=1e-5)   # one LN shared by the 4 aux outputs, as in DA3
+        sc.output_conv1_aux = nn.ModuleList(
+            nn.Sequential(conv3(f, f // 2), conv3(f // 2, f), conv3(f, f // 2), conv3(f // 2, f), conv3(f, f // 2))
+            for _ in range(4)
+        )
+        ln = ChannelLayerNorm(32, eps=1e-5)  # one LN shared by the 4 aux outputs, as in DA3
         # indices 1 and 3 are DA3's permutes (no weights): the keys stay output_conv2_aux.i.{0,2,5}
-        sc.output_conv2_aux = nn.ModuleList(nn.Sequential(conv3(f // 2, 32), nn.Identity(), ln, nn.Identity(),
-                                                          nn.ReLU(), nn.Conv2d(32, 7, 1)) for _ in range(4))
+        sc.output_conv2_aux = nn.ModuleList(
+            nn.Sequential(conv3(f // 2, 32), nn.Identity(), ln, nn.Identity(), nn.ReLU(), nn.Conv2d(32, 7, 1))
+            for _ in range(4)
+        )
 
     def fuse(self, rn, suffix):  # the 4 resized levels, deepest first -> (B',f,8h,8w)
         x = getattr(self.scratch, 'refinenet4' + suffix)(rn[3], size=rn[2].shape[2:])
@@ -272,7 +288,7 @@ class DualDPT(nn.Module):
                 rn.append(getattr(sc, f'layer{s + 1}_rn')(x))
             main = sc.output_conv1(self.fuse(rn, ''))
             main = F.interpolate(main, size=(h * PATCH, w * PATCH), mode='bilinear', align_corners=True)
-            main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))   # (B,V,2,H,W)
+            main = sc.output_conv2(add_uv(main, aspect)).unflatten(0, (B, V))  # (B,V,2,H,W)
             out = {'depth': main[:, :, 0].exp(), 'depth_conf': main[:, :, 1].exp() + 1}
             if not self.aux:
                 return out
@@ -307,6 +323,7 @@ def decode_pose(pose, H, W, eps=None):
 # ---- The encoders ----------------------------------------------------------------------------
 class LatentEncoder(nn.Module):
     """What the latent encoders share (the interface: latents.build_encoder's docstring)."""
+
     num_levels, has_geometry, can_propagate, has_rgb_decoder = 1, False, False, False
 
     def freeze(self):
@@ -322,8 +339,10 @@ class LatentEncoder(nn.Module):
     def check_size(self, H, W):
         p = self.patch
         if H % p or W % p:
-            raise ValueError(f'image size {H}x{W}: {self.cfg.name} needs sides that are multiples of {p}; resize or '
-                             f'crop to e.g. {H // p * p}x{W // p * p} or {round(H / p) * p}x{round(W / p) * p}')
+            raise ValueError(
+                f'image size {H}x{W}: {self.cfg.name} needs sides that are multiples of {p}; resize or '
+                f'crop to e.g. {H // p * p}x{W // p * p} or {round(H / p) * p}x{round(W / p) * p}'
+            )
 
     def check_propagate(self, k, T, hw):
         if not 0 <= k < self.num_levels - 1:
@@ -334,6 +353,7 @@ class LatentEncoder(nn.Module):
 
 class DA3(LatentEncoder):
     """DA3 (backbone + DualDPT head + camera decoder) with GLD's encode / propagate interface."""
+
     num_levels, has_geometry, can_propagate = 4, True, True
 
     def __init__(self, cfg):
@@ -363,7 +383,7 @@ class DA3(LatentEncoder):
         """Raw level k (B,V,T,2C), token 0 cls ((B,2C) broadcast, or encode's own (B,V,2C)) -> raw levels k+1..3."""
         (B, V, T, D), C = level_k.shape, self.cfg.embed_dim
         self.check_propagate(k, T, hw)
-        cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]   # (B,V,1,2C)
+        cls = (cls[:, None] if cls.dim() == 2 else cls).expand(B, V, D)[:, :, None]  # (B,V,1,2C)
         local_x, x = torch.cat([cls, level_k], 2).split(C, -1)  # [local | global] halves of the raw state
         levels = self.backbone.pretrained.run(x, self.cfg.out_layers[k] + 1, hw, local_x)
         feats = [lv[:, :, 1:] for lv in levels]
@@ -389,8 +409,8 @@ class DA3(LatentEncoder):
 
     def reconstruct(self, images):
         (B, V, _, H, W), p = images.shape, PATCH
-        x = self.pixel_head(torch.cat(self.normalize_levels(self.encode(images)), -1))      # (B,V,T,3pp)
-        x = x.view(B, V, H // p, W // p, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)              # (B,V,3,h,p,w,p)
+        x = self.pixel_head(torch.cat(self.normalize_levels(self.encode(images)), -1))  # (B,V,T,3pp)
+        x = x.view(B, V, H // p, W // p, 3, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # (B,V,3,h,p,w,p)
         return x.reshape(B, V, 3, H, W)
 
     def training_loss(self, batch):
@@ -412,24 +432,25 @@ def pose_from_rays(ray, conf, iters=8):
     """ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w, K. d ~ A p = R K^-1 p: weighted DLT of d x A p
     = 0, IRLS weights conf / (1 + (e/median e)^2)^2 (chordal e), QR A = R U; centre: conf-weighted mean of origins."""
     *lead, h, w, _ = ray.shape
-    d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)             # (...,P,3) unit
-    conf = conf.double().flatten(-2)                                            # (...,P)
+    d = F.normalize(ray[..., :3].double().flatten(-3, -2), dim=-1)  # (...,P,3) unit
+    conf = conf.double().flatten(-2)  # (...,P)
     cond = torch.tensor([[3.0, 0.0, -1.5], [0.0, 3.0, -1.5], [0.0, 0.0, 1.0]], dtype=d.dtype, device=d.device)
-    p = pixel_grid(h, w, d.device).reshape(-1, 3) @ cond.T                      # (P,3) conditioned
-    pp = (p[:, :, None] * p[:, None, :]).flatten(1)                             # (P,9)
-    dd = (d[..., :, None] * d[..., None, :]).flatten(-2)                        # (...,P,9)
+    p = pixel_grid(h, w, d.device).reshape(-1, 3) @ cond.T  # (P,3) conditioned
+    pp = (p[:, :, None] * p[:, None, :]).flatten(1)  # (P,9)
+    dd = (d[..., :, None] * d[..., None, :]).flatten(-2)  # (...,P,9)
     eye, wgt = torch.eye(3, dtype=d.dtype, device=d.device), conf
     for _ in range(iters):
         # sum_i w_i |d_i x A p_i|^2 = vec(A)^T N vec(A), N[(r,c),(s,e)] = sum_i w_i (I - d d^T)_rs (p p^T)_ce
         wn = wgt / wgt.sum(-1, keepdim=True)
-        N = (eye[:, :, None, None] * (wn @ pp).unflatten(-1, (3, 3))[..., None, None, :, :]
-             - ((dd * wn[..., None]).transpose(-1, -2) @ pp).unflatten(-1, (3, 3)).unflatten(-3, (3, 3)))
+        N = eye[:, :, None, None] * (wn @ pp).unflatten(-1, (3, 3))[..., None, None, :, :] - (
+            (dd * wn[..., None]).transpose(-1, -2) @ pp
+        ).unflatten(-1, (3, 3)).unflatten(-3, (3, 3))
         A = torch.linalg.eigh(N.transpose(-3, -2).reshape(*lead, 9, 9))[1][..., 0].unflatten(-1, (3, 3))
         Ap = torch.einsum('...ij,pj->...pi', A, p)
         A, Ap = (t * (wgt * (d * Ap).sum(-1)).sum(-1).sign()[..., None, None] for t in (A, Ap))
-        err = (d - F.normalize(Ap, dim=-1)).norm(dim=-1)                         # (...,P)
+        err = (d - F.normalize(Ap, dim=-1)).norm(dim=-1)  # (...,P)
         wgt = conf / (1 + (err / err.median(-1, keepdim=True).values.clamp_min(1e-12)) ** 2) ** 2
-    R, U = torch.linalg.qr(A @ cond)                                            # A for unconditioned p
+    R, U = torch.linalg.qr(A @ cond)  # A for unconditioned p
     s = torch.diagonal(U, dim1=-2, dim2=-1).sign()
     R, K = R * s[..., None, :], torch.linalg.inv(s[..., :, None] * U)
     K = K / K[..., 2:, 2:]
@@ -457,6 +478,7 @@ def read_tensors(path, what, fix):
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
+
             return load_file(path)
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -465,8 +487,11 @@ def read_tensors(path, what, fix):
 
 def read_state_dict(weights, strip=r'^(module\.|model\.)+'):
     """A weights file or a state dict -> {key: tensor}, {'state_dict'|'model': ...} unwrapped, `strip` removed."""
-    sd = dict(weights) if isinstance(weights, dict) else read_tensors(
-        weights, 'weights', 'download it again or pass another --encoder-weights')
+    sd = (
+        dict(weights)
+        if isinstance(weights, dict)
+        else read_tensors(weights, 'weights', 'download it again or pass another --encoder-weights')
+    )
     for key in ('state_dict', 'model'):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -479,8 +504,13 @@ def read_da3_state_dict(weights):
     for path in [weights] if isinstance(weights, (str, os.PathLike)) else weights:
         part = read_state_dict(str(path))
         if not any(k.startswith(('backbone.', 'head.', 'cam_dec.', 'cam_enc.')) for k in part):
-            prefix = ('head.' if any(k.startswith('scratch.') for k in part) else
-                      'backbone.' if any(k.startswith('pretrained.') for k in part) else 'backbone.pretrained.')
+            prefix = (
+                'head.'
+                if any(k.startswith('scratch.') for k in part)
+                else 'backbone.'
+                if any(k.startswith('pretrained.') for k in part)
+                else 'backbone.pretrained.'
+            )
             part = {prefix + k: v for k, v in part.items()}
         sd.update(part)
     return sd
@@ -494,14 +524,23 @@ def skip_keys(sd, prefixes, who, why):
 
 def key_diff(expected, sd, n=12):
     """'' if sd has expected's keys and shapes, else a readable listing of the differences (n names per group)."""
-    groups = {'missing': [k for k in expected if k not in sd], 'unexpected': [k for k in sd if k not in expected],
-              'shape mismatches': [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}'
-                                   for k, v in expected.items() if k in sd and sd[k].shape != v.shape]}
+    groups = {
+        'missing': [k for k in expected if k not in sd],
+        'unexpected': [k for k in sd if k not in expected],
+        'shape mismatches': [
+            f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}'
+            for k, v in expected.items()
+            if k in sd and sd[k].shape != v.shape
+        ],
+    }
     if not any(groups.values()):
         return ''
-    return ''.join(f'\n  {title} ({len(items)}):' + ''.join(f'\n    {i}' for i in items[:n])
-                   + (f'\n    ... ({len(items) - n} more)' if len(items) > n else '')
-                   for title, items in groups.items())
+    return ''.join(
+        f'\n  {title} ({len(items)}):'
+        + ''.join(f'\n    {i}' for i in items[:n])
+        + (f'\n    ... ({len(items) - n} more)' if len(items) > n else '')
+        for title, items in groups.items()
+    )
 
 
 def load_strict(module, sd, name):
@@ -519,9 +558,9 @@ def load_weights(enc, weights, source=None):
     sd = dict(weights) if isinstance(weights, dict) else read_da3_state_dict(weights)
     sd = skip_keys(sd, IGNORED_PREFIXES, 'encoder', 'camera conditioning / Gaussian heads are not built here')
     own, groups = enc.state_dict(), {}
-    for k, v in own.items():        # safetensors keeps one name of a tensor shared (DA3's aux-head LayerNorm)
+    for k, v in own.items():  # safetensors keeps one name of a tensor shared (DA3's aux-head LayerNorm)
         groups.setdefault(v.data_ptr(), []).append(k)
-    for group in groups.values():   # restore the others
+    for group in groups.values():  # restore the others
         for k in group:
             sd.setdefault(k, next((sd[a] for a in group if a in sd), None))
     sd = {k: v for k, v in sd.items() if v is not None}
@@ -532,14 +571,20 @@ def load_weights(enc, weights, source=None):
         with torch.device('meta'):
             others = [n for n, cfg in PRESETS.items() if n != enc.cfg.name and not key_diff(DA3(cfg).state_dict(), sd)]
         if others:
-            raise cli.UserError(f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
-                                f'{enc.cfg.name!r}: pass --encoder {others[0]} (latents.build_encoder({others[0]!r}) '
-                                'in Python)')
-        raise cli.UserError(f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
-                            'preset the weights were made for:' + diff)
+            raise cli.UserError(
+                f'{source or "checkpoint"}: the weights match preset {others[0]!r}, not '
+                f'{enc.cfg.name!r}: pass --encoder {others[0]} (latents.build_encoder({others[0]!r}) '
+                'in Python)'
+            )
+        raise cli.UserError(
+            f'{source or "checkpoint"}: does not fit encoder {enc.cfg.name!r}; pass the --encoder '
+            'preset the weights were made for:' + diff
+        )
     if no_cam_dec:
-        print('encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
-              '(poses from rays in geometry() are unaffected)')
+        print(
+            'encoder: the checkpoint has no cam_dec: its extrinsics/intrinsics stay random '
+            '(poses from rays in geometry() are unaffected)'
+        )
     enc.load_state_dict(sd, strict=False)
     return enc
 
@@ -547,12 +592,13 @@ def load_weights(enc, weights, source=None):
 # ---- Latent statistics (GLD normalises each level per channel) -------------------------------
 class LatentStats:
     """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
+
     eps = 1e-5
 
-    def __init__(self, mean, var):                                       # dicts level -> (2C,)
+    def __init__(self, mean, var):  # dicts level -> (2C,)
         self.mean, self.var = ({int(l): t.float().flatten() for l, t in d.items()} for d in (mean, var))
 
-    def normalize(self, x, level):                                       # x (...,2C)
+    def normalize(self, x, level):  # x (...,2C)
         return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)
 
     def denormalize(self, z, level):
@@ -565,6 +611,7 @@ class LatentStats:
         sd = {k: v.contiguous() for k, v in self.state_dict().items()}
         if str(path).endswith('.safetensors'):
             from safetensors.torch import save_file
+
             return save_file(sd, str(path))
         torch.save(sd, path)
 
@@ -587,14 +634,14 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1)):
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
         feats = enc.encode(images.to(device))
-        rows = [feats[l].double().flatten(0, -2) for l in levels]         # each (BVT,2C)
-        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])   # (L,2,2C)
+        rows = [feats[l].double().flatten(0, -2) for l in levels]  # each (BVT,2C)
+        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])  # (L,2,2C)
         count += rows[0].shape[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(count)
     mean = sums[:, 0] / count
-    var = (sums[:, 1] / count - mean ** 2).clamp_min(0)
+    var = (sums[:, 1] / count - mean**2).clamp_min(0)
     return LatentStats(*({l: t[i].cpu() for i, l in enumerate(levels)} for t in (mean, var)))
 
 
@@ -603,10 +650,11 @@ def geometry_loss(out, depths_gt, c2w_gt, K_gt, alpha=0.2, grad_weight=1.0):
     """out = enc(images), depths_gt (B,V,H,W) (<= 0: invalid), c2w_gt, K_gt -> (loss, parts); GT in view 0's frame at
     its mean valid depth. c |d - d*| - alpha log c on valid pixels (+ grad_weight x L1 of its gradient), rays alike."""
     valid = depths_gt > 0
-    scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1)
-             / valid[:, 0].flatten(1).sum(1).clamp_min(1))[:, None, None, None].clamp_min(1e-6)  # (B,1,1,1)
+    scale = ((depths_gt[:, 0] * valid[:, 0]).flatten(1).sum(1) / valid[:, 0].flatten(1).sum(1).clamp_min(1))[
+        :, None, None, None
+    ].clamp_min(1e-6)  # (B,1,1,1)
     depth = depths_gt / scale
-    rel = torch.linalg.inv(c2w_gt[:, :1]) @ c2w_gt                       # (B,V,4,4) in view 0's frame
+    rel = torch.linalg.inv(c2w_gt[:, :1]) @ c2w_gt  # (B,V,4,4) in view 0's frame
     R, centre = rel[..., :3, :3], rel[..., :3, 3] / scale[..., 0]
     conf, err, n = out['depth_conf'], (out['depth'] - depth).abs(), valid.sum().clamp_min(1)
     parts = {'depth': ((conf * err - alpha * conf.log()) * valid).sum() / n}

@@ -19,8 +19,10 @@ import cli
 import encoder as encoder_lib
 
 FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'nerfstudio')  # sample.py's --export: the choices, all by default
-UNITS = {'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
-         'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)"}  # by the cameras' source
+UNITS = {
+    'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
+    'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
+}  # by the cameras' source
 SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
 
 
@@ -90,6 +92,7 @@ def write_video(frames, stem, fps=8):  # (3,H,W) frames in [0,1] -> stem.mp4 (H.
     try:
         import imageio.v2 as imageio
         import imageio_ffmpeg
+
         imageio_ffmpeg.get_ffmpeg_exe()  # raises when the bundled binary is missing
     except (ImportError, RuntimeError) as e:
         print(f'note: no MP4 ({e}); wrote {stem}.gif instead (pip install imageio imageio-ffmpeg)')
@@ -108,8 +111,13 @@ def write_ply(path, xyz, rgb, comments=()):
     rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
     props = [(c, '<f4', 'float') for c in 'xyz'] + [(c, 'u1', 'uchar') for c in ('red', 'green', 'blue')]
     verts = np.rec.fromarrays([*xyz.T, *rgb.T], dtype=[p[:2] for p in props])
-    header = ('ply\nformat binary_little_endian 1.0\n' + ''.join(f'comment {c}\n' for c in comments)
-              + f'element vertex {len(verts)}\n' + ''.join(f'property {t} {c}\n' for c, _, t in props) + 'end_header\n')
+    header = (
+        'ply\nformat binary_little_endian 1.0\n'
+        + ''.join(f'comment {c}\n' for c in comments)
+        + f'element vertex {len(verts)}\n'
+        + ''.join(f'property {t} {c}\n' for c, _, t in props)
+        + 'end_header\n'
+    )
     with open(path, 'wb') as f:
         f.write(header.encode('ascii') + verts.tobytes())
 
@@ -128,22 +136,48 @@ def write_colmap(folder, c2w, K, H, W, names, points):
     pid, idx = np.arange(1, N + 1), np.arange(N) - first[view]  # point3D ids, index among its image's 2D points
     obs = np.empty(N, dtype=[('xy', '<f8', 2), ('point3D_id', '<i8')])  # the 2D points of all images, by image
     obs['xy'], obs['point3D_id'] = uv, pid
-    rec = np.empty(N, dtype=[('id', '<u8'), ('xyz', '<f8', 3), ('rgb', 'u1', 3), ('error', '<f8'),
-                             ('track_length', '<u8'), ('image_id', '<i4'), ('point2D_idx', '<i4')])
+    rec = np.empty(
+        N,
+        dtype=[
+            ('id', '<u8'),
+            ('xyz', '<f8', 3),
+            ('rgb', 'u1', 3),
+            ('error', '<f8'),
+            ('track_length', '<u8'),
+            ('image_id', '<i4'),
+            ('point2D_idx', '<i4'),
+        ],
+    )
     rec['id'], rec['xyz'], rec['rgb'], rec['error'], rec['track_length'] = pid, xyz, rgb, 0.0, 1
     rec['image_id'], rec['point2D_idx'] = view + 1, idx
     cams = [struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist()) for v in range(V)]  # model 1: PINHOLE
-    images = [struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1) + names[v].encode() + b'\0'
-              + struct.pack('<Q', first[v + 1] - first[v]) + obs[first[v]:first[v + 1]].tobytes() for v in range(V)]
+    images = [
+        struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1)
+        + names[v].encode()
+        + b'\0'
+        + struct.pack('<Q', first[v + 1] - first[v])
+        + obs[first[v] : first[v + 1]].tobytes()
+        for v in range(V)
+    ]
     for name, n, rows in (('cameras.bin', V, cams), ('images.bin', V, images), ('points3D.bin', N, [rec.tobytes()])):
         with open(os.path.join(folder, name), 'wb') as f:  # a table: its row count (uint64), then the rows
             f.write(struct.pack('<Q', n) + b''.join(rows))
 
 
 # COLMAP camera models, id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
-COLMAP_MODELS = {0: ('SIMPLE_PINHOLE', 3), 1: ('PINHOLE', 4), 2: ('SIMPLE_RADIAL', 4), 3: ('RADIAL', 5),
-                 4: ('OPENCV', 8), 5: ('OPENCV_FISHEYE', 8), 6: ('FULL_OPENCV', 12), 7: ('FOV', 5),
-                 8: ('SIMPLE_RADIAL_FISHEYE', 4), 9: ('RADIAL_FISHEYE', 5), 10: ('THIN_PRISM_FISHEYE', 12)}
+COLMAP_MODELS = {
+    0: ('SIMPLE_PINHOLE', 3),
+    1: ('PINHOLE', 4),
+    2: ('SIMPLE_RADIAL', 4),
+    3: ('RADIAL', 5),
+    4: ('OPENCV', 8),
+    5: ('OPENCV_FISHEYE', 8),
+    6: ('FULL_OPENCV', 12),
+    7: ('FOV', 5),
+    8: ('SIMPLE_RADIAL_FISHEYE', 4),
+    9: ('RADIAL_FISHEYE', 5),
+    10: ('THIN_PRISM_FISHEYE', 12),
+}
 COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'OPENCV', 'FULL_OPENCV')
 
 
@@ -179,8 +213,10 @@ def read_colmap(folder):
     for _, _, cid, name in images:
         model, W, H, prm = cams[cid]
         if model not in COLMAP_PERSPECTIVE:
-            raise cli.UserError(f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
-                                'PINHOLE first (colmap image_undistorter)')
+            raise cli.UserError(
+                f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
+                'PINHOLE first (colmap image_undistorter)'
+            )
         if model not in ('PINHOLE', 'SIMPLE_PINHOLE'):
             print(f'note: {folder}: camera {cid} is {model}; its lens distortion is ignored (undistort for exact rays)')
         two_focals = model in ('PINHOLE', 'OPENCV', 'FULL_OPENCV')  # fx fy cx cy ...; the others: f cx cy ...
@@ -189,38 +225,67 @@ def read_colmap(folder):
         sizes.append((H, W))
     qvec, tvec = (torch.tensor([im[k] for im in images], dtype=torch.float64) for k in (0, 1))
     c2w = cameras.w2c_to_c2w(cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec))
-    return {'c2w': c2w, 'Kpix': torch.tensor(Kpix, dtype=torch.float64), 'sizes': sizes, 'names': [im[3] for im in images]}
+    return {
+        'c2w': c2w,
+        'Kpix': torch.tensor(Kpix, dtype=torch.float64),
+        'sizes': sizes,
+        'names': [im[3] for im in images],
+    }
 
 
 # -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
     """nerfstudio transforms.json, `files` relative to its folder; `extra` adds top-level keys."""
     Kp, gl = cameras.K_to_pixels(K.double(), H, W), cameras.opengl_to_opencv(c2w.double())  # the flip is an involution
-    frames = [{'file_path': files[v], 'transform_matrix': gl[v].tolist(), 'fl_x': float(Kp[v, 0, 0]), 'fl_y':
-               float(Kp[v, 1, 1]), 'cx': float(Kp[v, 0, 2]), 'cy': float(Kp[v, 1, 2]), 'is_source': bool(is_source[v])}
-              for v in range(len(files))]
+    frames = [
+        {
+            'file_path': files[v],
+            'transform_matrix': gl[v].tolist(),
+            'fl_x': float(Kp[v, 0, 0]),
+            'fl_y': float(Kp[v, 1, 1]),
+            'cx': float(Kp[v, 0, 2]),
+            'cy': float(Kp[v, 1, 2]),
+            'is_source': bool(is_source[v]),
+        }
+        for v in range(len(files))
+    ]
     with open(path, 'w') as f:
         json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
 
 
-CAMERA_FORMATS = ('a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio transforms.json, or a folder of '
-                  'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional)')
+CAMERA_FORMATS = (
+    'a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio transforms.json, or a folder of '
+    'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional)'
+)
 
 
 def read_cameras(path, image_size=None):
     """Cameras in any of CAMERA_FORMATS -> {'c2w', 'K', 'names', 'files' (or None), 'size' (H, W) or None, 'format'}."""
     import data  # bottom layer: the nerfstudio reader that datasets use too
-    sparse = next((d for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
-                   if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))),
-                  None)
+
+    sparse = next(
+        (
+            d
+            for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
+            if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))
+        ),
+        None,
+    )
     if sparse:
         m = read_colmap(sparse)
         if len(set(m['sizes'])) > 1:
-            raise cli.UserError(f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give '
-                                'photos of one size')
+            raise cli.UserError(
+                f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give photos of one size'
+            )
         (H, W), root = m['sizes'][0], os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
-        out = {'c2w': m['c2w'], 'K': cameras.K_to_normalized(m['Kpix'], H, W), 'names': m['names'],
-               'files': [os.path.join(root, 'images', n) for n in m['names']], 'size': (H, W), 'format': 'COLMAP'}
+        out = {
+            'c2w': m['c2w'],
+            'K': cameras.K_to_normalized(m['Kpix'], H, W),
+            'names': m['names'],
+            'files': [os.path.join(root, 'images', n) for n in m['names']],
+            'size': (H, W),
+            'format': 'COLMAP',
+        }
     elif path.endswith('.json') or os.path.isfile(os.path.join(path, 'transforms.json')):
         json_path = path if path.endswith('.json') else os.path.join(path, 'transforms.json')
         t = data.read_transforms(json_path)
@@ -232,14 +297,22 @@ def read_cameras(path, image_size=None):
             z = np.load(os.path.join(path, f))
             size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
             if 'c2w' not in z or 'K' not in z or size is None:
-                raise cli.UserError(f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
-                                    f'pixels) and H, W (the image size of K) where no photo states it; it has '
-                                    f'{sorted(z.files)}: add H and W or the missing arrays')
+                raise cli.UserError(
+                    f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
+                    f'pixels) and H, W (the image size of K) where no photo states it; it has '
+                    f'{sorted(z.files)}: add H and W or the missing arrays'
+                )
             c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
             K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
-            names.append(f[:-len('.npz')])
-        out = {'c2w': torch.stack(c2w), 'K': torch.stack(K), 'names': names, 'files': [None] * len(names),
-               'size': size, 'format': 'npz'}
+            names.append(f[: -len('.npz')])
+        out = {
+            'c2w': torch.stack(c2w),
+            'K': torch.stack(K),
+            'names': names,
+            'files': [None] * len(names),
+            'size': size,
+            'format': 'npz',
+        }
     else:
         raise cli.UserError(f'{path}: no cameras found; pass {CAMERA_FORMATS}')
     out['c2w'], out['K'] = out['c2w'].float(), out['K'].float()
@@ -251,6 +324,7 @@ def read_cameras(path, image_size=None):
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
     """Top-down PNG of source (blue) and target (orange, joined, first ringed) cameras, the first source facing up."""
     from PIL import ImageDraw
+
     up, right = -c2w_src[0, :3, 1].double(), c2w_src[0, :3, 0].double()
     fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
     plane = lambda p: torch.stack([p @ right, -(p @ fwd)], -1)  # (...,3) -> (...,2) page coordinates
@@ -282,12 +356,24 @@ def make_grid(src, pred, gt=None):  # rows sources | + pred[N:] | + gt (if given
     blank = torch.ones_like(pred[N:])  # white where there is no image
     rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
     if gt is not None:
-        rows.append(torch.cat([src, gt, blank[gt.shape[0]:]]))
+        rows.append(torch.cat([src, gt, blank[gt.shape[0] :]]))
     return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
 
 
-def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DEFAULT_FORMATS, units='poses',
-                keep=0.7, frame='the cameras sampling used'):
+def write_scene(
+    out_dir,
+    images,
+    depth,
+    conf,
+    c2w,
+    K,
+    c2w_da3,
+    n_src,
+    formats=DEFAULT_FORMATS,
+    units='poses',
+    keep=0.7,
+    frame='the cameras sampling used',
+):
     """Images (V,3,H,W) (sources first) and the scene from DA3's depth, conf in `formats` -> a metrics.json summary."""
     parse_formats(','.join(formats))  # fails on an unknown name
     images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
@@ -308,7 +394,15 @@ def write_scene(out_dir, images, depth, conf, c2w, K, c2w_da3, n_src, formats=DE
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
             extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
-        write_transforms(os.path.join(out_dir, 'transforms.json'), c2w, K, H, W, ['images/' + n for n in names],
-                         torch.arange(V) < n_src, extra)
+        write_transforms(
+            os.path.join(out_dir, 'transforms.json'),
+            c2w,
+            K,
+            H,
+            W,
+            ['images/' + n for n in names],
+            torch.arange(V) < n_src,
+            extra,
+        )
     written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
     return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}

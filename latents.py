@@ -4,6 +4,7 @@ The encoder registry, camera inputs, the leakage-free source condition (GLD 4.3)
 with the noised level-1 condition (GLD 4.4), and `LatentCache` (`train.py --cache`).
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
+
 import hashlib
 import itertools
 import os
@@ -21,8 +22,12 @@ import vae
 import vggt
 from data import PATCH
 
-FAMILIES = {'da3': (encoder_lib, encoder_lib.DA3), 'vggt': (vggt, vggt.VGGT), 'dinov2': (dinov2, dinov2.DINOv2),
-            'vae': (vae, vae.VAE)}
+FAMILIES = {
+    'da3': (encoder_lib, encoder_lib.DA3),
+    'vggt': (vggt, vggt.VGGT),
+    'dinov2': (dinov2, dinov2.DINOv2),
+    'vae': (vae, vae.VAE),
+}
 
 
 def build_encoder(name='da3-base', weights=None):
@@ -79,7 +84,7 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
     if upper is not None and tau > 0:  # M1->0: ground-truth level 1 noised by sigma ~ |N(0, tau^2)|, variance kept
         sigma = (torch.randn(x.shape[0], 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
         eps = torch.randn(upper.shape, generator=generator).to(upper.device)
-        upper = (upper + sigma * eps) / torch.sqrt(1 + sigma ** 2)
+        upper = (upper + sigma * eps) / torch.sqrt(1 + sigma**2)
     cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
     return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
 
@@ -111,10 +116,14 @@ class LatentCache:
         """Draws idx (one source count) -> a training batch in the on-the-fly layout plus 'full' and 'cond'."""
         d, idx = self.data, torch.as_tensor(idx)
         n, V = int(self.n_src[idx[0]]), d['c2w'].shape[1]
-        return {'c2w': d['c2w'][idx].to(device), 'K': d['K'][idx].to(device), 'size': tuple(d['size'].tolist()),
-                'src_mask': (torch.arange(V) < n).expand(len(idx), V).to(device),
-                'full': {int(k[4:]): v[idx].to(device).float() for k, v in d.items() if k.startswith('full')},
-                'cond': d['cond'][idx].to(device).float()}
+        return {
+            'c2w': d['c2w'][idx].to(device),
+            'K': d['K'][idx].to(device),
+            'size': tuple(d['size'].tolist()),
+            'src_mask': (torch.arange(V) < n).expand(len(idx), V).to(device),
+            'full': {int(k[4:]): v[idx].to(device).float() for k, v in d.items() if k.startswith('full')},
+            'cond': d['cond'][idx].to(device).float(),
+        }
 
     def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
         """The epoch's batches of draws of one source count, shuffled by (seed, epoch), dealt to ranks round-robin."""
@@ -122,18 +131,32 @@ class LatentCache:
         for n in self.n_src.unique().tolist():
             idx = (self.n_src == n).nonzero()[:, 0]
             idx = idx[torch.randperm(len(idx), generator=g)]
-            out += [idx[i:i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
+            out += [idx[i : i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
         return [out[i] for i in torch.randperm(len(out), generator=g).tolist()][rank::world]
 
     @staticmethod
     def path_for(folder, enc, spec, views, draws, levels, cond_level, src, src_mode, seed):
-        name = (f'{os.path.basename(os.path.normpath(spec.split(":")[-1]))}_{state_hash(enc)[:12]}_v{views}_d{draws}'
-                f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}{src_mode}_seed{seed}.pt')
+        name = (
+            f'{os.path.basename(os.path.normpath(spec.split(":")[-1]))}_{state_hash(enc)[:12]}_v{views}_d{draws}'
+            f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}{src_mode}_seed{seed}.pt'
+        )
         return os.path.join(folder, name)
 
     @classmethod
-    def build(cls, path, enc, dataset, levels, cond_level, draws, src=(1, 4), src_mode='random', seed=0, device='cpu',
-              log=print):
+    def build(
+        cls,
+        path,
+        enc,
+        dataset,
+        levels,
+        cond_level,
+        draws,
+        src=(1, 4),
+        src_mode='random',
+        seed=0,
+        device='cpu',
+        log=print,
+    ):
         """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or loaded from path)."""
         if os.path.exists(path):
             log(f'latent cache: {path}')
@@ -148,13 +171,25 @@ class LatentCache:
                 b = data.split_views(item, n, generator=g, mode=src_mode)
                 b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
                 raw = encode_batch(enc, b, levels, cond_level)
-                rows.append({'c2w': b['c2w'][0], 'K': b['K'][0], 'n_src': n, 'scene': i, 'frames': b['frames'][0],
-                             'cond': raw['cond'][0].half().cpu(),
-                             **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels}})
+                rows.append(
+                    {
+                        'c2w': b['c2w'][0],
+                        'K': b['K'][0],
+                        'n_src': n,
+                        'scene': i,
+                        'frames': b['frames'][0],
+                        'cond': raw['cond'][0].half().cpu(),
+                        **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels},
+                    }
+                )
             log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
         # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
-        out = {k: torch.stack([r[k] for r in rows]).cpu() if torch.is_tensor(rows[0][k])
-               else torch.tensor([r[k] for r in rows]) for k in rows[0]}
+        out = {
+            k: torch.stack([r[k] for r in rows]).cpu()
+            if torch.is_tensor(rows[0][k])
+            else torch.tensor([r[k] for r in rows])
+            for k in rows[0]
+        }
         out['size'] = torch.tensor(item['images'].shape[-2:])
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         torch.save(out, path + '.tmp')

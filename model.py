@@ -5,6 +5,7 @@ cameras and (cascade M1->0) the level-1 features, GLD A.2; 3D attention with PRo
 quirks follow the release's DDT.py. References: GLD (arXiv 2603.22275); DiT; DDT and RAE (DiT^DH); PRoPE (Li et
 al.); RoFormer. Shape legend: B batch, V views, H W image, h w token grid, C channels, T = h*w tokens, N = V*T.
 """
+
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,10 +40,19 @@ PRESETS = {
     'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
     'gld-S': GLDConfig(latent_dim=768, enc_width=384, enc_depth=12, head_width=1024, head_depth=2, heads=8),  # 78.2M
     'gld-B': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=12, head_width=2048, head_depth=2, heads=16),  # 311.1M
-    'gld-paper': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=6,
-                           heads=16),  # 783.3M = the official M1
-    'gld-paper-cascade': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=2,
-                                   heads=16, upper_dim=1536, separate_embedders=False),  # 472.5M = official M1->0
+    'gld-paper': GLDConfig(
+        latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=6, heads=16
+    ),  # 783.3M = the official M1
+    'gld-paper-cascade': GLDConfig(
+        latent_dim=1536,
+        enc_width=768,
+        enc_depth=28,
+        head_width=2048,
+        head_depth=2,
+        heads=16,
+        upper_dim=1536,
+        separate_embedders=False,
+    ),  # 472.5M = official M1->0
 }
 
 
@@ -101,12 +111,12 @@ class PositionEncoding:
         B, nh, N, d = u.shape
         parts = []
         if self.mats is not None:  # projective block: the 4-vectors of a token in view v are mapped by M_v
-            blk = u[..., :self.start].reshape(B, nh, self.V, N // self.V, self.start // 4, 4)
+            blk = u[..., : self.start].reshape(B, nh, self.V, N // self.V, self.start // 4, 4)
             M = self.mats[role].to(u.dtype)
             parts.append(torch.einsum('bvij,bhvtnj->bhvtni', M, blk).reshape(B, nh, N, self.start))
         i = self.start
         for size, _, _, cos, sin in self.axes:
-            parts.append(rope_rotate(u[..., i:i + size], cos.to(u.dtype), sin.to(u.dtype), inverse=role == 'out'))
+            parts.append(rope_rotate(u[..., i : i + size], cos.to(u.dtype), sin.to(u.dtype), inverse=role == 'out'))
             i += size
         parts.append(u[..., i:])
         return torch.cat(parts, -1)
@@ -126,7 +136,7 @@ class PositionEncoding:
             view = torch.arange(N, device=M.device) // (N // self.V)
             rel = self.mats['out'][:, view, None] @ self.mats['kv'][:, None, view]  # (B,N,N,4,4): P_a P_inv_b
             for c in range(0, self.start, 4):
-                M[..., c:c + 4, c:c + 4] = rel
+                M[..., c : c + 4, c : c + 4] = rel
         i = self.start
         for size, p, freqs, _, _ in self.axes:
             angle = (p[:, None] - p[None, :]).float()[..., None] * freqs  # (N,N,size/2)
@@ -178,8 +188,13 @@ class Attention(nn.Module):
     def forward(self, x, pe=None):  # x (B,N,D)
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
-        y = (F.scaled_dot_product_attention(q, k, v) if pe is None
-             else reference_attention(q, k, v, pe) if self.reference else pe.attend(q, k, v))
+        y = (
+            F.scaled_dot_product_attention(q, k, v)
+            if pe is None
+            else reference_attention(q, k, v, pe)
+            if self.reference
+            else pe.attend(q, k, v)
+        )
         return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
 
 
@@ -260,8 +275,9 @@ class GLD(nn.Module):
             self.x_embedder, self.s_embedder = token_embedder(2 * C, C2), token_embedder(s_in, C1)
         self.s_projector, self.t_embedder = nn.Linear(C1, C2), TimestepEmbedder(C1)
         self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
-        self.blocks = nn.ModuleList([Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] +
-                                    [Block(C2, cfg.heads) for _ in range(cfg.head_depth)])  # encoder, then head
+        self.blocks = nn.ModuleList(
+            [Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] + [Block(C2, cfg.heads) for _ in range(cfg.head_depth)]
+        )  # encoder, then head
         self.final_layer = FinalLayer(C2, C)
         self.init_weights()
 
@@ -299,13 +315,13 @@ class GLD(nn.Module):
         s = s + self.camera_embedder(cams['plucker']).flatten(1, 2)
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
         c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
-        s = self.run_blocks(self.blocks[:cfg.enc_depth], s, c, pe_enc)
+        s = self.run_blocks(self.blocks[: cfg.enc_depth], s, c, pe_enc)
         # bridge: per-token condition of the head
         s = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
         # velocity head: [cond | x_t] tokens modulated per token by s
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
-        x = self.run_blocks(self.blocks[cfg.enc_depth:], x, s, pe_head)
+        x = self.run_blocks(self.blocks[cfg.enc_depth :], x, s, pe_head)
         return self.final_layer(x, s).view(B, V, T, C)
 
 
@@ -317,8 +333,14 @@ def flops_per_token(cfg, N):
     """Forward FLOPs (2 per multiply-add) per token of N = V*h*w tokens (x3 for training); norms, RoPE ignored."""
     block = lambda D, adaln: 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D + (12 * D * D if adaln else 0)
     C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
-    return (cfg.enc_depth * block(C1, False) + cfg.head_depth * block(C2, True) + 2 * 2 * C * (C1 + C2)
-            + 2 * 7 * cfg.cam_patch ** 2 * C1 + 2 * C1 * C2 + 2 * C2 * (2 * C2 + C))
+    return (
+        cfg.enc_depth * block(C1, False)
+        + cfg.head_depth * block(C2, True)
+        + 2 * 2 * C * (C1 + C2)
+        + 2 * 7 * cfg.cam_patch**2 * C1
+        + 2 * C1 * C2
+        + 2 * C2 * (2 * C2 + C)
+    )
 
 
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16, per GPU
@@ -339,13 +361,28 @@ def convert_official(state_dict, cascade=False, heads=16):
     assert C1 != C2, 'encoder and head blocks are told apart by their width'
     C = sd['final_layer.linear.weight'].shape[0]
     s_in = sd['s_embedder.proj.weight' if single else 's_embedder_ref.proj.weight'].shape[1]
-    widths = [sd[f'blocks.{i}.norm1.weight'].shape[0] for i in range(len({k.split('.')[1] for k in sd
-                                                                           if k.startswith('blocks.')}))]
-    cfg = GLDConfig(latent_dim=C, enc_width=C1, enc_depth=widths.count(C1), head_width=C2, heads=heads,
-                    head_depth=len(widths) - widths.count(C1), separate_embedders=not single, double_silu=True,
-                    upper_dim=s_in - C if cascade else 0, cam_patch=sd['camera_embedder.proj.weight'].shape[-1])
-    out = {k: v.flatten(1) if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and
-           not k.startswith('camera') else v for k, v in sd.items()}
+    widths = [
+        sd[f'blocks.{i}.norm1.weight'].shape[0]
+        for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))
+    ]
+    cfg = GLDConfig(
+        latent_dim=C,
+        enc_width=C1,
+        enc_depth=widths.count(C1),
+        head_width=C2,
+        heads=heads,
+        head_depth=len(widths) - widths.count(C1),
+        separate_embedders=not single,
+        double_silu=True,
+        upper_dim=s_in - C if cascade else 0,
+        cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
+    )
+    out = {
+        k: v.flatten(1)
+        if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and not k.startswith('camera')
+        else v
+        for k, v in sd.items()
+    }
     with torch.device('meta'):
         ref = GLD(cfg).state_dict()
     missing, unused = set(ref) - set(out), set(out) - set(ref)

@@ -3,6 +3,7 @@
 File discovery, every layout the release saves, strict conversion and `OfficialConventions`; `sample.py --official
 DIR` runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image, C channels.
 """
+
 import os
 import re
 
@@ -17,24 +18,38 @@ import model as model_lib
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
 OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
-    'da3': {'encoder': 'pretrained_models/da3/model.safetensors', 'head': 'pretrained_models/da3/dpt_decoder.pt',
-            'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
-            'level1': 'checkpoints/da3_level1.pt', 'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
-            **{f'stats{l}': f'model_stats/da3/normalization_stats_level{l}.pt' for l in (0, 1)}},
-    'vggt': {'decoder': 'pretrained_models/vggt/mae_decoder.pt', 'level1': 'checkpoints/vggt_level1.pt',
-             'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
-             **{f'{role}{l}': f'model_stats/vggt/{name}_stats_level{l}.pt'
-                for role, name in (('stats', 'normalization'), ('special', 'special')) for l in (0, 1)}}}
+    'da3': {
+        'encoder': 'pretrained_models/da3/model.safetensors',
+        'head': 'pretrained_models/da3/dpt_decoder.pt',
+        'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
+        'level1': 'checkpoints/da3_level1.pt',
+        'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
+        **{f'stats{l}': f'model_stats/da3/normalization_stats_level{l}.pt' for l in (0, 1)},
+    },
+    'vggt': {
+        'decoder': 'pretrained_models/vggt/mae_decoder.pt',
+        'level1': 'checkpoints/vggt_level1.pt',
+        'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
+        **{
+            f'{role}{l}': f'model_stats/vggt/{name}_stats_level{l}.pt'
+            for role, name in (('stats', 'normalization'), ('special', 'special'))
+            for l in (0, 1)
+        },
+    },
+}
 OFFICIAL_LAYOUTS = {  # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code
     'encoder': ((), ('model.',)),  # writes or reads each: docs/official.md, "Files and layouts loaded"
-    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)), 'head': (('model',), ('decoder.', 'pred.')),
-    'model': (('ema', 'model'), ()), 'stats': ((), ())}
+    'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
+    'head': (('model',), ('decoder.', 'pred.')),
+    'model': (('ema', 'model'), ()),
+    'stats': ((), ()),
+}
 
 
 def describe_layouts(kind):
     """The layouts of OFFICIAL_LAYOUTS[kind] in words (error messages, docs/official.md)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
-    out = [f"{{{k!r}: state dict, ...}}" for k in wrappers] + ['a flat state dict']
+    out = [f'{{{k!r}: state dict, ...}}' for k in wrappers] + ['a flat state dict']
     keys = f"; keys bare{''.join(f' or {p!r}-prefixed' for p in prefixes)}, with or without 'module.'"
     return ', '.join(out) + keys
 
@@ -43,16 +58,17 @@ def official_state_dict(obj, kind, name='', log=print):
     """A released file's contents in an OFFICIAL_LAYOUTS[kind] -> flat state dict (EMA first, prefixes stripped)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
-    unknown = ValueError(f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; '
-                         f'known layouts: {describe_layouts(kind)}')
+    unknown = ValueError(
+        f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; known layouts: {describe_layouts(kind)}'
+    )
     if not isinstance(obj, dict):
         raise unknown
     key = next((k for k in wrappers if isinstance(obj.get(k), dict)), None)
     if key is not None:
         skipped = [k for k in wrappers if k != key and isinstance(obj.get(k), dict)]
-        log(f"{name}: using its {key!r} weights" + (f' (not {skipped})' if skipped else ''))
+        log(f'{name}: using its {key!r} weights' + (f' (not {skipped})' if skipped else ''))
         obj = obj[key]
-    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in obj.items()}
+    sd = {k[len('module.') :] if k.startswith('module.') else k: v for k, v in obj.items()}
     if any(k.startswith(prefixes) for k in sd):
         if others := sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)}):
             log(f'{name}: skipping the entries of {others}, not part of the {kind}')
@@ -65,14 +81,18 @@ def official_state_dict(obj, kind, name='', log=print):
 def read_official(path, kind, log=print):
     """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is loaded fully."""
     import pickle
+
     try:
         if str(path).endswith('.safetensors'):
             from safetensors.torch import load_file
+
             return official_state_dict(load_file(str(path)), kind, path, log)
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
-        log(f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
-            f'files from {OFFICIAL_HUB}')
+        log(
+            f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
+            f'files from {OFFICIAL_HUB}'
+        )
         obj = torch.load(path, map_location='cpu', weights_only=False)
     return official_state_dict(obj, kind, path, log)
 
@@ -80,15 +100,20 @@ def read_official(path, kind, log=print):
 def load_official_stats(path, dim=None, log=print):
     """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or list -> LatentStats."""
     if isinstance(path, (str, os.PathLike)):
-        path = ([os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
-                if os.path.isdir(path) else [path])
+        path = (
+            [os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+            if os.path.isdir(path)
+            else [path]
+        )
     mean, var = {}, {}
     for p in path:
         sd = read_official(p, 'stats', log)
         wrong = dim is not None and any(v.numel() != dim for v in sd.values())
         if wrong or not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'}:
-            raise ValueError(f'{p}: expected mean, var (and std) of {dim or "C"} channels each, got '
-                             f'{ {k: tuple(v.shape) for k, v in sd.items()} }')
+            raise ValueError(
+                f'{p}: expected mean, var (and std) of {dim or "C"} channels each, got '
+                f'{ {k: tuple(v.shape) for k, v in sd.items()} }'
+            )
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
         mean[level], var[level] = sd['mean'], sd['var']
     return encoder_lib.LatentStats(mean, var)
@@ -136,8 +161,11 @@ class OfficialConventions:
             K[..., :2, 2] += 0.5  # our normalised K
             K_fixed = cameras.prope_K(cameras.K_to_normalized(cameras.K_to_pixels(K, H, W), S, S))  # K' by S x S
             Kc_inv = torch.linalg.inv(Kc)
-            cams = {**cams, 'P': cameras.lift(K_fixed @ Kc_inv) @ cams['P'],  # lift(K'_S) w2c
-                    'P_inv': cams['P_inv'] @ cameras.lift(Kc_inv @ K_fixed)}  # c2w lift(K'_S)
+            cams = {
+                **cams,
+                'P': cameras.lift(K_fixed @ Kc_inv) @ cams['P'],  # lift(K'_S) w2c
+                'P_inv': cams['P_inv'] @ cameras.lift(Kc_inv @ K_fixed),
+            }  # c2w lift(K'_S)
             P_uncond = cameras.lift(K_fixed)  # viewmats I4, K kept
         else:
             eye = torch.eye(3, dtype=Kc.dtype, device=Kc.device)  # viewmats I4, K = I3 in pixels
@@ -162,11 +190,15 @@ def find_official_files(folder, latent='da3'):
         hits = [h for h in by_name.get(os.path.basename(rel), []) if not any(at(h, o) for o in others)]
         exact = [h for h in hits if at(h, rel)]
         if not hits:
-            raise FileNotFoundError(f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
-                                    f'https://huggingface.co/{OFFICIAL_HUB} or with: {get}')
+            raise FileNotFoundError(
+                f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
+                f'https://huggingface.co/{OFFICIAL_HUB} or with: {get}'
+            )
         if len(hits) > 1 and len(exact) != 1:
-            raise ValueError(f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
-                             f'{hits}; keep the one at {rel}')
+            raise ValueError(
+                f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
+                f'{hits}; keep the one at {rel}'
+            )
         paths[role] = exact[0] if exact else hits[0]
     return paths
 
@@ -185,12 +217,16 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
         try:
             cfg, sd = converter(sd, heads=heads, **kw)
         except (AssertionError, KeyError, ValueError) as e:  # the converters' strict checks
-            raise ValueError(f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known for a {kind} '
-                             f'file: {describe_layouts(kind)}') from e
+            raise ValueError(
+                f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known for a {kind} '
+                f'file: {describe_layouts(kind)}'
+            ) from e
         dim = cfg.feat_dim if role == 'decoder' else cfg.latent_dim
         if dim != enc.dim:
-            raise ValueError(f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
-                             f'pass the matching encoder_preset')
+            raise ValueError(
+                f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
+                f'pass the matching encoder_preset'
+            )
         net = build(cfg)
         net.load_state_dict(sd, strict=True)
         return net
@@ -199,6 +235,8 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
     for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
         net = convert(role, 'model', model_lib.convert_official, model_lib.GLD, cascade=upper is not None)
         models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})
-        log(f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
-            f'{"" if upper is None else f"{upper}->"}{level}')
+        log(
+            f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
+            f'{"" if upper is None else f"{upper}->"}{level}'
+        )
     return enc, dec.to(device).eval(), models

@@ -4,6 +4,7 @@
 level 0 -> frozen DA3 blocks propagate level k deeper -> RGB decoder and DA3's geometry head. Loading refuses a model
 of another encoder's latents. Legend: B batch, V views, H W image, h w token grid, C channels, T tokens.
 """
+
 import hashlib
 import io
 import json
@@ -23,8 +24,11 @@ import model as model_lib
 import official
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
-COMMANDS = {'encoder': 'python train.py --stage encoder', 'decoder': 'python train.py --stage decoder',
-            'data': 'python data.py synth'}  # what creates each missing piece (level<k>[_ind]: train_command)
+COMMANDS = {
+    'encoder': 'python train.py --stage encoder',
+    'decoder': 'python train.py --stage decoder',
+    'data': 'python data.py synth',
+}  # what creates each missing piece (level<k>[_ind]: train_command)
 
 
 def cascade_upper(level, independent=False, num_levels=4):
@@ -44,8 +48,11 @@ def run_name(level, independent=False, encoder='da3-tiny'):
 
 def train_command(name):  # name: a model_name
     stage, _, encoder = name.partition('-')
-    cmd = (f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
-           if stage.startswith('level') else COMMANDS[stage])
+    cmd = (
+        f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
+        if stage.startswith('level')
+        else COMMANDS[stage]
+    )
     return cmd + (f' --encoder {encoder}' if encoder else '')
 
 
@@ -55,13 +62,17 @@ def find_checkpoint(name, ckpt_dir=None):
     if ckpt_dir:
         folder, export = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + '.safetensors')
         if not (found := list_checkpoints(folder) or [export] * os.path.isfile(export)):
-            raise UserError(f'{folder}: no {name} checkpoint (ckpt_*.pt, or the export {export}) under --ckpt-dir '
-                            f'{ckpt_dir}; create it with: {train_command(name)} --out {folder}')
+            raise UserError(
+                f'{folder}: no {name} checkpoint (ckpt_*.pt, or the export {export}) under --ckpt-dir '
+                f'{ckpt_dir}; create it with: {train_command(name)} --out {folder}'
+            )
         return found[-1]
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
-        raise UserError(f'{path}: no bundled {name} model (git checkout weights/tiny restores the bundled ones); train '
-                        f'it with: {train_command(name)} --export weights/mine, then pass --ckpt-dir weights/mine')
+        raise UserError(
+            f'{path}: no bundled {name} model (git checkout weights/tiny restores the bundled ones); train '
+            f'it with: {train_command(name)} --export weights/mine, then pass --ckpt-dir weights/mine'
+        )
     return path
 
 
@@ -79,23 +90,31 @@ def auto_checkpoint(name):
 def load_checkpoint(path, device='cpu'):
     """-> (meta, state_dict): a checkpoint's EMA weights, or an export's weights + JSON sidecar; prints the SHA-256."""
     if not os.path.isfile(path):
-        raise UserError(f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
-                        'pass a ckpt_*.pt of a run or an exported .safetensors')
+        raise UserError(
+            f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
+            'pass a ckpt_*.pt of a run or an exported .safetensors'
+        )
     raw = open(path, 'rb').read()
     digest = hashlib.sha256(raw).hexdigest()
     print(f'{path} (sha256 {digest[:12]})')
-    broken = ('delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that '
-              'wrote it' if not path.endswith('.safetensors') else
-              'restore it with: git checkout weights/tiny' if os.path.dirname(os.path.abspath(path)) == WEIGHTS else
-              'export it again with: python train.py ... --export FOLDER')
+    broken = (
+        'delete it (an older ckpt_*.pt beside it is used then) or re-create it with the training run that wrote it'
+        if not path.endswith('.safetensors')
+        else 'restore it with: git checkout weights/tiny'
+        if os.path.dirname(os.path.abspath(path)) == WEIGHTS
+        else 'export it again with: python train.py ... --export FOLDER'
+    )
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load as load_safetensors
-            sidecar = path[:-len('.safetensors')] + '.json'
+
+            sidecar = path[: -len('.safetensors')] + '.json'
             meta = data.read_json(sidecar, 'sidecar of an export (python train.py --export writes it)')
             if meta.get('sha256') and meta['sha256'] != digest:
-                raise UserError(f'{path}: checksum mismatch (file is {digest[:12]}, {sidecar} says {meta["sha256"][:12]}); '
-                                f'the file is corrupt or was replaced: {broken}')
+                raise UserError(
+                    f'{path}: checksum mismatch (file is {digest[:12]}, {sidecar} says {meta["sha256"][:12]}); '
+                    f'the file is corrupt or was replaced: {broken}'
+                )
             sd = {k: v.float().to(device) for k, v in load_safetensors(raw).items()}
             stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
             meta.update(stats=stats or None, sha256=digest)
@@ -112,14 +131,19 @@ def load_checkpoint(path, device='cpu'):
 def export_weights(kind, net, config, extra, folder, name):
     """EMA weights as fp16 safetensors + a JSON sidecar with the config and a SHA-256, as shipped in weights/tiny."""
     from safetensors.torch import save_file
+
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
     if extra.get('stats'):
         sd.update({'stats.' + k: v.half() for k, v in extra['stats'].items()})
     path = os.path.join(folder, name + '.safetensors')
     save_file(sd, path)
-    meta = {'kind': kind, 'config': config, **{k: v for k, v in extra.items() if k != 'stats'},
-            'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest()}
+    meta = {
+        'kind': kind,
+        'config': config,
+        **{k: v for k, v in extra.items() if k != 'stats'},
+        'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest(),
+    }
     json.dump(meta, open(os.path.join(folder, name + '.json'), 'w'), indent=1)
     print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     return path
@@ -139,8 +163,12 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
         if weights == 'auto':
             print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
         enc, weights, sha = latents.build_encoder(preset), 'none', None
-    elif weights.endswith('.pt') and 'ckpt_' in os.path.basename(weights) or weights.endswith('.safetensors') and \
-            os.path.exists(weights[:-len('.safetensors')] + '.json'):
+    elif (
+        weights.endswith('.pt')
+        and 'ckpt_' in os.path.basename(weights)
+        or weights.endswith('.safetensors')
+        and os.path.exists(weights[: -len('.safetensors')] + '.json')
+    ):
         meta, sd = load_checkpoint(weights)
         enc, sha = latents.build_encoder(preset), latents_sha256(meta)
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
@@ -157,9 +185,11 @@ def load_net(path, device, enc, name, build):
     meta, sd = load_checkpoint(path, device)
     want = (meta.get('encoder') or {}).get('sha256')
     if enc is not None and want and want != enc.source['sha256']:
-        raise UserError(f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
-                        f'the encoder here is {enc.source["weights"]} (sha256 {(enc.source["sha256"] or "none")[:12]}); '
-                        f'pass the --ckpt-dir whose encoder made it, or retrain it on this one: {train_command(name)}')
+        raise UserError(
+            f'{path}: trained on latents of encoder {meta["encoder"]["weights"]} (sha256 {want[:12]}), but '
+            f'the encoder here is {enc.source["weights"]} (sha256 {(enc.source["sha256"] or "none")[:12]}); '
+            f'pass the --ckpt-dir whose encoder made it, or retrain it on this one: {train_command(name)}'
+        )
     net = build(meta['config']).to(device).eval()
     net.load_state_dict(sd)
     return net, meta
@@ -173,7 +203,9 @@ def load_model(path, device='cpu', enc=None, name='level1'):
 
 
 def load_decoder(path, device='cpu', enc=None):
-    return load_net(path, device, enc, 'decoder', lambda cfg: decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**cfg)))[0]
+    return load_net(path, device, enc, 'decoder', lambda cfg: decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**cfg)))[
+        0
+    ]
 
 
 # ----------------------------------------------------------------------------- the cascade
@@ -194,8 +226,11 @@ class Pipeline:
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
         B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C
-        n, a, t_end = (self.official.time_schedule(steps, V, C) if self.official is not None else
-                       (steps, diffusion.shift_alpha(V * T * C), 0.0))
+        n, a, t_end = (
+            self.official.time_schedule(steps, V, C)
+            if self.official is not None
+            else (steps, diffusion.shift_alpha(V * T * C), 0.0)
+        )
         noise = torch.randn(cond.shape, generator=generator).to(cond.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
         bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
@@ -205,8 +240,16 @@ class Pipeline:
             if bar:
                 bar.step()
             return v
-        x = diffusion.euler_sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, t_end=t_end,
-                                   uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper))
+
+        x = diffusion.euler_sample(
+            velocity,
+            noise,
+            steps=n,
+            a=a,
+            cfg_scale=cfg_scale,
+            t_end=t_end,
+            uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+        )
         self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)
 
@@ -225,31 +268,44 @@ class Pipeline:
                 levels[level] = given[level]
             elif level in self.models:
                 up = self.models[level][1].get('upper_level')
-                levels[level] = self.sample_level(level, cond[level], cams, levels[up] if up is not None else None,
-                                                  steps, cfg_scale, gen)
+                levels[level] = self.sample_level(
+                    level, cond[level], cams, levels[up] if up is not None else None, steps, cfg_scale, gen
+                )
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
             cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
-            levels[self.boundary + 1:], cls_deep = enc.propagate(levels[self.boundary], self.boundary, cls, hw, return_cls=True)
+            levels[self.boundary + 1 :], cls_deep = enc.propagate(
+                levels[self.boundary], self.boundary, cls, hw, return_cls=True
+            )
             cls_last = cls_deep[-1]
-            self.log(f'  propagate level {self.boundary} -> {self.boundary + 1}..{L - 1} through frozen {enc.cfg.name}: '
-                     f'{time.time() - t0:.2f}s')
+            self.log(
+                f'  propagate level {self.boundary} -> {self.boundary + 1}..{L - 1} through frozen {enc.cfg.name}: '
+                f'{time.time() - t0:.2f}s'
+            )
         t0 = time.time()
         keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, L)
         filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
         norm = enc.normalize_levels(filled)
         rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
         geo = enc.geometry(norm, H, W, cls_last=cls_last) if enc.has_geometry else {}
-        self.log(f'  decode RGB + geometry head: {time.time() - t0:.2f}s' if enc.has_geometry else
-                 f'  decode RGB: {time.time() - t0:.2f}s (no geometry: {enc.cfg.name} has no geometry head)')
+        self.log(
+            f'  decode RGB + geometry head: {time.time() - t0:.2f}s'
+            if enc.has_geometry
+            else f'  decode RGB: {time.time() - t0:.2f}s (no geometry: {enc.cfg.name} has no geometry head)'
+        )
         return {'levels': filled, 'images': rgb, 'geometry': geo}
 
 
-def load_pipeline(ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print):
+def load_pipeline(
+    ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print
+):
     """Encoder, decoder and level{k}..level0 (or the independent level{l}_ind) by name (find_checkpoint)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only
-    dec = enc.rgb_decoder() if enc.has_rgb_decoder else \
-        load_decoder(find_checkpoint(model_name('decoder', encoder), ckpt_dir), device, enc)
+    dec = (
+        enc.rgb_decoder()
+        if enc.has_rgb_decoder
+        else load_decoder(find_checkpoint(model_name('decoder', encoder), ckpt_dir), device, enc)
+    )
     if boundary >= enc.num_levels:
         log(f'note: {encoder} has levels 0..{enc.num_levels - 1}: boundary {boundary} -> {enc.num_levels - 1}')
         boundary = enc.num_levels - 1

@@ -4,6 +4,7 @@
 `--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` / `--independent` ablations, `--recon` for
 Stage 1 (Table 6), `--official DIR` (the released models, docs/official.md), 3D exports.
 """
+
 import argparse
 import contextlib
 import csv
@@ -40,14 +41,17 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
     nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])  # by camera distance
     mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W): the sources' mean colour
-    rows = {name: image_metrics(im, images[:, n_src:], lpips) for name, im in
-            [('gld', out['images'][:, n_src:]), ('nearest source', nearest), ('mean colour', mean)]}
+    rows = {
+        name: image_metrics(im, images[:, n_src:], lpips)
+        for name, im in [('gld', out['images'][:, n_src:]), ('nearest source', nearest), ('mean colour', mean)]
+    }
 
     def geometry_metrics(geo):  # {} for a latent without a geometry head
         m = cameras.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
         if 'depths' in scene and 'depth' in geo:
             m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
         return m
+
     rows['gld'].update(geometry_metrics(out['geometry']))
     raw, cls = pipe.enc.encode(images, return_cls=True) if pipe.enc.has_geometry else (pipe.enc.encode(images), None)
     if (k := pipe.boundary) in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
@@ -86,10 +90,16 @@ def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lp
     per_scene, n = [], min(n_scenes, len(dataset))
     bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
     for i in range(n):
-        scene = data.split_views(data.collate_one(dataset[i]), n_src, mode='ends' if n_src == 2 else 'random',
-                                 generator=torch.Generator().manual_seed(seed + i))
+        scene = data.split_views(
+            data.collate_one(dataset[i]),
+            n_src,
+            mode='ends' if n_src == 2 else 'random',
+            generator=torch.Generator().manual_seed(seed + i),
+        )
         rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
-        bar.step(f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})')
+        bar.step(
+            f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})'
+        )
         per_scene += [{'scene': scene['key'][0], 'method': method, **m} for method, m in rows.items()]
     return write_table(per_scene, out_dir, f'eval_n{n_src}', f'method (N={n_src}, {n} scenes, {steps} steps)')
 
@@ -101,9 +111,14 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
         images = (scene := data.collate_one(dataset[i]))['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))
         hw = (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)
-        per_scene += [{'scene': scene['key'][0], 'method': f'level {name}' if name != 'all' else 'all levels',
-                       **image_metrics(im.clamp(0, 1), images, lpips)}
-                      for name, im in decoder_lib.reconstruct_per_level(dec, levels, hw).items()]
+        per_scene += [
+            {
+                'scene': scene['key'][0],
+                'method': f'level {name}' if name != 'all' else 'all levels',
+                **image_metrics(im.clamp(0, 1), images, lpips),
+            }
+            for name, im in decoder_lib.reconstruct_per_level(dec, levels, hw).items()
+        ]
     return write_table(per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
 
 
@@ -117,10 +132,26 @@ def ensure_data(spec):
 
 
 # ----------------------------------------------------------------------------- writing outputs
-OUTPUTS = ('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'depth.npy', 'depth_[0-9]*.png', 'metrics.json',
-           'images/source_[0-9]*.png', 'images/target_[0-9]*.png', 'points.ply', 'transforms.json',
-           *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
-           'eval_n[0-9]*.md', 'eval_n[0-9]*.json', 'eval_n[0-9]*_scenes.csv', 'recon.md', 'recon.json', 'recon_scenes.csv')
+OUTPUTS = (
+    'grid.png',
+    'trajectory.png',
+    'video.mp4',
+    'video.gif',
+    'depth.npy',
+    'depth_[0-9]*.png',
+    'metrics.json',
+    'images/source_[0-9]*.png',
+    'images/target_[0-9]*.png',
+    'points.ply',
+    'transforms.json',
+    *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
+    'eval_n[0-9]*.md',
+    'eval_n[0-9]*.json',
+    'eval_n[0-9]*_scenes.csv',
+    'recon.md',
+    'recon.json',
+    'recon_scenes.csv',
+)
 
 
 def our_files(folder):
@@ -139,14 +170,29 @@ def clear_outputs(folder):
         print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ (other files there are kept)')
 
 
-def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=None, formats=export.DEFAULT_FORMATS,
-                  units='poses', frame='the dataset cameras'):
+def write_outputs(
+    out_dir,
+    images,
+    res,
+    c2w,
+    K,
+    n_src,
+    frames_gt=None,
+    metrics=None,
+    formats=export.DEFAULT_FORMATS,
+    units='poses',
+    frame='the dataset cameras',
+):
     """grid.png, trajectory.png, video, depth maps (PNG + .npy), metrics.json, and export.write_scene's 3D outputs."""
     os.makedirs(out_dir, exist_ok=True)
     pred, geo = res['images'][0], res['geometry']
     save_image(export.make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
-    export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w[0, :n_src], c2w[0, n_src:],
-                        title=f'{n_src} sources (blue), {pred.shape[0] - n_src} targets (orange)')
+    export.draw_topdown(
+        os.path.join(out_dir, 'trajectory.png'),
+        c2w[0, :n_src],
+        c2w[0, n_src:],
+        title=f'{n_src} sources (blue), {pred.shape[0] - n_src} targets (orange)',
+    )
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
     summary = 'none: this latent has no geometry head (no depth, cameras or 3D)'  # DINOv2, the VAE: images only
     if 'depth' in geo and 'c2w' in geo:
@@ -154,11 +200,12 @@ def write_outputs(out_dir, images, res, c2w, K, n_src, frames_gt=None, metrics=N
         np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
         for v, inv in enumerate(1 / depth.clamp_min(1e-6)):  # (H,W) -> (3,H,W): a perceptual ramp of inverse depth
             x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
-            rgb = torch.stack([x.sqrt(), x ** 1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
+            rgb = torch.stack([x.sqrt(), x**1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
             save_image(rgb, os.path.join(out_dir, f'depth_{v:03d}.png'))
         views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
-        summary = export.write_scene(out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src,
-                                     formats, units, frame=frame)
+        summary = export.write_scene(
+            out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src, formats, units, frame=frame
+        )
     json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
@@ -182,16 +229,22 @@ def match_cameras(paths, cams, where):
     names, idx = cams['names'], []
     base, stem = os.path.basename, lambda f: os.path.splitext(os.path.basename(f))[0]
     for p in paths:
-        hits = [i for i, n in enumerate(names) if base(n) == base(p)] or [i for i, n in enumerate(names) if stem(n) == stem(p)]
+        hits = [i for i, n in enumerate(names) if base(n) == base(p)] or [
+            i for i, n in enumerate(names) if stem(n) == stem(p)
+        ]
         if not hits:
-            raise UserError(f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
-                            'give one frame per image, named like the image file')
+            raise UserError(
+                f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
+                'give one frame per image, named like the image file'
+            )
         if len(hits) > 1:
             raise UserError(f'{where}: several frames match {p} ({[names[i] for i in hits]}); keep one frame per image')
         f = cams['files'][hits[0]]
         if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
-            raise UserError(f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
-                            "cameras of other photos; pass these images' own (edited copies: write one beside them)")
+            raise UserError(
+                f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
+                "cameras of other photos; pass these images' own (edited copies: write one beside them)"
+            )
         idx.append(hits[0])
     return idx
 
@@ -208,13 +261,17 @@ def user_scene(paths, cams_path, size, enc, check=True):
         cams = export.read_cameras(cams_path, image_size=(H, W))
         idx = match_cameras(paths, cams, cams_path)
         if cams['size'] and abs(cams['size'][1] / cams['size'][0] - W / H) > 0.01 * W / H:
-            raise UserError(f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, the photos '
-                            f'are {W}x{H} (another aspect ratio); crop the photos back or pass their own cameras')
+            raise UserError(
+                f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, the photos '
+                f'are {W}x{H} (another aspect ratio); crop the photos back or pass their own cameras'
+            )
         c2w, K = cams['c2w'][idx][None], cams['K'][idx][None]
         frame = f'the given cameras ({cams["format"]} {cams_path})'
     if (H, W) != (tH, tW):
         print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
-        images, Kin = data.resize_and_crop(images[0], torch.eye(3).expand(len(paths), 3, 3) if K is None else K[0], (tH, tW))
+        images, Kin = data.resize_and_crop(
+            images[0], torch.eye(3).expand(len(paths), 3, 3) if K is None else K[0], (tH, tW)
+        )
         images, K = images[None], None if K is None else Kin[None]
     if c2w is None:
         if not enc.has_geometry:
@@ -235,13 +292,17 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
     N, outs = images_src.shape[1], []
     n_chunks = -(-c2w_tgt.shape[0] // chunk)
     for c, i in enumerate(range(0, c2w_tgt.shape[0], chunk)):
-        ct, kt = c2w_tgt[i:i + chunk], K_tgt[i:i + chunk]
+        ct, kt = c2w_tgt[i : i + chunk], K_tgt[i : i + chunk]
         if n_chunks > 1:
             pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + ct.shape[0] - 1}')
         imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
         outs.append(pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw))
     cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
-    geo = {k: cat([o['geometry'][k] for o in outs], N) for k in ('depth', 'depth_conf', 'c2w', 'K') if k in outs[0]['geometry']}
+    geo = {
+        k: cat([o['geometry'][k] for o in outs], N)
+        for k in ('depth', 'depth_conf', 'c2w', 'K')
+        if k in outs[0]['geometry']
+    }
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
@@ -253,32 +314,50 @@ def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny mo
     steps, cfg_scale = SAMPLERS['bundled' if bundled else 'paper']
     a.steps, a.cfg_scale = steps if a.steps is None else a.steps, cfg_scale if a.cfg_scale is None else a.cfg_scale
     if bundled and (a.steps, a.cfg_scale) == SAMPLERS['bundled'] and not a.recon:
-        print('note: the bundled tiny models sample their posterior mean (1 Euler step, no CFG; README "Results"); '
-              "--steps 50 --cfg-scale 1.5 is the paper's sampler")
+        print(
+            'note: the bundled tiny models sample their posterior mean (1 Euler step, no CFG; README "Results"); '
+            "--steps 50 --cfg-scale 1.5 is the paper's sampler"
+        )
 
 
 def build_parser():
     p = argparse.ArgumentParser(description='GLD sampling', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt-dir', default=None, help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports (weights/mine/level1.safetensors, ...); default: weights/tiny')
+    p.add_argument(
+        '--ckpt-dir',
+        default=None,
+        help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports (weights/mine/level1.safetensors, ...); default: weights/tiny',
+    )
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--encoder', default='da3-tiny', help='the latent encoder of the models (train.py --encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
     p.add_argument('--views', type=int, default=8, help='views of a dataset scene (sources + targets)')
-    p.add_argument('--src', type=int, default=None, help='source views N; default: 2 of a scene, all --images (with '
-                   '--cameras, the rest are held-out targets)')
+    p.add_argument(
+        '--src',
+        type=int,
+        default=None,
+        help='source views N; default: 2 of a scene, all --images (with --cameras, the rest are held-out targets)',
+    )
     p.add_argument('--images', nargs='*', default=None, help="your photos: the sources (README, 'Your own photos')")
-    p.add_argument('--cameras', default='', help='cameras of --images: COLMAP, nerfstudio or .npz; default: DA3 estimate')
+    p.add_argument(
+        '--cameras', default='', help='cameras of --images: COLMAP, nerfstudio or .npz; default: DA3 estimate'
+    )
     p.add_argument('--keep-estimate', action='store_true', help="keep DA3's camera estimate even if implausible")
     p.add_argument('--size', default='', help='HxW to resize user images to (multiples of 14)')
-    p.add_argument('--traj', default='', choices=['', 'interp', 'orbit', 'spiral', 'forward'],
-                   help='target trajectory; default: interp, orbit for one source, none with held-out images')
+    p.add_argument(
+        '--traj',
+        default='',
+        choices=['', 'interp', 'orbit', 'spiral', 'forward'],
+        help='target trajectory; default: interp, orbit for one source, none with held-out images',
+    )
     p.add_argument('--arc', type=float, default=None, help='orbit degrees; default: to the last source (30 with one)')
     p.add_argument('--frames', type=int, default=12, help='target frames of a trajectory')
     p.add_argument('--chunk', type=int, default=6, help='targets generated jointly per chunk')
     p.add_argument('--boundary', type=int, default=1, choices=[0, 1, 2, 3], help='deepest generated level k')
-    p.add_argument('--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)')
+    p.add_argument(
+        '--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)'
+    )
     p.add_argument('--steps', type=int, default=None, help='Euler steps (SAMPLERS); --official: num_steps')
     p.add_argument('--cfg-scale', type=float, default=None, help='CFG scale over cameras, 1 = off (SAMPLERS)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
@@ -287,8 +366,12 @@ def build_parser():
     p.add_argument('--recon', action='store_true', help='Stage-1 reconstruction table: all levels and each level alone')
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
-    p.add_argument('--export', default=','.join(export.DEFAULT_FORMATS), type=export.parse_formats,
-                   help='3D outputs, comma-separated: ply, colmap, nerfstudio; "": none')
+    p.add_argument(
+        '--export',
+        default=','.join(export.DEFAULT_FORMATS),
+        type=export.parse_formats,
+        help='3D outputs, comma-separated: ply, colmap, nerfstudio; "": none',
+    )
     return p
 
 
@@ -302,8 +385,10 @@ def main(argv=None):
     if a.images and not 0 < n_src <= len(a.images):
         raise UserError(f'--src {a.src}: with {len(a.images)} --images pass 1..{len(a.images)} sources')
     if a.images and n_src < len(a.images) and not a.cameras:
-        raise UserError(f'--src {n_src} with {len(a.images)} --images holds images out as targets at their cameras: '
-                        'pass --cameras, or drop --src to use every image as a source')
+        raise UserError(
+            f'--src {n_src} with {len(a.images)} --images holds images out as targets at their cameras: '
+            'pass --cameras, or drop --src to use every image as a source'
+        )
     if not a.images and not 0 < n_src < a.views:
         raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
@@ -313,13 +398,21 @@ def main(argv=None):
         ensure_data(a.data)
     if a.recon:
         enc = pipeline.load_encoder(a.encoder, 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = enc.rgb_decoder() if enc.has_rgb_decoder else pipeline.load_decoder(
-            pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc)
+        dec = (
+            enc.rgb_decoder()
+            if enc.has_rgb_decoder
+            else pipeline.load_decoder(
+                pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc
+            )
+        )
         ds = dataset()
         clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
         return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
-    pipe = pipeline.load_official_pipeline(a.official, device) if a.official else \
-        pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
+    pipe = (
+        pipeline.load_official_pipeline(a.official, device)
+        if a.official
+        else pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
+    )
     if a.eval:
         ds = dataset()
         clear_outputs(a.out)
@@ -336,26 +429,46 @@ def main(argv=None):
         ds = dataset()
         idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
         if idx >= len(ds):
-            raise UserError(f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key')
+            raise UserError(
+                f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key'
+            )
         scene = data.split_views(data.collate_one(ds[idx]), n_src, mode='ends' if n_src == 2 else 'random')
         scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        print(f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at '
-              f'{images.shape[-1]}x{images.shape[-2]}')
+        print(
+            f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at '
+            f'{images.shape[-1]}x{images.shape[-2]}'
+        )
     if a.images or traj:  # targets: the held-out images at their cameras (V = held), then the trajectory's
-        c2w_t, K_t = c2w[0, n_src:n_src + held], K[0, n_src:n_src + held]  # (held,4,4), (held,3,3)
+        c2w_t, K_t = c2w[0, n_src : n_src + held], K[0, n_src : n_src + held]  # (held,4,4), (held,3,3)
         if traj:
             c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
             c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
         if a.images:
-            print(f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
-                  + ', '.join([f'{held} held-out targets at their cameras'] * bool(held) +
-                              [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj))
-                  + f'; world: {frame}')
-        res = generate_in_chunks(pipe, images[:, :n_src], c2w[:, :n_src], K[:, :n_src], c2w_t, K_t, a.chunk,
-                                 steps=a.steps, cfg_scale=a.cfg_scale, seed=a.seed)
+            print(
+                f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
+                + ', '.join(
+                    [f'{held} held-out targets at their cameras'] * bool(held)
+                    + [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)
+                )
+                + f'; world: {frame}'
+            )
+        res = generate_in_chunks(
+            pipe,
+            images[:, :n_src],
+            c2w[:, :n_src],
+            K[:, :n_src],
+            c2w_t,
+            K_t,
+            a.chunk,
+            steps=a.steps,
+            cfg_scale=a.cfg_scale,
+            seed=a.seed,
+        )
         gt = images[0, n_src:] if held else None
-        metrics = {'gld': image_metrics(res['images'][:, n_src:n_src + held], images[:, n_src:], lpips)} if held else None
+        metrics = (
+            {'gld': image_metrics(res['images'][:, n_src : n_src + held], images[:, n_src:], lpips)} if held else None
+        )
         c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
     else:
         rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)

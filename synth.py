@@ -4,6 +4,7 @@ Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, s
 cameras and metric z-depth; a scene is a function of its seed. Modelling frame: y up, floor y = 0; the stored world
 is turned 180 degrees about x (y down, as OpenCV worlds). Shape legend: H W image, N rays/points, F frames.
 """
+
 import numpy as np
 import torch
 
@@ -19,8 +20,14 @@ PALETTES = {
 def _random_texture(rng, palette):
     cols = np.array(PALETTES[palette])[rng.choice(5, 2, replace=False)] + rng.normal(0, 0.05, (2, 3))
     kinds = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
-    return {'kind': rng.choice(kinds), 'c1': cols[0].clip(0, 1), 'c2': cols[1].clip(0, 1),
-            'scale': rng.uniform(0.15, 0.6), 'angle': rng.uniform(0, np.pi), 'grid': rng.random((16, 16))}
+    return {
+        'kind': rng.choice(kinds),
+        'c1': cols[0].clip(0, 1),
+        'c2': cols[1].clip(0, 1),
+        'scale': rng.uniform(0.15, 0.6),
+        'angle': rng.uniform(0, np.pi),
+        'grid': rng.random((16, 16)),
+    }
 
 
 def _value_noise(uv, grid):  # smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]
@@ -34,7 +41,7 @@ def _value_noise(uv, grid):  # smooth periodic value noise of uv (N,2) on a (n,n
 
 
 def _fbm(uv, grid, octaves=3):
-    return sum(0.5 ** k * _value_noise(uv * 2 ** k + 7.3 * k, grid) for k in range(octaves)) / (2 - 0.5 ** (octaves - 1))
+    return sum(0.5**k * _value_noise(uv * 2**k + 7.3 * k, grid) for k in range(octaves)) / (2 - 0.5 ** (octaves - 1))
 
 
 def _texture(tex, uv):  # albedo (N,3) of surface coordinates uv (N,2) in metres
@@ -146,7 +153,7 @@ def cast_rays(scene, o, d):
     for light in scene['lights']:
         to_l = light['pos'] - p
         dist = np.linalg.norm(to_l, axis=1)
-        shade += light['power'] * np.maximum((normal * to_l).sum(1) / dist, 0) / (1 + 0.08 * dist ** 2)
+        shade += light['power'] * np.maximum((normal * to_l).sum(1) / dist, 0) / (1 + 0.08 * dist**2)
     return (albedo * shade[:, None]).clip(0, 1), t
 
 
@@ -192,12 +199,19 @@ def _random_objects(rng, room, path, palette):  # 5..10 objects on the floor, cl
             ob = {'radius': rng.uniform(0.15, 0.4), 'height': rng.uniform(0.4, 2.2)}
             foot, y = ob['radius'], 0.0
         x, z = rng.uniform(foot + 0.05, room[0] - foot - 0.05), rng.uniform(foot + 0.05, room[2] - foot - 0.05)
-        if (np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45
-                or any(np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed)):
+        if np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45 or any(
+            np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed
+        ):
             continue
         placed.append((x, z, foot))
-        objects.append({**ob, 'kind': kind, 'center': np.array([x, y, z]),
-                        'texture': _random_texture(rng, rng.choice(list(PALETTES)) if rng.random() < 0.5 else palette)})
+        objects.append(
+            {
+                **ob,
+                'kind': kind,
+                'center': np.array([x, y, z]),
+                'texture': _random_texture(rng, rng.choice(list(PALETTES)) if rng.random() < 0.5 else palette),
+            }
+        )
     return objects
 
 
@@ -211,17 +225,31 @@ def synth_scene(seed, frames=24, size=112):
     floor, ceiling, wall, accent = (_random_texture(rng, palette) for _ in range(4))
     walls = [wall, wall, wall, wall]
     walls[rng.integers(4)] = accent
-    scene = {'room': room, 'room_textures': [floor, ceiling] + walls, 'ambient': rng.uniform(0.3, 0.45),
-             'objects': _random_objects(rng, room, c2w[:, :3, 3], palette),
-             'lights': [{'pos': np.array([rng.uniform(0.5, room[0] - 0.5), room[1] - 0.2, rng.uniform(0.5, room[2] - 0.5)]),
-                         'power': rng.uniform(0.6, 1.0)} for _ in range(rng.integers(1, 3))]}
+    scene = {
+        'room': room,
+        'room_textures': [floor, ceiling] + walls,
+        'ambient': rng.uniform(0.3, 0.45),
+        'objects': _random_objects(rng, room, c2w[:, :3, 3], palette),
+        'lights': [
+            {
+                'pos': np.array([rng.uniform(0.5, room[0] - 0.5), room[1] - 0.2, rng.uniform(0.5, room[2] - 0.5)]),
+                'power': rng.uniform(0.6, 1.0),
+            }
+            for _ in range(rng.integers(1, 3))
+        ],
+    }
     f = rng.uniform(0.55, 0.85)
     K = np.tile(np.array([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]), (frames, 1, 1))
     c2w, K = c2w.astype(np.float32).astype(np.float64), K.astype(np.float32).astype(np.float64)  # exact after storing
     rgb, depth = render(scene, c2w, K, size, size)
     flip = np.diag([1.0, -1.0, -1.0, 1.0])  # 180 degrees about x: the y-up modelling frame -> a y-down world
-    return {'images': (rgb * 255).round().astype(np.uint8), 'depths': depth.astype(np.float32),
-            'c2w': torch.from_numpy(flip @ c2w).float(), 'K': torch.from_numpy(K).float(), 'scene': scene}
+    return {
+        'images': (rgb * 255).round().astype(np.uint8),
+        'depths': depth.astype(np.float32),
+        'c2w': torch.from_numpy(flip @ c2w).float(),
+        'K': torch.from_numpy(K).float(),
+        'scene': scene,
+    }
 
 
 def eval_window(rng, frames, views=8):

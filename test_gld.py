@@ -10,6 +10,7 @@ tiny synthetic set (the module-scoped `world` fixture trains 2-step runs of ever
 the exported formats read back by other tools, and bad input through the command lines. Shape legend: B batch,
 V views, H W image, h w token grid, C channels, T tokens.
 """
+
 from dataclasses import replace
 from pathlib import Path
 import argparse
@@ -53,6 +54,7 @@ torch.set_num_threads(1)  # 2-core machines: one thread is faster than two under
 # Behavioural tests for cameras.py (fast, CPU, float64).
 # ====================================================================================================
 
+
 @pytest.fixture
 def float64():
     """Run a cameras test in float64 and restore the default dtype afterwards (other modules share the run)."""
@@ -89,6 +91,7 @@ def project(c2w, K, X):
 
 
 # ---------------------------------------------------------------- conversions
+
 
 @pytest.mark.usefixtures('float64')
 def test_w2c_c2w_round_trip():
@@ -143,6 +146,7 @@ def test_normalize_poses_identical_cameras():
 
 # ---------------------------------------------------------------- rays
 
+
 @pytest.mark.usefixtures('float64')
 def test_plucker_unit_directions_orthogonal_moments():
     c2w = random_poses(3)
@@ -171,8 +175,9 @@ def test_plucker_centre_pixel_is_optical_axis_and_official_offset():
 @pytest.mark.usefixtures('float64')
 def test_rays_of_two_cameras_meet_at_the_point():
     X = torch.tensor([0.3, -0.2, 4.0])
-    cams = cameras.look_at(torch.tensor([[0.0, 0, 0], [2.0, 0.5, 0.5]]), torch.tensor([0.0, 0.0, 4.5]),
-                       torch.tensor([0.0, -1.0, 0.0]))
+    cams = cameras.look_at(
+        torch.tensor([[0.0, 0, 0], [2.0, 0.5, 0.5]]), torch.tensor([0.0, 0.0, 4.5]), torch.tensor([0.0, -1.0, 0.0])
+    )
     for c2w in cams:
         xy = project(c2w, K0, X)
         o, d = cameras.world_rays(c2w, K0, xy[None])
@@ -182,6 +187,7 @@ def test_rays_of_two_cameras_meet_at_the_point():
 
 
 # ---------------------------------------------------------------- PRoPE
+
 
 @pytest.mark.usefixtures('float64')
 def test_prope_inverse_and_official_quirk():
@@ -213,6 +219,7 @@ def test_prope_relative_to_world_frame(official):
 
 
 # ---------------------------------------------------------------- rotations and trajectories
+
 
 @pytest.mark.usefixtures('float64')
 def test_quaternion_round_trip_including_half_turns():
@@ -252,6 +259,7 @@ def test_spiral_and_dolly():
 
 # ---------------------------------------------------------------- alignment and metrics
 
+
 @pytest.mark.usefixtures('float64')
 def test_umeyama_recovers_similarity():
     src = torch.randn(20, 3, generator=torch.Generator().manual_seed(5))
@@ -267,6 +275,7 @@ def test_umeyama_recovers_similarity():
 
     def residual(s):  # best t for this s and R_
         return (dst - s * src @ R_.T - (dst.mean(0) - s * R_ @ src.mean(0))).pow(2).sum()
+
     assert residual(s_) < min(residual(0.97 * s_), residual(1.03 * s_))
     assert torch.allclose(residual(s_), (dst - s_ * src @ R_.T - t_).pow(2).sum())
 
@@ -323,6 +332,7 @@ def test_pose_metrics_hand_computed_rotation():
 # chunk IO, resize/crop intrinsics, metrics, the synthetic renderer, view splits, loaders, error messages, DL3DV.
 # ====================================================================================================
 
+
 def random_c2w(n, gen):
     q, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=gen, dtype=torch.float64))
     q = q * torch.linalg.det(q)[:, None, None]  # proper rotations
@@ -335,9 +345,14 @@ def smooth_images(n, H, W, gen):
 
 
 def scene_dict(key, V, H, W, gen):
-    return {'key': key, 'images': smooth_images(V, H, W, gen), 'c2w': random_c2w(V, gen),
-            'K': torch.tensor([[0.7, 0, 0.5], [0, 0.9, 0.45], [0, 0, 1]]).repeat(V, 1, 1),
-            'timestamps': torch.arange(V) * 1000, 'depths': 1 + torch.rand(V, H, W, generator=gen)}
+    return {
+        'key': key,
+        'images': smooth_images(V, H, W, gen),
+        'c2w': random_c2w(V, gen),
+        'K': torch.tensor([[0.7, 0, 0.5], [0, 0.9, 0.45], [0, 0, 1]]).repeat(V, 1, 1),
+        'timestamps': torch.arange(V) * 1000,
+        'depths': 1 + torch.rand(V, H, W, generator=gen),
+    }
 
 
 @pytest.fixture(scope='module')
@@ -354,7 +369,9 @@ def test_chunk_roundtrip(tmp_path):
     data.write_re10k_chunk(path, scenes)
     raw = torch.load(path, weights_only=True)
     assert raw[0]['cameras'].shape == (5, 18) and raw[0]['images'][0].dtype == torch.uint8
-    assert torch.allclose(raw[0]['cameras'][:, 6:].reshape(5, 3, 4), cameras.c2w_to_w2c(scenes[0]['c2w'])[:, :3], atol=1e-6)
+    assert torch.allclose(
+        raw[0]['cameras'][:, 6:].reshape(5, 3, 4), cameras.c2w_to_w2c(scenes[0]['c2w'])[:, :3], atol=1e-6
+    )
     back = data.read_re10k_chunk(path)
     for s, b in zip(scenes, back):
         assert b['key'] == s['key']
@@ -369,12 +386,14 @@ def test_resize_and_crop_keeps_projection():
     H, W = 60, 80
     K = torch.tensor([[0.8, 0, 0.47], [0, 1.0, 0.55], [0, 0, 1]])
     X = torch.tensor([0.3, -0.2, 2.0])
+
     def project(K, H, W):
         p = cameras.K_to_pixels(K, H, W) @ X
         return p[:2] / p[2]  # pixel coordinates (x, y), pixel centres at +0.5
+
     u, v = project(K, H, W)
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')
-    blob = torch.exp(-((xs - u) ** 2 + (ys - v) ** 2) / (2 * 4.0 ** 2)).expand(3, H, W)
+    blob = torch.exp(-((xs - u) ** 2 + (ys - v) ** 2) / (2 * 4.0**2)).expand(3, H, W)
     img, K2 = data.resize_and_crop(blob[None], K[None], (42, 42))
     assert img.shape == (1, 3, 42, 42)
     w = img[0, 0] ** 4  # sharpen the blob, then take its centroid
@@ -405,8 +424,18 @@ def test_ssim_identity_and_skimage():
     assert torch.allclose(data.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
     for cov in (False, True):
         ours = data.ssim(y, x, sample_covariance=cov)
-        ref = [metrics.structural_similarity(x[i].numpy(), y[i].numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5,
-                                             use_sample_covariance=cov, data_range=1.0) for i in range(2)]
+        ref = [
+            metrics.structural_similarity(
+                x[i].numpy(),
+                y[i].numpy(),
+                channel_axis=0,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=cov,
+                data_range=1.0,
+            )
+            for i in range(2)
+        ]
         assert ours.shape == (2,) and np.allclose(ours.numpy(), ref, atol=1e-4)
         assert ours.max() < 0.95
 
@@ -419,15 +448,21 @@ def test_depth_metrics_hand_case():
     raw = data.depth_metrics(pred, gt, align=None)
     assert raw['absrel'] == pytest.approx(1.0) and raw['delta1'] == 0.0
     assert raw['rmse'] == pytest.approx(np.sqrt((1 + 4 + 16) / 3))
-    masked = data.depth_metrics(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 2.0]]), mask=torch.tensor([[True, False]]), align=None)
+    masked = data.depth_metrics(
+        torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 2.0]]), mask=torch.tensor([[True, False]]), align=None
+    )
     assert masked['absrel'] == 0.0
 
 
 def test_synthetic_renderer_agrees_with_its_cameras():
     s = synth.synth_scene([7, 0, 0], frames=6, size=42)
     H = W = 42
-    images, depth, c2w, K = torch.from_numpy(s['images']).double() / 255, torch.from_numpy(s['depths']).double(), \
-        s['c2w'].double(), s['K'].double()
+    images, depth, c2w, K = (
+        torch.from_numpy(s['images']).double() / 255,
+        torch.from_numpy(s['depths']).double(),
+        s['c2w'].double(),
+        s['K'].double(),
+    )
     a, b = 0, 3
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')
     pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3).double()  # (HW,3)
@@ -462,8 +497,11 @@ def test_synthetic_is_deterministic():
 
 def test_split_views():
     B, V = 3, 6
-    batch = {'images': torch.arange(V).float().view(1, V, 1, 1, 1).expand(B, V, 3, 2, 2).clone(),
-             'frames': torch.arange(V).expand(B, V).clone() * 10, 'key': ['a', 'b', 'c']}
+    batch = {
+        'images': torch.arange(V).float().view(1, V, 1, 1, 1).expand(B, V, 3, 2, 2).clone(),
+        'frames': torch.arange(V).expand(B, V).clone() * 10,
+        'key': ['a', 'b', 'c'],
+    }
     out = data.split_views(batch, 2, generator=torch.Generator().manual_seed(0))
     order = out['images'][:, :, 0, 0, 0].long()
     assert torch.equal(out['frames'], order * 10) and out['key'] == batch['key']
@@ -488,8 +526,11 @@ def test_sample_frames_gaps():
 
 def test_dataset_and_loader_match_chunks(synth_root):
     ds = data.SceneDataset(synth_root, 'train', num_views=4, gap=(1, 2), seed=0)
-    chunks = {s['key']: s for p in sorted(set(data.read_index(os.path.join(synth_root, 'train')).values()))
-              for s in data.read_re10k_chunk(p)}
+    chunks = {
+        s['key']: s
+        for p in sorted(set(data.read_index(os.path.join(synth_root, 'train')).values()))
+        for s in data.read_re10k_chunk(p)
+    }
     loader = data.make_loader(ds, batch_size=2, shuffle=True, num_workers=2, seed=0)
     loader.sampler.set_epoch(1)
     ds.set_epoch(1)
@@ -597,6 +638,7 @@ def test_lpips_fn_feeds_the_package_in_its_range_and_is_optional(monkeypatch, ca
         def forward(self, a, b):
             self.seen.append((a, b))
             return (a - b).pow(2).mean((1, 2, 3)).view(-1, 1, 1, 1)
+
     monkeypatch.setitem(sys.modules, 'lpips', types.SimpleNamespace(LPIPS=FakeLPIPS))
     fn = data.lpips_fn('cpu')
     x, y = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
@@ -626,6 +668,7 @@ try:
     from depth_anything_3.model.reference_view_selector import select_reference_view as pkg_select
     from depth_anything_3.model.utils.transform import pose_encoding_to_extri_intri
     from depth_anything_3.utils.geometry import affine_inverse
+
     HAVE_DA3 = True
 except ImportError:
     HAVE_DA3 = False
@@ -689,7 +732,7 @@ def parity_table(preset, monkeypatch):
             for k, v in ref.items():
                 assert ours[k].shape == v.shape, k
                 err = (ours[k] - v).abs()
-                if k == 'intrinsics':   # pixel focal lengths reach 1e2..1e7 here: relative error
+                if k == 'intrinsics':  # pixel focal lengths reach 1e2..1e7 here: relative error
                     err = err / v.abs().clamp_min(1)
                 err = err.max().item()
                 worst[k] = max(worst.get(k, 0.0), err)
@@ -715,7 +758,7 @@ def test_parity_da3_base(monkeypatch):
 @needs_da3
 def test_reference_selection_matches_package():
     torch.manual_seed(0)
-    x = torch.randn(16, 5, 3, 32)                      # (B,S,N,C): only token 0 is read
+    x = torch.randn(16, 5, 3, 32)  # (B,S,N,C): only token 0 is read
     assert torch.equal(encoder_lib.select_reference_view(x[:, :, 0]), pkg_select(x, 'saddle_balanced'))
 
 
@@ -729,9 +772,9 @@ def test_propagation_identity(preset):
     for k in (0, 1):
         prop = enc.propagate(levels[k], k, cls[k], (3, 4))
         assert len(prop) == 3 - k
-        for a, b in zip(prop, levels[k + 1:]):
+        for a, b in zip(prop, levels[k + 1 :]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    gld = enc.propagate(levels[1], 1, enc.first_view_cls(images, 1), (3, 4))   # GLD: one token for all
+    gld = enc.propagate(levels[1], 1, enc.first_view_cls(images, 1), (3, 4))  # GLD: one token for all
     assert [g.shape for g in gld] == [lv.shape for lv in levels[2:]]
 
 
@@ -751,7 +794,7 @@ def random_cameras(n, seed=0):
 def test_pose_from_rays_exact_off_centre():
     c2w, K = random_cameras(4)
     ray = encoder_lib.rays_from_cameras(c2w, K, 12, 16).view(2, 2, 12, 16, 6)
-    ray[..., :3] *= 0.5 + torch.rand(2, 2, 12, 16, 1, dtype=torch.float64)   # directions only up to scale
+    ray[..., :3] *= 0.5 + torch.rand(2, 2, 12, 16, 1, dtype=torch.float64)  # directions only up to scale
     conf = 1 + torch.rand(2, 2, 12, 16, dtype=torch.float64)
     c2w_est, K_est = encoder_lib.pose_from_rays(ray, conf)
     torch.testing.assert_close(c2w_est, c2w.view(2, 2, 4, 4), atol=1e-8, rtol=0)
@@ -762,7 +805,7 @@ def test_pose_from_rays_robust_to_outliers():
     c2w, K = random_cameras(2, seed=1)
     ray = encoder_lib.rays_from_cameras(c2w, K, 16, 16)
     torch.manual_seed(0)
-    bad = torch.rand(2, 16, 16) < 0.2                                      # 20% random directions
+    bad = torch.rand(2, 16, 16) < 0.2  # 20% random directions
     ray[..., :3][bad] = torch.randn(int(bad.sum()), 3, dtype=torch.float64)
     c2w_est, K_est = encoder_lib.pose_from_rays(ray, torch.ones(2, 16, 16, dtype=torch.float64))
     assert (c2w_est - c2w).abs().max() < 1e-6 and (K_est - K).abs().max() < 1e-6
@@ -771,7 +814,7 @@ def test_pose_from_rays_robust_to_outliers():
 def test_depth_to_points_and_ply(tmp_path):
     c2w, K = random_cameras(1)
     depth = 1 + torch.rand(1, 6, 8, dtype=torch.float64)
-    pts = encoder_lib.depth_to_points(depth, c2w, K)                                # (1,6,8,3)
+    pts = encoder_lib.depth_to_points(depth, c2w, K)  # (1,6,8,3)
     cam = torch.einsum('ij,hwj->hwi', cameras.rigid_inverse(c2w[0])[:3], torch.cat([pts[0], torch.ones(6, 8, 1)], -1))
     uv = torch.einsum('ij,hwj->hwi', K[0], cam)
     torch.testing.assert_close(uv[..., 2], depth[0])
@@ -783,7 +826,9 @@ def test_depth_to_points_and_ply(tmp_path):
     header, body = data.split(b'end_header\n')
     assert b'binary_little_endian' in header and b'element vertex 48' in header
     verts = np.frombuffer(body, dtype=[('x', '<f4'), ('y', '<f4'), ('z', '<f4'), ('r', 'u1'), ('g', 'u1'), ('b', 'u1')])
-    np.testing.assert_allclose(np.stack([verts['x'], verts['y'], verts['z']], -1), pts.reshape(-1, 3).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.stack([verts['x'], verts['y'], verts['z']], -1), pts.reshape(-1, 3).numpy(), rtol=1e-6
+    )
     assert (np.stack([verts['r'], verts['g'], verts['b']], -1) == (rgb * 255).round().numpy()).all()
 
 
@@ -804,8 +849,10 @@ def test_latent_stats(tmp_path):
         loaded = encoder_lib.LatentStats.load(tmp_path / name)
         assert torch.equal(loaded.mean[1], stats.mean[1]) and torch.equal(loaded.var[0], stats.var[0])
     C = enc.dim
-    torch.save({'mean': torch.randn(1, C, 1, 1), 'var': torch.rand(1, C, 1, 1), 'std': torch.rand(1, C, 1, 1)},
-               tmp_path / 'normalization_stats_level1.pt')
+    torch.save(
+        {'mean': torch.randn(1, C, 1, 1), 'var': torch.rand(1, C, 1, 1), 'std': torch.rand(1, C, 1, 1)},
+        tmp_path / 'normalization_stats_level1.pt',
+    )
     loaded = official.load_official_stats(str(tmp_path))
     assert list(loaded.mean) == [1] and loaded.var[1].shape == (C,)
 
@@ -822,6 +869,7 @@ def test_weight_loading(tmp_path, capsys):
     sd = tiny.state_dict()
     # hub layout: 'model.' prefix, one name per shared tensor (safetensors dedup), cam_enc ignored with a note
     from safetensors.torch import save_file
+
     hub = {'model.' + k: v.clone() + 1 for k, v in sd.items() if 'output_conv2_aux.0.2' not in k}
     hub['model.cam_enc.token_norm.weight'] = torch.ones(3)
     save_file(hub, tmp_path / 'model.safetensors')
@@ -848,7 +896,7 @@ def test_geometry_loss_and_training_step():
     c2w, K = random_cameras(2)
     c2w, K = c2w.float()[None], K.float()[None]
     depths = 1 + torch.rand(1, 2, 28, 42)
-    depths[0, 1, :3] = 0                                                  # invalid pixels
+    depths[0, 1, :3] = 0  # invalid pixels
     out = enc(images)
     loss, parts = encoder_lib.geometry_loss(out, depths, c2w, K)
     loss.backward()
@@ -859,8 +907,12 @@ def test_geometry_loss_and_training_step():
     rel = torch.linalg.inv(c2w[:, :1]) @ c2w
     rel[..., :3, 3] /= scale
     h, w = out['ray'].shape[2:4]
-    perfect = {'depth': depths / scale, 'depth_conf': torch.ones_like(depths),
-               'ray': encoder_lib.rays_from_cameras(rel, K, h, w), 'ray_conf': torch.ones(1, 2, h, w)}
+    perfect = {
+        'depth': depths / scale,
+        'depth_conf': torch.ones_like(depths),
+        'ray': encoder_lib.rays_from_cameras(rel, K, h, w),
+        'ray_conf': torch.ones(1, 2, h, w),
+    }
     loss, _ = encoder_lib.geometry_loss(perfect, depths, c2w, K)
     assert loss.abs() < 1e-5
 
@@ -870,7 +922,9 @@ def test_geometry_loss_and_training_step():
 # overfitting, level-wise dropout, the official converter (CPU, tiny sizes).
 # ====================================================================================================
 
-KEYS_FILE = Path(__file__).resolve().parent / 'testdata' / 'official-gld-keys-decoder.txt'  # names and shapes of the release
+KEYS_FILE = (
+    Path(__file__).resolve().parent / 'testdata' / 'official-gld-keys-decoder.txt'
+)  # names and shapes of the release
 
 
 def random_levels(B, V, T, feat_dim, seed=0):
@@ -888,7 +942,7 @@ def test_sample_level_keep_never_drops_all_and_rate():
     keep = decoder_lib.sample_level_keep(n, p, g)
     assert keep.shape == (n, 4) and keep.dtype == torch.bool
     assert keep.any(1).all()
-    expected_drop = (p - p ** 4) / (1 - p ** 4)       # 0.4667: conditioned on "not all four dropped"
+    expected_drop = (p - p**4) / (1 - p**4)  # 0.4667: conditioned on "not all four dropped"
     drop_rate = (~keep).float().mean(0)
     assert torch.allclose(drop_rate, torch.full((4,), expected_drop), atol=0.015), drop_rate
     assert (~decoder_lib.sample_level_keep(1000, 0.0, g)).sum() == 0
@@ -898,15 +952,15 @@ def test_sample_level_keep_never_drops_all_and_rate():
 def test_dropped_level_has_no_influence():
     torch.manual_seed(0)
     dec = decoder_lib.RGBDecoder('tiny').eval()
-    dec.mask_tokens.data.normal_()                      # non-zero mask tokens, as after training
+    dec.mask_tokens.data.normal_()  # non-zero mask tokens, as after training
     levels = random_levels(2, 2, 16, 192)
     keep = torch.tensor([[True, True, False, True], [False, True, True, True]])
     out = dec(levels, (4, 4), keep=keep)
     perturbed = [lv.clone() for lv in levels]
-    perturbed[2][0] += 5 * torch.randn_like(perturbed[2][0])     # level 2 is dropped in sample 0
-    perturbed[0][1] += 5 * torch.randn_like(perturbed[0][1])     # level 0 is dropped in sample 1
+    perturbed[2][0] += 5 * torch.randn_like(perturbed[2][0])  # level 2 is dropped in sample 0
+    perturbed[0][1] += 5 * torch.randn_like(perturbed[0][1])  # level 0 is dropped in sample 1
     assert torch.equal(dec(perturbed, (4, 4), keep=keep), out)
-    perturbed[1][0] += 1.0                                      # a kept level does change the output
+    perturbed[1][0] += 1.0  # a kept level does change the output
     assert not torch.allclose(dec(perturbed, (4, 4), keep=keep), out)
     # per-view keep (B,V,4) broadcasting agrees with per-sample keep (B,4)
     assert torch.equal(dec(levels, (4, 4), keep=keep[:, None].expand(2, 2, 4)), out)
@@ -931,14 +985,15 @@ def test_position_embedding_base_grid_and_layout():
     g, D = dec.cfg.base_grid, dec.cfg.width
     assert dec.pos_embed.shape == (1, 1 + g * g, D)
     assert torch.allclose(dec.pos_embed_at(g, g), dec.pos_embed, atol=1e-5)
-    table = dec.pos_embed[0, 1:].view(g, g, D)                  # (y, x, D)
-    assert torch.equal(dec.pos_embed[0, 0], torch.zeros(D))     # CLS row
+    table = dec.pos_embed[0, 1:].view(g, g, D)  # (y, x, D)
+    assert torch.equal(dec.pos_embed[0, 0], torch.zeros(D))  # CLS row
     # MAE convention: first half depends on the column x only, second half on the row y only
-    assert torch.equal(table[0, :, :D // 2], table[3, :, :D // 2])
-    assert torch.equal(table[:, 0, D // 2:], table[:, 5, D // 2:])
-    assert not torch.allclose(table[0, 0, :D // 2], table[0, 1, :D // 2])
-    assert torch.allclose(table[2, 5, :D // 4], torch.sin(5 * 1.0 / 10000 ** (torch.arange(D // 4) / (D // 4))),
-                          atol=1e-6)
+    assert torch.equal(table[0, :, : D // 2], table[3, :, : D // 2])
+    assert torch.equal(table[:, 0, D // 2 :], table[:, 5, D // 2 :])
+    assert not torch.allclose(table[0, 0, : D // 2], table[0, 1, : D // 2])
+    assert torch.allclose(
+        table[2, 5, : D // 4], torch.sin(5 * 1.0 / 10000 ** (torch.arange(D // 4) / (D // 4))), atol=1e-6
+    )
 
 
 def test_non_square_grid_runs():
@@ -956,8 +1011,9 @@ def test_overfit_one_batch():
     dec = decoder_lib.RGBDecoder('tiny')
     g = torch.Generator().manual_seed(1)
     levels = random_levels(1, 2, 16, 192, seed=1)
-    target = F.interpolate(torch.rand(2, 3, 8, 8, generator=g), size=(56, 56), mode='bilinear',
-                           align_corners=False).view(1, 2, 3, 56, 56)
+    target = F.interpolate(
+        torch.rand(2, 3, 8, 8, generator=g), size=(56, 56), mode='bilinear', align_corners=False
+    ).view(1, 2, 3, 56, 56)
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
     start = psnr(dec(levels, (4, 4)).detach(), target)
     for _ in range(300):
@@ -984,7 +1040,10 @@ def test_seam_filter_is_residual_and_starts_as_the_identity():
     starts at zero, so a fresh decoder equals the same weights without it; trained, it adds exactly refine(image).
     The paper's presets have none, so the release's weights load unchanged."""
     torch.manual_seed(0)
-    dec, plain = decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(refine=4)).eval(), decoder_lib.RGBDecoder('tiny').eval()
+    dec, plain = (
+        decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(refine=4)).eval(),
+        decoder_lib.RGBDecoder('tiny').eval(),
+    )
     plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith('refine.')})
     levels = random_levels(1, 2, 6, 192)
     assert torch.equal(dec(levels, (2, 3)), plain(levels, (2, 3)))
@@ -997,6 +1056,7 @@ def test_seam_filter_is_residual_and_starts_as_the_identity():
 
 def test_checkpoint_round_trip(tmp_path):
     from safetensors.torch import load_file, save_file
+
     torch.manual_seed(0)
     dec = decoder_lib.RGBDecoder('tiny').eval()
     dec.mask_tokens.data.normal_()
@@ -1011,42 +1071,68 @@ def test_checkpoint_round_trip(tmp_path):
 
 def official_layout(feat_dim, width, depth, mlp, patch, grid):
     """Key -> shape of an official GeneralDecoder_Variable state dict, written from the notes' key list."""
-    shapes = {'decoder_pos_embed': (1, 1 + grid * grid, width), 'trainable_cls_token': (1, 1, width),
-              'decoder_embed.weight': (width, 4 * feat_dim), 'decoder_embed.bias': (width,)}
+    shapes = {
+        'decoder_pos_embed': (1, 1 + grid * grid, width),
+        'trainable_cls_token': (1, 1, width),
+        'decoder_embed.weight': (width, 4 * feat_dim),
+        'decoder_embed.bias': (width,),
+    }
     for i in range(depth):
         pre = f'decoder_layers.{i}.'
         for name in ('query', 'key', 'value'):
             shapes[f'{pre}attention.attention.{name}.weight'] = (width, width)
             shapes[f'{pre}attention.attention.{name}.bias'] = (width,)
-        shapes.update({f'{pre}attention.output.dense.weight': (width, width), f'{pre}attention.output.dense.bias':
-                       (width,), f'{pre}intermediate.dense.weight': (mlp, width), f'{pre}intermediate.dense.bias':
-                       (mlp,), f'{pre}output.dense.weight': (width, mlp), f'{pre}output.dense.bias': (width,)})
+        shapes.update(
+            {
+                f'{pre}attention.output.dense.weight': (width, width),
+                f'{pre}attention.output.dense.bias': (width,),
+                f'{pre}intermediate.dense.weight': (mlp, width),
+                f'{pre}intermediate.dense.bias': (mlp,),
+                f'{pre}output.dense.weight': (width, mlp),
+                f'{pre}output.dense.bias': (width,),
+            }
+        )
         for ln in ('layernorm_before', 'layernorm_after'):
             shapes[f'{pre}{ln}.weight'], shapes[f'{pre}{ln}.bias'] = (width,), (width,)
-    shapes.update({'decoder_norm.weight': (width,), 'decoder_norm.bias': (width,),
-                   'decoder_pred.weight': (patch * patch * 3, width), 'decoder_pred.bias': (patch * patch * 3,)})
+    shapes.update(
+        {
+            'decoder_norm.weight': (width,),
+            'decoder_norm.bias': (width,),
+            'decoder_pred.weight': (patch * patch * 3, width),
+            'decoder_pred.bias': (patch * patch * 3,),
+        }
+    )
     return shapes
 
 
 def official_forward(sd, x, h, w, heads, patch, depth):
     """Independent re-statement of the official decoder (HF ViTMAE layer semantics): x (N,T,4F) -> (N,3,H,W)."""
+
     def lin(t, name):
         return F.linear(t, sd[name + '.weight'], sd[name + '.bias'])
 
     def ln(t, name):
         return F.layer_norm(t, t.shape[-1:], sd[name + '.weight'], sd[name + '.bias'], eps=1e-12)
+
     N, T, _ = x.shape
     pos = sd['decoder_pos_embed']
     D, g = pos.shape[-1], math.isqrt(pos.shape[1] - 1)
-    grid = F.interpolate(pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2), size=(h, w), mode='bicubic',
-                         align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, D)
+    grid = (
+        F.interpolate(
+            pos[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2), size=(h, w), mode='bicubic', align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(1, h * w, D)
+    )
     t = torch.cat([sd['trainable_cls_token'].expand(N, -1, -1), lin(x, 'decoder_embed')], 1)
     t = t + torch.cat([pos[:, :1], grid], 1)
     for i in range(depth):
         pre = f'decoder_layers.{i}.'
         y = ln(t, pre + 'layernorm_before')
-        q, k, v = (lin(y, pre + 'attention.attention.' + n).view(N, T + 1, heads, -1).transpose(1, 2)
-                   for n in ('query', 'key', 'value'))
+        q, k, v = (
+            lin(y, pre + 'attention.attention.' + n).view(N, T + 1, heads, -1).transpose(1, 2)
+            for n in ('query', 'key', 'value')
+        )
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
         t = t + lin(att.transpose(1, 2).reshape(N, T + 1, D), pre + 'attention.output.dense')
         y = ln(t, pre + 'layernorm_after')
@@ -1073,7 +1159,9 @@ def test_convert_official_small_matches_reference():
     with pytest.raises(ValueError, match='unexpected'):
         decoder_lib.convert_official({**sd, 'decoder_extra.weight': torch.zeros(1)}, heads=4)
     with pytest.raises(ValueError, match='missing'):
-        decoder_lib.convert_official({k: v for k, v in sd.items() if 'layers.1.attention.attention.key' not in k}, heads=4)
+        decoder_lib.convert_official(
+            {k: v for k, v in sd.items() if 'layers.1.attention.attention.key' not in k}, heads=4
+        )
     with pytest.raises(ValueError, match='shapes'):
         decoder_lib.convert_official({**sd, 'decoder_layers.0.output.dense.bias': torch.zeros(31)}, heads=4)
 
@@ -1109,10 +1197,10 @@ def test_adversarial_step():
     before = [p.detach().clone() for p in disc.parameters()]
     gan, parts = decoder_lib.adversarial_step(dec, disc, disc_opt, pred, gt, rec)
     assert torch.isfinite(parts['gan_weight']) and 0 < parts['gan_weight'] < 1e4
-    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))      # D was updated
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))  # D was updated
     d_grads = [p.grad.clone() for p in disc.parameters()]
     (rec + gan).backward()
-    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))   # G's loss leaves D alone
+    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))  # G's loss leaves D alone
     assert torch.isfinite(dec.head.weight.grad).all() and dec.head.weight.grad.abs().sum() > 0
 
 
@@ -1123,8 +1211,9 @@ def test_adversarial_step():
 # ====================================================================================================
 
 TESTDATA = Path(__file__).resolve().parent / 'testdata'  # the release's key lists: names and shapes
-SMALL = replace(model.PRESETS['gld-tiny'], latent_dim=16, enc_width=32, enc_depth=2, head_width=48, head_depth=1,
-                heads=2)  # head dims 16 / 24
+SMALL = replace(
+    model.PRESETS['gld-tiny'], latent_dim=16, enc_width=32, enc_depth=2, head_width=48, head_depth=1, heads=2
+)  # head dims 16 / 24
 
 
 def rand_cams(B, V, seed=0, dtype=torch.float32):
@@ -1132,8 +1221,9 @@ def rand_cams(B, V, seed=0, dtype=torch.float32):
     R = torch.linalg.qr(torch.randn(B, V, 3, 3, generator=g, dtype=torch.float64))[0].to(dtype)
     R = R * torch.linalg.det(R)[..., None, None].sign()  # proper rotations
     c2w = cameras.make_pose(R, torch.randn(B, V, 3, generator=g, dtype=dtype))
-    K = torch.tensor([[1.1, 0, 0.5], [0, 1.3, 0.45], [0, 0, 1.]]) + 0.05 * torch.rand(B, V, 3, 3, generator=g) * \
-        torch.tensor([[1., 0, 1], [0, 1, 1], [0, 0, 0]])
+    K = torch.tensor([[1.1, 0, 0.5], [0, 1.3, 0.45], [0, 0, 1.0]]) + 0.05 * torch.rand(
+        B, V, 3, 3, generator=g
+    ) * torch.tensor([[1.0, 0, 1], [0, 1, 1], [0, 0, 0]])
     return c2w, K.to(dtype)
 
 
@@ -1144,9 +1234,17 @@ def make_batch(cfg, B=2, V=3, hw=(2, 3), n_src=1, seed=0, upper=False):
     src = torch.zeros(B, V, dtype=torch.bool)
     src[:, :n_src] = True
     x = torch.randn(B, V, T, C, generator=g)
-    return {'x_t': torch.randn(B, V, T, C, generator=g), 't': torch.rand(B, generator=g), 'x': x,
-            'cond': x * src[:, :, None, None], 'c2w': c2w, 'K': K, 'src': src, 'hw': hw,
-            'upper': torch.randn(B, V, T, cfg.upper_dim, generator=g) if upper else None}
+    return {
+        'x_t': torch.randn(B, V, T, C, generator=g),
+        't': torch.rand(B, generator=g),
+        'x': x,
+        'cond': x * src[:, :, None, None],
+        'c2w': c2w,
+        'K': K,
+        'src': src,
+        'hw': hw,
+        'upper': torch.randn(B, V, T, cfg.upper_dim, generator=g) if upper else None,
+    }
 
 
 def randomize(net, seed=0, std=0.1):
@@ -1163,6 +1261,7 @@ def run(net, b, cams):
 
 
 # ----------------------------------------------------------------------------- attention and positions
+
 
 @pytest.mark.parametrize('kind,official', [('prope', False), ('prope', True), ('rope2d', False), ('rope3d', False)])
 def test_fast_attention_matches_reference(kind, official):
@@ -1192,8 +1291,10 @@ def test_prope_invariant_to_rigid_world_change(official):
     G = rand_cams(1, 1, seed=5, dtype=torch.float64)[0][0, 0]  # one rigid transform for every camera
     q, k, v = torch.randn(3, B, 2, V * 4, d, dtype=torch.float64).unbind(0)
     src = torch.zeros(B, V, dtype=torch.bool)
-    out = [model.PositionEncoding('prope', d, model.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
-           for c in (c2w, G @ c2w)]
+    out = [
+        model.PositionEncoding('prope', d, model.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
+        for c in (c2w, G @ c2w)
+    ]
     torch.testing.assert_close(out[0], out[1], atol=1e-9, rtol=1e-9)
 
 
@@ -1206,11 +1307,13 @@ def test_rope_logits_depend_on_relative_positions_only():
     def logits(pos):
         angle = pos[:, None] * freqs
         return model.rope_rotate(q, angle.cos(), angle.sin()) @ model.rope_rotate(k, angle.cos(), angle.sin()).T
+
     torch.testing.assert_close(logits(p), logits(p + 13.0))
     assert not torch.allclose(logits(p), logits(p * 2))
     angle = p[:, None] * freqs  # the output transform undoes the input one
-    torch.testing.assert_close(model.rope_rotate(model.rope_rotate(q, angle.cos(), angle.sin()), angle.cos(),
-                                                 angle.sin(), inverse=True), q)
+    torch.testing.assert_close(
+        model.rope_rotate(model.rope_rotate(q, angle.cos(), angle.sin()), angle.cos(), angle.sin(), inverse=True), q
+    )
 
 
 def test_view_permutation_permutes_output():
@@ -1227,6 +1330,7 @@ def test_view_permutation_permutes_output():
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 def test_zero_init_outputs_zero_and_trains():
     cfg = model.PRESETS['gld-tiny']
@@ -1275,12 +1379,15 @@ def test_camera_dropout_acts_only_through_cameras():
 
 # ----------------------------------------------------------------------------- diffusion
 
+
 def gaussian_velocity(mu, sigma):
     """Exact v*(x_t, t) = E[eps - x | x_t] for x ~ N(mu, diag sigma^2), x_t = (1-t) x + t eps."""
+
     def v(x_t, t):
         t = t[:, None, None, None]
-        s2 = (1 - t) ** 2 * sigma ** 2 + t ** 2  # Var x_t
-        return (t - (1 - t) * sigma ** 2) / s2 * (x_t - (1 - t) * mu) - mu
+        s2 = (1 - t) ** 2 * sigma**2 + t**2  # Var x_t
+        return (t - (1 - t) * sigma**2) / s2 * (x_t - (1 - t) * mu) - mu
+
     return v
 
 
@@ -1290,8 +1397,10 @@ def test_euler_sampler_reproduces_gaussian(a, std_tol):
     transport of the same noise (no Monte-Carlo error). Measured at 50 steps, max over dims: mean error 0.0012 /
     0.0017, relative std error 0.043 / 0.10 (a = 1 / a = 3; Euler shrinks the spread, most for small sigma and
     large a, whose grid is coarse near t = 0); 4x smaller at 200 steps (first order)."""
-    mu, sigma = torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64), torch.tensor([0.5, 1.5, 0.25, 1.0],
-                                                                                       dtype=torch.float64)
+    mu, sigma = (
+        torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64),
+        torch.tensor([0.5, 1.5, 0.25, 1.0], dtype=torch.float64),
+    )
     noise = torch.randn(4000, 1, 1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = mu + sigma * noise
     errors = []
@@ -1322,7 +1431,9 @@ def test_cfg_scale_one_is_conditional_and_formula():
     unc_calls = []
     uncond = lambda x, t: unc_calls.append(1) or -x
     ref = diffusion.euler_sample(cond, noise, steps=5, a=2.0)
-    torch.testing.assert_close(diffusion.euler_sample(cond, noise, steps=5, a=2.0, cfg_scale=1.0, uncond_fn=uncond), ref)
+    torch.testing.assert_close(
+        diffusion.euler_sample(cond, noise, steps=5, a=2.0, cfg_scale=1.0, uncond_fn=uncond), ref
+    )
     assert not unc_calls
     one = diffusion.euler_sample(cond, noise, steps=1, cfg_scale=1.5, uncond_fn=uncond)  # t: 1 -> 0, dt = -1
     torch.testing.assert_close(one, noise - (-noise + 1.5 * (0.5 * noise + 1 + noise)))
@@ -1365,8 +1476,13 @@ def test_gld_tiny_overfits_fixed_batch():
     t = torch.tensor([0.3, 0.7])
     losses = []
     for _ in range(30):  # fixed t and noise: pure memorisation; measured 2.00 -> 0.04 after 30 steps (~50x)
-        loss, _ = diffusion.flow_loss(lambda x_t, tt: net(x_t, tt, b['cond'], cams), b['x'], b['src'],
-                                      generator=torch.Generator().manual_seed(1), t=t)
+        loss, _ = diffusion.flow_loss(
+            lambda x_t, tt: net(x_t, tt, b['cond'], cams),
+            b['x'],
+            b['src'],
+            generator=torch.Generator().manual_seed(1),
+            t=t,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1376,16 +1492,24 @@ def test_gld_tiny_overfits_fixed_batch():
 
 # ----------------------------------------------------------------------------- the released checkpoints
 
+
 def read_keys(name):
     """testdata/<name>: 'key<TAB>(shape)' per line -> {key: shape}."""
     path = TESTDATA / name
-    return {k: tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
-            for k, shape in (line.rstrip('\n').split('\t') for line in path.open() if not line.startswith('#'))}
+    return {
+        k: tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+        for k, shape in (line.rstrip('\n').split('\t') for line in path.open() if not line.startswith('#'))
+    }
 
 
-@pytest.mark.parametrize('name,preset,cascade', [('official-gld-keys-m1.txt', 'gld-paper', False),
-                                                 ('official-gld-keys-cascade.txt', 'gld-paper-cascade', True),
-                                                 ('official-gld-keys-cascade-ddt-old.txt', 'gld-paper-cascade', True)])
+@pytest.mark.parametrize(
+    'name,preset,cascade',
+    [
+        ('official-gld-keys-m1.txt', 'gld-paper', False),
+        ('official-gld-keys-cascade.txt', 'gld-paper-cascade', True),
+        ('official-gld-keys-cascade-ddt-old.txt', 'gld-paper-cascade', True),
+    ],
+)
 def test_convert_official_full_size_keys(name, preset, cascade):
     keys = read_keys(name)
     sd = {k: torch.empty(shape, device='meta') for k, shape in keys.items()}
@@ -1399,8 +1523,12 @@ def test_convert_official_full_size_keys(name, preset, cascade):
 def official_form(net, cascade):
     """Our model's state dict as the release's DiTwDDTHead holds it: 1x1-conv embedders (D,Cin,1,1) and, for the
     cascade, the aliases of the single embedders that the training code's state dict carries too."""
-    official = {k: v.view(*v.shape, 1, 1) if '_embedder' in k and k.endswith('proj.weight') and
-                not k.startswith('camera') else v for k, v in net.state_dict().items()}
+    official = {
+        k: v.view(*v.shape, 1, 1)
+        if '_embedder' in k and k.endswith('proj.weight') and not k.startswith('camera')
+        else v
+        for k, v in net.state_dict().items()
+    }
     if cascade:
         for kind in 'sx':
             for part in ('ref', 'tgt'):
@@ -1428,6 +1556,7 @@ def test_convert_official_tiny_round_trip(cascade):
 def test_forward_compiles_without_graph_breaks():
     """The hot path has no host syncs or Python-side data dependence: dynamo traces it as one graph."""
     import torch._dynamo
+
     cfg = replace(SMALL, upper_dim=SMALL.latent_dim)
     net = model.GLD(cfg)
     b = make_batch(cfg, upper=True)
@@ -1458,27 +1587,50 @@ def official_model_layout(C, C1, C2, d1, d2, cascade, aliases=False):
     """Key -> shape of a released DiTwDDTHead state dict (notes section 2.2): M1 (DDT.py new mode) or the cascade
     (single embedders; aliases: the 8 duplicated {s,x}_embedder_{ref,tgt} keys of DDT.py old mode)."""
     shapes = {}
-    embedders = ['x_embedder', 's_embedder'] if cascade else \
-        ['x_embedder_ref', 'x_embedder_tgt', 's_embedder_ref', 's_embedder_tgt']
+    embedders = (
+        ['x_embedder', 's_embedder']
+        if cascade
+        else ['x_embedder_ref', 'x_embedder_tgt', 's_embedder_ref', 's_embedder_tgt']
+    )
     if aliases:
         embedders += ['s_embedder_ref', 'x_embedder_ref', 's_embedder_tgt', 'x_embedder_tgt']
     for name in embedders:  # 1x1 convs over [cond | x_t] (M1) or [cond | F1] (cascade): 2C channels in
         D = C2 if name.startswith('x') else C1
         shapes[f'{name}.proj.weight'], shapes[f'{name}.proj.bias'] = (D, 2 * C, 1, 1), (D,)
-    shapes.update({'s_projector.weight': (C2, C1), 's_projector.bias': (C2,), 't_embedder.W': (256,),
-                   't_embedder.mlp.0.weight': (C1, 512), 't_embedder.mlp.0.bias': (C1,),
-                   't_embedder.mlp.2.weight': (C1, C1), 't_embedder.mlp.2.bias': (C1,),
-                   'camera_embedder.proj.weight': (C1, 7, 14, 14), 'camera_embedder.proj.bias': (C1,),
-                   'final_layer.norm_final.weight': (C2,), 'final_layer.linear.weight': (C, C2),
-                   'final_layer.linear.bias': (C,), 'final_layer.adaLN_modulation.1.weight': (2 * C2, C2),
-                   'final_layer.adaLN_modulation.1.bias': (2 * C2,)})
+    shapes.update(
+        {
+            's_projector.weight': (C2, C1),
+            's_projector.bias': (C2,),
+            't_embedder.W': (256,),
+            't_embedder.mlp.0.weight': (C1, 512),
+            't_embedder.mlp.0.bias': (C1,),
+            't_embedder.mlp.2.weight': (C1, C1),
+            't_embedder.mlp.2.bias': (C1,),
+            'camera_embedder.proj.weight': (C1, 7, 14, 14),
+            'camera_embedder.proj.bias': (C1,),
+            'final_layer.norm_final.weight': (C2,),
+            'final_layer.linear.weight': (C, C2),
+            'final_layer.linear.bias': (C,),
+            'final_layer.adaLN_modulation.1.weight': (2 * C2, C2),
+            'final_layer.adaLN_modulation.1.bias': (2 * C2,),
+        }
+    )
     for i, D in enumerate([C1] * d1 + [C2] * d2):
         hidden = int(2 * 4 * D / 3)  # SwiGLU
-        for name, shape in {'norm1.weight': (D,), 'norm2.weight': (D,), 'attn.qkv.weight': (3 * D, D),
-                            'attn.qkv.bias': (3 * D,), 'attn.proj.weight': (D, D), 'attn.proj.bias': (D,),
-                            'mlp.w12.weight': (2 * hidden, D), 'mlp.w12.bias': (2 * hidden,),
-                            'mlp.w3.weight': (D, hidden), 'mlp.w3.bias': (D,),
-                            'adaLN_modulation.1.weight': (6 * D, D), 'adaLN_modulation.1.bias': (6 * D,)}.items():
+        for name, shape in {
+            'norm1.weight': (D,),
+            'norm2.weight': (D,),
+            'attn.qkv.weight': (3 * D, D),
+            'attn.qkv.bias': (3 * D,),
+            'attn.proj.weight': (D, D),
+            'attn.proj.bias': (D,),
+            'mlp.w12.weight': (2 * hidden, D),
+            'mlp.w12.bias': (2 * hidden,),
+            'mlp.w3.weight': (D, hidden),
+            'mlp.w3.bias': (D,),
+            'adaLN_modulation.1.weight': (6 * D, D),
+            'adaLN_modulation.1.bias': (6 * D,),
+        }.items():
             shapes[f'blocks.{i}.{name}'] = shape
     return shapes
 
@@ -1486,8 +1638,10 @@ def official_model_layout(C, C1, C2, d1, d2, cascade, aliases=False):
 def random_state_dict(layout, seed):
     """Random tensors of the layout; norm weights around 1, t_embedder.W ~ N(0,1) as released, others N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=g) * (1.0 if k == 't_embedder.W' else 0.1) + ('norm' in k)
-            for k, s in layout.items()}
+    return {
+        k: torch.randn(s, generator=g) * (1.0 if k == 't_embedder.W' else 0.1) + ('norm' in k)
+        for k, s in layout.items()
+    }
 
 
 def release_decoder(C=C, seed=1):
@@ -1498,9 +1652,18 @@ def release_decoder(C=C, seed=1):
 def trainer_save(ema, noisy):
     """A stage-2 checkpoint as train_multiview_da3.py saves it (model.module's and the EMA's bare keys, the
     optimizer, the schedule and the config beside them)."""
-    return {'model': noisy, 'ema': ema, 'opt': {'state': {}, 'param_groups': []}, 'scheduler': {'last_epoch': 7},
-            'train_steps': 7, 'epoch': 0, 'steps_per_epoch': 10, 'config_path': 'configs/training/DA3_level1.yaml',
-            'training_cfg': {'base_lr': 5e-5}, 'cli_overrides': {'image_size': 504, 'precision': 'bf16'}}
+    return {
+        'model': noisy,
+        'ema': ema,
+        'opt': {'state': {}, 'param_groups': []},
+        'scheduler': {'last_epoch': 7},
+        'train_steps': 7,
+        'epoch': 0,
+        'steps_per_epoch': 10,
+        'config_path': 'configs/training/DA3_level1.yaml',
+        'training_cfg': {'base_lr': 5e-5},
+        'cli_overrides': {'image_size': 504, 'precision': 'bf16'},
+    }
 
 
 def rae_state(dec):
@@ -1516,15 +1679,23 @@ def write_release(root):
         (root / d).mkdir(parents=True)
     torch.manual_seed(0)
     enc_sd = latents.build_encoder('da3-tiny').state_dict()
-    save_file({'model.' + k: v.clone() for k, v in enc_sd.items() if not k.startswith('head.')},
-              root / 'pretrained_models' / 'da3' / 'model.safetensors')  # DA3 hub layout
-    torch.save({'model': {'decoder.' + k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')}},
-               root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt')  # as RAE_DA3._init_dpt_decoder reads it
+    save_file(
+        {'model.' + k: v.clone() for k, v in enc_sd.items() if not k.startswith('head.')},
+        root / 'pretrained_models' / 'da3' / 'model.safetensors',
+    )  # DA3 hub layout
+    torch.save(
+        {'model': {'decoder.' + k[5:]: v for k, v in enc_sd.items() if k.startswith('head.')}},
+        root / 'pretrained_models' / 'da3' / 'dpt_decoder.pt',
+    )  # as RAE_DA3._init_dpt_decoder reads it
     dec = release_decoder()
-    torch.save({'model': rae_state({k: v + 1 for k, v in dec.items()}), 'ema': rae_state(dec)},  # RAE_DA3 reads 'ema' first
-               root / 'pretrained_models' / 'mae_decoder.pt')
-    torch.save({'ema': {'decoder.' + k: v for k, v in release_decoder(C + 8, 5).items()}},
-               root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')  # another latent's decoder: must not be used
+    torch.save(
+        {'model': rae_state({k: v + 1 for k, v in dec.items()}), 'ema': rae_state(dec)},  # RAE_DA3 reads 'ema' first
+        root / 'pretrained_models' / 'mae_decoder.pt',
+    )
+    torch.save(
+        {'ema': {'decoder.' + k: v for k, v in release_decoder(C + 8, 5).items()}},
+        root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt',
+    )  # another latent's decoder: must not be used
     m1 = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=False), 2)
     torch.save(trainer_save(m1, {k: v + 1 for k, v in m1.items()}), root / 'checkpoints' / 'da3_level1.pt')
     cascade = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=True), 3)
@@ -1532,18 +1703,23 @@ def write_release(root):
         for part in ('ref', 'tgt'):
             for p in ('weight', 'bias'):
                 cascade[f'{name}_{part}.proj.{p}'] = cascade[f'{name}.proj.{p}']
-    torch.save({**trainer_save(cascade, cascade), 'args': argparse.Namespace(lr=5e-5)},
-               root / 'checkpoints' / 'da3_cascade.pt')
+    torch.save(
+        {**trainer_save(cascade, cascade), 'args': argparse.Namespace(lr=5e-5)}, root / 'checkpoints' / 'da3_cascade.pt'
+    )
     for name in ('vggt_level1.pt', 'vggt_cascade.pt'):
         torch.save({'ema': {'blocks.0.norm1.weight': torch.ones(4)}}, root / 'checkpoints' / name)
     g = torch.Generator().manual_seed(4)
     for level in (0, 1):
         var = torch.rand(1, C, 1, 1, generator=g) + 0.5
-        torch.save({'mean': torch.randn(1, C, 1, 1, generator=g), 'var': var, 'std': var.sqrt()},
-                   root / 'model_stats' / 'da3' / f'normalization_stats_level{level}.pt')
+        torch.save(
+            {'mean': torch.randn(1, C, 1, 1, generator=g), 'var': var, 'std': var.sqrt()},
+            root / 'model_stats' / 'da3' / f'normalization_stats_level{level}.pt',
+        )
         for kind in ('normalization', 'special'):
-            torch.save({'mean': torch.zeros(1, C + 8, 1, 1), 'var': torch.ones(1, C + 8, 1, 1)},
-                       root / 'model_stats' / 'vggt' / f'{kind}_stats_level{level}.pt')
+            torch.save(
+                {'mean': torch.zeros(1, C + 8, 1, 1), 'var': torch.ones(1, C + 8, 1, 1)},
+                root / 'model_stats' / 'vggt' / f'{kind}_stats_level{level}.pt',
+            )
     return m1, dec
 
 
@@ -1554,8 +1730,9 @@ def release(tmp_path_factory):
 
 
 def load(root, log=None):
-    return pipeline.load_official_pipeline(str(root), 'cpu', encoder_preset='da3-tiny', heads=HEADS,
-                                         log=log if log is not None else (lambda *_: None))
+    return pipeline.load_official_pipeline(
+        str(root), 'cpu', encoder_preset='da3-tiny', heads=HEADS, log=log if log is not None else (lambda *_: None)
+    )
 
 
 def scene(B=1, V=3, H=28, W=42, seed=0):
@@ -1570,9 +1747,15 @@ def scene(B=1, V=3, H=28, W=42, seed=0):
 
 # ----------------------------------------------------------------------------- layouts and loading
 
-@pytest.mark.parametrize('name,cascade,aliases,d2', [('official-gld-keys-m1.txt', False, False, 6),
-                                                     ('official-gld-keys-cascade.txt', True, True, 2),
-                                                     ('official-gld-keys-cascade-ddt-old.txt', True, False, 2)])
+
+@pytest.mark.parametrize(
+    'name,cascade,aliases,d2',
+    [
+        ('official-gld-keys-m1.txt', False, False, 6),
+        ('official-gld-keys-cascade.txt', True, True, 2),
+        ('official-gld-keys-cascade-ddt-old.txt', True, False, 2),
+    ],
+)
 def test_layout_writer_matches_release_key_lists(name, cascade, aliases, d2):
     """The small fakes use the writer that gives exactly the released keys and shapes at full size."""
     keys = read_keys(name)
@@ -1611,8 +1794,9 @@ def test_cli_official(release, tmp_path, monkeypatch, capsys):
     small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
     monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
     out = tmp_path / 'out'
-    sample.main(['--official', str(root), '--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2',
-                 '--out', str(out)])
+    sample.main(
+        ['--official', str(root), '--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2', '--out', str(out)]
+    )
     assert (out / 'grid.png').exists() and (out / 'metrics.json').exists()
     printed = capsys.readouterr().out  # --steps 2: the release's 2 time-grid points, one Euler step per model
     assert 'M1: 1 Euler steps' in printed and 'M1->0: 1 Euler steps' in printed
@@ -1633,6 +1817,7 @@ def test_missing_or_wrong_file_errors(release, tmp_path):
 
 
 # ----------------------------------------------------------------------------- official vs clean conventions
+
 
 def test_official_camera_inputs_differ_where_documented():
     """Items 1-3: with translations along one axis (largest |t| component = largest distance) the pose scale agrees,
@@ -1663,6 +1848,7 @@ def test_official_conventions_match_direct_construction():
 
     def K_prime(Kpix, width, height):  # the official K normalisation: fx/W, fy/H, cx/W - 0.5, cy/H - 0.5
         return cameras.prope_K(cameras.K_to_normalized(Kpix, height, width))
+
     conv = official.OfficialConventions()
     m1, m1_unc = conv.model_cameras(1, cams, uncond)
     assert m1 is cams and torch.equal(m1_unc['plucker'], uncond['plucker'])
@@ -1695,6 +1881,7 @@ def test_clean_switches_give_the_clean_pipeline(release):
 
     def run(p):
         return p.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=3)
+
     ref = run(clean)
     official = run(pipe)
     for level in (0, 1):
@@ -1712,6 +1899,7 @@ def test_clean_switches_give_the_clean_pipeline(release):
 
 # ----------------------------------------------------------------------------- every layout the release writes or reads
 
+
 def quiet(*_):
     pass
 
@@ -1723,12 +1911,17 @@ def test_decoder_file_layouts_load_and_run(layout, tmp_path):
     strictly and decode as the release's decoder does."""
     ema = random_state_dict(official_layout(8, 32, 2, 64, 4, 4), 6)
     live = {k: v + 1 for k, v in ema.items()}
-    obj = {'RAE_DA3 ema': {'model': rae_state(live), 'ema': rae_state(ema)}, 'RAE_DA3 model': {'model': rae_state(ema)},
-           'RAE_DA3 flat': rae_state(ema), 'bare': ema,
-           'stage-1 trainer': {'decoder': live, 'ema_decoder': ema, 'optimizer': {'state': {}}, 'step': 3}}[layout]
+    obj = {
+        'RAE_DA3 ema': {'model': rae_state(live), 'ema': rae_state(ema)},
+        'RAE_DA3 model': {'model': rae_state(ema)},
+        'RAE_DA3 flat': rae_state(ema),
+        'bare': ema,
+        'stage-1 trainer': {'decoder': live, 'ema_decoder': ema, 'optimizer': {'state': {}}, 'step': 3},
+    }[layout]
     torch.save(obj, tmp_path / 'mae_decoder.pt')
-    cfg, sd = decoder_lib.convert_official(official.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet),
-                                           heads=4)
+    cfg, sd = decoder_lib.convert_official(
+        official.read_official(str(tmp_path / 'mae_decoder.pt'), 'decoder', quiet), heads=4
+    )
     dec = decoder_lib.RGBDecoder(cfg).eval()
     dec.load_state_dict(sd, strict=True)
     levels = random_levels(2, 1, 12, 8)
@@ -1745,11 +1938,16 @@ def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
     net = randomize(model.GLD(cfg), seed=3)
     ema = official_form(net, cascade)
     live = {k: v + 1 for k, v in ema.items()}
-    obj = {'trainer': trainer_save(ema, live), 'model only': {'model': ema}, 'flat': ema,
-           'DDP prefixed': {'ema': {'module.' + k: v for k, v in ema.items()}}}[layout]
+    obj = {
+        'trainer': trainer_save(ema, live),
+        'model only': {'model': ema},
+        'flat': ema,
+        'DDP prefixed': {'ema': {'module.' + k: v for k, v in ema.items()}},
+    }[layout]
     torch.save(obj, tmp_path / 'm.pt')
-    cfg2, sd = model.convert_official(official.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade,
-                                      heads=2)
+    cfg2, sd = model.convert_official(
+        official.read_official(str(tmp_path / 'm.pt'), 'model', quiet), cascade=cascade, heads=2
+    )
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
@@ -1764,14 +1962,19 @@ def test_head_file_layouts_load(layout, tmp_path):
     torch.manual_seed(5)
     full = latents.build_encoder('da3-tiny').state_dict()
     head = {k[5:]: v for k, v in full.items() if k.startswith('head.')}
-    obj = {'RAE_DA3 decoder': {'model': {'decoder.' + k: v for k, v in head.items()}},
-           'RAE_DA3 pred': {'model': {'pred.' + k: v for k, v in head.items()}}, 'bare': head}[layout]
+    obj = {
+        'RAE_DA3 decoder': {'model': {'decoder.' + k: v for k, v in head.items()}},
+        'RAE_DA3 pred': {'model': {'pred.' + k: v for k, v in head.items()}},
+        'bare': head,
+    }[layout]
     torch.save(obj, tmp_path / 'dpt_decoder.pt')
-    save_file({'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')},
-              tmp_path / 'model.safetensors')
+    save_file(
+        {'model.' + k: v.clone() for k, v in full.items() if not k.startswith('head.')}, tmp_path / 'model.safetensors'
+    )
     got = {'head.' + k: v for k, v in official.read_official(str(tmp_path / 'dpt_decoder.pt'), 'head', quiet).items()}
-    enc = latents.build_encoder('da3-tiny', {**official.read_official(str(tmp_path / 'model.safetensors'), 'encoder',
-                                                                        quiet), **got})
+    enc = latents.build_encoder(
+        'da3-tiny', {**official.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet), **got}
+    )
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
 
 
@@ -1781,8 +1984,9 @@ def test_encoder_file_layouts_load(layout, tmp_path):
     strictly into DA3, every tensor as saved."""
     torch.manual_seed(6)
     full = latents.build_encoder('da3-tiny').state_dict()
-    save_file({('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()},
-              tmp_path / 'model.safetensors')
+    save_file(
+        {('model.' if layout == 'hub' else '') + k: v.clone() for k, v in full.items()}, tmp_path / 'model.safetensors'
+    )
     sd = official.read_official(str(tmp_path / 'model.safetensors'), 'encoder', quiet)
     enc = latents.build_encoder('da3-tiny', sd)
     assert all(torch.equal(v, full[k]) for k, v in enc.state_dict().items())
@@ -1790,21 +1994,30 @@ def test_encoder_file_layouts_load(layout, tmp_path):
 
 def test_unknown_layouts_name_what_was_seen_and_what_is_known(release, tmp_path):
     root, _ = release
-    with pytest.raises(ValueError, match=r"top-level keys: \['state_dict', 'step'\]; known layouts: \{'ema': state "
-                                         r"dict, \.\.\.\}, \{'model'.*'ema_decoder'.*'decoder.'-prefixed"):
+    with pytest.raises(
+        ValueError,
+        match=r"top-level keys: \['state_dict', 'step'\]; known layouts: \{'ema': state "
+        r"dict, \.\.\.\}, \{'model'.*'ema_decoder'.*'decoder.'-prefixed",
+    ):
         official.official_state_dict({'state_dict': {'a': torch.zeros(1)}, 'step': 1}, 'decoder', 'x.pt')
-    with pytest.raises(ValueError, match=r"top-level keys: list"):
+    with pytest.raises(ValueError, match=r'top-level keys: list'):
         official.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
     broken = tmp_path / 'GLD'
     shutil.copytree(root, broken)
-    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
-               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')
-    with pytest.raises(ValueError, match=r"level1.pt: expected mean, var \(and std\) of 192 channels each"):
+    torch.save(
+        {'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
+        broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt',
+    )
+    with pytest.raises(ValueError, match=r'level1.pt: expected mean, var \(and std\) of 192 channels each'):
         load(broken)
-    torch.save({'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1)},
-               broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt')  # without std: the release's reader
-    torch.save({'ema': {'decoder.decoder_embed.weight': torch.zeros(3, 4)}}, broken / 'pretrained_models' / 'mae_decoder.pt')
-    with pytest.raises(ValueError, match=r"mae_decoder.pt: does not convert .*layouts known for a decoder file"):
+    torch.save(
+        {'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1)},
+        broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt',
+    )  # without std: the release's reader
+    torch.save(
+        {'ema': {'decoder.decoder_embed.weight': torch.zeros(3, 4)}}, broken / 'pretrained_models' / 'mae_decoder.pt'
+    )
+    with pytest.raises(ValueError, match=r'mae_decoder.pt: does not convert .*layouts known for a decoder file'):
         load(broken)
 
 
@@ -1821,14 +2034,16 @@ def test_discovery_follows_the_release_layout(release, tmp_path):
         shutil.copy(p, flat / os.path.basename(p))
     (flat / 'pretrained_models' / 'vggt').mkdir(parents=True)  # VGGT's decoder still at its release path
     shutil.copy(vggt['decoder'], flat / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')
-    assert {r: os.path.basename(p) for r, p in official.find_official_files(str(flat)).items()} == \
-        {r: os.path.basename(p) for r, p in da3.items()}
+    assert {r: os.path.basename(p) for r, p in official.find_official_files(str(flat)).items()} == {
+        r: os.path.basename(p) for r, p in da3.items()
+    }
     shutil.copy(da3['decoder'], flat / 'sub' / 'mae_decoder.pt')
     with pytest.raises(ValueError, match=r'2 candidates for da3 decoder'):
         official.find_official_files(str(flat))
 
 
 # ----------------------------------------------------------------------------- the release's sampler
+
 
 def release_sampling(num_steps, V, C, encoder_input_size=252, patch=14):
     """Restatement of the release's sampling (eval_gld_metric.py main, the transport's ODE on a torchdiffeq grid):
@@ -1851,6 +2066,7 @@ def test_official_time_grid_is_the_releases(num_steps):
     def velocity(x, t):
         seen.append(float(t[0]))
         return torch.ones_like(x)
+
     x = diffusion.euler_sample(velocity, torch.zeros(1, 1, dtype=torch.float64), steps=steps, a=a, t_end=t_end)
     assert seen == pytest.approx(grid[:-1], abs=1e-12) and float(x) == pytest.approx(grid[-1] - 1, abs=1e-12)
     assert official.OfficialConventions().time_schedule(50, 8, 1536)[1] == pytest.approx(31.18, abs=0.01)
@@ -1866,6 +2082,7 @@ def test_official_shift_at_another_size(release, monkeypatch):
     def spy(*args, **kw):
         calls.append((kw['steps'], kw['a'], kw['t_end']))
         return real(*args, **kw)
+
     monkeypatch.setattr(diffusion, 'euler_sample', spy)
     images, c2w, K = scene(V=3, H=112, W=112)
     pipe.generate(images, c2w, K, n_src=1, steps=3, cfg_scale=1.0)
@@ -1882,8 +2099,24 @@ def test_official_shift_at_another_size(release, monkeypatch):
 # Integration tests of train.py, sample.py and bench.py at tiny scale on a tiny synthetic set.
 # ====================================================================================================
 
-TINY = ['--views', '4', '--batch-size', '2', '--steps', '2', '--log-every', '1', '--ckpt-every', '2', '--eval-every', '2',
-        '--stats-batches', '1', '--warmup', '1']
+TINY = [
+    '--views',
+    '4',
+    '--batch-size',
+    '2',
+    '--steps',
+    '2',
+    '--log-every',
+    '1',
+    '--ckpt-every',
+    '2',
+    '--eval-every',
+    '2',
+    '--stats-batches',
+    '1',
+    '--warmup',
+    '1',
+]
 
 
 @pytest.fixture(scope='module')
@@ -1895,12 +2128,60 @@ def world(tmp_path_factory):
     os.chdir(root)
     d = ['--data', str(root / 'data')]
     runs = {
-        'encoder': ['--stage', 'encoder', '--encoder', 'da3-tiny', '--seed', '1', '--lr', '1e-3', '--gap', '1-2',
-                    '--workers', '2', '--export', 'exported'],
-        'decoder': ['--stage', 'decoder', '--decoder', 'tiny', '--encoder-weights', 'auto', '--level-dropout', '0.5',
-                    '--noise-tau', '0.1', '--lpips', '--gan', '1', '--ema', '0.9', '--keep', '1', '--size', '42x56'],
-        'level1': ['--level', '1', '--model', 'gld-tiny', '--src', '1-2', '--cam-drop', '0.5', '--t-dist', 'logit_normal',
-                   '--accum', '2', '--checkpointing', '--decoder-ckpt', 'auto'],
+        'encoder': [
+            '--stage',
+            'encoder',
+            '--encoder',
+            'da3-tiny',
+            '--seed',
+            '1',
+            '--lr',
+            '1e-3',
+            '--gap',
+            '1-2',
+            '--workers',
+            '2',
+            '--export',
+            'exported',
+        ],
+        'decoder': [
+            '--stage',
+            'decoder',
+            '--decoder',
+            'tiny',
+            '--encoder-weights',
+            'auto',
+            '--level-dropout',
+            '0.5',
+            '--noise-tau',
+            '0.1',
+            '--lpips',
+            '--gan',
+            '1',
+            '--ema',
+            '0.9',
+            '--keep',
+            '1',
+            '--size',
+            '42x56',
+        ],
+        'level1': [
+            '--level',
+            '1',
+            '--model',
+            'gld-tiny',
+            '--src',
+            '1-2',
+            '--cam-drop',
+            '0.5',
+            '--t-dist',
+            'logit_normal',
+            '--accum',
+            '2',
+            '--checkpointing',
+            '--decoder-ckpt',
+            'auto',
+        ],
         'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3', '--src-mode', 'ends'],
         'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--cache', '1'],
     }
@@ -1908,9 +2189,20 @@ def world(tmp_path_factory):
         train.main(d + TINY + argv)
     stats = torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['stats']
     from encoder import LatentStats
+
     LatentStats.from_state_dict(stats).save(str(root / 'stats.safetensors'))
-    runs['level0_ind'] = ['--level', '0', '--independent', '--stats', str(root / 'stats.safetensors'), '--resume',
-                          '--out', 'runs/level0_ind', '--eval-every', '0']
+    runs['level0_ind'] = [
+        '--level',
+        '0',
+        '--independent',
+        '--stats',
+        str(root / 'stats.safetensors'),
+        '--resume',
+        '--out',
+        'runs/level0_ind',
+        '--eval-every',
+        '0',
+    ]
     train.main(d + TINY + runs['level0_ind'])
     yield {'root': root, 'data': str(root / 'data'), 'argv': runs}
     os.chdir(old)
@@ -1932,16 +2224,35 @@ def test_train_writes_checkpoints_logs_and_exports(world):
     assert os.path.exists('runs/encoder/curves.png')
     meta, sd = pipeline.load_checkpoint('exported/encoder.safetensors')
     ck = torch.load(train.list_checkpoints('runs/encoder')[-1], weights_only=False)
-    assert meta['kind'] == 'encoder' and all(torch.allclose(sd[k], ck['ema'][k].float(), atol=1e-2, rtol=1e-2) for k in sd)
+    assert meta['kind'] == 'encoder' and all(
+        torch.allclose(sd[k], ck['ema'][k].float(), atol=1e-2, rtol=1e-2) for k in sd
+    )
     assert torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['upper_level'] == 1
     assert torch.load(train.list_checkpoints('runs/level0_ind')[-1], weights_only=False)['upper_level'] is None
 
 
 def test_every_train_sample_bench_flag_is_exercised(world):
-    used = set(sum(world['argv'].values(), [])) | set(TINY) | {'--data', '--out', '--resume', '--stage', '--level', '--init',
-                                                                 '--compile', '--force', '--bf16', '--head-only'}  # their own tests
+    used = (
+        set(sum(world['argv'].values(), []))
+        | set(TINY)
+        | {
+            '--data',
+            '--out',
+            '--resume',
+            '--stage',
+            '--level',
+            '--init',
+            '--compile',
+            '--force',
+            '--bf16',
+            '--head-only',
+        }
+    )  # their own tests
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
-    assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {'--official', '--encoder'}  # --official: test_cli_official; --encoder: test_every_latent_trains_...
+    assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {
+        '--official',
+        '--encoder',
+    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
@@ -1949,8 +2260,32 @@ def test_every_train_sample_bench_flag_is_exercised(world):
 def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
     src = train.list_checkpoints('runs/level1')[-1]
     ck = torch.load(src, weights_only=False)
-    train.main(['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '1', '--lr', '0',
-                '--warmup', '1', '--eval-every', '0', '--init', src, '--out', str(tmp_path), '--export', str(tmp_path / 'x')])
+    train.main(
+        [
+            '--data',
+            world['data'],
+            '--level',
+            '1',
+            '--views',
+            '4',
+            '--batch-size',
+            '2',
+            '--steps',
+            '1',
+            '--lr',
+            '0',
+            '--warmup',
+            '1',
+            '--eval-every',
+            '0',
+            '--init',
+            src,
+            '--out',
+            str(tmp_path),
+            '--export',
+            str(tmp_path / 'x'),
+        ]
+    )
     new = torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=False)
     assert sorted(os.listdir(tmp_path / 'x')) == ['level1.json', 'level1.safetensors']  # named as sample.py finds it
     assert all(torch.equal(new['model'][k], ck['ema'][k]) for k in ck['ema'])  # lr 0: still the initial weights
@@ -1960,14 +2295,20 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
 def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_path, monkeypatch):
     enc = latents.build_encoder('da3-tiny').freeze()
     ds = data.SceneDataset(synth_root, 'train', num_views=4)
-    cache = latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
+    cache = latents.LatentCache.build(
+        str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None
+    )
     assert len(cache) == 3 * len(ds) and sorted(set(cache.n_src.tolist())) == [1, 2, 3]
     for k in (0, 5, len(cache) - 1):  # re-encode the draw's frames (sources first) on the fly
         d = cache.data
         scene, n = ds._scene(int(d['scene'][k])), int(d['n_src'][k])
         images = data.decode_frames(scene, d['frames'][k])[None]
-        batch = {'images': images, 'c2w': scene['c2w'][d['frames'][k]][None], 'K': scene['K'][d['frames'][k]][None],
-                 'src_mask': (torch.arange(4) < n)[None]}
+        batch = {
+            'images': images,
+            'c2w': scene['c2w'][d['frames'][k]][None],
+            'K': scene['K'][d['frames'][k]][None],
+            'src_mask': (torch.arange(4) < n)[None],
+        }
         fly, got = latents.encode_batch(enc, batch, [0, 1], 0), cache.batch([k])
         for a_, b_ in [(fly['full'][0], got['full'][0]), (fly['full'][1], got['full'][1]), (fly['cond'], got['cond'])]:
             assert torch.allclose(a_, b_, rtol=1e-3, atol=1e-3 * float(a_.abs().max()))  # float16 storage
@@ -1975,8 +2316,12 @@ def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_
         assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
     # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
     same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
-    other = latents.LatentCache.path_for('c', latents.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
-    assert same != other and same == latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    other = latents.LatentCache.path_for(
+        'c', latents.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
+    )
+    assert same != other and same == latents.LatentCache.path_for(
+        'c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
+    )
     monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
     latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
 
@@ -1994,8 +2339,30 @@ def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
 
 def train_reference_and_fast(world, tmp_path, flag):
     """Three M1 steps as the plain reference and with a fast-path flag -> (reference, fast) run folders."""
-    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--steps', '3', '--log-every', '1',
-            '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3', '--cam-drop', '0']
+    base = [
+        '--data',
+        world['data'],
+        '--level',
+        '1',
+        '--views',
+        '4',
+        '--batch-size',
+        '2',
+        '--steps',
+        '3',
+        '--log-every',
+        '1',
+        '--eval-every',
+        '0',
+        '--stats-batches',
+        '1',
+        '--warmup',
+        '1',
+        '--lr',
+        '1e-3',
+        '--cam-drop',
+        '0',
+    ]
     train.main(base + ['--out', str(tmp_path / 'ref')])
     train.main(base + ['--out', str(tmp_path / 'fast'), flag])
     return tmp_path / 'ref', tmp_path / 'fast'
@@ -2018,8 +2385,28 @@ def test_cpu_bf16_training_follows_fp32(world, tmp_path):
 
 
 def test_resume_continues_exactly(world, tmp_path):
-    base = ['--data', world['data'], '--level', '1', '--views', '4', '--batch-size', '2', '--log-every', '1',
-            '--ckpt-every', '2', '--eval-every', '0', '--stats-batches', '1', '--warmup', '1', '--lr', '1e-3']
+    base = [
+        '--data',
+        world['data'],
+        '--level',
+        '1',
+        '--views',
+        '4',
+        '--batch-size',
+        '2',
+        '--log-every',
+        '1',
+        '--ckpt-every',
+        '2',
+        '--eval-every',
+        '0',
+        '--stats-batches',
+        '1',
+        '--warmup',
+        '1',
+        '--lr',
+        '1e-3',
+    ]
     train.main(base + ['--steps', '4', '--out', str(tmp_path / 'a')])
     train.main(base + ['--steps', '2', '--out', str(tmp_path / 'b')])
     train.main(base + ['--steps', '4', '--out', str(tmp_path / 'b'), '--resume'])
@@ -2031,18 +2418,43 @@ def test_resume_continues_exactly(world, tmp_path):
 
 
 def _ddp_worker(rank, port, argv):
-    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     train.main(argv)
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(world, tmp_path):
     """gloo, 2 ranks x batch 1 == 1 rank x batch 2 == 1 rank x batch 1 x accum 2 (level dropout off: deterministic)."""
-    base = ['--data', world['data'], '--stage', 'decoder', '--views', '4', '--steps', '3', '--log-every', '1',
-            '--ckpt-every', '3', '--eval-every', '0', '--level-dropout', '0', '--lr', '1e-3', '--warmup', '1']
+    base = [
+        '--data',
+        world['data'],
+        '--stage',
+        'decoder',
+        '--views',
+        '4',
+        '--steps',
+        '3',
+        '--log-every',
+        '1',
+        '--ckpt-every',
+        '3',
+        '--eval-every',
+        '0',
+        '--level-dropout',
+        '0',
+        '--lr',
+        '1e-3',
+        '--warmup',
+        '1',
+    ]
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(port, base + ['--batch-size', '1', '--out', str(tmp_path / 'ddp')]), nprocs=2)
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(port, base + ['--batch-size', '1', '--out', str(tmp_path / 'ddp')]), nprocs=2
+    )
     train.main(base + ['--batch-size', '2', '--out', str(tmp_path / 'one')])
     train.main(base + ['--batch-size', '1', '--accum', '2', '--out', str(tmp_path / 'acc')])
     load = lambda n: torch.load(train.list_checkpoints(str(tmp_path / n))[-1], weights_only=False)['model']
@@ -2065,6 +2477,7 @@ def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
     def dying_save(obj, f):
         real_save({'partial': True}, f)
         raise KeyboardInterrupt('killed mid-write')
+
     monkeypatch.setattr(torch, 'save', dying_save)
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(str(tmp_path), 2, {'step': 2, 'w': torch.zeros(3)}, keep=2)
@@ -2073,8 +2486,24 @@ def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
 
 
 def test_non_finite_losses_skip_then_stop_and_keep_the_checkpoint(world, tmp_path, monkeypatch):
-    argv = ['--data', world['data'], '--stage', 'decoder', '--views', '4', '--batch-size', '2', '--log-every', '1',
-            '--ckpt-every', '1', '--eval-every', '0', '--out', str(tmp_path)]
+    argv = [
+        '--data',
+        world['data'],
+        '--stage',
+        'decoder',
+        '--views',
+        '4',
+        '--batch-size',
+        '2',
+        '--log-every',
+        '1',
+        '--ckpt-every',
+        '1',
+        '--eval-every',
+        '0',
+        '--out',
+        str(tmp_path),
+    ]
     train.main(argv + ['--steps', '1'])
     before = torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=False)['model']
     monkeypatch.setattr(train.decoder_lib, 'decoder_loss', lambda pred, gt, lpips=None: (pred.sum() * float('nan'), {}))
@@ -2085,24 +2514,176 @@ def test_non_finite_losses_skip_then_stop_and_keep_the_checkpoint(world, tmp_pat
 
 
 SAMPLE_RUNS = [
-    ['--ckpt-dir', 'runs', '--views', '4', '--src', '2', '--scene', '0', '--seed', '1', '--cfg-scale', '2.0', '--lpips',
-     '--steps', '2', '--out', 'out/a', '--data', 'DATA', '--split', 'test'],
-    ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--eval', '--eval-scenes', '1', '--out', 'out/eval', '--data', 'DATA'],
-    ['--ckpt-dir', 'runs', '--images', 'IM1', 'IM0', '--cameras', 'CAMS', '--size', '56x56', '--traj', 'orbit',
-     '--arc', '360', '--frames', '3', '--chunk', '2', '--steps', '2', '--out', 'out/c', '--export',
-     'ply,colmap,nerfstudio'],
-    ['--ckpt-dir', 'runs', '--images', 'IM0', 'IM1', '--keep-estimate', '--traj', 'spiral', '--frames', '2', '--steps', '2',
-     '--out', 'out/d'],
-    ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--traj', 'forward', '--frames', '2', '--out', 'out/e', '--data', 'DATA'],
-    ['--ckpt-dir', 'runs', '--views', '4', '--steps', '2', '--boundary', '2', '--independent', '--out', 'out/f', '--data', 'DATA'],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--views',
+        '4',
+        '--src',
+        '2',
+        '--scene',
+        '0',
+        '--seed',
+        '1',
+        '--cfg-scale',
+        '2.0',
+        '--lpips',
+        '--steps',
+        '2',
+        '--out',
+        'out/a',
+        '--data',
+        'DATA',
+        '--split',
+        'test',
+    ],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--views',
+        '4',
+        '--steps',
+        '2',
+        '--eval',
+        '--eval-scenes',
+        '1',
+        '--out',
+        'out/eval',
+        '--data',
+        'DATA',
+    ],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--images',
+        'IM1',
+        'IM0',
+        '--cameras',
+        'CAMS',
+        '--size',
+        '56x56',
+        '--traj',
+        'orbit',
+        '--arc',
+        '360',
+        '--frames',
+        '3',
+        '--chunk',
+        '2',
+        '--steps',
+        '2',
+        '--out',
+        'out/c',
+        '--export',
+        'ply,colmap,nerfstudio',
+    ],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--images',
+        'IM0',
+        'IM1',
+        '--keep-estimate',
+        '--traj',
+        'spiral',
+        '--frames',
+        '2',
+        '--steps',
+        '2',
+        '--out',
+        'out/d',
+    ],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--views',
+        '4',
+        '--steps',
+        '2',
+        '--traj',
+        'forward',
+        '--frames',
+        '2',
+        '--out',
+        'out/e',
+        '--data',
+        'DATA',
+    ],
+    [
+        '--ckpt-dir',
+        'runs',
+        '--views',
+        '4',
+        '--steps',
+        '2',
+        '--boundary',
+        '2',
+        '--independent',
+        '--out',
+        'out/f',
+        '--data',
+        'DATA',
+    ],
     ['--ckpt-dir', 'runs', '--recon', '--eval-scenes', '1', '--out', 'out/recon', '--data', 'DATA'],
 ]
 BENCH_RUNS = [
-    ['--preset', 'gld-tiny', '--encoder', 'da3-tiny', '--decoder', 'tiny', '--views', '2', '--size', '28', '--batch', '1',
-     '--dtype', 'bf16', '--checkpointing', '--device', 'cpu', '--iters', '1', '--warmup', '0'],
-    ['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '0', '--dtype', 'fp32,bf16', '--skip', 'frozen'],
-    pytest.param(['--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '1', '--compile', '--skip',
-                  'sample,frozen'], marks=pytest.mark.slow),
+    [
+        '--preset',
+        'gld-tiny',
+        '--encoder',
+        'da3-tiny',
+        '--decoder',
+        'tiny',
+        '--views',
+        '2',
+        '--size',
+        '28',
+        '--batch',
+        '1',
+        '--dtype',
+        'bf16',
+        '--checkpointing',
+        '--device',
+        'cpu',
+        '--iters',
+        '1',
+        '--warmup',
+        '0',
+    ],
+    [
+        '--views',
+        '2',
+        '--size',
+        '28',
+        '--batch',
+        '1',
+        '--iters',
+        '1',
+        '--warmup',
+        '0',
+        '--dtype',
+        'fp32,bf16',
+        '--skip',
+        'frozen',
+    ],
+    pytest.param(
+        [
+            '--views',
+            '2',
+            '--size',
+            '28',
+            '--batch',
+            '1',
+            '--iters',
+            '1',
+            '--warmup',
+            '1',
+            '--compile',
+            '--skip',
+            'sample,frozen',
+        ],
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
@@ -2117,16 +2698,33 @@ def user_images(world):
     for v in range(2):
         export.save_image(s['images'][v], str(folder / f'im{v}.png'))
         Kp = cameras.K_to_pixels(s['K'][v], 56, 56)
-        frames.append({'file_path': f'im{v}.png', 'transform_matrix': cameras.opengl_to_opencv(s['c2w'][v]).tolist(),
-                       'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]), 'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]), 'w': 56, 'h': 56})
+        frames.append(
+            {
+                'file_path': f'im{v}.png',
+                'transform_matrix': cameras.opengl_to_opencv(s['c2w'][v]).tolist(),
+                'fl_x': float(Kp[0, 0]),
+                'fl_y': float(Kp[1, 1]),
+                'cx': float(Kp[0, 2]),
+                'cy': float(Kp[1, 2]),
+                'w': 56,
+                'h': 56,
+            }
+        )
     json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
     return folder
 
 
 @pytest.mark.parametrize('i', range(len(SAMPLE_RUNS)))
 def test_sample_runs_and_writes_every_output(world, user_images, i):
-    argv = [{'DATA': world['data'], 'IM0': str(user_images / 'im0.png'), 'IM1': str(user_images / 'im1.png'),
-             'CAMS': str(user_images / 'transforms.json')}.get(x, x) for x in SAMPLE_RUNS[i]]
+    argv = [
+        {
+            'DATA': world['data'],
+            'IM0': str(user_images / 'im0.png'),
+            'IM1': str(user_images / 'im1.png'),
+            'CAMS': str(user_images / 'transforms.json'),
+        }.get(x, x)
+        for x in SAMPLE_RUNS[i]
+    ]
     sample.main(argv)
     out = argv[argv.index('--out') + 1]
     files = set(os.listdir(out))
@@ -2154,6 +2752,7 @@ def test_flops_per_token_matches_a_counted_forward(pos):
     """bench.py's TFLOP/s and MFU rest on model.flops_per_token: it must agree with PyTorch's FLOP counter on a real
     forward (matmuls, linears and SDPA; the formula leaves out PRoPE's 4x4 transforms, which are O(D) per token)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     cfg = replace(model.PRESETS['gld-tiny'], pos=pos)
     b = make_batch(cfg, B=1, V=4, hw=(4, 4))
     cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
@@ -2195,13 +2794,19 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
         run('--images', str(bad))
     other = tmp_path / 'other.png'
     shutil.copy(user_images / 'im0.png', other)
-    with pytest.raises(cli.UserError, match=r"no camera for .*other.png"):
+    with pytest.raises(cli.UserError, match=r'no camera for .*other.png'):
         run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
     tf = json.load(open(user_images / 'transforms.json'))
     tf['frames'][0]['transform_matrix'][0][3] = float('nan')
     json.dump(tf, open(tmp_path / 'nan.json', 'w'))
     with pytest.raises(cli.UserError, match='NaN'):
-        run('--images', str(user_images / 'im0.png'), str(user_images / 'im1.png'), '--cameras', str(tmp_path / 'nan.json'))
+        run(
+            '--images',
+            str(user_images / 'im0.png'),
+            str(user_images / 'im1.png'),
+            '--cameras',
+            str(tmp_path / 'nan.json'),
+        )
     monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'no_weights'))
     with pytest.raises(cli.UserError, match='create it with: python train.py --stage encoder'):
         pipeline.load_pipeline(str(tmp_path / 'no_runs'))
@@ -2225,6 +2830,7 @@ def test_ema_warmup_follows_the_num_updates_rule():
 # ====================================================================================================
 # the bundled tiny models (weights/tiny): the embedded default and its quality floor
 # ====================================================================================================
+
 
 @pytest.fixture(scope='module')
 def bundled(tmp_path_factory):
@@ -2252,9 +2858,14 @@ def test_bundled_cascade_beats_the_nearest_source_view(bundled):
 def test_default_sampler_is_the_bundled_models_posterior_mean_and_the_papers_otherwise(capsys):
     """--steps / --cfg-scale left unset: 1 step without CFG for the bundled tiny models (with a note), the paper's 50
     steps with CFG 1.5 for a user's runs, the release and other encoders; a value given is kept."""
-    cases = [([], (1, 1.0)), (['--ckpt-dir', 'runs'], (50, 1.5)), (['--official', 'REL'], (50, 1.5)),
-             (['--encoder', 'vggt-tiny'], (50, 1.5)), (['--steps', '50', '--cfg-scale', '1.5'], (50, 1.5)),
-             (['--ckpt-dir', 'runs', '--steps', '1'], (1, 1.5))]
+    cases = [
+        ([], (1, 1.0)),
+        (['--ckpt-dir', 'runs'], (50, 1.5)),
+        (['--official', 'REL'], (50, 1.5)),
+        (['--encoder', 'vggt-tiny'], (50, 1.5)),
+        (['--steps', '50', '--cfg-scale', '1.5'], (50, 1.5)),
+        (['--ckpt-dir', 'runs', '--steps', '1'], (1, 1.5)),
+    ]
     for argv, want in cases:
         a = sample.build_parser().parse_args(argv)
         sample.default_sampler(a)
@@ -2328,8 +2939,9 @@ def test_exported_point_cloud_reprojects_into_the_ground_truth_views(bundled, tm
 def test_flow_loss_bins_by_t_add_up_to_the_loss():
     x, mask = torch.randn(6, 3, 4, 8), torch.tensor([[True, False, False]] * 6)
     t = torch.tensor([0.05, 0.3, 0.3, 0.6, 0.9, 0.99])
-    loss, parts = diffusion.flow_loss(lambda x_t, t_: torch.zeros_like(x_t), x, mask, t=t,
-                                      generator=torch.Generator().manual_seed(0))
+    loss, parts = diffusion.flow_loss(
+        lambda x_t, t_: torch.zeros_like(x_t), x, mask, t=t, generator=torch.Generator().manual_seed(0)
+    )
     assert parts['t_bin_count'].tolist() == [1, 2, 1, 2]
     torch.testing.assert_close(parts['t_bin_sum'].sum() / 6, loss)
 
@@ -2338,6 +2950,7 @@ def test_flow_loss_bins_by_t_add_up_to_the_loss():
 # export.py: the scene in the formats other tools open, read back by those tools (pycolmap, imageio) or
 # by small independent readers written here from the format specifications
 # ====================================================================================================
+
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
@@ -2352,8 +2965,16 @@ def exported(tmp_path_factory):
     summary = export.write_scene(str(out), images, depth, conf, c2w, K, c2w, 2, formats=export.FORMATS)
     ply = (out / 'points.ply').read_bytes().split(b'end_header\n')[1]
     ply = np.frombuffer(ply, dtype=[('xyz', '<f4', 3), ('rgb', 'u1', 3)])
-    return {'out': out, 'images': images, 'depth': depth, 'c2w': c2w, 'K': K, 'summary': summary, 'ply': ply,
-            'names': export.view_names(5, 2)}
+    return {
+        'out': out,
+        'images': images,
+        'depth': depth,
+        'c2w': c2w,
+        'K': K,
+        'summary': summary,
+        'ply': ply,
+        'names': export.view_names(5, 2),
+    }
 
 
 def read_colmap_text(folder):
@@ -2365,10 +2986,21 @@ def read_colmap_text(folder):
     images = {}
     for head, obs in zip(lines[0::2], lines[1::2]):
         r, o = head.split(), obs.split()
-        images[int(r[0])] = ([float(x) for x in r[1:5]], [float(x) for x in r[5:8]], int(r[8]), r[9],
-                             [(float(o[i]), float(o[i + 1]), int(o[i + 2])) for i in range(0, len(o), 3)])
-    points = {int(r[0]): ([float(x) for x in r[1:4]], [int(x) for x in r[4:7]],
-                          [(int(r[i]), int(r[i + 1])) for i in range(8, len(r), 2)]) for r in rows('points3D.txt')}
+        images[int(r[0])] = (
+            [float(x) for x in r[1:5]],
+            [float(x) for x in r[5:8]],
+            int(r[8]),
+            r[9],
+            [(float(o[i]), float(o[i + 1]), int(o[i + 2])) for i in range(0, len(o), 3)],
+        )
+    points = {
+        int(r[0]): (
+            [float(x) for x in r[1:4]],
+            [int(x) for x in r[4:7]],
+            [(int(r[i]), int(r[i + 1])) for i in range(8, len(r), 2)],
+        )
+        for r in rows('points3D.txt')
+    }
     return {'cameras': cameras_, 'images': images, 'points': points}
 
 
@@ -2411,7 +3043,9 @@ def test_colmap_model_reads_back_in_pycolmap_and_as_text_with_the_same_cameras_a
         cam = w2c[v, :3, :3].numpy() @ p.xyz + w2c[v, :3, 3].numpy()
         uv = Kp[v].numpy() @ cam
         err.append(np.abs(uv[:2] / uv[2] - image.points2D[el.point2D_idx].xy).max())
-        assert image.points2D[el.point2D_idx].point3D_id == pid and txt['points'][pid][2] == [(el.image_id, el.point2D_idx)]
+        assert image.points2D[el.point2D_idx].point3D_id == pid and txt['points'][pid][2] == [
+            (el.image_id, el.point2D_idx)
+        ]
     assert max(err) < 1e-4, max(err)  # pixels; float32 rotations are orthonormal to ~1e-7
     ids = sorted(rec.points3D)  # ids 1..N follow the PLY's order
     xyz = np.stack([rec.points3D[i].xyz for i in ids])
@@ -2461,7 +3095,10 @@ def test_depth_scale_recovers_the_cameras_units(exported):
     for cams in (da3_c2w, torch.eye(4).expand(5, 4, 4), off):
         scale, how = export.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], cams, 2)
         assert how == 'source photo-consistency' and scale == pytest.approx(truth, rel=0.02), scale
-    assert export.depth_scale(e['images'], e['depth'], e['c2w'], e['K'], torch.eye(4).expand(5, 4, 4), 1) == (1.0, 'none')
+    assert export.depth_scale(e['images'], e['depth'], e['c2w'], e['K'], torch.eye(4).expand(5, 4, 4), 1) == (
+        1.0,
+        'none',
+    )
     with pytest.raises(argparse.ArgumentTypeError, match='unknown export format'):
         export.parse_formats('ply,obj')
 
@@ -2470,6 +3107,7 @@ def test_depth_scale_recovers_the_cameras_units(exported):
 # Bad input through the command lines (train.py, sample.py, data.py): one line on stderr naming the file and the
 # fix, exit status 2, no traceback, nothing on disk changed; never a silent substitution, never a lost run.
 # ====================================================================================================
+
 
 @pytest.fixture(scope='module')
 def small_data(tmp_path_factory):
@@ -2482,6 +3120,7 @@ def small_data(tmp_path_factory):
 def tree_hashes(*roots):
     """{path: SHA-256} of every file under the roots (files or folders)."""
     import hashlib
+
     files = [str(r) for r in roots if os.path.isfile(r)]
     files += [os.path.join(d, f) for r in roots if os.path.isdir(r) for d, _, fs in os.walk(r) for f in fs]
     return {f: hashlib.sha256(open(f, 'rb').read()).hexdigest() for f in files}
@@ -2523,12 +3162,25 @@ TRAIN_FAST = ['--views', '4', '--batch-size', '2', '--eval-every', '0', '--warmu
 def test_user_error_is_one_line_exit_2_without_traceback_in_a_subprocess(tmp_path):
     import subprocess
     import sys
+
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     env.pop('GLD_DEBUG', None)
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
-                        '--size', '50x50', '--out', str(tmp_path / 'o')], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
+            '--size',
+            '50x50',
+            '--out',
+            str(tmp_path / 'o'),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        'error: --size 50x50: both sides must be positive multiples of 14, e.g. --size 42x42'], r.stderr
+        'error: --size 50x50: both sides must be positive multiples of 14, e.g. --size 42x42'
+    ], r.stderr
     assert not (tmp_path / 'o').exists()  # reported before anything is written
 
 
@@ -2544,18 +3196,29 @@ def test_gld_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch)
 
 def test_bad_frame_in_evaluation_names_scene_and_frame_never_another_scene(small_data, tmp_path, capsys):
     d = copy_data(small_data, tmp_path)
-    spoil_chunk(d / 'test' / '000000.torch',
-                lambda ch: ch[0]['images'].__setitem__(slice(None), [torch.tensor(list(b'no jpeg'), dtype=torch.uint8)] * 10))
+    spoil_chunk(
+        d / 'test' / '000000.torch',
+        lambda ch: ch[0]['images'].__setitem__(slice(None), [torch.tensor(list(b'no jpeg'), dtype=torch.uint8)] * 10),
+    )
     for mode in (['--scene', '0'], ['--eval', '--eval-scenes', '2']):
-        user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST, *mode], capsys,
-                   'test/000000.torch: scene synth_test_00000 frame', 'not a readable image', 'drop the scene', keep=[d])
+        user_error(
+            sample.main,
+            ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST, *mode],
+            capsys,
+            'test/000000.torch: scene synth_test_00000 frame',
+            'not a readable image',
+            'drop the scene',
+            keep=[d],
+        )
     assert not (tmp_path / 'o' / 'eval_n2.md').exists()
 
 
 def test_training_skips_a_bad_scene_with_a_warning_and_counts_it(small_data, tmp_path, capsys, monkeypatch):
     d = copy_data(small_data, tmp_path)
-    spoil_chunk(d / 'train' / '000000.torch',
-                lambda ch: ch[0]['images'].__setitem__(3, torch.tensor(list(b'no jpeg'), dtype=torch.uint8)))
+    spoil_chunk(
+        d / 'train' / '000000.torch',
+        lambda ch: ch[0]['images'].__setitem__(3, torch.tensor(list(b'no jpeg'), dtype=torch.uint8)),
+    )
     monkeypatch.setattr(data, 'sample_frames', lambda n, v, gap, g: torch.arange(3, 3 + v))  # frame 3 is read
     with pytest.warns(UserWarning, match='skipping training scene synth_train_00000: .* frame 3: not a readable image'):
         train.main(['--data', str(d), '--stage', 'decoder', *TRAIN_FAST, '--steps', '2', '--out', str(tmp_path / 'r')])
@@ -2568,7 +3231,9 @@ def test_missing_or_folder_frame_file_is_not_called_corrupt(tmp_path):
     os.remove(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png')
     os.makedirs(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png')
     ds = data.SceneDataset(f'dl3dv:{tmp_path / "scenes"}', num_views=3, size=(14, 14), eval=True)
-    with pytest.raises(data.FrameError, match=r'transforms.json: scene abc frame 1: .*frame_00002.png: no such image file'):
+    with pytest.raises(
+        data.FrameError, match=r'transforms.json: scene abc frame 1: .*frame_00002.png: no such image file'
+    ):
         ds[0]
     with pytest.raises(data.FrameError, match='frame_00003.png: a folder, not an image'):
         data.decode_image(str(tmp_path / 'scenes' / 'abc' / 'images_4' / 'frame_00003.png'))
@@ -2577,85 +3242,198 @@ def test_missing_or_folder_frame_file_is_not_called_corrupt(tmp_path):
 def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
     d = copy_data(small_data, tmp_path)
     first, last = data.read_eval_index(str(d / 'test' / 'eval_index.json'))['synth_test_00000'][0]
-    spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[0]['images'].__setitem__(last, data.encode_jpeg(torch.rand(3, 42, 56))))
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               f'scene synth_test_00000 frame {last}: 42x56 pixels, but frame {first} is 56x56', 'share one size', keep=[d])
-    spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[1]['images'].__setitem__(
-        slice(None), [data.encode_jpeg(torch.rand(3, 42, 56))] * 10))  # a whole scene of another size
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', '--scene', '1', *SAMPLE_FAST], capsys,
-               'scene synth_test_00001 is 42x56 pixels, but frame 0 of scene synth_test_00000 is 56x56', '--size HxW')
+    spoil_chunk(
+        d / 'test' / '000000.torch',
+        lambda ch: ch[0]['images'].__setitem__(last, data.encode_jpeg(torch.rand(3, 42, 56))),
+    )
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        f'scene synth_test_00000 frame {last}: 42x56 pixels, but frame {first} is 56x56',
+        'share one size',
+        keep=[d],
+    )
+    spoil_chunk(
+        d / 'test' / '000000.torch',
+        lambda ch: ch[1]['images'].__setitem__(slice(None), [data.encode_jpeg(torch.rand(3, 42, 56))] * 10),
+    )  # a whole scene of another size
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', '--scene', '1', *SAMPLE_FAST],
+        capsys,
+        'scene synth_test_00001 is 42x56 pixels, but frame 0 of scene synth_test_00000 is 56x56',
+        '--size HxW',
+    )
 
 
 def test_truncated_or_folder_chunk_names_the_file(small_data, tmp_path, capsys):
     d = copy_data(small_data, tmp_path)
     chunk = d / 'test' / '000000.torch'
     chunk.write_bytes(chunk.read_bytes()[:5000])
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               f'{chunk}: not a readable chunk file', 'python data.py synth', keep=[d])
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        f'{chunk}: not a readable chunk file',
+        'python data.py synth',
+        keep=[d],
+    )
     os.remove(chunk)
     os.makedirs(chunk)
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               f'{chunk}: a folder, not a chunk file', 'index.json', keep=[d])
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        f'{chunk}: a folder, not a chunk file',
+        'index.json',
+        keep=[d],
+    )
 
 
-@pytest.mark.parametrize('spoil, needle', [
-    (lambda c: c.__setitem__((2, 8), float('nan')), 'camera of view 2 holds NaN or inf values'),
-    (lambda c: c.__setitem__((1, 6), 3.0), 'the rotation of view 1 is not orthonormal'),
-    (lambda c: c.__setitem__((0, 0), -0.5), 'view 0 has focal lengths fx -0.5'),
-])
+@pytest.mark.parametrize(
+    'spoil, needle',
+    [
+        (lambda c: c.__setitem__((2, 8), float('nan')), 'camera of view 2 holds NaN or inf values'),
+        (lambda c: c.__setitem__((1, 6), 3.0), 'the rotation of view 1 is not orthonormal'),
+        (lambda c: c.__setitem__((0, 0), -0.5), 'view 0 has focal lengths fx -0.5'),
+    ],
+)
 def test_bad_cameras_are_refused_where_they_are_read(small_data, tmp_path, capsys, spoil, needle):
     d = copy_data(small_data, tmp_path)
     spoil_chunk(d / 'test' / '000000.torch', lambda ch: spoil(ch[0]['cameras']))
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               'test/000000.torch scene synth_test_00000', needle, keep=[d])
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        'test/000000.torch scene synth_test_00000',
+        needle,
+        keep=[d],
+    )
     spoil_chunk(d / 'train' / '000000.torch', lambda ch: spoil(ch[0]['cameras']))
-    user_error(train.main, ['--data', d, '--stage', 'decoder', *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
-               'train/000000.torch scene synth_train_00000', needle, keep=[d])
+    user_error(
+        train.main,
+        ['--data', d, '--stage', 'decoder', *TRAIN_FAST, '--out', tmp_path / 'r'],
+        capsys,
+        'train/000000.torch scene synth_train_00000',
+        needle,
+        keep=[d],
+    )
 
 
 def test_error_in_a_dataloader_worker_is_one_line_too(tmp_path, capsys):
     data.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
-    spoil_chunk(tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf')))
-    user_error(train.main, ['--data', tmp_path / 'd', '--stage', 'decoder', *TRAIN_FAST, '--workers', '1', '--out',
-                            tmp_path / 'r'], capsys, 'train/000001.torch scene synth_train_00001: camera of view 0 holds NaN')
-    user_error(train.main, ['--data', tmp_path / 'd', '--level', '0', '--stats', tmp_path / 'd', *TRAIN_FAST, '--out',
-                            tmp_path / 'r'], capsys, f'{tmp_path / "d"}: not a readable statistics file')
+    spoil_chunk(
+        tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf'))
+    )
+    user_error(
+        train.main,
+        ['--data', tmp_path / 'd', '--stage', 'decoder', *TRAIN_FAST, '--workers', '1', '--out', tmp_path / 'r'],
+        capsys,
+        'train/000001.torch scene synth_train_00001: camera of view 0 holds NaN',
+    )
+    user_error(
+        train.main,
+        ['--data', tmp_path / 'd', '--level', '0', '--stats', tmp_path / 'd', *TRAIN_FAST, '--out', tmp_path / 'r'],
+        capsys,
+        f'{tmp_path / "d"}: not a readable statistics file',
+    )
 
 
 def test_camera_rows_of_the_wrong_length(small_data, tmp_path, capsys):
     d = copy_data(small_data, tmp_path)
     spoil_chunk(d / 'test' / '000000.torch', lambda ch: ch[0].__setitem__('cameras', ch[0]['cameras'][:, :16]))
-    user_error(sample.main, ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               'scene synth_test_00000: camera rows have shape (10, 16), expected (V, 18)', keep=[d])
+    user_error(
+        sample.main,
+        ['--data', d, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        'scene synth_test_00000: camera rows have shape (10, 16), expected (V, 18)',
+        keep=[d],
+    )
 
 
 def test_sizes_data_folders_scenes_and_flags(small_data, tmp_path, capsys):
-    user_error(train.main, ['--data', small_data, '--size', '30x30', '--out', tmp_path / 'r'], capsys,
-               '--size 30x30: both sides must be positive multiples of 14, e.g. --size 28x28')
+    user_error(
+        train.main,
+        ['--data', small_data, '--size', '30x30', '--out', tmp_path / 'r'],
+        capsys,
+        '--size 30x30: both sides must be positive multiples of 14, e.g. --size 28x28',
+    )
     user_error(sample.main, ['--size', 'big', '--out', tmp_path / 'o'], capsys, '--size big: expected HxW')
-    user_error(train.main, ['--data', small_data, '--gap', 'x', '--out', tmp_path / 'r'], capsys, '--gap x: expected a range')
-    user_error(train.main, ['--data', small_data, '--views', '4', '--src', '4-5', '--out', tmp_path / 'r'], capsys,
-               '--src 4-5: a sample of --views 4 has 1..3 source views')
-    user_error(train.main, ['--data', f'{small_data}*x', '--out', tmp_path / 'r'], capsys, 'the ratio after each * must be a number')
+    user_error(
+        train.main, ['--data', small_data, '--gap', 'x', '--out', tmp_path / 'r'], capsys, '--gap x: expected a range'
+    )
+    user_error(
+        train.main,
+        ['--data', small_data, '--views', '4', '--src', '4-5', '--out', tmp_path / 'r'],
+        capsys,
+        '--src 4-5: a sample of --views 4 has 1..3 source views',
+    )
+    user_error(
+        train.main,
+        ['--data', f'{small_data}*x', '--out', tmp_path / 'r'],
+        capsys,
+        'the ratio after each * must be a number',
+    )
     os.makedirs(tmp_path / 'empty')
-    user_error(train.main, ['--data', tmp_path / 'empty', '--out', tmp_path / 'r'], capsys,
-               f'{tmp_path / "empty" / "train" / "index.json"}: missing', 'python data.py synth')
-    user_error(sample.main, ['--data', tmp_path / 'nothing', '--out', tmp_path / 'o'], capsys,
-               'no such dataset folder', 'python data.py synth')
-    user_error(sample.main, ['--data', small_data, '--scene', '7', '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               '--scene 7: the split has 2 scenes', keep=[small_data])
-    user_error(sample.main, ['--data', small_data, '--scene', 'nope', '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               '--scene nope: not in this split', '--scene synth_test_00000')
-    user_error(sample.main, ['--views', '4', '--src', '4', '--out', tmp_path / 'o'], capsys, '--src 4', '1..3 source views')
+    user_error(
+        train.main,
+        ['--data', tmp_path / 'empty', '--out', tmp_path / 'r'],
+        capsys,
+        f'{tmp_path / "empty" / "train" / "index.json"}: missing',
+        'python data.py synth',
+    )
+    user_error(
+        sample.main,
+        ['--data', tmp_path / 'nothing', '--out', tmp_path / 'o'],
+        capsys,
+        'no such dataset folder',
+        'python data.py synth',
+    )
+    user_error(
+        sample.main,
+        ['--data', small_data, '--scene', '7', '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        '--scene 7: the split has 2 scenes',
+        keep=[small_data],
+    )
+    user_error(
+        sample.main,
+        ['--data', small_data, '--scene', 'nope', '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        '--scene nope: not in this split',
+        '--scene synth_test_00000',
+    )
+    user_error(
+        sample.main, ['--views', '4', '--src', '4', '--out', tmp_path / 'o'], capsys, '--src 4', '1..3 source views'
+    )
     (tmp_path / 'a_file').write_text('x')
-    user_error(sample.main, ['--out', tmp_path / 'a_file', '--views', '4'], capsys, f'--out {tmp_path / "a_file"}: cannot create',
-               keep=[tmp_path / 'a_file'])
-    user_error(data.main, ['synth', '--out', tmp_path / 'a_file' / 'sub', '--train', '1', '--test', '0'], capsys,
-               'cannot create the folder')
-    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--init', tmp_path, *TRAIN_FAST, '--out', tmp_path / 'r'],
-               capsys, f'{tmp_path}: a folder, not a checkpoint file')
-    user_error(train.main, ['--data', small_data, '--batch-size', '4', '--out', tmp_path / 'r'], capsys,
-               '2 scenes per process < batch size 4', 'lower --batch-size')
+    user_error(
+        sample.main,
+        ['--out', tmp_path / 'a_file', '--views', '4'],
+        capsys,
+        f'--out {tmp_path / "a_file"}: cannot create',
+        keep=[tmp_path / 'a_file'],
+    )
+    user_error(
+        data.main,
+        ['synth', '--out', tmp_path / 'a_file' / 'sub', '--train', '1', '--test', '0'],
+        capsys,
+        'cannot create the folder',
+    )
+    user_error(
+        train.main,
+        ['--data', small_data, '--stage', 'decoder', '--init', tmp_path, *TRAIN_FAST, '--out', tmp_path / 'r'],
+        capsys,
+        f'{tmp_path}: a folder, not a checkpoint file',
+    )
+    user_error(
+        train.main,
+        ['--data', small_data, '--batch-size', '4', '--out', tmp_path / 'r'],
+        capsys,
+        '2 scenes per process < batch size 4',
+        'lower --batch-size',
+    )
 
 
 def test_views_are_honoured_with_an_evaluation_index(small_data, capsys):
@@ -2678,66 +3456,177 @@ def fake_run(folder, kind, meta, sd, step=1):
 def test_models_resolve_explicitly_and_refuse_another_encoders_latents(small_data, tmp_path, capsys):
     runs = tmp_path / 'runs'
     os.makedirs(runs)
-    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               f'{runs / "encoder"}: no encoder checkpoint', f'python train.py --stage encoder --out {runs / "encoder"}')
+    user_error(
+        sample.main,
+        ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        f'{runs / "encoder"}: no encoder checkpoint',
+        f'python train.py --stage encoder --out {runs / "encoder"}',
+    )
     enc_meta, enc_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'encoder.safetensors'))
     fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
     enc_sha = pipeline.load_checkpoint(train.list_checkpoints(str(runs / 'encoder'))[0])[0]['sha256']
     dec_meta, dec_sd = pipeline.load_checkpoint(os.path.join(pipeline.WEIGHTS, 'decoder.safetensors'))
     other = {'preset': 'da3-tiny', 'weights': 'elsewhere.pt', 'sha256': '0' * 64}
     fake_run(runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': other}, dec_sd)
-    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               'decoder/ckpt_0000001.pt: trained on latents of encoder elsewhere.pt (sha256 000000000000)',
-               f'encoder here is {runs / "encoder" / "ckpt_0000001.pt"} (sha256 {enc_sha[:12]})', 'python train.py --stage decoder',
-               keep=[runs])
-    fake_run(runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': {**other, 'sha256': enc_sha}}, dec_sd)
-    _, out = user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
-                        capsys, 'no level1 checkpoint', f'python train.py --level 1 --out {runs / "level1"}', keep=[runs])
+    user_error(
+        sample.main,
+        ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        'decoder/ckpt_0000001.pt: trained on latents of encoder elsewhere.pt (sha256 000000000000)',
+        f'encoder here is {runs / "encoder" / "ckpt_0000001.pt"} (sha256 {enc_sha[:12]})',
+        'python train.py --stage decoder',
+        keep=[runs],
+    )
+    fake_run(
+        runs / 'decoder', 'decoder', {'config': dec_meta['config'], 'encoder': {**other, 'sha256': enc_sha}}, dec_sd
+    )
+    _, out = user_error(
+        sample.main,
+        ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        'no level1 checkpoint',
+        f'python train.py --level 1 --out {runs / "level1"}',
+        keep=[runs],
+    )
     assert f'{runs / "decoder" / "ckpt_0000001.pt"} (sha256 ' in out  # every resolved model is printed with its hash
-    user_error(sample.main, ['--ckpt-dir', runs, '--boundary', '2', '--independent', '--data', small_data, '--out',
-                             tmp_path / 'o', *SAMPLE_FAST], capsys, 'python train.py --level 2 --out')
-    user_error(sample.main, ['--independent', '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               'no bundled level0_ind model', 'python train.py --level 0 --independent --export weights/mine',
-               '--ckpt-dir weights/mine')  # the ablation's models are not bundled (the 30 MB budget)
+    user_error(
+        sample.main,
+        [
+            '--ckpt-dir',
+            runs,
+            '--boundary',
+            '2',
+            '--independent',
+            '--data',
+            small_data,
+            '--out',
+            tmp_path / 'o',
+            *SAMPLE_FAST,
+        ],
+        capsys,
+        'python train.py --level 2 --out',
+    )
+    user_error(
+        sample.main,
+        ['--independent', '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        'no bundled level0_ind model',
+        'python train.py --level 0 --independent --export weights/mine',
+        '--ckpt-dir weights/mine',
+    )  # the ablation's models are not bundled (the 30 MB budget)
 
 
 def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkeypatch):
     import hashlib
+
     monkeypatch.chdir(tmp_path)  # no runs/encoder here: --encoder-weights auto is the bundled encoder
-    out = train.main(['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')])
+    out = train.main(
+        ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')]
+    )
     ref = torch.load(train.list_checkpoints(out)[-1], weights_only=False)['encoder']
     bundled = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
     parent = json.load(open(os.path.join(pipeline.WEIGHTS, 'encoder.json'))).get('latents_sha256')  # --head-only
-    assert ref == {'preset': 'da3-tiny', 'weights': bundled,
-                   'sha256': parent or hashlib.sha256(open(bundled, 'rb').read()).hexdigest()}
+    assert ref == {
+        'preset': 'da3-tiny',
+        'weights': bundled,
+        'sha256': parent or hashlib.sha256(open(bundled, 'rb').read()).hexdigest(),
+    }
     assert ref['sha256'] == json.load(open(os.path.join(pipeline.WEIGHTS, 'level1.json')))['encoder']['sha256']
 
 
-def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_export_folder(small_data, tmp_path, capsys):
+def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_export_folder(
+    small_data, tmp_path, capsys
+):
     """train.py --stage encoder --head-only: the backbone is bit-identical, the heads move, and the exports record the
     parent's hash as their latents'; sample.py --ckpt-dir takes a folder of exports; M2 warm-starts from M1's weights
     with level 2's own statistics, and the boundary-2 ablation runs from that folder."""
     mine, bundled = tmp_path / 'mine', os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
     shutil.copytree(pipeline.WEIGHTS, mine)
-    user_error(train.main, ['--data', small_data, '--stage', 'encoder', '--head-only', *TRAIN_FAST, '--out', tmp_path / 'r'],
-               capsys, '--head-only', '--init weights/tiny/encoder.safetensors')
-    train.main([str(a) for a in ['--data', small_data, '--stage', 'encoder', '--head-only', '--init', bundled, *TRAIN_FAST,
-                                 '--steps', '3', '--lr', '1e-3', '--ema', '0', '--out', tmp_path / 'r', '--export', mine]])
+    user_error(
+        train.main,
+        ['--data', small_data, '--stage', 'encoder', '--head-only', *TRAIN_FAST, '--out', tmp_path / 'r'],
+        capsys,
+        '--head-only',
+        '--init weights/tiny/encoder.safetensors',
+    )
+    train.main(
+        [
+            str(a)
+            for a in [
+                '--data',
+                small_data,
+                '--stage',
+                'encoder',
+                '--head-only',
+                '--init',
+                bundled,
+                *TRAIN_FAST,
+                '--steps',
+                '3',
+                '--lr',
+                '1e-3',
+                '--ema',
+                '0',
+                '--out',
+                tmp_path / 'r',
+                '--export',
+                mine,
+            ]
+        ]
+    )
     parent = pipeline.load_encoder('da3-tiny', bundled)
     child = pipeline.load_encoder('da3-tiny', str(mine / 'encoder.safetensors'))
-    assert child.source['sha256'] == parent.source['sha256'] != pipeline.load_checkpoint(str(mine / 'encoder.safetensors'))[0]['sha256']
+    assert (
+        child.source['sha256']
+        == parent.source['sha256']
+        != pipeline.load_checkpoint(str(mine / 'encoder.safetensors'))[0]['sha256']
+    )
     images = data.collate_one(data.SceneDataset(str(small_data), 'test', num_views=4)[0])['images']
     for a, b in zip(parent.encode(images), child.encode(images)):
         assert torch.equal(a, b)
     assert not torch.allclose(parent(images)['depth'], child(images)['depth'])
-    train.main([str(a) for a in ['--data', small_data, '--level', '2', '--init', mine / 'level1.safetensors', *TRAIN_FAST,
-                                 '--steps', '1', '--encoder-weights', mine / 'encoder.safetensors', '--out', tmp_path / 'm2',
-                                 '--export', mine]])
+    train.main(
+        [
+            str(a)
+            for a in [
+                '--data',
+                small_data,
+                '--level',
+                '2',
+                '--init',
+                mine / 'level1.safetensors',
+                *TRAIN_FAST,
+                '--steps',
+                '1',
+                '--encoder-weights',
+                mine / 'encoder.safetensors',
+                '--out',
+                tmp_path / 'm2',
+                '--export',
+                mine,
+            ]
+        ]
+    )
     meta = pipeline.load_checkpoint(str(mine / 'level2.safetensors'))[0]
     assert sorted(meta['stats']) == ['mean2', 'var2'] and meta['encoder']['sha256'] == parent.source['sha256']
     capsys.readouterr()
-    sample.main([str(a) for a in ['--ckpt-dir', mine, '--boundary', '2', '--data', small_data,
-                                  '--out', tmp_path / 'o', *SAMPLE_FAST]])
+    sample.main(
+        [
+            str(a)
+            for a in [
+                '--ckpt-dir',
+                mine,
+                '--boundary',
+                '2',
+                '--data',
+                small_data,
+                '--out',
+                tmp_path / 'o',
+                *SAMPLE_FAST,
+            ]
+        ]
+    )
     out = capsys.readouterr().out
     assert all(f'{mine / n}.safetensors (sha256' in out for n in ('encoder', 'decoder', 'level2', 'level1', 'level0'))
     assert os.path.isfile(tmp_path / 'o' / 'grid.png')
@@ -2749,35 +3638,103 @@ def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tm
     fake_run(runs / 'encoder', 'encoder', {}, enc_sd)
     ck = runs / 'encoder' / 'ckpt_0000001.pt'
     ck.write_bytes(ck.read_bytes()[:20000])
-    user_error(sample.main, ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST], capsys,
-               f'{ck}: not a loadable checkpoint', 'delete it', keep=[runs])
+    user_error(
+        sample.main,
+        ['--ckpt-dir', runs, '--data', small_data, '--out', tmp_path / 'o', *SAMPLE_FAST],
+        capsys,
+        f'{ck}: not a loadable checkpoint',
+        'delete it',
+        keep=[runs],
+    )
     for name in ('level1.safetensors', 'level1.json', 'encoder.safetensors'):
         shutil.copy(os.path.join(pipeline.WEIGHTS, name), tmp_path / name)
     spoilt = bytearray((tmp_path / 'level1.safetensors').read_bytes())
     spoilt[-1] ^= 1
     (tmp_path / 'level1.safetensors').write_bytes(spoilt)
-    user_error(train.main, ['--data', small_data, '--level', '1', *TRAIN_FAST, '--init', tmp_path / 'level1.safetensors',
-                            '--out', tmp_path / 'r'], capsys, 'level1.safetensors: checksum mismatch',
-               'export it again with: python train.py', keep=[tmp_path / 'level1.safetensors'])
+    user_error(
+        train.main,
+        [
+            '--data',
+            small_data,
+            '--level',
+            '1',
+            *TRAIN_FAST,
+            '--init',
+            tmp_path / 'level1.safetensors',
+            '--out',
+            tmp_path / 'r',
+        ],
+        capsys,
+        'level1.safetensors: checksum mismatch',
+        'export it again with: python train.py',
+        keep=[tmp_path / 'level1.safetensors'],
+    )
     # weights without a sidecar: truncated, and of another preset (the flag, not a Python call)
     enc = tmp_path / 'encoder.safetensors'
-    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights', enc,
-                            *TRAIN_FAST, '--out', tmp_path / 'r'], capsys,
-               f'{enc}: the weights match preset \'da3-tiny\', not \'da3-small\': pass --encoder da3-tiny')
+    user_error(
+        train.main,
+        [
+            '--data',
+            small_data,
+            '--stage',
+            'decoder',
+            '--encoder',
+            'da3-small',
+            '--encoder-weights',
+            enc,
+            *TRAIN_FAST,
+            '--out',
+            tmp_path / 'r',
+        ],
+        capsys,
+        f"{enc}: the weights match preset 'da3-tiny', not 'da3-small': pass --encoder da3-tiny",
+    )
     # with a sidecar: the same diagnostics, not PyTorch's key listing
     shutil.copy(os.path.join(pipeline.WEIGHTS, 'encoder.json'), tmp_path / 'encoder.json')
-    line, _ = user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights',
-                                   enc, *TRAIN_FAST, '--out', tmp_path / 'r'], capsys, 'pass --encoder da3-tiny')
+    line, _ = user_error(
+        train.main,
+        [
+            '--data',
+            small_data,
+            '--stage',
+            'decoder',
+            '--encoder',
+            'da3-small',
+            '--encoder-weights',
+            enc,
+            *TRAIN_FAST,
+            '--out',
+            tmp_path / 'r',
+        ],
+        capsys,
+        'pass --encoder da3-tiny',
+    )
     assert len(line) < 300
     os.remove(tmp_path / 'encoder.json')
     enc.write_bytes(enc.read_bytes()[:4000])
-    user_error(train.main, ['--data', small_data, '--stage', 'decoder', '--encoder-weights', enc, *TRAIN_FAST,
-                            '--out', tmp_path / 'r'], capsys, f'{enc}: not a readable weights file', '--encoder-weights')
+    user_error(
+        train.main,
+        ['--data', small_data, '--stage', 'decoder', '--encoder-weights', enc, *TRAIN_FAST, '--out', tmp_path / 'r'],
+        capsys,
+        f'{enc}: not a readable weights file',
+        '--encoder-weights',
+    )
 
 
 def test_resume_falls_back_to_the_newest_loadable_checkpoint(small_data, tmp_path, capsys):
-    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '1', '--keep', '5',
-            '--out', str(tmp_path / 'r')]
+    argv = [
+        '--data',
+        str(small_data),
+        '--stage',
+        'decoder',
+        *TRAIN_FAST,
+        '--ckpt-every',
+        '1',
+        '--keep',
+        '5',
+        '--out',
+        str(tmp_path / 'r'),
+    ]
     train.main(argv + ['--steps', '1'])
     good = train.list_checkpoints(str(tmp_path / 'r'))[0]
     (tmp_path / 'r' / 'ckpt_0000002.pt').write_bytes(b'garbage')
@@ -2790,22 +3747,46 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(small_data, tmp_pat
     assert torch.load(tmp_path / 'r' / 'ckpt_0000002.pt', weights_only=False)['step'] == 2  # rewritten whole
     for p in train.list_checkpoints(str(tmp_path / 'r')):
         open(p, 'wb').write(b'garbage')
-    user_error(train.main, argv + ['--steps', '4', '--resume'], capsys, '--resume: none of the 3 checkpoints',
-               keep=[tmp_path / 'r'])
+    user_error(
+        train.main,
+        argv + ['--steps', '4', '--resume'],
+        capsys,
+        '--resume: none of the 3 checkpoints',
+        keep=[tmp_path / 'r'],
+    )
 
 
 def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_path, capsys, monkeypatch):
     import errno
-    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '1', '--out', str(tmp_path / 'r')]
+
+    argv = [
+        '--data',
+        str(small_data),
+        '--stage',
+        'decoder',
+        *TRAIN_FAST,
+        '--ckpt-every',
+        '1',
+        '--out',
+        str(tmp_path / 'r'),
+    ]
     train.main(argv + ['--steps', '1'])
     real_save = torch.save
 
     def full_disk(obj, f):
         open(f, 'wb').write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
+
     monkeypatch.setattr(torch, 'save', full_disk)
-    user_error(train.main, argv + ['--steps', '2', '--resume'], capsys, 'ckpt_0000002.pt: cannot write the checkpoint',
-               'No space left on device', 'continue with --resume', keep=[tmp_path / 'r' / 'ckpt_0000001.pt'])
+    user_error(
+        train.main,
+        argv + ['--steps', '2', '--resume'],
+        capsys,
+        'ckpt_0000002.pt: cannot write the checkpoint',
+        'No space left on device',
+        'continue with --resume',
+        keep=[tmp_path / 'r' / 'ckpt_0000001.pt'],
+    )
     monkeypatch.setattr(torch, 'save', real_save)
     assert sorted(os.listdir(tmp_path / 'r')) == ['ckpt_0000001.pt', 'log.csv']  # no partial file left behind
     assert torch.load(tmp_path / 'r' / 'ckpt_0000001.pt', weights_only=False)['step'] == 1
@@ -2815,8 +3796,20 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_pa
 def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch, workers):
     import multiprocessing
     import signal
-    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--workers', workers,
-            '--out', str(tmp_path / 'r')]
+
+    argv = [
+        '--data',
+        str(small_data),
+        '--stage',
+        'decoder',
+        *TRAIN_FAST,
+        '--ckpt-every',
+        '10',
+        '--workers',
+        workers,
+        '--out',
+        str(tmp_path / 'r'),
+    ]
     real_lr_at = train.lr_at
 
     def lr_at(step, a, r):
@@ -2824,10 +3817,13 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, 
             for p in [*multiprocessing.active_children(), multiprocessing.current_process()]:
                 os.kill(p.pid, signal.SIGINT)
         return real_lr_at(step, a, r)
+
     monkeypatch.setattr(train, 'lr_at', lr_at)
     with pytest.raises(SystemExit) as e:
         train.main(argv + ['--steps', '5'])
-    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a 2nd Ctrl-C: at once
+    assert (
+        e.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )  # a 2nd Ctrl-C: at once
     assert 'interrupted: wrote' in capsys.readouterr().err
     assert torch.load(train.list_checkpoints(str(tmp_path / 'r'))[-1], weights_only=False)['step'] == 2
     monkeypatch.setattr(train, 'lr_at', real_lr_at)
@@ -2837,6 +3833,7 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, 
 
 # ---------------------------------------------------------------- a user's own photos (issue 18)
 
+
 def write_photos(folder, scene, views, H, W):
     """Frames `views` of a dataset scene as a user has them: frame_XXX.png and a nerfstudio transforms.json."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -2844,9 +3841,18 @@ def write_photos(folder, scene, views, H, W):
     for v in views:
         export.save_image(scene['images'][v], str(folder / f'frame_{v:03d}.png'))
         Kp = cameras.K_to_pixels(scene['K'][v], H, W)
-        frames.append({'file_path': f'frame_{v:03d}.png', 'transform_matrix': cameras.opengl_to_opencv(scene['c2w'][v]).tolist(),
-                       'fl_x': float(Kp[0, 0]), 'fl_y': float(Kp[1, 1]), 'cx': float(Kp[0, 2]), 'cy': float(Kp[1, 2]),
-                       'w': W, 'h': H})
+        frames.append(
+            {
+                'file_path': f'frame_{v:03d}.png',
+                'transform_matrix': cameras.opengl_to_opencv(scene['c2w'][v]).tolist(),
+                'fl_x': float(Kp[0, 0]),
+                'fl_y': float(Kp[1, 1]),
+                'cx': float(Kp[0, 2]),
+                'cy': float(Kp[1, 2]),
+                'w': W,
+                'h': H,
+            }
+        )
     json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
     return [str(folder / f'frame_{v:03d}.png') for v in views]
 
@@ -2868,7 +3874,11 @@ def test_every_image_is_a_source_unless_src_holds_some_out(world, photos, tmp_pa
     cams = str(Path(photos[0]).parent / 'transforms.json')
     tf, src = run_photos(['--images', *photos[:3], '--cameras', cams], tmp_path / 'three')
     assert src == [True] * 3 + [False] * 2  # 3 images -> 3 sources, then the 2 trajectory targets
-    assert sorted(os.listdir(tmp_path / 'three' / 'images'))[:3] == ['source_000.png', 'source_001.png', 'source_002.png']
+    assert sorted(os.listdir(tmp_path / 'three' / 'images'))[:3] == [
+        'source_000.png',
+        'source_001.png',
+        'source_002.png',
+    ]
     for f in tf['frames']:  # every file transforms.json names exists, the sources beside the targets
         assert os.path.isfile(tmp_path / 'three' / f['file_path'])
     tf, src = run_photos(['--images', *photos, '--cameras', cams, '--src', '2'], tmp_path / 'held')
@@ -2926,11 +3936,21 @@ def test_an_implausible_camera_estimate_is_one_line(world, photos, capsys, monke
         g['K'] = g['K'].clone()
         g['K'][..., 0, 0], g['K'][..., 1, 1], g['K'][..., 0, 2] = 44.0, 0.27, -17.8
         return g
+
     monkeypatch.setattr(encoder_lib.DA3, 'geometry', broken)
-    err, _ = user_error(sample.main, ['--ckpt-dir', 'runs', '--images', *photos[:2], '--steps', '1', '--out',
-                                      world['root'] / 'out' / 'broken'], capsys,
-                        'implausible', 'focal lengths', 'principal point', '--cameras')
-    g = {'c2w': torch.eye(4).expand(2, 4, 4), 'K': torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)}
+    err, _ = user_error(
+        sample.main,
+        ['--ckpt-dir', 'runs', '--images', *photos[:2], '--steps', '1', '--out', world['root'] / 'out' / 'broken'],
+        capsys,
+        'implausible',
+        'focal lengths',
+        'principal point',
+        '--cameras',
+    )
+    g = {
+        'c2w': torch.eye(4).expand(2, 4, 4),
+        'K': torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3),
+    }
     with pytest.raises(cli.UserError, match='apart at a median depth'):  # two photos, one camera centre
         cameras.check_estimate(g['c2w'], g['K'], torch.ones(2, 8, 8), 8, 8)
     cameras.check_estimate(g['c2w'][:1], g['K'][:1], torch.ones(1, 8, 8), 8, 8)  # one photo: no baseline to check
@@ -2947,10 +3967,25 @@ def test_points_overlay_the_given_cameras(bundled, tmp_path):
         scaled['c2w'][:, :3, 3] *= unit
         paths = write_photos(tmp_path / f'photos{unit}', scaled, range(2), 112, 112)
         out = tmp_path / f'out{unit}'
-        sample.main(['--images', *paths, '--cameras', str(tmp_path / f'photos{unit}'), '--steps', '2', '--frames', '1',
-                     '--out', str(out)])
-        errs[unit] = float(cross_view_depth_error(read_ply_points(out / 'points.ply'), scaled['c2w'][:2], s['K'][:2],
-                                                  s['depths'][:2] * unit))
+        sample.main(
+            [
+                '--images',
+                *paths,
+                '--cameras',
+                str(tmp_path / f'photos{unit}'),
+                '--steps',
+                '2',
+                '--frames',
+                '1',
+                '--out',
+                str(out),
+            ]
+        )
+        errs[unit] = float(
+            cross_view_depth_error(
+                read_ply_points(out / 'points.ply'), scaled['c2w'][:2], s['K'][:2], s['depths'][:2] * unit
+            )
+        )
         tf = json.load(open(out / 'transforms.json'))
         assert 'the given cameras' in tf['gld_frame'] and str(tmp_path / f'photos{unit}') in tf['gld_frame']
         assert json.load(open(out / 'metrics.json'))['export']['frame'] == tf['gld_frame']
@@ -2965,7 +4000,9 @@ def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp
     capsys.readouterr()
     run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], out)
     printed = capsys.readouterr().out
-    run_photos(['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], tmp_path / 'fresh')
+    run_photos(
+        ['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], tmp_path / 'fresh'
+    )
     rel = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
     assert rel(out) == sorted(rel(tmp_path / 'fresh') + ['notes.txt'])
     assert 'removed' in printed and f'({len(rel(tmp_path / "fresh"))} files)' in printed
@@ -2976,8 +4013,15 @@ def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path,
     commands = [l for l in readme.splitlines() if l.startswith('python train.py') and '--export' in l]
     assert len(commands) >= 5 and all(c.split('--export ')[1].split()[0] == 'weights/mine' for c in commands), commands
     argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')]
-    user_error(train.main, argv + ['--export', pipeline.WEIGHTS], capsys, '--export', 'bundled models', '--force',
-               keep=[pipeline.WEIGHTS])
+    user_error(
+        train.main,
+        argv + ['--export', pipeline.WEIGHTS],
+        capsys,
+        '--export',
+        'bundled models',
+        '--force',
+        keep=[pipeline.WEIGHTS],
+    )
     assert not os.path.exists(tmp_path / 'r')  # refused before any work
     monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'bundled'))  # --force replaces them (here: a stand-in)
     train.main(argv + ['--export', str(tmp_path / 'bundled'), '--force'])
@@ -3005,11 +4049,18 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     V, H, W = 3, 28, 42
     c2w = random_c2w(V, gen).double()
     K = torch.tensor([[0.9, 0, 0.48], [0, 1.2, 0.52], [0, 0, 1]], dtype=torch.float64).expand(V, 3, 3)
-    points = {'view': torch.tensor([0, 1, 2]), 'xyz': torch.randn(3, 3, dtype=torch.float64),
-              'rgb': torch.zeros(3, 3, dtype=torch.uint8), 'uv': torch.rand(3, 2, dtype=torch.float64)}
+    points = {
+        'view': torch.tensor([0, 1, 2]),
+        'xyz': torch.randn(3, 3, dtype=torch.float64),
+        'rgb': torch.zeros(3, 3, dtype=torch.uint8),
+        'uv': torch.rand(3, 2, dtype=torch.float64),
+    }
     names = [f'photo_{v}.jpg' for v in range(V)]
-    same = lambda cams: (torch.allclose(cams['c2w'].double(), c2w, atol=1e-5) and
-                         torch.allclose(cams['K'].double(), K, atol=1e-6) and cams['names'] == names)
+    same = lambda cams: (
+        torch.allclose(cams['c2w'].double(), c2w, atol=1e-5)
+        and torch.allclose(cams['K'].double(), K, atol=1e-6)
+        and cams['names'] == names
+    )
     for text in (False, True):  # COLMAP binary (as export.py writes it) and text (as COLMAP does), read back
         project = tmp_path / ('text' if text else 'bin')
         if text:
@@ -3022,8 +4073,9 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
             pycolmap = pytest.importorskip('pycolmap')
             rec = pycolmap.Reconstruction(str(project / 'sparse' / '0'))
             assert sorted(im.name for im in rec.images.values()) == names
-        export.write_transforms(str(project / 'transforms.json'), cams['c2w'], cams['K'], H, W,
-                                ['images/' + n for n in names], [True] * V)  # then nerfstudio in
+        export.write_transforms(
+            str(project / 'transforms.json'), cams['c2w'], cams['K'], H, W, ['images/' + n for n in names], [True] * V
+        )  # then nerfstudio in
         tf = export.read_cameras(str(project / 'transforms.json'))
         assert same({**tf, 'names': [os.path.basename(n) for n in tf['names']]})
         assert tf['files'][0] == str(project / 'images' / names[0])
@@ -3039,12 +4091,29 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
 
 def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
     """A camera file matched by name must not hand one scene's camera to another scene's photo of the same name."""
-    other = write_photos(tmp_path / 'other', data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[0],
-                         range(2), 56, 56)
+    other = write_photos(
+        tmp_path / 'other', data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[0], range(2), 56, 56
+    )
     run_photos(['--images', *photos[:2], '--cameras', str(Path(photos[0]).parent)], tmp_path / 'o')
-    user_error(sample.main, ['--ckpt-dir', 'runs', '--images', *other, '--cameras', Path(photos[0]).parent,
-                             '--steps', '1', '--out', tmp_path / 'o'], capsys, 'frame_000.png', 'other photos',
-               keep=[tmp_path / 'o'])  # the failed run leaves the earlier outputs as they were
+    user_error(
+        sample.main,
+        [
+            '--ckpt-dir',
+            'runs',
+            '--images',
+            *other,
+            '--cameras',
+            Path(photos[0]).parent,
+            '--steps',
+            '1',
+            '--out',
+            tmp_path / 'o',
+        ],
+        capsys,
+        'frame_000.png',
+        'other photos',
+        keep=[tmp_path / 'o'],
+    )  # the failed run leaves the earlier outputs as they were
 
 
 def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
@@ -3053,6 +4122,7 @@ def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
     class Terminal(io.StringIO):
         def isatty(self):
             return True
+
     for stream, every in ((Terminal(), 10.0), (io.StringIO(), 10.0), (Terminal(), 0)):
         bar = cli.Progress('steps', 3, every=every, stream=stream)
         for _ in range(3):
@@ -3093,13 +4163,26 @@ def meta_state_dict(shapes):
 
 def dinov2_hub_keys(C, depth, registers=0, grid=37):
     """facebookresearch/dinov2 DinoVisionTransformer state-dict keys and shapes (GELU MLP ratio 4, LayerScale)."""
-    keys = {'cls_token': (1, 1, C), 'pos_embed': (1, 1 + grid * grid, C), 'mask_token': (1, C),
-            'patch_embed.proj.weight': (C, 3, 14, 14), 'patch_embed.proj.bias': (C,), 'norm.weight': (C,), 'norm.bias': (C,)}
+    keys = {
+        'cls_token': (1, 1, C),
+        'pos_embed': (1, 1 + grid * grid, C),
+        'mask_token': (1, C),
+        'patch_embed.proj.weight': (C, 3, 14, 14),
+        'patch_embed.proj.bias': (C,),
+        'norm.weight': (C,),
+        'norm.bias': (C,),
+    }
     if registers:
         keys['register_tokens'] = (1, registers, C)
     for i in range(depth):
-        for n, s in [('norm1', (C,)), ('norm2', (C,)), ('attn.qkv', (3 * C, C)), ('attn.proj', (C, C)),
-                     ('mlp.fc1', (4 * C, C)), ('mlp.fc2', (C, 4 * C))]:
+        for n, s in [
+            ('norm1', (C,)),
+            ('norm2', (C,)),
+            ('attn.qkv', (3 * C, C)),
+            ('attn.proj', (C, C)),
+            ('mlp.fc1', (4 * C, C)),
+            ('mlp.fc2', (C, 4 * C)),
+        ]:
             keys[f'blocks.{i}.{n}.weight'], keys[f'blocks.{i}.{n}.bias'] = s, (s[0],)
         keys[f'blocks.{i}.ls1.gamma'] = keys[f'blocks.{i}.ls2.gamma'] = (C,)
     return keys
@@ -3116,7 +4199,12 @@ def sd_vae_ldm_keys(ch=128, mult=(1, 2, 4, 4), res=2, z=4):
         keys[name + '.weight'] = keys[name + '.bias'] = (c,)
 
     def resnet(name, cin, cout):
-        norm(name + '.norm1', cin), conv(name + '.conv1', cin, cout, 3), norm(name + '.norm2', cout), conv(name + '.conv2', cout, cout, 3)
+        (
+            norm(name + '.norm1', cin),
+            conv(name + '.conv1', cin, cout, 3),
+            norm(name + '.norm2', cout),
+            conv(name + '.conv2', cout, cout, 3),
+        )
         if cin != cout:
             conv(name + '.nin_shortcut', cin, cout, 1)
 
@@ -3124,6 +4212,7 @@ def sd_vae_ldm_keys(ch=128, mult=(1, 2, 4, 4), res=2, z=4):
         resnet(name + '.block_1', c, c), resnet(name + '.block_2', c, c), norm(name + '.attn_1.norm', c)
         for n in ('q', 'k', 'v', 'proj_out'):
             conv(f'{name}.attn_1.{n}', c, c, 1)
+
     conv('encoder.conv_in', 3, ch, 3)
     cin = ch
     for i, m in enumerate(mult):
@@ -3133,7 +4222,12 @@ def sd_vae_ldm_keys(ch=128, mult=(1, 2, 4, 4), res=2, z=4):
         if i < len(mult) - 1:
             conv(f'encoder.down.{i}.downsample.conv', cin, cin, 3)
     mid('encoder.mid', cin), norm('encoder.norm_out', cin), conv('encoder.conv_out', cin, 2 * z, 3)
-    conv('quant_conv', 2 * z, 2 * z, 1), conv('post_quant_conv', z, z, 1), conv('decoder.conv_in', z, cin, 3), mid('decoder.mid', cin)
+    (
+        conv('quant_conv', 2 * z, 2 * z, 1),
+        conv('post_quant_conv', z, z, 1),
+        conv('decoder.conv_in', z, cin, 3),
+        mid('decoder.mid', cin),
+    )
     for i in reversed(range(len(mult))):
         for j in range(res + 1):
             resnet(f'decoder.up.{i}.block.{j}', cin, ch * mult[i])
@@ -3156,7 +4250,9 @@ def check_strict_loading(enc, official, extra_prefix_ok=()):
     family = {vggt_lib.VGGT: vggt_lib, dinov2_lib.DINOv2: dinov2_lib, vae_lib.VAE: vae_lib}[type(enc)]
     family.load_weights(enc, sd)
     own = {k: v for k, v in (enc.vit if isinstance(enc, dinov2_lib.DINOv2) else enc).state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in own.items()} == {k: s for k, s in official.items() if not k.startswith(extra_prefix_ok)}
+    assert {k: tuple(v.shape) for k, v in own.items()} == {
+        k: s for k, s in official.items() if not k.startswith(extra_prefix_ok)
+    }
     first = sorted(official)[0]
     broken = {**{k: v for k, v in sd.items() if k != first}, 'blocks.99.extra': torch.empty(3, device='meta')}
     wrong = sorted(k for k in official if k.endswith('.weight') and not k.startswith(extra_prefix_ok))[0]
@@ -3177,8 +4273,14 @@ def test_vggt_1b_loads_its_official_layout_strictly():
     assert n == 909_112_320 and enc.dim == 2048  # the notes' count for aggregator.*
 
 
-@pytest.mark.parametrize('name,dim,depth,reg,params', [('dinov2-s', 384, 12, 0, 22_056_576), ('dinov2-b-reg', 768, 12, 4, 86_583_552),
-                                                       ('dinov2-l', 1024, 24, 0, 304_368_640)])
+@pytest.mark.parametrize(
+    'name,dim,depth,reg,params',
+    [
+        ('dinov2-s', 384, 12, 0, 22_056_576),
+        ('dinov2-b-reg', 768, 12, 4, 86_583_552),
+        ('dinov2-l', 1024, 24, 0, 304_368_640),
+    ],
+)
 def test_dinov2_loads_the_hub_layout_strictly(name, dim, depth, reg, params):
     official = dinov2_hub_keys(dim, depth, reg)
     assert sum(math.prod(s) for s in official.values()) == params  # ViT-S/B/L14 as published
@@ -3194,9 +4296,11 @@ def test_sd_vae_loads_the_ldm_layout_strictly(capsys):
     with torch.device('meta'):
         enc = latents.build_encoder('vae')
     check_strict_loading(enc, official)
-    full_ckpt = {**{'first_stage_model.' + k: v for k, v in meta_state_dict(official).items()},
-                 'model.diffusion_model.out.0.weight': torch.empty(4, device='meta'),
-                 'first_stage_model.loss.logvar': torch.empty((), device='meta')}
+    full_ckpt = {
+        **{'first_stage_model.' + k: v for k, v in meta_state_dict(official).items()},
+        'model.diffusion_model.out.0.weight': torch.empty(4, device='meta'),
+        'first_stage_model.loss.logvar': torch.empty((), device='meta'),
+    }
     vae_lib.load_weights(enc, full_ckpt)  # an SD checkpoint: its first stage, the loss skipped with a note
     assert 'ignoring 1 loss.*' in capsys.readouterr().out
     tiny = latents.build_encoder('vae-tiny')  # the same architecture and layout at 32 channels
@@ -3213,7 +4317,7 @@ def test_vggt_propagation_reproduces_the_deeper_levels():
     for k in (0, 1, 2):
         prop, prop_special = enc.propagate(levels[k], k, special[k], (3, 4), return_cls=True)
         assert len(prop) == 3 - k
-        for a, b in zip(prop + prop_special, levels[k + 1:] + special[k + 1:]):
+        for a, b in zip(prop + prop_special, levels[k + 1 :] + special[k + 1 :]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     frame_half = levels[1].clone()
     frame_half[..., :64] = 0  # the state is the global half: the frame half of level k is not read
@@ -3287,9 +4391,9 @@ def test_vae_tokens_are_2x2_patches_of_the_scaled_posterior_mean():
     vae = latents.build_encoder('vae-tiny').freeze()
     images = torch.rand(1, 2, 3, 32, 48)
     (lv,) = vae.encode(images)
-    mean = vae.posterior(images.flatten(0, 1))[0] * vae.cfg.scale                   # (2,4,4,6)
+    mean = vae.posterior(images.flatten(0, 1))[0] * vae.cfg.scale  # (2,4,4,6)
     assert lv.shape == (1, 2, 2 * 3, 16) and (vae.dim, vae.patch) == (16, 16)
-    torch.testing.assert_close(lv[0, 1, 4], mean[1, :, 2:4, 2:4].flatten())          # token (1,1): channels (z, py, px)
+    torch.testing.assert_close(lv[0, 1, 4], mean[1, :, 2:4, 2:4].flatten())  # token (1,1): channels (z, py, px)
     rgb = vae.rgb_decoder()([lv], (2, 3))
     torch.testing.assert_close(rgb, vae.decode_latent(mean / vae.cfg.scale).unflatten(0, (1, 2)))
     with pytest.raises(ValueError, match='multiples of 16'):
@@ -3307,15 +4411,18 @@ def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
     images = torch.rand(1, 2, 3, 28, 42)
     with torch.no_grad():
         recon.pixel_head.weight.zero_()
-        recon.pixel_head.bias.copy_(torch.arange(3 * 14 * 14.))
-        tiled = recon.reconstruct(images)                                      # every 14x14 patch is the bias
-    torch.testing.assert_close(tiled[0, 1, :, 14:, 28:], torch.arange(3 * 14 * 14.).view(3, 14, 14))
+        recon.pixel_head.bias.copy_(torch.arange(3 * 14 * 14.0))
+        tiled = recon.reconstruct(images)  # every 14x14 patch is the bias
+    torch.testing.assert_close(tiled[0, 1, :, 14:, 28:], torch.arange(3 * 14 * 14.0).view(3, 14, 14))
     recon.pixel_head.reset_parameters()
     opt = torch.optim.Adam(recon.parameters(), 2e-3)
     losses = []
     for _ in range(40):
         loss, parts = recon.training_loss({'images': images})
-        opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(parts['mse']))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(parts['mse']))
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -3334,12 +4441,34 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
     monkeypatch.chdir(synth112)
     for folder in ('runs', 'out'):
         shutil.rmtree(folder, ignore_errors=True)
-    run = ['--data', 'data', '--encoder', name, '--views', '3', '--batch-size', '1', '--steps', '1', '--log-every', '1',
-           '--eval-every', '1', '--stats-batches', '1', '--warmup', '1']
+    run = [
+        '--data',
+        'data',
+        '--encoder',
+        name,
+        '--views',
+        '3',
+        '--batch-size',
+        '1',
+        '--steps',
+        '1',
+        '--log-every',
+        '1',
+        '--eval-every',
+        '1',
+        '--stats-batches',
+        '1',
+        '--warmup',
+        '1',
+    ]
     enc = latents.build_encoder(name)
-    if hasattr(enc, 'training_loss'):  # da3-tiny(-recon), vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
+    if hasattr(
+        enc, 'training_loss'
+    ):  # da3-tiny(-recon), vae-tiny: trained here (--ckpt-dir below takes every model from runs/)
         train.main(['--stage', 'encoder'] + run)
-        assert train.list_checkpoints(f'runs/{pipeline.model_name("encoder", name)}')  # where pipeline.load_encoder finds it
+        assert train.list_checkpoints(
+            f'runs/{pipeline.model_name("encoder", name)}'
+        )  # where pipeline.load_encoder finds it
     if not enc.has_rgb_decoder:
         train.main(['--stage', 'decoder'] + run)
     out = train.main(run)
@@ -3348,7 +4477,9 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
         train.main(['--level', '0'] + run)
     ck = torch.load(train.list_checkpoints(out)[-1], weights_only=False)
     assert ck['config']['latent_dim'] == enc.dim and ck['config']['cam_patch'] == enc.patch
-    res = sample.main(['--ckpt-dir', 'runs', '--encoder', name, '--data', 'data', '--views', '3', '--steps', '1', '--out', 'out'])
+    res = sample.main(
+        ['--ckpt-dir', 'runs', '--encoder', name, '--data', 'data', '--views', '3', '--steps', '1', '--out', 'out']
+    )
     assert res['images'].shape[2:] == (3, 112, 112) and len(res['levels']) == enc.num_levels
     meta = json.load(open('out/metrics.json'))
     if enc.has_geometry:
@@ -3375,23 +4506,56 @@ def test_what_a_latent_lacks_is_refused_or_said(synth112, monkeypatch, tmp_path)
         sample.user_scene([str(tmp_path / 'a.png')], '', None, latents.build_encoder('dinov2-s'))
 
 
-@pytest.mark.parametrize('name,parts', [('vggt-tiny', {'encode (vggt-tiny)', 'propagate level 1 -> 2, 3', 'RGB decode (tiny)', 'geometry head'}),
-                                        ('vae-tiny', {'encode (vae-tiny)', 'RGB decode (own)'})])
+@pytest.mark.parametrize(
+    'name,parts',
+    [
+        ('vggt-tiny', {'encode (vggt-tiny)', 'propagate level 1 -> 2, 3', 'RGB decode (tiny)', 'geometry head'}),
+        ('vae-tiny', {'encode (vae-tiny)', 'RGB decode (own)'}),
+    ],
+)
 def test_bench_times_what_each_latent_has(name, parts):
-    rows = bench.main(['--encoder', name, '--views', '2', '--size', '32' if name == 'vae-tiny' else '28', '--batch', '1',
-                       '--iters', '1', '--warmup', '0', '--skip', 'train,sample'])
+    rows = bench.main(
+        [
+            '--encoder',
+            name,
+            '--views',
+            '2',
+            '--size',
+            '32' if name == 'vae-tiny' else '28',
+            '--batch',
+            '1',
+            '--iters',
+            '1',
+            '--warmup',
+            '0',
+            '--skip',
+            'train,sample',
+        ]
+    )
     timed = [r for r in rows if 'ms' in r]
     assert {r['part'] for r in timed} == parts and all(r['ms'] > 0 for r in timed)
 
 
 # ----------------------------------------------------------------------------- project structure
-IMPORT_LAYERS = [('train', 'sample', 'bench'), ('pipeline',), ('official',), ('latents',), ('vggt', 'vae'), ('dinov2',),
-                 ('export', 'decoder'), ('encoder', 'model', 'diffusion'), ('data',), ('synth', 'cameras'), ('cli',)]
+IMPORT_LAYERS = [
+    ('train', 'sample', 'bench'),
+    ('pipeline',),
+    ('official',),
+    ('latents',),
+    ('vggt', 'vae'),
+    ('dinov2',),
+    ('export', 'decoder'),
+    ('encoder', 'model', 'diffusion'),
+    ('data',),
+    ('synth', 'cameras'),
+    ('cli',),
+]
 
 
 def test_imports_flow_one_way_as_the_readme_says():
     """Each module imports only modules of later layers (README "Files"); the entry scripts never import each other."""
     import ast
+
     here = os.path.dirname(os.path.abspath(__file__))
     layer = {m: i for i, ms in enumerate(IMPORT_LAYERS) for m in ms}
     assert set(layer) == {f[:-3] for f in os.listdir(here) if f.endswith('.py') and not f.startswith('test_')}
@@ -3399,7 +4563,8 @@ def test_imports_flow_one_way_as_the_readme_says():
     assert ' -> '.join(', '.join(f'`{m}.py`' for m in ms) for ms in IMPORT_LAYERS[1:]) in ' '.join(readme.split())
     for m, i in layer.items():
         tree = ast.parse(open(os.path.join(here, m + '.py')).read())
-        deps = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
-               {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        deps = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+        }
         bad = [d for d in deps if d in layer and layer[d] <= i]
         assert not bad, f'{m}.py imports {bad}, which are not to its right'

@@ -6,6 +6,7 @@ latent patches per token (DiT's patch 2); its own RGB decoder. Presets 'vae' (kl
 References: LDM (arXiv 2112.10752), VAE (arXiv 1312.6114), DiT (arXiv 2212.09748), GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/16), C channels, T tokens (h*w).
 """
+
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -20,12 +21,12 @@ import encoder as encoder_lib
 class VAEConfig:
     name: str = 'vae'
     ch: int = 128
-    ch_mult: tuple = (1, 2, 4, 4)   # 3 downsamples: 8x
+    ch_mult: tuple = (1, 2, 4, 4)  # 3 downsamples: 8x
     num_res_blocks: int = 2
     z_channels: int = 4
-    groups: int = 32                # GroupNorm groups
-    token_patch: int = 2            # latent pixels per token side
-    scale: float = 0.18215          # SD's latent scale factor
+    groups: int = 32  # GroupNorm groups
+    token_patch: int = 2  # latent pixels per token side
+    scale: float = 0.18215  # SD's latent scale factor
 
 
 PRESETS = {'vae': VAEConfig(), 'vae-tiny': VAEConfig('vae-tiny', 32, (1, 1, 2, 2), 1, 4, 8)}
@@ -50,7 +51,7 @@ class AttnBlock(nn.Module):  # single-head self-attention over the pixels
         self.norm = nn.GroupNorm(groups, c, eps=1e-6)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
-    def forward(self, x):                                                # x (N,c,h,w)
+    def forward(self, x):  # x (N,c,h,w)
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (N,1,hw,c)
         o = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(x.shape)
@@ -58,8 +59,9 @@ class AttnBlock(nn.Module):  # single-head self-attention over the pixels
 
 
 def mid_block(c, groups):
-    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
-                                     block_2=ResnetBlock(c, c, groups)))
+    return nn.Sequential(
+        OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups), block_2=ResnetBlock(c, c, groups))
+    )
 
 
 class Encoder(nn.Module):
@@ -71,13 +73,13 @@ class Encoder(nn.Module):
         for i, (cin, c) in enumerate(zip([cfg.ch] + widths, widths)):
             level = nn.Module()
             level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n)))
-            if i < len(widths) - 1:                                       # stride 2, padded right/bottom only
+            if i < len(widths) - 1:  # stride 2, padded right/bottom only
                 level.downsample = nn.ModuleDict({'conv': nn.Conv2d(c, c, 3, 2, 0)})
             self.down.append(level)
         self.mid = mid_block(c, g)
         self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 2 * cfg.z_channels, 3, 1, 1)
 
-    def forward(self, x):                                                # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
+    def forward(self, x):  # (N,3,H,W) in [-1,1] -> (N,2z,H/8,W/8)
         x = self.conv_in(x)
         for level in self.down:
             x = level.block(x)
@@ -93,7 +95,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, 1, 1)
         self.mid = mid_block(widths[-1], g)
         up = []
-        for i in reversed(range(len(widths))):                            # built deepest first, indexed by level
+        for i in reversed(range(len(widths))):  # built deepest first, indexed by level
             cin, c, level = widths[min(i + 1, len(widths) - 1)], widths[i], nn.Module()
             level.block = nn.Sequential(*(ResnetBlock(cin if j == 0 else c, c, g) for j in range(n)))
             if i > 0:
@@ -102,7 +104,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out, self.conv_out = nn.GroupNorm(g, c, eps=1e-6), nn.Conv2d(c, 3, 3, 1, 1)
 
-    def forward(self, z):                                                # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
+    def forward(self, z):  # (N,z,h,w) -> (N,3,8h,8w) in [-1,1]
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level.block(x)
@@ -113,6 +115,7 @@ class Decoder(nn.Module):
 
 class VAE(encoder_lib.LatentEncoder):
     """AutoencoderKL (ldm layout) with GLD's latent interface."""
+
     has_rgb_decoder = True
 
     def __init__(self, cfg):
@@ -152,7 +155,7 @@ class VAE(encoder_lib.LatentEncoder):
         mean, logvar = self.posterior(images)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         rec = (self.decode_latent(z) - images).abs().mean()
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
         return rec + kl_weight * kl, {'l1': rec.detach(), 'kl': kl.detach()}
 
 
@@ -174,6 +177,6 @@ def load_weights(enc, weights):
     """The ldm AutoencoderKL layout (a bare VAE file, or an SD checkpoint's first_stage_model.*) into enc, strictly."""
     sd = encoder_lib.read_state_dict(weights, strip=r'^module\.')
     if any(k.startswith('first_stage_model.') for k in sd):
-        sd = {k[len('first_stage_model.'):]: v for k, v in sd.items() if k.startswith('first_stage_model.')}
+        sd = {k[len('first_stage_model.') :]: v for k, v in sd.items() if k.startswith('first_stage_model.')}
     sd = encoder_lib.skip_keys(sd, ('loss.',), 'vae', 'the training loss, not the model')
     return encoder_lib.load_strict(enc, sd, enc.cfg.name)

@@ -6,6 +6,7 @@ Special tokens: the first source view's, not diffused as in GLD's release. Sourc
 References: VGGT (arXiv 2503.11651, github.com/facebookresearch/vggt @ 44b3afb); GLD (arXiv 2603.22275).
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w), P = 5 + T.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -24,43 +25,47 @@ IGNORED_PREFIXES = ('point_head.', 'track_head.')
 @dataclass
 class VGGTConfig:
     name: str = 'vggt-1b'
-    embed_dim: int = 1024                   # C (a level has 2C)
-    depth: int = 24                         # frame/global block pairs
+    embed_dim: int = 1024  # C (a level has 2C)
+    depth: int = 24  # frame/global block pairs
     heads: int = 16
-    dino_depth: int = 24                    # the DINOv2 patch embed
+    dino_depth: int = 24  # the DINOv2 patch embed
     dino_heads: int = 16
-    out_layers: tuple = (4, 11, 17, 23)     # the pairs that are GLD's levels 0..3
+    out_layers: tuple = (4, 11, 17, 23)  # the pairs that are GLD's levels 0..3
     pos_grid: int = 37
-    features: int = 256                     # DPT fusion width
+    features: int = 256  # DPT fusion width
     out_channels: tuple = (256, 512, 1024, 1024)
-    cam_depth: int = 4                      # camera-head trunk blocks (width 2C)
+    cam_depth: int = 4  # camera-head trunk blocks (width 2C)
     cam_heads: int = 16
 
 
-PRESETS = {'vggt-1b': VGGTConfig(), 'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 2, 2, 2, (1, 3, 5, 7), 8, 32,
-                                                             (16, 32, 64, 64), 2, 2)}
+PRESETS = {
+    'vggt-1b': VGGTConfig(),
+    'vggt-tiny': VGGTConfig('vggt-tiny', 64, 8, 2, 2, 2, (1, 3, 5, 7), 8, 32, (16, 32, 64, 64), 2, 2),
+}
 
 
 class Aggregator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, C = cfg, cfg.embed_dim
-        self.camera_token = nn.Parameter(torch.randn(1, 2, 1, C) * 0.02)      # [frame 0, other frames]
+        self.camera_token = nn.Parameter(torch.randn(1, 2, 1, C) * 0.02)  # [frame 0, other frames]
         self.register_token = nn.Parameter(torch.randn(1, 2, SPECIAL - 1, C) * 0.02)
         self.patch_embed = dinov2.DinoViT(C, cfg.dino_depth, cfg.dino_heads, registers=4, pos_grid=cfg.pos_grid)
-        self.frame_blocks, self.global_blocks = (nn.ModuleList(encoder_lib.Block(C, cfg.heads, True, False, eps=1e-5)
-                                                               for _ in range(cfg.depth)) for _ in range(2))
+        self.frame_blocks, self.global_blocks = (
+            nn.ModuleList(encoder_lib.Block(C, cfg.heads, True, False, eps=1e-5) for _ in range(cfg.depth))
+            for _ in range(2)
+        )
 
     def special_tokens(self, B, V):
         """(B,V,5,C): [camera, 4 registers]; frame 0 takes index 0, frames 1.. index 1."""
-        tok = torch.cat([self.camera_token, self.register_token], 2)[0]     # (2,5,C)
+        tok = torch.cat([self.camera_token, self.register_token], 2)[0]  # (2,5,C)
         return tok[(torch.arange(V, device=tok.device) > 0).long()].expand(B, V, -1, -1)
 
     def tokens(self, images):
         """images (B,V,3,H,W) in [0,1] -> the initial state (B,V,P,C) = [special tokens, DINO patch tokens]."""
         B, V, _, H, W = images.shape
         x = encoder_lib.imagenet_normalize(images).flatten(0, 1).to(self.camera_token.dtype)
-        patches = self.patch_embed(x).unflatten(0, (B, V))                   # (B,V,T,C)
+        patches = self.patch_embed(x).unflatten(0, (B, V))  # (B,V,T,C)
         return torch.cat([self.special_tokens(B, V).to(patches.dtype), patches], 2)
 
     def run(self, x, start, hw):
@@ -91,11 +96,11 @@ class CameraHead(nn.Module):
         """Camera tokens (B,V,2C) of the last pair -> pose encoding (B,V,9) [t, quat, fov_h, fov_w]."""
         B, V, _ = tok.shape
         t, pred = self.token_norm(tok), None
-        for _ in range(self.iters):        # the same token every iteration; the prediction accumulates
+        for _ in range(self.iters):  # the same token every iteration; the prediction accumulates
             inp = self.empty_pose_tokens.expand(B, V, 9) if pred is None else pred.detach()
             shift, scale, gate = self.poseLN_modulation(self.embed_pose(inp)).chunk(3, -1)
             x = gate * (self.adaln_norm(t) * (1 + scale) + shift) + t
-            x = self.trunk(x)              # attention over the V camera tokens of a scene
+            x = self.trunk(x)  # attention over the V camera tokens of a scene
             delta = self.pose_branch.fc2(F.gelu(self.pose_branch.fc1(self.trunk_norm(x))))
             pred = delta if pred is None else pred + delta
         return torch.cat([pred[..., :7], F.relu(pred[..., 7:])], -1)
@@ -103,6 +108,7 @@ class CameraHead(nn.Module):
 
 class VGGT(encoder_lib.LatentEncoder):
     """Aggregator + depth head + camera head with GLD's latent interface (latents.build_encoder's docstring)."""
+
     num_levels, has_geometry, can_propagate = 4, True, True
 
     def __init__(self, cfg):
@@ -136,8 +142,12 @@ class VGGT(encoder_lib.LatentEncoder):
             if cls_last is not None:
                 tok = cls_last[:, :, 0] if cls_last.dim() == 4 else cls_last
                 w2c, K = encoder_lib.decode_pose(self.camera_head(tok.float()).float(), H, W)  # no clamp, as VGGT
-                out.update(extrinsics=w2c[..., :3, :], intrinsics=K, c2w=cameras.rigid_inverse(w2c),
-                           K=cameras.K_to_normalized(K, H, W))
+                out.update(
+                    extrinsics=w2c[..., :3, :],
+                    intrinsics=K,
+                    c2w=cameras.rigid_inverse(w2c),
+                    K=cameras.K_to_normalized(K, H, W),
+                )
         return out
 
 

@@ -5,6 +5,7 @@
   docs/logs/*.csv (README).
 - docs/trajectories.png: sample.py's --traj presets (cameras.preset_trajectory) seen from above, sources blue.
 """
+
 import csv
 import os
 import sys
@@ -19,10 +20,15 @@ import export  # noqa: E402
 
 COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
-M1_RUNS = {'240 scenes, lr 5e-4': ('level1_continued.csv', 0), 'lr 1e-4': ('level1_cooldown.csv', 4410),
-           '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410), '1,200 scenes, gaps 2-3, bf16, lr 3e-4':
-           ('level1_gap23.csv', 8723), 'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr'),
-           '13,000 steps more, the same': ('level1_long.csv', 13223), 'the same, 1 step': ('level1_long.csv', 13223, 'val_mean_psnr')}
+M1_RUNS = {
+    '240 scenes, lr 5e-4': ('level1_continued.csv', 0),
+    'lr 1e-4': ('level1_cooldown.csv', 4410),
+    '1,200 scenes, lr 5e-4': ('level1_1200.csv', 5410),
+    '1,200 scenes, gaps 2-3, bf16, lr 3e-4': ('level1_gap23.csv', 8723),
+    'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr'),
+    '13,000 steps more, the same': ('level1_long.csv', 13223),
+    'the same, 1 step': ('level1_long.csv', 13223, 'val_mean_psnr'),
+}
 
 
 def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
@@ -55,12 +61,17 @@ def trajectories(path=os.path.join(HERE, 'trajectories.png')):
     centre, up = torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, -1.0, 0.0])
     two = cameras.look_at(torch.tensor([[-1.2, 0.0, 0.3], [1.2, 0.0, 0.3]]), centre.expand(2, 3), up)
     K = torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)
-    panels = [('interp (2 sources)', two, 'interp', None), ('orbit (2 sources)', two, 'orbit', None),
-              ('orbit --arc 360', two, 'orbit', 360.0), ('orbit (1 source)', two[:1], 'orbit', None),
-              ('spiral (1 source)', two[:1], 'spiral', None), ('forward (1 source)', two[:1], 'forward', None)]
+    panels = [
+        ('interp (2 sources)', two, 'interp', None),
+        ('orbit (2 sources)', two, 'orbit', None),
+        ('orbit --arc 360', two, 'orbit', 360.0),
+        ('orbit (1 source)', two[:1], 'orbit', None),
+        ('spiral (1 source)', two[:1], 'spiral', None),
+        ('forward (1 source)', two[:1], 'forward', None),
+    ]
     sheet = Image.new('RGB', (3 * 256, 2 * 256), 'white')
     for i, (title, src, traj, arc) in enumerate(panels):
-        c2w, _ = cameras.preset_trajectory(src, K[:len(src)], traj, 12, arc)
+        c2w, _ = cameras.preset_trajectory(src, K[: len(src)], traj, 12, arc)
         export.draw_topdown(path + f'.{i}.png', src, c2w, title=title)
         with Image.open(path + f'.{i}.png') as tile:
             sheet.paste(tile, (256 * (i % 3), 256 * (i // 3)))
