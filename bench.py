@@ -13,17 +13,19 @@ from dataclasses import replace
 import torch
 
 import cameras
-import data
 import decoder as decoder_lib
 import diffusion
 import latents
 import model as model_lib
+from constants import DEFAULT_ENCODER, PATCH
 
 
 def build_parser():
     p = argparse.ArgumentParser(description='GLD benchmarks', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--preset', default='gld-tiny', help='DiT preset (model.PRESETS)')
-    p.add_argument('--encoder', default='da3-tiny', help='latent encoder (latents.build_encoder) of the frozen parts')
+    p.add_argument(
+        '--encoder', default=DEFAULT_ENCODER, help='latent encoder (latents.build_encoder) of the frozen parts'
+    )
     p.add_argument('--decoder', default='tiny', help='RGB decoder preset')
     p.add_argument('--views', type=int, default=8, help='views V per scene')
     p.add_argument('--size', type=int, default=112, help='square image side (multiple of 14)')
@@ -57,7 +59,7 @@ def timeit(fn, iters, warmup, device):
 
 def fake_batch(cfg, B, V, size, device):
     """Random latents and real cameras: V views on an arc, the first two sources."""
-    h = w = size // data.PATCH
+    h = w = size // PATCH
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, V, h * w, cfg.latent_dim, generator=g)
     src = (torch.arange(V) < 2)[None].expand(B, V)
@@ -182,7 +184,7 @@ def main(argv=None):
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     batch = fake_batch(cfg, a.batch, a.views, a.size, device)
-    V, T = a.views, (a.size // data.PATCH) ** 2
+    V, T = a.views, (a.size // PATCH) ** 2
     print(
         f'{a.preset}: {model_lib.count_params(net) / 1e6:.1f}M params, V={V}, {a.size}x{a.size} -> {V * T} tokens '
         f'in 3D attention, batch {a.batch}, {a.dtype}, {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}), '

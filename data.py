@@ -22,12 +22,10 @@ from PIL import Image
 
 import cameras
 import cli
-from cli import UserError
 import synth
+from cli import UserError
+from constants import PATCH
 
-PATCH = 14  # the ViT patch size of DA3 (and DINOv2): images are multiples of it, tokens are h x w patches
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of DA3's input and of the release decoder's output
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1, and the same mix at 112 px (synthetic set)
 BUCKETS_504 = ((504, 504), (378, 504), (336, 504), (280, 504))
 BUCKETS_112 = ((112, 112), (84, 112), (70, 112), (56, 112))

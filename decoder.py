@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from constants import IMAGENET_MEAN, IMAGENET_STD
 from model import Attention
 
 NUM_LEVELS = 4
@@ -80,7 +80,7 @@ class RGBDecoder(nn.Module):
         self.norm, self.head = nn.LayerNorm(D, eps=cfg.ln_eps), nn.Linear(D, cfg.patch * cfg.patch * 3)
         c, conv = cfg.refine, lambda i, o: nn.Conv2d(i, o, 3, padding=1)  # sees across the patch borders
         self.refine = nn.Sequential(conv(3, c), nn.GELU(), conv(c, c), nn.GELU(), conv(c, 3)) if c else None
-        for name, v in (('rgb_mean', data.IMAGENET_MEAN), ('rgb_std', data.IMAGENET_STD)):
+        for name, v in (('rgb_mean', IMAGENET_MEAN), ('rgb_std', IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(v).view(3, 1, 1), persistent=False)
         self.init_weights()
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import encoder as encoder_lib
-from data import PATCH
+from constants import PATCH
 
 
 @dataclass

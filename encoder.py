@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 import cameras
 import cli
-import data
-from data import PATCH
+from constants import IMAGENET_MEAN, IMAGENET_STD, PATCH
 
 IGNORED_PREFIXES = ('cam_enc.', 'gs_head.', 'gs_adapter.')  # official parts this module does not build
 
@@ -135,7 +134,7 @@ def select_reference_view(tok0):
 
 
 def imagenet_normalize(images):
-    mean, std = (images.new_tensor(v).view(3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    mean, std = (images.new_tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (images - mean) / std
 
 

@@ -20,7 +20,7 @@ import encoder as encoder_lib
 import model as model_lib
 import vae
 import vggt
-from data import PATCH
+from constants import PATCH
 
 FAMILIES = {
     'da3': (encoder_lib, encoder_lib.DA3),

@@ -14,7 +14,6 @@ import time
 import torch
 
 import cli
-from cli import UserError
 import data
 import decoder as decoder_lib
 import diffusion
@@ -22,6 +21,8 @@ import encoder as encoder_lib
 import latents
 import model as model_lib
 import official
+from cli import UserError
+from constants import DEFAULT_ENCODER
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'tiny')  # the bundled models
 COMMANDS = {
@@ -36,12 +37,12 @@ def cascade_upper(level, independent=False, num_levels=4):
     return 1 if level == 0 and not independent and num_levels > 1 else None
 
 
-def model_name(stage, encoder='da3-tiny'):
+def model_name(stage, encoder=DEFAULT_ENCODER):
     """A model's run folder and file name: the stage for da3-tiny, '<stage>-<encoder>' on other latents."""
-    return stage if encoder == 'da3-tiny' else f'{stage}-{encoder}'
+    return stage if encoder == DEFAULT_ENCODER else f'{stage}-{encoder}'
 
 
-def run_name(level, independent=False, encoder='da3-tiny'):
+def run_name(level, independent=False, encoder=DEFAULT_ENCODER):
     """model_name of the diffusion model of `level`: level<k>, or level0_ind for the independent M0."""
     return model_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)
 
@@ -157,7 +158,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
     ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their latents."""
     name = model_name('encoder', preset)
-    if weights == 'auto' and (preset == 'da3-tiny' or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
+    if weights == 'auto' and (preset == DEFAULT_ENCODER or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
@@ -297,7 +298,13 @@ class Pipeline:
 
 
 def load_pipeline(
-    ckpt_dir=None, boundary=1, independent=False, device='cpu', encoder='da3-tiny', encoder_weights='auto', log=print
+    ckpt_dir=None,
+    boundary=1,
+    independent=False,
+    device='cpu',
+    encoder=DEFAULT_ENCODER,
+    encoder_weights='auto',
+    log=print,
 ):
     """Encoder, decoder and level{k}..level0 (or the independent level{l}_ind) by name (find_checkpoint)."""
     enc = load_encoder(encoder, encoder_weights, device, ckpt_dir=ckpt_dir)  # None: the bundled weights only

@@ -18,11 +18,12 @@ import torch
 
 import cameras
 import cli
-from cli import UserError
 import data
 import decoder as decoder_lib
 import export
 import pipeline
+from cli import UserError
+from constants import DEFAULT_ENCODER
 from export import save_image
 
 
@@ -310,7 +311,7 @@ SAMPLERS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}  # (Euler steps, CFG) by de
 
 
 def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny models' posterior mean, else the paper's
-    bundled = not (a.ckpt_dir or a.official) and a.encoder == 'da3-tiny'
+    bundled = not (a.ckpt_dir or a.official) and a.encoder == DEFAULT_ENCODER
     steps, cfg_scale = SAMPLERS['bundled' if bundled else 'paper']
     a.steps, a.cfg_scale = steps if a.steps is None else a.steps, cfg_scale if a.cfg_scale is None else a.cfg_scale
     if bundled and (a.steps, a.cfg_scale) == SAMPLERS['bundled'] and not a.recon:
@@ -328,7 +329,7 @@ def build_parser():
         help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports (weights/mine/level1.safetensors, ...); default: weights/tiny',
     )
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
-    p.add_argument('--encoder', default='da3-tiny', help='the latent encoder of the models (train.py --encoder)')
+    p.add_argument('--encoder', default=DEFAULT_ENCODER, help='the latent encoder of the models (train.py --encoder)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')

@@ -11,8 +11,6 @@ the exported formats read back by other tools, and bad input through the command
 V views, H W image, h w token grid, C channels, T tokens.
 """
 
-from dataclasses import replace
-from pathlib import Path
 import argparse
 import functools
 import json
@@ -22,17 +20,20 @@ import re
 import shutil
 import socket
 import sys
+from dataclasses import replace
+from pathlib import Path
 
-from PIL import Image
-from safetensors.torch import save_file
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
 
 import bench
 import cameras
 import cli
+import constants
 import data
 import decoder as decoder_lib
 import diffusion
@@ -664,9 +665,9 @@ def test_mixture_dataset_ratios_and_prefixes(tmp_path):
 
 try:
     from depth_anything_3.cfg import create_object, load_config
-    from depth_anything_3.registry import MODEL_REGISTRY
     from depth_anything_3.model.reference_view_selector import select_reference_view as pkg_select
     from depth_anything_3.model.utils.transform import pose_encoding_to_extri_intri
+    from depth_anything_3.registry import MODEL_REGISTRY
     from depth_anything_3.utils.geometry import affine_inverse
 
     HAVE_DA3 = True
@@ -693,8 +694,8 @@ def perturbed_package_net(preset, seed=0):
 @torch.no_grad()
 def package_outputs(net, images, mode):
     """Reference tensors from the package: exported levels, camera tokens, head and cam_dec outputs."""
-    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(constants.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(constants.IMAGENET_STD).view(3, 1, 1)
     x = (images - mean) / std
     H, W = x.shape[-2:]
     feats, _ = net.backbone(x, cam_token=None, export_feat_layers=[], ref_view_strategy=mode)
@@ -1139,7 +1140,7 @@ def official_forward(sd, x, h, w, heads, patch, depth):
         t = t + lin(F.gelu(lin(y, pre + 'intermediate.dense')), pre + 'output.dense')
     out = lin(ln(t, 'decoder_norm'), 'decoder_pred')[:, 1:].reshape(N, h, w, patch, patch, 3)
     img = torch.einsum('nhwpqc->nchpwq', out).reshape(N, 3, h * patch, w * patch)
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(constants.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(constants.IMAGENET_STD).view(3, 1, 1)
     return img * std + mean
 
 
@@ -4361,7 +4362,10 @@ def test_vggt_token_layout_follows_the_notes_checklist(monkeypatch):
     images = torch.rand(1, 2, 3, 28, 42)
     with torch.no_grad():
         x = agg.tokens(images)
-        mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+        mean, std = (
+            torch.tensor(constants.IMAGENET_MEAN).view(3, 1, 1),
+            torch.tensor(constants.IMAGENET_STD).view(3, 1, 1),
+        )
         assert torch.equal(x[:, :, 5:], agg.patch_embed(((images - mean) / std).flatten(0, 1)).unflatten(0, (1, 2)))
     seen = []
     tables = encoder_lib.rope_tables

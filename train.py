@@ -31,6 +31,7 @@ import export
 import latents
 import model as model_lib
 import pipeline
+from constants import DEFAULT_ENCODER
 from pipeline import list_checkpoints
 
 RECIPES = {  # paper Sec. 5.1, A.1, Tab. 11 (the encoder's is ours): AdamW, lr schedule, grad clip, EMA decay
@@ -71,7 +72,9 @@ def build_parser():
     g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
     g.add_argument('--cache', type=int, default=0, help='diffusion: view draws per scene encoded once (0 = off)')
     g = p.add_argument_group('models')
-    g.add_argument('--encoder', default='da3-tiny', help='latent encoder: da3-*, vggt-*, dinov2-*, vae* (latents.py)')
+    g.add_argument(
+        '--encoder', default=DEFAULT_ENCODER, help='latent encoder: da3-*, vggt-*, dinov2-*, vae* (latents.py)'
+    )
     g.add_argument(
         '--encoder-weights', default='auto', help="file; 'auto' = runs/encoder[-NAME], else bundled or random"
     )
@@ -173,7 +176,7 @@ def model_name(args):  # pipeline.model_name of what this run trains: its defaul
 
 def load_encoder(args, device):
     """The frozen encoder of the latents (--encoder-weights auto: see pipeline.load_encoder)."""
-    auto = args.encoder_weights == 'auto' and args.encoder == 'da3-tiny'
+    auto = args.encoder_weights == 'auto' and args.encoder == DEFAULT_ENCODER
     return pipeline.load_encoder(
         args.encoder, pipeline.auto_checkpoint('encoder') if auto else args.encoder_weights, device, ckpt_dir='runs'
     )
@@ -451,7 +454,7 @@ class DiffusionStage:
         if args.decoder_ckpt != 'auto':
             return pipeline.load_decoder(args.decoder_ckpt, device)
         name = pipeline.model_name('decoder', args.encoder)
-        if args.encoder != 'da3-tiny' and not os.path.isdir(os.path.join('runs', name)):
+        if args.encoder != DEFAULT_ENCODER and not os.path.isdir(os.path.join('runs', name)):
             print(
                 f'note: no runs/{name}: periodic evaluation is skipped (train it with: {pipeline.train_command(name)})'
             )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import cameras
 import dinov2
 import encoder as encoder_lib
-from data import PATCH
+from constants import PATCH
 
 SPECIAL = 5  # camera token + 4 register tokens per frame
 IGNORED_PREFIXES = ('point_head.', 'track_head.')
