@@ -4552,7 +4552,7 @@ IMPORT_LAYERS = [
     ('encoder', 'model', 'diffusion'),
     ('data',),
     ('synth', 'cameras'),
-    ('cli',),
+    ('cli', 'constants'),
 ]
 
 
