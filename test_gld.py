@@ -4013,18 +4013,20 @@ TINY_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'recipes'
 
 
 def recipe_commands(path):
-    """The `python train.py` commands of a recipe script, in order, backslash continuations joined: their argv."""
+    """The argv of every `python train.py` command of a recipe script, continuation lines joined."""
     import shlex
 
     with open(path) as f:
         script = f.read().replace('\\\n', ' ')
     lines = [line.strip() for line in script.splitlines()]
-    return [shlex.split(line, comments=True)[2:] for line in lines if line.startswith('python train.py ')]
+    commands = [line for line in lines if line.startswith('python train.py ')]
+    return [shlex.split(command, comments=True)[2:] for command in commands]
 
 
 def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path, capsys, monkeypatch):
     # the README's training chain lives in recipes/tiny.sh
-    commands = [' '.join(argv) for argv in recipe_commands(TINY_RECIPE) if '--export' in argv]
+    exporting = [argv for argv in recipe_commands(TINY_RECIPE) if '--export' in argv]
+    commands = [' '.join(argv) for argv in exporting]
     assert len(commands) >= 5 and all(c.split('--export ')[1].split()[0] == 'weights/mine' for c in commands), commands
     argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--steps', '1', '--out', str(tmp_path / 'r')]
     user_error(
@@ -4037,8 +4039,9 @@ def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path,
         keep=[pipeline.WEIGHTS],
     )
     assert not os.path.exists(tmp_path / 'r')  # refused before any work
-    # the bundled encoder by name: 'auto' would look in the stand-in below (or in a runs/encoder of the cwd)
-    encoder = ['--encoder-weights', os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')]
+    # the bundled encoder by name: 'auto' would look in the stand-in below (or in runs/encoder)
+    bundled_encoder = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
+    encoder = ['--encoder-weights', bundled_encoder]
     monkeypatch.setattr(pipeline, 'WEIGHTS', str(tmp_path / 'bundled'))  # --force replaces them (here: a stand-in)
     train.main(argv + encoder + ['--export', str(tmp_path / 'bundled'), '--force'])
     assert os.path.isfile(tmp_path / 'bundled' / 'decoder.safetensors')  # named after the model
@@ -4046,23 +4049,22 @@ def test_readme_training_commands_keep_the_bundled_weights(small_data, tmp_path,
 
 
 def test_the_tiny_recipe_runs_end_to_end_at_two_steps(small_data, tmp_path, monkeypatch):
-    """bash recipes/tiny.sh, tiny: every train.py command in order, 2 steps each on the small data, in a tmp folder,
-    so each finds the checkpoints and exports the commands before it wrote (the chain cannot rot)."""
+    """bash recipes/tiny.sh in miniature: every train.py command in order, 2 steps each on the small
+    data, in a tmp folder; each finds the checkpoints and exports of the commands before it."""
     import subprocess
 
     assert subprocess.run(['bash', '-n', TINY_RECIPE]).returncode == 0
     commands = recipe_commands(TINY_RECIPE)
     assert len(commands) >= 15
-    # the recipe's runs/ and weights/mine/ (its --out, --export, --init and 'auto' paths) land in tmp_path
+    # the recipe's runs/ and weights/mine/ (its --out, --export, --init, 'auto') land here
     monkeypatch.chdir(tmp_path)
     tiny = ['--data', str(small_data), *TRAIN_FAST, '--steps', '2']
     for argv in commands:
         # an --init checkpoint of an earlier run: its last step, which is 2 here
         argv = [re.sub(r'ckpt_\d{7}\.pt$', 'ckpt_0000002.pt', arg) for arg in argv]
         train.main(argv + tiny)
-    exports = sorted(os.listdir(tmp_path / 'weights' / 'mine'))
-    models = ['decoder', 'encoder', 'level0', 'level0_ind', 'level1', 'level2', 'level3']
-    assert [name for name in exports if name.endswith('.safetensors')] == [m + '.safetensors' for m in models]
+    exported = sorted(path.stem for path in (tmp_path / 'weights' / 'mine').glob('*.safetensors'))
+    assert exported == ['decoder', 'encoder', 'level0', 'level0_ind', 'level1', 'level2', 'level3']
 
 
 def write_colmap_text(folder, c2w, K, H, W, names):
