@@ -7,7 +7,6 @@ NaN/inf skipping, log line + CSV + curves.png, periodic evaluation; latents on t
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import random
@@ -31,6 +30,7 @@ import export
 import latents
 import model as model_lib
 import pipeline
+import runlog
 from constants import DEFAULT_ENCODER
 from pipeline import list_checkpoints
 
@@ -257,72 +257,6 @@ def lr_at(step, args, r):
         return args.lr
     q = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return r['min_lr'] + 0.5 * (args.lr - r['min_lr']) * (1 + math.cos(math.pi * q))
-
-
-# ----------------------------------------------------------------------------- logging
-class Logger:
-    """Rank 0: the dense line, log.csv (all columns; a resume keeps the rows up to its step) and curves.png."""
-
-    def __init__(self, out, rank, start_step=0):
-        self.rank, self.out, self.path = rank, out, os.path.join(out, 'log.csv')
-        self.rows = [r for r in read_csv(self.path) if r['step'] <= start_step]
-
-    def log(self, row):
-        if self.rank != 0:
-            return
-        self.rows.append(row)
-        print(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()), flush=True)
-        cols = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path + '.tmp', 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(self.path + '.tmp', self.path)
-
-    def plot(self, keys=('loss', 'val_psnr', 'val_mean_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')):
-        """curves.png drawn with Pillow: a panel per logged key, the training loss on a log10 axis."""
-        from PIL import Image, ImageDraw
-
-        series = {
-            k: [(r['step'], r[k]) for r in self.rows if r.get(k) is not None and (k != 'loss' or r[k] > 0)]
-            for k in keys
-        }
-        series = {k: pts for k, pts in series.items() if len(pts) >= 2}
-        if self.rank != 0 or not series:
-            return
-        W, H, m = 640, 240, 40
-        img = Image.new('RGB', (W, H * len(series)), 'white')
-        d = ImageDraw.Draw(img)
-        for top, (key, pts) in zip(range(0, H * len(series), H), series.items()):
-            (s0, s1), vals = (pts[0][0], pts[-1][0]), [v for _, v in pts]
-            y = [math.log10(v) for v in vals] if key == 'loss' else vals
-            y0, y1 = min(y), max(y) + 1e-9
-            d.line(
-                [
-                    (m + (s - s0) / max(1, s1 - s0) * (W - 2 * m), top + H - m - (v - y0) / (y1 - y0) * (H - 2 * m))
-                    for (s, _), v in zip(pts, y)
-                ],
-                fill=(30, 90, 200),
-                width=2,
-            )
-            d.rectangle([m, top + m, W - m, top + H - m], outline='black')
-            d.text(
-                (m, top + 8),
-                f'{key}{" (log10)" if key == "loss" else ""}: {min(vals):.4g} .. {max(vals):.4g}, '
-                f'steps {s0}..{s1}, last {vals[-1]:.4g}',
-                fill='black',
-            )
-        img.save(os.path.join(self.out, 'curves.png'))
-
-
-def read_csv(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [
-            {k: (float(v) if k != 'step' else int(v)) for k, v in r.items() if v not in ('', None)}
-            for r in csv.DictReader(f)
-        ]
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -632,7 +566,7 @@ def main(argv=None):
         print(f'--resume: no checkpoint in {args.out}, starting from scratch')
     train_net = DDP(net, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else net
     stage.net = torch.compile(train_net, dynamic=False) if args.compile else train_net  # the loss calls stage.net
-    logger = Logger(args.out, rank, start_step=step)
+    logger = runlog.Logger(args.out, rank, start_step=step)
     if rank == 0:
         print(
             f'{args.stage} {"level " + str(args.level) if args.stage == "diffusion" else ""}: '
