@@ -1,12 +1,70 @@
-"""runlog.py: a training run's log on rank 0: the printed line, log.csv and curves.png; train.py
-writes them, off its training path."""
+"""runlog.py: a training run's log: what a log line averages over (LogWindow) and, on rank 0,
+the printed line, log.csv and curves.png; train.py writes them, off its training path."""
 
 import csv
 import math
 import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
 
 # the panels of curves.png
 CURVES = ('loss', 'val_psnr', 'val_mean_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line: their summed loss and loss parts, the samples seen (on all
+    ranks), the tokens per sample of the last batch, the time since the window opened."""
+
+    loss: torch.Tensor  # a device scalar: the sum needs no host sync per step
+    parts: dict = field(default_factory=dict)
+    steps: int = 0
+    samples: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.time)
+
+    def add_batch(self, batch, patch, world):
+        B, V = batch['c2w'].shape[:2]
+        H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+        self.samples += B * world
+        self.tokens = V * (H // patch) * (W // patch)
+
+    def add_step(self, loss, parts):
+        self.steps += 1
+        self.loss += loss.detach()
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v.detach().float()
+
+    def row(self, step, grad_norm, lr, steps_left, world):
+        """The log line: the mean loss and its parts, the loss binned by t, the last step's grad
+        norm and lr, the throughput and the time left."""
+        if world > 1:  # the mean over the ranks too (one collective, at log steps only)
+            dist.all_reduce(self.loss)
+            self.loss /= world
+        parts = dict(self.parts)
+        bins = {}
+        if 't_bin_sum' in parts:  # the loss binned by t: bin sums over bin counts of the window
+            total = parts.pop('t_bin_sum')
+            count = parts.pop('t_bin_count')
+            for i in range(len(total)):
+                if count[i] > 0:
+                    bins[f'loss_t{i}'] = float(total[i] / count[i])
+        means = {k: float(v) / self.steps for k, v in parts.items()}
+        seconds = time.time() - self.start
+        return {
+            'step': step,
+            'loss': float(self.loss) / self.steps,
+            **means,
+            **bins,
+            'grad_norm': float(grad_norm),
+            'lr': lr,
+            'samples_s': self.samples / seconds,
+            'tokens_s': self.samples * self.tokens / seconds,
+            'eta_min': steps_left * seconds / self.steps / 60,
+        }
 
 
 class Logger:
