@@ -1,4 +1,4 @@
-"""train.py: one entry point for every stage of GLD (paper Sec. 4): encoder, Stage 1 decoder, Stage 3 DiTs.
+"""train.py: one entry point for every GLD stage (Sec. 4): encoder, Stage 1 decoder, Stage 3 DiTs.
 
 `--stage encoder|decoder`, `--level 1` (M1), `--level 0` (M1->0; `--independent`: the ablation's
 M0); torchrun: DDP. Also bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints
@@ -43,101 +43,69 @@ RECIPES = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    g = p.add_argument_group('what to train')
-    g.add_argument('--stage', choices=['encoder', 'decoder', 'diffusion'], default='diffusion', help='training stage')
-    g.add_argument(
-        '--level', type=int, choices=[0, 1, 2, 3], default=None, help='feature level for --stage diffusion (implies it)'
-    )
-    g.add_argument(
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=formatter)
+    arg = p.add_argument_group('what to train').add_argument
+    arg('--stage', choices=list(STAGES), default='diffusion', help='training stage')
+    arg('--level', type=int, choices=range(4), help='feature level (implies --stage diffusion)')
+    arg(
         '--independent',
         action='store_true',
         help='level 0 without the level-1 condition: the independent M0 of the boundary ablation',
     )
-    g.add_argument(
-        '--tau', type=float, default=0.0, help='M1->0: noise level of the ground-truth level-1 condition (paper 4.4)'
-    )
-    g = p.add_argument_group('data')
-    g.add_argument('--data', default='data_synth', help="chunk folder, 're10k:PATH', 'dl3dv:PATH'; mixtures 'A*4,B*1'")
-    g.add_argument('--views', type=int, default=8, help='views per sample V')
-    g.add_argument('--src', default='1-4', help='number of source views per batch, a range lo-hi (paper: 1-4)')
-    g.add_argument(
-        '--src-mode', default='random', choices=['random', 'ends'], help='random sources (paper) or the ends'
-    )
-    g.add_argument(
-        '--size', default='', help="HxW (multiples of 14), 'buckets' for the paper's mixed sizes; '' = the data's size"
-    )
-    g.add_argument('--gap', default='1-5', help='frame gap range between consecutive views')
-    g.add_argument('--workers', type=int, default=0, help='DataLoader worker processes')
-    g.add_argument('--cache', type=int, default=0, help='diffusion: view draws per scene encoded once (0 = off)')
-    g = p.add_argument_group('models')
-    g.add_argument(
-        '--encoder', default=DEFAULT_ENCODER, help='latent encoder: da3-*, vggt-*, dinov2-*, vae* (latents.py)'
-    )
-    g.add_argument(
-        '--encoder-weights', default='auto', help="file; 'auto' = runs/encoder[-NAME], else bundled or random"
-    )
-    g.add_argument(
-        '--decoder',
-        default='tiny',
-        choices=list(decoder_lib.PRESETS),
-        help='RGB decoder preset (stage decoder), see decoder.PRESETS',
-    )
-    g.add_argument(
-        '--decoder-ckpt', default='auto', help="decoder used by periodic evaluation of diffusion runs; 'none' = skip"
-    )
-    g.add_argument('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset, see model.PRESETS')
-    g.add_argument(
-        '--pos', default=None, choices=['prope', 'rope3d', 'rope2d'], help='override the positional encoding'
-    )
-    g.add_argument('--stats', default='', help='latent statistics file (ours or the official .pt); default: compute')
-    g.add_argument('--stats-batches', type=int, default=16, help='batches used to compute latent statistics')
-    g.add_argument('--level-dropout', type=float, default=0.5, help='decoder: probability of dropping each level')
-    g.add_argument(
-        '--head-only',
-        action='store_true',
-        help='encoder: train only the heads of --init (backbone and latents bit-identical)',
-    )
-    g.add_argument('--noise-tau', type=float, default=0.0, help='decoder: RAE noise augmentation of the input features')
-    g.add_argument('--lpips', action='store_true', help='decoder: add LPIPS (needs the lpips package and weights)')
-    g.add_argument('--gan', type=int, default=-1, help='decoder: step from which the adversarial loss is on (-1 = off)')
-    g.add_argument('--cam-drop', type=float, default=0.1, help='diffusion: camera dropout probability for CFG')
-    g.add_argument(
-        '--t-dist', default='uniform', choices=['uniform', 'logit_normal'], help='diffusion: time distribution'
-    )
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--steps', type=int, default=2000, help='optimizer steps')
-    g.add_argument('--batch-size', type=int, default=4, help='scenes per micro-batch per process')
-    g.add_argument('--accum', type=int, default=1, help='gradient accumulation micro-steps')
-    g.add_argument('--lr', type=float, default=None, help='peak learning rate (default: the recipe of the stage)')
-    g.add_argument('--warmup', type=int, default=100, help='linear warmup steps')
-    g.add_argument('--ema', type=float, default=None, help='EMA decay (default: the recipe)')
-    g.add_argument('--compile', action='store_true', help='torch.compile the trained model')
-    g.add_argument(
+    arg('--tau', type=float, default=0.0, help='M1->0: noise level of the true level-1 condition')
+    arg = p.add_argument_group('data').add_argument
+    arg('--data', default='data_synth', help="chunks, 're10k:PATH', 'dl3dv:PATH'; a mix 'A*4,B*1'")
+    arg('--views', type=int, default=8, help='views per sample V')
+    arg('--src', default='1-4', help='number of source views per batch, a range lo-hi (paper: 1-4)')
+    arg('--src-mode', default='random', choices=['random', 'ends'], help='random (paper) or ends')
+    arg('--size', default='', help="HxW (multiples of 14); 'buckets': the paper's; '': the data's")
+    arg('--gap', default='1-5', help='frame gap range between consecutive views')
+    arg('--workers', type=int, default=0, help='DataLoader worker processes')
+    arg('--cache', type=int, default=0, help='diffusion: draws per scene, encoded once (0 = off)')
+    arg = p.add_argument_group('models').add_argument
+    arg('--encoder', default=DEFAULT_ENCODER, help='latent encoder: da3-*, vggt-*, dinov2-*, vae*')
+    arg('--encoder-weights', default='auto', help="file or 'auto' (runs/encoder[-NAME], bundled)")
+    arg('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset')
+    arg('--decoder-ckpt', default='auto', help="the evaluation's decoder (diffusion); 'none': skip")
+    arg('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset')
+    arg('--pos', choices=['prope', 'rope3d', 'rope2d'], help='override the positional encoding')
+    arg('--stats', default='', help='latent statistics (ours or official .pt); default: compute')
+    arg('--stats-batches', type=int, default=16, help='batches used to compute latent statistics')
+    arg('--level-dropout', type=float, default=0.5, help='decoder: probability to drop each level')
+    arg('--head-only', action='store_true', help='encoder: heads of --init only (backbone frozen)')
+    arg('--noise-tau', type=float, default=0.0, help='decoder: RAE noise augmentation of its input')
+    arg('--lpips', action='store_true', help='decoder: add LPIPS (needs lpips and its weights)')
+    arg('--gan', type=int, default=-1, help='decoder: adversarial loss from this step (-1 = off)')
+    arg('--cam-drop', type=float, default=0.1, help='diffusion: camera dropout probability for CFG')
+    arg('--t-dist', default='uniform', choices=['uniform', 'logit_normal'], help='t distribution')
+    arg = p.add_argument_group('optimisation').add_argument
+    arg('--steps', type=int, default=2000, help='optimizer steps')
+    arg('--batch-size', type=int, default=4, help='scenes per micro-batch per process')
+    arg('--accum', type=int, default=1, help='gradient accumulation micro-steps')
+    arg('--lr', type=float, help='peak learning rate (default: the recipe of the stage)')
+    arg('--warmup', type=int, default=100, help='linear warmup steps')
+    arg('--ema', type=float, help='EMA decay (default: the recipe)')
+    arg('--compile', action='store_true', help='torch.compile the trained model')
+    arg(
         '--bf16',
         action='store_true',
         help='bf16 autocast on the CPU too (on by itself on a bf16 GPU); '
         'a CPU with AMX ran the gld-tiny step 1.34x faster',
     )
-    g.add_argument('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
-    g.add_argument(
-        '--init',
-        default='',
-        help='start the trained network (and its EMA) from these weights: an export or a checkpoint',
-    )
-    g.add_argument('--seed', type=int, default=0, help='base seed (rank r uses seed + r)')
-    g.add_argument('--max-bad', type=int, default=5, help='stop after this many consecutive non-finite losses')
-    g = p.add_argument_group('output')
-    g.add_argument('--out', default='', help='run folder (default runs/<stage or levelN>[-ENCODER])')
-    g.add_argument('--resume', action='store_true', help='continue exactly from the newest checkpoint in --out')
-    g.add_argument('--keep', type=int, default=2, help='checkpoints kept')
-    g.add_argument('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
-    g.add_argument('--log-every', type=int, default=20, help='log interval (steps)')
-    g.add_argument('--eval-every', type=int, default=500, help='periodic evaluation interval (steps, 0 = off)')
-    g.add_argument('--export', default='', help='after training, write the EMA weights as fp16 safetensors here')
-    g.add_argument('--force', action='store_true', help='let --export replace the bundled models in weights/tiny')
+    arg('--checkpointing', action='store_true', help='activation checkpointing in the DiT blocks')
+    arg('--init', default='', help='start the network and its EMA from an export or a checkpoint')
+    arg('--seed', type=int, default=0, help='base seed (rank r uses seed + r)')
+    arg('--max-bad', type=int, default=5, help='stop after N non-finite losses in a row')
+    arg = p.add_argument_group('output').add_argument
+    arg('--out', default='', help='run folder (default runs/<stage or levelN>[-ENCODER])')
+    arg('--resume', action='store_true', help='continue exactly from the last checkpoint in --out')
+    arg('--keep', type=int, default=2, help='checkpoints kept')
+    arg('--ckpt-every', type=int, default=500, help='checkpoint interval (steps)')
+    arg('--log-every', type=int, default=20, help='log interval (steps)')
+    arg('--eval-every', type=int, default=500, help='evaluation interval (steps, 0 = off)')
+    arg('--export', default='', help='write the EMA weights here after training (fp16 safetensors)')
+    arg('--force', action='store_true', help='let --export replace the bundled weights/tiny')
     return p
 
 
