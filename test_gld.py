@@ -43,6 +43,7 @@ import latents
 import model
 import official
 import pipeline
+import runlog
 import sample
 import synth
 import train
@@ -2219,7 +2220,7 @@ def test_train_writes_checkpoints_logs_and_exports(world):
         assert ck, name
         state = torch.load(ck[-1], weights_only=False)
         assert state['step'] == 2 and set(state) >= {'model', 'ema', 'optimizer', 'config', 'args', 'rng'}
-        rows = train.read_csv(f'runs/{name}/log.csv')
+        rows = runlog.read_csv(f'runs/{name}/log.csv')
         assert [r['step'] for r in rows if 'loss' in r] == [1, 2] and all(r['loss'] > 0 for r in rows if 'loss' in r)
     assert len(train.list_checkpoints('runs/decoder')) == 1  # --keep 1
     assert os.path.exists('runs/encoder/curves.png')
@@ -2372,14 +2373,14 @@ def train_reference_and_fast(world, tmp_path, flag):
 @pytest.mark.slow
 def test_compiled_training_matches_eager(world, tmp_path):
     """train.py --compile (the fast path) takes the same steps as eager (the reference), to float tolerance."""
-    eager, comp = (train.read_csv(d / 'log.csv') for d in train_reference_and_fast(world, tmp_path, '--compile'))
+    eager, comp = (runlog.read_csv(d / 'log.csv') for d in train_reference_and_fast(world, tmp_path, '--compile'))
     assert [r['loss'] for r in comp] == pytest.approx([r['loss'] for r in eager], rel=1e-4)
 
 
 def test_cpu_bf16_training_follows_fp32(world, tmp_path):
     """train.py --bf16 (CPU autocast, the fast path on AMX CPUs) takes the steps of fp32 (the reference) to bf16 precision."""
     dirs = train_reference_and_fast(world, tmp_path, '--bf16')
-    ref, low = (train.read_csv(d / 'log.csv') for d in dirs)
+    ref, low = (runlog.read_csv(d / 'log.csv') for d in dirs)
     assert [r['loss'] for r in low] == pytest.approx([r['loss'] for r in ref], rel=1e-2)
     a, b = (torch.load(train.list_checkpoints(str(d))[-1], weights_only=False)['model'] for d in dirs)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run: bf16 matmuls change the weights a little
@@ -2411,7 +2412,7 @@ def test_resume_continues_exactly(world, tmp_path):
     train.main(base + ['--steps', '4', '--out', str(tmp_path / 'a')])
     train.main(base + ['--steps', '2', '--out', str(tmp_path / 'b')])
     train.main(base + ['--steps', '4', '--out', str(tmp_path / 'b'), '--resume'])
-    la, lb = train.read_csv(tmp_path / 'a' / 'log.csv'), train.read_csv(tmp_path / 'b' / 'log.csv')
+    la, lb = runlog.read_csv(tmp_path / 'a' / 'log.csv'), runlog.read_csv(tmp_path / 'b' / 'log.csv')
     assert [r['loss'] for r in la] == pytest.approx([r['loss'] for r in lb], rel=1e-6, abs=1e-7)
     sa = torch.load(train.list_checkpoints(str(tmp_path / 'a'))[-1], weights_only=False)['model']
     sb = torch.load(train.list_checkpoints(str(tmp_path / 'b'))[-1], weights_only=False)['model']
@@ -2467,7 +2468,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(world, t
     assert scale > 1e-3
     # Adam turns float-reduction noise on near-zero gradients into small steps, hence a relative tolerance
     assert dist(ddp, one) < 0.02 * scale and dist(acc, one) < 0.02 * scale, (dist(ddp, one), dist(acc, one), scale)
-    first = lambda n: train.read_csv(tmp_path / n / 'log.csv')[0]['loss']  # step 1: the same weights everywhere
+    first = lambda n: runlog.read_csv(tmp_path / n / 'log.csv')[0]['loss']  # step 1: the same weights everywhere
     assert first('ddp') == pytest.approx(first('one'), rel=1e-5) != first('half')  # the mean over ranks, not rank 0's
 
 
