@@ -4590,7 +4590,7 @@ IMPORT_LAYERS = [
     ('encoder', 'model', 'diffusion'),
     ('data',),
     ('synth', 'cameras'),
-    ('cli', 'constants'),
+    ('cli', 'constants', 'runlog'),
 ]
 
 
