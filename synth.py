@@ -1,8 +1,9 @@
 """synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy.
 
-Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough camera paths, exact
-cameras and metric z-depth; a scene is a function of its seed. Modelling frame: y up, floor y = 0; the stored world
-is turned 180 degrees about x (y down, as OpenCV worlds). Shape legend: H W image, N rays/points, F frames.
+Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough
+camera paths, exact cameras and metric z-depth; a scene is a function of its seed. Modelling frame:
+y up, floor y = 0; the stored world is turned 180 degrees about x (y down, as OpenCV worlds).
+Shape legend: H W image, N rays/points, F frames.
 """
 
 import numpy as np
@@ -10,11 +11,41 @@ import torch
 
 # five RGB colours in [0, 1] per palette; a texture mixes two of one palette
 PALETTES = {
-    'warm': [(0.86, 0.76, 0.60), (0.62, 0.42, 0.26), (0.92, 0.86, 0.76), (0.72, 0.32, 0.22), (0.45, 0.30, 0.20)],
-    'cool': [(0.56, 0.66, 0.76), (0.30, 0.40, 0.56), (0.82, 0.86, 0.90), (0.22, 0.30, 0.36), (0.60, 0.72, 0.66)],
-    'pastel': [(0.96, 0.80, 0.82), (0.80, 0.92, 0.84), (0.82, 0.84, 0.96), (0.98, 0.94, 0.78), (0.88, 0.80, 0.94)],
-    'vivid': [(0.90, 0.20, 0.20), (0.20, 0.50, 0.90), (0.95, 0.75, 0.10), (0.20, 0.70, 0.35), (0.60, 0.25, 0.75)],
-    'earth': [(0.50, 0.42, 0.30), (0.34, 0.40, 0.24), (0.70, 0.62, 0.48), (0.26, 0.20, 0.16), (0.80, 0.74, 0.64)],
+    'warm': [
+        (0.86, 0.76, 0.60),
+        (0.62, 0.42, 0.26),
+        (0.92, 0.86, 0.76),
+        (0.72, 0.32, 0.22),
+        (0.45, 0.30, 0.20),
+    ],
+    'cool': [
+        (0.56, 0.66, 0.76),
+        (0.30, 0.40, 0.56),
+        (0.82, 0.86, 0.90),
+        (0.22, 0.30, 0.36),
+        (0.60, 0.72, 0.66),
+    ],
+    'pastel': [
+        (0.96, 0.80, 0.82),
+        (0.80, 0.92, 0.84),
+        (0.82, 0.84, 0.96),
+        (0.98, 0.94, 0.78),
+        (0.88, 0.80, 0.94),
+    ],
+    'vivid': [
+        (0.90, 0.20, 0.20),
+        (0.20, 0.50, 0.90),
+        (0.95, 0.75, 0.10),
+        (0.20, 0.70, 0.35),
+        (0.60, 0.25, 0.75),
+    ],
+    'earth': [
+        (0.50, 0.42, 0.30),
+        (0.34, 0.40, 0.24),
+        (0.70, 0.62, 0.48),
+        (0.26, 0.20, 0.16),
+        (0.80, 0.74, 0.64),
+    ],
 }
 TEXTURE_KINDS = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
 # the kinds of object, boxes twice as likely as the others
@@ -22,14 +53,21 @@ OBJECT_KINDS = ['box', 'box', 'sphere', 'cylinder']
 # a ray parameter below this is the ray's own surface, not a hit
 T_MIN = 1e-6
 # the surface coordinates (u, v) on a face normal to x, y, z
-FACE_UV = np.array([[2, 1], [0, 2], [0, 1]])
+FACE_UV = np.array(
+    [
+        [2, 1],
+        [0, 2],
+        [0, 1],
+    ]
+)
 
 
-# -------------------------------------------------------------------------------------------------------------- textures
+# ----------------------------------------------------------------------------------------- textures
 def _random_texture(rng, palette):
-    """Two colours of `palette`, jittered, and a pattern: its kind, scale in metres, angle and a noise grid."""
+    """Two jittered colours of `palette` and a pattern: its kind, scale in metres, angle, noise grid."""
     picks = rng.choice(5, 2, replace=False)
-    colours = np.array(PALETTES[palette])[picks] + rng.normal(0, 0.05, (2, 3))
+    jitter = rng.normal(0, 0.05, (2, 3))
+    colours = np.array(PALETTES[palette])[picks] + jitter
     return {
         'kind': rng.choice(TEXTURE_KINDS),
         'c1': colours[0].clip(0, 1),
@@ -50,13 +88,18 @@ def _value_noise(uv, grid):
     fx, fy = f.T
     x0, y0 = cell.T % n
     x1, y1 = (cell.T + 1) % n
-    top = grid[y0, x0] * (1 - fx) + grid[y0, x1] * fx
-    bottom = grid[y1, x0] * (1 - fx) + grid[y1, x1] * fx
+    # the grid's values at the cell's corners
+    g00 = grid[y0, x0]
+    g01 = grid[y0, x1]
+    g10 = grid[y1, x0]
+    g11 = grid[y1, x1]
+    top = g00 * (1 - fx) + g01 * fx
+    bottom = g10 * (1 - fx) + g11 * fx
     return top * (1 - fy) + bottom * fy
 
 
 def _fbm(uv, grid, octaves=3):
-    """Fractal noise in [0,1]: `octaves` of value noise, each at twice the frequency and half the weight."""
+    """Fractal noise in [0,1]: `octaves` of value noise, each of twice the frequency, half the weight."""
     total = 0
     for k in range(octaves):
         octave = _value_noise(uv * 2**k + 7.3 * k, grid)
@@ -76,7 +119,9 @@ def _texture(texture, uv):
     across = (u * np.cos(angle) + v * np.sin(angle)) / scale
     # mix: 0 is colour c1, 1 is colour c2
     if kind == 'checker':
-        mix = (np.floor(u / scale) + np.floor(v / scale)) % 2
+        column = np.floor(u / scale)
+        row = np.floor(v / scale)
+        mix = (column + row) % 2
     elif kind == 'stripes':
         mix = (across % 1 < 0.5).astype(float)
     elif kind == 'noise':
@@ -101,14 +146,16 @@ def _texture(texture, uv):
     return texture['c1'] * (1 - mix) + texture['c2'] * mix
 
 
-# ------------------------------------------------------------------------------------------------------- ray casting
+# -------------------------------------------------------------------------------------- ray casting
 def _hit_room(o, d, size):
-    """Rays o + t d (N,3) inside the room [0, size] -> where they leave it: t (N,), the inward normal (N,3), uv (N,2)
-    and the face (N,) (0 floor, 1 ceiling, 2..5 walls)."""
+    """Rays o + t d (N,3) inside the room [0, size] -> where they leave it: t (N,), the inward
+    normal (N,3), uv (N,2) and the face (N,) (0 floor, 1 ceiling, 2..5 walls)."""
     rays = np.arange(len(o))
     with np.errstate(divide='ignore', invalid='ignore'):
         # (N,3) the distance to the wall that each axis moves towards
-        t_axis = np.where(d > 0, (size - o) / d, -o / d)
+        t_high = (size - o) / d
+        t_low = -o / d
+        t_axis = np.where(d > 0, t_high, t_low)
     ahead = np.isfinite(t_axis) & (t_axis > 0)
     t_axis = np.where(ahead, t_axis, np.inf)
     axis = t_axis.argmin(1)
@@ -124,14 +171,20 @@ def _hit_room(o, d, size):
 
 
 def _hit_box(o, d, box):
-    """Rays o + t d (N,3) vs a box turned by `yaw` about y -> t (N,) (inf: a miss), normal (N,3), uv (N,2)."""
+    """Rays o + t d (N,3) vs a box turned by `yaw` about y -> t (N,) (inf: a miss), normal, uv."""
     N = len(o)
     rays = np.arange(N)
     half = box['half']
     cos = np.cos(box['yaw'])
     sin = np.sin(box['yaw'])
     # box -> world
-    R = np.array([[cos, 0, sin], [0, 1, 0], [-sin, 0, cos]])
+    R = np.array(
+        [
+            [cos, 0, sin],
+            [0, 1, 0],
+            [-sin, 0, cos],
+        ]
+    )
     o_box = (o - box['center']) @ R
     d_box = d @ R
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -164,16 +217,18 @@ def _hit_sphere(o, d, sphere):
     c = (oc * oc).sum(1) - r**2
     disc = b * b - a * c
     t = (-b - np.sqrt(np.maximum(disc, 0))) / a
-    t = np.where((disc > 0) & (t > T_MIN), t, np.inf)
+    hit = (disc > 0) & (t > T_MIN)
+    t = np.where(hit, t, np.inf)
     t_hit = np.where(np.isfinite(t), t, 0)
     normal = (oc + t_hit[:, None] * d) / r
     nx, ny, nz = normal.T
-    uv = np.stack([np.arctan2(nx, nz) * r, ny * r], 1)
+    longitude = np.arctan2(nx, nz)
+    uv = np.stack([longitude * r, ny * r], 1)
     return t, normal, uv
 
 
 def _hit_cylinder(o, d, cylinder):
-    """Rays o + t d (N,3) vs an upright cylinder standing on its centre -> t (N,) (inf: a miss), normal, uv."""
+    """Rays o + t d (N,3) vs an upright cylinder, centre at its base -> t (N,) (inf: a miss), normal, uv."""
     r = cylinder['radius']
     h = cylinder['height']
     ox, oy, oz = (o - cylinder['center']).T
@@ -188,7 +243,8 @@ def _hit_cylinder(o, d, cylinder):
         # the top cap, at height h above the base
         t_top = (h - oy) / dy
     y_side = oy + t_side * dy
-    on_side = (disc > 0) & (t_side > T_MIN) & (y_side >= 0) & (y_side <= h)
+    within_height = (y_side >= 0) & (y_side <= h)
+    on_side = (disc > 0) & (t_side > T_MIN) & within_height
     t_side = np.where(on_side, t_side, np.inf)
     t_cap = np.nan_to_num(t_top, posinf=0, neginf=0)
     x_top = ox + t_cap * dx
@@ -203,32 +259,44 @@ def _hit_cylinder(o, d, cylinder):
     z = oz + t_hit * dz
     normal_side = np.stack([x / r, 0 * y, z / r], 1)
     normal = np.where(side, normal_side, [0.0, 1.0, 0.0])
-    uv_side = np.stack([np.arctan2(x, z) * r, y], 1)
+    around = np.arctan2(x, z) * r
+    uv_side = np.stack([around, y], 1)
     uv_top = np.stack([x, z], 1)
     uv = np.where(side, uv_side, uv_top)
     return t, normal, uv
 
 
-HIT = {'box': _hit_box, 'sphere': _hit_sphere, 'cylinder': _hit_cylinder}
+# the ray caster of each kind of object
+HIT = {
+    'box': _hit_box,
+    'sphere': _hit_sphere,
+    'cylinder': _hit_cylinder,
+}
 
 
 def render(scene, c2w, K, H, W):
-    """c2w (F,4,4) OpenCV in the modelling frame, K (F,3,3) normalised -> rgb (F,H,W,3) in [0,1], z-depth (F,H,W)."""
+    """c2w (F,4,4) OpenCV, modelling frame, K (F,3,3) normalised -> rgb (F,H,W,3) in [0,1], z-depth."""
     F = len(c2w)
     u = (np.arange(W) + 0.5) / W
     v = (np.arange(H) + 0.5) / H
     # (HW,3) normalised pixel centres, y outer
-    pixels = np.stack([*np.meshgrid(u, v), np.ones((H, W))], -1).reshape(-1, 3)
+    u_grid, v_grid = np.meshgrid(u, v)
+    ones = np.ones((H, W))
+    pixels = np.stack([u_grid, v_grid, ones], -1).reshape(-1, 3)
     # (F,HW,3) at camera z = 1: the ray parameter t is the z-depth
     d_cam = np.einsum('fij,nj->fni', np.linalg.inv(K), pixels)
-    d = np.einsum('fij,fnj->fni', c2w[:, :3, :3], d_cam).reshape(-1, 3)
-    o = np.repeat(c2w[:, :3, 3], H * W, 0)
+    rotations = c2w[:, :3, :3]
+    centres = c2w[:, :3, 3]
+    d = np.einsum('fij,fnj->fni', rotations, d_cam).reshape(-1, 3)
+    o = np.repeat(centres, H * W, 0)
     rgb, t = cast_rays(scene, o, d)
-    return rgb.reshape(F, H, W, 3), t.reshape(F, H, W)
+    images = rgb.reshape(F, H, W, 3)
+    depths = t.reshape(F, H, W)
+    return images, depths
 
 
 def cast_rays(scene, o, d):
-    """Rays o + t d (N,3) each, modelling frame -> colour (N,3) in [0,1] and the hit parameter t (N,)."""
+    """Rays o + t d (N,3), modelling frame -> colour (N,3) in [0,1] and the hit parameter t (N,)."""
     t, normal, uv, surface = _hit_room(o, d, scene['room'])
     # surfaces: the room's six faces, then the objects
     for k, ob in enumerate(scene['objects']):
@@ -238,25 +306,28 @@ def cast_rays(scene, o, d):
         normal[nearer] = normal_ob[nearer]
         uv[nearer] = uv_ob[nearer]
         surface[nearer] = 6 + k
-    textures = scene['room_textures'] + [ob['texture'] for ob in scene['objects']]
+    object_textures = [ob['texture'] for ob in scene['objects']]
+    textures = scene['room_textures'] + object_textures
     albedo = np.zeros_like(o)
     for k in np.unique(surface):
-        albedo[surface == k] = _texture(textures[k], uv[surface == k])
+        on_k = surface == k
+        albedo[on_k] = _texture(textures[k], uv[on_k])
     p = o + t[:, None] * d
     shade = np.full(len(o), scene['ambient'])
     for light in scene['lights']:
         to_light = light['pos'] - p
         dist = np.linalg.norm(to_light, axis=1)
-        facing = np.maximum((normal * to_light).sum(1) / dist, 0)
+        cosine = (normal * to_light).sum(1) / dist
+        facing = np.maximum(cosine, 0)
         falloff = 1 + 0.08 * dist**2
         shade += light['power'] * facing / falloff
     colour = albedo * shade[:, None]
     return colour.clip(0, 1), t
 
 
-# ------------------------------------------------------------------------------------------------------ random scenes
+# ------------------------------------------------------------------------------------ random scenes
 def _camera_path(rng, room, frames):
-    """A walkthrough c2w (F,4,4); None if it leaves the room or faces a wall. The rng draws keep their order."""
+    """A walkthrough c2w (F,4,4); None if it leaves the room or faces a wall. Keeps the rng's order."""
     # the path at 64 points s in [0, 1]
     s = np.linspace(0, 1, 64)
     start_x = rng.uniform(0.6, room[0] - 0.6)
@@ -265,7 +336,8 @@ def _camera_path(rng, room, frames):
     start = np.array([start_x, start_y, start_z])
     # the walk sets off roughly towards the room's centre, turns and sways
     to_centre = room / 2 - start
-    heading = np.arctan2(to_centre[0], to_centre[2]) + rng.uniform(-0.5, 0.5)
+    towards_centre = np.arctan2(to_centre[0], to_centre[2])
+    heading = towards_centre + rng.uniform(-0.5, 0.5)
     turn = rng.uniform(-0.8, 0.8)
     sway = rng.uniform(-0.3, 0.3)
     sway_cycles = rng.uniform(1, 2)
@@ -293,7 +365,8 @@ def _camera_path(rng, room, frames):
     # the frames: evenly spaced along the path
     knots = np.arange(len(s))
     at = np.linspace(0, len(s) - 1, frames)
-    pos = np.stack([np.interp(at, knots, coordinate) for coordinate in path.T], 1)
+    resampled = [np.interp(at, knots, coordinate) for coordinate in path.T]
+    pos = np.stack(resampled, 1)
     frame_yaw = np.interp(at, knots, look_yaw)
     frame_pitch = np.interp(at, knots, pitch)
     fwd_x = np.cos(frame_pitch) * np.sin(frame_yaw)
@@ -304,7 +377,8 @@ def _camera_path(rng, room, frames):
     down = np.cross(fwd, right)
     c2w = np.tile(np.eye(4), (frames, 1, 1))
     # columns x right, y down, z forward
-    c2w[:, :3, :3] = np.stack([right, down, fwd], 2)
+    rotation = np.stack([right, down, fwd], 2)
+    c2w[:, :3, :3] = rotation
     c2w[:, :3, 3] = pos
     # keep a view into the room, not into a nearby wall
     ahead = _hit_room(pos, fwd, room)[0]
@@ -314,17 +388,19 @@ def _camera_path(rng, room, frames):
 
 
 def _random_shape(rng, kind):
-    """The size of an object of `kind` -> (its parameters, its footprint's radius, the height of its centre)."""
+    """The size of a `kind` -> (its parameters, its footprint's radius, the height of its centre)."""
     if kind == 'box':
         half = rng.uniform([0.2, 0.2, 0.2], [0.7, 0.8, 0.7])
-        shape = {'half': half, 'yaw': rng.uniform(0, np.pi)}
-        return shape, np.hypot(half[0], half[2]), half[1]
+        yaw = rng.uniform(0, np.pi)
+        foot = np.hypot(half[0], half[2])
+        return {'half': half, 'yaw': yaw}, foot, half[1]
     if kind == 'sphere':
         radius = rng.uniform(0.2, 0.55)
         return {'radius': radius}, radius, radius
-    shape = {'radius': rng.uniform(0.15, 0.4), 'height': rng.uniform(0.4, 2.2)}
+    radius = rng.uniform(0.15, 0.4)
+    height = rng.uniform(0.4, 2.2)
     # a cylinder's centre is the centre of its base, on the floor
-    return shape, shape['radius'], 0.0
+    return {'radius': radius, 'height': height}, radius, 0.0
 
 
 def _random_objects(rng, room, path, palette):
@@ -340,7 +416,8 @@ def _random_objects(rng, room, path, palette):
         shape, foot, y = _random_shape(rng, kind)
         x = rng.uniform(foot + 0.05, room[0] - foot - 0.05)
         z = rng.uniform(foot + 0.05, room[2] - foot - 0.05)
-        near_path = np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45
+        path_distance = np.hypot(path[:, 0] - x, path[:, 2] - z)
+        near_path = path_distance.min() < foot + 0.45
         near_other = any(np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed)
         if near_path or near_other:
             continue
@@ -363,13 +440,21 @@ def _random_light(rng, room):
     """A point light 0.2 below the ceiling, at least 0.5 from the walls."""
     x = rng.uniform(0.5, room[0] - 0.5)
     z = rng.uniform(0.5, room[2] - 0.5)
-    return {'pos': np.array([x, room[1] - 0.2, z]), 'power': rng.uniform(0.6, 1.0)}
+    pos = np.array([x, room[1] - 0.2, z])
+    return {
+        'pos': pos,
+        'power': rng.uniform(0.6, 1.0),
+    }
 
 
 def synth_scene(seed, frames=24, size=112):
-    """Scene `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W), 'c2w' (F,4,4), 'K', 'scene'}."""
+    """Scene `seed` (int or ints) -> {'images' (F,H,W,3) uint8, 'depths', 'c2w' (F,4,4), 'K', 'scene'}."""
     rng = np.random.default_rng(seed)
-    room = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)])
+    width = rng.uniform(4, 7)
+    height = rng.uniform(2.5, 3.2)
+    length = rng.uniform(4, 7)
+    # the room spans [0, room] on x, y, z
+    room = np.array([width, height, length])
     c2w = None
     while c2w is None:
         c2w = _camera_path(rng, room, frames)
@@ -382,7 +467,8 @@ def synth_scene(seed, frames=24, size=112):
     walls[rng.integers(4)] = accent
     ambient = rng.uniform(0.3, 0.45)
     objects = _random_objects(rng, room, c2w[:, :3, 3], palette)
-    lights = [_random_light(rng, room) for _ in range(rng.integers(1, 3))]
+    n_lights = rng.integers(1, 3)
+    lights = [_random_light(rng, room) for _ in range(n_lights)]
     scene = {
         'room': room,
         'room_textures': [floor, ceiling] + walls,
@@ -391,7 +477,14 @@ def synth_scene(seed, frames=24, size=112):
         'lights': lights,
     }
     f = rng.uniform(0.55, 0.85)
-    K = np.tile(np.array([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]), (frames, 1, 1))
+    K_frame = np.array(
+        [
+            [f, 0, 0.5],
+            [0, f, 0.5],
+            [0, 0, 1],
+        ]
+    )
+    K = np.tile(K_frame, (frames, 1, 1))
     # rounded to float32 before rendering: the stored cameras are exact
     c2w = c2w.astype(np.float32).astype(np.float64)
     K = K.astype(np.float32).astype(np.float64)
@@ -408,9 +501,14 @@ def synth_scene(seed, frames=24, size=112):
 
 
 def eval_window(rng, frames, views=8):
-    """The paper's protocol on one clip: context = first and last frame of a views-frame window, targets between."""
-    stride = max(1, min(3, (frames - 1) // (views - 1)))
+    """The paper's protocol on a clip: context = the ends of a window of `views` frames, targets between."""
+    widest = (frames - 1) // (views - 1)
+    stride = max(1, min(3, widest))
     span = min(stride * (views - 1), frames - 1)
     start = int(rng.integers(0, frames - span))
-    idx = sorted({start + round(k * span / (views - 1)) for k in range(views)})
-    return {'context': [idx[0], idx[-1]], 'target': idx[1:-1]}
+    offsets = [round(k * span / (views - 1)) for k in range(views)]
+    idx = sorted({start + offset for offset in offsets})
+    return {
+        'context': [idx[0], idx[-1]],
+        'target': idx[1:-1],
+    }
