@@ -1,8 +1,9 @@
-"""export.py: a generated scene in the formats other tools open (COLMAP, nerfstudio, PLY, MP4), cameras read in.
+"""export.py: scenes out in the formats other tools open (COLMAP, nerfstudio, PLY, MP4), cameras in.
 
-COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels) with the fused points, nerfstudio
-transforms.json (OpenGL c2w, ply_file_path for splatfacto), points.ply, video.mp4; units: those of the cameras sampling
-used. References: COLMAP, nerfstudio and PLY format docs. Shape legend: V views, H W image, N points.
+COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels) with the fused
+points, nerfstudio transforms.json (OpenGL c2w, ply_file_path for splatfacto), points.ply,
+video.mp4; units: those of the cameras sampling used. References: COLMAP, nerfstudio and PLY
+format docs. Shape legend: V views, H W image, N points.
 """
 
 import argparse
@@ -12,159 +13,196 @@ import struct
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import cameras
 import cli
+import data
 import encoder as encoder_lib
 
-FORMATS = DEFAULT_FORMATS = ('ply', 'colmap', 'nerfstudio')  # sample.py's --export: the choices, all by default
+# sample.py's --export: the choices, all of them by default
+FORMATS = ('ply', 'colmap', 'nerfstudio')
+DEFAULT_FORMATS = FORMATS
+# the units of a scene, by the source of its cameras
 UNITS = {
     'poses': "the source cameras' units (dataset poses or --cameras); DA3 depth rescaled to them",
     'da3': "DA3's relative depth scale (cameras estimated by DA3: no --cameras given)",
-}  # by the cameras' source
-SOURCE_RGB, TARGET_RGB = (25, 114, 255), (255, 114, 12)  # camera colours of draw_topdown
+}
+# draw_topdown's camera colours
+SOURCE_RGB = (25, 114, 255)
+TARGET_RGB = (255, 114, 12)
 
 
-def parse_formats(text):  # 'ply,colmap' -> ['ply', 'colmap'] ('' -> []): sample.py's --export type
+def parse_formats(text):
+    """'ply,colmap' -> ['ply', 'colmap'] ('' -> []): sample.py's --export type."""
     formats = [f.strip() for f in text.split(',') if f.strip()]
-    if unknown := sorted(set(formats) - set(FORMATS)):
-        raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {",".join(FORMATS)}')
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        choices = ','.join(FORMATS)
+        raise argparse.ArgumentTypeError(f'unknown export format(s) {unknown}; choose from {choices}')
     return formats
 
 
-def view_names(V, n_src):  # sources first, zero-padded: sorting by name keeps the view order
-    d = max(3, len(str(V)))
-    return [f'source_{v:0{d}d}.png' if v < n_src else f'target_{v - n_src:0{d}d}.png' for v in range(V)]
+def view_names(V, n_src):
+    """V views' image names, sources first, zero-padded: sorting by name keeps the view order."""
+    digits = max(3, len(str(V)))
+    sources = [f'source_{v:0{digits}d}.png' for v in range(min(n_src, V))]
+    targets = [f'target_{v:0{digits}d}.png' for v in range(V - n_src)]
+    return sources + targets
+
+
+# ---------------------------------------------------------------- DA3's depth in the cameras' units
+def _spread(points):
+    """How far points (N,3) lie from their mean, at most; 0 for fewer than two points."""
+    if len(points) < 2:
+        return 0.0
+    return float((points - points.mean(0)).norm(dim=-1).max())
 
 
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels, not a pose head:
-    the tiny head's centres were 8x off); else Umeyama of DA3's centres when they resolve a baseline; else none (1)."""
-    spread = lambda p: float((p - p.mean(0)).norm(dim=-1).max()) if len(p) > 1 else 0.0
-    if n_src < 2 or spread(c2w[:n_src, :3, 3]) < 1e-9:
-        if spread(c2w_da3[:, :3, 3]) >= 0.01 * float(depth.median()) and spread(c2w[:, :3, 3]) >= 1e-9:
-            return float(cameras.umeyama(c2w_da3[:, :3, 3].double(), c2w[:, :3, 3].double())[0]), 'da3 cameras'
+    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
+    not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
+    resolve a baseline; else none (1)."""
+    centres = c2w[:, :3, 3]
+    centres_da3 = c2w_da3[:, :3, 3]
+    if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
+        da3_baseline = _spread(centres_da3) >= 0.01 * float(depth.median())
+        if da3_baseline and _spread(centres) >= 1e-9:
+            scale = cameras.umeyama(centres_da3.double(), centres.double())[0]
+            return float(scale), 'da3 cameras'
         return 1.0, 'none'
-    pairs = [(i, j) for i in range(n_src) for j in range(n_src) if i != j]
-    cost = lambda s: sum(photo_error(images, depth * s, c2w, K, i, j) for i, j in pairs)
+    sources = range(n_src)
+    pairs = [(i, j) for i in sources for j in sources if i != j]
     best = 1.0
-    for grid in (torch.logspace(-3, 3, 121, dtype=torch.float64), torch.logspace(-0.05, 0.05, 41, dtype=torch.float64)):
-        grid = grid * best
-        best = float(grid[torch.stack([cost(float(s)) for s in grid]).argmin()])
+    # a coarse search over six decades, then a fine one about its best
+    for low, high, steps in ((-3, 3, 121), (-0.05, 0.05, 41)):
+        scales = torch.logspace(low, high, steps, dtype=torch.float64) * best
+        costs = []
+        for s in scales:
+            scaled = depth * float(s)
+            cost = sum(photo_error(images, scaled, c2w, K, i, j) for i, j in pairs)
+            costs.append(cost)
+        best = float(scales[torch.stack(costs).argmin()])
     return best, 'source photo-consistency'
 
 
 def photo_error(images, depth, c2w, K, i, j):
-    """Median colour difference of view i's pixels carried by depth (V,H,W) into view j; 1 if < 5% land in j."""
+    """Median colour error of view i's pixels moved by depth (V,H,W) into view j; 1 if < 5% land."""
     _, _, H, W = images.shape
-    pts = encoder_lib.depth_to_points(depth[i].double(), c2w[i].double(), K[i].double()).reshape(-1, 3)  # (HW,3)
+    depth_i = depth[i].double()
+    c2w_i = c2w[i].double()
+    K_i = K[i].double()
+    points = encoder_lib.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
     w2c = cameras.c2w_to_w2c(c2w[j].double())
-    uvz = (pts @ w2c[:3, :3].T + w2c[:3, 3]) @ cameras.K_to_pixels(K[j].double(), H, W).T  # (HW,3) [z u, z v, z]
-    xy = uvz[:, :2] / uvz[:, 2:].clamp_min(1e-9) / uvz.new_tensor([W, H]) * 2 - 1  # grid_sample's [-1, 1] coordinates
-    ok = (uvz[:, 2] > 0) & (xy.abs() < 1).all(-1)
+    R_j = w2c[:3, :3]
+    t_j = w2c[:3, 3]
+    points_j = points @ R_j.T + t_j
+    Kpix = cameras.K_to_pixels(K[j].double(), H, W)
+    # (HW,3): [z u, z v, z]
+    uvz = points_j @ Kpix.T
+    z = uvz[:, 2:]
+    pixels = uvz[:, :2] / z.clamp_min(1e-9)
+    # grid_sample's [-1, 1] coordinates
+    xy = pixels / uvz.new_tensor([W, H]) * 2 - 1
+    in_front = z[:, 0] > 0
+    ok = in_front & (xy.abs() < 1).all(-1)
     if ok.double().mean() < 0.05:
         return torch.tensor(1.0, dtype=torch.float64)
-    seen = torch.nn.functional.grid_sample(images[j][None].double(), xy[ok][None, None], align_corners=False)[0, :, 0]
-    return (seen.T - images[i].flatten(1).T[ok].double()).abs().mean(-1).median()
+    grid = xy[ok][None, None]
+    image_j = images[j][None].double()
+    # (3,n) view j's colours where view i's pixels land
+    seen = F.grid_sample(image_j, grid, align_corners=False)[0, :, 0]
+    own = images[i].flatten(1).T[ok].double()
+    errors = (seen.T - own).abs().mean(-1)
+    return errors.median()
 
 
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
-    """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb' (N,3) uint8, 'view', 'uv' (N,2)}, by view."""
-    pts = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())  # (V,H,W,3)
-    mask = conf >= conf.flatten().quantile(1 - keep)  # (V,H,W)
-    v, y, x = mask.nonzero(as_tuple=True)  # row-major: view, then y, then x
-    rgb = (images.permute(0, 2, 3, 1)[mask].clamp(0, 1) * 255 + 0.5).to(torch.uint8)  # (N,3), as to_uint8
-    return {'xyz': pts[mask], 'rgb': rgb, 'view': v, 'uv': torch.stack([x, y], -1).double() + 0.5}
+    """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb', 'view', 'uv' (N,2)}."""
+    # (V,H,W,3)
+    points = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())
+    threshold = conf.flatten().quantile(1 - keep)
+    mask = conf >= threshold
+    # row-major: view, then y, then x
+    view, y, x = mask.nonzero(as_tuple=True)
+    colours = images.permute(0, 2, 3, 1)[mask].clamp(0, 1)
+    # rounded as to_uint8 rounds
+    rgb = (colours * 255 + 0.5).to(torch.uint8)
+    uv = torch.stack([x, y], -1).double() + 0.5
+    return {
+        'xyz': points[mask],
+        'rgb': rgb,
+        'view': view,
+        'uv': uv,
+    }
 
 
-# ----------------------------------------------------------------------------------------------- images, video and PLY
-def to_uint8(img):  # (3,H,W) in [0,1] -> (H,W,3) uint8 numpy
-    return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+# ---------------------------------------------------------------------------- images, video and PLY
+def to_uint8(img):
+    """(3,H,W) in [0,1] -> (H,W,3) uint8 numpy."""
+    clamped = img.detach().clamp(0, 1)
+    hwc = clamped.permute(1, 2, 0).cpu().numpy()
+    return (hwc * 255 + 0.5).astype(np.uint8)
 
 
-def save_image(img, path):  # (3,H,W) in [0,1] -> PNG (or the format Pillow infers from the name)
+def save_image(img, path):
+    """(3,H,W) in [0,1] -> PNG (or the format Pillow infers from the name)."""
     Image.fromarray(to_uint8(img)).save(path)
 
 
-def write_video(frames, stem, fps=8):  # (3,H,W) frames in [0,1] -> stem.mp4 (H.264), or stem.gif without imageio-ffmpeg
-    arr = [to_uint8(f) for f in frames]
+def write_video(frames, stem, fps=8):
+    """(3,H,W) frames in [0,1] -> stem.mp4 (H.264), or stem.gif without imageio-ffmpeg: its name."""
+    pictures = [to_uint8(f) for f in frames]
     try:
         import imageio.v2 as imageio
         import imageio_ffmpeg
 
-        imageio_ffmpeg.get_ffmpeg_exe()  # raises when the bundled binary is missing
+        # raises when the bundled binary is missing
+        imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as e:
         print(f'note: no MP4 ({e}); wrote {stem}.gif instead (pip install imageio imageio-ffmpeg)')
-        ims = [Image.fromarray(a) for a in arr]
-        ims[0].save(stem + '.gif', save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+        gif = [Image.fromarray(p) for p in pictures]
+        duration = int(1000 / fps)
+        gif[0].save(stem + '.gif', save_all=True, append_images=gif[1:], duration=duration, loop=0)
         return stem + '.gif'
-    # yuv420p plays everywhere but needs even sides: macro_block_size 2 keeps our sizes (multiples of 14) as they are
-    imageio.mimsave(stem + '.mp4', arr, fps=fps, macro_block_size=2, pixelformat='yuv420p')
+    # yuv420p plays everywhere but needs even sides: macro_block_size 2 keeps our multiples of 14
+    imageio.mimsave(stem + '.mp4', pictures, fps=fps, macro_block_size=2, pixelformat='yuv420p')
     return stem + '.mp4'
 
 
+# a PLY vertex: (name, numpy type, PLY type) of each property
+PLY_PROPERTIES = [
+    ('x', '<f4', 'float'),
+    ('y', '<f4', 'float'),
+    ('z', '<f4', 'float'),
+    ('red', 'u1', 'uchar'),
+    ('green', 'u1', 'uchar'),
+    ('blue', 'u1', 'uchar'),
+]
+
+
 def write_ply(path, xyz, rgb, comments=()):
-    """Binary little-endian PLY: xyz (N,3), rgb (N,3) float in [0,1] or uint8; `comments` go in the header."""
-    xyz = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
-    rgb = torch.as_tensor(rgb).reshape(-1, 3)
-    rgb = (rgb if rgb.dtype == torch.uint8 else (rgb.float().clamp(0, 1) * 255).round()).cpu().numpy()
-    props = [(c, '<f4', 'float') for c in 'xyz'] + [(c, 'u1', 'uchar') for c in ('red', 'green', 'blue')]
-    verts = np.rec.fromarrays([*xyz.T, *rgb.T], dtype=[p[:2] for p in props])
-    header = (
-        'ply\nformat binary_little_endian 1.0\n'
-        + ''.join(f'comment {c}\n' for c in comments)
-        + f'element vertex {len(verts)}\n'
-        + ''.join(f'property {t} {c}\n' for c, _, t in props)
-        + 'end_header\n'
-    )
+    """Binary little-endian PLY: xyz (N,3), rgb (N,3) in [0,1] or uint8; `comments` in the header."""
+    points = torch.as_tensor(xyz).reshape(-1, 3).float().cpu().numpy()
+    colours = torch.as_tensor(rgb).reshape(-1, 3)
+    if colours.dtype != torch.uint8:
+        colours = (colours.float().clamp(0, 1) * 255).round()
+    colours = colours.cpu().numpy()
+    dtype = [(name, np_type) for name, np_type, _ in PLY_PROPERTIES]
+    vertices = np.rec.fromarrays([*points.T, *colours.T], dtype=dtype)
+    lines = ['ply', 'format binary_little_endian 1.0']
+    lines += [f'comment {c}' for c in comments]
+    lines.append(f'element vertex {len(vertices)}')
+    lines += [f'property {ply_type} {name}' for name, _, ply_type in PLY_PROPERTIES]
+    lines.append('end_header')
+    header = ''.join(line + '\n' for line in lines)
     with open(path, 'wb') as f:
-        f.write(header.encode('ascii') + verts.tobytes())
+        f.write(header.encode('ascii') + vertices.tobytes())
 
 
-# -------------------------------------------------------------------------------------------------------------- COLMAP
-def write_colmap(folder, c2w, K, H, W, names, points):
-    """Binary COLMAP model: a PINHOLE camera per view (id view + 1), fuse_points' points seen once, at their pixel."""
-    os.makedirs(folder, exist_ok=True)
-    V, N = len(names), len(points['view'])
-    w2c = cameras.c2w_to_w2c(c2w.double())
-    qvec, tvec = cameras.rotmat_to_quat(w2c[:, :3, :3]), w2c[:, :3, 3]
-    Kp = cameras.K_to_pixels(K.double(), H, W)  # COLMAP, like us, puts pixel centres at +0.5: no offset
-    params = torch.stack([Kp[:, 0, 0], Kp[:, 1, 1], Kp[:, 0, 2], Kp[:, 1, 2]], -1)  # PINHOLE fx fy cx cy
-    view, rgb, xyz, uv = (points[k].numpy() for k in ('view', 'rgb', 'xyz', 'uv'))
-    first = np.searchsorted(view, np.arange(V + 1))  # points of view v: first[v]:first[v+1]
-    pid, idx = np.arange(1, N + 1), np.arange(N) - first[view]  # point3D ids, index among its image's 2D points
-    obs = np.empty(N, dtype=[('xy', '<f8', 2), ('point3D_id', '<i8')])  # the 2D points of all images, by image
-    obs['xy'], obs['point3D_id'] = uv, pid
-    rec = np.empty(
-        N,
-        dtype=[
-            ('id', '<u8'),
-            ('xyz', '<f8', 3),
-            ('rgb', 'u1', 3),
-            ('error', '<f8'),
-            ('track_length', '<u8'),
-            ('image_id', '<i4'),
-            ('point2D_idx', '<i4'),
-        ],
-    )
-    rec['id'], rec['xyz'], rec['rgb'], rec['error'], rec['track_length'] = pid, xyz, rgb, 0.0, 1
-    rec['image_id'], rec['point2D_idx'] = view + 1, idx
-    cams = [struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist()) for v in range(V)]  # model 1: PINHOLE
-    images = [
-        struct.pack('<I4d3dI', v + 1, *qvec[v].tolist(), *tvec[v].tolist(), v + 1)
-        + names[v].encode()
-        + b'\0'
-        + struct.pack('<Q', first[v + 1] - first[v])
-        + obs[first[v] : first[v + 1]].tobytes()
-        for v in range(V)
-    ]
-    for name, n, rows in (('cameras.bin', V, cams), ('images.bin', V, images), ('points3D.bin', N, [rec.tobytes()])):
-        with open(os.path.join(folder, name), 'wb') as f:  # a table: its row count (uint64), then the rows
-            f.write(struct.pack('<Q', n) + b''.join(rows))
-
-
-# COLMAP camera models, id: (name, number of params); the perspective ones start with f or fx fy, then cx cy
+# ------------------------------------------------------------------------------------------- COLMAP
+# COLMAP camera models, id: (name, number of params)
 COLMAP_MODELS = {
     0: ('SIMPLE_PINHOLE', 3),
     1: ('PINHOLE', 4),
@@ -179,39 +217,134 @@ COLMAP_MODELS = {
     10: ('THIN_PRISM_FISHEYE', 12),
 }
 COLMAP_PERSPECTIVE = ('SIMPLE_PINHOLE', 'PINHOLE', 'SIMPLE_RADIAL', 'RADIAL', 'OPENCV', 'FULL_OPENCV')
+# the models whose params start fx fy cx cy; the other perspective ones start f cx cy
+COLMAP_TWO_FOCALS = ('PINHOLE', 'OPENCV', 'FULL_OPENCV')
+# a row of points3D.bin
+COLMAP_POINT3D = [
+    ('id', '<u8'),
+    ('xyz', '<f8', 3),
+    ('rgb', 'u1', 3),
+    ('error', '<f8'),
+    ('track_length', '<u8'),
+    ('image_id', '<i4'),
+    ('point2D_idx', '<i4'),
+]
+# a 2D point of an image in images.bin
+COLMAP_POINT2D = [('xy', '<f8', 2), ('point3D_id', '<i8')]
 
 
-def read_colmap(folder):
-    """COLMAP model folder (.bin or .txt) -> {'c2w', 'Kpix' (pixels), 'sizes' [(H, W)], 'names'}; distortion ignored."""
-    cams, images = {}, []  # camera id -> (model name, W, H, params); images: (qvec, tvec, camera id, name)
-    if os.path.isfile(os.path.join(folder, 'cameras.bin')):
-        with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
-            for _ in range(struct.unpack('<Q', f.read(8))[0]):
-                cid, model, W, H = struct.unpack('<iiQQ', f.read(24))
-                name, n = COLMAP_MODELS[model]
-                cams[cid] = (name, W, H, struct.unpack(f'<{n}d', f.read(8 * n)))
-        with open(os.path.join(folder, 'images.bin'), 'rb') as f:
-            for _ in range(struct.unpack('<Q', f.read(8))[0]):
-                rec = struct.unpack('<I4d3dI', f.read(64))
-                name = b''.join(iter(lambda: f.read(1), b'\0')).decode()
-                f.seek(24 * struct.unpack('<Q', f.read(8))[0], 1)  # the 2D points: x, y (doubles), point3D id (int64)
-                images.append((rec[1:5], rec[5:8], rec[8], name))
-    else:
-        for line in open(os.path.join(folder, 'cameras.txt')):
+def write_colmap(folder, c2w, K, H, W, names, points):
+    """Binary COLMAP model: a PINHOLE camera per view (id view + 1); each point seen once, at its pixel."""
+    os.makedirs(folder, exist_ok=True)
+    V = len(names)
+    N = len(points['view'])
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    qvec = cameras.rotmat_to_quat(w2c[:, :3, :3])
+    tvec = w2c[:, :3, 3]
+    # COLMAP, like us, puts pixel centres at +0.5: no offset
+    Kpix = cameras.K_to_pixels(K.double(), H, W)
+    # PINHOLE: fx fy cx cy
+    params = Kpix[:, [0, 1, 0, 1], [0, 1, 2, 2]]
+    view = points['view'].numpy()
+    # the points of view v are first[v]:first[v + 1]
+    first = np.searchsorted(view, np.arange(V + 1))
+    point_ids = np.arange(1, N + 1)
+    # the 2D points of all images, by image
+    points2D = np.empty(N, dtype=COLMAP_POINT2D)
+    points2D['xy'] = points['uv'].numpy()
+    points2D['point3D_id'] = point_ids
+    points3D = np.empty(N, dtype=COLMAP_POINT3D)
+    points3D['id'] = point_ids
+    points3D['xyz'] = points['xyz'].numpy()
+    points3D['rgb'] = points['rgb'].numpy()
+    points3D['error'] = 0.0
+    points3D['track_length'] = 1
+    points3D['image_id'] = view + 1
+    # each point's index among its image's 2D points
+    points3D['point2D_idx'] = np.arange(N) - first[view]
+    camera_rows = []
+    image_rows = []
+    for v in range(V):
+        # model 1: PINHOLE
+        camera = struct.pack('<iiQQ4d', v + 1, 1, W, H, *params[v].tolist())
+        camera_rows.append(camera)
+        quaternion = qvec[v].tolist()
+        translation = tvec[v].tolist()
+        # image id, pose, camera id
+        pose = struct.pack('<I4d3dI', v + 1, *quaternion, *translation, v + 1)
+        image_name = names[v].encode() + b'\0'
+        seen = points2D[first[v] : first[v + 1]]
+        n_seen = struct.pack('<Q', first[v + 1] - first[v])
+        image_rows.append(pose + image_name + n_seen + seen.tobytes())
+    tables = [
+        ('cameras.bin', V, camera_rows),
+        ('images.bin', V, image_rows),
+        ('points3D.bin', N, [points3D.tobytes()]),
+    ]
+    for filename, count, rows in tables:
+        # a table: its row count (uint64), then the rows
+        with open(os.path.join(folder, filename), 'wb') as f:
+            f.write(struct.pack('<Q', count) + b''.join(rows))
+
+
+def _read_colmap_bin(folder):
+    """cameras.bin, images.bin -> {camera id: (model, W, H, params)}, [(qvec, tvec, camera id, name)]."""
+    cams = {}
+    images = []
+    with open(os.path.join(folder, 'cameras.bin'), 'rb') as f:
+        n_cams = struct.unpack('<Q', f.read(8))[0]
+        for _ in range(n_cams):
+            cid, model_id, W, H = struct.unpack('<iiQQ', f.read(24))
+            model, n_params = COLMAP_MODELS[model_id]
+            params = struct.unpack(f'<{n_params}d', f.read(8 * n_params))
+            cams[cid] = (model, W, H, params)
+    with open(os.path.join(folder, 'images.bin'), 'rb') as f:
+        n_images = struct.unpack('<Q', f.read(8))[0]
+        for _ in range(n_images):
+            row = struct.unpack('<I4d3dI', f.read(64))
+            # the name: bytes up to a NUL
+            name = b''.join(iter(lambda: f.read(1), b'\0')).decode()
+            # skip the 2D points: x, y (doubles), point3D id (int64)
+            n_points = struct.unpack('<Q', f.read(8))[0]
+            f.seek(24 * n_points, 1)
+            images.append((row[1:5], row[5:8], row[8], name))
+    return cams, images
+
+
+def _read_colmap_txt(folder):
+    """cameras.txt and images.txt -> the same as _read_colmap_bin."""
+    cams = {}
+    images = []
+    with open(os.path.join(folder, 'cameras.txt')) as f:
+        for line in f:
             if line.strip() and not line.startswith('#'):
                 cid, model, W, H, *params = line.split()
                 cams[int(cid)] = (model, int(W), int(H), tuple(map(float, params)))
-        lines = (l for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#'))
-        for head in lines:  # two lines per image, the second (its 2D points) possibly empty
+    with open(os.path.join(folder, 'images.txt')) as f:
+        lines = (line for line in f if not line.startswith('#'))
+        # two lines per image, the second (its 2D points) possibly empty
+        for head in lines:
             if head.strip():
-                _, *qt, cid, name = head.split()
-                images.append((tuple(map(float, qt[:4])), tuple(map(float, qt[4:])), int(cid), name))
+                _, *pose, cid, name = head.split()
+                qvec = tuple(map(float, pose[:4]))
+                tvec = tuple(map(float, pose[4:]))
+                images.append((qvec, tvec, int(cid), name))
                 next(lines, None)
+    return cams, images
+
+
+def read_colmap(folder):
+    """COLMAP model (.bin, .txt) -> {'c2w', 'Kpix' (pixels), 'sizes' [(H, W)], 'names'}, undistorted."""
+    if os.path.isfile(os.path.join(folder, 'cameras.bin')):
+        cams, images = _read_colmap_bin(folder)
+    else:
+        cams, images = _read_colmap_txt(folder)
     if not images:
         raise cli.UserError(f'{folder}: the COLMAP model holds no images')
-    Kpix, sizes = [], []
+    Kpix = []
+    sizes = []
     for _, _, cid, name in images:
-        model, W, H, prm = cams[cid]
+        model, W, H, params = cams[cid]
         if model not in COLMAP_PERSPECTIVE:
             raise cli.UserError(
                 f'{folder}: camera {cid} of {name} is a {model} camera; undistort the model to '
@@ -219,38 +352,57 @@ def read_colmap(folder):
             )
         if model not in ('PINHOLE', 'SIMPLE_PINHOLE'):
             print(f'note: {folder}: camera {cid} is {model}; its lens distortion is ignored (undistort for exact rays)')
-        two_focals = model in ('PINHOLE', 'OPENCV', 'FULL_OPENCV')  # fx fy cx cy ...; the others: f cx cy ...
-        fx, fy, cx, cy = prm[:4] if two_focals else (prm[0], prm[0], prm[1], prm[2])
-        Kpix.append([[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+        if model in COLMAP_TWO_FOCALS:
+            fx, fy, cx, cy = params[:4]
+        else:
+            fx, cx, cy = params[:3]
+            fy = fx
+        K_view = [
+            [fx, 0, cx],
+            [0, fy, cy],
+            [0, 0, 1],
+        ]
+        Kpix.append(K_view)
         sizes.append((H, W))
-    qvec, tvec = (torch.tensor([im[k] for im in images], dtype=torch.float64) for k in (0, 1))
-    c2w = cameras.w2c_to_c2w(cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec))
+    qvecs, tvecs, _, names = zip(*images)
+    qvec = torch.tensor(qvecs, dtype=torch.float64)
+    tvec = torch.tensor(tvecs, dtype=torch.float64)
+    w2c = cameras.make_pose(cameras.quat_to_rotmat(qvec), tvec)
     return {
-        'c2w': c2w,
+        'c2w': cameras.w2c_to_c2w(w2c),
         'Kpix': torch.tensor(Kpix, dtype=torch.float64),
         'sizes': sizes,
-        'names': [im[3] for im in images],
+        'names': list(names),
     }
 
 
-# -------------------- nerfstudio, and cameras in: every format a user's photos come with, as OpenCV c2w + normalised K
+# ----------------- nerfstudio, and cameras in: a user's photos' formats -> OpenCV c2w, normalised K
 def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
     """nerfstudio transforms.json, `files` relative to its folder; `extra` adds top-level keys."""
-    Kp, gl = cameras.K_to_pixels(K.double(), H, W), cameras.opengl_to_opencv(c2w.double())  # the flip is an involution
-    frames = [
-        {
+    Kpix = cameras.K_to_pixels(K.double(), H, W)
+    # OpenGL c2w: the flip is its own inverse
+    c2w_gl = cameras.opengl_to_opencv(c2w.double())
+    frames = []
+    for v in range(len(files)):
+        frame = {
             'file_path': files[v],
-            'transform_matrix': gl[v].tolist(),
-            'fl_x': float(Kp[v, 0, 0]),
-            'fl_y': float(Kp[v, 1, 1]),
-            'cx': float(Kp[v, 0, 2]),
-            'cy': float(Kp[v, 1, 2]),
+            'transform_matrix': c2w_gl[v].tolist(),
+            'fl_x': float(Kpix[v, 0, 0]),
+            'fl_y': float(Kpix[v, 1, 1]),
+            'cx': float(Kpix[v, 0, 2]),
+            'cy': float(Kpix[v, 1, 2]),
             'is_source': bool(is_source[v]),
         }
-        for v in range(len(files))
-    ]
+        frames.append(frame)
+    transforms = {
+        'camera_model': 'OPENCV',
+        'w': W,
+        'h': H,
+        **(extra or {}),
+        'frames': frames,
+    }
     with open(path, 'w') as f:
-        json.dump({'camera_model': 'OPENCV', 'w': W, 'h': H, **(extra or {}), 'frames': frames}, f, indent=1)
+        json.dump(transforms, f, indent=1)
 
 
 CAMERA_FORMATS = (
@@ -259,105 +411,147 @@ CAMERA_FORMATS = (
 )
 
 
-def read_cameras(path, image_size=None):
-    """Cameras in any of CAMERA_FORMATS -> {'c2w', 'K', 'names', 'files' (or None), 'size' (H, W) or None, 'format'}."""
-    import data  # bottom layer: the nerfstudio reader that datasets use too
+def _find_colmap(path):
+    """The COLMAP model folder at path, path/sparse/0 or path/sparse; None if there is none."""
+    for folder in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse')):
+        for ext in ('bin', 'txt'):
+            if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, f'cameras.{ext}')):
+                return folder
+    return None
 
-    sparse = next(
-        (
-            d
-            for d in (path, os.path.join(path, 'sparse', '0'), os.path.join(path, 'sparse'))
-            if os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f'cameras.{e}')) for e in ('bin', 'txt'))
-        ),
-        None,
-    )
-    if sparse:
-        m = read_colmap(sparse)
-        if len(set(m['sizes'])) > 1:
+
+def _cameras_from_colmap(sparse):
+    """read_cameras of a COLMAP model folder; the photos are in images/ beside its sparse/."""
+    model = read_colmap(sparse)
+    sizes = sorted(set(model['sizes']))
+    if len(sizes) > 1:
+        raise cli.UserError(f'{sparse}: cameras of different image sizes {sizes}; give photos of one size')
+    H, W = sizes[0]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
+    return {
+        'c2w': model['c2w'],
+        'K': cameras.K_to_normalized(model['Kpix'], H, W),
+        'names': model['names'],
+        'files': [os.path.join(root, 'images', name) for name in model['names']],
+        'size': (H, W),
+        'format': 'COLMAP',
+    }
+
+
+def _cameras_from_npz(folder, image_size):
+    """read_cameras of a folder of per-frame NAME.npz."""
+    c2w = []
+    K = []
+    names = []
+    size = None
+    for f in sorted(f for f in os.listdir(folder) if f.endswith('.npz')):
+        arrays = np.load(os.path.join(folder, f))
+        size = image_size
+        if 'H' in arrays and 'W' in arrays:
+            size = (int(arrays['H']), int(arrays['W']))
+        if 'c2w' not in arrays or 'K' not in arrays or size is None:
             raise cli.UserError(
-                f'{sparse}: cameras of different image sizes {sorted(set(m["sizes"]))}; give photos of one size'
+                f'{os.path.join(folder, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
+                f'pixels) and H, W (the image size of K) where no photo states it; it has '
+                f'{sorted(arrays.files)}: add H and W or the missing arrays'
             )
-        (H, W), root = m['sizes'][0], os.path.dirname(os.path.dirname(os.path.abspath(sparse)))
-        out = {
-            'c2w': m['c2w'],
-            'K': cameras.K_to_normalized(m['Kpix'], H, W),
-            'names': m['names'],
-            'files': [os.path.join(root, 'images', n) for n in m['names']],
-            'size': (H, W),
-            'format': 'COLMAP',
+        Kpix = torch.as_tensor(arrays['K'], dtype=torch.float64)
+        c2w.append(torch.as_tensor(arrays['c2w'], dtype=torch.float64))
+        K.append(cameras.K_to_normalized(Kpix, *size))
+        names.append(f[: -len('.npz')])
+    return {
+        'c2w': torch.stack(c2w),
+        'K': torch.stack(K),
+        'names': names,
+        'files': [None] * len(names),
+        'size': size,
+        'format': 'npz',
+    }
+
+
+def read_cameras(path, image_size=None):
+    """Cameras in a CAMERA_FORMATS -> {'c2w', 'K', 'names', 'files', 'size' (H, W) or None, 'format'}."""
+    sparse = _find_colmap(path)
+    json_path = path if path.endswith('.json') else os.path.join(path, 'transforms.json')
+    if sparse:
+        found = _cameras_from_colmap(sparse)
+    elif path.endswith('.json') or os.path.isfile(json_path):
+        # the nerfstudio reader that datasets use too
+        transforms = data.read_transforms(json_path)
+        folder = os.path.dirname(os.path.abspath(json_path))
+        found = {
+            'c2w': transforms['c2w'],
+            'K': transforms['K'],
+            'names': transforms['files'],
+            'files': [os.path.join(folder, f) for f in transforms['files']],
+            'size': None,
+            'format': 'nerfstudio',
         }
-    elif path.endswith('.json') or os.path.isfile(os.path.join(path, 'transforms.json')):
-        json_path = path if path.endswith('.json') else os.path.join(path, 'transforms.json')
-        t = data.read_transforms(json_path)
-        files = [os.path.join(os.path.dirname(os.path.abspath(json_path)), f) for f in t['files']]
-        out = {'c2w': t['c2w'], 'K': t['K'], 'names': t['files'], 'files': files, 'size': None, 'format': 'nerfstudio'}
     elif os.path.isdir(path) and any(f.endswith('.npz') for f in os.listdir(path)):
-        c2w, K, names, size = [], [], [], None
-        for f in sorted(f for f in os.listdir(path) if f.endswith('.npz')):
-            z = np.load(os.path.join(path, f))
-            size = (int(z['H']), int(z['W'])) if 'H' in z and 'W' in z else image_size
-            if 'c2w' not in z or 'K' not in z or size is None:
-                raise cli.UserError(
-                    f'{os.path.join(path, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
-                    f'pixels) and H, W (the image size of K) where no photo states it; it has '
-                    f'{sorted(z.files)}: add H and W or the missing arrays'
-                )
-            c2w.append(torch.as_tensor(z['c2w'], dtype=torch.float64))
-            K.append(cameras.K_to_normalized(torch.as_tensor(z['K'], dtype=torch.float64), *size))
-            names.append(f[: -len('.npz')])
-        out = {
-            'c2w': torch.stack(c2w),
-            'K': torch.stack(K),
-            'names': names,
-            'files': [None] * len(names),
-            'size': size,
-            'format': 'npz',
-        }
+        found = _cameras_from_npz(path, image_size)
     else:
         raise cli.UserError(f'{path}: no cameras found; pass {CAMERA_FORMATS}')
-    out['c2w'], out['K'] = out['c2w'].float(), out['K'].float()
-    cameras.check_cameras(out['c2w'], out['K'], path)
-    return out
+    found['c2w'] = found['c2w'].float()
+    found['K'] = found['K'].float()
+    cameras.check_cameras(found['c2w'], found['K'], path)
+    return found
 
 
-# --------------------------------------------------------------------------------- the whole scene, and pictures of it
+# -------------------------------------------------------------- the whole scene, and pictures of it
 def draw_topdown(path, c2w_src, c2w_tgt, size=256, title=''):
-    """Top-down PNG of source (blue) and target (orange, joined, first ringed) cameras, the first source facing up."""
-    from PIL import ImageDraw
+    """Top-down PNG of the source (blue) and target (orange, joined, first ringed) cameras."""
+    up = -c2w_src[0, :3, 1].double()
+    right = c2w_src[0, :3, 0].double()
+    # the horizontal viewing direction of the first source
+    fwd = torch.linalg.cross(up, right)
 
-    up, right = -c2w_src[0, :3, 1].double(), c2w_src[0, :3, 0].double()
-    fwd = torch.linalg.cross(up, right)  # horizontal viewing direction of the first source
-    plane = lambda p: torch.stack([p @ right, -(p @ fwd)], -1)  # (...,3) -> (...,2) page coordinates
     both = torch.cat([c2w_src.double(), c2w_tgt.double()])
-    centres, dirs = plane(both[:, :3, 3]), plane(both[:, :3, 2])
-    lo, hi = centres.min(0).values, centres.max(0).values
+    positions = both[:, :3, 3]
+    axes = both[:, :3, 2]
+    # (V,2) page coordinates: right, and forward up the page
+    centres = torch.stack([positions @ right, -(positions @ fwd)], -1)
+    dirs = torch.stack([axes @ right, -(axes @ fwd)], -1)
+    lo = centres.min(0).values
+    hi = centres.max(0).values
     tick = 0.12 * float((hi - lo).max().clamp_min(1e-6))
-    tips = centres + tick * dirs  # (V,2) the ends of the ticks
-    lo, hi = torch.minimum(lo, tips.min(0).values), torch.maximum(hi, tips.max(0).values)
+    # (V,2) the ends of the ticks
+    tips = centres + tick * dirs
+    lo = torch.minimum(lo, tips.min(0).values)
+    hi = torch.maximum(hi, tips.max(0).values)
     scale = (size - 40) / float((hi - lo).max().clamp_min(1e-6))
-    px = lambda p: tuple(((p - (lo + hi) / 2) * scale + size / 2).tolist())
-    im, n = Image.new('RGB', (size, size), 'white'), len(c2w_src)
-    d = ImageDraw.Draw(im)
+    middle = (lo + hi) / 2
+    centres_on_picture = (centres - middle) * scale + size / 2
+    tips_on_picture = (tips - middle) * scale + size / 2
+    centre_pixels = [tuple(p) for p in centres_on_picture.tolist()]
+    tip_pixels = [tuple(p) for p in tips_on_picture.tolist()]
+    n_src = len(c2w_src)
+    picture = Image.new('RGB', (size, size), 'white')
+    draw = ImageDraw.Draw(picture)
     if len(c2w_tgt) > 1:
-        d.line([px(c) for c in centres[n:]], fill=(255, 190, 140), width=1)
+        draw.line(centre_pixels[n_src:], fill=(255, 190, 140), width=1)
     for v in range(len(both)):
-        x, y = px(centres[v])
-        colour, r = (SOURCE_RGB, 5) if v < n else (TARGET_RGB, 3)
-        d.line([(x, y), px(tips[v])], fill=colour, width=2)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-        if v == n:
-            d.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour)
-    d.text((6, 4), title, fill=(0, 0, 0))
-    im.save(path)
+        x, y = centre_pixels[v]
+        # a marker's colour and radius
+        colour, r = (SOURCE_RGB, 5) if v < n_src else (TARGET_RGB, 3)
+        draw.line([(x, y), tip_pixels[v]], fill=colour, width=2)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        if v == n_src:
+            draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=colour)
+    draw.text((6, 4), title, fill=(0, 0, 0))
+    picture.save(path)
 
 
-def make_grid(src, pred, gt=None):  # rows sources | + pred[N:] | + gt (if given), white where none -> (3,rows*H,V*W)
+def make_grid(src, pred, gt=None):
+    """Rows: sources | + pred[N:] | + gt (if given), white where no image -> (3,rows*H,V*W)."""
     N = src.shape[0]
-    blank = torch.ones_like(pred[N:])  # white where there is no image
-    rows = [torch.cat([src, blank]), torch.cat([src, pred[N:]])]
+    blank = torch.ones_like(pred[N:])
+    sources_row = torch.cat([src, blank])
+    generated_row = torch.cat([src, pred[N:]])
+    rows = [sources_row, generated_row]
     if gt is not None:
         rows.append(torch.cat([src, gt, blank[gt.shape[0] :]]))
-    return torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+    strips = [torch.cat(list(row), -1) for row in rows]
+    return torch.cat(strips, -2)
 
 
 def write_scene(
@@ -374,35 +568,42 @@ def write_scene(
     keep=0.7,
     frame='the cameras sampling used',
 ):
-    """Images (V,3,H,W) (sources first) and the scene from DA3's depth, conf in `formats` -> a metrics.json summary."""
-    parse_formats(','.join(formats))  # fails on an unknown name
-    images, depth, conf, c2w, K, c2w_da3 = (t.detach().cpu() for t in (images, depth, conf, c2w, K, c2w_da3))
+    """Images (V,3,H,W), sources first, and DA3's depth, conf -> `formats`; a metrics.json summary."""
+    # fails on an unknown name
+    parse_formats(','.join(formats))
+    images = images.detach().cpu()
+    depth = depth.detach().cpu()
+    conf = conf.detach().cpu()
+    c2w = c2w.detach().cpu()
+    K = K.detach().cpu()
+    c2w_da3 = c2w_da3.detach().cpu()
     V, _, H, W = images.shape
     names = view_names(V, n_src)
     os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
     for v in range(V):
         save_image(images[v], os.path.join(out_dir, 'images', names[v]))
-    scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src) if units == 'poses' else (1.0, 'none')
-    pts = fuse_points(images, depth * scale, conf, c2w, K, keep)
+    scale = 1.0
+    how = 'none'
+    if units == 'poses':
+        scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src)
+    points = fuse_points(images, depth * scale, conf, c2w, K, keep)
     info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
     if 'ply' in formats:
         note = f'units: {UNITS[units]}; DA3 depth x {scale:.6g} ({how})'
-        write_ply(os.path.join(out_dir, 'points.ply'), pts['xyz'], pts['rgb'], comments=[note])
+        ply_path = os.path.join(out_dir, 'points.ply')
+        write_ply(ply_path, points['xyz'], points['rgb'], comments=[note])
     if 'colmap' in formats:
-        write_colmap(os.path.join(out_dir, 'sparse', '0'), c2w, K, H, W, names, pts)
+        colmap_folder = os.path.join(out_dir, 'sparse', '0')
+        write_colmap(colmap_folder, c2w, K, H, W, names, points)
     if 'nerfstudio' in formats:
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
-            extra['ply_file_path'] = 'points.ply'  # splatfacto starts from these points
-        write_transforms(
-            os.path.join(out_dir, 'transforms.json'),
-            c2w,
-            K,
-            H,
-            W,
-            ['images/' + n for n in names],
-            torch.arange(V) < n_src,
-            extra,
-        )
+            # splatfacto starts from these points
+            extra['ply_file_path'] = 'points.ply'
+        image_files = ['images/' + name for name in names]
+        is_source = torch.arange(V) < n_src
+        transforms_path = os.path.join(out_dir, 'transforms.json')
+        write_transforms(transforms_path, c2w, K, H, W, image_files, is_source, extra)
     written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
-    return {**info, 'points': len(pts['xyz']), 'files': sorted({'images/'} | {written[f] for f in formats})}
+    files = sorted({'images/'} | {written[f] for f in formats})
+    return {**info, 'points': len(points['xyz']), 'files': files}

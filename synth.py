@@ -1,248 +1,496 @@
 """synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy.
 
-Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough camera paths, exact
-cameras and metric z-depth; a scene is a function of its seed. Modelling frame: y up, floor y = 0; the stored world
-is turned 180 degrees about x (y down, as OpenCV worlds). Shape legend: H W image, N rays/points, F frames.
+Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough
+camera paths, exact cameras and metric z-depth; a scene is a function of its seed. Modelling frame:
+y up, floor y = 0; the stored world is turned 180 degrees about x (y down, as OpenCV worlds).
+Shape legend: H W image, N rays/points, F frames.
 """
 
 import numpy as np
 import torch
 
+# five RGB colours in [0, 1] per palette; a texture mixes two of one palette
 PALETTES = {
-    'warm': [(0.86, 0.76, 0.60), (0.62, 0.42, 0.26), (0.92, 0.86, 0.76), (0.72, 0.32, 0.22), (0.45, 0.30, 0.20)],
-    'cool': [(0.56, 0.66, 0.76), (0.30, 0.40, 0.56), (0.82, 0.86, 0.90), (0.22, 0.30, 0.36), (0.60, 0.72, 0.66)],
-    'pastel': [(0.96, 0.80, 0.82), (0.80, 0.92, 0.84), (0.82, 0.84, 0.96), (0.98, 0.94, 0.78), (0.88, 0.80, 0.94)],
-    'vivid': [(0.90, 0.20, 0.20), (0.20, 0.50, 0.90), (0.95, 0.75, 0.10), (0.20, 0.70, 0.35), (0.60, 0.25, 0.75)],
-    'earth': [(0.50, 0.42, 0.30), (0.34, 0.40, 0.24), (0.70, 0.62, 0.48), (0.26, 0.20, 0.16), (0.80, 0.74, 0.64)],
+    'warm': [
+        (0.86, 0.76, 0.60),
+        (0.62, 0.42, 0.26),
+        (0.92, 0.86, 0.76),
+        (0.72, 0.32, 0.22),
+        (0.45, 0.30, 0.20),
+    ],
+    'cool': [
+        (0.56, 0.66, 0.76),
+        (0.30, 0.40, 0.56),
+        (0.82, 0.86, 0.90),
+        (0.22, 0.30, 0.36),
+        (0.60, 0.72, 0.66),
+    ],
+    'pastel': [
+        (0.96, 0.80, 0.82),
+        (0.80, 0.92, 0.84),
+        (0.82, 0.84, 0.96),
+        (0.98, 0.94, 0.78),
+        (0.88, 0.80, 0.94),
+    ],
+    'vivid': [
+        (0.90, 0.20, 0.20),
+        (0.20, 0.50, 0.90),
+        (0.95, 0.75, 0.10),
+        (0.20, 0.70, 0.35),
+        (0.60, 0.25, 0.75),
+    ],
+    'earth': [
+        (0.50, 0.42, 0.30),
+        (0.34, 0.40, 0.24),
+        (0.70, 0.62, 0.48),
+        (0.26, 0.20, 0.16),
+        (0.80, 0.74, 0.64),
+    ],
 }
+TEXTURE_KINDS = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
+# the kinds of object, boxes twice as likely as the others
+OBJECT_KINDS = ['box', 'box', 'sphere', 'cylinder']
+# a ray parameter below this is the ray's own surface, not a hit
+T_MIN = 1e-6
+# the surface coordinates (u, v) on a face normal to x, y, z
+FACE_UV = np.array(
+    [
+        [2, 1],
+        [0, 2],
+        [0, 1],
+    ]
+)
 
 
+# ----------------------------------------------------------------------------------------- textures
 def _random_texture(rng, palette):
-    cols = np.array(PALETTES[palette])[rng.choice(5, 2, replace=False)] + rng.normal(0, 0.05, (2, 3))
-    kinds = ('checker', 'stripes', 'noise', 'marble', 'bricks', 'gradient')
+    """Two jittered colours of `palette` and a pattern: its kind, scale in metres, angle, noise grid."""
+    picks = rng.choice(5, 2, replace=False)
+    jitter = rng.normal(0, 0.05, (2, 3))
+    colours = np.array(PALETTES[palette])[picks] + jitter
     return {
-        'kind': rng.choice(kinds),
-        'c1': cols[0].clip(0, 1),
-        'c2': cols[1].clip(0, 1),
+        'kind': rng.choice(TEXTURE_KINDS),
+        'c1': colours[0].clip(0, 1),
+        'c2': colours[1].clip(0, 1),
         'scale': rng.uniform(0.15, 0.6),
         'angle': rng.uniform(0, np.pi),
         'grid': rng.random((16, 16)),
     }
 
 
-def _value_noise(uv, grid):  # smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]
-    n, i = grid.shape[0], np.floor(uv).astype(int)
-    f = uv - i
-    f = f * f * (3 - 2 * f)
-    x0, y0, x1, y1 = i[:, 0] % n, i[:, 1] % n, (i[:, 0] + 1) % n, (i[:, 1] + 1) % n
-    top = grid[y0, x0] * (1 - f[:, 0]) + grid[y0, x1] * f[:, 0]
-    bottom = grid[y1, x0] * (1 - f[:, 0]) + grid[y1, x1] * f[:, 0]
-    return top * (1 - f[:, 1]) + bottom * f[:, 1]
+def _value_noise(uv, grid):
+    """Smooth periodic value noise of uv (N,2) on a (n,n) random grid -> (N,) in [0,1]."""
+    n = grid.shape[0]
+    cell = np.floor(uv).astype(int)
+    frac = uv - cell
+    # smoothstep weights: the noise has no kinks at the cell borders
+    f = frac * frac * (3 - 2 * frac)
+    fx, fy = f.T
+    x0, y0 = cell.T % n
+    x1, y1 = (cell.T + 1) % n
+    # the grid's values at the cell's corners
+    g00 = grid[y0, x0]
+    g01 = grid[y0, x1]
+    g10 = grid[y1, x0]
+    g11 = grid[y1, x1]
+    top = g00 * (1 - fx) + g01 * fx
+    bottom = g10 * (1 - fx) + g11 * fx
+    return top * (1 - fy) + bottom * fy
 
 
 def _fbm(uv, grid, octaves=3):
-    return sum(0.5**k * _value_noise(uv * 2**k + 7.3 * k, grid) for k in range(octaves)) / (2 - 0.5 ** (octaves - 1))
+    """Fractal noise in [0,1]: `octaves` of value noise, each of twice the frequency, half the weight."""
+    total = 0
+    for k in range(octaves):
+        octave = _value_noise(uv * 2**k + 7.3 * k, grid)
+        total = total + 0.5**k * octave
+    # the sum of the weights 1, 1/2, 1/4, ...
+    return total / (2 - 0.5 ** (octaves - 1))
 
 
-def _texture(tex, uv):  # albedo (N,3) of surface coordinates uv (N,2) in metres
-    s, a = tex['scale'], tex['angle']
-    proj = (uv[:, 0] * np.cos(a) + uv[:, 1] * np.sin(a)) / s  # coordinate across stripes
-    kind = tex['kind']
+def _texture(texture, uv):
+    """Albedo (N,3) of the surface coordinates uv (N,2), in metres."""
+    kind = texture['kind']
+    scale = texture['scale']
+    angle = texture['angle']
+    grid = texture['grid']
+    u, v = uv.T
+    # the coordinate across stripes, in stripe widths
+    across = (u * np.cos(angle) + v * np.sin(angle)) / scale
+    # mix: 0 is colour c1, 1 is colour c2
     if kind == 'checker':
-        w = (np.floor(uv[:, 0] / s) + np.floor(uv[:, 1] / s)) % 2
+        column = np.floor(u / scale)
+        row = np.floor(v / scale)
+        mix = (column + row) % 2
     elif kind == 'stripes':
-        w = (proj % 1 < 0.5).astype(float)
+        mix = (across % 1 < 0.5).astype(float)
     elif kind == 'noise':
-        w = _fbm(uv / s * 2, tex['grid'])
+        mix = _fbm(uv / scale * 2, grid)
     elif kind == 'marble':
-        w = 0.5 + 0.5 * np.sin(2 * proj + 6 * _fbm(uv / s, tex['grid']))
+        veins = 6 * _fbm(uv / scale, grid)
+        mix = 0.5 + 0.5 * np.sin(2 * across + veins)
     elif kind == 'bricks':
-        row = np.floor(uv[:, 1] / s)  # bricks 2s x s
-        u = uv[:, 0] / (2 * s) + 0.5 * (row % 2)
-        mortar = (u % 1 < 0.06) | (uv[:, 1] / s % 1 < 0.1)
-        shade = _value_noise(np.stack([np.floor(u), row], 1) * 3.1, tex['grid'])  # per-brick variation
-        w = np.where(mortar, 1.0, 0.3 * shade)
-    else:  # gradient with a little noise
-        w = (0.5 + 0.5 * np.tanh(proj / 4)) * 0.85 + 0.15 * _fbm(uv / s, tex['grid'])
-    return tex['c1'] * (1 - w[:, None]) + tex['c2'] * w[:, None]
+        # bricks 2 scale x 1 scale, every other row shifted by half a brick
+        row = np.floor(v / scale)
+        along = u / (2 * scale) + 0.5 * (row % 2)
+        mortar = (along % 1 < 0.06) | (v / scale % 1 < 0.1)
+        brick = np.stack([np.floor(along), row], 1)
+        # a shade per brick
+        shade = _value_noise(brick * 3.1, grid)
+        mix = np.where(mortar, 1.0, 0.3 * shade)
+    else:
+        # a gradient with a little noise
+        ramp = 0.5 + 0.5 * np.tanh(across / 4)
+        mix = ramp * 0.85 + 0.15 * _fbm(uv / scale, grid)
+    mix = mix[:, None]
+    return texture['c1'] * (1 - mix) + texture['c2'] * mix
 
 
-def _hit_room(o, d, size):  # rays in [0, size] -> exit t, inward normal, uv, face (0 floor, 1 ceiling, 2..5 walls)
+# -------------------------------------------------------------------------------------- ray casting
+def _hit_room(o, d, size):
+    """Rays o + t d (N,3) inside the room [0, size] -> where they leave it: t (N,), the inward
+    normal (N,3), uv (N,2) and the face (N,) (0 floor, 1 ceiling, 2..5 walls)."""
+    rays = np.arange(len(o))
     with np.errstate(divide='ignore', invalid='ignore'):
-        t_axis = np.where(d > 0, (size - o) / d, -o / d)  # (N,3) distance to the wall each axis moves towards
-    t_axis = np.where(np.isfinite(t_axis) & (t_axis > 0), t_axis, np.inf)
+        # (N,3) the distance to the wall that each axis moves towards
+        t_high = (size - o) / d
+        t_low = -o / d
+        t_axis = np.where(d > 0, t_high, t_low)
+    ahead = np.isfinite(t_axis) & (t_axis > 0)
+    t_axis = np.where(ahead, t_axis, np.inf)
     axis = t_axis.argmin(1)
-    t = t_axis[np.arange(len(o)), axis]
-    positive = d[np.arange(len(o)), axis] > 0
-    face = np.select([axis == 1, axis == 0], [1 * positive, 2 + positive], 4 + positive)
+    t = t_axis[rays, axis]
+    positive = d[rays, axis] > 0
+    # the faces normal to x: walls 2 and 3, to y: floor 0 and ceiling 1, to z: walls 4 and 5
+    face = np.array([2, 0, 4])[axis] + positive
     normal = np.zeros_like(o)
-    normal[np.arange(len(o)), axis] = np.where(positive, -1.0, 1.0)
+    normal[rays, axis] = np.where(positive, -1.0, 1.0)
     p = o + t[:, None] * d
-    uv = np.where((axis == 1)[:, None], p[:, [0, 2]], np.where((axis == 0)[:, None], p[:, [2, 1]], p[:, [0, 1]]))
+    uv = np.take_along_axis(p, FACE_UV[axis], 1)
     return t, normal, uv, face
 
 
-def _hit_object(o, d, ob):  # vs a yawed box, sphere or floor-standing cylinder -> t (N,) (inf: miss), normal, uv
-    c, N = ob['center'], len(o)
-    if ob['kind'] == 'box':
-        cy, sy = np.cos(ob['yaw']), np.sin(ob['yaw'])
-        R = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])  # local -> world
-        ol, dl = (o - c) @ R, d @ R
-        with np.errstate(divide='ignore', invalid='ignore'):
-            t1, t2 = (-ob['half'] - ol) / dl, (ob['half'] - ol) / dl
-        tmin, tmax = np.minimum(t1, t2), np.maximum(t1, t2)
-        tn, tf = np.nanmax(tmin, 1), np.nanmin(tmax, 1)
-        t = np.where((tn <= tf) & (tn > 1e-6), tn, np.inf)
-        axis, nl = np.nanargmax(tmin, 1), np.zeros((N, 3))
-        nl[np.arange(N), axis] = -np.sign(dl[np.arange(N), axis])
-        pl = ol + np.where(np.isfinite(t), t, 0)[:, None] * dl + ob['half']
-        uv = np.where((axis == 1)[:, None], pl[:, [0, 2]], np.where((axis == 0)[:, None], pl[:, [2, 1]], pl[:, [0, 1]]))
-        return t, nl @ R.T, uv
-    oc = o - c
-    if ob['kind'] == 'sphere':
-        b, cc = (oc * d).sum(1), (oc * oc).sum(1) - ob['radius'] ** 2
-        disc = b * b - (d * d).sum(1) * cc
-        t = (-b - np.sqrt(np.maximum(disc, 0))) / (d * d).sum(1)
-        t = np.where((disc > 0) & (t > 1e-6), t, np.inf)
-        n = (oc + np.where(np.isfinite(t), t, 0)[:, None] * d) / ob['radius']
-        uv = np.stack([np.arctan2(n[:, 0], n[:, 2]) * ob['radius'], n[:, 1] * ob['radius']], 1)
-        return t, n, uv
-    # cylinder: side in the xz plane, top cap at y = c_y + height (c is the base centre)
-    r, h = ob['radius'], ob['height']
-    a = d[:, 0] ** 2 + d[:, 2] ** 2
-    b = oc[:, 0] * d[:, 0] + oc[:, 2] * d[:, 2]
-    cc = oc[:, 0] ** 2 + oc[:, 2] ** 2 - r * r
-    disc = b * b - a * cc
+def _hit_box(o, d, box):
+    """Rays o + t d (N,3) vs a box turned by `yaw` about y -> t (N,) (inf: a miss), normal, uv."""
+    N = len(o)
+    rays = np.arange(N)
+    half = box['half']
+    cos = np.cos(box['yaw'])
+    sin = np.sin(box['yaw'])
+    # box -> world
+    R = np.array(
+        [
+            [cos, 0, sin],
+            [0, 1, 0],
+            [-sin, 0, cos],
+        ]
+    )
+    o_box = (o - box['center']) @ R
+    d_box = d @ R
     with np.errstate(divide='ignore', invalid='ignore'):
-        ts = (-b - np.sqrt(np.maximum(disc, 0))) / a
-        tc = (h - oc[:, 1]) / d[:, 1]
-    ys = oc[:, 1] + ts * d[:, 1]
-    ts = np.where((disc > 0) & (ts > 1e-6) & (ys >= 0) & (ys <= h), ts, np.inf)
-    pc = oc + np.nan_to_num(tc, posinf=0, neginf=0)[:, None] * d
-    tc = np.where((tc > 1e-6) & (pc[:, 0] ** 2 + pc[:, 2] ** 2 <= r * r), tc, np.inf)
-    side, t = ts <= tc, np.minimum(ts, tc)
-    p = oc + np.where(np.isfinite(t), t, 0)[:, None] * d
-    n = np.where(side[:, None], np.stack([p[:, 0] / r, 0 * p[:, 1], p[:, 2] / r], 1), [0.0, 1.0, 0.0])
-    uv = np.where(side[:, None], np.stack([np.arctan2(p[:, 0], p[:, 2]) * r, p[:, 1]], 1), p[:, [0, 2]])
-    return t, n, uv
+        t1 = (-half - o_box) / d_box
+        t2 = (half - o_box) / d_box
+    # slabs: a ray is inside the box after entering all three and before leaving any
+    t_enter = np.minimum(t1, t2)
+    t_leave = np.maximum(t1, t2)
+    t_near = np.nanmax(t_enter, 1)
+    t_far = np.nanmin(t_leave, 1)
+    hit = (t_near <= t_far) & (t_near > T_MIN)
+    t = np.where(hit, t_near, np.inf)
+    axis = np.nanargmax(t_enter, 1)
+    normal = np.zeros((N, 3))
+    normal[rays, axis] = -np.sign(d_box[rays, axis])
+    t_hit = np.where(np.isfinite(t), t, 0)
+    # the hit point from the box's corner
+    p = o_box + t_hit[:, None] * d_box + half
+    uv = np.take_along_axis(p, FACE_UV[axis], 1)
+    return t, normal @ R.T, uv
+
+
+def _hit_sphere(o, d, sphere):
+    """Rays o + t d (N,3) vs a sphere -> t (N,) (inf: a miss), normal (N,3), uv (N,2)."""
+    r = sphere['radius']
+    oc = o - sphere['center']
+    # |oc + t d|^2 = r^2 as a t^2 + 2 b t + c = 0
+    a = (d * d).sum(1)
+    b = (oc * d).sum(1)
+    c = (oc * oc).sum(1) - r**2
+    disc = b * b - a * c
+    t = (-b - np.sqrt(np.maximum(disc, 0))) / a
+    hit = (disc > 0) & (t > T_MIN)
+    t = np.where(hit, t, np.inf)
+    t_hit = np.where(np.isfinite(t), t, 0)
+    normal = (oc + t_hit[:, None] * d) / r
+    nx, ny, nz = normal.T
+    longitude = np.arctan2(nx, nz)
+    uv = np.stack([longitude * r, ny * r], 1)
+    return t, normal, uv
+
+
+def _hit_cylinder(o, d, cylinder):
+    """Rays o + t d (N,3) vs an upright cylinder, centre at its base -> t (N,) (inf: a miss), normal, uv."""
+    r = cylinder['radius']
+    h = cylinder['height']
+    ox, oy, oz = (o - cylinder['center']).T
+    dx, dy, dz = d.T
+    # the side: |o + t d|^2 = r^2 in the xz plane, as a t^2 + 2 b t + c = 0
+    a = dx**2 + dz**2
+    b = ox * dx + oz * dz
+    c = ox**2 + oz**2 - r * r
+    disc = b * b - a * c
+    with np.errstate(divide='ignore', invalid='ignore'):
+        t_side = (-b - np.sqrt(np.maximum(disc, 0))) / a
+        # the top cap, at height h above the base
+        t_top = (h - oy) / dy
+    y_side = oy + t_side * dy
+    within_height = (y_side >= 0) & (y_side <= h)
+    on_side = (disc > 0) & (t_side > T_MIN) & within_height
+    t_side = np.where(on_side, t_side, np.inf)
+    t_cap = np.nan_to_num(t_top, posinf=0, neginf=0)
+    x_top = ox + t_cap * dx
+    z_top = oz + t_cap * dz
+    on_top = (t_top > T_MIN) & (x_top**2 + z_top**2 <= r * r)
+    t_top = np.where(on_top, t_top, np.inf)
+    side = (t_side <= t_top)[:, None]
+    t = np.minimum(t_side, t_top)
+    t_hit = np.where(np.isfinite(t), t, 0)
+    x = ox + t_hit * dx
+    y = oy + t_hit * dy
+    z = oz + t_hit * dz
+    normal_side = np.stack([x / r, 0 * y, z / r], 1)
+    normal = np.where(side, normal_side, [0.0, 1.0, 0.0])
+    around = np.arctan2(x, z) * r
+    uv_side = np.stack([around, y], 1)
+    uv_top = np.stack([x, z], 1)
+    uv = np.where(side, uv_side, uv_top)
+    return t, normal, uv
+
+
+# the ray caster of each kind of object
+HIT = {
+    'box': _hit_box,
+    'sphere': _hit_sphere,
+    'cylinder': _hit_cylinder,
+}
 
 
 def render(scene, c2w, K, H, W):
-    """c2w (F,4,4) OpenCV in the modelling frame, K (F,3,3) normalised -> rgb (F,H,W,3) in [0,1], z-depth (F,H,W)."""
-    u, v = (np.arange(W) + 0.5) / W, (np.arange(H) + 0.5) / H
-    pix = np.stack([*np.meshgrid(u, v), np.ones((H, W))], -1).reshape(-1, 3)  # (HW,3) normalised, y outer
-    d_cam = np.einsum('fij,nj->fni', np.linalg.inv(K), pix)  # (F,HW,3), camera z = 1
-    d = np.einsum('fij,fnj->fni', c2w[:, :3, :3], d_cam).reshape(-1, 3)  # (N,3): ray parameter t = z-depth
-    o = np.repeat(c2w[:, :3, 3], H * W, 0)  # (N,3)
+    """c2w (F,4,4) OpenCV, modelling frame, K (F,3,3) normalised -> rgb (F,H,W,3) in [0,1], z-depth."""
+    F = len(c2w)
+    u = (np.arange(W) + 0.5) / W
+    v = (np.arange(H) + 0.5) / H
+    # (HW,3) normalised pixel centres, y outer
+    u_grid, v_grid = np.meshgrid(u, v)
+    ones = np.ones((H, W))
+    pixels = np.stack([u_grid, v_grid, ones], -1).reshape(-1, 3)
+    # (F,HW,3) at camera z = 1: the ray parameter t is the z-depth
+    d_cam = np.einsum('fij,nj->fni', np.linalg.inv(K), pixels)
+    rotations = c2w[:, :3, :3]
+    centres = c2w[:, :3, 3]
+    d = np.einsum('fij,fnj->fni', rotations, d_cam).reshape(-1, 3)
+    o = np.repeat(centres, H * W, 0)
     rgb, t = cast_rays(scene, o, d)
-    return rgb.reshape(len(c2w), H, W, 3), t.reshape(len(c2w), H, W)
+    images = rgb.reshape(F, H, W, 3)
+    depths = t.reshape(F, H, W)
+    return images, depths
 
 
 def cast_rays(scene, o, d):
-    """Rays o + t d (N,3) each, modelling frame -> colour (N,3) in [0,1] and the hit parameter t (N,)."""
-    t, normal, uv, sid = _hit_room(o, d, scene['room'])
+    """Rays o + t d (N,3), modelling frame -> colour (N,3) in [0,1] and the hit parameter t (N,)."""
+    t, normal, uv, surface = _hit_room(o, d, scene['room'])
+    # surfaces: the room's six faces, then the objects
     for k, ob in enumerate(scene['objects']):
-        tk, nk, uvk = _hit_object(o, d, ob)
-        m = tk < t
-        t[m], normal[m], uv[m], sid[m] = tk[m], nk[m], uvk[m], 6 + k
-    textures = scene['room_textures'] + [ob['texture'] for ob in scene['objects']]
+        t_ob, normal_ob, uv_ob = HIT[ob['kind']](o, d, ob)
+        nearer = t_ob < t
+        t[nearer] = t_ob[nearer]
+        normal[nearer] = normal_ob[nearer]
+        uv[nearer] = uv_ob[nearer]
+        surface[nearer] = 6 + k
+    object_textures = [ob['texture'] for ob in scene['objects']]
+    textures = scene['room_textures'] + object_textures
     albedo = np.zeros_like(o)
-    for k in np.unique(sid):
-        albedo[sid == k] = _texture(textures[k], uv[sid == k])
-    p, shade = o + t[:, None] * d, np.full(len(o), scene['ambient'])
+    for k in np.unique(surface):
+        on_k = surface == k
+        albedo[on_k] = _texture(textures[k], uv[on_k])
+    p = o + t[:, None] * d
+    shade = np.full(len(o), scene['ambient'])
     for light in scene['lights']:
-        to_l = light['pos'] - p
-        dist = np.linalg.norm(to_l, axis=1)
-        shade += light['power'] * np.maximum((normal * to_l).sum(1) / dist, 0) / (1 + 0.08 * dist**2)
-    return (albedo * shade[:, None]).clip(0, 1), t
+        to_light = light['pos'] - p
+        dist = np.linalg.norm(to_light, axis=1)
+        cosine = (normal * to_light).sum(1) / dist
+        facing = np.maximum(cosine, 0)
+        falloff = 1 + 0.08 * dist**2
+        shade += light['power'] * facing / falloff
+    colour = albedo * shade[:, None]
+    return colour.clip(0, 1), t
 
 
-def _camera_path(rng, room, frames):  # a walkthrough c2w (F,4,4); None if it leaves the room or faces a wall
+# ------------------------------------------------------------------------------------ random scenes
+def _camera_path(rng, room, frames):
+    """A walkthrough c2w (F,4,4); None if it leaves the room or faces a wall. Keeps the rng's order."""
+    # the path at 64 points s in [0, 1]
     s = np.linspace(0, 1, 64)
-    start = np.array([rng.uniform(0.6, room[0] - 0.6), rng.uniform(1.1, 1.7), rng.uniform(0.6, room[2] - 0.6)])
+    start_x = rng.uniform(0.6, room[0] - 0.6)
+    start_y = rng.uniform(1.1, 1.7)
+    start_z = rng.uniform(0.6, room[2] - 0.6)
+    start = np.array([start_x, start_y, start_z])
+    # the walk sets off roughly towards the room's centre, turns and sways
     to_centre = room / 2 - start
-    heading = np.arctan2(to_centre[0], to_centre[2]) + rng.uniform(-0.5, 0.5)
-    yaw = heading + rng.uniform(-0.8, 0.8) * s + rng.uniform(-0.3, 0.3) * np.sin(np.pi * s * rng.uniform(1, 2))
+    towards_centre = np.arctan2(to_centre[0], to_centre[2])
+    heading = towards_centre + rng.uniform(-0.5, 0.5)
+    turn = rng.uniform(-0.8, 0.8)
+    sway = rng.uniform(-0.3, 0.3)
+    sway_cycles = rng.uniform(1, 2)
+    yaw = heading + turn * s + sway * np.sin(np.pi * s * sway_cycles)
     step = rng.uniform(1.2, 2.6) / len(s)
-    pos = start + np.cumsum(np.stack([np.sin(yaw), 0 * s, np.cos(yaw)], 1) * step, 0)
-    pos[:, 1] += rng.uniform(-0.1, 0.1) * np.sin(np.pi * s)
-    if (pos[:, [0, 2]].min() < 0.4) or (pos[:, 0].max() > room[0] - 0.4) or (pos[:, 2].max() > room[2] - 0.4):
+    direction = np.stack([np.sin(yaw), 0 * s, np.cos(yaw)], 1)
+    path = start + np.cumsum(direction * step, 0)
+    bob = rng.uniform(-0.1, 0.1)
+    path[:, 1] += bob * np.sin(np.pi * s)
+    # the walk stays 0.4 from the walls
+    x, _, z = path.T
+    inside_x = 0.4 <= x.min() and x.max() <= room[0] - 0.4
+    inside_z = 0.4 <= z.min() and z.max() <= room[2] - 0.4
+    if not (inside_x and inside_z):
         return None
-    look_yaw = yaw + rng.uniform(-0.25, 0.25) * np.sin(2 * np.pi * s * rng.uniform(0.3, 1) + rng.uniform(0, 6))
-    pitch = rng.uniform(-0.2, 0.05) + rng.uniform(-0.08, 0.08) * np.sin(2 * np.pi * s * rng.uniform(0.3, 1))
-    idx = np.linspace(0, len(s) - 1, frames)
-    interp = lambda x: np.stack([np.interp(idx, np.arange(len(s)), x[:, j]) for j in range(x.shape[1])], 1)
-    pos, look_yaw, pitch = interp(pos), interp(look_yaw[:, None])[:, 0], interp(pitch[:, None])[:, 0]
-    fwd = np.stack([np.cos(pitch) * np.sin(look_yaw), np.sin(pitch), np.cos(pitch) * np.cos(look_yaw)], 1)
+    # the gaze wanders about the walking direction
+    glance = rng.uniform(-0.25, 0.25)
+    glance_cycles = rng.uniform(0.3, 1)
+    glance_phase = rng.uniform(0, 6)
+    look_yaw = yaw + glance * np.sin(2 * np.pi * s * glance_cycles + glance_phase)
+    tilt = rng.uniform(-0.2, 0.05)
+    nod = rng.uniform(-0.08, 0.08)
+    nod_cycles = rng.uniform(0.3, 1)
+    pitch = tilt + nod * np.sin(2 * np.pi * s * nod_cycles)
+    # the frames: evenly spaced along the path
+    knots = np.arange(len(s))
+    at = np.linspace(0, len(s) - 1, frames)
+    resampled = [np.interp(at, knots, coordinate) for coordinate in path.T]
+    pos = np.stack(resampled, 1)
+    frame_yaw = np.interp(at, knots, look_yaw)
+    frame_pitch = np.interp(at, knots, pitch)
+    fwd_x = np.cos(frame_pitch) * np.sin(frame_yaw)
+    fwd_z = np.cos(frame_pitch) * np.cos(frame_yaw)
+    fwd = np.stack([fwd_x, np.sin(frame_pitch), fwd_z], 1)
     right = np.cross([0.0, -1.0, 0.0], fwd)
     right /= np.linalg.norm(right, axis=1, keepdims=True)
+    down = np.cross(fwd, right)
     c2w = np.tile(np.eye(4), (frames, 1, 1))
-    c2w[:, :3, :3] = np.stack([right, np.cross(fwd, right), fwd], 2)  # columns x right, y down, z forward
+    # columns x right, y down, z forward
+    rotation = np.stack([right, down, fwd], 2)
+    c2w[:, :3, :3] = rotation
     c2w[:, :3, 3] = pos
-    ahead = _hit_room(pos, fwd, room)[0]  # keep a view into the room, not into a nearby wall
-    return c2w if ahead.min() > 1.8 else None
+    # keep a view into the room, not into a nearby wall
+    ahead = _hit_room(pos, fwd, room)[0]
+    if ahead.min() > 1.8:
+        return c2w
+    return None
 
 
-def _random_objects(rng, room, path, palette):  # 5..10 objects on the floor, clear of the path and of each other
-    objects, placed, n = [], [], rng.integers(5, 11)  # placed: (x, z, footprint radius)
+def _random_shape(rng, kind):
+    """The size of a `kind` -> (its parameters, its footprint's radius, the height of its centre)."""
+    if kind == 'box':
+        half = rng.uniform([0.2, 0.2, 0.2], [0.7, 0.8, 0.7])
+        yaw = rng.uniform(0, np.pi)
+        foot = np.hypot(half[0], half[2])
+        return {'half': half, 'yaw': yaw}, foot, half[1]
+    if kind == 'sphere':
+        radius = rng.uniform(0.2, 0.55)
+        return {'radius': radius}, radius, radius
+    radius = rng.uniform(0.15, 0.4)
+    height = rng.uniform(0.4, 2.2)
+    # a cylinder's centre is the centre of its base, on the floor
+    return {'radius': radius, 'height': height}, radius, 0.0
+
+
+def _random_objects(rng, room, path, palette):
+    """5..10 objects on the floor, clear of the camera path (F,3) and of each other."""
+    n = rng.integers(5, 11)
+    objects = []
+    # (x, z, footprint radius) of each object
+    placed = []
     for _ in range(80):
         if len(objects) >= n:
             break
-        kind = rng.choice(['box', 'box', 'sphere', 'cylinder'])
-        if kind == 'box':
-            half = rng.uniform([0.2, 0.2, 0.2], [0.7, 0.8, 0.7])
-            ob, foot, y = {'half': half, 'yaw': rng.uniform(0, np.pi)}, np.hypot(half[0], half[2]), half[1]
-        elif kind == 'sphere':
-            ob = {'radius': rng.uniform(0.2, 0.55)}
-            foot, y = ob['radius'], ob['radius']
-        else:
-            ob = {'radius': rng.uniform(0.15, 0.4), 'height': rng.uniform(0.4, 2.2)}
-            foot, y = ob['radius'], 0.0
-        x, z = rng.uniform(foot + 0.05, room[0] - foot - 0.05), rng.uniform(foot + 0.05, room[2] - foot - 0.05)
-        if np.hypot(path[:, 0] - x, path[:, 2] - z).min() < foot + 0.45 or any(
-            np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed
-        ):
+        kind = rng.choice(OBJECT_KINDS)
+        shape, foot, y = _random_shape(rng, kind)
+        x = rng.uniform(foot + 0.05, room[0] - foot - 0.05)
+        z = rng.uniform(foot + 0.05, room[2] - foot - 0.05)
+        path_distance = np.hypot(path[:, 0] - x, path[:, 2] - z)
+        near_path = path_distance.min() < foot + 0.45
+        near_other = any(np.hypot(x - px, z - pz) < foot + pr + 0.05 for px, pz, pr in placed)
+        if near_path or near_other:
             continue
         placed.append((x, z, foot))
-        objects.append(
-            {
-                **ob,
-                'kind': kind,
-                'center': np.array([x, y, z]),
-                'texture': _random_texture(rng, rng.choice(list(PALETTES)) if rng.random() < 0.5 else palette),
-            }
-        )
+        # half the objects take colours from any palette, half from the room's
+        own_palette = palette
+        if rng.random() < 0.5:
+            own_palette = rng.choice(list(PALETTES))
+        ob = {
+            **shape,
+            'kind': kind,
+            'center': np.array([x, y, z]),
+            'texture': _random_texture(rng, own_palette),
+        }
+        objects.append(ob)
     return objects
 
 
+def _random_light(rng, room):
+    """A point light 0.2 below the ceiling, at least 0.5 from the walls."""
+    x = rng.uniform(0.5, room[0] - 0.5)
+    z = rng.uniform(0.5, room[2] - 0.5)
+    pos = np.array([x, room[1] - 0.2, z])
+    return {
+        'pos': pos,
+        'power': rng.uniform(0.6, 1.0),
+    }
+
+
 def synth_scene(seed, frames=24, size=112):
-    """Scene `seed` (an int or ints) -> {'images' (F,H,W,3) uint8, 'depths' (F,H,W), 'c2w' (F,4,4), 'K', 'scene'}."""
+    """Scene `seed` (int or ints) -> {'images' (F,H,W,3) uint8, 'depths', 'c2w' (F,4,4), 'K', 'scene'}."""
     rng = np.random.default_rng(seed)
-    room, c2w = np.array([rng.uniform(4, 7), rng.uniform(2.5, 3.2), rng.uniform(4, 7)]), None
+    width = rng.uniform(4, 7)
+    height = rng.uniform(2.5, 3.2)
+    length = rng.uniform(4, 7)
+    # the room spans [0, room] on x, y, z
+    room = np.array([width, height, length])
+    c2w = None
     while c2w is None:
         c2w = _camera_path(rng, room, frames)
     palette = rng.choice(list(PALETTES))
-    floor, ceiling, wall, accent = (_random_texture(rng, palette) for _ in range(4))
+    floor = _random_texture(rng, palette)
+    ceiling = _random_texture(rng, palette)
+    wall = _random_texture(rng, palette)
+    accent = _random_texture(rng, palette)
     walls = [wall, wall, wall, wall]
     walls[rng.integers(4)] = accent
+    ambient = rng.uniform(0.3, 0.45)
+    objects = _random_objects(rng, room, c2w[:, :3, 3], palette)
+    n_lights = rng.integers(1, 3)
+    lights = [_random_light(rng, room) for _ in range(n_lights)]
     scene = {
         'room': room,
         'room_textures': [floor, ceiling] + walls,
-        'ambient': rng.uniform(0.3, 0.45),
-        'objects': _random_objects(rng, room, c2w[:, :3, 3], palette),
-        'lights': [
-            {
-                'pos': np.array([rng.uniform(0.5, room[0] - 0.5), room[1] - 0.2, rng.uniform(0.5, room[2] - 0.5)]),
-                'power': rng.uniform(0.6, 1.0),
-            }
-            for _ in range(rng.integers(1, 3))
-        ],
+        'ambient': ambient,
+        'objects': objects,
+        'lights': lights,
     }
     f = rng.uniform(0.55, 0.85)
-    K = np.tile(np.array([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]]), (frames, 1, 1))
-    c2w, K = c2w.astype(np.float32).astype(np.float64), K.astype(np.float32).astype(np.float64)  # exact after storing
+    K_frame = np.array(
+        [
+            [f, 0, 0.5],
+            [0, f, 0.5],
+            [0, 0, 1],
+        ]
+    )
+    K = np.tile(K_frame, (frames, 1, 1))
+    # rounded to float32 before rendering: the stored cameras are exact
+    c2w = c2w.astype(np.float32).astype(np.float64)
+    K = K.astype(np.float32).astype(np.float64)
     rgb, depth = render(scene, c2w, K, size, size)
-    flip = np.diag([1.0, -1.0, -1.0, 1.0])  # 180 degrees about x: the y-up modelling frame -> a y-down world
+    # 180 degrees about x: the y-up modelling frame -> a y-down world
+    flip = np.diag([1.0, -1.0, -1.0, 1.0])
     return {
         'images': (rgb * 255).round().astype(np.uint8),
         'depths': depth.astype(np.float32),
@@ -253,9 +501,14 @@ def synth_scene(seed, frames=24, size=112):
 
 
 def eval_window(rng, frames, views=8):
-    """The paper's protocol on one clip: context = first and last frame of a views-frame window, targets between."""
-    stride = max(1, min(3, (frames - 1) // (views - 1)))
+    """The paper's protocol on a clip: context = the ends of a window of `views` frames, targets between."""
+    widest = (frames - 1) // (views - 1)
+    stride = max(1, min(3, widest))
     span = min(stride * (views - 1), frames - 1)
     start = int(rng.integers(0, frames - span))
-    idx = sorted({start + round(k * span / (views - 1)) for k in range(views)})
-    return {'context': [idx[0], idx[-1]], 'target': idx[1:-1]}
+    offsets = [round(k * span / (views - 1)) for k in range(views)]
+    idx = sorted({start + offset for offset in offsets})
+    return {
+        'context': [idx[0], idx[-1]],
+        'target': idx[1:-1],
+    }

@@ -37,6 +37,7 @@ import constants
 import data
 import decoder as decoder_lib
 import diffusion
+import dinov2 as dinov2_lib
 import encoder as encoder_lib
 import export
 import latents
@@ -47,6 +48,8 @@ import runlog
 import sample
 import synth
 import train
+import vae as vae_lib
+import vggt as vggt_lib
 
 torch.set_num_threads(1)  # 2-core machines: one thread is faster than two under load, with the same results
 
@@ -840,12 +843,12 @@ def test_latent_stats(tmp_path):
     batches = [torch.rand(2, 2, 3, 28, 42) for _ in range(3)]
     stats = encoder_lib.compute_latent_stats(enc, batches, levels=(0, 1))
     with torch.no_grad():
-        for l in (0, 1):
-            allx = torch.cat([enc.encode(b)[l].reshape(-1, enc.dim) for b in batches]).double()
-            torch.testing.assert_close(stats.mean[l].double(), allx.mean(0), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(stats.var[l].double(), allx.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
-            z = stats.normalize(allx.float(), l)
-            torch.testing.assert_close(stats.denormalize(z, l), allx.float(), atol=1e-4, rtol=1e-5)
+        for level in (0, 1):
+            allx = torch.cat([enc.encode(b)[level].reshape(-1, enc.dim) for b in batches]).double()
+            torch.testing.assert_close(stats.mean[level].double(), allx.mean(0), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(stats.var[level].double(), allx.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
+            z = stats.normalize(allx.float(), level)
+            torch.testing.assert_close(stats.denormalize(z, level), allx.float(), atol=1e-4, rtol=1e-5)
     for name in ('stats.safetensors', 'stats.pt'):
         stats.save(tmp_path / name)
         loaded = encoder_lib.LatentStats.load(tmp_path / name)
@@ -1429,9 +1432,16 @@ def test_one_euler_step_from_noise_is_the_posterior_mean(a):
 
 def test_cfg_scale_one_is_conditional_and_formula():
     noise = torch.randn(2, 2, 3, 4)
-    cond = lambda x, t: 0.5 * x + 1
+
+    def cond(x, t):
+        return 0.5 * x + 1
+
     unc_calls = []
-    uncond = lambda x, t: unc_calls.append(1) or -x
+
+    def uncond(x, t):
+        unc_calls.append(1)
+        return -x
+
     ref = diffusion.euler_sample(cond, noise, steps=5, a=2.0)
     torch.testing.assert_close(
         diffusion.euler_sample(cond, noise, steps=5, a=2.0, cfg_scale=1.0, uncond_fn=uncond), ref
@@ -1785,7 +1795,7 @@ def test_load_official_pipeline_and_generate(release):
     images, c2w, K = scene()
     out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
     assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
-    assert [tuple(l.shape) for l in out['levels']] == [(1, 3, 6, C)] * 4
+    assert [tuple(level.shape) for level in out['levels']] == [(1, 3, 6, C)] * 4
     assert out['geometry']['depth'].shape == (1, 3, 28, 42)
 
 
@@ -2187,7 +2197,7 @@ def world(tmp_path_factory):
         'level0': ['--level', '0', '--tau', '0.2', '--max-bad', '3', '--src-mode', 'ends'],
         'level2': ['--level', '2', '--pos', 'rope3d', '--decoder-ckpt', 'none', '--cache', '1'],
     }
-    for name, argv in runs.items():
+    for argv in runs.values():
         train.main(d + TINY + argv)
     stats = torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['stats']
     from encoder import LatentStats
@@ -2459,16 +2469,25 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(world, t
     )
     train.main(base + ['--batch-size', '2', '--out', str(tmp_path / 'one')])
     train.main(base + ['--batch-size', '1', '--accum', '2', '--out', str(tmp_path / 'acc')])
-    load = lambda n: torch.load(train.list_checkpoints(str(tmp_path / n))[-1], weights_only=False)['model']
+
+    def load(n):
+        return torch.load(train.list_checkpoints(str(tmp_path / n))[-1], weights_only=False)['model']
+
     ddp, one, acc = load('ddp'), load('one'), load('acc')
-    dist = lambda x, y: torch.sqrt(sum(((x[k] - y[k]).float() ** 2).sum() for k in y))
+
+    def dist(x, y):
+        return torch.sqrt(sum(((x[k] - y[k]).float() ** 2).sum() for k in y))
+
     # the same global batch on one rank but half of it (rank 0's sample alone) is the scale of a real mismatch
     train.main(base + ['--batch-size', '1', '--out', str(tmp_path / 'half')])
     scale = dist(load('half'), one)
     assert scale > 1e-3
     # Adam turns float-reduction noise on near-zero gradients into small steps, hence a relative tolerance
     assert dist(ddp, one) < 0.02 * scale and dist(acc, one) < 0.02 * scale, (dist(ddp, one), dist(acc, one), scale)
-    first = lambda n: runlog.read_csv(tmp_path / n / 'log.csv')[0]['loss']  # step 1: the same weights everywhere
+
+    def first(n):  # step 1: the same weights everywhere
+        return runlog.read_csv(tmp_path / n / 'log.csv')[0]['loss']
+
     assert first('ddp') == pytest.approx(first('one'), rel=1e-5) != first('half')  # the mean over ranks, not rank 0's
 
 
@@ -2712,7 +2731,7 @@ def user_images(world):
                 'h': 56,
             }
         )
-    json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
+    (folder / 'transforms.json').write_text(json.dumps({'frames': frames}))
     return folder
 
 
@@ -2731,21 +2750,21 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
     out = argv[argv.index('--out') + 1]
     files = set(os.listdir(out))
     if '--recon' in argv:
-        table = json.load(open(os.path.join(out, 'recon.json')))
+        table = json.loads(Path(out, 'recon.json').read_text())
         assert set(table) == {'all levels', 'level 0', 'level 1', 'level 2', 'level 3'}
         assert all(0 < t['psnr'] < 60 for t in table.values())
         return
     if '--eval' in argv:
         assert {'eval_n2.md', 'eval_n2.json', 'eval_n2_scenes.csv'} <= files
-        table = json.load(open(os.path.join(out, 'eval_n2.json')))
+        table = json.loads(Path(out, 'eval_n2.json').read_text())
         assert {'gld', 'nearest source', 'mean colour', 'da3 on gt images'} <= set(table)
         return
     assert {'grid.png', 'depth.npy', 'points.ply', 'transforms.json', 'images', 'depth_000.png', 'video.mp4'} <= files
     targets = [f for f in os.listdir(os.path.join(out, 'images')) if f.startswith('target_')]
     if '--traj' not in argv:
-        m = json.load(open(os.path.join(out, 'metrics.json')))
+        m = json.loads(Path(out, 'metrics.json').read_text())
         assert m['gld']['psnr'] > 0 and 'ate' in m['gld']
-    tf = json.load(open(os.path.join(out, 'transforms.json')))
+    tf = json.loads(Path(out, 'transforms.json').read_text())
     assert len(tf['frames']) == len(targets) + 2
 
 
@@ -2789,7 +2808,9 @@ def test_ground_truth_latents_decode_like_the_decoder(world):
 
 
 def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_path, monkeypatch):
-    run = lambda *args: sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
+    def run(*args):
+        return sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--out', str(tmp_path / 'o'), *args])
+
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not an image')
     with pytest.raises(cli.UserError, match='bad.png: cannot read the image'):
@@ -2798,9 +2819,9 @@ def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_pat
     shutil.copy(user_images / 'im0.png', other)
     with pytest.raises(cli.UserError, match=r'no camera for .*other.png'):
         run('--images', str(other), '--cameras', str(user_images / 'transforms.json'))
-    tf = json.load(open(user_images / 'transforms.json'))
+    tf = json.loads((user_images / 'transforms.json').read_text())
     tf['frames'][0]['transform_matrix'][0][3] = float('nan')
-    json.dump(tf, open(tmp_path / 'nan.json', 'w'))
+    (tmp_path / 'nan.json').write_text(json.dumps(tf))
     with pytest.raises(cli.UserError, match='NaN'):
         run(
             '--images',
@@ -2935,7 +2956,8 @@ def test_exported_point_cloud_reprojects_into_the_ground_truth_views(bundled, tm
         sample.write_outputs(str(tmp_path / name), images, res, c2w, K, 2)
         errs[name] = cross_view_depth_error(read_ply_points(tmp_path / name / 'points.ply'), c2w[0], K[0], depths[0])
     assert errs['flipped'] > 0.05 and errs['scaled'] < 0.01, errs
-    assert json.load(open(tmp_path / 'scaled' / 'transforms.json'))['gld_depth_scale'] == pytest.approx(0.8, rel=0.02)
+    with open(tmp_path / 'scaled' / 'transforms.json') as f:
+        assert json.load(f)['gld_depth_scale'] == pytest.approx(0.8, rel=0.02)
 
 
 def test_flow_loss_bins_by_t_add_up_to_the_loss():
@@ -2982,9 +3004,14 @@ def exported(tmp_path_factory):
 def read_colmap_text(folder):
     """COLMAP's text model, parsed from the format description alone: {'cameras': {id: (model, W, H, params)},
     'images': {id: (qvec wxyz, tvec, camera_id, name, [(x, y, point3D_id)])}, 'points': {id: (xyz, rgb, track)}}."""
-    rows = lambda name: [l.split() for l in open(os.path.join(folder, name)) if l.strip() and not l.startswith('#')]
+
+    def rows(name):
+        with open(os.path.join(folder, name)) as f:
+            return [line.split() for line in f if line.strip() and not line.startswith('#')]
+
     cameras_ = {int(r[0]): (r[1], int(r[2]), int(r[3]), [float(x) for x in r[4:]]) for r in rows('cameras.txt')}
-    lines = [l.rstrip('\n') for l in open(os.path.join(folder, 'images.txt')) if not l.startswith('#')]
+    with open(os.path.join(folder, 'images.txt')) as f:
+        lines = [line.rstrip('\n') for line in f if not line.startswith('#')]
     images = {}
     for head, obs in zip(lines[0::2], lines[1::2]):
         r, o = head.split(), obs.split()
@@ -3063,7 +3090,7 @@ def test_nerfstudio_transforms_read_back_by_data_to_the_same_cameras(exported):
     back = data.read_transforms(str(path))
     torch.testing.assert_close(back['c2w'], e['c2w'], atol=1e-6, rtol=0)
     torch.testing.assert_close(back['K'], e['K'], atol=1e-6, rtol=0)
-    meta = json.load(open(path))
+    meta = json.loads(Path(path).read_text())
     assert meta['gld_depth_scale'] == pytest.approx(1.0) and meta['gld_units'] == export.UNITS['poses']
     assert (e['out'] / meta['ply_file_path']).exists()
     for v, f in enumerate(back['files']):  # every file it names exists and holds that view
@@ -3528,13 +3555,13 @@ def test_training_records_the_encoder_file_and_hash(small_data, tmp_path, monkey
     )
     ref = torch.load(train.list_checkpoints(out)[-1], weights_only=False)['encoder']
     bundled = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
-    parent = json.load(open(os.path.join(pipeline.WEIGHTS, 'encoder.json'))).get('latents_sha256')  # --head-only
+    parent = json.loads(Path(pipeline.WEIGHTS, 'encoder.json').read_text()).get('latents_sha256')  # --head-only
     assert ref == {
         'preset': 'da3-tiny',
         'weights': bundled,
-        'sha256': parent or hashlib.sha256(open(bundled, 'rb').read()).hexdigest(),
+        'sha256': parent or hashlib.sha256(Path(bundled).read_bytes()).hexdigest(),
     }
-    assert ref['sha256'] == json.load(open(os.path.join(pipeline.WEIGHTS, 'level1.json')))['encoder']['sha256']
+    assert ref['sha256'] == json.loads(Path(pipeline.WEIGHTS, 'level1.json').read_text())['encoder']['sha256']
 
 
 def test_head_only_encoder_keeps_the_latents_so_the_bundled_models_load_from_an_export_folder(
@@ -3740,7 +3767,7 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(small_data, tmp_pat
     train.main(argv + ['--steps', '1'])
     good = train.list_checkpoints(str(tmp_path / 'r'))[0]
     (tmp_path / 'r' / 'ckpt_0000002.pt').write_bytes(b'garbage')
-    (tmp_path / 'r' / 'ckpt_0000003.pt').write_bytes(open(good, 'rb').read()[:3000])
+    (tmp_path / 'r' / 'ckpt_0000003.pt').write_bytes(Path(good).read_bytes()[:3000])
     capsys.readouterr()
     train.main(argv + ['--steps', '2', '--resume'])
     out = capsys.readouterr().out
@@ -3748,7 +3775,7 @@ def test_resume_falls_back_to_the_newest_loadable_checkpoint(small_data, tmp_pat
     assert f'resumed from {good} at step 1' in out
     assert torch.load(tmp_path / 'r' / 'ckpt_0000002.pt', weights_only=False)['step'] == 2  # rewritten whole
     for p in train.list_checkpoints(str(tmp_path / 'r')):
-        open(p, 'wb').write(b'garbage')
+        Path(p).write_bytes(b'garbage')
     user_error(
         train.main,
         argv + ['--steps', '4', '--resume'],
@@ -3776,7 +3803,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_pa
     real_save = torch.save
 
     def full_disk(obj, f):
-        open(f, 'wb').write(b'partial')
+        with open(f, 'wb') as file:
+            file.write(b'partial')
         raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(torch, 'save', full_disk)
@@ -3855,7 +3883,7 @@ def write_photos(folder, scene, views, H, W):
                 'h': H,
             }
         )
-    json.dump({'frames': frames}, open(folder / 'transforms.json', 'w'))
+    (folder / 'transforms.json').write_text(json.dumps({'frames': frames}))
     return [str(folder / f'frame_{v:03d}.png') for v in views]
 
 
@@ -3868,7 +3896,7 @@ def photos(world):
 
 def run_photos(argv, out):
     sample.main(['--ckpt-dir', 'runs', '--steps', '1', '--frames', '2', '--out', str(out)] + argv)
-    tf = json.load(open(out / 'transforms.json'))
+    tf = json.loads((out / 'transforms.json').read_text())
     return tf, [f['is_source'] for f in tf['frames']]
 
 
@@ -3887,7 +3915,7 @@ def test_every_image_is_a_source_unless_src_holds_some_out(world, photos, tmp_pa
     assert src == [True] * 2 + [False] * 2  # the 2 images after the sources are targets at their own cameras
     given = data.read_transforms(cams)['c2w']
     assert torch.allclose(data.read_transforms(str(tmp_path / 'held' / 'transforms.json'))['c2w'], given, atol=1e-5)
-    assert 'psnr' in json.load(open(tmp_path / 'held' / 'metrics.json'))['gld']
+    assert 'psnr' in json.loads((tmp_path / 'held' / 'metrics.json').read_text())['gld']
     grid = np.asarray(Image.open(tmp_path / 'held' / 'grid.png'))
     assert grid.shape[:2] == (3 * 56, 4 * 56)  # sources | generated | ground truth of the held-out views
     assert np.array_equal(grid[112:, 112:168], np.asarray(Image.open(photos[2]).convert('RGB')))
@@ -3988,9 +4016,9 @@ def test_points_overlay_the_given_cameras(bundled, tmp_path):
                 read_ply_points(out / 'points.ply'), scaled['c2w'][:2], s['K'][:2], s['depths'][:2] * unit
             )
         )
-        tf = json.load(open(out / 'transforms.json'))
+        tf = json.loads((out / 'transforms.json').read_text())
         assert 'the given cameras' in tf['gld_frame'] and str(tmp_path / f'photos{unit}') in tf['gld_frame']
-        assert json.load(open(out / 'metrics.json'))['export']['frame'] == tf['gld_frame']
+        assert json.loads((out / 'metrics.json').read_text())['export']['frame'] == tf['gld_frame']
     assert errs[1.0] < 0.35 and errs[2.0] < 0.35, errs  # measured: 0.25 both; by the tiny head's centres: 5.6
 
 
@@ -4005,7 +4033,10 @@ def test_a_second_run_into_the_same_out_leaves_only_its_files(world, photos, tmp
     run_photos(
         ['--images', *photos[:2], '--cameras', cams, '--frames', '1', '--export', 'ply,nerfstudio'], tmp_path / 'fresh'
     )
-    rel = lambda root: sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+    def rel(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
     assert rel(out) == sorted(rel(tmp_path / 'fresh') + ['notes.txt'])
     assert 'removed' in printed and f'({len(rel(tmp_path / "fresh"))} files)' in printed
 
@@ -4073,7 +4104,10 @@ def write_colmap_text(folder, c2w, K, H, W, names):
     os.makedirs(folder, exist_ok=True)
     w2c = cameras.c2w_to_w2c(c2w.double())
     q, t, Kp = cameras.rotmat_to_quat(w2c[:, :3, :3]), w2c[:, :3, 3], cameras.K_to_pixels(K.double(), H, W)
-    g = lambda xs: ' '.join(f'{float(x):.17g}' for x in xs)
+
+    def g(xs):
+        return ' '.join(f'{float(x):.17g}' for x in xs)
+
     with open(os.path.join(folder, 'cameras.txt'), 'w') as f:
         f.write('# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n')
         f.writelines(f'{v + 1} PINHOLE {W} {H} {g([k[0, 0], k[1, 1], k[0, 2], k[1, 2]])}\n' for v, k in enumerate(Kp))
@@ -4095,11 +4129,14 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
         'uv': torch.rand(3, 2, dtype=torch.float64),
     }
     names = [f'photo_{v}.jpg' for v in range(V)]
-    same = lambda cams: (
-        torch.allclose(cams['c2w'].double(), c2w, atol=1e-5)
-        and torch.allclose(cams['K'].double(), K, atol=1e-6)
-        and cams['names'] == names
-    )
+
+    def same(cams):
+        return (
+            torch.allclose(cams['c2w'].double(), c2w, atol=1e-5)
+            and torch.allclose(cams['K'].double(), K, atol=1e-6)
+            and cams['names'] == names
+        )
+
     for text in (False, True):  # COLMAP binary (as export.py writes it) and text (as COLMAP does), read back
         project = tmp_path / ('text' if text else 'bin')
         if text:
@@ -4175,7 +4212,7 @@ def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
 
 
 def test_the_readme_camera_example_reads_as_documented(tmp_path):
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), 'README.md')).read()
+    readme = Path(os.path.dirname(os.path.abspath(sample.__file__)), 'README.md').read_text()
     example = readme.split('## Your own photos')[1].split('```json\n')[1].split('```')[0]
     (tmp_path / 'transforms.json').write_text(example)
     cams = export.read_cameras(str(tmp_path / 'transforms.json'))
@@ -4190,10 +4227,6 @@ def test_the_readme_camera_example_reads_as_documented(tmp_path):
 # Official layouts: VGGT-1B from testdata/vggt-1b-keys.txt, DINOv2 (hub .pth) and the SD VAE (ldm) written
 # below from their published architectures; large models on the meta device.
 # ====================================================================================================
-
-import dinov2 as dinov2_lib
-import vae as vae_lib
-import vggt as vggt_lib
 
 
 def meta_state_dict(shapes):
@@ -4279,7 +4312,8 @@ def sd_vae_ldm_keys(ch=128, mult=(1, 2, 4, 4), res=2, z=4):
 
 def vggt_1b_keys():
     path = TESTDATA / 'vggt-1b-keys.txt'  # VGGT-1B's names, shapes and dtypes (facebookresearch/vggt, meta device)
-    rows = [l.rstrip('\n').split('\t') for l in open(path) if l.strip() and not l.startswith('#')]
+    with open(path) as f:
+        rows = [line.rstrip('\n').split('\t') for line in f if line.strip() and not line.startswith('#')]
     return {k: tuple(int(d) for d in re.findall(r'\d+', s)) for k, s, _ in rows}
 
 
@@ -4447,7 +4481,10 @@ def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
     a linear pixel head laid out patch by patch, whose MSE a few steps on one batch bring down."""
     torch.manual_seed(0)
     tiny, recon = (latents.build_encoder(n) for n in ('da3-tiny', 'da3-tiny-recon'))
-    backbone = lambda m: {k: v.shape for k, v in m.state_dict().items() if k.startswith('backbone.')}
+
+    def backbone(m):
+        return {k: v.shape for k, v in m.state_dict().items() if k.startswith('backbone.')}
+
     assert backbone(tiny) == backbone(recon) and tiny.has_geometry and not recon.has_geometry
     assert not any(k.startswith(('head.', 'cam_dec.')) for k in recon.state_dict())
     images = torch.rand(1, 2, 3, 28, 42)
@@ -4523,7 +4560,7 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
         ['--ckpt-dir', 'runs', '--encoder', name, '--data', 'data', '--views', '3', '--steps', '1', '--out', 'out']
     )
     assert res['images'].shape[2:] == (3, 112, 112) and len(res['levels']) == enc.num_levels
-    meta = json.load(open('out/metrics.json'))
+    meta = json.loads(Path('out/metrics.json').read_text())
     if enc.has_geometry:
         assert res['geometry']['depth'].shape[2:] == (112, 112) and os.path.exists('out/depth.npy')
     else:
@@ -4601,10 +4638,10 @@ def test_imports_flow_one_way_as_the_readme_says():
     here = os.path.dirname(os.path.abspath(__file__))
     layer = {m: i for i, ms in enumerate(IMPORT_LAYERS) for m in ms}
     assert set(layer) == {f[:-3] for f in os.listdir(here) if f.endswith('.py') and not f.startswith('test_')}
-    readme = open(os.path.join(here, 'README.md')).read()
+    readme = Path(here, 'README.md').read_text()
     assert ' -> '.join(', '.join(f'`{m}.py`' for m in ms) for ms in IMPORT_LAYERS[1:]) in ' '.join(readme.split())
     for m, i in layer.items():
-        tree = ast.parse(open(os.path.join(here, m + '.py')).read())
+        tree = ast.parse(Path(here, m + '.py').read_text())
         deps = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
             n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
         }

@@ -18,6 +18,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
 import export  # noqa: E402
 
+CONVERGENCE_PNG = os.path.join(HERE, 'convergence.png')
+CURVES_PNG = os.path.join(HERE, 'curves_level1.png')
+TRAJECTORIES_PNG = os.path.join(HERE, 'trajectories.png')
 COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {
@@ -31,7 +34,7 @@ M1_RUNS = {
 }
 
 
-def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
+def convergence(path=CONVERGENCE_PNG, runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
     series = {}
     for name, (log, s0, *key) in runs.items():  # key: the logged metric, val_psnr (10 Euler steps) unless named
         key = key[0] if key else 'val_psnr'
@@ -39,8 +42,12 @@ def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='sam
             series[name] = [(s0 + int(r['step']), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
     pts = [p for s in series.values() for p in s]
     s1, (y0, y1) = max(s for s, _ in pts), (min(v for _, v in pts) - 0.5, max(v for _, v in pts) + 0.5)
-    xy = lambda s, v: (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))  # noqa: E731
-    d = ImageDraw.Draw(img := Image.new('RGB', (W, H), 'white'))
+
+    def xy(s, v):  # (training step, PSNR) -> pixel
+        return (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))
+
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
     d.rectangle([m, m, W - m, H - m], outline='black')
     for v in range(int(y0) + 1, int(y1) + 1):  # a grid line per dB, a tick per quarter of the steps
         d.line([xy(0, v), xy(s1, v)], fill=(225, 225, 225))
@@ -57,7 +64,7 @@ def convergence(path=os.path.join(HERE, 'convergence.png'), runs=RUNS, what='sam
     print(f'wrote {path}')
 
 
-def trajectories(path=os.path.join(HERE, 'trajectories.png')):
+def trajectories(path=TRAJECTORIES_PNG):
     centre, up = torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, -1.0, 0.0])
     two = cameras.look_at(torch.tensor([[-1.2, 0.0, 0.3], [1.2, 0.0, 0.3]]), centre.expand(2, 3), up)
     K = torch.tensor([[0.8, 0, 0.5], [0, 0.8, 0.5], [0, 0, 1]]).expand(2, 3, 3)
@@ -82,5 +89,5 @@ def trajectories(path=os.path.join(HERE, 'trajectories.png')):
 
 if __name__ == '__main__':
     convergence()
-    convergence(os.path.join(HERE, 'curves_level1.png'), M1_RUNS, 'M1 on the N=2 protocol, batch 4')
+    convergence(CURVES_PNG, M1_RUNS, 'M1 on the N=2 protocol, batch 4')
     trajectories()
