@@ -1,7 +1,8 @@
 """What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
 
-The encoder registry, camera inputs, the leakage-free source condition (GLD 4.3), the normalised training targets
-with the noised level-1 condition (GLD 4.4), and `LatentCache` (`train.py --cache`).
+The encoder registry, the latent statistics (each level normalised per channel), camera inputs, the leakage-free
+source condition (GLD 4.3), the normalised training targets with the noised level-1 condition (GLD 4.4), and
+`LatentCache` (`train.py --cache`).
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 
@@ -50,6 +51,75 @@ def build_encoder(name='da3-base', weights=None):
     return enc
 
 
+# ----------------------------------------------------------------------------- latent statistics
+class LatentStats:
+    """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
+
+    eps = 1e-5
+
+    def __init__(self, mean, var):  # dicts level -> (2C,)
+        self.mean = {int(level): m.float().flatten() for level, m in mean.items()}
+        self.var = {int(level): v.float().flatten() for level, v in var.items()}
+
+    def normalize(self, x, level):  # x (...,2C)
+        return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)
+
+    def denormalize(self, z, level):
+        return z * torch.sqrt(self.var[level].to(z) + self.eps) + self.mean[level].to(z)
+
+    def state_dict(self):
+        means = {f'mean{level}': m for level, m in self.mean.items()}
+        variances = {f'var{level}': v for level, v in self.var.items()}
+        return {**means, **variances}
+
+    def save(self, path):
+        sd = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import save_file
+
+            return save_file(sd, str(path))
+        torch.save(sd, path)
+
+    @classmethod
+    def load(cls, path):
+        fix = 'pass --stats a file written by LatentStats.save, or leave it out to compute them'
+        return cls.from_state_dict(encoder_lib.read_tensors(path, 'statistics', fix))
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        levels = [int(k[4:]) for k in sd if k.startswith('mean')]
+        mean = {level: sd[f'mean{level}'] for level in levels}
+        var = {level: sd[f'var{level}'] for level in levels}
+        return cls(mean, var)
+
+
+@torch.no_grad()
+def compute_latent_stats(enc, image_batches, levels=(0, 1)):
+    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
+    device = next(enc.parameters()).device
+    sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
+    for batch in image_batches:
+        images = batch['images'] if isinstance(batch, dict) else batch
+        feats = enc.encode(images.to(device))
+        rows = [feats[level].double().flatten(0, -2) for level in levels]  # each (BVT,2C)
+        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])  # (L,2,2C)
+        count += rows[0].shape[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(count)
+    mean = sums[:, 0] / count  # (L,2C)
+    var = (sums[:, 1] / count - mean**2).clamp_min(0)
+    mean_by_level = {level: mean[i].cpu() for i, level in enumerate(levels)}
+    var_by_level = {level: var[i].cpu() for i, level in enumerate(levels)}
+    return LatentStats(mean_by_level, var_by_level)
+
+
+def compute_stats(enc, loader, levels, n_batches, device):
+    """compute_latent_stats of the first n_batches batches of a training loader (train.py --stats-batches)."""
+    images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
+    return compute_latent_stats(enc, images, levels)
+
+
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
     """Poses relative to the last view, largest camera distance 1 (official: OfficialConventions 1-3) -> DiT inputs."""
     c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
@@ -69,7 +139,8 @@ def encode_batch(enc, batch, levels, cond_level):
     n_src = int(batch['src_mask'][0].sum())
     with torch.no_grad():
         full = enc.encode(batch['images'])
-        return {'full': {l: full[l] for l in levels}, 'cond': source_condition(enc, batch['images'], n_src)[cond_level]}
+        cond = source_condition(enc, batch['images'], n_src)[cond_level]
+        return {'full': {level: full[level] for level in levels}, 'cond': cond}
 
 
 def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
@@ -87,11 +158,6 @@ def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, genera
         upper = (upper + sigma * eps) / torch.sqrt(1 + sigma**2)
     cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
     return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
-
-
-def compute_stats(enc, loader, levels, n_batches, device):
-    images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
-    return encoder_lib.compute_latent_stats(enc, images, levels)
 
 
 def state_hash(module):
@@ -179,7 +245,7 @@ class LatentCache:
                         'scene': i,
                         'frames': b['frames'][0],
                         'cond': raw['cond'][0].half().cpu(),
-                        **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels},
+                        **{f'full{level}': raw['full'][level][0].half().cpu() for level in levels},
                     }
                 )
             log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')

@@ -12,7 +12,6 @@ import torch
 import cameras
 import decoder as decoder_lib
 import diffusion
-import encoder as encoder_lib
 import latents
 import model as model_lib
 
@@ -116,7 +115,7 @@ def load_official_stats(path, dim=None, log=print):
             )
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
         mean[level], var[level] = sd['mean'], sd['var']
-    return encoder_lib.LatentStats(mean, var)
+    return latents.LatentStats(mean, var)
 
 
 def official_prope_K(P, P_inv):

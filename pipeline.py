@@ -199,7 +199,7 @@ def load_net(path, device, enc, name, build):
 def load_model(path, device='cpu', enc=None, name='level1'):
     """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
     net, meta = load_net(path, device, enc, name, lambda cfg: model_lib.GLD(model_lib.GLDConfig(**cfg)))
-    meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
+    meta['stats'] = latents.LatentStats.from_state_dict(meta['stats'])
     return net, meta
 
 

@@ -837,7 +837,7 @@ def test_latent_stats(tmp_path):
     torch.manual_seed(0)
     enc = latents.build_encoder('da3-tiny').eval()
     batches = [torch.rand(2, 2, 3, 28, 42) for _ in range(3)]
-    stats = encoder_lib.compute_latent_stats(enc, batches, levels=(0, 1))
+    stats = latents.compute_latent_stats(enc, batches, levels=(0, 1))
     with torch.no_grad():
         for l in (0, 1):
             allx = torch.cat([enc.encode(b)[l].reshape(-1, enc.dim) for b in batches]).double()
@@ -847,7 +847,7 @@ def test_latent_stats(tmp_path):
             torch.testing.assert_close(stats.denormalize(z, l), allx.float(), atol=1e-4, rtol=1e-5)
     for name in ('stats.safetensors', 'stats.pt'):
         stats.save(tmp_path / name)
-        loaded = encoder_lib.LatentStats.load(tmp_path / name)
+        loaded = latents.LatentStats.load(tmp_path / name)
         assert torch.equal(loaded.mean[1], stats.mean[1]) and torch.equal(loaded.var[0], stats.var[0])
     C = enc.dim
     torch.save(
@@ -2189,7 +2189,7 @@ def world(tmp_path_factory):
     for name, argv in runs.items():
         train.main(d + TINY + argv)
     stats = torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['stats']
-    from encoder import LatentStats
+    from latents import LatentStats
 
     LatentStats.from_state_dict(stats).save(str(root / 'stats.safetensors'))
     runs['level0_ind'] = [

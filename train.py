@@ -26,7 +26,6 @@ import cli
 import data
 import decoder as decoder_lib
 import diffusion
-import encoder as encoder_lib
 import export
 import latents
 import model as model_lib
@@ -422,9 +421,9 @@ class DiffusionStage:
         # --init's normalisation, unless it is of another level (M2 from M1's weights: a warm start, its own statistics)
         init_stats = init['stats'] if all(f'mean{l}' in init.get('stats', {}) for l in self.levels_needed) else None
         self.stats = (
-            encoder_lib.LatentStats.load(args.stats)
+            latents.LatentStats.load(args.stats)
             if args.stats
-            else encoder_lib.LatentStats.from_state_dict(init_stats)
+            else latents.LatentStats.from_state_dict(init_stats)
             if init_stats
             else latents.compute_stats(self.enc, loader, self.levels_needed, args.stats_batches, device)
         )
