@@ -69,7 +69,7 @@ def fake_batch(cfg, B, V, size, device):
         B, V, 4, 4
     )
     K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(B, V, 3, 3)
-    cams = model_lib.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
+    cams = latents.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
     upper = torch.randn(B, V, h * w, cfg.upper_dim, generator=g) if cfg.upper_dim else None
     to = lambda t: t.to(device) if torch.is_tensor(t) else t
     return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
@@ -108,7 +108,7 @@ def bench_train(net, batch, a, device, autocast, rows, label):
 
 def bench_sample(net, batch, a, device, autocast, rows, label):
     x, cond, cams, upper = batch
-    uncond = model_lib.drop_cameras(cams, torch.ones(x.shape[0], dtype=torch.bool, device=device))
+    uncond = latents.drop_cameras(cams, torch.ones(x.shape[0], dtype=torch.bool, device=device))
     t = torch.full((x.shape[0],), 0.5, device=device)
 
     @torch.no_grad()

@@ -18,7 +18,6 @@ import cli
 import data
 import dinov2
 import encoder as encoder_lib
-import model as model_lib
 import vae
 import vggt
 from constants import PATCH
@@ -120,10 +119,36 @@ def compute_stats(enc, loader, levels, n_batches, device):
     return compute_latent_stats(enc, images, levels)
 
 
+# ----------------------------------------------------------------------------- camera inputs of the DiT
+def camera_inputs(c2w, K, src_mask, hw, patch=PATCH, official=False):
+    """Cameras as given (B,V) -> {'plucker' (B,V,7,ph,pw): [mask (1 target), d, o x d], 'P', 'P_inv' (B,V,4,4) of
+    PRoPE, 'src_mask', 'hw'}; official: the release's Plücker offset and P_inv (OfficialConventions 2-3)."""
+    h, w = hw
+    offset = (-0.5, 0.5) if official else (0.5, 0.5)
+    rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=offset)  # (B,V,6,ph,pw)
+    B, V, _, ph, pw = rays.shape
+    mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(B, V, 1, ph, pw)
+    P, P_inv = cameras.prope_matrices(c2w, K, official=official)
+    return {'plucker': torch.cat([mask, rays], 2), 'P': P, 'P_inv': P_inv, 'src_mask': src_mask, 'hw': (h, w)}
+
+
+def drop_cameras(cams, drop):
+    """Camera dropout / CFG's unconditional branch where drop (B,): Plücker rays zeroed (mask kept), P = P_inv = I."""
+    plucker = cams['plucker'].clone()
+    plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
+    eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
+    dropped = drop[:, None, None, None]  # (B,1,1,1) against P (B,V,4,4)
+    P = torch.where(dropped, eye, cams['P'])
+    P_inv = torch.where(dropped, eye, cams['P_inv'])
+    return {**cams, 'plucker': plucker, 'P': P, 'P_inv': P_inv}
+
+
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
-    """Poses relative to the last view, largest camera distance 1 (official: OfficialConventions 1-3) -> DiT inputs."""
-    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
-    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
+    """The DiT's cameras: poses relative to the last view, largest camera distance 1 (official: largest |t| component
+    1, OfficialConventions 1-3) -> camera_inputs."""
+    by = 'max_abs' if official else 'norm'
+    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by=by)
+    return camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
 def source_condition(enc, images, n_src):

@@ -223,7 +223,7 @@ class Pipeline:
         stats, up = meta['stats'], meta.get('upper_level')
         cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
         upper = stats.normalize(upper_raw, up) if up is not None else None
-        uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+        uncond_cams = latents.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
             cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
         B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C

@@ -1268,7 +1268,7 @@ def run(net, b, cams):
 def test_fast_attention_matches_reference(kind, official):
     B, V, hw, d, nh = 2, 3, (2, 3), 24, 2
     c2w, K = rand_cams(B, V)
-    cams = model.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw, official=official)
+    cams = latents.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw, official=official)
     pe = model.PositionEncoding(kind, d, cams, V)
     q, k, v = torch.randn(3, B, nh, V * hw[0] * hw[1], d).unbind(0)
     torch.testing.assert_close(pe.attend(q, k, v), model.reference_attention(q, k, v, pe), atol=1e-5, rtol=1e-5)
@@ -1278,7 +1278,7 @@ def test_model_reference_path_agrees():
     cfg = SMALL
     b = make_batch(cfg)
     net = randomize(model.GLD(cfg))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     fast = run(net, b, cams)
     for blk in net.blocks:
         blk.attn.reference = True
@@ -1293,7 +1293,7 @@ def test_prope_invariant_to_rigid_world_change(official):
     q, k, v = torch.randn(3, B, 2, V * 4, d, dtype=torch.float64).unbind(0)
     src = torch.zeros(B, V, dtype=torch.bool)
     out = [
-        model.PositionEncoding('prope', d, model.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
+        model.PositionEncoding('prope', d, latents.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
         for c in (c2w, G @ c2w)
     ]
     torch.testing.assert_close(out[0], out[1], atol=1e-9, rtol=1e-9)
@@ -1323,10 +1323,10 @@ def test_view_permutation_permutes_output():
     b['src'] = torch.tensor([[True, False, True, False], [False, True, True, False]])
     b['cond'] = b['x'] * b['src'][:, :, None, None]
     net = randomize(model.GLD(cfg))
-    out = run(net, b, model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
+    out = run(net, b, latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
     perm = torch.tensor([2, 0, 3, 1])
     bp = {**b, **{k: b[k][:, perm] for k in ('x_t', 'cond', 'c2w', 'K', 'src')}}
-    out_p = run(net, bp, model.camera_inputs(bp['c2w'], bp['K'], bp['src'], bp['hw']))
+    out_p = run(net, bp, latents.camera_inputs(bp['c2w'], bp['K'], bp['src'], bp['hw']))
     torch.testing.assert_close(out_p, out[:, perm], atol=1e-5, rtol=1e-5)
 
 
@@ -1337,7 +1337,7 @@ def test_zero_init_outputs_zero_and_trains():
     cfg = model.PRESETS['gld-tiny']
     b = make_batch(cfg, V=2, hw=(2, 2))
     net = model.GLD(cfg)
-    out = run(net, b, model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
+    out = run(net, b, latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
     assert out.shape == b['x_t'].shape and torch.equal(out, torch.zeros_like(out))
     (out - b['x']).pow(2).mean().backward()
     assert net.final_layer.linear.weight.grad.abs().sum() > 0
@@ -1348,7 +1348,7 @@ def test_cascade_and_single_embedders_and_checkpointing():
     cfg = replace(SMALL, upper_dim=8, separate_embedders=False, pos='rope3d')
     b = make_batch(cfg, upper=True)
     net = randomize(model.GLD(cfg)).train()
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     out = run(net, b, cams)
     out.sum().backward()
     grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
@@ -1367,15 +1367,15 @@ def test_camera_dropout_acts_only_through_cameras():
     cfg = SMALL
     b = make_batch(cfg, B=3)
     net = randomize(model.GLD(cfg))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     drop = torch.tensor([True, False, True])
-    dropped = model.drop_cameras(cams, drop)
+    dropped = latents.drop_cameras(cams, drop)
     out, out_d = run(net, b, cams), run(net, b, dropped)
     torch.testing.assert_close(out_d[~drop], out[~drop])  # kept samples untouched
     assert not torch.allclose(out_d[drop], out[drop])
     assert torch.equal(dropped['plucker'][:, :, 0], cams['plucker'][:, :, 0])  # the source/target mask survives
-    other = model.camera_inputs(*rand_cams(3, 3, seed=9), b['src'], b['hw'])  # different cameras, also dropped
-    torch.testing.assert_close(run(net, b, model.drop_cameras(other, drop))[drop], out_d[drop])
+    other = latents.camera_inputs(*rand_cams(3, 3, seed=9), b['src'], b['hw'])  # different cameras, also dropped
+    torch.testing.assert_close(run(net, b, latents.drop_cameras(other, drop))[drop], out_d[drop])
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -1472,7 +1472,7 @@ def test_gld_tiny_overfits_fixed_batch():
     cfg = model.PRESETS['gld-tiny']
     b = make_batch(cfg, B=2, V=4, hw=(4, 4))
     net = model.GLD(cfg)
-    cams = model.camera_inputs(cameras.normalize_poses(b['c2w'])[0], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(cameras.normalize_poses(b['c2w'])[0], b['K'], b['src'], b['hw'])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     t = torch.tensor([0.3, 0.7])
     losses = []
@@ -1548,7 +1548,7 @@ def test_convert_official_tiny_round_trip(cascade):
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
     with pytest.raises(AssertionError):
         model.convert_official({**official, 'extra.weight': torch.zeros(1)}, cascade=cascade, heads=2)
@@ -1561,7 +1561,7 @@ def test_forward_compiles_without_graph_breaks():
     cfg = replace(SMALL, upper_dim=SMALL.latent_dim)
     net = model.GLD(cfg)
     b = make_batch(cfg, upper=True)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(net)(b['x_t'], b['t'], b['cond'], cams, upper=b['upper'])
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -1844,7 +1844,7 @@ def test_official_conventions_match_direct_construction():
     H, W, hw = 28, 42, (2, 3)
     src = torch.tensor([[True, False, False]] * 2)
     cams = latents.model_cameras(c2w, K, src, hw, official=True)
-    uncond = model.drop_cameras(cams, torch.ones(2, dtype=torch.bool))
+    uncond = latents.drop_cameras(cams, torch.ones(2, dtype=torch.bool))
     rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs')
 
     def K_prime(Kpix, width, height):  # the official K normalisation: fx/W, fy/H, cx/W - 0.5, cy/H - 0.5
@@ -1952,7 +1952,7 @@ def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
 
 
@@ -2756,7 +2756,7 @@ def test_flops_per_token_matches_a_counted_forward(pos):
 
     cfg = replace(model.PRESETS['gld-tiny'], pos=pos)
     b = make_batch(cfg, B=1, V=4, hw=(4, 4))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     with FlopCounterMode(display=False) as counter:
         model.GLD(cfg)(b['x_t'], b['t'], b['cond'], cams)
     assert counter.get_total_flops() == pytest.approx(model.flops_per_token(cfg, 4 * 16) * 4 * 16, rel=0.02)

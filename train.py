@@ -465,7 +465,7 @@ class DiffusionStage:
             self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=gen
         )
         drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < self.cam_drop
-        cams = model_lib.drop_cameras(lat['cams'], drop)
+        cams = latents.drop_cameras(lat['cams'], drop)
         shift = diffusion.shift_alpha(lat['x'][0].numel())  # from V*T*C of the latents (B,V,T,C)
         return diffusion.flow_loss(
             lambda x_t, t: self.net(x_t, t, lat['cond'], cams, upper=lat['upper']),
