@@ -58,33 +58,35 @@ def timeit(fn, iters, warmup, device):
 
 
 def fake_batch(cfg, B, V, size, device):
-    """Random latents and real cameras: V views on an arc, the first two sources."""
+    """Random latents and real cameras (V views on an arc, the first two sources) -> (x (B,V,T,C), DiTInputs)."""
     h = w = size // PATCH
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, V, h * w, cfg.latent_dim, generator=g)
-    src = (torch.arange(V) < 2)[None].expand(B, V)
-    cond = x * src[:, :, None, None]
+    x = torch.randn(B, V, h * w, cfg.latent_dim, generator=g).to(device)
+    src = (torch.arange(V, device=device) < 2)[None].expand(B, V)
     eye = torch.tensor([[0.3 * v, 0.0, 0.1 * v] for v in range(V)])
-    c2w = cameras.look_at(eye, torch.tensor([0.0, 0.0, 4.0]).expand(V, 3), torch.tensor([0.0, -1.0, 0.0])).expand(
-        B, V, 4, 4
-    )
+    target = torch.tensor([0.0, 0.0, 4.0]).expand(V, 3)
+    c2w = cameras.look_at(eye, target, torch.tensor([0.0, -1.0, 0.0])).expand(B, V, 4, 4)
     K = torch.tensor([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1]]).expand(B, V, 3, 3)
-    cams = latents.camera_inputs(cameras.normalize_poses(c2w)[0], K, src, (h, w))
-    upper = torch.randn(B, V, h * w, cfg.upper_dim, generator=g) if cfg.upper_dim else None
-    to = lambda t: t.to(device) if torch.is_tensor(t) else t
-    return to(x), to(cond), {k: to(v) for k, v in cams.items()}, to(upper)
+    cams = latents.model_cameras(c2w.to(device), K.to(device), src, (h, w))
+    # the random latents count as normalised: unit statistics for level 0 and a cascade's upper level 1
+    dims = {0: cfg.latent_dim, 1: cfg.upper_dim}
+    zeros = {level: torch.zeros(d) for level, d in dims.items()}
+    ones = {level: torch.ones(d) for level, d in dims.items()}
+    unit = latents.LatentStats(zeros, ones)
+    upper_level = 1 if cfg.upper_dim else None
+    upper = torch.randn(B, V, h * w, cfg.upper_dim, generator=g).to(device) if cfg.upper_dim else None
+    return x, latents.dit_inputs(unit, 0, x, cams, upper_level, upper)
 
 
 def bench_train(net, batch, a, device, autocast, rows, label):
     """One rectified-flow training step of net (forward, backward, AdamW): throughput, TFLOP/s, MFU."""
-    opt, gen = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95)), torch.Generator().manual_seed(0)
-    x, cond, cams, upper = batch
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+    x, inputs = batch
 
     def step():
         with autocast:
-            loss, _ = diffusion.flow_loss(
-                lambda xt, t: net(xt, t, cond, cams, upper=upper), x, cams['src_mask'], generator=gen
-            )
+            loss, _ = diffusion.flow_loss(inputs.velocity_fn(net), x, inputs.src_mask, generator=gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,15 +109,16 @@ def bench_train(net, batch, a, device, autocast, rows, label):
 
 
 def bench_sample(net, batch, a, device, autocast, rows, label):
-    x, cond, cams, upper = batch
-    uncond = latents.drop_cameras(cams, torch.ones(x.shape[0], dtype=torch.bool, device=device))
+    x, inputs = batch
+    conditional = inputs.velocity_fn(net)
+    unconditional = inputs.velocity_fn(net, unconditional=True)
     t = torch.full((x.shape[0],), 0.5, device=device)
 
     @torch.no_grad()
     def euler_step():  # one Euler step with CFG = a conditional and an unconditional forward
         with autocast:
-            v = net(x, t, cond, cams, upper=upper)
-            v = v + 0.5 * (v - net(x, t, cond, uncond, upper=upper))
+            v = conditional(x, t)
+            v = v + 0.5 * (v - unconditional(x, t))
         return x - 0.02 * v
 
     dt = timeit(euler_step, a.iters, a.warmup, device)
@@ -155,12 +158,13 @@ def sdpa_backend_check(net, batch, device, autocast):
     """On GPU: the forward must run with only the flash kernel allowed, and the profiler must show it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    x, cond, cams, upper = batch
+    x, inputs = batch
+    velocity = inputs.velocity_fn(net)
     t = torch.full((x.shape[0],), 0.5, device=device)
     with torch.no_grad(), autocast, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        net(x, t, cond, cams, upper=upper)  # raises if flash cannot run these shapes/dtypes
+        velocity(x, t)  # raises if flash cannot run these shapes/dtypes
     with torch.no_grad(), autocast, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        net(x, t, cond, cams, upper=upper)
+        velocity(x, t)
     names = {e.key for e in prof.key_averages()}
     flash = sorted(n for n in names if 'flash' in n.lower())
     assert flash, f'no flash-attention kernel ran: {sorted(names)[:20]}'

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -151,6 +152,7 @@ def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
     return camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
+# ----------------------------------------------------------------------------- the DiT's inputs
 def source_condition(enc, images, n_src):
     """Leakage-free condition: raw levels (B,V,T,2C) of the sources (views 0..n_src-1) encoded alone, zero targets."""
     B, V = images.shape[:2]
@@ -168,21 +170,64 @@ def encode_batch(enc, batch, levels, cond_level):
         return {'full': {level: full[level] for level in levels}, 'cond': cond}
 
 
-def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
-    """One training batch of M_level: the target is the encoder over all V views jointly, normalised per channel."""
-    src_mask = batch['src_mask']
-    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
-    levels = [level] + ([upper_level] if upper_level is not None else [])
-    raw = encode_batch(enc, batch, levels, level)
-    x = stats.normalize(raw['full'][level], level)
-    cond = stats.normalize(raw['cond'], level) * src_mask[:, :, None, None]
-    upper = stats.normalize(raw['full'][upper_level], upper_level) if upper_level is not None else None
+@dataclass
+class DiTInputs:
+    """What M_level reads besides x_t and t (GLD A.2), built by dit_inputs; velocity_fn is the one call of the DiT."""
+
+    cond: torch.Tensor  # (B,V,T,C) the normalised source condition, zeros at the targets
+    cams: dict  # model_cameras (training: some samples' cameras dropped)
+    uncond_cams: dict  # CFG's unconditional branch: every sample's cameras dropped
+    upper: torch.Tensor | None  # (B,V,T,C) the normalised upper level of the cascade M1->0, else None
+
+    @property
+    def src_mask(self):  # (B,V) bool, True at the sources
+        return self.cams['src_mask']
+
+    def velocity_fn(self, net, unconditional=False):
+        """net on these inputs as the flow's velocity_fn(x_t, t (B,)) -> v (unconditional: CFG's branch)."""
+        cams = self.uncond_cams if unconditional else self.cams
+
+        def velocity(x_t, t):
+            return net(x_t, t, self.cond, cams, upper=self.upper)
+
+        return velocity
+
+
+def dit_inputs(stats, level, cond_raw, cams, upper_level=None, upper_raw=None, tau=0.0, cam_drop=None, generator=None):
+    """The inputs of M_level for training, sampling (pipeline) and bench alike -> DiTInputs. Here and not in
+    diffusion.py: they need this module's statistics and cameras, while the flow (x_t, t, v) knows only tensors.
+    cond_raw (B,V,T,C): source_condition's level; cams: model_cameras; upper_raw: raw level upper_level (cascade).
+    Training only: tau > 0 noises the upper level (GLD 4.4); cam_drop drops each sample's cameras with that probability
+    (a draw per sample even at 0, so that a run's random stream does not depend on it)."""
+    B = cond_raw.shape[0]
+    # normalised once, here; the targets' zeros stay zeros
+    cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
+    upper = None
+    if upper_level is not None:
+        upper = stats.normalize(upper_raw, upper_level)
     if upper is not None and tau > 0:  # M1->0: ground-truth level 1 noised by sigma ~ |N(0, tau^2)|, variance kept
-        sigma = (torch.randn(x.shape[0], 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
+        sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
         eps = torch.randn(upper.shape, generator=generator).to(upper.device)
         upper = (upper + sigma * eps) / torch.sqrt(1 + sigma**2)
-    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
-    return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
+    if cam_drop is not None:  # training's camera dropout teaches the unconditional branch of CFG
+        drop = torch.rand(B, generator=generator, device='cpu').to(cond.device) < cam_drop
+        cams = drop_cameras(cams, drop)
+    every_sample = torch.ones(B, dtype=torch.bool, device=cond.device)
+    return DiTInputs(cond, cams, drop_cameras(cams, every_sample), upper)
+
+
+def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, cam_drop=0.0, generator=None):
+    """One training batch of M_level -> (x (B,V,T,C): the encoder over all V views jointly, normalised per channel,
+    its DiTInputs with tau's noised upper level and cam_drop's camera dropout)."""
+    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+    hw = (H // enc.patch, W // enc.patch)
+    levels = [level] if upper_level is None else [level, upper_level]
+    raw = encode_batch(enc, batch, levels, level)
+    x = stats.normalize(raw['full'][level], level)
+    cams = model_cameras(batch['c2w'], batch['K'], batch['src_mask'], hw, patch=enc.patch)
+    upper_raw = raw['full'][upper_level] if upper_level is not None else None
+    inputs = dit_inputs(stats, level, raw['cond'], cams, upper_level, upper_raw, tau, cam_drop, generator)
+    return x, inputs
 
 
 def state_hash(module):

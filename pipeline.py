@@ -221,35 +221,28 @@ class Pipeline:
         """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
         t0, (net, meta) = time.time(), self.models[level]
         stats, up = meta['stats'], meta.get('upper_level')
-        cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
-        upper = stats.normalize(upper_raw, up) if up is not None else None
-        uncond_cams = latents.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+        inputs = latents.dit_inputs(stats, level, cond_raw, cams, up, upper_raw)
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
-            cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
-        B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C
-        n, a, t_end = (
-            self.official.time_schedule(steps, V, C)
-            if self.official is not None
-            else (steps, diffusion.shift_alpha(V * T * C), 0.0)
-        )
-        noise = torch.randn(cond.shape, generator=generator).to(cond.device)
+            inputs.cams, inputs.uncond_cams = self.official.model_cameras(level, inputs.cams, inputs.uncond_cams)
+        B, V, T, C = cond_raw.shape
+        if self.official is not None:  # (Euler steps, shift, end time) of the release
+            n, a, t_end = self.official.time_schedule(steps, V, C)
+        else:  # ours: from t = 1 to 0 with the shift from V*T*C
+            n, a, t_end = steps, diffusion.shift_alpha(V * T * C), 0.0
+        noise = torch.randn(cond_raw.shape, generator=generator).to(cond_raw.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
         bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
+        conditional = inputs.velocity_fn(net)
 
         def velocity(x_t, t):  # once per Euler step (CFG's unconditional branch is uncond_fn)
-            v = net(x_t, t, cond, cams, upper=upper)
+            v = conditional(x_t, t)
             if bar:
                 bar.step()
             return v
 
+        unconditional = inputs.velocity_fn(net, unconditional=True)
         x = diffusion.euler_sample(
-            velocity,
-            noise,
-            steps=n,
-            a=a,
-            cfg_scale=cfg_scale,
-            t_end=t_end,
-            uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
+            velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end
         )
         self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)

@@ -461,20 +461,12 @@ class DiffusionStage:
         return pipeline.load_decoder(pipeline.auto_checkpoint(name), device)
 
     def loss(self, batch, step, gen):
-        lat = latents.training_latents(
-            self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=gen
+        x, inputs = latents.training_latents(
+            self.enc, self.stats, batch, self.level, self.upper_level, self.tau, self.cam_drop, generator=gen
         )
-        drop = torch.rand(lat['x'].shape[0], generator=gen, device='cpu').to(lat['x'].device) < self.cam_drop
-        cams = latents.drop_cameras(lat['cams'], drop)
-        shift = diffusion.shift_alpha(lat['x'][0].numel())  # from V*T*C of the latents (B,V,T,C)
-        return diffusion.flow_loss(
-            lambda x_t, t: self.net(x_t, t, lat['cond'], cams, upper=lat['upper']),
-            lat['x'],
-            lat['src_mask'],
-            generator=gen,
-            a=shift,
-            dist=self.t_dist,
-        )
+        shift = diffusion.shift_alpha(x[0].numel())  # from V*T*C of the latents (B,V,T,C)
+        velocity = inputs.velocity_fn(self.net)
+        return diffusion.flow_loss(velocity, x, inputs.src_mask, generator=gen, a=shift, dist=self.t_dist)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
