@@ -1,4 +1,4 @@
-"""diffusion.py: rectified flow for GLD: time shift, training loss, Euler sampler with CFG, EMA.
+"""diffusion.py: rectified flow for GLD: time shift, training loss, the samplers (Euler with CFG), EMA.
 
 Convention (the only one in this repo): x_t = (1 - t) x + t eps, eps ~ N(0, I); the model predicts v = eps - x =
 dx_t/dt; t = 1 is noise, t = 0 data. Tensors (B,V,T,C) (B batch, V views, T tokens, C channels), one t per sample.
@@ -57,21 +57,45 @@ def flow_loss(velocity_fn, x, src_mask, generator=None, a=1.0, t=None, dist='uni
     return per_view.mean(), parts
 
 
-@torch.no_grad()
-def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
-    """Deterministic Euler ODE from noise (t = 1) to t_end; velocity_fn / uncond_fn (x_t, t (B,)) -> v. CFG: v = v_u +
-    cfg_scale (v_c - v_u) at the steps whose t lies in interval (cfg_scale = 1: no unconditional call)."""
+def cfg_velocity(velocity_fn, uncond_fn, cfg_scale, interval=(0, 1)):
+    """The velocity a sampler follows, v(x_t, t_cur float): with CFG v = v_u + cfg_scale (v_c - v_u) at the times in
+    interval (cfg_scale = 1: no unconditional call); velocity_fn / uncond_fn (x_t, t (B,)) -> v."""
     assert cfg_scale == 1.0 or uncond_fn is not None, 'cfg_scale != 1 needs uncond_fn'
-    ts = [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]  # python floats: no device syncs
-    x = noise
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+
+    def velocity(x, t_cur):
         t = torch.full((x.shape[0],), t_cur, device=x.device, dtype=x.dtype)
         v = velocity_fn(x, t)
         if cfg_scale != 1.0 and interval[0] <= t_cur <= interval[1]:
             v_u = uncond_fn(x, t)
             v = v_u + cfg_scale * (v - v_u)
-        x = x + (t_next - t_cur) * v
+        return v
+
+    return velocity
+
+
+# Every sampler: (velocity_fn, noise, steps, a, cfg_scale, uncond_fn, interval, t_end) -> x at t_end, from noise
+# x_1 at t = 1 on `steps` steps of the time grid shift_t(1 -> t_end, a). Times are python floats: no device syncs.
+@torch.no_grad()
+def euler_sample(velocity_fn, noise, steps=50, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
+    """The paper's sampler: deterministic Euler steps of the ODE dx/dt = v with CFG (cfg_velocity)."""
+    velocity = cfg_velocity(velocity_fn, uncond_fn, cfg_scale, interval)
+    ts = [shift_t(1 - (1 - t_end) * i / steps, a) for i in range(steps + 1)]
+    x = noise
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t_cur) * velocity(x, t_cur)
     return x
+
+
+@torch.no_grad()
+def posterior_mean(velocity_fn, noise, steps=1, a=1.0, cfg_scale=1.0, uncond_fn=None, interval=(0, 1), t_end=0.0):
+    """E[x_0 | condition] in one model call: at t = 1, x_1 = eps and v = E[eps - x_0 | x_1], so x_1 - v is the mean
+    (one Euler step from t = 1 to 0 without CFG). The bundled models' default; steps, a, cfg_scale, interval, t_end
+    are those of every sampler and ignored."""
+    t = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
+    return noise - velocity_fn(noise, t)
+
+
+SAMPLERS = {'euler': euler_sample, 'mean': posterior_mean}  # sample.py --sampler; a fork adds e.g. Heun here
 
 
 class EMA:

@@ -217,8 +217,8 @@ class Pipeline:
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
         self.progress, self.official = progress, official  # official: the release's OfficialConventions, or None
 
-    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
-        """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
+    def sample_level(self, level, cond_raw, cams, upper_raw, sampler, steps, cfg_scale, generator):
+        """One level of all views by a diffusion.SAMPLERS sampler (CFG over cameras) -> raw (B,V,T,C)."""
         t0, (net, meta) = time.time(), self.models[level]
         stats, up = meta['stats'], meta.get('upper_level')
         inputs = latents.dit_inputs(stats, level, cond_raw, cams, up, upper_raw)
@@ -234,23 +234,24 @@ class Pipeline:
         bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
         conditional = inputs.velocity_fn(net)
 
-        def velocity(x_t, t):  # once per Euler step (CFG's unconditional branch is uncond_fn)
+        def velocity(x_t, t):  # the conditional call: once per Euler step, counted by the progress bar
             v = conditional(x_t, t)
             if bar:
                 bar.step()
             return v
 
         unconditional = inputs.velocity_fn(net, unconditional=True)
-        x = diffusion.euler_sample(
-            velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end
-        )
-        self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
+        sample = diffusion.SAMPLERS[sampler]
+        x = sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end)
+        done = f'{n} Euler steps' if sampler == 'euler' else f'{sampler} sampler, {n} steps'
+        self.log(f'  {name}: {done} (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)
 
     @torch.no_grad()
-    def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
-        """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; given:
-        {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
+    def generate(self, images, c2w, K, n_src, sampler='euler', steps=50, cfg_scale=1.5, seed=0, given=None):
+        """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; sampler:
+        a diffusion.SAMPLERS name ('mean' ignores steps and cfg_scale); given: {level: raw (B,V,T,C)} used instead of
+        generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
         B, V, _, H, W = images.shape
         enc, L, hw = self.enc, self.enc.num_levels, (H // self.enc.patch, W // self.enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
@@ -262,9 +263,8 @@ class Pipeline:
                 levels[level] = given[level]
             elif level in self.models:
                 up = self.models[level][1].get('upper_level')
-                levels[level] = self.sample_level(
-                    level, cond[level], cams, levels[up] if up is not None else None, steps, cfg_scale, gen
-                )
+                upper_raw = levels[up] if up is not None else None
+                levels[level] = self.sample_level(level, cond[level], cams, upper_raw, sampler, steps, cfg_scale, gen)
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
             cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast

@@ -1442,6 +1442,26 @@ def test_cfg_scale_one_is_conditional_and_formula():
     torch.testing.assert_close(outside, diffusion.euler_sample(cond, noise, steps=1))
 
 
+@pytest.mark.parametrize('a', [0.7, 1.0, 2.0, 19.6, 31.2])
+def test_posterior_mean_sampler_is_one_euler_step_exactly(a):
+    """SAMPLERS['mean'], x_1 - v(x_1, 1), is the Euler sampler's single step without CFG bit for bit at any shift: one
+    conditional call at t = 1, whatever steps, cfg_scale or uncond_fn it is given (every sampler's arguments)."""
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    times = []
+
+    def velocity(x, t):  # a nonlinear field
+        times.append(t)
+        return torch.sin(3 * x) * t[:, None, None, None] + x**2
+
+    def never(x, t):
+        pytest.fail('the posterior mean makes no unconditional call')
+
+    one_step = diffusion.SAMPLERS['euler'](velocity, noise, steps=1, a=a)
+    mean = diffusion.SAMPLERS['mean'](velocity, noise, steps=50, a=a, cfg_scale=1.5, uncond_fn=never, t_end=0.001)
+    assert torch.equal(mean, one_step) and len(times) == 2
+    assert all(torch.equal(t, torch.ones(2)) for t in times)
+
+
 def test_time_shift_and_loss_parts():
     assert diffusion.shift_alpha(8 * 18 * 18 * 1536) == pytest.approx(31.18, abs=0.01)
     t = torch.linspace(0, 1, 11)
@@ -2084,7 +2104,7 @@ def test_official_shift_at_another_size(release, monkeypatch):
         calls.append((kw['steps'], kw['a'], kw['t_end']))
         return real(*args, **kw)
 
-    monkeypatch.setattr(diffusion, 'euler_sample', spy)
+    monkeypatch.setitem(diffusion.SAMPLERS, 'euler', spy)
     images, c2w, K = scene(V=3, H=112, W=112)
     pipe.generate(images, c2w, K, n_src=1, steps=3, cfg_scale=1.0)
     a_release, _ = release_sampling(3, 3, C)
@@ -2253,7 +2273,8 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {
         '--official',
         '--encoder',
-    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...
+        '--sampler',
+    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
@@ -2874,11 +2895,27 @@ def test_default_sampler_is_the_bundled_models_posterior_mean_and_the_papers_oth
     assert capsys.readouterr().out.count('posterior mean') == 1  # the note comes with the bundled default only
 
 
+def test_every_sampler_runs_through_sample_py_and_mean_is_the_bundled_default(small_data, tmp_path):
+    """sample.py --sampler NAME for every diffusion.SAMPLERS entry on the bundled models: the bundled default (1 Euler
+    step, no CFG) and --sampler mean give the same images bit for bit; --sampler mean refuses --steps/--cfg-scale."""
+    base = ['--data', str(small_data), '--views', '4', '--export', '']
+    images = {}
+    for name in diffusion.SAMPLERS:
+        images[name] = sample.main(base + ['--sampler', name, '--out', str(tmp_path / name)])['images']
+        assert torch.isfinite(images[name]).all(), name
+    assert torch.equal(images['mean'], images['euler'])
+    with pytest.raises(cli.UserError, match='--sampler mean'):
+        sample.main(base + ['--sampler', 'mean', '--steps', '4', '--out', str(tmp_path / 'refused')])
+    a = sample.build_parser().parse_args(['--sampler', 'mean', '--official', 'REL'])
+    sample.default_sampler(a)
+    assert (a.steps, a.cfg_scale) == (2, 1.0)  # the release counts time-grid points: 2 = one step
+
+
 def test_bundled_default_sampler_beats_the_nearest_source_view_by_3_db(bundled):
     """The bundled default (the posterior mean, one Euler step per level) on 2 fixed test scenes: at least 3 dB over
     copying the nearest source view (the bar of issue 13; measured: +5.17 and +3.60 dB)."""
     pipe, scenes = bundled
-    steps, cfg_scale = sample.SAMPLERS['bundled']
+    steps, cfg_scale = sample.SAMPLER_DEFAULTS['bundled']
     for i, scene in enumerate(scenes):
         rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + 3.0, rows
