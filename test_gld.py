@@ -39,6 +39,7 @@ import decoder as decoder_lib
 import diffusion
 import encoder as encoder_lib
 import export
+import latent_cache
 import latents
 import model
 import official
@@ -2317,7 +2318,7 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
 def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_path, monkeypatch):
     enc = latents.build_encoder('da3-tiny').freeze()
     ds = data.SceneDataset(synth_root, 'train', num_views=4)
-    cache = latents.LatentCache.build(
+    cache = latent_cache.LatentCache.build(
         str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None
     )
     assert len(cache) == 3 * len(ds) and sorted(set(cache.n_src.tolist())) == [1, 2, 3]
@@ -2337,19 +2338,19 @@ def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_
         assert torch.equal(batch['c2w'], got['c2w']) and torch.equal(batch['src_mask'], got['src_mask'])
         assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
     # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
-    same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
-    other = latents.LatentCache.path_for(
+    same = latent_cache.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    other = latent_cache.LatentCache.path_for(
         'c', latents.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
     )
-    assert same != other and same == latents.LatentCache.path_for(
+    assert same != other and same == latent_cache.LatentCache.path_for(
         'c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
     )
     monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
-    latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
+    latent_cache.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
 
 
 def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
-    cache = latents.LatentCache.__new__(latents.LatentCache)
+    cache = latent_cache.LatentCache.__new__(latent_cache.LatentCache)
     cache.n_src = torch.tensor([1, 2, 3, 4] * 12)
     full = cache.batches(3, epoch=0)
     flat = sum(full, [])
@@ -4580,7 +4581,7 @@ def test_bench_times_what_each_latent_has(name, parts):
 # ----------------------------------------------------------------------------- project structure
 IMPORT_LAYERS = [
     ('train', 'sample', 'bench'),
-    ('pipeline',),
+    ('pipeline', 'latent_cache'),
     ('official',),
     ('latents',),
     ('vggt', 'vae'),

@@ -27,6 +27,7 @@ import data
 import decoder as decoder_lib
 import diffusion
 import export
+import latent_cache
 import latents
 import model as model_lib
 import pipeline
@@ -520,11 +521,11 @@ def validation_scenes(val, device, n=8):
 
 
 def build_cache(args, stage, size, gap, rank, world, device):
-    """--cache: the latents of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
+    """--cache: the latents of fixed view draws, encoded once by rank 0 (latent_cache.LatentCache)."""
     if args.size == 'buckets':
         raise cli.UserError('--cache works at one image size: pass --size HxW or drop --cache')
     src = parse_range(args.src, '--src')
-    path = latents.LatentCache.path_for(
+    path = latent_cache.LatentCache.path_for(
         os.path.join('runs', 'cache'),
         stage.enc,
         args.data,
@@ -539,12 +540,12 @@ def build_cache(args, stage, size, gap, rank, world, device):
     cache = None
     if rank == 0:
         scenes = data.SceneDataset(args.data, 'train', args.views, size, gap, args.seed)
-        cache = latents.LatentCache.build(
+        cache = latent_cache.LatentCache.build(
             path, stage.enc, scenes, stage.levels_needed, stage.level, args.cache, src, args.src_mode, args.seed, device
         )
     if world > 1:
         dist.barrier()
-    return cache or latents.LatentCache(path)
+    return cache or latent_cache.LatentCache(path)
 
 
 # ----------------------------------------------------------------------------- main loop
