@@ -1,8 +1,8 @@
-"""What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
+"""What the diffusion models see of the frozen encoder (DA3 by default), for training, sampling and bench alike.
 
-The encoder registry, the latent statistics (each level normalised per channel), camera inputs, the leakage-free
-source condition (GLD 4.3), the normalised training targets with the noised level-1 condition (GLD 4.4);
-`latent_cache.py` stores these latents (`train.py --cache`).
+The encoder registry, the latent statistics (each level normalised per channel), the DiT's camera inputs, and its
+other inputs (`dit_inputs`): the leakage-free source condition (GLD 4.3), CFG's unconditional cameras and the cascade's
+noised level-1 condition (GLD 4.4); the normalised training targets. `latent_cache.py` stores these latents.
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 
@@ -37,7 +37,8 @@ def build_encoder(name='da3-base', weights=None):
       has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
       has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
       freeze(), cfg.name"""
-    lib, cls = FAMILIES.get(name.split('-')[0], (None, None))
+    family = name.split('-')[0]
+    lib, cls = FAMILIES.get(family, (None, None))
     if lib is None or name not in lib.PRESETS:
         names = sorted(n for family, _ in FAMILIES.values() for n in family.PRESETS)
         raise cli.UserError(f'--encoder {name}: unknown encoder; pass one of {", ".join(names)}')
@@ -57,18 +58,26 @@ class LatentStats:
         self.mean = {int(level): m.float().flatten() for level, m in mean.items()}
         self.var = {int(level): v.float().flatten() for level, v in var.items()}
 
-    def normalize(self, x, level):  # x (...,2C)
-        return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)
+    def normalize(self, x, level):
+        """x (...,2C) of `level` -> zero mean and unit variance per channel (what the DiTs model)."""
+        mean = self.mean[level].to(x)
+        std = torch.sqrt(self.var[level].to(x) + self.eps)
+        return (x - mean) / std
 
     def denormalize(self, z, level):
-        return z * torch.sqrt(self.var[level].to(z) + self.eps) + self.mean[level].to(z)
+        """The inverse of normalize: a generated z (...,2C) -> the encoder's raw level."""
+        mean = self.mean[level].to(z)
+        std = torch.sqrt(self.var[level].to(z) + self.eps)
+        return z * std + mean
 
     def state_dict(self):
+        """{'mean<l>', 'var<l>'}: the layout of checkpoints, exports and --stats files."""
         means = {f'mean{level}': m for level, m in self.mean.items()}
         variances = {f'var{level}': v for level, v in self.var.items()}
         return {**means, **variances}
 
     def save(self, path):
+        """A .safetensors file, else a torch file (train.py --stats reads both)."""
         sd = {k: v.contiguous() for k, v in self.state_dict().items()}
         if str(path).endswith('.safetensors'):
             from safetensors.torch import save_file
@@ -78,8 +87,10 @@ class LatentStats:
 
     @classmethod
     def load(cls, path):
+        """A file of save; an unreadable one is a UserError naming it."""
         fix = 'pass --stats a file written by LatentStats.save, or leave it out to compute them'
-        return cls.from_state_dict(encoder_lib.read_tensors(path, 'statistics', fix))
+        sd = encoder_lib.read_tensors(path, 'statistics', fix)
+        return cls.from_state_dict(sd)
 
     @classmethod
     def from_state_dict(cls, sd):
@@ -93,12 +104,14 @@ class LatentStats:
 def compute_latent_stats(enc, image_batches, levels=(0, 1)):
     """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
     device = next(enc.parameters()).device
-    sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
+    sums = 0
+    count = torch.zeros((), dtype=torch.float64, device=device)
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
         feats = enc.encode(images.to(device))
         rows = [feats[level].double().flatten(0, -2) for level in levels]  # each (BVT,2C)
-        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])  # (L,2,2C)
+        moments = [torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows]  # each (2,2C): sums of x and x^2
+        sums = sums + torch.stack(moments)  # (L,2,2C)
         count += rows[0].shape[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
@@ -112,7 +125,8 @@ def compute_latent_stats(enc, image_batches, levels=(0, 1)):
 
 def compute_stats(enc, loader, levels, n_batches, device):
     """compute_latent_stats of the first n_batches batches of a training loader (train.py --stats-batches)."""
-    images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
+    batches = itertools.islice(loader, n_batches)
+    images = (b['images'].to(device) for b in batches)
     return compute_latent_stats(enc, images, levels)
 
 
@@ -124,15 +138,24 @@ def camera_inputs(c2w, K, src_mask, hw, patch=PATCH, official=False):
     offset = (-0.5, 0.5) if official else (0.5, 0.5)
     rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=offset)  # (B,V,6,ph,pw)
     B, V, _, ph, pw = rays.shape
-    mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(B, V, 1, ph, pw)
+    is_target = (~src_mask).to(rays.dtype)  # (B,V)
+    mask = is_target[..., None, None, None].expand(B, V, 1, ph, pw)
+    plucker = torch.cat([mask, rays], 2)
     P, P_inv = cameras.prope_matrices(c2w, K, official=official)
-    return {'plucker': torch.cat([mask, rays], 2), 'P': P, 'P_inv': P_inv, 'src_mask': src_mask, 'hw': (h, w)}
+    return {
+        'plucker': plucker,  # (B,V,7,ph,pw) the camera embedder's input
+        'P': P,  # (B,V,4,4) PRoPE's matrices: queries by P^T, outputs by P
+        'P_inv': P_inv,  # (B,V,4,4) keys and values
+        'src_mask': src_mask,  # (B,V) bool, True at the sources
+        'hw': (h, w),  # the token grid
+    }
 
 
 def drop_cameras(cams, drop):
     """Camera dropout / CFG's unconditional branch where drop (B,): Plücker rays zeroed (mask kept), P = P_inv = I."""
     plucker = cams['plucker'].clone()
-    plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
+    keep = (~drop).to(plucker.dtype)
+    plucker[:, :, 1:] *= keep[:, None, None, None, None]
     eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
     dropped = drop[:, None, None, None]  # (B,1,1,1) against P (B,V,4,4)
     P = torch.where(dropped, eye, cams['P'])
@@ -152,17 +175,22 @@ def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
 def source_condition(enc, images, n_src):
     """Leakage-free condition: raw levels (B,V,T,2C) of the sources (views 0..n_src-1) encoded alone, zero targets."""
     B, V = images.shape[:2]
-    return [torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1) for f in enc.encode(images[:, :n_src])]
+    levels = []
+    for f in enc.encode(images[:, :n_src]):  # (B,n_src,T,2C) each
+        targets = f.new_zeros(B, V - n_src, *f.shape[2:])
+        levels.append(torch.cat([f, targets], 1))
+    return levels
 
 
 def encode_batch(enc, batch, levels, cond_level):
     """Raw levels of a batch: {'full': {l: (B,V,T,2C)} of all views jointly, 'cond': source_condition's cond_level}."""
     if 'full' in batch:
         return batch
+    images = batch['images']
     n_src = int(batch['src_mask'][0].sum())
     with torch.no_grad():
-        full = enc.encode(batch['images'])
-        cond = source_condition(enc, batch['images'], n_src)[cond_level]
+        full = enc.encode(images)
+        cond = source_condition(enc, images, n_src)[cond_level]
         return {'full': {level: full[level] for level in levels}, 'cond': cond}
 
 
@@ -176,7 +204,8 @@ class DiTInputs:
     upper: torch.Tensor | None  # (B,V,T,C) the normalised upper level of the cascade M1->0, else None
 
     @property
-    def src_mask(self):  # (B,V) bool, True at the sources
+    def src_mask(self):
+        """(B,V) bool, True at the sources: the flow loss reports the source and target views apart."""
         return self.cams['src_mask']
 
     def velocity_fn(self, net, unconditional=False):
@@ -189,15 +218,22 @@ class DiTInputs:
         return velocity
 
 
-def dit_inputs(stats, level, cond_raw, cams, upper_level=None, upper_raw=None, tau=0.0, cam_drop=None, generator=None):
+def dit_inputs(
+    stats,  # the model's LatentStats
+    level,  # the level it generates
+    cond_raw,  # (B,V,T,C) source_condition's level
+    cams,  # model_cameras
+    upper_level=None,  # the cascade M1->0: the level it is conditioned on (1)
+    upper_raw=None,  # (B,V,T,C) that level, raw
+    tau=0.0,  # training: > 0 noises the upper level (GLD 4.4)
+    cam_drop=None,  # training: each sample's cameras dropped with this probability (a draw even at 0)
+    generator=None,  # training: the random stream of tau and cam_drop
+):
     """The inputs of M_level for training, sampling (pipeline) and bench alike -> DiTInputs. Here and not in
-    diffusion.py: they need this module's statistics and cameras, while the flow (x_t, t, v) knows only tensors.
-    cond_raw (B,V,T,C): source_condition's level; cams: model_cameras; upper_raw: raw level upper_level (cascade).
-    Training only: tau > 0 noises the upper level (GLD 4.4); cam_drop drops each sample's cameras with that probability
-    (a draw per sample even at 0, so that a run's random stream does not depend on it)."""
+    diffusion.py: they need this module's statistics and cameras, while the flow (x_t, t, v) knows only tensors."""
     B = cond_raw.shape[0]
-    # normalised once, here; the targets' zeros stay zeros
-    cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
+    is_source = cams['src_mask'][:, :, None, None]  # (B,V,1,1)
+    cond = stats.normalize(cond_raw, level) * is_source  # normalised once, here; the targets stay zeros
     upper = None
     if upper_level is not None:
         upper = stats.normalize(upper_raw, upper_level)
@@ -206,8 +242,8 @@ def dit_inputs(stats, level, cond_raw, cams, upper_level=None, upper_raw=None, t
         eps = torch.randn(upper.shape, generator=generator).to(upper.device)
         upper = (upper + sigma * eps) / torch.sqrt(1 + sigma**2)
     if cam_drop is not None:  # training's camera dropout teaches the unconditional branch of CFG
-        drop = torch.rand(B, generator=generator, device='cpu').to(cond.device) < cam_drop
-        cams = drop_cameras(cams, drop)
+        drop = torch.rand(B, generator=generator, device='cpu') < cam_drop
+        cams = drop_cameras(cams, drop.to(cond.device))
     every_sample = torch.ones(B, dtype=torch.bool, device=cond.device)
     return DiTInputs(cond, cams, drop_cameras(cams, every_sample), upper)
 
@@ -215,12 +251,17 @@ def dit_inputs(stats, level, cond_raw, cams, upper_level=None, upper_raw=None, t
 def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, cam_drop=0.0, generator=None):
     """One training batch of M_level -> (x (B,V,T,C): the encoder over all V views jointly, normalised per channel,
     its DiTInputs with tau's noised upper level and cam_drop's camera dropout)."""
-    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
+    if 'images' in batch:
+        H, W = batch['images'].shape[-2:]
+    else:  # a LatentCache batch: the latents without the images
+        H, W = batch['size']
     hw = (H // enc.patch, W // enc.patch)
     levels = [level] if upper_level is None else [level, upper_level]
     raw = encode_batch(enc, batch, levels, level)
     x = stats.normalize(raw['full'][level], level)
     cams = model_cameras(batch['c2w'], batch['K'], batch['src_mask'], hw, patch=enc.patch)
-    upper_raw = raw['full'][upper_level] if upper_level is not None else None
+    upper_raw = None
+    if upper_level is not None:
+        upper_raw = raw['full'][upper_level]
     inputs = dit_inputs(stats, level, raw['cond'], cams, upper_level, upper_raw, tau, cam_drop, generator)
     return x, inputs

@@ -95,7 +95,8 @@ def load_checkpoint(path, device='cpu'):
             f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
             'pass a ckpt_*.pt of a run or an exported .safetensors'
         )
-    raw = open(path, 'rb').read()
+    with open(path, 'rb') as f:
+        raw = f.read()
     digest = hashlib.sha256(raw).hexdigest()
     print(f'{path} (sha256 {digest[:12]})')
     broken = (
@@ -143,11 +144,17 @@ def export_weights(kind, net, config, extra, folder, name):
         'kind': kind,
         'config': config,
         **{k: v for k, v in extra.items() if k != 'stats'},
-        'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest(),
+        'sha256': file_sha256(path),
     }
-    json.dump(meta, open(os.path.join(folder, name + '.json'), 'w'), indent=1)
+    with open(os.path.join(folder, name + '.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
     print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     return path
+
+
+def file_sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def latents_sha256(meta):  # what identifies an encoder file's latents: its SHA-256, or its --head-only parent's
@@ -156,7 +163,8 @@ def latents_sha256(meta):  # what identifies an encoder file's latents: its SHA-
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
-    ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their latents."""
+    ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their
+    latents."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == DEFAULT_ENCODER or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -175,7 +183,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
         enc = latents.build_encoder(preset, weights=weights)
-        sha = hashlib.sha256(open(weights, 'rb').read()).hexdigest() if os.path.isfile(weights) else None
+        sha = file_sha256(weights) if os.path.isfile(weights) else None
         print(f'{weights} (sha256 {sha[:12] if sha else "-"})')
     enc.source = {'weights': weights, 'sha256': sha}
     return enc.to(device).freeze()
@@ -211,7 +219,8 @@ def load_decoder(path, device='cpu', enc=None):
 
 # ----------------------------------------------------------------------------- the cascade
 class Pipeline:
-    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
+    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated
+    level."""
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
@@ -277,8 +286,8 @@ class Pipeline:
                 f'{time.time() - t0:.2f}s'
             )
         t0 = time.time()
-        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, L)
-        filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
+        keep = torch.tensor([level is not None for level in levels], device=images.device)[None].expand(B, L)
+        filled = [level if level is not None else torch.zeros_like(levels[self.boundary]) for level in levels]
         norm = enc.normalize_levels(filled)
         rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
         geo = enc.geometry(norm, H, W, cls_last=cls_last) if enc.has_geometry else {}
@@ -315,6 +324,7 @@ def load_pipeline(
 
 
 def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions (docs/official.md)."""
+    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions
+    (docs/official.md)."""
     enc, dec, models = official.load_models(folder, device, log=log, **kw)
     return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())
