@@ -1,4 +1,4 @@
-"""Frozen Depth Anything 3 (DA3) encoder: the latent space of GLD (arXiv 2603.22275), its geometry head and statistics.
+"""Frozen Depth Anything 3 (DA3) encoder: the latent space of GLD (arXiv 2603.22275), its geometry head.
 
 DA3 as depth_anything_3==0.1.1 builds it (same keys, outputs to float tolerance; the reference view keeps its place):
 alternating DINOv2 ViT/14, RAW levels cat(local_x, x_L), `propagate` (GLD 4.3), DualDPT head, camera decoder, IRLS
@@ -586,62 +586,6 @@ def load_weights(enc, weights, source=None):
         )
     enc.load_state_dict(sd, strict=False)
     return enc
-
-
-# ---- Latent statistics (GLD normalises each level per channel) -------------------------------
-class LatentStats:
-    """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
-
-    eps = 1e-5
-
-    def __init__(self, mean, var):  # dicts level -> (2C,)
-        self.mean, self.var = ({int(l): t.float().flatten() for l, t in d.items()} for d in (mean, var))
-
-    def normalize(self, x, level):  # x (...,2C)
-        return (x - self.mean[level].to(x)) / torch.sqrt(self.var[level].to(x) + self.eps)
-
-    def denormalize(self, z, level):
-        return z * torch.sqrt(self.var[level].to(z) + self.eps) + self.mean[level].to(z)
-
-    def state_dict(self):
-        return {**{f'mean{l}': m for l, m in self.mean.items()}, **{f'var{l}': v for l, v in self.var.items()}}
-
-    def save(self, path):
-        sd = {k: v.contiguous() for k, v in self.state_dict().items()}
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import save_file
-
-            return save_file(sd, str(path))
-        torch.save(sd, path)
-
-    @classmethod
-    def load(cls, path):
-        fix = 'pass --stats a file written by LatentStats.save, or leave it out to compute them'
-        return cls.from_state_dict(read_tensors(path, 'statistics', fix))
-
-    @classmethod
-    def from_state_dict(cls, sd):
-        levels = [int(k[4:]) for k in sd if k.startswith('mean')]
-        return cls({l: sd[f'mean{l}'] for l in levels}, {l: sd[f'var{l}'] for l in levels})
-
-
-@torch.no_grad()
-def compute_latent_stats(enc, image_batches, levels=(0, 1)):
-    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
-    device = next(enc.parameters()).device
-    sums, count = 0, torch.zeros((), dtype=torch.float64, device=device)
-    for batch in image_batches:
-        images = batch['images'] if isinstance(batch, dict) else batch
-        feats = enc.encode(images.to(device))
-        rows = [feats[l].double().flatten(0, -2) for l in levels]  # each (BVT,2C)
-        sums = sums + torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])  # (L,2,2C)
-        count += rows[0].shape[0]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(count)
-    mean = sums[:, 0] / count
-    var = (sums[:, 1] / count - mean**2).clamp_min(0)
-    return LatentStats(*({l: t[i].cpu() for i, l in enumerate(levels)} for t in (mean, var)))
 
 
 # ---- Training loss for the tiny encoder (DA3-style) ------------------------------------------

@@ -1,23 +1,20 @@
-"""What the diffusion models see of the frozen encoder (DA3 by default), for training and sampling alike.
+"""What the diffusion models see of the frozen encoder (DA3 by default), for training, sampling and bench alike.
 
-The encoder registry, camera inputs, the leakage-free source condition (GLD 4.3), the normalised training targets
-with the noised level-1 condition (GLD 4.4), and `LatentCache` (`train.py --cache`).
+The encoder registry, the latent statistics (each level normalised per channel), the DiT's camera inputs, and its
+other inputs (`dit_inputs`): the leakage-free source condition (GLD 4.3), CFG's unconditional cameras and the cascade's
+noised level-1 condition (GLD 4.4); the normalised training targets. `latent_cache.py` stores these latents.
 Legend: B batch, V views, H W image, h w token grid, C channels (a level has 2C), T tokens (h*w).
 """
 
-import hashlib
 import itertools
-import os
-import time
+from dataclasses import dataclass
 
 import torch
 
 import cameras
 import cli
-import data
 import dinov2
 import encoder as encoder_lib
-import model as model_lib
 import vae
 import vggt
 from constants import PATCH
@@ -40,7 +37,8 @@ def build_encoder(name='da3-base', weights=None):
       has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
       has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
       freeze(), cfg.name"""
-    lib, cls = FAMILIES.get(name.split('-')[0], (None, None))
+    family = name.split('-')[0]
+    lib, cls = FAMILIES.get(family, (None, None))
     if lib is None or name not in lib.PRESETS:
         names = sorted(n for family, _ in FAMILIES.values() for n in family.PRESETS)
         raise cli.UserError(f'--encoder {name}: unknown encoder; pass one of {", ".join(names)}')
@@ -50,149 +48,220 @@ def build_encoder(name='da3-base', weights=None):
     return enc
 
 
+# ----------------------------------------------------------------------------- latent statistics
+class LatentStats:
+    """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
+
+    eps = 1e-5
+
+    def __init__(self, mean, var):  # dicts level -> (2C,)
+        self.mean = {int(level): m.float().flatten() for level, m in mean.items()}
+        self.var = {int(level): v.float().flatten() for level, v in var.items()}
+
+    def normalize(self, x, level):
+        """x (...,2C) of `level` -> zero mean and unit variance per channel (what the DiTs model)."""
+        mean = self.mean[level].to(x)
+        std = torch.sqrt(self.var[level].to(x) + self.eps)
+        return (x - mean) / std
+
+    def denormalize(self, z, level):
+        """The inverse of normalize: a generated z (...,2C) -> the encoder's raw level."""
+        mean = self.mean[level].to(z)
+        std = torch.sqrt(self.var[level].to(z) + self.eps)
+        return z * std + mean
+
+    def state_dict(self):
+        """{'mean<l>', 'var<l>'}: the layout of checkpoints, exports and --stats files."""
+        means = {f'mean{level}': m for level, m in self.mean.items()}
+        variances = {f'var{level}': v for level, v in self.var.items()}
+        return {**means, **variances}
+
+    def save(self, path):
+        """A .safetensors file, else a torch file (train.py --stats reads both)."""
+        sd = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if str(path).endswith('.safetensors'):
+            from safetensors.torch import save_file
+
+            return save_file(sd, str(path))
+        torch.save(sd, path)
+
+    @classmethod
+    def load(cls, path):
+        """A file of save; an unreadable one is a UserError naming it."""
+        fix = 'pass --stats a file written by LatentStats.save, or leave it out to compute them'
+        sd = encoder_lib.read_tensors(path, 'statistics', fix)
+        return cls.from_state_dict(sd)
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        levels = [int(k[4:]) for k in sd if k.startswith('mean')]
+        mean = {level: sd[f'mean{level}'] for level in levels}
+        var = {level: sd[f'var{level}'] for level in levels}
+        return cls(mean, var)
+
+
+@torch.no_grad()
+def compute_latent_stats(enc, image_batches, levels=(0, 1)):
+    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
+    device = next(enc.parameters()).device
+    sums = 0
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in image_batches:
+        images = batch['images'] if isinstance(batch, dict) else batch
+        feats = enc.encode(images.to(device))
+        rows = [feats[level].double().flatten(0, -2) for level in levels]  # each (BVT,2C)
+        moments = [torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows]  # each (2,2C): sums of x and x^2
+        sums = sums + torch.stack(moments)  # (L,2,2C)
+        count += rows[0].shape[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(count)
+    mean = sums[:, 0] / count  # (L,2C)
+    var = (sums[:, 1] / count - mean**2).clamp_min(0)
+    mean_by_level = {level: mean[i].cpu() for i, level in enumerate(levels)}
+    var_by_level = {level: var[i].cpu() for i, level in enumerate(levels)}
+    return LatentStats(mean_by_level, var_by_level)
+
+
+def compute_stats(enc, loader, levels, n_batches, device):
+    """compute_latent_stats of the first n_batches batches of a training loader (train.py --stats-batches)."""
+    batches = itertools.islice(loader, n_batches)
+    images = (b['images'].to(device) for b in batches)
+    return compute_latent_stats(enc, images, levels)
+
+
+# ----------------------------------------------------------------------------- camera inputs of the DiT
+def camera_inputs(c2w, K, src_mask, hw, patch=PATCH, official=False):
+    """Cameras as given (B,V) -> {'plucker' (B,V,7,ph,pw): [mask (1 target), d, o x d], 'P', 'P_inv' (B,V,4,4) of
+    PRoPE, 'src_mask', 'hw'}; official: the release's Plücker offset and P_inv (OfficialConventions 2-3)."""
+    h, w = hw
+    offset = (-0.5, 0.5) if official else (0.5, 0.5)
+    rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=offset)  # (B,V,6,ph,pw)
+    B, V, _, ph, pw = rays.shape
+    is_target = (~src_mask).to(rays.dtype)  # (B,V)
+    mask = is_target[..., None, None, None].expand(B, V, 1, ph, pw)
+    plucker = torch.cat([mask, rays], 2)
+    P, P_inv = cameras.prope_matrices(c2w, K, official=official)
+    return {
+        'plucker': plucker,  # (B,V,7,ph,pw) the camera embedder's input
+        'P': P,  # (B,V,4,4) PRoPE's matrices: queries by P^T, outputs by P
+        'P_inv': P_inv,  # (B,V,4,4) keys and values
+        'src_mask': src_mask,  # (B,V) bool, True at the sources
+        'hw': (h, w),  # the token grid
+    }
+
+
+def drop_cameras(cams, drop):
+    """Camera dropout / CFG's unconditional branch where drop (B,): Plücker rays zeroed (mask kept), P = P_inv = I."""
+    plucker = cams['plucker'].clone()
+    keep = (~drop).to(plucker.dtype)
+    plucker[:, :, 1:] *= keep[:, None, None, None, None]
+    eye = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device)
+    dropped = drop[:, None, None, None]  # (B,1,1,1) against P (B,V,4,4)
+    P = torch.where(dropped, eye, cams['P'])
+    P_inv = torch.where(dropped, eye, cams['P_inv'])
+    return {**cams, 'plucker': plucker, 'P': P, 'P_inv': P_inv}
+
+
 def model_cameras(c2w, K, src_mask, hw, official=False, patch=PATCH):
-    """Poses relative to the last view, largest camera distance 1 (official: OfficialConventions 1-3) -> DiT inputs."""
-    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs' if official else 'norm')
-    return model_lib.camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
+    """The DiT's cameras: poses relative to the last view, largest camera distance 1 (official: largest |t| component
+    1, OfficialConventions 1-3) -> camera_inputs."""
+    by = 'max_abs' if official else 'norm'
+    c2w_rel, _ = cameras.normalize_poses(c2w, ref=-1, by=by)
+    return camera_inputs(c2w_rel, K, src_mask, hw, patch=patch, official=official)
 
 
+# ----------------------------------------------------------------------------- the DiT's inputs
 def source_condition(enc, images, n_src):
     """Leakage-free condition: raw levels (B,V,T,2C) of the sources (views 0..n_src-1) encoded alone, zero targets."""
     B, V = images.shape[:2]
-    return [torch.cat([f, f.new_zeros(B, V - n_src, *f.shape[2:])], 1) for f in enc.encode(images[:, :n_src])]
+    levels = []
+    for f in enc.encode(images[:, :n_src]):  # (B,n_src,T,2C) each
+        targets = f.new_zeros(B, V - n_src, *f.shape[2:])
+        levels.append(torch.cat([f, targets], 1))
+    return levels
 
 
 def encode_batch(enc, batch, levels, cond_level):
     """Raw levels of a batch: {'full': {l: (B,V,T,2C)} of all views jointly, 'cond': source_condition's cond_level}."""
     if 'full' in batch:
         return batch
+    images = batch['images']
     n_src = int(batch['src_mask'][0].sum())
     with torch.no_grad():
-        full = enc.encode(batch['images'])
-        return {'full': {l: full[l] for l in levels}, 'cond': source_condition(enc, batch['images'], n_src)[cond_level]}
+        full = enc.encode(images)
+        cond = source_condition(enc, images, n_src)[cond_level]
+        return {'full': {level: full[level] for level in levels}, 'cond': cond}
 
 
-def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, generator=None):
-    """One training batch of M_level: the target is the encoder over all V views jointly, normalised per channel."""
-    src_mask = batch['src_mask']
-    H, W = batch['images'].shape[-2:] if 'images' in batch else batch['size']
-    levels = [level] + ([upper_level] if upper_level is not None else [])
-    raw = encode_batch(enc, batch, levels, level)
-    x = stats.normalize(raw['full'][level], level)
-    cond = stats.normalize(raw['cond'], level) * src_mask[:, :, None, None]
-    upper = stats.normalize(raw['full'][upper_level], upper_level) if upper_level is not None else None
+@dataclass
+class DiTInputs:
+    """What M_level reads besides x_t and t (GLD A.2), built by dit_inputs; velocity_fn is the one call of the DiT."""
+
+    cond: torch.Tensor  # (B,V,T,C) the normalised source condition, zeros at the targets
+    cams: dict  # model_cameras (training: some samples' cameras dropped)
+    uncond_cams: dict  # CFG's unconditional branch: every sample's cameras dropped
+    upper: torch.Tensor | None  # (B,V,T,C) the normalised upper level of the cascade M1->0, else None
+
+    @property
+    def src_mask(self):
+        """(B,V) bool, True at the sources: the flow loss reports the source and target views apart."""
+        return self.cams['src_mask']
+
+    def velocity_fn(self, net, unconditional=False):
+        """net on these inputs as the flow's velocity_fn(x_t, t (B,)) -> v (unconditional: CFG's branch)."""
+        cams = self.uncond_cams if unconditional else self.cams
+
+        def velocity(x_t, t):
+            return net(x_t, t, self.cond, cams, upper=self.upper)
+
+        return velocity
+
+
+def dit_inputs(
+    stats,  # the model's LatentStats
+    level,  # the level it generates
+    cond_raw,  # (B,V,T,C) source_condition's level
+    cams,  # model_cameras
+    upper_level=None,  # the cascade M1->0: the level it is conditioned on (1)
+    upper_raw=None,  # (B,V,T,C) that level, raw
+    tau=0.0,  # training: > 0 noises the upper level (GLD 4.4)
+    cam_drop=None,  # training: each sample's cameras dropped with this probability (a draw even at 0)
+    generator=None,  # training: the random stream of tau and cam_drop
+):
+    """The inputs of M_level for training, sampling (pipeline) and bench alike -> DiTInputs. Here and not in
+    diffusion.py: they need this module's statistics and cameras, while the flow (x_t, t, v) knows only tensors."""
+    B = cond_raw.shape[0]
+    is_source = cams['src_mask'][:, :, None, None]  # (B,V,1,1)
+    cond = stats.normalize(cond_raw, level) * is_source  # normalised once, here; the targets stay zeros
+    upper = None
+    if upper_level is not None:
+        upper = stats.normalize(upper_raw, upper_level)
     if upper is not None and tau > 0:  # M1->0: ground-truth level 1 noised by sigma ~ |N(0, tau^2)|, variance kept
-        sigma = (torch.randn(x.shape[0], 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
+        sigma = (torch.randn(B, 1, 1, 1, generator=generator) * tau).abs().to(upper.device)
         eps = torch.randn(upper.shape, generator=generator).to(upper.device)
         upper = (upper + sigma * eps) / torch.sqrt(1 + sigma**2)
-    cams = model_cameras(batch['c2w'], batch['K'], src_mask, (H // enc.patch, W // enc.patch), patch=enc.patch)
-    return {'x': x, 'cond': cond, 'upper': upper, 'cams': cams, 'src_mask': src_mask}
+    if cam_drop is not None:  # training's camera dropout teaches the unconditional branch of CFG
+        drop = torch.rand(B, generator=generator, device='cpu') < cam_drop
+        cams = drop_cameras(cams, drop.to(cond.device))
+    every_sample = torch.ones(B, dtype=torch.bool, device=cond.device)
+    return DiTInputs(cond, cams, drop_cameras(cams, every_sample), upper)
 
 
-def compute_stats(enc, loader, levels, n_batches, device):
-    images = (b['images'].to(device) for b in itertools.islice(loader, n_batches))
-    return encoder_lib.compute_latent_stats(enc, images, levels)
-
-
-def state_hash(module):
-    """SHA-256 of a module's state dict (names, shapes, bytes): ties a cache to the exact encoder weights."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class LatentCache:
-    """The frozen encoder's raw levels (float16) of `draws` whole view draws of every training scene (see build)."""
-
-    def __init__(self, path):
-        self.path, self.data = path, torch.load(path, weights_only=True)
-        self.n_src = self.data['n_src']
-
-    def __len__(self):
-        return len(self.n_src)
-
-    def batch(self, idx, device='cpu'):
-        """Draws idx (one source count) -> a training batch in the on-the-fly layout plus 'full' and 'cond'."""
-        d, idx = self.data, torch.as_tensor(idx)
-        n, V = int(self.n_src[idx[0]]), d['c2w'].shape[1]
-        return {
-            'c2w': d['c2w'][idx].to(device),
-            'K': d['K'][idx].to(device),
-            'size': tuple(d['size'].tolist()),
-            'src_mask': (torch.arange(V) < n).expand(len(idx), V).to(device),
-            'full': {int(k[4:]): v[idx].to(device).float() for k, v in d.items() if k.startswith('full')},
-            'cond': d['cond'][idx].to(device).float(),
-        }
-
-    def batches(self, batch_size, epoch, seed=0, rank=0, world=1):
-        """The epoch's batches of draws of one source count, shuffled by (seed, epoch), dealt to ranks round-robin."""
-        g, out = torch.Generator().manual_seed(seed * 100003 + epoch), []
-        for n in self.n_src.unique().tolist():
-            idx = (self.n_src == n).nonzero()[:, 0]
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            out += [idx[i : i + batch_size].tolist() for i in range(0, len(idx) - batch_size + 1, batch_size)]
-        return [out[i] for i in torch.randperm(len(out), generator=g).tolist()][rank::world]
-
-    @staticmethod
-    def path_for(folder, enc, spec, views, draws, levels, cond_level, src, src_mode, seed):
-        name = (
-            f'{os.path.basename(os.path.normpath(spec.split(":")[-1]))}_{state_hash(enc)[:12]}_v{views}_d{draws}'
-            f'_l{"".join(map(str, levels))}c{cond_level}_s{src[0]}-{src[1]}{src_mode}_seed{seed}.pt'
-        )
-        return os.path.join(folder, name)
-
-    @classmethod
-    def build(
-        cls,
-        path,
-        enc,
-        dataset,
-        levels,
-        cond_level,
-        draws,
-        src=(1, 4),
-        src_mode='random',
-        seed=0,
-        device='cpu',
-        log=print,
-    ):
-        """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or loaded from path)."""
-        if os.path.exists(path):
-            log(f'latent cache: {path}')
-            return cls(path)
-        lo, hi = src[0], min(src[1], dataset.num_views - 1)
-        rows, t0 = [], time.time()
-        for d in range(draws):
-            dataset.set_epoch(d)
-            for i in range(len(dataset)):
-                item, n = data.collate_one(dataset[i]), lo + d % (hi - lo + 1)
-                g = torch.Generator().manual_seed(seed * 1000003 + d * 10007 + i)
-                b = data.split_views(item, n, generator=g, mode=src_mode)
-                b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-                raw = encode_batch(enc, b, levels, cond_level)
-                rows.append(
-                    {
-                        'c2w': b['c2w'][0],
-                        'K': b['K'][0],
-                        'n_src': n,
-                        'scene': i,
-                        'frames': b['frames'][0],
-                        'cond': raw['cond'][0].half().cpu(),
-                        **{f'full{l}': raw['full'][l][0].half().cpu() for l in levels},
-                    }
-                )
-            log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
-        # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
-        out = {
-            k: torch.stack([r[k] for r in rows]).cpu()
-            if torch.is_tensor(rows[0][k])
-            else torch.tensor([r[k] for r in rows])
-            for k in rows[0]
-        }
-        out['size'] = torch.tensor(item['images'].shape[-2:])
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        torch.save(out, path + '.tmp')
-        os.replace(path + '.tmp', path)
-        log(f'latent cache: wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)')
-        return cls(path)
+def training_latents(enc, stats, batch, level, upper_level=None, tau=0.0, cam_drop=0.0, generator=None):
+    """One training batch of M_level -> (x (B,V,T,C): the encoder over all V views jointly, normalised per channel,
+    its DiTInputs with tau's noised upper level and cam_drop's camera dropout)."""
+    if 'images' in batch:
+        H, W = batch['images'].shape[-2:]
+    else:  # a LatentCache batch: the latents without the images
+        H, W = batch['size']
+    hw = (H // enc.patch, W // enc.patch)
+    levels = [level] if upper_level is None else [level, upper_level]
+    raw = encode_batch(enc, batch, levels, level)
+    x = stats.normalize(raw['full'][level], level)
+    cams = model_cameras(batch['c2w'], batch['K'], batch['src_mask'], hw, patch=enc.patch)
+    upper_raw = None
+    if upper_level is not None:
+        upper_raw = raw['full'][upper_level]
+    inputs = dit_inputs(stats, level, raw['cond'], cams, upper_level, upper_raw, tau, cam_drop, generator)
+    return x, inputs

@@ -15,8 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import cameras
-
 
 @dataclass
 class GLDConfig:
@@ -54,24 +52,6 @@ PRESETS = {
         separate_embedders=False,
     ),  # 472.5M = official M1->0
 }
-
-
-# ----------------------------------------------------------------------------- cameras -> model inputs
-def camera_inputs(c2w, K, src_mask, hw, patch=14, official=False):
-    """Camera inputs of a batch -> {'plucker' (B,V,7,ph,pw): [mask (1 target), d, o x d], 'P', 'P_inv', ...}."""
-    h, w = hw
-    rays = cameras.plucker_rays(c2w, K, patch * h, patch * w, pixel_offset=(-0.5, 0.5) if official else (0.5, 0.5))
-    mask = (~src_mask).to(rays.dtype)[..., None, None, None].expand(*rays.shape[:2], 1, *rays.shape[-2:])
-    P, P_inv = cameras.prope_matrices(c2w, K, official=official)
-    return {'plucker': torch.cat([mask, rays], 2), 'P': P, 'P_inv': P_inv, 'src_mask': src_mask, 'hw': (h, w)}
-
-
-def drop_cameras(cams, drop):
-    """Camera dropout / CFG's unconditional branch where drop (B,): Plücker rays zeroed (mask kept), P = P_inv = I."""
-    plucker = cams['plucker'].clone()
-    plucker[:, :, 1:] *= (~drop).to(plucker.dtype)[:, None, None, None, None]
-    eye, sel = torch.eye(4, dtype=cams['P'].dtype, device=cams['P'].device), drop[:, None, None, None]
-    return {**cams, 'plucker': plucker, **{k: torch.where(sel, eye, cams[k]) for k in ('P', 'P_inv')}}
 
 
 # ----------------------------------------------------------------------------- positional encoding of 3D attention

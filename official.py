@@ -12,7 +12,6 @@ import torch
 import cameras
 import decoder as decoder_lib
 import diffusion
-import encoder as encoder_lib
 import latents
 import model as model_lib
 
@@ -116,7 +115,7 @@ def load_official_stats(path, dim=None, log=print):
             )
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
         mean[level], var[level] = sd['mean'], sd['var']
-    return encoder_lib.LatentStats(mean, var)
+    return latents.LatentStats(mean, var)
 
 
 def official_prope_K(P, P_inv):
@@ -133,8 +132,8 @@ def official_prope_K(P, P_inv):
 class OfficialConventions:
     """Where the released models' training and evaluation differ from our default (sources: docs/official.md):
     1. poses relative to the last view, largest |t| component = 1: cameras.normalize_poses(by='max_abs');
-    2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): camera_inputs(official=True);
-    3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: camera_inputs(official=True);
+    2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): latents.camera_inputs(official=True);
+    3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: latents.camera_inputs(official=True);
     4. the cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image: model_cameras;
     5. CFG's unconditional cameras: M1 viewmats I4 and K = I3 in pixels, the cascade I4 and K kept: model_cameras;
     6. the decoder's output is ImageNet-normalised: DecoderConfig.imagenet_output (decoder.convert_official);

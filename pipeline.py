@@ -95,7 +95,8 @@ def load_checkpoint(path, device='cpu'):
             f'{path}: {"a folder, not a checkpoint file" if os.path.isdir(path) else "no such checkpoint"}; '
             'pass a ckpt_*.pt of a run or an exported .safetensors'
         )
-    raw = open(path, 'rb').read()
+    with open(path, 'rb') as f:
+        raw = f.read()
     digest = hashlib.sha256(raw).hexdigest()
     print(f'{path} (sha256 {digest[:12]})')
     broken = (
@@ -143,11 +144,17 @@ def export_weights(kind, net, config, extra, folder, name):
         'kind': kind,
         'config': config,
         **{k: v for k, v in extra.items() if k != 'stats'},
-        'sha256': hashlib.sha256(open(path, 'rb').read()).hexdigest(),
+        'sha256': file_sha256(path),
     }
-    json.dump(meta, open(os.path.join(folder, name + '.json'), 'w'), indent=1)
+    with open(os.path.join(folder, name + '.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
     print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     return path
+
+
+def file_sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def latents_sha256(meta):  # what identifies an encoder file's latents: its SHA-256, or its --head-only parent's
@@ -156,7 +163,8 @@ def latents_sha256(meta):  # what identifies an encoder file's latents: its SHA-
 
 def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     """A frozen latent encoder. weights: a file, 'none', or 'auto' (da3-tiny: find_checkpoint; others: a run in
-    ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their latents."""
+    ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their
+    latents."""
     name = model_name('encoder', preset)
     if weights == 'auto' and (preset == DEFAULT_ENCODER or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
@@ -175,7 +183,7 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
         encoder_lib.load_weights(enc, sd, source=weights)  # its diagnostics: the preset the weights are for
     else:
         enc = latents.build_encoder(preset, weights=weights)
-        sha = hashlib.sha256(open(weights, 'rb').read()).hexdigest() if os.path.isfile(weights) else None
+        sha = file_sha256(weights) if os.path.isfile(weights) else None
         print(f'{weights} (sha256 {sha[:12] if sha else "-"})')
     enc.source = {'weights': weights, 'sha256': sha}
     return enc.to(device).freeze()
@@ -199,7 +207,7 @@ def load_net(path, device, enc, name, build):
 def load_model(path, device='cpu', enc=None, name='level1'):
     """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
     net, meta = load_net(path, device, enc, name, lambda cfg: model_lib.GLD(model_lib.GLDConfig(**cfg)))
-    meta['stats'] = encoder_lib.LatentStats.from_state_dict(meta['stats'])
+    meta['stats'] = latents.LatentStats.from_state_dict(meta['stats'])
     return net, meta
 
 
@@ -211,53 +219,48 @@ def load_decoder(path, device='cpu', enc=None):
 
 # ----------------------------------------------------------------------------- the cascade
 class Pipeline:
-    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated level."""
+    """Frozen DA3 + RGB decoder + the diffusion models {level: (net, meta)}; boundary k = the deepest generated
+    level."""
 
     def __init__(self, enc, dec, models, boundary=1, log=print, official=None, progress=True):
         self.enc, self.dec, self.models, self.boundary, self.log = enc, dec, models, boundary, log
         self.progress, self.official = progress, official  # official: the release's OfficialConventions, or None
 
-    def sample_level(self, level, cond_raw, cams, upper_raw, steps, cfg_scale, generator):
-        """One level of all views by Euler sampling with CFG over cameras -> raw (B,V,T,C)."""
+    def sample_level(self, level, cond_raw, cams, upper_raw, sampler, steps, cfg_scale, generator):
+        """One level of all views by a diffusion.SAMPLERS sampler (CFG over cameras) -> raw (B,V,T,C)."""
         t0, (net, meta) = time.time(), self.models[level]
         stats, up = meta['stats'], meta.get('upper_level')
-        cond = stats.normalize(cond_raw, level) * cams['src_mask'][:, :, None, None]
-        upper = stats.normalize(upper_raw, up) if up is not None else None
-        uncond_cams = model_lib.drop_cameras(cams, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+        inputs = latents.dit_inputs(stats, level, cond_raw, cams, up, upper_raw)
         if self.official is not None:  # the release's per-model camera quirks (cascade K by 504, CFG branch)
-            cams, uncond_cams = self.official.model_cameras(level, cams, uncond_cams)
-        B, V, T, C = cond.shape  # (Euler steps, shift, end time): ours from t = 1 to 0 with the shift from V*T*C
-        n, a, t_end = (
-            self.official.time_schedule(steps, V, C)
-            if self.official is not None
-            else (steps, diffusion.shift_alpha(V * T * C), 0.0)
-        )
-        noise = torch.randn(cond.shape, generator=generator).to(cond.device)
+            inputs.cams, inputs.uncond_cams = self.official.model_cameras(level, inputs.cams, inputs.uncond_cams)
+        B, V, T, C = cond_raw.shape
+        if self.official is not None:  # (Euler steps, shift, end time) of the release
+            n, a, t_end = self.official.time_schedule(steps, V, C)
+        else:  # ours: from t = 1 to 0 with the shift from V*T*C
+            n, a, t_end = steps, diffusion.shift_alpha(V * T * C), 0.0
+        noise = torch.randn(cond_raw.shape, generator=generator).to(cond_raw.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
         bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
+        conditional = inputs.velocity_fn(net)
 
-        def velocity(x_t, t):  # once per Euler step (CFG's unconditional branch is uncond_fn)
-            v = net(x_t, t, cond, cams, upper=upper)
+        def velocity(x_t, t):  # the conditional call: once per Euler step, counted by the progress bar
+            v = conditional(x_t, t)
             if bar:
                 bar.step()
             return v
 
-        x = diffusion.euler_sample(
-            velocity,
-            noise,
-            steps=n,
-            a=a,
-            cfg_scale=cfg_scale,
-            t_end=t_end,
-            uncond_fn=lambda x_t, t: net(x_t, t, cond, uncond_cams, upper=upper),
-        )
-        self.log(f'  {name}: {n} Euler steps (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
+        unconditional = inputs.velocity_fn(net, unconditional=True)
+        sample = diffusion.SAMPLERS[sampler]
+        x = sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end)
+        done = f'{n} Euler steps' if sampler == 'euler' else f'{sampler} sampler, {n} steps'
+        self.log(f'  {name}: {done} (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)
 
     @torch.no_grad()
-    def generate(self, images, c2w, K, n_src, steps=50, cfg_scale=1.5, seed=0, given=None):
-        """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; given:
-        {level: raw (B,V,T,C)} used instead of generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
+    def generate(self, images, c2w, K, n_src, sampler='euler', steps=50, cfg_scale=1.5, seed=0, given=None):
+        """images (B,V,3,H,W) of which only the n_src sources are read; c2w (B,V,4,4), K (B,V,3,3) normalised; sampler:
+        a diffusion.SAMPLERS name ('mean' ignores steps and cfg_scale); given: {level: raw (B,V,T,C)} used instead of
+        generating it. -> {'levels', 'images' (B,V,3,H,W), 'geometry'}."""
         B, V, _, H, W = images.shape
         enc, L, hw = self.enc, self.enc.num_levels, (H // self.enc.patch, W // self.enc.patch)
         src_mask = (torch.arange(V, device=images.device) < n_src)[None].expand(B, V)
@@ -269,9 +272,8 @@ class Pipeline:
                 levels[level] = given[level]
             elif level in self.models:
                 up = self.models[level][1].get('upper_level')
-                levels[level] = self.sample_level(
-                    level, cond[level], cams, levels[up] if up is not None else None, steps, cfg_scale, gen
-                )
+                upper_raw = levels[up] if up is not None else None
+                levels[level] = self.sample_level(level, cond[level], cams, upper_raw, sampler, steps, cfg_scale, gen)
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
             cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
@@ -284,8 +286,8 @@ class Pipeline:
                 f'{time.time() - t0:.2f}s'
             )
         t0 = time.time()
-        keep = torch.tensor([l is not None for l in levels], device=images.device)[None].expand(B, L)
-        filled = [l if l is not None else torch.zeros_like(levels[self.boundary]) for l in levels]
+        keep = torch.tensor([level is not None for level in levels], device=images.device)[None].expand(B, L)
+        filled = [level if level is not None else torch.zeros_like(levels[self.boundary]) for level in levels]
         norm = enc.normalize_levels(filled)
         rgb = self.dec(norm, hw, keep=keep if not keep.all() else None).clamp(0, 1)
         geo = enc.geometry(norm, H, W, cls_last=cls_last) if enc.has_geometry else {}
@@ -322,6 +324,7 @@ def load_pipeline(
 
 
 def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions (docs/official.md)."""
+    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions
+    (docs/official.md)."""
     enc, dec, models = official.load_models(folder, device, log=log, **kw)
     return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())

@@ -20,6 +20,7 @@ import cameras
 import cli
 import data
 import decoder as decoder_lib
+import diffusion
 import export
 import pipeline
 from cli import UserError
@@ -35,10 +36,10 @@ def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
     return {k: float(v) for k, v in out.items()}
 
 
-def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False):
+def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
     """One scene of the paper's protocol (sources first): metrics on the targets of GLD and of two baselines."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
-    out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    out = pipe.generate(images, c2w, K, n_src, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
     idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
     nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])  # by camera distance
     mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W): the sources' mean colour
@@ -86,7 +87,7 @@ def write_table(per_scene, out_dir, name, title):
     return table
 
 
-def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
+def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None, sampler='euler'):
     """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
     per_scene, n = [], min(n_scenes, len(dataset))
     bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
@@ -97,7 +98,9 @@ def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lp
             mode='ends' if n_src == 2 else 'random',
             generator=torch.Generator().manual_seed(seed + i),
         )
-        rows, _ = evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True)
+        rows, _ = evaluate_scene(
+            pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True, sampler=sampler
+        )
         bar.step(
             f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})'
         )
@@ -307,14 +310,19 @@ def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, 
     return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
 
 
-SAMPLERS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}  # (Euler steps, CFG) by default; why the bundled: README "Results"
+SAMPLER_DEFAULTS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}  # (Euler steps, CFG); why the bundled: README "Results"
 
 
 def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny models' posterior mean, else the paper's
+    if a.sampler == 'mean':  # one step without CFG; --official counts time-grid points: 2
+        if a.steps is not None or a.cfg_scale is not None:
+            raise UserError('--sampler mean takes one step without CFG: drop --steps and --cfg-scale')
+        a.steps, a.cfg_scale = (2 if a.official else 1), 1.0
+        return
     bundled = not (a.ckpt_dir or a.official) and a.encoder == DEFAULT_ENCODER
-    steps, cfg_scale = SAMPLERS['bundled' if bundled else 'paper']
+    steps, cfg_scale = SAMPLER_DEFAULTS['bundled' if bundled else 'paper']
     a.steps, a.cfg_scale = steps if a.steps is None else a.steps, cfg_scale if a.cfg_scale is None else a.cfg_scale
-    if bundled and (a.steps, a.cfg_scale) == SAMPLERS['bundled'] and not a.recon:
+    if bundled and (a.steps, a.cfg_scale) == SAMPLER_DEFAULTS['bundled'] and not a.recon:
         print(
             'note: the bundled tiny models sample their posterior mean (1 Euler step, no CFG; README "Results"); '
             "--steps 50 --cfg-scale 1.5 is the paper's sampler"
@@ -359,8 +367,15 @@ def build_parser():
     p.add_argument(
         '--independent', action='store_true', help='independent models M_l instead of the cascade (ablation)'
     )
-    p.add_argument('--steps', type=int, default=None, help='Euler steps (SAMPLERS); --official: num_steps')
-    p.add_argument('--cfg-scale', type=float, default=None, help='CFG scale over cameras, 1 = off (SAMPLERS)')
+    p.add_argument(
+        '--sampler',
+        default='euler',
+        choices=list(diffusion.SAMPLERS),
+        help="diffusion.SAMPLERS: euler, the paper's Euler steps with CFG; mean, the posterior mean in one step "
+        'without CFG (what the bundled default, 1 Euler step, computes)',
+    )
+    p.add_argument('--steps', type=int, default=None, help='Euler steps (SAMPLER_DEFAULTS); --official: num_steps')
+    p.add_argument('--cfg-scale', type=float, default=None, help='CFG scale over cameras, 1 = off (SAMPLER_DEFAULTS)')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--eval', action='store_true', help="the paper's protocol on the split: tables, JSON, per-scene CSV")
     p.add_argument('--eval-scenes', type=int, default=16, help='scenes evaluated')
@@ -417,7 +432,7 @@ def main(argv=None):
     if a.eval:
         ds = dataset()
         clear_outputs(a.out)
-        return run_eval(pipe, ds, n_src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips)
+        return run_eval(pipe, ds, n_src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips, a.sampler)
     units, frame, held, traj = 'poses', 'the dataset cameras', 0, a.traj
     if a.images:
         images, c2w, K, frame = user_scene(a.images, a.cameras, size, pipe.enc, check=not a.keep_estimate)
@@ -462,6 +477,7 @@ def main(argv=None):
             c2w_t,
             K_t,
             a.chunk,
+            sampler=a.sampler,
             steps=a.steps,
             cfg_scale=a.cfg_scale,
             seed=a.seed,
@@ -472,7 +488,7 @@ def main(argv=None):
         )
         c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
     else:
-        rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)
+        rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips, sampler=a.sampler)
         gt, metrics = images[0, n_src:], rows
         print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
     clear_outputs(a.out)

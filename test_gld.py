@@ -40,6 +40,7 @@ import diffusion
 import dinov2 as dinov2_lib
 import encoder as encoder_lib
 import export
+import latent_cache
 import latents
 import model
 import official
@@ -841,7 +842,7 @@ def test_latent_stats(tmp_path):
     torch.manual_seed(0)
     enc = latents.build_encoder('da3-tiny').eval()
     batches = [torch.rand(2, 2, 3, 28, 42) for _ in range(3)]
-    stats = encoder_lib.compute_latent_stats(enc, batches, levels=(0, 1))
+    stats = latents.compute_latent_stats(enc, batches, levels=(0, 1))
     with torch.no_grad():
         for level in (0, 1):
             allx = torch.cat([enc.encode(b)[level].reshape(-1, enc.dim) for b in batches]).double()
@@ -851,7 +852,7 @@ def test_latent_stats(tmp_path):
             torch.testing.assert_close(stats.denormalize(z, level), allx.float(), atol=1e-4, rtol=1e-5)
     for name in ('stats.safetensors', 'stats.pt'):
         stats.save(tmp_path / name)
-        loaded = encoder_lib.LatentStats.load(tmp_path / name)
+        loaded = latents.LatentStats.load(tmp_path / name)
         assert torch.equal(loaded.mean[1], stats.mean[1]) and torch.equal(loaded.var[0], stats.var[0])
     C = enc.dim
     torch.save(
@@ -1272,7 +1273,7 @@ def run(net, b, cams):
 def test_fast_attention_matches_reference(kind, official):
     B, V, hw, d, nh = 2, 3, (2, 3), 24, 2
     c2w, K = rand_cams(B, V)
-    cams = model.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw, official=official)
+    cams = latents.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw, official=official)
     pe = model.PositionEncoding(kind, d, cams, V)
     q, k, v = torch.randn(3, B, nh, V * hw[0] * hw[1], d).unbind(0)
     torch.testing.assert_close(pe.attend(q, k, v), model.reference_attention(q, k, v, pe), atol=1e-5, rtol=1e-5)
@@ -1282,7 +1283,7 @@ def test_model_reference_path_agrees():
     cfg = SMALL
     b = make_batch(cfg)
     net = randomize(model.GLD(cfg))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     fast = run(net, b, cams)
     for blk in net.blocks:
         blk.attn.reference = True
@@ -1297,7 +1298,7 @@ def test_prope_invariant_to_rigid_world_change(official):
     q, k, v = torch.randn(3, B, 2, V * 4, d, dtype=torch.float64).unbind(0)
     src = torch.zeros(B, V, dtype=torch.bool)
     out = [
-        model.PositionEncoding('prope', d, model.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
+        model.PositionEncoding('prope', d, latents.camera_inputs(c, K, src, hw, official=official), V).attend(q, k, v)
         for c in (c2w, G @ c2w)
     ]
     torch.testing.assert_close(out[0], out[1], atol=1e-9, rtol=1e-9)
@@ -1327,10 +1328,10 @@ def test_view_permutation_permutes_output():
     b['src'] = torch.tensor([[True, False, True, False], [False, True, True, False]])
     b['cond'] = b['x'] * b['src'][:, :, None, None]
     net = randomize(model.GLD(cfg))
-    out = run(net, b, model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
+    out = run(net, b, latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
     perm = torch.tensor([2, 0, 3, 1])
     bp = {**b, **{k: b[k][:, perm] for k in ('x_t', 'cond', 'c2w', 'K', 'src')}}
-    out_p = run(net, bp, model.camera_inputs(bp['c2w'], bp['K'], bp['src'], bp['hw']))
+    out_p = run(net, bp, latents.camera_inputs(bp['c2w'], bp['K'], bp['src'], bp['hw']))
     torch.testing.assert_close(out_p, out[:, perm], atol=1e-5, rtol=1e-5)
 
 
@@ -1341,7 +1342,7 @@ def test_zero_init_outputs_zero_and_trains():
     cfg = model.PRESETS['gld-tiny']
     b = make_batch(cfg, V=2, hw=(2, 2))
     net = model.GLD(cfg)
-    out = run(net, b, model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
+    out = run(net, b, latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw']))
     assert out.shape == b['x_t'].shape and torch.equal(out, torch.zeros_like(out))
     (out - b['x']).pow(2).mean().backward()
     assert net.final_layer.linear.weight.grad.abs().sum() > 0
@@ -1352,7 +1353,7 @@ def test_cascade_and_single_embedders_and_checkpointing():
     cfg = replace(SMALL, upper_dim=8, separate_embedders=False, pos='rope3d')
     b = make_batch(cfg, upper=True)
     net = randomize(model.GLD(cfg)).train()
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     out = run(net, b, cams)
     out.sum().backward()
     grads = [p.grad.clone() for p in net.parameters() if p.requires_grad]
@@ -1371,15 +1372,15 @@ def test_camera_dropout_acts_only_through_cameras():
     cfg = SMALL
     b = make_batch(cfg, B=3)
     net = randomize(model.GLD(cfg))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     drop = torch.tensor([True, False, True])
-    dropped = model.drop_cameras(cams, drop)
+    dropped = latents.drop_cameras(cams, drop)
     out, out_d = run(net, b, cams), run(net, b, dropped)
     torch.testing.assert_close(out_d[~drop], out[~drop])  # kept samples untouched
     assert not torch.allclose(out_d[drop], out[drop])
     assert torch.equal(dropped['plucker'][:, :, 0], cams['plucker'][:, :, 0])  # the source/target mask survives
-    other = model.camera_inputs(*rand_cams(3, 3, seed=9), b['src'], b['hw'])  # different cameras, also dropped
-    torch.testing.assert_close(run(net, b, model.drop_cameras(other, drop))[drop], out_d[drop])
+    other = latents.camera_inputs(*rand_cams(3, 3, seed=9), b['src'], b['hw'])  # different cameras, also dropped
+    torch.testing.assert_close(run(net, b, latents.drop_cameras(other, drop))[drop], out_d[drop])
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -1453,6 +1454,26 @@ def test_cfg_scale_one_is_conditional_and_formula():
     torch.testing.assert_close(outside, diffusion.euler_sample(cond, noise, steps=1))
 
 
+@pytest.mark.parametrize('a', [0.7, 1.0, 2.0, 19.6, 31.2])
+def test_posterior_mean_sampler_is_one_euler_step_exactly(a):
+    """SAMPLERS['mean'], x_1 - v(x_1, 1), is the Euler sampler's single step without CFG bit for bit at any shift: one
+    conditional call at t = 1, whatever steps, cfg_scale or uncond_fn it is given (every sampler's arguments)."""
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    times = []
+
+    def velocity(x, t):  # a nonlinear field
+        times.append(t)
+        return torch.sin(3 * x) * t[:, None, None, None] + x**2
+
+    def never(x, t):
+        pytest.fail('the posterior mean makes no unconditional call')
+
+    one_step = diffusion.SAMPLERS['euler'](velocity, noise, steps=1, a=a)
+    mean = diffusion.SAMPLERS['mean'](velocity, noise, steps=50, a=a, cfg_scale=1.5, uncond_fn=never, t_end=0.001)
+    assert torch.equal(mean, one_step) and len(times) == 2
+    assert all(torch.equal(t, torch.ones(2)) for t in times)
+
+
 def test_time_shift_and_loss_parts():
     assert diffusion.shift_alpha(8 * 18 * 18 * 1536) == pytest.approx(31.18, abs=0.01)
     t = torch.linspace(0, 1, 11)
@@ -1483,7 +1504,7 @@ def test_gld_tiny_overfits_fixed_batch():
     cfg = model.PRESETS['gld-tiny']
     b = make_batch(cfg, B=2, V=4, hw=(4, 4))
     net = model.GLD(cfg)
-    cams = model.camera_inputs(cameras.normalize_poses(b['c2w'])[0], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(cameras.normalize_poses(b['c2w'])[0], b['K'], b['src'], b['hw'])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     t = torch.tensor([0.3, 0.7])
     losses = []
@@ -1559,7 +1580,7 @@ def test_convert_official_tiny_round_trip(cascade):
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
     with pytest.raises(AssertionError):
         model.convert_official({**official, 'extra.weight': torch.zeros(1)}, cascade=cascade, heads=2)
@@ -1572,7 +1593,7 @@ def test_forward_compiles_without_graph_breaks():
     cfg = replace(SMALL, upper_dim=SMALL.latent_dim)
     net = model.GLD(cfg)
     b = make_batch(cfg, upper=True)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(net)(b['x_t'], b['t'], b['cond'], cams, upper=b['upper'])
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -1855,7 +1876,7 @@ def test_official_conventions_match_direct_construction():
     H, W, hw = 28, 42, (2, 3)
     src = torch.tensor([[True, False, False]] * 2)
     cams = latents.model_cameras(c2w, K, src, hw, official=True)
-    uncond = model.drop_cameras(cams, torch.ones(2, dtype=torch.bool))
+    uncond = latents.drop_cameras(cams, torch.ones(2, dtype=torch.bool))
     rel, _ = cameras.normalize_poses(c2w, ref=-1, by='max_abs')
 
     def K_prime(Kpix, width, height):  # the official K normalisation: fx/W, fy/H, cx/W - 0.5, cy/H - 0.5
@@ -1963,7 +1984,7 @@ def test_model_file_layouts_load_and_run(layout, cascade, tmp_path):
     net2 = model.GLD(cfg2)
     net2.load_state_dict(sd, strict=True)
     b = make_batch(cfg, upper=cascade)
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'], official=True)
     torch.testing.assert_close(run(net2, b, cams), run(net, b, cams))
 
 
@@ -2095,7 +2116,7 @@ def test_official_shift_at_another_size(release, monkeypatch):
         calls.append((kw['steps'], kw['a'], kw['t_end']))
         return real(*args, **kw)
 
-    monkeypatch.setattr(diffusion, 'euler_sample', spy)
+    monkeypatch.setitem(diffusion.SAMPLERS, 'euler', spy)
     images, c2w, K = scene(V=3, H=112, W=112)
     pipe.generate(images, c2w, K, n_src=1, steps=3, cfg_scale=1.0)
     a_release, _ = release_sampling(3, 3, C)
@@ -2200,7 +2221,7 @@ def world(tmp_path_factory):
     for argv in runs.values():
         train.main(d + TINY + argv)
     stats = torch.load(train.list_checkpoints('runs/level0')[-1], weights_only=False)['stats']
-    from encoder import LatentStats
+    from latents import LatentStats
 
     LatentStats.from_state_dict(stats).save(str(root / 'stats.safetensors'))
     runs['level0_ind'] = [
@@ -2264,7 +2285,8 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     assert options(sample.build_parser()) <= set(sum(SAMPLE_RUNS, [])) | {
         '--official',
         '--encoder',
-    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...
+        '--sampler',
+    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
@@ -2307,7 +2329,7 @@ def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
 def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_path, monkeypatch):
     enc = latents.build_encoder('da3-tiny').freeze()
     ds = data.SceneDataset(synth_root, 'train', num_views=4)
-    cache = latents.LatentCache.build(
+    cache = latent_cache.LatentCache.build(
         str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None
     )
     assert len(cache) == 3 * len(ds) and sorted(set(cache.n_src.tolist())) == [1, 2, 3]
@@ -2327,19 +2349,19 @@ def test_latent_cache_holds_the_on_the_fly_latents_of_its_draws(synth_root, tmp_
         assert torch.equal(batch['c2w'], got['c2w']) and torch.equal(batch['src_mask'], got['src_mask'])
         assert not got['cond'][:, n:].any()  # targets carry no condition (leakage-free)
     # the file is tied to the encoder: same weights -> same file (loaded, nothing encoded); other weights -> another
-    same = latents.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
-    other = latents.LatentCache.path_for(
+    same = latent_cache.LatentCache.path_for('c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0)
+    other = latent_cache.LatentCache.path_for(
         'c', latents.build_encoder('da3-tiny'), synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
     )
-    assert same != other and same == latents.LatentCache.path_for(
+    assert same != other and same == latent_cache.LatentCache.path_for(
         'c', enc, synth_root, 4, 3, [0, 1], 0, (1, 3), 'random', 0
     )
     monkeypatch.setattr(enc, 'encode', lambda *a, **k: pytest.fail('an existing cache must not be rebuilt'))
-    latents.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
+    latent_cache.LatentCache.build(str(tmp_path / 'c.pt'), enc, ds, [0, 1], 0, draws=3, src=(1, 3), log=lambda *_: None)
 
 
 def test_latent_cache_batches_one_source_count_each_draw_once_per_epoch():
-    cache = latents.LatentCache.__new__(latents.LatentCache)
+    cache = latent_cache.LatentCache.__new__(latent_cache.LatentCache)
     cache.n_src = torch.tensor([1, 2, 3, 4] * 12)
     full = cache.batches(3, epoch=0)
     flat = sum(full, [])
@@ -2776,7 +2798,7 @@ def test_flops_per_token_matches_a_counted_forward(pos):
 
     cfg = replace(model.PRESETS['gld-tiny'], pos=pos)
     b = make_batch(cfg, B=1, V=4, hw=(4, 4))
-    cams = model.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
     with FlopCounterMode(display=False) as counter:
         model.GLD(cfg)(b['x_t'], b['t'], b['cond'], cams)
     assert counter.get_total_flops() == pytest.approx(model.flops_per_token(cfg, 4 * 16) * 4 * 16, rel=0.02)
@@ -2896,11 +2918,27 @@ def test_default_sampler_is_the_bundled_models_posterior_mean_and_the_papers_oth
     assert capsys.readouterr().out.count('posterior mean') == 1  # the note comes with the bundled default only
 
 
+def test_every_sampler_runs_through_sample_py_and_mean_is_the_bundled_default(small_data, tmp_path):
+    """sample.py --sampler NAME for every diffusion.SAMPLERS entry on the bundled models: the bundled default (1 Euler
+    step, no CFG) and --sampler mean give the same images bit for bit; --sampler mean refuses --steps/--cfg-scale."""
+    base = ['--data', str(small_data), '--views', '4', '--export', '']
+    images = {}
+    for name in diffusion.SAMPLERS:
+        images[name] = sample.main(base + ['--sampler', name, '--out', str(tmp_path / name)])['images']
+        assert torch.isfinite(images[name]).all(), name
+    assert torch.equal(images['mean'], images['euler'])
+    with pytest.raises(cli.UserError, match='--sampler mean'):
+        sample.main(base + ['--sampler', 'mean', '--steps', '4', '--out', str(tmp_path / 'refused')])
+    a = sample.build_parser().parse_args(['--sampler', 'mean', '--official', 'REL'])
+    sample.default_sampler(a)
+    assert (a.steps, a.cfg_scale) == (2, 1.0)  # the release counts time-grid points: 2 = one step
+
+
 def test_bundled_default_sampler_beats_the_nearest_source_view_by_3_db(bundled):
     """The bundled default (the posterior mean, one Euler step per level) on 2 fixed test scenes: at least 3 dB over
     copying the nearest source view (the bar of issue 13; measured: +5.17 and +3.60 dB)."""
     pipe, scenes = bundled
-    steps, cfg_scale = sample.SAMPLERS['bundled']
+    steps, cfg_scale = sample.SAMPLER_DEFAULTS['bundled']
     for i, scene in enumerate(scenes):
         rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + 3.0, rows
@@ -4618,7 +4656,7 @@ def test_bench_times_what_each_latent_has(name, parts):
 # ----------------------------------------------------------------------------- project structure
 IMPORT_LAYERS = [
     ('train', 'sample', 'bench'),
-    ('pipeline',),
+    ('pipeline', 'latent_cache'),
     ('official',),
     ('latents',),
     ('vggt', 'vae'),

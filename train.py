@@ -25,8 +25,8 @@ import cli
 import data
 import decoder as decoder_lib
 import diffusion
-import encoder as encoder_lib
 import export
+import latent_cache
 import latents
 import model as model_lib
 import pipeline
@@ -240,7 +240,7 @@ def validation_scenes(val, device, n=8):
 
 
 def build_cache(args, stage, rank, world, device):
-    """--cache: the latents of fixed view draws, encoded once by rank 0 (latents.LatentCache)."""
+    """--cache: the latents of fixed view draws, encoded once by rank 0 (latent_cache.LatentCache)."""
     if args.size == 'buckets':
         raise cli.UserError('--cache works at one image size: pass --size HxW or drop --cache')
     size = data.parse_size(args.size, buckets=True)
@@ -251,18 +251,18 @@ def build_cache(args, stage, rank, world, device):
     level = stage.level
     draws = args.cache
     folder = os.path.join('runs', 'cache')
-    path = latents.LatentCache.path_for(
+    path = latent_cache.LatentCache.path_for(
         folder, enc, args.data, args.views, draws, levels, level, src, args.src_mode, args.seed
     )
     cache = None
     if rank == 0:
         scenes = data.SceneDataset(args.data, 'train', args.views, size, gap, args.seed)
-        cache = latents.LatentCache.build(
+        cache = latent_cache.LatentCache.build(
             path, enc, scenes, levels, level, draws, src, args.src_mode, args.seed, device
         )
     if world > 1:
         dist.barrier()
-    return cache or latents.LatentCache(path)
+    return cache or latent_cache.LatentCache(path)
 
 
 def rng_state(rng):
@@ -501,9 +501,9 @@ class DiffusionStage:
         # start with its own statistics)
         init_stats = init.get('stats', {})
         if args.stats:
-            self.stats = encoder_lib.LatentStats.load(args.stats)
+            self.stats = latents.LatentStats.load(args.stats)
         elif all(f'mean{level}' in init_stats for level in levels):
-            self.stats = encoder_lib.LatentStats.from_state_dict(init_stats)
+            self.stats = latents.LatentStats.from_state_dict(init_stats)
         else:
             self.stats = latents.compute_stats(self.enc, loader, levels, args.stats_batches, device)
         overrides = {
@@ -543,20 +543,12 @@ class DiffusionStage:
         return pipeline.load_decoder(pipeline.auto_checkpoint(name), device)
 
     def loss(self, batch, step, rng):
-        lat = latents.training_latents(
-            self.enc, self.stats, batch, self.level, self.upper_level, tau=self.tau, generator=rng
+        x, inputs = latents.training_latents(
+            self.enc, self.stats, batch, self.level, self.upper_level, self.tau, self.cam_drop, generator=rng
         )
-        drop = torch.rand(lat['x'].shape[0], generator=rng, device='cpu').to(lat['x'].device) < self.cam_drop
-        cams = model_lib.drop_cameras(lat['cams'], drop)
-        shift = diffusion.shift_alpha(lat['x'][0].numel())  # from V*T*C of the latents (B,V,T,C)
-        return diffusion.flow_loss(
-            lambda x_t, t: self.net(x_t, t, lat['cond'], cams, upper=lat['upper']),
-            lat['x'],
-            lat['src_mask'],
-            generator=rng,
-            a=shift,
-            dist=self.t_dist,
-        )
+        shift = diffusion.shift_alpha(x[0].numel())  # from V*T*C of the latents (B,V,T,C)
+        velocity = inputs.velocity_fn(self.net)
+        return diffusion.flow_loss(velocity, x, inputs.src_mask, generator=rng, a=shift, dist=self.t_dist)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
