@@ -1,9 +1,10 @@
-"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, metrics, the synthetic set.
+"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, the synthetic set.
 
-Re10K in the pixelSplat chunk layout ('cameras' (V,18) = fx fy cx cy (normalised) 0 0 + 3x4 OpenCV w2c, JPEG
-'images', our optional 'depths'), memory-mapped and decoded lazily; DL3DV / nerfstudio transforms.json (its
-applied_transform, a rigid motion, ignored). Shape legend: B batch, V views, H W image, N rays/points, F frames.
-References: pixelSplat, real_estate_10k_tools (chunk layout); DepthSplat (DL3DV); Wang et al. 2004 (SSIM); GLD.
+Re10K in the pixelSplat chunk layout ('cameras' (V,18) = fx fy cx cy (normalised) 0 0 + 3x4 OpenCV
+w2c, JPEG 'images', our optional 'depths'), memory-mapped and decoded lazily; DL3DV / nerfstudio
+transforms.json (its applied_transform, a rigid motion, ignored). Shape legend: B batch, V views,
+H W image, F frames. References: pixelSplat, real_estate_10k_tools (chunk layout); DepthSplat
+(DL3DV); GLD.
 """
 
 import argparse
@@ -25,6 +26,9 @@ import cli
 import synth
 from cli import UserError
 from constants import PATCH
+
+# the metrics moved to metrics.py; train.py still reads them here
+from metrics import depth_metrics, lpips_fn, psnr, ssim  # noqa: F401
 
 # the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1, and the same mix at 112 px (synthetic set)
 BUCKETS_504 = ((504, 504), (378, 504), (336, 504), (280, 504))
@@ -373,7 +377,7 @@ class SceneDataset(torch.utils.data.Dataset):
             try:
                 return {**self._item(j), 'skipped': attempt}
             except FrameError as e:
-                warnings.warn(f'skipping training scene {self.keys[j]}: {e}')
+                warnings.warn(f'skipping training scene {self.keys[j]}: {e}', stacklevel=1)
         raise UserError(
             f'{self.items[self.keys[i]]}: no scene of this split can be read (warnings above); check --data'
         )
@@ -507,65 +511,6 @@ def split_views(batch, n_src, generator=None, mode='random'):
     }
     out['src_mask'] = (torch.arange(V) < n_src).expand(B, V).to(batch['images'].device)
     return out
-
-
-# ------------------------------------------------------------------------------------------------------------- metrics
-def psnr(pred, gt):  # (...,3,H,W) in [0,1] -> (...,) dB, pred clipped to [0,1] (as pixelSplat)
-    mse = (pred.clamp(0, 1) - gt).pow(2).mean((-3, -2, -1))
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def ssim(pred, gt, sample_covariance=False):
-    """(...,3,H,W) in [0,1] -> (...,) SSIM as skimage's (gaussian sigma 1.5, data_range 1); pixelSplat: sample cov."""
-    H, W = pred.shape[-2:]
-    x, y = pred.reshape(-1, 1, H, W), gt.reshape(-1, 1, H, W).to(pred.dtype)
-    g = torch.exp(-((torch.arange(11, dtype=x.dtype, device=x.device) - 5) ** 2) / (2 * 1.5**2))
-    g = g / g.sum()
-    blur = lambda a: F.conv2d(F.conv2d(a, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))  # 11x11 gaussian, 'valid'
-    mx, my = blur(x), blur(y)
-    norm = 121 / 120 if sample_covariance else 1.0
-    cov = lambda a, b, ma, mb: norm * (blur(a * b) - ma * mb)
-    vx, vy, vxy = cov(x, x, mx, mx), cov(y, y, my, my), cov(x, y, mx, my)
-    c1, c2 = 0.01**2, 0.03**2
-    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.mean((-3, -2, -1)).reshape(*pred.shape[:-2]).mean(-1)
-
-
-def lpips_fn(device='cpu'):
-    """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the package or weights."""
-    try:
-        import lpips
-
-        net = lpips.LPIPS(net='vgg', verbose=False).to(device).eval().requires_grad_(False)
-    except Exception as e:  # missing package, or no network to fetch the VGG weights
-        print(
-            f'note: LPIPS disabled ({type(e).__name__}: {e}); `pip install lpips` with the VGG weights cached to enable it'
-        )
-        return None
-    return lambda pred, gt: net(pred * 2 - 1, gt * 2 - 1).flatten()  # the package expects [-1, 1]
-
-
-def depth_metrics(pred, gt, mask=None, align='median'):
-    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'} where gt > 0, finite, mask; align='median': median-scaled."""
-    pred = pred.detach().reshape(-1, pred.shape[-2] * pred.shape[-1]).double()  # (images, HW)
-    gt = gt.reshape(pred.shape).double().to(pred.device)
-    valid = (gt > 0) & torch.isfinite(gt)
-    if mask is not None:
-        valid &= mask.reshape(pred.shape).to(pred.device).bool()
-    rows = []
-    for p, g in ((p[m], g[m]) for p, g, m in zip(pred, gt, valid) if m.any()):
-        if align == 'median':
-            p = p * (g.median() / p.median().clamp_min(1e-8))
-        p = p.clamp_min(1e-8)
-        rows.append(
-            [
-                ((p - g).abs() / g).mean(),
-                ((p - g) ** 2).mean().sqrt(),
-                (torch.maximum(p / g, g / p) < 1.25).double().mean(),
-            ]
-        )
-    r = torch.tensor(rows).mean(0) if rows else torch.full((3,), float('nan'))
-    return {'absrel': float(r[0]), 'rmse': float(r[1]), 'delta1': float(r[2])}
 
 
 # --------------------------------------------------------------------------------------------------- the synthetic set

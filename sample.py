@@ -21,6 +21,7 @@ import cli
 import data
 import decoder as decoder_lib
 import export
+import metrics
 import pipeline
 from cli import UserError
 from constants import DEFAULT_ENCODER
@@ -28,13 +29,6 @@ from export import save_image
 
 
 # ----------------------------------------------------------------------------- evaluation
-def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
-    out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
-    if lpips is not None:
-        out['lpips'] = lpips(pred.flatten(0, 1), gt.flatten(0, 1)).mean()
-    return {k: float(v) for k, v in out.items()}
-
-
 def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False):
     """One scene of the paper's protocol (sources first): metrics on the targets of GLD and of two baselines."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
@@ -43,14 +37,14 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])  # by camera distance
     mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W): the sources' mean colour
     rows = {
-        name: image_metrics(im, images[:, n_src:], lpips)
+        name: metrics.image_metrics(im, images[:, n_src:], lpips)
         for name, im in [('gld', out['images'][:, n_src:]), ('nearest source', nearest), ('mean colour', mean)]
     }
 
     def geometry_metrics(geo):  # {} for a latent without a geometry head
-        m = cameras.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
+        m = metrics.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
         if 'depths' in scene and 'depth' in geo:
-            m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
+            m.update(metrics.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
         return m
 
     rows['gld'].update(geometry_metrics(out['geometry']))
@@ -116,7 +110,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
             {
                 'scene': scene['key'][0],
                 'method': f'level {name}' if name != 'all' else 'all levels',
-                **image_metrics(im.clamp(0, 1), images, lpips),
+                **metrics.image_metrics(im.clamp(0, 1), images, lpips),
             }
             for name, im in decoder_lib.reconstruct_per_level(dec, levels, hw).items()
         ]
@@ -179,7 +173,7 @@ def write_outputs(
     K,
     n_src,
     frames_gt=None,
-    metrics=None,
+    scores=None,
     formats=export.DEFAULT_FORMATS,
     units='poses',
     frame='the dataset cameras',
@@ -207,7 +201,7 @@ def write_outputs(
         summary = export.write_scene(
             out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src, formats, units, frame=frame
         )
-    json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
+    json.dump({**(scores or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -393,7 +387,7 @@ def main(argv=None):
     if not a.images and not 0 < n_src < a.views:
         raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
     data.make_output_dir(a.out)
-    lpips = data.lpips_fn(device) if a.lpips else None
+    lpips = metrics.lpips_fn(device) if a.lpips else None
     dataset = lambda: data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
     if a.recon or a.eval:
         ensure_data(a.data)
@@ -467,16 +461,18 @@ def main(argv=None):
             seed=a.seed,
         )
         gt = images[0, n_src:] if held else None
-        metrics = (
-            {'gld': image_metrics(res['images'][:, n_src : n_src + held], images[:, n_src:], lpips)} if held else None
+        scores = (
+            {'gld': metrics.image_metrics(res['images'][:, n_src : n_src + held], images[:, n_src:], lpips)}
+            if held
+            else None
         )
         c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
     else:
         rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips)
-        gt, metrics = images[0, n_src:], rows
+        gt, scores = images[0, n_src:], rows
         print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
     clear_outputs(a.out)
-    write_outputs(a.out, images, res, c2w, K, n_src, gt, metrics, a.export, units, frame)
+    write_outputs(a.out, images, res, c2w, K, n_src, gt, scores, a.export, units, frame)
     print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')
     return res
 

@@ -40,6 +40,7 @@ import diffusion
 import encoder as encoder_lib
 import export
 import latents
+import metrics
 import model
 import official
 import pipeline
@@ -414,19 +415,19 @@ def test_resize_and_crop_depth_nearest():
 def test_psnr_known_mse():
     gt = torch.zeros(2, 3, 3, 8, 8)
     pred = gt + 0.1  # mse 0.01 -> 20 dB
-    assert torch.allclose(data.psnr(pred, gt), torch.full((2, 3), 20.0), atol=1e-4)
+    assert torch.allclose(metrics.psnr(pred, gt), torch.full((2, 3), 20.0), atol=1e-4)
 
 
 def test_ssim_identity_and_skimage():
-    metrics = pytest.importorskip('skimage.metrics')
+    skimage_metrics = pytest.importorskip('skimage.metrics')
     gen = torch.Generator().manual_seed(1)
     x = (smooth_images(2, 40, 36, gen) + 0.1 * torch.rand(2, 3, 40, 36, generator=gen)).clamp(0, 1).double()
     y = (x + 0.15 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    assert torch.allclose(data.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
     for cov in (False, True):
-        ours = data.ssim(y, x, sample_covariance=cov)
+        ours = metrics.ssim(y, x, sample_covariance=cov)
         ref = [
-            metrics.structural_similarity(
+            skimage_metrics.structural_similarity(
                 x[i].numpy(),
                 y[i].numpy(),
                 channel_axis=0,
@@ -444,12 +445,12 @@ def test_ssim_identity_and_skimage():
 def test_depth_metrics_hand_case():
     gt = torch.tensor([[1.0, 2.0], [4.0, 0.0]])  # the 0 is invalid
     pred = 2 * gt
-    aligned = data.depth_metrics(pred, gt, align='median')
+    aligned = metrics.depth_metrics(pred, gt, align='median')
     assert aligned['absrel'] < 1e-9 and aligned['rmse'] < 1e-9 and aligned['delta1'] == 1.0
-    raw = data.depth_metrics(pred, gt, align=None)
+    raw = metrics.depth_metrics(pred, gt, align=None)
     assert raw['absrel'] == pytest.approx(1.0) and raw['delta1'] == 0.0
     assert raw['rmse'] == pytest.approx(np.sqrt((1 + 4 + 16) / 3))
-    masked = data.depth_metrics(
+    masked = metrics.depth_metrics(
         torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 2.0]]), mask=torch.tensor([[True, False]]), align=None
     )
     assert masked['absrel'] == 0.0
@@ -641,11 +642,11 @@ def test_lpips_fn_feeds_the_package_in_its_range_and_is_optional(monkeypatch, ca
             return (a - b).pow(2).mean((1, 2, 3)).view(-1, 1, 1, 1)
 
     monkeypatch.setitem(sys.modules, 'lpips', types.SimpleNamespace(LPIPS=FakeLPIPS))
-    fn = data.lpips_fn('cpu')
+    fn = metrics.lpips_fn('cpu')
     x, y = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     torch.testing.assert_close(fn(x, y), torch.full((2,), 4.0))  # [0,1] -> [-1,1]: the distance of -1 and 1
     monkeypatch.setitem(sys.modules, 'lpips', None)  # not installed: None, with a one-line notice
-    assert data.lpips_fn('cpu') is None and 'LPIPS disabled' in capsys.readouterr().out
+    assert metrics.lpips_fn('cpu') is None and 'LPIPS disabled' in capsys.readouterr().out
 
 
 def test_mixture_dataset_ratios_and_prefixes(tmp_path):
@@ -2784,7 +2785,7 @@ def test_ground_truth_latents_decode_like_the_decoder(world):
     # levels 0 and 1 are exact; 2 and 3 are propagated from level 1 (token 0 from the first source alone)
     own = pipe.enc.propagate(full[1], 1, pipe.enc.encode(images, return_cls=True)[1][1], (4, 4))
     assert torch.allclose(own[0], full[2], atol=1e-4) and torch.allclose(own[1], full[3], atol=1e-4)
-    assert data.psnr(out['images'], recon).min() > 30, float(err)
+    assert metrics.psnr(out['images'], recon).min() > 30, float(err)
 
 
 def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_path, monkeypatch):
@@ -2890,9 +2891,9 @@ def test_bundled_decoder_decodes_each_single_level_better_than_the_mean_image(bu
     images = scenes[0]['images']
     levels = pipe.enc.normalize_levels(pipe.enc.encode(images))
     out = decoder_lib.reconstruct_per_level(pipe.dec, levels, (8, 8))
-    mean_psnr = data.psnr(images.mean((-2, -1), keepdim=True).expand_as(images), images).mean()
+    mean_psnr = metrics.psnr(images.mean((-2, -1), keepdim=True).expand_as(images), images).mean()
     for level in ['all', 0, 1, 2, 3]:  # measured: 26.03-26.87 dB against 14.85 dB for the mean image
-        assert data.psnr(out[level].clamp(0, 1), images).mean() > mean_psnr + 5.0, level
+        assert metrics.psnr(out[level].clamp(0, 1), images).mean() > mean_psnr + 5.0, level
 
 
 def read_ply_points(path):
