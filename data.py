@@ -1,4 +1,4 @@
-"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, the synthetic set.
+"""Data: Re10K / DL3DV readers, the scene dataset, view splits, resolution buckets, synthetic set.
 
 Re10K in the pixelSplat chunk layout ('cameras' (V,18) = fx fy cx cy (normalised) 0 0 + 3x4 OpenCV
 w2c, JPEG 'images', our optional 'depths'), memory-mapped and decoded lazily; DL3DV / nerfstudio
@@ -53,20 +53,12 @@ def decode_image(data):  # JPEG/PNG bytes (uint8 tensor) or a file path -> (3,H,
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
-def encode_jpeg(image, quality=90):  # (3,H,W) float [0,1] or (H,W,3) uint8 array -> JPEG bytes (1-D uint8)
-    if torch.is_tensor(image):
-        image = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format='JPEG', quality=quality)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
 def cameras_to_c2w_K(cams, where='cameras'):
     """Re10K camera rows (V,18) -> c2w (V,4,4) OpenCV and normalised K (V,3,3)."""
     if cams.ndim != 2 or cams.shape[1] != 18:
         raise UserError(
             f'{where}: camera rows have shape {tuple(cams.shape)}, expected (V, 18) = '
-            'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with data.write_re10k_chunk'
+            'fx fy cx cy (normalised) 0 0 + 3x4 w2c row-major; re-export with synth.write_re10k_chunk'
         )
     cams = cams.double()
     K = torch.eye(3, dtype=torch.float64).repeat(len(cams), 1, 1)
@@ -128,28 +120,6 @@ def resize_and_crop(images, K, size, depths=None):
 
 
 # ------------------------------------------------------------------------------------------ RealEstate10K chunk layout
-def write_re10k_chunk(path, scenes, quality=90):
-    """Scenes {'key', 'images' (V,3,H,W) or encoded frames, 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
-    out = []
-    for s in scenes:
-        images = s['images'] if isinstance(s['images'], list) else [encode_jpeg(im, quality) for im in s['images']]
-        K, w2c = s['K'].double(), cameras.c2w_to_w2c(s['c2w'].double())
-        intr = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)  # camera rows (V,18): these, 0 0, w2c
-        cams = torch.cat([intr, torch.zeros(len(K), 2, dtype=torch.float64), w2c[:, :3].reshape(-1, 12)], 1).float()
-        depths = {} if s.get('depths') is None else {'depths': torch.as_tensor(s['depths']).half()}
-        out.append(
-            {
-                'key': s['key'],
-                'url': s.get('url', ''),
-                'timestamps': torch.as_tensor(s['timestamps']).long(),
-                'cameras': cams,
-                'images': images,
-                **depths,
-            }
-        )
-    torch.save(out, path)
-
-
 @functools.lru_cache(maxsize=256)
 def _load_chunk(path):  # memory-mapped and cached: unpickling costs ~50 ms, an epoch visits each chunk many times
     try:
@@ -513,39 +483,6 @@ def split_views(batch, n_src, generator=None, mode='random'):
     return out
 
 
-# --------------------------------------------------------------------------------------------------- the synthetic set
-def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
-    """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
-    for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
-        if n == 0:  # e.g. sample.py renders only the test split
-            continue
-        folder = os.path.join(out, split)
-        os.makedirs(folder, exist_ok=True)
-        index, evals = {}, {}
-        bar = cli.Progress(f'rendering {split} scene', n)
-        for c in range(0, n, per_chunk):
-            name, chunk = f'{c // per_chunk:06d}.torch', []
-            for i in range(c, min(c + per_chunk, n)):
-                key, s = f'synth_{split}_{i:05d}', synth.synth_scene([seed, split_id, i], frames, size)
-                chunk.append(
-                    {
-                        'key': key,
-                        'url': 'synthetic',
-                        'images': [encode_jpeg(im, quality) for im in s['images']],
-                        'c2w': s['c2w'],
-                        'K': s['K'],
-                        'depths': torch.from_numpy(s['depths']),
-                        'timestamps': torch.arange(frames) * 33333,
-                    }
-                )
-                evals[key], index[key] = synth.eval_window(np.random.default_rng([seed, 2, i]), frames), name
-                bar.step()
-            write_re10k_chunk(os.path.join(folder, name), chunk)
-        for name, obj in [('index.json', index)] + [('eval_index.json', evals)] * (split == 'test'):
-            with open(os.path.join(folder, name), 'w') as f:
-                json.dump(obj, f)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description='gld data tools')
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -567,7 +504,7 @@ def main(argv=None):
         p.error(f'--size {a.size} must be a multiple of {PATCH}')
     t0 = time.time()
     make_output_dir(a.out)
-    write_synth(a.out, a.train, a.test, a.frames, a.size, a.seed, a.per_chunk, a.quality)
+    synth.write_synth(a.out, a.train, a.test, a.frames, a.size, a.seed, a.per_chunk, a.quality)
     print(f'wrote {a.train} train + {a.test} test scenes to {a.out} in {time.time() - t0:.1f}s')
 
 

@@ -23,6 +23,7 @@ import decoder as decoder_lib
 import export
 import metrics
 import pipeline
+import synth
 from cli import UserError
 from constants import DEFAULT_ENCODER
 from export import save_image
@@ -121,7 +122,7 @@ def ensure_data(spec):
     """The default synthetic test scenes are rendered on first use (the same seeds as `data.py synth`)."""
     if spec == 'data_synth' and not os.path.isdir(os.path.join(spec, 'test')):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
-        data.write_synth(spec, 0, 16)
+        synth.write_synth(spec, 0, 16)
     elif not os.path.isdir(spec.split(':')[-1]):
         raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER or make one: {pipeline.COMMANDS["data"]}')
 

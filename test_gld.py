@@ -360,7 +360,7 @@ def scene_dict(key, V, H, W, gen):
 @pytest.fixture(scope='module')
 def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('synth'))
-    data.write_synth(root, n_train=4, n_test=2, frames=10, size=28, seed=3, per_chunk=3)
+    synth.write_synth(root, n_train=4, n_test=2, frames=10, size=28, seed=3, per_chunk=3)
     return root
 
 
@@ -368,7 +368,7 @@ def test_chunk_roundtrip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     scenes = [scene_dict(f's{i}', 5, 28, 42, gen) for i in range(2)]
     path = str(tmp_path / '000000.torch')
-    data.write_re10k_chunk(path, scenes)
+    synth.write_re10k_chunk(path, scenes)
     raw = torch.load(path, weights_only=True)
     assert raw[0]['cameras'].shape == (5, 18) and raw[0]['images'][0].dtype == torch.uint8
     assert torch.allclose(
@@ -568,7 +568,7 @@ def test_corrupt_jpeg_is_skipped(tmp_path):
     gen = torch.Generator().manual_seed(2)
     scenes = [scene_dict(f'scene{i}', 3, 28, 28, gen) for i in range(3)]
     os.makedirs(tmp_path / 'train')
-    data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), scenes)
+    synth.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), scenes)
     chunk = torch.load(tmp_path / 'train' / '000000.torch', weights_only=True)
     chunk[1]['images'][1] = torch.tensor(list(b'not a jpeg at all'), dtype=torch.uint8)
     torch.save(chunk, tmp_path / 'train' / '000000.torch')
@@ -590,7 +590,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(cli.UserError, match=r'\(V, 18\)'):
         data.cameras_to_c2w_K(torch.zeros(4, 16), 'bad.torch')
     gen = torch.Generator().manual_seed(3)
-    data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
+    synth.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
     (tmp_path / 'train' / 'index.json').write_text(json.dumps({'odd': '000000.torch'}))
     with pytest.raises(cli.UserError, match='not multiples of 14; pass --size 28x28'):
         data.SceneDataset(str(tmp_path), 'train', num_views=2)
@@ -650,8 +650,8 @@ def test_lpips_fn_feeds_the_package_in_its_range_and_is_optional(monkeypatch, ca
 
 
 def test_mixture_dataset_ratios_and_prefixes(tmp_path):
-    data.write_synth(str(tmp_path / 'a'), 2, 1, frames=6, size=28, seed=0)
-    data.write_synth(str(tmp_path / 'b'), 2, 1, frames=6, size=28, seed=1)
+    synth.write_synth(str(tmp_path / 'a'), 2, 1, frames=6, size=28, seed=0)
+    synth.write_synth(str(tmp_path / 'b'), 2, 1, frames=6, size=28, seed=1)
     mix = data.make_dataset(f're10k:{tmp_path / "a"}*3,{tmp_path / "b"}*1', split='train', num_views=2)
     A = data.make_dataset(str(tmp_path / 'a'), split='train', num_views=2)
     from_a = [any(torch.equal(mix[i]['images'], A[j]['images']) for j in range(len(A))) for i in range(len(mix))]
@@ -1792,7 +1792,7 @@ def test_load_official_pipeline_and_generate(release):
 def test_cli_official(release, tmp_path, monkeypatch, capsys):
     """python sample.py --official DIR on a dataset scene, with the small fake (encoder and heads patched in)."""
     root, _ = release
-    data.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
+    synth.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
     small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
     monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
     out = tmp_path / 'out'
@@ -2125,7 +2125,7 @@ TINY = [
 def world(tmp_path_factory):
     """A tiny synthetic set (56 px, 4x4 tokens) and 2-step runs of every stage in <tmp>/runs, cwd = <tmp>."""
     root = tmp_path_factory.mktemp('gld')
-    data.write_synth(str(root / 'data'), 4, 2, frames=10, size=56, seed=0)
+    synth.write_synth(str(root / 'data'), 4, 2, frames=10, size=56, seed=0)
     old = os.getcwd()
     os.chdir(root)
     d = ['--data', str(root / 'data')]
@@ -2838,7 +2838,7 @@ def test_ema_warmup_follows_the_num_updates_rule():
 def bundled(tmp_path_factory):
     """The bundled pipeline and the first two test scenes of the default synthetic set (regenerated: same seeds)."""
     root = tmp_path_factory.mktemp('bundled')
-    data.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
+    synth.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
     pipe = pipeline.load_pipeline(None)  # weights/tiny, found relative to sample.py
     ds = data.SceneDataset(str(root), split='test', eval=True)
     scenes = [data.split_views(data.collate_one(ds[i]), 2, mode='ends') for i in range(2)]
@@ -3115,7 +3115,7 @@ def test_depth_scale_recovers_the_cameras_units(exported):
 def small_data(tmp_path_factory):
     """2 + 2 synthetic scenes (56 px, 10 frames); tests copy it before spoiling it."""
     root = tmp_path_factory.mktemp('bad_input')
-    data.write_synth(str(root / 'd'), 2, 2, frames=10, size=56, seed=0)
+    synth.write_synth(str(root / 'd'), 2, 2, frames=10, size=56, seed=0)
     return root / 'd'
 
 
@@ -3246,7 +3246,7 @@ def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
     first, last = data.read_eval_index(str(d / 'test' / 'eval_index.json'))['synth_test_00000'][0]
     spoil_chunk(
         d / 'test' / '000000.torch',
-        lambda ch: ch[0]['images'].__setitem__(last, data.encode_jpeg(torch.rand(3, 42, 56))),
+        lambda ch: ch[0]['images'].__setitem__(last, synth.encode_jpeg(torch.rand(3, 42, 56))),
     )
     user_error(
         sample.main,
@@ -3258,7 +3258,7 @@ def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
     )
     spoil_chunk(
         d / 'test' / '000000.torch',
-        lambda ch: ch[1]['images'].__setitem__(slice(None), [data.encode_jpeg(torch.rand(3, 42, 56))] * 10),
+        lambda ch: ch[1]['images'].__setitem__(slice(None), [synth.encode_jpeg(torch.rand(3, 42, 56))] * 10),
     )  # a whole scene of another size
     user_error(
         sample.main,
@@ -3324,7 +3324,7 @@ def test_bad_cameras_are_refused_where_they_are_read(small_data, tmp_path, capsy
 
 
 def test_error_in_a_dataloader_worker_is_one_line_too(tmp_path, capsys):
-    data.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
+    synth.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
     spoil_chunk(
         tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf'))
     )
@@ -4435,7 +4435,7 @@ def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
 def synth112(tmp_path_factory):
     """A synthetic set at 112 px: a multiple of DA3/VGGT/DINOv2's 14 and of the VAE token's 16."""
     root = tmp_path_factory.mktemp('synth112')
-    data.write_synth(str(root / 'data'), 2, 1, frames=6, size=112, seed=5)
+    synth.write_synth(str(root / 'data'), 2, 1, frames=6, size=112, seed=5)
     return root
 
 
