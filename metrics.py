@@ -1,4 +1,4 @@
-"""Metrics: every number evaluation reports, in one place.
+"""Metrics: every number evaluation reports, in one place, and the paper's protocol on a scene.
 
 Images: PSNR, SSIM (Wang et al. 2004, as skimage) and LPIPS-VGG, as pixelSplat evaluates novel
 views. Depth: AbsRel, RMSE and delta < 1.25 after median scaling. Cameras: ATE / RPE after a
@@ -6,6 +6,11 @@ similarity alignment (cameras.pose_metrics, re-exported here). Shape legend: B b
 H W image.
 """
 
+import csv
+import json
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +22,7 @@ SSIM_C1 = 0.01**2
 SSIM_C2 = 0.03**2
 DEPTH_METRICS = ('absrel', 'rmse', 'delta1')
 IMAGE_DIMS = (-3, -2, -1)  # channels, rows, columns of (...,3,H,W)
+TABLE_COLUMNS = ('psnr', 'ssim', 'lpips', 'mse_k', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1')
 
 
 def psnr(pred, gt):  # (...,3,H,W) in [0,1] -> (...,) dB, pred clipped to [0,1] (as pixelSplat)
@@ -75,13 +81,16 @@ def lpips_fn(device='cpu'):
         return None
 
     def distance(pred, gt):  # the package expects images in [-1, 1]
-        return net(pred * 2 - 1, gt * 2 - 1).flatten()
+        distances = net(pred * 2 - 1, gt * 2 - 1)  # (N,1,1,1)
+        return distances.flatten()
 
     return distance
 
 
 def image_metrics(pred, gt, lpips=None):  # (B,V,3,H,W) each -> {'psnr', 'ssim', 'lpips'?} means
-    scores = {'psnr': psnr(pred, gt), 'ssim': ssim(pred, gt)}
+    scores = {}
+    scores['psnr'] = psnr(pred, gt)
+    scores['ssim'] = ssim(pred, gt)
     if lpips is not None:
         # LPIPS takes a batch of images (B*V,3,H,W)
         pred_images = pred.flatten(0, 1)
@@ -122,3 +131,98 @@ def depth_metrics(pred, gt, mask=None, align='median'):
         return dict.fromkeys(DEPTH_METRICS, float('nan'))
     means = torch.tensor(rows).mean(0)
     return dict(zip(DEPTH_METRICS, means.tolist()))
+
+
+# ------------------------------------------------------------ evaluation: the paper's protocol
+def baselines(images, c2w, n_src):
+    """The baselines' targets (B,M,3,H,W): the nearest source (by camera), the sources' mean colour."""
+    sources = c2w[:, :n_src, :3, 3]  # (B,N,3) camera centres
+    targets = c2w[:, n_src:, :3, 3]
+    idx = torch.cdist(targets, sources).argmin(-1)  # (B,M)
+    picked = [views[i] for views, i in zip(images, idx)]
+    nearest = torch.stack(picked)
+    source_images = images[:, :n_src]
+    mean = source_images.mean((1, 3, 4), keepdim=True)  # (B,1,3,1,1)
+    return nearest, mean.expand_as(nearest)
+
+
+def geometry_metrics(geo, scene, n_src):  # a geometry head's cameras and target depths; {} without
+    scores = {}
+    if 'c2w' in geo:
+        scores = pose_metrics(geo['c2w'][0], scene['c2w'][0])
+    if 'depths' in scene and 'depth' in geo:
+        depth = geo['depth'][:, n_src:]
+        gt_depth = scene['depths'][:, n_src:]
+        scores.update(depth_metrics(depth, gt_depth, align='median'))
+    return scores
+
+
+def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False):
+    """One scene of the paper's protocol (sources first): metrics of GLD's and two baselines'
+    targets; gt_geometry: of the geometry head on the true images too."""
+    images = scene['images']
+    c2w = scene['c2w']
+    K = scene['K']
+    out = pipe.generate(images, c2w, K, n_src, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    nearest, mean = baselines(images, c2w, n_src)
+    targets = images[:, n_src:]
+    generated = out['images'][:, n_src:]
+    methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
+    rows = {}  # {method: {metric: value}}
+    for method, im in methods.items():
+        rows[method] = image_metrics(im, targets, lpips)
+    gld = rows['gld']
+    gld.update(geometry_metrics(out['geometry'], scene, n_src))
+    enc = pipe.enc
+    cls = None
+    if enc.has_geometry:
+        raw, cls = enc.encode(images, return_cls=True)
+    else:
+        raw = enc.encode(images)
+    k = pipe.boundary
+    if k in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
+        normalize = pipe.models[k][1]['stats'].normalize
+        generated_k = normalize(out['levels'][k], k)
+        true_k = normalize(raw[k], k)
+        error = (generated_k - true_k)[:, n_src:]
+        gld['mse_k'] = float(error.pow(2).mean())
+    if gt_geometry and enc.has_geometry:  # the head on the true images: "geometry for free"
+        H, W = images.shape[-2:]
+        levels = enc.normalize_levels(raw)
+        geo = enc.geometry(levels, H, W, cls_last=cls[-1])
+        rows['da3 on gt images'] = geometry_metrics(geo, scene, n_src)
+    return rows, out
+
+
+def write_table(per_scene, out_dir, name, title):
+    """Rows {'scene', 'method', metric: value} -> name.md, name.json (means), name_scenes.csv."""
+    values = {}  # {method: {metric: [one per scene]}}
+    for row in per_scene:
+        method = row['method']
+        for k, v in row.items():
+            if k not in ('scene', 'method'):
+                values.setdefault(method, {}).setdefault(k, []).append(v)
+    table = {}  # {method: {metric: mean}}
+    for method, scores in values.items():
+        table[method] = {k: float(np.mean(v)) for k, v in scores.items()}
+    names = {k for means in table.values() for k in means}
+    cols = sorted(names, key=TABLE_COLUMNS.index)
+    header = f'| {title} | ' + ' | '.join(cols) + ' |'
+    rule = '|---' * (len(cols) + 1) + '|'
+    md = [header, rule]
+    for method, means in table.items():
+        cells = [f'{means[c]:.4g}' if c in means else '-' for c in cols]
+        line = f'| {method} | ' + ' | '.join(cells) + ' |'
+        md.append(line)
+    path = os.path.join(out_dir, name)
+    with open(f'{path}.md', 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    with open(f'{path}.json', 'w') as f:
+        json.dump(table, f, indent=1)
+    with open(f'{path}_scenes.csv', 'w', newline='') as f:
+        fields = ['scene', 'method'] + cols
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(per_scene)
+    print('\n'.join(md))
+    return table

@@ -2853,7 +2853,7 @@ def test_bundled_cascade_beats_the_nearest_source_view(bundled):
     source view by a margin measured on the bundled models (README, Results)."""
     pipe, scenes = bundled
     for i, scene in enumerate(scenes):
-        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=10, cfg_scale=1.5, seed=i)
+        rows, _ = metrics.evaluate_scene(pipe, scene, 2, steps=10, cfg_scale=1.5, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + QUALITY_MARGIN_DB, rows
 
 
@@ -2881,7 +2881,7 @@ def test_bundled_default_sampler_beats_the_nearest_source_view_by_3_db(bundled):
     pipe, scenes = bundled
     steps, cfg_scale = sample.SAMPLERS['bundled']
     for i, scene in enumerate(scenes):
-        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
+        rows, _ = metrics.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + 3.0, rows
 
 
