@@ -4552,8 +4552,9 @@ IMPORT_LAYERS = [
     ('export', 'decoder'),
     ('encoder', 'model', 'diffusion'),
     ('data',),
-    ('synth', 'cameras'),
-    ('cli',),
+    ('metrics', 'synth'),
+    ('cameras',),
+    ('cli', 'constants'),
 ]
 
 
