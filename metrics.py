@@ -146,7 +146,7 @@ def baselines(images, c2w, n_src):
     return nearest, mean.expand_as(nearest)
 
 
-def geometry_metrics(geo, scene, n_src):  # a geometry head's cameras and target depths; {} without
+def geometry_metrics(geo, scene, n_src):  # cameras, target depths of a geometry head; {} if none
     scores = {}
     if 'c2w' in geo:
         scores = pose_metrics(geo['c2w'][0], scene['c2w'][0])

@@ -40,8 +40,8 @@ def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lp
         item = data.collate_one(dataset[i])
         generator = torch.Generator().manual_seed(seed + i)
         scene = data.split_views(item, n_src, mode=mode, generator=generator)
-        sampler = {'steps': steps, 'cfg_scale': cfg_scale, 'seed': seed + i}
-        rows, _ = metrics.evaluate_scene(pipe, scene, n_src, **sampler, lpips=lpips, gt_geometry=True)
+        sampling = {'steps': steps, 'cfg_scale': cfg_scale, 'seed': seed + i}
+        rows, _ = metrics.evaluate_scene(pipe, scene, n_src, **sampling, lpips=lpips, gt_geometry=True)
         key = scene['key'][0]
         psnr = rows['gld']['psnr']
         nearest = rows['nearest source']['psnr']
@@ -357,9 +357,9 @@ def generate(args, pipe, scene, n_src, lpips):
     """The held-out and trajectory targets (--images, --traj), else the scene's own, evaluated ->
     the result, c2w and K of all views, the true targets (or None) and their scores."""
     images, c2w, K = scene['images'], scene['c2w'], scene['K']
-    sampler = {'steps': args.steps, 'cfg_scale': args.cfg_scale, 'seed': args.seed}
+    sampling = {'steps': args.steps, 'cfg_scale': args.cfg_scale, 'seed': args.seed}
     if not (args.images or scene['traj']):
-        rows, res = metrics.evaluate_scene(pipe, scene, n_src, **sampler, lpips=lpips)
+        rows, res = metrics.evaluate_scene(pipe, scene, n_src, **sampling, lpips=lpips)
         psnrs = [f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r]
         print('  ' + ', '.join(psnrs))
         return res, c2w, K, images[0, n_src:], rows
@@ -367,7 +367,7 @@ def generate(args, pipe, scene, n_src, lpips):
     if args.images:
         describe_targets(args, scene, n_src, len(c2w_tgt))
     sources = (images[:, :n_src], c2w[:, :n_src], K[:, :n_src])
-    res = generate_in_chunks(pipe, *sources, c2w_tgt, K_tgt, args.chunk, **sampler)
+    res = generate_in_chunks(pipe, *sources, c2w_tgt, K_tgt, args.chunk, **sampling)
     c2w = torch.cat([c2w[:, :n_src], c2w_tgt[None]], 1)
     K = torch.cat([K[:, :n_src], K_tgt[None]], 1)
     held = scene['held']
