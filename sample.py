@@ -1,13 +1,13 @@
-"""sample.py: the GLD cascade (pipeline.Pipeline, paper Sec. 4) on a scene or a user's photos; outputs, evaluation.
+"""sample.py: the GLD cascade (pipeline.Pipeline, paper Sec. 4) on a scene or a user's photos.
 
-`python sample.py` (bundled tiny models, a synthetic test scene -> out/sample/), `--images ... --cameras ... --traj`,
-`--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` / `--independent` ablations, `--recon` for
-Stage 1 (Table 6), `--official DIR` (the released models, docs/official.md), 3D exports.
+`python sample.py` (bundled tiny models, a synthetic test scene -> out/sample/), `--images ...
+--cameras ... --traj`, `--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` /
+`--independent` ablations, `--recon` for Stage 1 (Table 6), `--official DIR` (the released models,
+docs/official.md), 3D exports. Shape legend: B batch, V views (N sources, M targets), H W image.
 """
 
 import argparse
 import contextlib
-import csv
 import glob
 import json
 import os
@@ -22,144 +22,78 @@ import data
 import decoder as decoder_lib
 import diffusion
 import export
+import metrics
 import pipeline
+import synth
 from cli import UserError
 from constants import DEFAULT_ENCODER
 from export import save_image
 
 
 # ----------------------------------------------------------------------------- evaluation
-def image_metrics(pred, gt, lpips=None):  # pred, gt (B,V,3,H,W)
-    out = {'psnr': data.psnr(pred, gt).mean(), 'ssim': data.ssim(pred, gt).mean()}
-    if lpips is not None:
-        out['lpips'] = lpips(pred.flatten(0, 1), gt.flatten(0, 1)).mean()
-    return {k: float(v) for k, v in out.items()}
-
-
-def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
-    """One scene of the paper's protocol (sources first): metrics on the targets of GLD and of two baselines."""
-    images, c2w, K = scene['images'], scene['c2w'], scene['K']
-    out = pipe.generate(images, c2w, K, n_src, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
-    idx = torch.cdist(c2w[:, n_src:, :3, 3], c2w[:, :n_src, :3, 3]).argmin(-1)  # (B,M): each target's nearest source
-    nearest = torch.stack([images[b, idx[b]] for b in range(len(images))])  # by camera distance
-    mean = images[:, :n_src].mean((1, 3, 4), keepdim=True).expand_as(nearest)  # (B,M,3,H,W): the sources' mean colour
-    rows = {
-        name: image_metrics(im, images[:, n_src:], lpips)
-        for name, im in [('gld', out['images'][:, n_src:]), ('nearest source', nearest), ('mean colour', mean)]
-    }
-
-    def geometry_metrics(geo):  # {} for a latent without a geometry head
-        m = cameras.pose_metrics(geo['c2w'][0], c2w[0]) if 'c2w' in geo else {}
-        if 'depths' in scene and 'depth' in geo:
-            m.update(data.depth_metrics(geo['depth'][:, n_src:], scene['depths'][:, n_src:], align='median'))
-        return m
-
-    rows['gld'].update(geometry_metrics(out['geometry']))
-    raw, cls = pipe.enc.encode(images, return_cls=True) if pipe.enc.has_geometry else (pipe.enc.encode(images), None)
-    if (k := pipe.boundary) in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
-        norm = pipe.models[k][1]['stats'].normalize
-        rows['gld']['mse_k'] = float((norm(out['levels'][k], k) - norm(raw[k], k))[:, n_src:].pow(2).mean())
-    if gt_geometry and pipe.enc.has_geometry:  # the head on the ground-truth images: the ceiling of "geometry for free"
-        g = pipe.enc.geometry(pipe.enc.normalize_levels(raw), *images.shape[-2:], cls_last=cls[-1])
-        rows['da3 on gt images'] = geometry_metrics(g)
-    return rows, out
-
-
-def write_table(per_scene, out_dir, name, title):
-    """Rows {'scene', 'method', metric: value} -> out_dir/name.md and .json (means per method), name_scenes.csv."""
-    table = {}
-    for row in per_scene:
-        for k, v in row.items():
-            if k not in ('scene', 'method'):
-                table.setdefault(row['method'], {}).setdefault(k, []).append(v)
-    table = {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()}
-    order = ['psnr', 'ssim', 'lpips', 'mse_k', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1']
-    cols = sorted({k for m in table.values() for k in m}, key=order.index)
-    md = [f'| {title} | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
-    md += [f'| {m} | ' + ' | '.join(f'{t[c]:.4g}' if c in t else '-' for c in cols) + ' |' for m, t in table.items()]
-    open(os.path.join(out_dir, f'{name}.md'), 'w').write('\n'.join(md) + '\n')
-    json.dump(table, open(os.path.join(out_dir, f'{name}.json'), 'w'), indent=1)
-    with open(os.path.join(out_dir, f'{name}_scenes.csv'), 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=['scene', 'method'] + cols)
-        w.writeheader()
-        w.writerows(per_scene)
-    print('\n'.join(md))
-    return table
-
-
-def run_eval(pipe, dataset, n_src, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None, sampler='euler'):
-    """The paper's protocol: N sources (N=2: first and last), the rest targets; GLD beside two baselines."""
-    per_scene, n = [], min(n_scenes, len(dataset))
+def run_eval(pipe, dataset, n_src, sampler, steps, cfg_scale, seed, out_dir, n_scenes, lpips=None):
+    """The paper's protocol: N sources (N=2: the ends), the rest targets; GLD beside 2 baselines."""
+    n = min(n_scenes, len(dataset))
+    per_scene = []
     bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
+    mode = 'ends' if n_src == 2 else 'random'
     for i in range(n):
-        scene = data.split_views(
-            data.collate_one(dataset[i]),
-            n_src,
-            mode='ends' if n_src == 2 else 'random',
-            generator=torch.Generator().manual_seed(seed + i),
-        )
-        rows, _ = evaluate_scene(
-            pipe, scene, n_src, steps, cfg_scale, seed + i, lpips, gt_geometry=True, sampler=sampler
-        )
-        bar.step(
-            f'{scene["key"][0]}: PSNR {rows["gld"]["psnr"]:.2f} (nearest source {rows["nearest source"]["psnr"]:.2f})'
-        )
-        per_scene += [{'scene': scene['key'][0], 'method': method, **m} for method, m in rows.items()]
-    return write_table(per_scene, out_dir, f'eval_n{n_src}', f'method (N={n_src}, {n} scenes, {steps} steps)')
+        item = data.collate_one(dataset[i])
+        generator = torch.Generator().manual_seed(seed + i)
+        scene = data.split_views(item, n_src, mode=mode, generator=generator)
+        sampling = {'sampler': sampler, 'steps': steps, 'cfg_scale': cfg_scale, 'seed': seed + i}
+        rows, _ = metrics.evaluate_scene(pipe, scene, n_src, **sampling, lpips=lpips, gt_geometry=True)
+        key = scene['key'][0]
+        psnr = rows['gld']['psnr']
+        nearest = rows['nearest source']['psnr']
+        bar.step(f'{key}: PSNR {psnr:.2f} (nearest source {nearest:.2f})')
+        for method, scores in rows.items():
+            per_scene.append({'scene': key, 'method': method, **scores})
+    title = f'method (N={n_src}, {n} scenes, {steps} steps)'
+    return metrics.write_table(per_scene, out_dir, f'eval_n{n_src}', title)
 
 
 def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
-    """Stage 1 in miniature (paper Table 6): the decoder on DA3 features of all views, all levels and each alone."""
-    per_scene, n = [], min(n_scenes, len(dataset))
+    """Stage 1 in miniature (paper Table 6): the decoder on all levels of DA3 features, and each."""
+    n = min(n_scenes, len(dataset))
+    per_scene = []
     for i in range(n):
-        images = (scene := data.collate_one(dataset[i]))['images']  # (1,V,3,H,W)
+        scene = data.collate_one(dataset[i])
+        images = scene['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))
         hw = (images.shape[-2] // enc.patch, images.shape[-1] // enc.patch)
-        per_scene += [
-            {
-                'scene': scene['key'][0],
-                'method': f'level {name}' if name != 'all' else 'all levels',
-                **image_metrics(im.clamp(0, 1), images, lpips),
-            }
-            for name, im in decoder_lib.reconstruct_per_level(dec, levels, hw).items()
-        ]
-    return write_table(per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
+        decoded = decoder_lib.reconstruct_per_level(dec, levels, hw)  # {'all' or a level: images}
+        for name, im in decoded.items():
+            method = 'all levels' if name == 'all' else f'level {name}'
+            scores = metrics.image_metrics(im.clamp(0, 1), images, lpips)
+            per_scene.append({'scene': scene['key'][0], 'method': method, **scores})
+    return metrics.write_table(per_scene, out_dir, 'recon', f'decoder input ({n} scenes)')
 
 
 def ensure_data(spec):
-    """The default synthetic test scenes are rendered on first use (the same seeds as `data.py synth`)."""
+    """The default synthetic test scenes are rendered on first use (the seeds of data.py synth)."""
     if spec == 'data_synth' and not os.path.isdir(os.path.join(spec, 'test')):
         print('rendering the synthetic test scenes into data_synth/test (first run only)')
-        data.write_synth(spec, 0, 16)
+        synth.write_synth(spec, 0, 16)
     elif not os.path.isdir(spec.split(':')[-1]):
-        raise UserError(f'{spec}: no such dataset folder; pass --data FOLDER or make one: {pipeline.COMMANDS["data"]}')
+        fix = f'pass --data FOLDER or make one: {pipeline.COMMANDS["data"]}'
+        raise UserError(f'{spec}: no such dataset folder; {fix}')
 
 
 # ----------------------------------------------------------------------------- writing outputs
+# what a run writes (write_outputs, export.write_scene, write_table): clear_outputs removes these
 OUTPUTS = (
-    'grid.png',
-    'trajectory.png',
-    'video.mp4',
-    'video.gif',
-    'depth.npy',
-    'depth_[0-9]*.png',
-    'metrics.json',
-    'images/source_[0-9]*.png',
-    'images/target_[0-9]*.png',
-    'points.ply',
-    'transforms.json',
+    *('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'metrics.json'),
+    *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json'),
+    *('images/source_[0-9]*.png', 'images/target_[0-9]*.png'),
     *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
-    'eval_n[0-9]*.md',
-    'eval_n[0-9]*.json',
-    'eval_n[0-9]*_scenes.csv',
-    'recon.md',
-    'recon.json',
-    'recon_scenes.csv',
+    *(f'{t}{e}' for t in ('eval_n[0-9]*', 'recon') for e in ('.md', '.json', '_scenes.csv')),
 )
 
 
 def our_files(folder):
-    return sorted(f for pattern in OUTPUTS for f in glob.glob(os.path.join(glob.escape(folder), pattern)))
+    patterns = [os.path.join(glob.escape(folder), pattern) for pattern in OUTPUTS]
+    return sorted(f for pattern in patterns for f in glob.glob(pattern))
 
 
 def clear_outputs(folder):
@@ -171,7 +105,16 @@ def clear_outputs(folder):
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(folder, d))
     if stale:
-        print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ (other files there are kept)')
+        kept = '(other files there are kept)'
+        print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ {kept}')
+
+
+def save_depth_maps(depth, out_dir):  # (V,H,W) -> depth.npy, and depth_VVV.png: inverse depth
+    np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
+    for v, inv in enumerate(1 / depth.clamp_min(1e-6)):
+        x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
+        rgb = torch.stack([x.sqrt(), x**1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])  # a perceptual ramp
+        save_image(rgb, os.path.join(out_dir, f'depth_{v:03d}.png'))
 
 
 def write_outputs(
@@ -182,35 +125,34 @@ def write_outputs(
     K,
     n_src,
     frames_gt=None,
-    metrics=None,
+    scores=None,
     formats=export.DEFAULT_FORMATS,
     units='poses',
     frame='the dataset cameras',
 ):
-    """grid.png, trajectory.png, video, depth maps (PNG + .npy), metrics.json, and export.write_scene's 3D outputs."""
+    """grid.png, trajectory.png, video, depth maps, metrics.json, and export.write_scene's 3D."""
     os.makedirs(out_dir, exist_ok=True)
-    pred, geo = res['images'][0], res['geometry']
-    save_image(export.make_grid(images[0, :n_src], pred, frames_gt), os.path.join(out_dir, 'grid.png'))
-    export.draw_topdown(
-        os.path.join(out_dir, 'trajectory.png'),
-        c2w[0, :n_src],
-        c2w[0, n_src:],
-        title=f'{n_src} sources (blue), {pred.shape[0] - n_src} targets (orange)',
-    )
+    pred = res['images'][0]
+    geo = res['geometry']
+    grid = export.make_grid(images[0, :n_src], pred, frames_gt)
+    save_image(grid, os.path.join(out_dir, 'grid.png'))
+    title = f'{n_src} sources (blue), {pred.shape[0] - n_src} targets (orange)'
+    c2w_src = c2w[0, :n_src]
+    c2w_tgt = c2w[0, n_src:]
+    export.draw_topdown(os.path.join(out_dir, 'trajectory.png'), c2w_src, c2w_tgt, title=title)
     export.write_video(list(pred[n_src:]), os.path.join(out_dir, 'video'))
-    summary = 'none: this latent has no geometry head (no depth, cameras or 3D)'  # DINOv2, the VAE: images only
+    summary = 'none: this latent has no geometry head (no depth, cameras or 3D)'  # DINOv2, the VAE
     if 'depth' in geo and 'c2w' in geo:
         depth = geo['depth'][0]
-        np.save(os.path.join(out_dir, 'depth.npy'), depth.cpu().numpy())
-        for v, inv in enumerate(1 / depth.clamp_min(1e-6)):  # (H,W) -> (3,H,W): a perceptual ramp of inverse depth
-            x = (inv - inv.min()) / (inv.max() - inv.min() + 1e-9)
-            rgb = torch.stack([x.sqrt(), x**1.5 * 0.8, 0.5 * (1 - x) + 0.3 * x])
-            save_image(rgb, os.path.join(out_dir, f'depth_{v:03d}.png'))
-        views = torch.cat([images[0, :n_src], pred[n_src:]])  # the sources as given, the generated targets
+        save_depth_maps(depth, out_dir)
+        views = torch.cat([images[0, :n_src], pred[n_src:]])  # sources as given, generated targets
+        conf = geo['depth_conf'][0]
+        c2w_pred = geo['c2w'][0]
         summary = export.write_scene(
-            out_dir, views, depth, geo['depth_conf'][0], c2w[0], K[0], geo['c2w'][0], n_src, formats, units, frame=frame
+            out_dir, views, depth, conf, c2w[0], K[0], c2w_pred, n_src, formats, units, frame=frame
         )
-    json.dump({**(metrics or {}), 'export': summary}, open(os.path.join(out_dir, 'metrics.json'), 'w'), indent=1)
+    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+        json.dump({**(scores or {}), 'export': summary}, f, indent=1)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -221,110 +163,245 @@ def read_images(paths):
         try:
             ims.append(data.decode_image(p))
         except data.FrameError as e:
-            raise UserError(f'{p}: cannot read the image ({e}); pass PNG or JPEG files to --images') from e
+            fix = 'pass PNG or JPEG files to --images'
+            raise UserError(f'{p}: cannot read the image ({e}); {fix}') from e
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
         raise UserError(f'{paths}: the images differ in size; resize them to one size first')
     return torch.stack(ims)[None]
 
 
+def file_stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def same_bytes(path_a, path_b):
+    with open(path_a, 'rb') as a, open(path_b, 'rb') as b:
+        return a.read() == b.read()
+
+
 def match_cameras(paths, cams, where):
-    """Each image's frame index in cams (export.read_cameras), by file name, else stem; an existing file must match."""
-    names, idx = cams['names'], []
-    base, stem = os.path.basename, lambda f: os.path.splitext(os.path.basename(f))[0]
+    """Each image's frame in cams (export.read_cameras), by file name, else stem; a file must match."""
+    names = cams['names']
+    idx = []
     for p in paths:
-        hits = [i for i, n in enumerate(names) if base(n) == base(p)] or [
-            i for i, n in enumerate(names) if stem(n) == stem(p)
-        ]
+        hits = [i for i, n in enumerate(names) if os.path.basename(n) == os.path.basename(p)]
         if not hits:
+            hits = [i for i, n in enumerate(names) if file_stem(n) == file_stem(p)]
+        if not hits:
+            more = ' ...' if len(names) > 6 else ''
             raise UserError(
-                f'{where}: no camera for {p} (frames: {names[:6]}{" ..." if len(names) > 6 else ""}); '
+                f'{where}: no camera for {p} (frames: {names[:6]}{more}); '
                 'give one frame per image, named like the image file'
             )
         if len(hits) > 1:
-            raise UserError(f'{where}: several frames match {p} ({[names[i] for i in hits]}); keep one frame per image')
+            matches = [names[i] for i in hits]
+            raise UserError(f'{where}: several frames match {p} ({matches}); keep one frame per image')
         f = cams['files'][hits[0]]
-        if f and os.path.isfile(f) and not os.path.samefile(f, p) and open(f, 'rb').read() != open(p, 'rb').read():
+        if f and os.path.isfile(f) and not os.path.samefile(f, p) and not same_bytes(f, p):
             raise UserError(
-                f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} (other content): '
-                "cameras of other photos; pass these images' own (edited copies: write one beside them)"
+                f'{where}: the frame for {os.path.basename(p)} is {f}, not the image {p} '
+                "(other content): cameras of other photos; pass these images' own "
+                '(edited copies: write one beside them)'
             )
         idx.append(hits[0])
     return idx
 
 
+def given_cameras(paths, cams_path, H, W):
+    """--cameras for the photos (H x W) -> c2w (1,N,4,4), K (1,N,3,3), the name of their world."""
+    cams = export.read_cameras(cams_path, image_size=(H, W))
+    idx = match_cameras(paths, cams, cams_path)
+    if cams['size'] and abs(cams['size'][1] / cams['size'][0] - W / H) > 0.01 * W / H:
+        raise UserError(
+            f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, '
+            f'the photos are {W}x{H} (another aspect ratio); crop the photos back or pass their '
+            'own cameras'
+        )
+    frame = f'the given cameras ({cams["format"]} {cams_path})'
+    return cams['c2w'][idx][None], cams['K'][idx][None], frame
+
+
+def estimate_cameras(images, enc, check):
+    """No --cameras: the frozen encoder's geometry head estimates them (checked if check)."""
+    name = enc.cfg.name
+    if not enc.has_geometry:
+        raise UserError(f'no --cameras: {name} has no geometry head to estimate cameras; pass --cameras')
+    print(f'no --cameras: estimating the cameras of the photos with the frozen {name} geometry head')
+    H, W = images.shape[-2:]
+    levels, cls = enc.encode(images, return_cls=True)
+    levels = enc.normalize_levels(levels)
+    geo = enc.geometry(levels, H, W, cls_last=cls[-1])
+    c2w, K = geo['c2w'], geo['K']
+    if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
+        raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
+    if check:
+        cameras.check_estimate(c2w[0], K[0], geo['depth'][0], H, W)
+    return c2w, K, "DA3's estimated cameras (no --cameras)"
+
+
 def user_scene(paths, cams_path, size, enc, check=True):
-    """A user's photos with the cameras of cams_path (export.read_cameras), else DA3's estimate (checked unless not
-    check) -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3) normalised, frame (whose cameras define the world)."""
+    """A user's photos with the cameras of cams_path (export.read_cameras), else DA3's estimate
+    (checked if check) -> images (1,N,3,H,W), c2w (1,N,4,4), K (1,N,3,3), frame (the world)."""
     images = read_images(paths)
     H, W = images.shape[-2:]
     P = enc.patch  # image sides: multiples of the encoder's patch
-    tH, tW = size or (max(P, H // P * P), max(P, W // P * P))
-    c2w = K = None
+    if size is None:
+        size = (max(P, H // P * P), max(P, W // P * P))
+    tH, tW = size
+    c2w = None
+    K = None
     if cams_path:
-        cams = export.read_cameras(cams_path, image_size=(H, W))
-        idx = match_cameras(paths, cams, cams_path)
-        if cams['size'] and abs(cams['size'][1] / cams['size'][0] - W / H) > 0.01 * W / H:
-            raise UserError(
-                f'{cams_path}: its intrinsics are for {cams["size"][1]}x{cams["size"][0]} images, the photos '
-                f'are {W}x{H} (another aspect ratio); crop the photos back or pass their own cameras'
-            )
-        c2w, K = cams['c2w'][idx][None], cams['K'][idx][None]
-        frame = f'the given cameras ({cams["format"]} {cams_path})'
+        c2w, K, frame = given_cameras(paths, cams_path, H, W)
     if (H, W) != (tH, tW):
         print(f'note: resizing {W}x{H} -> {tW}x{tH} (sides must be multiples of 14)')
-        images, Kin = data.resize_and_crop(
-            images[0], torch.eye(3).expand(len(paths), 3, 3) if K is None else K[0], (tH, tW)
-        )
-        images, K = images[None], None if K is None else Kin[None]
+        K_in = torch.eye(3).expand(len(paths), 3, 3) if K is None else K[0]
+        images, K_out = data.resize_and_crop(images[0], K_in, (tH, tW))
+        images = images[None]
+        if K is not None:
+            K = K_out[None]
     if c2w is None:
-        if not enc.has_geometry:
-            raise UserError(f'no --cameras: {enc.cfg.name} has no geometry head to estimate cameras; pass --cameras')
-        print(f'no --cameras: estimating the cameras of the photos with the frozen {enc.cfg.name} geometry head')
-        levels, cls = enc.encode(images, return_cls=True)
-        g = enc.geometry(enc.normalize_levels(levels), tH, tW, cls_last=cls[-1])
-        c2w, K, frame = g['c2w'], g['K'], "DA3's estimated cameras (no --cameras)"
-        if not torch.isfinite(c2w).all() or not torch.isfinite(K).all():
-            raise UserError('the DA3 camera estimate for --images holds NaN or inf values; pass --cameras')
-        if check:
-            cameras.check_estimate(c2w[0], K[0], g['depth'][0], tH, tW)
+        c2w, K, frame = estimate_cameras(images, enc, check)
     return images, c2w, K, frame
+
+
+def photo_scene(args, n_src, size, enc, device):
+    """--images -> a scene: images, cameras, 'held' (out targets), 'traj', world 'frame' and 'units'."""
+    check = not args.keep_estimate
+    images, c2w, K, frame = user_scene(args.images, args.cameras, size, enc, check=check)
+    scene = {'images': images.to(device), 'c2w': c2w.to(device), 'K': K.to(device)}
+    scene['held'] = images.shape[1] - n_src  # images after the first n_src: targets at their cameras
+    scene['traj'] = args.traj
+    if not args.traj and not scene['held']:  # no held-out images: interp, orbit for one source
+        scene['traj'] = 'interp' if n_src > 1 else 'orbit'
+    scene['frame'] = frame
+    scene['units'] = 'poses' if args.cameras else 'da3'  # DA3 estimated them: its own depth scale
+    return scene
+
+
+def dataset_scene(args, n_src, device):
+    """--scene of --data: n_src sources (N=2: the ends) and targets; the keys of photo_scene's."""
+    ensure_data(args.data)
+    dataset = read_dataset(args)
+    idx = int(args.scene) if args.scene.isdigit() else dataset.index_of(args.scene)
+    if idx >= len(dataset):
+        fix = f'pass an index 0..{len(dataset) - 1} or a key'
+        raise UserError(f'--scene {args.scene}: the split has {len(dataset)} scenes, {fix}')
+    mode = 'ends' if n_src == 2 else 'random'
+    scene = data.split_views(data.collate_one(dataset[idx]), n_src, mode=mode)
+    scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
+    V, _, H, W = scene['images'].shape[1:]
+    print(f'scene {scene["key"][0]}: {n_src} sources -> {V - n_src} targets at {W}x{H}')
+    return {**scene, 'held': 0, 'traj': args.traj, 'frame': 'the dataset cameras', 'units': 'poses'}
+
+
+def read_dataset(args):  # the --data split with fixed views per scene
+    return data.SceneDataset(args.data, split=args.split, num_views=args.views, eval=True, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------- generating
+def join_chunks(parts, n_src):  # per chunk (1,N+M_c,...) -> (1,N+M,...): the sources once
+    return torch.cat([parts[0][:, :n_src]] + [x[:, n_src:] for x in parts], 1)
 
 
 def generate_in_chunks(pipe, images_src, c2w_src, K_src, c2w_tgt, K_tgt, chunk, **kw):
     """Long trajectories as SEVA does: every chunk holds all sources plus up to `chunk` targets."""
-    N, outs = images_src.shape[1], []
-    n_chunks = -(-c2w_tgt.shape[0] // chunk)
-    for c, i in enumerate(range(0, c2w_tgt.shape[0], chunk)):
-        ct, kt = c2w_tgt[i : i + chunk], K_tgt[i : i + chunk]
+    N = images_src.shape[1]
+    M = c2w_tgt.shape[0]
+    n_chunks = -(-M // chunk)
+    outs = []
+    for c, i in enumerate(range(0, M, chunk)):
+        c2w_chunk = c2w_tgt[i : i + chunk]
+        K_chunk = K_tgt[i : i + chunk]
         if n_chunks > 1:
-            pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + ct.shape[0] - 1}')
-        imgs = torch.cat([images_src, images_src[:, :1].expand(1, ct.shape[0], *images_src.shape[2:])], 1)
-        outs.append(pipe.generate(imgs, torch.cat([c2w_src, ct[None]], 1), torch.cat([K_src, kt[None]], 1), N, **kw))
-    cat = lambda xs, n: torch.cat([xs[0][:, :n]] + [x[:, n:] for x in xs], 1)
-    geo = {
-        k: cat([o['geometry'][k] for o in outs], N)
-        for k in ('depth', 'depth_conf', 'c2w', 'K')
-        if k in outs[0]['geometry']
-    }
-    return {'images': cat([o['images'] for o in outs], N), 'geometry': geo}
+            pipe.log(f'chunk {c + 1}/{n_chunks}: targets {i}..{i + c2w_chunk.shape[0] - 1}')
+        # only the sources' images are read: the targets' slots repeat the first source
+        slots = images_src[:, :1].expand(1, c2w_chunk.shape[0], *images_src.shape[2:])
+        images = torch.cat([images_src, slots], 1)
+        c2w = torch.cat([c2w_src, c2w_chunk[None]], 1)
+        K = torch.cat([K_src, K_chunk[None]], 1)
+        outs.append(pipe.generate(images, c2w, K, N, **kw))
+    geo = {}
+    for k in ('depth', 'depth_conf', 'c2w', 'K'):
+        if k in outs[0]['geometry']:
+            geo[k] = join_chunks([o['geometry'][k] for o in outs], N)
+    return {'images': join_chunks([o['images'] for o in outs], N), 'geometry': geo}
 
 
-SAMPLER_DEFAULTS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}  # (Euler steps, CFG); why the bundled: README "Results"
+def target_cameras(args, scene, n_src):
+    """The held-out images' cameras (held,4,4), (held,3,3), then the trajectory's (--traj)."""
+    held = scene['held']
+    c2w = scene['c2w'][0, n_src : n_src + held]
+    K = scene['K'][0, n_src : n_src + held]
+    if scene['traj']:
+        sources = (scene['c2w'][0, :n_src], scene['K'][0, :n_src])
+        c2w_path, K_path = cameras.preset_trajectory(*sources, scene['traj'], args.frames, args.arc)
+        c2w = torch.cat([c2w, c2w_path])
+        K = torch.cat([K, K_path])
+    return c2w, K
 
 
-def default_sampler(a):  # --steps / --cfg-scale left unset: the bundled tiny models' posterior mean, else the paper's
-    if a.sampler == 'mean':  # one step without CFG; --official counts time-grid points: 2
-        if a.steps is not None or a.cfg_scale is not None:
+def describe_targets(args, scene, n_src, n_targets):  # a line saying what --images become
+    images = scene['images']
+    held = scene['held']
+    parts = []
+    if held:
+        parts.append(f'{held} held-out targets at their cameras')
+    if scene['traj']:
+        parts.append(f'{n_targets - held} targets on the {scene["traj"]} trajectory')
+    size = f'{images.shape[-1]}x{images.shape[-2]}'
+    targets = ', '.join(parts)
+    print(f'{len(args.images)} images at {size}: {n_src} sources -> {targets}; world: {scene["frame"]}')
+
+
+def generate(args, pipe, scene, n_src, lpips):
+    """The held-out and trajectory targets (--images, --traj), else the scene's own, evaluated ->
+    the result, c2w and K of all views, the true targets (or None) and their scores."""
+    images, c2w, K = scene['images'], scene['c2w'], scene['K']
+    sampling = {'sampler': args.sampler, 'steps': args.steps, 'cfg_scale': args.cfg_scale, 'seed': args.seed}
+    if not (args.images or scene['traj']):
+        rows, res = metrics.evaluate_scene(pipe, scene, n_src, **sampling, lpips=lpips)
+        psnrs = [f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r]
+        print('  ' + ', '.join(psnrs))
+        return res, c2w, K, images[0, n_src:], rows
+    c2w_tgt, K_tgt = target_cameras(args, scene, n_src)
+    if args.images:
+        describe_targets(args, scene, n_src, len(c2w_tgt))
+    sources = (images[:, :n_src], c2w[:, :n_src], K[:, :n_src])
+    res = generate_in_chunks(pipe, *sources, c2w_tgt, K_tgt, args.chunk, **sampling)
+    c2w = torch.cat([c2w[:, :n_src], c2w_tgt[None]], 1)
+    K = torch.cat([K[:, :n_src], K_tgt[None]], 1)
+    held = scene['held']
+    if not held:
+        return res, c2w, K, None, None
+    generated = res['images'][:, n_src : n_src + held]
+    scores = {'gld': metrics.image_metrics(generated, images[:, n_src:], lpips)}
+    return res, c2w, K, images[0, n_src:], scores
+
+
+# (Euler steps, CFG scale) when --steps / --cfg-scale are left unset. The bundled tiny models sample their posterior
+# mean: at 3.7M parameters their 50-step samples place per-token detail at random (README, "The main job").
+SAMPLER_DEFAULTS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}
+
+
+def default_sampler(args):
+    """Fill --steps and --cfg-scale left unset: the posterior mean for the bundled models, else the paper's."""
+    if args.sampler == 'mean':
+        if args.steps is not None or args.cfg_scale is not None:
             raise UserError('--sampler mean takes one step without CFG: drop --steps and --cfg-scale')
-        a.steps, a.cfg_scale = (2 if a.official else 1), 1.0
+        # one step without CFG; --official counts time-grid points, so one step is 2 points
+        args.steps = 2 if args.official else 1
+        args.cfg_scale = 1.0
         return
-    bundled = not (a.ckpt_dir or a.official) and a.encoder == DEFAULT_ENCODER
+    bundled = not (args.ckpt_dir or args.official) and args.encoder == DEFAULT_ENCODER
     steps, cfg_scale = SAMPLER_DEFAULTS['bundled' if bundled else 'paper']
-    a.steps, a.cfg_scale = steps if a.steps is None else a.steps, cfg_scale if a.cfg_scale is None else a.cfg_scale
-    if bundled and (a.steps, a.cfg_scale) == SAMPLER_DEFAULTS['bundled'] and not a.recon:
+    if args.steps is None:
+        args.steps = steps
+    if args.cfg_scale is None:
+        args.cfg_scale = cfg_scale
+    if bundled and (args.steps, args.cfg_scale) == SAMPLER_DEFAULTS['bundled'] and not args.recon:
         print(
-            'note: the bundled tiny models sample their posterior mean (1 Euler step, no CFG; README "Results"); '
+            'note: the bundled tiny models sample their posterior mean (1 Euler step, no CFG; README "The main job"); '
             "--steps 50 --cfg-scale 1.5 is the paper's sampler"
         )
 
@@ -334,7 +411,8 @@ def build_parser():
     p.add_argument(
         '--ckpt-dir',
         default=None,
-        help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports (weights/mine/level1.safetensors, ...); default: weights/tiny',
+        help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports '
+        '(weights/mine/level1.safetensors, ...); default: weights/tiny',
     )
     p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
     p.add_argument('--encoder', default=DEFAULT_ENCODER, help='the latent encoder of the models (train.py --encoder)')
@@ -391,109 +469,71 @@ def build_parser():
     return p
 
 
-@torch.no_grad()
-def main(argv=None):
-    a = build_parser().parse_args(argv)
-    default_sampler(a)
-    device, t_start = torch.device('cuda' if torch.cuda.is_available() else 'cpu'), time.time()
-    size = data.parse_size(a.size)  # bad input is reported before any model is loaded
-    n_src = a.src or (len(a.images) if a.images else 2)
-    if a.images and not 0 < n_src <= len(a.images):
-        raise UserError(f'--src {a.src}: with {len(a.images)} --images pass 1..{len(a.images)} sources')
-    if a.images and n_src < len(a.images) and not a.cameras:
+def count_sources(args):
+    """The source views N (--src), checked against --images or --views before any model loads."""
+    n_images = len(args.images) if args.images else 0
+    n_src = args.src or n_images or 2
+    if args.images and not 0 < n_src <= n_images:
+        raise UserError(f'--src {args.src}: with {n_images} --images pass 1..{n_images} sources')
+    if args.images and n_src < n_images and not args.cameras:
         raise UserError(
-            f'--src {n_src} with {len(a.images)} --images holds images out as targets at their cameras: '
+            f'--src {n_src} with {n_images} --images holds images out as targets at their cameras: '
             'pass --cameras, or drop --src to use every image as a source'
         )
-    if not a.images and not 0 < n_src < a.views:
-        raise UserError(f'--src {n_src}: a scene of --views {a.views} needs 1..{a.views - 1} source views')
-    data.make_output_dir(a.out)
-    lpips = data.lpips_fn(device) if a.lpips else None
-    dataset = lambda: data.SceneDataset(a.data, split=a.split, num_views=a.views, eval=True, seed=a.seed)
-    if a.recon or a.eval:
-        ensure_data(a.data)
-    if a.recon:
-        enc = pipeline.load_encoder(a.encoder, 'auto', device, ckpt_dir=a.ckpt_dir)
-        dec = (
-            enc.rgb_decoder()
-            if enc.has_rgb_decoder
-            else pipeline.load_decoder(
-                pipeline.find_checkpoint(pipeline.model_name('decoder', a.encoder), a.ckpt_dir), device, enc
-            )
-        )
-        ds = dataset()
-        clear_outputs(a.out)  # here and below: once the inputs are read, so a failed run leaves the last outputs
-        return run_recon(enc, dec, ds, a.out, a.eval_scenes, lpips)
-    pipe = (
-        pipeline.load_official_pipeline(a.official, device)
-        if a.official
-        else pipeline.load_pipeline(a.ckpt_dir, a.boundary, a.independent, device, encoder=a.encoder)
-    )
-    if a.eval:
-        ds = dataset()
-        clear_outputs(a.out)
-        return run_eval(pipe, ds, n_src, a.steps, a.cfg_scale, a.seed, a.out, a.eval_scenes, lpips, a.sampler)
-    units, frame, held, traj = 'poses', 'the dataset cameras', 0, a.traj
-    if a.images:
-        images, c2w, K, frame = user_scene(a.images, a.cameras, size, pipe.enc, check=not a.keep_estimate)
-        images, c2w, K = images.to(device), c2w.to(device), K.to(device)
-        held = images.shape[1] - n_src  # images after the first n_src: targets at their own cameras
-        traj = a.traj or ('' if held else 'interp' if n_src > 1 else 'orbit')
-        units = 'poses' if a.cameras else 'da3'  # DA3 estimated the cameras: its own depth scale
+    if not args.images and not 0 < n_src < args.views:
+        V = args.views
+        raise UserError(f'--src {n_src}: a scene of --views {V} needs 1..{V - 1} source views')
+    return n_src
+
+
+def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decoder
+    enc = pipeline.load_encoder(args.encoder, 'auto', device, ckpt_dir=args.ckpt_dir)
+    if enc.has_rgb_decoder:
+        return enc, enc.rgb_decoder()
+    name = pipeline.model_name('decoder', args.encoder)
+    checkpoint = pipeline.find_checkpoint(name, args.ckpt_dir)
+    return enc, pipeline.load_decoder(checkpoint, device, enc)
+
+
+def load_pipe(args, device):  # the released models (--official), or ours
+    if args.official:
+        return pipeline.load_official_pipeline(args.official, device)
+    return pipeline.load_pipeline(args.ckpt_dir, args.boundary, args.independent, device, encoder=args.encoder)
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    default_sampler(args)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    t_start = time.time()
+    size = data.parse_size(args.size)  # bad input is reported before any model is loaded
+    n_src = count_sources(args)
+    data.make_output_dir(args.out)
+    lpips = metrics.lpips_fn(device) if args.lpips else None
+    if args.recon or args.eval:
+        ensure_data(args.data)
+    # below, an earlier run's outputs are cleared once the inputs are read: a failed run keeps them
+    if args.recon:
+        enc, dec = load_decoder(args, device)
+        dataset = read_dataset(args)
+        clear_outputs(args.out)
+        return run_recon(enc, dec, dataset, args.out, args.eval_scenes, lpips)
+    pipe = load_pipe(args, device)
+    if args.eval:
+        dataset = read_dataset(args)
+        clear_outputs(args.out)
+        sampling = (args.sampler, args.steps, args.cfg_scale, args.seed)
+        return run_eval(pipe, dataset, n_src, *sampling, args.out, args.eval_scenes, lpips)
+    if args.images:
+        scene = photo_scene(args, n_src, size, pipe.enc, device)
     else:
-        ensure_data(a.data)
-        ds = dataset()
-        idx = int(a.scene) if a.scene.isdigit() else ds.index_of(a.scene)
-        if idx >= len(ds):
-            raise UserError(
-                f'--scene {a.scene}: the split has {len(ds)} scenes, pass an index 0..{len(ds) - 1} or a key'
-            )
-        scene = data.split_views(data.collate_one(ds[idx]), n_src, mode='ends' if n_src == 2 else 'random')
-        scene = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scene.items()}
-        images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        print(
-            f'scene {scene["key"][0]}: {n_src} sources -> {images.shape[1] - n_src} targets at '
-            f'{images.shape[-1]}x{images.shape[-2]}'
-        )
-    if a.images or traj:  # targets: the held-out images at their cameras (V = held), then the trajectory's
-        c2w_t, K_t = c2w[0, n_src : n_src + held], K[0, n_src : n_src + held]  # (held,4,4), (held,3,3)
-        if traj:
-            c2w_p, K_p = cameras.preset_trajectory(c2w[0, :n_src], K[0, :n_src], traj, a.frames, a.arc)
-            c2w_t, K_t = torch.cat([c2w_t, c2w_p]), torch.cat([K_t, K_p])
-        if a.images:
-            print(
-                f'{len(a.images)} images at {images.shape[-1]}x{images.shape[-2]}: {n_src} sources -> '
-                + ', '.join(
-                    [f'{held} held-out targets at their cameras'] * bool(held)
-                    + [f'{len(c2w_t) - held} targets on the {traj} trajectory'] * bool(traj)
-                )
-                + f'; world: {frame}'
-            )
-        res = generate_in_chunks(
-            pipe,
-            images[:, :n_src],
-            c2w[:, :n_src],
-            K[:, :n_src],
-            c2w_t,
-            K_t,
-            a.chunk,
-            sampler=a.sampler,
-            steps=a.steps,
-            cfg_scale=a.cfg_scale,
-            seed=a.seed,
-        )
-        gt = images[0, n_src:] if held else None
-        metrics = (
-            {'gld': image_metrics(res['images'][:, n_src : n_src + held], images[:, n_src:], lpips)} if held else None
-        )
-        c2w, K = torch.cat([c2w[:, :n_src], c2w_t[None]], 1), torch.cat([K[:, :n_src], K_t[None]], 1)
-    else:
-        rows, res = evaluate_scene(pipe, scene, n_src, a.steps, a.cfg_scale, a.seed, lpips, sampler=a.sampler)
-        gt, metrics = images[0, n_src:], rows
-        print('  ' + ', '.join(f'{m}: PSNR {r["psnr"]:.2f}' for m, r in rows.items() if 'psnr' in r))
-    clear_outputs(a.out)
-    write_outputs(a.out, images, res, c2w, K, n_src, gt, metrics, a.export, units, frame)
-    print(f'wrote {a.out}/ ({len(our_files(a.out))} files) in {time.time() - t_start:.1f}s')
+        scene = dataset_scene(args, n_src, device)
+    res, c2w, K, gt, scores = generate(args, pipe, scene, n_src, lpips)
+    clear_outputs(args.out)
+    images = scene['images']
+    write_outputs(args.out, images, res, c2w, K, n_src, gt, scores, args.export, scene['units'], scene['frame'])
+    print(f'wrote {args.out}/ ({len(our_files(args.out))} files) in {time.time() - t_start:.1f}s')
     return res
 
 

@@ -1,4 +1,5 @@
-"""synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy.
+"""synth.py: the synthetic indoor scenes that are gld's embedded default data, ray cast in numpy, and
+the writer of the Re10K chunk layout that stores them (data.py reads it; `python data.py synth`).
 
 Textured box rooms with boxes, spheres and cylinders, Lambertian point lights, smooth walkthrough
 camera paths, exact cameras and metric z-depth; a scene is a function of its seed. Modelling frame:
@@ -6,8 +7,16 @@ y up, floor y = 0; the stored world is turned 180 degrees about x (y down, as Op
 Shape legend: H W image, N rays/points, F frames.
 """
 
+import io
+import json
+import os
+
 import numpy as np
 import torch
+from PIL import Image
+
+import cameras
+import cli
 
 # five RGB colours in [0, 1] per palette; a texture mixes two of one palette
 PALETTES = {
@@ -512,3 +521,71 @@ def eval_window(rng, frames, views=8):
         'context': [idx[0], idx[-1]],
         'target': idx[1:-1],
     }
+
+
+# ----------------------------------------------------------- writing: the Re10K chunk layout
+def encode_jpeg(image, quality=90):  # (3,H,W) float [0,1] or (H,W,3) uint8 array -> JPEG bytes
+    if torch.is_tensor(image):
+        image = (image.clamp(0, 1) * 255).round().byte()
+        image = image.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format='JPEG', quality=quality)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)  # (bytes,) uint8
+
+
+def camera_rows(c2w, K):  # c2w (V,4,4), K (V,3,3) -> Re10K camera rows (V,18): fx fy cx cy, 0 0, w2c
+    K = K.double()
+    w2c = cameras.c2w_to_w2c(c2w.double())
+    intrinsics = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)
+    zeros = torch.zeros(len(K), 2, dtype=torch.float64)
+    rows = torch.cat([intrinsics, zeros, w2c[:, :3].reshape(-1, 12)], 1)
+    return rows.float()
+
+
+def write_re10k_chunk(path, scenes, quality=90):
+    """Scenes {'key', 'images' (V frames), 'c2w', 'K', 'timestamps', 'depths'?, 'url'?} -> a chunk."""
+    rows = []
+    for s in scenes:
+        images = s['images']
+        if not isinstance(images, list):  # frames to encode
+            images = [encode_jpeg(im, quality) for im in images]
+        row = {
+            'key': s['key'],
+            'url': s.get('url', ''),
+            'timestamps': torch.as_tensor(s['timestamps']).long(),
+            'cameras': camera_rows(s['c2w'], s['K']),
+            'images': images,
+        }
+        if s.get('depths') is not None:
+            row['depths'] = torch.as_tensor(s['depths']).half()
+        rows.append(row)
+    torch.save(rows, path)
+
+
+def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, quality=90):
+    """Render the synthetic set into out/{train,test}/*.torch + index.json, out/test/eval_index.json."""
+    for split_id, (split, n) in enumerate([('train', n_train), ('test', n_test)]):
+        if n == 0:  # e.g. sample.py renders only the test split
+            continue
+        folder = os.path.join(out, split)
+        os.makedirs(folder, exist_ok=True)
+        index = {}
+        evals = {}
+        bar = cli.Progress(f'rendering {split} scene', n)
+        for c in range(0, n, per_chunk):
+            name = f'{c // per_chunk:06d}.torch'
+            chunk = []
+            for i in range(c, min(c + per_chunk, n)):
+                key = f'synth_{split}_{i:05d}'
+                scene = synth_scene([seed, split_id, i], frames, size)
+                stamps = torch.arange(frames) * 33333  # microseconds at 30 fps
+                chunk.append({**scene, 'key': key, 'url': 'synthetic', 'timestamps': stamps})
+                evals[key] = eval_window(np.random.default_rng([seed, 2, i]), frames)
+                index[key] = name
+                bar.step()
+            write_re10k_chunk(os.path.join(folder, name), chunk, quality)
+        with open(os.path.join(folder, 'index.json'), 'w') as f:
+            json.dump(index, f)
+        if split == 'test':
+            with open(os.path.join(folder, 'eval_index.json'), 'w') as f:
+                json.dump(evals, f)

@@ -42,6 +42,7 @@ import encoder as encoder_lib
 import export
 import latent_cache
 import latents
+import metrics
 import model
 import official
 import pipeline
@@ -364,7 +365,7 @@ def scene_dict(key, V, H, W, gen):
 @pytest.fixture(scope='module')
 def synth_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('synth'))
-    data.write_synth(root, n_train=4, n_test=2, frames=10, size=28, seed=3, per_chunk=3)
+    synth.write_synth(root, n_train=4, n_test=2, frames=10, size=28, seed=3, per_chunk=3)
     return root
 
 
@@ -372,7 +373,7 @@ def test_chunk_roundtrip(tmp_path):
     gen = torch.Generator().manual_seed(0)
     scenes = [scene_dict(f's{i}', 5, 28, 42, gen) for i in range(2)]
     path = str(tmp_path / '000000.torch')
-    data.write_re10k_chunk(path, scenes)
+    synth.write_re10k_chunk(path, scenes)
     raw = torch.load(path, weights_only=True)
     assert raw[0]['cameras'].shape == (5, 18) and raw[0]['images'][0].dtype == torch.uint8
     assert torch.allclose(
@@ -419,19 +420,19 @@ def test_resize_and_crop_depth_nearest():
 def test_psnr_known_mse():
     gt = torch.zeros(2, 3, 3, 8, 8)
     pred = gt + 0.1  # mse 0.01 -> 20 dB
-    assert torch.allclose(data.psnr(pred, gt), torch.full((2, 3), 20.0), atol=1e-4)
+    assert torch.allclose(metrics.psnr(pred, gt), torch.full((2, 3), 20.0), atol=1e-4)
 
 
 def test_ssim_identity_and_skimage():
-    metrics = pytest.importorskip('skimage.metrics')
+    skimage_metrics = pytest.importorskip('skimage.metrics')
     gen = torch.Generator().manual_seed(1)
     x = (smooth_images(2, 40, 36, gen) + 0.1 * torch.rand(2, 3, 40, 36, generator=gen)).clamp(0, 1).double()
     y = (x + 0.15 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
-    assert torch.allclose(data.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
     for cov in (False, True):
-        ours = data.ssim(y, x, sample_covariance=cov)
+        ours = metrics.ssim(y, x, sample_covariance=cov)
         ref = [
-            metrics.structural_similarity(
+            skimage_metrics.structural_similarity(
                 x[i].numpy(),
                 y[i].numpy(),
                 channel_axis=0,
@@ -449,12 +450,12 @@ def test_ssim_identity_and_skimage():
 def test_depth_metrics_hand_case():
     gt = torch.tensor([[1.0, 2.0], [4.0, 0.0]])  # the 0 is invalid
     pred = 2 * gt
-    aligned = data.depth_metrics(pred, gt, align='median')
+    aligned = metrics.depth_metrics(pred, gt, align='median')
     assert aligned['absrel'] < 1e-9 and aligned['rmse'] < 1e-9 and aligned['delta1'] == 1.0
-    raw = data.depth_metrics(pred, gt, align=None)
+    raw = metrics.depth_metrics(pred, gt, align=None)
     assert raw['absrel'] == pytest.approx(1.0) and raw['delta1'] == 0.0
     assert raw['rmse'] == pytest.approx(np.sqrt((1 + 4 + 16) / 3))
-    masked = data.depth_metrics(
+    masked = metrics.depth_metrics(
         torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 2.0]]), mask=torch.tensor([[True, False]]), align=None
     )
     assert masked['absrel'] == 0.0
@@ -572,7 +573,7 @@ def test_corrupt_jpeg_is_skipped(tmp_path):
     gen = torch.Generator().manual_seed(2)
     scenes = [scene_dict(f'scene{i}', 3, 28, 28, gen) for i in range(3)]
     os.makedirs(tmp_path / 'train')
-    data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), scenes)
+    synth.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), scenes)
     chunk = torch.load(tmp_path / 'train' / '000000.torch', weights_only=True)
     chunk[1]['images'][1] = torch.tensor(list(b'not a jpeg at all'), dtype=torch.uint8)
     torch.save(chunk, tmp_path / 'train' / '000000.torch')
@@ -594,7 +595,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(cli.UserError, match=r'\(V, 18\)'):
         data.cameras_to_c2w_K(torch.zeros(4, 16), 'bad.torch')
     gen = torch.Generator().manual_seed(3)
-    data.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
+    synth.write_re10k_chunk(str(tmp_path / 'train' / '000000.torch'), [scene_dict('odd', 3, 30, 40, gen)])
     (tmp_path / 'train' / 'index.json').write_text(json.dumps({'odd': '000000.torch'}))
     with pytest.raises(cli.UserError, match='not multiples of 14; pass --size 28x28'):
         data.SceneDataset(str(tmp_path), 'train', num_views=2)
@@ -646,16 +647,16 @@ def test_lpips_fn_feeds_the_package_in_its_range_and_is_optional(monkeypatch, ca
             return (a - b).pow(2).mean((1, 2, 3)).view(-1, 1, 1, 1)
 
     monkeypatch.setitem(sys.modules, 'lpips', types.SimpleNamespace(LPIPS=FakeLPIPS))
-    fn = data.lpips_fn('cpu')
+    fn = metrics.lpips_fn('cpu')
     x, y = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     torch.testing.assert_close(fn(x, y), torch.full((2,), 4.0))  # [0,1] -> [-1,1]: the distance of -1 and 1
     monkeypatch.setitem(sys.modules, 'lpips', None)  # not installed: None, with a one-line notice
-    assert data.lpips_fn('cpu') is None and 'LPIPS disabled' in capsys.readouterr().out
+    assert metrics.lpips_fn('cpu') is None and 'LPIPS disabled' in capsys.readouterr().out
 
 
 def test_mixture_dataset_ratios_and_prefixes(tmp_path):
-    data.write_synth(str(tmp_path / 'a'), 2, 1, frames=6, size=28, seed=0)
-    data.write_synth(str(tmp_path / 'b'), 2, 1, frames=6, size=28, seed=1)
+    synth.write_synth(str(tmp_path / 'a'), 2, 1, frames=6, size=28, seed=0)
+    synth.write_synth(str(tmp_path / 'b'), 2, 1, frames=6, size=28, seed=1)
     mix = data.make_dataset(f're10k:{tmp_path / "a"}*3,{tmp_path / "b"}*1', split='train', num_views=2)
     A = data.make_dataset(str(tmp_path / 'a'), split='train', num_views=2)
     from_a = [any(torch.equal(mix[i]['images'], A[j]['images']) for j in range(len(A))) for i in range(len(mix))]
@@ -1823,7 +1824,7 @@ def test_load_official_pipeline_and_generate(release):
 def test_cli_official(release, tmp_path, monkeypatch, capsys):
     """python sample.py --official DIR on a dataset scene, with the small fake (encoder and heads patched in)."""
     root, _ = release
-    data.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
+    synth.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
     small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
     monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
     out = tmp_path / 'out'
@@ -2156,7 +2157,7 @@ TINY = [
 def world(tmp_path_factory):
     """A tiny synthetic set (56 px, 4x4 tokens) and 2-step runs of every stage in <tmp>/runs, cwd = <tmp>."""
     root = tmp_path_factory.mktemp('gld')
-    data.write_synth(str(root / 'data'), 4, 2, frames=10, size=56, seed=0)
+    synth.write_synth(str(root / 'data'), 4, 2, frames=10, size=56, seed=0)
     old = os.getcwd()
     os.chdir(root)
     d = ['--data', str(root / 'data')]
@@ -2826,7 +2827,7 @@ def test_ground_truth_latents_decode_like_the_decoder(world):
     # levels 0 and 1 are exact; 2 and 3 are propagated from level 1 (token 0 from the first source alone)
     own = pipe.enc.propagate(full[1], 1, pipe.enc.encode(images, return_cls=True)[1][1], (4, 4))
     assert torch.allclose(own[0], full[2], atol=1e-4) and torch.allclose(own[1], full[3], atol=1e-4)
-    assert data.psnr(out['images'], recon).min() > 30, float(err)
+    assert metrics.psnr(out['images'], recon).min() > 30, float(err)
 
 
 def test_sample_bad_inputs_name_the_file_and_the_fix(world, user_images, tmp_path, monkeypatch):
@@ -2881,7 +2882,7 @@ def test_ema_warmup_follows_the_num_updates_rule():
 def bundled(tmp_path_factory):
     """The bundled pipeline and the first two test scenes of the default synthetic set (regenerated: same seeds)."""
     root = tmp_path_factory.mktemp('bundled')
-    data.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
+    synth.write_synth(str(root), 0, 2, frames=24, size=112, seed=0)
     pipe = pipeline.load_pipeline(None)  # weights/tiny, found relative to sample.py
     ds = data.SceneDataset(str(root), split='test', eval=True)
     scenes = [data.split_views(data.collate_one(ds[i]), 2, mode='ends') for i in range(2)]
@@ -2896,7 +2897,7 @@ def test_bundled_cascade_beats_the_nearest_source_view(bundled):
     source view by a margin measured on the bundled models (README, Results)."""
     pipe, scenes = bundled
     for i, scene in enumerate(scenes):
-        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=10, cfg_scale=1.5, seed=i)
+        rows, _ = metrics.evaluate_scene(pipe, scene, 2, steps=10, cfg_scale=1.5, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + QUALITY_MARGIN_DB, rows
 
 
@@ -2940,7 +2941,7 @@ def test_bundled_default_sampler_beats_the_nearest_source_view_by_3_db(bundled):
     pipe, scenes = bundled
     steps, cfg_scale = sample.SAMPLER_DEFAULTS['bundled']
     for i, scene in enumerate(scenes):
-        rows, _ = sample.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
+        rows, _ = metrics.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
         assert rows['gld']['psnr'] > rows['nearest source']['psnr'] + 3.0, rows
 
 
@@ -2950,9 +2951,9 @@ def test_bundled_decoder_decodes_each_single_level_better_than_the_mean_image(bu
     images = scenes[0]['images']
     levels = pipe.enc.normalize_levels(pipe.enc.encode(images))
     out = decoder_lib.reconstruct_per_level(pipe.dec, levels, (8, 8))
-    mean_psnr = data.psnr(images.mean((-2, -1), keepdim=True).expand_as(images), images).mean()
+    mean_psnr = metrics.psnr(images.mean((-2, -1), keepdim=True).expand_as(images), images).mean()
     for level in ['all', 0, 1, 2, 3]:  # measured: 26.03-26.87 dB against 14.85 dB for the mean image
-        assert data.psnr(out[level].clamp(0, 1), images).mean() > mean_psnr + 5.0, level
+        assert metrics.psnr(out[level].clamp(0, 1), images).mean() > mean_psnr + 5.0, level
 
 
 def read_ply_points(path):
@@ -3180,7 +3181,7 @@ def test_depth_scale_recovers_the_cameras_units(exported):
 def small_data(tmp_path_factory):
     """2 + 2 synthetic scenes (56 px, 10 frames); tests copy it before spoiling it."""
     root = tmp_path_factory.mktemp('bad_input')
-    data.write_synth(str(root / 'd'), 2, 2, frames=10, size=56, seed=0)
+    synth.write_synth(str(root / 'd'), 2, 2, frames=10, size=56, seed=0)
     return root / 'd'
 
 
@@ -3311,7 +3312,7 @@ def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
     first, last = data.read_eval_index(str(d / 'test' / 'eval_index.json'))['synth_test_00000'][0]
     spoil_chunk(
         d / 'test' / '000000.torch',
-        lambda ch: ch[0]['images'].__setitem__(last, data.encode_jpeg(torch.rand(3, 42, 56))),
+        lambda ch: ch[0]['images'].__setitem__(last, synth.encode_jpeg(torch.rand(3, 42, 56))),
     )
     user_error(
         sample.main,
@@ -3323,7 +3324,7 @@ def test_frame_of_another_size_in_a_chunk(small_data, tmp_path, capsys):
     )
     spoil_chunk(
         d / 'test' / '000000.torch',
-        lambda ch: ch[1]['images'].__setitem__(slice(None), [data.encode_jpeg(torch.rand(3, 42, 56))] * 10),
+        lambda ch: ch[1]['images'].__setitem__(slice(None), [synth.encode_jpeg(torch.rand(3, 42, 56))] * 10),
     )  # a whole scene of another size
     user_error(
         sample.main,
@@ -3389,7 +3390,7 @@ def test_bad_cameras_are_refused_where_they_are_read(small_data, tmp_path, capsy
 
 
 def test_error_in_a_dataloader_worker_is_one_line_too(tmp_path, capsys):
-    data.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
+    synth.write_synth(str(tmp_path / 'd'), 2, 1, frames=6, size=28, seed=0, per_chunk=1)  # scene 1 in its own chunk
     spoil_chunk(
         tmp_path / 'd' / 'train' / '000001.torch', lambda ch: ch[0]['cameras'].__setitem__((0, 8), float('inf'))
     )
@@ -4547,7 +4548,7 @@ def test_da3_tiny_recon_is_the_same_vit_trained_for_pixels_only():
 def synth112(tmp_path_factory):
     """A synthetic set at 112 px: a multiple of DA3/VGGT/DINOv2's 14 and of the VAE token's 16."""
     root = tmp_path_factory.mktemp('synth112')
-    data.write_synth(str(root / 'data'), 2, 1, frames=6, size=112, seed=5)
+    synth.write_synth(str(root / 'data'), 2, 1, frames=6, size=112, seed=5)
     return root
 
 
@@ -4664,7 +4665,8 @@ IMPORT_LAYERS = [
     ('export', 'decoder'),
     ('encoder', 'model', 'diffusion'),
     ('data',),
-    ('synth', 'cameras'),
+    ('metrics', 'synth'),
+    ('cameras',),
     ('cli', 'constants', 'runlog'),
 ]
 

@@ -1,0 +1,228 @@
+"""Metrics: every number evaluation reports, in one place, and the paper's protocol on a scene.
+
+Images: PSNR, SSIM (Wang et al. 2004, as skimage) and LPIPS-VGG, as pixelSplat evaluates novel
+views. Depth: AbsRel, RMSE and delta < 1.25 after median scaling. Cameras: ATE / RPE after a
+similarity alignment (cameras.pose_metrics, re-exported here). Shape legend: B batch, V views,
+H W image.
+"""
+
+import csv
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# pose_metrics is cameras' public API; evaluation reads it here with the other metrics
+from cameras import pose_metrics  # noqa: F401
+
+# SSIM's constants (K1 L)^2 and (K2 L)^2 for images of range L = 1
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
+DEPTH_METRICS = ('absrel', 'rmse', 'delta1')
+IMAGE_DIMS = (-3, -2, -1)  # channels, rows, columns of (...,3,H,W)
+TABLE_COLUMNS = ('psnr', 'ssim', 'lpips', 'mse_k', 'ate', 'rpe_r', 'rpe_t', 'absrel', 'rmse', 'delta1')
+
+
+def psnr(pred, gt):  # (...,3,H,W) in [0,1] -> (...,) dB, pred clipped to [0,1] (as pixelSplat)
+    error = pred.clamp(0, 1) - gt
+    mse = error.pow(2).mean(IMAGE_DIMS)
+    # identical images: 100 dB, not infinity
+    mse = mse.clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def gaussian_blur(x, sigma=1.5):  # (N,1,H,W) -> (N,1,H-10,W-10): an 11x11 window, 'valid'
+    offsets = torch.arange(11, dtype=x.dtype, device=x.device) - 5
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    row = kernel.view(1, 1, 1, 11)
+    column = kernel.view(1, 1, 11, 1)
+    return F.conv2d(F.conv2d(x, row), column)
+
+
+def ssim(pred, gt, sample_covariance=False):
+    """(...,3,H,W) in [0,1] -> (...,) SSIM as skimage's (gaussian sigma 1.5, data_range 1), the
+    mean over channels; sample_covariance: the window's (n - 1) (co)variances, as pixelSplat's.
+    """
+    H, W = pred.shape[-2:]
+    # every channel an image of its own
+    x = pred.reshape(-1, 1, H, W)
+    gt = gt.to(pred.dtype)
+    y = gt.reshape(-1, 1, H, W)
+    mean_x = gaussian_blur(x)
+    mean_y = gaussian_blur(y)
+    norm = 121 / 120 if sample_covariance else 1.0
+    var_x = norm * (gaussian_blur(x * x) - mean_x * mean_x)
+    var_y = norm * (gaussian_blur(y * y) - mean_y * mean_y)
+    cov_xy = norm * (gaussian_blur(x * y) - mean_x * mean_y)
+    luminance_num = 2 * mean_x * mean_y + SSIM_C1
+    luminance_den = mean_x * mean_x + mean_y * mean_y + SSIM_C1
+    contrast_num = 2 * cov_xy + SSIM_C2
+    contrast_den = var_x + var_y + SSIM_C2
+    ssim_map = luminance_num * contrast_num / (luminance_den * contrast_den)
+    per_channel = ssim_map.mean(IMAGE_DIMS)  # (N,)
+    per_channel = per_channel.reshape(pred.shape[:-2])  # (...,3)
+    return per_channel.mean(-1)
+
+
+def lpips_fn(device='cpu'):
+    """LPIPS-VGG (as pixelSplat): (N,3,H,W) in [0,1] -> (N,); None (with a notice) without the
+    package or its weights."""
+    try:
+        import lpips
+
+        net = lpips.LPIPS(net='vgg', verbose=False)
+        net = net.to(device).eval().requires_grad_(False)
+    except Exception as e:  # missing package, or no network to fetch the VGG weights
+        fix = '`pip install lpips` with the VGG weights cached to enable it'
+        print(f'note: LPIPS disabled ({type(e).__name__}: {e}); {fix}')
+        return None
+
+    def distance(pred, gt):  # the package expects images in [-1, 1]
+        distances = net(pred * 2 - 1, gt * 2 - 1)  # (N,1,1,1)
+        return distances.flatten()
+
+    return distance
+
+
+def image_metrics(pred, gt, lpips=None):  # (B,V,3,H,W) each -> {'psnr', 'ssim', 'lpips'?} means
+    scores = {}
+    scores['psnr'] = psnr(pred, gt)
+    scores['ssim'] = ssim(pred, gt)
+    if lpips is not None:
+        # LPIPS takes a batch of images (B*V,3,H,W)
+        pred_images = pred.flatten(0, 1)
+        gt_images = gt.flatten(0, 1)
+        scores['lpips'] = lpips(pred_images, gt_images)
+    return {name: float(value.mean()) for name, value in scores.items()}
+
+
+def depth_metrics(pred, gt, mask=None, align='median'):
+    """(...,H,W) depths -> {'absrel', 'rmse', 'delta1'}, the mean over images of the pixels where
+    gt > 0, finite and mask; align='median': each prediction scaled to its gt's median first."""
+    H, W = pred.shape[-2:]
+    pred = pred.detach().double()
+    pred = pred.reshape(-1, H * W)  # (images, HW)
+    gt = gt.to(pred.device)
+    gt = gt.reshape(pred.shape).double()
+    valid = (gt > 0) & torch.isfinite(gt)
+    if mask is not None:
+        mask = mask.to(pred.device)
+        valid &= mask.reshape(pred.shape).bool()
+    rows = []
+    for pred_image, gt_image, valid_image in zip(pred, gt, valid):
+        if not valid_image.any():
+            continue
+        p = pred_image[valid_image]
+        g = gt_image[valid_image]
+        if align == 'median':
+            scale = g.median() / p.median().clamp_min(1e-8)
+            p = p * scale
+        p = p.clamp_min(1e-8)
+        error = p - g
+        absrel = (error.abs() / g).mean()
+        rmse = error.pow(2).mean().sqrt()
+        ratio = torch.maximum(p / g, g / p)
+        delta1 = (ratio < 1.25).double().mean()
+        rows.append([absrel, rmse, delta1])
+    if not rows:  # no valid pixel in any image
+        return dict.fromkeys(DEPTH_METRICS, float('nan'))
+    means = torch.tensor(rows).mean(0)
+    return dict(zip(DEPTH_METRICS, means.tolist()))
+
+
+# ------------------------------------------------------------ evaluation: the paper's protocol
+def baselines(images, c2w, n_src):
+    """The baselines' targets (B,M,3,H,W): the nearest source (by camera), the sources' mean colour."""
+    sources = c2w[:, :n_src, :3, 3]  # (B,N,3) camera centres
+    targets = c2w[:, n_src:, :3, 3]
+    idx = torch.cdist(targets, sources).argmin(-1)  # (B,M)
+    picked = [views[i] for views, i in zip(images, idx)]
+    nearest = torch.stack(picked)
+    source_images = images[:, :n_src]
+    mean = source_images.mean((1, 3, 4), keepdim=True)  # (B,1,3,1,1)
+    return nearest, mean.expand_as(nearest)
+
+
+def geometry_metrics(geo, scene, n_src):  # cameras, target depths of a geometry head; {} if none
+    scores = {}
+    if 'c2w' in geo:
+        scores = pose_metrics(geo['c2w'][0], scene['c2w'][0])
+    if 'depths' in scene and 'depth' in geo:
+        depth = geo['depth'][:, n_src:]
+        gt_depth = scene['depths'][:, n_src:]
+        scores.update(depth_metrics(depth, gt_depth, align='median'))
+    return scores
+
+
+def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
+    """One scene of the paper's protocol (sources first): metrics of GLD's and two baselines'
+    targets; gt_geometry: of the geometry head on the true images too."""
+    images = scene['images']
+    c2w = scene['c2w']
+    K = scene['K']
+    out = pipe.generate(images, c2w, K, n_src, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    nearest, mean = baselines(images, c2w, n_src)
+    targets = images[:, n_src:]
+    generated = out['images'][:, n_src:]
+    methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
+    rows = {}  # {method: {metric: value}}
+    for method, im in methods.items():
+        rows[method] = image_metrics(im, targets, lpips)
+    gld = rows['gld']
+    gld.update(geometry_metrics(out['geometry'], scene, n_src))
+    enc = pipe.enc
+    cls = None
+    if enc.has_geometry:
+        raw, cls = enc.encode(images, return_cls=True)
+    else:
+        raw = enc.encode(images)
+    k = pipe.boundary
+    if k in pipe.models:  # generated level k of the targets vs DA3 on the true images, normalised
+        normalize = pipe.models[k][1]['stats'].normalize
+        generated_k = normalize(out['levels'][k], k)
+        true_k = normalize(raw[k], k)
+        error = (generated_k - true_k)[:, n_src:]
+        gld['mse_k'] = float(error.pow(2).mean())
+    if gt_geometry and enc.has_geometry:  # the head on the true images: "geometry for free"
+        H, W = images.shape[-2:]
+        levels = enc.normalize_levels(raw)
+        geo = enc.geometry(levels, H, W, cls_last=cls[-1])
+        rows['da3 on gt images'] = geometry_metrics(geo, scene, n_src)
+    return rows, out
+
+
+def write_table(per_scene, out_dir, name, title):
+    """Rows {'scene', 'method', metric: value} -> name.md, name.json (means), name_scenes.csv."""
+    values = {}  # {method: {metric: [one per scene]}}
+    for row in per_scene:
+        method = row['method']
+        for k, v in row.items():
+            if k not in ('scene', 'method'):
+                values.setdefault(method, {}).setdefault(k, []).append(v)
+    table = {}  # {method: {metric: mean}}
+    for method, scores in values.items():
+        table[method] = {k: float(np.mean(v)) for k, v in scores.items()}
+    names = {k for means in table.values() for k in means}
+    cols = sorted(names, key=TABLE_COLUMNS.index)
+    header = f'| {title} | ' + ' | '.join(cols) + ' |'
+    rule = '|---' * (len(cols) + 1) + '|'
+    md = [header, rule]
+    for method, means in table.items():
+        cells = [f'{means[c]:.4g}' if c in means else '-' for c in cols]
+        line = f'| {method} | ' + ' | '.join(cells) + ' |'
+        md.append(line)
+    path = os.path.join(out_dir, name)
+    with open(f'{path}.md', 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    with open(f'{path}.json', 'w') as f:
+        json.dump(table, f, indent=1)
+    with open(f'{path}_scenes.csv', 'w', newline='') as f:
+        fields = ['scene', 'method'] + cols
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(per_scene)
+    print('\n'.join(md))
+    return table
