@@ -4550,7 +4550,7 @@ IMPORT_LAYERS = [
     ('dinov2',),
     ('export', 'decoder'),
     ('encoder', 'model', 'diffusion'),
-    ('data',),
+    ('data', 'geometry_head'),
     ('synth', 'cameras'),
     ('cli',),
 ]

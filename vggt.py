@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import cameras
 import dinov2
 import encoder as encoder_lib
+import geometry_head
 from constants import PATCH
 
 SPECIAL = 5  # camera token + 4 register tokens per frame
@@ -115,7 +116,7 @@ class VGGT(encoder_lib.LatentEncoder):
         super().__init__()
         self.cfg, self.dim, self.patch = cfg, 2 * cfg.embed_dim, PATCH
         self.aggregator = Aggregator(cfg)
-        self.depth_head = encoder_lib.DualDPT(self.dim, cfg.features, cfg.out_channels, aux=False, relu_skip=True)
+        self.depth_head = geometry_head.DualDPT(self.dim, cfg.features, cfg.out_channels, aux=False, relu_skip=True)
         self.camera_head = CameraHead(self.dim, cfg.cam_depth, cfg.cam_heads)
 
     def encode(self, images, return_cls=False):
@@ -141,7 +142,7 @@ class VGGT(encoder_lib.LatentEncoder):
             out = self.depth_head(levels, H, W)
             if cls_last is not None:
                 tok = cls_last[:, :, 0] if cls_last.dim() == 4 else cls_last
-                w2c, K = encoder_lib.decode_pose(self.camera_head(tok.float()).float(), H, W)  # no clamp, as VGGT
+                w2c, K = geometry_head.decode_pose(self.camera_head(tok.float()).float(), H, W)  # no clamp, as VGGT
                 out.update(
                     extrinsics=w2c[..., :3, :],
                     intrinsics=K,
