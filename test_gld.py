@@ -4664,7 +4664,7 @@ IMPORT_LAYERS = [
     ('dinov2',),
     ('export', 'decoder'),
     ('encoder', 'model', 'diffusion'),
-    ('data',),
+    ('data', 'geometry_head'),
     ('metrics', 'synth'),
     ('cameras',),
     ('cli', 'constants', 'runlog'),
