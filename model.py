@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 import cameras
@@ -108,12 +109,12 @@ class PositionEncoding:
             self.axes.append((size, p, freqs, angle.cos(), angle.sin()))
 
     def apply(self, u, role):  # u (B,nh,N,d); role 'q' | 'kv' | 'out'
-        B, nh, N, d = u.shape
         parts = []
         if self.mats is not None:  # projective block: the 4-vectors of a token in view v are mapped by M_v
-            blk = u[..., : self.start].reshape(B, nh, self.V, N // self.V, self.start // 4, 4)
+            blk = rearrange(u[..., : self.start], 'b heads (v t) (m four) -> b heads v t m four', v=self.V, four=4)
             M = self.mats[role].to(u.dtype)
-            parts.append(torch.einsum('bvij,bhvtnj->bhvtni', M, blk).reshape(B, nh, N, self.start))
+            mapped = torch.einsum('bvij,bhvtmj->bhvtmi', M, blk)
+            parts.append(rearrange(mapped, 'b heads v t m four -> b heads (v t) (m four)'))
         i = self.start
         for size, _, _, cos, sin in self.axes:
             parts.append(rope_rotate(u[..., i : i + size], cos.to(u.dtype), sin.to(u.dtype), inverse=role == 'out'))
@@ -186,8 +187,7 @@ class Attention(nn.Module):
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x, pe=None):  # x (B,N,D)
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
+        q, k, v = rearrange(self.qkv(x), 'b n (three heads d) -> three b heads n d', three=3, heads=self.heads)
         y = (
             F.scaled_dot_product_attention(q, k, v)
             if pe is None
@@ -195,7 +195,7 @@ class Attention(nn.Module):
             if self.reference
             else pe.attend(q, k, v)
         )
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
+        return self.proj(rearrange(y, 'b heads n d -> b n (heads d)'))  # head-major channel packing
 
 
 def modulate(x, shift, scale):
@@ -242,9 +242,9 @@ class CameraEmbedder(nn.Module):
         self.proj = nn.Conv2d(7, dim, patch, patch)
 
     def forward(self, plucker):
-        B, V = plucker.shape[:2]
-        e = self.proj(plucker.flatten(0, 1).to(self.proj.weight.dtype))  # (B*V,D,h,w)
-        return e.flatten(2).transpose(1, 2).unflatten(0, (B, V))  # (B,V,T,D), row-major
+        B = plucker.shape[0]
+        e = self.proj(rearrange(plucker, 'b v c H W -> (b v) c H W').to(self.proj.weight.dtype))
+        return rearrange(e, '(b v) d h w -> b v (h w) d', b=B)  # row-major tokens
 
 
 class FinalLayer(nn.Module):
@@ -293,9 +293,9 @@ class GLD(nn.Module):
 
     def embed(self, kind, x, src_mask):  # (B,V,T,Cin) -> (B,V*T,D), each view by its source or target embedder
         if not self.cfg.separate_embedders:
-            return getattr(self, f'{kind}_embedder')(x).flatten(1, 2)
+            return rearrange(getattr(self, f'{kind}_embedder')(x), 'b v t d -> b (v t) d')
         src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
-        return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
+        return rearrange(torch.where(src_mask[:, :, None, None], src, tgt), 'b v t d -> b (v t) d')
 
     def run_blocks(self, blocks, x, c, pe):  # each block recomputed in backward with cfg.checkpointing
         ckpt = self.cfg.checkpointing and self.training
@@ -312,7 +312,7 @@ class GLD(nn.Module):
         te = self.t_embedder(t)  # (B,C1)
         # condition encoder: tokens + camera map, adaLN from time
         s = self.embed('s', torch.cat([cond, upper], -1) if upper is not None else xc, src)  # (B,N,C1)
-        s = s + self.camera_embedder(cams['plucker']).flatten(1, 2)
+        s = s + rearrange(self.camera_embedder(cams['plucker']), 'b v t d -> b (v t) d')
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
         c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
         s = self.run_blocks(self.blocks[: cfg.enc_depth], s, c, pe_enc)
@@ -322,7 +322,7 @@ class GLD(nn.Module):
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
         x = self.run_blocks(self.blocks[cfg.enc_depth :], x, s, pe_head)
-        return self.final_layer(x, s).view(B, V, T, C)
+        return rearrange(self.final_layer(x, s), 'b (v t) c -> b v t c', v=V)
 
 
 def count_params(model):
