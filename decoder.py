@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from constants import IMAGENET_MEAN, IMAGENET_STD
 from model import Attention
@@ -95,10 +96,10 @@ class RGBDecoder(nn.Module):
             nn.init.zeros_(self.refine[-1].weight), nn.init.zeros_(self.refine[-1].bias)
 
     def pos_embed_at(self, h, w):  # the base table bicubically resized to an h x w token grid: (1,1+h*w,D)
-        g, D = self.cfg.base_grid, self.cfg.width
-        grid = self.pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1,D,g,g)
-        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)  # (1,D,h,w)
-        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], 1)
+        g = self.cfg.base_grid
+        grid = rearrange(self.pos_embed[:, 1:], 'b (gy gx) d -> b d gy gx', gy=g)
+        grid = F.interpolate(grid, size=(h, w), mode='bicubic', align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], rearrange(grid, 'b d h w -> b (h w) d')], 1)
 
     def fuse(self, levels, keep=None):
         """4 x (B,V,T,F) -> (B,V,T,4F), noised (training), mask tokens where keep (B,4) or (B,V,4) is False."""
@@ -116,16 +117,16 @@ class RGBDecoder(nn.Module):
         """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w) token grid, T = h*w -> (B,V,3,H,W), H = p*h."""
         (B, V, T, _), (h, w) = levels[0].shape, hw
         assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
-        x = self.embed(self.fuse(levels, keep).flatten(0, 1))  # (BV,T,D)
+        x = self.embed(rearrange(self.fuse(levels, keep), 'b v t f -> (b v) t f'))
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
         x = x + self.pos_embed_at(h, w).to(x.dtype)  # (BV,1+T,D)
         x, p = self.blocks(x), self.cfg.patch
-        x = self.head(self.norm(x)[:, 1:]).reshape(B * V, h, w, p, p, 3)  # (BV,h,w,p,p,3): (py, px, rgb) as released
-        images = x.permute(0, 5, 1, 3, 2, 4).reshape(B * V, 3, h * p, w * p)  # (BV,3,H,W)
+        patches = self.head(self.norm(x)[:, 1:])  # each token's pixels ordered (py, px, rgb), as released
+        images = rearrange(patches, 'bv (h w) (py px c) -> bv c (h py) (w px)', h=h, py=p, px=p, c=3)
         images = images + self.refine(images) if self.refine is not None else images
         if self.cfg.imagenet_output:
             images = images * self.rgb_std + self.rgb_mean
-        return images.view(B, V, *images.shape[1:])
+        return rearrange(images, '(b v) c H W -> b v c H W', b=B)
 
 
 def sample_level_keep(B, p=0.5, generator=None, levels=NUM_LEVELS):
