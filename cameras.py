@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from cli import UserError
 
@@ -121,10 +122,10 @@ def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
     """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel (u, v) + pixel_offset (release: -0.5, 0.5)."""
-    xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
+    xy = rearrange(pixel_centres(H, W, pixel_offset, K.device, K.dtype), 'H W xy -> (H W) xy')
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
     rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
-    return rays.transpose(-1, -2).unflatten(-1, (H, W))  # (...,6,H,W)
+    return rearrange(rays, '... (H W) c -> ... c H W', H=H)
 
 
 def prope_matrices(c2w, K, official=False):
@@ -167,7 +168,7 @@ def rotmat_to_quat(m):
 
 def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack(
+    entries = torch.stack(
         [
             1 - 2 * (y * y + z * z),
             2 * (x * y - w * z),
@@ -180,7 +181,8 @@ def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
             1 - 2 * (x * x + y * y),
         ],
         -1,
-    ).unflatten(-1, (3, 3))
+    )  # (...,9), row-major
+    return rearrange(entries, '... (row col) -> ... row col', row=3)
 
 
 def slerp(q0, q1, t):  # along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)
