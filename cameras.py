@@ -54,7 +54,7 @@ def check_cameras(c2w, K, where):
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate: fx/fy within 2x, principal point inside, centres 1% of the depth apart."""
+    """UserError unless fx/fy is within 2x, pp inside, centres >= 1% of the median depth apart."""
     fx = K[:, 0, 0] * W
     fy = K[:, 1, 1] * H
     pp = K[:, :2, 2]

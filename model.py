@@ -124,7 +124,7 @@ class PositionEncoding:
         if kind == 'prope':
             assert d % 8 == 0, f'PRoPE needs head dims divisible by 8, got {d}'
             self.mats = {
-                'q': cams['P'].transpose(-1, -2),
+                'q': cams['P'].mT,
                 'kv': cams['P_inv'],
                 'out': cams['P'],
             }
