@@ -1,82 +1,118 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE matrices, trajectories, camera checks, pose metrics.
+"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE, trajectories, checks, metrics.
 
-Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y down, z forward.
-Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point ~(0.5, 0.5) at any resolution); pixel
-(u, v) covers [u, u+1) x [v, v+1), centre +0.5. Shape legend: B batch, V views, H W image, N points, n trajectory
-length. References: PRoPE (Li et al. 2025); Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
+Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y
+down, z forward. Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point
+~(0.5, 0.5) at any resolution); pixel (u, v) covers [u, u+1) x [v, v+1), centre +0.5. Shape legend:
+B batch, V views, H W image, N points, n trajectory length. References: PRoPE (Li et al. 2025);
+Umeyama 1991; evo (ATE/RPE); the GLD release for its quirks.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from cli import UserError
 
 
-# ----------------------------------------------------------------------------- checks of cameras read or estimated
+# ----------------------------------------------------------------------------- camera checks
 def check_cameras(c2w, K, where):
-    """c2w (V,4,4) finite and rigid (1e-3), K (V,3,3) with positive focals, else a UserError naming where, the view."""
-    bad = lambda mask: int(mask.nonzero()[0, 0])  # the first offending view
-    finite = torch.isfinite(c2w).flatten(1).all(1) & torch.isfinite(K).flatten(1).all(1)
+    """c2w (V,4,4) finite and rigid (1e-3), K (V,3,3) with positive focals, else a UserError."""
+
+    def first(mask):  # the first offending view
+        return int(mask.nonzero()[0, 0])
+
+    finite = torch.isfinite(c2w).flatten(1).all(1)
+    finite &= torch.isfinite(K).flatten(1).all(1)
     if not finite.all():
-        raise UserError(f'{where}: camera of view {bad(~finite)} holds NaN or inf values; fix or drop that frame')
-    R = c2w[:, :3, :3].double()
-    err = (R @ R.transpose(-1, -2) - torch.eye(3, dtype=R.dtype)).abs().flatten(1).amax(1)
-    ortho = (err < 1e-3) & (torch.linalg.det(R) > 0)
+        v = first(~finite)
+        problem = f'camera of view {v} holds NaN or inf values'
+        raise UserError(f'{where}: {problem}; fix or drop that frame')
+    R = rotation(c2w).double()
+    identity = torch.eye(3, dtype=R.dtype)
+    RRt = R @ R.mT
+    err = (RRt - identity).abs().flatten(1).amax(1)
+    det = torch.linalg.det(R)
+    ortho = (err < 1e-3) & (det > 0)
     if not ortho.all():
-        v = bad(~ortho)
+        v = first(~ortho)
         raise UserError(
-            f'{where}: the rotation of view {v} is not orthonormal (|R R^T - I| = {float(err[v]):.2g}, '
-            f'det {float(torch.linalg.det(R[v])):.3g}); write rigid camera poses (OpenCV c2w / w2c)'
+            f'{where}: the rotation of view {v} is not orthonormal '
+            f'(|R R^T - I| = {err[v]:.2g}, det {det[v]:.3g}); '
+            'write rigid camera poses (OpenCV c2w / w2c)'
         )
-    focal = (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0)
+    fx = K[:, 0, 0]
+    fy = K[:, 1, 1]
+    focal = (fx > 0) & (fy > 0)
     if not focal.all():
-        v = bad(~focal)
+        v = first(~focal)
         raise UserError(
-            f'{where}: view {v} has focal lengths fx {float(K[v, 0, 0]):.3g}, fy {float(K[v, 1, 1]):.3g}; '
+            f'{where}: view {v} has focal lengths fx {fx[v]:.3g}, fy {fy[v]:.3g}; '
             'they must be positive (normalised: fx / W, fy / H)'
         )
 
 
 def check_estimate(c2w, K, depth, H, W):
-    """DA3's estimate (fx/fy within 2x, principal point inside, centres >= 1% of median depth apart), else UserError."""
-    fx, fy, pp, problems = K[:, 0, 0] * W, K[:, 1, 1] * H, K[:, :2, 2], []
+    """UserError unless fx/fy is within 2x, pp inside, centres >= 1% of the median depth apart."""
+    fx = K[:, 0, 0] * W
+    fy = K[:, 1, 1] * H
+    pp = K[:, :2, 2]
+    problems = []
     aspect = (fx / fy).clamp_min(1e-9)
-    if ((aspect > 2) | (aspect < 0.5)).any():
-        v = int((aspect.log().abs()).argmax())
-        problems.append(f'focal lengths fx {float(fx[v]):.4g}, fy {float(fy[v]):.4g} px of photo {v}')
-    if ((pp < 0) | (pp > 1)).any():
-        v = int(((pp - 0.5).abs().amax(-1)).argmax())
-        problems.append(
-            f'principal point ({float(pp[v, 0] * W):.4g}, {float(pp[v, 1] * H):.4g}) px of photo {v}, '
-            f'outside the {W}x{H} image'
-        )
-    baseline = float((c2w[:, None, :3, 3] - c2w[None, :, :3, 3]).norm(dim=-1).max()) if len(c2w) > 1 else None
-    if baseline is not None and baseline < 0.01 * float(depth.median()):
-        problems.append(f'the photos {baseline:.2g} apart at a median depth of {float(depth.median()):.3g}')
+    skewed = (aspect > 2) | (aspect < 0.5)
+    if skewed.any():
+        v = int(aspect.log().abs().argmax())
+        problems.append(f'focal lengths fx {fx[v]:.4g}, fy {fy[v]:.4g} px of photo {v}')
+    outside = (pp < 0) | (pp > 1)
+    if outside.any():
+        v = int((pp - 0.5).abs().amax(-1).argmax())
+        px = pp[v, 0] * W
+        py = pp[v, 1] * H
+        point = f'({px:.4g}, {py:.4g}) px'
+        problems.append(f'principal point {point} of photo {v}, outside the {W}x{H} image')
+    if len(c2w) > 1:
+        centres = translation(c2w)
+        gaps = (centres[:, None] - centres[None, :]).norm(dim=-1)  # (V,V)
+        baseline = float(gaps.max())
+        median = float(depth.median())
+        if baseline < 0.01 * median:
+            problems.append(f'the photos {baseline:.2g} apart at a median depth of {median:.3g}')
     if problems:
+        found = '; '.join(problems)
         raise UserError(
-            'the cameras DA3 estimated for --images are implausible ('
-            + '; '.join(problems)
-            + '); pass your cameras with --cameras (see README, "Your own photos"), or --keep-estimate '
-            'to go on anyway'
+            f'the cameras DA3 estimated for --images are implausible ({found}); '
+            'pass your cameras with --cameras (see README, "Your own photos"), '
+            'or --keep-estimate to go on anyway'
         )
 
 
 # ----------------------------------------------------------------------------- basic conversions
+def rotation(T):  # (...,4,4) -> (...,3,3)
+    return T[..., :3, :3]
+
+
+def translation(T):  # (...,4,4) -> (...,3); of a c2w, the camera centre
+    return T[..., :3, 3]
+
+
 def make_pose(R, t):  # (...,3,3), (...,3) -> (...,4,4)
-    T = torch.zeros(*R.shape[:-2], 4, 4, dtype=R.dtype, device=R.device)
-    T[..., :3, :3], T[..., :3, 3], T[..., 3, 3] = R, t, 1
+    T = R.new_zeros(*R.shape[:-2], 4, 4)
+    T[..., :3, :3] = R
+    T[..., :3, 3] = t
+    T[..., 3, 3] = 1
     return T
 
 
 def rigid_inverse(T):  # [R t; 0 1]^-1 = [R^T  -R^T t; 0 1]
-    Rt = T[..., :3, :3].transpose(-1, -2)
-    return make_pose(Rt, -(Rt @ T[..., :3, 3:])[..., 0])
+    Rt = rotation(T).mT
+    t = T[..., :3, 3:]  # (...,3,1)
+    t_inv = -(Rt @ t)[..., 0]  # (...,3)
+    return make_pose(Rt, t_inv)
 
 
-c2w_to_w2c = w2c_to_c2w = rigid_inverse
+c2w_to_w2c = rigid_inverse
+w2c_to_c2w = rigid_inverse
 
 
 def K_to_pixels(K, H, W):
@@ -92,65 +128,99 @@ def opengl_to_opencv(c2w):  # OpenGL/nerfstudio (y up, z back) <-> OpenCV c2w: n
 
 
 def normalize_poses(c2w, ref=-1, by='norm'):
-    """c2w (...,V,4,4) relative to view `ref` in unit extent -> (c2w_rel, scale (...,)): by='norm', the largest ||t||
-    becomes 1 (ours); 'max_abs', the largest |t| component (the release, ref=-1). Coinciding cameras get scale 1."""
-    rel = rigid_inverse(c2w.select(-3, ref).unsqueeze(-3)) @ c2w  # (...,V,4,4)
-    t = rel[..., :3, 3]  # (...,V,3)
+    """c2w (...,V,4,4) relative to view `ref`, in unit extent -> (c2w_rel, scale (...,)). by='norm':
+    the largest ||t|| is 1 (ours); 'max_abs': the largest |t_i| (the release); coinciding: 1."""
     if by not in ('norm', 'max_abs'):
         raise ValueError(f"by must be 'norm' or 'max_abs', got {by!r}")
-    extent = t.norm(dim=-1).amax(-1) if by == 'norm' else t.abs().amax((-1, -2))
-    scale = torch.where(extent > 1e-8, 1 / extent.clamp_min(1e-8), torch.ones_like(extent))  # (...,)
+    ref_c2w = c2w.select(-3, ref).unsqueeze(-3)  # (...,1,4,4)
+    rel = rigid_inverse(ref_c2w) @ c2w  # (...,V,4,4)
+    t = translation(rel)  # (...,V,3)
+    if by == 'norm':
+        extent = t.norm(dim=-1).amax(-1)
+    else:
+        extent = t.abs().amax((-1, -2))
+    inverse = 1 / extent.clamp_min(1e-8)
+    ones = torch.ones_like(extent)
+    scale = torch.where(extent > 1e-8, inverse, ones)  # (...,)
     rel[..., :3, 3] = t * scale[..., None, None]
     return rel, scale
 
 
 # ----------------------------------------------------------------------------- rays and PRoPE
-def world_rays(c2w, K, xy):  # rays through normalised xy (...,N,2): centres (...,1,3), unit directions (...,N,3)
-    pts = torch.cat([xy, torch.ones_like(xy[..., :1])], -1)  # (...,N,3) homogeneous
-    d_cam = pts @ torch.linalg.inv(K).transpose(-1, -2)  # (...,N,3) K^-1 [x, y, 1]
-    d = F.normalize(d_cam @ c2w[..., :3, :3].transpose(-1, -2), dim=-1)  # rotate into the world
-    return c2w[..., None, :3, 3], d
+def world_rays(c2w, K, xy):
+    """Rays through normalised xy (...,N,2) -> centres (...,1,3), unit directions (...,N,3)."""
+    ones = torch.ones_like(xy[..., :1])
+    pts = torch.cat([xy, ones], -1)  # (...,N,3) homogeneous
+    d_cam = pts @ torch.linalg.inv(K).mT  # (...,N,3) K^-1 [x, y, 1]
+    d_world = d_cam @ rotation(c2w).mT
+    centres = translation(c2w)[..., None, :]  # (...,1,3)
+    return centres, F.normalize(d_world, dim=-1)
 
 
 def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
-    """Normalised coordinates [(u + offset_x) / W, (v + offset_y) / H] of every pixel -> (H,W,2) (x, y)."""
-    u = (torch.arange(W, dtype=dtype, device=device) + offset[0]) / W
-    v = (torch.arange(H, dtype=dtype, device=device) + offset[1]) / H
-    return torch.stack(torch.meshgrid(v, u, indexing='ij')[::-1], -1)
+    """Normalised [(u + offset_x) / W, (v + offset_y) / H] of every pixel (u, v) -> (H,W,2)."""
+    u = torch.arange(W, dtype=dtype, device=device)
+    v = torch.arange(H, dtype=dtype, device=device)
+    x = (u + offset[0]) / W
+    y = (v + offset[1]) / H
+    grid_y, grid_x = torch.meshgrid(y, x, indexing='ij')
+    return torch.stack([grid_x, grid_y], -1)
 
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
-    """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel (u, v) + pixel_offset (release: -0.5, 0.5)."""
-    xy = pixel_centres(H, W, pixel_offset, K.device, K.dtype).reshape(H * W, 2)  # (HW,2), y outer
+    """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel + pixel_offset."""
+    centres = pixel_centres(H, W, pixel_offset, K.device, K.dtype)
+    xy = rearrange(centres, 'H W xy -> (H W) xy')
     o, d = world_rays(c2w, K, xy)  # (...,1,3), (...,HW,3)
-    rays = torch.cat([d, torch.linalg.cross(o.expand_as(d), d, dim=-1)], -1)  # (...,HW,6): [d, moment o x d]
-    return rays.transpose(-1, -2).unflatten(-1, (H, W))  # (...,6,H,W)
+    moment = torch.linalg.cross(o.expand_as(d), d)  # o x d
+    rays = torch.cat([d, moment], -1)  # (...,HW,6)
+    return rearrange(rays, '... (H W) c -> ... c H W', H=H)
 
 
 def prope_matrices(c2w, K, official=False):
-    """PRoPE P = lift(K') w2c, P_inv = P^-1 = c2w lift(K'^-1) (...,4,4); logits see P_a P_b^-1 only (frame-invariant).
-    official=True: the release's P_inv = c2w lift(K') (K', not K'^-1), so there P_inv P != I."""
+    """PRoPE P = lift(K') w2c, P_inv = P^-1 = c2w lift(K'^-1) (...,4,4): logits see P_a P_b^-1."""
     Kc = prope_K(K)
-    return lift(Kc) @ rigid_inverse(c2w), c2w @ lift(Kc if official else torch.linalg.inv(Kc))
+    P = lift(Kc) @ rigid_inverse(c2w)
+    if official:  # the release's P_inv = c2w lift(K'), so P_inv P != I
+        P_inv = c2w @ lift(Kc)
+    else:
+        P_inv = c2w @ lift(torch.linalg.inv(Kc))
+    return P, P_inv
 
 
 def prope_K(K):  # K' of PRoPE: the normalised principal point shifted by -0.5 (image centre at 0)
-    return K - K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
+    shift = K.new_tensor([[0, 0, 0.5], [0, 0, 0.5], [0, 0, 0]])
+    return K - shift
 
 
 def lift(K):  # PRoPE's lift: K (...,3,3) in the top-left of a 4x4 identity
-    L = torch.eye(4, dtype=K.dtype, device=K.device).expand(*K.shape[:-2], 4, 4).clone()
+    identity = torch.eye(4, dtype=K.dtype, device=K.device)
+    L = identity.expand(*K.shape[:-2], 4, 4).clone()
     L[..., :3, :3] = K
     return L
 
 
-# ----------------------------------------------------------------------------- quaternions (w, x, y, z)
+# ----------------------------------------------------------------------------- quaternions
 def rotmat_to_quat(m):
-    """Rotations (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0; row i of cand is 4 q_i q (pivot i)."""
-    tr = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
-    q2 = torch.stack([1 + tr, *(1 + 2 * m[..., i, i] - tr for i in range(3))], -1)  # (...,4) = 4 q_i^2
-    wx, wy, wz = m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]
-    xy, xz, yz = m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1]
+    """Rotations (...,3,3) -> unit quaternions (...,4) (w, x, y, z), w >= 0."""
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.flatten(-2).unbind(-1)  # (...,) each
+    tr = m00 + m11 + m22
+    q2 = torch.stack(
+        [
+            1 + tr,
+            1 + 2 * m00 - tr,
+            1 + 2 * m11 - tr,
+            1 + 2 * m22 - tr,
+        ],
+        -1,
+    )  # (...,4) = 4 q_i^2
+    wx = m21 - m12
+    wy = m02 - m20
+    wz = m10 - m01
+    xy = m01 + m10
+    xz = m02 + m20
+    yz = m12 + m21
+    # row i = 4 q_i q, normalised; the pivot, the largest q_i^2, is the exact one
     cand = torch.stack(
         [
             torch.stack([q2[..., 0], wx, wy, wz], -1),
@@ -159,15 +229,18 @@ def rotmat_to_quat(m):
             torch.stack([wz, xz, yz, q2[..., 3]], -1),
         ],
         -2,
-    )
-    i = q2.argmax(-1, keepdim=True)  # (...,1) the pivot
-    q = F.normalize(cand.gather(-2, i[..., None].expand(*i.shape, 4))[..., 0, :], dim=-1)  # (...,4)
-    return q * torch.where(q[..., :1] < 0, -1.0, 1.0)
+    )  # (...,4,4)
+    pivot = q2.argmax(-1, keepdim=True)  # (...,1)
+    index = pivot[..., None].expand(*pivot.shape, 4)  # (...,1,4)
+    row = cand.gather(-2, index)[..., 0, :]  # (...,4) the pivot's row
+    q = F.normalize(row, dim=-1)
+    sign = torch.where(q[..., :1] < 0, -1.0, 1.0)  # w >= 0
+    return q * sign
 
 
 def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack(
+    entries = torch.stack(
         [
             1 - 2 * (y * y + z * z),
             2 * (x * y - w * z),
@@ -180,132 +253,216 @@ def quat_to_rotmat(q):  # (...,4) (w, x, y, z), any norm -> (...,3,3)
             1 - 2 * (x * x + y * y),
         ],
         -1,
-    ).unflatten(-1, (3, 3))
+    )  # (...,9), row-major
+    return rearrange(entries, '... (row col) -> ... row col', row=3)
 
 
 def slerp(q0, q1, t):  # along the shorter arc: q0, q1 (4,), t (n,) in [0,1] -> (n,4)
     dot = (q0 * q1).sum()
-    q1, dot = (-q1, -dot) if dot < 0 else (q1, dot)
+    if dot < 0:
+        q1 = -q1
+        dot = -dot
     theta = torch.arccos(dot.clamp(max=1.0))
     if theta < 1e-6:  # (nearly) the same rotation: linear interpolation is exact enough
-        return F.normalize(torch.lerp(q0, q1, t[:, None]), dim=-1)
-    w0, w1 = torch.sin((1 - t) * theta) / torch.sin(theta), torch.sin(t * theta) / torch.sin(theta)
+        q = torch.lerp(q0, q1, t[:, None])
+        return F.normalize(q, dim=-1)
+    sin_theta = torch.sin(theta)
+    w0 = torch.sin((1 - t) * theta) / sin_theta
+    w1 = torch.sin(t * theta) / sin_theta
     return w0[:, None] * q0 + w1[:, None] * q1
 
 
-# ----------------------------------------------------------------------------- trajectories (each returns c2w (n,4,4))
+# ----------------------------------------------------------------------------- trajectories
 def path_through(c2w, K, s):
-    """c2w (n,4,4), K (n,3,3) at s (n,) in [0, N-1] on the path through c2w (N,4,4), K: slerp rotations, lerp rest."""
-    i = s.floor().long().clamp(0, max(len(c2w) - 2, 0))  # (n,) the segment of each camera
-    poses, Ks = [], []
-    for j, t in zip(i.tolist(), (s - i).tolist()):
-        b = min(j + 1, len(c2w) - 1)
-        q = slerp(rotmat_to_quat(c2w[j, :3, :3]), rotmat_to_quat(c2w[b, :3, :3]), s.new_tensor([t]))
-        poses.append(make_pose(quat_to_rotmat(q)[0], torch.lerp(c2w[j, :3, 3], c2w[b, :3, 3], t)))
-        Ks.append(torch.lerp(K[j], K[b], t))
+    """c2w (n,4,4), K at s (n,) in [0, N-1] along c2w (N,4,4), K: rotations slerped, rest lerped."""
+    last = len(c2w) - 1
+    segment = s.floor().long().clamp(0, max(last - 1, 0))  # (n,) the segment of each camera
+    poses = []
+    Ks = []
+    fractions = (s - segment).tolist()
+    for a, t in zip(segment.tolist(), fractions):
+        b = min(a + 1, last)
+        qa = rotmat_to_quat(rotation(c2w[a]))
+        qb = rotmat_to_quat(rotation(c2w[b]))
+        q = slerp(qa, qb, s.new_tensor([t]))  # (1,4)
+        R = quat_to_rotmat(q)[0]
+        centre = torch.lerp(translation(c2w[a]), translation(c2w[b]), t)
+        poses.append(make_pose(R, centre))
+        Ks.append(torch.lerp(K[a], K[b], t))
     return torch.stack(poses), torch.stack(Ks)
 
 
 def arc(c2w_ref, centre, up, degrees, n):
-    """n cameras: c2w_ref (4,4) turned about the axis (centre, up) by 0..degrees (a full turn excludes its end)."""
-    angle = torch.linspace(0, math.radians(degrees), n + 1 if abs(degrees) >= 360 else n, dtype=c2w_ref.dtype)[:n]
+    """n cameras: c2w_ref turned about the axis (centre, up) by 0..degrees (a full turn: no end)."""
+    steps = n + 1 if abs(degrees) >= 360 else n
+    end = math.radians(degrees)
+    angle = torch.linspace(0, end, steps, dtype=c2w_ref.dtype)[:n]
     k = F.normalize(up.to(c2w_ref.dtype), dim=0)  # the unit axis
-    cross = torch.zeros(3, 3, dtype=k.dtype, device=k.device)
-    cross[0, 1], cross[0, 2], cross[1, 0], cross[1, 2], cross[2, 0], cross[2, 1] = -k[2], k[1], k[2], -k[0], -k[1], k[0]
-    c, s = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    R = c * torch.eye(3, dtype=k.dtype) + s * cross + (1 - c) * torch.outer(k, k)  # (n,3,3) Rodrigues
-    eye = centre + (c2w_ref[:3, 3] - centre) @ R.transpose(-1, -2)  # (n,3)
-    return make_pose(R @ c2w_ref[:3, :3], eye)
+    cross = k.new_zeros(3, 3)  # cross @ v = k x v
+    cross[0, 1] = -k[2]
+    cross[0, 2] = k[1]
+    cross[1, 0] = k[2]
+    cross[1, 2] = -k[0]
+    cross[2, 0] = -k[1]
+    cross[2, 1] = k[0]
+    cos = angle.cos()[:, None, None]
+    sin = angle.sin()[:, None, None]
+    identity = torch.eye(3, dtype=k.dtype)
+    R = cos * identity + sin * cross + (1 - cos) * torch.outer(k, k)  # (n,3,3), Rodrigues
+    arm = translation(c2w_ref) - centre  # (3,) from the axis to the camera
+    eye = centre + arm @ R.mT  # (n,3)
+    return make_pose(R @ rotation(c2w_ref), eye)
 
 
-def axes_meeting_point(c2w):  # least-squares point nearest the optical axes; None if parallel or behind one
-    o, d = c2w[:, :3, 3], c2w[:, :3, 2]  # (N,3) centres and viewing directions
-    P = torch.eye(3, dtype=o.dtype) - d[:, :, None] * d[:, None, :]  # (N,3,3) projections orthogonal to each axis
-    A, b = P.sum(0), (P @ o[:, :, None]).sum(0)[:, 0]
-    if len(c2w) < 2 or torch.linalg.eigvalsh(A)[0] < 1e-3 * len(c2w):
+def axes_meeting_point(c2w):
+    """The point nearest the optical axes (least squares); None if parallel or behind a camera."""
+    o = translation(c2w)  # (N,3)
+    d = c2w[:, :3, 2]  # (N,3) viewing directions
+    outer = d[:, :, None] * d[:, None, :]  # (N,3,3) d d^T
+    P = torch.eye(3, dtype=o.dtype) - outer  # projections orthogonal to each axis
+    A = P.sum(0)
+    b = (P @ o[:, :, None]).sum(0)[:, 0]
+    if len(c2w) < 2:
+        return None
+    if torch.linalg.eigvalsh(A)[0] < 1e-3 * len(c2w):  # (nearly) parallel axes
         return None
     p = torch.linalg.solve(A, b)
-    return p if bool((((p - o) * d).sum(-1) > 0).all()) else None
+    in_front = ((p - o) * d).sum(-1) > 0
+    return p if bool(in_front.all()) else None
 
 
-def look_at(eye, target, up):  # OpenCV c2w (...,4,4) at eye (...,3), z towards target, y (down) opposite up
+def look_at(eye, target, up):
+    """OpenCV c2w (...,4,4) at eye (...,3), z towards target, y (down) opposite up."""
     z = F.normalize(target - eye, dim=-1)
-    x = F.normalize(torch.linalg.cross(z, up.expand_as(z), dim=-1), dim=-1)
-    return make_pose(torch.stack([x, torch.linalg.cross(z, x, dim=-1), z], -1), eye)  # y = z x x
+    right = torch.linalg.cross(z, up.expand_as(z))
+    x = F.normalize(right, dim=-1)
+    y = torch.linalg.cross(z, x)
+    R = torch.stack([x, y, z], -1)  # the camera axes as columns
+    return make_pose(R, eye)
 
 
 def spiral(c2w_ref, n, radius=0.1, depth=1.0, turns=2.0):
-    """n cameras circling c2w_ref in its image plane (radius growing over the first turn), looking `depth` ahead."""
-    R, c = c2w_ref[:3, :3], c2w_ref[:3, 3]
-    theta = torch.linspace(0, 2 * math.pi * turns, n, dtype=R.dtype, device=R.device)[:, None]  # (n,1)
+    """n cameras circling c2w_ref in its image plane (radius grows over a turn), `depth` ahead."""
+    R = rotation(c2w_ref)
+    c = translation(c2w_ref)
+    end = 2 * math.pi * turns
+    angle = torch.linspace(0, end, n, dtype=R.dtype, device=R.device)
+    theta = angle[:, None]  # (n,1)
     r = radius * (theta / (2 * math.pi)).clamp(max=1)  # (n,1)
-    eye = c + r * (theta.cos() * R[:, 0] + theta.sin() * R[:, 1])  # (n,3)
-    return look_at(eye, (c + depth * R[:, 2]).expand_as(eye), -R[:, 1])
+    direction = theta.cos() * R[:, 0] + theta.sin() * R[:, 1]  # (n,3) in the image plane
+    eye = c + r * direction
+    target = c + depth * R[:, 2]
+    return look_at(eye, target.expand_as(eye), -R[:, 1])
 
 
-def forward_dolly(c2w_ref, n, distance):  # n cameras from c2w_ref along its viewing axis by distance (ends included)
-    s = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)[:, None]  # (n,1)
-    return make_pose(c2w_ref[:3, :3].expand(n, 3, 3), c2w_ref[:3, 3] + s * c2w_ref[:3, 2])
+def forward_dolly(c2w_ref, n, distance):
+    """n cameras from c2w_ref along its viewing axis by distance (ends included)."""
+    steps = torch.linspace(0, distance, n, dtype=c2w_ref.dtype, device=c2w_ref.device)
+    s = steps[:, None]  # (n,1)
+    R = rotation(c2w_ref).expand(n, 3, 3)
+    return make_pose(R, translation(c2w_ref) + s * c2w_ref[:3, 2])
 
 
 def preset_trajectory(c2w_src, K_src, traj, n, degrees=None):
-    """Targets c2w (n,4,4), K of preset traj from sources c2w_src (N,4,4), in units of their largest distance from the
-    first; orbit: about where the optical axes meet (else a unit ahead) by `degrees` (default: to the last source)."""
-    a, N = c2w_src[0], len(c2w_src)
-    dist = float((c2w_src[:, :3, 3] - a[:3, 3]).norm(dim=-1).max())
-    dist = dist if dist > 1e-6 else 1.0
+    """Targets c2w (n,4,4), K of traj from sources c2w_src (N,4,4), in units of their largest
+    distance from the first; orbit: about where the optical axes meet (else ahead of the first)
+    by `degrees` (default: to the last source)."""
+    a = c2w_src[0]
+    N = len(c2w_src)
+    offsets = translation(c2w_src) - translation(a)
+    dist = float(offsets.norm(dim=-1).max())
+    if dist <= 1e-6:
+        dist = 1.0
+    K = K_src[:1].expand(n, 3, 3)
+    up = -a[:3, 1]
     if traj == 'interp':
-        c2w, K = path_through(c2w_src, K_src, torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1])
+        s = torch.linspace(0, N - 1, n + 2, dtype=c2w_src.dtype)[1:-1]
+        c2w, K = path_through(c2w_src, K_src, s)
+    elif traj == 'orbit':
+        centre = axes_meeting_point(c2w_src)
+        if centre is None:
+            centre = translation(a) + a[:3, 2] * dist
+        if degrees is None:
+            u = translation(a) - centre
+            w = translation(c2w_src[-1]) - centre
+            sine = float(torch.linalg.cross(u, w) @ up)  # |u| |w| sin, about up
+            cosine = float(u @ w)
+            degrees = math.degrees(math.atan2(sine, cosine))
+            if abs(degrees) <= 1:
+                degrees = 30.0
+        c2w = arc(a, centre, up, degrees, n)
+    elif traj == 'spiral':
+        c2w = spiral(a, n, radius=0.2 * dist, depth=dist)
     else:
-        K, up = K_src[:1].expand(n, 3, 3), -a[:3, 1]
-        if traj == 'orbit':
-            centre = axes_meeting_point(c2w_src) if N > 1 else None
-            centre = centre if centre is not None else a[:3, 3] + a[:3, 2] * dist
-            if degrees is None:
-                u, w = a[:3, 3] - centre, c2w_src[-1, :3, 3] - centre
-                degrees = math.degrees(math.atan2(float(torch.linalg.cross(u, w) @ up), float(u @ w)))
-                degrees = degrees if abs(degrees) > 1 else 30.0
-            c2w = arc(a, centre, up, degrees, n)
-        else:
-            c2w = spiral(a, n, radius=0.2 * dist, depth=dist) if traj == 'spiral' else forward_dolly(a, n, 0.5 * dist)
-    moved = (c2w[:, :3, 3] - a[:3, 3]).norm(dim=-1).max() / dist
-    if float(moved + rotation_angle(a[:3, :3].T @ c2w[:, :3, :3]).abs().max()) < 1e-3:
+        c2w = forward_dolly(a, n, 0.5 * dist)
+    shifts = translation(c2w) - translation(a)
+    moved = shifts.norm(dim=-1).max() / dist
+    turns = rotation(a).T @ rotation(c2w)
+    turned = rotation_angle(turns).abs().max()
+    if float(moved + turned) < 1e-3:
         print(
-            f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; pass '
-            '--traj orbit, spiral or forward to move'
+            f'warning: --traj {traj} with {N} source(s) leaves every target at the source camera; '
+            'pass --traj orbit, spiral or forward to move'
         )
     return c2w, K
 
 
-# ----------------------------------------------------------------------------- alignment and pose metrics
+# ----------------------------------------------------------------------------- pose metrics
 def umeyama(src, dst, with_scale=True):
-    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2, src, dst (N,3); R proper (Umeyama 1991)."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d  # (N,3)
-    U, D, Vh = torch.linalg.svd(xd.T @ xs / len(src))  # cross-covariance (3,3)
-    S = torch.ones(3, dtype=src.dtype, device=src.device)
+    """Similarity (s, R, t) minimising sum ||dst - (s R src + t)||^2, src, dst (N,3); R proper."""
+    mu_s = src.mean(0)
+    mu_d = dst.mean(0)
+    xs = src - mu_s  # (N,3)
+    xd = dst - mu_d
+    cov = xd.T @ xs / len(src)  # (3,3) cross-covariance
+    U, D, Vh = torch.linalg.svd(cov)
+    S = src.new_ones(3)
     if torch.det(U) * torch.det(Vh) < 0:
         S[2] = -1  # reflection fix
     R = U @ torch.diag(S) @ Vh
-    s = (D * S).sum() / xs.pow(2).sum(-1).mean() if with_scale else src.new_tensor(1.0)
-    return s, R, mu_d - s * R @ mu_s
+    if with_scale:
+        var_src = xs.pow(2).sum(-1).mean()
+        s = (D * S).sum() / var_src
+    else:
+        s = src.new_tensor(1.0)
+    t = mu_d - s * R @ mu_s
+    return s, R, t
 
 
 def rotation_angle(R):  # radians, of (...,3,3) rotations, via atan2 (accurate near 0 and pi)
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = R.flatten(-2).unbind(-1)  # (...,) each
     skew = torch.stack(
-        [R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1
+        [
+            m21 - m12,
+            m02 - m20,
+            m10 - m01,
+        ],
+        -1,
     )  # (...,3) = 2 sin(angle) axis
-    cos = (R[..., 0, 0] + R[..., 1, 1] + R[..., 2, 2] - 1) / 2
+    cos = (m00 + m11 + m22 - 1) / 2
     return torch.atan2(skew.norm(dim=-1) / 2, cos)
 
 
 def pose_metrics(est_c2w, gt_c2w, with_scale=True):
-    """ATE, RPE (delta 1; rpe_r in degrees) of est_c2w vs gt_c2w (V,4,4), aligned as evo --align --correct_scale:
-    P = umeyama(est, gt centres) est, E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}), Q the ground truth."""
-    s, R, t = umeyama(est_c2w[:, :3, 3], gt_c2w[:, :3, 3], with_scale)
-    est = make_pose(R @ est_c2w[:, :3, :3], s * est_c2w[:, :3, 3] @ R.T + t)  # (V,4,4)
-    ate = (est[:, :3, 3] - gt_c2w[:, :3, 3]).norm(dim=-1).pow(2).mean().sqrt()
-    E = rigid_inverse(rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]) @ (rigid_inverse(est[:-1]) @ est[1:])  # (V-1,4,4)
-    rpe_t = E[:, :3, 3].norm(dim=-1).pow(2).mean().sqrt()
-    rpe_r = torch.rad2deg(rotation_angle(E[:, :3, :3])).pow(2).mean().sqrt()
-    return {'ate': ate.item(), 'rpe_r': rpe_r.item(), 'rpe_t': rpe_t.item()}
+    """ATE, RPE (delta 1; rpe_r in degrees) of est_c2w vs gt_c2w (V,4,4), as evo --align
+    --correct_scale: P = umeyama(est, gt centres) est, E_i = (Q_i^-1 Q_{i+1})^-1 (P_i^-1 P_{i+1}),
+    Q the ground truth."""
+    est_centres = translation(est_c2w)
+    gt_centres = translation(gt_c2w)
+    s, R, t = umeyama(est_centres, gt_centres, with_scale)
+    centres = s * est_centres @ R.T + t
+    est = make_pose(R @ rotation(est_c2w), centres)  # (V,4,4)
+    err = (translation(est) - gt_centres).norm(dim=-1)  # (V,)
+    ate = err.pow(2).mean().sqrt()
+    gt_steps = rigid_inverse(gt_c2w[:-1]) @ gt_c2w[1:]
+    est_steps = rigid_inverse(est[:-1]) @ est[1:]
+    E = rigid_inverse(gt_steps) @ est_steps  # (V-1,4,4)
+    moves = translation(E).norm(dim=-1)  # (V-1,)
+    rpe_t = moves.pow(2).mean().sqrt()
+    angles = torch.rad2deg(rotation_angle(rotation(E)))  # (V-1,)
+    rpe_r = angles.pow(2).mean().sqrt()
+    return {
+        'ate': ate.item(),
+        'rpe_r': rpe_r.item(),
+        'rpe_t': rpe_t.item(),
+    }

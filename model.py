@@ -1,9 +1,10 @@
 """model.py: the GLD multi-view diffusion transformer, a DiT with a wide DDT head (DiT^DH).
 
-M_l predicts the flow velocity of the level-l DA3 features of all views from x_t, t, the source-only condition, the
-cameras and (cascade M1->0) the level-1 features, GLD A.2; 3D attention with PRoPE or 3-D / 2-D RoPE. Key names and
-quirks follow the release's DDT.py. References: GLD (arXiv 2603.22275); DiT; DDT and RAE (DiT^DH); PRoPE (Li et
-al.); RoFormer. Shape legend: B batch, V views, H W image, h w token grid, C channels, T = h*w tokens, N = V*T.
+M_l predicts the flow velocity of the level-l DA3 features of all views from x_t, t, the source-only
+condition, the cameras and (cascade M1->0) the level-1 features, GLD A.2; 3D attention with PRoPE or
+3-D / 2-D RoPE. Key names and quirks follow the release's DDT.py. References: GLD (arXiv
+2603.22275); DiT; DDT and RAE (DiT^DH); PRoPE (Li et al.); RoFormer. Shape legend: B batch, V views,
+H W image, h w token grid, C channels, T = h*w tokens, N = V*T; heads, d: heads, head dims.
 """
 
 import math
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
@@ -33,13 +35,32 @@ class GLDConfig:
     checkpointing: bool = False  # recompute each block in backward
 
 
-# parameter counts (count_params, on the meta device); latent_dim is the DA3 preset's 2C (train.py overrides it)
+# parameter counts (count_params, meta device); latent_dim: the DA3 preset's 2C (train.py sets it)
 PRESETS = {
     'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
-    'gld-S': GLDConfig(latent_dim=768, enc_width=384, enc_depth=12, head_width=1024, head_depth=2, heads=8),  # 78.2M
-    'gld-B': GLDConfig(latent_dim=1536, enc_width=768, enc_depth=12, head_width=2048, head_depth=2, heads=16),  # 311.1M
+    'gld-S': GLDConfig(
+        latent_dim=768,
+        enc_width=384,
+        enc_depth=12,
+        head_width=1024,
+        head_depth=2,
+        heads=8,
+    ),  # 78.2M
+    'gld-B': GLDConfig(
+        latent_dim=1536,
+        enc_width=768,
+        enc_depth=12,
+        head_width=2048,
+        head_depth=2,
+        heads=16,
+    ),  # 311.1M
     'gld-paper': GLDConfig(
-        latent_dim=1536, enc_width=768, enc_depth=28, head_width=2048, head_depth=6, heads=16
+        latent_dim=1536,
+        enc_width=768,
+        enc_depth=28,
+        head_width=2048,
+        head_depth=6,
+        heads=16,
     ),  # 783.3M = the official M1
     'gld-paper-cascade': GLDConfig(
         latent_dim=1536,
@@ -50,107 +71,146 @@ PRESETS = {
         heads=16,
         upper_dim=1536,
         separate_embedders=False,
-    ),  # 472.5M = official M1->0
+    ),  # 472.5M = the official M1->0
 }
 
 
 # ----------------------------------------------------------------------------- positional encoding of 3D attention
 def rope_rotate(u, cos, sin, inverse=False):
-    """1-D RoPE on u (...,N,2f), split halves a, b: [cos a + sin b, -sin a + cos b] (by -angle); inverse: +angle."""
+    """1-D RoPE of u (...,N,2f), halves a, b -> [cos a + sin b, -sin a + cos b]; inverse: +angle."""
     a, b = u.chunk(2, -1)
-    sin = -sin if inverse else sin
+    if inverse:
+        sin = -sin
     return torch.cat([cos * a + sin * b, -sin * a + cos * b], -1)
 
 
 class PositionEncoding:
-    """Positions of the V*h*w tokens for head dim d. 'prope': dims [0,d/2) are four-vectors mapped by the token's camera
-    (q <- P^T q, k, v <- P_inv k, v, out <- P out), [d/2,3d/4) RoPE on x, [3d/4,d) on y (inverse on the output).
-    'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q and k only; leftover dims not rotated."""
+    """Positions of the V*h*w tokens for head dim d. 'prope': dims [0,d/2) are four-vectors mapped
+    by the token's camera (q <- P^T q, k, v <- P_inv k, v, out <- P out), [d/2,3d/4) RoPE on x,
+    [3d/4,d) on y (inverse on the output). 'rope3d' / 'rope2d': RoPE over (view, y, x) / (x, y) on q
+    and k only; leftover dims not rotated."""
 
     def __init__(self, kind, d, cams, V, base=100.0):
         h, w = cams['hw']
-        n = torch.arange(V * h * w, device=cams['P'].device)
-        x, y, view = n % w, (n // w) % h, n // (h * w)  # (N,) token coordinates, row-major within a view
-        self.kind, self.d, self.V = kind, d, V
+        n = torch.arange(V * h * w, device=cams['P'].device)  # (N,) tokens, row-major in each view
+        x = n % w
+        y = (n // w) % h
+        view = n // (h * w)
+        self.kind = kind
+        self.d = d
+        self.V = V
+        self.mats = None  # PRoPE: camera matrices (B,V,4,4) by role
+        self.start = 0  # the first dim after the projective block
         if kind == 'prope':
             assert d % 8 == 0, f'PRoPE needs head dims divisible by 8, got {d}'
-            self.mats = {'q': cams['P'].transpose(-1, -2), 'kv': cams['P_inv'], 'out': cams['P']}  # (B,V,4,4)
-            self.start, axes = d // 2, [(d // 4, x), (d // 4, y)]
-        elif kind in ('rope3d', 'rope2d'):
-            self.mats, self.start = None, 0
-            axes = [(2 * (d // 6), p) for p in (view, y, x)] if kind == 'rope3d' else [(d // 2, x), (d // 2, y)]
+            self.mats = {
+                'q': cams['P'].mT,
+                'kv': cams['P_inv'],
+                'out': cams['P'],
+            }
+            self.start = d // 2
+            axes = [(d // 4, x), (d // 4, y)]
+        elif kind == 'rope3d':
+            axes = [(2 * (d // 6), p) for p in (view, y, x)]
+        elif kind == 'rope2d':
+            axes = [(d // 2, x), (d // 2, y)]
         else:
             raise ValueError(f"pos must be 'prope', 'rope3d' or 'rope2d', got {kind!r}")
-        self.axes = []  # (size, positions (N,), frequencies (size/2,), cos (N,size/2), sin)
+        self.axes = []  # per axis: (size, positions (N,), freqs (size/2,), cos (N,size/2), sin)
         for size, p in axes:
-            freqs = base ** (-torch.arange(size // 2, device=n.device, dtype=torch.float32) / (size // 2))
+            exponent = -torch.arange(size // 2, device=n.device, dtype=torch.float32) / (size // 2)
+            freqs = base**exponent
             angle = p[:, None].float() * freqs  # (N, size/2)
             self.axes.append((size, p, freqs, angle.cos(), angle.sin()))
 
-    def apply(self, u, role):  # u (B,nh,N,d); role 'q' | 'kv' | 'out'
-        B, nh, N, d = u.shape
+    def apply(self, u, role):
+        """u (B,heads,N,d) in the role 'q' | 'kv' | 'out' -> the same with the positions applied."""
         parts = []
-        if self.mats is not None:  # projective block: the 4-vectors of a token in view v are mapped by M_v
-            blk = u[..., : self.start].reshape(B, nh, self.V, N // self.V, self.start // 4, 4)
+        if self.mats is not None:
+            # projective block: the 4-vectors of a token in view v are mapped by M_v
+            pattern = 'b heads (v t) (m four) -> b heads v t m four'
+            blocks = rearrange(u[..., : self.start], pattern, v=self.V, four=4)
             M = self.mats[role].to(u.dtype)
-            parts.append(torch.einsum('bvij,bhvtnj->bhvtni', M, blk).reshape(B, nh, N, self.start))
+            mapped = torch.einsum('bvij,bhvtmj->bhvtmi', M, blocks)
+            parts.append(rearrange(mapped, 'b heads v t m four -> b heads (v t) (m four)'))
+        inverse = role == 'out'
         i = self.start
         for size, _, _, cos, sin in self.axes:
-            parts.append(rope_rotate(u[..., i : i + size], cos.to(u.dtype), sin.to(u.dtype), inverse=role == 'out'))
+            rotated = rope_rotate(u[..., i : i + size], cos.to(u.dtype), sin.to(u.dtype), inverse)
+            parts.append(rotated)
             i += size
         parts.append(u[..., i:])
         return torch.cat(parts, -1)
 
-    def attend(self, q, k, v):  # fast path: q, k (v, output for PRoPE) transformed around SDPA
-        q, k = self.apply(q, 'q'), self.apply(k, 'kv')
+    def attend(self, q, k, v):
+        """The fast path: q, k (and for PRoPE v and the output) transformed around SDPA."""
+        q = self.apply(q, 'q')
+        k = self.apply(k, 'kv')
         if self.kind != 'prope':
             return F.scaled_dot_product_attention(q, k, v)
-        return self.apply(F.scaled_dot_product_attention(q, k, self.apply(v, 'kv')), 'out')
+        y = F.scaled_dot_product_attention(q, k, self.apply(v, 'kv'))
+        return self.apply(y, 'out')
 
     def relative(self):
-        """Per-pair M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b (PRoPE), 2x2 rotations by theta_i - theta_j, identity)."""
+        """Per-pair M_ij (B,N,N,d,d): blockdiag(P_a P_inv_b, rotations by theta_i - theta_j, I)."""
         N = self.axes[0][1].shape[0]
         B = self.mats['q'].shape[0] if self.mats is not None else 1
-        M = torch.eye(self.d, dtype=torch.float32, device=self.axes[0][1].device).repeat(B, N, N, 1, 1)
+        device = self.axes[0][1].device
+        eye = torch.eye(self.d, dtype=torch.float32, device=device)
+        M = eye.repeat(B, N, N, 1, 1)
         if self.mats is not None:
-            view = torch.arange(N, device=M.device) // (N // self.V)
-            rel = self.mats['out'][:, view, None] @ self.mats['kv'][:, None, view]  # (B,N,N,4,4): P_a P_inv_b
-            for c in range(0, self.start, 4):
-                M[..., c : c + 4, c : c + 4] = rel
+            view = torch.arange(N, device=device) // (N // self.V)
+            # (B,N,N,4,4): P_a P_inv_b
+            rel = self.mats['out'][:, view, None] @ self.mats['kv'][:, None, view]
+            for first in range(0, self.start, 4):
+                M[..., first : first + 4, first : first + 4] = rel
         i = self.start
         for size, p, freqs, _, _ in self.axes:
-            angle = (p[:, None] - p[None, :]).float()[..., None] * freqs  # (N,N,size/2)
+            delta = (p[:, None] - p[None, :]).float()  # (N,N)
+            angle = delta[..., None] * freqs  # (N,N,size/2)
             for f in range(size // 2):
-                a, b = i + f, i + size // 2 + f
-                c, s = angle[..., f].cos(), angle[..., f].sin()
-                M[..., a, a], M[..., a, b], M[..., b, a], M[..., b, b] = c, -s, s, c
+                a = i + f
+                b = i + size // 2 + f
+                cos = angle[..., f].cos()
+                sin = angle[..., f].sin()
+                M[..., a, a] = cos
+                M[..., a, b] = -sin
+                M[..., b, a] = sin
+                M[..., b, b] = cos
             i += size
         return M
 
 
 def reference_attention(q, k, v, pe):
-    """Textbook attention for tests: logits_ij = q_i^T M_ij k_j / sqrt(d), out_i = sum_j p_ij M_ij v_j (PRoPE)."""
+    """Textbook attention for tests: logits_ij = q_i^T M_ij k_j / sqrt(d);
+    out_i = sum_j p_ij M_ij v_j (PRoPE), else sum_j p_ij v_j."""
     M = pe.relative().to(q.dtype)  # (B,N,N,d,d)
-    p = (torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])).softmax(-1)
-    return torch.einsum('bhij,bijde,bhje->bhid', p, M, v) if pe.kind == 'prope' else p @ v
+    logits = torch.einsum('bhid,bijde,bhje->bhij', q, M, k) / math.sqrt(q.shape[-1])
+    probs = logits.softmax(-1)
+    if pe.kind == 'prope':
+        return torch.einsum('bhij,bijde,bhje->bhid', probs, M, v)
+    return probs @ v
 
 
 # ----------------------------------------------------------------------------- transformer parts
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()  # statistics in fp32
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * inv_rms).type_as(x) * self.weight
 
 
 class SwiGLU(nn.Module):
     def __init__(self, dim):
         super().__init__()
         hidden = int(2 * (4 * dim) / 3)  # 2048 for 768, 5461 for 2048 (as released)
-        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, -1)
@@ -158,24 +218,26 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused QKV: 3D over N = V*h*w tokens with positions from pe, else plain SDPA."""
+    """Multi-head self-attention, fused QKV, over N tokens: positions from pe, else plain SDPA."""
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.reference = heads, False  # reference=True: the textbook path (tests)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.reference = False  # True: the textbook path (tests)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, pe=None):  # x (B,N,D)
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B,nh,N,hd)
-        y = (
-            F.scaled_dot_product_attention(q, k, v)
-            if pe is None
-            else reference_attention(q, k, v, pe)
-            if self.reference
-            else pe.attend(q, k, v)
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))  # head-major channel packing
+        qkv = self.qkv(x)
+        pattern = 'b n (three heads d) -> three b heads n d'
+        q, k, v = rearrange(qkv, pattern, three=3, heads=self.heads)
+        if pe is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif self.reference:
+            y = reference_attention(q, k, v, pe)
+        else:
+            y = pe.attend(q, k, v)
+        return self.proj(rearrange(y, 'b heads n d -> b n (heads d)'))  # head-major channels
 
 
 def modulate(x, shift, scale):
@@ -183,12 +245,14 @@ def modulate(x, shift, scale):
 
 
 class Block(nn.Module):
-    """DiT block with 6 adaLN modulations. c (B,1,D) for the encoder (from time), (B,N,D) per token in the head."""
+    """DiT block, 6 adaLN modulations from c: (B,1,D) in the encoder (time), (B,N,D) in the head."""
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(dim), Attention(dim, heads)
-        self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim)
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, pe):  # x (B,N,D)
@@ -198,16 +262,17 @@ class Block(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Gaussian-Fourier features [sin(2 pi t W), cos(2 pi t W)] of 256 fixed random frequencies, then an MLP."""
+    """Gaussian-Fourier features [sin(2 pi t W), cos(2 pi t W)], 256 fixed random W, then an MLP."""
 
     def __init__(self, dim, freqs=256):
         super().__init__()
-        self.W = nn.Parameter(torch.randn(freqs), requires_grad=False)  # frozen, but in the state dict as released
+        self.W = nn.Parameter(torch.randn(freqs), requires_grad=False)  # frozen, in the state dict
         self.mlp = nn.Sequential(nn.Linear(2 * freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # t (B,) in [0,1], 1 = noise
+    def forward(self, t):  # t (B,) in [0,1], 1 = noise -> (B,D)
         f = 2 * math.pi * t[:, None].float() * self.W[None]
-        return self.mlp(torch.cat([f.sin(), f.cos()], -1).to(self.mlp[0].weight.dtype))  # (B,D)
+        features = torch.cat([f.sin(), f.cos()], -1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 def token_embedder(cin, dim):  # patch size 1: a linear map (a 1x1 conv 'proj' in the release)
@@ -215,28 +280,30 @@ def token_embedder(cin, dim):  # patch size 1: a linear map (a 1x1 conv 'proj' i
 
 
 class CameraEmbedder(nn.Module):
-    """Plücker + mask map (B,V,7,ph,pw) -> per-token (B,V,T,D) via a patch x patch conv, added to encoder tokens."""
+    """Plücker + mask map (B,V,7,H,W) -> (B,N,D) by a patch x patch conv, for the encoder."""
 
     def __init__(self, dim, patch):
         super().__init__()
         self.proj = nn.Conv2d(7, dim, patch, patch)
 
     def forward(self, plucker):
-        B, V = plucker.shape[:2]
-        e = self.proj(plucker.flatten(0, 1).to(self.proj.weight.dtype))  # (B*V,D,h,w)
-        return e.flatten(2).transpose(1, 2).unflatten(0, (B, V))  # (B,V,T,D), row-major
+        B = plucker.shape[0]
+        maps = rearrange(plucker, 'b v c H W -> (b v) c H W')
+        e = self.proj(maps.to(self.proj.weight.dtype))
+        return rearrange(e, '(b v) d h w -> b (v h w) d', b=B)  # row-major, view after view
 
 
 class FinalLayer(nn.Module):
-    """Per-token adaLN (shift, scale) from s, RMSNorm, linear to C; zero-initialised."""
+    """Per-token adaLN (shift, scale) from c, RMSNorm, linear to C; zero-initialised."""
 
     def __init__(self, dim, out):
         super().__init__()
-        self.norm_final, self.linear = RMSNorm(dim), nn.Linear(dim, out)
+        self.norm_final = RMSNorm(dim)
+        self.linear = nn.Linear(dim, out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, s):
-        shift, scale = self.adaLN_modulation(s).chunk(2, -1)
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, -1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -245,77 +312,110 @@ class GLD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
+        C = cfg.latent_dim
+        C1 = cfg.enc_width
+        C2 = cfg.head_width
         assert C1 % cfg.heads == 0 and C2 % cfg.heads == 0, 'widths must divide into heads'
         s_in = C + (cfg.upper_dim or C)  # encoder reads [cond | x_t], the cascade [cond | F1]
-        if cfg.separate_embedders:  # chosen per view by the source mask; '_ref' = source views, the release's name
-            self.x_embedder_ref, self.x_embedder_tgt = token_embedder(2 * C, C2), token_embedder(2 * C, C2)
-            self.s_embedder_ref, self.s_embedder_tgt = token_embedder(s_in, C1), token_embedder(s_in, C1)
+        if cfg.separate_embedders:
+            # chosen per view by the source mask; '_ref' = source views, the release's name
+            self.x_embedder_ref = token_embedder(2 * C, C2)
+            self.x_embedder_tgt = token_embedder(2 * C, C2)
+            self.s_embedder_ref = token_embedder(s_in, C1)
+            self.s_embedder_tgt = token_embedder(s_in, C1)
         else:
-            self.x_embedder, self.s_embedder = token_embedder(2 * C, C2), token_embedder(s_in, C1)
-        self.s_projector, self.t_embedder = nn.Linear(C1, C2), TimestepEmbedder(C1)
+            self.x_embedder = token_embedder(2 * C, C2)
+            self.s_embedder = token_embedder(s_in, C1)
+        self.s_projector = nn.Linear(C1, C2)
+        self.t_embedder = TimestepEmbedder(C1)
         self.camera_embedder = CameraEmbedder(C1, cfg.cam_patch)
-        self.blocks = nn.ModuleList(
-            [Block(C1, cfg.heads) for _ in range(cfg.enc_depth)] + [Block(C2, cfg.heads) for _ in range(cfg.head_depth)]
-        )  # encoder, then head
+        encoder = [Block(C1, cfg.heads) for _ in range(cfg.enc_depth)]
+        head = [Block(C2, cfg.heads) for _ in range(cfg.head_depth)]
+        self.blocks = nn.ModuleList(encoder + head)
         self.final_layer = FinalLayer(C2, C)
         self.init_weights()
 
-    def init_weights(self):  # as released: adaLN, final linear zero; embedders xavier; time MLP N(0, 0.02)
+    def init_weights(self):
+        """As released: adaLN and the final linear zero; embedders xavier; time MLP N(0, 0.02)."""
         for blk in [*self.blocks, self.final_layer]:
-            nn.init.zeros_(blk.adaLN_modulation[1].weight), nn.init.zeros_(blk.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
+            nn.init.zeros_(blk.adaLN_modulation[1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
         for name, m in self.named_children():
             if name.startswith(('x_embedder', 's_embedder', 'camera_embedder')):
-                nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1)), nn.init.zeros_(m.proj.bias)
+                weight = m.proj.weight
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+                nn.init.zeros_(m.proj.bias)
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
 
-    def embed(self, kind, x, src_mask):  # (B,V,T,Cin) -> (B,V*T,D), each view by its source or target embedder
-        if not self.cfg.separate_embedders:
-            return getattr(self, f'{kind}_embedder')(x).flatten(1, 2)
-        src, tgt = getattr(self, f'{kind}_embedder_ref')(x), getattr(self, f'{kind}_embedder_tgt')(x)
-        return torch.where(src_mask[:, :, None, None], src, tgt).flatten(1, 2)
+    def embed(self, kind, x, src_mask):
+        """(B,V,T,Cin) -> (B,N,D), each view by its source or target embedder (kind 's' or 'x')."""
+        if self.cfg.separate_embedders:
+            as_source = getattr(self, f'{kind}_embedder_ref')(x)
+            as_target = getattr(self, f'{kind}_embedder_tgt')(x)
+            tokens = torch.where(src_mask[:, :, None, None], as_source, as_target)
+        else:
+            tokens = getattr(self, f'{kind}_embedder')(x)
+        return rearrange(tokens, 'b v t d -> b (v t) d')
 
-    def run_blocks(self, blocks, x, c, pe):  # each block recomputed in backward with cfg.checkpointing
-        ckpt = self.cfg.checkpointing and self.training
+    def run_blocks(self, blocks, x, c, pe):
+        """x through blocks, each recomputed in backward with cfg.checkpointing."""
         for blk in blocks:
-            x = checkpoint(blk, x, c, pe, use_reentrant=False) if ckpt else blk(x, c, pe)
+            if self.cfg.checkpointing and self.training:
+                x = checkpoint(blk, x, c, pe, use_reentrant=False)
+            else:
+                x = blk(x, c, pe)
         return x
 
     def forward(self, x_t, t, cond, cams, upper=None):
-        """x_t, cond (B,V,T,C); t (B,); cams: camera_inputs; upper (B,V,T,C_upper) for M1->0 -> v (B,V,T,C)."""
-        cfg, src = self.cfg, cams['src_mask']  # src (B,V) bool
-        B, V, T, C = x_t.shape
-        assert (upper is not None) == (cfg.upper_dim > 0), 'upper (the level-1 condition) iff cfg.upper_dim > 0'
+        """x_t, cond (B,V,T,C); t (B,); cams: camera_inputs; upper: M1->0's level 1 -> (B,V,T,C)."""
+        cfg = self.cfg
+        src = cams['src_mask']  # (B,V) bool
+        V = x_t.shape[1]
+        cascade = cfg.upper_dim > 0
+        assert (upper is not None) == cascade, 'upper (the level-1 condition) iff cfg.upper_dim > 0'
         xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
         te = self.t_embedder(t)  # (B,C1)
         # condition encoder: tokens + camera map, adaLN from time
-        s = self.embed('s', torch.cat([cond, upper], -1) if upper is not None else xc, src)  # (B,N,C1)
-        s = s + self.camera_embedder(cams['plucker']).flatten(1, 2)
+        s_in = xc if upper is None else torch.cat([cond, upper], -1)
+        s = self.embed('s', s_in, src)  # (B,N,C1)
+        s = s + self.camera_embedder(cams['plucker'])
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
-        c = (F.silu(te) if cfg.double_silu else te)[:, None]  # (B,1,C1)
-        s = self.run_blocks(self.blocks[: cfg.enc_depth], s, c, pe_enc)
-        # bridge: per-token condition of the head
-        s = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
-        # velocity head: [cond | x_t] tokens modulated per token by s
+        te_enc = F.silu(te) if cfg.double_silu else te
+        s = self.run_blocks(self.blocks[: cfg.enc_depth], s, te_enc[:, None], pe_enc)
+        # bridge: the per-token condition of the head
+        head_cond = self.s_projector(F.silu(te[:, None] + s))  # (B,N,C2)
+        # velocity head: [cond | x_t] tokens modulated per token by head_cond
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
-        x = self.run_blocks(self.blocks[cfg.enc_depth :], x, s, pe_head)
-        return self.final_layer(x, s).view(B, V, T, C)
+        x = self.run_blocks(self.blocks[cfg.enc_depth :], x, head_cond, pe_head)
+        velocity = self.final_layer(x, head_cond)
+        return rearrange(velocity, 'b (v t) c -> b v t c', v=V)
 
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def block_flops(D, N, adaln):
+    """Forward FLOPs per token of a block of width D over N tokens: qkv, proj, SwiGLU, attention."""
+    flops = 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D
+    if adaln:
+        flops += 12 * D * D  # the head's per-token adaLN
+    return flops
+
+
 def flops_per_token(cfg, N):
-    """Forward FLOPs (2 per multiply-add) per token of N = V*h*w tokens (x3 for training); norms, RoPE ignored."""
-    block = lambda D, adaln: 8 * D * D + 6 * D * int(8 * D / 3) + 4 * N * D + (12 * D * D if adaln else 0)
-    C, C1, C2 = cfg.latent_dim, cfg.enc_width, cfg.head_width
+    """Forward FLOPs per token of N = V*h*w (2 a multiply-add, x3 to train); norms, RoPE ignored."""
+    C = cfg.latent_dim
+    C1 = cfg.enc_width
+    C2 = cfg.head_width
     return (
-        cfg.enc_depth * block(C1, False)
-        + cfg.head_depth * block(C2, True)
+        cfg.enc_depth * block_flops(C1, N, False)
+        + cfg.head_depth * block_flops(C2, N, True)
         + 2 * 2 * C * (C1 + C2)
         + 2 * 7 * cfg.cam_patch**2 * C1
         + 2 * C1 * C2
@@ -326,14 +426,21 @@ def flops_per_token(cfg, N):
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'B200': 2250.0, 'A100': 312.0}  # dense bf16, per GPU
 
 
-def peak_tflops(device):  # dense bf16 peak (the MFU denominator); None on CPU or an unlisted GPU
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+def peak_tflops(device):
+    """Dense bf16 peak (the MFU denominator); None on CPU or an unlisted GPU."""
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for gpu, tflops in PEAK_TFLOPS.items():
+        if gpu in name:
+            return tflops
+    return None
 
 
 # ----------------------------------------------------------------------------- the released checkpoints
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strict; heads is not in shapes."""
+    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strictly;
+    heads are not in the shapes."""
     single = 'x_embedder.proj.weight' in state_dict
     aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
     sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}
@@ -341,32 +448,32 @@ def convert_official(state_dict, cascade=False, heads=16):
     assert C1 != C2, 'encoder and head blocks are told apart by their width'
     C = sd['final_layer.linear.weight'].shape[0]
     s_in = sd['s_embedder.proj.weight' if single else 's_embedder_ref.proj.weight'].shape[1]
-    widths = [
-        sd[f'blocks.{i}.norm1.weight'].shape[0]
-        for i in range(len({k.split('.')[1] for k in sd if k.startswith('blocks.')}))
-    ]
+    depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
+    widths = [sd[f'blocks.{i}.norm1.weight'].shape[0] for i in range(depth)]
     cfg = GLDConfig(
         latent_dim=C,
         enc_width=C1,
         enc_depth=widths.count(C1),
         head_width=C2,
         heads=heads,
-        head_depth=len(widths) - widths.count(C1),
+        head_depth=depth - widths.count(C1),
         separate_embedders=not single,
         double_silu=True,
         upper_dim=s_in - C if cascade else 0,
         cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
     )
-    out = {
-        k: v.flatten(1)
-        if '_embedder' in k and k.endswith('proj.weight') and v.ndim == 4 and not k.startswith('camera')
-        else v
-        for k, v in sd.items()
-    }
+    out = {}
+    for k, v in sd.items():
+        # the release's token embedders are 1x1 convs, ours linears
+        embedder = '_embedder' in k and not k.startswith('camera')
+        token_conv = embedder and k.endswith('proj.weight') and v.ndim == 4
+        out[k] = v.flatten(1) if token_conv else v
     with torch.device('meta'):
         ref = GLD(cfg).state_dict()
-    missing, unused = set(ref) - set(out), set(out) - set(ref)
-    assert not missing and not unused, f'convert_official: missing {sorted(missing)[:5]}, unused {sorted(unused)[:5]}'
+    missing = set(ref) - set(out)
+    unused = set(out) - set(ref)
+    assert not missing, f'convert_official: missing {sorted(missing)[:5]}'
+    assert not unused, f'convert_official: unused {sorted(unused)[:5]}'
     bad = [k for k in ref if ref[k].shape != out[k].shape]
     assert not bad, f'convert_official: shape mismatch at {bad[:5]}'
     return cfg, out

@@ -1,10 +1,12 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-File discovery, every layout the release saves, strict conversion and `OfficialConventions`; `sample.py --official
-DIR` runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image, C channels.
+File discovery, every layout the release saves, strict conversion and `OfficialConventions`;
+`sample.py --official DIR` runs them, docs/official.md has the download steps and tables. Legend:
+B batch, V views, H W image, C channels.
 """
 
 import os
+import pickle
 import re
 
 import torch
@@ -16,28 +18,31 @@ import latents
 import model as model_lib
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
-OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
+# latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
+OFFICIAL_FILES = {
     'da3': {
         'encoder': 'pretrained_models/da3/model.safetensors',
         'head': 'pretrained_models/da3/dpt_decoder.pt',
         'decoder': 'pretrained_models/mae_decoder.pt',  # the RGB decoder (GeneralDecoder_Variable)
         'level1': 'checkpoints/da3_level1.pt',
         'cascade': 'checkpoints/da3_cascade.pt',  # DDT.py, DDT_old.py
-        **{f'stats{l}': f'model_stats/da3/normalization_stats_level{l}.pt' for l in (0, 1)},
+        **{f'stats{n}': f'model_stats/da3/normalization_stats_level{n}.pt' for n in (0, 1)},
     },
     'vggt': {
         'decoder': 'pretrained_models/vggt/mae_decoder.pt',
         'level1': 'checkpoints/vggt_level1.pt',
         'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
         **{
-            f'{role}{l}': f'model_stats/vggt/{name}_stats_level{l}.pt'
+            f'{role}{n}': f'model_stats/vggt/{name}_stats_level{n}.pt'
             for role, name in (('stats', 'normalization'), ('special', 'special'))
-            for l in (0, 1)
+            for n in (0, 1)
         },
     },
 }
-OFFICIAL_LAYOUTS = {  # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code
-    'encoder': ((), ('model.',)),  # writes or reads each: docs/official.md, "Files and layouts loaded"
+# kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code writes
+# or reads each: docs/official.md, "Files and layouts loaded"
+OFFICIAL_LAYOUTS = {
+    'encoder': ((), ('model.',)),
     'decoder': (('ema', 'model', 'ema_decoder', 'decoder'), ('decoder.',)),
     'head': (('model',), ('decoder.', 'pred.')),
     'model': (('ema', 'model'), ()),
@@ -49,27 +54,30 @@ def describe_layouts(kind):
     """The layouts of OFFICIAL_LAYOUTS[kind] in words (error messages, docs/official.md)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     out = [f'{{{k!r}: state dict, ...}}' for k in wrappers] + ['a flat state dict']
-    keys = f"; keys bare{''.join(f' or {p!r}-prefixed' for p in prefixes)}, with or without 'module.'"
+    prefixed = ''.join(f' or {p!r}-prefixed' for p in prefixes)
+    keys = f"; keys bare{prefixed}, with or without 'module.'"
     return ', '.join(out) + keys
 
 
 def official_state_dict(obj, kind, name='', log=print):
-    """A released file's contents in an OFFICIAL_LAYOUTS[kind] -> flat state dict (EMA first, prefixes stripped)."""
+    """A released file's contents in an OFFICIAL_LAYOUTS[kind] -> flat state dict (EMA first,
+    prefixes stripped)."""
     wrappers, prefixes = OFFICIAL_LAYOUTS[kind]
     seen = sorted(map(str, obj))[:12] if isinstance(obj, dict) else type(obj).__name__
-    unknown = ValueError(
-        f'{name}: unknown layout for a {kind} file; top-level keys: {seen}; known layouts: {describe_layouts(kind)}'
-    )
+    problem = f'{name}: unknown layout for a {kind} file; top-level keys: {seen}'
+    unknown = ValueError(f'{problem}; known layouts: {describe_layouts(kind)}')
     if not isinstance(obj, dict):
         raise unknown
     key = next((k for k in wrappers if isinstance(obj.get(k), dict)), None)
     if key is not None:
         skipped = [k for k in wrappers if k != key and isinstance(obj.get(k), dict)]
-        log(f'{name}: using its {key!r} weights' + (f' (not {skipped})' if skipped else ''))
+        note = f' (not {skipped})' if skipped else ''
+        log(f'{name}: using its {key!r} weights{note}')
         obj = obj[key]
-    sd = {k[len('module.') :] if k.startswith('module.') else k: v for k, v in obj.items()}
+    sd = {k.removeprefix('module.'): v for k, v in obj.items()}
     if any(k.startswith(prefixes) for k in sd):
-        if others := sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)}):
+        others = sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)})
+        if others:
             log(f'{name}: skipping the entries of {others}, not part of the {kind}')
         sd = {k.split('.', 1)[1]: v for k, v in sd.items() if k.startswith(prefixes)}
     if not sd or not all(torch.is_tensor(v) for v in sd.values()):
@@ -78,9 +86,8 @@ def official_state_dict(obj, kind, name='', log=print):
 
 
 def read_official(path, kind, log=print):
-    """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is loaded fully."""
-    import pickle
-
+    """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is
+    loaded fully."""
     try:
         if str(path).endswith('.safetensors'):
             from safetensors.torch import load_file
@@ -89,67 +96,84 @@ def read_official(path, kind, log=print):
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
         log(
-            f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
-            f'files from {OFFICIAL_HUB}'
+            f'note: {path} also holds Python objects (e.g. training args): loading it fully; '
+            f'do so only with files from {OFFICIAL_HUB}'
         )
         obj = torch.load(path, map_location='cpu', weights_only=False)
     return official_state_dict(obj, kind, path, log)
 
 
 def load_official_stats(path, dim=None, log=print):
-    """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or list -> LatentStats."""
-    if isinstance(path, (str, os.PathLike)):
-        path = (
-            [os.path.join(path, f) for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
-            if os.path.isdir(path)
-            else [path]
-        )
-    mean, var = {}, {}
+    """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or a
+    list -> LatentStats."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        names = [f for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+        path = [os.path.join(path, f) for f in names]
+    elif isinstance(path, (str, os.PathLike)):
+        path = [path]
+    mean = {}
+    var = {}
     for p in path:
         sd = read_official(p, 'stats', log)
         wrong = dim is not None and any(v.numel() != dim for v in sd.values())
         if wrong or not {'mean', 'var'} <= set(sd) <= {'mean', 'var', 'std'}:
-            raise ValueError(
-                f'{p}: expected mean, var (and std) of {dim or "C"} channels each, got '
-                f'{ {k: tuple(v.shape) for k, v in sd.items()} }'
-            )
+            shapes = {k: tuple(v.shape) for k, v in sd.items()}
+            expected = f'mean, var (and std) of {dim or "C"} channels each'
+            raise ValueError(f'{p}: expected {expected}, got {shapes}')
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
-        mean[level], var[level] = sd['mean'], sd['var']
+        mean[level] = sd['mean']
+        var[level] = sd['var']
     return latents.LatentStats(mean, var)
 
 
 def official_prope_K(P, P_inv):
-    """K' (...,3,3) from the official PRoPE matrices: P P_inv = lift(K') w2c c2w lift(K') = lift(K'^2), and per axis
-    K'^2 maps x -> f^2 x + (f + 1) c: f is the root of its diagonal, c its offset / (f + 1)."""
+    """K' (...,3,3) from the official PRoPE matrices: P P_inv = lift(K') w2c c2w lift(K') =
+    lift(K'^2), and per axis K'^2 maps x -> f^2 x + (f + 1) c: f is the root of its diagonal, c its
+    offset / (f + 1)."""
     sq = (P @ P_inv)[..., :3, :3]
     f = sq.diagonal(dim1=-2, dim2=-1)[..., :2].sqrt()  # (...,2): fx', fy'
     K = torch.zeros_like(sq)
-    K[..., 0, 0], K[..., 1, 1], K[..., 2, 2] = f[..., 0], f[..., 1], 1
+    K[..., 0, 0] = f[..., 0]
+    K[..., 1, 1] = f[..., 1]
+    K[..., 2, 2] = 1
     K[..., :2, 2] = sq[..., :2, 2] / (f + 1)
     return K
 
 
 class OfficialConventions:
-    """Where the released models' training and evaluation differ from our default (sources: docs/official.md):
-    1. poses relative to the last view, largest |t| component = 1: cameras.normalize_poses(by='max_abs');
+    """Where the released models' training and evaluation differ from our default (sources:
+    docs/official.md):
+    1. poses relative to the last view, the largest |t_i| 1: cameras.normalize_poses(by='max_abs');
     2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): latents.camera_inputs(official=True);
     3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: latents.camera_inputs(official=True);
     4. the cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image: model_cameras;
-    5. CFG's unconditional cameras: M1 viewmats I4 and K = I3 in pixels, the cascade I4 and K kept: model_cameras;
-    6. the decoder's output is ImageNet-normalised: DecoderConfig.imagenet_output (decoder.convert_official);
-    7. num_steps counts time-grid points from 1 to 0.001, the shift takes an 18 x 18 token grid: time_schedule.
+    5. CFG's unconditional cameras: M1 viewmats I4 and K = I3 in pixels, the cascade I4 and K kept:
+       model_cameras;
+    6. the decoder's output is ImageNet-normalised: DecoderConfig.imagenet_output
+       (decoder.convert_official);
+    7. num_steps counts time-grid points from 1 to 0.001, the shift takes an 18 x 18 token grid:
+       time_schedule.
     Not reproduced: the release's bf16 autocast."""
 
-    def __init__(self, cascade_levels=(0,), cascade_image_size=504, shift_image_size=252, patch=14, t_end=0.001):
-        self.cascade_levels = set(cascade_levels)  # levels whose model is the released cascade (DDT_old.py)
+    def __init__(
+        self,
+        cascade_levels=(0,),
+        cascade_image_size=504,
+        shift_image_size=252,
+        patch=14,
+        t_end=0.001,
+    ):
+        self.cascade_levels = set(cascade_levels)  # levels of the released cascade (DDT_old.py)
         self.cascade_image_size = cascade_image_size  # DDT_old.py's cam_input_size
-        self.shift_tokens = (shift_image_size // patch) ** 2  # h w of the release's shift: its configured size
+        self.shift_tokens = (shift_image_size // patch) ** 2  # h w of the release's shift
         self.t_end = t_end  # where the release's time grid stops
 
     def time_schedule(self, num_steps, V, C):
-        """The release's sampling of V views of C channels -> (Euler steps, shift a, end time), item 7."""
-        assert num_steps >= 2, 'the release counts time-grid points: num_steps >= 2 (one Euler step)'
-        return num_steps - 1, diffusion.shift_alpha(V * self.shift_tokens * C), self.t_end
+        """Sampling V views of C channels as released -> (Euler steps, shift a, t_end), item 7."""
+        assert num_steps >= 2, 'the release counts time-grid points: num_steps >= 2 (a step)'
+        steps = num_steps - 1
+        shift = diffusion.shift_alpha(V * self.shift_tokens * C)
+        return steps, shift, self.t_end
 
     def model_cameras(self, level, cams, uncond_cams):
         """Our official=True cams and CFG's uncond_cams -> those the released model of `level` sees: items 4 and 5."""
@@ -172,8 +196,14 @@ class OfficialConventions:
         return cams, {**uncond_cams, 'P': P_uncond, 'P_inv': P_uncond}
 
 
+def at_release_path(path, rel):
+    """Whether path lies at the release path rel (its last components)."""
+    return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
+
+
 def find_official_files(folder, latent='da3'):
-    """Role -> OFFICIAL_FILES[latent] found by name under folder (not at another latent's path; release path first)."""
+    """Role -> OFFICIAL_FILES[latent] found by name under folder (not at another latent's path;
+    the release path first)."""
     get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
@@ -182,31 +212,32 @@ def find_official_files(folder, latent='da3'):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
         for f in files:
             by_name.setdefault(f, []).append(os.path.join(root, f))
-    at = lambda path, rel: ('/' + path.replace(os.sep, '/')).endswith('/' + rel)  # path lies at release path rel
-    others = [rel for other, roles in OFFICIAL_FILES.items() if other != latent for rel in roles.values()]
+    other_latents = [roles for other, roles in OFFICIAL_FILES.items() if other != latent]
+    others = [rel for roles in other_latents for rel in roles.values()]  # their release paths
     paths = {}
     for role, rel in OFFICIAL_FILES[latent].items():
-        hits = [h for h in by_name.get(os.path.basename(rel), []) if not any(at(h, o) for o in others)]
-        exact = [h for h in hits if at(h, rel)]
+        name = os.path.basename(rel)
+        hits = [h for h in by_name.get(name, []) if not any(at_release_path(h, o) for o in others)]
+        exact = [h for h in hits if at_release_path(h, rel)]
         if not hits:
             raise FileNotFoundError(
-                f'{folder}: no {os.path.basename(rel)} (release path {rel}); download it from '
+                f'{folder}: no {name} (release path {rel}); download it from '
                 f'https://huggingface.co/{OFFICIAL_HUB} or with: {get}'
             )
         if len(hits) > 1 and len(exact) != 1:
-            raise ValueError(
-                f'{folder}: {len(hits)} candidates for {latent} {role} ({os.path.basename(rel)}): '
-                f'{hits}; keep the one at {rel}'
-            )
+            candidates = f'{len(hits)} candidates for {latent} {role} ({name}): {hits}'
+            raise ValueError(f'{folder}: {candidates}; keep the one at {rel}')
         paths[role] = exact[0] if exact else hits[0]
     return paths
 
 
 def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models, strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline."""
+    """The released GLD (DA3) models, strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0,
+    meta)}) for Pipeline."""
     files = find_official_files(folder, 'da3')
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
-    enc = latents.build_encoder(encoder_preset, weights={**read_official(files['encoder'], 'encoder', log), **head})
+    weights = {**read_official(files['encoder'], 'encoder', log), **head}
+    enc = latents.build_encoder(encoder_preset, weights=weights)
     enc = enc.to(device).freeze()
     stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
 
@@ -217,25 +248,27 @@ def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
             cfg, sd = converter(sd, heads=heads, **kw)
         except (AssertionError, KeyError, ValueError) as e:  # the converters' strict checks
             raise ValueError(
-                f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known for a {kind} '
-                f'file: {describe_layouts(kind)}'
+                f'{path}: does not convert ({type(e).__name__}: {e}); the layouts known '
+                f'for a {kind} file: {describe_layouts(kind)}'
             ) from e
         dim = cfg.feat_dim if role == 'decoder' else cfg.latent_dim
         if dim != enc.dim:
             raise ValueError(
-                f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives {enc.dim}; '
-                f'pass the matching encoder_preset'
+                f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives '
+                f'{enc.dim}; pass the matching encoder_preset'
             )
         net = build(cfg)
         net.load_state_dict(sd, strict=True)
         return net
 
-    dec, models = convert('decoder', 'decoder', decoder_lib.convert_official, decoder_lib.RGBDecoder), {}
+    dec = convert('decoder', 'decoder', decoder_lib.convert_official, decoder_lib.RGBDecoder)
+    models = {}
     for level, role, upper in ((1, 'level1', None), (0, 'cascade', 1)):
-        net = convert(role, 'model', model_lib.convert_official, model_lib.GLD, cascade=upper is not None)
-        models[level] = (net.to(device).eval(), {'level': level, 'upper_level': upper, 'stats': stats})
-        log(
-            f'{os.path.basename(files[role])}: {model_lib.count_params(net) / 1e6:.1f}M params as M'
-            f'{"" if upper is None else f"{upper}->"}{level}'
-        )
+        cascade = upper is not None
+        net = convert(role, 'model', model_lib.convert_official, model_lib.GLD, cascade=cascade)
+        meta = {'level': level, 'upper_level': upper, 'stats': stats}
+        models[level] = (net.to(device).eval(), meta)
+        name = f'M{level}' if upper is None else f'M{upper}->{level}'
+        millions = model_lib.count_params(net) / 1e6
+        log(f'{os.path.basename(files[role])}: {millions:.1f}M params as {name}')
     return enc, dec.to(device).eval(), models
