@@ -27,8 +27,8 @@ import synth
 from cli import UserError
 from constants import PATCH
 
-# the metrics moved to metrics.py; train.py still reads them here
-from metrics import depth_metrics, lpips_fn, psnr, ssim  # noqa: F401
+# PSNR and SSIM live in metrics.py; data.psnr and data.ssim stay importable for code written against earlier versions
+from metrics import psnr, ssim  # noqa: F401
 
 # the paper's resolution buckets (H, W) at width 504, mixed 2:2:1:1; the same at 112 px (synth)
 BUCKETS_504 = ((504, 504), (378, 504), (336, 504), (280, 504))

@@ -28,6 +28,7 @@ import diffusion
 import export
 import latent_cache
 import latents
+import metrics
 import model as model_lib
 import pipeline
 import runlog
@@ -415,7 +416,7 @@ class EncoderStage:
         if not net.has_geometry:
             return recon_psnr(net.reconstruct, scenes)
         depths = [net(s['images'])['depth'] for s in scenes]
-        rows = [data.depth_metrics(d, s['depths'], align='median') for d, s in zip(depths, scenes)]
+        rows = [metrics.depth_metrics(d, s['depths'], align='median') for d, s in zip(depths, scenes)]
         return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
 
 
@@ -439,7 +440,7 @@ class DecoderStage:
         self.config = asdict(cfg)
         self.level_dropout = args.level_dropout
         self.gan_start = args.gan
-        self.lpips = data.lpips_fn(device) if args.lpips else None
+        self.lpips = metrics.lpips_fn(device) if args.lpips else None
         self.disc = None
         if args.gan >= 0:
             self.disc = decoder_lib.PatchDiscriminator().to(device)
@@ -474,7 +475,10 @@ class DecoderStage:
 
 # periodic evaluation of a DiT: 10 Euler steps with CFG (psnr, mse) and 1 step, the posterior
 # mean and the bundled default (mean_psnr, mean_mse)
-EVAL_SAMPLERS = {'': dict(steps=10, cfg_scale=1.5), 'mean_': dict(steps=1, cfg_scale=1.0)}
+EVAL_SAMPLERS = {
+    '': dict(sampler='euler', steps=10, cfg_scale=1.5),
+    'mean_': dict(sampler='mean', steps=1, cfg_scale=1.0),
+}
 
 
 class DiffusionStage:
@@ -566,7 +570,7 @@ class DiffusionStage:
             log=lambda *_: None,
             progress=False,
         )
-        metrics = {k: [] for k in ('psnr', 'mse', 'mean_psnr', 'mean_mse')}
+        scores = {k: [] for k in ('psnr', 'mse', 'mean_psnr', 'mean_mse')}
         grids = []
         for i, s in enumerate(scenes):
             images = s['images']
@@ -575,29 +579,29 @@ class DiffusionStage:
             given = {level: full[level] for level in range(self.level + 1, pipe.boundary + 1)}
             for prefix, sampler in EVAL_SAMPLERS.items():
                 out = pipe.generate(images, s['c2w'], s['K'], 2, seed=i, given=given, **sampler)
-                psnr = data.psnr(out['images'][:, 2:], images[:, 2:]).mean()
-                metrics[prefix + 'psnr'].append(psnr)
+                psnr = metrics.psnr(out['images'][:, 2:], images[:, 2:]).mean()
+                scores[prefix + 'psnr'].append(psnr)
                 pred = self.stats.normalize(out['levels'][self.level], self.level)[:, 2:]
                 true = self.stats.normalize(full[self.level], self.level)[:, 2:]
-                metrics[prefix + 'mse'].append((pred - true).pow(2).mean())
+                scores[prefix + 'mse'].append((pred - true).pow(2).mean())
                 if not prefix:  # the grid shows the 10-step samples
                     grids.append(export.make_grid(images[0, :2], out['images'][0], images[0, 2:]))
         export.save_image(torch.cat(grids[:4], 1), png)
-        return {k: float(torch.stack(v).mean()) for k, v in metrics.items()}
+        return {k: float(torch.stack(v).mean()) for k, v in scores.items()}
 
 
 def evaluate(stage, net, ema, scenes, png):
     """The stage's metrics on the held-out scenes, with the EMA weights in eval mode."""
     with ema.swapped(net):
         net.eval()
-        metrics = stage.evaluate(scenes, png)
+        scores = stage.evaluate(scenes, png)
         net.train()
-    return {f'val_{k}': float(v) for k, v in metrics.items()}
+    return {f'val_{k}': float(v) for k, v in scores.items()}
 
 
 def recon_psnr(reconstruct, scenes):
     """The mean PSNR of the scenes' images as reconstruct(images) returns them."""
-    psnrs = [data.psnr(reconstruct(s['images']).clamp(0, 1), s['images']).mean() for s in scenes]
+    psnrs = [metrics.psnr(reconstruct(s['images']).clamp(0, 1), s['images']).mean() for s in scenes]
     return {'recon_psnr': float(torch.stack(psnrs).mean())}
 
 
