@@ -47,27 +47,36 @@ def run_name(level, independent=False, encoder=DEFAULT_ENCODER):
     return model_name(f'level{level}' + ('_ind' if independent and level == 0 else ''), encoder)
 
 
-def train_command(name):  # name: a model_name
+def train_command(name):
+    """The command that trains the model `name` (a model_name: a stage, or level<k>[_ind], with -<encoder>)."""
     stage, _, encoder = name.partition('-')
-    cmd = (
-        f'python train.py --level {stage[5]}' + (' --independent' if stage.endswith('_ind') else '')
-        if stage.startswith('level')
-        else COMMANDS[stage]
-    )
-    return cmd + (f' --encoder {encoder}' if encoder else '')
+    if stage.startswith('level'):
+        level = stage.removeprefix('level').removesuffix('_ind')
+        command = f'python train.py --level {level}'
+        if stage.endswith('_ind'):
+            command += ' --independent'
+    else:
+        command = COMMANDS[stage]
+    if encoder:
+        command += f' --encoder {encoder}'
+    return command
 
 
 # ----------------------------------------------------------------------------- checkpoints: find, load, export
 def find_checkpoint(name, ckpt_dir=None):
     """The newest ckpt_dir/<name>/ckpt_*.pt, else the export ckpt_dir/<name>.safetensors; no ckpt_dir: weights/tiny."""
     if ckpt_dir:
-        folder, export = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, name + '.safetensors')
-        if not (found := list_checkpoints(folder) or [export] * os.path.isfile(export)):
+        folder = os.path.join(ckpt_dir, name)
+        export = os.path.join(ckpt_dir, name + '.safetensors')
+        checkpoints = list_checkpoints(folder)
+        if checkpoints:
+            return checkpoints[-1]
+        if not os.path.isfile(export):
             raise UserError(
                 f'{folder}: no {name} checkpoint (ckpt_*.pt, or the export {export}) under --ckpt-dir '
                 f'{ckpt_dir}; create it with: {train_command(name)} --out {folder}'
             )
-        return found[-1]
+        return export
     path = os.path.join(WEIGHTS, name + '.safetensors')
     if not os.path.exists(path):
         raise UserError(
