@@ -213,17 +213,25 @@ def load_net(path, device, enc, name, build):
     return net, meta
 
 
+def build_gld(config):
+    return model_lib.GLD(model_lib.GLDConfig(**config))
+
+
+def build_decoder(config):
+    return decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**config))
+
+
 def load_model(path, device='cpu', enc=None, name='level1'):
     """-> (GLD net in eval mode, meta with 'level', 'upper_level', LatentStats 'stats')."""
-    net, meta = load_net(path, device, enc, name, lambda cfg: model_lib.GLD(model_lib.GLDConfig(**cfg)))
+    net, meta = load_net(path, device, enc, name, build_gld)
     meta['stats'] = latents.LatentStats.from_state_dict(meta['stats'])
     return net, meta
 
 
 def load_decoder(path, device='cpu', enc=None):
-    return load_net(path, device, enc, 'decoder', lambda cfg: decoder_lib.RGBDecoder(decoder_lib.DecoderConfig(**cfg)))[
-        0
-    ]
+    """-> the RGB decoder in eval mode."""
+    net, _ = load_net(path, device, enc, 'decoder', build_decoder)
+    return net
 
 
 # ----------------------------------------------------------------------------- the cascade
