@@ -240,18 +240,18 @@ class Pipeline:
             n, a, t_end = steps, diffusion.shift_alpha(V * T * C), 0.0
         noise = torch.randn(cond_raw.shape, generator=generator).to(cond_raw.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
-        bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
+        bar = cli.progress(desc=f'  {name} Euler steps', total=n, leave=False, disable=not self.progress)
         conditional = inputs.velocity_fn(net)
 
         def velocity(x_t, t):  # the conditional call: once per Euler step, counted by the progress bar
             v = conditional(x_t, t)
-            if bar:
-                bar.step()
+            bar.update()
             return v
 
         unconditional = inputs.velocity_fn(net, unconditional=True)
         sample = diffusion.SAMPLERS[sampler]
         x = sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end)
+        bar.close()
         done = f'{n} Euler steps' if sampler == 'euler' else f'{sampler} sampler, {n} steps'
         self.log(f'  {name}: {done} (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)

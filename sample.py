@@ -35,7 +35,7 @@ def run_eval(pipe, dataset, n_src, sampler, steps, cfg_scale, seed, out_dir, n_s
     """The paper's protocol: N sources (N=2: the ends), the rest targets; GLD beside 2 baselines."""
     n = min(n_scenes, len(dataset))
     per_scene = []
-    bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
+    bar = cli.progress(desc='eval scenes', total=n, every=0)  # a scene takes long: a line for each
     mode = 'ends' if n_src == 2 else 'random'
     for i in range(n):
         item = data.collate_one(dataset[i])
@@ -46,9 +46,11 @@ def run_eval(pipe, dataset, n_src, sampler, steps, cfg_scale, seed, out_dir, n_s
         key = scene['key'][0]
         psnr = rows['gld']['psnr']
         nearest = rows['nearest source']['psnr']
-        bar.step(f'{key}: PSNR {psnr:.2f} (nearest source {nearest:.2f})')
+        bar.set_postfix_str(f'{key}: PSNR {psnr:.2f} (nearest source {nearest:.2f})', refresh=False)
+        bar.update()
         for method, scores in rows.items():
             per_scene.append({'scene': key, 'method': method, **scores})
+    bar.close()
     title = f'method (N={n_src}, {n} scenes, {steps} steps)'
     return metrics.write_table(per_scene, out_dir, f'eval_n{n_src}', title)
 
@@ -57,7 +59,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     """Stage 1 in miniature (paper Table 6): the decoder on all levels of DA3 features, and each."""
     n = min(n_scenes, len(dataset))
     per_scene = []
-    for i in range(n):
+    for i in cli.progress(range(n), desc='recon scenes', every=0):
         scene = data.collate_one(dataset[i])
         images = scene['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))

@@ -4231,23 +4231,27 @@ def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
     )  # the failed run leaves the earlier outputs as they were
 
 
-def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
+def test_progress_is_tqdm_on_a_terminal_and_plain_lines_in_logs(monkeypatch):
     import io
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    for stream, every in ((Terminal(), 10.0), (io.StringIO(), 10.0), (Terminal(), 0)):
-        bar = cli.Progress('steps', 3, every=every, stream=stream)
-        for _ in range(3):
-            bar.step()
+    for stream, every in ((Terminal(), 10.0), (io.StringIO(), 0), (io.StringIO(), 10.0)):
+        monkeypatch.setattr(sys, 'stderr', stream)
+        for _ in cli.progress(range(3), desc='steps', every=every):
+            pass
         text = stream.getvalue()
-        assert re.search(r'steps 3/3  [0-9.]+s(\x1b\[K)?\n$', text), text  # the last line: no ETA, ends the line
-        if isinstance(stream, Terminal) and every:
-            assert text.count('\r') == 3 and text.count('\n') == 1 and 'ETA' in text
-        else:  # logs: the first step, then every `every` seconds, and the end
-            assert '\r' not in text and text.count('\n') == (2 if every else 3)
+        if isinstance(stream, Terminal):  # tqdm's bar, redrawn in place
+            assert text.count('\r') >= 2 and re.search(r'steps: 100%.*3/3', text), text
+        elif every:  # a log file: a loop shorter than `every` seconds writes nothing
+            assert text == ''
+        else:  # a log file, every step: one plain line per status, the last at 3/3
+            lines = text.splitlines()
+            assert '\r' not in text and text.endswith('\n'), text
+            assert [line.split('|')[0] for line in lines] == [f'steps: {p:3d}%' for p in (0, 33, 67, 100)], text
+            assert lines[-1].split('|')[2].startswith(' 3/3 ')
 
 
 def test_the_readme_camera_example_reads_as_documented(tmp_path):
