@@ -86,7 +86,7 @@ def ensure_data(spec):
 # what a run writes (write_outputs, export.write_scene, write_table): clear_outputs removes these
 OUTPUTS = (
     *('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'metrics.json'),
-    *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json'),
+    *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json', 'scene.glb'),
     *('images/source_[0-9]*.png', 'images/target_[0-9]*.png'),
     *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
     *(f'{t}{e}' for t in ('eval_n[0-9]*', 'recon') for e in ('.md', '.json', '_scenes.csv')),
@@ -169,7 +169,8 @@ def read_images(paths):
             raise UserError(f'{p}: cannot read the image ({e}); {fix}') from e
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
-        raise UserError(f'{paths}: the images differ in size; resize them to one size first')
+        sizes = ', '.join(f'{p} {im.shape[-1]}x{im.shape[-2]}' for p, im in zip(paths, ims))
+        raise UserError(f'the images differ in size ({sizes}); resize them to one size first')
     return torch.stack(ims)[None]
 
 
@@ -466,7 +467,7 @@ def build_parser():
         '--export',
         default=','.join(export.DEFAULT_FORMATS),
         type=export.parse_formats,
-        help='3D outputs, comma-separated: ply, colmap, nerfstudio; "": none',
+        help='3D outputs, comma-separated: ply, colmap, nerfstudio, glb; "": none',
     )
     return p
 

@@ -3171,6 +3171,45 @@ def test_depth_scale_recovers_the_cameras_units(exported):
         export.parse_formats('ply,obj')
 
 
+def test_glb_reads_back_in_trimesh_with_the_ply_points_and_the_cameras(exported):
+    """scene.glb: the PLY's points and colours, and a frustum per view whose apex is the camera centre of
+    transforms.json, opening along its viewing direction (OpenGL -z), in the same world."""
+    trimesh = pytest.importorskip('trimesh')
+    e = exported
+    scene = trimesh.load(e['out'] / 'scene.glb')
+    points = scene.geometry['points']
+    assert len(points.vertices) == len(e['ply']) == e['summary']['points'] and 'scene.glb' in e['summary']['files']
+    np.testing.assert_array_equal(points.vertices, e['ply']['xyz'])
+    np.testing.assert_array_equal(points.colors[:, :3], e['ply']['rgb'])
+    frames = json.loads((e['out'] / 'transforms.json').read_text())['frames']
+    stems = [Path(frame['file_path']).stem for frame in frames]
+    assert sorted(scene.geometry) == sorted(['points', *stems])
+    for frame, stem in zip(frames, stems):
+        np.testing.assert_array_equal(scene.graph[stem][0], np.eye(4))  # no transform: the world as written
+        c2w_gl = np.array(frame['transform_matrix'])
+        frustum = scene.geometry[stem].vertices  # its 8 lines' ends
+        ends, count = np.unique(frustum, axis=0, return_counts=True)
+        apex = ends[count.argmax()]  # the end of 4 lines, the corners' of 3
+        np.testing.assert_allclose(apex, c2w_gl[:3, 3], atol=1e-5)
+        opening = frustum.mean(0) - apex
+        assert opening @ -c2w_gl[:3, 2] > 0.9 * np.linalg.norm(opening)
+
+
+def test_cameras_that_contradict_the_photos_are_named(exported):
+    """The sources' photo error under the given cameras against the same cameras inverted and with OpenGL/OpenCV
+    axes swapped: the true cameras pass; each mistake is named, with its fix."""
+    e = exported
+    args = (e['images'], e['depth'], e['c2w'], e['K'], 2)
+    errors, warning = export.check_poses(*args)
+    assert warning is None and errors['given'] < 0.5 * min(errors[name] for name in export.CAMERA_MISTAKES)
+    assert e['summary']['camera_check'] == {'photo_error': pytest.approx(errors), 'warning': None}
+    for name, (looks, fix, mistake) in export.CAMERA_MISTAKES.items():
+        wrong = mistake(e['c2w'].double()).float()
+        errors, warning = export.check_poses(e['images'], e['depth'], wrong, e['K'], 2)
+        assert f'than the same cameras {name} (' in warning and looks in warning and warning.endswith(fix)
+        assert min(errors, key=errors.get) == name
+
+
 # ====================================================================================================
 # Bad input through the command lines (train.py, sample.py, data.py): one line on stderr naming the file and the
 # fix, exit status 2, no traceback, nothing on disk changed; never a silent substitution, never a lost run.
@@ -4202,6 +4241,52 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
     assert same({**cams, 'names': [n + '.jpg' for n in cams['names']]})
     with pytest.raises(cli.UserError, match='add H and W'):
         export.read_cameras(str(npz))
+
+
+def write_release_demo(folder, s, views, invert=False):
+    """Frames of a synth_scene s as the GLD release's demo/<scene>/nerfstudio/images_4 holds them: frame_NNNNN.png
+    beside frame_NNNNN.npz with pose (camera-to-world, OpenGL camera axes) and intrinsic (pixels); invert: each pose
+    written as its inverse (world-to-camera), the mistake check_poses names -> the image paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    H, W = s['images'].shape[1:3]
+    paths = []
+    for v in views:
+        stem = folder / f'frame_{v + 1:05d}'
+        Image.fromarray(s['images'][v]).save(f'{stem}.png')
+        pose = cameras.opengl_to_opencv(s['c2w'][v].double())
+        if invert:
+            pose = cameras.rigid_inverse(pose)
+        np.savez(f'{stem}.npz', pose=pose.numpy(), intrinsic=cameras.K_to_pixels(s['K'][v].double(), H, W).numpy())
+        paths.append(f'{stem}.png')
+    return paths
+
+
+def test_release_demo_frames_run_and_inverted_poses_are_named(tmp_path, capsys):
+    """--cameras on a folder of the release's demo frames, read as its reader reads them; through sample.py with the
+    bundled models, the same poses inverted run with one warning line naming the mistake, kept in metrics.json."""
+    s = synth.synth_scene([0, 1, 2], frames=4, size=112)
+    demo = tmp_path / 'demo' / 'scene' / 'nerfstudio' / 'images_4'
+    write_release_demo(demo, s, (0, 3))
+    cams = export.read_cameras(str(demo), image_size=(112, 112))
+    torch.testing.assert_close(cams['c2w'], s['c2w'][[0, 3]].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cams['K'], s['K'][[0, 3]].float(), atol=1e-6, rtol=0)
+    paths = write_release_demo(tmp_path / 'inverted', s, (0, 3), invert=True)
+    out = tmp_path / 'out'
+    capsys.readouterr()
+    sample.main(['--images', *paths, '--cameras', str(tmp_path / 'inverted'), '--frames', '2', '--out', str(out)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning: ')]
+    assert len(warnings) == 1 and 'than the same cameras inverted in OpenGL axes' in warnings[0], warnings
+    assert "(transforms.json, the GLD release's pose) given as camera-to-world; invert them" in warnings[0]
+    check = json.loads((out / 'metrics.json').read_text())['export']['camera_check']
+    assert check['warning'] == warnings[0].removeprefix('warning: ')
+    assert check['photo_error']['inverted in OpenGL axes'] < check['photo_error']['given'] / 1.5
+
+
+def test_images_of_different_sizes_are_named_with_their_sizes(tmp_path):
+    for name, size in (('a.png', (56, 28)), ('b.png', (42, 28))):
+        Image.new('RGB', size).save(tmp_path / name)
+    with pytest.raises(cli.UserError, match=r'differ in size \(.*a.png 56x28, .*b.png 42x28\); resize them'):
+        sample.read_images([str(tmp_path / 'a.png'), str(tmp_path / 'b.png')])
 
 
 def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
