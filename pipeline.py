@@ -166,11 +166,12 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their
     latents."""
     name = model_name('encoder', preset)
+    weights = official.hub_weights(weights, preset)  # DA3-BASE, VGGT-1B, ...: from the hub cache
     if weights == 'auto' and (preset == DEFAULT_ENCODER or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
-            print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
+            print(f'note: {preset} with random weights (--encoder-weights FILE or a hub name: the official ones)')
         enc, weights, sha = latents.build_encoder(preset), 'none', None
     elif (
         weights.endswith('.pt')
@@ -323,8 +324,9 @@ def load_pipeline(
     return Pipeline(enc, dec, models, boundary, log)
 
 
-def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions
-    (docs/official.md)."""
-    enc, dec, models = official.load_models(folder, device, log=log, **kw)
+def load_official_pipeline(source, device='cpu', log=print, stats=None, **kw):
+    """The released models of a folder or the hub (official.release_files; stats: a folder holding
+    model_stats/) with their conventions (docs/official.md); kw: load_models's encoder_preset, heads."""
+    files = official.release_files(source, stats)
+    enc, dec, models = official.load_models(files, device, log=log, **kw)
     return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())

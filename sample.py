@@ -23,6 +23,7 @@ import decoder as decoder_lib
 import diffusion
 import export
 import metrics
+import official
 import pipeline
 import synth
 from cli import UserError
@@ -417,8 +418,16 @@ def build_parser():
         help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports '
         '(weights/mine/level1.safetensors, ...); default: weights/tiny',
     )
-    p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
+    p.add_argument(
+        '--official',
+        nargs='?',
+        const=official.OFFICIAL_HUB,
+        default='',
+        help=f'the released models: a folder, or alone: the hub {official.OFFICIAL_HUB} (docs/official.md)',
+    )
+    p.add_argument('--official-stats', default=None, help="the release's model_stats/ (in its git clone)")
     p.add_argument('--encoder', default=DEFAULT_ENCODER, help='the latent encoder of the models (train.py --encoder)')
+    p.add_argument('--encoder-weights', default='auto', help='its weights: a file or a hub name (train.py)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
@@ -490,7 +499,7 @@ def count_sources(args):
 
 
 def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decoder
-    enc = pipeline.load_encoder(args.encoder, 'auto', device, ckpt_dir=args.ckpt_dir)
+    enc = pipeline.load_encoder(args.encoder, args.encoder_weights, device, ckpt_dir=args.ckpt_dir)
     if enc.has_rgb_decoder:
         return enc, enc.rgb_decoder()
     name = pipeline.model_name('decoder', args.encoder)
@@ -500,8 +509,9 @@ def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decod
 
 def load_pipe(args, device):  # the released models (--official), or ours
     if args.official:
-        return pipeline.load_official_pipeline(args.official, device)
-    return pipeline.load_pipeline(args.ckpt_dir, args.boundary, args.independent, device, encoder=args.encoder)
+        return pipeline.load_official_pipeline(args.official, device, stats=args.official_stats)
+    models = (args.ckpt_dir, args.boundary, args.independent)
+    return pipeline.load_pipeline(*models, device, args.encoder, args.encoder_weights)
 
 
 @torch.no_grad()

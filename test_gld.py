@@ -1850,6 +1850,78 @@ def test_missing_or_wrong_file_errors(release, tmp_path):
         load(broken)
 
 
+def hub_cache(cache, repo, files, rev='0123456789abcdef0123456789abcdef01234567'):
+    """A huggingface_hub cache holding files {path in the repo: source file} of repo at rev, laid out as the library
+    lays it out: models--ORG--NAME/refs/main (the commit) and snapshots/<commit>/<path>."""
+    folder = cache / ('models--' + repo.replace('/', '--'))
+    (folder / 'refs').mkdir(parents=True)
+    (folder / 'refs' / 'main').write_text(rev)
+    for rel, source in files.items():
+        (folder / 'snapshots' / rev / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / 'snapshots' / rev / rel)
+    return folder / 'snapshots' / rev
+
+
+def test_hub_names_resolve_through_the_library_cache_offline(release, tmp_path):
+    """`--official` alone and `--encoder-weights DA3-SMALL` through huggingface_hub itself, in a fresh process with
+    HF_HUB_OFFLINE=1 and HF_HUB_CACHE in tmp_path (no network touched): cached files are used, a missing one is one
+    line naming the repository and the offline alternative; the statistics come from --official-stats."""
+    root, _ = release
+    cache = tmp_path / 'hub'
+    weights = {rel: root / rel for rel in official.OFFICIAL_FILES['da3'].values() if not rel.startswith('model_stats')}
+    snapshot = hub_cache(cache, official.OFFICIAL_HUB, weights)
+    stand_in = root / 'pretrained_models' / 'da3' / 'model.safetensors'  # a small file in its place
+    encoder = hub_cache(cache, 'depth-anything/DA3-SMALL', {'model.safetensors': stand_in})
+    synth.write_synth(str(tmp_path / 'data'), 0, 1, frames=6, size=56, seed=0)
+    run = ['--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2', '--out', str(tmp_path / 'out')]
+    script = f"""
+import functools, json, sys
+import cli, official, pipeline, sample
+small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads={HEADS})
+pipeline.load_official_pipeline = small
+calls = {{
+    'small': lambda: official.hub_weights('DA3-SMALL', 'da3-small'),
+    'base': lambda: official.hub_weights('depth-anything/DA3-BASE', 'da3-base'),
+    'mismatch': lambda: official.hub_weights('DA3-SMALL', 'da3-base'),
+    'no stats': lambda: sample.main(['--official', *{run!r}]),
+    'files': lambda: json.dumps(official.release_files(official.OFFICIAL_HUB, {str(root)!r})),
+    'run': lambda: sample.main(['--official', '--official-stats', {str(root)!r}, *{run!r}]) and 'ran',
+}}
+answers = {{}}
+for name, call in calls.items():
+    try:
+        answers[name] = str(call())
+    except cli.UserError as e:
+        answers[name] = 'error: ' + str(e)
+print('ANSWERS ' + json.dumps(answers))
+"""
+    import subprocess
+
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(tmp_path / 'hf')}
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, '-c', script], cwd=here, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stdout.splitlines() if line.startswith('ANSWERS ')]
+    assert r.returncode == 0 and lines, r.stdout + r.stderr
+    answers = json.loads(lines[0].removeprefix('ANSWERS '))
+    assert answers['small'] == str(encoder / 'model.safetensors')
+    assert answers['base'].startswith('error: depth-anything/DA3-BASE: cannot get model.safetensors (the hub')
+    assert str(cache) in answers['base'] and answers['base'].endswith('pass --encoder-weights FILE')
+    assert (
+        answers['mismatch']
+        == 'error: --encoder-weights DA3-SMALL: weights of --encoder da3-small, not da3-base; pass both'
+    )
+    assert (
+        'are not on the hub SeonghuJeon/GLD' in answers['no stats']
+        and f'git clone {official.OFFICIAL_GIT}' in answers['no stats']
+    )
+    assert answers['run'] == 'ran' and (tmp_path / 'out' / 'grid.png').exists()
+    files = json.loads(answers['files'])  # the weights from the snapshot, the statistics from --official-stats
+    assert sorted(files.values()) == sorted(
+        [str(snapshot / rel) for rel in weights]
+        + [str(root / rel) for rel in official.OFFICIAL_FILES['da3'].values() if rel.startswith('model_stats')]
+    )
+
+
 # ----------------------------------------------------------------------------- official vs clean conventions
 
 

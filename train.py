@@ -65,7 +65,7 @@ def build_parser():
     arg('--cache', type=int, default=0, help='diffusion: draws per scene, encoded once (0 = off)')
     arg = p.add_argument_group('models').add_argument
     arg('--encoder', default=DEFAULT_ENCODER, help='latent encoder: da3-*, vggt-*, dinov2-*, vae*')
-    arg('--encoder-weights', default='auto', help="file or 'auto' (runs/encoder[-NAME], bundled)")
+    arg('--encoder-weights', default='auto', help="file, hub name (DA3-BASE...), 'auto' (runs/encoder*)")
     arg('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset')
     arg('--decoder-ckpt', default='auto', help="the evaluation's decoder (diffusion); 'none': skip")
     arg('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset')
