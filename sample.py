@@ -26,6 +26,7 @@ import metrics
 import official
 import pipeline
 import synth
+import view
 from cli import UserError
 from constants import DEFAULT_ENCODER
 from export import save_image
@@ -472,6 +473,7 @@ def build_parser():
     p.add_argument('--recon', action='store_true', help='Stage-1 reconstruction table: all levels and each level alone')
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
+    p.add_argument('--view', action='store_true', help='then show the outputs in a browser (view.py)')
     p.add_argument(
         '--export',
         default=','.join(export.DEFAULT_FORMATS),
@@ -522,6 +524,11 @@ def main(argv=None):
     t_start = time.time()
     size = data.parse_size(args.size)  # bad input is reported before any model is loaded
     n_src = count_sources(args)
+    if args.view and (args.eval or args.recon or not {'ply', 'nerfstudio'} <= set(args.export)):
+        fix = 'drop --eval, --recon; keep --export ply,nerfstudio'
+        raise UserError(f'--view shows the points and cameras of a scene: {fix}')
+    if args.view:
+        view.import_viser()
     data.make_output_dir(args.out)
     lpips = metrics.lpips_fn(device) if args.lpips else None
     if args.recon or args.eval:
@@ -547,6 +554,8 @@ def main(argv=None):
     images = scene['images']
     write_outputs(args.out, images, res, c2w, K, n_src, gt, scores, args.export, scene['units'], scene['frame'])
     print(f'wrote {args.out}/ ({len(our_files(args.out))} files) in {time.time() - t_start:.1f}s')
+    if args.view:
+        view.show(args.out)
     return res
 
 

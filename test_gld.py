@@ -2359,7 +2359,11 @@ def test_every_train_sample_bench_flag_is_exercised(world):
         '--official',
         '--encoder',
         '--sampler',
-    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...
+        '--official-stats',
+        '--encoder-weights',
+        '--view',
+    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...;
+    # --official-stats: test_hub_names_resolve_...; --encoder-weights, --view: test_view_flag_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
@@ -3280,6 +3284,91 @@ def test_cameras_that_contradict_the_photos_are_named(exported):
         errors, warning = export.check_poses(e['images'], e['depth'], wrong, e['K'], 2)
         assert f'than the same cameras {name} (' in warning and looks in warning and warning.endswith(fix)
         assert min(errors, key=errors.get) == name
+
+
+def test_view_flag_shows_the_run_it_wrote_and_is_refused_without_a_scene(tmp_path, capsys, monkeypatch):
+    """sample.py --view hands its --out to view.show once the outputs are written (here with the bundled encoder
+    named by --encoder-weights); with --eval, without the PLY or without viser it stops before any model loads."""
+    for argv in (['--view', '--eval'], ['--view', '--export', 'colmap']):
+        user_error(sample.main, [*argv, '--out', tmp_path / 'refused'], capsys, '--view shows the points and cameras')
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, 'viser', None)  # as if it were not installed
+        user_error(sample.main, ['--view', '--out', tmp_path / 'refused'], capsys, 'needs viser: pip install viser')
+    assert not (tmp_path / 'refused').exists()
+    shown = []
+    monkeypatch.setattr(sample.view, 'import_viser', lambda: None)  # the run below needs no viser
+    monkeypatch.setattr(sample.view, 'show', shown.append)
+    out = tmp_path / 'out'
+    encoder = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
+    sample.main(['--encoder-weights', encoder, '--view', '--out', str(out)])
+    assert shown == [str(out)] and (out / 'points.ply').exists() and (out / 'transforms.json').exists()
+
+
+def viser_scene(port, timeout=30):
+    """The messages a viser server sends a new client until its scene is replayed: [message dict with its binary
+    buffers' lengths as 'lengths'] (viser's wire format: msgpack lengths, zstd msgpack, raw buffers)."""
+    import msgspec
+    import viser
+    import zstandard
+    from websockets.sync.client import connect
+
+    messages = []
+    url = f'ws://127.0.0.1:{port}'
+    with connect(url, subprotocols=[f'viser-v{viser.__version__}'], max_size=None, open_timeout=timeout) as ws:
+        while not any(m['type'] == 'ReplayDoneMessage' for m in messages):
+            raw = ws.recv(timeout=timeout)
+            size = int.from_bytes(raw[:8], 'little')
+            packed = int.from_bytes(raw[8:16], 'little')
+            inner = zstandard.ZstdDecompressor().decompress(raw[16 : 16 + packed], max_output_size=size)
+            window = msgspec.msgpack.decode(inner)
+            messages += [{**m, 'lengths': window['binaryBufferLengths']} for m in window['messages']]
+    return messages
+
+
+def test_view_serves_the_points_and_every_camera_to_a_browser(exported, tmp_path):
+    """python view.py OUT as a user starts it: a websocket client receives the point cloud and a frustum at every
+    camera of transforms.json; where Chromium is installed, a headless one renders the page to view.png."""
+    pytest.importorskip('viser')
+    import subprocess
+
+    e = exported
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, 'view.py'), str(e['out']), '--port', str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any(line.startswith('showing') for line in lines):  # its line once it serves
+            line = server.stdout.readline()
+            assert line, ''.join(lines)
+            lines.append(line)
+        assert f'http://127.0.0.1:{port}' in lines[-1]
+        messages = viser_scene(port)
+        clouds = [m for m in messages if m['type'] == 'PointCloudMessage']
+        assert [m['name'] for m in clouds] == ['/points']
+        xyz = clouds[0]['props']['points']
+        assert clouds[0]['lengths'][xyz['__binary_index']] == len(e['ply']) * 3 * 2  # float16 xyz of every point
+        frames = json.loads((e['out'] / 'transforms.json').read_text())['frames']
+        names = [f'/cameras/{Path(frame["file_path"]).stem}' for frame in frames]
+        frustums = [m['name'] for m in messages if m['type'] == 'CameraFrustumMessage']
+        assert sorted(frustums) == sorted(names)
+        positions = {m['name']: m['position'] for m in messages if m['type'] == 'SetPositionMessage'}
+        for name, frame in zip(names, frames):
+            np.testing.assert_allclose(positions[name], np.array(frame['transform_matrix'])[:3, 3], atol=1e-5)
+        chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+        if chromium:
+            png = tmp_path / 'view.png'
+            shot = ['--headless=new', '--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader']
+            shot += [f'--screenshot={png}', '--window-size=800,600', '--virtual-time-budget=8000']
+            subprocess.run([chromium, *shot, f'http://127.0.0.1:{port}'], capture_output=True, timeout=120)
+            pixels = np.asarray(Image.open(png).convert('RGB')).reshape(-1, 3).astype(int)
+            for rgb in (export.SOURCE_RGB, export.TARGET_RGB):  # the frustums' colours are drawn
+                assert (np.abs(pixels - rgb).max(-1) < 40).sum() > 50, rgb
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ====================================================================================================
@@ -4818,7 +4907,7 @@ def test_bench_times_what_each_latent_has(name, parts):
 # ----------------------------------------------------------------------------- project structure
 IMPORT_LAYERS = [
     ('train', 'sample', 'bench'),
-    ('pipeline', 'latent_cache'),
+    ('pipeline', 'latent_cache', 'view'),
     ('official',),
     ('latents',),
     ('vggt', 'vae'),
