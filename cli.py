@@ -1,12 +1,12 @@
-"""cli.py: what every gld command line shares: UserError and its one-line report, Progress lines, choose_threads."""
+"""cli.py: what every gld command line shares: UserError and its one-line report, progress bars,
+choose_threads."""
 
-import math
 import os
 import sys
-import time
 import traceback
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -45,25 +45,32 @@ def choose_threads():
         )
 
 
-class Progress:
-    """'M1 Euler 12/50  3.1s, ETA 9.8s': in place on a terminal, else a line every `every` s (0: every step)."""
+def progress(iterable=None, desc='', total=None, every=10.0, **kw):
+    """tqdm's bar on a terminal; elsewhere (a log file) its status as plain lines: every `every` s
+    from then on, and at the end, of a loop longer than `every` s (0: every step). kw: tqdm's
+    (leave, initial, unit, disable, ...)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, **kw)
+    lines = LogLines(sys.stderr)
+    # a line once `every` seconds have passed, then at most one every `every` seconds
+    timing = {'delay': every, 'mininterval': every, 'miniters': 1}
+    return tqdm(iterable, desc=desc, total=total, file=lines, **timing, **kw)
 
-    def __init__(self, label, total, every=10.0, stream=None):
-        self.label, self.total, self.every, self.stream = label, total, every, stream or sys.stdout
-        self.done, self.t0, self.last = 0, time.time(), -math.inf
-        self.tty = self.stream.isatty() and every > 0
 
-    def step(self, note=''):
-        self.done += 1
-        now, end = time.time(), self.done >= self.total
-        if not (self.tty or end or now - self.last >= self.every):
-            return
-        self.last, elapsed = now, now - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        line = (
-            f'{self.label} {self.done}/{self.total}  {elapsed:.1f}s'
-            + ('' if end else f', ETA {eta:.1f}s')
-            + (f'  {note}' if note else '')
-        )
-        self.stream.write(('\r' + line + '\x1b[K' + ('\n' if end else '')) if self.tty else line + '\n')
+class LogLines:
+    """A stream for tqdm off a terminal: each new status of a bar becomes a line of its own (no
+    carriage returns)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.last = ''
+
+    def write(self, text):
+        line = text.replace('\x1b[A', '').strip()  # tqdm's cursor-up code (nested bars) and its \r
+        count = line.split(' [')[0]  # 'desc: 50%|#####     | 1/2', without the times and rate
+        if count and count != self.last:  # close() repeats the last count
+            self.stream.write(line + '\n')
+            self.last = count
+
+    def flush(self):
         self.stream.flush()

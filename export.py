@@ -1,9 +1,11 @@
-"""export.py: scenes out in the formats other tools open (COLMAP, nerfstudio, PLY, MP4), cameras in.
+"""export.py: scenes out in the formats other tools open (COLMAP, nerfstudio, PLY, GLB, MP4),
+cameras in, and the given cameras checked against the photos.
 
 COLMAP sparse/0/ (w2c as Hamilton quaternion (w, x, y, z) + t, PINHOLE in pixels) with the fused
 points, nerfstudio transforms.json (OpenGL c2w, ply_file_path for splatfacto), points.ply,
-video.mp4; units: those of the cameras sampling used. References: COLMAP, nerfstudio and PLY
-format docs. Shape legend: V views, H W image, N points.
+scene.glb (the points and the camera frustums, via trimesh), video.mp4; units: those of the
+cameras sampling used. References: COLMAP, nerfstudio, PLY and glTF format docs. Shape legend:
+V views, H W image, N points.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import data
 import encoder as encoder_lib
 
 # sample.py's --export: the choices, all of them by default
-FORMATS = ('ply', 'colmap', 'nerfstudio')
+FORMATS = ('ply', 'colmap', 'nerfstudio', 'glb')
 DEFAULT_FORMATS = FORMATS
 # the units of a scene, by the source of its cameras
 UNITS = {
@@ -72,11 +74,22 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
             scale = cameras.umeyama(centres_da3.double(), centres.double())[0]
             return float(scale), 'da3 cameras'
         return 1.0, 'none'
+    return fit_scale(images, depth, c2w, K, n_src)[0], 'source photo-consistency'
+
+
+# fit_scale's searches (log10 of the scale from, to, steps): six decades, then about the best;
+# check_poses's, coarser
+SCALE_SEARCH = ((-3, 3, 121), (-0.05, 0.05, 41))
+CHECK_SEARCH = ((-3, 3, 61), (-0.1, 0.1, 11))
+
+
+def fit_scale(images, depth, c2w, K, n_src, searches=SCALE_SEARCH):
+    """The scale of depth under which the n_src sources agree best, and their mean photo error
+    there."""
     sources = range(n_src)
     pairs = [(i, j) for i in sources for j in sources if i != j]
     best = 1.0
-    # a coarse search over six decades, then a fine one about its best
-    for low, high, steps in ((-3, 3, 121), (-0.05, 0.05, 41)):
+    for low, high, steps in searches:
         scales = torch.logspace(low, high, steps, dtype=torch.float64) * best
         costs = []
         for s in scales:
@@ -84,7 +97,57 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
             cost = sum(photo_error(images, scaled, c2w, K, i, j) for i, j in pairs)
             costs.append(cost)
         best = float(scales[torch.stack(costs).argmin()])
-    return best, 'source photo-consistency'
+    return best, float(min(costs)) / len(pairs)
+
+
+def inverted_in_opengl_axes(c2w):
+    """The cameras whose OpenGL-axes matrices (transforms.json, the release's pose) are the
+    inverses of c2w's."""
+    c2w_gl = cameras.opengl_to_opencv(c2w)
+    return cameras.opengl_to_opencv(cameras.rigid_inverse(c2w_gl))
+
+
+# the common mistakes in given cameras: name -> (what the cameras look like then, the fix, the
+# change that undoes it)
+CAMERA_MISTAKES = {
+    'inverted': (
+        'world-to-camera matrices given as camera-to-world',
+        'invert them',
+        cameras.rigid_inverse,
+    ),
+    'inverted in OpenGL axes': (
+        "world-to-camera matrices with OpenGL axes (transforms.json, the GLD release's pose) given as camera-to-world",
+        'invert them',
+        inverted_in_opengl_axes,
+    ),
+    'with OpenGL/OpenCV axes swapped': (
+        'OpenGL camera axes (y up, z back) where OpenCV ones (y down, z forward) belong, or the reverse',
+        'negate their y and z axes (transforms.json holds OpenGL axes; COLMAP and .npz OpenCV)',
+        cameras.opengl_to_opencv,
+    ),
+}
+
+
+def check_poses(images, depth, c2w, K, n_src, side=64, ratio=1.5, searches=CHECK_SEARCH):
+    """The sources' photo error (each at its best depth scale, on images shrunk to `side` px, a
+    coarser search) under the given cameras and under each CAMERA_MISTAKES undone -> ({'given': e,
+    name: e, ...}, a warning line where one of those fits `ratio` times better, else None)."""
+    shrink = min(1.0, side / max(images.shape[-2:]))
+    small = F.interpolate(images[:n_src], scale_factor=shrink, mode='area')
+    H, W = small.shape[-2:]
+    small_depth = F.interpolate(depth[:n_src, None], size=(H, W), mode='area')[:, 0]
+    errors = {'given': fit_scale(small, small_depth, c2w, K, n_src, searches)[1]}
+    for name, (_, _, undo) in CAMERA_MISTAKES.items():
+        errors[name] = fit_scale(small, small_depth, undo(c2w), K, n_src, searches)[1]
+    best = min(CAMERA_MISTAKES, key=errors.get)
+    given = errors['given']
+    if errors[best] * ratio > given:
+        return errors, None
+    looks, fix, _ = CAMERA_MISTAKES[best]
+    worse = f'{given / errors[best]:.1f}x worse (photo error {given:.3f})'
+    than = f'the same cameras {best} ({errors[best]:.3f})'
+    warning = f'the source photos fit the given cameras {worse} than {than}: they look like {looks}; {fix}'
+    return errors, warning
 
 
 def photo_error(images, depth, c2w, K, i, j):
@@ -199,6 +262,39 @@ def write_ply(path, xyz, rgb, comments=()):
     header = ''.join(line + '\n' for line in lines)
     with open(path, 'wb') as f:
         f.write(header.encode('ascii') + vertices.tobytes())
+
+
+# a frustum's lines: from its apex (vertex 0) to the image corners (1..4), and round the image
+FRUSTUM_LINES = ([0, 1], [0, 2], [0, 3], [0, 4], [1, 2, 3, 4, 1])
+
+
+def write_glb(path, points, c2w, K, H, W, names):
+    """scene.glb (trimesh, as DA3 writes it): the points with their colours and a wireframe
+    frustum per camera named like its image (sources blue, targets orange; its apex, the camera
+    centre, ends 4 of its 8 lines), in the PLY's coordinates."""
+    import trimesh  # only this writer needs it
+
+    scene = trimesh.Scene()
+    cloud = trimesh.PointCloud(points['xyz'].numpy(), colors=points['rgb'].numpy())
+    scene.add_geometry(cloud, geom_name='points', node_name='points')
+    centres = c2w[:, :3, 3].double()
+    rotations = c2w[:, :3, :3].double()
+    # frustums a tenth of the points' median distance from the first camera deep
+    length = 0.1 * float((points['xyz'] - centres[0]).norm(dim=-1).median())
+    corners = torch.tensor([[0, 0, 1], [W, 0, 1], [W, H, 1], [0, H, 1]], dtype=torch.float64)
+    Kpix = cameras.K_to_pixels(K.double(), H, W)
+    for v, name in enumerate(names):
+        rays = corners @ torch.linalg.inv(Kpix[v]).T * length  # (4,3) at z = length
+        ends = rays @ rotations[v].T + centres[v]
+        vertices = torch.cat([centres[v][None], ends]).numpy()
+        # new lines for each frustum: trimesh renumbers them in place
+        lines = [trimesh.path.entities.Line(ends) for ends in FRUSTUM_LINES]
+        rgb = SOURCE_RGB if name.startswith('source') else TARGET_RGB
+        colours = np.array([[*rgb, 255]] * len(lines), dtype=np.uint8)
+        frustum = trimesh.path.Path3D(entities=lines, vertices=vertices, colors=colours)
+        stem = name.removesuffix('.png')
+        scene.add_geometry(frustum, geom_name=stem, node_name=stem)
+    scene.export(path)
 
 
 # ------------------------------------------------------------------------------------------- COLMAP
@@ -407,8 +503,12 @@ def write_transforms(path, c2w, K, H, W, files, is_source, extra=None):
 
 CAMERA_FORMATS = (
     'a COLMAP model folder (sparse/0, .bin or .txt), a nerfstudio transforms.json, or a folder of '
-    'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional)'
+    'per-frame NAME.npz (c2w: 4x4 OpenCV camera-to-world, K: 3x3 in pixels, H and W optional; '
+    "or the GLD release's demo frames: pose, intrinsic)"
 )
+# the arrays of a per-frame .npz: ours, then the GLD release's demo frames
+# (demo/<scene>/nerfstudio/images_4/)
+NPZ_LAYOUTS = (('c2w', 'K'), ('pose', 'intrinsic'))
 
 
 def _find_colmap(path):
@@ -439,7 +539,9 @@ def _cameras_from_colmap(sparse):
 
 
 def _cameras_from_npz(folder, image_size):
-    """read_cameras of a folder of per-frame NAME.npz."""
+    """read_cameras of a folder of per-frame NAME.npz in a NPZ_LAYOUTS. The release's pose is
+    camera-to-world with OpenGL camera axes: its reader (src/cut3r_data/datasets/dl3dv.py,
+    opengl_to_opencv on by default) negates y and z."""
     c2w = []
     K = []
     names = []
@@ -449,14 +551,21 @@ def _cameras_from_npz(folder, image_size):
         size = image_size
         if 'H' in arrays and 'W' in arrays:
             size = (int(arrays['H']), int(arrays['W']))
-        if 'c2w' not in arrays or 'K' not in arrays or size is None:
+        layout = [keys for keys in NPZ_LAYOUTS if set(keys) <= set(arrays.files)]
+        if not layout or size is None:
+            needs = 'c2w (4x4 OpenCV camera-to-world), K (3x3, pixels)'
+            release = "(or the GLD release's pose, intrinsic)"
+            size_from = 'H, W (the image size of K) where no photo states it'
             raise cli.UserError(
-                f'{os.path.join(folder, f)}: needs arrays c2w (4x4 OpenCV camera-to-world), K (3x3, '
-                f'pixels) and H, W (the image size of K) where no photo states it; it has '
+                f'{os.path.join(folder, f)}: needs arrays {needs} {release} and {size_from}; it has '
                 f'{sorted(arrays.files)}: add H and W or the missing arrays'
             )
-        Kpix = torch.as_tensor(arrays['K'], dtype=torch.float64)
-        c2w.append(torch.as_tensor(arrays['c2w'], dtype=torch.float64))
+        pose_key, K_key = layout[0]
+        pose = torch.as_tensor(arrays[pose_key], dtype=torch.float64)
+        if pose_key == 'pose':  # the release's OpenGL camera axes -> OpenCV
+            pose = cameras.opengl_to_opencv(pose)
+        Kpix = torch.as_tensor(arrays[K_key], dtype=torch.float64)
+        c2w.append(pose)
         K.append(cameras.K_to_normalized(Kpix, *size))
         names.append(f[: -len('.npz')])
     return {
@@ -584,8 +693,15 @@ def write_scene(
         save_image(images[v], os.path.join(out_dir, 'images', names[v]))
     scale = 1.0
     how = 'none'
+    check = None
     if units == 'poses':
         scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src)
+    # do the sources agree with their cameras better than with a common mistake?
+    if how == 'source photo-consistency':
+        errors, warning = check_poses(images, depth, c2w, K, n_src)
+        check = {'photo_error': errors, 'warning': warning}
+        if warning:
+            print(f'warning: {warning}')
     points = fuse_points(images, depth * scale, conf, c2w, K, keep)
     info = {'frame': frame, 'units': UNITS[units], 'depth_scale': scale, 'depth_scale_from': how}
     if 'ply' in formats:
@@ -595,6 +711,8 @@ def write_scene(
     if 'colmap' in formats:
         colmap_folder = os.path.join(out_dir, 'sparse', '0')
         write_colmap(colmap_folder, c2w, K, H, W, names, points)
+    if 'glb' in formats:
+        write_glb(os.path.join(out_dir, 'scene.glb'), points, c2w, K, H, W, names)
     if 'nerfstudio' in formats:
         extra = {f'gld_{k}': v for k, v in info.items()}
         if 'ply' in formats:
@@ -604,6 +722,11 @@ def write_scene(
         is_source = torch.arange(V) < n_src
         transforms_path = os.path.join(out_dir, 'transforms.json')
         write_transforms(transforms_path, c2w, K, H, W, image_files, is_source, extra)
-    written = {'ply': 'points.ply', 'colmap': 'sparse/0/', 'nerfstudio': 'transforms.json'}
+    written = {
+        'ply': 'points.ply',
+        'colmap': 'sparse/0/',
+        'nerfstudio': 'transforms.json',
+        'glb': 'scene.glb',
+    }
     files = sorted({'images/'} | {written[f] for f in formats})
-    return {**info, 'points': len(points['xyz']), 'files': files}
+    return {**info, 'points': len(points['xyz']), 'files': files, 'camera_check': check}

@@ -7,10 +7,10 @@ weights. Legend: N draws, V views, T tokens, C channels (a level has 2C).
 
 import hashlib
 import os
-import time
 
 import torch
 
+import cli
 import data
 import latents
 
@@ -95,7 +95,7 @@ class LatentCache:
             return cls(path)
         lo, hi = src[0], min(src[1], dataset.num_views - 1)
         rows = []
-        t0 = time.time()
+        bar = cli.progress(desc='latent cache', total=draws * len(dataset), unit='sample')
         for d in range(draws):
             dataset.set_epoch(d)
             n_src = lo + d % (hi - lo + 1)  # each source count in turn
@@ -116,7 +116,8 @@ class LatentCache:
                 for level in levels:
                     row[f'full{level}'] = raw['full'][level][0].half().cpu()
                 rows.append(row)
-            log(f'latent cache: draw {d + 1}/{draws}, {len(rows)} samples, {time.time() - t0:.0f}s')
+                bar.update()
+        bar.close()
         # (N,...) each; 'scene' (N,) and 'frames' (N,V), sources first, say where a draw came from
         out = {}
         for k in rows[0]:

@@ -1,8 +1,9 @@
 """The released GLD checkpoints (hub repo SeonghuJeon/GLD) as our modules, and their conventions.
 
-File discovery, every layout the release saves, strict conversion and `OfficialConventions`;
-`sample.py --official DIR` runs them, docs/official.md has the download steps and tables. Legend:
-B batch, V views, H W image, C channels.
+Downloads through huggingface_hub's cache (the release, the encoders' own weights), file discovery,
+every layout the release saves, strict conversion and `OfficialConventions`; `sample.py --official`
+runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image,
+C channels.
 """
 
 import os
@@ -12,12 +13,21 @@ import re
 import torch
 
 import cameras
+import cli
 import decoder as decoder_lib
 import diffusion
 import latents
 import model as model_lib
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
+# the release's git repository: model_stats/ lives here, not on the hub
+OFFICIAL_GIT = 'https://github.com/cvlab-kaist/Geometric-Latent-Diffusion'
+# --encoder-weights NAME: the encoders' own releases on the hub -> (repo, file, the --encoder of it)
+HUB_ENCODERS = {
+    'DA3-SMALL': ('depth-anything/DA3-SMALL', 'model.safetensors', 'da3-small'),
+    'DA3-BASE': ('depth-anything/DA3-BASE', 'model.safetensors', 'da3-base'),
+    'VGGT-1B': ('facebook/VGGT-1B', 'model.pt', 'vggt-1b'),
+}
 # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
 OFFICIAL_FILES = {
     'da3': {
@@ -48,6 +58,62 @@ OFFICIAL_LAYOUTS = {
     'model': (('ema', 'model'), ()),
     'stats': ((), ()),
 }
+
+
+# ------------------------------------------------------------------- downloads through the hub cache
+def hub_file(repo, filename, offline_fix):
+    """A file of a hub repo -> its path in huggingface_hub's cache (downloaded there when missing);
+    HF_HUB_CACHE, HF_HOME and HF_HUB_OFFLINE are honoured. No network and no cached copy: one
+    line, ending in offline_fix."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, filename)
+    except LocalEntryNotFoundError:
+        where = f'the hub is out of reach and the cache {constants.HF_HUB_CACHE} has no copy'
+        raise cli.UserError(f'{repo}: cannot get {filename} ({where}); {offline_fix}') from None
+    except HfHubHTTPError as e:  # a wrong name, a gated repo
+        reason = cli.first_line(e)
+        raise cli.UserError(f'{repo}: cannot get {filename} ({reason}); {offline_fix}') from None
+
+
+def hub_weights(weights, preset):
+    """--encoder-weights: a HUB_ENCODERS name or its repo ('DA3-BASE', 'depth-anything/DA3-BASE')
+    -> the file in the hub cache; a local path, 'auto' or 'none' unchanged."""
+    if not isinstance(weights, str) or os.path.exists(weights):
+        return weights
+    wanted = weights.upper()
+    names = [name for name, (repo, _, _) in HUB_ENCODERS.items() if wanted in (name, repo.upper())]
+    if not names:
+        return weights
+    repo, filename, fits = HUB_ENCODERS[names[0]]
+    if preset != fits:
+        mismatch = f'weights of --encoder {fits}, not {preset}'
+        raise cli.UserError(f'--encoder-weights {weights}: {mismatch}; pass both')
+    url = f'https://huggingface.co/{repo}/blob/main/{filename}'
+    return hub_file(repo, filename, f'download {url} and pass --encoder-weights FILE')
+
+
+def release_files(source, stats=None, latent='da3'):
+    """--official SOURCE: a folder (find_official_files) or OFFICIAL_HUB (each file through the
+    hub cache), with the latent statistics found under `stats` if given (the release keeps
+    model_stats/ in its git repository, not on the hub) -> role -> path."""
+    roles = OFFICIAL_FILES[latent]
+    stat_roles = [role for role, rel in roles.items() if rel.startswith('model_stats/')]
+    paths = find_official_files(stats, latent, stat_roles) if stats else {}
+    if source != OFFICIAL_HUB:
+        others = [role for role in roles if role not in paths]
+        return {**paths, **find_official_files(source, latent, others)}
+    if not paths:  # before gigabytes of downloads
+        missing = f'the latent statistics (model_stats/{latent}/*.pt) are not on the hub {OFFICIAL_HUB}'
+        clone = f'git clone {OFFICIAL_GIT} and pass --official-stats {os.path.basename(OFFICIAL_GIT)}'
+        raise cli.UserError(f"--official: {missing}: they ship with the release's git repository; {clone}")
+    fix = 'download the release where there is network (docs/official.md), pass --official FOLDER'
+    for role, rel in roles.items():
+        if role not in paths:
+            paths[role] = hub_file(OFFICIAL_HUB, rel, fix)
+    return paths
 
 
 def describe_layouts(kind):
@@ -201,10 +267,11 @@ def at_release_path(path, rel):
     return ('/' + path.replace(os.sep, '/')).endswith('/' + rel)
 
 
-def find_official_files(folder, latent='da3'):
-    """Role -> OFFICIAL_FILES[latent] found by name under folder (not at another latent's path;
-    the release path first)."""
-    get = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder} (see docs/official.md)'
+def find_official_files(folder, latent='da3', roles=None):
+    """Role -> OFFICIAL_FILES[latent] (those of `roles`, default all) found by name under folder
+    (not at another latent's path; the release path first)."""
+    download = f'huggingface-cli download {OFFICIAL_HUB} --local-dir {folder}'
+    get = f'{download}, or pass --official alone (docs/official.md)'
     if not os.path.isdir(folder):
         raise FileNotFoundError(f'{folder}: no such folder; download the release with: {get}')
     by_name = {}
@@ -216,6 +283,8 @@ def find_official_files(folder, latent='da3'):
     others = [rel for roles in other_latents for rel in roles.values()]  # their release paths
     paths = {}
     for role, rel in OFFICIAL_FILES[latent].items():
+        if roles is not None and role not in roles:
+            continue
         name = os.path.basename(rel)
         hits = [h for h in by_name.get(name, []) if not any(at_release_path(h, o) for o in others)]
         exact = [h for h in hits if at_release_path(h, rel)]
@@ -231,10 +300,9 @@ def find_official_files(folder, latent='da3'):
     return paths
 
 
-def load_models(folder, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models, strictly -> (DA3, RGB decoder, {1: (M1, meta), 0: (M1->0,
-    meta)}) for Pipeline."""
-    files = find_official_files(folder, 'da3')
+def load_models(files, device, encoder_preset='da3-base', heads=16, log=print):
+    """The released GLD (DA3) models of release_files, strictly -> (DA3, RGB decoder,
+    {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline."""
     head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
     weights = {**read_official(files['encoder'], 'encoder', log), **head}
     enc = latents.build_encoder(encoder_preset, weights=weights)

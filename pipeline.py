@@ -175,11 +175,12 @@ def load_encoder(preset, weights='auto', device='cpu', ckpt_dir=None):
     ckpt_dir, else random). enc.source = {'weights', 'sha256' (latents_sha256)}: what checkpoints record of their
     latents."""
     name = model_name('encoder', preset)
+    weights = official.hub_weights(weights, preset)  # DA3-BASE, VGGT-1B, ...: from the hub cache
     if weights == 'auto' and (preset == DEFAULT_ENCODER or ckpt_dir and list_checkpoints(os.path.join(ckpt_dir, name))):
         weights = find_checkpoint(name, ckpt_dir)
     if weights in ('auto', 'none', None, ''):
         if weights == 'auto':
-            print(f'note: {preset} with random weights (pass --encoder-weights FILE for the official ones)')
+            print(f'note: {preset} with random weights (--encoder-weights FILE or a hub name: the official ones)')
         enc, weights, sha = latents.build_encoder(preset), 'none', None
     elif (
         weights.endswith('.pt')
@@ -257,18 +258,18 @@ class Pipeline:
             n, a, t_end = steps, diffusion.shift_alpha(V * T * C), 0.0
         noise = torch.randn(cond_raw.shape, generator=generator).to(cond_raw.device)
         name = f'M{up}->{level}' if up is not None else f'M{level}'
-        bar = cli.Progress(f'  {name} Euler step', n) if self.progress else None
+        bar = cli.progress(desc=f'  {name} Euler steps', total=n, leave=False, disable=not self.progress)
         conditional = inputs.velocity_fn(net)
 
         def velocity(x_t, t):  # the conditional call: once per Euler step, counted by the progress bar
             v = conditional(x_t, t)
-            if bar:
-                bar.step()
+            bar.update()
             return v
 
         unconditional = inputs.velocity_fn(net, unconditional=True)
         sample = diffusion.SAMPLERS[sampler]
         x = sample(velocity, noise, steps=n, a=a, cfg_scale=cfg_scale, uncond_fn=unconditional, t_end=t_end)
+        bar.close()
         done = f'{n} Euler steps' if sampler == 'euler' else f'{sampler} sampler, {n} steps'
         self.log(f'  {name}: {done} (shift {a:.2f}), cfg {cfg_scale}: {time.time() - t0:.2f}s')
         return stats.denormalize(x, level)
@@ -340,8 +341,9 @@ def load_pipeline(
     return Pipeline(enc, dec, models, boundary, log)
 
 
-def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions
-    (docs/official.md)."""
-    enc, dec, models = official.load_models(folder, device, log=log, **kw)
+def load_official_pipeline(source, device='cpu', log=print, stats=None, **kw):
+    """The released models of a folder or the hub (official.release_files; stats: a folder holding
+    model_stats/) with their conventions (docs/official.md); kw: load_models's encoder_preset, heads."""
+    files = official.release_files(source, stats)
+    enc, dec, models = official.load_models(files, device, log=log, **kw)
     return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())

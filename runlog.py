@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # the panels of curves.png
 CURVES = ('loss', 'val_psnr', 'val_mean_psnr', 'val_mse', 'val_recon_psnr', 'val_absrel')
@@ -82,7 +83,8 @@ class Logger:
             return
         self.rows.append(row)
         fields = [f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()]
-        print(' | '.join(fields), flush=True)
+        with tqdm.external_write_mode():  # the line above train.py's progress bar, on a terminal
+            print(' | '.join(fields), flush=True)
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         with open(self.path + '.tmp', 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=columns)

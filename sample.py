@@ -23,8 +23,10 @@ import decoder as decoder_lib
 import diffusion
 import export
 import metrics
+import official
 import pipeline
 import synth
+import view
 from cli import UserError
 from constants import DEFAULT_ENCODER
 from export import save_image
@@ -35,7 +37,7 @@ def run_eval(pipe, dataset, n_src, sampler, steps, cfg_scale, seed, out_dir, n_s
     """The paper's protocol: N sources (N=2: the ends), the rest targets; GLD beside 2 baselines."""
     n = min(n_scenes, len(dataset))
     per_scene = []
-    bar = cli.Progress('eval scene', n, every=0)  # a scene takes long: a line for each
+    bar = cli.progress(desc='eval scenes', total=n, every=0)  # a scene takes long: a line for each
     mode = 'ends' if n_src == 2 else 'random'
     for i in range(n):
         item = data.collate_one(dataset[i])
@@ -46,9 +48,11 @@ def run_eval(pipe, dataset, n_src, sampler, steps, cfg_scale, seed, out_dir, n_s
         key = scene['key'][0]
         psnr = rows['gld']['psnr']
         nearest = rows['nearest source']['psnr']
-        bar.step(f'{key}: PSNR {psnr:.2f} (nearest source {nearest:.2f})')
+        bar.set_postfix_str(f'{key}: PSNR {psnr:.2f} (nearest source {nearest:.2f})', refresh=False)
+        bar.update()
         for method, scores in rows.items():
             per_scene.append({'scene': key, 'method': method, **scores})
+    bar.close()
     title = f'method (N={n_src}, {n} scenes, {steps} steps)'
     return metrics.write_table(per_scene, out_dir, f'eval_n{n_src}', title)
 
@@ -57,7 +61,7 @@ def run_recon(enc, dec, dataset, out_dir, n_scenes, lpips=None):
     """Stage 1 in miniature (paper Table 6): the decoder on all levels of DA3 features, and each."""
     n = min(n_scenes, len(dataset))
     per_scene = []
-    for i in range(n):
+    for i in cli.progress(range(n), desc='recon scenes', every=0):
         scene = data.collate_one(dataset[i])
         images = scene['images']  # (1,V,3,H,W)
         levels = enc.normalize_levels(enc.encode(images))
@@ -84,7 +88,7 @@ def ensure_data(spec):
 # what a run writes (write_outputs, export.write_scene, write_table): clear_outputs removes these
 OUTPUTS = (
     *('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'metrics.json'),
-    *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json'),
+    *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json', 'scene.glb'),
     *('images/source_[0-9]*.png', 'images/target_[0-9]*.png'),
     *(f'sparse/0/{n}.{e}' for n in ('cameras', 'images', 'points3D') for e in ('bin', 'txt')),
     *(f'{t}{e}' for t in ('eval_n[0-9]*', 'recon') for e in ('.md', '.json', '_scenes.csv')),
@@ -167,7 +171,8 @@ def read_images(paths):
             raise UserError(f'{p}: cannot read the image ({e}); {fix}') from e
     H, W = ims[0].shape[-2:]
     if any(im.shape[-2:] != (H, W) for im in ims):
-        raise UserError(f'{paths}: the images differ in size; resize them to one size first')
+        sizes = ', '.join(f'{p} {im.shape[-1]}x{im.shape[-2]}' for p, im in zip(paths, ims))
+        raise UserError(f'the images differ in size ({sizes}); resize them to one size first')
     return torch.stack(ims)[None]
 
 
@@ -414,8 +419,16 @@ def build_parser():
         help='folder of training runs (runs/level1/ckpt_*.pt, ...) or of exports '
         '(weights/mine/level1.safetensors, ...); default: weights/tiny',
     )
-    p.add_argument('--official', default='', help='folder with the released GLD files (docs/official.md)')
+    p.add_argument(
+        '--official',
+        nargs='?',
+        const=official.OFFICIAL_HUB,
+        default='',
+        help=f'the released models: a folder, or alone: the hub {official.OFFICIAL_HUB} (docs/official.md)',
+    )
+    p.add_argument('--official-stats', default=None, help="the release's model_stats/ (in its git clone)")
     p.add_argument('--encoder', default=DEFAULT_ENCODER, help='the latent encoder of the models (train.py --encoder)')
+    p.add_argument('--encoder-weights', default='auto', help='its weights: a file or a hub name (train.py)')
     p.add_argument('--data', default='data_synth', help="dataset: chunk folder, 're10k:PATH', 'dl3dv:PATH'")
     p.add_argument('--split', default='test', help='dataset split')
     p.add_argument('--scene', default='0', help='scene key or index in the split')
@@ -460,11 +473,12 @@ def build_parser():
     p.add_argument('--recon', action='store_true', help='Stage-1 reconstruction table: all levels and each level alone')
     p.add_argument('--lpips', action='store_true', help='add LPIPS (needs the lpips package and its weights)')
     p.add_argument('--out', default='out/sample', help='output folder')
+    p.add_argument('--view', action='store_true', help='then show the outputs in a browser (view.py)')
     p.add_argument(
         '--export',
         default=','.join(export.DEFAULT_FORMATS),
         type=export.parse_formats,
-        help='3D outputs, comma-separated: ply, colmap, nerfstudio; "": none',
+        help='3D outputs, comma-separated: ply, colmap, nerfstudio, glb; "": none',
     )
     return p
 
@@ -487,7 +501,7 @@ def count_sources(args):
 
 
 def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decoder
-    enc = pipeline.load_encoder(args.encoder, 'auto', device, ckpt_dir=args.ckpt_dir)
+    enc = pipeline.load_encoder(args.encoder, args.encoder_weights, device, ckpt_dir=args.ckpt_dir)
     if enc.has_rgb_decoder:
         return enc, enc.rgb_decoder()
     name = pipeline.model_name('decoder', args.encoder)
@@ -497,8 +511,9 @@ def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decod
 
 def load_pipe(args, device):  # the released models (--official), or ours
     if args.official:
-        return pipeline.load_official_pipeline(args.official, device)
-    return pipeline.load_pipeline(args.ckpt_dir, args.boundary, args.independent, device, encoder=args.encoder)
+        return pipeline.load_official_pipeline(args.official, device, stats=args.official_stats)
+    models = (args.ckpt_dir, args.boundary, args.independent)
+    return pipeline.load_pipeline(*models, device, args.encoder, args.encoder_weights)
 
 
 @torch.no_grad()
@@ -509,6 +524,11 @@ def main(argv=None):
     t_start = time.time()
     size = data.parse_size(args.size)  # bad input is reported before any model is loaded
     n_src = count_sources(args)
+    if args.view and (args.eval or args.recon or not {'ply', 'nerfstudio'} <= set(args.export)):
+        fix = 'drop --eval, --recon; keep --export ply,nerfstudio'
+        raise UserError(f'--view shows the points and cameras of a scene: {fix}')
+    if args.view:
+        view.import_viser()
     data.make_output_dir(args.out)
     lpips = metrics.lpips_fn(device) if args.lpips else None
     if args.recon or args.eval:
@@ -534,6 +554,8 @@ def main(argv=None):
     images = scene['images']
     write_outputs(args.out, images, res, c2w, K, n_src, gt, scores, args.export, scene['units'], scene['frame'])
     print(f'wrote {args.out}/ ({len(our_files(args.out))} files) in {time.time() - t_start:.1f}s')
+    if args.view:
+        view.show(args.out)
     return res
 
 

@@ -535,7 +535,7 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
         os.makedirs(folder, exist_ok=True)
         index = {}
         evals = {}
-        bar = cli.Progress(f'rendering {split} scene', n)
+        bar = cli.progress(desc=f'rendering {split} scenes', total=n)
         for c in range(0, n, per_chunk):
             name = f'{c // per_chunk:06d}.torch'
             chunk = []
@@ -546,8 +546,9 @@ def write_synth(out, n_train, n_test, frames=24, size=112, seed=0, per_chunk=8, 
                 chunk.append({**scene, 'key': key, 'url': 'synthetic', 'timestamps': stamps})
                 evals[key] = eval_window(np.random.default_rng([seed, 2, i]), frames)
                 index[key] = name
-                bar.step()
+                bar.update()
             write_re10k_chunk(os.path.join(folder, name), chunk, quality)
+        bar.close()
         with open(os.path.join(folder, 'index.json'), 'w') as f:
             json.dump(index, f)
         if split == 'test':

@@ -1850,6 +1850,78 @@ def test_missing_or_wrong_file_errors(release, tmp_path):
         load(broken)
 
 
+def hub_cache(cache, repo, files, rev='0123456789abcdef0123456789abcdef01234567'):
+    """A huggingface_hub cache holding files {path in the repo: source file} of repo at rev, laid out as the library
+    lays it out: models--ORG--NAME/refs/main (the commit) and snapshots/<commit>/<path>."""
+    folder = cache / ('models--' + repo.replace('/', '--'))
+    (folder / 'refs').mkdir(parents=True)
+    (folder / 'refs' / 'main').write_text(rev)
+    for rel, source in files.items():
+        (folder / 'snapshots' / rev / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, folder / 'snapshots' / rev / rel)
+    return folder / 'snapshots' / rev
+
+
+def test_hub_names_resolve_through_the_library_cache_offline(release, tmp_path):
+    """`--official` alone and `--encoder-weights DA3-SMALL` through huggingface_hub itself, in a fresh process with
+    HF_HUB_OFFLINE=1 and HF_HUB_CACHE in tmp_path (no network touched): cached files are used, a missing one is one
+    line naming the repository and the offline alternative; the statistics come from --official-stats."""
+    root, _ = release
+    cache = tmp_path / 'hub'
+    weights = {rel: root / rel for rel in official.OFFICIAL_FILES['da3'].values() if not rel.startswith('model_stats')}
+    snapshot = hub_cache(cache, official.OFFICIAL_HUB, weights)
+    stand_in = root / 'pretrained_models' / 'da3' / 'model.safetensors'  # a small file in its place
+    encoder = hub_cache(cache, 'depth-anything/DA3-SMALL', {'model.safetensors': stand_in})
+    synth.write_synth(str(tmp_path / 'data'), 0, 1, frames=6, size=56, seed=0)
+    run = ['--data', str(tmp_path / 'data'), '--views', '3', '--steps', '2', '--out', str(tmp_path / 'out')]
+    script = f"""
+import functools, json, sys
+import cli, official, pipeline, sample
+small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads={HEADS})
+pipeline.load_official_pipeline = small
+calls = {{
+    'small': lambda: official.hub_weights('DA3-SMALL', 'da3-small'),
+    'base': lambda: official.hub_weights('depth-anything/DA3-BASE', 'da3-base'),
+    'mismatch': lambda: official.hub_weights('DA3-SMALL', 'da3-base'),
+    'no stats': lambda: sample.main(['--official', *{run!r}]),
+    'files': lambda: json.dumps(official.release_files(official.OFFICIAL_HUB, {str(root)!r})),
+    'run': lambda: sample.main(['--official', '--official-stats', {str(root)!r}, *{run!r}]) and 'ran',
+}}
+answers = {{}}
+for name, call in calls.items():
+    try:
+        answers[name] = str(call())
+    except cli.UserError as e:
+        answers[name] = 'error: ' + str(e)
+print('ANSWERS ' + json.dumps(answers))
+"""
+    import subprocess
+
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(cache), 'HF_HOME': str(tmp_path / 'hf')}
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, '-c', script], cwd=here, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stdout.splitlines() if line.startswith('ANSWERS ')]
+    assert r.returncode == 0 and lines, r.stdout + r.stderr
+    answers = json.loads(lines[0].removeprefix('ANSWERS '))
+    assert answers['small'] == str(encoder / 'model.safetensors')
+    assert answers['base'].startswith('error: depth-anything/DA3-BASE: cannot get model.safetensors (the hub')
+    assert str(cache) in answers['base'] and answers['base'].endswith('pass --encoder-weights FILE')
+    assert (
+        answers['mismatch']
+        == 'error: --encoder-weights DA3-SMALL: weights of --encoder da3-small, not da3-base; pass both'
+    )
+    assert (
+        'are not on the hub SeonghuJeon/GLD' in answers['no stats']
+        and f'git clone {official.OFFICIAL_GIT}' in answers['no stats']
+    )
+    assert answers['run'] == 'ran' and (tmp_path / 'out' / 'grid.png').exists()
+    files = json.loads(answers['files'])  # the weights from the snapshot, the statistics from --official-stats
+    assert sorted(files.values()) == sorted(
+        [str(snapshot / rel) for rel in weights]
+        + [str(root / rel) for rel in official.OFFICIAL_FILES['da3'].values() if rel.startswith('model_stats')]
+    )
+
+
 # ----------------------------------------------------------------------------- official vs clean conventions
 
 
@@ -2287,7 +2359,11 @@ def test_every_train_sample_bench_flag_is_exercised(world):
         '--official',
         '--encoder',
         '--sampler',
-    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...
+        '--official-stats',
+        '--encoder-weights',
+        '--view',
+    }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...;
+    # --official-stats: test_hub_names_resolve_...; --encoder-weights, --view: test_view_flag_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
     assert options(bench.build_parser()) <= set(sum(bench_argv, []))
 
@@ -3169,6 +3245,130 @@ def test_depth_scale_recovers_the_cameras_units(exported):
     )
     with pytest.raises(argparse.ArgumentTypeError, match='unknown export format'):
         export.parse_formats('ply,obj')
+
+
+def test_glb_reads_back_in_trimesh_with_the_ply_points_and_the_cameras(exported):
+    """scene.glb: the PLY's points and colours, and a frustum per view whose apex is the camera centre of
+    transforms.json, opening along its viewing direction (OpenGL -z), in the same world."""
+    trimesh = pytest.importorskip('trimesh')
+    e = exported
+    scene = trimesh.load(e['out'] / 'scene.glb')
+    points = scene.geometry['points']
+    assert len(points.vertices) == len(e['ply']) == e['summary']['points'] and 'scene.glb' in e['summary']['files']
+    np.testing.assert_array_equal(points.vertices, e['ply']['xyz'])
+    np.testing.assert_array_equal(points.colors[:, :3], e['ply']['rgb'])
+    frames = json.loads((e['out'] / 'transforms.json').read_text())['frames']
+    stems = [Path(frame['file_path']).stem for frame in frames]
+    assert sorted(scene.geometry) == sorted(['points', *stems])
+    for frame, stem in zip(frames, stems):
+        np.testing.assert_array_equal(scene.graph[stem][0], np.eye(4))  # no transform: the world as written
+        c2w_gl = np.array(frame['transform_matrix'])
+        frustum = scene.geometry[stem].vertices  # its 8 lines' ends
+        ends, count = np.unique(frustum, axis=0, return_counts=True)
+        apex = ends[count.argmax()]  # the end of 4 lines, the corners' of 3
+        np.testing.assert_allclose(apex, c2w_gl[:3, 3], atol=1e-5)
+        opening = frustum.mean(0) - apex
+        assert opening @ -c2w_gl[:3, 2] > 0.9 * np.linalg.norm(opening)
+
+
+def test_cameras_that_contradict_the_photos_are_named(exported):
+    """The sources' photo error under the given cameras against the same cameras inverted and with OpenGL/OpenCV
+    axes swapped: the true cameras pass; each mistake is named, with its fix."""
+    e = exported
+    args = (e['images'], e['depth'], e['c2w'], e['K'], 2)
+    errors, warning = export.check_poses(*args)
+    assert warning is None and errors['given'] < 0.5 * min(errors[name] for name in export.CAMERA_MISTAKES)
+    assert e['summary']['camera_check'] == {'photo_error': pytest.approx(errors), 'warning': None}
+    for name, (looks, fix, mistake) in export.CAMERA_MISTAKES.items():
+        wrong = mistake(e['c2w'].double()).float()
+        errors, warning = export.check_poses(e['images'], e['depth'], wrong, e['K'], 2)
+        assert f'than the same cameras {name} (' in warning and looks in warning and warning.endswith(fix)
+        assert min(errors, key=errors.get) == name
+
+
+def test_view_flag_shows_the_run_it_wrote_and_is_refused_without_a_scene(tmp_path, capsys, monkeypatch):
+    """sample.py --view hands its --out to view.show once the outputs are written (here with the bundled encoder
+    named by --encoder-weights); with --eval, without the PLY or without viser it stops before any model loads."""
+    for argv in (['--view', '--eval'], ['--view', '--export', 'colmap']):
+        user_error(sample.main, [*argv, '--out', tmp_path / 'refused'], capsys, '--view shows the points and cameras')
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, 'viser', None)  # as if it were not installed
+        user_error(sample.main, ['--view', '--out', tmp_path / 'refused'], capsys, 'needs viser: pip install viser')
+    assert not (tmp_path / 'refused').exists()
+    shown = []
+    monkeypatch.setattr(sample.view, 'import_viser', lambda: None)  # the run below needs no viser
+    monkeypatch.setattr(sample.view, 'show', shown.append)
+    out = tmp_path / 'out'
+    encoder = os.path.join(pipeline.WEIGHTS, 'encoder.safetensors')
+    sample.main(['--encoder-weights', encoder, '--view', '--out', str(out)])
+    assert shown == [str(out)] and (out / 'points.ply').exists() and (out / 'transforms.json').exists()
+
+
+def viser_scene(port, timeout=30):
+    """The messages a viser server sends a new client until its scene is replayed: [message dict with its binary
+    buffers' lengths as 'lengths'] (viser's wire format: msgpack lengths, zstd msgpack, raw buffers)."""
+    import msgspec
+    import viser
+    import zstandard
+    from websockets.sync.client import connect
+
+    messages = []
+    url = f'ws://127.0.0.1:{port}'
+    with connect(url, subprotocols=[f'viser-v{viser.__version__}'], max_size=None, open_timeout=timeout) as ws:
+        while not any(m['type'] == 'ReplayDoneMessage' for m in messages):
+            raw = ws.recv(timeout=timeout)
+            size = int.from_bytes(raw[:8], 'little')
+            packed = int.from_bytes(raw[8:16], 'little')
+            inner = zstandard.ZstdDecompressor().decompress(raw[16 : 16 + packed], max_output_size=size)
+            window = msgspec.msgpack.decode(inner)
+            messages += [{**m, 'lengths': window['binaryBufferLengths']} for m in window['messages']]
+    return messages
+
+
+def test_view_serves_the_points_and_every_camera_to_a_browser(exported, tmp_path):
+    """python view.py OUT as a user starts it: a websocket client receives the point cloud and a frustum at every
+    camera of transforms.json; where Chromium is installed, a headless one renders the page to view.png."""
+    pytest.importorskip('viser')
+    import subprocess
+
+    e = exported
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, os.path.join(here, 'view.py'), str(e['out']), '--port', str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not any(line.startswith('showing') for line in lines):  # its line once it serves
+            line = server.stdout.readline()
+            assert line, ''.join(lines)
+            lines.append(line)
+        assert f'http://127.0.0.1:{port}' in lines[-1]
+        messages = viser_scene(port)
+        clouds = [m for m in messages if m['type'] == 'PointCloudMessage']
+        assert [m['name'] for m in clouds] == ['/points']
+        xyz = clouds[0]['props']['points']
+        assert clouds[0]['lengths'][xyz['__binary_index']] == len(e['ply']) * 3 * 2  # float16 xyz of every point
+        frames = json.loads((e['out'] / 'transforms.json').read_text())['frames']
+        names = [f'/cameras/{Path(frame["file_path"]).stem}' for frame in frames]
+        frustums = [m['name'] for m in messages if m['type'] == 'CameraFrustumMessage']
+        assert sorted(frustums) == sorted(names)
+        positions = {m['name']: m['position'] for m in messages if m['type'] == 'SetPositionMessage'}
+        for name, frame in zip(names, frames):
+            np.testing.assert_allclose(positions[name], np.array(frame['transform_matrix'])[:3, 3], atol=1e-5)
+        chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+        if chromium:
+            png = tmp_path / 'view.png'
+            shot = ['--headless=new', '--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader']
+            shot += [f'--screenshot={png}', '--window-size=800,600', '--virtual-time-budget=8000']
+            subprocess.run([chromium, *shot, f'http://127.0.0.1:{port}'], capture_output=True, timeout=120)
+            pixels = np.asarray(Image.open(png).convert('RGB')).reshape(-1, 3).astype(int)
+            for rgb in (export.SOURCE_RGB, export.TARGET_RGB):  # the frustums' colours are drawn
+                assert (np.abs(pixels - rgb).max(-1) < 40).sum() > 50, rgb
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ====================================================================================================
@@ -4204,6 +4404,52 @@ def test_cameras_convert_from_colmap_nerfstudio_and_npz(tmp_path):
         export.read_cameras(str(npz))
 
 
+def write_release_demo(folder, s, views, invert=False):
+    """Frames of a synth_scene s as the GLD release's demo/<scene>/nerfstudio/images_4 holds them: frame_NNNNN.png
+    beside frame_NNNNN.npz with pose (camera-to-world, OpenGL camera axes) and intrinsic (pixels); invert: each pose
+    written as its inverse (world-to-camera), the mistake check_poses names -> the image paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    H, W = s['images'].shape[1:3]
+    paths = []
+    for v in views:
+        stem = folder / f'frame_{v + 1:05d}'
+        Image.fromarray(s['images'][v]).save(f'{stem}.png')
+        pose = cameras.opengl_to_opencv(s['c2w'][v].double())
+        if invert:
+            pose = cameras.rigid_inverse(pose)
+        np.savez(f'{stem}.npz', pose=pose.numpy(), intrinsic=cameras.K_to_pixels(s['K'][v].double(), H, W).numpy())
+        paths.append(f'{stem}.png')
+    return paths
+
+
+def test_release_demo_frames_run_and_inverted_poses_are_named(tmp_path, capsys):
+    """--cameras on a folder of the release's demo frames, read as its reader reads them; through sample.py with the
+    bundled models, the same poses inverted run with one warning line naming the mistake, kept in metrics.json."""
+    s = synth.synth_scene([0, 1, 2], frames=4, size=112)
+    demo = tmp_path / 'demo' / 'scene' / 'nerfstudio' / 'images_4'
+    write_release_demo(demo, s, (0, 3))
+    cams = export.read_cameras(str(demo), image_size=(112, 112))
+    torch.testing.assert_close(cams['c2w'], s['c2w'][[0, 3]].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cams['K'], s['K'][[0, 3]].float(), atol=1e-6, rtol=0)
+    paths = write_release_demo(tmp_path / 'inverted', s, (0, 3), invert=True)
+    out = tmp_path / 'out'
+    capsys.readouterr()
+    sample.main(['--images', *paths, '--cameras', str(tmp_path / 'inverted'), '--frames', '2', '--out', str(out)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning: ')]
+    assert len(warnings) == 1 and 'than the same cameras inverted in OpenGL axes' in warnings[0], warnings
+    assert "(transforms.json, the GLD release's pose) given as camera-to-world; invert them" in warnings[0]
+    check = json.loads((out / 'metrics.json').read_text())['export']['camera_check']
+    assert check['warning'] == warnings[0].removeprefix('warning: ')
+    assert check['photo_error']['inverted in OpenGL axes'] < check['photo_error']['given'] / 1.5
+
+
+def test_images_of_different_sizes_are_named_with_their_sizes(tmp_path):
+    for name, size in (('a.png', (56, 28)), ('b.png', (42, 28))):
+        Image.new('RGB', size).save(tmp_path / name)
+    with pytest.raises(cli.UserError, match=r'differ in size \(.*a.png 56x28, .*b.png 42x28\); resize them'):
+        sample.read_images([str(tmp_path / 'a.png'), str(tmp_path / 'b.png')])
+
+
 def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
     """A camera file matched by name must not hand one scene's camera to another scene's photo of the same name."""
     other = write_photos(
@@ -4231,23 +4477,27 @@ def test_cameras_of_other_photos_are_refused(world, photos, tmp_path, capsys):
     )  # the failed run leaves the earlier outputs as they were
 
 
-def test_progress_updates_in_place_on_a_terminal_and_writes_lines_to_logs():
+def test_progress_is_tqdm_on_a_terminal_and_plain_lines_in_logs(monkeypatch):
     import io
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    for stream, every in ((Terminal(), 10.0), (io.StringIO(), 10.0), (Terminal(), 0)):
-        bar = cli.Progress('steps', 3, every=every, stream=stream)
-        for _ in range(3):
-            bar.step()
+    for stream, every in ((Terminal(), 10.0), (io.StringIO(), 0), (io.StringIO(), 10.0)):
+        monkeypatch.setattr(sys, 'stderr', stream)
+        for _ in cli.progress(range(3), desc='steps', every=every):
+            pass
         text = stream.getvalue()
-        assert re.search(r'steps 3/3  [0-9.]+s(\x1b\[K)?\n$', text), text  # the last line: no ETA, ends the line
-        if isinstance(stream, Terminal) and every:
-            assert text.count('\r') == 3 and text.count('\n') == 1 and 'ETA' in text
-        else:  # logs: the first step, then every `every` seconds, and the end
-            assert '\r' not in text and text.count('\n') == (2 if every else 3)
+        if isinstance(stream, Terminal):  # tqdm's bar, redrawn in place
+            assert text.count('\r') >= 2 and re.search(r'steps: 100%.*3/3', text), text
+        elif every:  # a log file: a loop shorter than `every` seconds writes nothing
+            assert text == ''
+        else:  # a log file, every step: one plain line per status, the last at 3/3
+            lines = text.splitlines()
+            assert '\r' not in text and text.endswith('\n'), text
+            assert [line.split('|')[0] for line in lines] == [f'steps: {p:3d}%' for p in (0, 33, 67, 100)], text
+            assert lines[-1].split('|')[2].startswith(' 3/3 ')
 
 
 def test_the_readme_camera_example_reads_as_documented(tmp_path):
@@ -4657,7 +4907,7 @@ def test_bench_times_what_each_latent_has(name, parts):
 # ----------------------------------------------------------------------------- project structure
 IMPORT_LAYERS = [
     ('train', 'sample', 'bench'),
-    ('pipeline', 'latent_cache'),
+    ('pipeline', 'latent_cache', 'view'),
     ('official',),
     ('latents',),
     ('vggt', 'vae'),

@@ -66,7 +66,7 @@ def build_parser():
     arg('--cache', type=int, default=0, help='diffusion: draws per scene, encoded once (0 = off)')
     arg = p.add_argument_group('models').add_argument
     arg('--encoder', default=DEFAULT_ENCODER, help='latent encoder: da3-*, vggt-*, dinov2-*, vae*')
-    arg('--encoder-weights', default='auto', help="file or 'auto' (runs/encoder[-NAME], bundled)")
+    arg('--encoder-weights', default='auto', help="file, hub name (DA3-BASE...), 'auto' (runs/encoder*)")
     arg('--decoder', default='tiny', choices=list(decoder_lib.PRESETS), help='RGB decoder preset')
     arg('--decoder-ckpt', default='auto', help="the evaluation's decoder (diffusion); 'none': skip")
     arg('--model', default='gld-tiny', choices=list(model_lib.PRESETS), help='DiT preset')
@@ -680,6 +680,8 @@ def main(argv=None):
     batch_iter = iter(batches)
     window = runlog.LogWindow(torch.zeros((), device=device))
     bad = 0  # non-finite steps in a row
+    steps = {'total': args.steps, 'initial': step, 'unit': 'step'}
+    bar = cli.progress(desc=model_name(args), **steps, every=60, disable=rank != 0)
     while step < args.steps:
         lr = lr_at(step, args, recipe)
         for group in opt.param_groups:
@@ -711,12 +713,15 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         ema.update(net)
         step += 1
+        bar.update()
         window.add_step(loss, parts)
         if step % args.log_every == 0 or step == args.steps:
             row = window.row(step, grad_norm, lr, args.steps - step, world)
             if peak_tflops:
                 row['mfu'] = mfu(row['tokens_s'] / world, window.tokens, net.cfg, peak_tflops)
             logger.log(row)
+            speed = f'{row["samples_s"]:.3g}'
+            bar.set_postfix(loss=f'{row["loss"]:.4g}', samples_s=speed, refresh=False)
             window = runlog.LogWindow(torch.zeros((), device=device))
         stopping = bool(STOP)  # a Ctrl-C (one process): a checkpoint of this step, then exit
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
@@ -733,6 +738,7 @@ def main(argv=None):
             hint = 'continue with the same command and --resume'
             print(f'interrupted: wrote {path} at step {step}; {hint}', file=sys.stderr)
             raise SystemExit(130)
+    bar.close()
     if catch_ctrl_c:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if batches.skipped:
