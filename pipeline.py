@@ -276,7 +276,9 @@ class Pipeline:
                 levels[level] = self.sample_level(level, cond[level], cams, upper_raw, sampler, steps, cfg_scale, gen)
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
-            cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            cls = None  # GLD (VGGT): the level's own special tokens, generated with it
+            if not enc.special:  # GLD (DA3): token 0 of the first source, broadcast
+                cls = enc.first_view_cls(images, self.boundary)
             levels[self.boundary + 1 :], cls_deep = enc.propagate(
                 levels[self.boundary], self.boundary, cls, hw, return_cls=True
             )
@@ -323,8 +325,9 @@ def load_pipeline(
     return Pipeline(enc, dec, models, boundary, log)
 
 
-def load_official_pipeline(folder, device='cpu', log=print, **kw):
-    """The released models (official.load_models; kw: encoder_preset, heads) with their conventions
-    (docs/official.md)."""
-    enc, dec, models = official.load_models(folder, device, log=log, **kw)
-    return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())
+def load_official_pipeline(folder, device='cpu', log=print, latent='da3', **kw):
+    """The released GLD (DA3) or GLD (VGGT) models (official.load_models; kw: encoder_preset,
+    heads) with their conventions (docs/official.md)."""
+    enc, dec, models = official.load_models(folder, device, latent=latent, log=log, **kw)
+    conventions = official.OfficialConventions(**official.OFFICIAL_CONVENTIONS[latent])
+    return Pipeline(enc, dec, models, boundary=1, log=log, official=conventions)
