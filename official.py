@@ -29,7 +29,7 @@ OFFICIAL_FILES = {
         **{f'stats{n}': f'model_stats/da3/normalization_stats_level{n}.pt' for n in (0, 1)},
     },
     'vggt': {
-        'encoder': 'VGGT-1B/model.safetensors',  # hub facebook/VGGT-1B (the release's source)
+        'encoder': 'VGGT-1B/model.pt',  # hub facebook/VGGT-1B (the release's source)
         'decoder': 'pretrained_models/vggt/mae_decoder.pt',
         'level1': 'checkpoints/vggt_level1.pt',
         'cascade': 'checkpoints/vggt_cascade.pt',  # DDT.py in its "new" mode, as M1
