@@ -164,7 +164,9 @@ def bench_frozen(a, device, autocast, rows):
         encode_ms = ms(lambda: enc.encode(images))
         rows.append({'part': f'encode ({a.encoder})', 'ms': encode_ms})
         if enc.can_propagate:
-            cls = enc.first_view_cls(images, 1)
+            cls = None  # VGGT: the level's own special tokens
+            if not enc.special:
+                cls = enc.first_view_cls(images, 1)
             propagate_ms = ms(lambda: enc.propagate(levels[1], 1, cls, hw))
             rows.append({'part': 'propagate level 1 -> 2, 3', 'ms': propagate_ms})
         name = 'own' if enc.has_rgb_decoder else a.decoder

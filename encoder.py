@@ -305,6 +305,7 @@ class LatentEncoder(nn.Module):
     has_geometry = False
     can_propagate = False
     has_rgb_decoder = False
+    special = 0  # special tokens leading each level (VGGT: 5, diffused with the patches)
 
     def freeze(self):
         return self.eval().requires_grad_(False)

@@ -32,8 +32,11 @@ def build_encoder(name='da3-base', weights=None):
     file(s) or a state dict, official layout. The interface the DiT, training, statistics and the pipeline use:
       dim, patch, num_levels    channels of a level, image pixels per token side, levels 0..num_levels-1
       encode(images)            (B,V,3,H,W) in [0,1] -> num_levels raw levels (B,V,T,dim), T = (H/patch)(W/patch)
-      normalize_levels(levels)  raw levels -> the form the heads and the RGB decoder read
+      special                   tokens leading each level (VGGT's 5; 0 elsewhere): diffused with the
+                                patches, own statistics; encode's levels are (B,V,special+T,dim)
+      normalize_levels(levels)  raw levels -> what the heads and the RGB decoder read (patches only)
       can_propagate             propagate(level_k, k, cls, hw) -> levels k+1.., cls from first_view_cls(images, k)
+                                (special: None, the level's own)
       has_geometry              geometry(normalised levels, H, W, cls_last) -> depth, depth_conf (B,V,H,W), c2w, K
       has_rgb_decoder           rgb_decoder(): its own, called as decoder.RGBDecoder (else one is trained on the levels)
       freeze(), cfg.name"""
@@ -50,31 +53,51 @@ def build_encoder(name='da3-base', weights=None):
 
 # ----------------------------------------------------------------------------- latent statistics
 class LatentStats:
-    """Per-level, per-channel mean and variance: normalize(x, l) = (x - mean) / sqrt(var + 1e-5)."""
+    """Per-level, per-channel mean and variance (dicts level -> (2C,)): normalize(x, l) =
+    (x - mean) / sqrt(var + 1e-5). A level that leads with K special tokens (VGGT) has theirs in
+    special_mean, special_var (level -> (K,2C); pooled over the K tokens as released: equal rows)."""
 
     eps = 1e-5
+    FIELDS = ('mean', 'var', 'special_mean', 'special_var')  # saved as '<field><level>'
 
-    def __init__(self, mean, var):  # dicts level -> (2C,)
+    def __init__(self, mean, var, special_mean=None, special_var=None):
         self.mean = {int(level): m.float().flatten() for level, m in mean.items()}
         self.var = {int(level): v.float().flatten() for level, v in var.items()}
+        self.special_mean = {int(level): m.float() for level, m in (special_mean or {}).items()}
+        self.special_var = {int(level): v.float() for level, v in (special_var or {}).items()}
+
+    def moments(self, x, level):
+        """The mean and std of `level` that x (...,[K+]T,2C) is normalised with, per token and
+        channel."""
+        mean = self.mean[level].to(x)
+        var = self.var[level].to(x)
+        if level in self.special_mean:  # the K special tokens first, then the patches
+            special_mean = self.special_mean[level].to(x)
+            special_var = self.special_var[level].to(x)
+            T = x.shape[-2] - len(special_mean)
+            mean = torch.cat([special_mean, mean.expand(T, -1)])
+            var = torch.cat([special_var, var.expand(T, -1)])
+        return mean, torch.sqrt(var + self.eps)
 
     def normalize(self, x, level):
-        """x (...,2C) of `level` -> zero mean and unit variance per channel (what the DiTs model)."""
-        mean = self.mean[level].to(x)
-        std = torch.sqrt(self.var[level].to(x) + self.eps)
+        """x (...,[K+]T,2C) of `level` -> zero mean and unit variance per channel (what the DiTs
+        model)."""
+        mean, std = self.moments(x, level)
         return (x - mean) / std
 
     def denormalize(self, z, level):
-        """The inverse of normalize: a generated z (...,2C) -> the encoder's raw level."""
-        mean = self.mean[level].to(z)
-        std = torch.sqrt(self.var[level].to(z) + self.eps)
+        """The inverse of normalize: a generated z (...,[K+]T,2C) -> the encoder's raw level."""
+        mean, std = self.moments(z, level)
         return z * std + mean
 
     def state_dict(self):
-        """{'mean<l>', 'var<l>'}: the layout of checkpoints, exports and --stats files."""
-        means = {f'mean{level}': m for level, m in self.mean.items()}
-        variances = {f'var{level}': v for level, v in self.var.items()}
-        return {**means, **variances}
+        """{'mean<l>', 'var<l>'[, 'special_mean<l>', 'special_var<l>']}: the layout of checkpoints,
+        exports and --stats files."""
+        sd = {}
+        for field in self.FIELDS:
+            for level, value in getattr(self, field).items():
+                sd[f'{field}{level}'] = value
+        return sd
 
     def save(self, path):
         """A .safetensors file, else a torch file (train.py --stats reads both)."""
@@ -94,33 +117,60 @@ class LatentStats:
 
     @classmethod
     def from_state_dict(cls, sd):
-        levels = [int(k[4:]) for k in sd if k.startswith('mean')]
-        mean = {level: sd[f'mean{level}'] for level in levels}
-        var = {level: sd[f'var{level}'] for level in levels}
-        return cls(mean, var)
+        fields = {field: {} for field in cls.FIELDS}
+        for key, value in sd.items():
+            field = key.rstrip('0123456789')  # e.g. 'special_mean' of 'special_mean1'
+            if field in fields:
+                level = int(key[len(field) :])
+                fields[field][level] = value
+        return cls(**fields)
+
+
+def sums_of(rows):
+    """Per level, rows (M,2C) -> (L,2,2C): the sums of x and of x^2 over the rows."""
+    return torch.stack([torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows])
+
+
+def moments_by_level(sums, count, levels):
+    """sums_of (L,2,2C) over count rows -> {level: mean (2C,)}, {level: variance (2C,)}."""
+    mean = sums[:, 0] / count
+    var = (sums[:, 1] / count - mean**2).clamp_min(0)
+    means = {level: mean[i].cpu() for i, level in enumerate(levels)}
+    variances = {level: var[i].cpu() for i, level in enumerate(levels)}
+    return means, variances
 
 
 @torch.no_grad()
 def compute_latent_stats(enc, image_batches, levels=(0, 1)):
-    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64, DDP all-reduced)."""
+    """Batches (images (B,V,3,H,W) or dicts with 'images') -> LatentStats of enc.encode (float64,
+    DDP all-reduced); the enc.special tokens leading a level get theirs, pooled over them (as
+    released)."""
     device = next(enc.parameters()).device
+    K = enc.special
     sums = 0
     count = torch.zeros((), dtype=torch.float64, device=device)
+    special_sums = torch.zeros_like(count)  # (L,2,2C) once added to
+    special_count = torch.zeros_like(count)
     for batch in image_batches:
         images = batch['images'] if isinstance(batch, dict) else batch
         feats = enc.encode(images.to(device))
-        rows = [feats[level].double().flatten(0, -2) for level in levels]  # each (BVT,2C)
-        moments = [torch.stack([r.sum(0), (r * r).sum(0)]) for r in rows]  # each (2,2C): sums of x and x^2
-        sums = sums + torch.stack(moments)  # (L,2,2C)
+        chosen = [feats[level].double() for level in levels]  # each (B,V,K+T,2C)
+        rows = [f[:, :, K:].flatten(0, -2) for f in chosen]  # each (BVT,2C)
+        sums = sums + sums_of(rows)  # (L,2,2C)
         count += rows[0].shape[0]
+        if K:
+            special_rows = [f[:, :, :K].flatten(0, -2) for f in chosen]  # each (BVK,2C)
+            special_sums = special_sums + sums_of(special_rows)
+            special_count += special_rows[0].shape[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(count)
-    mean = sums[:, 0] / count  # (L,2C)
-    var = (sums[:, 1] / count - mean**2).clamp_min(0)
-    mean_by_level = {level: mean[i].cpu() for i, level in enumerate(levels)}
-    var_by_level = {level: var[i].cpu() for i, level in enumerate(levels)}
-    return LatentStats(mean_by_level, var_by_level)
+        for total in (sums, count, special_sums, special_count):
+            torch.distributed.all_reduce(total)
+    stats = LatentStats(*moments_by_level(sums, count, levels))
+    if K:  # one vector for the K tokens, stored per token
+        special_mean, special_var = moments_by_level(special_sums, special_count, levels)
+        stats.special_mean = {level: m.float().repeat(K, 1) for level, m in special_mean.items()}
+        stats.special_var = {level: v.float().repeat(K, 1) for level, v in special_var.items()}
+    return stats
 
 
 def compute_stats(enc, loader, levels, n_batches, device):

@@ -33,6 +33,7 @@ class GLDConfig:
     cam_patch: int = 14  # Plücker map pixels per token (the DA3 patch)
     double_silu: bool = True  # encoder adaLN sees silu(silu(te)), as released
     checkpointing: bool = False  # recompute each block in backward
+    special_tokens: int = 0  # K tokens leading each view's level (GLD (VGGT): 5), outside PRoPE
 
 
 # parameter counts (count_params, meta device); latent_dim: the DA3 preset's 2C (train.py sets it)
@@ -192,6 +193,67 @@ def reference_attention(q, k, v, pe):
     return probs @ v
 
 
+class SpecialTokenPositions:
+    """pe over V views that each lead with K special tokens (V*(K+T) tokens): the special
+    tokens skip it (identity transforms, the release's num_prefix_tokens) and join the
+    attention."""
+
+    attend = PositionEncoding.attend  # the same steps around SDPA, with this apply
+
+    def __init__(self, pe, special):
+        self.pe = pe
+        self.special = special
+        self.kind = pe.kind
+
+    def apply(self, u, role):
+        """u (B,heads,V*(K+T),d) -> the patch tokens through pe, the special tokens as they are."""
+        K = self.special
+        V = self.pe.V
+        views = rearrange(u, 'b heads (v p) d -> b heads v p d', v=V)
+        patches = rearrange(views[:, :, :, K:], 'b heads v t d -> b heads (v t) d')
+        patches = self.pe.apply(patches, role)
+        patches = rearrange(patches, 'b heads (v t) d -> b heads v t d', v=V)
+        tokens = torch.cat([views[:, :, :, :K], patches], 3)
+        return rearrange(tokens, 'b heads v p d -> b heads (v p) d')
+
+    def relative(self):
+        """Per-pair M_ij = Q_i^T A_j (B,N,N,d,d), Q and A the transforms of queries and of
+        keys, per token (reference_attention)."""
+        Q = self.token_transforms('q')
+        A = self.token_transforms('kv')
+        return Q.mT[:, :, None] @ A[:, None]
+
+    def token_transforms(self, role):
+        """(B,V*(K+T),d,d): a patch token's transform in `role` as a matrix, I for a special
+        token."""
+        pe = self.pe
+        K = self.special
+        d = pe.d
+        B = pe.mats['q'].shape[0] if pe.mats is not None else 1
+        n_patches = pe.axes[0][1].shape[0]
+        device = pe.axes[0][1].device
+        M = torch.eye(d, device=device).repeat(B, n_patches, 1, 1)  # (B,V*T,d,d)
+        if pe.mats is not None:
+            view = torch.arange(n_patches, device=device) // (n_patches // pe.V)
+            mat = pe.mats[role][:, view].float()  # (B,V*T,4,4)
+            for first in range(0, pe.start, 4):
+                M[..., first : first + 4, first : first + 4] = mat
+        i = pe.start
+        # rope_rotate: (a, b) -> (cos a + sin b, -sin a + cos b)
+        for size, _, _, cos, sin in pe.axes:
+            for f in range(size // 2):
+                a = i + f
+                b = i + size // 2 + f
+                M[..., a, a] = cos[:, f]
+                M[..., a, b] = sin[:, f]
+                M[..., b, a] = -sin[:, f]
+                M[..., b, b] = cos[:, f]
+            i += size
+        per_view = rearrange(M, 'b (v t) i j -> b v t i j', v=pe.V)
+        special = torch.eye(d, device=device).expand(B, pe.V, K, d, d)
+        return rearrange(torch.cat([special, per_view], 2), 'b v p i j -> b (v p) i j')
+
+
 # ----------------------------------------------------------------------------- transformer parts
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -333,6 +395,16 @@ class GLD(nn.Module):
         head = [Block(C2, cfg.heads) for _ in range(cfg.head_depth)]
         self.blocks = nn.ModuleList(encoder + head)
         self.final_layer = FinalLayer(C2, C)
+        K = cfg.special_tokens
+        # the special tokens' embedders and positions on both halves, their output projection
+        # (the release's names)
+        if K:
+            self.special_s_embedder = nn.Linear(2 * C, C1)
+            self.special_pos_embed_s = nn.Parameter(torch.zeros(1, K, C1))
+            self.special_x_embedder = nn.Linear(2 * C, C2)
+            self.special_pos_embed_x = nn.Parameter(torch.zeros(1, K, C2))
+            # after the final layer; the release's Linear(C2, C) works only at C2 = C
+            self.special_output_proj = nn.Linear(C, C)
         self.init_weights()
 
     def init_weights(self):
@@ -350,6 +422,14 @@ class GLD(nn.Module):
         for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
+        if self.cfg.special_tokens:
+            for lin in (self.special_s_embedder, self.special_x_embedder):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            nn.init.normal_(self.special_pos_embed_s, std=0.02)
+            nn.init.normal_(self.special_pos_embed_x, std=0.02)
+            nn.init.zeros_(self.special_output_proj.weight)
+            nn.init.zeros_(self.special_output_proj.bias)
 
     def embed(self, kind, x, src_mask):
         """(B,V,T,Cin) -> (B,N,D), each view by its source or target embedder (kind 's' or 'x')."""
@@ -361,6 +441,15 @@ class GLD(nn.Module):
             tokens = getattr(self, f'{kind}_embedder')(x)
         return rearrange(tokens, 'b v t d -> b (v t) d')
 
+    def with_special(self, kind, tokens, special, V):
+        """Embedded patch tokens (B,V*T,D) -> (B,V*(K+T),D): each view led by its special
+        tokens' embedding (kind 's' or 'x') of special (B,V,K,2C)."""
+        embedder = getattr(self, f'special_{kind}_embedder')
+        positions = getattr(self, f'special_pos_embed_{kind}')
+        special = embedder(special) + positions  # (B,V,K,D)
+        tokens = rearrange(tokens, 'b (v t) d -> b v t d', v=V)
+        return rearrange(torch.cat([special, tokens], 2), 'b v p d -> b (v p) d')
+
     def run_blocks(self, blocks, x, c, pe):
         """x through blocks, each recomputed in backward with cfg.checkpointing."""
         for blk in blocks:
@@ -371,19 +460,28 @@ class GLD(nn.Module):
         return x
 
     def forward(self, x_t, t, cond, cams, upper=None):
-        """x_t, cond (B,V,T,C); t (B,); cams: camera_inputs; upper: M1->0's level 1 -> (B,V,T,C)."""
+        """x_t, cond (B,V,[K+]T,C); t (B,); cams: camera_inputs; upper: M1->0's level 1 ->
+        (B,V,[K+]T,C). K = cfg.special_tokens lead each view (the cascade ignores upper's)."""
         cfg = self.cfg
         src = cams['src_mask']  # (B,V) bool
         V = x_t.shape[1]
+        K = cfg.special_tokens
         cascade = cfg.upper_dim > 0
         assert (upper is not None) == cascade, 'upper (the level-1 condition) iff cfg.upper_dim > 0'
         xc = torch.cat([cond, x_t], -1)  # (B,V,T,2C)
         te = self.t_embedder(t)  # (B,C1)
         # condition encoder: tokens + camera map, adaLN from time
         s_in = xc if upper is None else torch.cat([cond, upper], -1)
+        if K:  # [cond | x_t] of the special tokens; the patches go on alone
+            special = xc[:, :, :K]
+            xc = xc[:, :, K:]
+            s_in = s_in[:, :, K:]
         s = self.embed('s', s_in, src)  # (B,N,C1)
         s = s + self.camera_embedder(cams['plucker'])
         pe_enc = PositionEncoding(cfg.pos, cfg.enc_width // cfg.heads, cams, V, cfg.rope_base)
+        if K:
+            s = self.with_special('s', s, special, V)
+            pe_enc = SpecialTokenPositions(pe_enc, K)
         te_enc = F.silu(te) if cfg.double_silu else te
         s = self.run_blocks(self.blocks[: cfg.enc_depth], s, te_enc[:, None], pe_enc)
         # bridge: the per-token condition of the head
@@ -391,9 +489,16 @@ class GLD(nn.Module):
         # velocity head: [cond | x_t] tokens modulated per token by head_cond
         pe_head = PositionEncoding(cfg.pos, cfg.head_width // cfg.heads, cams, V, cfg.rope_base)
         x = self.embed('x', xc, src)  # (B,N,C2)
+        if K:
+            x = self.with_special('x', x, special, V)
+            pe_head = SpecialTokenPositions(pe_head, K)
         x = self.run_blocks(self.blocks[cfg.enc_depth :], x, head_cond, pe_head)
         velocity = self.final_layer(x, head_cond)
-        return rearrange(velocity, 'b (v t) c -> b v t c', v=V)
+        velocity = rearrange(velocity, 'b (v t) c -> b v t c', v=V)
+        if K:
+            special_velocity = self.special_output_proj(velocity[:, :, :K])
+            velocity = torch.cat([special_velocity, velocity[:, :, K:]], 2)
+        return velocity
 
 
 def count_params(model):
@@ -439,8 +544,8 @@ def peak_tflops(device):
 
 # ----------------------------------------------------------------------------- the released checkpoints
 def convert_official(state_dict, cascade=False, heads=16):
-    """Released GLD state dict (DDT.py / DDT_old.py) -> (GLDConfig, our state dict), strictly;
-    heads are not in the shapes."""
+    """Released GLD state dict (DDT.py / DDT_old.py; DA3 or VGGT) -> (GLDConfig, our state dict),
+    strictly; heads are not in the shapes."""
     single = 'x_embedder.proj.weight' in state_dict
     aliases = ('s_embedder_ref.', 's_embedder_tgt.', 'x_embedder_ref.', 'x_embedder_tgt.')
     sd = {k: v for k, v in state_dict.items() if not (single and k.startswith(aliases))}
@@ -450,6 +555,10 @@ def convert_official(state_dict, cascade=False, heads=16):
     s_in = sd['s_embedder.proj.weight' if single else 's_embedder_ref.proj.weight'].shape[1]
     depth = len({k.split('.')[1] for k in sd if k.startswith('blocks.')})
     widths = [sd[f'blocks.{i}.norm1.weight'].shape[0] for i in range(depth)]
+    # GLD (VGGT): special_{s,x}_embedder, special_pos_embed_{s,x}, special_output_proj
+    special_tokens = 0
+    if 'special_pos_embed_s' in sd:
+        special_tokens = sd['special_pos_embed_s'].shape[1]
     cfg = GLDConfig(
         latent_dim=C,
         enc_width=C1,
@@ -461,6 +570,7 @@ def convert_official(state_dict, cascade=False, heads=16):
         double_silu=True,
         upper_dim=s_in - C if cascade else 0,
         cam_patch=sd['camera_embedder.proj.weight'].shape[-1],
+        special_tokens=special_tokens,
     )
     out = {}
     for k, v in sd.items():

@@ -39,9 +39,10 @@ OFFICIAL_FILES = {
         **{f'stats{n}': f'model_stats/da3/normalization_stats_level{n}.pt' for n in (0, 1)},
     },
     'vggt': {
+        'encoder': 'VGGT-1B/model.pt',  # hub facebook/VGGT-1B (the release's source)
         'decoder': 'pretrained_models/vggt/mae_decoder.pt',
         'level1': 'checkpoints/vggt_level1.pt',
-        'cascade': 'checkpoints/vggt_cascade.pt',  # found, not loaded
+        'cascade': 'checkpoints/vggt_cascade.pt',  # DDT.py in its "new" mode, as M1
         **{
             f'{role}{n}': f'model_stats/vggt/{name}_stats_level{n}.pt'
             for role, name in (('stats', 'normalization'), ('special', 'special'))
@@ -49,6 +50,11 @@ OFFICIAL_FILES = {
         },
     },
 }
+# latent -> the release's encoder preset, and its OfficialConventions where they differ from DA3's
+OFFICIAL_ENCODERS = {'da3': 'da3-base', 'vggt': 'vggt-1b'}
+OFFICIAL_CONVENTIONS = {'da3': {}, 'vggt': {'cascade_levels': (), 'shift_image_size': 518}}
+# the bookkeeping of the statistics files (model_stats/vggt), skipped
+STATS_METADATA = ('count', 'level')
 # kind -> (wrapper keys, preferred first; key prefixes kept and stripped); which release code writes
 # or reads each: docs/official.md, "Files and layouts loaded"
 OFFICIAL_LAYOUTS = {
@@ -111,7 +117,11 @@ def release_files(source, stats=None, latent='da3'):
         raise cli.UserError(f"--official: {missing}: they ship with the release's git repository; {clone}")
     fix = 'download the release where there is network (docs/official.md), pass --official FOLDER'
     for role, rel in roles.items():
-        if role not in paths:
+        if role in paths:
+            continue
+        if latent == 'vggt' and role == 'encoder':  # VGGT-1B comes from its own hub repo
+            paths[role] = hub_weights('VGGT-1B', OFFICIAL_ENCODERS['vggt'])
+        else:
             paths[role] = hub_file(OFFICIAL_HUB, rel, fix)
     return paths
 
@@ -141,6 +151,8 @@ def official_state_dict(obj, kind, name='', log=print):
         log(f'{name}: using its {key!r} weights{note}')
         obj = obj[key]
     sd = {k.removeprefix('module.'): v for k, v in obj.items()}
+    if kind == 'stats':
+        sd = {k: v for k, v in sd.items() if k not in STATS_METADATA}
     if any(k.startswith(prefixes) for k in sd):
         others = sorted({k.split('.')[0] for k in sd if not k.startswith(prefixes)})
         if others:
@@ -169,11 +181,12 @@ def read_official(path, kind, log=print):
     return official_state_dict(obj, kind, path, log)
 
 
-def load_official_stats(path, dim=None, log=print):
-    """GLD's normalization_stats_level{l}.pt (mean, var [, std] of dim channels) in a folder or a
-    list -> LatentStats."""
+def read_official_stats(path, dim=None, log=print, prefix='normalization'):
+    """GLD's <prefix>_stats_level{l}.pt (mean, var [, std, count, level] of dim channels) in a
+    folder or a list -> dicts level -> mean, var."""
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-        names = [f for f in sorted(os.listdir(path)) if re.search(r'level\d+\.pt$', f)]
+        pattern = rf'{prefix}_stats_level\d+\.pt'
+        names = [f for f in sorted(os.listdir(path)) if re.fullmatch(pattern, f)]
         path = [os.path.join(path, f) for f in names]
     elif isinstance(path, (str, os.PathLike)):
         path = [path]
@@ -189,7 +202,21 @@ def load_official_stats(path, dim=None, log=print):
         level = int(re.search(r'level(\d+)', os.path.basename(str(p))).group(1))
         mean[level] = sd['mean']
         var[level] = sd['var']
-    return latents.LatentStats(mean, var)
+    return mean, var
+
+
+def load_official_stats(path, dim=None, log=print, special=None, special_tokens=0):
+    """read_official_stats -> LatentStats; special: the special_stats files (VGGT), one vector
+    for the special_tokens tokens of a level."""
+    mean, var = read_official_stats(path, dim, log)
+    if special is None:
+        return latents.LatentStats(mean, var)
+    special_mean, special_var = read_official_stats(special, dim, log, prefix='special')
+    stats = latents.LatentStats(mean, var)
+    for level in special_mean:  # (1,C,1,1) -> the same (C,) for each token
+        stats.special_mean[level] = special_mean[level].reshape(1, -1).repeat(special_tokens, 1)
+        stats.special_var[level] = special_var[level].reshape(1, -1).repeat(special_tokens, 1)
+    return stats
 
 
 def official_prope_K(P, P_inv):
@@ -212,14 +239,17 @@ class OfficialConventions:
     1. poses relative to the last view, the largest |t_i| 1: cameras.normalize_poses(by='max_abs');
     2. the Plücker map samples pixel (u, v) at (u - 0.5, v + 0.5): latents.camera_inputs(official=True);
     3. PRoPE's key/value matrix is c2w lift(K'), so P_inv P != I: latents.camera_inputs(official=True);
-    4. the cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image: model_cameras;
-    5. CFG's unconditional cameras: M1 viewmats I4 and K = I3 in pixels, the cascade I4 and K kept:
-       model_cameras;
+    4. the DA3 cascade M1->0 (DDT_old.py) normalises K by a fixed 504 x 504 image: model_cameras;
+    5. CFG's unconditional cameras: M1 (and the VGGT cascade) viewmats I4 and K = I3 in pixels, the
+       DA3 cascade I4 and K kept: model_cameras;
     6. the decoder's output is ImageNet-normalised: DecoderConfig.imagenet_output
        (decoder.convert_official);
-    7. num_steps counts time-grid points from 1 to 0.001, the shift takes an 18 x 18 token grid:
-       time_schedule.
-    Not reproduced: the release's bf16 autocast."""
+    7. num_steps counts time-grid points from 1 to 0.001, the shift takes an 18 x 18 token grid
+       (VGGT: 37 x 37): time_schedule;
+    8. VGGT: the cascade's level-0 special tokens are normalised with the level-1 special
+       statistics: load_models.
+    OFFICIAL_CONVENTIONS[latent] sets them per latent. Not reproduced: the release's bf16
+    autocast."""
 
     def __init__(
         self,
@@ -229,7 +259,7 @@ class OfficialConventions:
         patch=14,
         t_end=0.001,
     ):
-        self.cascade_levels = set(cascade_levels)  # levels of the released cascade (DDT_old.py)
+        self.cascade_levels = set(cascade_levels)  # levels of the released DDT_old.py cascade
         self.cascade_image_size = cascade_image_size  # DDT_old.py's cam_input_size
         self.shift_tokens = (shift_image_size // patch) ** 2  # h w of the release's shift
         self.t_end = t_end  # where the release's time grid stops
@@ -300,14 +330,26 @@ def find_official_files(folder, latent='da3', roles=None):
     return paths
 
 
-def load_models(files, device, encoder_preset='da3-base', heads=16, log=print):
-    """The released GLD (DA3) models of release_files, strictly -> (DA3, RGB decoder,
-    {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline."""
-    head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
-    weights = {**read_official(files['encoder'], 'encoder', log), **head}
+def load_models(files, device, latent='da3', encoder_preset=None, heads=16, log=print):
+    """The released GLD (DA3) or GLD (VGGT) models of release_files, strictly -> (encoder, RGB
+    decoder, {1: (M1, meta), 0: (M1->0, meta)}) for Pipeline; encoder_preset:
+    OFFICIAL_ENCODERS[latent] by default."""
+    encoder_preset = encoder_preset or OFFICIAL_ENCODERS[latent]
+    weights = files['encoder']
+    if 'head' in files:  # DA3: the DPT head of its own file over the one in model.safetensors
+        head = {'head.' + k: v for k, v in read_official(files['head'], 'head', log).items()}
+        weights = {**read_official(files['encoder'], 'encoder', log), **head}
     enc = latents.build_encoder(encoder_preset, weights=weights)
     enc = enc.to(device).freeze()
-    stats = load_official_stats([files['stats0'], files['stats1']], enc.dim, log)
+    stat_files = [files['stats0'], files['stats1']]
+    if enc.special:  # VGGT: its special tokens' own statistics
+        special_files = [files['special0'], files['special1']]
+        stats = load_official_stats(stat_files, enc.dim, log, special_files, enc.special)
+        # item 8: the release's evaluation swaps in level 0's patch statistics only
+        stats.special_mean[0] = stats.special_mean[1]
+        stats.special_var[0] = stats.special_var[1]
+    else:
+        stats = load_official_stats(stat_files, enc.dim, log)
 
     def convert(role, kind, converter, build, **kw):
         path = files[role]
@@ -325,6 +367,10 @@ def load_models(files, device, encoder_preset='da3-base', heads=16, log=print):
                 f'{path}: levels of {dim} channels, but encoder {encoder_preset!r} gives '
                 f'{enc.dim}; pass the matching encoder_preset'
             )
+        if role != 'decoder' and cfg.special_tokens != enc.special:
+            tokens = f'{cfg.special_tokens} special tokens per view'
+            theirs = f'encoder {encoder_preset!r} gives {enc.special}'
+            raise ValueError(f'{path}: {tokens}, but {theirs}')
         net = build(cfg)
         net.load_state_dict(sd, strict=True)
         return net

@@ -294,7 +294,9 @@ class Pipeline:
                 levels[level] = self.sample_level(level, cond[level], cams, upper_raw, sampler, steps, cfg_scale, gen)
         t0 = time.time()
         if self.boundary < L - 1 and enc.can_propagate:  # deeper levels: level k through the remaining frozen blocks
-            cls = enc.first_view_cls(images, self.boundary)  # GLD: token 0 of the first source, broadcast
+            cls = None  # GLD (VGGT): the level's own special tokens, generated with it
+            if not enc.special:  # GLD (DA3): token 0 of the first source, broadcast
+                cls = enc.first_view_cls(images, self.boundary)
             levels[self.boundary + 1 :], cls_deep = enc.propagate(
                 levels[self.boundary], self.boundary, cls, hw, return_cls=True
             )
@@ -341,9 +343,11 @@ def load_pipeline(
     return Pipeline(enc, dec, models, boundary, log)
 
 
-def load_official_pipeline(source, device='cpu', log=print, stats=None, **kw):
-    """The released models of a folder or the hub (official.release_files; stats: a folder holding
-    model_stats/) with their conventions (docs/official.md); kw: load_models's encoder_preset, heads."""
-    files = official.release_files(source, stats)
-    enc, dec, models = official.load_models(files, device, log=log, **kw)
-    return Pipeline(enc, dec, models, boundary=1, log=log, official=official.OfficialConventions())
+def load_official_pipeline(source, device='cpu', log=print, stats=None, latent='da3', **kw):
+    """The released GLD (DA3) or GLD (VGGT) models of a folder or the hub (official.release_files;
+    stats: a folder holding model_stats/) with their conventions (docs/official.md); kw:
+    load_models's encoder_preset, heads."""
+    files = official.release_files(source, stats, latent)
+    enc, dec, models = official.load_models(files, device, latent=latent, log=log, **kw)
+    conventions = official.OfficialConventions(**official.OFFICIAL_CONVENTIONS[latent])
+    return Pipeline(enc, dec, models, boundary=1, log=log, official=conventions)

@@ -386,7 +386,8 @@ def generate(args, pipe, scene, n_src, lpips):
 
 # (Euler steps, CFG scale) when --steps / --cfg-scale are left unset. The bundled tiny models sample their posterior
 # mean: at 3.7M parameters their 50-step samples place per-token detail at random (README, "The main job").
-SAMPLER_DEFAULTS = {'paper': (50, 1.5), 'bundled': (1, 1.0)}
+# The released GLD (VGGT) is evaluated with 100 time-grid points (its VGGT_common_eval.yaml).
+SAMPLER_DEFAULTS = {'paper': (50, 1.5), 'bundled': (1, 1.0), 'vggt release': (100, 1.5)}
 
 
 def default_sampler(args):
@@ -399,7 +400,10 @@ def default_sampler(args):
         args.cfg_scale = 1.0
         return
     bundled = not (args.ckpt_dir or args.official) and args.encoder == DEFAULT_ENCODER
-    steps, cfg_scale = SAMPLER_DEFAULTS['bundled' if bundled else 'paper']
+    defaults = 'bundled' if bundled else 'paper'
+    if args.official and official_latent(args) == 'vggt':
+        defaults = 'vggt release'
+    steps, cfg_scale = SAMPLER_DEFAULTS[defaults]
     if args.steps is None:
         args.steps = steps
     if args.cfg_scale is None:
@@ -424,7 +428,8 @@ def build_parser():
         nargs='?',
         const=official.OFFICIAL_HUB,
         default='',
-        help=f'the released models: a folder, or alone: the hub {official.OFFICIAL_HUB} (docs/official.md)',
+        help=f'the released models: a folder, or alone: the hub {official.OFFICIAL_HUB} (docs/official.md); '
+        '--encoder vggt-1b: GLD (VGGT)',
     )
     p.add_argument('--official-stats', default=None, help="the release's model_stats/ (in its git clone)")
     p.add_argument('--encoder', default=DEFAULT_ENCODER, help='the latent encoder of the models (train.py --encoder)')
@@ -509,9 +514,19 @@ def load_decoder(args, device):  # --recon: the frozen encoder and its RGB decod
     return enc, pipeline.load_decoder(checkpoint, device, enc)
 
 
+def official_latent(args):
+    """--official: the release of --encoder's family, 'da3' (the default) or 'vggt'."""
+    latent = args.encoder.split('-')[0]
+    if latent not in official.OFFICIAL_FILES:
+        fix = 'the release has da3 and vggt models; pass one'
+        raise UserError(f'--encoder {args.encoder} with --official: {fix}')
+    return latent
+
+
 def load_pipe(args, device):  # the released models (--official), or ours
     if args.official:
-        return pipeline.load_official_pipeline(args.official, device, stats=args.official_stats)
+        latent = official_latent(args)
+        return pipeline.load_official_pipeline(args.official, device, stats=args.official_stats, latent=latent)
     models = (args.ckpt_dir, args.boundary, args.independent)
     return pipeline.load_pipeline(*models, device, args.encoder, args.encoder_weights)
 

@@ -1291,6 +1291,62 @@ def test_model_reference_path_agrees():
     torch.testing.assert_close(run(net, b, cams), fast, atol=1e-5, rtol=1e-5)
 
 
+def with_special_tokens(b, K, seed=1):
+    """make_batch's latents, each view led by K special tokens (the targets' condition zero there too)."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(b)
+    for key in ('x_t', 'x', 'upper'):
+        if b[key] is not None:
+            B, V, _, D = b[key].shape
+            out[key] = torch.cat([torch.randn(B, V, K, D, generator=g), b[key]], 2)
+    out['cond'] = out['x'] * b['src'][:, :, None, None]
+    return out
+
+
+@pytest.mark.parametrize('cascade', [False, True])
+def test_dit_special_tokens_join_attention_and_skip_prope(cascade):
+    """GLD (VGGT)'s DiT (issue 28): K tokens lead each view. They skip PRoPE (pass the positions unchanged; the fast
+    path equals the textbook one with identity transforms for them), join the 3D attention (view 0's change another
+    view's patch outputs), the flow loss reaches their modules, the cascade ignores its upper level's; initialised
+    as released. Without them the model has no such modules."""
+    K = 2
+    cfg = replace(SMALL, special_tokens=K, upper_dim=SMALL.latent_dim if cascade else 0)
+    b = with_special_tokens(make_batch(cfg, upper=cascade), K)
+    cams = latents.camera_inputs(b['c2w'], b['K'], b['src'], b['hw'])
+    assert not any(k.startswith('special') for k in model.GLD(SMALL).state_dict())
+    torch.manual_seed(0)
+    fresh = model.GLD(cfg)  # the release's init: zero output projection, positions N(0, 0.02), zero biases
+    assert fresh.special_output_proj.weight.abs().max() == 0 and fresh.special_s_embedder.bias.abs().max() == 0
+    assert 0.01 < fresh.special_pos_embed_x.std() < 0.03
+    net = randomize(fresh)
+    fast = run(net, b, cams)
+    assert fast.shape == b['x_t'].shape
+    for blk in net.blocks:
+        blk.attn.reference = True
+    torch.testing.assert_close(run(net, b, cams), fast, atol=1e-5, rtol=1e-5)
+    for blk in net.blocks:
+        blk.attn.reference = False
+    pe = model.SpecialTokenPositions(model.PositionEncoding('prope', 16, cams, 3), K)
+    u = torch.randn(2, 2, 3, K + 6, 16)
+    applied = pe.apply(u.flatten(2, 3), 'kv').unflatten(2, (3, K + 6))
+    assert torch.equal(applied[:, :, :, :K], u[:, :, :, :K])
+    assert torch.equal(applied[:, :, :, K:].flatten(2, 3), pe.pe.apply(u[:, :, :, K:].flatten(2, 3), 'kv'))
+    moved = {**b, 'x_t': b['x_t'].clone()}
+    moved['x_t'][:, 0, :K] += 1  # view 0's special tokens
+    assert not torch.allclose(run(net, moved, cams)[:, 2, K:], fast[:, 2, K:], atol=1e-4)
+    if cascade:
+        ignored = {**b, 'upper': b['upper'].clone()}
+        ignored['upper'][:, :, :K] = 7
+        assert torch.equal(run(net, ignored, cams), fast)
+
+    def velocity(x_t, t):
+        return net(x_t, t, b['cond'], cams, upper=b['upper'])
+
+    loss, _ = diffusion.flow_loss(velocity, b['x'], b['src'], generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert net.special_output_proj.weight.grad.abs().sum() > 0 and net.special_pos_embed_x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('official', [False, True])
 def test_prope_invariant_to_rigid_world_change(official):
     B, V, hw, d = 2, 3, (2, 2), 16
@@ -1615,6 +1671,7 @@ def test_forward_compiles_without_graph_breaks():
 # ====================================================================================================
 
 C, C1, C2, HEADS = 192, 32, 48, 2  # da3-tiny levels; encoder / head widths; head dims 16 / 24 (PRoPE needs 8 | d)
+CV = 128  # vggt-tiny levels, also its DiTs' head width
 
 
 def official_model_layout(C, C1, C2, d1, d2, cascade, aliases=False):
@@ -1666,6 +1723,25 @@ def official_model_layout(C, C1, C2, d1, d2, cascade, aliases=False):
             'adaLN_modulation.1.bias': (6 * D,),
         }.items():
             shapes[f'blocks.{i}.{name}'] = shape
+    return shapes
+
+
+def official_vggt_layout(C, C1, C2, d1, d2, K=5):
+    """Key -> shape of a released GLD (VGGT) DiTwDDTHead (DDT.py new mode, M1 or the cascade: the same keys; notes
+    section 6.6): M1's layout over [cond | x_t] of 2C channels plus the special tokens' modules (DDT.py:291-307)."""
+    shapes = official_model_layout(C, C1, C2, d1, d2, cascade=False)
+    shapes.update(
+        {
+            'special_pos_embed_s': (1, K, C1),
+            'special_pos_embed_x': (1, K, C2),
+            'special_s_embedder.weight': (C1, 2 * C),
+            'special_s_embedder.bias': (C1,),
+            'special_x_embedder.weight': (C2, 2 * C),
+            'special_x_embedder.bias': (C2,),
+            'special_output_proj.weight': (C, C2),  # Linear(C2, C), applied to the final layer's C: C2 = C
+            'special_output_proj.bias': (C,),
+        }
+    )
     return shapes
 
 
@@ -1727,9 +1803,9 @@ def write_release(root):
         root / 'pretrained_models' / 'mae_decoder.pt',
     )
     torch.save(
-        {'ema': {'decoder.' + k: v for k, v in release_decoder(C + 8, 5).items()}},
+        {'ema': {'decoder.' + k: v for k, v in release_decoder(CV, 5).items()}},
         root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt',
-    )  # another latent's decoder: must not be used
+    )  # GLD (VGGT)'s decoder: not DA3's
     m1 = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=False), 2)
     torch.save(trainer_save(m1, {k: v + 1 for k, v in m1.items()}), root / 'checkpoints' / 'da3_level1.pt')
     cascade = random_state_dict(official_model_layout(C, C1, C2, 2, 1, cascade=True), 3)
@@ -1740,8 +1816,14 @@ def write_release(root):
     torch.save(
         {**trainer_save(cascade, cascade), 'args': argparse.Namespace(lr=5e-5)}, root / 'checkpoints' / 'da3_cascade.pt'
     )
-    for name in ('vggt_level1.pt', 'vggt_cascade.pt'):
-        torch.save({'ema': {'blocks.0.norm1.weight': torch.ones(4)}}, root / 'checkpoints' / name)
+    # GLD (VGGT): VGGT-1B from its hub repo (vggt-tiny here, with a point-head tensor GLD skips), its DiTs (DDT.py
+    # new mode, decoder width = levels' channels as the release needs), stats with the files' 'count' and 'level'
+    (root / 'VGGT-1B').mkdir()
+    vggt_sd = {**latents.build_encoder('vggt-tiny').state_dict(), 'point_head.norm.weight': torch.ones(CV)}
+    torch.save(vggt_sd, root / 'VGGT-1B' / 'model.pt')  # as VGGT's README serves it
+    for seed, name, d2 in ((6, 'vggt_level1.pt', 1), (7, 'vggt_cascade.pt', 1)):
+        sd = random_state_dict(official_vggt_layout(CV, C1, CV, 2, d2), seed)
+        torch.save(trainer_save(sd, {k: v + 1 for k, v in sd.items()}), root / 'checkpoints' / name)
     g = torch.Generator().manual_seed(4)
     for level in (0, 1):
         var = torch.rand(1, C, 1, 1, generator=g) + 0.5
@@ -1750,8 +1832,10 @@ def write_release(root):
             root / 'model_stats' / 'da3' / f'normalization_stats_level{level}.pt',
         )
         for kind in ('normalization', 'special'):
+            var = torch.rand(1, CV, 1, 1, generator=g) + 0.5
+            mean = torch.randn(1, CV, 1, 1, generator=g)
             torch.save(
-                {'mean': torch.zeros(1, C + 8, 1, 1), 'var': torch.ones(1, C + 8, 1, 1)},
+                {'mean': mean, 'var': var, 'std': var.sqrt(), 'count': torch.tensor(10), 'level': level},
                 root / 'model_stats' / 'vggt' / f'{kind}_stats_level{level}.pt',
             )
     return m1, dec
@@ -1834,6 +1918,113 @@ def test_cli_official(release, tmp_path, monkeypatch, capsys):
     assert (out / 'grid.png').exists() and (out / 'metrics.json').exists()
     printed = capsys.readouterr().out  # --steps 2: the release's 2 time-grid points, one Euler step per model
     assert 'M1: 1 Euler steps' in printed and 'M1->0: 1 Euler steps' in printed
+
+
+# ----------------------------------------------------------------------------- GLD (VGGT) as released (issue 28)
+
+
+@pytest.mark.parametrize(
+    'name,d2,params',
+    [('official-gld-keys-vggt-m1.txt', 6, 805_890_556), ('official-gld-keys-vggt-cascade.txt', 2, 503_758_676)],
+)
+def test_vggt_release_key_lists_convert_strictly(name, d2, params):
+    """GLD (VGGT)'s DiTs at full size (testdata: written from the release's code, 2048-channel levels and DDT.py's
+    special-token modules; the parameter counts are the notes' meta-device counts of the official class): the layout
+    writer of the small fakes gives exactly them, and they convert strictly to our GLD with 5 special tokens."""
+    keys = read_keys(name)
+    assert official_vggt_layout(2048, 768, 2048, 28, d2) == keys
+    assert sum(math.prod(shape) for shape in keys.values()) == params
+    cascade = 'cascade' in name
+    sd = {k: torch.empty(shape, device='meta') for k, shape in keys.items()}
+    cfg, out = model.convert_official(sd, cascade=cascade)
+    got = (cfg.latent_dim, cfg.special_tokens, cfg.separate_embedders, cfg.upper_dim, cfg.head_depth)
+    assert got == (2048, 5, True, 2048 if cascade else 0, d2)  # the cascade: DDT.py new mode, four embedders
+    with torch.device('meta'):
+        net = model.GLD(cfg)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert model.count_params(net) == params
+    with pytest.raises(AssertionError, match='missing'):
+        model.convert_official({k: v for k, v in sd.items() if k != 'special_pos_embed_x'}, cascade=cascade)
+
+
+def test_vggt_release_decoder_key_list():
+    """pretrained_models/vggt/mae_decoder.pt: the DA3 decoder's layout reading 4 x 2048 channels (testdata)."""
+    sd = {k: torch.empty(shape, device='meta') for k, shape in read_keys('official-gld-keys-vggt-decoder.txt').items()}
+    cfg, ours = decoder_lib.convert_official(sd)
+    assert cfg.feat_dim == 2048 and len(sd) == 456
+    with torch.device('meta'):
+        reference = decoder_lib.RGBDecoder(cfg).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
+    assert sum(v.numel() for v in reference.values()) == 424_895_692 + 4 * 2048  # + our level-mask tokens
+
+
+def load_vggt(root, log=None):
+    return pipeline.load_official_pipeline(
+        str(root), 'cpu', latent='vggt', encoder_preset='vggt-tiny', heads=HEADS, log=log or (lambda *_: None)
+    )
+
+
+def test_load_official_vggt_pipeline_and_generate(release):
+    """GLD (VGGT) as released, from the fake release beside DA3's: VGGT-1B's weights (point head skipped), M1 and the
+    cascade with their special-token modules (EMA), the VGGT decoder, patch and special statistics (the cascade's
+    level-0 special tokens by level 1's, item 8), the 37 x 37 shift and the cascade in DDT.py's camera conventions;
+    generation carries 5 special tokens per view through every level and the camera head reads them."""
+    root, _ = release
+    pipe = load_vggt(root)
+    (net1, _), (net0, meta0) = pipe.models[1], pipe.models[0]
+    assert (net1.cfg.special_tokens, net0.cfg.special_tokens, net0.cfg.upper_dim) == (5, 5, CV)
+    assert net0.cfg.separate_embedders and pipe.official.cascade_levels == set()
+    assert pipe.official.shift_tokens == 37 * 37
+    m1 = torch.load(root / 'checkpoints' / 'vggt_level1.pt', weights_only=False)['ema']
+    assert torch.equal(net1.special_pos_embed_s, m1['special_pos_embed_s'])
+    vggt_file = torch.load(root / 'VGGT-1B' / 'model.pt')
+    assert torch.equal(pipe.enc.aggregator.camera_token, vggt_file['aggregator.camera_token'])
+    decoder = torch.load(root / 'pretrained_models' / 'vggt' / 'mae_decoder.pt')['ema']
+    assert torch.equal(pipe.dec.embed.weight, decoder['decoder.decoder_embed.weight'])
+    stats = meta0['stats']
+    special1 = torch.load(root / 'model_stats' / 'vggt' / 'special_stats_level1.pt')
+    assert stats.special_mean[1].shape == (5, CV) and torch.equal(stats.special_mean[1][3], special1['mean'].flatten())
+    assert torch.equal(stats.special_var[0], stats.special_var[1])  # item 8
+    patches0 = torch.load(root / 'model_stats' / 'vggt' / 'normalization_stats_level0.pt')
+    assert torch.equal(stats.mean[0], patches0['mean'].flatten())
+    images, c2w, K = scene()
+    out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
+    assert [tuple(level.shape) for level in out['levels']] == [(1, 3, 5 + 6, CV)] * 4
+    assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
+    geo = out['geometry']
+    assert geo['depth'].shape == (1, 3, 28, 42) and geo['c2w'].shape == (1, 3, 4, 4)
+    norm = pipe.enc.normalize_levels(out['levels'])
+    again = pipe.enc.geometry(norm, 28, 42, cls_last=out['levels'][3][:, :, :5])
+    assert torch.equal(again['extrinsics'], geo['extrinsics'])  # the camera head reads level 3's special tokens
+
+
+def test_official_vggt_refuses_models_without_special_tokens(release, tmp_path):
+    root, _ = release
+    broken = tmp_path / 'GLD'
+    shutil.copytree(root, broken)
+    sd = random_state_dict(official_model_layout(CV, C1, CV, 2, 1, cascade=False), 8)  # DA3-style, 128 channels
+    torch.save({'ema': sd}, broken / 'checkpoints' / 'vggt_level1.pt')
+    with pytest.raises(ValueError, match=r"vggt_level1.pt: 0 special tokens per view, but encoder 'vggt-tiny' gives 5"):
+        load_vggt(broken)
+
+
+def test_cli_official_vggt(release, tmp_path, monkeypatch, capsys):
+    """sample.py --official DIR --encoder vggt-1b runs GLD (VGGT) (small fake); the release's VGGT eval samples
+    100 time-grid points by default."""
+    root, _ = release
+    args = sample.build_parser().parse_args(['--official', str(root), '--encoder', 'vggt-1b'])
+    sample.default_sampler(args)
+    assert (args.steps, args.cfg_scale) == (100, 1.5)
+    synth.write_synth(str(tmp_path / 'data'), 2, 1, frames=6, size=56, seed=0)
+    small = functools.partial(pipeline.load_official_pipeline, encoder_preset='vggt-tiny', heads=HEADS)
+    monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
+    out = tmp_path / 'out'
+    run = ['--official', str(root), '--encoder', 'vggt-1b', '--data', str(tmp_path / 'data'), '--views', '3']
+    res = sample.main(run + ['--steps', '2', '--out', str(out)])
+    assert res['levels'][1].shape == (1, 3, 5 + 16, CV) and (out / 'grid.png').exists()
+    assert 'M1->0: 1 Euler steps' in capsys.readouterr().out
+    with pytest.raises(cli.UserError, match='the release has da3 and vggt models'):
+        sample.main(['--official', str(root), '--encoder', 'dinov2-s'])
 
 
 def test_missing_or_wrong_file_errors(release, tmp_path):
@@ -2110,8 +2301,8 @@ def test_unknown_layouts_name_what_was_seen_and_what_is_known(release, tmp_path)
         official.official_state_dict([torch.zeros(1)], 'model', 'x.pt')
     broken = tmp_path / 'GLD'
     shutil.copytree(root, broken)
-    torch.save(
-        {'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': torch.ones(1)},
+    torch.save(  # the release's 'count' and 'level' (model_stats/vggt) are skipped, another key is not
+        {'mean': torch.zeros(1, C, 1, 1), 'var': torch.ones(1, C, 1, 1), 'count': 10, 'extra': torch.ones(1)},
         broken / 'model_stats' / 'da3' / 'normalization_stats_level1.pt',
     )
     with pytest.raises(ValueError, match=r'level1.pt: expected mean, var \(and std\) of 192 channels each'):
@@ -4671,21 +4862,78 @@ def test_sd_vae_loads_the_ldm_layout_strictly(capsys):
 
 @torch.no_grad()
 def test_vggt_propagation_reproduces_the_deeper_levels():
+    """A level leads with its views' 5 special tokens (issue 28); resumed from level k with them, the frozen pairs
+    reproduce every deeper level exactly, special tokens included (notes 6.4); the learned initial tokens do not."""
     torch.manual_seed(0)
     enc = latents.build_encoder('vggt-tiny').freeze()
     images = torch.rand(1, 3, 3, 42, 56)
     levels, special = enc.encode(images, return_cls=True)
-    assert [lv.shape for lv in levels] == [(1, 3, 12, 128)] * 4 and special[0].shape == (1, 3, 5, 128)
+    assert [lv.shape for lv in levels] == [(1, 3, 17, 128)] * 4 and special[0].shape == (1, 3, 5, 128)
+    assert enc.special == 5 and torch.equal(levels[2][:, :, :5], special[2])
     for k in (0, 1, 2):
-        prop, prop_special = enc.propagate(levels[k], k, special[k], (3, 4), return_cls=True)
+        prop, prop_special = enc.propagate(levels[k], k, None, (3, 4), return_cls=True)
         assert len(prop) == 3 - k
         for a, b in zip(prop + prop_special, levels[k + 1 :] + special[k + 1 :]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            assert torch.equal(a, b)
     frame_half = levels[1].clone()
     frame_half[..., :64] = 0  # the state is the global half: the frame half of level k is not read
-    torch.testing.assert_close(enc.propagate(frame_half, 1, special[1], (3, 4)), levels[2:], atol=1e-5, rtol=0)
-    gld = enc.propagate(levels[1], 1, enc.first_view_cls(images, 1), (3, 4))  # the first source's tokens, broadcast
-    assert [g.shape for g in gld] == [lv.shape for lv in levels[2:]]
+    assert all(map(torch.equal, enc.propagate(frame_half, 1, None, (3, 4)), levels[2:]))
+    learned = levels[1].clone()
+    learned[:, :, :5, 64:] = enc.aggregator.special_tokens(1, 3)  # the initial tokens instead of level 1's
+    assert not torch.allclose(enc.propagate(learned, 1, None, (3, 4))[1], levels[3], atol=1e-3)
+    assert torch.equal(enc.normalize_levels(levels)[3], levels[3][:, :, 5:])  # heads and decoder: the patches
+
+
+@torch.no_grad()
+def test_vggt_pipeline_resumes_from_the_generated_special_tokens():
+    """The cascade's propagation resumes from the generated level 1's own special tokens: given the true level 1,
+    levels 2, 3 are exactly the encoder's; changing the generated special tokens changes the camera head's output
+    (it reads the propagated ones), while level 1's patches stay as given."""
+    torch.manual_seed(0)
+    enc = latents.build_encoder('vggt-tiny').freeze()
+    dec_cfg = replace(decoder_lib.PRESETS['tiny'], feat_dim=enc.dim, num_levels=4, patch=14)
+    pipe = pipeline.Pipeline(enc, decoder_lib.RGBDecoder(dec_cfg).eval(), {}, log=lambda *_: None, progress=False)
+    images, c2w, K = scene(V=3)
+    true = enc.encode(images)
+    out = pipe.generate(images, c2w, K, n_src=1, given={1: true[1], 0: true[0]})
+    assert all(map(torch.equal, out['levels'][2:], true[2:]))
+    moved = true[1].clone()
+    moved[:, 1:, :5] += 0.5 * torch.randn(1, 2, 5, enc.dim) * moved[:, 1:, :5].std()  # the targets' special tokens
+    out2 = pipe.generate(images, c2w, K, n_src=1, given={1: moved, 0: true[0]})
+    assert torch.equal(out2['levels'][1][:, :, 5:], true[1][:, :, 5:])
+    assert not torch.allclose(out2['geometry']['extrinsics'], out['geometry']['extrinsics'], atol=1e-4)
+
+
+def test_latent_stats_of_special_tokens(synth112, monkeypatch, tmp_path):
+    """VGGT's special tokens get their own statistics, pooled over the 5 tokens as released (issue 28): computed
+    from the encoder, stored per token, applied to a level's first 5 tokens, saved and loaded; a --stats file
+    without them is refused for vggt-*."""
+    torch.manual_seed(0)
+    enc = latents.build_encoder('vggt-tiny').eval()
+    batches = [torch.rand(1, 2, 3, 28, 28) for _ in range(2)]
+    stats = latents.compute_latent_stats(enc, batches, levels=(1,))
+    with torch.no_grad():
+        feats = [enc.encode(b)[1] for b in batches]
+    special = torch.cat([f[:, :, :5].reshape(-1, enc.dim) for f in feats]).double()
+    patches = torch.cat([f[:, :, 5:].reshape(-1, enc.dim) for f in feats]).double()
+    assert stats.special_mean[1].shape == (5, enc.dim)
+    torch.testing.assert_close(stats.special_mean[1][2].double(), special.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.special_var[1][4].double(), special.var(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.mean[1].double(), patches.mean(0), atol=1e-5, rtol=1e-5)
+    level = feats[0]
+    z = stats.normalize(level, 1)
+    special_std = torch.sqrt(stats.special_var[1] + 1e-5)
+    torch.testing.assert_close(z[:, :, :5], (level[:, :, :5] - stats.special_mean[1]) / special_std)
+    torch.testing.assert_close(z[:, :, 5:], (level[:, :, 5:] - stats.mean[1]) / torch.sqrt(stats.var[1] + 1e-5))
+    torch.testing.assert_close(stats.denormalize(z, 1), level, atol=1e-4, rtol=1e-5)
+    stats.save(tmp_path / 's.safetensors')
+    loaded = latents.LatentStats.load(tmp_path / 's.safetensors')
+    assert torch.equal(loaded.special_var[1], stats.special_var[1])
+    latents.LatentStats(stats.mean, stats.var).save(tmp_path / 'patches_only.pt')
+    monkeypatch.chdir(synth112)
+    run = ['--data', 'data', '--encoder', 'vggt-tiny', '--views', '3', '--batch-size', '1', '--steps', '1']
+    with pytest.raises(cli.UserError, match=r"no \['special_mean1'\] for vggt-tiny"):
+        train.main(run + ['--stats', str(tmp_path / 'patches_only.pt'), '--out', str(tmp_path / 'run')])
 
 
 @torch.no_grad()
@@ -4845,10 +5093,13 @@ def test_every_latent_trains_and_samples_with_only_the_encoder_switched(name, sy
         train.main(['--level', '0'] + run)
     ck = torch.load(train.list_checkpoints(out)[-1], weights_only=False)
     assert ck['config']['latent_dim'] == enc.dim and ck['config']['cam_patch'] == enc.patch
+    # GLD (VGGT): 5 special tokens per view diffused, with their own statistics (issue 28)
+    assert ck['config']['special_tokens'] == enc.special and ('special_mean1' in ck['stats']) == (enc.special > 0)
     res = sample.main(
         ['--ckpt-dir', 'runs', '--encoder', name, '--data', 'data', '--views', '3', '--steps', '1', '--out', 'out']
     )
     assert res['images'].shape[2:] == (3, 112, 112) and len(res['levels']) == enc.num_levels
+    assert res['levels'][0].shape[2] == enc.special + (112 // enc.patch) ** 2
     meta = json.loads(Path('out/metrics.json').read_text())
     if enc.has_geometry:
         assert res['geometry']['depth'].shape[2:] == (112, 112) and os.path.exists('out/depth.npy')

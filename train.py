@@ -504,9 +504,16 @@ class DiffusionStage:
         # --init's normalisation, unless it is of another level (M2 from M1's weights: a warm
         # start with its own statistics)
         init_stats = init.get('stats', {})
+        wanted = [f'mean{level}' for level in levels]
+        if self.enc.special:  # VGGT: its special tokens' statistics too
+            wanted += [f'special_mean{level}' for level in levels]
         if args.stats:
             self.stats = latents.LatentStats.load(args.stats)
-        elif all(f'mean{level}' in init_stats for level in levels):
+            missing = sorted(set(wanted) - set(self.stats.state_dict()))
+            if missing:
+                fix = 'leave --stats out to compute them'
+                raise cli.UserError(f'--stats {args.stats}: no {missing} for {args.encoder}; {fix}')
+        elif all(k in init_stats for k in wanted):
             self.stats = latents.LatentStats.from_state_dict(init_stats)
         else:
             self.stats = latents.compute_stats(self.enc, loader, levels, args.stats_batches, device)
@@ -515,6 +522,7 @@ class DiffusionStage:
             'upper_dim': self.enc.dim if self.upper_level is not None else 0,
             'cam_patch': self.enc.patch,
             'checkpointing': args.checkpointing,
+            'special_tokens': self.enc.special,
         }
         if args.pos:
             overrides['pos'] = args.pos

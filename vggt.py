@@ -2,13 +2,15 @@
 
 DINOv2-L/14 (4 registers) patch embed, then [camera, 4 registers, patches] per frame through 24
 frame/global block pairs; RAW levels at pairs (4, 11, 17, 23), `propagate`, DPT depth and adaLN
-camera heads, facebook/VGGT-1B weights. Special tokens: the first source view's, not diffused as
-in GLD's release. Built after the official code, github.com/facebookresearch/vggt @ 44b3afb
+camera heads, facebook/VGGT-1B weights. As in GLD's release, a level leads with each view's 5
+special tokens (camera, 4 registers): the DiTs diffuse them with the patches, propagation resumes
+from them and the camera head reads them. Built after the official code,
+github.com/facebookresearch/vggt @ 44b3afb
 (vggt/models/aggregator.py, vggt/heads/), and GLD's VGGT encoder
 (github.com/cvlab-kaist/Geometric-Latent-Diffusion, src/stage1/encoders/vggt.py).
 References (arXiv): VGGT 2503.11651, GLD 2603.22275.
 Shape legend: B batch, V views, H W image, h w token grid (h = H/14), C channels, T tokens (h*w),
-P = 5 + T tokens of a frame.
+P = 5 + T tokens of a frame (and of a level).
 """
 
 from dataclasses import dataclass
@@ -160,12 +162,11 @@ class CameraHead(nn.Module):
         return torch.cat([pred[..., :7], F.relu(pred[..., 7:])], -1)  # fov >= 0
 
 
-def split_special(levels, return_cls):
-    """Levels (B,V,P,2C) -> patch tokens (B,V,T,2C) [+ the special tokens (B,V,5,2C)]."""
-    feats = [level[:, :, SPECIAL:] for level in levels]
+def with_special(levels, return_cls):
+    """Levels (B,V,P,2C) [+ their special tokens (B,V,5,2C)]."""
     if not return_cls:
-        return feats
-    return feats, [level[:, :, :SPECIAL] for level in levels]
+        return levels
+    return levels, [level[:, :, :SPECIAL] for level in levels]
 
 
 class VGGT(encoder_lib.LatentEncoder):
@@ -174,6 +175,7 @@ class VGGT(encoder_lib.LatentEncoder):
     num_levels = 4
     has_geometry = True
     can_propagate = True
+    special = SPECIAL  # a level's leading special tokens, diffused with its patches (GLD's release)
 
     def __init__(self, cfg):
         super().__init__()
@@ -191,27 +193,30 @@ class VGGT(encoder_lib.LatentEncoder):
         self.camera_head = CameraHead(self.dim, cfg.cam_depth, cfg.cam_heads)
 
     def encode(self, images, return_cls=False):
-        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,T,2C) [+ special tokens (B,V,5,2C)]."""
+        """images (B,V,3,H,W) in [0,1] -> 4 raw levels (B,V,P,2C) [+ special tokens (B,V,5,2C)]."""
         H, W = images.shape[-2:]
         self.check_size(H, W)
         hw = (H // PATCH, W // PATCH)
         levels = self.aggregator.run(self.aggregator.tokens(images), 0, hw)
-        return split_special(levels, return_cls)
+        return with_special(levels, return_cls)
 
     def propagate(self, level_k, k, cls, hw, return_cls=False):
-        """Raw level k (B,V,T,2C), special tokens cls ((B,5,2C) for every view, or (B,V,5,2C)) ->
-        raw levels k+1..3."""
-        B, V, T, D = level_k.shape
-        C = self.cfg.embed_dim
+        """Raw level k (B,V,P,2C) -> raw levels k+1..3 (B,V,P,2C), resumed from level k's own
+        special tokens (cls: None; the learned initial tokens or another view's diverge, notes
+        section 6.4)."""
+        assert cls is None, "VGGT's levels carry their special tokens: pass cls=None"
+        T = level_k.shape[2] - SPECIAL
         self.check_propagate(k, T, hw)
-        if cls.dim() == 3:  # the same tokens for every view
-            cls = cls[:, None]
-        cls = cls.expand(B, V, SPECIAL, D)
         # the running state is the global half of the level: [special tokens, patches]
-        state = torch.cat([cls[..., C:], level_k[..., C:]], 2)  # (B,V,P,C)
+        state = level_k[..., self.cfg.embed_dim :]  # (B,V,P,C)
         start = self.cfg.out_layers[k] + 1  # the pair after level k's
         levels = self.aggregator.run(state, start, hw)
-        return split_special(levels, return_cls)
+        return with_special(levels, return_cls)
+
+    def normalize_levels(self, levels):
+        """Raw levels (B,V,P,2C) -> what the heads and the RGB decoder read: the raw patch tokens
+        (B,V,T,2C)."""
+        return [level[:, :, SPECIAL:] for level in levels]
 
     def geometry(self, levels, H, W, cls_last=None):
         """Levels -> depth, depth_conf [+ 'extrinsics' (w2c), 'intrinsics', c2w, K from cls_last
