@@ -4666,7 +4666,7 @@ IMPORT_LAYERS = [
     ('encoder', 'model', 'diffusion'),
     ('data', 'geometry_head'),
     ('metrics', 'synth'),
-    ('cameras',),
+    ('cameras', 'safety'),
     ('cli', 'constants', 'runlog'),
 ]
 
