@@ -4,6 +4,7 @@ File discovery, every layout the release saves, strict conversion and `OfficialC
 DIR` runs them, docs/official.md has the download steps and tables. Legend: B batch, V views, H W image, C channels.
 """
 
+import argparse
 import os
 import re
 
@@ -14,6 +15,7 @@ import decoder as decoder_lib
 import diffusion
 import latents
 import model as model_lib
+import safety
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
 OFFICIAL_FILES = {  # latent -> role -> path in the release (its README.md; model_stats/ comes with its git repository)
@@ -78,21 +80,13 @@ def official_state_dict(obj, kind, name='', log=print):
 
 
 def read_official(path, kind, log=print):
-    """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is loaded fully."""
-    import pickle
+    """A released .safetensors or .pt -> official_state_dict; a .pt is read without running code:
+    its training args (argparse.Namespace) allowed, other objects refused (safety.load_plain)."""
+    if str(path).endswith('.safetensors'):
+        from safetensors.torch import load_file
 
-    try:
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-
-            return official_state_dict(load_file(str(path)), kind, path, log)
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        log(
-            f'note: {path} also holds Python objects (e.g. training args): loading it fully; do so only with '
-            f'files from {OFFICIAL_HUB}'
-        )
-        obj = torch.load(path, map_location='cpu', weights_only=False)
+        return official_state_dict(load_file(str(path)), kind, path, log)
+    obj = safety.load_plain(path, allowed=[argparse.Namespace])
     return official_state_dict(obj, kind, path, log)
 
 
