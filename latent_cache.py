@@ -2,7 +2,8 @@
 
 Off the reading path (a training speed-up): a cache file holds what latents.encode_batch gives on the fly, the raw
 levels (float16) of `draws` whole view draws of every training scene, and its name ties it to the exact encoder
-weights. Legend: N draws, V views, T tokens, C channels (a level has 2C).
+weights. It is written whole or not at all, and checked (key, rows, header checksum) before it is
+trusted. Legend: N draws, V views, T tokens, C channels (a level has 2C).
 """
 
 import hashlib
@@ -13,6 +14,9 @@ import torch
 import cli
 import data
 import latents
+import safety
+
+HEADER = ('n_src', 'scene', 'frames', 'c2w', 'K', 'size')  # the draws it holds: its checksum's
 
 
 def state_hash(module):
@@ -22,6 +26,24 @@ def state_hash(module):
         shape = str(tuple(v.shape)).encode()
         h.update(k.encode() + shape + v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def header_checksum(key, d):  # SHA-256 of the key and the HEADER tensors
+    h = hashlib.sha256(key.encode())
+    for k in HEADER:
+        h.update(d[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_problem(d, key, rows):
+    """Why a cache cannot be trusted ('' when it can): another key, rows missing, another header."""
+    if d.get('key') != key:
+        return f'its key is {d.get("key")!r}, not {key!r}'
+    if any(len(v) != rows for k, v in d.items() if torch.is_tensor(v) and k != 'size'):
+        return f'not {rows} rows'
+    if d.get('checksum') != header_checksum(key, d):
+        return 'its header checksum differs'
+    return ''
 
 
 class LatentCache:
@@ -89,10 +111,19 @@ class LatentCache:
         device='cpu',
         log=print,
     ):
-        """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or loaded from path)."""
+        """Draw d of each scene: epoch d's frames, lo + d mod (hi-lo+1) sources, encoded once (or
+        loaded from path, once checked)."""
+        key = os.path.basename(path)  # the settings and the encoder's hash
         if os.path.exists(path):
-            log(f'latent cache: {path}')
-            return cls(path)
+            try:
+                cache = cls(path)
+                reason = cache_problem(cache.data, key, draws * len(dataset))
+            except Exception as e:  # a truncated or foreign file: the reader's errors vary
+                reason = f'{type(e).__name__}: unreadable'
+            if not reason:
+                log(f'latent cache: {path}')
+                return cache
+            log(f'latent cache: {path} cannot be trusted ({reason}): building it again')
         lo, hi = src[0], min(src[1], dataset.num_views - 1)
         rows = []
         bar = cli.progress(desc='latent cache', total=draws * len(dataset), unit='sample')
@@ -124,8 +155,9 @@ class LatentCache:
             column = [r[k] for r in rows]
             out[k] = torch.stack(column).cpu() if torch.is_tensor(column[0]) else torch.tensor(column)
         out['size'] = torch.tensor(item['images'].shape[-2:])
+        out['key'] = key
+        out['checksum'] = header_checksum(key, out)
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        torch.save(out, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        safety.write_file(path, lambda tmp: torch.save(out, tmp))
         log(f'latent cache: wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB)')
         return cls(path)

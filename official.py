@@ -6,8 +6,8 @@ runs them, docs/official.md has the download steps and tables. Legend: B batch, 
 C channels.
 """
 
+import argparse
 import os
-import pickle
 import re
 
 import torch
@@ -18,6 +18,7 @@ import decoder as decoder_lib
 import diffusion
 import latents
 import model as model_lib
+import safety
 
 OFFICIAL_HUB = 'SeonghuJeon/GLD'
 # the release's git repository: model_stats/ lives here, not on the hub
@@ -164,20 +165,13 @@ def official_state_dict(obj, kind, name='', log=print):
 
 
 def read_official(path, kind, log=print):
-    """A released .safetensors or .pt -> official_state_dict; a .pt that also pickles objects is
-    loaded fully."""
-    try:
-        if str(path).endswith('.safetensors'):
-            from safetensors.torch import load_file
+    """A released .safetensors or .pt -> official_state_dict; a .pt is read without running code:
+    its training args (argparse.Namespace) allowed, other objects refused (safety.load_plain)."""
+    if str(path).endswith('.safetensors'):
+        from safetensors.torch import load_file
 
-            return official_state_dict(load_file(str(path)), kind, path, log)
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        log(
-            f'note: {path} also holds Python objects (e.g. training args): loading it fully; '
-            f'do so only with files from {OFFICIAL_HUB}'
-        )
-        obj = torch.load(path, map_location='cpu', weights_only=False)
+        return official_state_dict(load_file(str(path)), kind, path, log)
+    obj = safety.load_plain(path, allowed=[argparse.Namespace])
     return official_state_dict(obj, kind, path, log)
 
 

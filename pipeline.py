@@ -21,6 +21,7 @@ import encoder as encoder_lib
 import latents
 import model as model_lib
 import official
+import safety
 from cli import UserError
 from constants import DEFAULT_ENCODER
 
@@ -130,7 +131,7 @@ def load_checkpoint(path, device='cpu'):
             stats = {k[6:]: v for k, v in sd.items() if k.startswith('stats.')}
             meta.update(stats=stats or None, sha256=digest)
             return meta, {k: v for k, v in sd.items() if not k.startswith('stats.')}
-        ck = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+        ck = safety.load_plain(path, io.BytesIO(raw), device)  # pickled objects are refused
         ck['sha256'] = digest
         return ck, ck['ema']
     except UserError:
@@ -140,23 +141,25 @@ def load_checkpoint(path, device='cpu'):
 
 
 def export_weights(kind, net, config, extra, folder, name):
-    """EMA weights as fp16 safetensors + a JSON sidecar with the config and a SHA-256, as shipped in weights/tiny."""
+    """EMA weights as fp16 safetensors + a JSON sidecar with the config and a SHA-256, as shipped in weights/tiny;
+    the pair replaces the previous one whole (safety.replaced_folder)."""
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
     sd = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
     if extra.get('stats'):
         sd.update({'stats.' + k: v.half() for k, v in extra['stats'].items()})
+    with safety.lock_folder(folder, '--export'), safety.replaced_folder(folder) as new:
+        weights = os.path.join(new, name + '.safetensors')
+        save_file(sd, weights)
+        meta = {
+            'kind': kind,
+            'config': config,
+            **{k: v for k, v in extra.items() if k != 'stats'},
+            'sha256': file_sha256(weights),
+        }
+        with open(os.path.join(new, name + '.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
     path = os.path.join(folder, name + '.safetensors')
-    save_file(sd, path)
-    meta = {
-        'kind': kind,
-        'config': config,
-        **{k: v for k, v in extra.items() if k != 'stats'},
-        'sha256': file_sha256(path),
-    }
-    with open(os.path.join(folder, name + '.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
     print(f'exported {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     return path
 

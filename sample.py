@@ -3,11 +3,11 @@
 `python sample.py` (bundled tiny models, a synthetic test scene -> out/sample/), `--images ...
 --cameras ... --traj`, `--eval` (N=2 -> 6, two baselines beside GLD; Table 3), `--boundary k` /
 `--independent` ablations, `--recon` for Stage 1 (Table 6), `--official DIR` (the released models,
-docs/official.md), 3D exports. Shape legend: B batch, V views (N sources, M targets), H W image.
+docs/official.md), 3D exports. One run per --out at a time; its output set replaces the previous
+one whole (safety.py). Shape legend: B batch, V views (N sources, M targets), H W image.
 """
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -25,6 +25,7 @@ import export
 import metrics
 import official
 import pipeline
+import safety
 import synth
 import view
 from cli import UserError
@@ -85,7 +86,7 @@ def ensure_data(spec):
 
 
 # ----------------------------------------------------------------------------- writing outputs
-# what a run writes (write_outputs, export.write_scene, write_table): clear_outputs removes these
+# what a run writes (write_outputs, export.write_scene, write_table): a new set replaces these
 OUTPUTS = (
     *('grid.png', 'trajectory.png', 'video.mp4', 'video.gif', 'metrics.json'),
     *('depth.npy', 'depth_[0-9]*.png', 'points.ply', 'transforms.json', 'scene.glb'),
@@ -100,17 +101,13 @@ def our_files(folder):
     return sorted(f for pattern in patterns for f in glob.glob(pattern))
 
 
-def clear_outputs(folder):
-    """Remove what an earlier run wrote into folder (only the names in OUTPUTS)."""
-    stale = our_files(folder)
-    for f in stale:
-        os.remove(f)
-    for d in ('images', 'sparse/0', 'sparse'):  # now empty, unless they hold files of the user's
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(folder, d))
+def earlier_outputs(folder):
+    """What an earlier run wrote into folder (OUTPUTS), relative to it: a new set drops them."""
+    stale = [os.path.relpath(f, folder) for f in our_files(folder)]
     if stale:
         kept = '(other files there are kept)'
         print(f'note: removed {len(stale)} outputs of an earlier run from {folder}/ {kept}')
+    return stale
 
 
 def save_depth_maps(depth, out_dir):  # (V,H,W) -> depth.npy, and depth_VVV.png: inverse depth
@@ -535,8 +532,6 @@ def load_pipe(args, device):  # the released models (--official), or ours
 def main(argv=None):
     args = build_parser().parse_args(argv)
     default_sampler(args)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    t_start = time.time()
     size = data.parse_size(args.size)  # bad input is reported before any model is loaded
     n_src = count_sources(args)
     if args.view and (args.eval or args.recon or not {'ply', 'nerfstudio'} <= set(args.export)):
@@ -545,29 +540,38 @@ def main(argv=None):
     if args.view:
         view.import_viser()
     data.make_output_dir(args.out)
+    with safety.lock_folder(args.out):
+        return run(args, size, n_src)
+
+
+def run(args, size, n_src):
+    """The outputs go into a temporary sibling of --out that replaces the earlier outputs whole when
+    complete (safety.replaced_folder): a failed or killed run leaves the earlier set."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    t_start = time.time()
     lpips = metrics.lpips_fn(device) if args.lpips else None
     if args.recon or args.eval:
         ensure_data(args.data)
-    # below, an earlier run's outputs are cleared once the inputs are read: a failed run keeps them
     if args.recon:
         enc, dec = load_decoder(args, device)
         dataset = read_dataset(args)
-        clear_outputs(args.out)
-        return run_recon(enc, dec, dataset, args.out, args.eval_scenes, lpips)
+        with safety.replaced_folder(args.out, earlier_outputs) as out_dir:
+            return run_recon(enc, dec, dataset, out_dir, args.eval_scenes, lpips)
     pipe = load_pipe(args, device)
     if args.eval:
         dataset = read_dataset(args)
-        clear_outputs(args.out)
         sampling = (args.sampler, args.steps, args.cfg_scale, args.seed)
-        return run_eval(pipe, dataset, n_src, *sampling, args.out, args.eval_scenes, lpips)
+        with safety.replaced_folder(args.out, earlier_outputs) as out_dir:
+            return run_eval(pipe, dataset, n_src, *sampling, out_dir, args.eval_scenes, lpips)
     if args.images:
         scene = photo_scene(args, n_src, size, pipe.enc, device)
     else:
         scene = dataset_scene(args, n_src, device)
     res, c2w, K, gt, scores = generate(args, pipe, scene, n_src, lpips)
-    clear_outputs(args.out)
     images = scene['images']
-    write_outputs(args.out, images, res, c2w, K, n_src, gt, scores, args.export, scene['units'], scene['frame'])
+    export_as = (args.export, scene['units'], scene['frame'])
+    with safety.replaced_folder(args.out, earlier_outputs) as out_dir:
+        write_outputs(out_dir, images, res, c2w, K, n_src, gt, scores, *export_as)
     print(f'wrote {args.out}/ ({len(our_files(args.out))} files) in {time.time() - t_start:.1f}s')
     if args.view:
         view.show(args.out)

@@ -12,7 +12,10 @@ V views, H W image, h w token grid, C channels, T tokens.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import re
 import shutil
 import socket
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +51,7 @@ import model
 import official
 import pipeline
 import runlog
+import safety
 import sample
 import synth
 import train
@@ -1897,7 +1902,7 @@ def test_load_official_pipeline_and_generate(release):
     assert torch.equal(pipe.dec.embed.weight, dec_ema['decoder_embed.weight'])  # DA3's decoder, its EMA
     assert any("using its 'ema' weights (not ['model'])" in line for line in logs)
     assert any("skipping the entries of ['encoder']" in line for line in logs)
-    assert any('loading it fully' in line for line in logs)
+    assert not any('loading it fully' in line for line in logs)  # issue 31: its args read as data (load_plain)
     images, c2w, K = scene()
     out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
     assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
@@ -4291,6 +4296,445 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, 
     assert torch.load(train.list_checkpoints(str(tmp_path / 'r'))[-1], weights_only=False)['step'] == 3
 
 
+# ---------------------------------------------------------------- nothing lost, nothing run (issue 31)
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def fork(action, log):
+    """action() in a forked copy of this process (its modules imported already), its output into log -> its pid.
+    Its exit status: action's SystemExit code, 0 when it returns, 1 on another exception."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        with open(log, 'w', buffering=1) as f:
+            sys.stdout = f
+            sys.stderr = f
+            try:
+                action()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def fork_ranks(argv, log_dir, world=2, before=None):
+    """python train.py argv as torchrun runs it on `world` ranks (its environment), each rank a forked copy of this
+    process, its output in log_dir/rank<r>.log -> the pids. before(rank) runs first in each (a test's patch)."""
+    port = free_port()
+    pids = []
+    for rank in range(world):
+
+        def launch(rank=rank):
+            env = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+            os.environ.update({k: str(v) for k, v in env.items()})
+            if before:
+                before(rank)
+            cli.run_cli(train.main, [str(a) for a in argv])
+
+        pids.append(fork(launch, log_dir / f'rank{rank}.log'))
+    return pids
+
+
+def wait_all(pids, timeout=120):
+    """-> the exit statuses of the processes, the time each ended (seconds)."""
+    import time
+
+    codes = {}
+    ends = {}
+    deadline = time.time() + timeout
+    while len(codes) < len(pids) and time.time() < deadline:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+                ends[pid] = time.time()
+        time.sleep(0.05)
+    for pid in set(pids) - set(codes):  # a hang: end it, then fail
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert len(codes) == len(pids), f'{len(pids) - len(codes)} processes hung for {timeout}s'
+    return [codes[p] for p in pids], [ends[p] for p in pids]
+
+
+def same_state(a, b):
+    """Whether two checkpoint values are equal bit for bit (tensors, containers, plain values)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+DDP_FAST = ['--stage', 'decoder', *TRAIN_FAST, '--batch-size', '1', '--log-every', '1', '--ckpt-every', '100']
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_bit_for_bit(small_data, tmp_path):
+    """Preemption: SIGTERM to one of 2 gloo ranks under torchrun at a random step; every rank stops after the step in
+    flight, one checkpoint of it, then --resume ends equal, bit for bit, to an uninterrupted run."""
+    import random
+    import signal
+    import subprocess
+    import threading
+
+    argv = ['--data', small_data, *DDP_FAST, '--steps', '10']
+    whole = fork_ranks(argv + ['--out', tmp_path / 'whole'], tmp_path)  # the reference, beside torchrun's run
+    at = random.randint(1, 5)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2', '--master-port', free_port()]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    command = [str(a) for a in [*torchrun, script, *argv, '--out', tmp_path / 'cut']]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    printed = []
+    ranks = []
+
+    def end_all():  # a hang (ranks that disagree wait for each other): torchrun and its ranks end here
+        for pid in [p.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(120, end_all)
+    watchdog.start()
+    try:
+        for line in p.stdout:
+            printed.append(line)
+            if line.startswith(f'step {at} '):  # to one rank: every rank must stop with it
+                ranks = [int(pid) for pid in Path(f'/proc/{p.pid}/task/{p.pid}/children').read_text().split()]
+                os.kill(random.choice(ranks), signal.SIGTERM)
+        p.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        end_all()
+    codes, _ = wait_all(whole)
+    assert codes == [0, 0], (tmp_path / 'rank0.log').read_text()
+    cut = train.list_checkpoints(str(tmp_path / 'cut'))
+    assert len(cut) == 1, ''.join(printed)
+    step = torch.load(cut[0], weights_only=True)['step']
+    assert at <= step < 10 and f'interrupted: wrote {cut[0]} at step {step}' in ''.join(printed), (at, printed)
+    assert not (tmp_path / 'cut' / safety.LOCK).exists()
+    codes, _ = wait_all(fork_ranks(argv + ['--out', tmp_path / 'cut', '--resume'], tmp_path))
+    assert codes == [0, 0], (tmp_path / 'rank0.log').read_text()
+    assert f'resumed from {cut[0]} at step {step}' in (tmp_path / 'rank0.log').read_text()
+    whole = torch.load(train.list_checkpoints(str(tmp_path / 'whole'))[-1], weights_only=True)
+    resumed = torch.load(train.list_checkpoints(str(tmp_path / 'cut'))[-1], weights_only=True)
+    for key in ('model', 'ema', 'optimizer', 'rng', 'step', 'epoch', 'pos'):
+        assert same_state(whole[key], resumed[key]), (key, at, step)
+
+
+def test_a_full_disk_on_rank_0_stops_both_ranks_within_seconds(small_data, tmp_path):
+    import errno
+
+    def full_disk_on_rank_0(rank):
+        def full_disk(path, write):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+        if rank == 0:
+            safety.write_file = full_disk  # in this forked rank only
+
+    argv = ['--data', small_data, *DDP_FAST, '--steps', '20', '--ckpt-every', '2', '--out', tmp_path / 'r']
+    codes, ends = wait_all(fork_ranks(argv, tmp_path, before=full_disk_on_rank_0), timeout=60)
+    logs = [(tmp_path / f'rank{r}.log').read_text().strip().splitlines() for r in (0, 1)]
+    assert codes == [2, 2] and abs(ends[0] - ends[1]) < 5, (codes, ends, logs)
+    line = logs[0][-1]
+    assert line.startswith('error: ') and 'ckpt_0000002.pt: cannot write the checkpoint' in line, logs[0]
+    assert 'No space left on device' in line and 'Traceback' not in '\n'.join(logs[0] + logs[1])
+    assert logs[1][-1] == f'error: rank 1 stopped: rank 0 failed: {line[len("error: ") :]}', logs[1]
+
+
+def test_one_run_per_out_folder_and_sigterm_in_one_process(small_data, tmp_path, capsys):
+    """A second train.py or sample.py on a folder in use stops with one line; SIGTERM: a checkpoint, exit 143; a lock
+    whose process is gone (kill -9) is taken over with a notice."""
+    import signal
+    import time
+
+    out = tmp_path / 'r'
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--log-every', '1', '--out', str(out)]
+    log = tmp_path / 'first.log'
+    first = fork(functools.partial(cli.run_cli, train.main, argv + ['--steps', '1000', '--ckpt-every', '1000']), log)
+    deadline = time.time() + 60
+    while not (log.exists() and 'step 2 ' in log.read_text()):  # it holds the folder and trains
+        assert time.time() < deadline and not os.waitpid(first, os.WNOHANG)[0], log.read_text()
+        time.sleep(0.1)
+    needles = (str(out), f'in use by process {first}', 'pass another --out', safety.LOCK)
+    user_error(train.main, argv + ['--steps', '5'], capsys, *needles)
+    user_error(sample.main, ['--out', out], capsys, *needles)
+    os.kill(first, signal.SIGTERM)
+    assert wait_all([first])[0] == [143] and 'interrupted: wrote' in log.read_text()
+    step = torch.load(train.list_checkpoints(str(out))[-1], weights_only=True)['step']
+    assert step >= 2 and not (out / safety.LOCK).exists()
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    os.waitpid(gone, 0)
+    (out / safety.LOCK).write_text(f'{gone} {socket.gethostname()}')
+    capsys.readouterr()
+    train.main(argv + ['--steps', str(step + 1), '--resume'])
+    printed = capsys.readouterr().out
+    assert f'process {gone} of its lock is gone' in printed and f'at step {step}' in printed
+    assert not (out / safety.LOCK).exists()
+
+
+def test_sigusr1_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch):
+    import signal
+
+    argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--out', str(tmp_path)]
+    real_lr_at = train.lr_at
+
+    def lr_at(step, a, r):
+        if step == 1:  # SLURM's --signal=USR1@T during step 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_lr_at(step, a, r)
+
+    monkeypatch.setattr(train, 'lr_at', lr_at)
+    handler = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv + ['--steps', '5'])
+    assert e.value.code == 128 + signal.SIGUSR1 and signal.getsignal(signal.SIGUSR1) is handler  # 138, restored
+    assert torch.load(train.list_checkpoints(str(tmp_path))[-1], weights_only=True)['step'] == 2
+
+
+class RunsCode:
+    """A pickle that runs code when it is loaded: it writes marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").write("ran")',))
+
+
+def test_checkpoints_are_plain_data_and_planted_pickles_never_run(world, release, tmp_path, capsys, monkeypatch):
+    """Every checkpoint train.py writes reads with weights_only=True; a pickle that would run code, planted where
+    --resume, --init, --ckpt-dir and --official read one, is refused with one line naming the file and the class."""
+    for name in ['encoder', 'decoder', 'level1', 'level0', 'level2', 'level0_ind']:
+        assert torch.load(train.list_checkpoints(f'runs/{name}')[-1], weights_only=True)['step'] == 2
+    legacy = np.random.get_state()  # numpy's RNG state as checkpoints held it before: still read
+    torch.save({'numpy': legacy}, tmp_path / 'legacy.pt')
+    assert np.array_equal(safety.load_plain(tmp_path / 'legacy.pt')['numpy'][1], legacy[1])
+    marker = tmp_path / 'marker'
+    planted = {'model': {}, 'ema': {}, 'optimizer': {}, 'step': 1, 'rng': [], 'args': RunsCode(marker)}
+    torch.save(planted, tmp_path / 'planted.pt')
+    torch.load(tmp_path / 'planted.pt', weights_only=False)  # the plant works: an unsafe load runs it
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / 'resume').mkdir()
+    shutil.copy(tmp_path / 'planted.pt', tmp_path / 'resume' / 'ckpt_0000001.pt')
+    (tmp_path / 'dir' / 'encoder').mkdir(parents=True)
+    shutil.copy(tmp_path / 'planted.pt', tmp_path / 'dir' / 'encoder' / 'ckpt_0000001.pt')
+    shutil.copytree(release[0], tmp_path / 'release')
+    shutil.copy(tmp_path / 'planted.pt', tmp_path / 'release' / 'checkpoints' / 'da3_level1.pt')
+    small = functools.partial(pipeline.load_official_pipeline, encoder_preset='da3-tiny', heads=HEADS)
+    monkeypatch.setattr(pipeline, 'load_official_pipeline', small)
+    refused = 'pickles Python objects (exec) that could run code when loaded; refused'
+    argv = ['--data', world['data'], '--level', '1', *TRAIN_FAST, '--steps', '3']
+    resume = argv + ['--out', tmp_path / 'resume', '--resume']
+    _, printed = user_error(train.main, resume, capsys, '--resume: none of the 1 checkpoints')
+    assert 'ckpt_0000001.pt: ' + refused in printed  # the reason it was skipped
+    user_error(train.main, argv + ['--out', tmp_path / 'o', '--init', tmp_path / 'planted.pt'], capsys, refused)
+    sampling = ['--data', world['data'], *SAMPLE_FAST, '--out', tmp_path / 'o']
+    user_error(sample.main, sampling + ['--ckpt-dir', tmp_path / 'dir'], capsys, 'ckpt_0000001.pt: ' + refused)
+    user_error(sample.main, sampling + ['--official', tmp_path / 'release'], capsys, 'da3_level1.pt: ' + refused)
+    assert not marker.exists()
+
+
+FS_CHANGES = [(os, 'replace'), (os, 'rename'), (os, 'link'), (os, 'remove'), (os, 'makedirs'), (os, 'mkdir')]
+FS_CHANGES += [(shutil, 'rmtree'), (shutil, 'copy2'), (safety, 'exchange'), (safety, 'fsync')]
+
+
+def run_killed_at(n, action, tmp_path):
+    """action() in a forked process that kills itself (SIGKILL, as kill -9 does) at its n-th file system change ->
+    None if it was killed, else how many it made. A change: a call of FS_CHANGES (killed before it), a file opened
+    for writing (killed once it is created, empty), torch.save or safetensors' writer (killed with half the bytes
+    written)."""
+    import builtins
+    import signal
+
+    import safetensors.torch
+
+    counted = tmp_path / 'changes'
+    real_open = builtins.open
+    real_os_open = os.open
+    real_save = torch.save
+    real_save_file = safetensors.torch.save_file
+
+    def changes_counted():
+        changes = []
+
+        def change(partly=None):  # partly(): what the change has done when the kill comes
+            changes.append(1)
+            if len(changes) == n:
+                if partly:
+                    partly()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def counting(fn):
+            def changing(*args, **kwargs):
+                change()
+                return fn(*args, **kwargs)
+
+            return changing
+
+        def write_half(raw, path):
+            with real_open(path, 'wb') as f:
+                f.write(raw[: len(raw) // 2])
+
+        def opening(file, mode='r', *args, **kwargs):
+            if set(mode) & set('wax+'):
+                change(lambda: real_open(file, mode, *args, **kwargs).close())
+            return real_open(file, mode, *args, **kwargs)
+
+        def os_opening(path, flags, *args, **kwargs):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                change(lambda: os.close(real_os_open(path, flags, *args, **kwargs)))
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def saving(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            change(lambda: write_half(buffer.getvalue(), f))
+            return real_save(obj, f, *args, **kwargs)
+
+        def saving_file(tensors, path, *args, **kwargs):
+            change(lambda: write_half(safetensors.torch.save(tensors), path))
+            return real_save_file(tensors, path, *args, **kwargs)
+
+        for module, name in FS_CHANGES:
+            setattr(module, name, counting(getattr(module, name)))
+        builtins.open = opening
+        os.open = os_opening
+        torch.save = saving
+        safetensors.torch.save_file = saving_file
+        action()
+        with real_open(counted, 'w') as f:
+            f.write(str(len(changes)))
+
+    _, status = os.waitpid(fork(changes_counted, tmp_path / 'killed.log'), 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return None
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / 'killed.log').read_text()
+    return int(counted.read_text())
+
+
+def contents(folder):
+    """{relative path: bytes} of the files under folder but its lock (a killed run's lock is stale, taken over)."""
+    files = safety.files_under(folder) if os.path.isdir(folder) else []
+    return {f: Path(folder, f).read_bytes() for f in files if f != safety.LOCK}
+
+
+def test_kill_9_during_an_export_leaves_the_old_pair_or_the_new_one(tmp_path):
+    """Every file-system change of an export is a kill point; after each kill the folder holds the previous export
+    whole or the new one whole (with another model's export and a user's file), never a mixture; a later export
+    clears what the killed one left."""
+    cfg = decoder_lib.PRESETS['tiny']
+    folder = tmp_path / 'mine'
+
+    def export(seed, name='decoder'):
+        torch.manual_seed(seed)
+        net = decoder_lib.RGBDecoder(cfg)
+        pipeline.export_weights('decoder', net, dataclasses.asdict(cfg), {}, str(folder), name)
+
+    export(0)
+    export(1, 'other')
+    (folder / 'notes.txt').write_text('mine')
+    old = contents(folder)
+    shutil.copytree(folder, tmp_path / 'old')
+    total = run_killed_at(10**9, functools.partial(export, 2), tmp_path)
+    new = contents(folder)
+    assert (
+        new.keys() == old.keys()
+        and new['decoder.json'] != old['decoder.json']
+        and new['other.json'] == old['other.json']
+    )
+    for swap in ('exchange', 'two renames'):
+        points = range(1, total + 1) if swap == 'exchange' else range(total - 8, total + 1)  # the latter: the swap
+        for n in points:
+            shutil.rmtree(folder)
+            shutil.copytree(tmp_path / 'old', folder)
+            action = functools.partial(export, 2)
+            if swap == 'two renames':  # file systems without RENAME_EXCHANGE (NFS)
+                action = functools.partial(no_exchange, action)
+            killed = run_killed_at(n, action, tmp_path)
+            if not folder.exists():  # between the two renames: the next lock_folder puts the old version back
+                with safety.lock_folder(str(folder)):
+                    pass
+            assert contents(folder) in (old, new), (swap, n, killed)
+            pipeline.load_checkpoint(str(folder / 'decoder.safetensors'))  # the pair's checksum holds
+    export(3)
+    assert [f for f in os.listdir(tmp_path) if f.startswith('.mine.')] == []  # the killed runs' temporaries
+
+
+def no_exchange(action):
+    def cannot(a, b):
+        return False
+
+    safety.exchange = cannot
+    action()
+
+
+def test_kill_9_while_building_the_latent_cache_leaves_no_file_it_trusts(small_data, tmp_path):
+    """A cache file is the one an earlier writer tore, or the whole new one, wherever its build is killed; a torn or
+    foreign file is found (key, rows, header checksum) and built again, never trusted."""
+    enc = latents.build_encoder('da3-tiny').freeze()
+    scenes = data.SceneDataset(str(small_data), 'train', num_views=4)
+    path = tmp_path / 'cache' / 'scenes_v4.pt'
+    logged = []
+    build = functools.partial(
+        latent_cache.LatentCache.build, str(path), enc, scenes, [0, 1], 0, 2, (1, 3), log=logged.append
+    )
+    total = run_killed_at(10**9, build, tmp_path)
+    whole = path.read_bytes()
+    torn = whole[: len(whole) // 2]  # what a writer without a rename leaves when it dies
+    for n in range(1, total + 1):
+        path.write_bytes(torn)
+        run_killed_at(n, build, tmp_path)
+        assert path.read_bytes() in (torn, whole), n
+    path.write_bytes(torn)
+    build()
+    assert any('cannot be trusted (RuntimeError: unreadable): building it again' in line for line in logged)
+    assert path.read_bytes() == whole
+    assert os.listdir(path.parent) == [path.name]  # the killed builds' temporaries are gone
+    cache = torch.load(path, weights_only=True)
+    rows = len(cache['n_src'])
+    assert latent_cache.cache_problem(cache, path.name, rows) == ''
+    assert latent_cache.cache_problem(cache, 'other.pt', rows).startswith('its key is')  # a file under another name
+    assert latent_cache.cache_problem(cache, path.name, rows + 1) == f'not {rows + 1} rows'
+    cache['frames'][0, 0] += 1
+    assert latent_cache.cache_problem(cache, path.name, rows) == 'its header checksum differs'
+
+
+def test_kill_9_while_sample_writes_leaves_the_old_outputs_or_the_new_ones(world, tmp_path):
+    """sample.py killed at points of its writing (its first changes, the middle, each step of the swap): --out holds
+    the previous output set or the new one, each whole, and the user's own file."""
+    out = tmp_path / 'out'
+    sampling = ['--data', world['data'], *SAMPLE_FAST, '--out', str(out)]
+    sample.main(sampling + ['--scene', '0'])
+    (out / 'notes.txt').write_text('mine')
+    old = contents(out)
+    shutil.copytree(out, tmp_path / 'old')
+    again = functools.partial(sample.main, sampling + ['--scene', '1', '--export', 'ply'])  # other files, fewer
+    total = run_killed_at(10**9, again, tmp_path)
+    new = contents(out)
+    assert new['notes.txt'] == b'mine' and set(old) - set(new) and old['grid.png'] != new['grid.png']
+    for n in [1, total // 2, total - 4, total - 3, total - 2]:  # the last: before and after the exchange
+        shutil.rmtree(out)
+        shutil.copytree(tmp_path / 'old', out)
+        run_killed_at(n, again, tmp_path)
+        assert contents(out) in (old, new), n
+    again()
+    assert contents(out) == new and [f for f in os.listdir(tmp_path) if f.startswith('.out.')] == []
+
+
 # ---------------------------------------------------------------- a user's own photos (issue 18)
 
 
@@ -5167,7 +5611,7 @@ IMPORT_LAYERS = [
     ('encoder', 'model', 'diffusion'),
     ('data', 'geometry_head'),
     ('metrics', 'synth'),
-    ('cameras',),
+    ('cameras', 'safety'),
     ('cli', 'constants', 'runlog'),
 ]
 

@@ -2,8 +2,9 @@
 
 `--stage encoder|decoder`, `--level 1` (M1), `--level 0` (M1->0; `--independent`: the ablation's
 M0); torchrun: DDP. Also bf16 autocast, torch.compile, EMA, grad accumulation, atomic checkpoints
-with an exact --resume, Ctrl-C checkpoints, NaN/inf skipping, periodic evaluation, a log line with
-log.csv and curves.png (runlog.py); latents on the fly or from --cache.
+with an exact --resume, one run per --out (a lock), a checkpoint on SIGINT, SIGTERM or SIGUSR1 on
+every rank (safety.py), NaN/inf skipping, periodic evaluation, a log line with log.csv and
+curves.png (runlog.py); latents on the fly or from --cache.
 """
 
 import argparse
@@ -11,7 +12,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import threading
 from dataclasses import asdict, replace
@@ -32,6 +32,7 @@ import metrics
 import model as model_lib
 import pipeline
 import runlog
+import safety
 from constants import DEFAULT_ENCODER
 from pipeline import list_checkpoints
 
@@ -43,9 +44,16 @@ RECIPES = {
 }
 
 
+EXIT_STATUS = (
+    'exit status: 0 done; 2 a user error (one line); 128+N after signal N, its checkpoint '
+    'written (130 SIGINT, 143 SIGTERM, 138 SIGUSR1): continue with --resume'
+)
+
+
 def build_parser():
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=formatter)
+    description = __doc__.split('\n')[0]
+    p = argparse.ArgumentParser(description=description, formatter_class=formatter, epilog=EXIT_STATUS)
     arg = p.add_argument_group('what to train').add_argument
     arg('--stage', choices=list(STAGES), default='diffusion', help='training stage')
     arg('--level', type=int, choices=range(4), help='feature level (implies --stage diffusion)')
@@ -224,6 +232,10 @@ class Batches:
             return (self.cache.batch(idx, self.device) for idx in draws)
         self.loader.sampler.set_epoch(self.epoch)
         self.loader.dataset.set_epoch(self.epoch)
+        # the workers' base seed from (seed, rank, epoch), not from torch's global RNG: a
+        # resume that opens the epoch again draws no number the uninterrupted run did not
+        epoch_seed = (self.seed * 1000 + self.rank) * 100003 + self.epoch
+        self.loader.generator = torch.Generator().manual_seed(epoch_seed)
         return self.loader
 
 
@@ -267,10 +279,11 @@ def build_cache(args, stage, rank, world, device):
 
 
 def rng_state(rng):
-    """Every random stream of this process: torch's, numpy's, Python's, CUDA's, the rank's rng."""
+    """Every random stream of this process as plain data: torch's, numpy's, Python's, CUDA's, rng."""
+    name, keys, *position = np.random.get_state()  # the keys: a uint32 array, as a tensor
     return {
         'torch': torch.get_rng_state(),
-        'numpy': np.random.get_state(),
+        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *position],
         'python': random.getstate(),
         'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         'gen': rng.get_state(),
@@ -279,7 +292,8 @@ def rng_state(rng):
 
 def set_rng_state(state, rng):
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    name, keys, *position = state['numpy']
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *position))
     random.setstate(state['python'])
     if state['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -318,26 +332,22 @@ def checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world):
         'epoch': batches.epoch,
         'pos': batches.pos,
         'config': stage.config,
-        'args': vars(args),
+        'args': dict(vars(args)),
         'rng': rngs,
         **stage.extra,
     }
 
 
 def save_checkpoint(out, step, state, keep):
-    """Atomic: a temporary file, then a rename; an interrupted write never replaces a good one."""
+    """Atomic (safety.write_file): an interrupted or failed write never replaces a good one."""
     path = os.path.join(out, f'ckpt_{step:07d}.pt')
     try:
-        torch.save(state, path + '.tmp')
-    except (OSError, RuntimeError) as e:
-        # a full disk (PyTorch's writer raises RuntimeError): drop the partial file
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + '.tmp')
+        safety.write_file(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as e:  # a full disk (PyTorch's writer raises RuntimeError)
         raise cli.UserError(
             f'{path}: cannot write the checkpoint ({cli.first_line(e)}); the older checkpoints in '
             'that folder are intact: free disk space, then continue with --resume'
         ) from None
-    os.replace(path + '.tmp', path)
     for old in list_checkpoints(out)[:-keep]:
         os.remove(old)
     return path
@@ -348,10 +358,12 @@ def load_newest_checkpoint(out, device):
     paths = list_checkpoints(out)
     for path in reversed(paths):
         try:
-            ck = torch.load(path, map_location=device, weights_only=False)
+            ck = safety.load_plain(path, device=device)
             if isinstance(ck, dict) and {'model', 'ema', 'optimizer', 'step', 'rng'} <= set(ck):
                 return path, ck
             reason = 'not a training checkpoint'
+        except cli.UserError as e:  # a pickle that could run code
+            reason = str(e)
         except Exception as e:  # truncated or garbage files raise readers' errors of several types
             reason = cli.first_line(e)
         print(f'--resume: skipping {path} ({reason})')
@@ -622,22 +634,41 @@ STAGES = {'encoder': EncoderStage, 'decoder': DecoderStage, 'diffusion': Diffusi
 
 
 # ------------------------------------------------------------------ main loop
-STOP = []  # set by the first Ctrl-C of a one-process run (main clears it and installs interrupt)
-
-
-def interrupt(signum, frame):
-    """The first Ctrl-C: a checkpoint after the step in flight, then exit; a second: exit at once."""
-    STOP.append(signum)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def main(argv=None):
+    """One run in --out (held by rank 0's lock); under torchrun a failed rank stops the others."""
     args = get_args(argv)
     rank, world, device = setup_distributed()
+    data.make_output_dir(args.out)
+    lock = safety.lock_folder(args.out) if rank == 0 else contextlib.nullcontext()
+    ended = threading.Event()  # this rank's end: its watcher of the other ranks stops
+    if world > 1:
+        safety.watch_ranks(rank, ended)
+    preemption = safety.Preemption(world, device)
+    try:
+        with lock:
+            stop_signal = train(args, rank, world, device, preemption)
+    except Exception as e:
+        ended.set()  # its watcher must not take this rank's failure for another's
+        if world > 1:
+            safety.stop_other_ranks(rank, e)
+        raise
+    finally:
+        preemption.restore()
+    ended.set()
+    # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if stop_signal:
+        raise SystemExit(128 + stop_signal)
+    return args.out
+
+
+def train(args, rank, world, device, preemption):
+    """Setup, the training loop, the export -> the signal it stopped for (0: it ran to --steps)."""
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    data.make_output_dir(args.out)
     recipe = RECIPES[args.stage]
     # bf16 autocast: on by itself on a GPU that has it, on the CPU with --bf16
     gpu_bf16 = device.type == 'cuda' and torch.cuda.is_bf16_supported()
@@ -681,10 +712,6 @@ def main(argv=None):
         counts = f'{params:.2f}M params, {len(loader.dataset)} scenes'
         print(f'{model_name(args)}: {counts}, world {world}, device {device}')
 
-    STOP.clear()
-    catch_ctrl_c = world == 1 and threading.current_thread() is threading.main_thread()
-    if catch_ctrl_c:
-        signal.signal(signal.SIGINT, interrupt)
     batch_iter = iter(batches)
     window = runlog.LogWindow(torch.zeros((), device=device))
     bad = 0  # non-finite steps in a row
@@ -731,8 +758,9 @@ def main(argv=None):
             speed = f'{row["samples_s"]:.3g}'
             bar.set_postfix(loss=f'{row["loss"]:.4g}', samples_s=speed, refresh=False)
             window = runlog.LogWindow(torch.zeros((), device=device))
-        stopping = bool(STOP)  # a Ctrl-C (one process): a checkpoint of this step, then exit
-        if step % args.ckpt_every == 0 or step == args.steps or stopping:
+        # a signal on any rank: every rank stops after this step, with a checkpoint of it
+        stop_signal = preemption.stop_signal()
+        if step % args.ckpt_every == 0 or step == args.steps or stop_signal:
             state = checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world)
             if rank == 0:
                 path = save_checkpoint(args.out, step, state, args.keep)
@@ -742,13 +770,13 @@ def main(argv=None):
             scenes = validation_scenes(val, device)
             logger.log({'step': step, **evaluate(stage, net, ema, scenes, png)})
             logger.plot()
-        if stopping:
-            hint = 'continue with the same command and --resume'
-            print(f'interrupted: wrote {path} at step {step}; {hint}', file=sys.stderr)
-            raise SystemExit(130)
+        if stop_signal:
+            bar.close()
+            if rank == 0:
+                hint = 'continue with the same command and --resume'
+                print(f'interrupted: wrote {path} at step {step}; {hint}', file=sys.stderr)
+            return stop_signal
     bar.close()
-    if catch_ctrl_c:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     if batches.skipped:
         print(
             f'[rank {rank}] skipped {batches.skipped} training samples with unreadable frames',
@@ -758,11 +786,7 @@ def main(argv=None):
         name = model_name(args)
         with ema.swapped(net):
             pipeline.export_weights(stage.kind, net, stage.config, stage.extra, args.export, name)
-    # every rank finishes (rank 0 writes the last checkpoint) before the process group goes away
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return args.out
+    return 0
 
 
 if __name__ == '__main__':
