@@ -2419,37 +2419,52 @@ def test_cpu_bf16_training_follows_fp32(world, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run: bf16 matmuls change the weights a little
 
 
-def test_resume_continues_exactly(world, tmp_path):
-    base = [
-        '--data',
-        world['data'],
-        '--level',
-        '1',
-        '--views',
-        '4',
-        '--batch-size',
-        '2',
-        '--log-every',
-        '1',
-        '--ckpt-every',
-        '2',
-        '--eval-every',
-        '0',
-        '--stats-batches',
-        '1',
-        '--warmup',
-        '1',
-        '--lr',
-        '1e-3',
-    ]
-    train.main(base + ['--steps', '4', '--out', str(tmp_path / 'a')])
-    train.main(base + ['--steps', '2', '--out', str(tmp_path / 'b')])
-    train.main(base + ['--steps', '4', '--out', str(tmp_path / 'b'), '--resume'])
-    la, lb = runlog.read_csv(tmp_path / 'a' / 'log.csv'), runlog.read_csv(tmp_path / 'b' / 'log.csv')
-    assert [r['loss'] for r in la] == pytest.approx([r['loss'] for r in lb], rel=1e-6, abs=1e-7)
-    sa = torch.load(train.list_checkpoints(str(tmp_path / 'a'))[-1], weights_only=False)['model']
-    sb = torch.load(train.list_checkpoints(str(tmp_path / 'b'))[-1], weights_only=False)['model']
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+# every stage that trains, with the flags that draw random numbers: decoder noise, level dropout, camera dropout, tau
+RESUME_RUNS = {
+    'encoder': ['--stage', 'encoder', '--encoder', 'da3-tiny'],
+    'vae': ['--stage', 'encoder', '--encoder', 'vae-tiny', '--size', '112x112', '--views', '3', '--batch-size', '1'],
+    'decoder': ['--stage', 'decoder', '--level-dropout', '0.5'],
+    'decoder_noise': ['--stage', 'decoder', '--noise-tau', '0.5'],
+    'level1': ['--level', '1', '--cam-drop', '0.5', '--decoder-ckpt', 'none'],
+    'level0': ['--level', '0', '--tau', '0.5', '--cam-drop', '0.5', '--decoder-ckpt', 'none'],
+    # not yet: train.py's checkpoints hold neither the discriminator nor its optimizer (strict: a fix turns it red)
+    'decoder_gan': pytest.param(
+        ['--stage', 'decoder', '--gan', '0'],
+        marks=pytest.mark.xfail(strict=True, reason='--gan: the discriminator is not checkpointed'),
+    ),
+}
+
+
+def same_state(a, b):
+    """Whether two checkpoint entries (nested dicts, lists, tensors, numbers) are equal bit for bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize('flags', RESUME_RUNS.values(), ids=RESUME_RUNS.keys())
+def test_resume_continues_exactly(flags, small_data, tmp_path, monkeypatch):
+    """Two steps in one run == one step, then --resume to two: the logged losses, the weights, the EMA and its update
+    count, the optimizer and the run's random stream, bit for bit, for every stage that trains."""
+    monkeypatch.chdir(tmp_path)  # 'auto' finds no runs/encoder here: the bundled encoder
+    base = ['--data', str(small_data), *TRAIN_FAST, '--log-every', '1', '--ckpt-every', '1', '--lr', '1e-3']
+    base += flags
+    train.main(base + ['--steps', '2', '--out', 'a'])
+    train.main(base + ['--steps', '1', '--out', 'b'])
+    train.main(base + ['--steps', '2', '--out', 'b', '--resume'])
+    la = runlog.read_csv(tmp_path / 'a' / 'log.csv')
+    lb = runlog.read_csv(tmp_path / 'b' / 'log.csv')
+    assert [r['loss'] for r in la] == [r['loss'] for r in lb]
+    a = torch.load(train.list_checkpoints('a')[-1], weights_only=False)
+    b = torch.load(train.list_checkpoints('b')[-1], weights_only=False)
+    assert a['step'] == b['step'] == 2 and a['ema_updates'] == b['ema_updates'] == 2
+    for key in ('model', 'ema', 'optimizer'):
+        assert same_state(a[key], b[key]), key
+    assert torch.equal(a['rng'][0]['gen'], b['rng'][0]['gen'])  # the run's own stream drew the same numbers
 
 
 def _ddp_worker(rank, port, argv):
