@@ -212,7 +212,8 @@ class VAE(encoder_lib.LatentEncoder):
         mean, logvar = self.posterior(images)
         dev = generator.device if generator is not None else mean.device
         noise = torch.randn(mean.shape, generator=generator, device=dev).to(mean)
-        z = mean + noise * (0.5 * logvar).exp()
+        std = (0.5 * logvar).exp()
+        z = mean + noise * std
         decoded = self.decode_latent(z)
         rec = (decoded - images).abs().mean()
         kl_terms = mean**2 + logvar.exp() - 1 - logvar
