@@ -806,7 +806,7 @@ def test_propagation_identity(preset):
     per_view = enc.propagate(levels[1], 1, first[:, None].expand_as(cls[1]), (3, 4))  # the same token in every view
     assert all(torch.equal(a, b) for a, b in zip(gld, per_view))
     assert not torch.allclose(gld[0], levels[2], atol=1e-3)  # not the views' own tokens
-    one, one_cls = enc.encode(images[:, :1], return_cls=True)  # one view: its own token, the exact deeper levels
+    one = enc.encode(images[:, :1])  # one view: the first view's token is its own, so the exact deeper levels
     for a, b in zip(enc.propagate(one[1], 1, enc.first_view_cls(images[:, :1], 1), (3, 4)), one[2:]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -1572,7 +1572,7 @@ def test_point_mass_velocity_gives_zero_flow_loss_and_every_sampler_lands_on_the
     t = torch.tensor([0.125, 0.25, 0.5, 0.75])
     loss, _ = diffusion.flow_loss(exact, x0, src, generator=g, t=t)
     assert loss < 1e-24
-    loss, _ = diffusion.flow_loss(exact, x0, src, generator=g)  # sampled times, shifted or not
+    loss, _ = diffusion.flow_loss(exact, x0, src, generator=g)  # times drawn by flow_loss
     assert loss < 1e-20
     wrong, _ = diffusion.flow_loss(opposite, x0, src, generator=g, t=t)
     assert wrong > 1  # 4 E|eps - x0|^2
@@ -1746,7 +1746,7 @@ class SpyNet(torch.nn.Module):
         self.calls = []
 
     def forward(self, x_t, t, cond, cams, upper=None):
-        self.calls.append({'t': t, 'cond': cond, 'cams': cams, 'upper': upper})
+        self.calls.append({'cond': cond, 'cams': cams, 'upper': upper})
         return 0.5 * x_t
 
 
@@ -2084,9 +2084,8 @@ def test_load_official_pipeline_and_generate(release):
     assert torch.equal(out['geometry']['depth'], pipe.enc.geometry(norm, 28, 42)['depth'])
     again = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
     other = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=1)
-    assert torch.equal(again['levels'][1], out['levels'][1]) and not torch.allclose(
-        other['levels'][1], out['levels'][1]
-    )
+    assert torch.equal(again['levels'][1], out['levels'][1])
+    assert not torch.allclose(other['levels'][1], out['levels'][1])
 
 
 def test_cli_official(release, tmp_path, monkeypatch, capsys):
@@ -2160,9 +2159,8 @@ def test_plucker_map_samples_each_pixel_where_documented(official):
         rays = cams['plucker'][0, :, 1:, v, u]  # (V,6)
         torch.testing.assert_close(rays[:, :3], d)
         torch.testing.assert_close(rays[:, 3:], torch.linalg.cross(o, d))
-    assert torch.equal(
-        cams['plucker'][0, :, 0], torch.tensor([0.0, 1.0], dtype=torch.float64)[:, None, None].expand(2, H, W)
-    )
+    is_target = torch.tensor([0.0, 1.0], dtype=torch.float64)[:, None, None]
+    assert torch.equal(cams['plucker'][0, :, 0], is_target.expand(2, H, W))
 
 
 def test_official_conventions_match_direct_construction():
@@ -3155,7 +3153,8 @@ def test_flops_per_token_matches_a_counted_forward(pos):
 
 @pytest.mark.parametrize('argv', BENCH_RUNS)
 def test_bench_runs(argv):  # runs every flag; the FLOP count it reports is checked just above
-    """Each train row's rates from its time: samples and tokens per second, 3 forward FLOPs per token (fwd + bwd)."""
+    """Each train row's rates from its time: samples and tokens per second, and TFLOP/s of 3x the forward FLOPs
+    (forward + backward) of its tokens."""
     rows = bench.main(argv)
     a = bench.build_parser().parse_args(argv)
     V = a.views
