@@ -131,27 +131,31 @@ class RGBDecoder(nn.Module):
         table = rearrange(grid, 'b d h w -> b (h w) d')
         return torch.cat([self.pos_embed[:, :1], table], 1)
 
-    def fuse(self, levels, keep=None):
-        """4 x (B,V,T,F) -> (B,V,T,4F); noised (training); masked where keep (B,[V,]4) is False."""
+    def fuse(self, levels, keep=None, generator=None):
+        """4 x (B,V,T,F) -> (B,V,T,4F); noised (training: drawn from generator, the run's stream, on its device);
+        masked where keep (B,[V,]4) is False."""
         x = torch.cat(levels, -1)  # (B,V,T,4F)
         B, V = x.shape[:2]
         L = self.cfg.num_levels
         if self.training and self.cfg.noise_tau > 0:
-            sigma = self.cfg.noise_tau * torch.rand(B, V, 1, 1, device=x.device, dtype=x.dtype)
-            x = x + sigma * torch.randn_like(x)
+            dev = generator.device if generator is not None else x.device
+            sigma = self.cfg.noise_tau * torch.rand(B, V, 1, 1, generator=generator, device=dev)
+            eps = torch.randn(x.shape, generator=generator, device=dev)
+            x = x + (sigma * eps).to(x)
         if keep is not None:
             keep = keep.to(x.device).reshape(B, -1, L).expand(B, V, L)
             keep = keep.repeat_interleave(self.cfg.feat_dim, -1)[:, :, None]  # (B,V,1,4F)
             x = torch.where(keep, x, self.mask_tokens.flatten().to(x.dtype))
         return x
 
-    def forward(self, levels, hw, keep=None):
-        """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w), the token grid -> (B,V,3,H,W)."""
+    def forward(self, levels, hw, keep=None, generator=None):
+        """levels: 4 x (B,V,T,F) in the heads' form; hw = (h, w), the token grid -> (B,V,3,H,W); generator: the
+        training noise's random stream (None: torch's global one)."""
         B, V, T, _ = levels[0].shape
         h, w = hw
         p = self.cfg.patch
         assert T == h * w, f'{T} tokens do not form a {h}x{w} grid'
-        tokens = rearrange(self.fuse(levels, keep), 'b v t f -> (b v) t f')
+        tokens = rearrange(self.fuse(levels, keep, generator), 'b v t f -> (b v) t f')
         x = self.embed(tokens)
         x = torch.cat([self.cls_token.expand(B * V, -1, -1).to(x.dtype), x], 1)
         x = x + self.pos_embed_at(h, w).to(x.dtype)  # (BV,1+T,D)

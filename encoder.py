@@ -430,8 +430,9 @@ class DA3(LatentEncoder):
         pattern = 'b v (h w) (c ph pw) -> b v c (h ph) (w pw)'
         return rearrange(patches, pattern, h=H // PATCH, c=3, ph=PATCH, pw=PATCH)
 
-    def training_loss(self, batch):
-        """train.py --stage encoder: a batch -> (loss, parts): geometry_loss, or pixel MSE."""
+    def training_loss(self, batch, generator=None):
+        """train.py --stage encoder: a batch -> (loss, parts): geometry_loss, or pixel MSE (both draw no random
+        numbers: generator, the run's stream, is not used)."""
         if self.cfg.objective == 'reconstruction':
             mse = F.mse_loss(self.reconstruct(batch['images']), batch['images'])
             return mse, {'mse': mse.detach()}

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import math
@@ -31,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -59,6 +61,14 @@ import vae as vae_lib
 import vggt as vggt_lib
 
 torch.set_num_threads(1)  # 2-core machines: one thread is faster than two under load, with the same results
+
+
+@pytest.fixture(autouse=True)
+def empty_working_directory(tmp_path_factory, monkeypatch):
+    """Every test starts in an empty folder of its own: what it writes by relative path (runs/, out/, data_synth/)
+    lands there, a checkout's runs/ never changes what 'auto' finds, and no test sees another's working directory,
+    so each passes alone, in any order, under any -k."""
+    monkeypatch.chdir(tmp_path_factory.mktemp('cwd'))
 
 
 # ====================================================================================================
@@ -666,7 +676,15 @@ def test_mixture_dataset_ratios_and_prefixes(tmp_path):
     A = data.make_dataset(str(tmp_path / 'a'), split='train', num_views=2)
     from_a = [any(torch.equal(mix[i]['images'], A[j]['images']) for j in range(len(A))) for i in range(len(mix))]
     assert len(mix) == 4 and from_a == [True, True, True, False]  # 3:1 of 4 items, cycling through a's scenes
-    mix.set_epoch(1)
+    epoch0 = [mix[i]['frames'] for i in range(len(mix))]
+    mix.set_epoch(1)  # reaches every part: each draws the frames of epoch 1
+    B = data.make_dataset(str(tmp_path / 'b'), split='train', num_views=2)
+    A.set_epoch(1)
+    B.set_epoch(1)
+    expected = [A[0], A[1], A[0], B[0]]
+    for i, item in enumerate(expected):
+        assert torch.equal(mix[i]['frames'], item['frames']) and torch.equal(mix[i]['images'], item['images'])
+    assert any(not torch.equal(a, item['frames']) for a, item in zip(epoch0, expected))
 
 
 # ====================================================================================================
@@ -786,8 +804,16 @@ def test_propagation_identity(preset):
         assert len(prop) == 3 - k
         for a, b in zip(prop, levels[k + 1 :]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    gld = enc.propagate(levels[1], 1, enc.first_view_cls(images, 1), (3, 4))  # GLD: one token for all
-    assert [g.shape for g in gld] == [lv.shape for lv in levels[2:]]
+    # GLD: one token for all views, token 0 of the first view encoded alone
+    first = enc.first_view_cls(images, 1)
+    torch.testing.assert_close(first, enc.encode(images[:, :1], return_cls=True)[1][1][:, 0], atol=0, rtol=0)
+    gld = enc.propagate(levels[1], 1, first, (3, 4))
+    per_view = enc.propagate(levels[1], 1, first[:, None].expand_as(cls[1]), (3, 4))  # the same token in every view
+    assert all(torch.equal(a, b) for a, b in zip(gld, per_view))
+    assert not torch.allclose(gld[0], levels[2], atol=1e-3)  # not the views' own tokens
+    one = enc.encode(images[:, :1])  # one view: the first view's token is its own, so the exact deeper levels
+    for a, b in zip(enc.propagate(one[1], 1, enc.first_view_cls(images[:, :1], 1), (3, 4)), one[2:]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def random_cameras(n, seed=0):
@@ -950,13 +976,14 @@ def psnr(pred, gt):
 
 def test_sample_level_keep_never_drops_all_and_rate():
     g = torch.Generator().manual_seed(0)
-    n, p = 20000, 0.5
-    keep = decoder_lib.sample_level_keep(n, p, g)
-    assert keep.shape == (n, 4) and keep.dtype == torch.bool
-    assert keep.any(1).all()
-    expected_drop = (p - p**4) / (1 - p**4)  # 0.4667: conditioned on "not all four dropped"
-    drop_rate = (~keep).float().mean(0)
-    assert torch.allclose(drop_rate, torch.full((4,), expected_drop), atol=0.015), drop_rate
+    n = 20000
+    for p in (0.5, 0.25):  # 0.25: a keep/drop mix-up shows (at 0.5 the two are alike)
+        keep = decoder_lib.sample_level_keep(n, p, g)
+        assert keep.shape == (n, 4) and keep.dtype == torch.bool
+        assert keep.any(1).all()
+        expected_drop = (p - p**4) / (1 - p**4)  # 0.4667 at 0.5: conditioned on "not all four dropped"
+        drop_rate = (~keep).float().mean(0)
+        assert torch.allclose(drop_rate, torch.full((4,), expected_drop), atol=0.015), (p, drop_rate)
     assert (~decoder_lib.sample_level_keep(1000, 0.0, g)).sum() == 0
     assert decoder_lib.sample_level_keep(2000, 0.9, g).any(1).all()
 
@@ -1008,11 +1035,25 @@ def test_position_embedding_base_grid_and_layout():
     )
 
 
-def test_non_square_grid_runs():
+def test_non_square_grid_puts_each_token_patch_in_its_place():
+    """A 6 x 8 token grid: token (r, c) of view v (row-major) is the 14 x 14 pixel block at rows 14r.., columns 14c..,
+    from the head's 588 outputs in the release's (py, px, rgb) order."""
     torch.manual_seed(0)
     dec = decoder_lib.RGBDecoder('tiny').eval()
-    out = dec(random_levels(1, 2, 6 * 8, 192), (6, 8))
-    assert out.shape == (1, 2, 3, 84, 112) and torch.isfinite(out).all()
+    heads = []
+
+    def record(module, args, out):
+        heads.append(out)
+
+    dec.head.register_forward_hook(record)
+    h, w = 6, 8
+    out = dec(random_levels(1, 2, h * w, 192), (h, w))
+    assert out.shape == (1, 2, 3, 84, 112)
+    patches = heads[0]  # (BV,T,14*14*3)
+    for v, r, c in [(0, 0, 0), (1, 5, 7), (0, 2, 6), (1, 4, 1)]:
+        block = out[0, v, :, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14]
+        expected = rearrange(patches[v, r * w + c], '(py px rgb) -> rgb py px', py=14, px=14)
+        assert torch.equal(block, expected), (v, r, c)
     with pytest.raises(AssertionError):
         dec(random_levels(1, 1, 47, 192), (6, 8))
 
@@ -1043,6 +1084,10 @@ def test_noise_augmentation_training_only():
     levels = random_levels(1, 1, 4, 192)
     dec.train()
     assert not torch.allclose(dec(levels, (2, 2)), dec(levels, (2, 2)))
+    # training draws from the run's generator (train.py's rng): one seed, one noise, whatever torch's global state
+    first = dec(levels, (2, 2), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    assert torch.equal(dec(levels, (2, 2), generator=torch.Generator().manual_seed(3)), first)
     dec.eval()
     assert torch.equal(dec(levels, (2, 2)), dec(levels, (2, 2)))
 
@@ -1384,6 +1429,40 @@ def test_rope_logits_depend_on_relative_positions_only():
     )
 
 
+@pytest.mark.parametrize('kind,d', [('prope', 48), ('rope2d', 48), ('rope3d', 56)])
+def test_rope_frequencies_and_axes_as_documented(kind, d):
+    """Each RoPE segment [start, start + 2n) of the head dims turns pair (start + i, start + n + i) by the token's
+    position on its axis times base^(-i/n), [a, b] -> [a cos + b sin, -a sin + b cos]; the segments restated from the
+    docs: prope x on [d/2, 3d/4), y on [3d/4, d); rope2d x on [0, d/2), y on [d/2, d); rope3d 2 floor(d/6) each for
+    (view, y, x), the rest not rotated. Tokens run row-major in each view."""
+    V, h, w, base = 2, 3, 5, 100.0
+    six = 2 * (d // 6)
+    segments = {
+        'prope': [('x', d // 2, d // 4), ('y', 3 * d // 4, d // 4)],
+        'rope2d': [('x', 0, d // 2), ('y', d // 2, d // 2)],
+        'rope3d': [('view', 0, six), ('y', six, six), ('x', 2 * six, six)],
+    }[kind]
+    cams = latents.camera_inputs(*rand_cams(1, V), torch.zeros(1, V, dtype=torch.bool), (h, w))
+    pe = model.PositionEncoding(kind, d, cams, V, base=base)
+    view, y, x = torch.meshgrid(torch.arange(V), torch.arange(h), torch.arange(w), indexing='ij')
+    position = {'view': view.flatten(), 'y': y.flatten(), 'x': x.flatten()}  # (N,) each
+    N = V * h * w
+    for axis, start, size in segments:
+        n = size // 2
+        for i in range(n):
+            u = torch.zeros(1, 1, N, d)
+            u[..., start + i] = 1  # [a, b] = [1, 0] in pair i of the segment
+            angle = position[axis] * base ** (-i / n)
+            expected = torch.zeros(1, 1, N, d)
+            expected[..., start + i] = torch.cos(angle)
+            expected[..., start + n + i] = -torch.sin(angle)
+            torch.testing.assert_close(pe.apply(u, 'q'), expected, atol=1e-6, rtol=0, msg=f'{axis} pair {i}')
+    rest = segments[-1][1] + segments[-1][2]  # dims after the last segment pass through
+    u = torch.zeros(1, 1, N, d)
+    u[..., rest:] = 1
+    assert torch.equal(pe.apply(u, 'q'), u)
+
+
 def test_view_permutation_permutes_output():
     cfg = SMALL
     b = make_batch(cfg, V=4, n_src=2)
@@ -1536,6 +1615,34 @@ def test_posterior_mean_sampler_is_one_euler_step_exactly(a):
     assert all(torch.equal(t, torch.ones(2)) for t in times)
 
 
+@pytest.mark.usefixtures('float64')
+def test_point_mass_velocity_gives_zero_flow_loss_and_every_sampler_lands_on_the_point():
+    """Data at one point x0: under x_t = (1 - t) x0 + t eps the exact velocity is v = eps - x0 = (x_t - x0) / t, a
+    function of x_t and t alone, so its flow loss is 0 (another interpolation or the opposite sign is not), and every
+    sampler carries any noise to x0 along it: training and sampling share one convention."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 2, 3, 4, generator=g).expand(4, 2, 3, 4)  # (B,V,T,C): one scene, four times
+
+    def exact(x_t, t):
+        return (x_t - x0) / t[:, None, None, None]
+
+    def opposite(x_t, t):
+        return -exact(x_t, t)
+
+    src = torch.tensor([[True, False]] * 4)
+    t = torch.tensor([0.125, 0.25, 0.5, 0.75])
+    loss, _ = diffusion.flow_loss(exact, x0, src, generator=g, t=t)
+    assert loss < 1e-24
+    loss, _ = diffusion.flow_loss(exact, x0, src, generator=g)  # times drawn by flow_loss
+    assert loss < 1e-20
+    wrong, _ = diffusion.flow_loss(opposite, x0, src, generator=g, t=t)
+    assert wrong > 1  # 4 E|eps - x0|^2
+    noise = torch.randn(x0.shape, generator=g)
+    for name, sampler in diffusion.SAMPLERS.items():
+        x = sampler(exact, noise, steps=3, a=3.0)
+        torch.testing.assert_close(x, x0, rtol=0, atol=1e-12, msg=name)
+
+
 def test_time_shift_and_loss_parts():
     assert diffusion.shift_alpha(8 * 18 * 18 * 1536) == pytest.approx(31.18, abs=0.01)
     t = torch.linspace(0, 1, 11)
@@ -1583,6 +1690,157 @@ def test_gld_tiny_overfits_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, losses
+
+
+# ----------------------------------------------------------------------------- the DiT's inputs (latents.dit_inputs)
+
+
+def level_stats(levels=(0, 1), C=None, seed=0):
+    """LatentStats with a different mean and variance per level and channel (C: da3-tiny's 2C by default)."""
+    C = C or latents.build_encoder('da3-tiny').dim
+    g = torch.Generator().manual_seed(seed)
+    mean = {level: torch.randn(C, generator=g) for level in levels}
+    var = {level: 0.5 + torch.rand(C, generator=g) for level in levels}
+    return latents.LatentStats(mean, var)
+
+
+def restated_normalize(stats, x, level):
+    """(x - mean) / sqrt(var + 1e-5) with the statistics of `level`, written out here."""
+    return (x - stats.mean[level]) / torch.sqrt(stats.var[level] + 1e-5)
+
+
+def test_training_inputs_of_the_cascade_are_the_normalised_true_levels():
+    """M1->0's training batch at tau 0: x is level 0 of all views jointly, the condition level 0 of the sources alone
+    (zeros at the targets), and `upper` level 1 of all views, each normalised by its own level's statistics."""
+    enc = latents.build_encoder('da3-tiny').freeze()
+    images, c2w, K = scene(B=2, V=3, H=28, W=28)
+    src = torch.tensor([[True, False, False]] * 2)
+    batch = {'images': images, 'c2w': c2w, 'K': K, 'src_mask': src}
+    stats = level_stats()
+    g = torch.Generator().manual_seed(0)
+    x, inputs = latents.training_latents(enc, stats, batch, 0, upper_level=1, tau=0.0, cam_drop=0.0, generator=g)
+    full = enc.encode(images)
+    alone = enc.encode(images[:, :1])  # the source encoded without the targets
+    torch.testing.assert_close(x, restated_normalize(stats, full[0], 0))
+    torch.testing.assert_close(inputs.upper, restated_normalize(stats, full[1], 1))
+    torch.testing.assert_close(inputs.cond[:, :1], restated_normalize(stats, alone[0], 0))
+    assert not inputs.cond[:, 1:].any()
+    x1, inputs1 = latents.training_latents(enc, stats, batch, 1, cam_drop=0.0, generator=g)  # M1: no upper level
+    torch.testing.assert_close(x1, restated_normalize(stats, full[1], 1))
+    assert inputs1.upper is None
+
+
+def test_tau_noise_of_the_upper_level_keeps_unit_variance():
+    """GLD 4.4: the true level 1 noised by sigma ~ |N(0, tau^2)| per sample, divided by sqrt(1 + sigma^2): a unit-
+    variance input stays unit variance at any tau (without the division: 1 + tau^2 = 5 here), noised per sample."""
+    B, V, T, C = 2000, 1, 4, 8
+    g = torch.Generator().manual_seed(0)
+    stats = latents.LatentStats({0: torch.zeros(C), 1: torch.zeros(C)}, {0: torch.ones(C), 1: torch.ones(C)})
+    upper_raw = torch.randn(B, V, T, C, generator=g)
+    cams = latents.camera_inputs(*rand_cams(B, V), torch.ones(B, V, dtype=torch.bool), (1, 1))
+    cond = torch.zeros(B, V, T, C)
+    clean = latents.dit_inputs(stats, 0, cond, cams, 1, upper_raw).upper
+    noised = latents.dit_inputs(stats, 0, cond, cams, 1, upper_raw, tau=2.0, generator=g).upper
+    assert float(noised.var()) == pytest.approx(float(clean.var()), abs=0.03)
+    assert abs(float(noised.mean())) < 0.02
+    # the part of the clean input kept per sample, 1 / sqrt(1 + sigma^2): its mean and spread over the samples
+    kept = (noised * clean).mean((1, 2, 3)) / clean.pow(2).mean((1, 2, 3))
+    sigma = 2.0 * torch.randn(10**6, generator=torch.Generator().manual_seed(1)).abs()
+    expected = 1 / torch.sqrt(1 + sigma**2)  # mean 0.61, std 0.25
+    assert float(kept.mean()) == pytest.approx(float(expected.mean()), abs=0.02)
+    assert float(kept.std()) == pytest.approx(float(expected.std()), abs=0.03)
+
+
+def test_training_flags_reach_the_dit_inputs(small_data, tmp_path, monkeypatch):
+    """train.py --level 0 --tau 0.3 --cam-drop 0.2: every step builds M1->0's inputs with the upper level 1, that tau,
+    that dropout probability and the run's own random stream."""
+    real = latents.dit_inputs
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(real).bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(latents, 'dit_inputs', spy)
+    flags = ['--level', '0', '--tau', '0.3', '--cam-drop', '0.2', '--steps', '2', '--decoder-ckpt', 'none']
+    train.main(['--data', str(small_data), *TRAIN_FAST, *flags, '--out', str(tmp_path / 'run')])
+    assert len(calls) == 2
+    for call in calls:
+        assert (call['level'], call['upper_level'], call['tau'], call['cam_drop']) == (0, 1, 0.3, 0.2)
+        assert isinstance(call['generator'], torch.Generator)
+
+
+def dropped_samples(cams):
+    """(B,) whether each sample's cameras are dropped: P = P_inv = I and zero rays (the target mask kept)."""
+    eye = torch.eye(4)
+    identity = (cams['P'] == eye).all((1, 2, 3)) & (cams['P_inv'] == eye).all((1, 2, 3))
+    no_rays = (cams['plucker'][:, :, 1:] == 0).flatten(1).all(1)
+    assert torch.equal(identity, no_rays)
+    return identity
+
+
+def test_camera_dropout_drops_at_its_rate_and_cfg_drops_every_sample():
+    """--cam-drop p: each sample's cameras dropped with probability p (0 never, 1 always, 0.1 about 10%); CFG's
+    unconditional cameras are every sample's dropped ones; kept samples keep their cameras unchanged."""
+    B, V = 2000, 2
+    src = torch.tensor([[True, False]] * B)
+    cams = latents.camera_inputs(*rand_cams(B, V), src, (1, 1))
+    stats = level_stats(C=4)
+    cond = torch.zeros(B, V, 1, 4)
+    g = torch.Generator().manual_seed(0)
+    rates = {}
+    for p in (0.0, 0.1, 1.0):
+        inputs = latents.dit_inputs(stats, 0, cond, cams, cam_drop=p, generator=g)
+        dropped = dropped_samples(inputs.cams)
+        rates[p] = float(dropped.float().mean())
+        assert dropped_samples(inputs.uncond_cams).all()
+        assert torch.equal(inputs.cams['P'][~dropped], cams['P'][~dropped])
+        assert torch.equal(inputs.cams['plucker'][:, :, 0], cams['plucker'][:, :, 0])  # the target mask
+    assert rates[0.0] == 0 and rates[1.0] == 1 and 0.08 < rates[0.1] < 0.12, rates
+
+
+class SpyNet(torch.nn.Module):
+    """A stand-in DiT: records what each call receives and returns a velocity that depends on x_t alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x_t, t, cond, cams, upper=None):
+        self.calls.append({'cond': cond, 'cams': cams, 'upper': upper})
+        return 0.5 * x_t
+
+
+def test_cfg_gives_the_unconditional_branch_dropped_cameras_and_the_cascade_its_level_1():
+    """Sampling the cascade with CFG (scale 2): each Euler step calls M_l on the true cameras, then on the dropped ones
+    (P = P_inv = I, zero rays, the target mask kept), with the same condition; M1->0 reads the generated level 1
+    normalised by level 1's statistics."""
+    enc = latents.build_encoder('da3-tiny').freeze()
+    dec = decoder_lib.RGBDecoder(replace(decoder_lib.PRESETS['tiny'], feat_dim=enc.dim)).eval()
+    stats = level_stats()
+    spies = {1: SpyNet(), 0: SpyNet()}
+    models = {1: (spies[1], {'stats': stats, 'upper_level': None}), 0: (spies[0], {'stats': stats, 'upper_level': 1})}
+    pipe = pipeline.Pipeline(enc, dec, models, boundary=1, log=quiet, progress=False)
+    images, c2w, K = scene(B=1, V=3, H=28, W=28)
+    out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=2.0, seed=0)
+    src = torch.tensor([[True, False, False]])
+    true_cams = latents.model_cameras(c2w, K, src, (2, 2))
+    alone = enc.encode(images[:, :1])
+    for level, spy in spies.items():
+        assert len(spy.calls) == 4  # (conditional, unconditional) x 2 steps
+        for cond_call, uncond_call in zip(spy.calls[0::2], spy.calls[1::2]):
+            torch.testing.assert_close(cond_call['cams']['P'], true_cams['P'])
+            torch.testing.assert_close(cond_call['cams']['plucker'], true_cams['plucker'])
+            assert dropped_samples(uncond_call['cams']).all()
+            assert torch.equal(uncond_call['cams']['plucker'][:, :, 0], true_cams['plucker'][:, :, 0])
+            torch.testing.assert_close(cond_call['cond'][:, :1], restated_normalize(stats, alone[level], level))
+            assert not cond_call['cond'][:, 1:].any() and torch.equal(uncond_call['cond'], cond_call['cond'])
+            if level == 0:
+                upper = restated_normalize(stats, out['levels'][1], 1)
+                torch.testing.assert_close(cond_call['upper'], upper, atol=1e-5, rtol=1e-5)
+                assert torch.equal(uncond_call['upper'], cond_call['upper'])
+            else:
+                assert cond_call['upper'] is None
 
 
 # ----------------------------------------------------------------------------- the released checkpoints
@@ -1905,9 +2163,18 @@ def test_load_official_pipeline_and_generate(release):
     assert not any('loading it fully' in line for line in logs)  # issue 31: its args read as data (load_plain)
     images, c2w, K = scene()
     out = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
-    assert out['images'].shape == images.shape and torch.isfinite(out['images']).all()
     assert [tuple(level.shape) for level in out['levels']] == [(1, 3, 6, C)] * 4
-    assert out['geometry']['depth'].shape == (1, 3, 28, 42)
+    # levels 2 and 3: level 1 through the frozen blocks with the first source's token; images and depth: decoded
+    hw = (2, 3)
+    deeper = pipe.enc.propagate(out['levels'][1], 1, pipe.enc.first_view_cls(images, 1), hw)
+    assert all(torch.equal(a, b) for a, b in zip(out['levels'][2:], deeper))
+    norm = pipe.enc.normalize_levels(out['levels'])
+    assert torch.equal(out['images'], pipe.dec(norm, hw).clamp(0, 1))
+    assert torch.equal(out['geometry']['depth'], pipe.enc.geometry(norm, 28, 42)['depth'])
+    again = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=0)
+    other = pipe.generate(images, c2w, K, n_src=1, steps=2, cfg_scale=1.5, seed=1)
+    assert torch.equal(again['levels'][1], out['levels'][1])
+    assert not torch.allclose(other['levels'][1], out['levels'][1])
 
 
 def test_cli_official(release, tmp_path, monkeypatch, capsys):
@@ -2137,6 +2404,31 @@ def test_official_camera_inputs_differ_where_documented():
     _, c2w, K = scene(V=3, seed=1)
     off = latents.model_cameras(c2w, K, src, (2, 3), official=True)
     assert not torch.allclose(off['P'], latents.model_cameras(c2w, K, src, (2, 3))['P'], atol=1e-3)
+
+
+@pytest.mark.parametrize('official', [False, True])
+def test_plucker_map_samples_each_pixel_where_documented(official):
+    """camera_inputs' Plücker map at pixel (u, v) of the (patch h) x (patch w) image is the ray through (u + 0.5,
+    v + 0.5), the release's through (u - 0.5, v + 0.5) (OfficialConventions 2), written out here: d = R K^-1
+    [x / W, y / H, 1] normalised, moment o x d; channel 0 is the target mask."""
+    c2w, K = rand_cams(1, 2, seed=3, dtype=torch.float64)
+    src = torch.tensor([[True, False]])
+    patch = 4
+    H, W = 8, 12  # the token grid (2, 3)
+    cams = latents.camera_inputs(c2w, K, src, (2, 3), patch=patch, official=official)
+    assert cams['plucker'].shape == (1, 2, 7, H, W)
+    dx = -0.5 if official else 0.5
+    for v, u in [(0, 0), (5, 7), (7, 11)]:
+        pixel = torch.tensor([(u + dx) / W, (v + 0.5) / H, 1.0], dtype=torch.float64)
+        d_cam = torch.linalg.solve(K[0], pixel)  # (V,3): K^-1 [x, y, 1]
+        d = torch.einsum('vij,vj->vi', c2w[0, :, :3, :3], d_cam)
+        d = d / d.norm(dim=-1, keepdim=True)
+        o = c2w[0, :, :3, 3]
+        rays = cams['plucker'][0, :, 1:, v, u]  # (V,6)
+        torch.testing.assert_close(rays[:, :3], d)
+        torch.testing.assert_close(rays[:, 3:], torch.linalg.cross(o, d))
+    is_target = torch.tensor([0.0, 1.0], dtype=torch.float64)[:, None, None]
+    assert torch.equal(cams['plucker'][0, :, 0], is_target.expand(2, H, W))
 
 
 def test_official_conventions_match_direct_construction():
@@ -2422,12 +2714,27 @@ TINY = [
 
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """A tiny synthetic set (56 px, 4x4 tokens) and 2-step runs of every stage in <tmp>/runs, cwd = <tmp>."""
+def world_runs(tmp_path_factory):
+    """A tiny synthetic set (56 px, 4x4 tokens) and 2-step runs of every stage in <tmp>/runs, made once per module
+    with cwd = <tmp> (the working directory is restored afterwards: tests take `world`)."""
     root = tmp_path_factory.mktemp('gld')
     synth.write_synth(str(root / 'data'), 4, 2, frames=10, size=56, seed=0)
     old = os.getcwd()
     os.chdir(root)
+    try:
+        return make_world_runs(root)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture
+def world(world_runs, monkeypatch):
+    """world_runs with cwd = its folder for this one test (its relative paths: runs/, out/)."""
+    monkeypatch.chdir(world_runs['root'])
+    return world_runs
+
+
+def make_world_runs(root):
     d = ['--data', str(root / 'data')]
     runs = {
         'encoder': [
@@ -2506,12 +2813,23 @@ def world(tmp_path_factory):
         '0',
     ]
     train.main(d + TINY + runs['level0_ind'])
-    yield {'root': root, 'data': str(root / 'data'), 'argv': runs}
-    os.chdir(old)
+    return {'root': root, 'data': str(root / 'data'), 'argv': runs}
 
 
 def options(parser):
     return {o for a in parser._actions for o in a.option_strings if o.startswith('--') and o != '--help'}
+
+
+def assert_loss_is_its_parts(name, row):
+    """A training log row (one step): its loss from the parts it logs."""
+    if name == 'encoder':  # DA3's geometry loss: depth, depth gradient and ray terms
+        assert row['loss'] == pytest.approx(row['depth'] + row['grad'] + row['ray'], rel=1e-5)
+    elif name == 'decoder':  # L1 (+ LPIPS) + 0.75 x the adaptive weight x the generator's GAN loss (--gan 1: step 2)
+        gan = 0.75 * row.get('gan_weight', 0) * row.get('gan_g', 0)
+        assert row['loss'] == pytest.approx(row['l1'] + row.get('lpips', 0) + gan, rel=1e-5)
+    else:  # a DiT: the mean of its source and target views' losses; zero-initialised output: E|eps - x|^2 ~ 2
+        assert min(row['src'], row['tgt']) <= row['loss'] <= max(row['src'], row['tgt'])
+        assert 1.5 < row['loss'] < 2.5
 
 
 def test_train_writes_checkpoints_logs_and_exports(world):
@@ -2520,8 +2838,10 @@ def test_train_writes_checkpoints_logs_and_exports(world):
         assert ck, name
         state = torch.load(ck[-1], weights_only=False)
         assert state['step'] == 2 and set(state) >= {'model', 'ema', 'optimizer', 'config', 'args', 'rng'}
-        rows = runlog.read_csv(f'runs/{name}/log.csv')
-        assert [r['step'] for r in rows if 'loss' in r] == [1, 2] and all(r['loss'] > 0 for r in rows if 'loss' in r)
+        rows = [r for r in runlog.read_csv(f'runs/{name}/log.csv') if 'loss' in r]
+        assert [r['step'] for r in rows] == [1, 2]
+        for r in rows:
+            assert_loss_is_its_parts(name, r)
     assert len(train.list_checkpoints('runs/decoder')) == 1  # --keep 1
     assert os.path.exists('runs/encoder/curves.png')
     meta, sd = pipeline.load_checkpoint('exported/encoder.safetensors')
@@ -2691,37 +3011,41 @@ def test_cpu_bf16_training_follows_fp32(world, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # autocast did run: bf16 matmuls change the weights a little
 
 
-def test_resume_continues_exactly(world, tmp_path):
-    base = [
-        '--data',
-        world['data'],
-        '--level',
-        '1',
-        '--views',
-        '4',
-        '--batch-size',
-        '2',
-        '--log-every',
-        '1',
-        '--ckpt-every',
-        '2',
-        '--eval-every',
-        '0',
-        '--stats-batches',
-        '1',
-        '--warmup',
-        '1',
-        '--lr',
-        '1e-3',
-    ]
-    train.main(base + ['--steps', '4', '--out', str(tmp_path / 'a')])
-    train.main(base + ['--steps', '2', '--out', str(tmp_path / 'b')])
-    train.main(base + ['--steps', '4', '--out', str(tmp_path / 'b'), '--resume'])
-    la, lb = runlog.read_csv(tmp_path / 'a' / 'log.csv'), runlog.read_csv(tmp_path / 'b' / 'log.csv')
-    assert [r['loss'] for r in la] == pytest.approx([r['loss'] for r in lb], rel=1e-6, abs=1e-7)
-    sa = torch.load(train.list_checkpoints(str(tmp_path / 'a'))[-1], weights_only=False)['model']
-    sb = torch.load(train.list_checkpoints(str(tmp_path / 'b'))[-1], weights_only=False)['model']
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+# every stage that trains, with the flags that draw random numbers: decoder noise, level dropout, camera dropout, tau
+RESUME_RUNS = {
+    'encoder': ['--stage', 'encoder', '--encoder', 'da3-tiny'],
+    'vae': ['--stage', 'encoder', '--encoder', 'vae-tiny', '--size', '112x112', '--views', '3', '--batch-size', '1'],
+    'decoder': ['--stage', 'decoder', '--level-dropout', '0.5'],
+    'decoder_noise': ['--stage', 'decoder', '--noise-tau', '0.5'],
+    'level1': ['--level', '1', '--cam-drop', '0.5', '--decoder-ckpt', 'none'],
+    'level0': ['--level', '0', '--tau', '0.5', '--cam-drop', '0.5', '--decoder-ckpt', 'none'],
+    # not yet: train.py's checkpoints hold neither the discriminator nor its optimizer (strict: a fix turns it red)
+    'decoder_gan': pytest.param(
+        ['--stage', 'decoder', '--gan', '0'],
+        marks=pytest.mark.xfail(strict=True, reason='--gan: the discriminator is not checkpointed'),
+    ),
+}
+
+
+@pytest.mark.parametrize('flags', RESUME_RUNS.values(), ids=RESUME_RUNS.keys())
+def test_resume_continues_exactly(flags, small_data, tmp_path, monkeypatch):
+    """Two steps in one run == one step, then --resume to two: the logged losses, the weights, the EMA and its update
+    count, the optimizer and the run's random stream, bit for bit, for every stage that trains."""
+    monkeypatch.chdir(tmp_path)  # 'auto' finds no runs/encoder here: the bundled encoder
+    base = ['--data', str(small_data), *TRAIN_FAST, '--log-every', '1', '--ckpt-every', '1', '--lr', '1e-3']
+    base += flags
+    train.main(base + ['--steps', '2', '--out', 'a'])
+    train.main(base + ['--steps', '1', '--out', 'b'])
+    train.main(base + ['--steps', '2', '--out', 'b', '--resume'])
+    la = runlog.read_csv(tmp_path / 'a' / 'log.csv')
+    lb = runlog.read_csv(tmp_path / 'b' / 'log.csv')
+    assert [r['loss'] for r in la] == [r['loss'] for r in lb]
+    a = torch.load(train.list_checkpoints('a')[-1], weights_only=False)
+    b = torch.load(train.list_checkpoints('b')[-1], weights_only=False)
+    assert a['step'] == b['step'] == 2 and a['ema_updates'] == b['ema_updates'] == 2
+    for key in ('model', 'ema', 'optimizer'):
+        assert same_state(a[key], b[key]), key
+    assert torch.equal(a['rng'][0]['gen'], b['rng'][0]['gen'])  # the run's own stream drew the same numbers
 
 
 def _ddp_worker(rank, port, argv):
@@ -3004,11 +3328,11 @@ BENCH_RUNS = [
 
 
 @pytest.fixture(scope='module')
-def user_images(world):
+def user_images(world_runs):
     """Two images and a nerfstudio transforms.json written from a test scene."""
-    ds = data.SceneDataset(world['data'], split='test', num_views=4, eval=True)
+    ds = data.SceneDataset(world_runs['data'], split='test', num_views=4, eval=True)
     s = ds[0]
-    folder = world['root'] / 'user'
+    folder = world_runs['root'] / 'user'
     folder.mkdir(exist_ok=True)
     frames = []
     for v in range(2):
@@ -3041,13 +3365,21 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
         }.get(x, x)
         for x in SAMPLE_RUNS[i]
     ]
-    sample.main(argv)
+    res = sample.main(argv)
     out = argv[argv.index('--out') + 1]
     files = set(os.listdir(out))
+    args = sample.build_parser().parse_args(argv)
     if '--recon' in argv:
         table = json.loads(Path(out, 'recon.json').read_text())
         assert set(table) == {'all levels', 'level 0', 'level 1', 'level 2', 'level 3'}
-        assert all(0 < t['psnr'] < 60 for t in table.values())
+        # recomputed: the first scene's views through the trained encoder and decoder, all levels and level 0 alone
+        enc, dec = sample.load_decoder(args, 'cpu')
+        images = data.collate_one(sample.read_dataset(args)[0])['images']
+        levels = enc.normalize_levels(enc.encode(images))
+        level0 = torch.tensor([[True, False, False, False]])
+        for name, keep in (('all levels', None), ('level 0', level0)):
+            psnr = metrics.psnr(dec(levels, (4, 4), keep=keep), images).mean()
+            assert table[name]['psnr'] == pytest.approx(float(psnr), abs=1e-4), name
         return
     if '--eval' in argv:
         assert {'eval_n2.md', 'eval_n2.json', 'eval_n2_scenes.csv'} <= files
@@ -3058,7 +3390,10 @@ def test_sample_runs_and_writes_every_output(world, user_images, i):
     targets = [f for f in os.listdir(os.path.join(out, 'images')) if f.startswith('target_')]
     if '--traj' not in argv:
         m = json.loads(Path(out, 'metrics.json').read_text())
-        assert m['gld']['psnr'] > 0 and 'ate' in m['gld']
+        n_src = sample.count_sources(args)
+        truth = sample.dataset_scene(args, n_src, 'cpu')['images'][:, n_src:]  # the scene's true target views
+        psnr = metrics.psnr(res['images'][:, n_src:], truth).mean()
+        assert m['gld']['psnr'] == pytest.approx(float(psnr), abs=1e-4) and 'ate' in m['gld']
     tf = json.loads(Path(out, 'transforms.json').read_text())
     assert len(tf['frames']) == len(targets) + 2
 
@@ -3079,9 +3414,20 @@ def test_flops_per_token_matches_a_counted_forward(pos):
 
 @pytest.mark.parametrize('argv', BENCH_RUNS)
 def test_bench_runs(argv):  # runs every flag; the FLOP count it reports is checked just above
+    """Each train row's rates from its time: samples and tokens per second, and TFLOP/s of 3x the forward FLOPs
+    (forward + backward) of its tokens."""
     rows = bench.main(argv)
+    a = bench.build_parser().parse_args(argv)
+    V = a.views
+    T = (a.size // 14) ** 2
+    flops = 3 * model.flops_per_token(model.PRESETS[a.preset], V * T) * a.batch * V * T
     train_rows = [r for r in rows if r['part'].startswith('train step')]
-    assert train_rows and all(r['tokens/s'] > 0 and r['TFLOP/s'] > 0 for r in train_rows)
+    assert len(train_rows) == len(a.dtype.split(',')) * (1 + a.compile)
+    for r in train_rows:
+        seconds = r['ms'] / 1e3
+        assert r['samples/s'] == pytest.approx(a.batch / seconds)
+        assert r['tokens/s'] == pytest.approx(a.batch * V * T / seconds)
+        assert r['TFLOP/s'] == pytest.approx(flops / seconds / 1e12)
 
 
 def test_ground_truth_latents_decode_like_the_decoder(world):
@@ -4762,10 +5108,10 @@ def write_photos(folder, scene, views, H, W):
 
 
 @pytest.fixture(scope='module')
-def photos(world):
+def photos(world_runs):
     """Four frames of a 56-px test scene of the world fixture, with their cameras."""
-    s = data.SceneDataset(world['data'], split='test', num_views=4, eval=True)[1]
-    return write_photos(world['root'] / 'photos', s, range(4), 56, 56)
+    s = data.SceneDataset(world_runs['data'], split='test', num_views=4, eval=True)[1]
+    return write_photos(world_runs['root'] / 'photos', s, range(4), 56, 56)
 
 
 def run_photos(argv, out):

@@ -418,7 +418,7 @@ class EncoderStage:
             self.extra = {'latents_sha256': pipeline.latents_sha256(init)}
 
     def loss(self, batch, step, rng):
-        return self.net.training_loss(batch)
+        return self.net.training_loss(batch, generator=rng)
 
     @torch.no_grad()
     def evaluate(self, scenes, png):
@@ -470,7 +470,7 @@ class DecoderStage:
         images = batch['images']
         levels, hw = self.levels(images)
         keep = decoder_lib.sample_level_keep(images.shape[0], self.level_dropout, rng, len(levels))
-        pred = self.net(levels, hw, keep=keep.to(images.device))
+        pred = self.net(levels, hw, keep=keep.to(images.device), generator=rng)
         loss, parts = decoder_lib.decoder_loss(pred, images, lpips=self.lpips)
         if self.disc is not None and step >= self.gan_start:
             gan_loss, gan_parts = decoder_lib.adversarial_step(self.net, self.disc, self.disc_opt, pred, images, loss)

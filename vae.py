@@ -205,13 +205,15 @@ class VAE(encoder_lib.LatentEncoder):
         hw = tuple(d // self.patch for d in images.shape[-2:])
         return self.rgb_decoder()(self.encode(images), hw)
 
-    def training_loss(self, batch, kl_weight=1e-6):
+    def training_loss(self, batch, kl_weight=1e-6, generator=None):
         """train.py --stage encoder: L1 of a decoded posterior sample + kl_weight x KL to N(0, I)
-        (no LPIPS / GAN)."""
+        (no LPIPS / GAN); the sample's noise from generator (the run's stream, on its device)."""
         images = batch['images'].flatten(0, 1)
         mean, logvar = self.posterior(images)
-        noise = torch.randn_like(mean)
-        z = mean + noise * (0.5 * logvar).exp()
+        dev = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=dev).to(mean)
+        std = (0.5 * logvar).exp()
+        z = mean + noise * std
         decoded = self.decode_latent(z)
         rec = (decoded - images).abs().mean()
         kl_terms = mean**2 + logvar.exp() - 1 - logvar
