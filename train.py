@@ -322,7 +322,7 @@ def checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world):
     rngs = [mine] * world
     if world > 1:  # a collective: every rank calls checkpoint_state
         dist.all_gather_object(rngs, mine)
-    return {
+    state = {
         'kind': stage.kind,
         'model': net.state_dict(),
         'ema': ema.state_dict(),
@@ -336,6 +336,11 @@ def checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world):
         'rng': rngs,
         **stage.extra,
     }
+    # the adversarial decoder (--gan): its discriminator and that one's optimizer resume with it
+    if getattr(stage, 'disc', None) is not None:
+        state['disc'] = stage.disc.state_dict()
+        state['disc_optimizer'] = stage.disc_opt.state_dict()
+    return state
 
 
 def save_checkpoint(out, step, state, keep):
@@ -375,7 +380,7 @@ def load_newest_checkpoint(out, device):
     return None, None
 
 
-def resume(args, rank, device, net, ema, opt, batches, rng):
+def resume(args, rank, device, stage, net, ema, opt, batches, rng):
     """--resume: all that checkpoint_state saved, from the newest checkpoint -> its step."""
     path, ck = load_newest_checkpoint(args.out, device)
     if ck is None:
@@ -385,6 +390,9 @@ def resume(args, rank, device, net, ema, opt, batches, rng):
     net.load_state_dict(ck['model'])
     ema.load_state_dict(ck['ema'], ck.get('ema_updates', 0))
     opt.load_state_dict(ck['optimizer'])
+    if 'disc' in ck:
+        stage.disc.load_state_dict(ck['disc'])
+        stage.disc_opt.load_state_dict(ck['disc_optimizer'])
     batches.epoch = ck['epoch']
     batches.pos = ck['pos']
     # this rank's random streams (on more ranks than the run had, the new ranks take rank 0's)
@@ -696,7 +704,7 @@ def train(args, rank, world, device, preemption):
         cache = build_cache(args, stage, rank, world, device)
     batches = Batches(loader, cache, args, rank, world, device)
     rng = torch.Generator().manual_seed(args.seed * 1000 + rank)  # source counts, t, dropouts
-    step = resume(args, rank, device, net, ema, opt, batches, rng) if args.resume else 0
+    step = resume(args, rank, device, stage, net, ema, opt, batches, rng) if args.resume else 0
 
     # stage.net is what the loss calls: DDP averages its gradients over ranks, compile fuses it
     train_net = net
