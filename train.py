@@ -786,10 +786,8 @@ def train(args, rank, world, device, preemption):
             return stop_signal
     bar.close()
     if batches.skipped:
-        print(
-            f'[rank {rank}] skipped {batches.skipped} training samples with unreadable frames',
-            '(the warnings above name them)',
-        )
+        unreadable = f'{batches.skipped} training samples with unreadable frames'
+        print(f'[rank {rank}] skipped {unreadable} (the warnings above name them)')
     if rank == 0 and args.export:
         name = model_name(args)
         with ema.swapped(net):
