@@ -1280,6 +1280,35 @@ def test_fast_attention_matches_reference(kind, official):
     torch.testing.assert_close(pe.attend(q, k, v), model.reference_attention(q, k, v, pe), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['prope', 'rope3d', 'rope2d'])
+def test_rotation_of_all_axes_at_once_is_rope_rotate_bit_for_bit(kind):
+    """PositionEncoding.apply rotates every axis in one matmul and two products: the same floats as rope_rotate axis by
+    axis, forward and inverse (sample.py's fp32 outputs stay bit-identical)."""
+    B, V, hw, d = 2, 3, (2, 3), 48
+    c2w, K = rand_cams(B, V)
+    pe = model.PositionEncoding(kind, d, latents.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw), V)
+    u = torch.randn(B, 2, V * hw[0] * hw[1], d)
+    for role in ('q', 'out'):
+        i = pe.start
+        for size, _, _, cos, sin in pe.axes:
+            expected = model.rope_rotate(u[..., i : i + size], cos, sin, inverse=role == 'out')
+            assert torch.equal(pe.apply(u, role)[..., i : i + size], expected), (role, i)
+            i += size
+        assert torch.equal(pe.apply(u, role)[..., i:], u[..., i:])
+
+
+def test_cpu_bf16_attention_is_sdpa_within_rounding():
+    """model.attention: SDPA itself in fp32; in bf16 on CPU two matmuls and a softmax, equal to SDPA within bf16's
+    rounding."""
+    q, k, v = (2 * torch.randn(3, 2, 3, 40, 16)).unbind(0)  # logits of a few units: a peaked softmax
+    assert torch.equal(model.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    bf16 = [x.to(torch.bfloat16) for x in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*[x.float() for x in bf16])
+    fast = model.attention(*bf16)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - exact).norm() / exact.norm() < 1e-2
+
+
 def test_model_reference_path_agrees():
     cfg = SMALL
     b = make_batch(cfg)
