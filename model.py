@@ -122,17 +122,19 @@ class PositionEncoding:
             freqs = base**exponent
             angle = p[:, None].float() * freqs  # (N, size/2)
             self.axes.append((size, p, freqs, angle.cos(), angle.sin()))
-        # apply rotates every axis at once, rope_rotate's floats in a few whole-width ops (narrow slices per axis
-        # cost 8% of a CPU training step): u cos + swapped sin, swapped turning each axis's halves [a, b] into
-        # [b, a], the sines signed [sin, -sin]; the axes of a kind have one size
+        # apply rotates every axis at once, rope_rotate's floats in whole-width ops (slices per axis
+        # cost 8% of a CPU training step): u cos + swapped sin, swapped turning each axis's
+        # halves [a, b] into [b, a], the sines signed [sin, -sin]; a kind's axes have one size
         self.end = self.start + sum(size for size, *_ in self.axes)
         self.half = axes[0][0] // 2  # half an axis
-        self.cos = torch.cat([torch.cat([cos, cos], -1) for _, _, _, cos, _ in self.axes], -1)  # (N, end - start)
-        self.sin = torch.cat([torch.cat([sin, -sin], -1) for _, _, _, _, sin in self.axes], -1)
+        cosines = [torch.cat([cos, cos], -1) for _, _, _, cos, _ in self.axes]
+        sines = [torch.cat([sin, -sin], -1) for _, _, _, _, sin in self.axes]
+        self.cos = torch.cat(cosines, -1)  # (N, end - start)
+        self.sin = torch.cat(sines, -1)
 
     def apply(self, u, role):
         """u (B,heads,N,d) in the role 'q' | 'kv' | 'out' -> the same with the positions applied."""
-        # one split, not three slices: its backward is one cat, not three zero-filled gradients of u's size
+        # one split, not three slices: its backward is one cat, not three zero-padded gradients
         sizes = [self.start, self.end - self.start, u.shape[-1] - self.end]
         projective, rotary, rest = u.split(sizes, -1)
         parts = []
@@ -191,8 +193,8 @@ class PositionEncoding:
 
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v by SDPA; in bf16 on CPU by two matmuls and a softmax instead: there PyTorch's
-    flash kernel has a slow backward, 1.3-1.7x the time at GLD's sizes (README "Performance")."""
+    """softmax(q k^T / sqrt(d)) v by SDPA; in bf16 on CPU by two matmuls and a softmax instead:
+    there PyTorch's flash kernel has a slow backward, 1.3-1.7x their time here (docs/log.md)."""
     if q.device.type != 'cpu' or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(q, k, v)
     logits = (q * q.shape[-1] ** -0.5) @ k.mT

@@ -1282,8 +1282,8 @@ def test_fast_attention_matches_reference(kind, official):
 
 @pytest.mark.parametrize('kind', ['prope', 'rope3d', 'rope2d'])
 def test_rotation_of_all_axes_at_once_is_rope_rotate_bit_for_bit(kind):
-    """PositionEncoding.apply rotates every axis in one matmul and two products: the same floats as rope_rotate axis by
-    axis, forward and inverse (sample.py's fp32 outputs stay bit-identical)."""
+    """PositionEncoding.apply rotates every axis at once (a roll and two products): the floats of rope_rotate
+    axis by axis, forward and inverse (sample.py's fp32 outputs stay bit-identical)."""
     B, V, hw, d = 2, 3, (2, 3), 48
     c2w, K = rand_cams(B, V)
     pe = model.PositionEncoding(kind, d, latents.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw), V)
