@@ -565,15 +565,6 @@ def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    skip = set(a.skip.split(',')) if a.skip else set()
-    dtypes = a.dtype.split(',')
-    casts = {}
-    for dtype in dtypes:
-        if dtype == 'bf16':
-            casts[dtype] = torch.autocast(device.type, dtype=torch.bfloat16)
-        else:
-            casts[dtype] = contextlib.nullcontext()
-    autocast = casts[dtypes[-1]]  # the fast path, the frozen parts, the scene, the SDPA check
     cfg = model_lib.PRESETS[a.preset]
     net = random_dit(cfg, device)
     batch = fake_batch(cfg, a.batch, a.views, a.size, device)
@@ -586,10 +577,32 @@ def main(argv=None):
     )
     command = ' '.join(sys.argv[1:] if argv is None else argv)
     report = {'command': f'python bench.py {command}', 'rows': [], 'checks': []}
-    peaks = {'fp32': None, 'bf16': model_lib.peak_tflops(device)}
     if a.report:
         report['machine'] = machine(device, a.iters)
+    try:
+        run_suite(a, device, net, batch, report)
+    finally:  # a run cut short (recipes/gpu_bench.sh interrupts it at its time limit) keeps its rows
+        if a.report:
+            write_report(a.report, report)
+    return report['rows']
+
+
+def run_suite(a, device, net, batch, report):
+    """The parts not in --skip, the most telling first (a lent GPU's time is short): the training and
+    Euler steps eager, then compiled; the checks; the SDPA backend; the frozen parts or the scene."""
+    skip = set(a.skip.split(',')) if a.skip else set()
+    dtypes = a.dtype.split(',')
+    casts = {}
+    for dtype in dtypes:
+        if dtype == 'bf16':
+            casts[dtype] = torch.autocast(device.type, dtype=torch.bfloat16)
+        else:
+            casts[dtype] = contextlib.nullcontext()
+    autocast = casts[dtypes[-1]]  # the fast path, the SDPA check, the frozen parts, the scene
+    peaks = {'fp32': None, 'bf16': model_lib.peak_tflops(device)}
+    if a.report:
         peaks = report['machine']['peak_tflops']
+    cfg = net.cfg
     checking = a.report and 'checks' not in skip
     if checking:  # with the last checkpointing setting, as the fast path: the GPU's fp32 fits so
         net.cfg = replace(cfg, checkpointing=a.checkpointing_runs[-1])
@@ -611,15 +624,15 @@ def main(argv=None):
                 net.train()
     flash = device.type == 'cuda' and dtypes[-1] == 'bf16'
     if checking:
-        report['checks'] = compare(plain, path_outputs(net, batch, autocast, flash))
         report['fast_path'] = fast_path_name(dtypes[-1], compiled_runs[-1], flash)
+        report['checks'] = compare(plain, path_outputs(net, batch, autocast, flash))
+    if flash:
+        report['sdpa_backend'] = sdpa_backend_check(net, batch, device, autocast)
+        add(rows, {'part': f'SDPA backend: {report["sdpa_backend"]}'})
     if 'frozen' not in skip:
         bench_frozen(a, device, autocast, rows)
     if a.report and 'scene' not in skip:
         add(rows, *bench_scene(a, net, device, autocast, dtypes[-1], compiled_runs[-1]))
-    if flash:
-        report['sdpa_backend'] = sdpa_backend_check(net, batch, device, autocast)
-        add(rows, {'part': f'SDPA backend: {report["sdpa_backend"]}'})
     if device.type == 'cuda':  # the train rows reset the peak: the largest of theirs and since
         since = torch.cuda.max_memory_allocated() / 2**30
         peak_gb = max([since] + [r['memory_gb'] for r in rows if 'memory_gb' in r])
@@ -627,9 +640,6 @@ def main(argv=None):
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     add(rows, {'part': 'peak memory', 'gb': peak_gb})
     print_ratios(rows)
-    if a.report:
-        write_report(a.report, report)
-    return rows
 
 
 if __name__ == '__main__':
