@@ -1330,6 +1330,35 @@ def test_fast_attention_matches_reference(kind, official):
     torch.testing.assert_close(pe.attend(q, k, v), model.reference_attention(q, k, v, pe), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['prope', 'rope3d', 'rope2d'])
+def test_rotation_of_all_axes_at_once_is_rope_rotate_bit_for_bit(kind):
+    """PositionEncoding.apply rotates every axis at once (a roll and two products): the floats of rope_rotate
+    axis by axis, forward and inverse (sample.py's fp32 outputs stay bit-identical)."""
+    B, V, hw, d = 2, 3, (2, 3), 48
+    c2w, K = rand_cams(B, V)
+    pe = model.PositionEncoding(kind, d, latents.camera_inputs(c2w, K, torch.zeros(B, V, dtype=torch.bool), hw), V)
+    u = torch.randn(B, 2, V * hw[0] * hw[1], d)
+    for role in ('q', 'out'):
+        i = pe.start
+        for size, _, _, cos, sin in pe.axes:
+            expected = model.rope_rotate(u[..., i : i + size], cos, sin, inverse=role == 'out')
+            assert torch.equal(pe.apply(u, role)[..., i : i + size], expected), (role, i)
+            i += size
+        assert torch.equal(pe.apply(u, role)[..., i:], u[..., i:])
+
+
+def test_cpu_bf16_attention_is_sdpa_within_rounding():
+    """model.attention: SDPA itself in fp32; in bf16 on CPU two matmuls and a softmax, equal to SDPA within bf16's
+    rounding."""
+    q, k, v = (2 * torch.randn(3, 2, 3, 40, 16)).unbind(0)  # logits of a few units: a peaked softmax
+    assert torch.equal(model.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    bf16 = [x.to(torch.bfloat16) for x in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*[x.float() for x in bf16])
+    fast = model.attention(*bf16)
+    assert fast.dtype == torch.bfloat16
+    assert (fast.float() - exact).norm() / exact.norm() < 1e-2
+
+
 def test_model_reference_path_agrees():
     cfg = SMALL
     b = make_batch(cfg)
@@ -2881,7 +2910,7 @@ def test_every_train_sample_bench_flag_is_exercised(world):
     }  # --official: test_cli_official; --encoder: test_every_latent_trains_...; --sampler: test_every_sampler_...;
     # --official-stats: test_hub_names_resolve_...; --encoder-weights, --view: test_view_flag_...
     bench_argv = [getattr(r, 'values', [r])[0] for r in BENCH_RUNS]  # pytest.param(argv, marks=...) -> argv
-    assert options(bench.build_parser()) <= set(sum(bench_argv, []))
+    assert options(bench.build_parser()) <= set(sum(bench_argv, [])) | set(BENCH_REPORT)  # --report: its own test
 
 
 def test_init_starts_from_the_given_weights_and_statistics(world, tmp_path):
@@ -3414,17 +3443,65 @@ def test_bench_runs(argv):  # runs every flag; the FLOP count it reports is chec
     """Each train row's rates from its time: samples and tokens per second, and TFLOP/s of 3x the forward FLOPs
     (forward + backward) of its tokens."""
     rows = bench.main(argv)
-    a = bench.build_parser().parse_args(argv)
+    a = bench.parse_args(argv)
     V = a.views
     T = (a.size // 14) ** 2
     flops = 3 * model.flops_per_token(model.PRESETS[a.preset], V * T) * a.batch * V * T
     train_rows = [r for r in rows if r['part'].startswith('train step')]
-    assert len(train_rows) == len(a.dtype.split(',')) * (1 + a.compile)
+    assert train_rows
     for r in train_rows:
         seconds = r['ms'] / 1e3
-        assert r['samples/s'] == pytest.approx(a.batch / seconds)
-        assert r['tokens/s'] == pytest.approx(a.batch * V * T / seconds)
-        assert r['TFLOP/s'] == pytest.approx(flops / seconds / 1e12)
+        assert r['samples_per_s'] == pytest.approx(a.batch / seconds)
+        assert r['tokens_per_s'] == pytest.approx(a.batch * V * T / seconds)
+        assert r['tflops'] == pytest.approx(flops / seconds / 1e12)
+
+
+# the suite at tiny size; compiling is left out (minutes on CPU; BENCH_RUNS's slow run compiles the same blocks)
+BENCH_REPORT = ['--suite', 'cpu', '--views', '2', '--size', '28', '--batch', '1', '--iters', '1', '--warmup', '0']
+BENCH_REPORT += ['--steps', '2', '--skip', 'frozen,compile', '--report', 'REPORT']
+
+
+def test_bench_report_measures_against_the_machine_and_checks_the_fast_path(tmp_path):
+    """bench.py --report: the JSON's rows (training and Euler step in fp32 and bf16, the scene stage by stage), each
+    fraction_of_peak over the matmul peak of its dtype measured in the same run, and the fast path (bf16) within its
+    bounds of fp32 on the same batch; the markdown beside it holds both tables."""
+    path = tmp_path / 'bench.json'
+    bench.main([str(path) if x == 'REPORT' else x for x in BENCH_REPORT])
+    report = json.loads(path.read_text())
+    machine = report['machine']
+    assert machine['threads'] == torch.get_num_threads() and machine['torch'] == torch.__version__
+    assert machine['peak_tflops'] == machine['matmul_tflops'] and min(machine['matmul_tflops'].values()) > 0
+    rows = report['rows']
+    assert all({'part', 'dtype', 'compiled', 'tflops', 'fraction_of_peak'} <= set(r) for r in rows)
+    steps = [r for r in rows if r['part'] in ('train step', 'Euler step, cfg')]
+    assert {(r['part'], r['dtype'], r['compiled']) for r in steps} == {
+        (part, dtype, False) for part in ('train step', 'Euler step, cfg') for dtype in ('fp32', 'bf16')
+    }
+    for r in steps:
+        tokens = 2 * (28 // constants.PATCH) ** 2  # V=2 views of 2x2 tokens, batch 1
+        assert r['tflops'] > 0 and r['tokens_per_s'] == pytest.approx(tokens / (r['ms'] / 1e3))
+        assert r['fraction_of_peak'] == pytest.approx(r['tflops'] / machine['peak_tflops'][r['dtype']])
+    scene = {r['part'].split(': ')[1]: r['s'] for r in rows if r['part'].startswith('scene, 2 steps')}
+    assert set(scene) == {'encode', 'M1', 'M1->0', 'propagate', 'decode', 'geometry', 'total'}
+    assert scene['total'] == pytest.approx(sum(s for stage, s in scene.items() if stage != 'total'))
+    checks = {c['check']: c for c in report['checks']}
+    assert set(checks) == set(bench.CHECKS) and all(c['pass'] for c in checks.values())
+    # bf16 is a different computation: the differences are there, and small
+    assert 0 < checks['loss relative difference']['value'] < 1e-3
+    assert 0.999 < checks['gradient cosine']['value'] < 1
+    assert 1e-4 < checks['4-step sample relative error']['value'] < 2e-2
+    text = path.with_suffix('.md').read_text()
+    assert '| train step | bf16 | False |' in text and '| gradient cosine |' in text
+
+
+def test_bench_gpu_suite_is_the_papers_m1_and_needs_a_gpu():
+    a = bench.parse_args(['--report', 'r.json', '--suite', 'gpu', '--device', 'cuda'])
+    tokens = a.views * (a.size // constants.PATCH) ** 2
+    assert (a.preset, tokens, a.batch, a.dtype, a.compile, a.steps) == ('gld-paper', 10368, 1, 'bf16', True, 50)
+    assert a.checkpointing_runs == [False, True] and (a.encoder, a.decoder) == ('da3-base', 'xl')
+    assert bench.parse_args(['--report', 'r.json', '--suite', 'gpu', '--views', '4', '--device', 'cuda']).views == 4
+    with pytest.raises(cli.UserError, match='--suite gpu: .* needs a CUDA GPU'):
+        bench.parse_args(['--report', 'r.json', '--suite', 'gpu', '--device', 'cpu'])
 
 
 def test_ground_truth_latents_decode_like_the_decoder(world):
