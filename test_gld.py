@@ -4555,21 +4555,11 @@ def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tm
     )
     # weights without a sidecar: truncated, and of another preset (the flag, not a Python call)
     enc = tmp_path / 'encoder.safetensors'
+    argv = ['--data', small_data, '--stage', 'decoder', '--encoder', 'da3-small', '--encoder-weights', enc]
+    argv += [*TRAIN_FAST, '--out', tmp_path / 'r']
     user_error(
         train.main,
-        [
-            '--data',
-            small_data,
-            '--stage',
-            'decoder',
-            '--encoder',
-            'da3-small',
-            '--encoder-weights',
-            enc,
-            *TRAIN_FAST,
-            '--out',
-            tmp_path / 'r',
-        ],
+        argv,
         capsys,
         f"{enc}: the weights match preset 'da3-tiny', not 'da3-small': pass --encoder da3-tiny",
     )
@@ -4577,19 +4567,7 @@ def test_corrupt_or_altered_checkpoints_and_weights_name_the_file(small_data, tm
     shutil.copy(os.path.join(pipeline.WEIGHTS, 'encoder.json'), tmp_path / 'encoder.json')
     line, _ = user_error(
         train.main,
-        [
-            '--data',
-            small_data,
-            '--stage',
-            'decoder',
-            '--encoder',
-            'da3-small',
-            '--encoder-weights',
-            enc,
-            *TRAIN_FAST,
-            '--out',
-            tmp_path / 'r',
-        ],
+        argv,
         capsys,
         'pass --encoder da3-tiny',
     )
