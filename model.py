@@ -39,6 +39,9 @@ class GLDConfig:
 # parameter counts (count_params, meta device); latent_dim: the DA3 preset's 2C (train.py sets it)
 PRESETS = {
     'gld-tiny': GLDConfig(),  # 3.70M, CPU, the embedded default (da3-tiny latents)
+    # the scaling probe's wider M1s (docs/log.md): 1.89x and 3.96x gld-tiny's FLOPs per token
+    'gld-tiny-2x': GLDConfig(enc_width=192, head_width=320),  # 7.49M
+    'gld-tiny-4x': GLDConfig(enc_width=256, head_width=512),  # 16.09M
     'gld-S': GLDConfig(
         latent_dim=768,
         enc_width=384,

@@ -68,6 +68,25 @@ class LogWindow:
         }
 
 
+class TrainClock:
+    """Minutes spent in training steps, evaluation and checkpoints not counted, carried over a
+    --resume: the process's CPU time on a CPU (fair when runs share cores; DataLoader workers not
+    counted), wall time on a GPU (the step's host sync makes it the GPU's time)."""
+
+    def __init__(self, device):
+        self.read = time.process_time if device.type == 'cpu' else time.perf_counter
+        self.minutes = 0.0
+        self.started = None
+
+    def start(self):
+        if self.started is None:  # a skipped (non-finite) step's time counts with the next one
+            self.started = self.read()
+
+    def stop(self):
+        self.minutes += (self.read() - self.started) / 60
+        self.started = None
+
+
 class Logger:
     """Rank 0: the dense line, log.csv (all columns; a resume keeps the rows up to its step) and
     curves.png."""

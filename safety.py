@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -243,6 +244,28 @@ def load_plain(path, source=None, device='cpu', allowed=()):
 
 
 # ------------------------------------------------------------------ signals and failed ranks
+def rng_state(rng):
+    """Every random stream of this process as plain data: torch's, numpy's, Python's, CUDA's, rng."""
+    name, keys, *position = np.random.get_state()  # the keys: a uint32 array, as a tensor
+    return {
+        'torch': torch.get_rng_state(),
+        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *position],
+        'python': random.getstate(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'gen': rng.get_state(),
+    }
+
+
+def set_rng_state(state, rng):
+    torch.set_rng_state(state['torch'])
+    name, keys, *position = state['numpy']
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *position))
+    random.setstate(state['python'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    rng.set_state(state['gen'])
+
+
 class Preemption:
     """SIGINT, SIGTERM and SIGUSR1 (SLURM's) ask for a checkpoint after the step in flight; ranks
     agree on it in stop_signal, one all_reduce of a number per step, so that all stop at one step.

@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -3074,6 +3075,40 @@ def test_resume_continues_exactly(flags, small_data, tmp_path, monkeypatch):
     assert torch.equal(a['rng'][0]['gen'], b['rng'][0]['gen'])  # the run's own stream drew the same numbers
 
 
+def test_budget_minutes_ends_the_run_as_steps_would_and_resume_carries_the_clock(small_data, tmp_path, monkeypatch):
+    """--budget-minutes: the first step whose clock reaches the budget is the last (its checkpoint, its log row, the
+    export); --resume continues the clock from the checkpoint. The clock is made to read 30 s a step."""
+    monkeypatch.chdir(tmp_path)
+    reads = iter(range(0, 10**6, 30))
+
+    def thirty_seconds_a_step():
+        return next(reads)
+
+    fake_time = argparse.Namespace(
+        process_time=thirty_seconds_a_step, perf_counter=thirty_seconds_a_step, time=time.time
+    )
+    monkeypatch.setattr(runlog, 'time', fake_time)
+    base = ['--data', str(small_data), *TRAIN_FAST, '--level', '1', '--steps', '10', '--out', 'r']
+    train.main(base + ['--budget-minutes', '1.2', '--export', 'mine'])
+    ck = torch.load(train.list_checkpoints('r')[-1], weights_only=True)
+    assert ck['step'] == 3 and ck['train_min'] == 1.5  # 0.5, 1.0, 1.5 >= 1.2
+    assert runlog.read_csv('r/log.csv')[-1]['train_min'] == 1.5
+    assert os.path.isfile('mine/level1.safetensors')
+    train.main(base + ['--budget-minutes', '2.2', '--resume'])
+    ck = torch.load(train.list_checkpoints('r')[-1], weights_only=True)
+    assert ck['step'] == 5 and ck['train_min'] == 2.5
+
+
+def test_lr_schedule_warms_up_then_holds_or_follows_the_cosine_to_min_lr():
+    args = train.get_args(['--level', '1', '--lr', '1.0', '--warmup', '10', '--steps', '110'])
+    assert args.schedule == 'constant'  # the diffusion recipe (paper Tab. 11)
+    assert [train.lr_at(s, args) for s in (0, 9, 10, 60, 110)] == [0.1, 1.0, 1.0, 1.0, 1.0]
+    args = train.get_args(['--level', '1', '--lr', '1.0', '--warmup', '10', '--steps', '110', '--schedule', 'cosine'])
+    args.min_lr = 0.1
+    lrs = [train.lr_at(s, args) for s in (10, 60, 110, 200)]
+    assert lrs == pytest.approx([1.0, 0.55, 0.1, 0.1])
+
+
 def _ddp_worker(rank, port, argv):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)
@@ -4675,11 +4710,11 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, 
     ]
     real_lr_at = train.lr_at
 
-    def lr_at(step, a, r):
+    def lr_at(step, a):
         if step == 1:  # Ctrl-C during step 2, as a terminal sends it: to the DataLoader workers too
             for p in [*multiprocessing.active_children(), multiprocessing.current_process()]:
                 os.kill(p.pid, signal.SIGINT)
-        return real_lr_at(step, a, r)
+        return real_lr_at(step, a)
 
     monkeypatch.setattr(train, 'lr_at', lr_at)
     with pytest.raises(SystemExit) as e:
@@ -4889,10 +4924,10 @@ def test_sigusr1_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path,
     argv = ['--data', str(small_data), '--stage', 'decoder', *TRAIN_FAST, '--ckpt-every', '10', '--out', str(tmp_path)]
     real_lr_at = train.lr_at
 
-    def lr_at(step, a, r):
+    def lr_at(step, a):
         if step == 1:  # SLURM's --signal=USR1@T during step 2
             os.kill(os.getpid(), signal.SIGUSR1)
-        return real_lr_at(step, a, r)
+        return real_lr_at(step, a)
 
     monkeypatch.setattr(train, 'lr_at', lr_at)
     handler = signal.getsignal(signal.SIGUSR1)

@@ -94,6 +94,14 @@ def build_parser():
     arg('--accum', type=int, default=1, help='gradient accumulation micro-steps')
     arg('--lr', type=float, help='peak learning rate (default: the recipe of the stage)')
     arg('--warmup', type=int, default=100, help='linear warmup steps')
+    arg('--schedule', choices=['constant', 'cosine'], help='lr after warm-up (default: the recipe)')
+    arg('--min-lr', type=float, help='cosine: the lr at --steps (default: the recipe)')
+    arg(
+        '--budget-minutes',
+        type=float,
+        default=0.0,
+        help='stop as at --steps after N minutes of training (CPU time on a CPU: runlog.TrainClock)',
+    )
     arg('--ema', type=float, help='EMA decay (default: the recipe)')
     arg('--compile', action='store_true', help='torch.compile the trained model')
     arg(
@@ -130,6 +138,8 @@ def get_args(argv=None):
     recipe = RECIPES[args.stage]
     args.lr = recipe['lr'] if args.lr is None else args.lr
     args.ema = recipe['ema'] if args.ema is None else args.ema
+    args.schedule = args.schedule or recipe['schedule']
+    args.min_lr = recipe['min_lr'] if args.min_lr is None else args.min_lr
     lo, hi = parse_range(args.src, '--src')
     if args.stage == 'diffusion' and not 1 <= lo <= min(hi, args.views - 1):
         V = args.views
@@ -278,36 +288,14 @@ def build_cache(args, stage, rank, world, device):
     return cache or latent_cache.LatentCache(path)
 
 
-def rng_state(rng):
-    """Every random stream of this process as plain data: torch's, numpy's, Python's, CUDA's, rng."""
-    name, keys, *position = np.random.get_state()  # the keys: a uint32 array, as a tensor
-    return {
-        'torch': torch.get_rng_state(),
-        'numpy': [name, torch.from_numpy(keys.astype(np.int64)), *position],
-        'python': random.getstate(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        'gen': rng.get_state(),
-    }
-
-
-def set_rng_state(state, rng):
-    torch.set_rng_state(state['torch'])
-    name, keys, *position = state['numpy']
-    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *position))
-    random.setstate(state['python'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    rng.set_state(state['gen'])
-
-
-def lr_at(step, args, recipe):
-    """Linear warm-up to args.lr, then constant or cosine down to the recipe's min_lr."""
+def lr_at(step, args):
+    """Linear warm-up to args.lr, then constant or cosine down to args.min_lr at args.steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    if recipe['schedule'] == 'constant':
+    if args.schedule == 'constant':
         return args.lr
     q = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return recipe['min_lr'] + 0.5 * (args.lr - recipe['min_lr']) * (1 + math.cos(math.pi * q))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * q))
 
 
 def mfu(tokens_s, tokens, cfg, peak_tflops):
@@ -316,9 +304,9 @@ def mfu(tokens_s, tokens, cfg, peak_tflops):
 
 
 # ------------------------------------------------------------------ checkpoints
-def checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world):
+def checkpoint_state(step, stage, net, ema, opt, batches, rng, clock, args, world):
     """What an exact --resume needs: weights, EMA, optimizer, step, data position, RNGs."""
-    mine = rng_state(rng)
+    mine = safety.rng_state(rng)
     rngs = [mine] * world
     if world > 1:  # a collective: every rank calls checkpoint_state
         dist.all_gather_object(rngs, mine)
@@ -334,6 +322,7 @@ def checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world):
         'config': stage.config,
         'args': dict(vars(args)),
         'rng': rngs,
+        'train_min': clock.minutes,
         **stage.extra,
     }
     # the adversarial decoder (--gan): its discriminator and that one's optimizer resume with it
@@ -380,7 +369,7 @@ def load_newest_checkpoint(out, device):
     return None, None
 
 
-def resume(args, rank, device, stage, net, ema, opt, batches, rng):
+def resume(args, rank, device, stage, net, ema, opt, batches, rng, clock):
     """--resume: all that checkpoint_state saved, from the newest checkpoint -> its step."""
     path, ck = load_newest_checkpoint(args.out, device)
     if ck is None:
@@ -395,8 +384,9 @@ def resume(args, rank, device, stage, net, ema, opt, batches, rng):
         stage.disc_opt.load_state_dict(ck['disc_optimizer'])
     batches.epoch = ck['epoch']
     batches.pos = ck['pos']
+    clock.minutes = ck.get('train_min', 0.0)
     # this rank's random streams (on more ranks than the run had, the new ranks take rank 0's)
-    set_rng_state(ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0], rng)
+    safety.set_rng_state(ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0], rng)
     if rank == 0:
         print(f'resumed from {path} at step {ck["step"]}')
     return ck['step']
@@ -704,7 +694,8 @@ def train(args, rank, world, device, preemption):
         cache = build_cache(args, stage, rank, world, device)
     batches = Batches(loader, cache, args, rank, world, device)
     rng = torch.Generator().manual_seed(args.seed * 1000 + rank)  # source counts, t, dropouts
-    step = resume(args, rank, device, stage, net, ema, opt, batches, rng) if args.resume else 0
+    clock = runlog.TrainClock(device)
+    step = resume(args, rank, device, stage, net, ema, opt, batches, rng, clock) if args.resume else 0
 
     # stage.net is what the loss calls: DDP averages its gradients over ranks, compile fuses it
     train_net = net
@@ -726,7 +717,8 @@ def train(args, rank, world, device, preemption):
     steps = {'total': args.steps, 'initial': step, 'unit': 'step'}
     bar = cli.progress(desc=model_name(args), **steps, every=60, disable=rank != 0)
     while step < args.steps:
-        lr = lr_at(step, args, recipe)
+        clock.start()
+        lr = lr_at(step, args)
         for group in opt.param_groups:
             group['lr'] = lr
         for micro in range(args.accum):
@@ -756,10 +748,17 @@ def train(args, rank, world, device, preemption):
         opt.zero_grad(set_to_none=True)
         ema.update(net)
         step += 1
+        clock.stop()
         bar.update()
         window.add_step(loss, parts)
-        if step % args.log_every == 0 or step == args.steps:
+        # --budget-minutes: this step is the last on every rank (the slowest rank's clock decides)
+        out_of_time = torch.tensor(float(0 < args.budget_minutes <= clock.minutes), device=device)
+        if world > 1 and args.budget_minutes:
+            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
+        last = step == args.steps or bool(out_of_time)
+        if step % args.log_every == 0 or last:
             row = window.row(step, grad_norm, lr, args.steps - step, world)
+            row['train_min'] = clock.minutes
             if peak_tflops:
                 row['mfu'] = mfu(row['tokens_s'] / world, window.tokens, net.cfg, peak_tflops)
             logger.log(row)
@@ -768,15 +767,15 @@ def train(args, rank, world, device, preemption):
             window = runlog.LogWindow(torch.zeros((), device=device))
         # a signal on any rank: every rank stops after this step, with a checkpoint of it
         stop_signal = preemption.stop_signal()
-        if step % args.ckpt_every == 0 or step == args.steps or stop_signal:
-            state = checkpoint_state(step, stage, net, ema, opt, batches, rng, args, world)
+        if step % args.ckpt_every == 0 or last or stop_signal:
+            state = checkpoint_state(step, stage, net, ema, opt, batches, rng, clock, args, world)
             if rank == 0:
                 path = save_checkpoint(args.out, step, state, args.keep)
                 logger.plot()
-        if rank == 0 and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if rank == 0 and args.eval_every and (step % args.eval_every == 0 or last):
             png = os.path.join(args.out, f'val_{step:07d}.png')
             scenes = validation_scenes(val, device)
-            logger.log({'step': step, **evaluate(stage, net, ema, scenes, png)})
+            logger.log({'step': step, 'train_min': clock.minutes, **evaluate(stage, net, ema, scenes, png)})
             logger.plot()
         if stop_signal:
             bar.close()
@@ -784,6 +783,8 @@ def train(args, rank, world, device, preemption):
                 hint = 'continue with the same command and --resume'
                 print(f'interrupted: wrote {path} at step {step}; {hint}', file=sys.stderr)
             return stop_signal
+        if last:
+            break
     bar.close()
     if batches.skipped:
         unreadable = f'{batches.skipped} training samples with unreadable frames'
