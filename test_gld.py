@@ -5406,6 +5406,23 @@ def test_the_tiny_recipe_runs_end_to_end_at_two_steps(small_data, tmp_path, monk
     assert exported == ['decoder', 'encoder', 'level0', 'level0_ind', 'level1', 'level2', 'level3']
 
 
+def test_the_scaling_probe_gives_every_width_the_same_cpu_minutes(small_data, tmp_path):
+    """bash recipes/scaling.sh in miniature (a budget of 0.01 CPU minutes): the three widths each stop at the first
+    step past the budget, with an export of their preset's width."""
+    import subprocess
+
+    env = {**os.environ, 'BUDGET': '0.01', 'DATA': str(small_data), 'RUNS': str(tmp_path)}
+    recipe = os.path.join(os.path.dirname(TINY_RECIPE), 'scaling.sh')
+    small = [*TRAIN_FAST, '--steps', '50', '--ckpt-every', '50']
+    subprocess.run(['bash', recipe, *small], env=env, check=True, capture_output=True)
+    for preset in ('gld-tiny', 'gld-tiny-2x', 'gld-tiny-4x'):
+        run = tmp_path / f'probe_{preset}'
+        ck = torch.load(train.list_checkpoints(str(run))[-1], weights_only=True)
+        assert 0.01 <= ck['train_min'] and ck['step'] < 50  # it stopped for the budget, not for --steps
+        meta = json.loads((run / 'export' / 'level1.json').read_text())
+        assert meta['config']['enc_width'] == model.PRESETS[preset].enc_width
+
+
 def write_colmap_text(folder, c2w, K, H, W, names):
     """cameras.txt and images.txt (no points) of a COLMAP text model, from the format description."""
     os.makedirs(folder, exist_ok=True)

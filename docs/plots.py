@@ -17,10 +17,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
 import export  # noqa: E402
+import model  # noqa: E402
 
 CONVERGENCE_PNG = os.path.join(HERE, 'convergence.png')
 CURVES_PNG = os.path.join(HERE, 'curves_level1.png')
 TRAJECTORIES_PNG = os.path.join(HERE, 'trajectories.png')
+SCALING_PNG = os.path.join(HERE, 'scaling.png')
 COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {
@@ -34,33 +36,75 @@ M1_RUNS = {
 }
 
 
-def convergence(path=CONVERGENCE_PNG, runs=RUNS, what='same gld-tiny DiT', W=640, H=360, m=50):
+PROBE = {preset: f'probe_{preset}.csv' for preset in ('gld-tiny', 'gld-tiny-2x', 'gld-tiny-4x')}
+
+
+def read_series(runs, x='step'):
+    """{name: (log, first step[, metric])} -> {name: [(x, metric)]}; metric val_psnr (10 Euler steps) unless named."""
     series = {}
-    for name, (log, s0, *key) in runs.items():  # key: the logged metric, val_psnr (10 Euler steps) unless named
+    for name, (log, s0, *key) in runs.items():
         key = key[0] if key else 'val_psnr'
         with open(os.path.join(HERE, 'logs', log)) as f:
-            series[name] = [(s0 + int(r['step']), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
-    pts = [p for s in series.values() for p in s]
-    s1, (y0, y1) = max(s for s, _ in pts), (min(v for _, v in pts) - 0.5, max(v for _, v in pts) + 0.5)
+            rows = [r for r in csv.DictReader(f) if r.get(key)]
+        series[name] = [(s0 + float(r[x]), float(r[key])) for r in rows]
+    return series
 
-    def xy(s, v):  # (training step, PSNR) -> pixel
-        return (m + s / s1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))
+
+def draw_curves(series, path, title, W=640, H=360, m=50):
+    """One panel of PSNR curves {name: [(x, PSNR)]}, a grid line per dB, a tick per quarter of x."""
+    pts = [p for s in series.values() for p in s]
+    x1 = max(x for x, _ in pts)
+    y0 = min(v for _, v in pts) - 0.5
+    y1 = max(v for _, v in pts) + 0.5
+
+    def xy(x, v):  # (x, PSNR) -> pixel
+        return (m + x / x1 * (W - 2 * m), H - m - (v - y0) / (y1 - y0) * (H - 2 * m))
 
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     d.rectangle([m, m, W - m, H - m], outline='black')
-    for v in range(int(y0) + 1, int(y1) + 1):  # a grid line per dB, a tick per quarter of the steps
-        d.line([xy(0, v), xy(s1, v)], fill=(225, 225, 225))
+    for v in range(int(y0) + 1, int(y1) + 1):
+        d.line([xy(0, v), xy(x1, v)], fill=(225, 225, 225))
         d.text((m - 22, xy(0, v)[1] - 6), str(v), fill='black')
-    for s in range(0, s1 + 1, s1 // 4):
-        d.text((xy(s, y0)[0] - 10, H - m + 6), str(s), fill='black')
-    d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs training steps (0 .. {s1}), {what}', fill='black')
+    for i in range(5):
+        d.text((xy(x1 * i / 4, y0)[0] - 10, H - m + 6), f'{x1 * i / 4:.5g}', fill='black')
+    d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs {title}', fill='black')
     for i, (name, s) in enumerate(series.items()):
         d.line([xy(*p) for p in s], fill=COLOURS[i], width=2)
         for x, y in (xy(*p) for p in s):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[i])
-        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB, step {s[-1][0]}', fill=COLOURS[i])
+        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB at {s[-1][0]:.5g}', fill=COLOURS[i])
     img.save(path)
+    print(f'wrote {path}')
+
+
+def convergence(path=CONVERGENCE_PNG, runs=RUNS, what='same gld-tiny DiT'):
+    steps = max(x for s in read_series(runs).values() for x, _ in s)
+    draw_curves(read_series(runs), path, f'training steps (0 .. {steps:.0f}), {what}')
+
+
+def scaling(path=SCALING_PNG, tokens=512, batch=4):
+    """The scaling probe (recipes/scaling.sh): val_mean_psnr against CPU minutes and against training FLOPs
+    (3x the forward FLOPs of model.flops_per_token, 8 views of 8x8 tokens, batch 4), one panel above the other."""
+    by_time = {}
+    by_flops = {}
+    for preset, log in PROBE.items():
+        cfg = model.PRESETS[preset]
+        with torch.device('meta'):
+            params = sum(p.numel() for p in model.GLD(cfg).parameters()) / 1e6
+        name = f'{preset} ({params:.1f}M)'
+        by_time[name] = read_series({name: (log, 0, 'val_mean_psnr')}, x='train_min')[name]
+        flop_per_step = 3 * model.flops_per_token(cfg, tokens) * tokens * batch
+        by_step = read_series({name: (log, 0, 'val_mean_psnr')})[name]
+        by_flops[name] = [(step * flop_per_step / 1e15, v) for step, v in by_step]
+    draw_curves(by_time, path + '.time.png', 'training minutes (CPU time, 1 thread)')
+    draw_curves(by_flops, path + '.flops.png', 'training PFLOP')
+    sheet = Image.new('RGB', (640, 720), 'white')
+    for i, part in enumerate(('time', 'flops')):
+        with Image.open(f'{path}.{part}.png') as panel:
+            sheet.paste(panel, (0, 360 * i))
+        os.remove(f'{path}.{part}.png')
+    sheet.save(path)
     print(f'wrote {path}')
 
 
@@ -91,3 +135,4 @@ if __name__ == '__main__':
     convergence()
     convergence(CURVES_PNG, M1_RUNS, 'M1 on the N=2 protocol, batch 4')
     trajectories()
+    scaling()
