@@ -167,6 +167,23 @@ def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
     return torch.stack([grid_x, grid_y], -1)
 
 
+def pixel_grid(h, w, device, dtype=torch.float64):
+    """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
+    xy = pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
+    ones = torch.ones_like(xy[..., :1])
+    return torch.cat([xy, ones], -1)
+
+
+def depth_to_points(depth, c2w, K):
+    """z-depth (...,H,W), c2w (...,4,4), normalised K (...,3,3) -> world points (...,H,W,3)."""
+    H, W = depth.shape[-2:]
+    pix = pixel_grid(H, W, depth.device, depth.dtype)
+    rays = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix)
+    cam = rays * depth[..., None]  # camera-frame points
+    world = torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam)
+    return world + c2w[..., None, None, :3, 3]
+
+
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
     """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel + pixel_offset."""
     centres = pixel_centres(H, W, pixel_offset, K.device, K.dtype)

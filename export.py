@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw
 import cameras
 import cli
 import data
-import encoder as encoder_lib
 
 # sample.py's --export: the choices, all of them by default
 FORMATS = ('ply', 'colmap', 'nerfstudio', 'glb')
@@ -156,7 +155,7 @@ def photo_error(images, depth, c2w, K, i, j):
     depth_i = depth[i].double()
     c2w_i = c2w[i].double()
     K_i = K[i].double()
-    points = encoder_lib.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
+    points = cameras.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
     w2c = cameras.c2w_to_w2c(c2w[j].double())
     R_j = w2c[:3, :3]
     t_j = w2c[:3, 3]
@@ -184,7 +183,7 @@ def photo_error(images, depth, c2w, K, i, j):
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
     """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb', 'view', 'uv' (N,2)}."""
     # (V,H,W,3)
-    points = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())
+    points = cameras.depth_to_points(depth.double(), c2w.double(), K.double())
     threshold = conf.flatten().quantile(1 - keep)
     mask = conf >= threshold
     # row-major: view, then y, then x

@@ -852,11 +852,11 @@ def test_pose_from_rays_robust_to_outliers():
 def test_depth_to_points_and_ply(tmp_path):
     c2w, K = random_cameras(1)
     depth = 1 + torch.rand(1, 6, 8, dtype=torch.float64)
-    pts = encoder_lib.depth_to_points(depth, c2w, K)  # (1,6,8,3)
+    pts = cameras.depth_to_points(depth, c2w, K)  # (1,6,8,3)
     cam = torch.einsum('ij,hwj->hwi', cameras.rigid_inverse(c2w[0])[:3], torch.cat([pts[0], torch.ones(6, 8, 1)], -1))
     uv = torch.einsum('ij,hwj->hwi', K[0], cam)
     torch.testing.assert_close(uv[..., 2], depth[0])
-    torch.testing.assert_close(uv[..., :2] / uv[..., 2:], encoder_lib.pixel_grid(6, 8, 'cpu')[..., :2])
+    torch.testing.assert_close(uv[..., :2] / uv[..., 2:], cameras.pixel_grid(6, 8, 'cpu')[..., :2])
     rgb = torch.rand(48, 3)
     path = tmp_path / 'cloud.ply'
     export.write_ply(path, pts, rgb)
