@@ -184,6 +184,20 @@ def depth_to_points(depth, c2w, K):
     return world + c2w[..., None, None, :3, 3]
 
 
+def project(points, c2w, K, H, W):
+    """World points (...,N,3) into cameras c2w (...,4,4), normalised K (...,3,3) -> pixel coordinates
+    (...,N,2) (pixel u spans [u, u+1)), z-depth (...,N); meaningless where z <= 0."""
+    w2c = c2w_to_w2c(c2w)
+    R = rotation(w2c)
+    t = translation(w2c)[..., None, :]  # (...,1,3)
+    points_cam = points @ R.mT + t
+    # (...,N,3): [z u, z v, z]
+    uvz = points_cam @ K_to_pixels(K, H, W).mT
+    z = uvz[..., 2:]
+    pixels = uvz[..., :2] / z.clamp_min(1e-9)
+    return pixels, z[..., 0]
+
+
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):
     """Plücker map (...,6,H,W): [d, o x d] of the ray through each pixel + pixel_offset."""
     centres = pixel_centres(H, W, pixel_offset, K.device, K.dtype)

@@ -2,8 +2,9 @@
 
 Images: PSNR, SSIM (Wang et al. 2004, as skimage) and LPIPS-VGG, as pixelSplat evaluates novel
 views. Depth: AbsRel, RMSE and delta < 1.25 after median scaling. Cameras: ATE / RPE after a
-similarity alignment (cameras.pose_metrics, re-exported here). Shape legend: B batch, V views,
-H W image.
+similarity alignment (cameras.pose_metrics, re-exported here). Photo-consistency: the sources'
+photo error and the depth scale it fits (the exports' units). Shape legend: B batch, V views, H W
+image.
 """
 
 import csv
@@ -13,6 +14,8 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import cameras
 
 # pose_metrics is cameras' public API; evaluation reads it here with the other metrics
 from cameras import pose_metrics  # noqa: F401
@@ -131,6 +134,73 @@ def depth_metrics(pred, gt, mask=None, align='median'):
         return dict.fromkeys(DEPTH_METRICS, float('nan'))
     means = torch.tensor(rows).mean(0)
     return dict(zip(DEPTH_METRICS, means.tolist()))
+
+
+# ------------------------------------------------ photo-consistency: DA3's depth in the cameras' units
+def _spread(points):
+    """How far points (N,3) lie from their mean, at most; 0 for fewer than two points."""
+    if len(points) < 2:
+        return 0.0
+    return float((points - points.mean(0)).norm(dim=-1).max())
+
+
+def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
+    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
+    not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
+    resolve a baseline; else none (1). The exports' units."""
+    centres = c2w[:, :3, 3]
+    centres_da3 = c2w_da3[:, :3, 3]
+    if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
+        da3_baseline = _spread(centres_da3) >= 0.01 * float(depth.median())
+        if da3_baseline and _spread(centres) >= 1e-9:
+            scale = cameras.umeyama(centres_da3.double(), centres.double())[0]
+            return float(scale), 'da3 cameras'
+        return 1.0, 'none'
+    return fit_scale(images, depth, c2w, K, n_src)[0], 'source photo-consistency'
+
+
+# fit_scale's searches (log10 of the scale from, to, steps): six decades, then about the best
+SCALE_SEARCH = ((-3, 3, 121), (-0.05, 0.05, 41))
+
+
+def fit_scale(images, depth, c2w, K, n_src, searches=SCALE_SEARCH):
+    """The scale of depth under which the n_src sources agree best, and their mean photo error
+    there."""
+    sources = range(n_src)
+    pairs = [(i, j) for i in sources for j in sources if i != j]
+    best = 1.0
+    for low, high, steps in searches:
+        scales = torch.logspace(low, high, steps, dtype=torch.float64) * best
+        costs = []
+        for s in scales:
+            scaled = depth * float(s)
+            cost = sum(photo_error(images, scaled, c2w, K, i, j) for i, j in pairs)
+            costs.append(cost)
+        best = float(scales[torch.stack(costs).argmin()])
+    return best, float(min(costs)) / len(pairs)
+
+
+def photo_error(images, depth, c2w, K, i, j):
+    """Median colour error of view i's pixels moved by depth (V,H,W) into view j; 1 if < 5% land."""
+    _, _, H, W = images.shape
+    depth_i = depth[i].double()
+    c2w_i = c2w[i].double()
+    K_i = K[i].double()
+    points = cameras.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
+    pixels, z = cameras.project(points, c2w[j].double(), K[j].double(), H, W)
+    # grid_sample's [-1, 1] coordinates
+    xy = pixels / pixels.new_tensor([W, H]) * 2 - 1
+    in_front = z > 0
+    ok = in_front & (xy.abs() < 1).all(-1)
+    if ok.double().mean() < 0.05:
+        return torch.tensor(1.0, dtype=torch.float64)
+    grid = xy[ok][None, None]
+    image_j = images[j][None].double()
+    # (3,n) view j's colours where view i's pixels land
+    seen = F.grid_sample(image_j, grid, align_corners=False)[0, :, 0]
+    own = images[i].flatten(1).T[ok].double()
+    errors = (seen.T - own).abs().mean(-1)
+    return errors.median()
 
 
 # ------------------------------------------------------------ evaluation: the paper's protocol

@@ -3848,14 +3848,14 @@ def test_depth_scale_recovers_the_cameras_units(exported):
     truth = 2.5
     da3_c2w = e['c2w'].clone()
     da3_c2w[:, :3, 3] /= truth
-    scale, how = export.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], da3_c2w, 1)
+    scale, how = metrics.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], da3_c2w, 1)
     assert how == 'da3 cameras' and scale == pytest.approx(truth, rel=1e-6)
     off = da3_c2w.clone()
     off[:, :3, 3] /= 6
     for cams in (da3_c2w, torch.eye(4).expand(5, 4, 4), off):
-        scale, how = export.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], cams, 2)
+        scale, how = metrics.depth_scale(e['images'], e['depth'] / truth, e['c2w'], e['K'], cams, 2)
         assert how == 'source photo-consistency' and scale == pytest.approx(truth, rel=0.02), scale
-    assert export.depth_scale(e['images'], e['depth'], e['c2w'], e['K'], torch.eye(4).expand(5, 4, 4), 1) == (
+    assert metrics.depth_scale(e['images'], e['depth'], e['c2w'], e['K'], torch.eye(4).expand(5, 4, 4), 1) == (
         1.0,
         'none',
     )
