@@ -3,8 +3,9 @@
 Images: PSNR, SSIM (Wang et al. 2004, as skimage) and LPIPS-VGG, as pixelSplat evaluates novel
 views. Depth: AbsRel, RMSE and delta < 1.25 after median scaling. Cameras: ATE / RPE after a
 similarity alignment (cameras.pose_metrics, re-exported here). Photo-consistency: the sources'
-photo error and the depth scale it fits (the exports' units). Shape legend: B batch, V views, H W
-image.
+photo error, the depth scale it fits (the exports' units), and the baselines GLD is compared with:
+the nearest source, the mean colour, the sources reprojected. Shape legend: B batch, V views (N
+sources, M targets), H W image, P points, L the points landing in a target.
 """
 
 import csv
@@ -14,6 +15,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 import cameras
 
@@ -147,7 +149,7 @@ def _spread(points):
 def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
     """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
     not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
-    resolve a baseline; else none (1). The exports' units."""
+    resolve a baseline; else none (1). The exports' units and the reprojection baseline's."""
     centres = c2w[:, :3, 3]
     centres_da3 = c2w_da3[:, :3, 3]
     if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
@@ -203,6 +205,54 @@ def photo_error(images, depth, c2w, K, i, j):
     return errors.median()
 
 
+# ------------------------------------------------------------ the reprojection baseline
+def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill):
+    """The sources splatted into the targets with a z-buffer: colours (B,N,C,H,W), z-depth (B,N,H,W),
+    c2w (B,N,4,4), normalised K (B,N,3,3) of the sources; c2w_tgt, K_tgt (B,M,...) -> targets
+    (B,M,C,H,W), covered (B,M,H,W). Each source pixel (P = N*H*W points) lands on the target pixel
+    whose centre is nearest its projection; the nearest point wins a pixel; fill (broadcast to
+    (B,M,C,H,W)) the pixels none reaches."""
+    B, M = c2w_tgt.shape[:2]
+    C, H, W = colours.shape[-3:]
+    world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,H,W,3)
+    points = rearrange(world, 'B N H W c -> B 1 (N H W) c')
+    pixels, z = cameras.project(points, c2w_tgt, K_tgt, H, W)  # (B,M,P,2), (B,M,P)
+    # pixel u spans [u, u+1): its centre is u + 0.5
+    u = (pixels[..., 0] - 0.5).round().long()
+    v = (pixels[..., 1] - 0.5).round().long()
+    lands = (z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+    image = torch.arange(B * M, device=depth.device).view(B, M, 1)  # each target's index
+    # (L,) the index of each landing point's pixel among all targets' pixels
+    pixel = ((image * H + v) * W + u)[lands]
+    z = z[lands]
+    point_colours = rearrange(colours, 'B N c H W -> B 1 (N H W) c')
+    point_colours = point_colours.expand(B, M, -1, -1)[lands]  # (L,C)
+    # z-buffer: each pixel's nearest depth, then the points at it (equal depths: any of them)
+    nearest = z.new_full((B * M * H * W,), torch.inf)
+    nearest = nearest.scatter_reduce(0, pixel, z, 'amin')
+    front = z == nearest[pixel]
+    targets = fill.expand(B, M, C, H, W)
+    targets = rearrange(targets, 'B M c H W -> (B M H W) c').clone()
+    targets[pixel[front]] = point_colours[front].to(targets.dtype)
+    targets = rearrange(targets, '(B M H W) c -> B M c H W', B=B, M=M, H=H)
+    covered = rearrange(torch.isfinite(nearest), '(B M H W) -> B M H W', B=B, M=M, H=H)
+    return targets, covered
+
+
+def source_depth(enc, images, c2w, K, n_src):
+    """The geometry head's z-depth (B,N,H,W) of the n_src sources, encoded alone, in c2w's units
+    (depth_scale, as the exports set them; one source: none, DA3's own scale)."""
+    H, W = images.shape[-2:]
+    sources = images[:, :n_src]
+    levels, cls = enc.encode(sources, return_cls=True)
+    geo = enc.geometry(enc.normalize_levels(levels), H, W, cls_last=cls[-1])
+    depths = []
+    for b in range(len(images)):
+        scale, _ = depth_scale(sources[b], geo['depth'][b], c2w[b, :n_src], K[b, :n_src], geo['c2w'][b], n_src)
+        depths.append(geo['depth'][b] * scale)
+    return torch.stack(depths)
+
+
 # ------------------------------------------------------------ evaluation: the paper's protocol
 def baselines(images, c2w, n_src):
     """The baselines' targets (B,M,3,H,W): the nearest source (by camera), the sources' mean colour."""
@@ -228,8 +278,9 @@ def geometry_metrics(geo, scene, n_src):  # cameras, target depths of a geometry
 
 
 def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
-    """One scene of the paper's protocol (sources first): metrics of GLD's and two baselines'
-    targets; gt_geometry: of the geometry head on the true images too."""
+    """One scene of the paper's protocol (sources first): metrics of GLD's and the baselines' targets
+    (reprojection: where the encoder has a geometry head); gt_geometry: of the head on the true images
+    too."""
     images = scene['images']
     c2w = scene['c2w']
     K = scene['K']
@@ -238,12 +289,16 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     targets = images[:, n_src:]
     generated = out['images'][:, n_src:]
     methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
+    enc = pipe.enc
+    if enc.has_geometry:  # the sources forward-warped with the head's depth on them, holes the mean colour
+        depth = source_depth(enc, images, c2w, K, n_src)
+        sources = (images[:, :n_src], depth, c2w[:, :n_src], K[:, :n_src])
+        methods['reprojection'], _ = forward_warp(*sources, c2w[:, n_src:], K[:, n_src:], mean)
     rows = {}  # {method: {metric: value}}
     for method, im in methods.items():
         rows[method] = image_metrics(im, targets, lpips)
     gld = rows['gld']
     gld.update(geometry_metrics(out['geometry'], scene, n_src))
-    enc = pipe.enc
     cls = None
     if enc.has_geometry:
         raw, cls = enc.encode(images, return_cls=True)
