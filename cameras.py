@@ -1,4 +1,5 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE, trajectories, checks, metrics.
+"""Cameras: conventions, pose normalisation, depth and projection, Plücker rays, PRoPE, trajectories,
+checks, metrics.
 
 Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y
 down, z forward. Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point
