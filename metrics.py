@@ -150,8 +150,8 @@ def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
     """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
     not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
     resolve a baseline; else none (1). The exports' units and the reprojection baseline's."""
-    centres = c2w[:, :3, 3]
-    centres_da3 = c2w_da3[:, :3, 3]
+    centres = cameras.translation(c2w)
+    centres_da3 = cameras.translation(c2w_da3)
     if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
         da3_baseline = _spread(centres_da3) >= 0.01 * float(depth.median())
         if da3_baseline and _spread(centres) >= 1e-9:
@@ -185,22 +185,26 @@ def fit_scale(images, depth, c2w, K, n_src, searches=SCALE_SEARCH):
 def photo_error(images, depth, c2w, K, i, j):
     """Median colour error of view i's pixels moved by depth (V,H,W) into view j; 1 if < 5% land."""
     _, _, H, W = images.shape
-    depth_i = depth[i].double()
-    c2w_i = c2w[i].double()
-    K_i = K[i].double()
-    points = cameras.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
-    pixels, z = cameras.project(points, c2w[j].double(), K[j].double(), H, W)
+    images = images.double()
+    depth = depth.double()
+    c2w = c2w.double()
+    K = K.double()
+    points = cameras.depth_to_points(depth[i], c2w[i], K[i])
+    points = points.reshape(-1, 3)  # (HW,3)
+    pixels, z = cameras.project(points, c2w[j], K[j], H, W)
     # grid_sample's [-1, 1] coordinates
-    xy = pixels / pixels.new_tensor([W, H]) * 2 - 1
+    size = pixels.new_tensor([W, H])
+    xy = pixels / size * 2 - 1
     in_front = z > 0
-    ok = in_front & (xy.abs() < 1).all(-1)
+    inside = (xy.abs() < 1).all(-1)
+    ok = in_front & inside
     if ok.double().mean() < 0.05:
         return torch.tensor(1.0, dtype=torch.float64)
     grid = xy[ok][None, None]
-    image_j = images[j][None].double()
+    image_j = images[j][None]
     # (3,n) view j's colours where view i's pixels land
     seen = F.grid_sample(image_j, grid, align_corners=False)[0, :, 0]
-    own = images[i].flatten(1).T[ok].double()
+    own = images[i].flatten(1).T[ok]
     errors = (seen.T - own).abs().mean(-1)
     return errors.median()
 
@@ -217,40 +221,64 @@ def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill):
     world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,H,W,3)
     points = rearrange(world, 'B N H W c -> B 1 (N H W) c')
     pixels, z = cameras.project(points, c2w_tgt, K_tgt, H, W)  # (B,M,P,2), (B,M,P)
-    # pixel u spans [u, u+1): its centre is u + 0.5
-    u = (pixels[..., 0] - 0.5).round().long()
-    v = (pixels[..., 1] - 0.5).round().long()
-    lands = (z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H)
-    image = torch.arange(B * M, device=depth.device).view(B, M, 1)  # each target's index
-    # (L,) the index of each landing point's pixel among all targets' pixels
-    pixel = ((image * H + v) * W + u)[lands]
+    # the pixel whose centre is nearest: pixel u spans [u, u+1), its centre is u + 0.5
+    nearest_pixel = (pixels - 0.5).round().long()
+    u, v = nearest_pixel.unbind(-1)
+    in_front = z > 0
+    inside_columns = (u >= 0) & (u < W)
+    inside_rows = (v >= 0) & (v < H)
+    lands = in_front & inside_columns & inside_rows
+    target = torch.arange(B * M, device=depth.device)
+    target = rearrange(target, '(B M) -> B M 1', B=B)
+    # (B,M,P) each point's pixel among all the targets' pixels
+    pixel = (target * H + v) * W + u
+    pixel = pixel[lands]  # (L,)
     z = z[lands]
     point_colours = rearrange(colours, 'B N c H W -> B 1 (N H W) c')
-    point_colours = point_colours.expand(B, M, -1, -1)[lands]  # (L,C)
-    # z-buffer: each pixel's nearest depth, then the points at it (equal depths: any of them)
-    nearest = z.new_full((B * M * H * W,), torch.inf)
-    nearest = nearest.scatter_reduce(0, pixel, z, 'amin')
-    front = z == nearest[pixel]
+    point_colours = point_colours.expand(B, M, -1, -1)
+    point_colours = point_colours[lands]  # (L,C)
+    # the z-buffer: each pixel's nearest depth, then the points at it (equal depths: any of them)
+    n_pixels = B * M * H * W
+    zbuffer = z.new_full((n_pixels,), torch.inf)
+    zbuffer = zbuffer.scatter_reduce(0, pixel, z, 'amin')
+    front = z == zbuffer[pixel]
     targets = fill.expand(B, M, C, H, W)
     targets = rearrange(targets, 'B M c H W -> (B M H W) c').clone()
-    targets[pixel[front]] = point_colours[front].to(targets.dtype)
+    targets[pixel[front]] = point_colours[front]
     targets = rearrange(targets, '(B M H W) c -> B M c H W', B=B, M=M, H=H)
-    covered = rearrange(torch.isfinite(nearest), '(B M H W) -> B M H W', B=B, M=M, H=H)
+    covered = torch.isfinite(zbuffer)
+    covered = covered.view(B, M, H, W)
     return targets, covered
 
 
-def source_depth(enc, images, c2w, K, n_src):
-    """The geometry head's z-depth (B,N,H,W) of the n_src sources, encoded alone, in c2w's units
-    (depth_scale, as the exports set them; one source: none, DA3's own scale)."""
-    H, W = images.shape[-2:]
-    sources = images[:, :n_src]
+def source_depth(enc, sources, c2w, K):
+    """The geometry head's z-depth (B,N,H,W) of sources (B,N,3,H,W) encoded alone, in the units of
+    their cameras c2w, K as the exports set them (depth_scale; one source: DA3's own)."""
+    N = sources.shape[1]
+    H, W = sources.shape[-2:]
     levels, cls = enc.encode(sources, return_cls=True)
-    geo = enc.geometry(enc.normalize_levels(levels), H, W, cls_last=cls[-1])
-    depths = []
-    for b in range(len(images)):
-        scale, _ = depth_scale(sources[b], geo['depth'][b], c2w[b, :n_src], K[b, :n_src], geo['c2w'][b], n_src)
-        depths.append(geo['depth'][b] * scale)
-    return torch.stack(depths)
+    levels = enc.normalize_levels(levels)
+    geo = enc.geometry(levels, H, W, cls_last=cls[-1])
+    scaled = []
+    # one scene at a time: its views, DA3's depth, the given cameras, DA3's
+    scenes = zip(sources, geo['depth'], c2w, K, geo['c2w'])
+    for images_b, depth, c2w_b, K_b, c2w_da3 in scenes:
+        scale, _ = depth_scale(images_b, depth, c2w_b, K_b, c2w_da3, N)
+        scaled.append(depth * scale)
+    return torch.stack(scaled)
+
+
+def reprojection(enc, images, c2w, K, n_src, fill):
+    """The reprojection baseline's targets (B,M,3,H,W): the n_src sources forward-warped into the
+    other views with the geometry head's depth on them (source_depth), fill where none lands."""
+    sources = images[:, :n_src]
+    c2w_src = c2w[:, :n_src]
+    K_src = K[:, :n_src]
+    depth = source_depth(enc, sources, c2w_src, K_src)
+    c2w_tgt = c2w[:, n_src:]
+    K_tgt = K[:, n_src:]
+    targets, _ = forward_warp(sources, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill)
+    return targets
 
 
 # ------------------------------------------------------------ evaluation: the paper's protocol
@@ -291,9 +319,7 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
     enc = pipe.enc
     if enc.has_geometry:  # the sources forward-warped with the head's depth on them, holes the mean colour
-        depth = source_depth(enc, images, c2w, K, n_src)
-        sources = (images[:, :n_src], depth, c2w[:, :n_src], K[:, :n_src])
-        methods['reprojection'], _ = forward_warp(*sources, c2w[:, n_src:], K[:, n_src:], mean)
+        methods['reprojection'] = reprojection(enc, images, c2w, K, n_src, mean)
     rows = {}  # {method: {metric: value}}
     for method, im in methods.items():
         rows[method] = image_metrics(im, targets, lpips)

@@ -3704,7 +3704,7 @@ def test_bundled_evaluation_reprojects_the_sources_with_depth_in_the_cameras_uni
     pipe, scenes = bundled
     steps, cfg_scale = sample.SAMPLER_DEFAULTS['bundled']
     for i, scene in enumerate(scenes):
-        depth = metrics.source_depth(pipe.enc, scene['images'], scene['c2w'], scene['K'], 2)
+        depth = metrics.source_depth(pipe.enc, scene['images'][:, :2], scene['c2w'][:, :2], scene['K'][:, :2])
         ratio = (depth / scene['depths'][:, :2]).median()
         assert 1 / 1.5 < ratio < 1.5, ratio
         rows, _ = metrics.evaluate_scene(pipe, scene, 2, steps=steps, cfg_scale=cfg_scale, seed=i)
