@@ -1,5 +1,5 @@
-"""Cameras: conventions, pose normalisation, depth and projection, Plücker rays, PRoPE, trajectories,
-checks, metrics.
+"""Cameras: conventions, pose normalisation, depth and projection, Plücker rays, PRoPE,
+trajectories, checks, metrics.
 
 Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y
 down, z forward. Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point
@@ -186,8 +186,8 @@ def depth_to_points(depth, c2w, K):
 
 
 def project(points, c2w, K, H, W):
-    """World points (...,N,3) into cameras c2w (...,4,4), normalised K (...,3,3) -> pixel coordinates
-    (...,N,2) (pixel u spans [u, u+1)), z-depth (...,N); meaningless where z <= 0."""
+    """World points (...,N,3) into cameras c2w (...,4,4), normalised K (...,3,3) -> pixel
+    coordinates (...,N,2) (pixel u spans [u, u+1)), z-depth (...,N); meaningless where z <= 0."""
     w2c = c2w_to_w2c(c2w)
     R = rotation(w2c)
     t = translation(w2c)[..., None, :]  # (...,1,3)

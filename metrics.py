@@ -138,7 +138,7 @@ def depth_metrics(pred, gt, mask=None, align='median'):
     return dict(zip(DEPTH_METRICS, means.tolist()))
 
 
-# ------------------------------------------------ photo-consistency: DA3's depth in the cameras' units
+# ------------------------------------------ photo-consistency: DA3's depth in the cameras' units
 def _spread(points):
     """How far points (N,3) lie from their mean, at most; 0 for fewer than two points."""
     if len(points) < 2:
@@ -211,11 +211,11 @@ def photo_error(images, depth, c2w, K, i, j):
 
 # ------------------------------------------------------------ the reprojection baseline
 def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill):
-    """The sources splatted into the targets with a z-buffer: colours (B,N,C,H,W), z-depth (B,N,H,W),
-    c2w (B,N,4,4), normalised K (B,N,3,3) of the sources; c2w_tgt, K_tgt (B,M,...) -> targets
-    (B,M,C,H,W), covered (B,M,H,W). Each source pixel (P = N*H*W points) lands on the target pixel
-    whose centre is nearest its projection; the nearest point wins a pixel; fill (broadcast to
-    (B,M,C,H,W)) the pixels none reaches."""
+    """The sources splatted into the targets with a z-buffer: colours (B,N,C,H,W), z-depth
+    (B,N,H,W), c2w (B,N,4,4), normalised K (B,N,3,3) of the sources; c2w_tgt, K_tgt (B,M,...) ->
+    targets (B,M,C,H,W), covered (B,M,H,W). Each source pixel (P = N*H*W points) lands on the
+    target pixel whose centre is nearest its projection; the nearest point wins a pixel; fill
+    (broadcast to (B,M,C,H,W)) the pixels none reaches."""
     B, M = c2w_tgt.shape[:2]
     C, H, W = colours.shape[-3:]
     world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,H,W,3)
@@ -306,9 +306,9 @@ def geometry_metrics(geo, scene, n_src):  # cameras, target depths of a geometry
 
 
 def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
-    """One scene of the paper's protocol (sources first): metrics of GLD's and the baselines' targets
-    (reprojection: where the encoder has a geometry head); gt_geometry: of the head on the true images
-    too."""
+    """One scene of the paper's protocol (sources first): metrics of GLD's and the baselines'
+    targets (reprojection: where the encoder has a geometry head); gt_geometry: of the head on the
+    true images too."""
     images = scene['images']
     c2w = scene['c2w']
     K = scene['K']
@@ -318,7 +318,8 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     generated = out['images'][:, n_src:]
     methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
     enc = pipe.enc
-    if enc.has_geometry:  # the sources forward-warped with the head's depth on them, holes the mean colour
+    # the sources forward-warped with the head's depth on them, holes the mean colour
+    if enc.has_geometry:
         methods['reprojection'] = reprojection(enc, images, c2w, K, n_src, mean)
     rows = {}  # {method: {metric: value}}
     for method, im in methods.items():
