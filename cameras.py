@@ -1,4 +1,5 @@
-"""Cameras: conventions, pose normalisation, Plücker rays, PRoPE, trajectories, checks, metrics.
+"""Cameras: conventions, pose normalisation, depth and projection, Plücker rays, PRoPE,
+trajectories, checks, metrics.
 
 Conventions (every module follows them): poses are OpenCV camera-to-world c2w (...,4,4), x right, y
 down, z forward. Intrinsics K (...,3,3) are normalised (row 0 / W, row 1 / H: principal point
@@ -165,6 +166,37 @@ def pixel_centres(H, W, offset=(0.5, 0.5), device=None, dtype=torch.float32):
     y = (v + offset[1]) / H
     grid_y, grid_x = torch.meshgrid(y, x, indexing='ij')
     return torch.stack([grid_x, grid_y], -1)
+
+
+def pixel_grid(h, w, device, dtype=torch.float64):
+    """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
+    xy = pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
+    ones = torch.ones_like(xy[..., :1])
+    return torch.cat([xy, ones], -1)
+
+
+def depth_to_points(depth, c2w, K):
+    """z-depth (...,H,W), c2w (...,4,4), normalised K (...,3,3) -> world points (...,H,W,3)."""
+    H, W = depth.shape[-2:]
+    pix = pixel_grid(H, W, depth.device, depth.dtype)
+    rays = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix)
+    cam = rays * depth[..., None]  # camera-frame points
+    world = torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam)
+    return world + c2w[..., None, None, :3, 3]
+
+
+def project(points, c2w, K, H, W):
+    """World points (...,N,3) into cameras c2w (...,4,4), normalised K (...,3,3) -> pixel
+    coordinates (...,N,2) (pixel u spans [u, u+1)), z-depth (...,N); meaningless where z <= 0."""
+    w2c = c2w_to_w2c(c2w)
+    R = rotation(w2c)
+    t = translation(w2c)[..., None, :]  # (...,1,3)
+    points_cam = points @ R.mT + t
+    # (...,N,3): [z u, z v, z]
+    uvz = points_cam @ K_to_pixels(K, H, W).mT
+    z = uvz[..., 2:]
+    pixels = uvz[..., :2] / z.clamp_min(1e-9)
+    return pixels, z[..., 0]
 
 
 def plucker_rays(c2w, K, H, W, pixel_offset=(0.5, 0.5)):

@@ -441,13 +441,6 @@ class DA3(LatentEncoder):
 
 
 # ---- Geometry from the head's outputs --------------------------------------------------------
-def pixel_grid(h, w, device, dtype=torch.float64):
-    """Normalised pixel centres, homogeneous: [(x+0.5)/w, (y+0.5)/h, 1] -> (h,w,3)."""
-    xy = cameras.pixel_centres(h, w, device=device, dtype=dtype)  # (h,w,2)
-    ones = torch.ones_like(xy[..., :1])
-    return torch.cat([xy, ones], -1)
-
-
 def pose_from_rays(ray, conf, iters=8):
     """ray (...,h,w,6) [world direction, origin], conf (...,h,w) -> c2w, K. d ~ A p = R K^-1 p:
     weighted DLT of d x A p = 0, IRLS weights conf / (1 + (e/median e)^2)^2 (chordal e), QR A = R U;
@@ -466,7 +459,7 @@ def pose_from_rays(ray, conf, iters=8):
         dtype=d.dtype,
         device=d.device,
     )
-    pixels = rearrange(pixel_grid(h, w, d.device), 'h w c -> (h w) c')
+    pixels = rearrange(cameras.pixel_grid(h, w, d.device), 'h w c -> (h w) c')
     p = pixels @ cond.T  # (P,3)
     pp = p[:, :, None] * p[:, None, :]  # (P,3,3) outer products
     pp = rearrange(pp, 'p i j -> p (i j)')
@@ -510,21 +503,11 @@ def pose_from_rays(ray, conf, iters=8):
 
 def rays_from_cameras(c2w, K, h, w):
     """c2w (...,3|4,4), normalised K (...,3,3) -> DA3's ray map (...,h,w,6) [R K^-1 [u,v,1], c]."""
-    pix = pixel_grid(h, w, K.device, K.dtype)
+    pix = cameras.pixel_grid(h, w, K.device, K.dtype)
     pixel_to_world = c2w[..., :3, :3] @ K.inverse()
     dirs = torch.einsum('...ij,hwj->...hwi', pixel_to_world, pix)
     centres = c2w[..., None, None, :3, 3].expand_as(dirs)
     return torch.cat([dirs, centres], -1)
-
-
-def depth_to_points(depth, c2w, K):
-    """depth (...,H,W), c2w (...,4,4), normalised K (...,3,3) -> world points (...,H,W,3)."""
-    H, W = depth.shape[-2:]
-    pix = pixel_grid(H, W, depth.device, depth.dtype)
-    rays = torch.einsum('...ij,hwj->...hwi', torch.linalg.inv(K), pix)
-    cam = rays * depth[..., None]  # camera-frame points
-    world = torch.einsum('...ij,...hwj->...hwi', c2w[..., :3, :3], cam)
-    return world + c2w[..., None, None, :3, 3]
 
 
 # ---- Weights ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 import cameras
 import cli
 import data
-import encoder as encoder_lib
+import metrics
 
 # sample.py's --export: the choices, all of them by default
 FORMATS = ('ply', 'colmap', 'nerfstudio', 'glb')
@@ -54,52 +54,6 @@ def view_names(V, n_src):
     return sources + targets
 
 
-# ---------------------------------------------------------------- DA3's depth in the cameras' units
-def _spread(points):
-    """How far points (N,3) lie from their mean, at most; 0 for fewer than two points."""
-    if len(points) < 2:
-        return 0.0
-    return float((points - points.mean(0)).norm(dim=-1).max())
-
-
-def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
-    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
-    not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
-    resolve a baseline; else none (1)."""
-    centres = c2w[:, :3, 3]
-    centres_da3 = c2w_da3[:, :3, 3]
-    if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
-        da3_baseline = _spread(centres_da3) >= 0.01 * float(depth.median())
-        if da3_baseline and _spread(centres) >= 1e-9:
-            scale = cameras.umeyama(centres_da3.double(), centres.double())[0]
-            return float(scale), 'da3 cameras'
-        return 1.0, 'none'
-    return fit_scale(images, depth, c2w, K, n_src)[0], 'source photo-consistency'
-
-
-# fit_scale's searches (log10 of the scale from, to, steps): six decades, then about the best;
-# check_poses's, coarser
-SCALE_SEARCH = ((-3, 3, 121), (-0.05, 0.05, 41))
-CHECK_SEARCH = ((-3, 3, 61), (-0.1, 0.1, 11))
-
-
-def fit_scale(images, depth, c2w, K, n_src, searches=SCALE_SEARCH):
-    """The scale of depth under which the n_src sources agree best, and their mean photo error
-    there."""
-    sources = range(n_src)
-    pairs = [(i, j) for i in sources for j in sources if i != j]
-    best = 1.0
-    for low, high, steps in searches:
-        scales = torch.logspace(low, high, steps, dtype=torch.float64) * best
-        costs = []
-        for s in scales:
-            scaled = depth * float(s)
-            cost = sum(photo_error(images, scaled, c2w, K, i, j) for i, j in pairs)
-            costs.append(cost)
-        best = float(scales[torch.stack(costs).argmin()])
-    return best, float(min(costs)) / len(pairs)
-
-
 def inverted_in_opengl_axes(c2w):
     """The cameras whose OpenGL-axes matrices (transforms.json, the release's pose) are the
     inverses of c2w's."""
@@ -128,6 +82,10 @@ CAMERA_MISTAKES = {
 }
 
 
+# check_poses's search of the depth scale (metrics.fit_scale's searches), coarser
+CHECK_SEARCH = ((-3, 3, 61), (-0.1, 0.1, 11))
+
+
 def check_poses(images, depth, c2w, K, n_src, side=64, ratio=1.5, searches=CHECK_SEARCH):
     """The sources' photo error (each at its best depth scale, on images shrunk to `side` px, a
     coarser search) under the given cameras and under each CAMERA_MISTAKES undone -> ({'given': e,
@@ -136,9 +94,9 @@ def check_poses(images, depth, c2w, K, n_src, side=64, ratio=1.5, searches=CHECK
     small = F.interpolate(images[:n_src], scale_factor=shrink, mode='area')
     H, W = small.shape[-2:]
     small_depth = F.interpolate(depth[:n_src, None], size=(H, W), mode='area')[:, 0]
-    errors = {'given': fit_scale(small, small_depth, c2w, K, n_src, searches)[1]}
+    errors = {'given': metrics.fit_scale(small, small_depth, c2w, K, n_src, searches)[1]}
     for name, (_, _, undo) in CAMERA_MISTAKES.items():
-        errors[name] = fit_scale(small, small_depth, undo(c2w), K, n_src, searches)[1]
+        errors[name] = metrics.fit_scale(small, small_depth, undo(c2w), K, n_src, searches)[1]
     best = min(CAMERA_MISTAKES, key=errors.get)
     given = errors['given']
     if errors[best] * ratio > given:
@@ -150,41 +108,10 @@ def check_poses(images, depth, c2w, K, n_src, side=64, ratio=1.5, searches=CHECK
     return errors, warning
 
 
-def photo_error(images, depth, c2w, K, i, j):
-    """Median colour error of view i's pixels moved by depth (V,H,W) into view j; 1 if < 5% land."""
-    _, _, H, W = images.shape
-    depth_i = depth[i].double()
-    c2w_i = c2w[i].double()
-    K_i = K[i].double()
-    points = encoder_lib.depth_to_points(depth_i, c2w_i, K_i).reshape(-1, 3)
-    w2c = cameras.c2w_to_w2c(c2w[j].double())
-    R_j = w2c[:3, :3]
-    t_j = w2c[:3, 3]
-    points_j = points @ R_j.T + t_j
-    Kpix = cameras.K_to_pixels(K[j].double(), H, W)
-    # (HW,3): [z u, z v, z]
-    uvz = points_j @ Kpix.T
-    z = uvz[:, 2:]
-    pixels = uvz[:, :2] / z.clamp_min(1e-9)
-    # grid_sample's [-1, 1] coordinates
-    xy = pixels / uvz.new_tensor([W, H]) * 2 - 1
-    in_front = z[:, 0] > 0
-    ok = in_front & (xy.abs() < 1).all(-1)
-    if ok.double().mean() < 0.05:
-        return torch.tensor(1.0, dtype=torch.float64)
-    grid = xy[ok][None, None]
-    image_j = images[j][None].double()
-    # (3,n) view j's colours where view i's pixels land
-    seen = F.grid_sample(image_j, grid, align_corners=False)[0, :, 0]
-    own = images[i].flatten(1).T[ok].double()
-    errors = (seen.T - own).abs().mean(-1)
-    return errors.median()
-
-
 def fuse_points(images, depth, conf, c2w, K, keep=0.7):
     """The `keep` most confident pixels unprojected -> {'xyz' (N,3), 'rgb', 'view', 'uv' (N,2)}."""
     # (V,H,W,3)
-    points = encoder_lib.depth_to_points(depth.double(), c2w.double(), K.double())
+    points = cameras.depth_to_points(depth.double(), c2w.double(), K.double())
     threshold = conf.flatten().quantile(1 - keep)
     mask = conf >= threshold
     # row-major: view, then y, then x
@@ -695,7 +622,7 @@ def write_scene(
     how = 'none'
     check = None
     if units == 'poses':
-        scale, how = depth_scale(images, depth, c2w, K, c2w_da3, n_src)
+        scale, how = metrics.depth_scale(images, depth, c2w, K, c2w_da3, n_src)
     # do the sources agree with their cameras better than with a common mistake?
     if how == 'source photo-consistency':
         errors, warning = check_poses(images, depth, c2w, K, n_src)

@@ -2,8 +2,10 @@
 
 Images: PSNR, SSIM (Wang et al. 2004, as skimage) and LPIPS-VGG, as pixelSplat evaluates novel
 views. Depth: AbsRel, RMSE and delta < 1.25 after median scaling. Cameras: ATE / RPE after a
-similarity alignment (cameras.pose_metrics, re-exported here). Shape legend: B batch, V views,
-H W image.
+similarity alignment (cameras.pose_metrics, re-exported here). Photo-consistency: the sources'
+photo error, the depth scale it fits (the exports' units), and the baselines GLD is compared with:
+the nearest source, the mean colour, the sources reprojected. Shape legend: B batch, V views (N
+sources, M targets), H W image, P points, L the points landing in a target.
 """
 
 import csv
@@ -13,6 +15,9 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+import cameras
 
 # pose_metrics is cameras' public API; evaluation reads it here with the other metrics
 from cameras import pose_metrics  # noqa: F401
@@ -133,6 +138,149 @@ def depth_metrics(pred, gt, mask=None, align='median'):
     return dict(zip(DEPTH_METRICS, means.tolist()))
 
 
+# ------------------------------------------ photo-consistency: DA3's depth in the cameras' units
+def _spread(points):
+    """How far points (N,3) lie from their mean, at most; 0 for fewer than two points."""
+    if len(points) < 2:
+        return 0.0
+    return float((points - points.mean(0)).norm(dim=-1).max())
+
+
+def depth_scale(images, depth, c2w, K, c2w_da3, n_src):
+    """(scale of DA3's depth to c2w's units, how): 2+ sources apart: photo-consistency (the pixels,
+    not a pose head: the tiny head's centres were 8x off); else Umeyama of DA3's centres where they
+    resolve a baseline; else none (1). The exports' units and the reprojection baseline's."""
+    centres = cameras.translation(c2w)
+    centres_da3 = cameras.translation(c2w_da3)
+    if n_src < 2 or _spread(centres[:n_src]) < 1e-9:
+        da3_baseline = _spread(centres_da3) >= 0.01 * float(depth.median())
+        if da3_baseline and _spread(centres) >= 1e-9:
+            scale = cameras.umeyama(centres_da3.double(), centres.double())[0]
+            return float(scale), 'da3 cameras'
+        return 1.0, 'none'
+    return fit_scale(images, depth, c2w, K, n_src)[0], 'source photo-consistency'
+
+
+# fit_scale's searches (log10 of the scale from, to, steps): six decades, then about the best
+SCALE_SEARCH = ((-3, 3, 121), (-0.05, 0.05, 41))
+
+
+def fit_scale(images, depth, c2w, K, n_src, searches=SCALE_SEARCH):
+    """The scale of depth under which the n_src sources agree best, and their mean photo error
+    there."""
+    sources = range(n_src)
+    pairs = [(i, j) for i in sources for j in sources if i != j]
+    best = 1.0
+    for low, high, steps in searches:
+        scales = torch.logspace(low, high, steps, dtype=torch.float64) * best
+        costs = []
+        for s in scales:
+            scaled = depth * float(s)
+            cost = sum(photo_error(images, scaled, c2w, K, i, j) for i, j in pairs)
+            costs.append(cost)
+        best = float(scales[torch.stack(costs).argmin()])
+    return best, float(min(costs)) / len(pairs)
+
+
+def photo_error(images, depth, c2w, K, i, j):
+    """Median colour error of view i's pixels moved by depth (V,H,W) into view j; 1 if < 5% land."""
+    _, _, H, W = images.shape
+    images = images.double()
+    depth = depth.double()
+    c2w = c2w.double()
+    K = K.double()
+    points = cameras.depth_to_points(depth[i], c2w[i], K[i])
+    points = points.reshape(-1, 3)  # (HW,3)
+    pixels, z = cameras.project(points, c2w[j], K[j], H, W)
+    # grid_sample's [-1, 1] coordinates
+    size = pixels.new_tensor([W, H])
+    xy = pixels / size * 2 - 1
+    in_front = z > 0
+    inside = (xy.abs() < 1).all(-1)
+    ok = in_front & inside
+    if ok.double().mean() < 0.05:
+        return torch.tensor(1.0, dtype=torch.float64)
+    grid = xy[ok][None, None]
+    image_j = images[j][None]
+    # (3,n) view j's colours where view i's pixels land
+    seen = F.grid_sample(image_j, grid, align_corners=False)[0, :, 0]
+    own = images[i].flatten(1).T[ok]
+    errors = (seen.T - own).abs().mean(-1)
+    return errors.median()
+
+
+# ------------------------------------------------------------ the reprojection baseline
+def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill):
+    """The sources splatted into the targets with a z-buffer: colours (B,N,C,H,W), z-depth
+    (B,N,H,W), c2w (B,N,4,4), normalised K (B,N,3,3) of the sources; c2w_tgt, K_tgt (B,M,...) ->
+    targets (B,M,C,H,W), covered (B,M,H,W). Each source pixel (P = N*H*W points) lands on the
+    target pixel whose centre is nearest its projection; the nearest point wins a pixel; fill
+    (broadcast to (B,M,C,H,W)) the pixels none reaches."""
+    B, M = c2w_tgt.shape[:2]
+    C, H, W = colours.shape[-3:]
+    world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,H,W,3)
+    points = rearrange(world, 'B N H W c -> B 1 (N H W) c')
+    pixels, z = cameras.project(points, c2w_tgt, K_tgt, H, W)  # (B,M,P,2), (B,M,P)
+    # the pixel whose centre is nearest: pixel u spans [u, u+1), its centre is u + 0.5
+    nearest_pixel = (pixels - 0.5).round().long()
+    u, v = nearest_pixel.unbind(-1)
+    in_front = z > 0
+    inside_columns = (u >= 0) & (u < W)
+    inside_rows = (v >= 0) & (v < H)
+    lands = in_front & inside_columns & inside_rows
+    target = torch.arange(B * M, device=depth.device)
+    target = rearrange(target, '(B M) -> B M 1', B=B)
+    # (B,M,P) each point's pixel among all the targets' pixels
+    pixel = (target * H + v) * W + u
+    pixel = pixel[lands]  # (L,)
+    z = z[lands]
+    point_colours = rearrange(colours, 'B N c H W -> B 1 (N H W) c')
+    point_colours = point_colours.expand(B, M, -1, -1)
+    point_colours = point_colours[lands]  # (L,C)
+    # the z-buffer: each pixel's nearest depth, then the points at it (equal depths: any of them)
+    n_pixels = B * M * H * W
+    zbuffer = z.new_full((n_pixels,), torch.inf)
+    zbuffer = zbuffer.scatter_reduce(0, pixel, z, 'amin')
+    front = z == zbuffer[pixel]
+    targets = fill.expand(B, M, C, H, W)
+    targets = rearrange(targets, 'B M c H W -> (B M H W) c').clone()
+    targets[pixel[front]] = point_colours[front]
+    targets = rearrange(targets, '(B M H W) c -> B M c H W', B=B, M=M, H=H)
+    covered = torch.isfinite(zbuffer)
+    covered = covered.view(B, M, H, W)
+    return targets, covered
+
+
+def source_depth(enc, sources, c2w, K):
+    """The geometry head's z-depth (B,N,H,W) of sources (B,N,3,H,W) encoded alone, in the units of
+    their cameras c2w, K as the exports set them (depth_scale; one source: DA3's own)."""
+    N = sources.shape[1]
+    H, W = sources.shape[-2:]
+    levels, cls = enc.encode(sources, return_cls=True)
+    levels = enc.normalize_levels(levels)
+    geo = enc.geometry(levels, H, W, cls_last=cls[-1])
+    scaled = []
+    # one scene at a time: its views, DA3's depth, the given cameras, DA3's
+    scenes = zip(sources, geo['depth'], c2w, K, geo['c2w'])
+    for images_b, depth, c2w_b, K_b, c2w_da3 in scenes:
+        scale, _ = depth_scale(images_b, depth, c2w_b, K_b, c2w_da3, N)
+        scaled.append(depth * scale)
+    return torch.stack(scaled)
+
+
+def reprojection(enc, images, c2w, K, n_src, fill):
+    """The reprojection baseline's targets (B,M,3,H,W): the n_src sources forward-warped into the
+    other views with the geometry head's depth on them (source_depth), fill where none lands."""
+    sources = images[:, :n_src]
+    c2w_src = c2w[:, :n_src]
+    K_src = K[:, :n_src]
+    depth = source_depth(enc, sources, c2w_src, K_src)
+    c2w_tgt = c2w[:, n_src:]
+    K_tgt = K[:, n_src:]
+    targets, _ = forward_warp(sources, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill)
+    return targets
+
+
 # ------------------------------------------------------------ evaluation: the paper's protocol
 def baselines(images, c2w, n_src):
     """The baselines' targets (B,M,3,H,W): the nearest source (by camera), the sources' mean colour."""
@@ -158,8 +306,9 @@ def geometry_metrics(geo, scene, n_src):  # cameras, target depths of a geometry
 
 
 def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_geometry=False, sampler='euler'):
-    """One scene of the paper's protocol (sources first): metrics of GLD's and two baselines'
-    targets; gt_geometry: of the geometry head on the true images too."""
+    """One scene of the paper's protocol (sources first): metrics of GLD's and the baselines'
+    targets (reprojection: where the encoder has a geometry head); gt_geometry: of the head on the
+    true images too."""
     images = scene['images']
     c2w = scene['c2w']
     K = scene['K']
@@ -168,12 +317,15 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     targets = images[:, n_src:]
     generated = out['images'][:, n_src:]
     methods = {'gld': generated, 'nearest source': nearest, 'mean colour': mean}
+    enc = pipe.enc
+    # the sources forward-warped with the head's depth on them, holes the mean colour
+    if enc.has_geometry:
+        methods['reprojection'] = reprojection(enc, images, c2w, K, n_src, mean)
     rows = {}  # {method: {metric: value}}
     for method, im in methods.items():
         rows[method] = image_metrics(im, targets, lpips)
     gld = rows['gld']
     gld.update(geometry_metrics(out['geometry'], scene, n_src))
-    enc = pipe.enc
     cls = None
     if enc.has_geometry:
         raw, cls = enc.encode(images, return_cls=True)

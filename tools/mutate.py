@@ -296,6 +296,28 @@ MUTATIONS = [
         'self.encode(images[:, -1:], return_cls=True)',
         'propagation_identity or ground_truth_latents',
     ),
+    # the reprojection baseline
+    Mutation(
+        'reprojection: the farthest point wins a pixel',
+        'metrics.py',
+        "zbuffer.scatter_reduce(0, pixel, z, 'amin')",
+        "zbuffer.scatter_reduce(0, pixel, -z, 'amin').neg()",
+        'forward_warp',
+    ),
+    Mutation(
+        'reprojection: points projected with c2w, not w2c',
+        'cameras.py',
+        '    w2c = c2w_to_w2c(c2w)\n    R = rotation(w2c)',
+        '    w2c = c2w\n    R = rotation(w2c)',
+        'forward_warp',
+    ),
+    Mutation(
+        "reprojection: DA3's depth left in its own scale",
+        'metrics.py',
+        'scaled.append(depth * scale)',
+        'scaled.append(depth)',
+        'bundled_evaluation_reprojects',
+    ),
 ]
 
 
