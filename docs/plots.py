@@ -67,13 +67,15 @@ def draw_curves(series, path, title, W=640, H=360, m=50):
         d.line([xy(0, v), xy(x1, v)], fill=(225, 225, 225))
         d.text((m - 22, xy(0, v)[1] - 6), str(v), fill='black')
     for i in range(5):
-        d.text((xy(x1 * i / 4, y0)[0] - 10, H - m + 6), f'{x1 * i / 4:.5g}', fill='black')
+        x = x1 * i / 4
+        label = f'{x:.0f}' if x1 >= 10 else f'{x:.2g}'
+        d.text((xy(x, y0)[0] - 10, H - m + 6), label, fill='black')
     d.text((m, 12), f'held-out PSNR (dB, {y0:.1f} .. {y1:.1f}) vs {title}', fill='black')
     for i, (name, s) in enumerate(series.items()):
         d.line([xy(*p) for p in s], fill=COLOURS[i], width=2)
         for x, y in (xy(*p) for p in s):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[i])
-        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB at {s[-1][0]:.5g}', fill=COLOURS[i])
+        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB at {s[-1][0]:.4g}', fill=COLOURS[i])
     img.save(path)
     print(f'wrote {path}')
 
