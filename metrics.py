@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 
 import cameras
 
@@ -210,15 +210,19 @@ def photo_error(images, depth, c2w, K, i, j):
 
 
 # ------------------------------------------------------------ the reprojection baseline
-def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill):
+def forward_warp(colours, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill, sub=2):
     """The sources splatted into the targets with a z-buffer: colours (B,N,C,H,W), z-depth
     (B,N,H,W), c2w (B,N,4,4), normalised K (B,N,3,3) of the sources; c2w_tgt, K_tgt (B,M,...) ->
-    targets (B,M,C,H,W), covered (B,M,H,W). Each source pixel (P = N*H*W points) lands on the
-    target pixel whose centre is nearest its projection; the nearest point wins a pixel; fill
-    (broadcast to (B,M,C,H,W)) the pixels none reaches."""
+    targets (B,M,C,H,W), covered (B,M,H,W). Each source pixel is sub x sub points (its colour and
+    depth on the rays through its sub-pixels: a surface seen up to sub times larger in a target
+    leaves no one-pixel cracks; P = N*H*W*sub^2 points); each lands on the target pixel whose
+    centre is nearest its projection; the nearest point wins a pixel; fill (broadcast to
+    (B,M,C,H,W)) the pixels none reaches."""
     B, M = c2w_tgt.shape[:2]
     C, H, W = colours.shape[-3:]
-    world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,H,W,3)
+    depth = repeat(depth, 'B N H W -> B N (H s) (W t)', s=sub, t=sub)
+    colours = repeat(colours, 'B N c H W -> B N c (H s) (W t)', s=sub, t=sub)
+    world = cameras.depth_to_points(depth, c2w_src, K_src)  # (B,N,sub*H,sub*W,3)
     points = rearrange(world, 'B N H W c -> B 1 (N H W) c')
     pixels, z = cameras.project(points, c2w_tgt, K_tgt, H, W)  # (B,M,P,2), (B,M,P)
     # the pixel whose centre is nearest: pixel u spans [u, u+1), its centre is u + 0.5

@@ -511,11 +511,27 @@ def test_forward_warp_nearest_point_wins_and_holes_get_the_fill():
         assert covered[0, 0, :, : W - 2].all() and not covered[0, 0, :, W - 2 :].any()
 
 
+def test_forward_warp_leaves_no_cracks_where_a_surface_grows_up_to_twice():
+    """A wall at z = 2 seen from 0.7 closer (1.54x larger): with 2x2 points per source pixel every target pixel that
+    sees the wall is covered; with one point per pixel, cracks (the reason for sub)."""
+    H = W = 32
+    K = torch.tensor([[0.5, 0, 0.5], [0, 0.5, 0.5], [0, 0, 1]]).expand(1, 1, 3, 3)
+    closer = torch.eye(4)
+    closer[2, 3] = 0.7
+    colours = torch.rand(1, 1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    depth = torch.full((1, 1, H, W), 2.0)
+    fill = torch.zeros(1, 1, 3, 1, 1)
+    _, covered = metrics.forward_warp(colours, depth, torch.eye(4)[None, None], K, closer[None, None], K, fill)
+    assert covered.all()
+    _, covered = metrics.forward_warp(colours, depth, torch.eye(4)[None, None], K, closer[None, None], K, fill, sub=1)
+    assert not covered.all()
+
+
 def test_forward_warp_with_exact_depth_matches_the_rendered_target():
-    """Two synthetic frames (0, 4) with their exact z-depth warped into the 3 frames between: 61% of the target pixels
-    are covered (nearest-pixel splats leave cracks where a surface grows), and there the colour matches the render
-    (measured: median error 1/255, 93% within 0.1; textures alias, the background shows through cracks; with inverted
-    cameras 55/255 and 33%); the holes get the mean colour baseline's colour."""
+    """Two synthetic frames (0, 4) with their exact z-depth warped into the 3 frames between: 91% of the target pixels
+    are covered (one point per pixel: 61%, cracks where a surface grows), and there the colour matches the render
+    (measured: median error 2/255, 89% within 0.1; textures alias at edges; with inverted cameras 64/255 and 29%);
+    the holes get the mean colour baseline's colour."""
     s = synth.synth_scene(0, frames=5, size=56)
     images = rearrange(torch.from_numpy(s['images']).float() / 255, 'V H W c -> 1 V c H W')
     depth = torch.from_numpy(s['depths'])[None]  # z-depth, exact (synth.render)
@@ -530,8 +546,8 @@ def test_forward_warp_with_exact_depth_matches_the_rendered_target():
     sources = (images[:, :2], depth[:, :2], c2w[:, :2], K[:, :2])
     warped, covered = metrics.forward_warp(*sources, c2w[:, 2:], K[:, 2:], mean)
     error = (warped - images[:, 2:]).abs().amax(2)[covered]  # (pixels,) the largest channel's
-    assert covered.float().mean() > 0.55
-    assert error.median() <= 2 / 255
+    assert covered.float().mean() > 0.85
+    assert error.median() <= 3 / 255
     assert (error < 0.1).float().mean() > 0.85
     holes = rearrange(~covered, 'B M H W -> B M 1 H W').expand_as(warped)
     assert torch.equal(warped[holes], mean[holes])
