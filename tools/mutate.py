@@ -318,6 +318,35 @@ MUTATIONS = [
         'scaled.append(depth)',
         'bundled_evaluation_reprojects',
     ),
+    Mutation(
+        'reprojection: one point per source pixel (cracks)',
+        'metrics.py',
+        'K_tgt, fill, sub=2):',
+        'K_tgt, fill, sub=1):',
+        'forward_warp',
+    ),
+    # training on a time budget and the lr schedule
+    Mutation(
+        'budget: the clock restarts at --resume',
+        'train.py',
+        "clock.minutes = ck.get('train_min', 0.0)",
+        'clock.minutes = 0.0',
+        'budget_minutes',
+    ),
+    Mutation(
+        'budget: the run ends a step late',
+        'train.py',
+        '0 < args.budget_minutes <= clock.minutes',
+        '0 < args.budget_minutes < clock.minutes - 0.5',
+        'budget_minutes',
+    ),
+    Mutation(
+        'schedule: the cosine upside down',
+        'train.py',
+        '(1 + math.cos(math.pi * q))',
+        '(1 - math.cos(math.pi * q))',
+        'lr_schedule',
+    ),
 ]
 
 
