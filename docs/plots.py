@@ -16,13 +16,17 @@ from PIL import Image, ImageDraw
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import cameras  # noqa: E402
+import data  # noqa: E402
 import export  # noqa: E402
+import metrics  # noqa: E402
 import model  # noqa: E402
+import pipeline  # noqa: E402
 
 CONVERGENCE_PNG = os.path.join(HERE, 'convergence.png')
 CURVES_PNG = os.path.join(HERE, 'curves_level1.png')
 TRAJECTORIES_PNG = os.path.join(HERE, 'trajectories.png')
 SCALING_PNG = os.path.join(HERE, 'scaling.png')
+REPROJECTION_PNG = os.path.join(HERE, 'reprojection.png')
 COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {
@@ -110,6 +114,27 @@ def scaling(path=SCALING_PNG, tokens=512, batch=4):
     print(f'wrote {path}')
 
 
+def reprojection_grid(path=REPROJECTION_PNG, scenes=(0, 2, 10), ckpt_dir=None):
+    """docs/reprojection.png: test scenes as sample.py --eval sees them (N=2, the bundled sampler), three rows each:
+    the true views (sources first), GLD's targets, the reprojection baseline's targets."""
+    pipe = pipeline.load_pipeline(ckpt_dir, log=lambda *_: None)
+    pipe.progress = False
+    dataset = data.SceneDataset('data_synth', split='test', num_views=8, eval=True)
+    rows = []
+    for i in scenes:
+        item = data.collate_one(dataset[i])
+        generator = torch.Generator().manual_seed(i)  # as sample.py --eval with --seed 0
+        scene = data.split_views(item, 2, mode='ends', generator=generator)
+        images, c2w, K = scene['images'], scene['c2w'], scene['K']
+        out = pipe.generate(images, c2w, K, 2, steps=1, cfg_scale=1.0, seed=i)
+        _, mean = metrics.baselines(images, c2w, 2)
+        reprojected = metrics.reprojection(pipe.enc, images, c2w, K, 2, mean)
+        for views in (images[0], out['images'][0], torch.cat([images[0, :2], reprojected[0]])):
+            rows.append(torch.cat(list(views), -1))
+    export.save_image(torch.cat(rows, -2), path)
+    print(f'wrote {path}')
+
+
 def trajectories(path=TRAJECTORIES_PNG):
     centre, up = torch.tensor([0.0, 0.0, 3.0]), torch.tensor([0.0, -1.0, 0.0])
     two = cameras.look_at(torch.tensor([[-1.2, 0.0, 0.3], [1.2, 0.0, 0.3]]), centre.expand(2, 3), up)
@@ -138,3 +163,4 @@ if __name__ == '__main__':
     convergence(CURVES_PNG, M1_RUNS, 'M1 on the N=2 protocol, batch 4')
     trajectories()
     scaling()
+    reprojection_grid()
