@@ -2974,6 +2974,9 @@ def test_every_train_sample_bench_flag_is_exercised(world):
             '--force',
             '--bf16',
             '--head-only',
+            '--budget-minutes',
+            '--schedule',
+            '--min-lr',
         }
     )  # their own tests
     assert options(train.build_parser()) <= used, options(train.build_parser()) - used
