@@ -38,6 +38,8 @@ python train.py --level 2 --data data_synth_1200 --views 8 --batch-size 4 --step
 python train.py --level 3 --data data_synth_1200 --views 8 --batch-size 4 --steps 2500 --lr 3e-4 --warmup 50 --gap 2-3 --src-mode ends --bf16 --init weights/mine/level1.safetensors --out runs/level3 --export weights/mine
 # M1 again: 13,000 more steps on the same protocol (in all about 112k training samples, 22x the first 5k)
 python train.py --level 1 --data data_synth_1200 --views 8 --batch-size 4 --steps 13000 --lr 3e-4 --warmup 50 --gap 2-3 --src-mode ends --bf16 --eval-every 1000 --init weights/mine/level1.safetensors --export weights/mine
+# M1's cool-down (issue 32): 3,000 steps more with the lr on a cosine from 3e-4 to 1e-5 (the runs above held it constant)
+python train.py --level 1 --data data_synth_1200 --views 8 --batch-size 4 --steps 3000 --lr 3e-4 --warmup 50 --gap 2-3 --src-mode ends --bf16 --eval-every 500 --schedule cosine --min-lr 1e-5 --init weights/mine/level1.safetensors --export weights/mine
 # M1->0: 2,500 steps on clean level 1, then 1,000 with the paper's noised level-1 condition (tau 0.8) on the same
 # protocol, then 3,000 more on the eval's frame gaps (as M0 above, alike)
 python train.py --level 0 --views 8 --batch-size 2 --steps 2500 --lr 5e-4 --warmup 100 --out runs/level0_a
