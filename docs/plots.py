@@ -4,6 +4,8 @@
   held-out `val_psnr` (8 test scenes, N=2 -> 6, 10 Euler steps; `val_mean_psnr`: 1 step) vs training steps, from
   docs/logs/*.csv (README).
 - docs/trajectories.png: sample.py's --traj presets (cameras.preset_trajectory) seen from above, sources blue.
+- docs/scaling.png: the scaling probe (recipes/scaling.sh) against CPU minutes and training FLOPs.
+- docs/reprojection.png: test scenes with GLD's targets beside the reprojection baseline's (the bundled models).
 """
 
 import csv
@@ -27,7 +29,16 @@ CURVES_PNG = os.path.join(HERE, 'curves_level1.png')
 TRAJECTORIES_PNG = os.path.join(HERE, 'trajectories.png')
 SCALING_PNG = os.path.join(HERE, 'scaling.png')
 REPROJECTION_PNG = os.path.join(HERE, 'reprojection.png')
-COLOURS = [(200, 60, 40), (30, 90, 200), (40, 150, 60), (150, 60, 170), (230, 140, 20), (0, 150, 150), (120, 120, 120)]
+COLOURS = [
+    (200, 60, 40),
+    (30, 90, 200),
+    (40, 150, 60),
+    (150, 60, 170),
+    (230, 140, 20),
+    (0, 150, 150),
+    (120, 120, 120),
+    (0, 0, 0),
+]
 RUNS = {name: (f'convergence_{name}.csv', 0) for name in ('da3-tiny', 'da3-tiny-recon', 'vae-tiny')}  # log, first step
 M1_RUNS = {
     '240 scenes, lr 5e-4': ('level1_continued.csv', 0),
@@ -37,6 +48,7 @@ M1_RUNS = {
     'the same, 1 step (posterior mean)': ('level1_gap23.csv', 8723, 'val_mean_psnr'),
     '13,000 steps more, the same': ('level1_long.csv', 13223),
     'the same, 1 step': ('level1_long.csv', 13223, 'val_mean_psnr'),
+    'cool-down (cosine lr), 1 step': ('level1_cooldown_cosine.csv', 26223, 'val_mean_psnr'),
 }
 
 
@@ -79,7 +91,7 @@ def draw_curves(series, path, title, W=640, H=360, m=50):
         d.line([xy(*p) for p in s], fill=COLOURS[i], width=2)
         for x, y in (xy(*p) for p in s):
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[i])
-        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB at {s[-1][0]:.4g}', fill=COLOURS[i])
+        d.text((m + 10, m + 8 + 14 * i), f'{name}: {s[-1][1]:.2f} dB, at {s[-1][0]:.5g}', fill=COLOURS[i])
     img.save(path)
     print(f'wrote {path}')
 
