@@ -4784,10 +4784,14 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(small_data, tmp_pa
 
 
 @pytest.mark.parametrize('workers', ['0', '1'])
-def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch, workers):
+def test_ctrl_c_writes_a_checkpoint_at_the_step_in_flight(small_data, tmp_path, capsys, monkeypatch, workers, request):
     import multiprocessing
     import signal
 
+    # Python's own SIGINT handler, as a terminal starts it (a background job of a script inherits SIGINT ignored,
+    # and train.py restores what it found)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(functools.partial(signal.signal, signal.SIGINT, previous))
     argv = [
         '--data',
         str(small_data),
