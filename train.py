@@ -96,12 +96,7 @@ def build_parser():
     arg('--warmup', type=int, default=100, help='linear warmup steps')
     arg('--schedule', choices=['constant', 'cosine'], help='lr after warm-up (default: the recipe)')
     arg('--min-lr', type=float, help='cosine: the lr at --steps (default: the recipe)')
-    arg(
-        '--budget-minutes',
-        type=float,
-        default=0.0,
-        help='stop as at --steps after N minutes of training (CPU time on a CPU: runlog.TrainClock)',
-    )
+    arg('--budget-minutes', type=float, default=0.0, help='stop as at --steps after N minutes (runlog.TrainClock)')
     arg('--ema', type=float, help='EMA decay (default: the recipe)')
     arg('--compile', action='store_true', help='torch.compile the trained model')
     arg(
@@ -752,10 +747,12 @@ def train(args, rank, world, device, preemption):
         bar.update()
         window.add_step(loss, parts)
         # --budget-minutes: this step is the last on every rank (the slowest rank's clock decides)
-        out_of_time = torch.tensor(float(0 < args.budget_minutes <= clock.minutes), device=device)
+        out_of_time = 0 < args.budget_minutes <= clock.minutes
         if world > 1 and args.budget_minutes:
-            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
-        last = step == args.steps or bool(out_of_time)
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag)
+        last = step == args.steps or out_of_time
         if step % args.log_every == 0 or last:
             row = window.row(step, grad_norm, lr, args.steps - step, world)
             row['train_min'] = clock.minutes

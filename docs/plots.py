@@ -97,8 +97,9 @@ def draw_curves(series, path, title, W=640, H=360, m=50):
 
 
 def convergence(path=CONVERGENCE_PNG, runs=RUNS, what='same gld-tiny DiT'):
-    steps = max(x for s in read_series(runs).values() for x, _ in s)
-    draw_curves(read_series(runs), path, f'training steps (0 .. {steps:.0f}), {what}')
+    series = read_series(runs)
+    steps = max(x for s in series.values() for x, _ in s)
+    draw_curves(series, path, f'training steps (0 .. {steps:.0f}), {what}')
 
 
 def scaling(path=SCALING_PNG, tokens=512, batch=4):
