@@ -4962,6 +4962,24 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_bit_for
         assert same_state(whole[key], resumed[key]), (key, at, step)
 
 
+def test_budget_minutes_under_ddp_the_slowest_rank_ends_every_rank_at_its_step(small_data, tmp_path):
+    """--budget-minutes on 2 gloo ranks whose clocks disagree: rank 1's reads 30 s a step (out of time after step 3
+    with a 1.2-minute budget), rank 0's is real (far from it). Both must end after step 3, together, with one
+    checkpoint of it; a rank that went on alone would wait for its partner's gradients until the timeout."""
+
+    def slow_clock_on_rank_1(rank):
+        if rank == 1:
+            reads = iter(range(0, 10**6, 30))
+            runlog.time = argparse.Namespace(process_time=lambda: next(reads), time=time.time)  # this fork only
+
+    argv = ['--data', small_data, *DDP_FAST, '--steps', '10', '--budget-minutes', '1.2', '--out', tmp_path / 'r']
+    codes, _ = wait_all(fork_ranks(argv, tmp_path, before=slow_clock_on_rank_1), timeout=60)
+    assert codes == [0, 0], (tmp_path / 'rank0.log').read_text() + (tmp_path / 'rank1.log').read_text()
+    checkpoints = train.list_checkpoints(str(tmp_path / 'r'))
+    assert [torch.load(c, weights_only=True)['step'] for c in checkpoints] == [3]
+    assert runlog.read_csv(str(tmp_path / 'r' / 'log.csv'))[-1]['step'] == 3
+
+
 def test_a_full_disk_on_rank_0_stops_both_ranks_within_seconds(small_data, tmp_path):
     import errno
 

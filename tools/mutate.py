@@ -341,6 +341,13 @@ MUTATIONS = [
         'budget_minutes',
     ),
     Mutation(
+        'budget: under DDP the fastest rank decides',
+        'train.py',
+        'dist.all_reduce(flag, op=dist.ReduceOp.MAX)',
+        'dist.all_reduce(flag, op=dist.ReduceOp.MIN)',
+        'budget_minutes_under_ddp',
+    ),
+    Mutation(
         'schedule: the cosine upside down',
         'train.py',
         '(1 + math.cos(math.pi * q))',
