@@ -3765,6 +3765,22 @@ def test_bundled_evaluation_reprojects_the_sources_with_depth_in_the_cameras_uni
         assert rows['reprojection']['psnr'] > rows['mean colour']['psnr'] + 1.5, rows
 
 
+def test_seen_tool_pools_the_error_of_the_masked_pixels_alone():
+    """tools/seen.py's PSNR of a part: one MSE over exactly the masked pixels (errors of 0.1 there, 0.5 elsewhere)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tools', 'seen.py')
+    spec = importlib.util.spec_from_file_location('seen', path)
+    seen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seen)
+    mask = torch.zeros(2, 3, 1, 4, 5, dtype=torch.bool)  # (B,M,1,H,W)
+    mask[0, :, :, :2] = True
+    truth = torch.zeros(2, 3, 3, 4, 5)
+    pred = torch.where(mask, 0.1, 0.5).expand_as(truth)
+    assert seen.pooled_psnr(pred, truth, mask) == pytest.approx(20.0)
+    assert seen.pooled_psnr(pred, truth, ~mask) == pytest.approx(-20 * math.log10(0.5))
+
+
 def test_bundled_decoder_decodes_each_single_level_better_than_the_mean_image(bundled):
     """Level-wise dropout made every single level decodable (paper Tab. 6): each beats the per-image mean colour."""
     pipe, scenes = bundled
