@@ -274,15 +274,15 @@ def source_depth(enc, sources, c2w, K):
 
 def reprojection(enc, images, c2w, K, n_src, fill):
     """The reprojection baseline's targets (B,M,3,H,W): the n_src sources forward-warped into the
-    other views with the geometry head's depth on them (source_depth), fill where none lands."""
+    other views with the geometry head's depth on them (source_depth), fill where none lands; and
+    covered (B,M,H,W), the pixels a source point lands on (forward_warp)."""
     sources = images[:, :n_src]
     c2w_src = c2w[:, :n_src]
     K_src = K[:, :n_src]
     depth = source_depth(enc, sources, c2w_src, K_src)
     c2w_tgt = c2w[:, n_src:]
     K_tgt = K[:, n_src:]
-    targets, _ = forward_warp(sources, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill)
-    return targets
+    return forward_warp(sources, depth, c2w_src, K_src, c2w_tgt, K_tgt, fill)
 
 
 # ------------------------------------------------------------ evaluation: the paper's protocol
@@ -324,7 +324,7 @@ def evaluate_scene(pipe, scene, n_src, steps, cfg_scale, seed, lpips=None, gt_ge
     enc = pipe.enc
     # the sources forward-warped with the head's depth on them, holes the mean colour
     if enc.has_geometry:
-        methods['reprojection'] = reprojection(enc, images, c2w, K, n_src, mean)
+        methods['reprojection'], _ = reprojection(enc, images, c2w, K, n_src, mean)
     rows = {}  # {method: {metric: value}}
     for method, im in methods.items():
         rows[method] = image_metrics(im, targets, lpips)

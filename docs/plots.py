@@ -141,7 +141,7 @@ def reprojection_grid(path=REPROJECTION_PNG, scenes=(0, 2, 10), ckpt_dir=None):
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
         out = pipe.generate(images, c2w, K, 2, steps=1, cfg_scale=1.0, seed=i)
         _, mean = metrics.baselines(images, c2w, 2)
-        reprojected = metrics.reprojection(pipe.enc, images, c2w, K, 2, mean)
+        reprojected, _ = metrics.reprojection(pipe.enc, images, c2w, K, 2, mean)
         for views in (images[0], out['images'][0], torch.cat([images[0, :2], reprojected[0]])):
             rows.append(torch.cat(list(views), -1))
     export.save_image(torch.cat(rows, -2), path)

@@ -1,6 +1,6 @@
 """tools/seen.py: where does GLD beat reprojection? Its error on the target pixels a source saw and on the rest.
 
-"Seen" pixels are those the reprojection baseline covers (metrics.forward_warp lands a source point there, with DA3's
+"Seen" pixels are those the reprojection baseline covers (metrics.reprojection lands a source point there, with DA3's
 depth on the sources); the rest are the holes it fills with the mean colour. For the protocol's N=2 (the ends of each
 8-view test scene) it prints the fraction seen and, on each part, the PSNR of GLD's targets and of reprojection's,
 pooled over all the scenes' pixels (one MSE per part, so not the mean of per-image PSNRs the tables report).
@@ -41,12 +41,10 @@ def main():
     for i in range(len(dataset)):
         scene = data.split_views(data.collate_one(dataset[i]), 2, mode='ends')
         images, c2w, K = scene['images'], scene['c2w'], scene['K']
-        # the default sampler, seeded as sample.py --eval seeds it
-        out = pipe.generate(images, c2w, K, 2, sampler='euler', steps=1, cfg_scale=1.0, seed=i)
+        # the bundled default, the posterior mean, seeded as sample.py --eval seeds it
+        out = pipe.generate(images, c2w, K, 2, sampler='mean', steps=1, cfg_scale=1.0, seed=i)
         _, mean_colour = metrics.baselines(images, c2w, 2)
-        depth = metrics.source_depth(pipe.enc, images[:, :2], c2w[:, :2], K[:, :2])
-        cams = (c2w[:, :2], K[:, :2], c2w[:, 2:], K[:, 2:])
-        reprojected, covered = metrics.forward_warp(images[:, :2], depth, *cams, mean_colour)
+        reprojected, covered = metrics.reprojection(pipe.enc, images, c2w, K, 2, mean_colour)
         truths.append(images[:, 2:])
         gld.append(out['images'][:, 2:])
         warped.append(reprojected)
